@@ -1,0 +1,74 @@
+"""One rank's view of the data: its micro-batches per step and its slice of the validation set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shardwise.config import DataConfig
+from shardwise.data.partition import partition
+from shardwise.data.report import balance_report
+from shardwise.data.sampler import BatchPlan, check_batch_layout
+from shardwise.data.sources import Dataset
+
+
+@dataclass
+class RankData:
+    dataset: Dataset
+    plan: BatchPlan
+    dp_rank: int
+    dp: int
+    grad_accum: int
+    device: torch.device
+    report: dict
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of step `step`, cut into `grad_accum` equal micro-batches."""
+        idx = self.plan.local_indices(step, self.dp_rank, self.dp)
+        x = torch.from_numpy(self.dataset.x_train[idx]).to(self.device, non_blocking=True)
+        y = torch.from_numpy(self.dataset.y_train[idx]).to(self.device, non_blocking=True)
+        return list(zip(x.chunk(self.grad_accum), y.chunk(self.grad_accum), strict=True))
+
+    def val_batches(self, batch: int = 512) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's contiguous slice of the validation set (slices may differ by one)."""
+        own = np.array_split(np.arange(len(self.dataset.y_val)), self.dp)[self.dp_rank]
+        for start in range(0, len(own), batch):
+            idx = own[start : start + batch]
+            yield (
+                torch.from_numpy(self.dataset.x_val[idx]).to(self.device),
+                torch.from_numpy(self.dataset.y_val[idx]).to(self.device),
+            )
+
+
+def build_rank_data(
+    cfg: DataConfig,
+    dataset: Dataset,
+    *,
+    global_batch: int,
+    grad_accum: int,
+    dp_rank: int,
+    dp: int,
+    seed: int,
+    device: torch.device,
+) -> RankData:
+    check_batch_layout(global_batch=global_batch, grad_accum=grad_accum, dp=dp, shards=cfg.shards)
+    n = len(dataset.y_train)
+    if cfg.partition == "shuffle":
+        plan = BatchPlan(num_samples=n, global_batch=global_batch, seed=seed)
+        # what each rank sees in the first epoch
+        per_rank = [
+            np.concatenate([plan.local_indices(s, r, dp) for s in range(plan.steps_per_epoch)]) for r in range(dp)
+        ]
+    else:
+        num_shards = cfg.shards or dp
+        shards = partition(
+            cfg.partition, labels=dataset.y_train, features=dataset.x_train, num_parts=num_shards, seed=seed
+        )
+        plan = BatchPlan(num_samples=n, global_batch=global_batch, seed=seed, shards=shards)
+        k = num_shards // dp
+        per_rank = [np.concatenate(shards[r * k : (r + 1) * k]) for r in range(dp)]
+    report = balance_report(per_rank, dataset.y_train, dataset.num_classes)
+    return RankData(dataset, plan, dp_rank, dp, grad_accum, device, report)

@@ -1,0 +1,167 @@
+"""Start N local workers the way torchrun would, supervise them, stop them all together.
+
+Each worker is `python -m shardwise.worker CONFIG` with torchrun's environment
+(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, ...), so the same
+entry point runs under torchrun across machines. When one rank fails, the
+others are stopped within seconds and the job ends with that rank's error in
+one line. Nothing here imports torch: a bad config fails in a blink.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shardwise.config import Config, to_toml
+from shardwise.data.sampler import check_batch_layout
+from shardwise.data.sources import check_source
+from shardwise.errors import EXIT_USAGE, ShardwiseError
+from shardwise.topology import ParallelDims
+
+STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this long
+POLL_S = 0.05
+
+
+@dataclass
+class RankFailure:
+    rank: int
+    exit_code: int
+    message: str
+    traceback: str
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def preflight(cfg: Config, nproc: int) -> ParallelDims:
+    """Every check that needs no worker: layout, batch split, data paths."""
+    if nproc < 1:
+        raise ShardwiseError("nproc", f"must be at least 1, got {nproc}")
+    dims = ParallelDims.resolve(cfg.parallel, nproc)
+    check_batch_layout(
+        global_batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum, dp=dims.dp, shards=cfg.data.shards
+    )
+    check_source(cfg.data)
+    return dims
+
+
+def prepare_out_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ShardwiseError("out", f"{str(out)!r} exists and is not an empty folder")
+
+
+def _read_error(path: Path) -> tuple[str, str]:
+    """The message and traceback a worker recorded (torchelastic's error-file format)."""
+    try:
+        msg = json.loads(path.read_text())["message"]
+        return msg["message"], msg.get("extraInfo", {}).get("py_callstack", "")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "", ""
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def supervise(procs: list[subprocess.Popen], error_files: list[Path]) -> RankFailure | None:
+    """Wait for all ranks; at the first failure stop the rest and return it."""
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            # prefer a rank that recorded an error over ranks that died of its fallout
+            rank = next((r for r in failed if error_files[r].exists()), failed[0])
+            _stop(procs)
+            message, tb = _read_error(error_files[rank])
+            return RankFailure(rank, codes[rank], message or f"exited with status {codes[rank]}", tb)
+        if all(c == 0 for c in codes):
+            return None
+        time.sleep(POLL_S)
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # a SIGTERM to the launcher stops the workers as Ctrl-C does
+
+
+def launch(cfg: Config, *, nproc: int, out: Path) -> int:
+    """Run the job on `nproc` local workers; returns the exit status."""
+    launch_time = time.time()
+    signal.signal(signal.SIGTERM, _terminate)
+    preflight(cfg, nproc)
+    prepare_out_dir(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.run.out = str(out.resolve())
+    config_path = out / "config.toml"
+    config_path.write_text(to_toml(cfg))
+
+    err_dir = Path(tempfile.mkdtemp(prefix="shardwise-errors-"))
+    error_files = [err_dir / f"rank{r}.json" for r in range(nproc)]
+    port = free_port()
+    procs: list[subprocess.Popen] = []
+    try:
+        for rank in range(nproc):
+            env = {
+                **os.environ,
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "GROUP_RANK": "0",
+                "ROLE_RANK": str(rank),
+                "WORLD_SIZE": str(nproc),
+                "LOCAL_WORLD_SIZE": str(nproc),
+                "ROLE_WORLD_SIZE": str(nproc),
+                "ROLE_NAME": "default",
+                "TORCHELASTIC_RUN_ID": f"shardwise-{port}",
+                "TORCHELASTIC_ERROR_FILE": str(error_files[rank]),
+                "OMP_NUM_THREADS": "1",
+                "SHARDWISE_LAUNCHED": "1",
+                "SHARDWISE_LAUNCH_TIME": repr(launch_time),
+            }
+            procs.append(subprocess.Popen([sys.executable, "-m", "shardwise.worker", str(config_path)], env=env))
+        failure = supervise(procs, error_files)
+    except KeyboardInterrupt:
+        _stop(procs)
+        print(f"shardwise: interrupted; all {nproc} ranks stopped", file=sys.stderr)
+        return 130
+    finally:
+        _stop(procs)
+        shutil.rmtree(err_dir, ignore_errors=True)
+
+    if failure is None:
+        return 0
+    if failure.exit_code == EXIT_USAGE:
+        if created:  # a user error found only by a worker: leave nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        print(f"shardwise: rank {failure.rank}: {failure.message}", file=sys.stderr)
+        return EXIT_USAGE
+    note = ""
+    if failure.traceback:
+        log = out / "logs" / f"rank{failure.rank}-traceback.txt"
+        log.parent.mkdir(exist_ok=True)
+        log.write_text(failure.traceback)
+        note = f" (traceback: {log})"
+    print(f"shardwise: rank {failure.rank} failed (exit {failure.exit_code}): {failure.message}{note}", file=sys.stderr)
+    return 1

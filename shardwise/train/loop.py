@@ -1,0 +1,106 @@
+"""The training loop: read top to bottom, no callbacks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from shardwise.data.loader import RankData
+from shardwise.parallel.data import maybe_no_sync
+from shardwise.train.evaluate import evaluate
+from shardwise.train.faults import FaultPlan
+
+
+class Reporter(Protocol):
+    """Where the loop's progress goes: rank 0 writes and draws, other ranks drop it."""
+
+    def step_done(self, step: int) -> None: ...
+    def log(self, record: dict) -> None: ...
+
+
+@dataclass
+class LoopResult:
+    records: list[dict] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    final_eval: dict[str, float] = field(default_factory=dict)
+    train_s: float = 0.0
+
+
+@dataclass
+class LoopSettings:
+    steps: int
+    global_batch: int
+    clip_norm: float = 0.0
+    log_every: int = 10
+    eval_every: int = 0
+
+
+def _mean_over(group: dist.ProcessGroup | None, value: torch.Tensor) -> float:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(value, group=group)
+        value = value / dist.get_world_size(group)
+    return value.item()
+
+
+def train_loop(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    data: RankData,
+    settings: LoopSettings,
+    *,
+    dp_group: dist.ProcessGroup | None,
+    reporter: Reporter,
+    faults: FaultPlan,
+) -> LoopResult:
+    result = LoopResult()
+    window_loss = torch.zeros((), device=data.device)
+    window_start, window_steps = time.perf_counter(), 0
+    model.train()
+    for step in range(settings.steps):
+        started = time.perf_counter()
+        faults.maybe_fail(step)
+
+        optimizer.zero_grad(set_to_none=True)
+        micro = data.micro_batches(step)
+        for i, (x, y) in enumerate(micro):
+            # all-reduce only after the last micro-batch's backward
+            with maybe_no_sync(model, skip_sync=i < len(micro) - 1):
+                loss = F.cross_entropy(model(x), y) / len(micro)
+                loss.backward()
+            window_loss += loss.detach()
+        if settings.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+
+        result.step_times.append(time.perf_counter() - started)
+        window_steps += 1
+        reporter.step_done(step)
+        last = step == settings.steps - 1
+        eval_now = last or (settings.eval_every > 0 and (step + 1) % settings.eval_every == 0)
+        if eval_now or (step + 1) % settings.log_every == 0:
+            elapsed = time.perf_counter() - window_start
+            record = {
+                "step": step + 1,
+                "loss": _mean_over(dp_group, window_loss / window_steps),
+                "lr": lr,
+                "samples_per_s": settings.global_batch * window_steps / elapsed,
+            }
+            window_loss.zero_()
+            window_steps = 0
+            if eval_now:
+                record.update(evaluate(model, data, group=dp_group))
+            result.records.append(record)
+            reporter.log(record)
+            window_start = time.perf_counter()
+    result.final_eval = {k: result.records[-1][k] for k in ("val_loss", "val_accuracy")}
+    result.train_s = sum(result.step_times)
+    return result

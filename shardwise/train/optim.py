@@ -1,0 +1,51 @@
+"""Optimizers and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from shardwise.config import TrainConfig
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(
+    step: int, *, total_steps: int, schedule: str, warmup_steps: int, step_every: int = 100, step_gamma: float = 0.1
+) -> float:
+    """Multiplier of the peak rate for the update made at `step` (0-based).
+
+    Linear warm-up from 1/warmup to 1 over `warmup_steps`, then constant, step
+    (times `step_gamma` every `step_every` steps) or cosine decay to zero at the
+    last step (Loshchilov & Hutter, SGDR, 2017).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    after = step - warmup_steps
+    if schedule == "step":
+        return step_gamma ** (after // step_every)
+    if schedule == "cosine":
+        span = max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(after, span) / span))
+    return 1.0
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        return lr_factor(
+            step,
+            total_steps=cfg.steps,
+            schedule=cfg.schedule,
+            warmup_steps=cfg.warmup_steps,
+            step_every=cfg.step_every,
+            step_gamma=cfg.step_gamma,
+        )
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

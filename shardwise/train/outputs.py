@@ -1,0 +1,92 @@
+"""What a run leaves in its output folder (rank 0 only), every file written atomically.
+
+config.toml (written by the launcher), metrics.jsonl, curves.png,
+model.safetensors and summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside `path`; on success fsync it and rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def save_model(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    """Full, unsharded weights under the model's own parameter names."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def plot_curves(path: Path, records: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
+    evals = [r for r in records if "val_loss" in r]
+    ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
+    ax_loss.set(xlabel="step", ylabel="cross-entropy", yscale="log", title="loss")
+    ax_loss.legend()
+    ax_acc.plot([r["step"] for r in evals], [100 * r["val_accuracy"] for r in evals], "o-", color="tab:green")
+    ax_acc.set(xlabel="step", ylabel="%", title="validation accuracy", ylim=(0, 100))
+    ax_acc.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+class MetricsLog:
+    """metrics.jsonl, one line per logged step, flushed as it goes."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "w")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def new_run_dir(root: Path, tag: str) -> Path:
+    """A fresh folder `root/<date>-<time>-<tag>[-n]` (not created)."""
+    import time
+
+    base = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path

@@ -1,0 +1,85 @@
+"""Rank 0's console: the progress bar while training and a one-screen summary at the end."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from shardwise.train.outputs import MetricsLog
+
+
+class NullReporter:
+    """Ranks other than 0 report nothing."""
+
+    def __enter__(self) -> NullReporter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def step_done(self, step: int) -> None:
+        pass
+
+    def log(self, record: dict) -> None:
+        pass
+
+
+class ConsoleReporter:
+    """Writes metrics.jsonl and draws a progress bar with loss, samples/s and ETA."""
+
+    def __init__(self, metrics: MetricsLog, *, total_steps: int, console: Console, show_progress: bool):
+        self.metrics = metrics
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("acc {task.fields[acc]}"),
+            TextColumn("{task.fields[sps]} samples/s"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not show_progress,
+            refresh_per_second=4,
+        )
+        self.task = self.progress.add_task("train", total=total_steps, loss="-", acc="-", sps="-")
+
+    def __enter__(self) -> ConsoleReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+        self.metrics.close()
+
+    def step_done(self, step: int) -> None:
+        self.progress.advance(self.task)
+
+    def log(self, record: dict) -> None:
+        self.metrics.write(record)
+        fields = {"loss": f"{record['loss']:.4f}", "sps": f"{record['samples_per_s']:,.0f}"}
+        if "val_accuracy" in record:
+            fields["acc"] = f"{100 * record['val_accuracy']:.1f}%"
+        self.progress.update(self.task, **fields)
+
+
+def render_summary(summary: dict, out_dir: str) -> Table:
+    table = Table(title="shardwise run summary", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("validation accuracy", f"{100 * summary['val_accuracy']:.2f}%"),
+        ("validation loss", f"{summary['val_loss']:.4f}"),
+        ("final train loss", f"{summary['train_loss']:.4f}"),
+        ("steps", f"{summary['steps']} x global batch {summary['global_batch']}"),
+        ("layout", f"{summary['layout']} on {summary['world_size']} process(es), {summary['backend']}"),
+        ("model", f"{summary['model']} ({summary['parameters']:,} parameters)"),
+        ("throughput", f"{summary['samples_per_s']:,.0f} samples/s, median step {1e3 * summary['step_time_s']:.2f} ms"),
+        ("wall time", f"{summary['wall_s']:.1f} s"),
+        ("outputs", out_dir),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
