@@ -1,0 +1,186 @@
+"""The command line end to end: bad input, a real run, failures and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from shardwise.config import ModelConfig
+from shardwise.models import build_model
+
+SMALL = ["--model.name", "mlp", "--train.batch_size", "48", "--train.eval_every", "0", "--run.progress", "false"]
+
+
+def shardwise(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "shardwise", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def workers_alive(marker: str) -> list[int]:
+    """Processes whose command line mentions `marker` (a run's config path)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_text():
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+def _cifar_with_bad_size(tmp_path: Path) -> str:
+    folder = tmp_path / "cifar"
+    folder.mkdir()
+    (folder / "data_batch_1.bin").write_bytes(b"\0" * 3073 * 2 + b"\0")
+    return str(folder)
+
+
+BAD_INPUT = {
+    "unknown key": (["--train.stepz", "5"], "train.stepz: unknown config key (did you mean train.steps?)"),
+    "wrong type": (["--train.steps", "five"], "train.steps: expected int, got 'five'"),
+    "nproc 0": (["--nproc", "0"], "nproc: must be at least 1, got 0"),
+    "missing data dir": (
+        ["--data.name", "cifar10", "--data.path", "/nonexistent/cifar"],
+        "data.path: no such directory '/nonexistent/cifar'",
+    ),
+    "cifar wrong size": (
+        ["--data.name", "cifar10", "--data.path", "CIFAR"],
+        "data.path: data_batch_1.bin has 6147 bytes, not a multiple of the 3073-byte CIFAR-10 record",
+    ),
+    "batch not divisible": (
+        ["--nproc", "3", "--train.batch_size", "64"],
+        "train.batch_size: 64 is not divisible by parallel.dp=3 x train.grad_accum=1",
+    ),
+    "layout vs world": (["--nproc", "2", "--parallel.dp", "3"], "parallel.dp: dp=3 does not equal the world size 2"),
+    "missing config file": (["nope.toml"], "config: no such file 'nope.toml'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, case):
+    args, message = BAD_INPUT[case]
+    args = [_cifar_with_bad_size(tmp_path) if a == "CIFAR" else a for a in args]
+    out = tmp_path / "out"
+    result = shardwise("train", *args, "--out", str(out))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert message in lines[0]
+    assert not out.exists()
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    result = shardwise("train", "--out", str(tmp_path))
+    assert result.returncode == 2 and "exists and is not an empty folder" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_run_writes_outputs_and_matches_one_process(tmp_path):
+    two = shardwise("train", "--nproc", "2", *SMALL, "--train.steps", "30", "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr
+    one = shardwise("train", "--nproc", "1", *SMALL, "--train.steps", "30", "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+
+    run = tmp_path / "two"
+    for name in ("config.toml", "metrics.jsonl", "curves.png", "model.safetensors", "summary.json"):
+        assert (run / name).stat().st_size > 0, name
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("val_accuracy", "val_loss", "steps", "world_size", "layout", "samples_per_s", "wall_s"):
+        assert key in summary
+    assert summary["world_size"] == 2 and summary["layout"] == "dp=2" and summary["steps"] == 30
+    assert summary["val_accuracy"] > 0.5  # 30 steps; chance is 0.1
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20, 30]
+    assert all({"loss", "lr", "samples_per_s"} <= r.keys() for r in records)
+
+    # the model's own parameter names, and the same weights as one process
+    weights = load_file(run / "model.safetensors")
+    assert weights.keys() == build_model(ModelConfig(name="mlp"), (1, 8, 8), 10).state_dict().keys()
+    single = load_file(tmp_path / "one" / "model.safetensors")
+    for name in weights:
+        torch.testing.assert_close(weights[name], single[name], rtol=1e-5, atol=1e-6)
+    assert "rank" in two.stdout and "validation accuracy" in two.stdout
+
+
+@pytest.mark.parametrize(
+    "kind, rank, expected", [("raise", 1, "RuntimeError: injected fault at step 5"), ("exit", 0, "exit 3")]
+)
+def test_failing_rank_stops_the_job_quickly(tmp_path, kind, rank, expected):
+    out = tmp_path / "out"
+    started = time.monotonic()
+    result = shardwise(
+        "train",
+        "--nproc",
+        "2",
+        *SMALL,
+        "--train.steps",
+        "1000000",
+        "--out",
+        str(out),
+        env={"SHARDWISE_FAULT": f"{rank}:5:{kind}"},
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"shardwise: rank {rank} failed") and expected in last
+    assert elapsed < 25  # start-up (a few seconds) + 5 steps + the stop, far from a million steps
+    assert workers_alive(str(out / "config.toml")) == []
+    if kind == "raise":
+        assert "injected fault" in (out / "logs" / f"rank{rank}-traceback.txt").read_text()
+
+
+def test_ctrl_c_stops_every_rank(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "shardwise",
+            "train",
+            "--nproc",
+            "2",
+            *SMALL,
+            "--train.steps",
+            "1000000",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").stat().st_size == 0:
+        assert time.monotonic() < deadline and proc.poll() is None, "training did not start"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+    assert workers_alive(str(out / "config.toml")) == []
+
+
+def test_python_dash_m_and_console_script_agree():
+    script = Path(sys.executable).parent / "shardwise"
+    assert script.exists()
+    a = subprocess.run([str(script), "train", "--help"], capture_output=True, text=True)
+    b = shardwise("train", "--help")
+    assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
+    assert np.all([k in a.stdout for k in ("--nproc", "--out", "--parallel.dp")])

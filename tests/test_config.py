@@ -1,0 +1,70 @@
+import dataclasses
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from shardwise.config import SECTIONS, Config, all_keys, field_docs, load_config, to_toml
+from shardwise.errors import ShardwiseError
+
+
+def test_every_field_is_documented():
+    for section, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{section}.{f.name} has no docstring"
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[train]\nsteps = 7\nlr = 1\n[model]\nname = "mlp"\nhidden = [5, 6]\n')
+    cfg = load_config(path, {"train.steps": "9", "parallel.dp": "2", "run.progress": "false"})
+    assert cfg.train.steps == 9 and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.model.name == "mlp" and cfg.model.hidden == [5, 6]
+    assert cfg.parallel.dp == 2 and cfg.run.progress is False
+
+
+def test_resolved_toml_round_trips(tmp_path):
+    cfg = load_config(None, {"model.hidden": "3,4", "data.partition": "kmeans", "parallel.dp": "2"})
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(path) == cfg
+    assert tomllib.loads(path.read_text())["model"]["hidden"] == [3, 4]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train.stepz": "3"}, "train.stepz: unknown config key (did you mean train.steps?)"),
+        ({"train.steps": "ten"}, "train.steps: expected int, got 'ten'"),
+        ({"model.name": "vgg"}, "model.name: expected one of mlp, convnet, resnet, got 'vgg'"),
+        ({"train.lr": "-1"}, "train.lr: must be positive, got -1.0"),
+        ({"data.val_fraction": "1.5"}, "data.val_fraction: must be between 0 and 1, got 1.5"),
+        ({"data.name": "cifar10"}, "data.path: is required for data.name=cifar10"),
+        ({"data.shards": "4"}, "data.shards: =4 needs a fixed data.partition, not shuffle"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, message):
+    with pytest.raises(ShardwiseError) as err:
+        load_config(None, overrides)
+    assert str(err.value) == message
+
+
+def test_wrong_type_in_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[train]\nsteps = "many"\n')
+    with pytest.raises(ShardwiseError, match="train.steps: expected int, got 'many'"):
+        load_config(path)
+
+
+def test_help_lists_every_key_with_default():
+    out = subprocess.run(
+        [sys.executable, "-m", "shardwise", "train", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    flat = " ".join(out.split())
+    defaults = Config()
+    for key in all_keys():
+        assert f"--{key}" in flat, key
+    assert f"(default: {defaults.train.steps})" in flat
+    assert "Global batch: samples per optimizer step" in flat
