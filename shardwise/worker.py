@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             if rank == 0:
                 out_dir.mkdir(parents=True, exist_ok=True)
             run(cfg, out_dir=out_dir, device=device)
+            # leave together: a gloo rank that tears down while a peer is still
+            # busy (rank 0 writing outputs) can abort in its destructor
+            dist.barrier()
         finally:
             dist.destroy_process_group()
         return 0
