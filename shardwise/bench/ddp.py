@@ -43,13 +43,7 @@ def _torch(nproc: int, steps: int, work: Path, i: int) -> float:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     cmd += ["-m", "shardwise.bench.torch_ddp_reference", "--steps", str(steps), "--batch-size", str(BATCH)]
     cmd += ["--out", str(out)]
-    subprocess.run(
-        cmd,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    _run(cmd)
     return json.loads(out.read_text())["step_time_s"]
 
 
