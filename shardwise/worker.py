@@ -188,5 +188,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def exit_now(code: int) -> None:
+    """End the process without interpreter finalisation. Gloo's worker threads can
+    still hold tensors when Python tears down, and freeing them then aborts the
+    process (SIGABRT, "terminate called without an active exception") even after
+    destroy_process_group; see pytorch/pytorch#179291. Everything we write is
+    closed and flushed by now."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from shardwise.config import DataConfig, ModelConfig
 from shardwise.data.sources import load_source
 from shardwise.models import build_model
+from shardwise.worker import exit_now
 
 
 def main() -> None:
@@ -61,3 +62,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)
