@@ -66,8 +66,8 @@ def build_parser() -> OneLineParser:
     bench = sub.add_parser("bench", help="run benchmarks that print ratios measured side by side")
     bench.add_argument("scenario", choices=["ddp"], help="ddp: shardwise data parallel vs a plain torch DDP script")
     bench.add_argument("--nproc", type=int, default=2, help="world size (default: 2)")
-    bench.add_argument("--repeats", type=int, default=5, help="runs of each side, alternated (default: 5)")
-    bench.add_argument("--steps", type=int, default=120, help="steps per run (default: 120)")
+    bench.add_argument("--repeats", type=int, default=7, help="runs of each side, alternated (default: 7)")
+    bench.add_argument("--steps", type=int, default=200, help="steps per run (default: 200)")
     return parser
 
 

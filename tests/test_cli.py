@@ -184,3 +184,25 @@ def test_python_dash_m_and_console_script_agree():
     b = shardwise("train", "--help")
     assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
     assert np.all([k in a.stdout for k in ("--nproc", "--out", "--parallel.dp")])
+
+
+def test_the_same_worker_runs_under_torchrun(tmp_path):
+    """torchrun sets the environment the local launcher sets: same worker, same outputs."""
+    from shardwise.config import load_config, to_toml
+
+    out = tmp_path / "out"
+    cfg = load_config(None, {"model.name": "mlp", "train.steps": "20", "run.progress": "false", "run.out": str(out)})
+    config = tmp_path / "run.toml"
+    config.write_text(to_toml(cfg))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        + ["-m", "shardwise.worker", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["layout"] == "dp=2" and summary["steps"] == 20
+    assert (out / "model.safetensors").exists()

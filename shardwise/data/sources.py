@@ -97,6 +97,7 @@ def _synthetic(cfg: DataConfig, seed: int) -> Dataset:
     y = rng.integers(0, cfg.classes, cfg.samples, dtype=np.int64)
     x = prototypes[y] + 2.0 * rng.standard_normal((cfg.samples, dim), dtype=np.float32)
     x_tr, x_va, y_tr, y_va = _split(x.reshape(-1, *cfg.shape), y, cfg.val_fraction)
+    x_tr, x_va = _standardize(x_tr, x_va)
     return Dataset(x_tr, y_tr, x_va, y_va, cfg.classes)
 
 
