@@ -155,7 +155,8 @@ def launch(cfg: Config, *, nproc: int, out: Path) -> int:
     if failure.exit_code == EXIT_USAGE:
         if created:  # a user error found only by a worker: leave nothing behind
             shutil.rmtree(out, ignore_errors=True)
-        print(f"shardwise: rank {failure.rank}: {failure.message}", file=sys.stderr)
+        message = failure.message.removeprefix(f"{ShardwiseError.__name__}: ")
+        print(f"shardwise: rank {failure.rank}: {message}", file=sys.stderr)
         return EXIT_USAGE
     note = ""
     if failure.traceback:

@@ -206,3 +206,15 @@ def test_the_same_worker_runs_under_torchrun(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["layout"] == "dp=2" and summary["steps"] == 20
     assert (out / "model.safetensors").exists()
+
+
+def test_input_error_found_by_a_worker_leaves_nothing(tmp_path):
+    """Some mistakes show only once a worker reads the data: same one line, exit 2, no folder."""
+    np.savez(tmp_path / "bad.npz", a=np.zeros(3))
+    out = tmp_path / "out"
+    result = shardwise("train", "--data.name", "npz", "--data.path", str(tmp_path / "bad.npz"), "--out", str(out))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shardwise: rank ")  # whichever rank read it first
+    assert lines[0].endswith(f": data.path: {tmp_path / 'bad.npz'} must hold arrays 'x' and 'y', found ['a']")
+    assert not out.exists()
