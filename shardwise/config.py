@@ -192,23 +192,15 @@ def _coerce(key: str, tp: Any, value: Any, from_text: bool) -> Any:
         if isinstance(value, bool):
             return value
         raise bad
-    if tp is int:
+    if tp in (int, float):
         if from_text:
             try:
-                return int(str(value))
+                return tp(str(value))
             except ValueError:
                 raise bad from None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp is float:
-        if from_text:
-            try:
-                return float(str(value))
-            except ValueError:
-                raise bad from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        accepted = (int, float) if tp is float else int  # TOML's 1 is a fine float, 1.0 no int
+        if isinstance(value, accepted) and not isinstance(value, bool):
+            return tp(value)
         raise bad
     if tp is str:
         if isinstance(value, str):
