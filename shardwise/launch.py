@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,6 +30,7 @@ from shardwise.topology import ParallelDims
 
 STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this long
 POLL_S = 0.05
+SETTLE_S = 0.25
 
 
 @dataclass
@@ -47,8 +49,6 @@ def free_port() -> int:
 
 def preflight(cfg: Config, nproc: int) -> ParallelDims:
     """Every check that needs no worker: layout, batch split, data paths."""
-    if nproc < 1:
-        raise ShardwiseError("nproc", f"must be at least 1, got {nproc}")
     dims = ParallelDims.resolve(cfg.parallel, nproc)
     check_batch_layout(
         global_batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum, dp=dims.dp, shards=cfg.data.shards
@@ -84,17 +84,39 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+# what a rank reports when a peer vanished under a collective: fallout, not the cause
+PEER_LOST = re.compile(r"gloo/transport|Connection (closed|reset) by peer|DistNetworkError|Broken pipe|NCCL")
+
+
+def _origin(failures: list[RankFailure]) -> RankFailure:
+    """Of ranks seen failing together, the one that caused it: a rank with its own
+    error first, then a rank that died without a word (killed, crashed, exited),
+    and only then a rank that merely lost its peers."""
+
+    def rank_of(f: RankFailure) -> int:
+        if f.message and not PEER_LOST.search(f.message):
+            return 0
+        return 1 if not f.message else 2
+
+    origin = min(failures, key=rank_of)
+    if not origin.message:
+        origin.message = f"exited with status {origin.exit_code}"
+    return origin
+
+
 def supervise(procs: list[subprocess.Popen], error_files: list[Path]) -> RankFailure | None:
     """Wait for all ranks; at the first failure stop the rest and return it."""
     while True:
         codes = [p.poll() for p in procs]
         failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
         if failed:
-            # prefer a rank that recorded an error over ranks that died of its fallout
-            rank = next((r for r in failed if error_files[r].exists()), failed[0])
+            # the cause may have died a moment before its fallout: let both be seen
+            time.sleep(SETTLE_S)
+            codes = [p.poll() for p in procs]
+            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
             _stop(procs)
-            message, tb = _read_error(error_files[rank])
-            return RankFailure(rank, codes[rank], message or f"exited with status {codes[rank]}", tb)
+            failures = [RankFailure(r, codes[r], *_read_error(error_files[r])) for r in failed]
+            return _origin(failures)
         if all(c == 0 for c in codes):
             return None
         time.sleep(POLL_S)

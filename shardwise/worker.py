@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -72,8 +71,7 @@ def run(
     dp_group, dp_rank = mesh.get_group("dp"), mesh.get_local_rank("dp")
     t = cfg.train
 
-    torch.manual_seed(t.seed)
-    np.random.seed(t.seed)
+    torch.manual_seed(t.seed)  # weights; data order and splits use their own seeded generators
     dataset = load_source(cfg.data, seed=t.seed)
     data = build_rank_data(
         cfg.data,
@@ -151,6 +149,12 @@ def _record_error(exc: BaseException) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one rank; the exit status is 0, 2 (the user's mistake) or 1.
+
+    On an error the process group is not destroyed: the error is recorded first
+    and the process then exits, so peers see their connections drop only after
+    the launcher can tell which rank failed first.
+    """
     argv = sys.argv[1:] if argv is None else argv
     rank = int(os.environ.get("RANK", "0"))
     launched = bool(os.environ.get(LAUNCHED_ENV))
@@ -163,16 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=300))
-        try:
-            out_dir = Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), cfg.model.name)
-            if rank == 0:
-                out_dir.mkdir(parents=True, exist_ok=True)
-            run(cfg, out_dir=out_dir, device=device)
-            # leave together: a gloo rank that tears down while a peer is still
-            # busy (rank 0 writing outputs) can abort in its destructor
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+        out_dir = Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), cfg.model.name)
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        run(cfg, out_dir=out_dir, device=device)
+        # leave together: a gloo rank that tears down while a peer is still
+        # busy (rank 0 writing outputs) can abort in its destructor
+        dist.barrier()
+        dist.destroy_process_group()
         return 0
     except ShardwiseError as e:
         _record_error(e)
