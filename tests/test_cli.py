@@ -31,6 +31,11 @@ def shardwise(*args: str, env: dict | None = None, timeout: float = 120) -> subp
     )
 
 
+def endless_run(out: Path) -> list[str]:
+    """A 2-rank run of a million steps: it only ends if something stops it."""
+    return ["train", "--nproc", "2", *SMALL, "--train.steps", "1000000", "--out", str(out)]
+
+
 def workers_alive(marker: str) -> list[int]:
     """Processes whose command line mentions `marker` (a run's config path)."""
     pids = []
@@ -124,17 +129,7 @@ def test_run_writes_outputs_and_matches_one_process(tmp_path):
 def test_failing_rank_stops_the_job_quickly(tmp_path, kind, rank, expected):
     out = tmp_path / "out"
     started = time.monotonic()
-    result = shardwise(
-        "train",
-        "--nproc",
-        "2",
-        *SMALL,
-        "--train.steps",
-        "1000000",
-        "--out",
-        str(out),
-        env={"SHARDWISE_FAULT": f"{rank}:5:{kind}"},
-    )
+    result = shardwise(*endless_run(out), env={"SHARDWISE_FAULT": f"{rank}:5:{kind}"})
     elapsed = time.monotonic() - started
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
@@ -148,19 +143,7 @@ def test_failing_rank_stops_the_job_quickly(tmp_path, kind, rank, expected):
 def test_ctrl_c_stops_every_rank(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "shardwise",
-            "train",
-            "--nproc",
-            "2",
-            *SMALL,
-            "--train.steps",
-            "1000000",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, "-m", "shardwise", *endless_run(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
