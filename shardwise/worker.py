@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
         run(cfg, out_dir=out_dir, device=device)
-        # leave together: a gloo rank that tears down while a peer is still
-        # busy (rank 0 writing outputs) can abort in its destructor
+        # leave together: ranks wait while rank 0 writes the outputs, so no rank
+        # closes its connections under a peer that still expects it
         dist.barrier()
         dist.destroy_process_group()
         return 0

@@ -47,7 +47,8 @@ def _torch(nproc: int, steps: int, work: Path, i: int) -> float:
     return json.loads(out.read_text())["step_time_s"]
 
 
-def main(*, nproc: int = 2, repeats: int = 7, steps: int = 200) -> int:
+def main(*, nproc: int, repeats: int, steps: int) -> int:
+    """Defaults live in the CLI (`shardwise bench ddp --help`)."""
     console = Console()
     console.print(
         f"[bold]bench ddp[/]: convnet on digits, global batch {BATCH}, {nproc} processes (gloo, loopback), "

@@ -56,7 +56,7 @@ def main() -> None:
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump({"step_time_s": statistics.median(times[5:])}, f)
-    dist.barrier()  # leave together: a gloo rank torn down while its peer is busy can abort
+    dist.barrier()  # leave together, as the shardwise worker does
     dist.destroy_process_group()
 
 
