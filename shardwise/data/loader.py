@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,10 +34,13 @@ class RankData:
         return list(zip(x.chunk(self.grad_accum), y.chunk(self.grad_accum), strict=True))
 
     def val_batches(self, batch: int = 512) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's contiguous slice of the validation set (slices may differ by one)."""
-        own = np.array_split(np.arange(len(self.dataset.y_val)), self.dp)[self.dp_rank]
-        for start in range(0, len(own), batch):
-            idx = own[start : start + batch]
+        """This rank's contiguous slice of the validation set (slices may differ by one),
+        in the same number of batches on every rank: sharded layouts run a collective
+        per forward, so every rank must run as many."""
+        size = len(self.dataset.y_val)
+        own = np.array_split(np.arange(size), self.dp)[self.dp_rank]
+        num_batches = max(1, math.ceil(math.ceil(size / self.dp) / batch))
+        for idx in np.array_split(own, num_batches):
             yield (
                 torch.from_numpy(self.dataset.x_val[idx]).to(self.device),
                 torch.from_numpy(self.dataset.y_val[idx]).to(self.device),

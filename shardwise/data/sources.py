@@ -5,10 +5,20 @@ training and validation. :func:`check_source` runs in the launcher before any
 worker starts: it finds the user's mistakes (a missing folder, a file of the
 wrong size) from file metadata alone, so nothing is written for bad input.
 Only NumPy arrays without pickle and raw bytes are ever read.
+
+With `features` (vertical partitioning) a rank keeps only those input
+columns: file sources (npz stored uncompressed, CIFAR-10) are memory-mapped and
+only the rank's columns are copied out; the bundled digits and the generated
+synthetic data are made whole and sliced at once. Standardisation
+statistics of a channel split across ranks are completed by a sum over the
+vertical group (`reduce_stats`), never by reading other ranks' columns.
 """
 
 from __future__ import annotations
 
+import math
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,18 +30,44 @@ from shardwise.errors import ShardwiseError
 CIFAR_RECORD = 1 + 3 * 32 * 32  # label byte, then 32x32 red, green, blue planes
 SPLIT_SEED = 0  # the validation split does not move with train.seed
 
+# adds the other vertical ranks' (count, sum, sum of squares) per channel to this rank's
+StatsReduce = Callable[[np.ndarray], np.ndarray]
+
 
 @dataclass
 class Dataset:
+    """Samples of shape `in_shape`, or with `features` set only those flat input columns
+    (shaped (N, k), or (N, channels, H, W) when whole channels were taken)."""
+
     x_train: np.ndarray
     y_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
     num_classes: int
+    in_shape: tuple[int, ...]
+    features: np.ndarray | None = None
 
-    @property
-    def in_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
+
+def local_shape(features: np.ndarray | None, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a rank's samples take: whole channels of an image stay (channels, H, W),
+    any other choice of columns is flat."""
+    if features is None:
+        return in_shape
+    if len(in_shape) == 3:
+        plane = in_shape[1] * in_shape[2]
+        channels = features[::plane] // plane
+        whole = (channels[:, None] * plane + np.arange(plane)).reshape(-1)
+        if len(features) == len(whole) and np.array_equal(features, whole):
+            return (len(channels), in_shape[1], in_shape[2])
+    return (len(features),)
+
+
+def take_features(x: np.ndarray, features: np.ndarray | None, in_shape: tuple[int, ...]) -> np.ndarray:
+    """Copy out the flat columns `features` of samples `x` (memory-mapped arrays too)."""
+    if features is None:
+        return np.ascontiguousarray(x)
+    cols = np.ascontiguousarray(x.reshape(len(x), -1)[:, features])
+    return cols.reshape(len(x), *local_shape(features, in_shape))
 
 
 def _cifar_files(path: Path) -> tuple[list[Path], Path | None]:
@@ -60,9 +96,14 @@ def check_source(cfg: DataConfig) -> None:
             raise ShardwiseError("data.path", f"no such file {str(path)!r}")
 
 
-def _read_cifar(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    raw = np.concatenate([np.fromfile(f, dtype=np.uint8).reshape(-1, CIFAR_RECORD) for f in files])
-    return raw[:, 1:].reshape(-1, 3, 32, 32), raw[:, 0].astype(np.int64)
+def _read_cifar(files: list[Path], features: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Samples (only the columns `features` of them) and labels, from memory-mapped records."""
+    in_shape = (3, 32, 32)
+    records = [np.memmap(f, dtype=np.uint8, mode="r").reshape(-1, CIFAR_RECORD) for f in files]
+    cols = np.arange(1, CIFAR_RECORD) if features is None else 1 + features
+    x = np.concatenate([np.asarray(r[:, cols]) for r in records])
+    y = np.concatenate([np.asarray(r[:, 0]) for r in records]).astype(np.int64)
+    return x.reshape(len(x), *local_shape(features, in_shape)), y
 
 
 def _split(x: np.ndarray, y: np.ndarray, val_fraction: float) -> tuple[np.ndarray, ...]:
@@ -71,69 +112,151 @@ def _split(x: np.ndarray, y: np.ndarray, val_fraction: float) -> tuple[np.ndarra
     return tuple(train_test_split(x, y, test_size=val_fraction, random_state=SPLIT_SEED, stratify=y))
 
 
-def _standardize(x_train: np.ndarray, x_val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel standardisation with statistics of the training split."""
-    axes = (0, *range(2, x_train.ndim)) if x_train.ndim > 2 else (0,)
-    mean = x_train.mean(axis=axes, keepdims=True, dtype=np.float64)
-    std = x_train.std(axis=axes, keepdims=True, dtype=np.float64) + 1e-6
-    return ((x_train - mean) / std).astype(np.float32), ((x_val - mean) / std).astype(np.float32)
+def _standardize(
+    x_train: np.ndarray,
+    x_val: np.ndarray,
+    in_shape: tuple[int, ...],
+    features: np.ndarray | None,
+    reduce_stats: StatsReduce | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Standardise with training statistics: per channel for images, per feature
+    otherwise. A vertical rank holds only some pixels of a channel, so it sums
+    count, sum and sum of squares over its own columns and `reduce_stats` adds
+    the other ranks' sums: the same statistics as one process."""
+    cols = np.arange(math.prod(in_shape)) if features is None else features
+    if len(in_shape) == 3:
+        plane, num_groups = in_shape[1] * in_shape[2], in_shape[0]
+        group_of = cols // plane
+    else:
+        group_of, num_groups = cols, math.prod(in_shape)
+    flat = x_train.reshape(len(x_train), -1).astype(np.float64)
+    stats = np.stack(
+        [
+            np.bincount(group_of, weights=np.full(len(cols), float(len(flat))), minlength=num_groups),
+            np.bincount(group_of, weights=flat.sum(axis=0), minlength=num_groups),
+            np.bincount(group_of, weights=(flat * flat).sum(axis=0), minlength=num_groups),
+        ]
+    )
+    if reduce_stats is not None:
+        stats = reduce_stats(stats)
+    count = np.maximum(stats[0], 1.0)
+    mean = stats[1] / count
+    std = np.sqrt(np.maximum(stats[2] / count - mean * mean, 0.0)) + 1e-6
+    mean, std = mean[group_of], std[group_of]
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        return ((x.reshape(len(x), -1) - mean) / std).astype(np.float32).reshape(x.shape)
+
+    return apply(x_train), apply(x_val)
 
 
-def _digits(cfg: DataConfig) -> Dataset:
+def _digits(cfg: DataConfig, features: np.ndarray | None, reduce_stats: StatsReduce | None) -> Dataset:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    x = bunch.data.reshape(-1, 1, 8, 8).astype(np.float32) / 16.0
+    in_shape = (1, 8, 8)
+    x = take_features(bunch.data.reshape(-1, *in_shape).astype(np.float32) / 16.0, features, in_shape)
     x_tr, x_va, y_tr, y_va = _split(x, bunch.target.astype(np.int64), cfg.val_fraction)
-    x_tr, x_va = _standardize(x_tr, x_va)
-    return Dataset(x_tr, y_tr, x_va, y_va, 10)
+    x_tr, x_va = _standardize(x_tr, x_va, in_shape, features, reduce_stats)
+    return Dataset(x_tr, y_tr, x_va, y_va, 10, in_shape, features)
 
 
-def _synthetic(cfg: DataConfig, seed: int) -> Dataset:
+def _synthetic(cfg: DataConfig, seed: int, features: np.ndarray | None, reduce_stats: StatsReduce | None) -> Dataset:
     """Gaussian clusters around one random prototype per class; learnable, any shape."""
     rng = np.random.default_rng(seed)
-    dim = int(np.prod(cfg.shape))
+    in_shape = tuple(cfg.shape)
+    dim = int(np.prod(in_shape))
     prototypes = rng.standard_normal((cfg.classes, dim), dtype=np.float32)
     y = rng.integers(0, cfg.classes, cfg.samples, dtype=np.int64)
     x = prototypes[y] + 2.0 * rng.standard_normal((cfg.samples, dim), dtype=np.float32)
-    x_tr, x_va, y_tr, y_va = _split(x.reshape(-1, *cfg.shape), y, cfg.val_fraction)
-    x_tr, x_va = _standardize(x_tr, x_va)
-    return Dataset(x_tr, y_tr, x_va, y_va, cfg.classes)
+    x = take_features(x.reshape(-1, *in_shape), features, in_shape)
+    x_tr, x_va, y_tr, y_va = _split(x, y, cfg.val_fraction)
+    x_tr, x_va = _standardize(x_tr, x_va, in_shape, features, reduce_stats)
+    return Dataset(x_tr, y_tr, x_va, y_va, cfg.classes, in_shape, features)
 
 
-def _cifar10(cfg: DataConfig) -> Dataset:
+def _cifar10(cfg: DataConfig, features: np.ndarray | None, reduce_stats: StatsReduce | None) -> Dataset:
     train, test = _cifar_files(Path(cfg.path))
-    x, y = _read_cifar(train)
+    x, y = _read_cifar(train, features)
     if test is not None:
-        x_tr, y_tr, (x_va, y_va) = x, y, _read_cifar([test])
+        x_tr, y_tr, (x_va, y_va) = x, y, _read_cifar([test], features)
     else:
         x_tr, x_va, y_tr, y_va = _split(x, y, cfg.val_fraction)
-    x_tr, x_va = _standardize(x_tr.astype(np.float32) / 255.0, x_va.astype(np.float32) / 255.0)
-    return Dataset(x_tr, y_tr, x_va, y_va, 10)
+    x_tr, x_va = x_tr.astype(np.float32) / 255.0, x_va.astype(np.float32) / 255.0
+    x_tr, x_va = _standardize(x_tr, x_va, (3, 32, 32), features, reduce_stats)
+    return Dataset(x_tr, y_tr, x_va, y_va, 10, (3, 32, 32), features)
 
 
-def _npz(cfg: DataConfig) -> Dataset:
-    with np.load(cfg.path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
-    if "x" not in arrays or "y" not in arrays:
-        raise ShardwiseError("data.path", f"{cfg.path} must hold arrays 'x' and 'y', found {sorted(arrays)}")
-    x, y = arrays["x"].astype(np.float32), arrays["y"].astype(np.int64)
+def _npz_member(archive: zipfile.ZipFile, path: str, name: str) -> np.ndarray:
+    """Array `name` of the archive: memory-mapped where stored uncompressed (np.savez),
+    so only the columns asked for are copied; read whole where compressed."""
+    info = archive.getinfo(f"{name}.npy")
+    if info.compress_type == zipfile.ZIP_STORED:
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local_header = f.read(30)
+            # zip local file header: 30 bytes, then the name and an extra field of these lengths
+            name_len = int.from_bytes(local_header[26:28], "little")
+            extra_len = int.from_bytes(local_header[28:30], "little")
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
+            if not dtype.hasobject:
+                order = "F" if fortran else "C"
+                return np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order)
+    with archive.open(info) as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
+
+
+def _npz(cfg: DataConfig, features: np.ndarray | None) -> Dataset:
+    try:
+        archive = zipfile.ZipFile(cfg.path)
+    except zipfile.BadZipFile:
+        raise ShardwiseError("data.path", f"{cfg.path} is not an .npz archive") from None
+    with archive:
+        names = sorted(n.removesuffix(".npy") for n in archive.namelist())
+        if "x" not in names or "y" not in names:
+            raise ShardwiseError("data.path", f"{cfg.path} must hold arrays 'x' and 'y', found {names}")
+        arrays = {k: _npz_member(archive, cfg.path, k) for k in ("x", "y", "x_val", "y_val") if k in names}
+    x, y = arrays["x"], np.asarray(arrays["y"]).astype(np.int64)
     if len(x) != len(y):
         raise ShardwiseError("data.path", f"{cfg.path}: x has {len(x)} samples but y has {len(y)}")
+    in_shape = tuple(x.shape[1:])
+    x = take_features(x, features, in_shape).astype(np.float32)
     if "x_val" in arrays and "y_val" in arrays:
         x_tr, y_tr = x, y
-        x_va, y_va = arrays["x_val"].astype(np.float32), arrays["y_val"].astype(np.int64)
+        x_va = take_features(arrays["x_val"], features, in_shape).astype(np.float32)
+        y_va = np.asarray(arrays["y_val"]).astype(np.int64)
     else:
         x_tr, x_va, y_tr, y_va = _split(x, y, cfg.val_fraction)
-    return Dataset(x_tr, y_tr, x_va, y_va, int(max(y_tr.max(), y_va.max())) + 1)
+    return Dataset(x_tr, y_tr, x_va, y_va, int(max(y_tr.max(), y_va.max())) + 1, in_shape, features)
 
 
-def load_source(cfg: DataConfig, *, seed: int) -> Dataset:
+def source_shape(cfg: DataConfig) -> tuple[int, ...]:
+    """The shape of one sample, from metadata only (vertical ranks need it before loading)."""
+    if cfg.name == "digits":
+        return (1, 8, 8)
+    if cfg.name == "synthetic":
+        return tuple(cfg.shape)
+    if cfg.name == "cifar10":
+        return (3, 32, 32)
+    with zipfile.ZipFile(cfg.path) as archive:
+        return tuple(_npz_member(archive, cfg.path, "x").shape[1:])
+
+
+def load_source(
+    cfg: DataConfig, *, seed: int, features: np.ndarray | None = None, reduce_stats: StatsReduce | None = None
+) -> Dataset:
+    """The data set, or with `features` only those flat input columns of it
+    (`reduce_stats` then completes the standardisation statistics)."""
     check_source(cfg)
     if cfg.name == "digits":
-        return _digits(cfg)
+        return _digits(cfg, features, reduce_stats)
     if cfg.name == "synthetic":
-        return _synthetic(cfg, seed)
+        return _synthetic(cfg, seed, features, reduce_stats)
     if cfg.name == "cifar10":
-        return _cifar10(cfg)
-    return _npz(cfg)
+        return _cifar10(cfg, features, reduce_stats)
+    return _npz(cfg, features)
