@@ -60,12 +60,30 @@ class DataConfig:
     """Shape of one sample, channels first (synthetic)."""
     classes: int = 10
     """Number of classes (synthetic)."""
+    vertical: int = 1
+    """Vertical partitioning: split the input features across this many ranks; each holds
+    only its own columns and computes the first layer's partial product on them."""
+    vertical_unit: Literal["feature", "channel", "row"] = "feature"
+    """What moves between vertical ranks as a whole: a feature (one input element), a channel
+    (all its pixels; the only unit a convolutional first layer accepts) or an image row."""
+    vertical_split: Literal["contiguous", "balanced"] = "contiguous"
+    """How units are assigned to vertical ranks: contiguous runs of equal count, or balanced
+    by data.feature_cost (greedy, largest first)."""
+    feature_cost: list[float] = field(default_factory=list)
+    """Cost of each input feature (flattened, one per element) for vertical_split=balanced;
+    empty: every feature costs 1."""
 
 
 @dataclass
 class ParallelConfig:
     dp: int | None = None
-    """Data-parallel degree (default: the number of processes)."""
+    """Data-parallel degree (default: the number of processes / (tp x data.vertical))."""
+    tp: int = 1
+    """Tensor-parallel degree: the fully-connected layers are split across this many ranks
+    (column-parallel then row-parallel in pairs, Megatron-style)."""
+    shard: Literal["none", "optimizer", "full"] = "none"
+    """Sharding across data-parallel ranks: none (DDP), optimizer (optimizer state only,
+    ZeRO-1) or full (parameters, gradients and optimizer state, FSDP2)."""
 
 
 @dataclass
@@ -267,6 +285,23 @@ def validate(cfg: Config) -> None:
         raise ShardwiseError("data.val_fraction", f"must be between 0 and 1, got {d.val_fraction}")
     if cfg.parallel.dp is not None:
         positive("parallel.dp", cfg.parallel.dp)
+    positive("parallel.tp", cfg.parallel.tp)
+    positive("data.vertical", d.vertical)
+    if any(c < 0 for c in d.feature_cost):
+        raise ShardwiseError("data.feature_cost", f"costs must be >= 0, got {min(d.feature_cost)}")
+    if d.feature_cost and d.vertical_split != "balanced":
+        raise ShardwiseError("data.feature_cost", "is only used with data.vertical_split=balanced")
+    if d.vertical > 1 and cfg.model.name in ("convnet", "resnet") and d.vertical_unit != "channel":
+        raise ShardwiseError(
+            "data.vertical_unit",
+            f"{cfg.model.name}'s first layer is a convolution, which needs whole channels: set "
+            f"data.vertical_unit=channel, not {d.vertical_unit} (a split over pixels is spatial partitioning)",
+        )
+    if d.vertical > 1 and d.partition == "kmeans":
+        raise ShardwiseError(
+            "data.partition",
+            f"kmeans clusters on all features, but with data.vertical={d.vertical} each rank holds only its own",
+        )
     if d.shards is not None:
         positive("data.shards", d.shards)
         if d.partition == "shuffle":

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardwise.config import Config, to_toml
+from shardwise.data.features import vertical_parts
 from shardwise.data.sampler import check_batch_layout
 from shardwise.data.sources import check_source
 from shardwise.errors import EXIT_USAGE, ShardwiseError
@@ -49,11 +50,12 @@ def free_port() -> int:
 
 def preflight(cfg: Config, nproc: int) -> ParallelDims:
     """Every check that needs no worker: layout, batch split, data paths."""
-    dims = ParallelDims.resolve(cfg.parallel, nproc)
+    dims = ParallelDims.resolve(cfg.parallel, nproc, vertical=cfg.data.vertical)
     check_batch_layout(
         global_batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum, dp=dims.dp, shards=cfg.data.shards
     )
     check_source(cfg.data)
+    vertical_parts(cfg.data)
     return dims
 
 

@@ -4,11 +4,17 @@
 then passed explicitly; no module keeps global process groups. The launcher
 calls :meth:`ParallelDims.resolve` before starting any worker (no torch
 import), so a layout that does not fit the world size fails in a blink.
+
+Ranks are laid out on a grid of shape (dp, vertical, tp), the last axis varying
+fastest: tensor-parallel peers, which talk on every layer, get neighbouring
+ranks (the same machine under torchrun's numbering), and data-parallel peers,
+which talk once per step, the farthest.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from shardwise.config import ParallelConfig
@@ -18,6 +24,8 @@ if TYPE_CHECKING:
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
+AXES = ("dp", "vertical", "tp")  # slowest to fastest varying
+
 
 @dataclass(frozen=True)
 class ParallelDims:
@@ -25,28 +33,118 @@ class ParallelDims:
 
     dp: int
     world_size: int
+    tp: int = 1
+    vertical: int = 1
 
     @classmethod
-    def resolve(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
+    def resolve(cls, cfg: ParallelConfig, world_size: int, *, vertical: int = 1) -> ParallelDims:
         if world_size < 1:
             raise ShardwiseError("nproc", f"must be at least 1, got {world_size}")
-        dp = world_size if cfg.dp is None else cfg.dp
+        for key, value in (("parallel.tp", cfg.tp), ("data.vertical", vertical)):
+            if value < 1:
+                raise ShardwiseError(key, f"must be at least 1, got {value}")
+        model_ranks = cfg.tp * vertical
+        if cfg.dp is None:
+            if world_size % model_ranks:
+                raise ShardwiseError(
+                    "parallel.tp",
+                    f"parallel.tp={cfg.tp} x data.vertical={vertical} = {model_ranks} "
+                    f"does not divide the world size {world_size} (--nproc)",
+                )
+            dp = world_size // model_ranks
+        else:
+            dp = cfg.dp
         if dp < 1:
             raise ShardwiseError("parallel.dp", f"must be at least 1, got {dp}")
-        if dp != world_size:
-            raise ShardwiseError("parallel.dp", f"dp={dp} does not equal the world size {world_size} (--nproc)")
-        return cls(dp=dp, world_size=world_size)
+        if dp * model_ranks != world_size:
+            raise ShardwiseError(
+                "parallel.dp",
+                f"dp={dp} x tp={cfg.tp} x vertical={vertical} = {dp * model_ranks} "
+                f"does not equal the world size {world_size} (--nproc)",
+            )
+        return cls(dp=dp, world_size=world_size, tp=cfg.tp, vertical=vertical)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, axis) for axis in AXES)
 
     @property
     def layout(self) -> str:
-        """A short name of the layout, e.g. `dp=2`."""
-        return f"dp={self.dp}"
+        """A short name of the layout, e.g. `dp=2` or `dp=2 x tp=2`."""
+        parts = [f"{axis}={getattr(self, axis)}" for axis in AXES if getattr(self, axis) > 1]
+        return " x ".join(parts) or "dp=1"
 
-    def build_mesh(self, device_type: str, group: dist.ProcessGroup | None = None) -> DeviceMesh:
-        """A mesh over `group` (default: the world) with one named axis per parallel degree."""
+    def coords(self, index: int) -> dict[str, int]:
+        """The coordinates of the `index`-th rank of the grid on each axis."""
+        out: dict[str, int] = {}
+        for axis, size in zip(reversed(AXES), reversed(self.shape), strict=True):
+            index, out[axis] = divmod(index, size)
+        return {axis: out[axis] for axis in AXES}
+
+    def peers(self, index: int, axis: str) -> list[int]:
+        """Grid indices of the ranks that share every coordinate with `index` except `axis`."""
+        pos = AXES.index(axis)
+        stride = math.prod(self.shape[pos + 1 :])
+        first = index - self.coords(index)[axis] * stride
+        return [first + k * stride for k in range(self.shape[pos])]
+
+
+@dataclass
+class RankMesh:
+    """This rank's process group and coordinate on each axis of the layout.
+
+    Axes of size 1 have no group (None); an axis that spans the whole layout
+    reuses the parent group; the others get groups created here and released
+    by :meth:`close`.
+    """
+
+    dims: ParallelDims
+    groups: dict[str, dist.ProcessGroup | None]
+    coords: dict[str, int]
+    _created: list = field(default_factory=list)
+
+    @classmethod
+    def build(cls, dims: ParallelDims, parent: dist.ProcessGroup | None = None) -> RankMesh:
         import torch.distributed as dist
+
+        parent = parent or dist.group.WORLD
+        ranks = dist.get_process_group_ranks(parent)
+        assert len(ranks) == dims.world_size, "group size differs from the resolved world"
+        me = ranks.index(dist.get_rank())
+        groups: dict[str, dist.ProcessGroup | None] = {}
+        created = []
+        for axis in AXES:  # every rank walks the axes and their slices in the same order
+            size = getattr(dims, axis)
+            if size == 1:
+                groups[axis] = None
+            elif size == dims.world_size:
+                groups[axis] = parent
+            else:
+                # torch.distributed.new_group is a collective of the whole world: every
+                # rank creates every slice's group, keeping the one it belongs to
+                assert len(ranks) == dist.get_world_size(), "a layout with several axes needs the whole world"
+                slices = sorted({tuple(dims.peers(i, axis)) for i in range(dims.world_size)})
+                for members in slices:
+                    pg = dist.new_group([ranks[i] for i in members])
+                    created.append(pg)
+                    if me in members:
+                        groups[axis] = pg
+        return cls(dims, groups, dims.coords(me), created)
+
+    def size(self, axis: str) -> int:
+        return getattr(self.dims, axis)
+
+    def device_mesh(self, axis: str, device_type: str) -> DeviceMesh:
+        """A one-axis DeviceMesh (what FSDP2 takes) over this rank's group on `axis`."""
         from torch.distributed.device_mesh import DeviceMesh
 
-        group = group or dist.group.WORLD
-        assert dist.get_world_size(group) == self.world_size, "group size differs from the resolved world"
-        return DeviceMesh.from_group(group, device_type, mesh_dim_names=("dp",))
+        assert self.groups[axis] is not None, f"axis {axis} has size 1"
+        return DeviceMesh.from_group(self.groups[axis], device_type, mesh_dim_names=(axis,))
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        for group in self._created:
+            if group is not dist.GroupMember.NON_GROUP_MEMBER:
+                dist.destroy_process_group(group)
+        self._created.clear()

@@ -22,13 +22,18 @@ import torch.distributed as dist
 
 from shardwise.config import Config, load_config
 from shardwise.data import build_rank_data, load_source
+from shardwise.data.features import vertical_parts
 from shardwise.data.report import render_report
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 from shardwise.models import build_model
-from shardwise.parallel.data import apply_data_parallel, unwrap
-from shardwise.topology import ParallelDims
+from shardwise.parallel.data import apply_data_parallel, is_fully_sharded, unwrap
+from shardwise.parallel.splits import Split, full_state_dict, local_bytes
+from shardwise.parallel.tensor import apply_tensor_parallel
+from shardwise.parallel.vertical import apply_vertical
+from shardwise.topology import ParallelDims, RankMesh
 from shardwise.train.faults import FaultPlan
 from shardwise.train.loop import LoopSettings, train_loop
+from shardwise.train.memory import gather_rows, memory_records, rank_bytes, render_memory
 from shardwise.train.optim import build_optimizer, build_scheduler
 from shardwise.train.outputs import MetricsLog, new_run_dir, plot_curves, save_model, write_json
 from shardwise.train.progress import ConsoleReporter, NullReporter, render_summary
@@ -62,36 +67,52 @@ def run(
     Rank 0 of the group writes the outputs when `out_dir` is given. Returns the
     full, unsharded final weights (the same on every rank) and the summary.
     """
-    started = time.time()
-    device = device or default_device()
     group = group or dist.group.WORLD
+    dims = ParallelDims.resolve(cfg.parallel, dist.get_world_size(group), vertical=cfg.data.vertical)
+    mesh = RankMesh.build(dims, group)
+    try:
+        return _train(cfg, mesh, group=group, out_dir=out_dir, device=device or default_device())
+    finally:
+        mesh.close()
+
+
+def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Path | None, device) -> RunResult:
+    started = time.time()
+    dims, t = mesh.dims, cfg.train
     rank = dist.get_rank(group)
-    dims = ParallelDims.resolve(cfg.parallel, dist.get_world_size(group))
-    mesh = dims.build_mesh(device.type, group)
-    dp_group, dp_rank = mesh.get_group("dp"), mesh.get_local_rank("dp")
-    t = cfg.train
+    dp_group = mesh.groups["dp"]
+
+    feature_parts = vertical_parts(cfg.data)
+    own_features = feature_parts[mesh.coords["vertical"]] if feature_parts else None
 
     torch.manual_seed(t.seed)  # weights; data order and splits use their own seeded generators
-    dataset = load_source(cfg.data, seed=t.seed)
+    dataset = load_source(cfg.data, seed=t.seed, features=own_features, reduce_stats=_summer(mesh.groups["vertical"]))
     data = build_rank_data(
         cfg.data,
         dataset,
         global_batch=t.batch_size,
         grad_accum=t.grad_accum,
-        dp_rank=dp_rank,
+        dp_rank=mesh.coords["dp"],
         dp=dims.dp,
         seed=t.seed,
         device=device,
     )
     model = build_model(cfg.model, dataset.in_shape, dataset.num_classes).to(device)
-    num_params = sum(p.numel() for p in model.parameters())
+    whole_model_bytes = local_bytes(model.parameters())
 
-    # Composition order (ARCHITECTURE.md): pipeline split, then tensor/spatial
-    # partitioning per stage, then activation checkpointing, then the
-    # data-parallel wrapper outermost. Only data parallelism exists so far.
-    model = apply_data_parallel(model, group=dp_group, device=device)
-
-    optimizer = build_optimizer(t, model)
+    # Composition order (ARCHITECTURE.md): pipeline split, then per stage the
+    # layer partitioning (vertical takes the input layer, tensor parallelism
+    # the fully-connected head), then activation checkpointing, then the
+    # data-parallel wrapper (DDP, ZeRO-1 or FSDP2) outermost. Split layers
+    # hold plain local tensors, so the wrapper treats them like any other.
+    splits: dict[str, Split] = {}
+    if feature_parts:
+        vertical_group = mesh.groups["vertical"]
+        splits |= apply_vertical(model, group=vertical_group, features=feature_parts, in_shape=dataset.in_shape)
+    splits |= apply_tensor_parallel(model, group=mesh.groups["tp"], skip=set(splits))
+    start_bytes = gather_rows(rank_bytes(model), group)
+    model = apply_data_parallel(model, mesh=mesh, device=device, shard=cfg.parallel.shard)
+    optimizer = build_optimizer(t, model, zero_group=dp_group if cfg.parallel.shard == "optimizer" else None)
     scheduler = build_scheduler(t, optimizer)
     settings = LoopSettings(
         steps=t.steps, global_batch=t.batch_size, clip_norm=t.clip_norm, log_every=t.log_every, eval_every=t.eval_every
@@ -103,6 +124,8 @@ def run(
 
         console = Console(stderr=False)
         console.print(render_report(data.report, f"data: {cfg.data.name}, partition {cfg.data.partition}"))
+        title = f"layout {dims.layout}, shard={cfg.parallel.shard}: parameters held by each rank at start"
+        console.print(render_memory(start_bytes, dims, whole_model_bytes=whole_model_bytes, title=title))
         reporter = ConsoleReporter(
             MetricsLog(out_dir / "metrics.jsonl"), total_steps=t.steps, console=console, show_progress=cfg.run.progress
         )
@@ -110,10 +133,20 @@ def run(
         reporter = NullReporter()
     with reporter:
         result = train_loop(
-            model, optimizer, scheduler, data, settings, dp_group=dp_group, reporter=reporter, faults=FaultPlan(rank)
+            model,
+            optimizer,
+            scheduler,
+            data,
+            settings,
+            dp_group=dp_group,
+            reporter=reporter,
+            faults=FaultPlan(rank),
+            splits=splits,
+            shard_group=dp_group if is_fully_sharded(model) else None,
         )
+    end_bytes = gather_rows(rank_bytes(unwrap(model), optimizer), group)
+    state = full_state_dict(unwrap(model), splits)
 
-    state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
     warm = result.step_times[min(5, len(result.step_times) - 1) :]
     launch_time = float(os.environ.get(LAUNCH_TIME_ENV, started))
     summary = {
@@ -123,21 +156,38 @@ def run(
         "global_batch": t.batch_size,
         "world_size": dims.world_size,
         "layout": dims.layout,
+        "shard": cfg.parallel.shard,
         "backend": dist.get_backend(group),
         "model": cfg.model.name,
-        "parameters": num_params,
+        "parameters": sum(v.numel() for v in state.values()),
         "samples_per_s": t.batch_size * t.steps / result.train_s,
         "step_time_s": statistics.median(warm),
         "train_s": result.train_s,
         "wall_s": time.time() - launch_time,
+        "memory": memory_records(end_bytes, dims),
         "partition": data.report,
     }
     if writes:
         save_model(out_dir / "model.safetensors", state)
         plot_curves(out_dir / "curves.png", result.records, f"{cfg.model.name} on {cfg.data.name}, {dims.layout}")
         write_json(out_dir / "summary.json", summary)
+        title = "bytes held by each rank at the end (gradients and optimizer state exist after the first step)"
+        console.print(render_memory(end_bytes, dims, whole_model_bytes=whole_model_bytes, title=title))
         console.print(render_summary(summary, str(out_dir)))
     return RunResult(state, summary)
+
+
+def _summer(group: dist.ProcessGroup | None):
+    """Adds up NumPy arrays over `group` (the vertical ranks' data statistics)."""
+    if group is None:
+        return None
+
+    def reduce(stats):
+        total = torch.from_numpy(stats.copy())
+        dist.all_reduce(total, group=group)
+        return total.numpy()
+
+    return reduce
 
 
 def _record_error(exc: BaseException) -> None:

@@ -71,7 +71,26 @@ BAD_INPUT = {
         ["--nproc", "3", "--train.batch_size", "64"],
         "train.batch_size: 64 is not divisible by parallel.dp=3 x train.grad_accum=1",
     ),
-    "layout vs world": (["--nproc", "2", "--parallel.dp", "3"], "parallel.dp: dp=3 does not equal the world size 2"),
+    "layout vs world": (
+        ["--nproc", "4", "--parallel.dp", "2", "--parallel.tp", "3"],
+        "parallel.dp: dp=2 x tp=3 x vertical=1 = 6 does not equal the world size 4 (--nproc)",
+    ),
+    "tp does not divide": (
+        ["--nproc", "3", "--parallel.tp", "2"],
+        "parallel.tp: parallel.tp=2 x data.vertical=1 = 2 does not divide the world size 3 (--nproc)",
+    ),
+    "vertical conv over pixels": (
+        ["--data.vertical", "2"],
+        "data.vertical_unit: convnet's first layer is a convolution, which needs whole channels",
+    ),
+    "vertical more ranks than units": (
+        ["--data.vertical", "2", "--data.vertical_unit", "channel"],
+        "data.vertical: 2 ranks, but samples shaped (1, 8, 8) have only 1 channel(s)",
+    ),
+    "tp wider than a layer": (
+        ["--parallel.tp", "2", "--model.name", "mlp", "--model.hidden", "1"],
+        "parallel.tp: layer head.0 (Linear 64->1) has 1 output features, fewer than tp=2",
+    ),
     "missing config file": (["nope.toml"], "config: no such file 'nope.toml'"),
 }
 
@@ -97,7 +116,9 @@ def test_refuses_to_overwrite_a_run(tmp_path):
 
 
 def test_run_writes_outputs_and_matches_one_process(tmp_path):
-    two = shardwise("train", "--nproc", "2", *SMALL, "--train.steps", "30", "--out", str(tmp_path / "two"))
+    """A 2-D layout with sharded parameters writes the same full model as one process."""
+    layout = ["--nproc", "4", "--parallel.tp", "2", "--parallel.shard", "full"]
+    two = shardwise("train", *layout, *SMALL, "--train.steps", "30", "--out", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr
     one = shardwise("train", "--nproc", "1", *SMALL, "--train.steps", "30", "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
@@ -108,7 +129,10 @@ def test_run_writes_outputs_and_matches_one_process(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     for key in ("val_accuracy", "val_loss", "steps", "world_size", "layout", "samples_per_s", "wall_s"):
         assert key in summary
-    assert summary["world_size"] == 2 and summary["layout"] == "dp=2" and summary["steps"] == 30
+    assert summary["world_size"] == 4 and summary["layout"] == "dp=2 x tp=2" and summary["steps"] == 30
+    # tp splits each layer in 2 and FSDP shards each piece in 2: about a quarter per rank
+    held = [m["parameters_bytes"] / (4 * summary["parameters"]) for m in summary["memory"]]
+    assert all(0.24 < h < 0.27 for h in held), held
     assert summary["val_accuracy"] > 0.5  # 30 steps; chance is 0.1
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [10, 20, 30]

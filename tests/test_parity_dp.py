@@ -3,48 +3,9 @@ weights as one process with batch B (fp32, rtol 1e-5 / atol 1e-6)."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-
-from shardwise.config import load_config
-from shardwise.worker import run
-
-TOL = {"rtol": 1e-5, "atol": 1e-6}
-BASE = {
-    "train.steps": "12",
-    "train.batch_size": "48",
-    "train.warmup_steps": "3",
-    "train.log_every": "4",
-    "train.eval_every": "0",
-    "run.progress": "false",
-}
-
-
-def train_weights(overrides: dict[str, str], *, group) -> dict[str, torch.Tensor]:
-    return run(load_config(None, {**BASE, **overrides}), group=group).state_dict
-
-
-def initial_weights(overrides: dict[str, str], *, group) -> dict[str, torch.Tensor]:
-    return run(load_config(None, {**BASE, **overrides, "train.lr": "1e-30"}), group=group).state_dict
-
-
-@functools.cache
-def _reference(pool, key: tuple) -> dict[str, torch.Tensor]:
-    return pool.run(train_weights, dict(key), ranks=[0])[0]
-
-
-def reference(pool, overrides: dict[str, str]) -> dict[str, torch.Tensor]:
-    return _reference(pool, tuple(sorted(overrides.items())))
-
-
-def assert_all_ranks_match(reference_state, rank_states):
-    for rank, state in enumerate(rank_states):
-        assert state.keys() == reference_state.keys()
-        for name in state:
-            where = f"rank {rank} {name}"
-            torch.testing.assert_close(state[name], reference_state[name], **TOL, msg=lambda m, w=where: f"{w}: {m}")
+from parity import LR, assert_all_ranks_match, initial_weights, reference, train_weights
 
 
 # AdamW divides each gradient by its running RMS, so elements whose gradient is
@@ -59,7 +20,7 @@ def test_data_parallel_matches_one_process(pool, dp, model, optimizer):
     overrides = {
         "model.name": model,
         "train.optimizer": optimizer,
-        "train.lr": "0.05" if optimizer == "sgd" else "0.003",
+        "train.lr": LR[optimizer],
     }
     if model == "resnet":  # three stages on 8x8 digits: 8 -> 4 -> 2 pixels
         overrides["model.channels"] = "16,32,32"
@@ -92,4 +53,4 @@ def test_parity_is_not_vacuous(pool):
     other = pool.run(train_weights, {**overrides, "train.batch_size": "24"}, ranks=[0, 1])[0]
     for name in trained:
         assert (trained[name] - start[name]).abs().max() > 1e-3, name
-    assert any(not torch.allclose(trained[n], other[n], **TOL) for n in trained)
+    assert any(not torch.allclose(trained[n], other[n], rtol=1e-5, atol=1e-6) for n in trained)

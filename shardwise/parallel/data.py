@@ -1,8 +1,13 @@
-"""Data parallelism: every rank holds the whole model and averages gradients.
+"""Data parallelism: every rank holds the model (or a shard of it) and averages gradients.
 
-Built on torch's DistributedDataParallel (bucketed all-reduce overlapped with
-the backward pass; Li et al., "PyTorch Distributed", VLDB 2020). With the loss
-averaged over each rank's equal share of the global batch, the averaged
+`shard="none"` and `"optimizer"` use torch's DistributedDataParallel (bucketed
+all-reduce overlapped with the backward pass; Li et al., "PyTorch
+Distributed", VLDB 2020); `"optimizer"` adds ZeRO-1 in the optimizer (see
+train/optim.py). `shard="full"` uses FSDP2 `fully_shard` (Zhao et al., "PyTorch
+FSDP", VLDB 2023; ZeRO-3 of Rajbhandari et al., 2020): each rank keeps 1/N of
+every parameter, gradient and optimizer state, all-gathers a layer's
+parameters just before using it and reduce-scatters its gradient. With the
+loss averaged over each rank's equal share of the global batch, the averaged
 gradient is exactly the gradient of the mean loss over the global batch, so
 one optimizer step matches one process with the whole batch.
 """
@@ -14,12 +19,26 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from shardwise.topology import RankMesh
 
-def apply_data_parallel(model: nn.Module, *, group: dist.ProcessGroup, device: torch.device) -> nn.Module:
-    """Wrap `model` for data parallelism over `group`; a group of one leaves it as is."""
-    if dist.get_world_size(group) == 1:
+
+def apply_data_parallel(model: nn.Module, *, mesh: RankMesh, device: torch.device, shard: str = "none") -> nn.Module:
+    """Wrap `model` for data parallelism over the mesh's dp axis; dp=1 leaves it as is."""
+    group = mesh.groups["dp"]
+    if group is None:
+        return model
+    if shard == "full":
+        dp_mesh = mesh.device_mesh("dp", device.type)
+        # one FSDP unit per layer of the feature stack and the head: a layer's
+        # parameters are gathered just before it runs and freed after
+        for stack in (model.features, model.head):
+            for layer in stack.children():
+                if any(True for _ in layer.parameters()):
+                    fully_shard(layer, mesh=dp_mesh)
+        fully_shard(model, mesh=dp_mesh)
         return model
     device_ids = [device.index] if device.type == "cuda" else None
     # DDP broadcasts rank 0's parameters and buffers at construction, so ranks start equal
@@ -31,8 +50,27 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+@contextlib.contextmanager
+def _fsdp_no_sync(model: FSDPModule):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 def maybe_no_sync(model: nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager:
-    """Skip the gradient all-reduce for all but the last micro-batch of a step."""
+    """Skip the gradient reduction for all but the last micro-batch of a step."""
     if skip_sync and isinstance(model, DistributedDataParallel):
         return model.no_sync()
+    if skip_sync and isinstance(model, FSDPModule):
+        return _fsdp_no_sync(model)
     return contextlib.nullcontext()
+
+
+def is_fully_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def dp_degree(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)

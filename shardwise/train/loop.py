@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardwise.data.loader import RankData
-from shardwise.parallel.data import maybe_no_sync
+from shardwise.parallel.data import maybe_no_sync, unwrap
+from shardwise.parallel.splits import Split, clip_grad_norm
 from shardwise.train.evaluate import evaluate
 from shardwise.train.faults import FaultPlan
 
@@ -58,7 +59,12 @@ def train_loop(
     dp_group: dist.ProcessGroup | None,
     reporter: Reporter,
     faults: FaultPlan,
+    splits: dict[str, Split] | None = None,
+    shard_group: dist.ProcessGroup | None = None,
 ) -> LoopResult:
+    """Train for `settings.steps` optimizer steps. `splits` (parameters held in pieces)
+    and `shard_group` (the group FSDP shards over, if any) make gradient clipping see
+    the whole model's gradient."""
     result = LoopResult()
     window_loss = torch.zeros((), device=data.device)
     window_start, window_steps = time.perf_counter(), 0
@@ -76,7 +82,7 @@ def train_loop(
                 loss.backward()
             window_loss += loss.detach()
         if settings.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
+            clip_grad_norm(unwrap(model), settings.clip_norm, splits=splits or {}, shard_group=shard_group)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()

@@ -5,16 +5,35 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from shardwise.config import TrainConfig
+from shardwise.parallel.zero import ShardedOptimizer
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: TrainConfig, model: nn.Module, *, zero_group: dist.ProcessGroup | None = None
+) -> torch.optim.Optimizer:
+    """SGD or AdamW; with `zero_group`, each rank of the group keeps the optimizer
+    state of only its 1/N slice of the parameters (ZeRO-1, parallel/zero.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    def build(tensors: list[torch.Tensor]) -> torch.optim.Optimizer:
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(tensors, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(tensors, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    if zero_group is not None:
+        return ShardedOptimizer(params, build, zero_group)
+    return build(params)
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors this rank holds for the optimizer (only its slice's under ZeRO-1)."""
+    if isinstance(optimizer, ShardedOptimizer):
+        return optimizer.state_tensors()
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
 
 
 def lr_factor(

@@ -1,0 +1,88 @@
+"""Collectives as autograd Functions: what a split layer needs in forward and backward.
+
+The pair `copy_to_group` / `reduce_from_group` is Megatron-LM's f and g
+operators (Shoeybi et al., "Megatron-LM", 2019, section 3): a column-parallel
+layer followed by a row-parallel one costs one all-reduce in forward (g) and
+one in backward (f). `gather_from_group` joins pieces of uneven width, so a
+layer whose width does not divide the group size still splits exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _all_reduce(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    x = x.contiguous().clone()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def all_gather_uneven(x: Tensor, sizes: list[int], *, dim: int, group: dist.ProcessGroup) -> list[Tensor]:
+    """Every member's piece of a tensor split along `dim` into `sizes` (one per member,
+    in group rank order). Pieces are padded to the largest for the collective."""
+    widest = max(sizes)
+    pad_shape = list(x.shape)
+    pad_shape[dim] = widest - x.shape[dim]
+    padded = torch.cat([x, x.new_zeros(pad_shape)], dim=dim).contiguous() if pad_shape[dim] else x.contiguous()
+    pieces = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(pieces, padded, group=group)
+    return [p.narrow(dim, 0, s) for p, s in zip(pieces, sizes, strict=True)]
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Forward: identity (the input is already the same on every member).
+    Backward: all-reduce (sum) the input gradient, whose parts come from each
+    member's slice of the layer."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromGroup(torch.autograd.Function):
+    """Forward: all-reduce (sum) the members' partial results.
+    Backward: identity (every member's partial gets the same gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+class _GatherFromGroup(torch.autograd.Function):
+    """Forward: all-gather the members' slices along the last dimension.
+    Backward: keep this member's slice of the gradient (the gradient of the
+    gathered tensor is the same on every member)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sizes: list[int], group: dist.ProcessGroup) -> Tensor:
+        ctx.rank, ctx.sizes = dist.get_rank(group), sizes
+        return torch.cat(all_gather_uneven(x, sizes, dim=-1, group=group), dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad.narrow(-1, start, ctx.sizes[ctx.rank]).contiguous(), None, None
+
+
+def copy_to_group(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    return _CopyToGroup.apply(x, group)
+
+
+def reduce_from_group(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    return _ReduceFromGroup.apply(x, group)
+
+
+def gather_from_group(x: Tensor, sizes: list[int], group: dist.ProcessGroup) -> Tensor:
+    return _GatherFromGroup.apply(x, sizes, group)

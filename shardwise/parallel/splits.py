@@ -1,0 +1,109 @@
+"""Parameters held in pieces across ranks, and what needs the whole of them.
+
+Tensor-parallel and vertical layers keep plain local tensors (not DTensors), so
+they compose with DDP, FSDP2 and ZeRO-1 unchanged. Each such parameter is
+described by a :class:`Split`; the full weights (for `model.safetensors`) and
+the global gradient norm (for clipping) are assembled from these
+descriptions. Parameters sharded by FSDP2 are DTensors and carry their own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from shardwise.comm.collectives import all_gather_uneven
+
+
+@dataclass(frozen=True)
+class Split:
+    """Member k of `group` holds the entries at positions `index[k]` along `dim` of the full tensor."""
+
+    group: dist.ProcessGroup
+    dim: int
+    index: tuple[np.ndarray, ...]
+
+    @classmethod
+    def contiguous(cls, group: dist.ProcessGroup, dim: int, sizes: list[int]) -> Split:
+        bounds = np.cumsum([0, *sizes])
+        return cls(group, dim, tuple(np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)))
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(i) for i in self.index]
+
+    def local(self, full: Tensor) -> Tensor:
+        """This member's piece of the full tensor."""
+        own = torch.as_tensor(self.index[dist.get_rank(self.group)], device=full.device)
+        return full.index_select(self.dim, own).contiguous()
+
+    def full(self, local: Tensor) -> Tensor:
+        """The whole tensor, assembled from every member's piece (a collective on `group`)."""
+        pieces = all_gather_uneven(local, self.sizes, dim=self.dim, group=self.group)
+        shape = list(local.shape)
+        shape[self.dim] = sum(self.sizes)
+        out = local.new_empty(shape)
+        for idx, piece in zip(self.index, pieces, strict=True):
+            out.index_copy_(self.dim, torch.as_tensor(idx, device=local.device), piece)
+        return out
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full_state_dict(model: nn.Module, splits: dict[str, Split]) -> dict[str, Tensor]:
+    """The whole model's weights under its own names, on every rank (collective)."""
+    out: dict[str, Tensor] = {}
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        if isinstance(t, DTensor):
+            t = t.full_tensor()
+        if name in splits:
+            t = splits[name].full(t)
+        out[name] = t.clone()
+    return out
+
+
+def clip_grad_norm(
+    model: nn.Module, max_norm: float, *, splits: dict[str, Split], shard_group: dist.ProcessGroup | None
+) -> float:
+    """Scale the gradients so that the norm of the whole model's gradient is at most
+    `max_norm` (the rule of torch.nn.utils.clip_grad_norm_), with each piece counted
+    once: split parameters summed over their group, FSDP shards over `shard_group`.
+    Returns the norm before clipping."""
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    per_group: dict[dist.ProcessGroup, Tensor] = {}
+    grads = []
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        grads.append(p.grad)
+        sq = _local(p.grad).detach().double().pow(2).sum()
+        if name in splits:
+            group = splits[name].group
+            per_group[group] = per_group.get(group, torch.zeros_like(total)) + sq
+        else:
+            total += sq
+    for group, sq in per_group.items():  # the same groups in the same order on every member
+        dist.all_reduce(sq, group=group)
+        total += sq
+    if shard_group is not None:
+        dist.all_reduce(total, group=shard_group)
+    norm = math.sqrt(total.item())
+    scale = min(1.0, max_norm / (norm + 1e-6))
+    if scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+    return norm
+
+
+def local_bytes(tensors) -> int:
+    return sum(_local(t).numel() * t.element_size() for t in tensors if t is not None)

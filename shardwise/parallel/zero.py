@@ -1,0 +1,66 @@
+"""Optimizer-state sharding (ZeRO stage 1; Rajbhandari et al., "ZeRO", SC 2020).
+
+Every rank keeps the whole model and the whole (all-reduced) gradient, but the
+optimizer's state only for its 1/N slice of the parameters, cut element-wise
+from their concatenation: a rank steps its slice and an all-gather hands every
+rank the updated parameters. SGD and AdamW act element by element, so the
+result is the same as stepping the whole model in one place.
+
+torch's ZeroRedundancyOptimizer assigns whole parameter tensors to ranks; on a
+model whose largest tensor dominates (the usual case), one rank then holds most
+of the state. Cutting the flat vector gives every rank the same share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    """Wraps `build(params)` (an element-wise optimizer) so each rank of `group` steps
+    only its slice. Its param_groups are the inner optimizer's: LR schedules apply."""
+
+    def __init__(self, params: list[Tensor], build: Callable[[list[Tensor]], torch.optim.Optimizer], group):
+        self.params, self.group = params, group
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        total = sum(p.numel() for p in params)
+        self.per_rank = -(-total // world)
+        self.padding = self.per_rank * world - total
+        self.lo = rank * self.per_rank
+        # this rank's slice of the parameters, stepped by the inner optimizer
+        self.slice = nn.Parameter(self._flat([p.detach() for p in params])[self.lo : self.lo + self.per_rank].clone())
+        self.inner = build([self.slice])
+        super().__init__([self.slice], {})
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
+
+    def _flat(self, tensors: list[Tensor]) -> Tensor:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        return torch.cat([flat, flat.new_zeros(self.padding)]) if self.padding else flat
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+        self.slice.grad = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "closures are not supported"
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self.slice.grad = self._flat(grads)[self.lo : self.lo + self.per_rank].clone()
+        self.inner.step()
+        self.slice.grad = None
+        gathered = self.slice.new_empty(self.per_rank * dist.get_world_size(self.group))
+        dist.all_gather_into_tensor(gathered, self.slice.detach(), group=self.group)
+        offset = 0
+        for p in self.params:
+            p.copy_(gathered[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def state_tensors(self) -> list[Tensor]:
+        """What this rank holds for the optimizer: its parameter slice and the state of it."""
+        return [self.slice.detach()] + [v for s in self.inner.state.values() for v in s.values() if torch.is_tensor(v)]

@@ -1,0 +1,116 @@
+"""Each rank holds only what its layout gives it: split layers, feature columns, shards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from parity import train_summary
+
+from shardwise.config import DataConfig, ModelConfig
+from shardwise.data.features import split_features
+from shardwise.data.sources import load_source
+from shardwise.errors import ShardwiseError
+from shardwise.models import build_model
+from shardwise.parallel.tensor import apply_tensor_parallel, plan_tensor_parallel
+from shardwise.topology import ParallelDims
+
+
+def _split_shapes(hidden: list[int], *, group) -> dict[str, tuple]:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="mlp", hidden=hidden), (1, 8, 8), 10)
+    splits = apply_tensor_parallel(model, group=group)
+    return {name: (tuple(p.shape), name in splits) for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tp, hidden", [(2, [128, 64]), (3, [30, 7]), (4, [30, 7])])
+def test_tensor_parallel_rank_holds_its_share_of_each_split_layer(pool, tp, hidden):
+    full = {
+        n: tuple(p.shape)
+        for n, p in build_model(ModelConfig(name="mlp", hidden=hidden), (1, 8, 8), 10).named_parameters()
+    }
+    per_rank = pool.run(_split_shapes, hidden, ranks=list(range(tp)))
+    for name, shape in full.items():
+        shapes = [r[name][0] for r in per_rank]
+        if per_rank[0][name][1]:  # split: the pieces tile the full tensor along one dim
+            dim = next(d for d in range(len(shape)) if shapes[0][d] != shape[d] or tp == 1)
+            assert sum(s[dim] for s in shapes) == shape[dim], name
+            assert max(s[dim] for s in shapes) == -(-shape[dim] // tp), name  # 1/N, rounded up
+        else:  # the row layer's bias, added once after the sum, stays whole
+            assert all(s == shape for s in shapes), name
+    assert sum(r[1] for r in per_rank[0].values()) == 5  # 3 weights, 2 column biases
+
+
+def test_tensor_parallel_plan_pairs_and_refusals():
+    head = build_model(ModelConfig(name="mlp", hidden=[16, 8]), (1, 8, 8), 10).head
+    assert plan_tensor_parallel(head, 2) == {"0": "column", "2": "row", "4": "column+gather"}
+    assert plan_tensor_parallel(head, 2, skip={"0"}) == {"2": "column", "4": "row"}
+    with pytest.raises(ShardwiseError, match=r"layer head.2 \(Linear 16->8\) has 8 output features, fewer than tp=9"):
+        plan_tensor_parallel(head, 9, skip={"0"})
+
+
+def test_topology_grid_and_refusals():
+    dims = ParallelDims.resolve(_parallel(tp=2), 8, vertical=2)
+    assert (dims.dp, dims.vertical, dims.tp) == (2, 2, 2) and dims.layout == "dp=2 x vertical=2 x tp=2"
+    assert dims.coords(5) == {"dp": 1, "vertical": 0, "tp": 1}
+    assert dims.peers(5, "tp") == [4, 5] and dims.peers(5, "vertical") == [5, 7] and dims.peers(5, "dp") == [1, 5]
+    with pytest.raises(ShardwiseError, match=r"dp=3 x tp=2 x vertical=1 = 6 does not equal the world size 4"):
+        ParallelDims.resolve(_parallel(dp=3, tp=2), 4)
+
+
+def _parallel(**kw):
+    from shardwise.config import ParallelConfig
+
+    return ParallelConfig(**kw)
+
+
+def test_vertical_rank_holds_and_reads_only_its_columns(tmp_path):
+    """A rank's data equal its columns of the whole set, and do not change when every
+    other column of the file is replaced by NaN: it never reads them."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120, 2, 3, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 120)
+    parts = split_features((2, 3, 4), 3, unit="row", split="contiguous")
+    full = load_source(DataConfig(name="npz", path=_npz(tmp_path / "full.npz", x, y)), seed=0)
+    for k, own in enumerate(parts):
+        poisoned = x.reshape(120, -1).copy()
+        poisoned[:, np.setdiff1d(np.arange(24), own)] = np.nan
+        path = _npz(tmp_path / f"poisoned{k}.npz", poisoned.reshape(x.shape), y)
+        mine = load_source(DataConfig(name="npz", path=path), seed=0, features=own)
+        assert mine.x_train.shape == (96, len(own)) and np.isfinite(mine.x_train).all()
+        np.testing.assert_array_equal(mine.x_train, full.x_train.reshape(96, -1)[:, own])
+        np.testing.assert_array_equal(mine.y_train, full.y_train)
+
+
+def _npz(path, x, y) -> str:
+    np.savez(path, x=x, y=y)
+    return str(path)
+
+
+def test_feature_split_units_and_balance():
+    assert [len(p) for p in split_features((1, 8, 8), 3, unit="feature", split="contiguous")] == [22, 21, 21]
+    channels = split_features((3, 2, 2), 2, unit="channel", split="contiguous")
+    assert [list(p) for p in channels] == [list(range(8)), list(range(8, 12))]
+    cost = [1 + i // 8 for i in range(64)]  # row r costs 8 (r + 1)
+    rows = split_features((1, 8, 8), 3, unit="row", split="balanced", cost=cost)
+    contiguous = split_features((1, 8, 8), 3, unit="row", split="contiguous")
+    loads = [sum(cost[i] for i in p) for p in rows]
+    assert sorted(np.concatenate(rows)) == list(range(64))
+    assert max(loads) < max(sum(cost[i] for i in p) for p in contiguous)  # 104 < 120
+    assert max(loads) <= 4 / 3 * sum(cost) / 3  # Graham's bound for largest-first
+    with pytest.raises(ShardwiseError, match="data.feature_cost: has 3 entries, the samples have 64 features"):
+        split_features((1, 8, 8), 2, unit="feature", split="balanced", cost=[1, 2, 3])
+
+
+@pytest.mark.parametrize("shard, dp", [("full", 2), ("full", 4), ("optimizer", 4)])
+def test_sharding_divides_what_each_rank_holds(pool, shard, dp):
+    overrides = {"model.name": "mlp", "model.hidden": "256,128", "parallel.shard": shard, "train.steps": "2"}
+    one = pool.run(train_summary, overrides, ranks=[0])[0]["memory"][0]
+    rows = pool.run(train_summary, overrides, ranks=list(range(dp)))[0]["memory"]
+    whole = {k: one[f"{k}_bytes"] for k in ("parameters", "gradients", "optimizer")}
+    if shard == "optimizer":  # the optimizer also keeps a flat copy of its slice of the parameters
+        whole = {"optimizer": whole["optimizer"] + whole["parameters"]}
+    for kind, size in whole.items():
+        held = [r[f"{kind}_bytes"] for r in rows]
+        assert sum(held) == pytest.approx(size, rel=0.01), kind  # nothing lost or doubled
+        assert max(held) <= size / dp * 1.05, (kind, held)  # 1/N each
