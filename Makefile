@@ -22,6 +22,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/shardwise bench ddp
+	$(BIN)/shardwise bench tp
+	$(BIN)/shardwise bench shard
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

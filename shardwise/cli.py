@@ -64,10 +64,20 @@ def build_parser() -> OneLineParser:
     _add_config_options(train)
 
     bench = sub.add_parser("bench", help="run benchmarks that print ratios measured side by side")
-    bench.add_argument("scenario", choices=["ddp"], help="ddp: shardwise data parallel vs a plain torch DDP script")
-    bench.add_argument("--nproc", type=int, default=2, help="world size (default: 2)")
-    bench.add_argument("--repeats", type=int, default=7, help="runs of each side, alternated (default: 7)")
-    bench.add_argument("--steps", type=int, default=200, help="steps per run (default: 200)")
+    scenarios = bench.add_subparsers(dest="scenario", required=True, parser_class=OneLineParser)
+    ddp = scenarios.add_parser("ddp", help="shardwise data parallel vs a plain torch DDP script")
+    ddp.add_argument("--nproc", type=int, default=2, help="world size (default: 2)")
+    ddp.add_argument("--repeats", type=int, default=7, help="runs of each side, alternated (default: 7)")
+    ddp.add_argument("--steps", type=int, default=200, help="steps per run (default: 200)")
+    tp = scenarios.add_parser("tp", help="tensor parallel vs one process vs torch DTensor, on a wide MLP")
+    tp.add_argument("--nproc", type=int, default=2, help="tensor-parallel degree (default: 2)")
+    tp.add_argument("--repeats", type=int, default=5, help="runs of each side, rotated (default: 5)")
+    tp.add_argument("--steps", type=int, default=30, help="steps per run (default: 30)")
+    tp.add_argument("--hidden", default="4096,4096", help="hidden widths (default: 4096,4096)")
+    shard = scenarios.add_parser("shard", help="bytes per rank with sharded parameters / optimizer, N = 1, 2, 4")
+    shard.add_argument("--sizes", default="1,2,4", help="data-parallel degrees (default: 1,2,4)")
+    shard.add_argument("--hidden", default="2048,2048", help="hidden widths (default: 2048,2048)")
+    shard.add_argument("--steps", type=int, default=3, help="steps per run (default: 3)")
     return parser
 
 
@@ -83,6 +93,21 @@ def _train(args: argparse.Namespace) -> int:
     return launch(cfg, nproc=args.nproc, out=out)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    if args.scenario == "ddp":
+        from shardwise.bench.ddp import main as bench_ddp
+
+        return bench_ddp(nproc=args.nproc, repeats=args.repeats, steps=args.steps)
+    if args.scenario == "tp":
+        from shardwise.bench.tp import main as bench_tp
+
+        return bench_tp(nproc=args.nproc, repeats=args.repeats, steps=args.steps, hidden=args.hidden)
+    from shardwise.bench.shard import main as bench_shard
+
+    sizes = [int(n) for n in args.sizes.split(",")]
+    return bench_shard(sizes=sizes, hidden=args.hidden, steps=args.steps)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -95,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"unknown option {item}")
             parser.error(f"unexpected argument {item!r}")
         if args.command == "bench":
-            from shardwise.bench.ddp import main as bench_ddp
-
-            return bench_ddp(nproc=args.nproc, repeats=args.repeats, steps=args.steps)
+            return _bench(args)
         return _train(args)
     except ShardwiseError as e:
         print(f"shardwise: {e}", file=sys.stderr)

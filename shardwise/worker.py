@@ -110,8 +110,8 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
         vertical_group = mesh.groups["vertical"]
         splits |= apply_vertical(model, group=vertical_group, features=feature_parts, in_shape=dataset.in_shape)
     splits |= apply_tensor_parallel(model, group=mesh.groups["tp"], skip=set(splits))
-    start_bytes = gather_rows(rank_bytes(model), group)
     model = apply_data_parallel(model, mesh=mesh, device=device, shard=cfg.parallel.shard)
+    start_bytes = gather_rows(rank_bytes(unwrap(model)), group)
     optimizer = build_optimizer(t, model, zero_group=dp_group if cfg.parallel.shard == "optimizer" else None)
     scheduler = build_scheduler(t, optimizer)
     settings = LoopSettings(

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
@@ -70,7 +69,3 @@ def maybe_no_sync(model: nn.Module, skip_sync: bool) -> contextlib.AbstractConte
 
 def is_fully_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
-
-
-def dp_degree(group: dist.ProcessGroup | None) -> int:
-    return 1 if group is None else dist.get_world_size(group)

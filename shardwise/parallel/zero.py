@@ -31,8 +31,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.per_rank = -(-total // world)
         self.padding = self.per_rank * world - total
         self.lo = rank * self.per_rank
-        # this rank's slice of the parameters, stepped by the inner optimizer
-        self.slice = nn.Parameter(self._flat([p.detach() for p in params])[self.lo : self.lo + self.per_rank].clone())
+        # this rank's slice of the parameters, stepped by the inner optimizer; it holds
+        # data only during a step (the parameters themselves are the lasting copy)
+        self.slice = nn.Parameter(torch.empty(0, device=params[0].device))
         self.inner = build([self.slice])
         super().__init__([self.slice], {})
         self.param_groups = self.inner.param_groups
@@ -50,17 +51,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         assert closure is None, "closures are not supported"
+        own = slice(self.lo, self.lo + self.per_rank)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        self.slice.grad = self._flat(grads)[self.lo : self.lo + self.per_rank].clone()
+        self.slice.data = self._flat([p.detach() for p in self.params])[own].clone()
+        self.slice.grad = self._flat(grads)[own].clone()
         self.inner.step()
-        self.slice.grad = None
         gathered = self.slice.new_empty(self.per_rank * dist.get_world_size(self.group))
         dist.all_gather_into_tensor(gathered, self.slice.detach(), group=self.group)
+        self.slice.grad, self.slice.data = None, self.slice.new_empty(0)
         offset = 0
         for p in self.params:
             p.copy_(gathered[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
 
     def state_tensors(self) -> list[Tensor]:
-        """What this rank holds for the optimizer: its parameter slice and the state of it."""
-        return [self.slice.detach()] + [v for s in self.inner.state.values() for v in s.values() if torch.is_tensor(v)]
+        """The optimizer state this rank holds: that of its slice."""
+        return [v for s in self.inner.state.values() for v in s.values() if torch.is_tensor(v)]
