@@ -29,7 +29,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         total = sum(p.numel() for p in params)
         self.per_rank = -(-total // world)
-        self.padding = self.per_rank * world - total
         self.lo = rank * self.per_rank
         # this rank's slice of the parameters, stepped by the inner optimizer; it holds
         # data only during a step (the parameters themselves are the lasting copy)
@@ -39,9 +38,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.param_groups = self.inner.param_groups
         self.state = self.inner.state
 
-    def _flat(self, tensors: list[Tensor]) -> Tensor:
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        return torch.cat([flat, flat.new_zeros(self.padding)]) if self.padding else flat
+    def _own(self, tensors: list[Tensor]) -> Tensor:
+        """This rank's slice of the concatenation of `tensors`, without building the whole of it."""
+        pieces, offset, hi = [], 0, self.lo + self.per_rank
+        for t in tensors:
+            a, b = max(self.lo, offset), min(hi, offset + t.numel())
+            if a < b:
+                pieces.append(t.reshape(-1)[a - offset : b - offset])
+            offset += t.numel()
+        own = torch.cat(pieces) if pieces else tensors[0].new_empty(0)
+        return torch.cat([own, own.new_zeros(self.per_rank - own.numel())]) if own.numel() < self.per_rank else own
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -51,10 +57,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         assert closure is None, "closures are not supported"
-        own = slice(self.lo, self.lo + self.per_rank)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        self.slice.data = self._flat([p.detach() for p in self.params])[own].clone()
-        self.slice.grad = self._flat(grads)[own].clone()
+        self.slice.data = self._own([p.detach() for p in self.params])
+        self.slice.grad = self._own(grads)
         self.inner.step()
         gathered = self.slice.new_empty(self.per_rank * dist.get_world_size(self.group))
         dist.all_gather_into_tensor(gathered, self.slice.detach(), group=self.group)
