@@ -61,6 +61,9 @@ def build_parser() -> OneLineParser:
     train.add_argument("config", nargs="?", help="TOML config file")
     train.add_argument("--nproc", type=int, default=2, help="number of local worker processes (default: 2)")
     train.add_argument("--out", type=Path, default=None, help="output folder (default: a new folder under runs/)")
+    train.add_argument(
+        "--timeline", action="store_true", help="pipeline: write timeline.png, a Gantt chart of the last step"
+    )
     _add_config_options(train)
 
     bench = sub.add_parser("bench", help="run benchmarks that print ratios measured side by side")
@@ -88,6 +91,8 @@ def _train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in set(all_keys())}
     if args.out is not None:
         overrides["run.out"] = str(args.out)
+    if args.timeline:
+        overrides["run.timeline"] = "true"
     cfg = load_config(args.config, overrides)
     out = Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), cfg.model.name)
     return launch(cfg, nproc=args.nproc, out=out)

@@ -81,6 +81,14 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel degree: the fully-connected layers are split across this many ranks
     (column-parallel then row-parallel in pairs, Megatron-style)."""
+    pp: int = 1
+    """Pipeline stages: the layers are cut into this many consecutive stages, one per rank,
+    at boundaries chosen by each layer's measured cost."""
+    microbatches: int | None = None
+    """Micro-batches per step flowing through the pipeline (default: 2 x parallel.pp)."""
+    schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    """Pipeline schedule: gpipe (all forwards, then all backwards) or 1f1b (one forward, one
+    backward in turn: at most pp micro-batches of activations held per stage)."""
     shard: Literal["none", "optimizer", "full"] = "none"
     """Sharding across data-parallel ranks: none (DDP), optimizer (optimizer state only,
     ZeRO-1) or full (parameters, gradients and optimizer state, FSDP2)."""
@@ -128,6 +136,9 @@ class RunConfig:
     """Output folder (default: a new folder under runs/)."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    timeline: bool = False
+    """Pipeline: record every micro-batch's forward and backward on every stage and write
+    timeline.png (a Gantt chart per stage) for the last step."""
 
 
 @dataclass
@@ -286,6 +297,9 @@ def validate(cfg: Config) -> None:
     if cfg.parallel.dp is not None:
         positive("parallel.dp", cfg.parallel.dp)
     positive("parallel.tp", cfg.parallel.tp)
+    positive("parallel.pp", cfg.parallel.pp)
+    if cfg.parallel.microbatches is not None:
+        positive("parallel.microbatches", cfg.parallel.microbatches)
     positive("data.vertical", d.vertical)
     if any(c < 0 for c in d.feature_cost):
         raise ShardwiseError("data.feature_cost", f"costs must be >= 0, got {min(d.feature_cost)}")

@@ -52,7 +52,11 @@ def preflight(cfg: Config, nproc: int) -> ParallelDims:
     """Every check that needs no worker: layout, batch split, data paths."""
     dims = ParallelDims.resolve(cfg.parallel, nproc, vertical=cfg.data.vertical)
     check_batch_layout(
-        global_batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum, dp=dims.dp, shards=cfg.data.shards
+        global_batch=cfg.train.batch_size,
+        grad_accum=cfg.train.grad_accum,
+        dp=dims.dp,
+        shards=cfg.data.shards,
+        microbatches=dims.microbatches,
     )
     check_source(cfg.data)
     vertical_parts(cfg.data)

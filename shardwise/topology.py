@@ -5,10 +5,11 @@ then passed explicitly; no module keeps global process groups. The launcher
 calls :meth:`ParallelDims.resolve` before starting any worker (no torch
 import), so a layout that does not fit the world size fails in a blink.
 
-Ranks are laid out on a grid of shape (dp, vertical, tp), the last axis varying
-fastest: tensor-parallel peers, which talk on every layer, get neighbouring
-ranks (the same machine under torchrun's numbering), and data-parallel peers,
-which talk once per step, the farthest.
+Ranks are laid out on a grid of shape (dp, pp, vertical, tp), the last axis
+varying fastest: tensor-parallel peers, which talk on every layer, get
+neighbouring ranks (the same machine under torchrun's numbering), pipeline
+neighbours exchange one activation per micro-batch, and data-parallel peers,
+which talk once per step, are the farthest.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
-AXES = ("dp", "vertical", "tp")  # slowest to fastest varying
+AXES = ("dp", "pp", "vertical", "tp")  # slowest to fastest varying
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class ParallelDims:
     world_size: int
     tp: int = 1
     vertical: int = 1
+    pp: int = 1
+    microbatches: int = 1
 
     @classmethod
     def resolve(cls, cfg: ParallelConfig, world_size: int, *, vertical: int = 1) -> ParallelDims:
@@ -43,12 +46,21 @@ class ParallelDims:
         for key, value in (("parallel.tp", cfg.tp), ("data.vertical", vertical)):
             if value < 1:
                 raise ShardwiseError(key, f"must be at least 1, got {value}")
-        model_ranks = cfg.tp * vertical
+        if cfg.pp > 1 and (cfg.tp > 1 or vertical > 1):
+            raise ShardwiseError(
+                "parallel.pp",
+                f"={cfg.pp} with parallel.tp={cfg.tp} / data.vertical={vertical}: pipeline stages compose "
+                "with data parallelism only (so far)",
+            )
+        if cfg.pp > 1 and cfg.shard == "full":
+            raise ShardwiseError("parallel.shard", f"full with parallel.pp={cfg.pp}: not supported yet, use optimizer")
+        model_ranks = cfg.tp * vertical * cfg.pp
         if cfg.dp is None:
             if world_size % model_ranks:
+                key = "parallel.pp" if cfg.pp > 1 else "parallel.tp" if cfg.tp > 1 else "data.vertical"
                 raise ShardwiseError(
-                    "parallel.tp",
-                    f"parallel.tp={cfg.tp} x data.vertical={vertical} = {model_ranks} "
+                    key,
+                    f"parallel.pp={cfg.pp} x parallel.tp={cfg.tp} x data.vertical={vertical} = {model_ranks} "
                     f"does not divide the world size {world_size} (--nproc)",
                 )
             dp = world_size // model_ranks
@@ -59,10 +71,19 @@ class ParallelDims:
         if dp * model_ranks != world_size:
             raise ShardwiseError(
                 "parallel.dp",
-                f"dp={dp} x tp={cfg.tp} x vertical={vertical} = {dp * model_ranks} "
+                f"dp={dp} x pp={cfg.pp} x tp={cfg.tp} x vertical={vertical} = {dp * model_ranks} "
                 f"does not equal the world size {world_size} (--nproc)",
             )
-        return cls(dp=dp, world_size=world_size, tp=cfg.tp, vertical=vertical)
+        microbatches = 1
+        if cfg.pp > 1:
+            microbatches = cfg.microbatches or 2 * cfg.pp
+            if cfg.schedule == "1f1b" and microbatches < cfg.pp:
+                raise ShardwiseError(
+                    "parallel.microbatches",
+                    f"1f1b needs at least one micro-batch per stage: {microbatches} < parallel.pp={cfg.pp} "
+                    "(use more micro-batches or parallel.schedule=gpipe)",
+                )
+        return cls(dp=dp, world_size=world_size, tp=cfg.tp, vertical=vertical, pp=cfg.pp, microbatches=microbatches)
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -27,16 +27,19 @@ from shardwise.data.report import render_report
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 from shardwise.models import build_model
 from shardwise.parallel.data import apply_data_parallel, is_fully_sharded, unwrap
+from shardwise.parallel.pipeline import apply_pipeline, describe_cut, gather_stages, owners, plan_pipeline
 from shardwise.parallel.splits import Split, full_state_dict, local_bytes
 from shardwise.parallel.tensor import apply_tensor_parallel
 from shardwise.parallel.vertical import apply_vertical
 from shardwise.topology import ParallelDims, RankMesh
 from shardwise.train.faults import FaultPlan
-from shardwise.train.loop import LoopSettings, train_loop
+from shardwise.train.loop import LoopSettings, ModelRunner, train_loop
 from shardwise.train.memory import gather_rows, memory_records, rank_bytes, render_memory
 from shardwise.train.optim import build_optimizer, build_scheduler
 from shardwise.train.outputs import MetricsLog, new_run_dir, plot_curves, save_model, write_json
+from shardwise.train.pipeline import PipelineRunner, render_cut
 from shardwise.train.progress import ConsoleReporter, NullReporter, render_summary
+from shardwise.train.timeline import bubble_summary, gather_events, plot_timeline
 
 # set by the local launcher: it prints the one-line error itself
 LAUNCHED_ENV = "SHARDWISE_LAUNCHED"
@@ -96,23 +99,45 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
         dp=dims.dp,
         seed=t.seed,
         device=device,
+        microbatches=dims.microbatches,
     )
     model = build_model(cfg.model, dataset.in_shape, dataset.num_classes).to(device)
     whole_model_bytes = local_bytes(model.parameters())
+    whole_state = {k: v.detach().to("meta") for k, v in model.state_dict().items()}  # names, shapes, dtypes
 
     # Composition order (ARCHITECTURE.md): pipeline split, then per stage the
     # layer partitioning (vertical takes the input layer, tensor parallelism
     # the fully-connected head), then activation checkpointing, then the
     # data-parallel wrapper (DDP, ZeRO-1 or FSDP2) outermost. Split layers
     # hold plain local tensors, so the wrapper treats them like any other.
+    pp_group, stage_of, cut_rows = mesh.groups["pp"], {}, []
+    if pp_group is not None:
+        example = data.micro_batches(0)[0][0][: t.batch_size // (dims.dp * dims.microbatches)]
+        cut, costs = plan_pipeline(model, example, stages=dims.pp, group=group)
+        stage_of, cut_rows = owners(model, cut), describe_cut(costs, cut)
+        model = apply_pipeline(model, cut=cut, stage=mesh.coords["pp"])
     splits: dict[str, Split] = {}
     if feature_parts:
         vertical_group = mesh.groups["vertical"]
         splits |= apply_vertical(model, group=vertical_group, features=feature_parts, in_shape=dataset.in_shape)
     splits |= apply_tensor_parallel(model, group=mesh.groups["tp"], skip=set(splits))
-    model = apply_data_parallel(model, mesh=mesh, device=device, shard=cfg.parallel.shard)
+    if pp_group is None:  # a pipeline averages its stages' gradients itself (train/pipeline.py)
+        model = apply_data_parallel(model, mesh=mesh, device=device, shard=cfg.parallel.shard)
     start_bytes = gather_rows(rank_bytes(unwrap(model)), group)
     optimizer = build_optimizer(t, model, zero_group=dp_group if cfg.parallel.shard == "optimizer" else None)
+    if pp_group is not None:
+        runner = PipelineRunner(
+            model,
+            stage=mesh.coords["pp"],
+            stages=dims.pp,
+            group=pp_group,
+            dp_group=dp_group,
+            microbatches=dims.microbatches,
+            schedule=cfg.parallel.schedule,
+            device=device,
+        )
+    else:
+        runner = ModelRunner(model, dp_group=dp_group)
     scheduler = build_scheduler(t, optimizer)
     settings = LoopSettings(
         steps=t.steps, global_batch=t.batch_size, clip_norm=t.clip_norm, log_every=t.log_every, eval_every=t.eval_every
@@ -125,6 +150,8 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
         console = Console(stderr=False)
         console.print(render_report(data.report, f"data: {cfg.data.name}, partition {cfg.data.partition}"))
         title = f"layout {dims.layout}, shard={cfg.parallel.shard}: parameters held by each rank at start"
+        if cut_rows:
+            console.print(render_cut(cut_rows, dims))
         console.print(render_memory(start_bytes, dims, whole_model_bytes=whole_model_bytes, title=title))
         reporter = ConsoleReporter(
             MetricsLog(out_dir / "metrics.jsonl"), total_steps=t.steps, console=console, show_progress=cfg.run.progress
@@ -132,20 +159,26 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
     else:
         reporter = NullReporter()
     with reporter:
+        sum_groups = [g for g in (dp_group if is_fully_sharded(model) else None, pp_group) if g is not None]
         result = train_loop(
+            runner,
             model,
             optimizer,
             scheduler,
             data,
             settings,
-            dp_group=dp_group,
             reporter=reporter,
             faults=FaultPlan(rank),
             splits=splits,
-            shard_group=dp_group if is_fully_sharded(model) else None,
+            sum_groups=sum_groups,
         )
     end_bytes = gather_rows(rank_bytes(unwrap(model), optimizer), group)
     state = full_state_dict(unwrap(model), splits)
+    pipeline: dict = {}
+    if pp_group is not None:
+        state = gather_stages(state, whole_state, stage_of, group=pp_group)
+        timeline = gather_events(runner.events, pp_group)
+        pipeline = {"pipeline": {"cut": cut_rows, **bubble_summary(timeline, dims.microbatches)}}
 
     warm = result.step_times[min(5, len(result.step_times) - 1) :]
     launch_time = float(os.environ.get(LAUNCH_TIME_ENV, started))
@@ -165,12 +198,16 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
         "train_s": result.train_s,
         "wall_s": time.time() - launch_time,
         "memory": memory_records(end_bytes, dims),
+        **pipeline,
         "partition": data.report,
     }
     if writes:
         save_model(out_dir / "model.safetensors", state)
         plot_curves(out_dir / "curves.png", result.records, f"{cfg.model.name} on {cfg.data.name}, {dims.layout}")
         write_json(out_dir / "summary.json", summary)
+        if pipeline and cfg.run.timeline:
+            title = f"{dims.layout}, {dims.microbatches} micro-batches, {cfg.parallel.schedule}: the last step"
+            plot_timeline(out_dir / "timeline.png", timeline, title)
         title = "bytes held by each rank at the end (gradients and optimizer state exist after the first step)"
         console.print(render_memory(end_bytes, dims, whole_model_bytes=whole_model_bytes, title=title))
         console.print(render_summary(summary, str(out_dir)))

@@ -73,11 +73,11 @@ BAD_INPUT = {
     ),
     "layout vs world": (
         ["--nproc", "4", "--parallel.dp", "2", "--parallel.tp", "3"],
-        "parallel.dp: dp=2 x tp=3 x vertical=1 = 6 does not equal the world size 4 (--nproc)",
+        "parallel.dp: dp=2 x pp=1 x tp=3 x vertical=1 = 6 does not equal the world size 4 (--nproc)",
     ),
     "tp does not divide": (
         ["--nproc", "3", "--parallel.tp", "2"],
-        "parallel.tp: parallel.tp=2 x data.vertical=1 = 2 does not divide the world size 3 (--nproc)",
+        "parallel.tp: parallel.pp=1 x parallel.tp=2 x data.vertical=1 = 2 does not divide the world size 3 (--nproc)",
     ),
     "vertical conv over pixels": (
         ["--data.vertical", "2"],

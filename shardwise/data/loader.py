@@ -57,8 +57,11 @@ def build_rank_data(
     dp: int,
     seed: int,
     device: torch.device,
+    microbatches: int = 1,
 ) -> RankData:
-    check_batch_layout(global_batch=global_batch, grad_accum=grad_accum, dp=dp, shards=cfg.shards)
+    check_batch_layout(
+        global_batch=global_batch, grad_accum=grad_accum, dp=dp, shards=cfg.shards, microbatches=microbatches
+    )
     n = len(dataset.y_train)
     if cfg.partition == "shuffle":
         plan = BatchPlan(num_samples=n, global_batch=global_batch, seed=seed)

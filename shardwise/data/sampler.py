@@ -79,8 +79,22 @@ class BatchPlan:
         return np.concatenate([self._from_shard(k, step) for k in own])
 
 
-def check_batch_layout(*, global_batch: int, grad_accum: int, dp: int, shards: int | None) -> None:
+def check_batch_layout(
+    *, global_batch: int, grad_accum: int, dp: int, shards: int | None, microbatches: int = 1
+) -> None:
     """Refuse a global batch that the layout cannot split evenly (no torch needed)."""
+    if microbatches > 1:
+        if grad_accum > 1:
+            raise ShardwiseError(
+                "train.grad_accum",
+                f"={grad_accum} with a pipeline: its micro-batches take the place of accumulation "
+                "(set parallel.microbatches)",
+            )
+        if global_batch % (dp * microbatches):
+            raise ShardwiseError(
+                "train.batch_size",
+                f"{global_batch} is not divisible by parallel.dp={dp} x parallel.microbatches={microbatches}",
+            )
     if global_batch % (dp * grad_accum):
         raise ShardwiseError(
             "train.batch_size",

@@ -72,12 +72,12 @@ def full_state_dict(model: nn.Module, splits: dict[str, Split]) -> dict[str, Ten
 
 
 def clip_grad_norm(
-    model: nn.Module, max_norm: float, *, splits: dict[str, Split], shard_group: dist.ProcessGroup | None
+    model: nn.Module, max_norm: float, *, splits: dict[str, Split], sum_groups: list[dist.ProcessGroup]
 ) -> float:
     """Scale the gradients so that the norm of the whole model's gradient is at most
     `max_norm` (the rule of torch.nn.utils.clip_grad_norm_), with each piece counted
-    once: split parameters summed over their group, FSDP shards over `shard_group`.
-    Returns the norm before clipping."""
+    once: split parameters summed over their group, then everything over each of
+    `sum_groups` (FSDP shards, pipeline stages). Returns the norm before clipping."""
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
     per_group: dict[dist.ProcessGroup, Tensor] = {}
@@ -95,8 +95,8 @@ def clip_grad_norm(
     for group, sq in per_group.items():  # the same groups in the same order on every member
         dist.all_reduce(sq, group=group)
         total += sq
-    if shard_group is not None:
-        dist.all_reduce(total, group=shard_group)
+    for group in sum_groups:
+        dist.all_reduce(total, group=group)
     norm = math.sqrt(total.item())
     scale = min(1.0, max_norm / (norm + 1e-6))
     if scale < 1.0:

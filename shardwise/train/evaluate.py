@@ -8,20 +8,27 @@ from torch import nn
 from shardwise.data.loader import RankData
 
 
+def score(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(loss sum, correct, count) of one batch."""
+    loss = F.cross_entropy(logits, y, reduction="sum").double()
+    return torch.stack([loss, (logits.argmax(dim=1) == y).sum().double(), loss.new_tensor(float(len(y)))])
+
+
+def summarize(totals: torch.Tensor, group: dist.ProcessGroup | None) -> dict[str, float]:
+    """Validation loss and accuracy from every data-parallel rank's (loss sum, correct, count)."""
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(totals, group=group)
+    loss_sum, correct, count = totals.tolist()
+    return {"val_loss": loss_sum / count, "val_accuracy": correct / count}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: RankData, *, group: dist.ProcessGroup | None) -> dict[str, float]:
     """Loss and accuracy over the whole validation set, each rank scoring its own
     slice and the sums reduced over the data-parallel group."""
     model.eval()
-    device = data.device
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    totals = torch.zeros(3, dtype=torch.float64, device=data.device)
     for x, y in data.val_batches():
-        logits = model(x)
-        totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
-        totals[1] += (logits.argmax(dim=1) == y).sum()
-        totals[2] += len(y)
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(totals, group=group)
+        totals += score(model(x), y)
     model.train()
-    loss_sum, correct, count = totals.tolist()
-    return {"val_loss": loss_sum / count, "val_accuracy": correct / count}
+    return summarize(totals, group)

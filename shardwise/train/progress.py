@@ -80,6 +80,10 @@ def render_summary(summary: dict, out_dir: str) -> Table:
         ("wall time", f"{summary['wall_s']:.1f} s"),
         ("outputs", out_dir),
     ]
+    if "pipeline" in summary:
+        p = summary["pipeline"]
+        bubble = f"{p['bubble_measured']:.1%} measured, {p['bubble_theoretical']:.1%} in theory ((P-1)/(M+P-1))"
+        rows.insert(-2, ("pipeline bubble", bubble))
     for k, v in rows:
         table.add_row(k, v)
     return table

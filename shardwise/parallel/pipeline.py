@@ -1,0 +1,205 @@
+"""Cutting a model into pipeline stages by measured cost.
+
+The layers are the children of the model's `features` and `head`, in order.
+A short profiling pass times each layer's forward and backward on one
+micro-batch and notes its parameter and activation bytes; the cut into P
+consecutive stages then minimises the slowest stage's time (the classic
+linear-partition dynamic program), since the slowest stage sets the pipeline's
+pace. Every rank profiles, but all take rank 0's cut, so they agree.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from shardwise.errors import ShardwiseError
+
+STACKS = ("features", "head")
+
+
+@dataclass
+class LayerCost:
+    name: str
+    time_s: float
+    param_bytes: int
+    activation_bytes: int
+
+
+def model_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's layers in order, under their own names (`features.3`, `head.0`, ...)."""
+    return [(f"{stack}.{name}", m) for stack in STACKS for name, m in getattr(model, stack).named_children()]
+
+
+class StageModule(nn.Module):
+    """A run of consecutive layers, kept under the model's own names so that the
+    stage's state dict is a piece of the whole model's."""
+
+    def __init__(self, layers: list[tuple[str, nn.Module]]):
+        super().__init__()
+        for stack in STACKS:
+            own = [(name.split(".", 1)[1], m) for name, m in layers if name.startswith(f"{stack}.")]
+            self.add_module(stack, nn.Sequential(OrderedDict(own)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+@torch.no_grad()
+def _clear_grads(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = None
+
+
+def profile_layers(model: nn.Module, x: Tensor, repeats: int = 3) -> list[LayerCost]:
+    """Forward + backward time of each layer on `x` (median of `repeats` passes)."""
+    layers = model_layers(model)
+    times: list[list[float]] = [[] for _ in layers]
+    sizes: list[int] = [0] * len(layers)
+    for _ in range(repeats):
+        h = x
+        for i, (_, layer) in enumerate(layers):
+            inp = h.detach().requires_grad_(h.is_floating_point())
+            started = time.perf_counter()
+            with torch.enable_grad():
+                out = layer(inp)
+                out.backward(torch.ones_like(out))
+            times[i].append(time.perf_counter() - started)
+            sizes[i] = out.numel() * out.element_size()
+            h = out.detach()
+    _clear_grads(model)
+    return [
+        LayerCost(name, statistics.median(t), sum(p.numel() * p.element_size() for p in m.parameters()), size)
+        for (name, m), t, size in zip(layers, times, sizes, strict=True)
+    ]
+
+
+def choose_cut(costs: list[float], stages: int) -> list[int]:
+    """Start index of each stage (the first is 0) so that the costliest stage is as cheap
+    as possible; every stage gets at least one layer."""
+    n = len(costs)
+    if stages > n:
+        raise ShardwiseError("parallel.pp", f"={stages} stages, but the model has only {n} layers")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: the cheapest max-stage cost of the first i layers in k stages
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    start = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                cost = max(best[k - 1][j], prefix[i] - prefix[j])
+                if cost < best[k][i]:
+                    best[k][i], start[k][i] = cost, j
+    cut, i = [], n
+    for k in range(stages, 0, -1):
+        i = start[k][i]
+        cut.append(i)
+    return cut[::-1]
+
+
+def agree_on_cut(cut: list[int], group: dist.ProcessGroup) -> list[int]:
+    """Rank 0's cut, on every rank of `group` (profiles differ a little from rank to rank)."""
+    t = torch.tensor(cut, dtype=torch.int64)
+    dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
+    return t.tolist()
+
+
+def stage_layers(model: nn.Module, cut: list[int], stage: int) -> list[tuple[str, nn.Module]]:
+    layers = model_layers(model)
+    end = cut[stage + 1] if stage + 1 < len(cut) else len(layers)
+    return layers[cut[stage] : end]
+
+
+def describe_cut(costs: list[LayerCost], cut: list[int]) -> list[dict]:
+    """Per stage: its layers and its share of time, parameters and activations."""
+    total_time = sum(c.time_s for c in costs) or 1.0
+    total_params = sum(c.param_bytes for c in costs) or 1
+    rows = []
+    for k, lo in enumerate(cut):
+        hi = cut[k + 1] if k + 1 < len(cut) else len(costs)
+        part = costs[lo:hi]
+        rows.append(
+            {
+                "stage": k,
+                "layers": f"{part[0].name} .. {part[-1].name}" if len(part) > 1 else part[0].name,
+                "num_layers": len(part),
+                "time_share": sum(c.time_s for c in part) / total_time,
+                "param_share": sum(c.param_bytes for c in part) / total_params,
+                "activation_bytes": sum(c.activation_bytes for c in part),
+            }
+        )
+    return rows
+
+
+def layer_units(model: nn.Module) -> list[list[int]]:
+    """Layers grouped so that every unit has parameters: each layer with parameters
+    takes the parameter-free layers after it (activations, pooling); leading ones
+    join the first unit. Stages are cut between units, so none is without weights."""
+    units: list[list[int]] = []
+    pending: list[int] = []
+    for i, (_, layer) in enumerate(model_layers(model)):
+        if any(True for _ in layer.parameters()):
+            units.append(pending + [i])
+            pending = []
+        elif units:
+            units[-1].append(i)
+        else:
+            pending.append(i)
+    if pending:  # no layer has parameters
+        units.append(pending)
+    return units
+
+
+def plan_pipeline(
+    model: nn.Module, example: Tensor, *, stages: int, group: dist.ProcessGroup
+) -> tuple[list[int], list[LayerCost]]:
+    """Profile the layers on `example` (one micro-batch) and agree on the cut that
+    balances the stages' time; returns each stage's first layer and the costs."""
+    costs = profile_layers(model, example)
+    units = layer_units(model)
+    if stages > len(units):
+        raise ShardwiseError(
+            "parallel.pp", f"={stages} stages, but the model has only {len(units)} layers with parameters"
+        )
+    unit_cut = choose_cut([sum(costs[i].time_s for i in u) for u in units], stages)
+    return agree_on_cut([units[k][0] for k in unit_cut], group), costs
+
+
+def apply_pipeline(model: nn.Module, *, cut: list[int], stage: int) -> StageModule:
+    """This rank's stage: its run of layers, under the model's own names."""
+    return StageModule(stage_layers(model, cut, stage))
+
+
+def gather_stages(
+    state: dict[str, Tensor], whole: dict[str, Tensor], owner: dict[str, int], *, group: dist.ProcessGroup
+) -> dict[str, Tensor]:
+    """The whole model's weights on every stage: each tensor is broadcast by the stage
+    that owns it (`whole` gives every name's shape and dtype, in the model's order;
+    meta tensors will do)."""
+    device = next(iter(state.values())).device
+    out: dict[str, Tensor] = {}
+    for name, like in whole.items():
+        t = state[name].contiguous() if name in state else torch.empty(like.shape, dtype=like.dtype, device=device)
+        dist.broadcast(t, src=dist.get_global_rank(group, owner[name]), group=group)
+        out[name] = t
+    return out
+
+
+def owners(model: nn.Module, cut: list[int]) -> dict[str, int]:
+    """The stage holding each entry of the model's state dict."""
+    out: dict[str, int] = {}
+    for stage in range(len(cut)):
+        for layer_name, layer in stage_layers(model, cut, stage):
+            for name in layer.state_dict():
+                out[f"{layer_name}.{name}"] = stage
+    return out

@@ -1,0 +1,154 @@
+"""One training step through a pipeline of stages, with torch's own schedules.
+
+The stage module (wrapped for data parallelism if dp > 1) runs under
+`torch.distributed.pipelining`: `ScheduleGPipe` (Huang et al., "GPipe", 2019:
+all forwards, then all backwards) or `Schedule1F1B` (Narayanan et al.,
+"PipeDream", 2019; Megatron's non-interleaved schedule: after a warm-up, one
+forward and one backward in turn, so a stage holds at most P micro-batches of
+activations). Each micro-batch's loss is the mean over its samples and the
+schedule divides the gradients by M, so a step equals one process on the whole
+batch. Evaluation passes activations forward with plain point-to-point sends.
+
+Every stage times each micro-batch's forward and backward (wall clock, so the
+stages of one machine share a time base); :mod:`shardwise.train.timeline`
+turns these into the bubble fraction and a Gantt chart.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from rich.table import Table
+from torch import Tensor, nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from shardwise.data.loader import RankData
+from shardwise.parallel.data import unwrap
+from shardwise.train.evaluate import score, summarize
+from shardwise.train.loop import mean_over
+
+
+class PipelineRunner:
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        stage: int,
+        stages: int,
+        group: dist.ProcessGroup,
+        dp_group: dist.ProcessGroup | None,
+        microbatches: int,
+        schedule: str,
+        device: torch.device,
+    ):
+        self.module, self.stage_index, self.num_stages = module, stage, stages
+        self.group, self.dp_group, self.device = group, dp_group, device
+        self.first, self.last = stage == 0, stage == stages - 1
+        self.stage = PipelineStage(module, stage, stages, device, group=group)
+        kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+        self.schedule = kind(self.stage, n_microbatches=microbatches, loss_fn=F.cross_entropy, scale_grads=True)
+        self.events: list[tuple] = []  # (step, kind 0 forward / 1 backward, micro-batch, start, end)
+        self.steps = 0
+        self._time(self.stage, "forward_one_chunk", 0)
+        self._time(self.stage, "backward_one_chunk", 1)
+
+    def _time(self, stage: PipelineStage, method: str, kind: int) -> None:
+        inner = getattr(stage, method)
+
+        def timed(chunk: int, *args, **kwargs):
+            started = time.time()
+            out = inner(chunk, *args, **kwargs)
+            self.events.append((self.steps, kind, chunk, started, time.time()))
+            return out
+
+        setattr(stage, method, timed)
+
+    def forward_backward(self, micro: list[tuple[Tensor, Tensor]]) -> Tensor:
+        (x, y), losses = micro[0], []
+        args = (x,) if self.first else ()
+        self.schedule.step(*args, target=y if self.last else None, losses=losses if self.last else None)
+        self.steps += 1
+        self._average_gradients()
+        if self.last:
+            return torch.stack([loss.detach() for loss in losses]).mean()
+        return torch.zeros((), device=self.device)
+
+    @torch.no_grad()
+    def _average_gradients(self) -> None:
+        """Data parallelism for a stage: one all-reduce of all its gradients after the
+        pipeline has drained. (DDP around a stage trips over its own bucket rebuild when
+        the first step runs every forward before any backward, as GPipe does.)"""
+        if self.dp_group is None:
+            return
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.dp_group)
+        flat /= dist.get_world_size(self.dp_group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def mean_loss(self, value: Tensor) -> float:
+        """The last stage's loss, shared with its pipeline, then averaged over data parallelism."""
+        value = value.clone()
+        dist.broadcast(value, src=dist.get_global_rank(self.group, self.num_stages - 1), group=self.group)
+        return mean_over(self.dp_group, value)
+
+    @torch.no_grad()
+    def evaluate(self, data: RankData) -> dict[str, float]:
+        module = unwrap(self.module)
+        module.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
+        prev = dist.get_global_rank(self.group, self.stage_index - 1) if not self.first else None
+        nxt = dist.get_global_rank(self.group, self.stage_index + 1) if not self.last else None
+        for x, y in data.val_batches():
+            h = x if self.first else _recv(prev, self.group, self.device)
+            h = module(h)
+            if self.last:
+                totals += score(h, y)
+            else:
+                _send(h, nxt, self.group)
+        module.train()
+        if self.dp_group is not None:
+            dist.all_reduce(totals, group=self.dp_group)
+        dist.broadcast(totals, src=dist.get_global_rank(self.group, self.num_stages - 1), group=self.group)
+        return summarize(totals, None)
+
+
+MAX_DIMS = 8
+
+
+def _send(t: Tensor, dst: int, group: dist.ProcessGroup) -> None:
+    shape = torch.zeros(MAX_DIMS + 1, dtype=torch.int64)
+    shape[0] = t.dim()
+    shape[1 : 1 + t.dim()] = torch.tensor(t.shape)
+    dist.send(shape, dst, group=group)
+    dist.send(t.contiguous(), dst, group=group)
+
+
+def _recv(src: int, group: dist.ProcessGroup, device: torch.device) -> Tensor:
+    shape = torch.empty(MAX_DIMS + 1, dtype=torch.int64)
+    dist.recv(shape, src, group=group)
+    t = torch.empty(shape[1 : 1 + int(shape[0])].tolist(), device=device)
+    dist.recv(t, src, group=group)
+    return t
+
+
+def render_cut(rows: list[dict], dims) -> Table:
+    """The chosen cut: each stage's layers and its share of the measured time and the weights."""
+    table = Table(title=f"pipeline: {dims.pp} stages cut by measured cost, {dims.microbatches} micro-batches")
+    for col in ("stage", "layers", "time share", "parameter share", "activations / micro-batch"):
+        table.add_column(col, justify="right" if col != "layers" else "left")
+    for r in rows:
+        table.add_row(
+            str(r["stage"]),
+            f"{r['layers']} ({r['num_layers']})",
+            f"{r['time_share']:.1%}",
+            f"{r['param_share']:.1%}",
+            f"{r['activation_bytes'] / 2**10:,.1f} KiB",
+        )
+    return table
