@@ -23,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/shardwise bench ddp
 	$(BIN)/shardwise bench tp
+	$(BIN)/shardwise bench pp
 	$(BIN)/shardwise bench shard
 
 lint: $(STAMP)

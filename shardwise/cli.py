@@ -77,6 +77,13 @@ def build_parser() -> OneLineParser:
     tp.add_argument("--repeats", type=int, default=5, help="runs of each side, rotated (default: 5)")
     tp.add_argument("--steps", type=int, default=30, help="steps per run (default: 30)")
     tp.add_argument("--hidden", default="4096,4096", help="hidden widths (default: 4096,4096)")
+    pp = scenarios.add_parser("pp", help="pipeline vs torch.distributed.pipelining vs one process, and the bubble")
+    pp.add_argument("--nproc", type=int, default=2, help="pipeline stages (default: 2)")
+    pp.add_argument("--microbatches", type=int, default=4, help="micro-batches per step (default: 4)")
+    pp.add_argument("--schedule", choices=["gpipe", "1f1b"], default="1f1b", help="schedule (default: 1f1b)")
+    pp.add_argument("--repeats", type=int, default=5, help="runs of each side, rotated (default: 5)")
+    pp.add_argument("--steps", type=int, default=30, help="steps per run (default: 30)")
+    pp.add_argument("--hidden", default="2048,2048,2048", help="hidden widths (default: 2048,2048,2048)")
     shard = scenarios.add_parser("shard", help="bytes per rank with sharded parameters / optimizer, N = 1, 2, 4")
     shard.add_argument("--sizes", default="1,2,4", help="data-parallel degrees (default: 1,2,4)")
     shard.add_argument("--hidden", default="2048,2048", help="hidden widths (default: 2048,2048)")
@@ -107,6 +114,17 @@ def _bench(args: argparse.Namespace) -> int:
         from shardwise.bench.tp import main as bench_tp
 
         return bench_tp(nproc=args.nproc, repeats=args.repeats, steps=args.steps, hidden=args.hidden)
+    if args.scenario == "pp":
+        from shardwise.bench.pp import main as bench_pp
+
+        return bench_pp(
+            nproc=args.nproc,
+            microbatches=args.microbatches,
+            schedule=args.schedule,
+            repeats=args.repeats,
+            steps=args.steps,
+            hidden=args.hidden,
+        )
     from shardwise.bench.shard import main as bench_shard
 
     sizes = [int(n) for n in args.sizes.split(",")]

@@ -81,6 +81,9 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel degree: the fully-connected layers are split across this many ranks
     (column-parallel then row-parallel in pairs, Megatron-style)."""
+    spatial: int = 1
+    """Spatial partitioning: every feature map of the conv stack is cut into this many bands
+    of rows, one per rank, with halo rows exchanged before each window."""
     pp: int = 1
     """Pipeline stages: the layers are cut into this many consecutive stages, one per rank,
     at boundaries chosen by each layer's measured cost."""
@@ -298,6 +301,7 @@ def validate(cfg: Config) -> None:
         positive("parallel.dp", cfg.parallel.dp)
     positive("parallel.tp", cfg.parallel.tp)
     positive("parallel.pp", cfg.parallel.pp)
+    positive("parallel.spatial", cfg.parallel.spatial)
     if cfg.parallel.microbatches is not None:
         positive("parallel.microbatches", cfg.parallel.microbatches)
     positive("data.vertical", d.vertical)

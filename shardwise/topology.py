@@ -5,8 +5,8 @@ then passed explicitly; no module keeps global process groups. The launcher
 calls :meth:`ParallelDims.resolve` before starting any worker (no torch
 import), so a layout that does not fit the world size fails in a blink.
 
-Ranks are laid out on a grid of shape (dp, pp, vertical, tp), the last axis
-varying fastest: tensor-parallel peers, which talk on every layer, get
+Ranks are laid out on a grid of shape (dp, pp, spatial, vertical, tp), the last
+axis varying fastest: tensor-parallel peers, which talk on every layer, get
 neighbouring ranks (the same machine under torchrun's numbering), pipeline
 neighbours exchange one activation per micro-batch, and data-parallel peers,
 which talk once per step, are the farthest.
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
-AXES = ("dp", "pp", "vertical", "tp")  # slowest to fastest varying
+AXES = ("dp", "pp", "spatial", "vertical", "tp")  # slowest to fastest varying
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class ParallelDims:
     vertical: int = 1
     pp: int = 1
     microbatches: int = 1
+    spatial: int = 1
 
     @classmethod
     def resolve(cls, cfg: ParallelConfig, world_size: int, *, vertical: int = 1) -> ParallelDims:
@@ -52,15 +53,24 @@ class ParallelDims:
                 f"={cfg.pp} with parallel.tp={cfg.tp} / data.vertical={vertical}: pipeline stages compose "
                 "with data parallelism only (so far)",
             )
+        if cfg.spatial > 1 and (cfg.pp > 1 or cfg.tp > 1 or vertical > 1 or cfg.shard == "full"):
+            raise ShardwiseError(
+                "parallel.spatial",
+                f"={cfg.spatial} composes with data parallelism (shard none or optimizer) only, so far",
+            )
         if cfg.pp > 1 and cfg.shard == "full":
             raise ShardwiseError("parallel.shard", f"full with parallel.pp={cfg.pp}: not supported yet, use optimizer")
-        model_ranks = cfg.tp * vertical * cfg.pp
+        model_ranks = cfg.tp * vertical * cfg.pp * cfg.spatial
         if cfg.dp is None:
             if world_size % model_ranks:
-                key = "parallel.pp" if cfg.pp > 1 else "parallel.tp" if cfg.tp > 1 else "data.vertical"
+                key = next(
+                    (k for k, v in (("parallel.pp", cfg.pp), ("parallel.spatial", cfg.spatial)) if v > 1),
+                    "parallel.tp" if cfg.tp > 1 else "data.vertical",
+                )
                 raise ShardwiseError(
                     key,
-                    f"parallel.pp={cfg.pp} x parallel.tp={cfg.tp} x data.vertical={vertical} = {model_ranks} "
+                    f"parallel.pp={cfg.pp} x parallel.spatial={cfg.spatial} x parallel.tp={cfg.tp} x "
+                    f"data.vertical={vertical} = {model_ranks} "
                     f"does not divide the world size {world_size} (--nproc)",
                 )
             dp = world_size // model_ranks
@@ -71,7 +81,8 @@ class ParallelDims:
         if dp * model_ranks != world_size:
             raise ShardwiseError(
                 "parallel.dp",
-                f"dp={dp} x pp={cfg.pp} x tp={cfg.tp} x vertical={vertical} = {dp * model_ranks} "
+                f"dp={dp} x pp={cfg.pp} x spatial={cfg.spatial} x tp={cfg.tp} x vertical={vertical} "
+                f"= {dp * model_ranks} "
                 f"does not equal the world size {world_size} (--nproc)",
             )
         microbatches = 1
@@ -83,7 +94,15 @@ class ParallelDims:
                     f"1f1b needs at least one micro-batch per stage: {microbatches} < parallel.pp={cfg.pp} "
                     "(use more micro-batches or parallel.schedule=gpipe)",
                 )
-        return cls(dp=dp, world_size=world_size, tp=cfg.tp, vertical=vertical, pp=cfg.pp, microbatches=microbatches)
+        return cls(
+            dp=dp,
+            world_size=world_size,
+            tp=cfg.tp,
+            vertical=vertical,
+            pp=cfg.pp,
+            microbatches=microbatches,
+            spatial=cfg.spatial,
+        )
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -20,14 +20,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from shardwise.comm.halo import bands
 from shardwise.config import Config, load_config
 from shardwise.data import build_rank_data, load_source
 from shardwise.data.features import vertical_parts
 from shardwise.data.report import render_report
+from shardwise.data.sources import take_rows
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 from shardwise.models import build_model
 from shardwise.parallel.data import apply_data_parallel, is_fully_sharded, unwrap
 from shardwise.parallel.pipeline import apply_pipeline, describe_cut, gather_stages, owners, plan_pipeline
+from shardwise.parallel.spatial import apply_spatial
 from shardwise.parallel.splits import Split, full_state_dict, local_bytes
 from shardwise.parallel.tensor import apply_tensor_parallel
 from shardwise.parallel.vertical import apply_vertical
@@ -90,6 +93,10 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
 
     torch.manual_seed(t.seed)  # weights; data order and splits use their own seeded generators
     dataset = load_source(cfg.data, seed=t.seed, features=own_features, reduce_stats=_summer(mesh.groups["vertical"]))
+    if dims.spatial > 1:
+        if len(dataset.in_shape) != 3:
+            raise ShardwiseError("parallel.spatial", f"needs images (C, H, W), the data has shape {dataset.in_shape}")
+        dataset = take_rows(dataset, *bands(dataset.in_shape[1], dims.spatial)[mesh.coords["spatial"]])
     data = build_rank_data(
         cfg.data,
         dataset,
@@ -121,6 +128,7 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
         vertical_group = mesh.groups["vertical"]
         splits |= apply_vertical(model, group=vertical_group, features=feature_parts, in_shape=dataset.in_shape)
     splits |= apply_tensor_parallel(model, group=mesh.groups["tp"], skip=set(splits))
+    apply_spatial(model, group=mesh.groups["spatial"], in_shape=dataset.in_shape)
     if pp_group is None:  # a pipeline averages its stages' gradients itself (train/pipeline.py)
         model = apply_data_parallel(model, mesh=mesh, device=device, shard=cfg.parallel.shard)
     start_bytes = gather_rows(rank_bytes(unwrap(model)), group)

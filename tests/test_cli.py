@@ -73,11 +73,12 @@ BAD_INPUT = {
     ),
     "layout vs world": (
         ["--nproc", "4", "--parallel.dp", "2", "--parallel.tp", "3"],
-        "parallel.dp: dp=2 x pp=1 x tp=3 x vertical=1 = 6 does not equal the world size 4 (--nproc)",
+        "parallel.dp: dp=2 x pp=1 x spatial=1 x tp=3 x vertical=1 = 6 does not equal the world size 4 (--nproc)",
     ),
     "tp does not divide": (
         ["--nproc", "3", "--parallel.tp", "2"],
-        "parallel.tp: parallel.pp=1 x parallel.tp=2 x data.vertical=1 = 2 does not divide the world size 3 (--nproc)",
+        "parallel.tp: parallel.pp=1 x parallel.spatial=1 x parallel.tp=2 x data.vertical=1 = 2 "
+        "does not divide the world size 3",
     ),
     "vertical conv over pixels": (
         ["--data.vertical", "2"],
@@ -86,6 +87,33 @@ BAD_INPUT = {
     "vertical more ranks than units": (
         ["--data.vertical", "2", "--data.vertical_unit", "channel"],
         "data.vertical: 2 ranks, but samples shaped (1, 8, 8) have only 1 channel(s)",
+    ),
+    "pipeline deeper than the model": (
+        [
+            "--nproc",
+            "3",
+            "--parallel.pp",
+            "3",
+            "--parallel.microbatches",
+            "4",
+            "--model.name",
+            "mlp",
+            "--model.hidden",
+            "16",
+        ],
+        "parallel.pp: 3 stages, but the model has only 2 layers with parameters",
+    ),
+    "1f1b with too few micro-batches": (
+        ["--parallel.pp", "2", "--parallel.microbatches", "1"],
+        "parallel.microbatches: 1f1b needs at least one micro-batch per stage: 1 < parallel.pp=2",
+    ),
+    "micro-batches do not divide the batch": (
+        ["--parallel.pp", "2", "--parallel.microbatches", "5"],
+        "train.batch_size: 64 is not divisible by parallel.dp=1 x parallel.microbatches=5",
+    ),
+    "image too small for the bands": (
+        ["--nproc", "3", "--parallel.spatial", "3", "--model.name", "resnet", "--model.channels", "16,32,32"],
+        "parallel.spatial: 3 bands, but features.5.conv1 gives 2 rows, fewer than one per band",
     ),
     "tp wider than a layer": (
         ["--parallel.tp", "2", "--model.name", "mlp", "--model.hidden", "1"],

@@ -52,9 +52,11 @@ def test_tensor_parallel_plan_pairs_and_refusals():
 def test_topology_grid_and_refusals():
     dims = ParallelDims.resolve(_parallel(tp=2), 8, vertical=2)
     assert (dims.dp, dims.vertical, dims.tp) == (2, 2, 2) and dims.layout == "dp=2 x vertical=2 x tp=2"
-    assert dims.coords(5) == {"dp": 1, "pp": 0, "vertical": 0, "tp": 1}
+    assert dims.coords(5) == {"dp": 1, "pp": 0, "spatial": 0, "vertical": 0, "tp": 1}
     assert dims.peers(5, "tp") == [4, 5] and dims.peers(5, "vertical") == [5, 7] and dims.peers(5, "dp") == [1, 5]
-    with pytest.raises(ShardwiseError, match=r"dp=3 x pp=1 x tp=2 x vertical=1 = 6 does not equal the world size 4"):
+    with pytest.raises(
+        ShardwiseError, match=r"dp=3 x pp=1 x spatial=1 x tp=2 x vertical=1 = 6 does not equal the world size 4"
+    ):
         ParallelDims.resolve(_parallel(dp=3, tp=2), 4)
 
 

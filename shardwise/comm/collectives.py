@@ -61,19 +61,34 @@ class _ReduceFromGroup(torch.autograd.Function):
 
 
 class _GatherFromGroup(torch.autograd.Function):
-    """Forward: all-gather the members' slices along the last dimension.
+    """Forward: all-gather the members' slices along dimension `dim`.
     Backward: keep this member's slice of the gradient (the gradient of the
     gathered tensor is the same on every member)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, sizes: list[int], group: dist.ProcessGroup) -> Tensor:
-        ctx.rank, ctx.sizes = dist.get_rank(group), sizes
-        return torch.cat(all_gather_uneven(x, sizes, dim=-1, group=group), dim=-1)
+    def forward(ctx, x: Tensor, sizes: list[int], group: dist.ProcessGroup, dim: int) -> Tensor:
+        ctx.rank, ctx.sizes, ctx.dim = dist.get_rank(group), sizes, dim
+        return torch.cat(all_gather_uneven(x, sizes, dim=dim, group=group), dim=dim)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         start = sum(ctx.sizes[: ctx.rank])
-        return grad.narrow(-1, start, ctx.sizes[ctx.rank]).contiguous(), None, None
+        return grad.narrow(ctx.dim, start, ctx.sizes[ctx.rank]).contiguous(), None, None, None
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """Forward: all-reduce (sum). Backward: all-reduce (sum) as well: for a statistic
+    (e.g. a norm's mean over a feature map cut into bands) that every member then
+    uses on its own part, each member's gradient holds only its part's share."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return _all_reduce(grad, ctx.group), None
 
 
 def copy_to_group(x: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -84,5 +99,9 @@ def reduce_from_group(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     return _ReduceFromGroup.apply(x, group)
 
 
-def gather_from_group(x: Tensor, sizes: list[int], group: dist.ProcessGroup) -> Tensor:
-    return _GatherFromGroup.apply(x, sizes, group)
+def gather_from_group(x: Tensor, sizes: list[int], group: dist.ProcessGroup, dim: int = -1) -> Tensor:
+    return _GatherFromGroup.apply(x, sizes, group, dim)
+
+
+def sum_over_group(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    return _SumOverGroup.apply(x, group)

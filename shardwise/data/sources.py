@@ -16,6 +16,7 @@ vertical group (`reduce_stats`), never by reading other ranks' columns.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zipfile
 from collections.abc import Callable
@@ -46,6 +47,15 @@ class Dataset:
     num_classes: int
     in_shape: tuple[int, ...]
     features: np.ndarray | None = None
+
+
+def take_rows(dataset: Dataset, start: int, end: int) -> Dataset:
+    """Only rows [start, end) of every image (a spatial rank's band)."""
+    return dataclasses.replace(
+        dataset,
+        x_train=np.ascontiguousarray(dataset.x_train[:, :, start:end]),
+        x_val=np.ascontiguousarray(dataset.x_val[:, :, start:end]),
+    )
 
 
 def local_shape(features: np.ndarray | None, in_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -85,7 +85,7 @@ def choose_cut(costs: list[float], stages: int) -> list[int]:
     as possible; every stage gets at least one layer."""
     n = len(costs)
     if stages > n:
-        raise ShardwiseError("parallel.pp", f"={stages} stages, but the model has only {n} layers")
+        raise ShardwiseError("parallel.pp", f"{stages} stages, but the model has only {n} layers")
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
@@ -131,6 +131,7 @@ def describe_cut(costs: list[LayerCost], cut: list[int]) -> list[dict]:
         rows.append(
             {
                 "stage": k,
+                "first_layer": lo,
                 "layers": f"{part[0].name} .. {part[-1].name}" if len(part) > 1 else part[0].name,
                 "num_layers": len(part),
                 "time_share": sum(c.time_s for c in part) / total_time,
@@ -169,7 +170,7 @@ def plan_pipeline(
     units = layer_units(model)
     if stages > len(units):
         raise ShardwiseError(
-            "parallel.pp", f"={stages} stages, but the model has only {len(units)} layers with parameters"
+            "parallel.pp", f"{stages} stages, but the model has only {len(units)} layers with parameters"
         )
     unit_cut = choose_cut([sum(costs[i].time_s for i in u) for u in units], stages)
     return agree_on_cut([units[k][0] for k in unit_cut], group), costs

@@ -1,0 +1,221 @@
+"""Spatial partitioning: every feature map of the conv stack cut into bands of rows.
+
+Each rank of the spatial group holds a band of rows of the input image and of
+every feature map after it (`comm.halo.bands`: heights may differ by one).
+Before each convolution or pooling window the neighbours exchange exactly the
+halo rows the window needs (`comm.halo`), so each rank computes its band of
+the output as the whole layer would. Weights are the same on every rank; each
+band contributes its share of their gradient, summed over the group by
+`copy_to_group` (identity forward, all-reduce backward). Normalisation
+statistics are sums over the group. The bands are gathered only where the
+fully-connected head begins (flatten) or reduced by global average pooling;
+the head then runs whole on every rank.
+
+Applied from outside to a model's `features`: Conv2d (any kernel, stride,
+zero padding; dilation 1), MaxPool2d/AvgPool2d, GroupNorm, BatchNorm2d,
+AdaptiveAvgPool2d(1) and Flatten are replaced; everything else there must act
+on each pixel alone (activations, identity).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from shardwise.comm.collectives import copy_to_group, gather_from_group, reduce_from_group, sum_over_group
+from shardwise.comm.halo import HaloPlan, bands, with_halo
+from shardwise.errors import ShardwiseError
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def window_plan(height: int, kernel: int, stride: int, padding: int, group, layer: str) -> HaloPlan:
+    out_height = (height + 2 * padding - kernel) // stride + 1
+    plan = HaloPlan(height, out_height, kernel, stride, padding, dist.get_world_size(group), dist.get_rank(group))
+    plan.check(layer)
+    return plan
+
+
+class SpatialConv2d(nn.Module):
+    def __init__(self, full: nn.Conv2d, height: int, group: dist.ProcessGroup, name: str):
+        super().__init__()
+        if _pair(full.dilation) != (1, 1) or full.padding_mode != "zeros" or isinstance(full.padding, str):
+            raise ShardwiseError("parallel.spatial", f"{name}: only zero padding given in pixels, dilation 1")
+        self.group, self.groups = group, full.groups
+        (kh, _), (sh, sw), (ph, pw) = _pair(full.kernel_size), _pair(full.stride), _pair(full.padding)
+        self.stride, self.width_padding = (sh, sw), pw
+        self.plan = window_plan(height, kh, sh, ph, group, name)
+        self.weight = nn.Parameter(full.weight.detach().clone())
+        self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = with_halo(x, self.plan, self.group)
+        w = copy_to_group(self.weight, self.group)
+        b = copy_to_group(self.bias, self.group) if self.bias is not None else None
+        return F.conv2d(rows, w, b, self.stride, (0, self.width_padding), 1, self.groups)
+
+
+class SpatialPool2d(nn.Module):
+    def __init__(self, full: nn.MaxPool2d | nn.AvgPool2d, height: int, group: dist.ProcessGroup, name: str):
+        super().__init__()
+        self.is_max = isinstance(full, nn.MaxPool2d)
+        if full.ceil_mode or (self.is_max and _pair(full.dilation) != (1, 1)):
+            raise ShardwiseError("parallel.spatial", f"{name}: pooling with ceil_mode or dilation is not supported")
+        if not self.is_max and (not full.count_include_pad or full.divisor_override):
+            raise ShardwiseError("parallel.spatial", f"{name}: average pooling must count the padding")
+        self.group = group
+        self.kernel, self.stride = _pair(full.kernel_size), _pair(full.stride or full.kernel_size)
+        ph, self.width_padding = _pair(full.padding)
+        self.plan = window_plan(height, self.kernel[0], self.stride[0], ph, group, name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pad_value = float("-inf") if self.is_max else 0.0
+        rows = with_halo(x, self.plan, self.group, pad_value=pad_value)
+        pool = F.max_pool2d if self.is_max else F.avg_pool2d
+        return pool(rows, self.kernel, self.stride, (0, self.width_padding))
+
+
+def _mean_over(x: Tensor, dims: tuple[int, ...], count: int, group: dist.ProcessGroup) -> Tensor:
+    return sum_over_group(x.sum(dim=dims, keepdim=True), group) / count
+
+
+class SpatialGroupNorm(nn.Module):
+    """GroupNorm whose mean and variance (per sample and group) cover every band."""
+
+    def __init__(self, full: nn.GroupNorm, height: int, group: dist.ProcessGroup):
+        super().__init__()
+        self.group, self.num_groups, self.eps, self.height = group, full.num_groups, full.eps, height
+        self.weight = nn.Parameter(full.weight.detach().clone()) if full.affine else None
+        self.bias = nn.Parameter(full.bias.detach().clone()) if full.affine else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        g = x.reshape(n, self.num_groups, c // self.num_groups, h, w)
+        count = (c // self.num_groups) * self.height * w
+        mean = _mean_over(g, (2, 3, 4), count, self.group)
+        var = _mean_over((g - mean) ** 2, (2, 3, 4), count, self.group)  # two passes, as torch does
+        y = ((g - mean) / torch.sqrt(var + self.eps)).reshape(n, c, h, w)
+        if self.weight is not None:
+            y = y * copy_to_group(self.weight, self.group)[:, None, None]
+            y = y + copy_to_group(self.bias, self.group)[:, None, None]
+        return y
+
+
+class SpatialBatchNorm2d(nn.Module):
+    """BatchNorm2d whose batch statistics (per channel) cover every band; running
+    statistics are updated with the whole map's, so every rank keeps the same."""
+
+    def __init__(self, full: nn.BatchNorm2d, height: int, group: dist.ProcessGroup):
+        super().__init__()
+        self.group, self.eps, self.momentum, self.height = group, full.eps, full.momentum, height
+        self.weight = nn.Parameter(full.weight.detach().clone()) if full.affine else None
+        self.bias = nn.Parameter(full.bias.detach().clone()) if full.affine else None
+        self.register_buffer("running_mean", full.running_mean.detach().clone())
+        self.register_buffer("running_var", full.running_var.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        if self.training:
+            count = n * self.height * w
+            mean = _mean_over(x, (0, 2, 3), count, self.group)
+            var = _mean_over((x - mean) ** 2, (0, 2, 3), count, self.group)
+            with torch.no_grad():
+                m = self.momentum
+                self.running_mean.mul_(1 - m).add_(m * mean.reshape(c))
+                self.running_var.mul_(1 - m).add_(m * var.reshape(c) * count / max(count - 1, 1))
+        else:
+            mean, var = self.running_mean.reshape(1, c, 1, 1), self.running_var.reshape(1, c, 1, 1)
+        y = (x - mean) / torch.sqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * copy_to_group(self.weight, self.group)[:, None, None]
+            y = y + copy_to_group(self.bias, self.group)[:, None, None]
+        return y
+
+
+class GlobalAvgPool(nn.Module):
+    """AdaptiveAvgPool2d(1) over all bands: the result is whole on every rank."""
+
+    def __init__(self, height: int, group: dist.ProcessGroup):
+        super().__init__()
+        self.height, self.group = height, group
+
+    def forward(self, x: Tensor) -> Tensor:
+        total = reduce_from_group(x.sum(dim=(2, 3), keepdim=True), self.group)
+        return total / (self.height * x.shape[3])
+
+
+class GatherRows(nn.Module):
+    """The whole feature map on every rank, where the fully-connected head begins."""
+
+    def __init__(self, height: int, group: dist.ProcessGroup, then: nn.Module):
+        super().__init__()
+        self.sizes = [b - a for a, b in bands(height, dist.get_world_size(group))]
+        self.group, self.then = group, then
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.then(gather_from_group(x, self.sizes, self.group, dim=2))
+
+
+ELEMENTWISE = (nn.ReLU, nn.Identity, nn.Sequential)
+
+
+def _input_heights(features: nn.Module, in_shape: tuple[int, int, int]) -> dict[str, int]:
+    """The height of the map each module of `features` receives (a pass on zeros)."""
+    heights: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(_module, args) -> None:  # returns None: the input stays as it is
+            heights.setdefault(name, args[0].shape[-2])
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in features.named_modules()]
+    device = next((p.device for p in features.parameters()), torch.device("cpu"))
+    was_training = features.training
+    features.eval()  # the tracing pass must not move batch-norm statistics
+    with torch.no_grad():
+        features(torch.zeros(1, *in_shape, device=device))
+    features.train(was_training)
+    for h in hooks:
+        h.remove()
+    return heights
+
+
+def apply_spatial(
+    model: nn.Module, *, group: dist.ProcessGroup | None, in_shape: tuple[int, ...], check_convolution: bool = True
+) -> None:
+    """Cut every feature map of `model.features` into bands of rows across `group`, in place.
+    (`check_convolution=False` lets a stack without convolutions through, for tests of single layers.)"""
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.features.modules())
+    if len(in_shape) != 3 or (check_convolution and not has_conv):
+        raise ShardwiseError("parallel.spatial", "needs a convolutional model (convnet or resnet) on images")
+    heights = _input_heights(model.features, in_shape)
+    replacements: dict[str, nn.Module] = {}
+    for name, m in model.features.named_modules():
+        where, h = f"features.{name}", heights.get(name)
+        if isinstance(m, nn.Conv2d):
+            replacements[name] = SpatialConv2d(m, h, group, where)
+        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+            replacements[name] = SpatialPool2d(m, h, group, where)
+        elif isinstance(m, nn.GroupNorm):
+            replacements[name] = SpatialGroupNorm(m, h, group)
+        elif isinstance(m, nn.BatchNorm2d):
+            replacements[name] = SpatialBatchNorm2d(m, h, group)
+        elif isinstance(m, nn.AdaptiveAvgPool2d):
+            if _pair(m.output_size) != (1, 1):
+                raise ShardwiseError("parallel.spatial", f"{where}: only global average pooling (output 1)")
+            replacements[name] = GlobalAvgPool(h, group)
+        elif isinstance(m, nn.Flatten):
+            if h is not None and h > 1:  # a one-row map was pooled whole already (GlobalAvgPool)
+                replacements[name] = GatherRows(h, group, m)
+        elif not list(m.children()) and not isinstance(m, ELEMENTWISE):
+            raise ShardwiseError("parallel.spatial", f"{where}: {type(m).__name__} is not supported on bands")
+    for name, new in replacements.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.features.get_submodule(parent) if parent else model.features, child, new)
