@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(BIN)/shardwise bench ddp
 	$(BIN)/shardwise bench tp
 	$(BIN)/shardwise bench pp
+	$(BIN)/shardwise bench spatial
 	$(BIN)/shardwise bench shard
 
 lint: $(STAMP)

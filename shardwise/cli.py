@@ -84,6 +84,11 @@ def build_parser() -> OneLineParser:
     pp.add_argument("--repeats", type=int, default=5, help="runs of each side, rotated (default: 5)")
     pp.add_argument("--steps", type=int, default=30, help="steps per run (default: 30)")
     pp.add_argument("--hidden", default="2048,2048,2048", help="hidden widths (default: 2048,2048,2048)")
+    spatial = scenarios.add_parser("spatial", help="spatial bands vs one process on a large image: time and memory")
+    spatial.add_argument("--nproc", type=int, default=2, help="bands (default: 2)")
+    spatial.add_argument("--size", type=int, default=1024, help="image height and width (default: 1024)")
+    spatial.add_argument("--repeats", type=int, default=5, help="runs of each side, rotated (default: 5)")
+    spatial.add_argument("--steps", type=int, default=5, help="steps per run (default: 5)")
     shard = scenarios.add_parser("shard", help="bytes per rank with sharded parameters / optimizer, N = 1, 2, 4")
     shard.add_argument("--sizes", default="1,2,4", help="data-parallel degrees (default: 1,2,4)")
     shard.add_argument("--hidden", default="2048,2048", help="hidden widths (default: 2048,2048)")
@@ -125,6 +130,10 @@ def _bench(args: argparse.Namespace) -> int:
             steps=args.steps,
             hidden=args.hidden,
         )
+    if args.scenario == "spatial":
+        from shardwise.bench.spatial import main as bench_spatial
+
+        return bench_spatial(nproc=args.nproc, size=args.size, repeats=args.repeats, steps=args.steps)
     from shardwise.bench.shard import main as bench_shard
 
     sizes = [int(n) for n in args.sizes.split(",")]

@@ -76,21 +76,6 @@ class _GatherFromGroup(torch.autograd.Function):
         return grad.narrow(ctx.dim, start, ctx.sizes[ctx.rank]).contiguous(), None, None, None
 
 
-class _SumOverGroup(torch.autograd.Function):
-    """Forward: all-reduce (sum). Backward: all-reduce (sum) as well: for a statistic
-    (e.g. a norm's mean over a feature map cut into bands) that every member then
-    uses on its own part, each member's gradient holds only its part's share."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
-        ctx.group = group
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _all_reduce(grad, ctx.group), None
-
-
 def copy_to_group(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     return _CopyToGroup.apply(x, group)
 
@@ -101,7 +86,3 @@ def reduce_from_group(x: Tensor, group: dist.ProcessGroup) -> Tensor:
 
 def gather_from_group(x: Tensor, sizes: list[int], group: dist.ProcessGroup, dim: int = -1) -> Tensor:
     return _GatherFromGroup.apply(x, sizes, group, dim)
-
-
-def sum_over_group(x: Tensor, group: dist.ProcessGroup) -> Tensor:
-    return _SumOverGroup.apply(x, group)

@@ -96,6 +96,70 @@ def _exchange(pieces: dict[int, Tensor], wanted: dict[int, tuple], group: dist.P
     return received
 
 
+def gather_halo(x: Tensor, plan: HaloPlan, group: dist.ProcessGroup) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The rows this rank's window needs, without padding: (rows, received top, received bottom)."""
+    own0, _ = bands(plan.height, plan.parts)[plan.rank]
+    send, recv = {}, {}
+    for peer in (plan.rank - 1, plan.rank + 1):
+        if 0 <= peer < plan.parts:
+            s0, s1 = plan.rows_between(peer, plan.rank)
+            if s0 < s1:
+                send[peer] = x[:, :, s0 - own0 : s1 - own0]
+            r0, r1 = plan.rows_between(plan.rank, peer)
+            if r0 < r1:
+                recv[peer] = (x.shape[0], x.shape[1], r1 - r0, x.shape[3])
+    got = _exchange(send, recv, group, x)
+    return (
+        assemble(x, plan, got.get(plan.rank - 1), got.get(plan.rank + 1)),
+        got.get(plan.rank - 1),
+        got.get(plan.rank + 1),
+    )
+
+
+def assemble(x: Tensor, plan: HaloPlan, top: Tensor | None, bottom: Tensor | None) -> Tensor:
+    """Own rows that the window needs, between the halo rows received from above and below."""
+    own0, _ = bands(plan.height, plan.parts)[plan.rank]
+    m0, m1 = plan.rows_between(plan.rank, plan.rank)
+    parts = [t for t in (top,) if t is not None]
+    if m0 < m1:
+        parts.append(x[:, :, m0 - own0 : m1 - own0])
+    parts += [t for t in (bottom,) if t is not None]
+    return torch.cat(parts, dim=2) if parts else x.new_empty(x.shape[0], x.shape[1], 0, x.shape[3])
+
+
+def scatter_halo_grad(grad: Tensor, plan: HaloPlan, group: dist.ProcessGroup, shape: torch.Size) -> Tensor:
+    """The gradient of this rank's own rows, from the gradient of the rows its window
+    used: the halo part goes back to its owners, and theirs for the rows sent comes back."""
+    own0, _ = bands(plan.height, plan.parts)[plan.rank]
+    a, _ = plan.clamped(plan.rank)
+    grad_x = grad.new_zeros(shape)
+    send, recv = {}, {}
+    for peer in (plan.rank - 1, plan.rank + 1):
+        if 0 <= peer < plan.parts:
+            r0, r1 = plan.rows_between(plan.rank, peer)  # rows received from peer: their gradient goes back
+            if r0 < r1:
+                send[peer] = grad[:, :, r0 - a : r1 - a]
+            s0, s1 = plan.rows_between(peer, plan.rank)  # rows sent to peer: their gradient comes back
+            if s0 < s1:
+                recv[peer] = (shape[0], shape[1], s1 - s0, shape[3])
+    got = _exchange(send, recv, group, grad)
+    m0, m1 = plan.rows_between(plan.rank, plan.rank)
+    if m0 < m1:
+        grad_x[:, :, m0 - own0 : m1 - own0] += grad[:, :, m0 - a : m1 - a]
+    for peer, g in got.items():
+        s0, s1 = plan.rows_between(peer, plan.rank)
+        grad_x[:, :, s0 - own0 : s1 - own0] += g
+    return grad_x
+
+
+def edge_padding(plan: HaloPlan) -> tuple[int, int]:
+    """Rows of padding above and below where the window hangs over the image's edge."""
+    a, b = plan.need(plan.rank)
+    if a >= b:
+        return 0, 0
+    return max(0, -a), max(0, b - plan.height)
+
+
 class _HaloExchange(torch.autograd.Function):
     """Forward: this rank's band plus the halo rows received from its neighbours,
     cut to exactly the rows its window needs. Backward: the halo rows' gradient
@@ -104,60 +168,18 @@ class _HaloExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, plan: HaloPlan, group: dist.ProcessGroup) -> Tensor:
         ctx.plan, ctx.group, ctx.shape = plan, group, x.shape
-        own0, _ = bands(plan.height, plan.parts)[plan.rank]
-        a, b = plan.clamped(plan.rank)
-        send, recv = {}, {}
-        for peer in (plan.rank - 1, plan.rank + 1):
-            if 0 <= peer < plan.parts:
-                s0, s1 = plan.rows_between(peer, plan.rank)
-                if s0 < s1:
-                    send[peer] = x[:, :, s0 - own0 : s1 - own0]
-                r0, r1 = plan.rows_between(plan.rank, peer)
-                if r0 < r1:
-                    recv[peer] = (x.shape[0], x.shape[1], r1 - r0, x.shape[3])
-        got = _exchange(send, recv, group, x)
-        m0, m1 = plan.rows_between(plan.rank, plan.rank)
-        parts = [got[p] for p in (plan.rank - 1,) if p in got]
-        if m0 < m1:
-            parts.append(x[:, :, m0 - own0 : m1 - own0])
-        parts += [got[p] for p in (plan.rank + 1,) if p in got]
-        out = torch.cat(parts, dim=2) if parts else x.new_empty(x.shape[0], x.shape[1], 0, x.shape[3])
-        assert out.shape[2] == max(b - a, 0), "halo rows do not add up"
-        return out
+        return gather_halo(x, plan, group)[0]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        plan, group = ctx.plan, ctx.group
-        own0, _ = bands(plan.height, plan.parts)[plan.rank]
-        a, _ = plan.clamped(plan.rank)
-        grad_x = grad.new_zeros(ctx.shape)
-        send, recv = {}, {}
-        for peer in (plan.rank - 1, plan.rank + 1):
-            if 0 <= peer < plan.parts:
-                r0, r1 = plan.rows_between(plan.rank, peer)  # rows I received from peer: their gradient goes back
-                if r0 < r1:
-                    send[peer] = grad[:, :, r0 - a : r1 - a]
-                s0, s1 = plan.rows_between(peer, plan.rank)  # rows I sent to peer: their gradient comes back
-                if s0 < s1:
-                    recv[peer] = (ctx.shape[0], ctx.shape[1], s1 - s0, ctx.shape[3])
-        got = _exchange(send, recv, group, grad)
-        m0, m1 = plan.rows_between(plan.rank, plan.rank)
-        if m0 < m1:
-            grad_x[:, :, m0 - own0 : m1 - own0] += grad[:, :, m0 - a : m1 - a]
-        for peer, g in got.items():
-            s0, s1 = plan.rows_between(peer, plan.rank)
-            grad_x[:, :, s0 - own0 : s1 - own0] += g
-        return grad_x, None, None
+        return scatter_halo_grad(grad, ctx.plan, ctx.group, ctx.shape), None, None
 
 
 def with_halo(x: Tensor, plan: HaloPlan, group: dist.ProcessGroup, *, pad_value: float = 0.0) -> Tensor:
     """The rows behind this rank's output band: own rows, neighbours' halo rows, and
     `pad_value` rows where the window hangs over the image's top or bottom edge."""
     rows = _HaloExchange.apply(x, plan, group)
-    a, b = plan.need(plan.rank)
-    top, bottom = max(0, -a), max(0, b - plan.height)
-    if a >= b:
-        return rows
+    top, bottom = edge_padding(plan)
     if top or bottom:
         rows = F.pad(rows, (0, 0, top, bottom), value=pad_value)
     return rows

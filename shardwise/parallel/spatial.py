@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shardwise.comm.collectives import copy_to_group, gather_from_group, reduce_from_group, sum_over_group
-from shardwise.comm.halo import HaloPlan, bands, with_halo
+from shardwise.comm.collectives import copy_to_group, gather_from_group, reduce_from_group
+from shardwise.comm.halo import HaloPlan, assemble, bands, edge_padding, gather_halo, scatter_halo_grad, with_halo
 from shardwise.errors import ShardwiseError
 
 
@@ -38,6 +38,42 @@ def window_plan(height: int, kernel: int, stride: int, padding: int, group, laye
     plan = HaloPlan(height, out_height, kernel, stride, padding, dist.get_world_size(group), dist.get_rank(group))
     plan.check(layer)
     return plan
+
+
+class _HaloConv2d(torch.autograd.Function):
+    """A convolution of this rank's band with its halo rows, keeping for the backward
+    pass only the band (which the previous layer keeps anyway) and the few halo
+    rows, not a second copy of the band with the halo attached.
+
+    Forward: exchange the halo, convolve. Backward: rebuild the rows, take the
+    input and weight gradients (torch.nn.grad), send the halo rows' gradient back
+    to their owners."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan, group, stride, width_padding, groups):
+        rows, top, bottom = gather_halo(x, plan, group)
+        above, below = edge_padding(plan)
+        rows = F.pad(rows, (0, 0, above, below)) if above or below else rows
+        ctx.save_for_backward(x, weight, *(t for t in (top, bottom) if t is not None))
+        ctx.has = (top is not None, bottom is not None)
+        ctx.plan, ctx.group, ctx.conv = plan, group, (stride, (0, width_padding), 1, groups)
+        ctx.has_bias = bias is not None
+        return F.conv2d(rows, weight, bias, *ctx.conv)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, *halo = ctx.saved_tensors
+        top = halo.pop(0) if ctx.has[0] else None
+        bottom = halo.pop(0) if ctx.has[1] else None
+        rows = assemble(x, ctx.plan, top, bottom)
+        above, below = edge_padding(ctx.plan)
+        padded = F.pad(rows, (0, 0, above, below)) if above or below else rows
+        grad_rows = torch.nn.grad.conv2d_input(padded.shape, weight, grad, *ctx.conv)
+        grad_weight = torch.nn.grad.conv2d_weight(padded, weight.shape, grad, *ctx.conv)
+        grad_bias = grad.sum(dim=(0, 2, 3)) if ctx.has_bias else None
+        grad_rows = grad_rows[:, :, above : grad_rows.shape[2] - below]
+        grad_x = scatter_halo_grad(grad_rows, ctx.plan, ctx.group, x.shape)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
 class SpatialConv2d(nn.Module):
@@ -53,10 +89,9 @@ class SpatialConv2d(nn.Module):
         self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = with_halo(x, self.plan, self.group)
-        w = copy_to_group(self.weight, self.group)
+        w = copy_to_group(self.weight, self.group)  # each band's share of the weight gradient, summed
         b = copy_to_group(self.bias, self.group) if self.bias is not None else None
-        return F.conv2d(rows, w, b, self.stride, (0, self.width_padding), 1, self.groups)
+        return _HaloConv2d.apply(x, w, b, self.plan, self.group, self.stride, self.width_padding, self.groups)
 
 
 class SpatialPool2d(nn.Module):
@@ -79,8 +114,44 @@ class SpatialPool2d(nn.Module):
         return pool(rows, self.kernel, self.stride, (0, self.width_padding))
 
 
-def _mean_over(x: Tensor, dims: tuple[int, ...], count: int, group: dist.ProcessGroup) -> Tensor:
-    return sum_over_group(x.sum(dim=dims, keepdim=True), group) / count
+class _BandNormalize(torch.autograd.Function):
+    """x_hat = (x - mean) / sqrt(var + eps), mean and var over `dims` of every band.
+
+    Forward: two all-reduces (the sum, then the sum of squared deviations, as
+    torch's own norms compute them). Backward: the usual normalisation gradient,
+    dx = rstd (g - mean(g) - x_hat mean(g x_hat)), whose two means are again sums
+    over every band. Only x_hat and rstd are kept for the backward pass, as
+    torch's fused norms do."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dims: tuple[int, ...], count: int, eps: float, group: dist.ProcessGroup):
+        total = x.sum(dim=dims, keepdim=True)
+        dist.all_reduce(total, group=group)
+        mean = total / count
+        centred = x - mean
+        sq = (centred * centred).sum(dim=dims, keepdim=True)
+        dist.all_reduce(sq, group=group)
+        var = sq / count
+        rstd = torch.rsqrt(var + eps)
+        x_hat = centred.mul_(rstd)
+        ctx.save_for_backward(x_hat, rstd)
+        ctx.dims, ctx.count, ctx.group = dims, count, group
+        ctx.mark_non_differentiable(mean, var)
+        return x_hat, mean, var
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _mean, _var):
+        x_hat, rstd = ctx.saved_tensors
+        sums = torch.cat([grad.sum(dim=ctx.dims, keepdim=True), (grad * x_hat).sum(dim=ctx.dims, keepdim=True)])
+        dist.all_reduce(sums, group=ctx.group)
+        g_mean, gx_mean = (sums / ctx.count).chunk(2)
+        return rstd * (grad - g_mean - x_hat * gx_mean), None, None, None, None
+
+
+def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, group: dist.ProcessGroup) -> Tensor:
+    if weight is None:
+        return y
+    return y * copy_to_group(weight, group)[:, None, None] + copy_to_group(bias, group)[:, None, None]
 
 
 class SpatialGroupNorm(nn.Module):
@@ -96,13 +167,8 @@ class SpatialGroupNorm(nn.Module):
         n, c, h, w = x.shape
         g = x.reshape(n, self.num_groups, c // self.num_groups, h, w)
         count = (c // self.num_groups) * self.height * w
-        mean = _mean_over(g, (2, 3, 4), count, self.group)
-        var = _mean_over((g - mean) ** 2, (2, 3, 4), count, self.group)  # two passes, as torch does
-        y = ((g - mean) / torch.sqrt(var + self.eps)).reshape(n, c, h, w)
-        if self.weight is not None:
-            y = y * copy_to_group(self.weight, self.group)[:, None, None]
-            y = y + copy_to_group(self.bias, self.group)[:, None, None]
-        return y
+        y, _, _ = _BandNormalize.apply(g, (2, 3, 4), count, self.eps, self.group)
+        return _affine(y.reshape(n, c, h, w), self.weight, self.bias, self.group)
 
 
 class SpatialBatchNorm2d(nn.Module):
@@ -121,19 +187,15 @@ class SpatialBatchNorm2d(nn.Module):
         n, c, h, w = x.shape
         if self.training:
             count = n * self.height * w
-            mean = _mean_over(x, (0, 2, 3), count, self.group)
-            var = _mean_over((x - mean) ** 2, (0, 2, 3), count, self.group)
+            y, mean, var = _BandNormalize.apply(x, (0, 2, 3), count, self.eps, self.group)
             with torch.no_grad():
                 m = self.momentum
                 self.running_mean.mul_(1 - m).add_(m * mean.reshape(c))
                 self.running_var.mul_(1 - m).add_(m * var.reshape(c) * count / max(count - 1, 1))
         else:
             mean, var = self.running_mean.reshape(1, c, 1, 1), self.running_var.reshape(1, c, 1, 1)
-        y = (x - mean) / torch.sqrt(var + self.eps)
-        if self.weight is not None:
-            y = y * copy_to_group(self.weight, self.group)[:, None, None]
-            y = y + copy_to_group(self.bias, self.group)[:, None, None]
-        return y
+            y = (x - mean) * torch.rsqrt(var + self.eps)
+        return _affine(y, self.weight, self.bias, self.group)
 
 
 class GlobalAvgPool(nn.Module):
