@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/shardwise bench tp
 	$(BIN)/shardwise bench pp
 	$(BIN)/shardwise bench spatial
+	$(BIN)/shardwise bench ps
 	$(BIN)/shardwise bench shard
 
 lint: $(STAMP)

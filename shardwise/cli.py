@@ -89,6 +89,13 @@ def build_parser() -> OneLineParser:
     spatial.add_argument("--size", type=int, default=1024, help="image height and width (default: 1024)")
     spatial.add_argument("--repeats", type=int, default=5, help="runs of each side, rotated (default: 5)")
     spatial.add_argument("--steps", type=int, default=5, help="steps per run (default: 5)")
+    ps = scenarios.add_parser("ps", help="sync parameter server vs all-reduce; async vs sync with a straggler")
+    ps.add_argument("--workers", default="2,4", help="worker counts compared with all-reduce (default: 2,4)")
+    ps.add_argument("--repeats", type=int, default=3, help="runs of each side, rotated (default: 3)")
+    ps.add_argument("--steps", type=int, default=40, help="steps per run (default: 40)")
+    ps.add_argument("--hidden", default="1024,1024", help="hidden widths (default: 1024,1024)")
+    ps.add_argument("--slow-factor", type=float, default=2.0, help="the straggler's slowness (default: 2)")
+    ps.add_argument("--loose", type=int, default=8, help="the looser staleness bound tried (default: 8)")
     shard = scenarios.add_parser("shard", help="bytes per rank with sharded parameters / optimizer, N = 1, 2, 4")
     shard.add_argument("--sizes", default="1,2,4", help="data-parallel degrees (default: 1,2,4)")
     shard.add_argument("--hidden", default="2048,2048", help="hidden widths (default: 2048,2048)")
@@ -134,6 +141,17 @@ def _bench(args: argparse.Namespace) -> int:
         from shardwise.bench.spatial import main as bench_spatial
 
         return bench_spatial(nproc=args.nproc, size=args.size, repeats=args.repeats, steps=args.steps)
+    if args.scenario == "ps":
+        from shardwise.bench.ps import main as bench_ps
+
+        return bench_ps(
+            workers=[int(n) for n in args.workers.split(",")],
+            repeats=args.repeats,
+            steps=args.steps,
+            hidden=args.hidden,
+            slow_factor=args.slow_factor,
+            loose=args.loose,
+        )
     from shardwise.bench.shard import main as bench_shard
 
     sizes = [int(n) for n in args.sizes.split(",")]

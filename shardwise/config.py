@@ -95,6 +95,10 @@ class ParallelConfig:
     shard: Literal["none", "optimizer", "full"] = "none"
     """Sharding across data-parallel ranks: none (DDP), optimizer (optimizer state only,
     ZeRO-1) or full (parameters, gradients and optimizer state, FSDP2)."""
+    mode: Literal["allreduce", "ps"] = "allreduce"
+    """How data-parallel ranks agree on the weights: allreduce (peers average their gradients)
+    or ps (a parameter server: workers push gradients to server ranks, which own the weights
+    and the optimizer, and pull fresh weights back; see the ps section)."""
 
 
 @dataclass
@@ -134,6 +138,26 @@ class TrainConfig:
 
 
 @dataclass
+class PsConfig:
+    servers: int = 1
+    """Parameter server (parallel.mode=ps): the first this many ranks are servers, each owning
+    an equal slice of the flattened parameters and its optimizer state; the rest are workers."""
+    asynchronous: bool = False
+    """Servers apply each worker's gradient as it arrives instead of waiting for all workers
+    of a step; a worker's pull waits only as far as ps.staleness demands."""
+    staleness: int = 0
+    """Asynchronous mode: a worker may start step t only when every live worker has pushed
+    step t - staleness - 1, i.e. it runs at most this many steps ahead of the slowest
+    (0: lock-step, the synchronous schedule)."""
+    slow_worker: int = -1
+    """Test and benchmark aid: the rank of a worker made ps.slow_factor times slower on every
+    step (-1: each step a different worker, drawn with train.seed)."""
+    slow_factor: float = 1.0
+    """Test and benchmark aid: the chosen worker sleeps (factor - 1) x its compute time after
+    each step's backward (1: no straggler)."""
+
+
+@dataclass
 class RunConfig:
     out: str = ""
     """Output folder (default: a new folder under runs/)."""
@@ -150,6 +174,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ps: PsConfig = field(default_factory=PsConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -305,6 +330,16 @@ def validate(cfg: Config) -> None:
     if cfg.parallel.microbatches is not None:
         positive("parallel.microbatches", cfg.parallel.microbatches)
     positive("data.vertical", d.vertical)
+    ps = cfg.ps
+    positive("ps.servers", ps.servers)
+    if ps.staleness < 0:
+        raise ShardwiseError("ps.staleness", f"must be >= 0, got {ps.staleness}")
+    if ps.slow_factor < 1.0:
+        raise ShardwiseError("ps.slow_factor", f"must be >= 1 (a factor of slowness), got {ps.slow_factor}")
+    if ps.staleness > 0 and not ps.asynchronous:
+        raise ShardwiseError(
+            "ps.staleness", f"={ps.staleness} needs ps.asynchronous=true (synchronous workers are never ahead)"
+        )
     if any(c < 0 for c in d.feature_cost):
         raise ShardwiseError("data.feature_cost", f"costs must be >= 0, got {min(d.feature_cost)}")
     if d.feature_cost and d.vertical_split != "balanced":

@@ -50,7 +50,7 @@ def free_port() -> int:
 
 def preflight(cfg: Config, nproc: int) -> ParallelDims:
     """Every check that needs no worker: layout, batch split, data paths."""
-    dims = ParallelDims.resolve(cfg.parallel, nproc, vertical=cfg.data.vertical)
+    dims = ParallelDims.resolve(cfg.parallel, nproc, vertical=cfg.data.vertical, ps_servers=cfg.ps.servers)
     check_batch_layout(
         global_batch=cfg.train.batch_size,
         grad_accum=cfg.train.grad_accum,
@@ -60,7 +60,19 @@ def preflight(cfg: Config, nproc: int) -> ParallelDims:
     )
     check_source(cfg.data)
     vertical_parts(cfg.data)
+    ps = cfg.ps
+    if dims.servers and ps.slow_factor > 1.0 and not (ps.slow_worker == -1 or dims.servers <= ps.slow_worker < nproc):
+        raise ShardwiseError(
+            "ps.slow_worker", f"={ps.slow_worker}: not a worker, those are ranks {dims.servers} to {nproc - 1}"
+        )
     return dims
+
+
+def expendable_ranks(cfg: Config, dims: ParallelDims) -> set[int]:
+    """Ranks whose loss the job survives: the workers of an asynchronous parameter server."""
+    if dims.servers and cfg.ps.asynchronous:
+        return set(range(dims.servers, dims.world_size))
+    return set()
 
 
 def prepare_out_dir(out: Path) -> None:
@@ -110,20 +122,34 @@ def _origin(failures: list[RankFailure]) -> RankFailure:
     return origin
 
 
-def supervise(procs: list[subprocess.Popen], error_files: list[Path]) -> RankFailure | None:
-    """Wait for all ranks; at the first failure stop the rest and return it."""
+def supervise(
+    procs: list[subprocess.Popen], error_files: list[Path], expendable: set[int] | None = None
+) -> RankFailure | None:
+    """Wait for all ranks; at the first failure stop the rest and return it. An
+    `expendable` rank that fails is reported in a line and the others go on."""
+    survived: set[int] = set()
     while True:
         codes = [p.poll() for p in procs]
-        failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+        failed = [r for r, c in enumerate(codes) if c not in (None, 0) and r not in survived]
         if failed:
             # the cause may have died a moment before its fallout: let both be seen
             time.sleep(SETTLE_S)
             codes = [p.poll() for p in procs]
-            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+            failed = [r for r, c in enumerate(codes) if c not in (None, 0) and r not in survived]
+            if set(failed) <= (expendable or set()):
+                for r in failed:
+                    lost = _origin([RankFailure(r, codes[r], *_read_error(error_files[r]))])
+                    print(
+                        f"shardwise: rank {r} (a worker) failed (exit {lost.exit_code}): {lost.message}; "
+                        "the servers carry on without it",
+                        file=sys.stderr,
+                    )
+                survived.update(failed)
+                continue
             _stop(procs)
             failures = [RankFailure(r, codes[r], *_read_error(error_files[r])) for r in failed]
             return _origin(failures)
-        if all(c == 0 for c in codes):
+        if all(c == 0 or r in survived for r, c in enumerate(codes)):
             return None
         time.sleep(POLL_S)
 
@@ -136,7 +162,7 @@ def launch(cfg: Config, *, nproc: int, out: Path) -> int:
     """Run the job on `nproc` local workers; returns the exit status."""
     launch_time = time.time()
     signal.signal(signal.SIGTERM, _terminate)
-    preflight(cfg, nproc)
+    dims = preflight(cfg, nproc)
     prepare_out_dir(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +195,7 @@ def launch(cfg: Config, *, nproc: int, out: Path) -> int:
                 "SHARDWISE_LAUNCH_TIME": repr(launch_time),
             }
             procs.append(subprocess.Popen([sys.executable, "-m", "shardwise.worker", str(config_path)], env=env))
-        failure = supervise(procs, error_files)
+        failure = supervise(procs, error_files, expendable_ranks(cfg, dims))
     except KeyboardInterrupt:
         _stop(procs)
         print(f"shardwise: interrupted; all {nproc} ranks stopped", file=sys.stderr)

@@ -10,6 +10,9 @@ axis varying fastest: tensor-parallel peers, which talk on every layer, get
 neighbouring ranks (the same machine under torchrun's numbering), pipeline
 neighbours exchange one activation per micro-batch, and data-parallel peers,
 which talk once per step, are the farthest.
+
+With a parameter server (parallel.mode=ps) the first `servers` ranks are the
+servers and the grid holds the workers only: worker i is rank servers + i.
 """
 
 from __future__ import annotations
@@ -39,11 +42,14 @@ class ParallelDims:
     pp: int = 1
     microbatches: int = 1
     spatial: int = 1
+    servers: int = 0  # parameter-server ranks, before the grid of workers
 
     @classmethod
-    def resolve(cls, cfg: ParallelConfig, world_size: int, *, vertical: int = 1) -> ParallelDims:
+    def resolve(cls, cfg: ParallelConfig, world_size: int, *, vertical: int = 1, ps_servers: int = 1) -> ParallelDims:
         if world_size < 1:
             raise ShardwiseError("nproc", f"must be at least 1, got {world_size}")
+        if cfg.mode == "ps":
+            return cls._resolve_ps(cfg, world_size, vertical=vertical, servers=ps_servers)
         for key, value in (("parallel.tp", cfg.tp), ("data.vertical", vertical)):
             if value < 1:
                 raise ShardwiseError(key, f"must be at least 1, got {value}")
@@ -104,6 +110,27 @@ class ParallelDims:
             spatial=cfg.spatial,
         )
 
+    @classmethod
+    def _resolve_ps(cls, cfg: ParallelConfig, world_size: int, *, vertical: int, servers: int) -> ParallelDims:
+        others = {"parallel.tp": cfg.tp, "parallel.pp": cfg.pp, "parallel.spatial": cfg.spatial}
+        for key, value in {**others, "data.vertical": vertical}.items():
+            if value > 1:
+                raise ShardwiseError(key, f"={value} with parallel.mode=ps: a parameter server runs data parallel only")
+        if cfg.shard != "none":
+            raise ShardwiseError(
+                "parallel.shard", f"={cfg.shard} with parallel.mode=ps: the servers already shard weights and optimizer"
+            )
+        workers = world_size - servers
+        if workers < 1:
+            raise ShardwiseError(
+                "ps.servers", f"={servers} leaves no worker among {world_size} ranks (--nproc): use more ranks"
+            )
+        if cfg.dp is not None and cfg.dp != workers:
+            raise ShardwiseError(
+                "parallel.dp", f"={cfg.dp}, but {world_size} ranks - {servers} servers = {workers} workers (--nproc)"
+            )
+        return cls(dp=workers, world_size=world_size, servers=servers)
+
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(getattr(self, axis) for axis in AXES)
@@ -111,6 +138,8 @@ class ParallelDims:
     @property
     def layout(self) -> str:
         """A short name of the layout, e.g. `dp=2` or `dp=2 x tp=2`."""
+        if self.servers:
+            return f"ps: {self.servers} server{'s' * (self.servers > 1)} x {self.dp} worker{'s' * (self.dp > 1)}"
         parts = [f"{axis}={getattr(self, axis)}" for axis in AXES if getattr(self, axis) > 1]
         return " x ".join(parts) or "dp=1"
 
@@ -142,6 +171,7 @@ class RankMesh:
     groups: dict[str, dist.ProcessGroup | None]
     coords: dict[str, int]
     _created: list = field(default_factory=list)
+    parent: dist.ProcessGroup | None = None  # the group of the whole layout
 
     @classmethod
     def build(cls, dims: ParallelDims, parent: dist.ProcessGroup | None = None) -> RankMesh:
@@ -151,6 +181,8 @@ class RankMesh:
         ranks = dist.get_process_group_ranks(parent)
         assert len(ranks) == dims.world_size, "group size differs from the resolved world"
         me = ranks.index(dist.get_rank())
+        if dims.servers:
+            return cls._build_ps(dims, parent, ranks, me)
         groups: dict[str, dist.ProcessGroup | None] = {}
         created = []
         for axis in AXES:  # every rank walks the axes and their slices in the same order
@@ -169,7 +201,29 @@ class RankMesh:
                     created.append(pg)
                     if me in members:
                         groups[axis] = pg
-        return cls(dims, groups, dims.coords(me), created)
+        return cls(dims, groups, dims.coords(me), created, parent)
+
+    @classmethod
+    def _build_ps(cls, dims: ParallelDims, parent, ranks: list[int], me: int) -> RankMesh:
+        """Servers and workers. Workers talk only to servers, point to point on the
+        parent group; the servers, when several, get a group of their own (to add up
+        the gradient norm and gather the weights). Coordinates say which server or
+        worker this rank is (-1: not one)."""
+        import torch.distributed as dist
+
+        groups: dict[str, dist.ProcessGroup | None] = {axis: None for axis in AXES}
+        groups["servers"] = None
+        created = []
+        if dims.servers > 1:
+            assert len(ranks) == dist.get_world_size(), "several servers need the whole world"
+            pg = dist.new_group(ranks[: dims.servers])
+            created.append(pg)
+            if me < dims.servers:
+                groups["servers"] = pg
+        coords = {axis: 0 for axis in AXES}
+        coords["server"] = me if me < dims.servers else -1
+        coords["dp"] = me - dims.servers if me >= dims.servers else -1
+        return cls(dims, groups, coords, created, parent)
 
     def size(self, axis: str) -> int:
         return getattr(self.dims, axis)

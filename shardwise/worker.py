@@ -9,6 +9,7 @@ environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT):
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import sys
@@ -29,6 +30,7 @@ from shardwise.data.sources import take_rows
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 from shardwise.models import build_model
 from shardwise.parallel.data import apply_data_parallel, is_fully_sharded, unwrap
+from shardwise.parallel.param_server import ParameterServer, WorkerClient, load_flat
 from shardwise.parallel.pipeline import apply_pipeline, describe_cut, gather_stages, owners, plan_pipeline
 from shardwise.parallel.spatial import apply_spatial
 from shardwise.parallel.splits import Split, full_state_dict, local_bytes
@@ -38,10 +40,11 @@ from shardwise.topology import ParallelDims, RankMesh
 from shardwise.train.faults import FaultPlan
 from shardwise.train.loop import LoopSettings, ModelRunner, train_loop
 from shardwise.train.memory import gather_rows, memory_records, rank_bytes, render_memory
-from shardwise.train.optim import build_optimizer, build_scheduler
+from shardwise.train.optim import build_optimizer, build_scheduler, lr_at, optimizer_for
 from shardwise.train.outputs import MetricsLog, new_run_dir, plot_curves, save_model, write_json
 from shardwise.train.pipeline import PipelineRunner, render_cut
 from shardwise.train.progress import ConsoleReporter, NullReporter, render_summary
+from shardwise.train.ps_loop import score_flat, serve, staleness_summary, straggler, work
 from shardwise.train.timeline import bubble_summary, gather_events, plot_timeline
 
 # set by the local launcher: it prints the one-line error itself
@@ -53,6 +56,9 @@ LAUNCH_TIME_ENV = "SHARDWISE_LAUNCH_TIME"
 class RunResult:
     state_dict: dict[str, torch.Tensor]
     summary: dict
+    # wait for every rank before leaving (a parameter-server job may have lost workers,
+    # and its servers answer the workers last, so it skips this)
+    leave_together: bool = True
 
 
 def default_device() -> torch.device:
@@ -74,9 +80,13 @@ def run(
     full, unsharded final weights (the same on every rank) and the summary.
     """
     group = group or dist.group.WORLD
-    dims = ParallelDims.resolve(cfg.parallel, dist.get_world_size(group), vertical=cfg.data.vertical)
+    dims = ParallelDims.resolve(
+        cfg.parallel, dist.get_world_size(group), vertical=cfg.data.vertical, ps_servers=cfg.ps.servers
+    )
     mesh = RankMesh.build(dims, group)
     try:
+        if dims.servers:
+            return _train_ps(cfg, mesh, group=group, out_dir=out_dir)
         return _train(cfg, mesh, group=group, out_dir=out_dir, device=device or default_device())
     finally:
         mesh.close()
@@ -222,6 +232,103 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
     return RunResult(state, summary)
 
 
+def _train_ps(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Path | None) -> RunResult:
+    """A parameter-server run (parallel/param_server.py), on the CPU: servers first, then workers."""
+    started = time.time()
+    dims, t, ps = mesh.dims, cfg.train, cfg.ps
+    rank = dist.get_rank(group)
+    worker_ranks = [dist.get_global_rank(group, r) for r in range(dims.servers, dims.world_size)]
+    if ps.slow_factor > 1.0 and ps.slow_worker >= 0 and ps.slow_worker not in worker_ranks:
+        raise ShardwiseError("ps.slow_worker", f"={ps.slow_worker}: not a worker, those are ranks {worker_ranks}")
+    torch.manual_seed(t.seed)  # every rank builds the same initial weights
+    dataset = load_source(cfg.data, seed=t.seed)
+    model = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
+    settings = LoopSettings(
+        steps=t.steps, global_batch=t.batch_size, clip_norm=t.clip_norm, log_every=t.log_every, eval_every=t.eval_every
+    )
+    common = {"global_batch": t.batch_size, "grad_accum": t.grad_accum, "seed": t.seed, "device": torch.device("cpu")}
+    is_server = mesh.coords["server"] >= 0
+    if not is_server:
+        data = build_rank_data(cfg.data, dataset, dp_rank=mesh.coords["dp"], dp=dims.dp, **common)
+        client = WorkerClient(model, servers=dims.servers, group=group)
+        slowdown = straggler(slow_rank=ps.slow_worker, factor=ps.slow_factor, worker_ranks=worker_ranks, seed=t.seed)
+        clip = t.clip_norm if ps.asynchronous else 0.0  # synchronous: the servers clip the averaged gradient
+        steps = work(
+            client,
+            ModelRunner(model, dp_group=None),
+            model,
+            data,
+            rank=rank,
+            clip_norm=clip,
+            slowdown=slowdown,
+            faults=FaultPlan(rank),
+        )
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return RunResult(state, {"role": "worker", "steps": steps}, leave_together=False)
+
+    server = ParameterServer(
+        model,
+        index=mesh.coords["server"],
+        servers=dims.servers,
+        workers=dims.dp,
+        group=group,
+        servers_group=mesh.groups["servers"],
+        build_optimizer=functools.partial(optimizer_for, t),
+        lr_at=lr_at(t),
+        steps=t.steps,
+        asynchronous=ps.asynchronous,
+        staleness=ps.staleness,
+        clip_norm=t.clip_norm,
+    )
+    writes = rank == 0 and out_dir is not None
+    evaluate = None
+    if rank == 0:  # server 0 scores the weights on the whole validation set
+        evaluate = score_flat(model, build_rank_data(cfg.data, dataset, dp_rank=0, dp=1, **common))
+    if writes:
+        from rich.console import Console
+
+        console = Console(stderr=False)
+        mode = f"asynchronous, staleness <= {ps.staleness}" if ps.asynchronous else "synchronous"
+        console.print(f"layout {dims.layout} ({mode}): ranks {worker_ranks} push to ranks 0-{dims.servers - 1}")
+        reporter = ConsoleReporter(
+            MetricsLog(out_dir / "metrics.jsonl"), total_steps=t.steps, console=console, show_progress=cfg.run.progress
+        )
+    else:
+        reporter = NullReporter()
+    with reporter:
+        result = serve(server, settings, reporter=reporter, evaluate=evaluate)
+    load_flat(model, server.final)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if rank == 0:
+        server.send_final(server.final)
+    warm = result.step_times[min(5, len(result.step_times) - 1) :] or [float("nan")]
+    summary = {
+        **result.final_eval,
+        "train_loss": result.records[-1]["loss"],
+        "steps": t.steps,
+        "global_batch": t.batch_size,
+        "world_size": dims.world_size,
+        "layout": dims.layout,
+        "backend": dist.get_backend(group),
+        "model": cfg.model.name,
+        "parameters": sum(v.numel() for v in state.values()),
+        "samples_per_s": t.batch_size * len(result.step_times) / max(result.train_s, 1e-9),
+        "step_time_s": statistics.median(warm),
+        "train_s": result.train_s,
+        "wall_s": time.time() - float(os.environ.get(LAUNCH_TIME_ENV, started)),
+        "ps": staleness_summary(server),
+    }
+    if writes:
+        save_model(out_dir / "model.safetensors", state)
+        plot_curves(out_dir / "curves.png", result.records, f"{cfg.model.name} on {cfg.data.name}, {dims.layout}")
+        write_json(out_dir / "summary.json", summary)
+        console.print(render_summary(summary, str(out_dir)))
+        for lost in summary["ps"]["lost_workers"]:
+            line = f"worker rank {lost['rank']} was lost after {lost['step']} steps: {lost['error']}"
+            console.print(line, markup=False, soft_wrap=True)
+    return RunResult(state, summary, leave_together=False)
+
+
 def _summer(group: dist.ProcessGroup | None):
     """Adds up NumPy arrays over `group` (the vertical ranks' data statistics)."""
     if group is None:
@@ -265,10 +372,11 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), cfg.model.name)
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
-        run(cfg, out_dir=out_dir, device=device)
+        result = run(cfg, out_dir=out_dir, device=device)
         # leave together: ranks wait while rank 0 writes the outputs, so no rank
         # closes its connections under a peer that still expects it
-        dist.barrier()
+        if result.leave_together:
+            dist.barrier()
         dist.destroy_process_group()
         return 0
     except ShardwiseError as e:

@@ -44,7 +44,7 @@ def _reference(pool, key: tuple) -> dict[str, torch.Tensor]:
 
 def reference(pool, overrides: dict[str, str]) -> dict[str, torch.Tensor]:
     """One process, same config except the layout keys."""
-    layout_keys = ("parallel.", "data.vertical", "data.feature_cost")
+    layout_keys = ("parallel.", "ps.", "data.vertical", "data.feature_cost")
     single = {k: v for k, v in overrides.items() if not k.startswith(layout_keys)}
     return _reference(pool, tuple(sorted(single.items())))
 

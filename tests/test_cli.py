@@ -119,6 +119,22 @@ BAD_INPUT = {
         ["--parallel.tp", "2", "--model.name", "mlp", "--model.hidden", "1"],
         "parallel.tp: layer head.0 (Linear 64->1) has 1 output features, fewer than tp=2",
     ),
+    "parameter server with tp": (
+        ["--nproc", "3", "--parallel.mode", "ps", "--parallel.tp", "2"],
+        "parallel.tp: =2 with parallel.mode=ps: a parameter server runs data parallel only",
+    ),
+    "no rank left for workers": (
+        ["--nproc", "2", "--parallel.mode", "ps", "--ps.servers", "2"],
+        "ps.servers: =2 leaves no worker among 2 ranks (--nproc): use more ranks",
+    ),
+    "staleness without asynchrony": (
+        ["--parallel.mode", "ps", "--ps.staleness", "2"],
+        "ps.staleness: =2 needs ps.asynchronous=true",
+    ),
+    "slow worker that is a server": (
+        ["--nproc", "3", "--parallel.mode", "ps", "--ps.slow_worker", "0", "--ps.slow_factor", "2"],
+        "ps.slow_worker: =0: not a worker, those are ranks 1 to 2",
+    ),
     "missing config file": (["nope.toml"], "config: no such file 'nope.toml'"),
 }
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -18,15 +20,33 @@ def build_optimizer(
     """SGD or AdamW; with `zero_group`, each rank of the group keeps the optimizer
     state of only its 1/N slice of the parameters (ZeRO-1, parallel/zero.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
-
-    def build(tensors: list[torch.Tensor]) -> torch.optim.Optimizer:
-        if cfg.optimizer == "adamw":
-            return torch.optim.AdamW(tensors, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-        return torch.optim.SGD(tensors, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
+    build = functools.partial(optimizer_for, cfg)
     if zero_group is not None:
         return ShardedOptimizer(params, build, zero_group)
     return build(params)
+
+
+def optimizer_for(cfg: TrainConfig, tensors: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """The configured optimizer over `tensors`."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(tensors, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(tensors, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def lr_at(cfg: TrainConfig) -> Callable[[int], float]:
+    """The learning rate for the update made at each step (what build_scheduler sets)."""
+
+    def rate(step: int) -> float:
+        return cfg.lr * lr_factor(
+            step,
+            total_steps=cfg.steps,
+            schedule=cfg.schedule,
+            warmup_steps=cfg.warmup_steps,
+            step_every=cfg.step_every,
+            step_gamma=cfg.step_gamma,
+        )
+
+    return rate
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -1,0 +1,122 @@
+"""Parameter server: synchronous runs against one process, asynchronous runs against
+their own contract (k = 0 is lock-step, the staleness bound holds, accuracy stays
+within a point of synchronous), and workers that die."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from parity import LR, TOL, assert_all_ranks_match, check_layout, train_summary, train_weights
+
+from shardwise.parallel.param_server import slice_bounds
+
+PS = {"parallel.mode": "ps"}
+
+
+def test_slices_tile_the_vector_evenly():
+    for total, servers in [(10, 3), (7, 7), (100, 1), (5, 2)]:
+        bounds = slice_bounds(total, servers)
+        assert bounds[0][0] == 0 and bounds[-1][1] == total
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+        sizes = [hi - lo for lo, hi in bounds]
+        assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("servers", [1, 2])
+@pytest.mark.parametrize("model, optimizer", [("convnet", "sgd"), ("mlp", "adamw")])
+def test_synchronous_ps_trains_like_one_process(pool, servers, model, optimizer):
+    # AdamW divides by the root of tiny second moments: on the convnet that turns
+    # summation-order rounding into 1e-6 differences, for any data-parallel layout
+    overrides = {**PS, "ps.servers": str(servers), "model.name": model, "train.optimizer": optimizer}
+    overrides["train.lr"] = LR[optimizer]
+    check_layout(pool, overrides, nproc=servers + 2)
+
+
+def test_synchronous_ps_clips_the_whole_gradient_across_servers(pool):
+    overrides = {**PS, "ps.servers": "2", "train.clip_norm": "0.5", "train.grad_accum": "2"}
+    check_layout(pool, overrides, nproc=4)
+
+
+def test_asynchronous_with_no_staleness_is_the_synchronous_schedule(pool):
+    # plain SGD: W steps of g_i / W on a clock add up to the one synchronous step
+    plain = {**PS, "ps.servers": "2", "train.momentum": "0"}
+    sync = pool.run(train_weights, plain, ranks=[0, 1, 2, 3])
+    asynchronous = pool.run(train_weights, {**plain, "ps.asynchronous": "true"}, ranks=[0, 1, 2, 3])
+    assert_all_ranks_match(sync[0], asynchronous)
+    summary = pool.run(train_summary, {**plain, "ps.asynchronous": "true"}, ranks=[0, 1, 2, 3])[0]
+    assert summary["ps"]["staleness_histogram"] == {"0": 24}
+
+
+@pytest.mark.parametrize("bound", [1, 3])
+def test_staleness_never_exceeds_the_bound(pool, bound):
+    # worker rank 3 three times slower: the others run ahead until the bound stops them
+    overrides = {
+        **PS,
+        "ps.asynchronous": "true",
+        "ps.staleness": str(bound),
+        "ps.slow_worker": "3",
+        "ps.slow_factor": "3",
+        "model.name": "mlp",
+        "train.steps": "30",
+        "train.batch_size": "48",
+    }
+    summary = pool.run(train_summary, overrides, ranks=[0, 1, 2, 3])[0]["ps"]
+    seen = [int(k) for k, n in summary["staleness_histogram"].items() for _ in range(n)]
+    assert len(seen) == summary["updates"] >= 3 * 30
+    assert max(seen) <= bound
+    assert max(seen) == bound  # the straggler makes the bound bite
+    steps = summary["steps_by_worker"]
+    assert steps["1"] > steps["3"] and steps["2"] > steps["3"]  # the others did the straggler's share
+
+
+def test_asynchronous_accuracy_within_a_point_of_synchronous(pool):
+    digits = {
+        **PS,
+        "model.name": "mlp",
+        "train.steps": "300",
+        "train.batch_size": "48",
+        "train.eval_every": "0",
+        "train.warmup_steps": "20",
+    }
+    sync = pool.run(train_summary, digits, ranks=[0, 1, 2, 3])[0]
+    stale = {**digits, "ps.asynchronous": "true", "ps.staleness": "2", "ps.slow_factor": "2"}
+    asynchronous = pool.run(train_summary, stale, ranks=[0, 1, 2, 3])[0]
+    assert sync["val_accuracy"] > 0.9
+    assert abs(asynchronous["val_accuracy"] - sync["val_accuracy"]) <= 0.01, (sync, asynchronous)
+    assert asynchronous["ps"]["max_staleness"] >= 1
+
+
+def _train(tmp_path, *args, fault: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SHARDWISE_FAULT": fault}
+    cmd = [sys.executable, "-m", "shardwise", "train", "--nproc", "4", "--out", str(tmp_path / "run"), *args]
+    base = ["--parallel.mode", "ps", "--model.name", "mlp", "--train.steps", "30", "--train.batch_size", "48"]
+    cmd += [*base, "--run.progress", "false"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_asynchronous_servers_carry_on_without_a_dead_worker(tmp_path):
+    done = _train(tmp_path, "--ps.asynchronous", "true", "--ps.staleness", "1", fault="2:4:exit")
+    assert done.returncode == 0, done.stderr
+    assert "rank 2 (a worker) failed (exit 3)" in done.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [(x["rank"], x["step"]) for x in summary["ps"]["lost_workers"]] == [(2, 4)]
+    assert summary["ps"]["updates"] >= 3 * 30  # the live workers made up the lost one's share
+    assert summary["ps"]["steps_by_worker"]["2"] == 4
+
+
+def test_synchronous_job_ends_naming_the_dead_worker(tmp_path):
+    done = _train(tmp_path, fault="3:4:exit")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == "shardwise: rank 3 failed (exit 3): exited with status 3"
+
+
+def test_final_weights_are_the_servers_on_every_rank(pool):
+    states = pool.run(train_weights, {**PS, "ps.servers": "2", "ps.asynchronous": "true", "ps.staleness": "2"})
+    for state in states[1:]:
+        for name in state:
+            torch.testing.assert_close(state[name], states[0][name], **TOL)
