@@ -1,4 +1,4 @@
-"""Command line: `shardwise train` and `shardwise bench`.
+"""Command line: `shardwise train`, `bench`, `keygen` and `verify`.
 
 Every config field is a `--section.key VALUE` option, listed by
 `shardwise train --help` with its type, default and documentation.
@@ -64,6 +64,24 @@ def build_parser() -> OneLineParser:
     train.add_argument(
         "--timeline", action="store_true", help="pipeline: write timeline.png, a Gantt chart of the last step"
     )
+    train.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="continue a run from its newest complete checkpoint (a run folder) or from a checkpoint folder; "
+        "its config.toml is the default config and the outputs go on in that run folder",
+    )
+    train.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="when a rank dies, restart every rank from the newest complete checkpoint, up to this often",
+    )
+    keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing checkpoints")
+    keygen.add_argument("--out", type=Path, default=Path("."), help="folder for shardwise.key and shardwise.pub")
+    verify = sub.add_parser("verify", help="check a checkpoint's files against its manifest and signature")
+    verify.add_argument("path", type=Path, help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    verify.add_argument("--key", default="", help="the public key that must have signed the manifest")
     _add_config_options(train)
 
     bench = sub.add_parser("bench", help="run benchmarks that print ratios measured side by side")
@@ -112,9 +130,42 @@ def _train(args: argparse.Namespace) -> int:
         overrides["run.out"] = str(args.out)
     if args.timeline:
         overrides["run.timeline"] = "true"
-    cfg = load_config(args.config, overrides)
+    config = args.config
+    if args.resume is not None:
+        from shardwise.checkpoint.manifest import find_checkpoint
+
+        checkpoint = find_checkpoint(args.resume)
+        run_dir = checkpoint.parent.parent if checkpoint != args.resume else args.resume
+        if config is None and (run_dir / "config.toml").is_file():
+            config = str(run_dir / "config.toml")
+        overrides["run.resume"] = str(checkpoint)
+        overrides.setdefault("run.out", str(run_dir))
+    cfg = load_config(config, overrides)
+    if cfg.run.resume:  # refuse a torn, tampered or unsigned checkpoint before starting anything
+        from shardwise.checkpoint.manifest import verify
+
+        verify(Path(cfg.run.resume), verify_key=cfg.checkpoint.verify_key)
     out = Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), cfg.model.name)
-    return launch(cfg, nproc=args.nproc, out=out)
+    resuming = args.resume is not None and out.resolve() == run_dir.resolve()
+    return launch(cfg, nproc=args.nproc, out=out, max_restarts=args.max_restarts, resuming=resuming)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from shardwise.checkpoint.manifest import keygen
+
+    private, public = keygen(args.out)
+    print(f"private key {private} (keep it secret; checkpoint.sign_key), public key {public} (checkpoint.verify_key)")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from shardwise.checkpoint.manifest import find_checkpoint, verify
+
+    folder = find_checkpoint(args.path)
+    manifest = verify(folder, verify_key=args.key)
+    signed = "signature verified" if args.key else "signature not checked (no --key)"
+    print(f"{folder}: step {manifest['step']}, {len(manifest['files'])} files match the manifest; {signed}")
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -171,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unexpected argument {item!r}")
         if args.command == "bench":
             return _bench(args)
+        if args.command == "keygen":
+            return _keygen(args)
+        if args.command == "verify":
+            return _verify(args)
         return _train(args)
     except ShardwiseError as e:
         print(f"shardwise: {e}", file=sys.stderr)

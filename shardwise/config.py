@@ -135,6 +135,16 @@ class TrainConfig:
     """Log the loss (averaged over ranks) every this many steps."""
     eval_every: int = 100
     """Evaluate on the validation set every this many steps, and at the end (0: only at the end)."""
+    checkpoint_every: int = 0
+    """Write a checkpoint to OUT/checkpoints/step-N every this many steps and at the end (0: never)."""
+    collective_timeout_s: float = 300.0
+    """A collective or point-to-point transfer that waits longer than this fails, so a rank
+    that stops answering ends the job instead of hanging it."""
+    max_bad_steps: int = 3
+    """A step whose loss or gradients are not finite on any rank is skipped on all ranks; after
+    this many such steps in a row the run stops."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms: resumed runs then repeat uninterrupted ones bit for bit."""
 
 
 @dataclass
@@ -158,6 +168,14 @@ class PsConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    sign_key: str = ""
+    """Ed25519 private key (PEM, from `shardwise keygen`): sign every checkpoint's manifest."""
+    verify_key: str = ""
+    """Ed25519 public key (PEM): load only checkpoints whose manifest it verifies."""
+
+
+@dataclass
 class RunConfig:
     out: str = ""
     """Output folder (default: a new folder under runs/)."""
@@ -166,6 +184,8 @@ class RunConfig:
     timeline: bool = False
     """Pipeline: record every micro-batch's forward and backward on every stage and write
     timeline.png (a Gantt chart per stage) for the last step."""
+    resume: str = ""
+    """A checkpoint folder (or a run folder: its newest complete checkpoint) to continue from."""
 
 
 @dataclass
@@ -175,6 +195,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ps: PsConfig = field(default_factory=PsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -330,6 +351,10 @@ def validate(cfg: Config) -> None:
     if cfg.parallel.microbatches is not None:
         positive("parallel.microbatches", cfg.parallel.microbatches)
     positive("data.vertical", d.vertical)
+    positive("train.collective_timeout_s", t.collective_timeout_s)
+    positive("train.max_bad_steps", t.max_bad_steps)
+    if t.checkpoint_every < 0:
+        raise ShardwiseError("train.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}")
     ps = cfg.ps
     positive("ps.servers", ps.servers)
     if ps.staleness < 0:

@@ -19,9 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardwise.checkpoint.manifest import latest_checkpoint
 from shardwise.config import Config, to_toml
 from shardwise.data.features import vertical_parts
 from shardwise.data.sampler import check_batch_layout
@@ -122,6 +124,53 @@ def _origin(failures: list[RankFailure]) -> RankFailure:
     return origin
 
 
+TIMED_OUT = re.compile(r"[Tt]imed out|[Tt]imeout")
+POSITION = re.compile(r"\[rank (\d+) at step (\d+): ([^\]]+)\]")
+STALLED = -1000  # RankFailure.exit_code of a rank that stopped answering (it did not exit)
+
+
+def _state(pid: int) -> str:
+    """The process state letter from /proc (T: stopped), or '' where unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _stalled(procs: list[subprocess.Popen], failures: list[RankFailure]) -> RankFailure | None:
+    """The rank that stopped answering, when every failure is a timeout or a lost peer.
+
+    A rank still alive while the others gave up (stopped, or stuck) is the one; if
+    every rank exited, the one whose position differs from the others' (it skipped
+    a collective and ran ahead)."""
+    if not failures or not all(TIMED_OUT.search(f.message) or PEER_LOST.search(f.message) for f in failures):
+        return None
+    where = [m for f in failures if (m := POSITION.search(f.message))]
+    detail = f" in {where[0].group(3)} of step {where[0].group(2)}" if where else ""
+    waited = ", ".join(str(f.rank) for f in failures)
+    alive = [r for r, p in enumerate(procs) if p.poll() is None]
+    stopped = [r for r in alive if _state(procs[r].pid) == "T"]
+    if stopped or alive:
+        how = "its process is stopped" if stopped else "it never reached the collective"
+        message = f"stopped answering ({how}): rank {waited} timed out waiting for it{detail}"
+        return RankFailure((stopped or alive)[0], STALLED, message, "")
+    positions = {int(m.group(1)): (int(m.group(2)), m.group(3)) for m in where}
+    if len(set(positions.values())) > 1:
+        counts: dict = {}
+        for pos in positions.values():
+            counts[pos] = counts.get(pos, 0) + 1
+        odd = [r for r, pos in positions.items() if counts[pos] == 1]
+        culprit = max(odd, key=lambda r: positions[r][0])  # on a tie, the one that ran ahead
+        others = sorted({pos for r, pos in positions.items() if r != culprit})
+        step, phase = others[0]
+        message = (
+            f"skipped a collective: it was at step {positions[culprit][0]} ({positions[culprit][1]}) "
+            f"while the others waited in {phase} of step {step}"
+        )
+        return RankFailure(culprit, STALLED, message, "")
+    return None
+
+
 def supervise(
     procs: list[subprocess.Popen], error_files: list[Path], expendable: set[int] | None = None
 ) -> RankFailure | None:
@@ -146,9 +195,10 @@ def supervise(
                     )
                 survived.update(failed)
                 continue
-            _stop(procs)
             failures = [RankFailure(r, codes[r], *_read_error(error_files[r])) for r in failed]
-            return _origin(failures)
+            stalled = _stalled(procs, failures)
+            _stop(procs)
+            return stalled or _origin(failures)
         if all(c == 0 or r in survived for r, c in enumerate(codes)):
             return None
         time.sleep(POLL_S)
@@ -158,19 +208,78 @@ def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt  # a SIGTERM to the launcher stops the workers as Ctrl-C does
 
 
-def launch(cfg: Config, *, nproc: int, out: Path) -> int:
-    """Run the job on `nproc` local workers; returns the exit status."""
+def launch(cfg: Config, *, nproc: int, out: Path, max_restarts: int = 0, resuming: bool = False) -> int:
+    """Run the job on `nproc` local workers, restarting all of them from the newest
+    complete checkpoint up to `max_restarts` times; returns the exit status."""
     launch_time = time.time()
     signal.signal(signal.SIGTERM, _terminate)
     dims = preflight(cfg, nproc)
-    prepare_out_dir(out)
+    if max_restarts < 0:
+        raise ShardwiseError("max-restarts", f"must be >= 0, got {max_restarts}")
+    if not resuming:
+        prepare_out_dir(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     cfg.run.out = str(out.resolve())
-    config_path = out / "config.toml"
-    config_path.write_text(to_toml(cfg))
+    with atomic_text(out / "config.toml") as f:
+        f.write(to_toml(cfg))
 
     err_dir = Path(tempfile.mkdtemp(prefix="shardwise-errors-"))
+    try:
+        for attempt in range(max_restarts + 1):
+            config_path = err_dir / f"attempt-{attempt}.toml"
+            config_path.write_text(to_toml(cfg))
+            failure = _run_once(cfg, dims, nproc, config_path, err_dir / f"attempt-{attempt}", attempt, launch_time)
+            if failure is None or failure.exit_code == EXIT_USAGE or attempt == max_restarts:
+                break
+            checkpoint = latest_checkpoint(out / "checkpoints")
+            cfg.run.resume = str(checkpoint) if checkpoint else cfg.run.resume
+            origin = checkpoint.name if checkpoint else (cfg.run.resume or "the start")
+            what = "" if failure.exit_code == STALLED else f"failed (exit {failure.exit_code}): "
+            print(
+                f"shardwise: rank {failure.rank} {what}{failure.message}; restart {attempt + 1} of {max_restarts} "
+                f"from {origin}",
+                file=sys.stderr,
+            )
+    except KeyboardInterrupt:
+        print(f"shardwise: interrupted; all {nproc} ranks stopped", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(err_dir, ignore_errors=True)
+
+    if failure is None:
+        return 0
+    if failure.exit_code == EXIT_USAGE:
+        if created:  # a user error found only by a worker: leave nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        message = failure.message.removeprefix(f"{ShardwiseError.__name__}: ")
+        print(f"shardwise: rank {failure.rank}: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    note = ""
+    if failure.traceback:
+        log = out / "logs" / f"rank{failure.rank}-traceback.txt"
+        log.parent.mkdir(exist_ok=True)
+        log.write_text(failure.traceback)
+        note = f" (traceback: {log})"
+    after = f", after {max_restarts} restart{'s' * (max_restarts > 1)}" if max_restarts else ""
+    what = "" if failure.exit_code == STALLED else f"failed (exit {failure.exit_code}): "
+    print(f"shardwise: rank {failure.rank} {what}{failure.message}{note}{after}", file=sys.stderr)
+    return 1
+
+
+@contextmanager
+def atomic_text(path: Path):
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        yield f
+    os.replace(tmp, path)
+
+
+def _run_once(
+    cfg: Config, dims: ParallelDims, nproc: int, config_path: Path, err_dir: Path, attempt: int, launch_time: float
+) -> RankFailure | None:
+    """Start every rank, supervise them, stop them all; the failure that ended it, if any."""
+    err_dir.mkdir()
     error_files = [err_dir / f"rank{r}.json" for r in range(nproc)]
     port = free_port()
     procs: list[subprocess.Popen] = []
@@ -188,35 +297,14 @@ def launch(cfg: Config, *, nproc: int, out: Path) -> int:
                 "LOCAL_WORLD_SIZE": str(nproc),
                 "ROLE_WORLD_SIZE": str(nproc),
                 "ROLE_NAME": "default",
-                "TORCHELASTIC_RUN_ID": f"shardwise-{port}",
+                "TORCHELASTIC_RUN_ID": f"shardwise-{port}-{attempt}",
                 "TORCHELASTIC_ERROR_FILE": str(error_files[rank]),
                 "OMP_NUM_THREADS": "1",
                 "SHARDWISE_LAUNCHED": "1",
                 "SHARDWISE_LAUNCH_TIME": repr(launch_time),
+                "SHARDWISE_ATTEMPT": str(attempt),
             }
             procs.append(subprocess.Popen([sys.executable, "-m", "shardwise.worker", str(config_path)], env=env))
-        failure = supervise(procs, error_files, expendable_ranks(cfg, dims))
-    except KeyboardInterrupt:
-        _stop(procs)
-        print(f"shardwise: interrupted; all {nproc} ranks stopped", file=sys.stderr)
-        return 130
+        return supervise(procs, error_files, expendable_ranks(cfg, dims))
     finally:
         _stop(procs)
-        shutil.rmtree(err_dir, ignore_errors=True)
-
-    if failure is None:
-        return 0
-    if failure.exit_code == EXIT_USAGE:
-        if created:  # a user error found only by a worker: leave nothing behind
-            shutil.rmtree(out, ignore_errors=True)
-        message = failure.message.removeprefix(f"{ShardwiseError.__name__}: ")
-        print(f"shardwise: rank {failure.rank}: {message}", file=sys.stderr)
-        return EXIT_USAGE
-    note = ""
-    if failure.traceback:
-        log = out / "logs" / f"rank{failure.rank}-traceback.txt"
-        log.parent.mkdir(exist_ok=True)
-        log.write_text(failure.traceback)
-        note = f" (traceback: {log})"
-    print(f"shardwise: rank {failure.rank} failed (exit {failure.exit_code}): {failure.message}{note}", file=sys.stderr)
-    return 1

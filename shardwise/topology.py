@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from shardwise.config import ParallelConfig
@@ -174,7 +175,10 @@ class RankMesh:
     parent: dist.ProcessGroup | None = None  # the group of the whole layout
 
     @classmethod
-    def build(cls, dims: ParallelDims, parent: dist.ProcessGroup | None = None) -> RankMesh:
+    def build(
+        cls, dims: ParallelDims, parent: dist.ProcessGroup | None = None, *, timeout: timedelta | None = None
+    ) -> RankMesh:
+        """`timeout`: how long a collective on the new groups may wait (default: torch's)."""
         import torch.distributed as dist
 
         parent = parent or dist.group.WORLD
@@ -182,7 +186,7 @@ class RankMesh:
         assert len(ranks) == dims.world_size, "group size differs from the resolved world"
         me = ranks.index(dist.get_rank())
         if dims.servers:
-            return cls._build_ps(dims, parent, ranks, me)
+            return cls._build_ps(dims, parent, ranks, me, timeout)
         groups: dict[str, dist.ProcessGroup | None] = {}
         created = []
         for axis in AXES:  # every rank walks the axes and their slices in the same order
@@ -197,14 +201,14 @@ class RankMesh:
                 assert len(ranks) == dist.get_world_size(), "a layout with several axes needs the whole world"
                 slices = sorted({tuple(dims.peers(i, axis)) for i in range(dims.world_size)})
                 for members in slices:
-                    pg = dist.new_group([ranks[i] for i in members])
+                    pg = dist.new_group([ranks[i] for i in members], timeout=timeout)
                     created.append(pg)
                     if me in members:
                         groups[axis] = pg
         return cls(dims, groups, dims.coords(me), created, parent)
 
     @classmethod
-    def _build_ps(cls, dims: ParallelDims, parent, ranks: list[int], me: int) -> RankMesh:
+    def _build_ps(cls, dims: ParallelDims, parent, ranks: list[int], me: int, timeout) -> RankMesh:
         """Servers and workers. Workers talk only to servers, point to point on the
         parent group; the servers, when several, get a group of their own (to add up
         the gradient norm and gather the weights). Coordinates say which server or
@@ -216,7 +220,7 @@ class RankMesh:
         created = []
         if dims.servers > 1:
             assert len(ranks) == dist.get_world_size(), "several servers need the whole world"
-            pg = dist.new_group(ranks[: dims.servers])
+            pg = dist.new_group(ranks[: dims.servers], timeout=timeout)
             created.append(pg)
             if me < dims.servers:
                 groups["servers"] = pg

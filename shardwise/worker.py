@@ -9,7 +9,6 @@ environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT):
 
 from __future__ import annotations
 
-import functools
 import os
 import statistics
 import sys
@@ -21,6 +20,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from shardwise.checkpoint.manifest import find_checkpoint
+from shardwise.checkpoint.state import load_optimizer, logical_model, logical_optimizer, model_weights
+from shardwise.checkpoint.store import Checkpoint, Checkpointer, read_checkpoint, restore_rng, rng_tensors
 from shardwise.comm.halo import bands
 from shardwise.config import Config, load_config
 from shardwise.data import build_rank_data, load_source
@@ -30,7 +32,6 @@ from shardwise.data.sources import take_rows
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 from shardwise.models import build_model
 from shardwise.parallel.data import apply_data_parallel, is_fully_sharded, unwrap
-from shardwise.parallel.param_server import ParameterServer, WorkerClient, load_flat
 from shardwise.parallel.pipeline import apply_pipeline, describe_cut, gather_stages, owners, plan_pipeline
 from shardwise.parallel.spatial import apply_spatial
 from shardwise.parallel.splits import Split, full_state_dict, local_bytes
@@ -38,13 +39,13 @@ from shardwise.parallel.tensor import apply_tensor_parallel
 from shardwise.parallel.vertical import apply_vertical
 from shardwise.topology import ParallelDims, RankMesh
 from shardwise.train.faults import FaultPlan
-from shardwise.train.loop import LoopSettings, ModelRunner, train_loop
+from shardwise.train.loop import LoopSettings, ModelRunner, Position, TrainingDiverged, train_loop
 from shardwise.train.memory import gather_rows, memory_records, rank_bytes, render_memory
-from shardwise.train.optim import build_optimizer, build_scheduler, lr_at, optimizer_for
+from shardwise.train.optim import build_optimizer, build_scheduler
 from shardwise.train.outputs import MetricsLog, new_run_dir, plot_curves, save_model, write_json
 from shardwise.train.pipeline import PipelineRunner, render_cut
 from shardwise.train.progress import ConsoleReporter, NullReporter, render_summary
-from shardwise.train.ps_loop import score_flat, serve, staleness_summary, straggler, work
+from shardwise.train.ps_job import run_parameter_server
 from shardwise.train.timeline import bubble_summary, gather_events, plot_timeline
 
 # set by the local launcher: it prints the one-line error itself
@@ -83,10 +84,13 @@ def run(
     dims = ParallelDims.resolve(
         cfg.parallel, dist.get_world_size(group), vertical=cfg.data.vertical, ps_servers=cfg.ps.servers
     )
-    mesh = RankMesh.build(dims, group)
+    mesh = RankMesh.build(dims, group, timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     try:
         if dims.servers:
-            return _train_ps(cfg, mesh, group=group, out_dir=out_dir)
+            launch_time = float(os.environ.get(LAUNCH_TIME_ENV, time.time()))
+            state, summary = run_parameter_server(cfg, mesh, group=group, out_dir=out_dir, launch_time=launch_time)
+            # its servers answer the workers last and may have lost some: no leaving together
+            return RunResult(state, summary, leave_together=False)
         return _train(cfg, mesh, group=group, out_dir=out_dir, device=device or default_device())
     finally:
         mesh.close()
@@ -97,6 +101,9 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
     dims, t = mesh.dims, cfg.train
     rank = dist.get_rank(group)
     dp_group = mesh.groups["dp"]
+    faults, position = FaultPlan(rank), Position()
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
 
     feature_parts = vertical_parts(cfg.data)
     own_features = feature_parts[mesh.coords["vertical"]] if feature_parts else None
@@ -119,6 +126,9 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
         microbatches=dims.microbatches,
     )
     model = build_model(cfg.model, dataset.in_shape, dataset.num_classes).to(device)
+    checkpoint = _read_resume(cfg)
+    if checkpoint is not None:  # the whole model, before any layout cuts it
+        _load_weights(model, checkpoint)
     whole_model_bytes = local_bytes(model.parameters())
     whole_state = {k: v.detach().to("meta") for k, v in model.state_dict().items()}  # names, shapes, dtypes
 
@@ -157,9 +167,35 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
     else:
         runner = ModelRunner(model, dp_group=dp_group)
     scheduler = build_scheduler(t, optimizer)
+    start_step = 0
+    if checkpoint is not None:
+        load_optimizer(unwrap(model), optimizer, splits, checkpoint.tensors)
+        scheduler.load_state_dict(checkpoint.state["scheduler"])
+        for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            g["lr"] = lr
+        restore_rng(checkpoint, rank, dims.world_size)
+        start_step = checkpoint.step
     settings = LoopSettings(
-        steps=t.steps, global_batch=t.batch_size, clip_norm=t.clip_norm, log_every=t.log_every, eval_every=t.eval_every
+        steps=t.steps,
+        global_batch=t.batch_size,
+        clip_norm=t.clip_norm,
+        log_every=t.log_every,
+        eval_every=t.eval_every,
+        start_step=start_step,
+        max_bad_steps=t.max_bad_steps,
     )
+    checkpointer = None
+    if out_dir is not None and t.checkpoint_every > 0:
+
+        def collect() -> tuple[dict, dict]:
+            part = unwrap(model)
+            tensors = logical_model(part, splits) | logical_optimizer(part, optimizer, splits) | rng_tensors(rank)
+            meta = {"world_size": dims.world_size, "layout": dims.layout, "scheduler": scheduler.state_dict()}
+            return tensors, meta
+
+        checkpointer = Checkpointer(
+            out_dir / "checkpoints", t.checkpoint_every, t.steps, group, collect, cfg.checkpoint.sign_key, faults
+        )
     writes = rank == 0 and out_dir is not None
     console = None
     if writes:
@@ -172,13 +208,19 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
             console.print(render_cut(cut_rows, dims))
         console.print(render_memory(start_bytes, dims, whole_model_bytes=whole_model_bytes, title=title))
         reporter = ConsoleReporter(
-            MetricsLog(out_dir / "metrics.jsonl"), total_steps=t.steps, console=console, show_progress=cfg.run.progress
+            MetricsLog(out_dir / "metrics.jsonl", from_step=start_step),
+            total_steps=t.steps,
+            console=console,
+            show_progress=cfg.run.progress,
         )
+        if checkpoint is not None:
+            saved = checkpoint.state["layout"]
+            console.print(f"resumed from {checkpoint.folder} (step {start_step}, saved as {saved})")
     else:
         reporter = NullReporter()
     with reporter:
         sum_groups = [g for g in (dp_group if is_fully_sharded(model) else None, pp_group) if g is not None]
-        result = train_loop(
+        result = _located(position, rank)(train_loop)(
             runner,
             model,
             optimizer,
@@ -186,9 +228,12 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
             data,
             settings,
             reporter=reporter,
-            faults=FaultPlan(rank),
+            faults=faults,
             splits=splits,
             sum_groups=sum_groups,
+            agree_group=group,
+            checkpointer=checkpointer,
+            position=position,
         )
     end_bytes = gather_rows(rank_bytes(unwrap(model), optimizer), group)
     state = full_state_dict(unwrap(model), splits)
@@ -198,7 +243,7 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
         timeline = gather_events(runner.events, pp_group)
         pipeline = {"pipeline": {"cut": cut_rows, **bubble_summary(timeline, dims.microbatches)}}
 
-    warm = result.step_times[min(5, len(result.step_times) - 1) :]
+    warm = result.step_times[min(5, len(result.step_times) - 1) :] or [float("nan")]
     launch_time = float(os.environ.get(LAUNCH_TIME_ENV, started))
     summary = {
         **result.final_eval,
@@ -211,7 +256,7 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
         "backend": dist.get_backend(group),
         "model": cfg.model.name,
         "parameters": sum(v.numel() for v in state.values()),
-        "samples_per_s": t.batch_size * t.steps / result.train_s,
+        "samples_per_s": t.batch_size * len(result.step_times) / max(result.train_s, 1e-9),
         "step_time_s": statistics.median(warm),
         "train_s": result.train_s,
         "wall_s": time.time() - launch_time,
@@ -232,101 +277,42 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
     return RunResult(state, summary)
 
 
-def _train_ps(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Path | None) -> RunResult:
-    """A parameter-server run (parallel/param_server.py), on the CPU: servers first, then workers."""
-    started = time.time()
-    dims, t, ps = mesh.dims, cfg.train, cfg.ps
-    rank = dist.get_rank(group)
-    worker_ranks = [dist.get_global_rank(group, r) for r in range(dims.servers, dims.world_size)]
-    if ps.slow_factor > 1.0 and ps.slow_worker >= 0 and ps.slow_worker not in worker_ranks:
-        raise ShardwiseError("ps.slow_worker", f"={ps.slow_worker}: not a worker, those are ranks {worker_ranks}")
-    torch.manual_seed(t.seed)  # every rank builds the same initial weights
-    dataset = load_source(cfg.data, seed=t.seed)
-    model = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
-    settings = LoopSettings(
-        steps=t.steps, global_batch=t.batch_size, clip_norm=t.clip_norm, log_every=t.log_every, eval_every=t.eval_every
-    )
-    common = {"global_batch": t.batch_size, "grad_accum": t.grad_accum, "seed": t.seed, "device": torch.device("cpu")}
-    is_server = mesh.coords["server"] >= 0
-    if not is_server:
-        data = build_rank_data(cfg.data, dataset, dp_rank=mesh.coords["dp"], dp=dims.dp, **common)
-        client = WorkerClient(model, servers=dims.servers, group=group)
-        slowdown = straggler(slow_rank=ps.slow_worker, factor=ps.slow_factor, worker_ranks=worker_ranks, seed=t.seed)
-        clip = t.clip_norm if ps.asynchronous else 0.0  # synchronous: the servers clip the averaged gradient
-        steps = work(
-            client,
-            ModelRunner(model, dp_group=None),
-            model,
-            data,
-            rank=rank,
-            clip_norm=clip,
-            slowdown=slowdown,
-            faults=FaultPlan(rank),
-        )
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return RunResult(state, {"role": "worker", "steps": steps}, leave_together=False)
+def _located(position: Position, rank: int):
+    """Add where this rank was to an error from the loop (a collective that failed or timed out)."""
 
-    server = ParameterServer(
-        model,
-        index=mesh.coords["server"],
-        servers=dims.servers,
-        workers=dims.dp,
-        group=group,
-        servers_group=mesh.groups["servers"],
-        build_optimizer=functools.partial(optimizer_for, t),
-        lr_at=lr_at(t),
-        steps=t.steps,
-        asynchronous=ps.asynchronous,
-        staleness=ps.staleness,
-        clip_norm=t.clip_norm,
-    )
-    writes = rank == 0 and out_dir is not None
-    evaluate = None
-    if rank == 0:  # server 0 scores the weights on the whole validation set
-        evaluate = score_flat(model, build_rank_data(cfg.data, dataset, dp_rank=0, dp=1, **common))
-    if writes:
-        from rich.console import Console
+    def wrap(fn):
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (ShardwiseError, TrainingDiverged):
+                raise
+            except Exception as e:
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise RuntimeError(f"{first} [rank {rank} at step {position.step + 1}: {position.phase}]") from e
 
-        console = Console(stderr=False)
-        mode = f"asynchronous, staleness <= {ps.staleness}" if ps.asynchronous else "synchronous"
-        console.print(f"layout {dims.layout} ({mode}): ranks {worker_ranks} push to ranks 0-{dims.servers - 1}")
-        reporter = ConsoleReporter(
-            MetricsLog(out_dir / "metrics.jsonl"), total_steps=t.steps, console=console, show_progress=cfg.run.progress
+        return call
+
+    return wrap
+
+
+def _read_resume(cfg: Config) -> Checkpoint | None:
+    if not cfg.run.resume:
+        return None
+    return read_checkpoint(find_checkpoint(Path(cfg.run.resume)), verify_key=cfg.checkpoint.verify_key)
+
+
+def _load_weights(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
+    weights = model_weights(checkpoint.tensors)
+    have, want = set(weights), set(model.state_dict())
+    if have != want:
+        missing = sorted(want - have)[:3] or sorted(have - want)[:3]
+        raise ShardwiseError(
+            "resume", f"{checkpoint.folder} holds another model ({len(have)} tensors, this one {len(want)}; {missing})"
         )
-    else:
-        reporter = NullReporter()
-    with reporter:
-        result = serve(server, settings, reporter=reporter, evaluate=evaluate)
-    load_flat(model, server.final)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if rank == 0:
-        server.send_final(server.final)
-    warm = result.step_times[min(5, len(result.step_times) - 1) :] or [float("nan")]
-    summary = {
-        **result.final_eval,
-        "train_loss": result.records[-1]["loss"],
-        "steps": t.steps,
-        "global_batch": t.batch_size,
-        "world_size": dims.world_size,
-        "layout": dims.layout,
-        "backend": dist.get_backend(group),
-        "model": cfg.model.name,
-        "parameters": sum(v.numel() for v in state.values()),
-        "samples_per_s": t.batch_size * len(result.step_times) / max(result.train_s, 1e-9),
-        "step_time_s": statistics.median(warm),
-        "train_s": result.train_s,
-        "wall_s": time.time() - float(os.environ.get(LAUNCH_TIME_ENV, started)),
-        "ps": staleness_summary(server),
-    }
-    if writes:
-        save_model(out_dir / "model.safetensors", state)
-        plot_curves(out_dir / "curves.png", result.records, f"{cfg.model.name} on {cfg.data.name}, {dims.layout}")
-        write_json(out_dir / "summary.json", summary)
-        console.print(render_summary(summary, str(out_dir)))
-        for lost in summary["ps"]["lost_workers"]:
-            line = f"worker rank {lost['rank']} was lost after {lost['step']} steps: {lost['error']}"
-            console.print(line, markup=False, soft_wrap=True)
-    return RunResult(state, summary, leave_together=False)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ShardwiseError("resume", f"{checkpoint.folder}: {str(e).splitlines()[-1].strip()}") from None
 
 
 def _summer(group: dist.ProcessGroup | None):
@@ -368,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         device = default_device()
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=300))
+        timeout = timedelta(seconds=cfg.train.collective_timeout_s)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
         out_dir = Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), cfg.model.name)
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)

@@ -86,3 +86,20 @@ def reduce_from_group(x: Tensor, group: dist.ProcessGroup) -> Tensor:
 
 def gather_from_group(x: Tensor, sizes: list[int], group: dist.ProcessGroup, dim: int = -1) -> Tensor:
     return _GatherFromGroup.apply(x, sizes, group, dim)
+
+
+def all_gather_json(obj, group: dist.ProcessGroup | None) -> list:
+    """Every member's JSON-able `obj`, in group rank order (JSON on the wire, never pickle)."""
+    import json
+
+    if group is None or dist.get_world_size(group) == 1:
+        return [obj]
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.int64)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    widest = int(max(s.item() for s in sizes))
+    padded = torch.cat([data, data.new_zeros(widest - data.numel())])
+    pieces = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(pieces, padded, group=group)
+    return [json.loads(bytes(p[: int(s.item())].tolist())) for p, s in zip(pieces, sizes, strict=True)]

@@ -54,7 +54,7 @@ class Split:
         return out
 
 
-def _local(t: Tensor) -> Tensor:
+def local_tensor(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
@@ -86,7 +86,7 @@ def clip_grad_norm(
         if p.grad is None:
             continue
         grads.append(p.grad)
-        sq = _local(p.grad).detach().double().pow(2).sum()
+        sq = local_tensor(p.grad).detach().double().pow(2).sum()
         if name in splits:
             group = splits[name].group
             per_group[group] = per_group.get(group, torch.zeros_like(total)) + sq
@@ -106,4 +106,4 @@ def clip_grad_norm(
 
 
 def local_bytes(tensors) -> int:
-    return sum(_local(t).numel() * t.element_size() for t in tensors if t is not None)
+    return sum(local_tensor(t).numel() * t.element_size() for t in tensors if t is not None)

@@ -1,27 +1,64 @@
 """Fault injection for tests and benchmarks of failure handling.
 
-`SHARDWISE_FAULT=RANK:STEP:KIND` makes rank RANK fail at the start of step
-STEP. KIND is `raise` (a RuntimeError) or `exit` (the process dies with
-status 3, no Python error). Unset, it costs one integer compare per step.
+`SHARDWISE_FAULT=RANK:STEP:KIND[,RANK:STEP:KIND...]` makes rank RANK fail at
+step STEP (0-based, counted over the whole run). KIND is:
+
+- `raise`  a RuntimeError at the start of the step
+- `exit`   the process exits with status 3 at the start of the step, no Python error
+- `kill`   the process sends itself SIGKILL at the start of the step
+- `hang`   the process stops itself (SIGSTOP) at the start of the step: it stops answering
+- `skip`   the rank skips the step's agreement on finite gradients (a collective)
+- `nan`    the rank's loss becomes NaN in that step
+- `exit@POINT` the process exits with status 3 at POINT of the checkpoint written after
+  the step: `checkpoint-shards` (its shard file written), `checkpoint-manifest` (rank 0,
+  before the manifest) or `checkpoint-rename` (rank 0, manifest written, before the rename)
+
+Faults fire in the first attempt only (SHARDWISE_ATTEMPT=0, which the launcher
+raises on each restart), so a restarted run goes through; `RANK:STEP:KIND:*`
+fires in every attempt. Unset, a check costs a dictionary lookup per step.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+
+ATTEMPT_ENV = "SHARDWISE_ATTEMPT"
 
 
 class FaultPlan:
     def __init__(self, rank: int, spec: str | None = None):
         spec = os.environ.get("SHARDWISE_FAULT", "") if spec is None else spec
+        self.faults: dict[int, str] = {}
         self.step = -1
-        if spec:
-            fault_rank, step, self.kind = spec.split(":")
-            if int(fault_rank) == rank:
-                self.step = int(step)
+        first_attempt = int(os.environ.get(ATTEMPT_ENV, "0")) == 0
+        for item in filter(None, spec.split(",")):
+            fault_rank, step, kind, *every = item.split(":")
+            if int(fault_rank) == rank and (first_attempt or every == ["*"]):
+                self.faults[int(step)] = kind
 
     def maybe_fail(self, step: int) -> None:
-        if step != self.step:
-            return
-        if self.kind == "exit":
+        """At the start of a step: the faults that end or stop the process."""
+        self.step = step
+        kind = self.faults.get(step)
+        if kind == "exit":
             os._exit(3)
-        raise RuntimeError(f"injected fault at step {step}")
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "hang":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        if kind == "raise":
+            raise RuntimeError(f"injected fault at step {step}")
+
+    def corrupt(self, step: int) -> bool:
+        """The loss of this step becomes NaN on this rank."""
+        return self.faults.get(step) == "nan"
+
+    def skips(self, step: int) -> bool:
+        """This rank skips the step's agreement on finite gradients."""
+        return self.faults.get(step) == "skip"
+
+    def maybe_fail_at(self, point: str) -> None:
+        """Inside the checkpoint written after the current step."""
+        if self.faults.get(self.step) == f"exit@{point}":
+            os._exit(3)

@@ -11,9 +11,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from shardwise.checkpoint.store import Checkpointer
 from shardwise.data.loader import RankData
 from shardwise.parallel.data import maybe_no_sync, unwrap
-from shardwise.parallel.splits import Split, clip_grad_norm
+from shardwise.parallel.splits import Split, clip_grad_norm, local_tensor
 from shardwise.train.evaluate import evaluate
 from shardwise.train.faults import FaultPlan
 
@@ -31,6 +32,7 @@ class LoopResult:
     step_times: list[float] = field(default_factory=list)
     final_eval: dict[str, float] = field(default_factory=dict)
     train_s: float = 0.0
+    skipped_steps: list[int] = field(default_factory=list)  # 1-based steps skipped as non-finite
 
 
 @dataclass
@@ -40,6 +42,36 @@ class LoopSettings:
     clip_norm: float = 0.0
     log_every: int = 10
     eval_every: int = 0
+    start_step: int = 0  # a resumed run's first step
+    max_bad_steps: int = 3
+
+
+@dataclass
+class Position:
+    """Where this rank is, for the message if a collective there fails or times out."""
+
+    step: int = 0
+    phase: str = "start-up"
+
+    def at(self, step: int, phase: str) -> None:
+        self.step, self.phase = step, phase
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def all_finite(loss: torch.Tensor, model: nn.Module, group: dist.ProcessGroup | None, *, skip: bool) -> bool:
+    """Whether the loss and every gradient are finite on every rank of `group` (a collective,
+    so all ranks skip a bad step together and their weights stay equal)."""
+    bad = torch.zeros((), device=loss.device) if torch.isfinite(loss).all() else torch.ones((), device=loss.device)
+    for p in model.parameters():
+        if p.grad is not None and not torch.isfinite(local_tensor(p.grad)).all():
+            bad.fill_(1.0)
+            break
+    if group is not None and dist.get_world_size(group) > 1 and not skip:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+    return bad.item() == 0.0
 
 
 def mean_over(group: dist.ProcessGroup | None, value: torch.Tensor) -> float:
@@ -99,26 +131,54 @@ def train_loop(
     faults: FaultPlan,
     splits: dict[str, Split] | None = None,
     sum_groups: list[dist.ProcessGroup] | None = None,
+    agree_group: dist.ProcessGroup | None = None,
+    checkpointer: Checkpointer | None = None,
+    position: Position | None = None,
 ) -> LoopResult:
-    """Train for `settings.steps` optimizer steps. `model` is this rank's part of the
-    model; `splits` (parameters held in pieces) and `sum_groups` (groups whose ranks
+    """Train from `settings.start_step` to `settings.steps`. `model` is this rank's part of
+    the model; `splits` (parameters held in pieces) and `sum_groups` (groups whose ranks
     hold disjoint parameters: FSDP shards, pipeline stages) let clipping see the whole
-    model's gradient."""
+    model's gradient. `agree_group` (every rank of the layout) agrees on skipping a step
+    whose loss or gradients are not finite."""
     result = LoopResult()
+    where = position or Position()
     window_loss = torch.zeros((), device=data.device)
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_good, bad_in_row = time.perf_counter(), 0, 0, 0
     model.train()
-    for step in range(settings.steps):
+    for step in range(settings.start_step, settings.steps):
         started = time.perf_counter()
+        where.at(step, "forward/backward and gradient reduction")
         faults.maybe_fail(step)
 
         optimizer.zero_grad(set_to_none=True)
-        window_loss += runner.forward_backward(data.micro_batches(step))
-        if settings.clip_norm > 0:
-            clip_grad_norm(unwrap(model), settings.clip_norm, splits=splits or {}, sum_groups=sum_groups or [])
+        loss = runner.forward_backward(data.micro_batches(step))
+        if faults.corrupt(step):
+            loss = loss * float("nan")
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        where.phase = "agreeing on finite gradients"
+        finite = all_finite(loss, model, agree_group, skip=faults.skips(step))
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
+        if finite:
+            bad_in_row = 0
+            window_loss += loss
+            window_good += 1
+            if settings.clip_norm > 0:
+                where.phase = "clipping (gradient norm all-reduce)"
+                clip_grad_norm(unwrap(model), settings.clip_norm, splits=splits or {}, sum_groups=sum_groups or [])
+            where.phase = "optimizer step"
+            optimizer.step()
+            scheduler.step()
+        else:  # every rank skips it: the weights stay equal
+            optimizer.zero_grad(set_to_none=True)
+            result.skipped_steps.append(step + 1)
+            bad_in_row += 1
+            if bad_in_row >= settings.max_bad_steps:
+                raise TrainingDiverged(
+                    f"train.max_bad_steps: {bad_in_row} steps in a row with a non-finite loss or gradient "
+                    f"(steps {step + 2 - bad_in_row} to {step + 1}); lower train.lr or set train.clip_norm"
+                )
 
         result.step_times.append(time.perf_counter() - started)
         window_steps += 1
@@ -126,20 +186,31 @@ def train_loop(
         last = step == settings.steps - 1
         eval_now = last or (settings.eval_every > 0 and (step + 1) % settings.eval_every == 0)
         if eval_now or (step + 1) % settings.log_every == 0:
+            where.phase = "logging (loss all-reduce)"
             elapsed = time.perf_counter() - window_start
             record = {
                 "step": step + 1,
-                "loss": runner.mean_loss(window_loss / window_steps),
+                "loss": runner.mean_loss(window_loss / max(1, window_good)),
                 "lr": lr,
                 "samples_per_s": settings.global_batch * window_steps / elapsed,
+                "skipped_steps": len(result.skipped_steps),
             }
             window_loss.zero_()
-            window_steps = 0
+            window_steps = window_good = 0
             if eval_now:
+                where.phase = "evaluation"
                 record.update(runner.evaluate(data))
             result.records.append(record)
             reporter.log(record)
             window_start = time.perf_counter()
+        if checkpointer is not None:
+            where.phase = "writing a checkpoint"
+            checkpointer.maybe_save(step + 1)
+    if not result.records:  # resumed at the last step: score the weights as loaded
+        where.phase = "evaluation"
+        record = {"step": settings.steps, "loss": float("nan"), "lr": scheduler.get_last_lr()[0], "samples_per_s": 0.0}
+        record.update(runner.evaluate(data))
+        result.records.append(record)
     result.final_eval = {k: result.records[-1][k] for k in ("val_loss", "val_accuracy")}
     result.train_s = sum(result.step_times)
     return result

@@ -69,8 +69,13 @@ def plot_curves(path: Path, records: list[dict], title: str) -> None:
 class MetricsLog:
     """metrics.jsonl, one line per logged step, flushed as it goes."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, from_step: int = 0):
+        """A resumed run keeps the lines of the steps before `from_step`."""
+        kept = []
+        if from_step and path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= from_step]
         self._file = open(path, "w")
+        self._file.writelines(line + "\n" for line in kept)
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")

@@ -1,0 +1,174 @@
+"""A checkpoint's manifest: every file with its size and SHA-256, optionally signed.
+
+`manifest.json` is written last, after every other file of the checkpoint is
+written and fsynced; `manifest.sig` holds an Ed25519 signature of its exact
+bytes (library: cryptography). Verification names the first thing that
+differs: the signature, a missing or changed file, or a file the manifest does
+not list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+from shardwise.errors import ShardwiseError
+
+MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+FORMAT = "shardwise-checkpoint-1"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (so a rename inside it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path, *, step: int, sign_key: str = "") -> None:
+    """List every file of `folder` (already fsynced) in manifest.json; sign it if a key is given."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in (MANIFEST, SIGNATURE))
+    manifest = {
+        "format": FORMAT,
+        "step": step,
+        "files": [{"name": p.name, "size": p.stat().st_size, "sha256": sha256(p)} for p in files],
+    }
+    data = (json.dumps(manifest, indent=2) + "\n").encode()
+    _write_synced(folder / MANIFEST, data)
+    if sign_key:
+        _write_synced(folder / SIGNATURE, load_private_key(sign_key).sign(data))
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify(folder: Path, *, verify_key: str = "") -> dict:
+    """The manifest of `folder` if every check passes; else ShardwiseError naming the file."""
+    where = "checkpoint"
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise ShardwiseError(where, f"{manifest_path}: no manifest (an incomplete or foreign folder)")
+    data = manifest_path.read_bytes()
+    if verify_key:
+        signature = folder / SIGNATURE
+        if not signature.is_file():
+            raise ShardwiseError(where, f"{signature}: missing; the checkpoint is unsigned and a verify key is set")
+        from cryptography.exceptions import InvalidSignature
+
+        try:
+            load_public_key(verify_key).verify(signature.read_bytes(), data)
+        except InvalidSignature:
+            raise ShardwiseError(where, f"{manifest_path}: the signature does not match {verify_key}") from None
+    try:
+        manifest = json.loads(data)
+        listed = {f["name"]: f for f in manifest["files"]}
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"format {manifest.get('format')!r}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ShardwiseError(where, f"{manifest_path}: not a valid manifest ({e})") from None
+    for name in sorted(listed):
+        path, entry = folder / name, listed[name]
+        if not path.is_file():
+            raise ShardwiseError(where, f"{path}: listed in the manifest but missing")
+        if path.stat().st_size != entry["size"]:
+            raise ShardwiseError(where, f"{path}: {path.stat().st_size} bytes, the manifest says {entry['size']}")
+        if sha256(path) != entry["sha256"]:
+            raise ShardwiseError(where, f"{path}: SHA-256 differs from the manifest")
+    for path in sorted(folder.iterdir()):
+        if path.name not in listed and path.name not in (MANIFEST, SIGNATURE):
+            raise ShardwiseError(where, f"{path}: not in the manifest")
+    return manifest
+
+
+def keygen(folder: Path) -> tuple[Path, Path]:
+    """A new Ed25519 key pair: folder/shardwise.key (private, mode 600) and folder/shardwise.pub."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    folder.mkdir(parents=True, exist_ok=True)
+    private, public = folder / "shardwise.key", folder / "shardwise.pub"
+    for path in (private, public):
+        if path.exists():
+            raise ShardwiseError("keygen", f"{path} exists; not overwriting a key")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return private, public
+
+
+def _read_key(path: str, field: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ShardwiseError(field, f"cannot read {path!r}: {e.strerror}") from None
+
+
+def load_private_key(path: str):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(_read_key(path, "checkpoint.sign_key"), password=None)
+    except (ValueError, TypeError) as e:
+        raise ShardwiseError("checkpoint.sign_key", f"{path!r} is not a PEM private key ({e})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ShardwiseError("checkpoint.sign_key", f"{path!r} is not an Ed25519 key")
+    return key
+
+
+def load_public_key(path: str):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        key = load_pem_public_key(_read_key(path, "checkpoint.verify_key"))
+    except (ValueError, TypeError) as e:
+        raise ShardwiseError("checkpoint.verify_key", f"{path!r} is not a PEM public key ({e})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ShardwiseError("checkpoint.verify_key", f"{path!r} is not an Ed25519 key")
+    return key
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest step-N folder under `root` that has a manifest (a complete write)."""
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / MANIFEST).is_file()]
+    return max(found)[1] if found else None
+
+
+def find_checkpoint(path: Path) -> Path:
+    """`path` itself if it is a checkpoint, else the newest complete one in its checkpoints/ folder."""
+    if (path / MANIFEST).is_file():
+        return path
+    found = latest_checkpoint(path / "checkpoints")
+    if found is None:
+        raise ShardwiseError("resume", f"no complete checkpoint in {str(path)!r} or its checkpoints/ folder")
+    return found

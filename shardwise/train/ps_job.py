@@ -1,0 +1,123 @@
+"""A parameter-server job from the config: roles, data, the server or worker loop, outputs."""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from shardwise.config import Config
+from shardwise.data import build_rank_data, load_source
+from shardwise.errors import ShardwiseError
+from shardwise.models import build_model
+from shardwise.parallel.param_server import ParameterServer, WorkerClient, load_flat
+from shardwise.topology import RankMesh
+from shardwise.train.faults import FaultPlan
+from shardwise.train.loop import LoopSettings, ModelRunner
+from shardwise.train.optim import lr_at, optimizer_for
+from shardwise.train.outputs import MetricsLog, plot_curves, save_model, write_json
+from shardwise.train.progress import ConsoleReporter, NullReporter, render_summary
+from shardwise.train.ps_loop import score_flat, serve, staleness_summary, straggler, work
+
+
+def run_parameter_server(
+    cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Path | None, launch_time: float
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """A parameter-server run on the CPU, servers first, then workers: the final weights
+    (every rank) and the summary (server 0's is the run's)."""
+    dims, t, ps = mesh.dims, cfg.train, cfg.ps
+    rank = dist.get_rank(group)
+    worker_ranks = [dist.get_global_rank(group, r) for r in range(dims.servers, dims.world_size)]
+    if ps.slow_factor > 1.0 and ps.slow_worker >= 0 and ps.slow_worker not in worker_ranks:
+        raise ShardwiseError("ps.slow_worker", f"={ps.slow_worker}: not a worker, those are ranks {worker_ranks}")
+    torch.manual_seed(t.seed)  # every rank builds the same initial weights
+    dataset = load_source(cfg.data, seed=t.seed)
+    model = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
+    settings = LoopSettings(
+        steps=t.steps, global_batch=t.batch_size, clip_norm=t.clip_norm, log_every=t.log_every, eval_every=t.eval_every
+    )
+    common = {"global_batch": t.batch_size, "grad_accum": t.grad_accum, "seed": t.seed, "device": torch.device("cpu")}
+    is_server = mesh.coords["server"] >= 0
+    if not is_server:
+        data = build_rank_data(cfg.data, dataset, dp_rank=mesh.coords["dp"], dp=dims.dp, **common)
+        client = WorkerClient(model, servers=dims.servers, group=group)
+        slowdown = straggler(slow_rank=ps.slow_worker, factor=ps.slow_factor, worker_ranks=worker_ranks, seed=t.seed)
+        clip = t.clip_norm if ps.asynchronous else 0.0  # synchronous: the servers clip the averaged gradient
+        steps = work(
+            client,
+            ModelRunner(model, dp_group=None),
+            model,
+            data,
+            rank=rank,
+            clip_norm=clip,
+            slowdown=slowdown,
+            faults=FaultPlan(rank),
+        )
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return state, {"role": "worker", "steps": steps}
+
+    server = ParameterServer(
+        model,
+        index=mesh.coords["server"],
+        servers=dims.servers,
+        workers=dims.dp,
+        group=group,
+        servers_group=mesh.groups["servers"],
+        build_optimizer=functools.partial(optimizer_for, t),
+        lr_at=lr_at(t),
+        steps=t.steps,
+        asynchronous=ps.asynchronous,
+        staleness=ps.staleness,
+        clip_norm=t.clip_norm,
+    )
+    writes = rank == 0 and out_dir is not None
+    evaluate = None
+    if rank == 0:  # server 0 scores the weights on the whole validation set
+        evaluate = score_flat(model, build_rank_data(cfg.data, dataset, dp_rank=0, dp=1, **common))
+    if writes:
+        from rich.console import Console
+
+        console = Console(stderr=False)
+        mode = f"asynchronous, staleness <= {ps.staleness}" if ps.asynchronous else "synchronous"
+        console.print(f"layout {dims.layout} ({mode}): ranks {worker_ranks} push to ranks 0-{dims.servers - 1}")
+        reporter = ConsoleReporter(
+            MetricsLog(out_dir / "metrics.jsonl"), total_steps=t.steps, console=console, show_progress=cfg.run.progress
+        )
+    else:
+        reporter = NullReporter()
+    with reporter:
+        result = serve(server, settings, reporter=reporter, evaluate=evaluate)
+    load_flat(model, server.final)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if rank == 0:
+        server.send_final(server.final)
+    warm = result.step_times[min(5, len(result.step_times) - 1) :] or [float("nan")]
+    summary = {
+        **result.final_eval,
+        "train_loss": result.records[-1]["loss"],
+        "steps": t.steps,
+        "global_batch": t.batch_size,
+        "world_size": dims.world_size,
+        "layout": dims.layout,
+        "backend": dist.get_backend(group),
+        "model": cfg.model.name,
+        "parameters": sum(v.numel() for v in state.values()),
+        "samples_per_s": t.batch_size * len(result.step_times) / max(result.train_s, 1e-9),
+        "step_time_s": statistics.median(warm),
+        "train_s": result.train_s,
+        "wall_s": time.time() - launch_time,
+        "ps": staleness_summary(server),
+    }
+    if writes:
+        save_model(out_dir / "model.safetensors", state)
+        plot_curves(out_dir / "curves.png", result.records, f"{cfg.model.name} on {cfg.data.name}, {dims.layout}")
+        write_json(out_dir / "summary.json", summary)
+        console.print(render_summary(summary, str(out_dir)))
+        for lost in summary["ps"]["lost_workers"]:
+            line = f"worker rank {lost['rank']} was lost after {lost['step']} steps: {lost['error']}"
+            console.print(line, markup=False, soft_wrap=True)
+    return state, summary
