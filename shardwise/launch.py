@@ -147,12 +147,13 @@ def _stalled(procs: list[subprocess.Popen], failures: list[RankFailure]) -> Rank
         return None
     where = [m for f in failures if (m := POSITION.search(f.message))]
     detail = f" in {where[0].group(3)} of step {where[0].group(2)}" if where else ""
-    waited = ", ".join(str(f.rank) for f in failures)
+    names = [str(f.rank) for f in failures]
+    waited = f"rank {names[0]}" if len(names) == 1 else f"ranks {', '.join(names[:-1])} and {names[-1]}"
     alive = [r for r, p in enumerate(procs) if p.poll() is None]
     stopped = [r for r in alive if _state(procs[r].pid) == "T"]
     if stopped or alive:
         how = "its process is stopped" if stopped else "it never reached the collective"
-        message = f"stopped answering ({how}): rank {waited} timed out waiting for it{detail}"
+        message = f"stopped answering ({how}): {waited} timed out waiting for it{detail}"
         return RankFailure((stopped or alive)[0], STALLED, message, "")
     positions = {int(m.group(1)): (int(m.group(2)), m.group(3)) for m in where}
     if len(set(positions.values())) > 1:

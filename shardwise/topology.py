@@ -205,6 +205,13 @@ class RankMesh:
                     created.append(pg)
                     if me in members:
                         groups[axis] = pg
+        # the per-step agreement on finite gradients gets a group of its own where it can:
+        # a rank that skips it then waits in another group's collective instead of
+        # feeding it mismatched data, and every rank times out cleanly
+        groups["agree"] = parent
+        if len(ranks) == dist.get_world_size() and len(ranks) > 1:
+            groups["agree"] = dist.new_group(ranks, timeout=timeout)
+            created.append(groups["agree"])
         return cls(dims, groups, dims.coords(me), created, parent)
 
     @classmethod

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from shardwise.checkpoint.manifest import find_checkpoint
-from shardwise.checkpoint.state import load_optimizer, logical_model, logical_optimizer, model_weights
-from shardwise.checkpoint.store import Checkpoint, Checkpointer, read_checkpoint, restore_rng, rng_tensors
+from shardwise.checkpoint.resume import load_weights, read_resume
+from shardwise.checkpoint.state import load_optimizer, logical_model, logical_optimizer
+from shardwise.checkpoint.store import Checkpointer, restore_rng, rng_tensors
 from shardwise.comm.halo import bands
 from shardwise.config import Config, load_config
 from shardwise.data import build_rank_data, load_source
@@ -126,9 +126,9 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
         microbatches=dims.microbatches,
     )
     model = build_model(cfg.model, dataset.in_shape, dataset.num_classes).to(device)
-    checkpoint = _read_resume(cfg)
+    checkpoint = read_resume(cfg)
     if checkpoint is not None:  # the whole model, before any layout cuts it
-        _load_weights(model, checkpoint)
+        load_weights(model, checkpoint)
     whole_model_bytes = local_bytes(model.parameters())
     whole_state = {k: v.detach().to("meta") for k, v in model.state_dict().items()}  # names, shapes, dtypes
 
@@ -231,7 +231,7 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
             faults=faults,
             splits=splits,
             sum_groups=sum_groups,
-            agree_group=group,
+            agree_group=mesh.groups["agree"],
             checkpointer=checkpointer,
             position=position,
         )
@@ -261,6 +261,7 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
         "train_s": result.train_s,
         "wall_s": time.time() - launch_time,
         "memory": memory_records(end_bytes, dims),
+        "skipped_steps": result.skipped_steps,
         **pipeline,
         "partition": data.report,
     }
@@ -293,26 +294,6 @@ def _located(position: Position, rank: int):
         return call
 
     return wrap
-
-
-def _read_resume(cfg: Config) -> Checkpoint | None:
-    if not cfg.run.resume:
-        return None
-    return read_checkpoint(find_checkpoint(Path(cfg.run.resume)), verify_key=cfg.checkpoint.verify_key)
-
-
-def _load_weights(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
-    weights = model_weights(checkpoint.tensors)
-    have, want = set(weights), set(model.state_dict())
-    if have != want:
-        missing = sorted(want - have)[:3] or sorted(have - want)[:3]
-        raise ShardwiseError(
-            "resume", f"{checkpoint.folder} holds another model ({len(have)} tensors, this one {len(want)}; {missing})"
-        )
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ShardwiseError("resume", f"{checkpoint.folder}: {str(e).splitlines()[-1].strip()}") from None
 
 
 def _summer(group: dist.ProcessGroup | None):

@@ -34,6 +34,8 @@ LAYOUTS = {
     "pp 2 x dp 2": ({"parallel.pp": "2", "parallel.dp": "2", "train.optimizer": "adamw", "train.lr": LR["adamw"]}, 4),
     "shard optimizer": ({"parallel.shard": "optimizer", "train.optimizer": "adamw", "train.lr": LR["adamw"]}, 2),
     "shard full": ({"parallel.shard": "full", "train.optimizer": "adamw", "train.lr": LR["adamw"]}, 2),
+    "spatial 2": ({"model.name": "convnet", "model.channels": "8,16", "parallel.spatial": "2"}, 2),
+    "parameter server 2 + 2": ({"parallel.mode": "ps", "ps.servers": "2", "train.optimizer": "adamw"}, 4),
 }
 
 

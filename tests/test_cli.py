@@ -139,15 +139,30 @@ BAD_INPUT = {
 }
 
 
+def shardwise_here(capfd, *args: str) -> tuple[int, str]:
+    """`shardwise ARGS` in this process (the launcher still starts workers as processes):
+    the exit status and everything written to stderr, workers' included."""
+    from shardwise.cli import main
+
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = e.code
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    return code, capfd.readouterr().err
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_one_line_exit_2_nothing_written(tmp_path, case):
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capfd, case):
     args, message = BAD_INPUT[case]
     args = [_cifar_with_bad_size(tmp_path) if a == "CIFAR" else a for a in args]
     out = tmp_path / "out"
-    result = shardwise("train", *args, "--out", str(out))
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr
+    code, err = shardwise_here(capfd, "train", *args, "--out", str(out))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
     assert message in lines[0]
     assert not out.exists()
 

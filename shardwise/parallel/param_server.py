@@ -309,15 +309,45 @@ class ParameterServer:
             )
         self._release()
 
+    # -- checkpoints -------------------------------------------------------------
+    def logical_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """`model/NAME` and `optim/KEY/NAME`, whole, on every server (a collective of the servers)."""
+        from shardwise.checkpoint.state import unflatten
+
+        named = list(model.named_parameters())
+        out = unflatten(self.gather(), named, prefix="model/")
+        for key, value in sorted(self.optimizer.state.get(self.param, {}).items()):
+            if value.dim() == 0:
+                out |= {f"optim/{key}/{name}": value.clone() for name, _ in named}
+            else:
+                out |= unflatten(self.gather(value), named, prefix=f"optim/{key}/")
+        return out
+
+    def load_state(self, model: nn.Module, tensors: dict[str, Tensor], *, step: int) -> None:
+        """Take this server's slice of a checkpoint's optimizer state and go on from global step `step`
+        (the weights came in with the model)."""
+        from shardwise.checkpoint.state import flatten, optimizer_keys
+
+        named = list(model.named_parameters())
+        lo, hi = self.bounds[self.index]
+        state = {}
+        for key in optimizer_keys(tensors):
+            first = tensors[f"optim/{key}/{named[0][0]}"]
+            state[key] = first.clone() if first.dim() == 0 else flatten(tensors, named, prefix=f"optim/{key}/")[lo:hi]
+        self.optimizer.state[self.param] = state
+        self.clocks = [step] * self.workers
+        self.stats.updates = step * self.workers
+
     # -- the end -----------------------------------------------------------------
-    def gather(self) -> Tensor:
-        """All parameters, flat (a collective of the servers)."""
+    def gather(self, piece: Tensor | None = None) -> Tensor:
+        """All parameters (or the servers' slices of another flat tensor), flat: a collective of the servers."""
+        piece = self.param.detach() if piece is None else piece.detach()
         if self.servers_group is None:
-            return self.param.detach().clone()
+            return piece.clone()
         from shardwise.comm.collectives import all_gather_uneven
 
         sizes = [hi - lo for lo, hi in self.bounds]
-        return torch.cat(all_gather_uneven(self.param.detach(), sizes, dim=0, group=self.servers_group))
+        return torch.cat(all_gather_uneven(piece.contiguous(), sizes, dim=0, group=self.servers_group))
 
     def send_final(self, flat: Tensor) -> None:
         """Server 0: the final parameters to every worker still there."""

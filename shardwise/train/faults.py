@@ -14,8 +14,8 @@ step STEP (0-based, counted over the whole run). KIND is:
   before the manifest) or `checkpoint-rename` (rank 0, manifest written, before the rename)
 
 Faults fire in the first attempt only (SHARDWISE_ATTEMPT=0, which the launcher
-raises on each restart), so a restarted run goes through; `RANK:STEP:KIND:*`
-fires in every attempt. Unset, a check costs a dictionary lookup per step.
+raises on each restart), so a restarted run goes through; `RANK:STEP:KIND:A`
+fires in attempt A only, and `RANK:STEP:KIND:*` in every attempt. Unset, a check costs a dictionary lookup per step.
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ class FaultPlan:
         self.step = -1
         first_attempt = int(os.environ.get(ATTEMPT_ENV, "0")) == 0
         for item in filter(None, spec.split(",")):
-            fault_rank, step, kind, *every = item.split(":")
-            if int(fault_rank) == rank and (first_attempt or every == ["*"]):
+            fault_rank, step, kind, *when = item.split(":")
+            attempt = int(os.environ.get(ATTEMPT_ENV, "0"))
+            fires = first_attempt if not when else when[0] == "*" or int(when[0]) == attempt
+            if int(fault_rank) == rank and fires:
                 self.faults[int(step)] = kind
 
     def maybe_fail(self, step: int) -> None:

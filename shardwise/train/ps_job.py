@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from shardwise.checkpoint.resume import load_weights, read_resume
+from shardwise.checkpoint.store import Checkpointer
 from shardwise.config import Config
 from shardwise.data import build_rank_data, load_source
 from shardwise.errors import ShardwiseError
@@ -37,8 +39,18 @@ def run_parameter_server(
     torch.manual_seed(t.seed)  # every rank builds the same initial weights
     dataset = load_source(cfg.data, seed=t.seed)
     model = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
+    checkpoint = read_resume(cfg)
+    start_step = 0
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+        start_step = checkpoint.step
     settings = LoopSettings(
-        steps=t.steps, global_batch=t.batch_size, clip_norm=t.clip_norm, log_every=t.log_every, eval_every=t.eval_every
+        steps=t.steps,
+        global_batch=t.batch_size,
+        clip_norm=t.clip_norm,
+        log_every=t.log_every,
+        eval_every=t.eval_every,
+        start_step=start_step,
     )
     common = {"global_batch": t.batch_size, "grad_accum": t.grad_accum, "seed": t.seed, "device": torch.device("cpu")}
     is_server = mesh.coords["server"] >= 0
@@ -56,6 +68,7 @@ def run_parameter_server(
             clip_norm=clip,
             slowdown=slowdown,
             faults=FaultPlan(rank),
+            start_step=start_step,
         )
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return state, {"role": "worker", "steps": steps}
@@ -74,6 +87,18 @@ def run_parameter_server(
         staleness=ps.staleness,
         clip_norm=t.clip_norm,
     )
+    if checkpoint is not None:
+        server.load_state(model, checkpoint.tensors, step=start_step)
+    checkpointer = None
+    if out_dir is not None and t.checkpoint_every > 0:
+
+        def collect() -> tuple[dict, dict]:
+            return server.logical_state(model), {"world_size": dims.world_size, "layout": dims.layout}
+
+        group_of_servers = mesh.groups["servers"]
+        checkpointer = Checkpointer(
+            out_dir / "checkpoints", t.checkpoint_every, t.steps, group_of_servers, collect, cfg.checkpoint.sign_key
+        )
     writes = rank == 0 and out_dir is not None
     evaluate = None
     if rank == 0:  # server 0 scores the weights on the whole validation set
@@ -85,12 +110,15 @@ def run_parameter_server(
         mode = f"asynchronous, staleness <= {ps.staleness}" if ps.asynchronous else "synchronous"
         console.print(f"layout {dims.layout} ({mode}): ranks {worker_ranks} push to ranks 0-{dims.servers - 1}")
         reporter = ConsoleReporter(
-            MetricsLog(out_dir / "metrics.jsonl"), total_steps=t.steps, console=console, show_progress=cfg.run.progress
+            MetricsLog(out_dir / "metrics.jsonl", from_step=start_step),
+            total_steps=t.steps,
+            console=console,
+            show_progress=cfg.run.progress,
         )
     else:
         reporter = NullReporter()
     with reporter:
-        result = serve(server, settings, reporter=reporter, evaluate=evaluate)
+        result = serve(server, settings, reporter=reporter, evaluate=evaluate, checkpointer=checkpointer)
     load_flat(model, server.final)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if rank == 0:

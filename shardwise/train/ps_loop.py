@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from shardwise.checkpoint.store import Checkpointer
 from shardwise.data.loader import RankData
 from shardwise.parallel.param_server import ParameterServer, WorkerClient
 from shardwise.parallel.splits import clip_grad_norm
@@ -48,9 +49,10 @@ def work(
     clip_norm: float,
     slowdown: Callable[[int, int], float],
     faults: FaultPlan,
+    start_step: int = 0,
 ) -> int:
     """Train until told to stop; returns the number of steps this worker pushed."""
-    step = 0
+    step = start_step
     model.train()
     while True:
         faults.maybe_fail(step)
@@ -76,11 +78,12 @@ def serve(
     *,
     reporter: Reporter,
     evaluate: Callable[[Tensor], dict[str, float]] | None,
+    checkpointer: Checkpointer | None = None,
 ) -> LoopResult:
     """Serve until every worker is done or lost. `evaluate(flat parameters)` scores the
     weights (server 0); every server takes part in gathering them at each evaluation."""
     result = LoopResult()
-    done_steps, logged_updates = 0, 0
+    done_steps, logged_updates = settings.start_step, 0
     window_start = step_start = time.perf_counter()
     last_record: dict | None = None
     while server.running():
@@ -93,6 +96,8 @@ def serve(
             done_steps += 1
             eval_now = settings.eval_every > 0 and done_steps % settings.eval_every == 0
             last = done_steps == settings.steps
+            if checkpointer is not None and not last:  # the last one once every gradient has landed
+                checkpointer.maybe_save(done_steps)
             if not (last or eval_now or done_steps % settings.log_every == 0):
                 continue
             losses = server.stats.losses[logged_updates:]
@@ -114,6 +119,8 @@ def serve(
             result.records.append(record)
             reporter.log(record)
     flat = server.gather()
+    if checkpointer is not None and done_steps == settings.steps:
+        checkpointer.maybe_save(done_steps)
     if last_record is None:  # the workers were lost before the end
         last_record = {"step": done_steps, "loss": float("nan"), "lr": 0.0, "samples_per_s": 0.0}
     if evaluate is not None:

@@ -1,0 +1,171 @@
+"""Failures end or heal the job: restarts from checkpoints, kills during a checkpoint
+write, signed and tampered checkpoints, stalled ranks, non-finite steps."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from parity import BASE
+from safetensors.torch import load_file
+
+from shardwise.checkpoint.manifest import keygen, verify
+from shardwise.config import load_config
+from shardwise.errors import ShardwiseError
+from shardwise.worker import run
+
+JOB = ["--model.name", "mlp", "--train.steps", "12", "--train.eval_every", "0", "--run.progress", "false"]
+JOB += ["--train.checkpoint_every", "3", "--train.deterministic", "true"]
+
+
+def shardwise(*args: str, fault: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SHARDWISE_FAULT": fault}
+    cmd = [sys.executable, "-m", "shardwise", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+    out = tmp_path_factory.mktemp("whole") / "run"
+    done = shardwise("train", "--nproc", "2", *JOB, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    return _weights(out)
+
+
+def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), f"{key} differs from the run without failures"
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_killed_rank_restarts_from_the_newest_checkpoint(tmp_path, uninterrupted, seed):
+    rng = random.Random(seed)
+    rank, step = rng.randrange(2), rng.randrange(1, 12)
+    done = shardwise("train", "--nproc", "2", *JOB, "--out", str(tmp_path / "run"), "--max-restarts", "2",
+                     fault=f"{rank}:{step}:kill")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    newest = (step // 3) * 3
+    origin = f"step-{newest:08d}" if newest else "the start"
+    assert f"rank {rank} failed (exit -9): exited with status -9; restart 1 of 2 from {origin}" in done.stderr
+    _assert_same(_weights(tmp_path / "run"), uninterrupted)
+
+
+def test_kills_during_checkpoint_writes_never_leave_a_torn_checkpoint(tmp_path, uninterrupted):
+    # attempt 0 dies with its shard written, attempt 1 before the manifest, attempt 2
+    # after the manifest but before the rename: each restart takes the previous checkpoint
+    faults = "1:5:exit@checkpoint-shards:0,0:8:exit@checkpoint-manifest:1,0:8:exit@checkpoint-rename:2"
+    done = shardwise("train", "--nproc", "2", *JOB, "--out", str(tmp_path / "run"), "--max-restarts", "3",
+                     fault=faults)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    restarts = [line.rsplit(" from ", 1)[1] for line in done.stderr.splitlines() if "restart" in line]
+    assert restarts == ["step-00000003", "step-00000006", "step-00000006"]
+    _assert_same(_weights(tmp_path / "run"), uninterrupted)
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
+
+
+def test_restarts_exhausted_name_the_rank(tmp_path):
+    done = shardwise("train", "--nproc", "2", *JOB, "--out", str(tmp_path / "run"), "--max-restarts", "1",
+                     fault="1:1:exit:*")  # fmt: skip
+    assert done.returncode == 1
+    assert (
+        done.stderr.strip().splitlines()[-1]
+        == "shardwise: rank 1 failed (exit 3): exited with status 3, after 1 restart"
+    )
+
+
+def test_signed_checkpoints_and_tampering(tmp_path):
+    keys = tmp_path / "keys"
+    assert shardwise("keygen", "--out", str(keys)).returncode == 0
+    out = tmp_path / "run"
+    signed = ["--checkpoint.sign_key", str(keys / "shardwise.key")]
+    done = shardwise("train", "--nproc", "1", *JOB, "--train.steps", "6", "--out", str(out), *signed)
+    assert done.returncode == 0, done.stderr
+    newest = out / "checkpoints" / "step-00000006"
+    pub = str(keys / "shardwise.pub")
+    ok = shardwise("verify", str(out), "--key", pub)
+    assert ok.returncode == 0 and "signature verified" in ok.stdout
+
+    def refused(*args: str) -> str:
+        done = shardwise(*args)
+        assert done.returncode == 2, done.stdout + done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1
+        return lines[0]
+
+    def verify_error(key: str = "") -> str:
+        with pytest.raises(ShardwiseError) as e:
+            verify(newest, verify_key=key)
+        return str(e.value)
+
+    shard = newest / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert refused("verify", str(out), "--key", pub).endswith(f"{shard}: SHA-256 differs from the manifest")
+    resume = ["train", "--nproc", "1", "--resume", str(out), "--checkpoint.verify_key", pub]
+    assert f"{shard}: SHA-256 differs from the manifest" in refused(*resume)
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    verify(newest, verify_key=pub)
+    (newest / "extra.bin").write_bytes(b"x")
+    assert verify_error().endswith(f"{newest / 'extra.bin'}: not in the manifest")
+    (newest / "extra.bin").unlink()
+    (newest / "state.json").rename(tmp_path / "state.json")
+    assert verify_error().endswith(f"{newest / 'state.json'}: listed in the manifest but missing")
+    (tmp_path / "state.json").rename(newest / "state.json")
+    keygen(tmp_path / "other")
+    other = str(tmp_path / "other" / "shardwise.pub")
+    assert verify_error(other).endswith(f"{newest / 'manifest.json'}: the signature does not match {other}")
+    (newest / "manifest.sig").unlink()
+    assert "the checkpoint is unsigned and a verify key is set" in refused(*resume)
+    verify(newest)  # unsigned is fine without a key
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("hang", "shardwise: rank 1 stopped answering (its process is stopped): ranks 0 and 2 timed out waiting for it"),
+    ("skip", "shardwise: rank 1 skipped a collective: it was at step 5"),
+])  # fmt: skip
+def test_a_rank_that_stops_answering_ends_the_job(tmp_path, kind, message):
+    args = ["train", "--nproc", "3", *JOB, "--train.batch_size", "48", "--train.collective_timeout_s", "3"]
+    done = shardwise(*args, "--out", str(tmp_path / "run"), fault=f"1:3:{kind}", timeout=3 + 30 + 20)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr
+
+
+def _with_fault(spec: str, overrides: dict[str, str], *, group):
+    os.environ["SHARDWISE_FAULT"] = spec
+    try:
+        result = run(load_config(None, {**BASE, "model.name": "mlp", **overrides}), group=group)
+        return result.state_dict, result.summary
+    except RuntimeError as e:
+        return str(e), None
+    finally:
+        os.environ.pop("SHARDWISE_FAULT")
+
+
+def test_a_non_finite_step_is_skipped_on_every_rank(pool):
+    results = pool.run(_with_fault, "1:5:nan", {}, ranks=[0, 1])
+    (state0, summary), (state1, _) = results
+    assert summary["skipped_steps"] == [6]
+    for key in state0:
+        assert torch.isfinite(state0[key]).all()
+        assert torch.equal(state0[key], state1[key])
+
+
+def test_too_many_non_finite_steps_stop_the_run(pool):
+    faults = "0:4:nan,0:5:nan,1:6:nan"
+    messages = pool.run(_with_fault, faults, {"train.max_bad_steps": "3"}, ranks=[0, 1])
+    for message, _ in messages:
+        assert message.startswith(
+            "train.max_bad_steps: 3 steps in a row with a non-finite loss or gradient (steps 5 to 7)"
+        )
