@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/shardwise bench pp
 	$(BIN)/shardwise bench spatial
 	$(BIN)/shardwise bench ps
+	$(BIN)/shardwise bench restarts
 	$(BIN)/shardwise bench shard
 
 lint: $(STAMP)

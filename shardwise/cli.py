@@ -114,6 +114,11 @@ def build_parser() -> OneLineParser:
     ps.add_argument("--hidden", default="1024,1024", help="hidden widths (default: 1024,1024)")
     ps.add_argument("--slow-factor", type=float, default=2.0, help="the straggler's slowness (default: 2)")
     ps.add_argument("--loose", type=int, default=8, help="the looser staleness bound tried (default: 8)")
+    restarts = scenarios.add_parser("restarts", help="random kills healed by --max-restarts: same weights?")
+    restarts.add_argument("--trials", type=int, default=10, help="seeded trials (default: 10)")
+    restarts.add_argument("--nproc", type=int, default=2, help="ranks (default: 2)")
+    restarts.add_argument("--steps", type=int, default=12, help="steps per run (default: 12)")
+    restarts.add_argument("--seed", type=int, default=100, help="seed of the first trial (default: 100)")
     shard = scenarios.add_parser("shard", help="bytes per rank with sharded parameters / optimizer, N = 1, 2, 4")
     shard.add_argument("--sizes", default="1,2,4", help="data-parallel degrees (default: 1,2,4)")
     shard.add_argument("--hidden", default="2048,2048", help="hidden widths (default: 2048,2048)")
@@ -203,6 +208,10 @@ def _bench(args: argparse.Namespace) -> int:
             slow_factor=args.slow_factor,
             loose=args.loose,
         )
+    if args.scenario == "restarts":
+        from shardwise.bench.restarts import main as bench_restarts
+
+        return bench_restarts(trials=args.trials, nproc=args.nproc, steps=args.steps, seed=args.seed)
     from shardwise.bench.shard import main as bench_shard
 
     sizes = [int(n) for n in args.sizes.split(",")]
