@@ -1,4 +1,4 @@
-"""Command line: `shardwise train`, `bench`, `keygen` and `verify`.
+"""Command line: `shardwise train`, `bench`, `cluster`, `keygen` and `verify`.
 
 Every config field is a `--section.key VALUE` option, listed by
 `shardwise train --help` with its type, default and documentation.
@@ -12,6 +12,7 @@ import sys
 import typing
 from pathlib import Path
 
+from shardwise.cluster.commands import add_parser as add_cluster_parser
 from shardwise.config import SECTIONS, Config, all_keys, describe_type, field_docs, load_config
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 
@@ -77,6 +78,12 @@ def build_parser() -> OneLineParser:
         default=0,
         help="when a rank dies, restart every rank from the newest complete checkpoint, up to this often",
     )
+    train.add_argument(
+        "--cluster",
+        default="local",
+        help="where the ranks run: local (this machine, loopback), or emulated[:NAME], the hosts of "
+        "`shardwise cluster up` (rank r in host r mod H) (default: local)",
+    )
     keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing checkpoints")
     keygen.add_argument("--out", type=Path, default=Path("."), help="folder for shardwise.key and shardwise.pub")
     verify = sub.add_parser("verify", help="check a checkpoint's files against its manifest and signature")
@@ -84,6 +91,7 @@ def build_parser() -> OneLineParser:
     verify.add_argument("--key", default="", help="the public key that must have signed the manifest")
     _add_config_options(train)
 
+    add_cluster_parser(sub, OneLineParser)
     bench = sub.add_parser("bench", help="run benchmarks that print ratios measured side by side")
     scenarios = bench.add_subparsers(dest="scenario", required=True, parser_class=OneLineParser)
     ddp = scenarios.add_parser("ddp", help="shardwise data parallel vs a plain torch DDP script")
@@ -127,6 +135,7 @@ def build_parser() -> OneLineParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from shardwise.cluster.placement import placement_for
     from shardwise.launch import launch
     from shardwise.train.outputs import new_run_dir
 
@@ -152,7 +161,10 @@ def _train(args: argparse.Namespace) -> int:
         verify(Path(cfg.run.resume), verify_key=cfg.checkpoint.verify_key)
     out = Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), cfg.model.name)
     resuming = args.resume is not None and out.resolve() == run_dir.resolve()
-    return launch(cfg, nproc=args.nproc, out=out, max_restarts=args.max_restarts, resuming=resuming)
+    placement = placement_for(args.cluster)
+    return launch(
+        cfg, nproc=args.nproc, out=out, max_restarts=args.max_restarts, resuming=resuming, placement=placement
+    )
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -231,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unexpected argument {item!r}")
         if args.command == "bench":
             return _bench(args)
+        if args.command == "cluster":
+            from shardwise.cluster.commands import run as cluster_command
+
+            return cluster_command(args)
         if args.command == "keygen":
             return _keygen(args)
         if args.command == "verify":

@@ -1,4 +1,4 @@
-"""Start N local workers the way torchrun would, supervise them, stop them all together.
+"""Start N workers the way torchrun would, supervise them, stop them all together.
 
 Each worker is `python -m shardwise.worker CONFIG` with torchrun's environment
 (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, ...), so the same
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardwise.checkpoint.manifest import latest_checkpoint
+from shardwise.cluster.placement import PLACEMENT_ENV, Placement
 from shardwise.config import Config, to_toml
 from shardwise.data.features import vertical_parts
 from shardwise.data.sampler import check_batch_layout
@@ -209,9 +210,19 @@ def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt  # a SIGTERM to the launcher stops the workers as Ctrl-C does
 
 
-def launch(cfg: Config, *, nproc: int, out: Path, max_restarts: int = 0, resuming: bool = False) -> int:
-    """Run the job on `nproc` local workers, restarting all of them from the newest
-    complete checkpoint up to `max_restarts` times; returns the exit status."""
+def launch(
+    cfg: Config,
+    *,
+    nproc: int,
+    out: Path,
+    max_restarts: int = 0,
+    resuming: bool = False,
+    placement: Placement | None = None,
+) -> int:
+    """Run the job on `nproc` workers placed by `placement` (default: this machine),
+    restarting all of them from the newest complete checkpoint up to `max_restarts`
+    times; returns the exit status."""
+    placement = placement or Placement()
     launch_time = time.time()
     signal.signal(signal.SIGTERM, _terminate)
     dims = preflight(cfg, nproc)
@@ -230,7 +241,9 @@ def launch(cfg: Config, *, nproc: int, out: Path, max_restarts: int = 0, resumin
         for attempt in range(max_restarts + 1):
             config_path = err_dir / f"attempt-{attempt}.toml"
             config_path.write_text(to_toml(cfg))
-            failure = _run_once(cfg, dims, nproc, config_path, err_dir / f"attempt-{attempt}", attempt, launch_time)
+            failure = _run_once(
+                cfg, dims, nproc, config_path, err_dir / f"attempt-{attempt}", attempt, launch_time, placement
+            )
             if failure is None or failure.exit_code == EXIT_USAGE or attempt == max_restarts:
                 break
             checkpoint = latest_checkpoint(out / "checkpoints")
@@ -277,7 +290,14 @@ def atomic_text(path: Path):
 
 
 def _run_once(
-    cfg: Config, dims: ParallelDims, nproc: int, config_path: Path, err_dir: Path, attempt: int, launch_time: float
+    cfg: Config,
+    dims: ParallelDims,
+    nproc: int,
+    config_path: Path,
+    err_dir: Path,
+    attempt: int,
+    launch_time: float,
+    placement: Placement,
 ) -> RankFailure | None:
     """Start every rank, supervise them, stop them all; the failure that ended it, if any."""
     err_dir.mkdir()
@@ -288,24 +308,16 @@ def _run_once(
         for rank in range(nproc):
             env = {
                 **os.environ,
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "GROUP_RANK": "0",
-                "ROLE_RANK": str(rank),
-                "WORLD_SIZE": str(nproc),
-                "LOCAL_WORLD_SIZE": str(nproc),
-                "ROLE_WORLD_SIZE": str(nproc),
-                "ROLE_NAME": "default",
+                **placement.env(rank, nproc, port),
                 "TORCHELASTIC_RUN_ID": f"shardwise-{port}-{attempt}",
                 "TORCHELASTIC_ERROR_FILE": str(error_files[rank]),
-                "OMP_NUM_THREADS": "1",
                 "SHARDWISE_LAUNCHED": "1",
                 "SHARDWISE_LAUNCH_TIME": repr(launch_time),
                 "SHARDWISE_ATTEMPT": str(attempt),
+                PLACEMENT_ENV: placement.describe(nproc),
             }
-            procs.append(subprocess.Popen([sys.executable, "-m", "shardwise.worker", str(config_path)], env=env))
+            argv = placement.argv(rank, [sys.executable, "-m", "shardwise.worker", str(config_path)])
+            procs.append(subprocess.Popen(argv, env=env))
         return supervise(procs, error_files, expendable_ranks(cfg, dims))
     finally:
         _stop(procs)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from shardwise.checkpoint.resume import load_weights, read_resume
 from shardwise.checkpoint.state import load_optimizer, logical_model, logical_optimizer
 from shardwise.checkpoint.store import Checkpointer, restore_rng, rng_tensors
+from shardwise.cluster.placement import PLACEMENT_ENV
 from shardwise.comm.halo import bands
 from shardwise.config import Config, load_config
 from shardwise.data import build_rank_data, load_source
@@ -254,6 +255,7 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
         "layout": dims.layout,
         "shard": cfg.parallel.shard,
         "backend": dist.get_backend(group),
+        "placement": os.environ.get(PLACEMENT_ENV, "this machine"),
         "model": cfg.model.name,
         "parameters": sum(v.numel() for v in state.values()),
         "samples_per_s": t.batch_size * len(result.step_times) / max(result.train_s, 1e-9),

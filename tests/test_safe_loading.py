@@ -1,4 +1,5 @@
-"""Only safetensors and JSON are ever loaded: no pickle, no torch.load in the package."""
+"""Only safetensors and JSON are ever loaded: no pickle, no torch.load in the package, and no
+*_object collective (those pickle what they carry)."""
 
 import re
 from pathlib import Path
@@ -7,6 +8,7 @@ import shardwise
 
 FORBIDDEN = re.compile(
     r"torch\.load\(|import pickle|from pickle|pickle\.loads?\(|weights_only\s*=\s*False|allow_pickle\s*=\s*True"
+    r"|_object\("
 )
 
 

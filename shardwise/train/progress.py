@@ -75,6 +75,7 @@ def render_summary(summary: dict, out_dir: str) -> Table:
         ("final train loss", f"{summary['train_loss']:.4f}"),
         ("steps", f"{summary['steps']} x global batch {summary['global_batch']}"),
         ("layout", f"{summary['layout']} on {summary['world_size']} process(es), {summary['backend']}"),
+        ("placement", summary.get("placement", "this machine")),
         ("model", f"{summary['model']} ({summary['parameters']:,} parameters)"),
         ("throughput", f"{summary['samples_per_s']:,.0f} samples/s, median step {1e3 * summary['step_time_s']:.2f} ms"),
         ("wall time", f"{summary['wall_s']:.1f} s"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch.distributed as dist
 
 from shardwise.checkpoint.resume import load_weights, read_resume
 from shardwise.checkpoint.store import Checkpointer
+from shardwise.cluster.placement import PLACEMENT_ENV
 from shardwise.config import Config
 from shardwise.data import build_rank_data, load_source
 from shardwise.errors import ShardwiseError
@@ -132,6 +134,7 @@ def run_parameter_server(
         "world_size": dims.world_size,
         "layout": dims.layout,
         "backend": dist.get_backend(group),
+        "placement": os.environ.get(PLACEMENT_ENV, "this machine"),
         "model": cfg.model.name,
         "parameters": sum(v.numel() for v in state.values()),
         "samples_per_s": t.batch_size * len(result.step_times) / max(result.train_s, 1e-9),

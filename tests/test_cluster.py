@@ -1,0 +1,110 @@
+"""The emulated cluster: hosts in network namespaces, links shaped with tc tbf.
+
+Needs root, iproute2 and unshare; each test says why it skips otherwise. The
+cluster is named `swt` so that it never meets one a user has up, and it is
+removed at the end of the module, whatever happened.
+"""
+
+import json
+import os
+import shutil
+import statistics
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from shardwise.cli import main
+from shardwise.cluster import netns
+from shardwise.cluster.placement import Placement
+from shardwise.cluster.probe import measure
+from shardwise.launch import free_port
+
+NAME = "swt"
+RATE = "1gbit"
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "tc", "unshare")),
+    reason="the emulated cluster needs root, iproute2 (ip, tc) and unshare",
+)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    netns.down(NAME)  # a leftover of an interrupted run
+    c = netns.up(NAME, 2, RATE)
+    yield c
+    netns.down(NAME)
+    assert netns.namespaces(NAME) == []
+
+
+def test_up_status_and_refusals(cluster, capsys):
+    assert netns.namespaces(NAME) == ["swt-h0", "swt-h1", "swt-switch"]
+    for h in range(2):
+        s = netns.link_settings(cluster, h)
+        assert s["address"] == f"10.77.0.{h + 1}"
+        assert s["egress_bps"] == s["ingress_bps"] == 1e9  # shaped both ways, as tc reports it
+    assert main(["cluster", "status", "--name", NAME]) == 0
+    assert "10.77.0.2" in capsys.readouterr().out
+
+    assert main(["cluster", "up", "--name", NAME, "--hosts", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["shardwise: cluster: 'swt' is already up (2 hosts); `shardwise cluster down` removes it first"]
+    assert main(["cluster", "up", "--name", "swx", "--bandwidth", "fast"]) == 2
+    assert "bandwidth: 'fast' is not a rate" in capsys.readouterr().err
+    assert netns.namespaces("swx") == []
+
+
+def test_non_root_gets_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert main(["cluster", "up", "--name", "swx"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs root" in err[0] and "uid 1000" in err[0]
+    assert main(["train", "--cluster", "emulated:swx"]) == 2
+    assert "needs root" in capsys.readouterr().err
+
+
+def test_allreduce_time_follows_the_shaping(cluster):
+    """Time grows with the message as bytes / rate predicts, and the bytes crossed the shaped links."""
+    sizes = [2**20, 2**22, 2**24]
+    before = [netns.link_settings(cluster, h) for h in range(2)]
+    raw = measure(Placement(cluster), pattern="allreduce", sizes=sizes, repeats=4, world=2, port=free_port())
+    after = [netns.link_settings(cluster, h) for h in range(2)]
+    assert [r["hostname"] for r in raw["ranks"]] == ["swt-h0", "swt-h1"]
+    assert {r["ifname"] for r in raw["ranks"]} == {"eth0"}
+    medians = [statistics.median(r["seconds"]) for r in raw["sizes"]]
+    # 2 ranks: each sends (and receives) the whole message once, a half in each phase of the ring
+    predicted = [n * 8 / cluster.rate_bps for n in sizes]
+    for n, got, want in zip(sizes, medians, predicted, strict=True):
+        assert 0.9 * want <= got <= 1.5 * want, f"{n} bytes: {got * 1e3:.1f} ms, shaping predicts {want * 1e3:.1f} ms"
+    assert 3.0 <= medians[2] / medians[1] <= 4.5 and 3.0 <= medians[1] / medians[0] <= 4.5
+    sent = sum(n * (2 + len(r["seconds"])) for n, r in zip(sizes, raw["sizes"], strict=True))  # warm-up rounds too
+    for h in range(2):
+        assert after[h]["tx_bytes"] - before[h]["tx_bytes"] >= sent
+        assert after[h]["rx_bytes"] - before[h]["rx_bytes"] >= sent
+
+
+def test_probe_fits_the_configured_bandwidth(cluster, tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    assert main(["cluster", "probe", "--name", NAME, "--repeats", "10", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["within_tolerance"], result["bandwidth_ratio"]
+    assert 0.9 <= result["bandwidth_ratio"] <= 1.0  # tbf counts headers too: payload runs a little under
+    assert 0 < result["fit"]["alpha_s"] < 0.01
+    assert "within 10% of 1gbit" in capsys.readouterr().out
+
+
+def test_train_on_the_cluster_ends_with_the_same_weights(cluster, tmp_path, capsys):
+    """Placement changes where ranks run, never what they compute."""
+    args = ["--model.name", "mlp", "--train.steps", "12", "--train.eval_every", "0", "--run.progress", "false"]
+    before = netns.link_settings(cluster, 1)
+    assert main(["train", "--cluster", f"emulated:{NAME}", "--out", str(tmp_path / "emu"), *args]) == 0
+    assert netns.link_settings(cluster, 1)["tx_bytes"] - before["tx_bytes"] > 12 * 4 * 10_000
+    assert main(["train", "--out", str(tmp_path / "local"), *args]) == 0
+    summary = json.loads((tmp_path / "emu" / "summary.json").read_text())
+    assert summary["placement"].startswith(f"emulated cluster '{NAME}': 2 ranks on 2 of 2 hosts")
+    emu, local = (load_file(tmp_path / run / "model.safetensors") for run in ("emu", "local"))
+    assert emu.keys() == local.keys() and all((emu[k] == local[k]).all() for k in emu)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
