@@ -21,13 +21,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/shardwise bench ddp
-	$(BIN)/shardwise bench tp
-	$(BIN)/shardwise bench pp
-	$(BIN)/shardwise bench spatial
-	$(BIN)/shardwise bench ps
-	$(BIN)/shardwise bench restarts
-	$(BIN)/shardwise bench shard
+	$(BIN)/shardwise bench --out bench-results
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

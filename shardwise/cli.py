@@ -92,45 +92,29 @@ def build_parser() -> OneLineParser:
     _add_config_options(train)
 
     add_cluster_parser(sub, OneLineParser)
-    bench = sub.add_parser("bench", help="run benchmarks that print ratios measured side by side")
-    scenarios = bench.add_subparsers(dest="scenario", required=True, parser_class=OneLineParser)
-    ddp = scenarios.add_parser("ddp", help="shardwise data parallel vs a plain torch DDP script")
-    ddp.add_argument("--nproc", type=int, default=2, help="world size (default: 2)")
-    ddp.add_argument("--repeats", type=int, default=7, help="runs of each side, alternated (default: 7)")
-    ddp.add_argument("--steps", type=int, default=200, help="steps per run (default: 200)")
-    tp = scenarios.add_parser("tp", help="tensor parallel vs one process vs torch DTensor, on a wide MLP")
-    tp.add_argument("--nproc", type=int, default=2, help="tensor-parallel degree (default: 2)")
-    tp.add_argument("--repeats", type=int, default=5, help="runs of each side, rotated (default: 5)")
-    tp.add_argument("--steps", type=int, default=30, help="steps per run (default: 30)")
-    tp.add_argument("--hidden", default="4096,4096", help="hidden widths (default: 4096,4096)")
-    pp = scenarios.add_parser("pp", help="pipeline vs torch.distributed.pipelining vs one process, and the bubble")
-    pp.add_argument("--nproc", type=int, default=2, help="pipeline stages (default: 2)")
-    pp.add_argument("--microbatches", type=int, default=4, help="micro-batches per step (default: 4)")
-    pp.add_argument("--schedule", choices=["gpipe", "1f1b"], default="1f1b", help="schedule (default: 1f1b)")
-    pp.add_argument("--repeats", type=int, default=5, help="runs of each side, rotated (default: 5)")
-    pp.add_argument("--steps", type=int, default=30, help="steps per run (default: 30)")
-    pp.add_argument("--hidden", default="2048,2048,2048", help="hidden widths (default: 2048,2048,2048)")
-    spatial = scenarios.add_parser("spatial", help="spatial bands vs one process on a large image: time and memory")
-    spatial.add_argument("--nproc", type=int, default=2, help="bands (default: 2)")
-    spatial.add_argument("--size", type=int, default=1024, help="image height and width (default: 1024)")
-    spatial.add_argument("--repeats", type=int, default=5, help="runs of each side, rotated (default: 5)")
-    spatial.add_argument("--steps", type=int, default=5, help="steps per run (default: 5)")
-    ps = scenarios.add_parser("ps", help="sync parameter server vs all-reduce; async vs sync with a straggler")
-    ps.add_argument("--workers", default="2,4", help="worker counts compared with all-reduce (default: 2,4)")
-    ps.add_argument("--repeats", type=int, default=3, help="runs of each side, rotated (default: 3)")
-    ps.add_argument("--steps", type=int, default=40, help="steps per run (default: 40)")
-    ps.add_argument("--hidden", default="1024,1024", help="hidden widths (default: 1024,1024)")
-    ps.add_argument("--slow-factor", type=float, default=2.0, help="the straggler's slowness (default: 2)")
-    ps.add_argument("--loose", type=int, default=8, help="the looser staleness bound tried (default: 8)")
-    restarts = scenarios.add_parser("restarts", help="random kills healed by --max-restarts: same weights?")
-    restarts.add_argument("--trials", type=int, default=10, help="seeded trials (default: 10)")
-    restarts.add_argument("--nproc", type=int, default=2, help="ranks (default: 2)")
-    restarts.add_argument("--steps", type=int, default=12, help="steps per run (default: 12)")
-    restarts.add_argument("--seed", type=int, default=100, help="seed of the first trial (default: 100)")
-    shard = scenarios.add_parser("shard", help="bytes per rank with sharded parameters / optimizer, N = 1, 2, 4")
-    shard.add_argument("--sizes", default="1,2,4", help="data-parallel degrees (default: 1,2,4)")
-    shard.add_argument("--hidden", default="2048,2048", help="hidden widths (default: 2048,2048)")
-    shard.add_argument("--steps", type=int, default=3, help="steps per run (default: 3)")
+    bench = sub.add_parser(
+        "bench",
+        help="the benchmark suite: ratios measured side by side, on loopback and emulated links",
+        description="Run benchmark scenarios on each link; write bench.json and bench.md.",
+    )
+    bench.add_argument(
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
+        help="allreduce, ddp, scaling, tp, pp, spatial, shard, ps, restarts (default: all but restarts)",
+    )
+    bench.add_argument(
+        "--links",
+        default="loopback,1gbit,10gbit",
+        help="loopback and/or rates of an emulated cluster (root), comma-separated (default: loopback,1gbit,10gbit)",
+    )
+    bench.add_argument("--repeats", type=int, default=5, help="repetitions of each comparison, >= 5 (default: 5)")
+    bench.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-results"),
+        help="folder for bench.json, bench.md (default: bench-results)",
+    )
     return parser
 
 
@@ -186,48 +170,10 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.scenario == "ddp":
-        from shardwise.bench.ddp import main as bench_ddp
+    from shardwise.bench.suite import run_suite
 
-        return bench_ddp(nproc=args.nproc, repeats=args.repeats, steps=args.steps)
-    if args.scenario == "tp":
-        from shardwise.bench.tp import main as bench_tp
-
-        return bench_tp(nproc=args.nproc, repeats=args.repeats, steps=args.steps, hidden=args.hidden)
-    if args.scenario == "pp":
-        from shardwise.bench.pp import main as bench_pp
-
-        return bench_pp(
-            nproc=args.nproc,
-            microbatches=args.microbatches,
-            schedule=args.schedule,
-            repeats=args.repeats,
-            steps=args.steps,
-            hidden=args.hidden,
-        )
-    if args.scenario == "spatial":
-        from shardwise.bench.spatial import main as bench_spatial
-
-        return bench_spatial(nproc=args.nproc, size=args.size, repeats=args.repeats, steps=args.steps)
-    if args.scenario == "ps":
-        from shardwise.bench.ps import main as bench_ps
-
-        return bench_ps(
-            workers=[int(n) for n in args.workers.split(",")],
-            repeats=args.repeats,
-            steps=args.steps,
-            hidden=args.hidden,
-            slow_factor=args.slow_factor,
-            loose=args.loose,
-        )
-    if args.scenario == "restarts":
-        from shardwise.bench.restarts import main as bench_restarts
-
-        return bench_restarts(trials=args.trials, nproc=args.nproc, steps=args.steps, seed=args.seed)
-    from shardwise.bench.shard import main as bench_shard
-
-    sizes = [int(n) for n in args.sizes.split(",")]
-    return bench_shard(sizes=sizes, hidden=args.hidden, steps=args.steps)
+    links = [link.strip() for link in args.links.split(",") if link.strip()]
+    return run_suite(args.scenarios, links, args.repeats, args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""What every benchmark scenario shares: running jobs, alternating sides, formatting."""
+"""What every benchmark scenario shares: where jobs run, alternating sides, recording ratios."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+
+from shardwise.cluster.placement import Placement, run_ranks
 
 
 def bench_console() -> Console:
@@ -24,20 +27,66 @@ def run_job(cmd: list[str]) -> None:
         raise RuntimeError(f"benchmark job failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-2000:]}")
 
 
-def shardwise_train(args: list[str], out: Path, *, steps: int) -> dict:
-    """Run `shardwise train ARGS` quietly for `steps` steps; its summary."""
-    cmd = [sys.executable, "-m", "shardwise", "train", *args, "--out", str(out)]
-    cmd += ["--train.steps", str(steps), "--train.eval_every", "0", "--train.log_every", str(steps)]
-    cmd += ["--run.progress", "false"]
-    run_job(cmd)
-    return json.loads((out / "summary.json").read_text())
+@dataclass
+class Bench:
+    """One link's run of the suite: where the jobs go, how often, and what was found."""
 
+    link: str  # "loopback", or the emulated cluster's rate ("1gbit")
+    placement: Placement
+    repeats: int
+    work: Path
+    console: Console
+    results: list[dict] = field(default_factory=list)
 
-def torchrun_json(module: str, nproc: int, args: list[str], out: Path) -> dict:
-    """Run a reference script under torchrun; the JSON it writes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    run_job([*cmd, "-m", module, *args, "--out", str(out)])
-    return json.loads(out.read_text())
+    @property
+    def where(self) -> str:
+        """The link in words, for each scenario's description."""
+        if not self.placement.cluster:
+            return "gloo over loopback"
+        c = self.placement.cluster
+        return f"gloo, emulated cluster, rank r in host r mod {c.hosts}, {c.bandwidth} links"
+
+    def train(self, args: list[str], name: str, *, steps: int) -> dict:
+        """Run `shardwise train ARGS` quietly for `steps` steps where this link says; its summary."""
+        out = self.work / name.replace(" ", "_")
+        cmd = [sys.executable, "-m", "shardwise", "train", *args, "--out", str(out)]
+        cmd += ["--train.steps", str(steps), "--train.eval_every", "0", "--train.log_every", str(steps)]
+        cmd += ["--run.progress", "false"]
+        if self.placement.cluster:
+            cmd += ["--cluster", f"emulated:{self.placement.cluster.name}"]
+        run_job(cmd)
+        return json.loads((out / "summary.json").read_text())
+
+    def reference(self, module: str, nproc: int, args: list[str], name: str) -> dict:
+        """Run a reference script as `nproc` ranks placed like shardwise's (torchrun's
+        environment); the JSON it writes."""
+        from shardwise.launch import free_port
+
+        out = self.work / f"{name.replace(' ', '_')}.json"
+        run_ranks([sys.executable, "-m", module, *args, "--out", str(out)], nproc, self.placement, free_port())
+        return json.loads(out.read_text())
+
+    def record(self, scenario: str, measure: str, values: list[float], *, unit: str = "ratio", how: str = "") -> str:
+        """Keep a figure (median, min and max over the repetitions); its text for printing."""
+        median = statistics.median(values)
+        self.results.append(
+            {
+                "scenario": scenario,
+                "measure": measure,
+                "link": self.link,
+                "median": median,
+                "min": min(values),
+                "max": max(values),
+                "repetitions": len(values),
+                "unit": unit,
+                "how": how,
+            }
+        )
+        return f"{median:.3f} ({min(values):.3f} - {max(values):.3f})"
+
+    def ratio(self, scenario: str, measure: str, a: list[float], b: list[float], *, how: str = "") -> str:
+        """Record a / b per repetition: each pair was measured side by side."""
+        return self.record(scenario, measure, [x / y for x, y in zip(a, b, strict=True)], how=how)
 
 
 def alternate(

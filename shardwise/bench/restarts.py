@@ -15,13 +15,12 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from rich.table import Table
 
-from shardwise.bench.common import bench_console
+from shardwise.bench.common import Bench
 
 JOB = ["--model.name", "mlp", "--train.eval_every", "0", "--run.progress", "false"]
 JOB += ["--train.checkpoint_every", "3", "--train.deterministic", "true"]
@@ -44,37 +43,39 @@ def _equal(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def main(*, trials: int, nproc: int, steps: int, seed: int) -> int:
-    console = bench_console()
+TRIALS, NPROC, STEPS, SEED = 10, 2, 12, 100
+
+
+def run(b: Bench) -> None:
+    trials, nproc, steps, seed, console = TRIALS, NPROC, STEPS, SEED, b.console
     console.print(
-        f"[bold]bench restarts[/]: {trials} trials, mlp on digits, {nproc} ranks, {steps} steps, "
-        "checkpoints every 3 steps, --max-restarts 3"
+        f"[bold]restarts[/]: {trials} seeded trials, mlp on digits, {nproc} ranks, {steps} steps, "
+        "checkpoints every 3 steps, --max-restarts 3 (loopback)"
     )
-    with tempfile.TemporaryDirectory(prefix="shardwise-bench-") as tmp:
-        work = Path(tmp)
-        reference, _ = _train(work / "reference", nproc, steps)
-        if reference.returncode:
-            console.print(reference.stderr)
-            return 1
-        table = Table(title="trials")
-        for col in ("trial", "rank", "step", "fault", "restarts", "exit", "same weights", "seconds"):
-            table.add_column(col, justify="right")
-        good = 0
-        for trial in range(trials):
-            rng = random.Random(seed + trial)
-            rank, step = rng.randrange(nproc), rng.randrange(steps)
-            kind = rng.choice(["kill", *(f"exit@{p}" for p in POINTS)])
-            if kind.startswith("exit@") and (step + 1) % 3 and step + 1 != steps:
-                step = min(steps - 1, step + 2 - (step % 3))  # a step after which a checkpoint is written
-            if kind in ("exit@checkpoint-manifest", "exit@checkpoint-rename"):
-                rank = 0  # rank 0 finishes the checkpoint
-            out = work / f"trial-{trial}"
-            done, seconds = _train(out, nproc, steps, f"{rank}:{step}:{kind}")
-            same = done.returncode == 0 and _equal(out, work / "reference")
-            good += same
-            restarts = sum("restart" in line for line in done.stderr.splitlines())
-            row = [trial, rank, step + 1, kind, restarts, done.returncode, same, f"{seconds:.1f}"]
-            table.add_row(*map(str, row))
-        console.print(table)
+    work = b.work / "restarts"
+    reference, _ = _train(work / "reference", nproc, steps)
+    if reference.returncode:
+        raise RuntimeError(f"the run without failures failed: {reference.stderr[-2000:]}")
+    table = Table(title="trials")
+    for col in ("trial", "rank", "step", "fault", "restarts", "exit", "same weights", "seconds"):
+        table.add_column(col, justify="right")
+    good = 0
+    for trial in range(trials):
+        rng = random.Random(seed + trial)
+        rank, step = rng.randrange(nproc), rng.randrange(steps)
+        kind = rng.choice(["kill", *(f"exit@{p}" for p in POINTS)])
+        if kind.startswith("exit@") and (step + 1) % 3 and step + 1 != steps:
+            step = min(steps - 1, step + 2 - (step % 3))  # a step after which a checkpoint is written
+        if kind in ("exit@checkpoint-manifest", "exit@checkpoint-rename"):
+            rank = 0  # rank 0 finishes the checkpoint
+        out = work / f"trial-{trial}"
+        done, seconds = _train(out, nproc, steps, f"{rank}:{step}:{kind}")
+        same = done.returncode == 0 and _equal(out, work / "reference")
+        good += same
+        restarts = sum("restart" in line for line in done.stderr.splitlines())
+        row = [trial, rank, step + 1, kind, restarts, done.returncode, same, f"{seconds:.1f}"]
+        table.add_row(*map(str, row))
+    console.print(table)
+    how = "a kill, or an exit at one of 3 points of a checkpoint write, at a seeded rank and step"
+    b.record("restarts", f"trials healed with the same weights (of {trials})", [good], unit="count", how=how)
     console.print(f"[bold]{good} of {trials}[/] trials completed with the same weights as the run without failures")
-    return 0 if good == trials else 1

@@ -10,21 +10,20 @@ bytes and their ratio to one process: `full` should fall as 1/N in all three,
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 from rich.table import Table
 
-from shardwise.bench.common import bench_console, mib, shardwise_train
+from shardwise.bench.common import Bench, mib
 
 KINDS = ("parameters", "gradients", "optimizer")
+SIZES, HIDDEN, STEPS = (1, 2, 4), "2048,2048", 3
 
 
-def main(*, sizes: list[int], hidden: str, steps: int) -> int:
-    console = bench_console()
+def run(b: Bench) -> None:
+    sizes, hidden, steps, console = SIZES, HIDDEN, STEPS, b.console
     console.print(
-        f"[bold]bench shard[/]: mlp 1024 -> {hidden.replace(',', ' -> ')} -> 10, AdamW, synthetic data, "
-        f"N = {', '.join(map(str, sizes))} data-parallel ranks (gloo, loopback), {steps} steps per run"
+        f"[bold]shard[/]: mlp 1024 -> {hidden.replace(',', ' -> ')} -> 10, AdamW, synthetic data, "
+        f"N = {', '.join(map(str, sizes))} data-parallel ranks ({b.where}), {steps} steps per run; bytes are "
+        "counted, not timed: one run each"
     )
     model = ["--model.name", "mlp", "--model.hidden", hidden, "--train.optimizer", "adamw", "--train.lr", "0.001"]
     model += ["--data.name", "synthetic", "--data.shape", "1024", "--data.samples", "2048"]
@@ -32,16 +31,19 @@ def main(*, sizes: list[int], hidden: str, steps: int) -> int:
     for col in ("N", "shard", *KINDS, "total"):
         table.add_column(col, justify="right")
     base: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="shardwise-bench-") as tmp:
-        for n in sizes:
-            for mode in ("none", "optimizer", "full") if n > 1 else ("none",):
-                args = ["--nproc", str(n), "--parallel.shard", mode, *model]
-                memory = shardwise_train(args, Path(tmp) / f"{mode}-{n}", steps=steps)["memory"]
-                largest = {k: max(m[f"{k}_bytes"] for m in memory) for k in KINDS}
-                largest["total"] = max(sum(m[f"{k}_bytes"] for k in KINDS) for m in memory)
-                base = base or largest
-                cells = [f"{mib(largest[k])} ({largest[k] / base[k]:.3f})" for k in (*KINDS, "total")]
-                table.add_row(str(n), mode, *cells)
-                console.print(f"  N={n} shard={mode}: total {mib(largest['total'])} MiB on the largest rank")
+    for n in sizes:
+        for mode in ("none", "optimizer", "full") if n > 1 else ("none",):
+            args = ["--nproc", str(n), "--parallel.shard", mode, *model]
+            memory = b.train(args, f"shard-{mode}-{n}", steps=steps)["memory"]
+            largest = {k: max(m[f"{k}_bytes"] for m in memory) for k in KINDS}
+            largest["total"] = max(sum(m[f"{k}_bytes"] for k in KINDS) for m in memory)
+            base = base or largest
+            cells = [f"{mib(largest[k])} ({largest[k] / base[k]:.3f})" for k in (*KINDS, "total")]
+            table.add_row(str(n), mode, *cells)
+            if n > 1:
+                how = "parameters + gradients + optimizer state held by the largest rank (FSDP2 / ZeRO-1)"
+                b.record(
+                    "shard", f"bytes: shard={mode} N={n} / one process", [largest["total"] / base["total"]], how=how
+                )
+            console.print(f"  N={n} shard={mode}: total {mib(largest['total'])} MiB on the largest rank")
     console.print(table)
-    return 0

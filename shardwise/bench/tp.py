@@ -1,7 +1,7 @@
 """Tensor parallelism on a wide MLP: shardwise tp=N vs one process vs torch's DTensor.
 
 The model is the registry's MLP on synthetic data of FEATURES features with
-hidden layers of `--hidden` (default 4096, 4096): its weights dominate the
+hidden layers of HIDDEN (4096, 4096): its weights dominate the
 step. Three jobs per repetition, rotated (A B C, B C A, ...): shardwise with
 one process, shardwise with tp=N, and torch's `parallelize_module` with
 ColwiseParallel/RowwiseParallel over the same layers. Each reports its median
@@ -12,22 +12,20 @@ parameter bytes each rank holds.
 from __future__ import annotations
 
 import statistics
-import tempfile
-from pathlib import Path
 
 from rich.table import Table
 
-from shardwise.bench.common import alternate, bench_console, mib, ratio_spread, shardwise_train, spread, torchrun_json
+from shardwise.bench.common import Bench, alternate, mib, ratio_spread, spread
 
-BATCH, FEATURES = 64, 1024
+BATCH, FEATURES, HIDDEN, NPROC, STEPS = 64, 1024, "4096,4096", 2, 20
 
 
-def main(*, nproc: int, repeats: int, steps: int, hidden: str) -> int:
-    console = bench_console()
+def run(b: Bench) -> None:
+    nproc, steps, hidden, console = NPROC, STEPS, HIDDEN, b.console
     console.print(
-        f"[bold]bench tp[/]: mlp {FEATURES} -> {hidden.replace(',', ' -> ')} -> 10 on synthetic data, "
-        f"global batch {BATCH}, SGD, tp={nproc} (gloo, loopback), {steps} steps per run, "
-        f"{repeats} rotated repetitions"
+        f"[bold]tp[/]: mlp {FEATURES} -> {hidden.replace(',', ' -> ')} -> 10 on synthetic data, "
+        f"global batch {BATCH}, SGD, tp={nproc} ({b.where}), {steps} steps per run, "
+        f"{b.repeats} rotated repetitions"
     )
     model = ["--model.name", "mlp", "--model.hidden", hidden, "--train.batch_size", str(BATCH)]
     model += ["--data.name", "synthetic", "--data.shape", str(FEATURES), "--data.samples", "4096"]
@@ -35,7 +33,7 @@ def main(*, nproc: int, repeats: int, steps: int, hidden: str) -> int:
 
     def shardwise_side(name: str, args: list[str]):
         def side(i: int) -> float:
-            summary = shardwise_train([*args, *model], work / f"{name}-{i}", steps=steps)
+            summary = b.train([*args, *model], f"tp-{name}-{i}", steps=steps)
             held[name] = max(m["parameters_bytes"] for m in summary["memory"])
             return summary["step_time_s"]
 
@@ -43,18 +41,16 @@ def main(*, nproc: int, repeats: int, steps: int, hidden: str) -> int:
 
     def torch_side(i: int) -> float:
         args = ["--steps", str(steps), "--batch-size", str(BATCH), "--features", str(FEATURES), "--hidden", hidden]
-        result = torchrun_json("shardwise.bench.torch_tp_reference", nproc, args, work / f"torch-{i}.json")
+        result = b.reference("shardwise.bench.torch_tp_reference", nproc, args, f"tp-torch-{i}")
         held["torch DTensor"] = result["parameters_bytes"]
         return result["step_time_s"]
 
-    with tempfile.TemporaryDirectory(prefix="shardwise-bench-") as tmp:
-        work = Path(tmp)
-        sides = {
-            "one process": shardwise_side("one", ["--nproc", "1"]),
-            f"shardwise tp={nproc}": shardwise_side("tp", ["--nproc", str(nproc), "--parallel.tp", str(nproc)]),
-            f"torch DTensor tp={nproc}": torch_side,
-        }
-        times = alternate(sides, repeats, console)
+    sides = {
+        "one process": shardwise_side("one", ["--nproc", "1"]),
+        f"shardwise tp={nproc}": shardwise_side("tp", ["--nproc", str(nproc), "--parallel.tp", str(nproc)]),
+        f"torch DTensor tp={nproc}": torch_side,
+    }
+    times = alternate(sides, b.repeats, console)
     names = list(times)
     held_by = dict(zip(names, [held["one"], held["tp"], held["torch DTensor"]], strict=True))
     table = Table(title="median over repetitions (min - max)")
@@ -70,6 +66,7 @@ def main(*, nproc: int, repeats: int, steps: int, hidden: str) -> int:
             f"{mib(held_by[name])} ({held_by[name] / held_by[names[0]]:.3f})",
         )
     console.print(table)
-    ratio, per_rep = ratio_spread(times[names[1]], times[names[2]])
-    console.print(f"ratio shardwise tp / torch DTensor tp: [bold]{ratio:.3f}[/] (per-repetition {per_rep})")
-    return 0
+    how = f"mlp {FEATURES}-{hidden.replace(',', '-')}-10, batch {BATCH}, tp={nproc}, median step time"
+    one = b.ratio("tp", "step time: shardwise tp / one process", times[names[1]], times[names[0]], how=how)
+    torch = b.ratio("tp", "step time: shardwise tp / torch DTensor tp", times[names[1]], times[names[2]], how=how)
+    console.print(f"step time shardwise tp / one process: [bold]{one}[/]; / torch DTensor tp: [bold]{torch}[/]")

@@ -29,8 +29,9 @@ WARMUP = 2
 
 
 def rounds_for(size: int, repeats: int) -> int:
-    """Fewer rounds for the big messages, which are slow and steady."""
-    return repeats if size <= 2**20 else max(3, repeats // 4)
+    """Many rounds for the small messages, whose times jitter with the scheduler's
+    wake-ups; fewer for the big ones, which are slow and steady."""
+    return max(repeats, 20) if size <= 2**20 else max(5, repeats // 4)
 
 
 def pingpong(size: int, rounds: int) -> list[float]:
