@@ -231,6 +231,8 @@ def test_ctrl_c_stops_every_rank(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # as at a terminal: a shell that ran the tests in the background leaves SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     while not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").stat().st_size == 0:
