@@ -10,7 +10,6 @@ environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT):
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ import torch.distributed as dist
 from shardwise.checkpoint.resume import load_weights, read_resume
 from shardwise.checkpoint.state import load_optimizer, logical_model, logical_optimizer
 from shardwise.checkpoint.store import Checkpointer, restore_rng, rng_tensors
-from shardwise.cluster.placement import PLACEMENT_ENV
 from shardwise.comm.halo import bands
 from shardwise.config import Config, load_config
 from shardwise.data import build_rank_data, load_source
@@ -43,7 +41,7 @@ from shardwise.train.faults import FaultPlan
 from shardwise.train.loop import LoopSettings, ModelRunner, Position, TrainingDiverged, train_loop
 from shardwise.train.memory import gather_rows, memory_records, rank_bytes, render_memory
 from shardwise.train.optim import build_optimizer, build_scheduler
-from shardwise.train.outputs import MetricsLog, new_run_dir, plot_curves, save_model, write_json
+from shardwise.train.outputs import MetricsLog, new_run_dir, run_summary, write_run
 from shardwise.train.pipeline import PipelineRunner, render_cut
 from shardwise.train.progress import ConsoleReporter, NullReporter, render_summary
 from shardwise.train.ps_job import run_parameter_server
@@ -176,15 +174,7 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
             g["lr"] = lr
         restore_rng(checkpoint, rank, dims.world_size)
         start_step = checkpoint.step
-    settings = LoopSettings(
-        steps=t.steps,
-        global_batch=t.batch_size,
-        clip_norm=t.clip_norm,
-        log_every=t.log_every,
-        eval_every=t.eval_every,
-        start_step=start_step,
-        max_bad_steps=t.max_bad_steps,
-    )
+    settings = LoopSettings.from_train(t, start_step=start_step)
     checkpointer = None
     if out_dir is not None and t.checkpoint_every > 0:
 
@@ -244,33 +234,17 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
         timeline = gather_events(runner.events, pp_group)
         pipeline = {"pipeline": {"cut": cut_rows, **bubble_summary(timeline, dims.microbatches)}}
 
-    warm = result.step_times[min(5, len(result.step_times) - 1) :] or [float("nan")]
     launch_time = float(os.environ.get(LAUNCH_TIME_ENV, started))
     summary = {
-        **result.final_eval,
-        "train_loss": result.records[-1]["loss"],
-        "steps": t.steps,
-        "global_batch": t.batch_size,
-        "world_size": dims.world_size,
-        "layout": dims.layout,
+        **run_summary(cfg, dims, result, state, backend=dist.get_backend(group), launch_time=launch_time),
         "shard": cfg.parallel.shard,
-        "backend": dist.get_backend(group),
-        "placement": os.environ.get(PLACEMENT_ENV, "this machine"),
-        "model": cfg.model.name,
-        "parameters": sum(v.numel() for v in state.values()),
-        "samples_per_s": t.batch_size * len(result.step_times) / max(result.train_s, 1e-9),
-        "step_time_s": statistics.median(warm),
-        "train_s": result.train_s,
-        "wall_s": time.time() - launch_time,
         "memory": memory_records(end_bytes, dims),
         "skipped_steps": result.skipped_steps,
         **pipeline,
         "partition": data.report,
     }
     if writes:
-        save_model(out_dir / "model.safetensors", state)
-        plot_curves(out_dir / "curves.png", result.records, f"{cfg.model.name} on {cfg.data.name}, {dims.layout}")
-        write_json(out_dir / "summary.json", summary)
+        write_run(out_dir, cfg, dims, state, result.records, summary)
         if pipeline and cfg.run.timeline:
             title = f"{dims.layout}, {dims.microbatches} micro-batches, {cfg.parallel.schedule}: the last step"
             plot_timeline(out_dir / "timeline.png", timeline, title)

@@ -71,7 +71,7 @@ def test_staleness_never_exceeds_the_bound(pool, bound):
     assert max(seen) <= bound
     assert max(seen) == bound  # the straggler makes the bound bite
     steps = summary["steps_by_worker"]
-    assert steps["1"] + steps["2"] > 2 * steps["3"]  # the others did part of the straggler's share
+    assert steps["1"] > steps["3"] and steps["2"] > steps["3"]  # the others did the straggler's share
 
 
 def test_asynchronous_accuracy_within_a_point_of_synchronous(pool):

@@ -85,8 +85,8 @@ class Bench:
         return f"{median:.3f} ({min(values):.3f} - {max(values):.3f})"
 
     def ratio(self, scenario: str, measure: str, a: list[float], b: list[float], *, how: str = "") -> str:
-        """Record a / b per repetition: each pair was measured side by side."""
-        return self.record(scenario, measure, [x / y for x, y in zip(a, b, strict=True)], how=how)
+        """Record a / b per repetition (`per_repetition`)."""
+        return self.record(scenario, measure, per_repetition(a, b), how=how)
 
 
 def alternate(
@@ -109,10 +109,15 @@ def spread(values: list[float], scale: float = 1e3) -> str:
     return f"{scale * statistics.median(values):.2f} ({scale * min(values):.2f} - {scale * max(values):.2f})"
 
 
+def per_repetition(a: list[float], b: list[float]) -> list[float]:
+    """a / b for each repetition: each pair was measured side by side."""
+    return [x / y for x, y in zip(a, b, strict=True)]
+
+
 def ratio_spread(a: list[float], b: list[float]) -> tuple[float, str]:
-    """Ratio of medians, and the range of the per-repetition ratios."""
-    ratios = [x / y for x, y in zip(a, b, strict=True)]
-    return statistics.median(a) / statistics.median(b), f"{min(ratios):.3f} - {max(ratios):.3f}"
+    """The median of the per-repetition ratios and their range: the figure `Bench.ratio` records."""
+    ratios = per_repetition(a, b)
+    return statistics.median(ratios), f"{min(ratios):.3f} - {max(ratios):.3f}"
 
 
 def mib(n: float) -> str:

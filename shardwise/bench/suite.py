@@ -11,6 +11,7 @@ with the min and max. Counted figures (bytes, trials) are not timed.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -132,6 +133,4 @@ def run_suite(scenarios: list[str], links: list[str], repeats: int, out: Path) -
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))

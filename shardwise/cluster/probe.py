@@ -32,8 +32,8 @@ def fit_alpha_beta(sizes: list[int], seconds: list[float]) -> tuple[float, float
     the first `burst` bytes of a message through at once: the line's intercept
     would come out below zero."""
     points = sorted(zip(sizes, seconds, strict=True))
-    big = [(n, t) for n, t in points if t >= 8 * points[0][1]] or points[-2:]
-    if len(big) < 2:
+    big = [(n, t) for n, t in points if t >= 8 * points[0][1]]
+    if len(big) < 2:  # nothing is bandwidth-bound: the two largest are the best there is
         big = points[-2:]
     mx = sum(n for n, _ in big) / len(big)
     my = sum(t for _, t in big) / len(big)

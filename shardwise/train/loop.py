@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardwise.checkpoint.store import Checkpointer
+from shardwise.config import TrainConfig
 from shardwise.data.loader import RankData
 from shardwise.parallel.data import maybe_no_sync, unwrap
 from shardwise.parallel.splits import Split, clip_grad_norm, local_tensor
@@ -44,6 +45,18 @@ class LoopSettings:
     eval_every: int = 0
     start_step: int = 0  # a resumed run's first step
     max_bad_steps: int = 3
+
+    @classmethod
+    def from_train(cls, t: TrainConfig, *, start_step: int = 0) -> LoopSettings:
+        return cls(
+            steps=t.steps,
+            global_batch=t.batch_size,
+            clip_norm=t.clip_norm,
+            log_every=t.log_every,
+            eval_every=t.eval_every,
+            start_step=start_step,
+            max_bad_steps=t.max_bad_steps,
+        )
 
 
 @dataclass

@@ -35,18 +35,8 @@ def optimizer_for(cfg: TrainConfig, tensors: list[torch.Tensor]) -> torch.optim.
 
 def lr_at(cfg: TrainConfig) -> Callable[[int], float]:
     """The learning rate for the update made at each step (what build_scheduler sets)."""
-
-    def rate(step: int) -> float:
-        return cfg.lr * lr_factor(
-            step,
-            total_steps=cfg.steps,
-            schedule=cfg.schedule,
-            warmup_steps=cfg.warmup_steps,
-            step_every=cfg.step_every,
-            step_gamma=cfg.step_gamma,
-        )
-
-    return rate
+    factor = schedule_factor(cfg)
+    return lambda step: cfg.lr * factor(step)
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -76,15 +66,17 @@ def lr_factor(
     return 1.0
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        return lr_factor(
-            step,
-            total_steps=cfg.steps,
-            schedule=cfg.schedule,
-            warmup_steps=cfg.warmup_steps,
-            step_every=cfg.step_every,
-            step_gamma=cfg.step_gamma,
-        )
+def schedule_factor(cfg: TrainConfig) -> Callable[[int], float]:
+    """The schedule's multiplier of `cfg.lr` at each step."""
+    return functools.partial(
+        lr_factor,
+        total_steps=cfg.steps,
+        schedule=cfg.schedule,
+        warmup_steps=cfg.warmup_steps,
+        step_every=cfg.step_every,
+        step_gamma=cfg.step_gamma,
+    )
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(cfg))

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from shardwise.cluster.placement import PLACEMENT_ENV
+from shardwise.config import Config
+from shardwise.topology import ParallelDims
+from shardwise.train.loop import LoopResult
 
 
 @contextmanager
@@ -87,11 +94,46 @@ class MetricsLog:
 
 def new_run_dir(root: Path, tag: str) -> Path:
     """A fresh folder `root/<date>-<time>-<tag>[-n]` (not created)."""
-    import time
-
     base = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}"
     path, n = base, 1
     while path.exists():
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
+
+
+def run_summary(
+    cfg: Config,
+    dims: ParallelDims,
+    result: LoopResult,
+    state: dict[str, torch.Tensor],
+    *,
+    backend: str,
+    launch_time: float,
+) -> dict:
+    """What every run's summary.json holds, whatever its layout; callers add their layout's own keys."""
+    warm = result.step_times[min(5, len(result.step_times) - 1) :] or [float("nan")]
+    t = cfg.train
+    return {
+        **result.final_eval,
+        "train_loss": result.records[-1]["loss"],
+        "steps": t.steps,
+        "global_batch": t.batch_size,
+        "world_size": dims.world_size,
+        "layout": dims.layout,
+        "backend": backend,
+        "placement": os.environ.get(PLACEMENT_ENV, "this machine"),
+        "model": cfg.model.name,
+        "parameters": sum(v.numel() for v in state.values()),
+        "samples_per_s": t.batch_size * len(result.step_times) / max(result.train_s, 1e-9),
+        "step_time_s": statistics.median(warm),
+        "train_s": result.train_s,
+        "wall_s": time.time() - launch_time,
+    }
+
+
+def write_run(out_dir: Path, cfg: Config, dims: ParallelDims, state: dict, records: list[dict], summary: dict) -> None:
+    """The run's weights, curves and summary."""
+    save_model(out_dir / "model.safetensors", state)
+    plot_curves(out_dir / "curves.png", records, f"{cfg.model.name} on {cfg.data.name}, {dims.layout}")
+    write_json(out_dir / "summary.json", summary)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -13,7 +10,6 @@ import torch.distributed as dist
 
 from shardwise.checkpoint.resume import load_weights, read_resume
 from shardwise.checkpoint.store import Checkpointer
-from shardwise.cluster.placement import PLACEMENT_ENV
 from shardwise.config import Config
 from shardwise.data import build_rank_data, load_source
 from shardwise.errors import ShardwiseError
@@ -23,7 +19,7 @@ from shardwise.topology import RankMesh
 from shardwise.train.faults import FaultPlan
 from shardwise.train.loop import LoopSettings, ModelRunner
 from shardwise.train.optim import lr_at, optimizer_for
-from shardwise.train.outputs import MetricsLog, plot_curves, save_model, write_json
+from shardwise.train.outputs import MetricsLog, run_summary, write_run
 from shardwise.train.progress import ConsoleReporter, NullReporter, render_summary
 from shardwise.train.ps_loop import score_flat, serve, staleness_summary, straggler, work
 
@@ -46,14 +42,7 @@ def run_parameter_server(
     if checkpoint is not None:
         load_weights(model, checkpoint)
         start_step = checkpoint.step
-    settings = LoopSettings(
-        steps=t.steps,
-        global_batch=t.batch_size,
-        clip_norm=t.clip_norm,
-        log_every=t.log_every,
-        eval_every=t.eval_every,
-        start_step=start_step,
-    )
+    settings = LoopSettings.from_train(t, start_step=start_step)
     common = {"global_batch": t.batch_size, "grad_accum": t.grad_accum, "seed": t.seed, "device": torch.device("cpu")}
     is_server = mesh.coords["server"] >= 0
     if not is_server:
@@ -125,28 +114,12 @@ def run_parameter_server(
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if rank == 0:
         server.send_final(server.final)
-    warm = result.step_times[min(5, len(result.step_times) - 1) :] or [float("nan")]
     summary = {
-        **result.final_eval,
-        "train_loss": result.records[-1]["loss"],
-        "steps": t.steps,
-        "global_batch": t.batch_size,
-        "world_size": dims.world_size,
-        "layout": dims.layout,
-        "backend": dist.get_backend(group),
-        "placement": os.environ.get(PLACEMENT_ENV, "this machine"),
-        "model": cfg.model.name,
-        "parameters": sum(v.numel() for v in state.values()),
-        "samples_per_s": t.batch_size * len(result.step_times) / max(result.train_s, 1e-9),
-        "step_time_s": statistics.median(warm),
-        "train_s": result.train_s,
-        "wall_s": time.time() - launch_time,
+        **run_summary(cfg, dims, result, state, backend=dist.get_backend(group), launch_time=launch_time),
         "ps": staleness_summary(server),
     }
     if writes:
-        save_model(out_dir / "model.safetensors", state)
-        plot_curves(out_dir / "curves.png", result.records, f"{cfg.model.name} on {cfg.data.name}, {dims.layout}")
-        write_json(out_dir / "summary.json", summary)
+        write_run(out_dir, cfg, dims, state, result.records, summary)
         console.print(render_summary(summary, str(out_dir)))
         for lost in summary["ps"]["lost_workers"]:
             line = f"worker rank {lost['rank']} was lost after {lost['step']} steps: {lost['error']}"
