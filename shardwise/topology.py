@@ -144,6 +144,12 @@ class ParallelDims:
         parts = [f"{axis}={getattr(self, axis)}" for axis in AXES if getattr(self, axis) > 1]
         return " x ".join(parts) or "dp=1"
 
+    def replicated_gradients(self, shard: str) -> bool:
+        """Whether every rank holds the whole gradient, equal on all, once it is reduced:
+        data parallelism alone, the parameters whole (`shard` none) or only the
+        optimizer state sharded (ZeRO-1 steps its slice of the whole reduced gradient)."""
+        return self.world_size == self.dp and not self.servers and shard != "full"
+
     def coords(self, index: int) -> dict[str, int]:
         """The coordinates of the `index`-th rank of the grid on each axis."""
         out: dict[str, int] = {}
@@ -176,9 +182,16 @@ class RankMesh:
 
     @classmethod
     def build(
-        cls, dims: ParallelDims, parent: dist.ProcessGroup | None = None, *, timeout: timedelta | None = None
+        cls,
+        dims: ParallelDims,
+        parent: dist.ProcessGroup | None = None,
+        *,
+        timeout: timedelta | None = None,
+        replicated_gradients: bool = False,
     ) -> RankMesh:
-        """`timeout`: how long a collective on the new groups may wait (default: torch's)."""
+        """`timeout`: how long a collective on the new groups may wait (default: torch's).
+        `replicated_gradients`: after the reduction every rank holds the whole, equal
+        gradient (plain data parallel, ZeRO-1), so no group to agree on finite steps."""
         import torch.distributed as dist
 
         parent = parent or dist.group.WORLD
@@ -205,11 +218,12 @@ class RankMesh:
                     created.append(pg)
                     if me in members:
                         groups[axis] = pg
-        # the per-step agreement on finite gradients gets a group of its own where it can:
-        # a rank that skips it then waits in another group's collective instead of
-        # feeding it mismatched data, and every rank times out cleanly
-        groups["agree"] = parent
-        if len(ranks) == dist.get_world_size() and len(ranks) > 1:
+        # where ranks hold different gradients, the per-step agreement on finite gradients
+        # gets a group of its own where it can: a rank that skips it then waits in another
+        # group's collective instead of feeding it mismatched data, and every rank times out
+        # cleanly. Equal gradients need no agreement: every rank decides alike on its own.
+        groups["agree"] = None if replicated_gradients else parent
+        if not replicated_gradients and len(ranks) == dist.get_world_size() and len(ranks) > 1:
             groups["agree"] = dist.new_group(ranks, timeout=timeout)
             created.append(groups["agree"])
         return cls(dims, groups, dims.coords(me), created, parent)

@@ -83,7 +83,12 @@ def run(
     dims = ParallelDims.resolve(
         cfg.parallel, dist.get_world_size(group), vertical=cfg.data.vertical, ps_servers=cfg.ps.servers
     )
-    mesh = RankMesh.build(dims, group, timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+    mesh = RankMesh.build(
+        dims,
+        group,
+        timeout=timedelta(seconds=cfg.train.collective_timeout_s),
+        replicated_gradients=dims.replicated_gradients(cfg.parallel.shard),
+    )
     try:
         if dims.servers:
             launch_time = float(os.environ.get(LAUNCH_TIME_ENV, time.time()))

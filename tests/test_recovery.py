@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from shardwise.checkpoint.manifest import keygen, verify
 from shardwise.config import load_config
 from shardwise.errors import ShardwiseError
+from shardwise.train.loop import poisoned
 from shardwise.worker import run
 
 JOB = ["--model.name", "mlp", "--train.steps", "12", "--train.eval_every", "0", "--run.progress", "false"]
@@ -136,7 +137,10 @@ def test_signed_checkpoints_and_tampering(tmp_path):
     ("skip", "shardwise: rank 1 skipped a collective: it was at step 5"),
 ])  # fmt: skip
 def test_a_rank_that_stops_answering_ends_the_job(tmp_path, kind, message):
+    # fully sharded: its ranks hold different gradient shards, so they agree on finite steps
+    # by a collective every step, which is the one `skip` leaves out
     args = ["train", "--nproc", "3", *JOB, "--train.batch_size", "48", "--train.collective_timeout_s", "3"]
+    args += ["--parallel.shard", "full"]
     done = shardwise(*args, "--out", str(tmp_path / "run"), fault=f"1:3:{kind}", timeout=3 + 30 + 20)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr
@@ -153,8 +157,13 @@ def _with_fault(spec: str, overrides: dict[str, str], *, group):
         os.environ.pop("SHARDWISE_FAULT")
 
 
-def test_a_non_finite_step_is_skipped_on_every_rank(pool):
-    results = pool.run(_with_fault, "1:5:nan", {}, ranks=[0, 1])
+@pytest.mark.parametrize("layout", [
+    {},  # data parallel: equal reduced gradients, each rank decides alone
+    {"parallel.shard": "full"},  # different gradient shards: the ranks agree by a collective
+    {"parallel.tp": "2"},
+], ids=["dp", "fully-sharded", "tp"])  # fmt: skip
+def test_a_non_finite_step_is_skipped_on_every_rank(pool, layout):
+    results = pool.run(_with_fault, "1:5:nan", layout, ranks=[0, 1])
     (state0, summary), (state1, _) = results
     assert summary["skipped_steps"] == [6]
     for key in state0:
@@ -169,3 +178,15 @@ def test_too_many_non_finite_steps_stop_the_run(pool):
         assert message.startswith(
             "train.max_bad_steps: 3 steps in a row with a non-finite loss or gradient (steps 5 to 7)"
         )
+
+
+def test_a_non_finite_loss_makes_the_gradients_it_reaches_nan():
+    # plain data parallelism decides on its reduced gradients alone: a rank whose loss is
+    # not finite must make them NaN, or the ranks would decide apart
+    weight = torch.ones(3, requires_grad=True)
+    poisoned(weight.sum() * 2).backward()
+    assert torch.equal(weight.grad, torch.full((3,), 2.0))  # a finite loss is left as it is
+    for bad in (float("inf"), float("nan")):
+        weight.grad = None
+        poisoned(weight.sum() + bad).backward()  # not finite, though its gradient would be
+        assert torch.isnan(weight.grad).all()

@@ -7,8 +7,11 @@ step STEP (0-based, counted over the whole run). KIND is:
 - `exit`   the process exits with status 3 at the start of the step, no Python error
 - `kill`   the process sends itself SIGKILL at the start of the step
 - `hang`   the process stops itself (SIGSTOP) at the start of the step: it stops answering
-- `skip`   the rank skips the step's agreement on finite gradients (a collective)
-- `nan`    the rank's loss becomes NaN in that step
+- `skip`   the rank skips the step's agreement on finite gradients, a collective of every
+           layout but plain data parallelism and ZeRO-1 (which have none to skip)
+- `nan`    the rank's input batch becomes NaN in that step, as a corrupt sample would make
+           it: its loss and every gradient it reaches turn NaN (on a pipeline, give it to
+           a first-stage rank: the other stages read no input)
 - `exit@POINT` the process exits with status 3 at POINT of the checkpoint written after
   the step: `checkpoint-shards` (its shard file written), `checkpoint-manifest` (rank 0,
   before the manifest) or `checkpoint-rename` (rank 0, manifest written, before the rename)
@@ -53,7 +56,7 @@ class FaultPlan:
             raise RuntimeError(f"injected fault at step {step}")
 
     def corrupt(self, step: int) -> bool:
-        """The loss of this step becomes NaN on this rank."""
+        """The input of this step becomes NaN on this rank."""
         return self.faults.get(step) == "nan"
 
     def skips(self, step: int) -> bool:

@@ -74,17 +74,34 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def all_finite(loss: torch.Tensor, model: nn.Module, group: dist.ProcessGroup | None, *, skip: bool) -> bool:
-    """Whether the loss and every gradient are finite on every rank of `group` (a collective,
-    so all ranks skip a bad step together and their weights stay equal)."""
-    bad = torch.zeros((), device=loss.device) if torch.isfinite(loss).all() else torch.ones((), device=loss.device)
+def all_finite(loss: torch.Tensor, model: nn.Module, group: dist.ProcessGroup | None) -> bool:
+    """Whether the loss and every gradient are finite. With `group`, on every rank of it
+    (a collective), so all ranks skip a bad step together and their weights stay equal.
+    Without, this rank's own answer: enough where the gradients were reduced whole and are
+    equal on every rank, since a rank's non-finite loss reaches them (see `poisoned`)."""
+    bad = torch.isfinite(loss.detach()).logical_not().to(torch.float32).reshape(())
+    one = torch.ones((), device=loss.device)
+    grads: dict[tuple, list[torch.Tensor]] = {}
     for p in model.parameters():
-        if p.grad is not None and not torch.isfinite(local_tensor(p.grad)).all():
-            bad.fill_(1.0)
-            break
-    if group is not None and dist.get_world_size(group) > 1 and not skip:
+        if p.grad is not None:
+            g = local_tensor(p.grad)
+            grads.setdefault((g.device, g.dtype), []).append(g)
+    for (device, _), same in grads.items():
+        # the fused check of torch's GradScaler: one pass over all gradients, setting
+        # `found` on a NaN or inf; scaling by one leaves every value as it is
+        found = torch.zeros((), device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(same, found, one.to(device))
+        bad = torch.maximum(bad, found.to(bad.device))
+    if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
     return bad.item() == 0.0
+
+
+def poisoned(loss: torch.Tensor) -> torch.Tensor:
+    """`loss`, but a non-finite one makes every gradient it reaches NaN, so the gradient
+    reduction carries it to every rank (no host synchronisation: the factor is a tensor)."""
+    factor = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
+    return loss * factor
 
 
 def mean_over(group: dist.ProcessGroup | None, value: torch.Tensor) -> float:
@@ -120,7 +137,7 @@ class ModelRunner:
         for i, (x, y) in enumerate(micro):
             # all-reduce only after the last micro-batch's backward
             with maybe_no_sync(self.model, skip_sync=i < len(micro) - 1):
-                loss = F.cross_entropy(self.model(x), y) / len(micro)
+                loss = poisoned(F.cross_entropy(self.model(x), y) / len(micro))
                 loss.backward()
             total += loss.detach()
         return total
@@ -164,14 +181,12 @@ def train_loop(
         faults.maybe_fail(step)
 
         optimizer.zero_grad(set_to_none=True)
-        loss = runner.forward_backward(data.micro_batches(step))
+        micro = data.micro_batches(step)
         if faults.corrupt(step):
-            loss = loss * float("nan")
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.fill_(float("nan"))
+            micro = [(torch.full_like(x, float("nan")), y) for x, y in micro]
+        loss = runner.forward_backward(micro)
         where.phase = "agreeing on finite gradients"
-        finite = all_finite(loss, model, agree_group, skip=faults.skips(step))
+        finite = all_finite(loss, model, None if faults.skips(step) else agree_group)
         lr = scheduler.get_last_lr()[0]
         if finite:
             bad_in_row = 0
