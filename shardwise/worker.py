@@ -61,9 +61,30 @@ class RunResult:
     leave_together: bool = True
 
 
-def default_device() -> torch.device:
+def rank_device() -> torch.device:
+    """This rank's GPU where the machine has one for each of its ranks (LOCAL_RANK of
+    LOCAL_WORLD_SIZE), else the CPU: ranks never share a GPU, and all ranks of a
+    machine take the same kind of device."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        gpus = torch.cuda.device_count()
+        if local_ranks <= gpus:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # a note with the progress, not an error
+            print(f"{local_ranks} ranks on this machine and {gpus} GPU(s): the ranks run on the CPU (gloo)")
+    return torch.device("cpu")
+
+
+def backend_for(device: torch.device) -> str:
+    """NCCL for GPU tensors; gloo for CPU tensors, which every rank also sends (sizes,
+    summaries) on a GPU."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def group_device(group: dist.ProcessGroup) -> torch.device:
+    """The device a group's ranks compute on: the current GPU where it speaks NCCL."""
+    if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
@@ -95,7 +116,7 @@ def run(
             state, summary = run_parameter_server(cfg, mesh, group=group, out_dir=out_dir, launch_time=launch_time)
             # its servers answer the workers last and may have lost some: no leaving together
             return RunResult(state, summary, leave_together=False)
-        return _train(cfg, mesh, group=group, out_dir=out_dir, device=device or default_device())
+        return _train(cfg, mesh, group=group, out_dir=out_dir, device=device or group_device(group))
     finally:
         mesh.close()
 
@@ -241,7 +262,9 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
 
     launch_time = float(os.environ.get(LAUNCH_TIME_ENV, started))
     summary = {
-        **run_summary(cfg, dims, result, state, backend=dist.get_backend(group), launch_time=launch_time),
+        **run_summary(
+            cfg, dims, result, state, backend=dist.get_backend(group), device=str(device), launch_time=launch_time
+        ),
         "shard": cfg.parallel.shard,
         "memory": memory_records(end_bytes, dims),
         "skipped_steps": result.skipped_steps,
@@ -313,11 +336,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ShardwiseError("worker", f"expected one argument, the config file; got {argv}")
         cfg = load_config(argv[0])
         torch.set_num_threads(1)
-        device = default_device()
+        device = rank_device()
         if device.type == "cuda":
             torch.cuda.set_device(device)
+            if cfg.train.deterministic:  # cuBLAS repeats its results only with a fixed workspace
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         timeout = timedelta(seconds=cfg.train.collective_timeout_s)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        dist.init_process_group(backend_for(device), timeout=timeout)
         out_dir = Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), cfg.model.name)
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ def _from_flat_slices(named: list[tuple[str, Tensor]], state: dict, group: dist.
             out |= {f"optim/{key}/{name}": value.detach().clone() for name, _ in named}
             continue
         flat = value.new_empty(value.numel() * dist.get_world_size(group))
-        dist.all_gather_single(flat, value.detach().contiguous(), group=group)
+        dist.all_gather_into_tensor(flat, value.detach().contiguous(), group=group)
         out |= unflatten(flat, named, prefix=f"optim/{key}/")
     return out
 

@@ -62,7 +62,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.slice.grad = self._own(grads)
         self.inner.step()
         gathered = self.slice.new_empty(self.per_rank * dist.get_world_size(self.group))
-        dist.all_gather_single(gathered, self.slice.detach(), group=self.group)
+        dist.all_gather_into_tensor(gathered, self.slice.detach(), group=self.group)
         self.slice.grad, self.slice.data = None, self.slice.new_empty(0)
         offset = 0
         for p in self.params:

@@ -74,6 +74,10 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+# the dtypes torch's fused check of gradients takes on every device
+FUSED_CHECK_DTYPES = (torch.float32, torch.float16, torch.float64)
+
+
 def all_finite(loss: torch.Tensor, model: nn.Module, group: dist.ProcessGroup | None) -> bool:
     """Whether the loss and every gradient are finite. With `group`, on every rank of it
     (a collective), so all ranks skip a bad step together and their weights stay equal.
@@ -86,11 +90,14 @@ def all_finite(loss: torch.Tensor, model: nn.Module, group: dist.ProcessGroup | 
         if p.grad is not None:
             g = local_tensor(p.grad)
             grads.setdefault((g.device, g.dtype), []).append(g)
-    for (device, _), same in grads.items():
-        # the fused check of torch's GradScaler: one pass over all gradients, setting
-        # `found` on a NaN or inf; scaling by one leaves every value as it is
-        found = torch.zeros((), device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(same, found, one.to(device))
+    for (device, dtype), same in grads.items():
+        if dtype in FUSED_CHECK_DTYPES:
+            # the fused check of torch's GradScaler: one pass over all gradients, setting
+            # `found` on a NaN or inf; scaling by one leaves every value as it is
+            found = torch.zeros((), device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(same, found, one.to(device))
+        else:  # bfloat16 on a GPU, say: one check per gradient
+            found = torch.stack([torch.isfinite(g).all() for g in same]).all().logical_not().to(torch.float32)
         bad = torch.maximum(bad, found.to(bad.device))
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)

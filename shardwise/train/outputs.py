@@ -109,6 +109,7 @@ def run_summary(
     state: dict[str, torch.Tensor],
     *,
     backend: str,
+    device: str,
     launch_time: float,
 ) -> dict:
     """What every run's summary.json holds, whatever its layout; callers add their layout's own keys."""
@@ -122,6 +123,7 @@ def run_summary(
         "world_size": dims.world_size,
         "layout": dims.layout,
         "backend": backend,
+        "device": device,
         "placement": os.environ.get(PLACEMENT_ENV, "this machine"),
         "model": cfg.model.name,
         "parameters": sum(v.numel() for v in state.values()),

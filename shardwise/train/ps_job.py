@@ -115,7 +115,7 @@ def run_parameter_server(
     if rank == 0:
         server.send_final(server.final)
     summary = {
-        **run_summary(cfg, dims, result, state, backend=dist.get_backend(group), launch_time=launch_time),
+        **run_summary(cfg, dims, result, state, backend=dist.get_backend(group), device="cpu", launch_time=launch_time),
         "ps": staleness_summary(server),
     }
     if writes:
