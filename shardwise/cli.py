@@ -69,8 +69,9 @@ def build_parser() -> OneLineParser:
         "--resume",
         type=Path,
         default=None,
-        help="continue a run from its newest complete checkpoint (a run folder) or from a checkpoint folder; "
-        "its config.toml is the default config and the outputs go on in that run folder",
+        help="continue from a run folder's newest complete checkpoint, or from a checkpoint folder: the config "
+        "saved in the checkpoint is the default (its [checkpoint] trust settings excepted: those come only from "
+        "this command line or CONFIG), and the outputs go on in the run folder holding it (or --out)",
     )
     train.add_argument(
         "--max-restarts",
@@ -89,6 +90,11 @@ def build_parser() -> OneLineParser:
     verify = sub.add_parser("verify", help="check a checkpoint's files against its manifest and signature")
     verify.add_argument("path", type=Path, help="a checkpoint folder, or a run folder (its newest checkpoint)")
     verify.add_argument("--key", default="", help="the public key that must have signed the manifest")
+    verify.add_argument(
+        "--require-signature",
+        action="store_true",
+        help="refuse (exit 2) a checkpoint that is unsigned, or whose signature cannot be checked (no --key)",
+    )
     _add_config_options(train)
 
     add_cluster_parser(sub, OneLineParser)
@@ -128,27 +134,51 @@ def _train(args: argparse.Namespace) -> int:
         overrides["run.out"] = str(args.out)
     if args.timeline:
         overrides["run.timeline"] = "true"
-    config = args.config
     if args.resume is not None:
-        from shardwise.checkpoint.manifest import find_checkpoint
-
-        checkpoint = find_checkpoint(args.resume)
-        run_dir = checkpoint.parent.parent if checkpoint != args.resume else args.resume
-        if config is None and (run_dir / "config.toml").is_file():
-            config = str(run_dir / "config.toml")
-        overrides["run.resume"] = str(checkpoint)
-        overrides.setdefault("run.out", str(run_dir))
-    cfg = load_config(config, overrides)
-    if cfg.run.resume:  # refuse a torn, tampered or unsigned checkpoint before starting anything
-        from shardwise.checkpoint.manifest import verify
-
-        verify(Path(cfg.run.resume), verify_key=cfg.checkpoint.verify_key)
-    out = Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), cfg.model.name)
-    resuming = args.resume is not None and out.resolve() == run_dir.resolve()
+        cfg, out, resuming = _resume_config(args.config, args.resume, overrides)
+    else:
+        cfg = load_config(args.config, overrides)
+        if cfg.run.resume:
+            cfg, out, resuming = _resume_config(args.config, Path(cfg.run.resume), overrides)
+        else:
+            out, resuming = Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), cfg.model.name), False
     placement = placement_for(args.cluster)
     return launch(
         cfg, nproc=args.nproc, out=out, max_restarts=args.max_restarts, resuming=resuming, placement=placement
     )
+
+
+def _resume_config(config: str | None, path: Path, overrides: dict[str, str]):
+    """The config, output folder and whether the run goes on in its own folder, for
+    resuming from `path` (a run folder or a checkpoint folder).
+
+    Trust comes only from the user: the verify key is read from CONFIG and the command
+    line before the checkpoint is opened; the checkpoint is verified with it; only then
+    is the config saved inside it (which the manifest covers) read, without its
+    [checkpoint] and [run] sections. Nothing is ever written into a checkpoint."""
+    from shardwise.checkpoint.manifest import find_checkpoint, read_verified, verify
+
+    own = {k: v for k, v in overrides.items() if k != "run.resume"}
+    trusted = load_config(config, own)
+    checkpoint = find_checkpoint(path)
+    verify(checkpoint, verify_key=trusted.checkpoint.verify_key)  # every file, before anything starts
+    _, files = read_verified(checkpoint, verify_key=trusted.checkpoint.verify_key, only={"config.toml"})
+    if "config.toml" not in files:
+        raise ShardwiseError("resume", f"{checkpoint} holds no config.toml")
+    stored = files["config.toml"].decode("utf-8", errors="replace")
+    cfg = load_config(config, own, resumed=stored)
+    cfg.run.resume = str(checkpoint)
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+    if cfg.run.out:
+        out = Path(cfg.run.out)
+    elif run_dir is not None:
+        out = run_dir
+    else:
+        raise ShardwiseError("resume", f"{checkpoint} is not in a run folder's checkpoints/: give --out for the run")
+    target, inside = out.resolve(), checkpoint.resolve()
+    if target == inside or inside in target.parents:
+        raise ShardwiseError("out", f"{str(out)!r} is inside the checkpoint {checkpoint}, which is never written")
+    return cfg, out, run_dir is not None and target == run_dir.resolve()
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -160,11 +190,20 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from shardwise.checkpoint.manifest import find_checkpoint, verify
+    from shardwise.checkpoint.manifest import find_checkpoint, is_signed, verify
 
     folder = find_checkpoint(args.path)
+    if args.require_signature and not is_signed(folder):
+        raise ShardwiseError("checkpoint", f"{folder} is unsigned (no manifest.sig) and --require-signature is set")
+    if args.require_signature and not args.key:
+        raise ShardwiseError("key", f"--require-signature needs --key, the public key to check {folder}'s signature")
     manifest = verify(folder, verify_key=args.key)
-    signed = "signature verified" if args.key else "signature not checked (no --key)"
+    if args.key:
+        signed = "signature verified"
+    elif is_signed(folder):
+        signed = "signed, but the signature was NOT checked (give --key)"
+    else:
+        signed = "unsigned"
     print(f"{folder}: step {manifest['step']}, {len(manifest['files'])} files match the manifest; {signed}")
     return 0
 

@@ -145,6 +145,9 @@ class TrainConfig:
     this many such steps in a row the run stops."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms: resumed runs then repeat uninterrupted ones bit for bit."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Parameters, gradients, optimizer state and activations: float32, or float64 (slower; every
+    synchronous layout then equals one process to 1e-9, since no rounding flips a max-pool tie)."""
 
 
 @dataclass
@@ -306,22 +309,38 @@ def _set(cfg: Config, key: str, value: Any, from_text: bool) -> None:
     setattr(getattr(cfg, section_name), name, _coerce(key, hints[name], value, from_text))
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> Config:
-    """Defaults, then the TOML file, then command-line overrides; validated."""
+# what a resumed run never takes from the checkpoint it resumes: which keys to trust
+# (the checkpoint cannot vouch for itself) and where this invocation writes
+NOT_RESUMED = ("checkpoint", "run")
+
+
+def _apply_toml(cfg: Config, text: str, where: str, *, skip: tuple[str, ...] = ()) -> None:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ShardwiseError("config", f"{where}: {e}") from None
+    for section, values in data.items():
+        if section in skip:
+            continue
+        if not isinstance(values, dict):
+            raise _unknown_key(section)
+        for name, value in values.items():
+            _set(cfg, f"{section}.{name}", value, from_text=False)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, str] | None = None, *, resumed: str | None = None
+) -> Config:
+    """Defaults, then `resumed` (the config.toml of a checkpoint being resumed, without
+    its trust and run sections), then the TOML file, then command-line overrides; validated."""
     cfg = Config()
+    if resumed is not None:
+        _apply_toml(cfg, resumed, "the checkpoint's config.toml", skip=NOT_RESUMED)
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ShardwiseError("config", f"no such file {str(path)!r}")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ShardwiseError("config", f"{path}: {e}") from None
-        for section, values in data.items():
-            if not isinstance(values, dict):
-                raise _unknown_key(section)
-            for name, value in values.items():
-                _set(cfg, f"{section}.{name}", value, from_text=False)
+        _apply_toml(cfg, path.read_text(), str(path))
     for key, value in (overrides or {}).items():
         _set(cfg, key, value, from_text=True)
     validate(cfg)

@@ -14,3 +14,7 @@ class ShardwiseError(ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"{field}: {message}" if field else message)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many steps in a row with a non-finite loss or gradient (train.max_bad_steps)."""

@@ -257,8 +257,13 @@ class RankMesh:
         """A one-axis DeviceMesh (what FSDP2 takes) over this rank's group on `axis`."""
         from torch.distributed.device_mesh import DeviceMesh
 
-        assert self.groups[axis] is not None, f"axis {axis} has size 1"
-        return DeviceMesh.from_group(self.groups[axis], device_type, mesh_dim_names=(axis,))
+        group = self.groups[axis]
+        assert group is not None, f"axis {axis} has size 1"
+        # torch compares meshes by ranks and names, not by group, and caches what DTensor
+        # computed for a mesh: a later job in the same process (the Python API, the tests)
+        # with equal ranks would find the cache holding a group already destroyed. The
+        # group's own name in the axis name keeps each group's mesh apart.
+        return DeviceMesh.from_group(group, device_type, mesh_dim_names=(f"{axis}-{group.group_name}",))
 
     def close(self) -> None:
         import torch.distributed as dist

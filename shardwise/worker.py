@@ -23,22 +23,29 @@ from shardwise.checkpoint.resume import load_weights, read_resume
 from shardwise.checkpoint.state import load_optimizer, logical_model, logical_optimizer
 from shardwise.checkpoint.store import Checkpointer, restore_rng, rng_tensors
 from shardwise.comm.halo import bands
-from shardwise.config import Config, load_config
+from shardwise.config import Config, load_config, to_toml
 from shardwise.data import build_rank_data, load_source
 from shardwise.data.features import vertical_parts
 from shardwise.data.report import render_report
 from shardwise.data.sources import take_rows
-from shardwise.errors import EXIT_USAGE, ShardwiseError
+from shardwise.errors import EXIT_USAGE, ShardwiseError, TrainingDiverged
 from shardwise.models import build_model
 from shardwise.parallel.data import apply_data_parallel, is_fully_sharded, unwrap
-from shardwise.parallel.pipeline import apply_pipeline, describe_cut, gather_stages, owners, plan_pipeline
+from shardwise.parallel.pipeline import (
+    apply_pipeline,
+    describe_cut,
+    gather_stages,
+    owners,
+    plan_pipeline,
+    stage_shapes,
+)
 from shardwise.parallel.spatial import apply_spatial
 from shardwise.parallel.splits import Split, full_state_dict, local_bytes
 from shardwise.parallel.tensor import apply_tensor_parallel
 from shardwise.parallel.vertical import apply_vertical
 from shardwise.topology import ParallelDims, RankMesh
 from shardwise.train.faults import FaultPlan
-from shardwise.train.loop import LoopSettings, ModelRunner, Position, TrainingDiverged, train_loop
+from shardwise.train.loop import LoopSettings, ModelRunner, Position, train_loop
 from shardwise.train.memory import gather_rows, memory_records, rank_bytes, render_memory
 from shardwise.train.optim import build_optimizer, build_scheduler
 from shardwise.train.outputs import MetricsLog, new_run_dir, run_summary, write_run
@@ -133,12 +140,11 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
     feature_parts = vertical_parts(cfg.data)
     own_features = feature_parts[mesh.coords["vertical"]] if feature_parts else None
 
+    dtype = getattr(torch, t.dtype)
     torch.manual_seed(t.seed)  # weights; data order and splits use their own seeded generators
     dataset = load_source(cfg.data, seed=t.seed, features=own_features, reduce_stats=_summer(mesh.groups["vertical"]))
-    if dims.spatial > 1:
-        if len(dataset.in_shape) != 3:
-            raise ShardwiseError("parallel.spatial", f"needs images (C, H, W), the data has shape {dataset.in_shape}")
-        dataset = take_rows(dataset, *bands(dataset.in_shape[1], dims.spatial)[mesh.coords["spatial"]])
+    if dims.spatial > 1 and len(dataset.in_shape) != 3:
+        raise ShardwiseError("parallel.spatial", f"needs images (C, H, W), the data has shape {dataset.in_shape}")
     data = build_rank_data(
         cfg.data,
         dataset,
@@ -149,8 +155,11 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
         seed=t.seed,
         device=device,
         microbatches=dims.microbatches,
+        dtype=dtype,
     )
-    model = build_model(cfg.model, dataset.in_shape, dataset.num_classes).to(device)
+    if dims.spatial > 1:  # rows are cut after the split into shards, which may read whole samples (kmeans)
+        data.dataset = take_rows(dataset, *bands(dataset.in_shape[1], dims.spatial)[mesh.coords["spatial"]])
+    model = build_model(cfg.model, dataset.in_shape, dataset.num_classes).to(device=device, dtype=dtype)
     checkpoint = read_resume(cfg)
     if checkpoint is not None:  # the whole model, before any layout cuts it
         load_weights(model, checkpoint)
@@ -167,6 +176,7 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
         example = data.micro_batches(0)[0][0][: t.batch_size // (dims.dp * dims.microbatches)]
         cut, costs = plan_pipeline(model, example, stages=dims.pp, group=group)
         stage_of, cut_rows = owners(model, cut), describe_cut(costs, cut)
+        shapes = stage_shapes(costs, cut, mesh.coords["pp"], tuple(example.shape))
         model = apply_pipeline(model, cut=cut, stage=mesh.coords["pp"])
     splits: dict[str, Split] = {}
     if feature_parts:
@@ -188,18 +198,17 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
             microbatches=dims.microbatches,
             schedule=cfg.parallel.schedule,
             device=device,
+            shapes=shapes,
+            dtype=dtype,
         )
     else:
         runner = ModelRunner(model, dp_group=dp_group)
-    scheduler = build_scheduler(t, optimizer)
     start_step = 0
     if checkpoint is not None:
         load_optimizer(unwrap(model), optimizer, splits, checkpoint.tensors)
-        scheduler.load_state_dict(checkpoint.state["scheduler"])
-        for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
-            g["lr"] = lr
         restore_rng(checkpoint, rank, dims.world_size)
         start_step = checkpoint.step
+    scheduler = build_scheduler(t, optimizer, start=checkpoint.schedule_step if checkpoint is not None else 0)
     settings = LoopSettings.from_train(t, start_step=start_step)
     checkpointer = None
     if out_dir is not None and t.checkpoint_every > 0:
@@ -207,11 +216,18 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
         def collect() -> tuple[dict, dict]:
             part = unwrap(model)
             tensors = logical_model(part, splits) | logical_optimizer(part, optimizer, splits) | rng_tensors(rank)
-            meta = {"world_size": dims.world_size, "layout": dims.layout, "scheduler": scheduler.state_dict()}
+            meta = {"world_size": dims.world_size, "layout": dims.layout, "schedule_step": scheduler.last_epoch}
             return tensors, meta
 
         checkpointer = Checkpointer(
-            out_dir / "checkpoints", t.checkpoint_every, t.steps, group, collect, cfg.checkpoint.sign_key, faults
+            out_dir / "checkpoints",
+            t.checkpoint_every,
+            t.steps,
+            group,
+            collect,
+            cfg.checkpoint.sign_key,
+            faults,
+            config_text=to_toml(cfg),
         )
     writes = rank == 0 and out_dir is not None
     console = None

@@ -31,6 +31,11 @@ LAYOUTS = {
     "dp 2 sgd": ({}, 2),
     "dp 2 adamw": ({"train.optimizer": "adamw", "train.lr": LR["adamw"]}, 2),
     "tp 2": ({"parallel.tp": "2"}, 2),
+    "tp 2 x shard full": (
+        {"parallel.tp": "2", "parallel.dp": "2", "parallel.shard": "full", "train.optimizer": "adamw"},
+        4,
+    ),
+    "vertical 2": ({"data.vertical": "2"}, 2),
     "pp 2 x dp 2": ({"parallel.pp": "2", "parallel.dp": "2", "train.optimizer": "adamw", "train.lr": LR["adamw"]}, 4),
     "shard optimizer": ({"parallel.shard": "optimizer", "train.optimizer": "adamw", "train.lr": LR["adamw"]}, 2),
     "shard full": ({"parallel.shard": "full", "train.optimizer": "adamw", "train.lr": LR["adamw"]}, 2),
@@ -54,38 +59,30 @@ def test_resume_continues_bit_exactly(pool, tmp_path, name):
 
 
 ADAMW = {"train.optimizer": "adamw", "train.lr": LR["adamw"]}
-RESHARD = {
-    "dp 4 -> 1, 2, 3": (ADAMW, 4, {}, [1, 2, 3]),
-    "tp 2 -> tp 1": ({**ADAMW, "parallel.tp": "2"}, 2, {"parallel.tp": "1"}, [1]),
-    "pp 2 -> pp 1": ({**ADAMW, "parallel.pp": "2"}, 2, {"parallel.pp": "1"}, [1]),
-    "shard full -> none": ({**ADAMW, "parallel.shard": "full"}, 2, {"parallel.shard": "none"}, [2, 1]),
-    "shard optimizer -> none": ({**ADAMW, "parallel.shard": "optimizer"}, 4, {"parallel.shard": "none"}, [2]),
-}
 
 
-@pytest.mark.parametrize("name", list(RESHARD))
-def test_checkpoint_loads_under_another_layout(pool, tmp_path, name):
+def test_checkpoint_of_four_ranks_loads_on_one_two_and_three(pool, tmp_path):
     """Weights load exactly; the optimizer state too, seen through the next steps: AdamW's
-    moments and step count decide them, and they match the saving layout's own continuation."""
-    saved, nproc, changes, targets = RESHARD[name]
+    moments and step count decide them, and they match the saving layout's own continuation.
+    (test_reshard.py runs the whole matrix of layouts against a plain loop.)"""
     steps = {"train.steps": "6", "train.checkpoint_every": "6"}
-    pool.run(_train, {**saved, **steps}, str(tmp_path / "saved"), ranks=list(range(nproc)))
+    pool.run(_train, {**ADAMW, **steps}, str(tmp_path / "saved"), ranks=[0, 1, 2, 3])
     checkpoint = str(tmp_path / "saved" / "checkpoints" / "step-00000006")
     weights = {
         k.removeprefix("model/"): v for k, v in read_checkpoint(Path(checkpoint)).tensors.items() if "model/" in k
     }
     # the saving layout trained on without a stop: its optimizer state never left memory
-    reference = pool.run(_train, {**saved, "train.steps": "9"}, str(tmp_path / "ref"), ranks=list(range(nproc)))[0]
-    for n in targets:
-        layout = {**saved, **changes, "train.steps": "6"}
+    reference = pool.run(_train, {**ADAMW, "train.steps": "9"}, str(tmp_path / "ref"), ranks=[0, 1, 2, 3])[0]
+    for n in (1, 2, 3):
+        layout = {**ADAMW, "train.steps": "6"}
         loaded = pool.run(_resume, layout, str(tmp_path / f"at{n}"), checkpoint, ranks=list(range(n)))
         for state in loaded:
-            assert all(torch.equal(state[k], weights[k]) for k in weights), f"{name}: weights differ on {n} ranks"
+            assert all(torch.equal(state[k], weights[k]) for k in weights), f"weights differ on {n} ranks"
         continued = pool.run(
             _resume, {**layout, "train.steps": "9"}, str(tmp_path / f"on{n}"), checkpoint, ranks=list(range(n))
         )
         for key in reference:
-            torch.testing.assert_close(continued[0][key], reference[key], **TOL, msg=f"{name} on {n}: {key}")
+            torch.testing.assert_close(continued[0][key], reference[key], **TOL, msg=f"4 -> {n}: {key}")
 
 
 def test_no_pickle_or_torch_load_in_the_package():

@@ -4,7 +4,7 @@ and composed on a 2-D layout: the same weights as one process (see parity.py).""
 from __future__ import annotations
 
 import pytest
-from parity import LR, check_layout
+from parity import LR, check_layout, dataset
 
 OPTIMIZERS = ["sgd", "adamw"]
 
@@ -61,9 +61,8 @@ def test_vertical_channels_convnet(pool):
     overrides = {
         "model.name": "convnet",
         "model.channels": "8,8",
-        "data.name": "synthetic",
-        "data.shape": "3,8,8",
-        "data.samples": "480",
+        "data.name": "npz",
+        "data.path": dataset("images3"),
         "data.vertical": "3",
         "data.vertical_unit": "channel",
     }

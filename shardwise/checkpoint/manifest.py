@@ -3,8 +3,14 @@
 `manifest.json` is written last, after every other file of the checkpoint is
 written and fsynced; `manifest.sig` holds an Ed25519 signature of its exact
 bytes (library: cryptography). Verification names the first thing that
-differs: the signature, a missing or changed file, or a file the manifest does
-not list.
+differs: the signature, a missing or changed file, or anything in the folder
+the manifest does not list. The manifest covers every file of the checkpoint,
+the run's config among them, so a signature vouches for all of it.
+
+Two ways to check: `verify` streams each file through SHA-256 (the CLI's
+check, and the launcher's before any worker starts), and `read_verified`
+reads each file once into memory and hashes those very bytes, which are then
+the ones loaded: a file swapped between the check and the read cannot slip in.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from shardwise.errors import ShardwiseError
 
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 STEP_DIR = re.compile(r"^step-(\d+)$")
-FORMAT = "shardwise-checkpoint-1"
+FORMAT = "shardwise-checkpoint-2"  # 2: the run's config inside, the schedule position in state.json
 
 
 def sha256(path: Path) -> str:
@@ -60,8 +66,13 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def verify(folder: Path, *, verify_key: str = "") -> dict:
-    """The manifest of `folder` if every check passes; else ShardwiseError naming the file."""
+def is_signed(folder: Path) -> bool:
+    return (folder / SIGNATURE).is_file()
+
+
+def _checked_manifest(folder: Path, verify_key: str) -> dict:
+    """The manifest, its signature checked against `verify_key` (if given) and its form
+    checked, and nothing in the folder that it does not list."""
     where = "checkpoint"
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
@@ -81,21 +92,52 @@ def verify(folder: Path, *, verify_key: str = "") -> dict:
         manifest = json.loads(data)
         listed = {f["name"]: f for f in manifest["files"]}
         if manifest.get("format") != FORMAT:
-            raise ValueError(f"format {manifest.get('format')!r}")
+            raise ValueError(f"format {manifest.get('format')!r}, this shardwise reads {FORMAT!r}")
+        for name, entry in listed.items():
+            if "/" in name or name in ("", ".", "..") or not isinstance(entry["size"], int):
+                raise ValueError(f"entry {name!r}")
     except (ValueError, KeyError, TypeError) as e:
         raise ShardwiseError(where, f"{manifest_path}: not a valid manifest ({e})") from None
-    for name in sorted(listed):
-        path, entry = folder / name, listed[name]
-        if not path.is_file():
-            raise ShardwiseError(where, f"{path}: listed in the manifest but missing")
-        if path.stat().st_size != entry["size"]:
-            raise ShardwiseError(where, f"{path}: {path.stat().st_size} bytes, the manifest says {entry['size']}")
-        if sha256(path) != entry["sha256"]:
-            raise ShardwiseError(where, f"{path}: SHA-256 differs from the manifest")
     for path in sorted(folder.iterdir()):
         if path.name not in listed and path.name not in (MANIFEST, SIGNATURE):
             raise ShardwiseError(where, f"{path}: not in the manifest")
+    for name in sorted(listed):
+        if not (folder / name).is_file():
+            raise ShardwiseError(where, f"{folder / name}: listed in the manifest but missing")
     return manifest
+
+
+def _check_file(path: Path, entry: dict, size: int, digest: str) -> None:
+    if size != entry["size"]:
+        raise ShardwiseError("checkpoint", f"{path}: {size} bytes, the manifest says {entry['size']}")
+    if digest != entry["sha256"]:
+        raise ShardwiseError("checkpoint", f"{path}: SHA-256 differs from the manifest")
+
+
+def verify(folder: Path, *, verify_key: str = "") -> dict:
+    """The manifest of `folder` if every check passes; else ShardwiseError naming the file."""
+    manifest = _checked_manifest(folder, verify_key)
+    for entry in manifest["files"]:
+        path = folder / entry["name"]
+        _check_file(path, entry, path.stat().st_size, sha256(path))
+    return manifest
+
+
+def read_verified(
+    folder: Path, *, verify_key: str = "", only: set[str] | None = None
+) -> tuple[dict, dict[str, bytes]]:
+    """The manifest and the bytes of every file it lists (or of those named in `only`),
+    each checked as read."""
+    manifest = _checked_manifest(folder, verify_key)
+    contents: dict[str, bytes] = {}
+    for entry in manifest["files"]:
+        if only is not None and entry["name"] not in only:
+            continue
+        path = folder / entry["name"]
+        data = path.read_bytes()
+        _check_file(path, entry, len(data), hashlib.sha256(data).hexdigest())
+        contents[entry["name"]] = data
+    return manifest, contents
 
 
 def keygen(folder: Path) -> tuple[Path, Path]:

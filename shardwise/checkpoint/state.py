@@ -12,7 +12,6 @@ now, so a checkpoint of any layout loads into any other.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -30,44 +29,21 @@ def logical_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, splits
     every member of a split, shard or slice group calls it, in the same order)."""
     named = list(model.named_parameters())
     if isinstance(optimizer, ShardedOptimizer):
-        return _from_flat_slices(named, optimizer.inner.state.get(optimizer.slice, {}), optimizer.group)
+        return optimizer.logical_state([name for name, _ in named])
     out: dict[str, Tensor] = {}
     for name, p in named:  # model order: the same on every rank of a group
         for key, value in sorted(optimizer.state.get(p, {}).items()):
             if not torch.is_tensor(value):
                 continue
             value = value.detach()
+            # a tensor-parallel piece sharded again by FSDP: first the FSDP shards make
+            # the piece, then the split's pieces make the whole tensor
             if isinstance(value, DTensor):
                 value = value.full_tensor()
-            elif name in splits and value.dim() > 0:
+            if name in splits and value.dim() > 0:
                 value = splits[name].full(value)
             out[f"optim/{key}/{name}"] = value.clone()
     return out
-
-
-def _from_flat_slices(named: list[tuple[str, Tensor]], state: dict, group: dist.ProcessGroup) -> dict[str, Tensor]:
-    """Per-parameter tensors from each rank's equal slice of the flat vector (ZeRO-1)."""
-    out: dict[str, Tensor] = {}
-    for key, value in sorted(state.items()):
-        if value.dim() == 0:  # a count, the same for every parameter
-            out |= {f"optim/{key}/{name}": value.detach().clone() for name, _ in named}
-            continue
-        flat = value.new_empty(value.numel() * dist.get_world_size(group))
-        dist.all_gather_into_tensor(flat, value.detach().contiguous(), group=group)
-        out |= unflatten(flat, named, prefix=f"optim/{key}/")
-    return out
-
-
-def unflatten(flat: Tensor, named: list[tuple[str, Tensor]], *, prefix: str) -> dict[str, Tensor]:
-    out, offset = {}, 0
-    for name, p in named:
-        out[prefix + name] = flat[offset : offset + p.numel()].view(p.shape).clone()
-        offset += p.numel()
-    return out
-
-
-def flatten(tensors: dict[str, Tensor], named: list[tuple[str, Tensor]], *, prefix: str) -> Tensor:
-    return torch.cat([tensors[prefix + name].reshape(-1) for name, _ in named])
 
 
 def model_weights(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -86,26 +62,21 @@ def load_optimizer(
     named = list(model.named_parameters())
     keys = optimizer_keys(tensors)
     if isinstance(optimizer, ShardedOptimizer):
-        state = {}
-        for key in keys:
-            first = tensors[f"optim/{key}/{named[0][0]}"]
-            if first.dim() == 0:
-                state[key] = first.clone()
-            else:
-                state[key] = optimizer._own([tensors[f"optim/{key}/{name}"] for name, _ in named]).clone()
-        optimizer.inner.state[optimizer.slice] = state
+        optimizer.load_logical([name for name, _ in named], tensors)
         return
     for name, p in named:
         state = {}
         for key in keys:
-            full = tensors[f"optim/{key}/{name}"]
+            full = tensors.get(f"optim/{key}/{name}")
+            if full is None:  # a parameter that never had a gradient has no state
+                continue
             if full.dim() == 0:
                 state[key] = full.clone()
-            elif isinstance(p, DTensor):
-                state[key] = distribute_tensor(full.to(p.device), p.device_mesh, p.placements)
-            elif name in splits:
-                state[key] = splits[name].local(full.to(p.device))
-            else:
-                state[key] = full.to(p.device).clone()
+                continue
+            full = full.to(device=p.device, dtype=p.dtype)
+            piece = splits[name].local(full) if name in splits else full.clone()
+            if isinstance(p, DTensor):  # FSDP shards this rank's piece (of a tensor-parallel split, maybe)
+                piece = distribute_tensor(piece, p.device_mesh, p.placements)
+            state[key] = piece
         if state:
             optimizer.state[p] = state

@@ -3,20 +3,25 @@
     OUT/checkpoints/step-00000012/
         shard-00000.safetensors   the logical tensors rank 0 was given to write, and its RNG state
         shard-00001.safetensors   ...
-        state.json                step, LR schedule, which file holds which tensor
+        config.toml               the run's config (what a resume starts from, but its trust settings)
+        state.json                step, schedule position, which file holds which tensor
         manifest.json             every file above with its size and SHA-256, written last
         manifest.sig              Ed25519 signature of manifest.json (with checkpoint.sign_key)
 
 The tensors are spread over the ranks that hold them, balanced by bytes, and
 every rank writes its file at the same time. Everything goes into
 `.tmp-step-N/` first; each file is fsynced, rank 0 writes state.json and the
-manifest last, then renames the folder into place and fsyncs its parent. A
+manifest last, then moves the folder into place and fsyncs its parent. A
 folder named step-N therefore always has its manifest; one killed halfway is
-still .tmp-step-N and is never read. Only safetensors and JSON are read.
+still .tmp-step-N and is never read. A step written again (a run resumed from
+an older checkpoint) takes the place of the old one in one atomic exchange
+(renameat2 RENAME_EXCHANGE), so step-N is never missing. Only safetensors and
+JSON are read, from the very bytes whose hashes were checked.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -28,10 +33,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from shardwise.checkpoint.manifest import fsync_path, step_dir, verify, write_manifest
+from shardwise.checkpoint.manifest import fsync_path, read_verified, step_dir, write_manifest
 from shardwise.comm.collectives import all_gather_json
+from shardwise.errors import ShardwiseError
 
-STATE = "state.json"
+STATE, CONFIG = "state.json", "config.toml"
 
 
 def _fault(faults, point: str) -> None:
@@ -47,6 +53,7 @@ def save_checkpoint(
     meta: dict,
     group: dist.ProcessGroup | None,
     sign_key: str = "",
+    config_text: str = "",
     faults=None,
 ) -> Path:
     """Write this rank's share of `tensors` (the logical tensors it holds) as one checkpoint
@@ -82,16 +89,51 @@ def save_checkpoint(
         state = {"step": step, **meta, "index": index}
         (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
         fsync_path(tmp / STATE)
+        (tmp / CONFIG).write_text(config_text)
+        fsync_path(tmp / CONFIG)
         _fault(faults, "checkpoint-manifest")
         write_manifest(tmp, step=step, sign_key=sign_key)
         _fault(faults, "checkpoint-rename")
         fsync_path(tmp)
-        if final.exists():  # the same step written again (a restarted run): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _publish(tmp, final, faults)
         fsync_path(root)
     _barrier(group)
     return final
+
+
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2); False where not supported."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system cannot
+        return False
+    raise OSError(errno, os.strerror(errno), str(b))
+
+
+def _publish(tmp: Path, final: Path, faults=None) -> None:
+    """Put the finished folder `tmp` in place as `final`. When `final` exists (the same
+    step written again) the two are exchanged atomically and the old one removed, so
+    there is a complete `final` at every moment."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    if not _exchange(tmp, final):  # no atomic exchange here: keep the old one until the new is in
+        old = final.with_name(f".old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        tmp = old
+    _fault(faults, "checkpoint-replace")
+    shutil.rmtree(tmp)
 
 
 def _barrier(group: dist.ProcessGroup | None) -> None:
@@ -105,18 +147,39 @@ class Checkpoint:
     step: int
     state: dict  # state.json
     tensors: dict[str, Tensor]
+    config_text: str = ""  # the saving run's config.toml
+
+    @property
+    def schedule_step(self) -> int:
+        """Steps the learning-rate schedule had taken (skipped steps take none)."""
+        return int(self.state.get("schedule_step", self.step))
 
 
 def read_checkpoint(folder: Path, *, verify_key: str = "") -> Checkpoint:
-    """Verify the folder against its manifest (and signature), then read every shard."""
-    from safetensors.torch import load_file
+    """Read the folder's files once, check them against the manifest (and signature),
+    and load those same bytes: safetensors shards, state.json, config.toml."""
+    from safetensors.torch import load
 
-    verify(folder, verify_key=verify_key)
-    state = json.loads((folder / STATE).read_text())
+    _, files = read_verified(folder, verify_key=verify_key)
+    try:
+        state = json.loads(files[STATE])
+        step = int(state["step"])
+        index = state["index"]
+    except (KeyError, ValueError, TypeError) as e:
+        raise ShardwiseError("checkpoint", f"{folder / STATE}: not a valid state file ({e})") from None
     tensors: dict[str, Tensor] = {}
-    for path in sorted(folder.glob("shard-*.safetensors")):
-        tensors |= load_file(str(path))
-    return Checkpoint(folder, int(state["step"]), state, tensors)
+    for name in sorted(files):
+        if name.startswith("shard-") and name.endswith(".safetensors"):
+            try:
+                tensors |= load(files[name])
+            except Exception as e:  # safetensors' own error type: a header or layout it cannot read
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ShardwiseError("checkpoint", f"{folder / name}: not a valid safetensors file ({first})") from None
+    missing = sorted(set(index) - set(tensors))
+    if missing:
+        raise ShardwiseError("checkpoint", f"{folder / STATE}: lists {missing[0]}, which no shard holds")
+    config_text = files.get(CONFIG, b"").decode("utf-8", errors="replace")
+    return Checkpoint(folder, step, state, tensors, config_text)
 
 
 @dataclass
@@ -130,13 +193,21 @@ class Checkpointer:
     collect: Callable[[], tuple[dict[str, Tensor], dict]]
     sign_key: str = ""
     faults: object = None
+    config_text: str = ""  # the run's config, kept inside every checkpoint
 
     def maybe_save(self, done_steps: int) -> Path | None:
         if self.every <= 0 or not (done_steps % self.every == 0 or done_steps == self.total_steps):
             return None
         tensors, meta = self.collect()
         return save_checkpoint(
-            self.root, done_steps, tensors, meta=meta, group=self.group, sign_key=self.sign_key, faults=self.faults
+            self.root,
+            done_steps,
+            tensors,
+            meta=meta,
+            group=self.group,
+            sign_key=self.sign_key,
+            config_text=self.config_text,
+            faults=self.faults,
         )
 
 

@@ -25,11 +25,12 @@ class RankData:
     grad_accum: int
     device: torch.device
     report: dict
+    dtype: torch.dtype = torch.float32  # of the samples, as the model computes
 
     def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's share of step `step`, cut into `grad_accum` equal micro-batches."""
         idx = self.plan.local_indices(step, self.dp_rank, self.dp)
-        x = torch.from_numpy(self.dataset.x_train[idx]).to(self.device, non_blocking=True)
+        x = torch.from_numpy(self.dataset.x_train[idx]).to(self.device, self.dtype, non_blocking=True)
         y = torch.from_numpy(self.dataset.y_train[idx]).to(self.device, non_blocking=True)
         return list(zip(x.chunk(self.grad_accum), y.chunk(self.grad_accum), strict=True))
 
@@ -42,7 +43,7 @@ class RankData:
         num_batches = max(1, math.ceil(math.ceil(size / self.dp) / batch))
         for idx in np.array_split(own, num_batches):
             yield (
-                torch.from_numpy(self.dataset.x_val[idx]).to(self.device),
+                torch.from_numpy(self.dataset.x_val[idx]).to(self.device, self.dtype),
                 torch.from_numpy(self.dataset.y_val[idx]).to(self.device),
             )
 
@@ -58,6 +59,7 @@ def build_rank_data(
     seed: int,
     device: torch.device,
     microbatches: int = 1,
+    dtype: torch.dtype = torch.float32,
 ) -> RankData:
     check_batch_layout(
         global_batch=global_batch, grad_accum=grad_accum, dp=dp, shards=cfg.shards, microbatches=microbatches
@@ -78,4 +80,4 @@ def build_rank_data(
         k = num_shards // dp
         per_rank = [np.concatenate(shards[r * k : (r + 1) * k]) for r in range(dp)]
     report = balance_report(per_rank, dataset.y_train, dataset.num_classes)
-    return RankData(dataset, plan, dp_rank, dp, grad_accum, device, report)
+    return RankData(dataset, plan, dp_rank, dp, grad_accum, device, report, dtype)

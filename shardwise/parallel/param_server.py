@@ -9,9 +9,9 @@ flattened in the model's order, are cut into S contiguous slices of equal length
 state for it. SGD and AdamW act element by element, so stepping slices is
 stepping the model.
 
-Every message is one float32 tensor sent point to point (gloo on CPU):
+Every message is one tensor of the model's dtype sent point to point (gloo on CPU):
 
-    push   worker -> each server   [kind, step, loss, staleness, gradient slice]
+    push   worker -> each server   [kind, step, loss, finite, gradient slice]
     reply  server -> worker        [stop, lowest clock, 0, 0, parameter slice]
     final  server 0 -> worker      [all parameters]
 
@@ -24,6 +24,19 @@ once every live worker's clock is at least t - k (k = ps.staleness). With k=0
 that is lock-step; with SGD without momentum the W small steps then add up to
 the synchronous one. Server 0 decides when to stop: after W x train.steps
 gradients in all, however the workers shared them.
+
+A worker says whether its loss and gradient are finite (`finite`); every
+server reads every worker's word, so all servers decide alike without talking:
+synchronous servers skip a step where any worker's gradient is not finite (as
+the all-reduce layouts do), asynchronous ones drop that one gradient. Either
+is counted, and train.max_bad_steps in a row end the run.
+
+Staleness is recorded by the servers, not reported by workers: when a server
+answers a worker it notes the lowest clock among the live workers whose
+gradients are in the weights it sends; the gradient that worker pushes next,
+for step t, was computed on weights that hold every worker's steps before
+that clock, t - clock steps behind the worker itself. The bound k promises
+t - clock <= k.
 
 Each server reads every worker on a thread of its own: a message is taken the
 moment it arrives, and a worker that dies is noticed at once (gloo reports the
@@ -42,6 +55,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from shardwise.comm.collectives import all_gather_uneven
+from shardwise.errors import TrainingDiverged
 
 HEADER = 4
 PUSH, DONE = 0.0, 1.0
@@ -65,6 +81,15 @@ def slice_bounds(total: int, servers: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def unflatten(flat: Tensor, named: list[tuple[str, Tensor]], *, prefix: str) -> dict[str, Tensor]:
+    """`prefix + NAME` for each parameter, cut from the flat vector in model order."""
+    out, offset = {}, 0
+    for name, p in named:
+        out[prefix + name] = flat[offset : offset + p.numel()].view(p.shape).clone()
+        offset += p.numel()
+    return out
+
+
 def flat_parameters(model: nn.Module) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
@@ -86,34 +111,32 @@ class WorkerClient:
 
     def __init__(self, model: nn.Module, *, servers: int, group: dist.ProcessGroup):
         self.model, self.servers, self.group = model, servers, group
-        for p in model.parameters():
-            assert p.dtype == torch.float32, f"parameter server sends fp32, got {p.dtype}"
+        self.dtype = model_dtype(model)
         self.bounds = slice_bounds(sum(p.numel() for p in model.parameters()), servers)
-        self.staleness = 0  # of the parameters the next gradient is computed on
 
-    def push_pull(self, step: int, loss: float) -> bool:
+    def push_pull(self, step: int, loss: Tensor) -> bool:
         """Send this step's gradient, load the parameters for the next; True: stop."""
         grad = flat_gradients(self.model)
-        replies = [torch.empty(HEADER + hi - lo) for lo, hi in self.bounds]
+        finite = bool(torch.isfinite(loss).all()) and bool(torch.isfinite(grad).all())
+        replies = [torch.empty(HEADER + hi - lo, dtype=self.dtype) for lo, hi in self.bounds]
         # receives first, so that a server's answer never waits for us to be ready
         waits = [dist.irecv(r, group=self.group, group_src=s, tag=TAG_REPLY) for s, r in enumerate(replies)]
+        header = torch.tensor([PUSH, step, loss.item() if finite else 0.0, float(finite)], dtype=self.dtype)
         for s, (lo, hi) in enumerate(self.bounds):
-            header = torch.tensor([PUSH, step, loss, self.staleness])
             dist.send(torch.cat([header, grad[lo:hi]]), group=self.group, group_dst=s, tag=TAG_PUSH)
         for w in waits:
             w.wait()
         flat = torch.cat([r[HEADER:] for r in replies])
         load_flat(self.model, flat)
-        self.staleness = step + 1 - int(min(r[1].item() for r in replies))
         return bool(replies[0][0].item())
 
     def finish(self) -> None:
         """Tell every server this worker is done, then take the final parameters from server 0."""
         total = self.bounds[-1][1]
-        final = torch.empty(total)
+        final = torch.empty(total, dtype=self.dtype)
         wait = dist.irecv(final, group=self.group, group_src=0, tag=TAG_FINAL)
         for s, (lo, hi) in enumerate(self.bounds):
-            done = torch.zeros(HEADER + hi - lo)
+            done = torch.zeros(HEADER + hi - lo, dtype=self.dtype)
             done[0] = DONE
             dist.send(done, group=self.group, group_dst=s, tag=TAG_PUSH)
         wait.wait()
@@ -134,11 +157,18 @@ class Lost:
     error: str
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    dtypes = {p.dtype for p in model.parameters()}
+    assert len(dtypes) == 1, f"a parameter server sends one dtype, the model has {dtypes}"
+    return dtypes.pop()
+
+
 @dataclass
 class ServerStats:
-    updates: int = 0  # gradients applied
-    staleness: list[int] = field(default_factory=list)  # per update, as the worker saw it
-    losses: list[float] = field(default_factory=list)  # per update
+    updates: int = 0  # gradients taken (applied, or dropped as non-finite)
+    staleness: list[int] = field(default_factory=list)  # per gradient taken, as the servers recorded it
+    losses: list[float] = field(default_factory=list)  # per finite gradient
+    skipped: list[int] = field(default_factory=list)  # 1-based steps whose update was skipped (non-finite)
     steps_by_worker: list[int] = field(default_factory=list)
     lost: list[Lost] = field(default_factory=list)
 
@@ -166,17 +196,23 @@ class ParameterServer:
         asynchronous: bool,
         staleness: int,
         clip_norm: float,
+        max_bad_steps: int = 3,
     ):
         self.index, self.servers, self.workers, self.group = index, servers, workers, group
         self.servers_group = servers_group
         total = sum(p.numel() for p in model.parameters())
         self.bounds = slice_bounds(total, servers)
         lo, hi = self.bounds[index]
+        self.dtype = model_dtype(model)
         self.param = nn.Parameter(flat_parameters(model)[lo:hi].clone())
         self.optimizer = build_optimizer([self.param])
         self.lr_at, self.steps, self.clip_norm = lr_at, steps, clip_norm
         self.asynchronous, self.bound = asynchronous, staleness
-        self.clocks = [0] * workers
+        self.max_bad_steps, self.bad_in_row = max_bad_steps, 0
+        self.applied = 0  # gradients that went into the weights: applied // workers is the schedule's step
+        self.clocks = [0] * workers  # steps each worker pushed
+        self.included = [0] * workers  # steps of each worker taken into the weights
+        self.pulled = [0] * workers  # the lowest clock in the weights each worker last pulled
         self.active = set(range(workers))  # neither done nor lost
         self.reading = set(range(workers))  # a reader thread still runs
         self.waiting: dict[int, int] = {}  # worker -> the step it wants to start
@@ -195,7 +231,7 @@ class ParameterServer:
         size = HEADER + self.bounds[self.index][1] - self.bounds[self.index][0]
         try:
             while True:
-                buf = torch.empty(size)
+                buf = torch.empty(size, dtype=self.dtype)
                 dist.recv(buf, group=self.group, group_src=self.servers + w, tag=TAG_PUSH)
                 self._arrivals.put(Arrival(w, buf))
                 if buf[0].item() == DONE:
@@ -232,35 +268,54 @@ class ParameterServer:
         self.clocks[w] += 1
         self.stats.steps_by_worker[w] += 1
         self.waiting[w] = step + 1
-        applied = 0
+        taken = 0
         if self.asynchronous:
-            self.stats.staleness.append(int(msg[3].item()))
-            self.stats.losses.append(msg[2].item())
-            self._step(msg[HEADER:] / self.workers)
-            applied = 1
+            self._take([(w, msg)], step=step + 1)
+            taken = 1
         else:
             self.pending[w] = msg
             if len(self.pending) == self.workers:  # everyone's step: average in worker order
-                msgs = [self.pending.pop(v) for v in range(self.workers)]
-                self.stats.staleness.extend(int(m[3].item()) for m in msgs)
-                self.stats.losses.extend(m[2].item() for m in msgs)
-                total = msgs[0][HEADER:].clone()
-                for m in msgs[1:]:
-                    total += m[HEADER:]
-                self._step(total / self.workers, clip=True)
-                applied = self.workers
+                self._take([(v, self.pending.pop(v)) for v in range(self.workers)], step=step + 1)
+                taken = self.workers
         self._release()
-        return applied
+        return taken
 
-    def _step(self, grad: Tensor, *, clip: bool = False) -> None:
-        if clip and self.clip_norm > 0:
+    def _take(self, arrived: list[tuple[int, Tensor]], *, step: int) -> None:
+        """Apply the mean of these gradients (scaled by 1/W when asynchronous: one worker's
+        share of a step), or skip it when any is not finite; `step` is 1-based."""
+        for w, m in arrived:
+            self.stats.staleness.append(int(m[1].item()) - self.pulled[w])
+            self.included[w] += 1
+        self.stats.updates += len(arrived)
+        if any(m[3].item() != 1.0 for _, m in arrived):
+            self.stats.skipped.append(step)
+            self.bad_in_row += 1
+            if self.bad_in_row >= self.max_bad_steps:
+                what = "gradients" if self.asynchronous else "steps"
+                raise TrainingDiverged(
+                    f"train.max_bad_steps: {self.bad_in_row} {what} in a row with a non-finite loss or gradient "
+                    f"(the last at step {step}); lower train.lr or set train.clip_norm"
+                )
+            return
+        self.bad_in_row = 0
+        self.stats.losses.extend(m[2].item() for _, m in arrived)
+        total = arrived[0][1][HEADER:].clone()
+        for _, m in arrived[1:]:
+            total += m[HEADER:]
+        grad = total / self.workers
+        if not self.asynchronous and self.clip_norm > 0:
             grad = self._clipped(grad)
         for g in self.optimizer.param_groups:
-            g["lr"] = self.lr_at(self.global_step)
+            g["lr"] = self.lr_at(self.applied // self.workers)
         self.param.grad = grad
         self.optimizer.step()
         self.param.grad = None
-        self.stats.updates += 1 if self.asynchronous else self.workers
+        self.applied += len(arrived)
+
+    @property
+    def schedule_step(self) -> int:
+        """Steps of the learning-rate schedule taken: skipped steps do not count, as elsewhere."""
+        return self.applied // self.workers
 
     def _clipped(self, grad: Tensor) -> Tensor:
         """torch.nn.utils.clip_grad_norm_'s rule on the whole model's gradient, whose
@@ -274,6 +329,9 @@ class ParameterServer:
     def _lowest_clock(self) -> int:
         return min((self.clocks[a] for a in self.active), default=max(self.clocks))
 
+    def _lowest_included(self) -> int:
+        return min((self.included[a] for a in self.active), default=max(self.included))
+
     def _release(self) -> None:
         """Answer every waiting worker whose next step the bound allows."""
         lowest = self._lowest_clock()
@@ -284,7 +342,9 @@ class ParameterServer:
             if not self.asynchronous and w in self.pending:
                 continue
             del self.waiting[w]
-            reply = torch.cat([torch.tensor([float(stop), float(lowest), 0.0, 0.0]), self.param.detach()])
+            self.pulled[w] = self._lowest_included()
+            header = torch.tensor([float(stop), float(lowest), 0.0, 0.0], dtype=self.dtype)
+            reply = torch.cat([header, self.param.detach()])
             try:
                 dist.send(reply, group=self.group, group_dst=self.servers + w, tag=TAG_REPLY)
             except Exception as e:  # the worker died while we answered
@@ -312,8 +372,6 @@ class ParameterServer:
     # -- checkpoints -------------------------------------------------------------
     def logical_state(self, model: nn.Module) -> dict[str, Tensor]:
         """`model/NAME` and `optim/KEY/NAME`, whole, on every server (a collective of the servers)."""
-        from shardwise.checkpoint.state import unflatten
-
         named = list(model.named_parameters())
         out = unflatten(self.gather(), named, prefix="model/")
         for key, value in sorted(self.optimizer.state.get(self.param, {}).items()):
@@ -323,20 +381,34 @@ class ParameterServer:
                 out |= unflatten(self.gather(value), named, prefix=f"optim/{key}/")
         return out
 
-    def load_state(self, model: nn.Module, tensors: dict[str, Tensor], *, step: int) -> None:
+    def load_state(self, model: nn.Module, tensors: dict[str, Tensor], *, step: int, schedule_step: int) -> None:
         """Take this server's slice of a checkpoint's optimizer state and go on from global step `step`
-        (the weights came in with the model)."""
-        from shardwise.checkpoint.state import flatten, optimizer_keys
-
+        with the schedule at `schedule_step` (the weights came in with the model)."""
         named = list(model.named_parameters())
         lo, hi = self.bounds[self.index]
+        keys = sorted({k.split("/")[1] for k in tensors if k.startswith("optim/")})
         state = {}
-        for key in optimizer_keys(tensors):
-            first = tensors[f"optim/{key}/{named[0][0]}"]
-            state[key] = first.clone() if first.dim() == 0 else flatten(tensors, named, prefix=f"optim/{key}/")[lo:hi]
-        self.optimizer.state[self.param] = state
+        for key in keys:
+            # one process keeps no state for a parameter that never had a gradient: zeros
+            # are what its first step would start from (a count of 0, empty moments)
+            pieces = [tensors.get(f"optim/{key}/{name}") for name, _ in named]
+            if any(t is not None and t.dim() == 0 for t in pieces):
+                state[key] = next(t for t in pieces if t is not None).clone()
+                continue
+            flat = torch.cat(
+                [
+                    (t if t is not None else torch.zeros_like(p)).reshape(-1)
+                    for t, (_, p) in zip(pieces, named, strict=True)
+                ]
+            )
+            state[key] = flat[lo:hi].to(self.dtype).clone()
+        if state:
+            self.optimizer.state[self.param] = state
         self.clocks = [step] * self.workers
+        self.included = [step] * self.workers
+        self.pulled = [step] * self.workers
         self.stats.updates = step * self.workers
+        self.applied = schedule_step * self.workers
 
     # -- the end -----------------------------------------------------------------
     def gather(self, piece: Tensor | None = None) -> Tensor:
@@ -344,8 +416,6 @@ class ParameterServer:
         piece = self.param.detach() if piece is None else piece.detach()
         if self.servers_group is None:
             return piece.clone()
-        from shardwise.comm.collectives import all_gather_uneven
-
         sizes = [hi - lo for lo, hi in self.bounds]
         return torch.cat(all_gather_uneven(piece.contiguous(), sizes, dim=0, group=self.servers_group))
 

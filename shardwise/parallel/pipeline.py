@@ -30,6 +30,7 @@ class LayerCost:
     time_s: float
     param_bytes: int
     activation_bytes: int
+    out_shape: tuple[int, ...]  # of its output, for one micro-batch
 
 
 def model_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -62,6 +63,7 @@ def profile_layers(model: nn.Module, x: Tensor, repeats: int = 3) -> list[LayerC
     layers = model_layers(model)
     times: list[list[float]] = [[] for _ in layers]
     sizes: list[int] = [0] * len(layers)
+    shapes: list[tuple[int, ...]] = [()] * len(layers)
     for _ in range(repeats):
         h = x
         for i, (_, layer) in enumerate(layers):
@@ -71,12 +73,12 @@ def profile_layers(model: nn.Module, x: Tensor, repeats: int = 3) -> list[LayerC
                 out = layer(inp)
                 out.backward(torch.ones_like(out))
             times[i].append(time.perf_counter() - started)
-            sizes[i] = out.numel() * out.element_size()
+            sizes[i], shapes[i] = out.numel() * out.element_size(), tuple(out.shape)
             h = out.detach()
     _clear_grads(model)
     return [
-        LayerCost(name, statistics.median(t), sum(p.numel() * p.element_size() for p in m.parameters()), size)
-        for (name, m), t, size in zip(layers, times, sizes, strict=True)
+        LayerCost(name, statistics.median(t), sum(p.numel() * p.element_size() for p in m.parameters()), size, shape)
+        for (name, m), t, size, shape in zip(layers, times, sizes, shapes, strict=True)
     ]
 
 
@@ -174,6 +176,17 @@ def plan_pipeline(
         )
     unit_cut = choose_cut([sum(costs[i].time_s for i in u) for u in units], stages)
     return agree_on_cut([units[k][0] for k in unit_cut], group), costs
+
+
+def stage_shapes(
+    costs: list[LayerCost], cut: list[int], stage: int, input_shape: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of one micro-batch entering and leaving `stage`. Handed to torch's
+    PipelineStage, they spare it the shape exchange it would otherwise make with
+    send/recv_object_list, which unpickles what a peer sends."""
+    end = cut[stage + 1] if stage + 1 < len(cut) else len(costs)
+    first = input_shape if stage == 0 else costs[cut[stage] - 1].out_shape
+    return first, costs[end - 1].out_shape
 
 
 def apply_pipeline(model: nn.Module, *, cut: list[int], stage: int) -> StageModule:

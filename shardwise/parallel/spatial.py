@@ -236,11 +236,12 @@ def _input_heights(features: nn.Module, in_shape: tuple[int, int, int]) -> dict[
         return hook
 
     hooks = [m.register_forward_pre_hook(record(name)) for name, m in features.named_modules()]
-    device = next((p.device for p in features.parameters()), torch.device("cpu"))
+    first = next(features.parameters(), None)
+    device, dtype = (first.device, first.dtype) if first is not None else (torch.device("cpu"), torch.float32)
     was_training = features.training
     features.eval()  # the tracing pass must not move batch-norm statistics
     with torch.no_grad():
-        features(torch.zeros(1, *in_shape, device=device))
+        features(torch.zeros(1, *in_shape, device=device, dtype=dtype))
     features.train(was_training)
     for h in hooks:
         h.remove()

@@ -6,6 +6,11 @@ from their concatenation: a rank steps its slice and an all-gather hands every
 rank the updated parameters. SGD and AdamW act element by element, so the
 result is the same as stepping the whole model in one place.
 
+A rank's slice is held as pieces, one per parameter it overlaps, each a
+parameter of the inner (torch) optimizer. So the inner optimizer sees what
+one process would: a parameter without a gradient this step is left alone
+(no momentum, no weight decay), and AdamW counts steps per parameter.
+
 torch's ZeroRedundancyOptimizer assigns whole parameter tensors to ranks; on a
 model whose largest tensor dominates (the usual case), one rank then holds most
 of the state. Cutting the flat vector gives every rank the same share.
@@ -19,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from shardwise.comm.collectives import all_gather_json
+
 
 class ShardedOptimizer(torch.optim.Optimizer):
     """Wraps `build(params)` (an element-wise optimizer) so each rank of `group` steps
@@ -29,41 +36,44 @@ class ShardedOptimizer(torch.optim.Optimizer):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         total = sum(p.numel() for p in params)
         self.per_rank = -(-total // world)
-        self.lo = rank * self.per_rank
-        # this rank's slice of the parameters, stepped by the inner optimizer; it holds
-        # data only during a step (the parameters themselves are the lasting copy)
-        self.slice = nn.Parameter(torch.empty(0, device=params[0].device))
-        self.inner = build([self.slice])
-        super().__init__([self.slice], {})
+        lo, hi = rank * self.per_rank, min(total, (rank + 1) * self.per_rank)
+        # (parameter index, start, end) of every piece of this rank's slice, in flat order
+        self.pieces: list[tuple[int, int, int]] = []
+        offset = 0
+        for i, p in enumerate(params):
+            a, b = max(lo, offset), min(hi, offset + p.numel())
+            if a < b:
+                self.pieces.append((i, a - offset, b - offset))
+            offset += p.numel()
+        # the inner optimizer's parameters: they hold data only during a step (the
+        # model's parameters are the lasting copy); a rank past the end holds an empty one
+        like = [params[i] for i, _, _ in self.pieces] or params[:1]
+        self.slots = [nn.Parameter(torch.empty(0, device=p.device, dtype=p.dtype)) for p in like]
+        self.inner = build(self.slots)
+        super().__init__(self.slots, {})
         self.param_groups = self.inner.param_groups
         self.state = self.inner.state
-
-    def _own(self, tensors: list[Tensor]) -> Tensor:
-        """This rank's slice of the concatenation of `tensors`, without building the whole of it."""
-        pieces, offset, hi = [], 0, self.lo + self.per_rank
-        for t in tensors:
-            a, b = max(self.lo, offset), min(hi, offset + t.numel())
-            if a < b:
-                pieces.append(t.reshape(-1)[a - offset : b - offset])
-            offset += t.numel()
-        own = torch.cat(pieces) if pieces else tensors[0].new_empty(0)
-        return torch.cat([own, own.new_zeros(self.per_rank - own.numel())]) if own.numel() < self.per_rank else own
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             p.grad = None
-        self.slice.grad = None
 
     @torch.no_grad()
     def step(self, closure=None):
         assert closure is None, "closures are not supported"
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        self.slice.data = self._own([p.detach() for p in self.params])
-        self.slice.grad = self._own(grads)
+        for slot, (i, a, b) in zip(self.slots, self.pieces, strict=False):
+            p = self.params[i]
+            slot.data = p.detach().reshape(-1)[a:b].clone()
+            slot.grad = None if p.grad is None else p.grad.reshape(-1)[a:b]
         self.inner.step()
-        gathered = self.slice.new_empty(self.per_rank * dist.get_world_size(self.group))
-        dist.all_gather_into_tensor(gathered, self.slice.detach(), group=self.group)
-        self.slice.grad, self.slice.data = None, self.slice.new_empty(0)
+        own = [slot.data for slot in self.slots[: len(self.pieces)]]
+        own = torch.cat(own) if own else self.params[0].new_empty(0)
+        if own.numel() < self.per_rank:
+            own = torch.cat([own, own.new_zeros(self.per_rank - own.numel())])
+        gathered = own.new_empty(self.per_rank * dist.get_world_size(self.group))
+        dist.all_gather_into_tensor(gathered, own, group=self.group)
+        for slot in self.slots:
+            slot.grad, slot.data = None, slot.new_empty(0)
         offset = 0
         for p in self.params:
             p.copy_(gathered[offset : offset + p.numel()].view_as(p))
@@ -72,3 +82,65 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def state_tensors(self) -> list[Tensor]:
         """The optimizer state this rank holds: that of its slice."""
         return [v for s in self.inner.state.values() for v in s.values() if torch.is_tensor(v)]
+
+    # -- checkpoints: pieces <-> whole tensors ---------------------------------------
+    def logical_state(self, names: list[str]) -> dict[str, Tensor]:
+        """`optim/KEY/NAME` of every parameter (named in model order) that has state,
+        whole, on every rank of the group (a collective)."""
+        mine: dict[str, str] = {}  # key -> "scalar" | "tensor", as this rank's pieces hold them
+        for slot in self.slots[: len(self.pieces)]:
+            for key, value in self.inner.state.get(slot, {}).items():
+                if torch.is_tensor(value):
+                    mine[key] = "scalar" if value.dim() == 0 else "tensor"
+        kinds: dict[str, str] = {}
+        for other in all_gather_json(mine, self.group):
+            kinds |= other
+        device = self.params[0].device
+        has = torch.zeros(len(self.params), dtype=torch.int64, device=device)
+        for slot, (i, _, _) in zip(self.slots, self.pieces, strict=False):
+            has[i] = int(bool(self.inner.state.get(slot)))
+        dist.all_reduce(has, op=dist.ReduceOp.MAX, group=self.group)
+        out: dict[str, Tensor] = {}
+        for key, kind in sorted(kinds.items()):
+            if kind == "scalar":  # a per-parameter count: the same in every piece of a parameter
+                counts = torch.full((len(self.params),), -1.0, dtype=torch.float64, device=device)
+                dtype = torch.float32
+                for slot, (i, _, _) in zip(self.slots, self.pieces, strict=False):
+                    if key in self.inner.state.get(slot, {}):
+                        value = self.inner.state[slot][key]
+                        counts[i], dtype = value.item(), value.dtype
+                dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=self.group)
+                for i, name in enumerate(names):
+                    if has[i]:
+                        out[f"optim/{key}/{name}"] = torch.tensor(counts[i].item(), dtype=dtype)
+                continue
+            own = []
+            for slot, (i, a, b) in zip(self.slots, self.pieces, strict=False):
+                value = self.inner.state.get(slot, {}).get(key)
+                own.append(value if value is not None else self.params[i].new_zeros(b - a))
+            flat = torch.cat(own) if own else self.params[0].new_empty(0)
+            flat = torch.cat([flat, flat.new_zeros(self.per_rank - flat.numel())])
+            gathered = flat.new_empty(self.per_rank * dist.get_world_size(self.group))
+            dist.all_gather_into_tensor(gathered, flat, group=self.group)
+            offset = 0
+            for i, (name, p) in enumerate(zip(names, self.params, strict=True)):
+                if has[i]:
+                    out[f"optim/{key}/{name}"] = gathered[offset : offset + p.numel()].view(p.shape).clone()
+                offset += p.numel()
+        return out
+
+    def load_logical(self, names: list[str], tensors: dict[str, Tensor]) -> None:
+        """Take this rank's pieces of the whole optimizer state in `tensors` (every rank reads it all)."""
+        keys = sorted({k.split("/")[1] for k in tensors if k.startswith("optim/")})
+        for slot, (i, a, b) in zip(self.slots, self.pieces, strict=False):
+            p, state = self.params[i], {}
+            for key in keys:
+                full = tensors.get(f"optim/{key}/{names[i]}")
+                if full is None:
+                    continue
+                if full.dim() == 0:
+                    state[key] = full.clone()
+                else:
+                    state[key] = full.reshape(-1)[a:b].to(device=p.device, dtype=p.dtype).clone()
+            if state:
+                self.inner.state[slot] = state

@@ -14,6 +14,7 @@ from torch import nn
 from shardwise.checkpoint.store import Checkpointer
 from shardwise.config import TrainConfig
 from shardwise.data.loader import RankData
+from shardwise.errors import TrainingDiverged
 from shardwise.parallel.data import maybe_no_sync, unwrap
 from shardwise.parallel.splits import Split, clip_grad_norm, local_tensor
 from shardwise.train.evaluate import evaluate
@@ -68,10 +69,6 @@ class Position:
 
     def at(self, step: int, phase: str) -> None:
         self.step, self.phase = step, phase
-
-
-class TrainingDiverged(RuntimeError):
-    pass
 
 
 # the dtypes torch's fused check of gradients takes on every device

@@ -78,5 +78,13 @@ def schedule_factor(cfg: TrainConfig) -> Callable[[int], float]:
     )
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(cfg))
+def build_scheduler(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer, *, start: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule, having taken `start` steps already (a resumed run's position)."""
+    if start == 0:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(cfg))
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+    # constructed at step start - 1, the scheduler takes its first step to `start` and sets the rates
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(cfg), last_epoch=start - 1)

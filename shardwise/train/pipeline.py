@@ -43,11 +43,18 @@ class PipelineRunner:
         microbatches: int,
         schedule: str,
         device: torch.device,
+        shapes: tuple[tuple[int, ...], tuple[int, ...]],
+        dtype: torch.dtype = torch.float32,
     ):
+        """`shapes`: one micro-batch's input and output of this stage (parallel/pipeline.py:
+        stage_shapes); given, torch exchanges no pickled metadata between stages."""
         self.module, self.stage_index, self.num_stages = module, stage, stages
-        self.group, self.dp_group, self.device = group, dp_group, device
+        self.group, self.dp_group, self.device, self.dtype = group, dp_group, device, dtype
         self.first, self.last = stage == 0, stage == stages - 1
-        self.stage = PipelineStage(module, stage, stages, device, group=group)
+        # activations between stages carry gradients back; the first stage's input is data
+        inputs = torch.empty(shapes[0], device=device, dtype=dtype, requires_grad=not self.first)
+        outputs = torch.empty(shapes[1], device=device, dtype=dtype, requires_grad=True)
+        self.stage = PipelineStage(module, stage, stages, device, input_args=inputs, output_args=outputs, group=group)
         kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
         self.schedule = kind(self.stage, n_microbatches=microbatches, loss_fn=F.cross_entropy, scale_grads=True)
         self.events: list[tuple] = []  # (step, kind 0 forward / 1 backward, micro-batch, start, end)
@@ -106,7 +113,7 @@ class PipelineRunner:
         prev = dist.get_global_rank(self.group, self.stage_index - 1) if not self.first else None
         nxt = dist.get_global_rank(self.group, self.stage_index + 1) if not self.last else None
         for x, y in data.val_batches():
-            h = x if self.first else _recv(prev, self.group, self.device)
+            h = x if self.first else _recv(prev, self.group, self.device, self.dtype)
             h = module(h)
             if self.last:
                 totals += score(h, y)
@@ -130,10 +137,10 @@ def _send(t: Tensor, dst: int, group: dist.ProcessGroup) -> None:
     dist.send(t.contiguous(), dst, group=group)
 
 
-def _recv(src: int, group: dist.ProcessGroup, device: torch.device) -> Tensor:
+def _recv(src: int, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype) -> Tensor:
     shape = torch.empty(MAX_DIMS + 1, dtype=torch.int64)
     dist.recv(shape, src, group=group)
-    t = torch.empty(shape[1 : 1 + int(shape[0])].tolist(), device=device)
+    t = torch.empty(shape[1 : 1 + int(shape[0])].tolist(), device=device, dtype=dtype)
     dist.recv(t, src, group=group)
     return t
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from shardwise.checkpoint.resume import load_weights, read_resume
 from shardwise.checkpoint.store import Checkpointer
-from shardwise.config import Config
+from shardwise.config import Config, to_toml
 from shardwise.data import build_rank_data, load_source
 from shardwise.errors import ShardwiseError
 from shardwise.models import build_model
@@ -34,9 +34,10 @@ def run_parameter_server(
     worker_ranks = [dist.get_global_rank(group, r) for r in range(dims.servers, dims.world_size)]
     if ps.slow_factor > 1.0 and ps.slow_worker >= 0 and ps.slow_worker not in worker_ranks:
         raise ShardwiseError("ps.slow_worker", f"={ps.slow_worker}: not a worker, those are ranks {worker_ranks}")
+    dtype = getattr(torch, t.dtype)
     torch.manual_seed(t.seed)  # every rank builds the same initial weights
     dataset = load_source(cfg.data, seed=t.seed)
-    model = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
+    model = build_model(cfg.model, dataset.in_shape, dataset.num_classes).to(dtype)
     checkpoint = read_resume(cfg)
     start_step = 0
     if checkpoint is not None:
@@ -44,6 +45,7 @@ def run_parameter_server(
         start_step = checkpoint.step
     settings = LoopSettings.from_train(t, start_step=start_step)
     common = {"global_batch": t.batch_size, "grad_accum": t.grad_accum, "seed": t.seed, "device": torch.device("cpu")}
+    common["dtype"] = dtype
     is_server = mesh.coords["server"] >= 0
     if not is_server:
         data = build_rank_data(cfg.data, dataset, dp_rank=mesh.coords["dp"], dp=dims.dp, **common)
@@ -77,18 +79,26 @@ def run_parameter_server(
         asynchronous=ps.asynchronous,
         staleness=ps.staleness,
         clip_norm=t.clip_norm,
+        max_bad_steps=t.max_bad_steps,
     )
     if checkpoint is not None:
-        server.load_state(model, checkpoint.tensors, step=start_step)
+        server.load_state(model, checkpoint.tensors, step=start_step, schedule_step=checkpoint.schedule_step)
     checkpointer = None
     if out_dir is not None and t.checkpoint_every > 0:
 
         def collect() -> tuple[dict, dict]:
-            return server.logical_state(model), {"world_size": dims.world_size, "layout": dims.layout}
+            meta = {"world_size": dims.world_size, "layout": dims.layout, "schedule_step": server.schedule_step}
+            return server.logical_state(model), meta
 
         group_of_servers = mesh.groups["servers"]
         checkpointer = Checkpointer(
-            out_dir / "checkpoints", t.checkpoint_every, t.steps, group_of_servers, collect, cfg.checkpoint.sign_key
+            out_dir / "checkpoints",
+            t.checkpoint_every,
+            t.steps,
+            group_of_servers,
+            collect,
+            cfg.checkpoint.sign_key,
+            config_text=to_toml(cfg),
         )
     writes = rank == 0 and out_dir is not None
     evaluate = None
@@ -116,6 +126,7 @@ def run_parameter_server(
         server.send_final(server.final)
     summary = {
         **run_summary(cfg, dims, result, state, backend=dist.get_backend(group), device="cpu", launch_time=launch_time),
+        "skipped_steps": server.stats.skipped,
         "ps": staleness_summary(server),
     }
     if writes:

@@ -58,13 +58,16 @@ def work(
         faults.maybe_fail(step)
         started = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        loss = runner.forward_backward(data.micro_batches(step))
+        micro = data.micro_batches(step)
+        if faults.corrupt(step):
+            micro = [(torch.full_like(x, float("nan")), y) for x, y in micro]
+        loss = runner.forward_backward(micro)
         factor = slowdown(rank, step)
         if factor > 1.0:
             time.sleep((factor - 1.0) * (time.perf_counter() - started))
         if clip_norm > 0:  # asynchronous: each worker clips its own gradient
             clip_grad_norm(model, clip_norm, splits={}, sum_groups=[])
-        stop = client.push_pull(step, loss.item())
+        stop = client.push_pull(step, loss)
         step += 1
         if stop:
             break
@@ -83,7 +86,7 @@ def serve(
     """Serve until every worker is done or lost. `evaluate(flat parameters)` scores the
     weights (server 0); every server takes part in gathering them at each evaluation."""
     result = LoopResult()
-    done_steps, logged_updates = settings.start_step, 0
+    done_steps, logged_losses, logged_updates = settings.start_step, 0, server.stats.updates
     window_start = step_start = time.perf_counter()
     last_record: dict | None = None
     while server.running():
@@ -100,13 +103,15 @@ def serve(
                 checkpointer.maybe_save(done_steps)
             if not (last or eval_now or done_steps % settings.log_every == 0):
                 continue
-            losses = server.stats.losses[logged_updates:]
-            logged_updates = len(server.stats.losses)
+            losses = server.stats.losses[logged_losses:]
+            taken = server.stats.updates - logged_updates
+            logged_losses, logged_updates = len(server.stats.losses), server.stats.updates
             record = {
                 "step": done_steps,
                 "loss": float(np.mean(losses)) if losses else float("nan"),
-                "lr": server.lr_at(done_steps - 1),
-                "samples_per_s": settings.global_batch * len(losses) / server.workers / (now - window_start),
+                "lr": server.lr_at(max(0, server.schedule_step - 1)),
+                "samples_per_s": settings.global_batch * taken / server.workers / (now - window_start),
+                "skipped_steps": len(server.stats.skipped),
             }
             window_start = time.perf_counter()
             if last:  # scored after the last gradients in flight have landed
@@ -146,6 +151,7 @@ def staleness_summary(server: ParameterServer) -> dict:
         "max_staleness": max(stats.staleness, default=0),
         "steps_by_worker": {str(server.worker_rank(w)): n for w, n in enumerate(stats.steps_by_worker)},
         "lost_workers": [{"rank": x.rank, "step": x.clock, "error": x.error} for x in stats.lost],
+        "skipped_updates": len(stats.skipped),
     }
 
 
