@@ -202,7 +202,7 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
             dtype=dtype,
         )
     else:
-        runner = ModelRunner(model, dp_group=dp_group)
+        runner = ModelRunner(model, dp_group=dp_group, faults=faults)
     start_step = 0
     if checkpoint is not None:
         load_optimizer(unwrap(model), optimizer, splits, checkpoint.tensors)

@@ -11,9 +11,11 @@ import sys
 
 import pytest
 import torch
-from parity import LR, TOL, assert_all_ranks_match, check_layout, train_summary, train_weights
+from parity import BASE, LR, TOL, assert_all_ranks_match, check_layout, train_summary, train_weights
 
+from shardwise.config import load_config
 from shardwise.parallel.param_server import slice_bounds
+from shardwise.worker import run
 
 PS = {"parallel.mode": "ps"}
 
@@ -120,3 +122,23 @@ def test_final_weights_are_the_servers_on_every_rank(pool):
     for state in states[1:]:
         for name in state:
             torch.testing.assert_close(state[name], states[0][name], **TOL)
+
+
+def _with_fault(spec: str, overrides: dict[str, str], *, group):
+    os.environ["SHARDWISE_FAULT"] = spec
+    try:
+        result = run(load_config(None, {**BASE, **overrides}), group=group)
+        return result.summary, result.state_dict
+    finally:
+        os.environ.pop("SHARDWISE_FAULT")
+
+
+def test_asynchronous_servers_drop_a_non_finite_gradient(pool):
+    """Worker rank 2's input turns NaN at its step 5: that one gradient is dropped and
+    counted, and the weights every rank ends with are finite."""
+    overrides = {**PS, "ps.asynchronous": "true", "ps.staleness": "1", "model.name": "mlp"}
+    results = pool.run(_with_fault, "2:4:nan", overrides, ranks=[0, 1, 2])
+    summary = results[0][0]
+    assert summary["ps"]["skipped_updates"] == 1 and summary["skipped_steps"] == [5]
+    assert summary["ps"]["updates"] >= 2 * 12
+    assert all(torch.isfinite(v).all() for v in results[0][1].values())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from parity import BASE
+from parity import BASE, TOL, reference, with_data
 from safetensors.torch import load_file
 
 from shardwise.checkpoint.manifest import keygen, verify
@@ -149,7 +149,7 @@ def test_a_rank_that_stops_answering_ends_the_job(tmp_path, kind, message):
 def _with_fault(spec: str, overrides: dict[str, str], *, group):
     os.environ["SHARDWISE_FAULT"] = spec
     try:
-        result = run(load_config(None, {**BASE, "model.name": "mlp", **overrides}), group=group)
+        result = run(load_config(None, {**BASE, **with_data({"model.name": "mlp", **overrides})}), group=group)
         return result.state_dict, result.summary
     except RuntimeError as e:
         return str(e), None
@@ -157,18 +157,26 @@ def _with_fault(spec: str, overrides: dict[str, str], *, group):
         os.environ.pop("SHARDWISE_FAULT")
 
 
-@pytest.mark.parametrize("layout", [
-    {},  # data parallel: equal reduced gradients, each rank decides alone
-    {"parallel.shard": "full"},  # different gradient shards: the ranks agree by a collective
-    {"parallel.tp": "2"},
-], ids=["dp", "fully-sharded", "tp"])  # fmt: skip
-def test_a_non_finite_step_is_skipped_on_every_rank(pool, layout):
-    results = pool.run(_with_fault, "1:5:nan", layout, ranks=[0, 1])
-    (state0, summary), (state1, _) = results
-    assert summary["skipped_steps"] == [6]
-    for key in state0:
-        assert torch.isfinite(state0[key]).all()
-        assert torch.equal(state0[key], state1[key])
+@pytest.mark.parametrize("layout, fault", [
+    ({}, "nan"),  # data parallel: equal reduced gradients, each rank decides alone
+    # only rank 1's loss is not finite, its gradients are: without `poisoned` rank 0
+    # would see finite reduced gradients and step while rank 1 skips
+    ({}, "inf-loss"),
+    ({"parallel.shard": "full"}, "nan"),  # different gradient shards: the ranks agree by a collective
+    ({"parallel.tp": "2"}, "inf-loss"),
+    ({"parallel.mode": "ps"}, "nan"),  # one server, two workers: both workers' word reaches it
+    ({"parallel.mode": "ps", "ps.servers": "2"}, "inf-loss"),  # and each server skips alike
+], ids=["dp-nan", "dp-inf-loss", "fully-sharded-nan", "tp-inf-loss", "ps-nan", "ps-2-servers-inf-loss"])  # fmt: skip
+def test_a_non_finite_step_is_skipped_on_every_rank(pool, layout, fault):
+    """Rank (or worker) nproc-1 goes wrong at step 6: every rank skips that step and only
+    that one, and ends with the weights of the plain loop that skips step 6."""
+    nproc = 2 + ("ps.servers" in layout) + ("parallel.mode" in layout)
+    results = pool.run(_with_fault, f"{nproc - 1}:5:{fault}", layout, ranks=list(range(nproc)))
+    want = reference(with_data({"model.name": "mlp", **layout}), skip=frozenset({6}))
+    assert results[0][1]["skipped_steps"] == [6]
+    for state, _ in results:
+        for key in want:
+            torch.testing.assert_close(state[key], want[key], **TOL)
 
 
 def test_too_many_non_finite_steps_stop_the_run(pool):

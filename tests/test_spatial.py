@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from parity import check_layout
+from parity import assert_all_ranks_match, check_layout, one_process, train_weights, with_data
 from torch import nn
 
 from shardwise.comm.collectives import all_gather_uneven
@@ -127,3 +127,20 @@ def test_resnet_in_bands_by_data_parallel(pool):
     overrides = {"model.name": "resnet", "model.channels": "16,32,32", "parallel.spatial": "2", "parallel.dp": "2"}
     check_layout(pool, overrides, nproc=4)
     check_layout(pool, {"model.name": "resnet", "model.channels": "16,32,32", "parallel.spatial": "2"}, nproc=2)
+
+
+@pytest.mark.parametrize("nproc, dp", [(2, "1"), (4, "2")])
+def test_kmeans_shards_are_cut_from_whole_images(pool, nproc, dp):
+    """k-means reads every pixel of a sample: each band's rank must cluster the whole
+    images, or the ranks disagree about the shards and train bands of different images
+    together. The same shards as one process give the same weights."""
+    overrides = {
+        "model.name": "convnet",
+        "model.channels": "8,16",
+        "parallel.spatial": "2",
+        "parallel.dp": dp,
+        "data.partition": "kmeans",
+        "data.shards": "2",
+    }
+    states = pool.run(train_weights, with_data(overrides), ranks=list(range(nproc)))
+    assert_all_ranks_match(one_process(pool, with_data(overrides)), states)

@@ -12,6 +12,9 @@ step STEP (0-based, counted over the whole run). KIND is:
 - `nan`    the rank's input batch becomes NaN in that step, as a corrupt sample would make
            it: its loss and every gradient it reaches turn NaN (on a pipeline, give it to
            a first-stage rank: the other stages read no input)
+- `inf-loss` the rank's loss becomes inf while its gradients stay finite (an overflow in
+           the loss's last operation): only this rank sees anything wrong, unless the
+           engine carries the news to the others
 - `exit@POINT` the process exits with status 3 at POINT of the checkpoint written after
   the step: `checkpoint-shards` (its shard file written), `checkpoint-manifest` (rank 0,
   before the manifest) or `checkpoint-rename` (rank 0, manifest written, before the rename)
@@ -58,6 +61,10 @@ class FaultPlan:
     def corrupt(self, step: int) -> bool:
         """The input of this step becomes NaN on this rank."""
         return self.faults.get(step) == "nan"
+
+    def inflates_loss(self) -> bool:
+        """This rank's loss of the current step becomes inf, its gradients untouched."""
+        return self.faults.get(self.step) == "inf-loss"
 
     def skips(self, step: int) -> bool:
         """This rank skips the step's agreement on finite gradients."""

@@ -133,15 +133,18 @@ class ModelRunner:
     """The model (whole, or tensor/vertical slices of every layer) on every rank,
     data parallel around it: each micro-batch forward and backward in turn."""
 
-    def __init__(self, model: nn.Module, *, dp_group: dist.ProcessGroup | None):
-        self.model, self.dp_group = model, dp_group
+    def __init__(self, model: nn.Module, *, dp_group: dist.ProcessGroup | None, faults: FaultPlan | None = None):
+        self.model, self.dp_group, self.faults = model, dp_group, faults
 
     def forward_backward(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         total = torch.zeros((), device=micro[0][0].device)
         for i, (x, y) in enumerate(micro):
             # all-reduce only after the last micro-batch's backward
             with maybe_no_sync(self.model, skip_sync=i < len(micro) - 1):
-                loss = poisoned(F.cross_entropy(self.model(x), y) / len(micro))
+                loss = F.cross_entropy(self.model(x), y) / len(micro)
+                if self.faults is not None and self.faults.inflates_loss():
+                    loss = loss + float("inf")  # the value only: the gradient stays finite
+                loss = poisoned(loss)
                 loss.backward()
             total += loss.detach()
         return total

@@ -49,18 +49,19 @@ def run_parameter_server(
     is_server = mesh.coords["server"] >= 0
     if not is_server:
         data = build_rank_data(cfg.data, dataset, dp_rank=mesh.coords["dp"], dp=dims.dp, **common)
+        faults = FaultPlan(rank)
         client = WorkerClient(model, servers=dims.servers, group=group)
         slowdown = straggler(slow_rank=ps.slow_worker, factor=ps.slow_factor, worker_ranks=worker_ranks, seed=t.seed)
         clip = t.clip_norm if ps.asynchronous else 0.0  # synchronous: the servers clip the averaged gradient
         steps = work(
             client,
-            ModelRunner(model, dp_group=None),
+            ModelRunner(model, dp_group=None, faults=faults),
             model,
             data,
             rank=rank,
             clip_norm=clip,
             slowdown=slowdown,
-            faults=FaultPlan(rank),
+            faults=faults,
             start_step=start_step,
         )
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
