@@ -9,7 +9,9 @@ environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT):
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -86,6 +88,42 @@ def backend_for(device: torch.device) -> str:
     """NCCL for GPU tensors; gloo for CPU tensors, which every rank also sends (sizes,
     summaries) on a GPU."""
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _loopback_interface() -> str:
+    return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), "lo")
+
+
+def init_process_group(backend: str, *, timeout: timedelta) -> None:
+    """torchrun's env:// rendezvous, except that a job whose MASTER_ADDR is a loopback
+    address (every rank on this machine) keeps every socket on loopback: torch's
+    TCPStore would listen on all interfaces, so rank 0 binds the store's socket to
+    MASTER_ADDR itself and hands it over, and gloo (NCCL) binds to the loopback interface."""
+    host = os.environ.get("MASTER_ADDR", "")
+    if not _is_loopback(host) or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        dist.init_process_group(backend, timeout=timeout)  # torchrun's agent hosts the store
+        return
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", _loopback_interface())
+    host = "127.0.0.1" if host == "localhost" else host
+    rank, world, port = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["MASTER_PORT"])
+    if rank == 0:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(max(128, world))
+        store = dist.TCPStore(host, port, world, is_master=True, timeout=timeout, master_listen_fd=sock.detach())
+    else:
+        store = dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def group_device(group: dist.ProcessGroup) -> torch.device:
@@ -358,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.train.deterministic:  # cuBLAS repeats its results only with a fixed workspace
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         timeout = timedelta(seconds=cfg.train.collective_timeout_s)
-        dist.init_process_group(backend_for(device), timeout=timeout)
+        init_process_group(backend_for(device), timeout=timeout)
         out_dir = Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), cfg.model.name)
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -36,12 +37,17 @@ def endless_run(out: Path) -> list[str]:
     return ["train", "--nproc", "2", *SMALL, "--train.steps", "1000000", "--out", str(out)]
 
 
-def workers_alive(marker: str) -> list[int]:
-    """Processes whose command line mentions `marker` (a run's config path)."""
+MARK = "SHARDWISE_TEST_RUN"  # set for a launcher by a test; its workers inherit it
+
+
+def workers_alive(out: Path) -> list[int]:
+    """Worker processes of the run whose launcher got `MARK=out` in its environment."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and marker in (proc / "cmdline").read_text():
+            if not proc.name.isdigit() or "shardwise.worker" not in (proc / "cmdline").read_text():
+                continue
+            if f"{MARK}={out}".encode() in (proc / "environ").read_bytes().split(b"\0"):
                 pids.append(int(proc.name))
         except OSError:
             pass
@@ -212,18 +218,43 @@ def test_run_writes_outputs_and_matches_one_process(tmp_path):
 def test_failing_rank_stops_the_job_quickly(tmp_path, kind, rank, expected):
     out = tmp_path / "out"
     started = time.monotonic()
-    result = shardwise(*endless_run(out), env={"SHARDWISE_FAULT": f"{rank}:5:{kind}"})
+    result = shardwise(*endless_run(out), env={"SHARDWISE_FAULT": f"{rank}:5:{kind}", MARK: str(out)})
     elapsed = time.monotonic() - started
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"shardwise: rank {rank} failed") and expected in last
     assert elapsed < 25  # start-up (a few seconds) + 5 steps + the stop, far from a million steps
-    assert workers_alive(str(out / "config.toml")) == []
+    assert workers_alive(out) == []
     if kind == "raise":
         assert "injected fault" in (out / "logs" / f"rank{rank}-traceback.txt").read_text()
 
 
-def test_ctrl_c_stops_every_rank(tmp_path):
+def listening_sockets(pid: int) -> list[str]:
+    """The local addresses of the TCP sockets process `pid` listens on, read from /proc."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+            found.append(f"{socket.inet_ntop(family, words)}:{int(port, 16)}")
+    return found
+
+
+def test_a_local_run_listens_on_loopback_only_and_ctrl_c_stops_it(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "shardwise", *endless_run(out)],
@@ -231,18 +262,30 @@ def test_ctrl_c_stops_every_rank(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        env={**os.environ, MARK: str(out)},
         # as at a terminal: a shell that ran the tests in the background leaves SIGINT ignored
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    deadline = time.monotonic() + 60
-    while not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").stat().st_size == 0:
-        assert time.monotonic() < deadline and proc.poll() is None, "training did not start"
-        time.sleep(0.2)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").stat().st_size == 0:
+            assert time.monotonic() < deadline and proc.poll() is None, "training did not start"
+            time.sleep(0.2)
+        # every socket the ranks listen on (the store, gloo's pairs) is bound to loopback
+        workers = workers_alive(out)
+        sockets = [a for pid in workers for a in listening_sockets(pid)]
+        assert len(workers) == 2 and sockets, (workers, sockets)
+        assert all(a.startswith(("127.0.0.1:", "::1:")) for a in sockets), sockets
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in workers_alive(out):
+            os.kill(pid, signal.SIGKILL)
+        raise
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     _, err = proc.communicate(timeout=15)
     assert proc.returncode == 130
     assert "interrupted" in err and "Traceback" not in err
-    assert workers_alive(str(out / "config.toml")) == []
+    assert workers_alive(out) == []
 
 
 def test_python_dash_m_and_console_script_agree():
