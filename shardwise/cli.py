@@ -156,12 +156,14 @@ def _resume_config(config: str | None, path: Path, overrides: dict[str, str]):
     line before the checkpoint is opened; the checkpoint is verified with it; only then
     is the config saved inside it (which the manifest covers) read, without its
     [checkpoint] and [run] sections. Nothing is ever written into a checkpoint."""
-    from shardwise.checkpoint.manifest import find_checkpoint, read_verified, verify
+    from shardwise.checkpoint.manifest import find_checkpoint, is_signed, read_verified, verify
 
     own = {k: v for k, v in overrides.items() if k != "run.resume"}
     trusted = load_config(config, own)
     checkpoint = find_checkpoint(path)
     verify(checkpoint, verify_key=trusted.checkpoint.verify_key)  # every file, before anything starts
+    if is_signed(checkpoint) and not trusted.checkpoint.verify_key:
+        print(f"note: {checkpoint} is signed, but its signature is not checked: no checkpoint.verify_key given")
     _, files = read_verified(checkpoint, verify_key=trusted.checkpoint.verify_key, only={"config.toml"})
     if "config.toml" not in files:
         raise ShardwiseError("resume", f"{checkpoint} holds no config.toml")
