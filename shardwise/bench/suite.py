@@ -10,7 +10,6 @@ with the min and max. Counted figures (bytes, trials) are not timed.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ from shardwise.bench.common import Bench, bench_console
 from shardwise.cluster import netns
 from shardwise.cluster.placement import Placement
 from shardwise.errors import ShardwiseError
+from shardwise.jsonsafe import dumps
 
 # name -> (run, runs on shaped links too)
 SCENARIOS: dict[str, tuple[Callable[[Bench], None], bool]] = {
@@ -122,7 +122,7 @@ def run_suite(scenarios: list[str], links: list[str], repeats: int, out: Path) -
         "results": results,
     }
     table = markdown(results, links)
-    for path, text in ((out / "bench.json", json.dumps(report, indent=1)), (out / "bench.md", table)):
+    for path, text in ((out / "bench.json", dumps(report, indent=1)), (out / "bench.md", table)):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text)
         tmp.replace(path)

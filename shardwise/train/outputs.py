@@ -18,6 +18,7 @@ import torch
 
 from shardwise.cluster.placement import PLACEMENT_ENV
 from shardwise.config import Config
+from shardwise.jsonsafe import dumps
 from shardwise.topology import ParallelDims
 from shardwise.train.loop import LoopResult
 
@@ -39,7 +40,7 @@ def atomic_path(path: Path):
 
 def write_json(path: Path, obj: dict) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        tmp.write_text(dumps(obj, indent=2) + "\n")
 
 
 def save_model(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
@@ -85,7 +86,7 @@ class MetricsLog:
         self._file.writelines(line + "\n" for line in kept)
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(dumps(record) + "\n")
         self._file.flush()
 
     def close(self) -> None:
