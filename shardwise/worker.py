@@ -48,7 +48,14 @@ from shardwise.parallel.vertical import apply_vertical
 from shardwise.topology import ParallelDims, RankMesh
 from shardwise.train.faults import FaultPlan
 from shardwise.train.loop import LoopSettings, ModelRunner, Position, train_loop
-from shardwise.train.memory import gather_rows, memory_records, rank_bytes, render_memory
+from shardwise.train.memory import (
+    gather_rows,
+    measured_bytes,
+    memory_records,
+    rank_bytes,
+    render_memory,
+    start_measuring,
+)
 from shardwise.train.optim import build_optimizer, build_scheduler
 from shardwise.train.outputs import MetricsLog, new_run_dir, run_summary, write_run
 from shardwise.train.pipeline import PipelineRunner, render_cut
@@ -289,6 +296,7 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
             console.print(f"resumed from {checkpoint.folder} (step {start_step}, saved as {saved})")
     else:
         reporter = NullReporter()
+    rss_start = start_measuring(device)  # what training adds: gradients, optimizer state, buffers, activations
     with reporter:
         sum_groups = [g for g in (dp_group if is_fully_sharded(model) else None, pp_group) if g is not None]
         result = _located(position, rank)(train_loop)(
@@ -307,6 +315,7 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
             position=position,
         )
     end_bytes = gather_rows(rank_bytes(unwrap(model), optimizer), group)
+    measured = gather_rows(measured_bytes(device, rss_start), group)
     state = full_state_dict(unwrap(model), splits)
     pipeline: dict = {}
     if pp_group is not None:
@@ -320,7 +329,7 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
             cfg, dims, result, state, backend=dist.get_backend(group), device=str(device), launch_time=launch_time
         ),
         "shard": cfg.parallel.shard,
-        "memory": memory_records(end_bytes, dims),
+        "memory": memory_records(end_bytes, dims, measured),
         "skipped_steps": result.skipped_steps,
         **pipeline,
         "partition": data.report,
@@ -331,7 +340,8 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
             title = f"{dims.layout}, {dims.microbatches} micro-batches, {cfg.parallel.schedule}: the last step"
             plot_timeline(out_dir / "timeline.png", timeline, title)
         title = "bytes held by each rank at the end (gradients and optimizer state exist after the first step)"
-        console.print(render_memory(end_bytes, dims, whole_model_bytes=whole_model_bytes, title=title))
+        table = render_memory(end_bytes, dims, whole_model_bytes=whole_model_bytes, title=title, measured=measured)
+        console.print(table)
         console.print(render_summary(summary, str(out_dir)))
     return RunResult(state, summary)
 

@@ -21,8 +21,9 @@ def bench_console() -> Console:
     return Console(width=max(120, Console().width))
 
 
-def run_job(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def run_job(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"benchmark job failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-2000:]}")
 
@@ -46,7 +47,7 @@ class Bench:
         c = self.placement.cluster
         return f"gloo, emulated cluster, rank r in host r mod {c.hosts}, {c.bandwidth} links"
 
-    def train(self, args: list[str], name: str, *, steps: int) -> dict:
+    def train(self, args: list[str], name: str, *, steps: int, env: dict[str, str] | None = None) -> dict:
         """Run `shardwise train ARGS` quietly for `steps` steps where this link says; its summary."""
         out = self.work / name.replace(" ", "_")
         cmd = [sys.executable, "-m", "shardwise", "train", *args, "--out", str(out)]
@@ -54,7 +55,7 @@ class Bench:
         cmd += ["--run.progress", "false"]
         if self.placement.cluster:
             cmd += ["--cluster", f"emulated:{self.placement.cluster.name}"]
-        run_job(cmd)
+        run_job(cmd, env)
         return json.loads((out / "summary.json").read_text())
 
     def reference(self, module: str, nproc: int, args: list[str], name: str) -> dict:

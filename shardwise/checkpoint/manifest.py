@@ -123,9 +123,7 @@ def verify(folder: Path, *, verify_key: str = "") -> dict:
     return manifest
 
 
-def read_verified(
-    folder: Path, *, verify_key: str = "", only: set[str] | None = None
-) -> tuple[dict, dict[str, bytes]]:
+def read_verified(folder: Path, *, verify_key: str = "", only: set[str] | None = None) -> tuple[dict, dict[str, bytes]]:
     """The manifest and the bytes of every file it lists (or of those named in `only`),
     each checked as read."""
     manifest = _checked_manifest(folder, verify_key)

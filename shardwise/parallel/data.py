@@ -41,7 +41,8 @@ def apply_data_parallel(model: nn.Module, *, mesh: RankMesh, device: torch.devic
         return model
     device_ids = [device.index] if device.type == "cuda" else None
     # DDP broadcasts rank 0's parameters and buffers at construction, so ranks start equal
-    return DistributedDataParallel(model, device_ids=device_ids, process_group=group)
+    # gradients as views into the buckets: one copy of the gradient, not two (torch DDP notes)
+    return DistributedDataParallel(model, device_ids=device_ids, process_group=group, gradient_as_bucket_view=True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
