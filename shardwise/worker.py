@@ -24,6 +24,8 @@ import torch.distributed as dist
 from shardwise.checkpoint.resume import load_weights, read_resume
 from shardwise.checkpoint.state import load_optimizer, logical_model, logical_optimizer
 from shardwise.checkpoint.store import Checkpointer, restore_rng, rng_tensors
+from shardwise.cluster.placement import PLACEMENT_ENV
+from shardwise.comm.collectives import all_gather_json
 from shardwise.comm.halo import bands
 from shardwise.config import Config, load_config, to_toml
 from shardwise.data import build_rank_data, load_source
@@ -57,7 +59,7 @@ from shardwise.train.memory import (
     start_measuring,
 )
 from shardwise.train.optim import build_optimizer, build_scheduler
-from shardwise.train.outputs import MetricsLog, new_run_dir, run_summary, write_run
+from shardwise.train.outputs import MetricsLog, describe_hosts, new_run_dir, run_summary, write_run
 from shardwise.train.pipeline import PipelineRunner, render_cut
 from shardwise.train.progress import ConsoleReporter, NullReporter, render_summary
 from shardwise.train.ps_job import run_parameter_server
@@ -106,6 +108,30 @@ def _is_loopback(host: str) -> bool:
 
 def _loopback_interface() -> str:
     return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), "lo")
+
+
+def check_master_reachable() -> None:
+    """Refuse, in one line, a job over several hosts whose MASTER_ADDR is a loopback
+    address (a hostname that /etc/hosts maps to 127.0.0.1, as torchrun picks by default):
+    the ranks of the other hosts would wait for a store on their own machine until the
+    timeout. torchrun's --local-addr gives the address the other hosts can reach."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    hosts = int(os.environ.get("GROUP_WORLD_SIZE", "0")) or (2 if local < world else 1)
+    host = os.environ.get("MASTER_ADDR", "")
+    if hosts <= 1 or not host:
+        return
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError as e:
+        raise ShardwiseError("MASTER_ADDR", f"{host!r} does not resolve on this host ({e.strerror})") from None
+    if all(_is_loopback(a.split("%")[0]) for a in addresses):
+        raise ShardwiseError(
+            "MASTER_ADDR",
+            f"{host!r} resolves to {', '.join(sorted(addresses))}, a loopback address, but the job spans {hosts} "
+            f"hosts ({world} ranks, {local} here): the other hosts cannot reach it; give torchrun --local-addr "
+            "with an address of the store's host that they can reach",
+        )
 
 
 def init_process_group(backend: str, *, timeout: timedelta) -> None:
@@ -162,18 +188,24 @@ def run(
         timeout=timedelta(seconds=cfg.train.collective_timeout_s),
         replicated_gradients=dims.replicated_gradients(cfg.parallel.shard),
     )
+    placement = describe_hosts(all_gather_json(socket.gethostname(), group), os.environ.get(PLACEMENT_ENV))
     try:
         if dims.servers:
             launch_time = float(os.environ.get(LAUNCH_TIME_ENV, time.time()))
-            state, summary = run_parameter_server(cfg, mesh, group=group, out_dir=out_dir, launch_time=launch_time)
+            state, summary = run_parameter_server(
+                cfg, mesh, group=group, out_dir=out_dir, launch_time=launch_time, placement=placement
+            )
             # its servers answer the workers last and may have lost some: no leaving together
             return RunResult(state, summary, leave_together=False)
-        return _train(cfg, mesh, group=group, out_dir=out_dir, device=device or group_device(group))
+        device = device or group_device(group)
+        return _train(cfg, mesh, group=group, out_dir=out_dir, device=device, placement=placement)
     finally:
         mesh.close()
 
 
-def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Path | None, device) -> RunResult:
+def _train(
+    cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Path | None, device, placement: dict
+) -> RunResult:
     started = time.time()
     dims, t = mesh.dims, cfg.train
     rank = dist.get_rank(group)
@@ -326,7 +358,14 @@ def _train(cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Pa
     launch_time = float(os.environ.get(LAUNCH_TIME_ENV, started))
     summary = {
         **run_summary(
-            cfg, dims, result, state, backend=dist.get_backend(group), device=str(device), launch_time=launch_time
+            cfg,
+            dims,
+            result,
+            state,
+            backend=dist.get_backend(group),
+            device=str(device),
+            launch_time=launch_time,
+            placement=placement,
         ),
         "shard": cfg.parallel.shard,
         "memory": memory_records(end_bytes, dims, measured),
@@ -406,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.train.deterministic:  # cuBLAS repeats its results only with a fixed workspace
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         timeout = timedelta(seconds=cfg.train.collective_timeout_s)
+        check_master_reachable()
         init_process_group(backend_for(device), timeout=timeout)
         out_dir = Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), cfg.model.name)
         if rank == 0:

@@ -9,7 +9,10 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -104,6 +107,68 @@ def test_train_on_the_cluster_ends_with_the_same_weights(cluster, tmp_path, caps
     assert summary["placement"].startswith(f"emulated cluster '{NAME}': 2 ranks on 2 of 2 hosts")
     emu, local = (load_file(tmp_path / run / "model.safetensors") for run in ("emu", "local"))
     assert emu.keys() == local.keys() and all((emu[k] == local[k]).all() for k in emu)
+
+
+def _torchrun_on_each_host(cluster, config: Path, *, run_id: str, hostname: str | None, local_addr: bool):
+    """The README's multi-host command, once per host namespace, all at once; their results."""
+    procs = []
+    for h in range(cluster.hosts):
+        name = hostname or cluster.hostname(h)
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(cluster.hosts)]
+        command += ["--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{cluster.address(0)}:29500"]
+        command += ["--rdzv-id", run_id, "--rdzv-conf", f"is_host={'true' if h == 0 else 'false'}"]
+        command += ["--local-addr", cluster.address(h)] if local_addr else []
+        command += ["-m", "shardwise.worker", str(config)]
+        shell = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', name, *command]
+        env = {**os.environ, "GLOO_SOCKET_IFNAME": netns.HOST_IF, "OMP_NUM_THREADS": "1"}
+        procs.append(
+            subprocess.Popen(
+                ["ip", "netns", "exec", cluster.namespace(h), *shell],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    return [(p.wait(timeout=120), p.stdout.read()) for p in procs]
+
+
+def _config(tmp_path: Path, out: Path) -> Path:
+    from shardwise.config import load_config, to_toml
+
+    overrides = {"model.name": "mlp", "train.steps": "12", "train.eval_every": "0", "run.progress": "false"}
+    config = tmp_path / f"{out.name}.toml"
+    config.write_text(to_toml(load_config(None, {**overrides, "run.out": str(out)})))
+    return config
+
+
+def test_torchrun_across_hosts(cluster, tmp_path):
+    """torchrun itself, one per host, meeting over the shaped links: the summary names the
+    hosts, and the weights are those of four local ranks."""
+    out = tmp_path / "torchrun"
+    results = _torchrun_on_each_host(cluster, _config(tmp_path, out), run_id="across", hostname=None, local_addr=True)
+    assert all(code == 0 for code, _ in results), results
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["hosts"] == {"swt-h0": [0, 1], "swt-h1": [2, 3]}
+    assert summary["placement"] == "4 processes on 2 hosts: swt-h0 (ranks 0, 1), swt-h1 (ranks 2, 3)"
+    args = ["--model.name", "mlp", "--train.steps", "12", "--train.eval_every", "0", "--run.progress", "false"]
+    assert main(["train", "--nproc", "4", "--out", str(tmp_path / "local"), *args]) == 0
+    across, local = (load_file(d / "model.safetensors") for d in (out, tmp_path / "local"))
+    assert across.keys() == local.keys() and all((across[k] == local[k]).all() for k in local)
+
+
+def test_a_loopback_master_addr_across_hosts_is_one_line(cluster, tmp_path):
+    """Every host named localhost and no --local-addr: torchrun hands the workers
+    MASTER_ADDR=localhost, which no other host can reach. Each rank says so and stops,
+    instead of waiting out the rendezvous timeout."""
+    config = _config(tmp_path, tmp_path / "loopback")
+    started = time.monotonic()
+    results = _torchrun_on_each_host(cluster, config, run_id="loop", hostname="localhost", local_addr=False)
+    assert time.monotonic() - started < 60
+    for code, output in results:
+        assert code != 0
+        lines = [line for line in output.splitlines() if line.startswith("shardwise: rank ")]
+        assert lines and all("MASTER_ADDR: 'localhost' resolves to 127.0.0.1, a loopback address" in x for x in lines)
 
 
 if __name__ == "__main__":

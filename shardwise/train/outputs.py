@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from shardwise.cluster.placement import PLACEMENT_ENV
 from shardwise.config import Config
 from shardwise.jsonsafe import dumps
 from shardwise.topology import ParallelDims
@@ -112,8 +111,10 @@ def run_summary(
     backend: str,
     device: str,
     launch_time: float,
+    placement: dict,
 ) -> dict:
-    """What every run's summary.json holds, whatever its layout; callers add their layout's own keys."""
+    """What every run's summary.json holds, whatever its layout; callers add their layout's own keys.
+    `placement`: where the ranks ran (see `describe_hosts`)."""
     warm = result.step_times[min(5, len(result.step_times) - 1) :] or [float("nan")]
     t = cfg.train
     return {
@@ -125,7 +126,7 @@ def run_summary(
         "layout": dims.layout,
         "backend": backend,
         "device": device,
-        "placement": os.environ.get(PLACEMENT_ENV, "this machine"),
+        **placement,
         "model": cfg.model.name,
         "parameters": sum(v.numel() for v in state.values()),
         "samples_per_s": t.batch_size * len(result.step_times) / max(result.train_s, 1e-9),
@@ -133,6 +134,22 @@ def run_summary(
         "train_s": result.train_s,
         "wall_s": time.time() - launch_time,
     }
+
+
+def describe_hosts(hostnames: list[str], launcher_said: str | None = None) -> dict:
+    """`placement` in words (the launcher's own words where it gave them: they name an
+    emulated cluster's links) and `hosts`: each host's ranks, as the ranks reported them."""
+    hosts: dict[str, list[int]] = {}
+    for rank, name in enumerate(hostnames):
+        hosts.setdefault(name, []).append(rank)
+    if launcher_said:
+        text = launcher_said
+    elif len(hosts) == 1:
+        text = f"{len(hostnames)} process(es) on one host, {hostnames[0]}"
+    else:
+        listed = ", ".join(f"{name} (ranks {', '.join(map(str, ranks))})" for name, ranks in hosts.items())
+        text = f"{len(hostnames)} processes on {len(hosts)} hosts: {listed}"
+    return {"placement": text, "hosts": hosts}
 
 
 def write_run(out_dir: Path, cfg: Config, dims: ParallelDims, state: dict, records: list[dict], summary: dict) -> None:

@@ -25,7 +25,7 @@ from shardwise.train.ps_loop import score_flat, serve, staleness_summary, stragg
 
 
 def run_parameter_server(
-    cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Path | None, launch_time: float
+    cfg: Config, mesh: RankMesh, *, group: dist.ProcessGroup, out_dir: Path | None, launch_time: float, placement: dict
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """A parameter-server run on the CPU, servers first, then workers: the final weights
     (every rank) and the summary (server 0's is the run's)."""
@@ -126,7 +126,16 @@ def run_parameter_server(
     if rank == 0:
         server.send_final(server.final)
     summary = {
-        **run_summary(cfg, dims, result, state, backend=dist.get_backend(group), device="cpu", launch_time=launch_time),
+        **run_summary(
+            cfg,
+            dims,
+            result,
+            state,
+            backend=dist.get_backend(group),
+            device="cpu",
+            launch_time=launch_time,
+            placement=placement,
+        ),
         "skipped_steps": server.stats.skipped,
         "ps": staleness_summary(server),
     }
