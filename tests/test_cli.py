@@ -198,6 +198,9 @@ def test_run_writes_outputs_and_matches_one_process(tmp_path):
     # tp splits each layer in 2 and FSDP shards each piece in 2: about a quarter per rank
     held = [m["parameters_bytes"] / (4 * summary["parameters"]) for m in summary["memory"]]
     assert all(0.24 < h < 0.27 for h in held), held
+    # and measured, per rank: the peak resident memory in training, at least what it started with
+    assert all(m["rss_peak_bytes"] >= m["rss_start_bytes"] > 50 * 2**20 for m in summary["memory"])
+    assert summary["hosts"] == {socket.gethostname(): [0, 1, 2, 3]}
     assert summary["val_accuracy"] > 0.5  # 30 steps; chance is 0.1
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [10, 20, 30]
