@@ -11,8 +11,8 @@ stepping the model.
 
 Every message is one tensor of the model's dtype sent point to point (gloo on CPU):
 
-    push   worker -> each server   [kind, step, loss, finite, gradient slice]
-    reply  server -> worker        [stop, lowest clock, 0, 0, parameter slice]
+    push   worker -> each server   [kind, step, loss, finite, version, gradient slice]
+    reply  server -> worker        [stop, lowest clock, version, 0, 0, parameter slice]
     final  server 0 -> worker      [all parameters]
 
 A worker's clock is the number of steps it has pushed. Synchronous: a server
@@ -29,14 +29,17 @@ A worker says whether its loss and gradient are finite (`finite`); every
 server reads every worker's word, so all servers decide alike without talking:
 synchronous servers skip a step where any worker's gradient is not finite (as
 the all-reduce layouts do), asynchronous ones drop that one gradient. Either
-is counted, and train.max_bad_steps in a row end the run.
+is counted, and train.max_bad_steps in a row (steps; asynchronous: one
+worker's gradients) end the run.
 
-Staleness is recorded by the servers, not reported by workers: when a server
-answers a worker it notes the lowest clock among the live workers whose
-gradients are in the weights it sends; the gradient that worker pushes next,
-for step t, was computed on weights that hold every worker's steps before
-that clock, t - clock steps behind the worker itself. The bound k promises
-t - clock <= k.
+Staleness is recorded by the servers from versions, not taken from the gate:
+every reply carries the version of the weights it holds (the number of
+gradients the server had taken), and the server keeps, per version, how many
+steps of each worker those weights hold. A worker echoes the version with the
+gradient it computed on them; for a gradient of step t the server records
+t minus the fewest steps of any live worker in that version: how far the
+weights it was computed on lag behind the worker's own clock. The bound k
+promises at most k.
 
 Each server reads every worker on a thread of its own: a message is taken the
 moment it arrives, and a worker that dies is noticed at once (gloo reports the
@@ -59,7 +62,8 @@ from torch import Tensor, nn
 from shardwise.comm.collectives import all_gather_uneven
 from shardwise.errors import TrainingDiverged
 
-HEADER = 4
+HEADER = 5
+INITIAL = -1.0  # the version a worker echoes before its first reply: the weights it started with
 PUSH, DONE = 0.0, 1.0
 TAG_PUSH, TAG_REPLY, TAG_FINAL = 101, 102, 103
 
@@ -113,6 +117,7 @@ class WorkerClient:
         self.model, self.servers, self.group = model, servers, group
         self.dtype = model_dtype(model)
         self.bounds = slice_bounds(sum(p.numel() for p in model.parameters()), servers)
+        self.versions = [INITIAL] * servers  # of the weights each server last sent
 
     def push_pull(self, step: int, loss: Tensor) -> bool:
         """Send this step's gradient, load the parameters for the next; True: stop."""
@@ -121,13 +126,15 @@ class WorkerClient:
         replies = [torch.empty(HEADER + hi - lo, dtype=self.dtype) for lo, hi in self.bounds]
         # receives first, so that a server's answer never waits for us to be ready
         waits = [dist.irecv(r, group=self.group, group_src=s, tag=TAG_REPLY) for s, r in enumerate(replies)]
-        header = torch.tensor([PUSH, step, loss.item() if finite else 0.0, float(finite)], dtype=self.dtype)
         for s, (lo, hi) in enumerate(self.bounds):
+            fields = [PUSH, step, loss.item() if finite else 0.0, float(finite), self.versions[s]]
+            header = torch.tensor(fields, dtype=self.dtype)
             dist.send(torch.cat([header, grad[lo:hi]]), group=self.group, group_dst=s, tag=TAG_PUSH)
         for w in waits:
             w.wait()
         flat = torch.cat([r[HEADER:] for r in replies])
         load_flat(self.model, flat)
+        self.versions = [r[2].item() for r in replies]
         return bool(replies[0][0].item())
 
     def finish(self) -> None:
@@ -208,11 +215,15 @@ class ParameterServer:
         self.optimizer = build_optimizer([self.param])
         self.lr_at, self.steps, self.clip_norm = lr_at, steps, clip_norm
         self.asynchronous, self.bound = asynchronous, staleness
-        self.max_bad_steps, self.bad_in_row = max_bad_steps, 0
+        # non-finite in a row: steps (synchronous), or each worker's own gradients (asynchronous:
+        # the order of arrivals differs from server to server, each worker's sequence does not)
+        self.max_bad_steps, self.bad_steps, self.bad_by_worker = max_bad_steps, 0, [0] * workers
         self.applied = 0  # gradients that went into the weights: applied // workers is the schedule's step
         self.clocks = [0] * workers  # steps each worker pushed
         self.included = [0] * workers  # steps of each worker taken into the weights
-        self.pulled = [0] * workers  # the lowest clock in the weights each worker last pulled
+        # version (gradients taken) -> steps of each worker in the weights of that version
+        self.versions: dict[int, tuple[int, ...]] = {INITIAL: tuple(self.included)}
+        self.sent = [INITIAL] * workers  # the version each worker was last sent
         self.active = set(range(workers))  # neither done nor lost
         self.reading = set(range(workers))  # a reader thread still runs
         self.waiting: dict[int, int] = {}  # worker -> the step it wants to start
@@ -284,20 +295,26 @@ class ParameterServer:
         """Apply the mean of these gradients (scaled by 1/W when asynchronous: one worker's
         share of a step), or skip it when any is not finite; `step` is 1-based."""
         for w, m in arrived:
-            self.stats.staleness.append(int(m[1].item()) - self.pulled[w])
+            seen = self.versions[self._echoed(w, m)]  # what the weights this gradient came from held
+            live = self.active | {w}
+            self.stats.staleness.append(int(m[1].item()) - min(seen[a] for a in live))
+        for w, _ in arrived:
             self.included[w] += 1
         self.stats.updates += len(arrived)
-        if any(m[3].item() != 1.0 for _, m in arrived):
+        bad = [w for w, m in arrived if m[3].item() != 1.0]
+        for w, _ in arrived:
+            self.bad_by_worker[w] = self.bad_by_worker[w] + 1 if w in bad else 0
+        self.bad_steps = self.bad_steps + 1 if bad else 0
+        if bad:
             self.stats.skipped.append(step)
-            self.bad_in_row += 1
-            if self.bad_in_row >= self.max_bad_steps:
-                what = "gradients" if self.asynchronous else "steps"
+            in_row = max(self.bad_by_worker[w] for w in bad) if self.asynchronous else self.bad_steps
+            if in_row >= self.max_bad_steps:
+                what = f"gradients of worker rank {self.worker_rank(bad[0])}" if self.asynchronous else "steps"
                 raise TrainingDiverged(
-                    f"train.max_bad_steps: {self.bad_in_row} {what} in a row with a non-finite loss or gradient "
+                    f"train.max_bad_steps: {in_row} {what} in a row with a non-finite loss or gradient "
                     f"(the last at step {step}); lower train.lr or set train.clip_norm"
                 )
             return
-        self.bad_in_row = 0
         self.stats.losses.extend(m[2].item() for _, m in arrived)
         total = arrived[0][1][HEADER:].clone()
         for _, m in arrived[1:]:
@@ -311,6 +328,15 @@ class ParameterServer:
         self.optimizer.step()
         self.param.grad = None
         self.applied += len(arrived)
+
+    def _echoed(self, w: int, message: Tensor) -> int:
+        """The version worker w says its gradient was computed on: the one it was last sent
+        (a float32 message holds versions exactly up to 2^24 gradients; past that, the one sent)."""
+        echoed, sent = message[4].item(), self.sent[w]
+        if abs(sent) >= (2**24 if self.dtype == torch.float32 else 2**53):
+            return sent
+        assert echoed == sent, f"worker {w} computed on version {echoed}, it was sent {sent}"
+        return int(echoed)
 
     @property
     def schedule_step(self) -> int:
@@ -329,9 +355,6 @@ class ParameterServer:
     def _lowest_clock(self) -> int:
         return min((self.clocks[a] for a in self.active), default=max(self.clocks))
 
-    def _lowest_included(self) -> int:
-        return min((self.included[a] for a in self.active), default=max(self.included))
-
     def _release(self) -> None:
         """Answer every waiting worker whose next step the bound allows."""
         lowest = self._lowest_clock()
@@ -342,8 +365,10 @@ class ParameterServer:
             if not self.asynchronous and w in self.pending:
                 continue
             del self.waiting[w]
-            self.pulled[w] = self._lowest_included()
-            header = torch.tensor([float(stop), float(lowest), 0.0, 0.0], dtype=self.dtype)
+            version = self.stats.updates
+            self.versions[version] = tuple(self.included)
+            self.sent[w] = version
+            header = torch.tensor([float(stop), float(lowest), float(version), 0.0, 0.0], dtype=self.dtype)
             reply = torch.cat([header, self.param.detach()])
             try:
                 dist.send(reply, group=self.group, group_dst=self.servers + w, tag=TAG_REPLY)
@@ -352,6 +377,9 @@ class ParameterServer:
                 return
             if stop:
                 self.active.discard(w)
+        oldest = min(self.sent)  # no worker can echo an older version any more
+        for version in [v for v in self.versions if v < oldest]:
+            del self.versions[version]
 
     def _lose(self, w: int, error: str) -> None:
         if w not in self.active:
@@ -406,7 +434,7 @@ class ParameterServer:
             self.optimizer.state[self.param] = state
         self.clocks = [step] * self.workers
         self.included = [step] * self.workers
-        self.pulled = [step] * self.workers
+        self.versions = {INITIAL: tuple(self.included)}
         self.stats.updates = step * self.workers
         self.applied = schedule_step * self.workers
 
