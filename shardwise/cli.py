@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 
 from shardwise.cluster.commands import add_parser as add_cluster_parser
-from shardwise.config import SECTIONS, Config, all_keys, describe_type, field_docs, load_config
+from shardwise.config import SECTIONS, Config, all_keys, describe_type, field_docs, load_config, trust_settings
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 
 
@@ -159,12 +159,14 @@ def _resume_config(config: str | None, path: Path, overrides: dict[str, str]):
     from shardwise.checkpoint.manifest import find_checkpoint, is_signed, read_verified, verify
 
     own = {k: v for k, v in overrides.items() if k != "run.resume"}
-    trusted = load_config(config, own)
+    trusted = trust_settings(config, own)
     checkpoint = find_checkpoint(path)
-    verify(checkpoint, verify_key=trusted.checkpoint.verify_key)  # every file, before anything starts
-    if is_signed(checkpoint) and not trusted.checkpoint.verify_key:
+    verify(checkpoint, verify_key=trusted.verify_key)  # every file, before anything starts
+    if is_signed(checkpoint) and not trusted.verify_key:
         print(f"note: {checkpoint} is signed, but its signature is not checked: no checkpoint.verify_key given")
-    _, files = read_verified(checkpoint, verify_key=trusted.checkpoint.verify_key, only={"config.toml"})
+    if is_signed(checkpoint) and not trusted.sign_key:
+        print("note: the resumed run writes unsigned checkpoints: no checkpoint.sign_key given")
+    _, files = read_verified(checkpoint, verify_key=trusted.verify_key, only={"config.toml"})
     if "config.toml" not in files:
         raise ShardwiseError("resume", f"{checkpoint} holds no config.toml")
     stored = files["config.toml"].decode("utf-8", errors="replace")

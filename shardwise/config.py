@@ -146,8 +146,8 @@ class TrainConfig:
     deterministic: bool = False
     """torch.use_deterministic_algorithms: resumed runs then repeat uninterrupted ones bit for bit."""
     dtype: Literal["float32", "float64"] = "float32"
-    """Parameters, gradients, optimizer state and activations: float32, or float64 (slower; every
-    synchronous layout then equals one process to 1e-9, since no rounding flips a max-pool tie)."""
+    """Parameters, gradients, optimizer state and activations: float32, or float64 (slower; the
+    synchronous layouts tested then equal one process to 1e-9: no rounding flips a max-pool tie)."""
 
 
 @dataclass
@@ -314,18 +314,36 @@ def _set(cfg: Config, key: str, value: Any, from_text: bool) -> None:
 NOT_RESUMED = ("checkpoint", "run")
 
 
-def _apply_toml(cfg: Config, text: str, where: str, *, skip: tuple[str, ...] = ()) -> None:
+def _apply_toml(
+    cfg: Config, text: str, where: str, *, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None
+) -> None:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ShardwiseError("config", f"{where}: {e}") from None
     for section, values in data.items():
-        if section in skip:
+        if section in skip or (only is not None and section not in only):
             continue
         if not isinstance(values, dict):
             raise _unknown_key(section)
         for name, value in values.items():
             _set(cfg, f"{section}.{name}", value, from_text=False)
+
+
+def trust_settings(path: str | Path | None, overrides: dict[str, str]) -> CheckpointConfig:
+    """The [checkpoint] section as the user's own config file and command line give it, and
+    nothing else (read before the checkpoint a resume is about to trust; the rest of the
+    config is checked once the checkpoint's own config is known)."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ShardwiseError("config", f"no such file {str(path)!r}")
+        _apply_toml(cfg, path.read_text(), str(path), only=("checkpoint",))
+    for key, value in overrides.items():
+        if key.startswith("checkpoint."):
+            _set(cfg, key, value, from_text=True)
+    return cfg.checkpoint
 
 
 def load_config(

@@ -246,7 +246,9 @@ def launch(
             )
             if failure is None or failure.exit_code == EXIT_USAGE or attempt == max_restarts:
                 break
-            checkpoint = latest_checkpoint(out / "checkpoints")
+            # only a checkpoint this job wrote: a run resumed from an older step must not
+            # restart from the newer checkpoints of the trajectory it left
+            checkpoint = latest_checkpoint(out / "checkpoints", since=launch_time)
             cfg.run.resume = str(checkpoint) if checkpoint else cfg.run.resume
             origin = checkpoint.name if checkpoint else (cfg.run.resume or "the start")
             what = "" if failure.exit_code == STALLED else f"failed (exit {failure.exit_code}): "

@@ -143,8 +143,8 @@ def init_process_group(backend: str, *, timeout: timedelta) -> None:
     if not _is_loopback(host) or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         dist.init_process_group(backend, timeout=timeout)  # torchrun's agent hosts the store
         return
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
-    os.environ.setdefault("NCCL_SOCKET_IFNAME", _loopback_interface())
+    os.environ["GLOO_SOCKET_IFNAME"] = _loopback_interface()  # even if the shell names another one
+    os.environ["NCCL_SOCKET_IFNAME"] = _loopback_interface()
     host = "127.0.0.1" if host == "localhost" else host
     rank, world, port = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["MASTER_PORT"])
     if rank == 0:

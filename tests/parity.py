@@ -151,12 +151,14 @@ def plain_train(
     start: dict | None = None,
     stop: int | None = None,
     skip: frozenset[int] = frozenset(),
+    optimizer_out: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Train as `overrides` say with nothing but torch; the final weights and each step's
     loss. `start`: the tensors of a checkpoint (`model/NAME`, `optim/KEY/NAME`) and its
     `step` and `schedule_step`, to go on from; `stop`: end after this many steps of the
     configured `train.steps`; `skip`: 1-based steps to skip, as a run does when a step's
-    gradient is not finite."""
+    gradient is not finite; `optimizer_out`: filled with the optimizer's state at the end,
+    as `optim/KEY/NAME`."""
     o = {**DEFAULTS, **BASE, **with_data(overrides)}
     assert o["data.name"] == "npz" and o.get("data.partition", "shuffle") == "shuffle", o
     dtype = getattr(torch, o["train.dtype"])
@@ -203,6 +205,10 @@ def plain_train(
             torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
         scheduler.step()
+    if optimizer_out is not None:
+        for name, p in model.named_parameters():
+            for key, value in optimizer.state.get(p, {}).items():
+                optimizer_out[f"optim/{key}/{name}"] = value.detach().clone()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses
 
 

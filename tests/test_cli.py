@@ -232,6 +232,18 @@ def test_failing_rank_stops_the_job_quickly(tmp_path, kind, rank, expected):
         assert "injected fault" in (out / "logs" / f"rank{rank}-traceback.txt").read_text()
 
 
+def _other_interface() -> str | None:
+    """An interface with an IPv4 address other than loopback, if this machine has one."""
+    try:
+        lines = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout.splitlines()
+    except OSError:
+        return None
+    return next((line.split()[1] for line in lines if not line.split()[1].startswith("lo")), None)
+
+
+OTHER_IF = _other_interface()
+
+
 def listening_sockets(pid: int) -> list[str]:
     """The local addresses of the TCP sockets process `pid` listens on, read from /proc."""
     inodes = set()
@@ -265,7 +277,8 @@ def test_a_local_run_listens_on_loopback_only_and_ctrl_c_stops_it(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
-        env={**os.environ, MARK: str(out)},
+        # a shell set up for a multi-host job names another interface: a local run stays on loopback
+        env={**os.environ, MARK: str(out), **({"GLOO_SOCKET_IFNAME": OTHER_IF} if OTHER_IF else {})},
         # as at a terminal: a shell that ran the tests in the background leaves SIGINT ignored
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )

@@ -4,8 +4,9 @@ resumes from it with pickle's loaders made to raise in every rank.
 Unpickling bytes that come from a peer or a file runs whatever code they name,
 so shardwise loads only safetensors and JSON, and sends only tensors (no
 `*_object` collective, no torch.load). The guard replaces pickle.loads, load,
-Unpickler (Python's and the C accelerator's) in every module that holds them,
-torch.distributed's own aliases included, for the length of the run.
+Unpickler (Python's and the C accelerator's) and torch.load (with its
+weights-only unpickler) in every module that holds them, torch.distributed's
+own aliases included, for the length of the run.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 from parity import BASE, with_data
 
@@ -40,8 +42,11 @@ class _RefusingUnpickler:
 @contextlib.contextmanager
 def no_unpickling():
     """pickle's loaders raise, wherever a module keeps a reference to them."""
+    import torch._weights_only_unpickler as weights_only
+
     loaders = [pickle.loads, pickle.load, _pickle.loads, _pickle.load, pickle._loads, pickle._load]
-    classes = [pickle.Unpickler, _pickle.Unpickler, pickle._Unpickler]
+    loaders += [torch.load, torch.serialization.load, weights_only.load]  # torch.load unpickles, even weights_only
+    classes = [pickle.Unpickler, _pickle.Unpickler, pickle._Unpickler, weights_only.Unpickler]
     replacement = {id(f): _refuse for f in loaders} | {id(c): _RefusingUnpickler for c in classes}
     patched = []
     for module in list(sys.modules.values()):
@@ -103,3 +108,12 @@ def test_the_guard_catches_an_object_collective(pool):
     """Not vacuous: torch's *_object collectives unpickle what they receive, and the guard
     stops them (on the receiving rank)."""
     assert pool.run(_object_collective, ranks=[0, 1])[1] == "something was unpickled during the run"
+
+
+def test_the_guard_catches_torch_load(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "weights.pt")
+    with no_unpickling(), pytest.raises(Unpickled):
+        torch.load(tmp_path / "weights.pt")
+    with no_unpickling(), pytest.raises(Unpickled):
+        torch.load(tmp_path / "weights.pt", weights_only=True)
+    assert torch.equal(torch.load(tmp_path / "weights.pt")["w"], torch.ones(2))  # restored afterwards

@@ -203,3 +203,61 @@ def test_writing_a_step_again_never_leaves_it_missing(tmp_path):
             tmp_path, 2, {"model/w": torch.zeros(3)}, meta=meta, group=None, faults=_CrashAt("checkpoint-replace")
         )
     read_checkpoint(tmp_path / "step-00000002")  # complete: the manifest matches every file
+
+
+def test_a_signed_checkpoint_copied_to_another_step_is_refused(signed_run, tmp_path):
+    """The signature covers the step: an old signed checkpoint put in as the newest one
+    (a rollback) does not verify."""
+    rolled = tmp_path / "checkpoints" / "step-00000009"
+    shutil.copytree(signed_run[0] / "checkpoints" / "step-00000003", rolled)
+    with pytest.raises(ShardwiseError, match="holds step 3, the folder is step-00000009"):
+        verify(rolled, verify_key=str(signed_run[1] / "shardwise.pub"))
+
+
+def test_a_restart_goes_back_to_the_checkpoint_it_resumed_not_to_a_newer_old_one(run_copy):
+    """Resumed from step 3 of a run that has a step 6, with another rate: a rank dies at
+    step 5, before the resumed run writes anything. The restart must start from step 3
+    again; the old step 6 belongs to the trajectory the user left."""
+    checkpoint = run_copy / "checkpoints" / "step-00000003"
+    env = {**os.environ, "SHARDWISE_FAULT": "0:4:exit"}
+    args = ["train", "--resume", str(checkpoint), "--nproc", "1", "--train.lr", "0.01", "--max-restarts", "1"]
+    done = subprocess.run([sys.executable, "-m", "shardwise", *args], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"restart 1 of 1 from {checkpoint}" in done.stderr, done.stderr
+
+
+def test_resume_overrides_are_checked_against_the_checkpoints_config(run_copy):
+    """An override that is valid only with the saved config (fixed shards need a fixed
+    partition) is taken; the trust settings were read without it."""
+    from shardwise.cli import _resume_config
+
+    inside = run_copy / "checkpoints" / "step-00000006"
+    text = (inside / "config.toml").read_text().replace('partition = "shuffle"', 'partition = "stratified"')
+    (inside / "config.toml").write_text(text)
+    (inside / "manifest.sig").unlink()
+    (inside / "manifest.json").unlink()
+    write_manifest(inside, step=6)
+    cfg, out, resuming = _resume_config(None, run_copy, {"data.shards": "2"})
+    assert cfg.data.partition == "stratified" and cfg.data.shards == 2 and resuming and out == run_copy
+
+
+def test_a_crash_between_the_fallback_renames_leaves_the_old_step(tmp_path, monkeypatch):
+    """Where the file system cannot exchange two folders, the old step-N is moved aside
+    before the new one moves in: a crash between the two leaves it aside, and it is what
+    loads for step N."""
+    from shardwise.checkpoint import store
+    from shardwise.checkpoint.manifest import latest_checkpoint
+
+    meta = {"world_size": 1, "layout": "dp=1", "schedule_step": 2}
+    save_checkpoint(tmp_path, 2, {"model/w": torch.ones(3)}, meta=meta, group=None)
+    monkeypatch.setattr(store, "_exchange", lambda a, b: False)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(
+            tmp_path, 2, {"model/w": torch.zeros(3)}, meta=meta, group=None, faults=_CrashAt("checkpoint-aside")
+        )
+    assert not (tmp_path / "step-00000002").exists()
+    found = latest_checkpoint(tmp_path)
+    assert found == tmp_path / ".old-step-00000002"
+    assert torch.equal(read_checkpoint(found).tensors["model/w"], torch.ones(3))
+    save_checkpoint(tmp_path, 2, {"model/w": torch.zeros(3)}, meta=meta, group=None)  # the next write goes through
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002"]

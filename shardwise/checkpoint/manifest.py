@@ -25,6 +25,9 @@ from shardwise.errors import ShardwiseError
 
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+# a step-N moved aside while a new step-N takes its place, where the file system cannot
+# exchange two folders atomically: complete, and the one to read if step-N is missing
+ASIDE_DIR = re.compile(r"^\.old-step-(\d+)$")
 FORMAT = "shardwise-checkpoint-2"  # 2: the run's config inside, the schedule position in state.json
 
 
@@ -98,6 +101,10 @@ def _checked_manifest(folder: Path, verify_key: str) -> dict:
                 raise ValueError(f"entry {name!r}")
     except (ValueError, KeyError, TypeError) as e:
         raise ShardwiseError(where, f"{manifest_path}: not a valid manifest ({e})") from None
+    # the signature covers the step: a signed checkpoint copied to another step-N is refused
+    named = STEP_DIR.match(folder.name) or ASIDE_DIR.match(folder.name)
+    if named and int(named.group(1)) != manifest.get("step"):
+        raise ShardwiseError(where, f"{manifest_path}: holds step {manifest.get('step')}, the folder is {folder.name}")
     for path in sorted(folder.iterdir()):
         if path.name not in listed and path.name not in (MANIFEST, SIGNATURE):
             raise ShardwiseError(where, f"{path}: not in the manifest")
@@ -123,19 +130,26 @@ def verify(folder: Path, *, verify_key: str = "") -> dict:
     return manifest
 
 
-def read_verified(folder: Path, *, verify_key: str = "", only: set[str] | None = None) -> tuple[dict, dict[str, bytes]]:
-    """The manifest and the bytes of every file it lists (or of those named in `only`),
-    each checked as read."""
+def verified_files(folder: Path, *, verify_key: str = "", only: set[str] | None = None):
+    """The manifest, then (name, bytes) of every file it lists (or of those named in
+    `only`), one at a time, each checked as read: a caller that loads each file before
+    taking the next holds one file's bytes at a time."""
     manifest = _checked_manifest(folder, verify_key)
-    contents: dict[str, bytes] = {}
+    yield manifest
     for entry in manifest["files"]:
         if only is not None and entry["name"] not in only:
             continue
         path = folder / entry["name"]
         data = path.read_bytes()
         _check_file(path, entry, len(data), hashlib.sha256(data).hexdigest())
-        contents[entry["name"]] = data
-    return manifest, contents
+        yield entry["name"], data
+
+
+def read_verified(folder: Path, *, verify_key: str = "", only: set[str] | None = None) -> tuple[dict, dict[str, bytes]]:
+    """The manifest and the checked bytes of the files it lists (or of those named in `only`)."""
+    files = verified_files(folder, verify_key=verify_key, only=only)
+    manifest = next(files)
+    return manifest, dict(files)
 
 
 def keygen(folder: Path) -> tuple[Path, Path]:
@@ -196,12 +210,19 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest step-N folder under `root` that has a manifest (a complete write)."""
+def latest_checkpoint(root: Path, *, since: float | None = None) -> Path | None:
+    """The newest step-N folder under `root` that has a manifest (a complete write), or
+    the `.old-step-N` set aside for it where step-N itself is missing; with `since`, only
+    those whose manifest was written at that time or later (by this job)."""
     if not root.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / MANIFEST).is_file()]
-    return max(found)[1] if found else None
+    found: dict[int, Path] = {}
+    for p in sorted(root.iterdir(), key=lambda p: p.name.startswith(".")):  # step-N before its .old- twin
+        m = STEP_DIR.match(p.name) or ASIDE_DIR.match(p.name)
+        if m and (p / MANIFEST).is_file() and int(m.group(1)) not in found:
+            if since is None or (p / MANIFEST).stat().st_mtime >= since:
+                found[int(m.group(1))] = p
+    return found[max(found)] if found else None
 
 
 def find_checkpoint(path: Path) -> Path:

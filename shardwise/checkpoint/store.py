@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from shardwise.checkpoint.manifest import fsync_path, read_verified, step_dir, write_manifest
+from shardwise.checkpoint.manifest import fsync_path, step_dir, verified_files, write_manifest
 from shardwise.comm.collectives import all_gather_json
 from shardwise.errors import ShardwiseError
 
@@ -125,11 +125,13 @@ def _publish(tmp: Path, final: Path, faults=None) -> None:
     there is a complete `final` at every moment."""
     if not final.exists():
         os.replace(tmp, final)
+        shutil.rmtree(final.with_name(f".old-{final.name}"), ignore_errors=True)  # a crash's leftover
         return
-    if not _exchange(tmp, final):  # no atomic exchange here: keep the old one until the new is in
-        old = final.with_name(f".old-{final.name}")
+    if not _exchange(tmp, final):  # no atomic exchange here: the old one waits aside until the new is in
+        old = final.with_name(f".old-{final.name}")  # read in step-N's place while it is missing
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
+        _fault(faults, "checkpoint-aside")
         os.replace(tmp, final)
         tmp = old
     _fault(faults, "checkpoint-replace")
@@ -160,26 +162,50 @@ def read_checkpoint(folder: Path, *, verify_key: str = "") -> Checkpoint:
     and load those same bytes: safetensors shards, state.json, config.toml."""
     from safetensors.torch import load
 
-    _, files = read_verified(folder, verify_key=verify_key)
-    try:
-        state = json.loads(files[STATE])
-        step = int(state["step"])
-        index = state["index"]
-    except (KeyError, ValueError, TypeError) as e:
-        raise ShardwiseError("checkpoint", f"{folder / STATE}: not a valid state file ({e})") from None
-    tensors: dict[str, Tensor] = {}
-    for name in sorted(files):
-        if name.startswith("shard-") and name.endswith(".safetensors"):
+    files = verified_files(folder, verify_key=verify_key)
+    manifest = next(files)
+    shards: dict[str, dict[str, Tensor]] = {}
+    state, config_text = None, ""
+    for name, data in files:  # each file loaded as it is checked: one file's bytes at a time
+        if name == STATE:
+            state = _state(folder, data, manifest)
+        elif name == CONFIG:
+            config_text = data.decode("utf-8", errors="replace")
+        elif name.startswith("shard-") and name.endswith(".safetensors"):
             try:
-                tensors |= load(files[name])
+                shards[name] = load(data)
             except Exception as e:  # safetensors' own error type: a header or layout it cannot read
                 first = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise ShardwiseError("checkpoint", f"{folder / name}: not a valid safetensors file ({first})") from None
-    missing = sorted(set(index) - set(tensors))
-    if missing:
-        raise ShardwiseError("checkpoint", f"{folder / STATE}: lists {missing[0]}, which no shard holds")
-    config_text = files.get(CONFIG, b"").decode("utf-8", errors="replace")
-    return Checkpoint(folder, step, state, tensors, config_text)
+        del data
+    if state is None:
+        raise ShardwiseError("checkpoint", f"{folder}: no {STATE}")
+    # each tensor from the one shard the index names; rank r's RNG state from its own shard
+    tensors: dict[str, Tensor] = {}
+    for tensor, shard in state["index"].items():
+        if shard not in shards or tensor not in shards[shard]:
+            raise ShardwiseError("checkpoint", f"{folder / STATE}: lists {tensor} in {shard}, which does not hold it")
+        tensors[tensor] = shards[shard][tensor]
+    for shard, held in shards.items():
+        own = f"rng/rank{int(shard.removeprefix('shard-').removesuffix('.safetensors'))}"
+        if own in held:
+            tensors[own] = held[own]
+    return Checkpoint(folder, state["step"], state, tensors, config_text)
+
+
+def _state(folder: Path, data: bytes, manifest: dict) -> dict:
+    """state.json, checked: the step the manifest (and its signature) says, an index of
+    logical tensors to shard files."""
+    try:
+        state = json.loads(data)
+        index = state.get("index")
+        if not isinstance(index, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in index.items()):
+            raise ValueError("its index is not a map of tensor names to shard files")
+        if not isinstance(state.get("step"), int) or state["step"] != manifest["step"]:
+            raise ValueError(f"step {state.get('step')!r}, the manifest says {manifest['step']}")
+    except (ValueError, AttributeError, TypeError) as e:
+        raise ShardwiseError("checkpoint", f"{folder / STATE}: not a valid state file ({e})") from None
+    return state
 
 
 @dataclass

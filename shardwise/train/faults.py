@@ -17,7 +17,10 @@ step STEP (0-based, counted over the whole run). KIND is:
            engine carries the news to the others
 - `exit@POINT` the process exits with status 3 at POINT of the checkpoint written after
   the step: `checkpoint-shards` (its shard file written), `checkpoint-manifest` (rank 0,
-  before the manifest) or `checkpoint-rename` (rank 0, manifest written, before the rename)
+  before the manifest), `checkpoint-rename` (rank 0, manifest written, before the rename),
+  and where a step is written again, `checkpoint-replace` (the new step in place, the old
+  not yet removed) or, where folders cannot be exchanged atomically, `checkpoint-aside`
+  (the old step moved aside, the new one not yet in)
 
 Faults fire in the first attempt only (SHARDWISE_ATTEMPT=0, which the launcher
 raises on each restart), so a restarted run goes through; `RANK:STEP:KIND:A`
