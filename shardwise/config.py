@@ -330,16 +330,20 @@ def _apply_toml(
             _set(cfg, f"{section}.{name}", value, from_text=False)
 
 
+def _read_file(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise ShardwiseError("config", f"no such file {str(path)!r}")
+    return path.read_text()
+
+
 def trust_settings(path: str | Path | None, overrides: dict[str, str]) -> CheckpointConfig:
     """The [checkpoint] section as the user's own config file and command line give it, and
     nothing else (read before the checkpoint a resume is about to trust; the rest of the
     config is checked once the checkpoint's own config is known)."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ShardwiseError("config", f"no such file {str(path)!r}")
-        _apply_toml(cfg, path.read_text(), str(path), only=("checkpoint",))
+        _apply_toml(cfg, _read_file(path), str(path), only=("checkpoint",))
     for key, value in overrides.items():
         if key.startswith("checkpoint."):
             _set(cfg, key, value, from_text=True)
@@ -355,10 +359,7 @@ def load_config(
     if resumed is not None:
         _apply_toml(cfg, resumed, "the checkpoint's config.toml", skip=NOT_RESUMED)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ShardwiseError("config", f"no such file {str(path)!r}")
-        _apply_toml(cfg, path.read_text(), str(path))
+        _apply_toml(cfg, _read_file(path), str(path))
     for key, value in (overrides or {}).items():
         _set(cfg, key, value, from_text=True)
     validate(cfg)

@@ -20,15 +20,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from shardwise.checkpoint.resume import load_weights, read_resume
+from shardwise.checkpoint.resume import build_checkpointer, load_weights, read_resume
 from shardwise.checkpoint.state import load_optimizer, logical_model, logical_optimizer
-from shardwise.checkpoint.store import Checkpointer, restore_rng, rng_tensors
+from shardwise.checkpoint.store import restore_rng, rng_tensors
 from shardwise.cluster.placement import PLACEMENT_ENV
 from shardwise.comm.collectives import all_gather_json
 from shardwise.comm.halo import bands
-from shardwise.config import Config, load_config, to_toml
-from shardwise.data import build_rank_data, load_source
+from shardwise.config import Config, load_config
+from shardwise.data import RankData, build_rank_data, load_source
 from shardwise.data.features import vertical_parts
 from shardwise.data.report import render_report
 from shardwise.data.sources import take_rows
@@ -49,7 +50,7 @@ from shardwise.parallel.tensor import apply_tensor_parallel
 from shardwise.parallel.vertical import apply_vertical
 from shardwise.topology import ParallelDims, RankMesh
 from shardwise.train.faults import FaultPlan
-from shardwise.train.loop import LoopSettings, ModelRunner, Position, train_loop
+from shardwise.train.loop import LoopSettings, ModelRunner, Position, Runner, train_loop
 from shardwise.train.memory import (
     gather_rows,
     measured_bytes,
@@ -59,9 +60,9 @@ from shardwise.train.memory import (
     start_measuring,
 )
 from shardwise.train.optim import build_optimizer, build_scheduler
-from shardwise.train.outputs import MetricsLog, describe_hosts, new_run_dir, run_summary, write_run
+from shardwise.train.outputs import describe_hosts, new_run_dir, run_summary, write_run
 from shardwise.train.pipeline import PipelineRunner, render_cut
-from shardwise.train.progress import ConsoleReporter, NullReporter, render_summary
+from shardwise.train.progress import open_reporter, render_summary
 from shardwise.train.ps_job import run_parameter_server
 from shardwise.train.timeline import bubble_summary, gather_events, plot_timeline
 
@@ -209,16 +210,105 @@ def _train(
     started = time.time()
     dims, t = mesh.dims, cfg.train
     rank = dist.get_rank(group)
-    dp_group = mesh.groups["dp"]
     faults, position = FaultPlan(rank), Position()
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
-
-    feature_parts = vertical_parts(cfg.data)
-    own_features = feature_parts[mesh.coords["vertical"]] if feature_parts else None
-
     dtype = getattr(torch, t.dtype)
     torch.manual_seed(t.seed)  # weights; data order and splits use their own seeded generators
+    data, in_shape, num_classes = _rank_data(cfg, mesh, device=device, dtype=dtype)
+    model = build_model(cfg.model, in_shape, num_classes).to(device=device, dtype=dtype)
+    checkpoint = read_resume(cfg)
+    if checkpoint is not None:  # the whole model, before any layout cuts it
+        load_weights(model, checkpoint)
+    whole_model_bytes = local_bytes(model.parameters())
+    layout = _compose(cfg, mesh, model, data, in_shape=in_shape, group=group, device=device, faults=faults)
+    start_bytes = gather_rows(rank_bytes(unwrap(layout.model)), group)
+    zero_group = mesh.groups["dp"] if cfg.parallel.shard == "optimizer" else None
+    optimizer = build_optimizer(t, layout.model, zero_group=zero_group)
+    start_step = 0
+    if checkpoint is not None:
+        load_optimizer(unwrap(layout.model), optimizer, layout.splits, checkpoint.tensors)
+        restore_rng(checkpoint, rank, dims.world_size)
+        start_step = checkpoint.step
+    scheduler = build_scheduler(t, optimizer, start=checkpoint.schedule_step if checkpoint is not None else 0)
+
+    def collect() -> tuple[dict, dict]:
+        part, splits = unwrap(layout.model), layout.splits
+        tensors = logical_model(part, splits) | logical_optimizer(part, optimizer, splits) | rng_tensors(rank)
+        return tensors, {"world_size": dims.world_size, "layout": dims.layout, "schedule_step": scheduler.last_epoch}
+
+    checkpointer = build_checkpointer(cfg, out_dir, group, collect, faults)
+    console = _console() if rank == 0 and out_dir is not None else None
+    if console is not None:
+        title = f"layout {dims.layout}, shard={cfg.parallel.shard}: parameters held by each rank at start"
+        console.print(render_report(data.report, f"data: {cfg.data.name}, partition {cfg.data.partition}"))
+        if layout.cut_rows:
+            console.print(render_cut(layout.cut_rows, dims))
+        console.print(render_memory(start_bytes, dims, whole_model_bytes=whole_model_bytes, title=title))
+        if checkpoint is not None:
+            console.print(
+                f"resumed from {checkpoint.folder} (step {start_step}, saved as {checkpoint.state['layout']})"
+            )
+    reporter = open_reporter(
+        out_dir, console, start_step=start_step, total_steps=t.steps, show_progress=cfg.run.progress
+    )
+    rss_start = start_measuring(device)  # what training adds: gradients, optimizer state, buffers, activations
+    with reporter:
+        result = _located(position, rank)(train_loop)(
+            layout.runner,
+            layout.model,
+            optimizer,
+            scheduler,
+            data,
+            LoopSettings.from_train(t, start_step=start_step),
+            reporter=reporter,
+            faults=faults,
+            splits=layout.splits,
+            sum_groups=layout.sum_groups,
+            agree_group=mesh.groups["agree"],
+            checkpointer=checkpointer,
+            position=position,
+        )
+    measured = gather_rows(measured_bytes(device, rss_start), group)
+    end_bytes = gather_rows(rank_bytes(unwrap(layout.model), optimizer), group)
+    state, pipeline, timeline = _whole_state(layout, mesh)
+    summary = run_summary(
+        cfg,
+        dims,
+        result,
+        state,
+        backend=dist.get_backend(group),
+        device=str(device),
+        launch_time=float(os.environ.get(LAUNCH_TIME_ENV, started)),
+        placement=placement,
+    )
+    summary |= {"shard": cfg.parallel.shard, "memory": memory_records(end_bytes, dims, measured)}
+    summary |= {"skipped_steps": result.skipped_steps, **pipeline, "partition": data.report}
+    if console is not None:
+        write_run(out_dir, cfg, dims, state, result.records, summary)
+        if pipeline and cfg.run.timeline:
+            title = f"{dims.layout}, {dims.microbatches} micro-batches, {cfg.parallel.schedule}: the last step"
+            plot_timeline(out_dir / "timeline.png", timeline, title)
+        title = "bytes held by each rank at the end (gradients and optimizer state exist after the first step)"
+        console.print(
+            render_memory(end_bytes, dims, whole_model_bytes=whole_model_bytes, title=title, measured=measured)
+        )
+        console.print(render_summary(summary, str(out_dir)))
+    return RunResult(state, summary)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False)
+
+
+def _rank_data(cfg: Config, mesh: RankMesh, *, device: torch.device, dtype: torch.dtype):
+    """This rank's data: only its input columns (vertical), its share of each batch (dp),
+    only its rows of each image (spatial); and the shape and classes of a whole sample."""
+    dims, t = mesh.dims, cfg.train
+    feature_parts = vertical_parts(cfg.data)
+    own_features = feature_parts[mesh.coords["vertical"]] if feature_parts else None
     dataset = load_source(cfg.data, seed=t.seed, features=own_features, reduce_stats=_summer(mesh.groups["vertical"]))
     if dims.spatial > 1 and len(dataset.in_shape) != 3:
         raise ShardwiseError("parallel.spatial", f"needs images (C, H, W), the data has shape {dataset.in_shape}")
@@ -236,36 +326,59 @@ def _train(
     )
     if dims.spatial > 1:  # rows are cut after the split into shards, which may read whole samples (kmeans)
         data.dataset = take_rows(dataset, *bands(dataset.in_shape[1], dims.spatial)[mesh.coords["spatial"]])
-    model = build_model(cfg.model, dataset.in_shape, dataset.num_classes).to(device=device, dtype=dtype)
-    checkpoint = read_resume(cfg)
-    if checkpoint is not None:  # the whole model, before any layout cuts it
-        load_weights(model, checkpoint)
-    whole_model_bytes = local_bytes(model.parameters())
-    whole_state = {k: v.detach().to("meta") for k, v in model.state_dict().items()}  # names, shapes, dtypes
+    return data, dataset.in_shape, dataset.num_classes
 
-    # Composition order (ARCHITECTURE.md): pipeline split, then per stage the
-    # layer partitioning (vertical takes the input layer, tensor parallelism
-    # the fully-connected head), then activation checkpointing, then the
-    # data-parallel wrapper (DDP, ZeRO-1 or FSDP2) outermost. Split layers
-    # hold plain local tensors, so the wrapper treats them like any other.
-    pp_group, stage_of, cut_rows = mesh.groups["pp"], {}, []
+
+@dataclass
+class _Layout:
+    """What this rank runs: its part of the model, how a step runs on it, its split
+    parameters, and for a pipeline the cut (which stage holds each tensor, and the
+    report's rows). (Issue 15 turns this into the project's one Layout value.)"""
+
+    model: nn.Module
+    runner: Runner
+    splits: dict[str, Split]
+    sum_groups: list[dist.ProcessGroup]  # where the pieces of the gradient norm add up
+    whole_state: dict[str, torch.Tensor]  # every tensor of the whole model (meta: names, shapes, dtypes)
+    stage_of: dict[str, int]
+    cut_rows: list[dict]
+
+
+def _compose(
+    cfg: Config,
+    mesh: RankMesh,
+    model: nn.Module,
+    data: RankData,
+    *,
+    in_shape: tuple[int, ...],
+    group: dist.ProcessGroup,
+    device: torch.device,
+    faults: FaultPlan,
+) -> _Layout:
+    """Composition order (ARCHITECTURE.md): pipeline split, then per stage the layer
+    partitioning (vertical takes the input layer, tensor parallelism the fully-connected
+    head, spatial the convolution stack), then the data-parallel wrapper (DDP, ZeRO-1 or
+    FSDP2) outermost. Split layers hold plain local tensors, so the wrapper treats them
+    like any other."""
+    dims = mesh.dims
+    whole_state = {k: v.detach().to("meta") for k, v in model.state_dict().items()}
+    pp_group, dp_group, stage_of, cut_rows = mesh.groups["pp"], mesh.groups["dp"], {}, []
     if pp_group is not None:
-        example = data.micro_batches(0)[0][0][: t.batch_size // (dims.dp * dims.microbatches)]
+        example = data.micro_batches(0)[0][0][: cfg.train.batch_size // (dims.dp * dims.microbatches)]
         cut, costs = plan_pipeline(model, example, stages=dims.pp, group=group)
         stage_of, cut_rows = owners(model, cut), describe_cut(costs, cut)
         shapes = stage_shapes(costs, cut, mesh.coords["pp"], tuple(example.shape))
         model = apply_pipeline(model, cut=cut, stage=mesh.coords["pp"])
     splits: dict[str, Split] = {}
+    feature_parts = vertical_parts(cfg.data)
     if feature_parts:
-        vertical_group = mesh.groups["vertical"]
-        splits |= apply_vertical(model, group=vertical_group, features=feature_parts, in_shape=dataset.in_shape)
+        splits |= apply_vertical(model, group=mesh.groups["vertical"], features=feature_parts, in_shape=in_shape)
     splits |= apply_tensor_parallel(model, group=mesh.groups["tp"], skip=set(splits))
-    apply_spatial(model, group=mesh.groups["spatial"], in_shape=dataset.in_shape)
-    if pp_group is None:  # a pipeline averages its stages' gradients itself (train/pipeline.py)
+    apply_spatial(model, group=mesh.groups["spatial"], in_shape=in_shape)
+    if pp_group is None:
         model = apply_data_parallel(model, mesh=mesh, device=device, shard=cfg.parallel.shard)
-    start_bytes = gather_rows(rank_bytes(unwrap(model)), group)
-    optimizer = build_optimizer(t, model, zero_group=dp_group if cfg.parallel.shard == "optimizer" else None)
-    if pp_group is not None:
+        runner: Runner = ModelRunner(model, dp_group=dp_group, faults=faults)
+    else:  # a pipeline averages its stages' gradients itself, once drained (train/pipeline.py)
         runner = PipelineRunner(
             model,
             stage=mesh.coords["pp"],
@@ -276,113 +389,22 @@ def _train(
             schedule=cfg.parallel.schedule,
             device=device,
             shapes=shapes,
-            dtype=dtype,
+            dtype=next(model.parameters()).dtype,
         )
-    else:
-        runner = ModelRunner(model, dp_group=dp_group, faults=faults)
-    start_step = 0
-    if checkpoint is not None:
-        load_optimizer(unwrap(model), optimizer, splits, checkpoint.tensors)
-        restore_rng(checkpoint, rank, dims.world_size)
-        start_step = checkpoint.step
-    scheduler = build_scheduler(t, optimizer, start=checkpoint.schedule_step if checkpoint is not None else 0)
-    settings = LoopSettings.from_train(t, start_step=start_step)
-    checkpointer = None
-    if out_dir is not None and t.checkpoint_every > 0:
+    sum_groups = [g for g in (dp_group if is_fully_sharded(model) else None, pp_group) if g is not None]
+    return _Layout(model, runner, splits, sum_groups, whole_state, stage_of, cut_rows)
 
-        def collect() -> tuple[dict, dict]:
-            part = unwrap(model)
-            tensors = logical_model(part, splits) | logical_optimizer(part, optimizer, splits) | rng_tensors(rank)
-            meta = {"world_size": dims.world_size, "layout": dims.layout, "schedule_step": scheduler.last_epoch}
-            return tensors, meta
 
-        checkpointer = Checkpointer(
-            out_dir / "checkpoints",
-            t.checkpoint_every,
-            t.steps,
-            group,
-            collect,
-            cfg.checkpoint.sign_key,
-            faults,
-            config_text=to_toml(cfg),
-        )
-    writes = rank == 0 and out_dir is not None
-    console = None
-    if writes:
-        from rich.console import Console
-
-        console = Console(stderr=False)
-        console.print(render_report(data.report, f"data: {cfg.data.name}, partition {cfg.data.partition}"))
-        title = f"layout {dims.layout}, shard={cfg.parallel.shard}: parameters held by each rank at start"
-        if cut_rows:
-            console.print(render_cut(cut_rows, dims))
-        console.print(render_memory(start_bytes, dims, whole_model_bytes=whole_model_bytes, title=title))
-        reporter = ConsoleReporter(
-            MetricsLog(out_dir / "metrics.jsonl", from_step=start_step),
-            total_steps=t.steps,
-            console=console,
-            show_progress=cfg.run.progress,
-        )
-        if checkpoint is not None:
-            saved = checkpoint.state["layout"]
-            console.print(f"resumed from {checkpoint.folder} (step {start_step}, saved as {saved})")
-    else:
-        reporter = NullReporter()
-    rss_start = start_measuring(device)  # what training adds: gradients, optimizer state, buffers, activations
-    with reporter:
-        sum_groups = [g for g in (dp_group if is_fully_sharded(model) else None, pp_group) if g is not None]
-        result = _located(position, rank)(train_loop)(
-            runner,
-            model,
-            optimizer,
-            scheduler,
-            data,
-            settings,
-            reporter=reporter,
-            faults=faults,
-            splits=splits,
-            sum_groups=sum_groups,
-            agree_group=mesh.groups["agree"],
-            checkpointer=checkpointer,
-            position=position,
-        )
-    end_bytes = gather_rows(rank_bytes(unwrap(model), optimizer), group)
-    measured = gather_rows(measured_bytes(device, rss_start), group)
-    state = full_state_dict(unwrap(model), splits)
-    pipeline: dict = {}
-    if pp_group is not None:
-        state = gather_stages(state, whole_state, stage_of, group=pp_group)
-        timeline = gather_events(runner.events, pp_group)
-        pipeline = {"pipeline": {"cut": cut_rows, **bubble_summary(timeline, dims.microbatches)}}
-
-    launch_time = float(os.environ.get(LAUNCH_TIME_ENV, started))
-    summary = {
-        **run_summary(
-            cfg,
-            dims,
-            result,
-            state,
-            backend=dist.get_backend(group),
-            device=str(device),
-            launch_time=launch_time,
-            placement=placement,
-        ),
-        "shard": cfg.parallel.shard,
-        "memory": memory_records(end_bytes, dims, measured),
-        "skipped_steps": result.skipped_steps,
-        **pipeline,
-        "partition": data.report,
-    }
-    if writes:
-        write_run(out_dir, cfg, dims, state, result.records, summary)
-        if pipeline and cfg.run.timeline:
-            title = f"{dims.layout}, {dims.microbatches} micro-batches, {cfg.parallel.schedule}: the last step"
-            plot_timeline(out_dir / "timeline.png", timeline, title)
-        title = "bytes held by each rank at the end (gradients and optimizer state exist after the first step)"
-        table = render_memory(end_bytes, dims, whole_model_bytes=whole_model_bytes, title=title, measured=measured)
-        console.print(table)
-        console.print(render_summary(summary, str(out_dir)))
-    return RunResult(state, summary)
+def _whole_state(layout: _Layout, mesh: RankMesh) -> tuple[dict[str, torch.Tensor], dict, list]:
+    """The whole model's weights on every rank (collective), and for a pipeline its
+    report (the cut, the bubble) and the last step's timeline."""
+    state = full_state_dict(unwrap(layout.model), layout.splits)
+    pp_group = mesh.groups["pp"]
+    if pp_group is None:
+        return state, {}, []
+    state = gather_stages(state, layout.whole_state, layout.stage_of, group=pp_group)
+    timeline = gather_events(layout.runner.events, pp_group)
+    return state, {"pipeline": {"cut": layout.cut_rows, **bubble_summary(timeline, mesh.dims.microbatches)}}, timeline
 
 
 def _located(position: Position, rank: int):

@@ -92,7 +92,8 @@ LAYOUTS = {
 def test_every_layout_runs_saves_and_resumes_without_unpickling(pool, tmp_path, layout):
     overrides, nproc = LAYOUTS[layout]
     patched = pool.run(_guarded_run, overrides, str(tmp_path / "run"), ranks=list(range(nproc)))
-    assert all(n >= len(["pickle.loads", "pickle.Unpickler", "torch.distributed's alias"]) for n in patched)
+    # at least pickle.loads, pickle.Unpickler and torch.distributed's alias were replaced
+    assert all(n >= 3 for n in patched), patched
 
 
 def _object_collective(*, group) -> str:

@@ -1,4 +1,5 @@
-"""Starting a run from a checkpoint: find it, verify it, put the weights into the whole model."""
+"""Starting a run from a checkpoint (find it, verify it, put the weights into the whole
+model), and the run's checkpointer."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import torch
 
 from shardwise.checkpoint.manifest import find_checkpoint
 from shardwise.checkpoint.state import model_weights
-from shardwise.checkpoint.store import Checkpoint, read_checkpoint
-from shardwise.config import Config
+from shardwise.checkpoint.store import Checkpoint, Checkpointer, read_checkpoint
+from shardwise.config import Config, to_toml
 from shardwise.errors import ShardwiseError
 
 
@@ -17,6 +18,19 @@ def read_resume(cfg: Config) -> Checkpoint | None:
     if not cfg.run.resume:
         return None
     return read_checkpoint(find_checkpoint(Path(cfg.run.resume)), verify_key=cfg.checkpoint.verify_key)
+
+
+def build_checkpointer(cfg: Config, out_dir: Path | None, group, collect, faults=None) -> Checkpointer | None:
+    """What writes `OUT/checkpoints/step-N` every `train.checkpoint_every` steps, signed with
+    `checkpoint.sign_key`, the run's config inside; None where the run writes none. `group`:
+    the ranks that hold the state; `collect()`: this rank's logical tensors and the meta."""
+    t = cfg.train
+    if out_dir is None or t.checkpoint_every <= 0:
+        return None
+    root = out_dir / "checkpoints"
+    return Checkpointer(
+        root, t.checkpoint_every, t.steps, group, collect, cfg.checkpoint.sign_key, faults, config_text=to_toml(cfg)
+    )
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Checkpoint) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from shardwise.parallel.splits import Split, full_state_dict
+from shardwise.parallel.splits import Split, full_state_dict, optimizer_keys
 from shardwise.parallel.zero import ShardedOptimizer
 
 
@@ -48,10 +48,6 @@ def logical_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, splits
 
 def model_weights(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
-
-
-def optimizer_keys(tensors: dict[str, Tensor]) -> list[str]:
-    return sorted({k.split("/")[1] for k in tensors if k.startswith("optim/")})
 
 
 @torch.no_grad()

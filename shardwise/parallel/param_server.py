@@ -61,6 +61,7 @@ from torch import Tensor, nn
 
 from shardwise.comm.collectives import all_gather_uneven
 from shardwise.errors import TrainingDiverged
+from shardwise.parallel.splits import optimizer_keys
 
 HEADER = 5
 INITIAL = -1.0  # the version a worker echoes before its first reply: the weights it started with
@@ -414,7 +415,7 @@ class ParameterServer:
         with the schedule at `schedule_step` (the weights came in with the model)."""
         named = list(model.named_parameters())
         lo, hi = self.bounds[self.index]
-        keys = sorted({k.split("/")[1] for k in tensors if k.startswith("optim/")})
+        keys = optimizer_keys(tensors)
         state = {}
         for key in keys:
             # one process keeps no state for a parameter that never had a gradient: zeros

@@ -54,6 +54,12 @@ class Split:
         return out
 
 
+def optimizer_keys(tensors: dict[str, Tensor]) -> list[str]:
+    """The optimizer-state keys (momentum_buffer, exp_avg, step, ...) among logical tensors
+    named `optim/KEY/NAME`, as checkpoints hold them."""
+    return sorted({k.split("/")[1] for k in tensors if k.startswith("optim/")})
+
+
 def local_tensor(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from shardwise.comm.collectives import all_gather_json
+from shardwise.parallel.splits import optimizer_keys
 
 
 class ShardedOptimizer(torch.optim.Optimizer):
@@ -63,7 +64,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         assert closure is None, "closures are not supported"
         for slot, (i, a, b) in zip(self.slots, self.pieces, strict=False):
             p = self.params[i]
-            slot.data = p.detach().reshape(-1)[a:b].clone()
+            slot.data = p.detach().view(-1)[a:b]  # stepped in place: the all-gather then hands it to all
             slot.grad = None if p.grad is None else p.grad.reshape(-1)[a:b]
         self.inner.step()
         own = [slot.data for slot in self.slots[: len(self.pieces)]]
@@ -131,7 +132,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def load_logical(self, names: list[str], tensors: dict[str, Tensor]) -> None:
         """Take this rank's pieces of the whole optimizer state in `tensors` (every rank reads it all)."""
-        keys = sorted({k.split("/")[1] for k in tensors if k.startswith("optim/")})
+        keys = optimizer_keys(tensors)
         for slot, (i, a, b) in zip(self.slots, self.pieces, strict=False):
             p, state = self.params[i], {}
             for key in keys:

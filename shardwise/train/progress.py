@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -63,6 +65,17 @@ class ConsoleReporter:
         if "val_accuracy" in record:
             fields["acc"] = f"{100 * record['val_accuracy']:.1f}%"
         self.progress.update(self.task, **fields)
+
+
+def open_reporter(
+    out_dir: Path | None, console: Console | None, *, start_step: int, total_steps: int, show_progress: bool
+) -> ConsoleReporter | NullReporter:
+    """Where rank 0 of a run that writes puts its progress (metrics.jsonl, the bar); the
+    others drop it. A resumed run keeps the lines of the steps before `start_step`."""
+    if out_dir is None or console is None:
+        return NullReporter()
+    metrics = MetricsLog(out_dir / "metrics.jsonl", from_step=start_step)
+    return ConsoleReporter(metrics, total_steps=total_steps, console=console, show_progress=show_progress)
 
 
 def render_summary(summary: dict, out_dir: str) -> Table:
