@@ -14,12 +14,10 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,8 @@ from shardwise.data.features import vertical_parts
 from shardwise.data.sampler import check_batch_layout
 from shardwise.data.sources import check_source
 from shardwise.errors import EXIT_USAGE, ShardwiseError
+from shardwise.files import write_atomic
+from shardwise.procs import free_port
 from shardwise.topology import ParallelDims
 
 STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this long
@@ -43,12 +43,6 @@ class RankFailure:
     exit_code: int
     message: str
     traceback: str
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def preflight(cfg: Config, nproc: int) -> ParallelDims:
@@ -233,8 +227,7 @@ def launch(
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     cfg.run.out = str(out.resolve())
-    with atomic_text(out / "config.toml") as f:
-        f.write(to_toml(cfg))
+    write_atomic(out / "config.toml", to_toml(cfg))
 
     err_dir = Path(tempfile.mkdtemp(prefix="shardwise-errors-"))
     try:
@@ -281,14 +274,6 @@ def launch(
     what = "" if failure.exit_code == STALLED else f"failed (exit {failure.exit_code}): "
     print(f"shardwise: rank {failure.rank} {what}{failure.message}{note}{after}", file=sys.stderr)
     return 1
-
-
-@contextmanager
-def atomic_text(path: Path):
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        yield f
-    os.replace(tmp, path)
 
 
 def _run_once(

@@ -27,7 +27,6 @@ from shardwise.checkpoint.state import load_optimizer, logical_model, logical_op
 from shardwise.checkpoint.store import restore_rng, rng_tensors
 from shardwise.cluster.placement import PLACEMENT_ENV
 from shardwise.comm.collectives import all_gather_json
-from shardwise.comm.halo import bands
 from shardwise.config import Config, load_config
 from shardwise.data import RankData, build_rank_data, load_source
 from shardwise.data.features import vertical_parts
@@ -48,6 +47,7 @@ from shardwise.parallel.spatial import apply_spatial
 from shardwise.parallel.splits import Split, full_state_dict, local_bytes
 from shardwise.parallel.tensor import apply_tensor_parallel
 from shardwise.parallel.vertical import apply_vertical
+from shardwise.ranges import even_bounds
 from shardwise.topology import ParallelDims, RankMesh
 from shardwise.train.faults import FaultPlan
 from shardwise.train.loop import LoopSettings, ModelRunner, Position, Runner, train_loop
@@ -325,7 +325,7 @@ def _rank_data(cfg: Config, mesh: RankMesh, *, device: torch.device, dtype: torc
         dtype=dtype,
     )
     if dims.spatial > 1:  # rows are cut after the split into shards, which may read whole samples (kmeans)
-        data.dataset = take_rows(dataset, *bands(dataset.in_shape[1], dims.spatial)[mesh.coords["spatial"]])
+        data.dataset = take_rows(dataset, *even_bounds(dataset.in_shape[1], dims.spatial)[mesh.coords["spatial"]])
     return data, dataset.in_shape, dataset.num_classes
 
 

@@ -21,7 +21,7 @@ from shardwise.cli import main
 from shardwise.cluster import netns
 from shardwise.cluster.placement import Placement
 from shardwise.cluster.probe import measure
-from shardwise.launch import free_port
+from shardwise.procs import free_port
 
 NAME = "swt"
 RATE = "1gbit"

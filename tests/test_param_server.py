@@ -14,7 +14,7 @@ import torch
 from parity import BASE, LR, TOL, assert_all_ranks_match, check_layout, train_summary, train_weights
 
 from shardwise.config import load_config
-from shardwise.parallel.param_server import slice_bounds
+from shardwise.ranges import even_bounds
 from shardwise.worker import run
 
 PS = {"parallel.mode": "ps"}
@@ -22,7 +22,7 @@ PS = {"parallel.mode": "ps"}
 
 def test_slices_tile_the_vector_evenly():
     for total, servers in [(10, 3), (7, 7), (100, 1), (5, 2)]:
-        bounds = slice_bounds(total, servers)
+        bounds = even_bounds(total, servers)
         assert bounds[0][0] == 0 and bounds[-1][1] == total
         assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
         sizes = [hi - lo for lo, hi in bounds]

@@ -12,9 +12,10 @@ from parity import assert_all_ranks_match, check_layout, one_process, train_weig
 from torch import nn
 
 from shardwise.comm.collectives import all_gather_uneven
-from shardwise.comm.halo import HaloPlan, bands
+from shardwise.comm.halo import HaloPlan
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.spatial import apply_spatial
+from shardwise.ranges import even_bounds
 
 TOL = 1e-5  # relative to the largest element of the tensor compared
 
@@ -54,13 +55,13 @@ def _banded_vs_whole(case: dict, *, group) -> dict[str, float]:
 
     s, r = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
     apply_spatial(banded, group=group, in_shape=tuple(x.shape[1:]), check_convolution=False)
-    a, b = bands(case["h"], s)[r]
+    a, b = even_bounds(case["h"], s)[r]
     x_band = x[:, :, a:b].clone().requires_grad_(True)
     y_band = banded(x_band)
-    oa, ob = bands(y.shape[2], s)[r]
+    oa, ob = even_bounds(y.shape[2], s)[r]
     y_band.backward(grad_y[:, :, oa:ob])
     gathered = torch.cat(
-        all_gather_uneven(y_band.detach(), [q - p for p, q in bands(y.shape[2], s)], dim=2, group=group), dim=2
+        all_gather_uneven(y_band.detach(), [q - p for p, q in even_bounds(y.shape[2], s)], dim=2, group=group), dim=2
     )
     out = {
         "output": _error(gathered, y),

@@ -24,7 +24,7 @@ def _size(n: int) -> str:
 
 
 def run(b: Bench) -> None:
-    from shardwise.launch import free_port
+    from shardwise.procs import free_port
 
     b.console.print(f"[bold]allreduce[/]: gloo all-reduce (sum, float32), {NPROC} ranks ({b.where})")
     raw = measure(b.placement, pattern="allreduce", sizes=SIZES, repeats=b.repeats, world=NPROC, port=free_port())

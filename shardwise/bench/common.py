@@ -61,7 +61,7 @@ class Bench:
     def reference(self, module: str, nproc: int, args: list[str], name: str) -> dict:
         """Run a reference script as `nproc` ranks placed like shardwise's (torchrun's
         environment); the JSON it writes."""
-        from shardwise.launch import free_port
+        from shardwise.procs import free_port
 
         out = self.work / f"{name.replace(' ', '_')}.json"
         run_ranks([sys.executable, "-m", module, *args, "--out", str(out)], nproc, self.placement, free_port())

@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from shardwise.comm.halo import bands
 from shardwise.config import ModelConfig
 from shardwise.models import build_model
 from shardwise.parallel.spatial import apply_spatial
-from shardwise.worker import exit_now
+from shardwise.procs import exit_now
+from shardwise.ranges import even_bounds
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     apply_spatial(model, group=dist.group.WORLD if world > 1 else None, in_shape=in_shape)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     generator = torch.Generator().manual_seed(0)
-    a, b = bands(args.size, world)[rank]
+    a, b = even_bounds(args.size, world)[rank]
 
     times, saved = [], 0
     storages: dict[int, int] = {}

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from shardwise.config import DataConfig, ModelConfig
 from shardwise.data.sources import load_source
 from shardwise.models import build_model
-from shardwise.worker import exit_now
+from shardwise.procs import exit_now
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from shardwise.config import ModelConfig
 from shardwise.models import build_model
 from shardwise.parallel.pipeline import model_layers
-from shardwise.worker import exit_now
+from shardwise.procs import exit_now
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from shardwise.config import ModelConfig
 from shardwise.models import build_model
-from shardwise.worker import exit_now
+from shardwise.procs import exit_now
 
 
 def main() -> None:

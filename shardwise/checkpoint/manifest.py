@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 from shardwise.errors import ShardwiseError
+from shardwise.files import write_atomic
 
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -39,15 +40,6 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (so a rename inside it is durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(folder: Path, *, step: int, sign_key: str = "") -> None:
     """List every file of `folder` (already fsynced) in manifest.json; sign it if a key is given."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in (MANIFEST, SIGNATURE))
@@ -57,16 +49,9 @@ def write_manifest(folder: Path, *, step: int, sign_key: str = "") -> None:
         "files": [{"name": p.name, "size": p.stat().st_size, "sha256": sha256(p)} for p in files],
     }
     data = (json.dumps(manifest, indent=2) + "\n").encode()
-    _write_synced(folder / MANIFEST, data)
+    write_atomic(folder / MANIFEST, data)
     if sign_key:
-        _write_synced(folder / SIGNATURE, load_private_key(sign_key).sign(data))
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        write_atomic(folder / SIGNATURE, load_private_key(sign_key).sign(data))
 
 
 def is_signed(folder: Path) -> bool:

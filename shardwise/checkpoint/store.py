@@ -33,9 +33,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from shardwise.checkpoint.manifest import fsync_path, step_dir, verified_files, write_manifest
+from shardwise.checkpoint.manifest import step_dir, verified_files, write_manifest
 from shardwise.comm.collectives import all_gather_json
 from shardwise.errors import ShardwiseError
+from shardwise.files import fsync_path
 
 STATE, CONFIG = "state.json", "config.toml"
 

@@ -76,7 +76,7 @@ def _status(console: Console, c: netns.Cluster) -> int:
 
 
 def _probe(console: Console, args: argparse.Namespace) -> int:
-    from shardwise.launch import free_port
+    from shardwise.procs import free_port
 
     try:
         sizes = [int(s) for s in args.sizes.split(",")]

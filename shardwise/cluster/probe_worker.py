@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from shardwise.comm.collectives import all_gather_json
-from shardwise.worker import exit_now
+from shardwise.procs import exit_now
 
 WARMUP = 2
 

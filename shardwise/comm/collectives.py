@@ -103,3 +103,25 @@ def all_gather_json(obj, group: dist.ProcessGroup | None) -> list:
     pieces = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(pieces, padded, group=group)
     return [json.loads(bytes(p[: int(s.item())].tolist())) for p, s in zip(pieces, sizes, strict=True)]
+
+
+MAX_DIMS = 8
+
+
+def send_tensor(t: Tensor, dst: int, group: dist.ProcessGroup) -> None:
+    """Send a tensor whose shape the receiver does not know: its shape first (fixed
+    size, no pickling), then its data. `dst` is a global rank."""
+    shape = torch.zeros(MAX_DIMS + 1, dtype=torch.int64)
+    shape[0] = t.dim()
+    shape[1 : 1 + t.dim()] = torch.tensor(t.shape)
+    dist.send(shape, dst, group=group)
+    dist.send(t.contiguous(), dst, group=group)
+
+
+def recv_tensor(src: int, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Receive what :func:`send_tensor` sent from global rank `src`."""
+    shape = torch.empty(MAX_DIMS + 1, dtype=torch.int64)
+    dist.recv(shape, src, group=group)
+    t = torch.empty(shape[1 : 1 + int(shape[0])].tolist(), device=device, dtype=dtype)
+    dist.recv(t, src, group=group)
+    return t

@@ -1,7 +1,7 @@
 """Halo exchange: the rows a sliding window needs from the neighbouring bands.
 
 A feature map of height H is cut into bands of rows, one per rank of the
-spatial group (`numpy.array_split`, so heights may differ by one). A window of
+spatial group (`ranges.even_bounds`, so heights may differ by one). A window of
 `kernel` rows, moving by `stride` with `padding` rows of padding, computes
 output row o from input rows o*stride - padding .. o*stride - padding +
 kernel - 1. Each rank therefore needs a run of input rows that reaches a few
@@ -15,19 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from shardwise.errors import ShardwiseError
-
-
-def bands(height: int, parts: int) -> list[tuple[int, int]]:
-    """[start, end) of each rank's rows."""
-    bounds = np.cumsum([0, *(len(a) for a in np.array_split(np.arange(height), parts))])
-    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+from shardwise.ranges import even_bounds
 
 
 @dataclass(frozen=True)
@@ -44,7 +38,7 @@ class HaloPlan:
 
     def need(self, rank: int) -> tuple[int, int]:
         """Input rows [a, b) behind `rank`'s output rows (may reach into the padding)."""
-        o0, o1 = bands(self.out_height, self.parts)[rank]
+        o0, o1 = even_bounds(self.out_height, self.parts)[rank]
         if o0 == o1:
             return (0, 0)
         return o0 * self.stride - self.padding, (o1 - 1) * self.stride - self.padding + self.kernel
@@ -56,12 +50,12 @@ class HaloPlan:
     def rows_between(self, receiver: int, owner: int) -> tuple[int, int]:
         """Rows of `owner`'s band that `receiver` needs, [start, end) in global rows."""
         a, b = self.clamped(receiver)
-        i0, i1 = bands(self.height, self.parts)[owner]
+        i0, i1 = even_bounds(self.height, self.parts)[owner]
         return max(a, i0), min(b, i1)
 
     def check(self, layer: str) -> None:
         """Refuse a layout where a rank would need rows beyond its neighbours' bands."""
-        own = bands(self.height, self.parts)
+        own = even_bounds(self.height, self.parts)
         if self.out_height < self.parts:
             raise ShardwiseError(
                 "parallel.spatial",
@@ -98,7 +92,7 @@ def _exchange(pieces: dict[int, Tensor], wanted: dict[int, tuple], group: dist.P
 
 def gather_halo(x: Tensor, plan: HaloPlan, group: dist.ProcessGroup) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The rows this rank's window needs, without padding: (rows, received top, received bottom)."""
-    own0, _ = bands(plan.height, plan.parts)[plan.rank]
+    own0, _ = even_bounds(plan.height, plan.parts)[plan.rank]
     send, recv = {}, {}
     for peer in (plan.rank - 1, plan.rank + 1):
         if 0 <= peer < plan.parts:
@@ -118,7 +112,7 @@ def gather_halo(x: Tensor, plan: HaloPlan, group: dist.ProcessGroup) -> tuple[Te
 
 def assemble(x: Tensor, plan: HaloPlan, top: Tensor | None, bottom: Tensor | None) -> Tensor:
     """Own rows that the window needs, between the halo rows received from above and below."""
-    own0, _ = bands(plan.height, plan.parts)[plan.rank]
+    own0, _ = even_bounds(plan.height, plan.parts)[plan.rank]
     m0, m1 = plan.rows_between(plan.rank, plan.rank)
     parts = [t for t in (top,) if t is not None]
     if m0 < m1:
@@ -130,7 +124,7 @@ def assemble(x: Tensor, plan: HaloPlan, top: Tensor | None, bottom: Tensor | Non
 def scatter_halo_grad(grad: Tensor, plan: HaloPlan, group: dist.ProcessGroup, shape: torch.Size) -> Tensor:
     """The gradient of this rank's own rows, from the gradient of the rows its window
     used: the halo part goes back to its owners, and theirs for the rows sent comes back."""
-    own0, _ = bands(plan.height, plan.parts)[plan.rank]
+    own0, _ = even_bounds(plan.height, plan.parts)[plan.rank]
     a, _ = plan.clamped(plan.rank)
     grad_x = grad.new_zeros(shape)
     send, recv = {}, {}

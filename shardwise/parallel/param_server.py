@@ -60,8 +60,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from shardwise.comm.collectives import all_gather_uneven
+from shardwise.comm.flat import copy_flat, flatten, named_views
 from shardwise.errors import TrainingDiverged
 from shardwise.parallel.splits import optimizer_keys
+from shardwise.ranges import even_bounds
 
 HEADER = 5
 INITIAL = -1.0  # the version a worker echoes before its first reply: the weights it started with
@@ -75,40 +77,17 @@ def _short(e: Exception) -> str:
     return text.split(". ")[0][:160]
 
 
-def slice_bounds(total: int, servers: int) -> list[tuple[int, int]]:
-    """Contiguous slices of a flat vector of `total` elements, lengths differing by at most one."""
-    base, extra = divmod(total, servers)
-    bounds, lo = [], 0
-    for s in range(servers):
-        hi = lo + base + (s < extra)
-        bounds.append((lo, hi))
-        lo = hi
-    return bounds
-
-
-def unflatten(flat: Tensor, named: list[tuple[str, Tensor]], *, prefix: str) -> dict[str, Tensor]:
-    """`prefix + NAME` for each parameter, cut from the flat vector in model order."""
-    out, offset = {}, 0
-    for name, p in named:
-        out[prefix + name] = flat[offset : offset + p.numel()].view(p.shape).clone()
-        offset += p.numel()
-    return out
-
-
 def flat_parameters(model: nn.Module) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return flatten(list(model.parameters()))
 
 
 def flat_gradients(model: nn.Module) -> Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in model.parameters()])
+    params = list(model.parameters())
+    return flatten([p.grad for p in params], like=params)
 
 
-@torch.no_grad()
 def load_flat(model: nn.Module, flat: Tensor) -> None:
-    offset = 0
-    for p in model.parameters():
-        p.copy_(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
+    copy_flat(flat, list(model.parameters()))
 
 
 class WorkerClient:
@@ -117,7 +96,7 @@ class WorkerClient:
     def __init__(self, model: nn.Module, *, servers: int, group: dist.ProcessGroup):
         self.model, self.servers, self.group = model, servers, group
         self.dtype = model_dtype(model)
-        self.bounds = slice_bounds(sum(p.numel() for p in model.parameters()), servers)
+        self.bounds = even_bounds(sum(p.numel() for p in model.parameters()), servers)
         self.versions = [INITIAL] * servers  # of the weights each server last sent
 
     def push_pull(self, step: int, loss: Tensor) -> bool:
@@ -209,7 +188,7 @@ class ParameterServer:
         self.index, self.servers, self.workers, self.group = index, servers, workers, group
         self.servers_group = servers_group
         total = sum(p.numel() for p in model.parameters())
-        self.bounds = slice_bounds(total, servers)
+        self.bounds = even_bounds(total, servers)
         lo, hi = self.bounds[index]
         self.dtype = model_dtype(model)
         self.param = nn.Parameter(flat_parameters(model)[lo:hi].clone())
@@ -402,12 +381,12 @@ class ParameterServer:
     def logical_state(self, model: nn.Module) -> dict[str, Tensor]:
         """`model/NAME` and `optim/KEY/NAME`, whole, on every server (a collective of the servers)."""
         named = list(model.named_parameters())
-        out = unflatten(self.gather(), named, prefix="model/")
+        out = named_views(self.gather(), named, prefix="model/")
         for key, value in sorted(self.optimizer.state.get(self.param, {}).items()):
             if value.dim() == 0:
                 out |= {f"optim/{key}/{name}": value.clone() for name, _ in named}
             else:
-                out |= unflatten(self.gather(value), named, prefix=f"optim/{key}/")
+                out |= named_views(self.gather(value), named, prefix=f"optim/{key}/")
         return out
 
     def load_state(self, model: nn.Module, tensors: dict[str, Tensor], *, step: int, schedule_step: int) -> None:
@@ -424,12 +403,7 @@ class ParameterServer:
             if any(t is not None and t.dim() == 0 for t in pieces):
                 state[key] = next(t for t in pieces if t is not None).clone()
                 continue
-            flat = torch.cat(
-                [
-                    (t if t is not None else torch.zeros_like(p)).reshape(-1)
-                    for t, (_, p) in zip(pieces, named, strict=True)
-                ]
-            )
+            flat = flatten(pieces, like=[p for _, p in named])
             state[key] = flat[lo:hi].to(self.dtype).clone()
         if state:
             self.optimizer.state[self.param] = state

@@ -1,7 +1,7 @@
 """Spatial partitioning: every feature map of the conv stack cut into bands of rows.
 
 Each rank of the spatial group holds a band of rows of the input image and of
-every feature map after it (`comm.halo.bands`: heights may differ by one).
+every feature map after it (`ranges.even_bounds`: heights may differ by one).
 Before each convolution or pooling window the neighbours exchange exactly the
 halo rows the window needs (`comm.halo`), so each rank computes its band of
 the output as the whole layer would. Weights are the same on every rank; each
@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shardwise.comm.collectives import copy_to_group, gather_from_group, reduce_from_group
-from shardwise.comm.halo import HaloPlan, assemble, bands, edge_padding, gather_halo, scatter_halo_grad, with_halo
+from shardwise.comm.halo import HaloPlan, assemble, edge_padding, gather_halo, scatter_halo_grad, with_halo
 from shardwise.errors import ShardwiseError
+from shardwise.ranges import even_sizes
 
 
 def _pair(v) -> tuple[int, int]:
@@ -215,7 +216,7 @@ class GatherRows(nn.Module):
 
     def __init__(self, height: int, group: dist.ProcessGroup, then: nn.Module):
         super().__init__()
-        self.sizes = [b - a for a, b in bands(height, dist.get_world_size(group))]
+        self.sizes = even_sizes(height, dist.get_world_size(group))
         self.group, self.then = group, then
 
     def forward(self, x: Tensor) -> Tensor:

@@ -16,7 +16,6 @@ the split model starts from exactly the one-process weights.
 
 from __future__ import annotations
 
-import numpy as np
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,10 +23,7 @@ from torch import Tensor, nn
 from shardwise.comm.collectives import copy_to_group, gather_from_group, reduce_from_group
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.splits import Split
-
-
-def split_sizes(width: int, parts: int) -> list[int]:
-    return [len(a) for a in np.array_split(np.arange(width), parts)]
+from shardwise.ranges import even_sizes
 
 
 class ColumnParallelLinear(nn.Module):
@@ -36,7 +32,7 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, full: nn.Linear, group: dist.ProcessGroup, *, gather_output: bool):
         super().__init__()
         self.group, self.gather_output = group, gather_output
-        self.sizes = split_sizes(full.out_features, dist.get_world_size(group))
+        self.sizes = even_sizes(full.out_features, dist.get_world_size(group))
         self.split = Split.contiguous(group, 0, self.sizes)
         self.weight = nn.Parameter(self.split.local(full.weight.detach()))
         self.bias = nn.Parameter(self.split.local(full.bias.detach())) if full.bias is not None else None
@@ -52,7 +48,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, full: nn.Linear, group: dist.ProcessGroup):
         super().__init__()
         self.group = group
-        self.split = Split.contiguous(group, 1, split_sizes(full.in_features, dist.get_world_size(group)))
+        self.split = Split.contiguous(group, 1, even_sizes(full.in_features, dist.get_world_size(group)))
         self.weight = nn.Parameter(self.split.local(full.weight.detach()))
         self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
 

@@ -7,39 +7,21 @@ model.safetensors and summary.json.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from shardwise.config import Config
+from shardwise.files import atomic_path, write_atomic
 from shardwise.jsonsafe import dumps
 from shardwise.topology import ParallelDims
 from shardwise.train.loop import LoopResult
 
 
-@contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path beside `path`; on success fsync it and rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_json(path: Path, obj: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(dumps(obj, indent=2) + "\n")
+    write_atomic(path, dumps(obj, indent=2) + "\n")
 
 
 def save_model(path: Path, state_dict: dict[str, torch.Tensor]) -> None:

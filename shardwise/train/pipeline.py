@@ -25,6 +25,8 @@ from rich.table import Table
 from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from shardwise.comm.collectives import recv_tensor, send_tensor
+from shardwise.comm.flat import average_gradients
 from shardwise.data.loader import RankData
 from shardwise.parallel.data import unwrap
 from shardwise.train.evaluate import score, summarize
@@ -78,26 +80,13 @@ class PipelineRunner:
         args = (x,) if self.first else ()
         self.schedule.step(*args, target=y if self.last else None, losses=losses if self.last else None)
         self.steps += 1
-        self._average_gradients()
+        # data parallelism for a stage: one all-reduce of all its gradients once the pipeline
+        # drained (DDP around a stage trips over its own bucket rebuild when the first step
+        # runs every forward before any backward, as GPipe does)
+        average_gradients(list(self.module.parameters()), self.dp_group)
         if self.last:
             return torch.stack([loss.detach() for loss in losses]).mean()
         return torch.zeros((), device=self.device)
-
-    @torch.no_grad()
-    def _average_gradients(self) -> None:
-        """Data parallelism for a stage: one all-reduce of all its gradients after the
-        pipeline has drained. (DDP around a stage trips over its own bucket rebuild when
-        the first step runs every forward before any backward, as GPipe does.)"""
-        if self.dp_group is None:
-            return
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.dp_group)
-        flat /= dist.get_world_size(self.dp_group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
 
     def mean_loss(self, value: Tensor) -> float:
         """The last stage's loss, shared with its pipeline, then averaged over data parallelism."""
@@ -113,36 +102,18 @@ class PipelineRunner:
         prev = dist.get_global_rank(self.group, self.stage_index - 1) if not self.first else None
         nxt = dist.get_global_rank(self.group, self.stage_index + 1) if not self.last else None
         for x, y in data.val_batches():
-            h = x if self.first else _recv(prev, self.group, self.device, self.dtype)
+            h = x if self.first else recv_tensor(prev, self.group, self.device, self.dtype)
             h = module(h)
             if self.last:
                 totals += score(h, y)
             else:
-                _send(h, nxt, self.group)
+                send_tensor(h, nxt, self.group)
         module.train()
         if self.dp_group is not None:
             dist.all_reduce(totals, group=self.dp_group)
         dist.broadcast(totals, src=dist.get_global_rank(self.group, self.num_stages - 1), group=self.group)
         return summarize(totals, None)
 
-
-MAX_DIMS = 8
-
-
-def _send(t: Tensor, dst: int, group: dist.ProcessGroup) -> None:
-    shape = torch.zeros(MAX_DIMS + 1, dtype=torch.int64)
-    shape[0] = t.dim()
-    shape[1 : 1 + t.dim()] = torch.tensor(t.shape)
-    dist.send(shape, dst, group=group)
-    dist.send(t.contiguous(), dst, group=group)
-
-
-def _recv(src: int, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype) -> Tensor:
-    shape = torch.empty(MAX_DIMS + 1, dtype=torch.int64)
-    dist.recv(shape, src, group=group)
-    t = torch.empty(shape[1 : 1 + int(shape[0])].tolist(), device=device, dtype=dtype)
-    dist.recv(t, src, group=group)
-    return t
 
 
 def render_cut(rows: list[dict], dims) -> Table:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from shardwise.train.outputs import atomic_path
+from shardwise.files import atomic_path
 
 FIELDS = 5  # step, kind, micro-batch, start, end
 

@@ -1,0 +1,49 @@
+"""Many tensors as one flat vector: the parameter server's slices, ZeRO-1's gather,
+a pipeline stage's gradient averaging all send one buffer instead of one per
+tensor (fewer, larger messages; the bucketing idea of Li et al., "PyTorch
+Distributed", VLDB 2020). Order is always the order given: callers pass a
+model's parameters in model order, the same on every rank."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def flatten(tensors: list[Tensor | None], like: list[Tensor] | None = None) -> Tensor:
+    """One flat copy of `tensors`; a None (a parameter without a gradient) counts as zeros
+    shaped like the matching entry of `like`."""
+    parts = [(t if t is not None else torch.zeros_like(like[i])).detach().reshape(-1) for i, t in enumerate(tensors)]
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def copy_flat(flat: Tensor, tensors: list[Tensor]) -> None:
+    """Copy consecutive runs of `flat` into `tensors`, in place."""
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def named_views(flat: Tensor, named: list[tuple[str, Tensor]], *, prefix: str = "") -> dict[str, Tensor]:
+    """`prefix + NAME` for each tensor of `named`, cut (cloned) from `flat` in order."""
+    out, offset = {}, 0
+    for name, t in named:
+        out[prefix + name] = flat[offset : offset + t.numel()].view(t.shape).clone()
+        offset += t.numel()
+    return out
+
+
+@torch.no_grad()
+def average_gradients(params: list[Tensor], group: dist.ProcessGroup | None) -> None:
+    """Average the gradients of `params` over `group` with one all-reduce of one flat
+    buffer (parameters without a gradient take no part; every member has the same ones)."""
+    if group is None:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = flatten(grads)
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    copy_flat(flat, grads)
