@@ -13,7 +13,8 @@ import typing
 from pathlib import Path
 
 from shardwise.cluster.commands import add_parser as add_cluster_parser
-from shardwise.config import SECTIONS, Config, all_keys, describe_type, field_docs, load_config, trust_settings
+from shardwise.config import SECTIONS, Config, all_keys, field_docs, load_config, trust_settings
+from shardwise.config_check import describe_type
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 
 

@@ -16,13 +16,13 @@ import inspect
 import json
 import textwrap
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+from shardwise.config_check import coerce, validate
 from shardwise.errors import ShardwiseError
 
 
@@ -60,24 +60,12 @@ class DataConfig:
     """Shape of one sample, channels first (synthetic)."""
     classes: int = 10
     """Number of classes (synthetic)."""
-    vertical: int = 1
-    """Vertical partitioning: split the input features across this many ranks; each holds
-    only its own columns and computes the first layer's partial product on them."""
-    vertical_unit: Literal["feature", "channel", "row"] = "feature"
-    """What moves between vertical ranks as a whole: a feature (one input element), a channel
-    (all its pixels; the only unit a convolutional first layer accepts) or an image row."""
-    vertical_split: Literal["contiguous", "balanced"] = "contiguous"
-    """How units are assigned to vertical ranks: contiguous runs of equal count, or balanced
-    by data.feature_cost (greedy, largest first)."""
-    feature_cost: list[float] = field(default_factory=list)
-    """Cost of each input feature (flattened, one per element) for vertical_split=balanced;
-    empty: every feature costs 1."""
 
 
 @dataclass
 class ParallelConfig:
     dp: int | None = None
-    """Data-parallel degree (default: the number of processes / (tp x data.vertical))."""
+    """Data-parallel degree (default: the number of processes / (pp x spatial x vertical x tp))."""
     tp: int = 1
     """Tensor-parallel degree: the fully-connected layers are split across this many ranks
     (column-parallel then row-parallel in pairs, Megatron-style)."""
@@ -99,6 +87,21 @@ class ParallelConfig:
     """How data-parallel ranks agree on the weights: allreduce (peers average their gradients)
     or ps (a parameter server: workers push gradients to server ranks, which own the weights
     and the optimizer, and pull fresh weights back; see the ps section)."""
+    servers: int = 1
+    """Parameter server (parallel.mode=ps): the first this many ranks are servers, each owning
+    an equal slice of the flattened parameters and its optimizer state; the rest are workers."""
+    vertical: int = 1
+    """Vertical partitioning: split the input features across this many ranks; each holds
+    only its own columns and computes the first layer's partial product on them."""
+    vertical_unit: Literal["feature", "channel", "row"] = "feature"
+    """What moves between vertical ranks as a whole: a feature (one input element), a channel
+    (all its pixels; the only unit a convolutional first layer accepts) or an image row."""
+    vertical_split: Literal["contiguous", "balanced"] = "contiguous"
+    """How units are assigned to vertical ranks: contiguous runs of equal count, or balanced
+    by parallel.feature_cost (greedy, largest first)."""
+    feature_cost: list[float] = field(default_factory=list)
+    """Cost of each input feature (flattened, one per element) for vertical_split=balanced;
+    empty: every feature costs 1."""
 
 
 @dataclass
@@ -152,9 +155,6 @@ class TrainConfig:
 
 @dataclass
 class PsConfig:
-    servers: int = 1
-    """Parameter server (parallel.mode=ps): the first this many ranks are servers, each owning
-    an equal slice of the flattened parameters and its optimizer state; the rest are workers."""
     asynchronous: bool = False
     """Servers apply each worker's gradient as it arrives instead of waiting for all workers
     of a step; a worker's pull waits only as far as ps.staleness demands."""
@@ -228,77 +228,30 @@ def all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
-def describe_type(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(str(a) for a in typing.get_args(tp))
-    if origin in (types.UnionType, typing.Union):
-        return " | ".join(describe_type(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list of {describe_type(typing.get_args(tp)[0])}"
-    return "none" if tp is type(None) else tp.__name__
-
-
-def _coerce(key: str, tp: Any, value: Any, from_text: bool) -> Any:
-    """Check (TOML) or convert (command line text) one value against its field type."""
-    origin = typing.get_origin(tp)
-    bad = ShardwiseError(key, f"expected {describe_type(tp)}, got {value!r}")
-    if origin in (types.UnionType, typing.Union):
-        args = typing.get_args(tp)
-        if type(None) in args and (value is None or (from_text and str(value).lower() in ("", "none"))):
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, arg, value, from_text)
-            except ShardwiseError:
-                pass
-        raise bad
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ShardwiseError(key, f"expected one of {', '.join(map(str, choices))}, got {value!r}")
-        return value
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if from_text:
-            value = [v for v in str(value).replace(" ", "").split(",") if v]
-        if not isinstance(value, list):
-            raise bad
-        return [_coerce(key, inner, v, from_text) for v in value]
-    if tp is bool:
-        if from_text and str(value).lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return str(value).lower() in ("true", "1", "yes", "on")
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp in (int, float):
-        if from_text:
-            try:
-                return tp(str(value))
-            except ValueError:
-                raise bad from None
-        accepted = (int, float) if tp is float else int  # TOML's 1 is a fine float, 1.0 no int
-        if isinstance(value, accepted) and not isinstance(value, bool):
-            return tp(value)
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if from_text:
-            return str(value)
-        raise bad
-    raise AssertionError(f"unsupported field type {tp} for {key}")
-
-
 def _unknown_key(key: str) -> ShardwiseError:
     near = difflib.get_close_matches(key, all_keys(), n=1)
     hint = f" (did you mean {near[0]}?)" if near else ""
     return ShardwiseError(key, f"unknown config key{hint}")
 
 
-def _set(cfg: Config, key: str, value: Any, from_text: bool) -> None:
+# keys that moved: every layout key lives under [parallel]
+MOVED = {
+    "data.vertical": "parallel.vertical",
+    "data.vertical_unit": "parallel.vertical_unit",
+    "data.vertical_split": "parallel.vertical_split",
+    "data.feature_cost": "parallel.feature_cost",
+    "ps.servers": "parallel.servers",
+}
+
+
+def _set(cfg: Config, key: str, value: Any, from_text: bool, *, follow_moved: bool = False) -> None:
+    """`follow_moved`: take a moved key under its new name (a checkpoint written before the
+    move); otherwise a moved key is an error that names where it went."""
+    if key in MOVED:
+        if not follow_moved:
+            new = MOVED[key]
+            raise ShardwiseError(key, f"moved to {new} (every layout key is under [parallel])")
+        key = MOVED[key]
     section_name, _, name = key.partition(".")
     if section_name not in SECTIONS or not name:
         raise _unknown_key(key)
@@ -306,7 +259,7 @@ def _set(cfg: Config, key: str, value: Any, from_text: bool) -> None:
     hints = typing.get_type_hints(section_cls)
     if name not in hints:
         raise _unknown_key(key)
-    setattr(getattr(cfg, section_name), name, _coerce(key, hints[name], value, from_text))
+    setattr(getattr(cfg, section_name), name, coerce(key, hints[name], value, from_text))
 
 
 # what a resumed run never takes from the checkpoint it resumes: which keys to trust
@@ -315,7 +268,13 @@ NOT_RESUMED = ("checkpoint", "run")
 
 
 def _apply_toml(
-    cfg: Config, text: str, where: str, *, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None
+    cfg: Config,
+    text: str,
+    where: str,
+    *,
+    skip: tuple[str, ...] = (),
+    only: tuple[str, ...] | None = None,
+    follow_moved: bool = False,
 ) -> None:
     try:
         data = tomllib.loads(text)
@@ -327,7 +286,7 @@ def _apply_toml(
         if not isinstance(values, dict):
             raise _unknown_key(section)
         for name, value in values.items():
-            _set(cfg, f"{section}.{name}", value, from_text=False)
+            _set(cfg, f"{section}.{name}", value, from_text=False, follow_moved=follow_moved)
 
 
 def _read_file(path: str | Path) -> str:
@@ -357,81 +316,13 @@ def load_config(
     its trust and run sections), then the TOML file, then command-line overrides; validated."""
     cfg = Config()
     if resumed is not None:
-        _apply_toml(cfg, resumed, "the checkpoint's config.toml", skip=NOT_RESUMED)
+        _apply_toml(cfg, resumed, "the checkpoint's config.toml", skip=NOT_RESUMED, follow_moved=True)
     if path is not None:
         _apply_toml(cfg, _read_file(path), str(path))
     for key, value in (overrides or {}).items():
         _set(cfg, key, value, from_text=True)
     validate(cfg)
     return cfg
-
-
-def validate(cfg: Config) -> None:
-    """Value checks that need no knowledge of the world size or the data."""
-    t, d = cfg.train, cfg.data
-
-    def positive(key: str, value: float) -> None:
-        if value <= 0:
-            raise ShardwiseError(key, f"must be positive, got {value}")
-
-    for key in ("steps", "batch_size", "grad_accum", "lr", "log_every", "step_every", "adam_eps"):
-        positive(f"train.{key}", getattr(t, key))
-    for key in ("warmup_steps", "eval_every", "weight_decay", "clip_norm", "momentum"):
-        if getattr(t, key) < 0:
-            raise ShardwiseError(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
-    if not 0.0 < d.val_fraction < 1.0:
-        raise ShardwiseError("data.val_fraction", f"must be between 0 and 1, got {d.val_fraction}")
-    if cfg.parallel.dp is not None:
-        positive("parallel.dp", cfg.parallel.dp)
-    positive("parallel.tp", cfg.parallel.tp)
-    positive("parallel.pp", cfg.parallel.pp)
-    positive("parallel.spatial", cfg.parallel.spatial)
-    if cfg.parallel.microbatches is not None:
-        positive("parallel.microbatches", cfg.parallel.microbatches)
-    positive("data.vertical", d.vertical)
-    positive("train.collective_timeout_s", t.collective_timeout_s)
-    positive("train.max_bad_steps", t.max_bad_steps)
-    if t.checkpoint_every < 0:
-        raise ShardwiseError("train.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}")
-    ps = cfg.ps
-    positive("ps.servers", ps.servers)
-    if ps.staleness < 0:
-        raise ShardwiseError("ps.staleness", f"must be >= 0, got {ps.staleness}")
-    if ps.slow_factor < 1.0:
-        raise ShardwiseError("ps.slow_factor", f"must be >= 1 (a factor of slowness), got {ps.slow_factor}")
-    if ps.staleness > 0 and not ps.asynchronous:
-        raise ShardwiseError(
-            "ps.staleness", f"={ps.staleness} needs ps.asynchronous=true (synchronous workers are never ahead)"
-        )
-    if any(c < 0 for c in d.feature_cost):
-        raise ShardwiseError("data.feature_cost", f"costs must be >= 0, got {min(d.feature_cost)}")
-    if d.feature_cost and d.vertical_split != "balanced":
-        raise ShardwiseError("data.feature_cost", "is only used with data.vertical_split=balanced")
-    if d.vertical > 1 and cfg.model.name in ("convnet", "resnet") and d.vertical_unit != "channel":
-        raise ShardwiseError(
-            "data.vertical_unit",
-            f"{cfg.model.name}'s first layer is a convolution, which needs whole channels: set "
-            f"data.vertical_unit=channel, not {d.vertical_unit} (a split over pixels is spatial partitioning)",
-        )
-    if d.vertical > 1 and d.partition == "kmeans":
-        raise ShardwiseError(
-            "data.partition",
-            f"kmeans clusters on all features, but with data.vertical={d.vertical} each rank holds only its own",
-        )
-    if d.shards is not None:
-        positive("data.shards", d.shards)
-        if d.partition == "shuffle":
-            raise ShardwiseError("data.shards", f"={d.shards} needs a fixed data.partition, not shuffle")
-    if d.name in ("cifar10", "npz") and not d.path:
-        raise ShardwiseError("data.path", f"is required for data.name={d.name}")
-    positive("data.samples", d.samples)
-    positive("data.classes", d.classes)
-    if not d.shape or any(s <= 0 for s in d.shape):
-        raise ShardwiseError("data.shape", f"must be positive sizes, got {d.shape}")
-    if not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden):
-        raise ShardwiseError("model.hidden", f"must be positive widths, got {cfg.model.hidden}")
-    if not cfg.model.channels or any(c <= 0 for c in cfg.model.channels):
-        raise ShardwiseError("model.channels", f"must be positive widths, got {cfg.model.channels}")
 
 
 def _toml_value(value: Any) -> str:

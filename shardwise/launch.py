@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -21,8 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardwise import procs as contract
 from shardwise.checkpoint.manifest import latest_checkpoint
-from shardwise.cluster.placement import PLACEMENT_ENV, Placement
+from shardwise.cluster.placement import Placement
 from shardwise.config import Config, to_toml
 from shardwise.data.features import vertical_parts
 from shardwise.data.sampler import check_batch_layout
@@ -41,13 +41,21 @@ SETTLE_S = 0.25
 class RankFailure:
     rank: int
     exit_code: int
-    message: str
-    traceback: str
+    message: str = ""
+    traceback: str = ""
+    kind: str = ""  # the rank's record: usage, error, peer-lost or timed-out ("": it left none)
+    step: int | None = None  # where the rank was, if it was in the loop
+    phase: str | None = None
+
+    @property
+    def fallout(self) -> bool:
+        """The rank failed because a peer vanished or stopped answering."""
+        return self.kind in (contract.PEER_LOST, contract.TIMED_OUT)
 
 
 def preflight(cfg: Config, nproc: int) -> ParallelDims:
     """Every check that needs no worker: layout, batch split, data paths."""
-    dims = ParallelDims.resolve(cfg.parallel, nproc, vertical=cfg.data.vertical, ps_servers=cfg.ps.servers)
+    dims = ParallelDims.resolve(cfg.parallel, nproc)
     check_batch_layout(
         global_batch=cfg.train.batch_size,
         grad_accum=cfg.train.grad_accum,
@@ -56,7 +64,7 @@ def preflight(cfg: Config, nproc: int) -> ParallelDims:
         microbatches=dims.microbatches,
     )
     check_source(cfg.data)
-    vertical_parts(cfg.data)
+    vertical_parts(cfg.data, cfg.parallel)
     ps = cfg.ps
     if dims.servers and ps.slow_factor > 1.0 and not (ps.slow_worker == -1 or dims.servers <= ps.slow_worker < nproc):
         raise ShardwiseError(
@@ -77,13 +85,17 @@ def prepare_out_dir(out: Path) -> None:
         raise ShardwiseError("out", f"{str(out)!r} exists and is not an empty folder")
 
 
-def _read_error(path: Path) -> tuple[str, str]:
-    """The message and traceback a worker recorded (torchelastic's error-file format)."""
+def _failure(rank: int, exit_code: int, path: Path) -> RankFailure:
+    """What a failed rank recorded in its error file (worker.py: torchelastic's format,
+    our record beside it); a rank that died without a word recorded nothing."""
     try:
-        msg = json.loads(path.read_text())["message"]
-        return msg["message"], msg.get("extraInfo", {}).get("py_callstack", "")
+        data = json.loads(path.read_text())
+        record, callstack = data["shardwise"], data["message"]["extraInfo"]["py_callstack"]
     except (OSError, ValueError, KeyError, TypeError):
-        return "", ""
+        return RankFailure(rank, exit_code)
+    return RankFailure(
+        rank, exit_code, record["message"], callstack, record["kind"], record.get("step"), record.get("phase")
+    )
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -99,19 +111,15 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
-# what a rank reports when a peer vanished under a collective: fallout, not the cause
-PEER_LOST = re.compile(r"gloo/transport|Connection (closed|reset) by peer|DistNetworkError|Broken pipe|NCCL")
-
-
 def _origin(failures: list[RankFailure]) -> RankFailure:
     """Of ranks seen failing together, the one that caused it: a rank with its own
     error first, then a rank that died without a word (killed, crashed, exited),
     and only then a rank that merely lost its peers."""
 
     def rank_of(f: RankFailure) -> int:
-        if f.message and not PEER_LOST.search(f.message):
+        if f.kind and f.kind != contract.PEER_LOST:
             return 0
-        return 1 if not f.message else 2
+        return 1 if not f.kind else 2
 
     origin = min(failures, key=rank_of)
     if not origin.message:
@@ -119,8 +127,6 @@ def _origin(failures: list[RankFailure]) -> RankFailure:
     return origin
 
 
-TIMED_OUT = re.compile(r"[Tt]imed out|[Tt]imeout")
-POSITION = re.compile(r"\[rank (\d+) at step (\d+): ([^\]]+)\]")
 STALLED = -1000  # RankFailure.exit_code of a rank that stopped answering (it did not exit)
 
 
@@ -138,10 +144,10 @@ def _stalled(procs: list[subprocess.Popen], failures: list[RankFailure]) -> Rank
     A rank still alive while the others gave up (stopped, or stuck) is the one; if
     every rank exited, the one whose position differs from the others' (it skipped
     a collective and ran ahead)."""
-    if not failures or not all(TIMED_OUT.search(f.message) or PEER_LOST.search(f.message) for f in failures):
+    if not failures or not all(f.fallout for f in failures):
         return None
-    where = [m for f in failures if (m := POSITION.search(f.message))]
-    detail = f" in {where[0].group(3)} of step {where[0].group(2)}" if where else ""
+    where = [f for f in failures if f.step is not None]
+    detail = f" in {where[0].phase} of step {where[0].step}" if where else ""
     names = [str(f.rank) for f in failures]
     waited = f"rank {names[0]}" if len(names) == 1 else f"ranks {', '.join(names[:-1])} and {names[-1]}"
     alive = [r for r, p in enumerate(procs) if p.poll() is None]
@@ -150,7 +156,7 @@ def _stalled(procs: list[subprocess.Popen], failures: list[RankFailure]) -> Rank
         how = "its process is stopped" if stopped else "it never reached the collective"
         message = f"stopped answering ({how}): {waited} timed out waiting for it{detail}"
         return RankFailure((stopped or alive)[0], STALLED, message, "")
-    positions = {int(m.group(1)): (int(m.group(2)), m.group(3)) for m in where}
+    positions = {f.rank: (f.step, f.phase) for f in where}
     if len(set(positions.values())) > 1:
         counts: dict = {}
         for pos in positions.values():
@@ -183,7 +189,7 @@ def supervise(
             failed = [r for r, c in enumerate(codes) if c not in (None, 0) and r not in survived]
             if set(failed) <= (expendable or set()):
                 for r in failed:
-                    lost = _origin([RankFailure(r, codes[r], *_read_error(error_files[r]))])
+                    lost = _origin([_failure(r, codes[r], error_files[r])])
                     print(
                         f"shardwise: rank {r} (a worker) failed (exit {lost.exit_code}): {lost.message}; "
                         "the servers carry on without it",
@@ -191,7 +197,7 @@ def supervise(
                     )
                 survived.update(failed)
                 continue
-            failures = [RankFailure(r, codes[r], *_read_error(error_files[r])) for r in failed]
+            failures = [_failure(r, codes[r], error_files[r]) for r in failed]
             stalled = _stalled(procs, failures)
             _stop(procs)
             return stalled or _origin(failures)
@@ -298,10 +304,10 @@ def _run_once(
                 **placement.env(rank, nproc, port),
                 "TORCHELASTIC_RUN_ID": f"shardwise-{port}-{attempt}",
                 "TORCHELASTIC_ERROR_FILE": str(error_files[rank]),
-                "SHARDWISE_LAUNCHED": "1",
-                "SHARDWISE_LAUNCH_TIME": repr(launch_time),
-                "SHARDWISE_ATTEMPT": str(attempt),
-                PLACEMENT_ENV: placement.describe(nproc),
+                contract.LAUNCHED_ENV: "1",
+                contract.LAUNCH_TIME_ENV: repr(launch_time),
+                contract.ATTEMPT_ENV: str(attempt),
+                contract.PLACEMENT_ENV: placement.describe(nproc),
             }
             argv = placement.argv(rank, [sys.executable, "-m", "shardwise.worker", str(config_path)])
             procs.append(subprocess.Popen(argv, env=env))

@@ -25,3 +25,15 @@ def exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# the launcher's side of the worker's contract (launch.py sets them, worker.py reads them;
+# torchrun sets none of them)
+LAUNCHED_ENV = "SHARDWISE_LAUNCHED"  # the launcher prints the one-line error itself
+LAUNCH_TIME_ENV = "SHARDWISE_LAUNCH_TIME"  # when the job's first attempt started
+PLACEMENT_ENV = "SHARDWISE_PLACEMENT"  # the launcher's words for where the ranks run
+FAULT_ENV = "SHARDWISE_FAULT"  # faults to inject (train/faults.py)
+ATTEMPT_ENV = "SHARDWISE_ATTEMPT"  # 0, then one more on each restart
+
+# what a rank's error record says of its error (worker.py writes it, launch.py reads it)
+USAGE, OWN, PEER_LOST, TIMED_OUT = "usage", "error", "peer-lost", "timed-out"

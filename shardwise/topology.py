@@ -44,20 +44,24 @@ class ParallelDims:
     microbatches: int = 1
     spatial: int = 1
     servers: int = 0  # parameter-server ranks, before the grid of workers
+    shard: str = "none"  # what data-parallel ranks shard: none, optimizer (ZeRO-1), full (FSDP2)
+    schedule: str = "1f1b"  # the pipeline's schedule
 
     @classmethod
-    def resolve(cls, cfg: ParallelConfig, world_size: int, *, vertical: int = 1, ps_servers: int = 1) -> ParallelDims:
+    def resolve(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
+        """The layout `cfg` asks for on `world_size` ranks, or one line saying why it cannot be."""
         if world_size < 1:
             raise ShardwiseError("nproc", f"must be at least 1, got {world_size}")
         if cfg.mode == "ps":
-            return cls._resolve_ps(cfg, world_size, vertical=vertical, servers=ps_servers)
-        for key, value in (("parallel.tp", cfg.tp), ("data.vertical", vertical)):
+            return cls._resolve_ps(cfg, world_size)
+        vertical = cfg.vertical
+        for key, value in (("parallel.tp", cfg.tp), ("parallel.vertical", vertical)):
             if value < 1:
                 raise ShardwiseError(key, f"must be at least 1, got {value}")
         if cfg.pp > 1 and (cfg.tp > 1 or vertical > 1):
             raise ShardwiseError(
                 "parallel.pp",
-                f"={cfg.pp} with parallel.tp={cfg.tp} / data.vertical={vertical}: pipeline stages compose "
+                f"={cfg.pp} with parallel.tp={cfg.tp} / parallel.vertical={vertical}: pipeline stages compose "
                 "with data parallelism only (so far)",
             )
         if cfg.spatial > 1 and (cfg.pp > 1 or cfg.tp > 1 or vertical > 1 or cfg.shard == "full"):
@@ -72,12 +76,12 @@ class ParallelDims:
             if world_size % model_ranks:
                 key = next(
                     (k for k, v in (("parallel.pp", cfg.pp), ("parallel.spatial", cfg.spatial)) if v > 1),
-                    "parallel.tp" if cfg.tp > 1 else "data.vertical",
+                    "parallel.tp" if cfg.tp > 1 else "parallel.vertical",
                 )
                 raise ShardwiseError(
                     key,
                     f"parallel.pp={cfg.pp} x parallel.spatial={cfg.spatial} x parallel.tp={cfg.tp} x "
-                    f"data.vertical={vertical} = {model_ranks} "
+                    f"parallel.vertical={vertical} = {model_ranks} "
                     f"does not divide the world size {world_size} (--nproc)",
                 )
             dp = world_size // model_ranks
@@ -109,12 +113,15 @@ class ParallelDims:
             pp=cfg.pp,
             microbatches=microbatches,
             spatial=cfg.spatial,
+            shard=cfg.shard,
+            schedule=cfg.schedule,
         )
 
     @classmethod
-    def _resolve_ps(cls, cfg: ParallelConfig, world_size: int, *, vertical: int, servers: int) -> ParallelDims:
+    def _resolve_ps(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
+        vertical, servers = cfg.vertical, cfg.servers
         others = {"parallel.tp": cfg.tp, "parallel.pp": cfg.pp, "parallel.spatial": cfg.spatial}
-        for key, value in {**others, "data.vertical": vertical}.items():
+        for key, value in {**others, "parallel.vertical": vertical}.items():
             if value > 1:
                 raise ShardwiseError(key, f"={value} with parallel.mode=ps: a parameter server runs data parallel only")
         if cfg.shard != "none":
@@ -124,7 +131,7 @@ class ParallelDims:
         workers = world_size - servers
         if workers < 1:
             raise ShardwiseError(
-                "ps.servers", f"={servers} leaves no worker among {world_size} ranks (--nproc): use more ranks"
+                "parallel.servers", f"={servers} leaves no worker among {world_size} ranks (--nproc): use more ranks"
             )
         if cfg.dp is not None and cfg.dp != workers:
             raise ShardwiseError(
@@ -144,11 +151,12 @@ class ParallelDims:
         parts = [f"{axis}={getattr(self, axis)}" for axis in AXES if getattr(self, axis) > 1]
         return " x ".join(parts) or "dp=1"
 
-    def replicated_gradients(self, shard: str) -> bool:
+    @property
+    def replicated_gradients(self) -> bool:
         """Whether every rank holds the whole gradient, equal on all, once it is reduced:
         data parallelism alone, the parameters whole (`shard` none) or only the
         optimizer state sharded (ZeRO-1 steps its slice of the whole reduced gradient)."""
-        return self.world_size == self.dp and not self.servers and shard != "full"
+        return self.world_size == self.dp and not self.servers and self.shard != "full"
 
     def coords(self, index: int) -> dict[str, int]:
         """The coordinates of the `index`-th rank of the grid on each axis."""
@@ -187,11 +195,8 @@ class RankMesh:
         parent: dist.ProcessGroup | None = None,
         *,
         timeout: timedelta | None = None,
-        replicated_gradients: bool = False,
     ) -> RankMesh:
-        """`timeout`: how long a collective on the new groups may wait (default: torch's).
-        `replicated_gradients`: after the reduction every rank holds the whole, equal
-        gradient (plain data parallel, ZeRO-1), so no group to agree on finite steps."""
+        """`timeout`: how long a collective on the new groups may wait (default: torch's)."""
         import torch.distributed as dist
 
         parent = parent or dist.group.WORLD
@@ -222,8 +227,9 @@ class RankMesh:
         # gets a group of its own where it can: a rank that skips it then waits in another
         # group's collective instead of feeding it mismatched data, and every rank times out
         # cleanly. Equal gradients need no agreement: every rank decides alike on its own.
-        groups["agree"] = None if replicated_gradients else parent
-        if not replicated_gradients and len(ranks) == dist.get_world_size() and len(ranks) > 1:
+        replicated = dims.replicated_gradients
+        groups["agree"] = None if replicated else parent
+        if not replicated and len(ranks) == dist.get_world_size() and len(ranks) > 1:
             groups["agree"] = dist.new_group(ranks, timeout=timeout)
             created.append(groups["agree"])
         return cls(dims, groups, dims.coords(me), created, parent)
@@ -249,6 +255,20 @@ class RankMesh:
         coords["server"] = me if me < dims.servers else -1
         coords["dp"] = me - dims.servers if me >= dims.servers else -1
         return cls(dims, groups, coords, created, parent)
+
+    @classmethod
+    def single(cls, axis: str, group: dist.ProcessGroup | None) -> RankMesh:
+        """A mesh of one axis over an existing group (None: size 1), creating no group:
+        for applying one strategy alone (benchmarks, tests of one strategy)."""
+        import torch.distributed as dist
+
+        size = dist.get_world_size(group) if group is not None else 1
+        dims = ParallelDims(world_size=size, **{"dp": 1, axis: size})
+        groups: dict[str, dist.ProcessGroup | None] = {a: None for a in AXES}
+        groups[axis] = group if size > 1 else None
+        coords = {a: 0 for a in AXES}
+        coords[axis] = dist.get_rank(group) if group is not None else 0
+        return cls(dims, groups, coords, [], group)
 
     def size(self, axis: str) -> int:
         return getattr(self.dims, axis)

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from shardwise.config import load_config
+from shardwise.job import run
 from shardwise.models.convnet import ConvNet
 from shardwise.models.mlp import MLP
 from shardwise.models.resnet import ResNet
-from shardwise.worker import run
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 TOL64 = {"rtol": 1e-9, "atol": 1e-9}
@@ -219,7 +219,7 @@ def _plain(key: tuple, skip: frozenset[int]) -> dict[str, torch.Tensor]:
 
 def reference(overrides: dict[str, str], *, skip: frozenset[int] = frozenset()) -> dict[str, torch.Tensor]:
     """The plain loop's weights for the same config, whatever the layout keys say."""
-    layout_keys = ("parallel.", "ps.", "data.vertical", "data.feature_cost")
+    layout_keys = ("parallel.", "ps.")
     single = {k: v for k, v in with_data(overrides).items() if not k.startswith(layout_keys)}
     return _plain(tuple(sorted(single.items())), skip)
 
@@ -245,7 +245,7 @@ def _one_process(pool, key: tuple) -> dict[str, torch.Tensor]:
 def one_process(pool, overrides: dict[str, str]) -> dict[str, torch.Tensor]:
     """shardwise on one process, same config except the layout keys (for what the plain
     loop does not do: fixed partitions)."""
-    layout_keys = ("parallel.", "ps.", "data.vertical", "data.feature_cost")
+    layout_keys = ("parallel.", "ps.")
     single = {k: v for k, v in overrides.items() if not k.startswith(layout_keys)}
     return _one_process(pool, tuple(sorted(single.items())))
 

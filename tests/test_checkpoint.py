@@ -11,7 +11,7 @@ from parity import BASE, LR, TOL
 from shardwise.checkpoint.manifest import latest_checkpoint
 from shardwise.checkpoint.store import read_checkpoint
 from shardwise.config import load_config
-from shardwise.worker import run
+from shardwise.job import run
 
 # a constant rate after warm-up: a run of K steps and one of 2K agree on the first K
 RUN = {**BASE, "train.schedule": "constant", "train.deterministic": "true", "model.name": "mlp"}
@@ -34,12 +34,12 @@ LAYOUTS = {
         {"parallel.tp": "2", "parallel.dp": "2", "parallel.shard": "full", "train.optimizer": "adamw"},
         4,
     ),
-    "vertical 2": ({"data.vertical": "2"}, 2),
+    "vertical 2": ({"parallel.vertical": "2"}, 2),
     "pp 2 x dp 2": ({"parallel.pp": "2", "parallel.dp": "2", "train.optimizer": "adamw", "train.lr": LR["adamw"]}, 4),
     "shard optimizer": ({"parallel.shard": "optimizer", "train.optimizer": "adamw", "train.lr": LR["adamw"]}, 2),
     "shard full": ({"parallel.shard": "full", "train.optimizer": "adamw", "train.lr": LR["adamw"]}, 2),
     "spatial 2": ({"model.name": "convnet", "model.channels": "8,16", "parallel.spatial": "2"}, 2),
-    "parameter server 2 + 2": ({"parallel.mode": "ps", "ps.servers": "2", "train.optimizer": "adamw"}, 4),
+    "parameter server 2 + 2": ({"parallel.mode": "ps", "parallel.servers": "2", "train.optimizer": "adamw"}, 4),
 }
 
 

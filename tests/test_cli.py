@@ -77,22 +77,26 @@ BAD_INPUT = {
         ["--nproc", "3", "--train.batch_size", "64"],
         "train.batch_size: 64 is not divisible by parallel.dp=3 x train.grad_accum=1",
     ),
+    "a layout key that moved": (
+        ["--data.vertical", "2"],
+        "data.vertical: moved to parallel.vertical (every layout key is under [parallel])",
+    ),
     "layout vs world": (
         ["--nproc", "4", "--parallel.dp", "2", "--parallel.tp", "3"],
         "parallel.dp: dp=2 x pp=1 x spatial=1 x tp=3 x vertical=1 = 6 does not equal the world size 4 (--nproc)",
     ),
     "tp does not divide": (
         ["--nproc", "3", "--parallel.tp", "2"],
-        "parallel.tp: parallel.pp=1 x parallel.spatial=1 x parallel.tp=2 x data.vertical=1 = 2 "
+        "parallel.tp: parallel.pp=1 x parallel.spatial=1 x parallel.tp=2 x parallel.vertical=1 = 2 "
         "does not divide the world size 3",
     ),
     "vertical conv over pixels": (
-        ["--data.vertical", "2"],
-        "data.vertical_unit: convnet's first layer is a convolution, which needs whole channels",
+        ["--parallel.vertical", "2"],
+        "parallel.vertical_unit: convnet's first layer is a convolution, which needs whole channels",
     ),
     "vertical more ranks than units": (
-        ["--data.vertical", "2", "--data.vertical_unit", "channel"],
-        "data.vertical: 2 ranks, but samples shaped (1, 8, 8) have only 1 channel(s)",
+        ["--parallel.vertical", "2", "--parallel.vertical_unit", "channel"],
+        "parallel.vertical: 2 ranks, but samples shaped (1, 8, 8) have only 1 channel(s)",
     ),
     "pipeline deeper than the model": (
         [
@@ -130,8 +134,8 @@ BAD_INPUT = {
         "parallel.tp: =2 with parallel.mode=ps: a parameter server runs data parallel only",
     ),
     "no rank left for workers": (
-        ["--nproc", "2", "--parallel.mode", "ps", "--ps.servers", "2"],
-        "ps.servers: =2 leaves no worker among 2 ranks (--nproc): use more ranks",
+        ["--nproc", "2", "--parallel.mode", "ps", "--parallel.servers", "2"],
+        "parallel.servers: =2 leaves no worker among 2 ranks (--nproc): use more ranks",
     ),
     "staleness without asynchrony": (
         ["--parallel.mode", "ps", "--ps.staleness", "2"],

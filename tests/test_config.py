@@ -68,3 +68,14 @@ def test_help_lists_every_key_with_default():
         assert f"--{key}" in flat, key
     assert f"(default: {defaults.train.steps})" in flat
     assert "Global batch: samples per optimizer step" in flat
+
+
+def test_moved_layout_keys_name_their_new_place_and_old_checkpoints_still_resume(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[ps]\nservers = 2\n")
+    with pytest.raises(ShardwiseError, match=r"^ps.servers: moved to parallel.servers"):
+        load_config(path)
+    # a checkpoint's config.toml written before the move: its keys are taken at their new place
+    text = '[model]\nname = "mlp"\n[data]\nvertical = 2\nvertical_unit = "row"\n[ps]\nservers = 3\n'
+    cfg = load_config(None, resumed=text)
+    assert (cfg.parallel.vertical, cfg.parallel.vertical_unit, cfg.parallel.servers) == (2, "row", 3)

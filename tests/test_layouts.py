@@ -12,14 +12,15 @@ from shardwise.data.features import split_features
 from shardwise.data.sources import load_source
 from shardwise.errors import ShardwiseError
 from shardwise.models import build_model
+from shardwise.parallel.part import Part
 from shardwise.parallel.tensor import apply_tensor_parallel, plan_tensor_parallel
-from shardwise.topology import ParallelDims
+from shardwise.topology import ParallelDims, RankMesh
 
 
 def _split_shapes(hidden: list[int], *, group) -> dict[str, tuple]:
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="mlp", hidden=hidden), (1, 8, 8), 10)
-    splits = apply_tensor_parallel(model, group=group)
+    splits = apply_tensor_parallel(Part(model), RankMesh.single("tp", group)).splits
     return {name: (tuple(p.shape), name in splits) for name, p in model.named_parameters()}
 
 
@@ -50,7 +51,7 @@ def test_tensor_parallel_plan_pairs_and_refusals():
 
 
 def test_topology_grid_and_refusals():
-    dims = ParallelDims.resolve(_parallel(tp=2), 8, vertical=2)
+    dims = ParallelDims.resolve(_parallel(tp=2, vertical=2), 8)
     assert (dims.dp, dims.vertical, dims.tp) == (2, 2, 2) and dims.layout == "dp=2 x vertical=2 x tp=2"
     assert dims.coords(5) == {"dp": 1, "pp": 0, "spatial": 0, "vertical": 0, "tp": 1}
     assert dims.peers(5, "tp") == [4, 5] and dims.peers(5, "vertical") == [5, 7] and dims.peers(5, "dp") == [1, 5]
@@ -100,7 +101,7 @@ def test_feature_split_units_and_balance():
     assert sorted(np.concatenate(rows)) == list(range(64))
     assert max(loads) < max(sum(cost[i] for i in p) for p in contiguous)  # 104 < 120
     assert max(loads) <= 4 / 3 * sum(cost) / 3  # Graham's bound for largest-first
-    with pytest.raises(ShardwiseError, match="data.feature_cost: has 3 entries, the samples have 64 features"):
+    with pytest.raises(ShardwiseError, match="parallel.feature_cost: has 3 entries, the samples have 64 features"):
         split_features((1, 8, 8), 2, unit="feature", split="balanced", cost=[1, 2, 3])
 
 

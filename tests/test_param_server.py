@@ -14,8 +14,8 @@ import torch
 from parity import BASE, LR, TOL, assert_all_ranks_match, check_layout, train_summary, train_weights
 
 from shardwise.config import load_config
+from shardwise.job import JobContext, run
 from shardwise.ranges import even_bounds
-from shardwise.worker import run
 
 PS = {"parallel.mode": "ps"}
 
@@ -34,19 +34,19 @@ def test_slices_tile_the_vector_evenly():
 def test_synchronous_ps_trains_like_one_process(pool, servers, model, optimizer):
     # AdamW divides by the root of tiny second moments: on the convnet that turns
     # summation-order rounding into 1e-6 differences, for any data-parallel layout
-    overrides = {**PS, "ps.servers": str(servers), "model.name": model, "train.optimizer": optimizer}
+    overrides = {**PS, "parallel.servers": str(servers), "model.name": model, "train.optimizer": optimizer}
     overrides["train.lr"] = LR[optimizer]
     check_layout(pool, overrides, nproc=servers + 2)
 
 
 def test_synchronous_ps_clips_the_whole_gradient_across_servers(pool):
-    overrides = {**PS, "ps.servers": "2", "train.clip_norm": "0.5", "train.grad_accum": "2"}
+    overrides = {**PS, "parallel.servers": "2", "train.clip_norm": "0.5", "train.grad_accum": "2"}
     check_layout(pool, overrides, nproc=4)
 
 
 def test_asynchronous_with_no_staleness_is_the_synchronous_schedule(pool):
     # plain SGD: W steps of g_i / W on a clock add up to the one synchronous step
-    plain = {**PS, "ps.servers": "2", "train.momentum": "0"}
+    plain = {**PS, "parallel.servers": "2", "train.momentum": "0"}
     sync = pool.run(train_weights, plain, ranks=[0, 1, 2, 3])
     asynchronous = pool.run(train_weights, {**plain, "ps.asynchronous": "true"}, ranks=[0, 1, 2, 3])
     assert_all_ranks_match(sync[0], asynchronous)
@@ -118,19 +118,15 @@ def test_synchronous_job_ends_naming_the_dead_worker(tmp_path):
 
 
 def test_final_weights_are_the_servers_on_every_rank(pool):
-    states = pool.run(train_weights, {**PS, "ps.servers": "2", "ps.asynchronous": "true", "ps.staleness": "2"})
+    states = pool.run(train_weights, {**PS, "parallel.servers": "2", "ps.asynchronous": "true", "ps.staleness": "2"})
     for state in states[1:]:
         for name in state:
             torch.testing.assert_close(state[name], states[0][name], **TOL)
 
 
 def _with_fault(spec: str, overrides: dict[str, str], *, group):
-    os.environ["SHARDWISE_FAULT"] = spec
-    try:
-        result = run(load_config(None, {**BASE, **overrides}), group=group)
-        return result.summary, result.state_dict
-    finally:
-        os.environ.pop("SHARDWISE_FAULT")
+    result = run(load_config(None, {**BASE, **overrides}), group=group, context=JobContext(faults=spec))
+    return result.summary, result.state_dict
 
 
 def test_asynchronous_servers_drop_a_non_finite_gradient(pool):

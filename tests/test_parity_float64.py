@@ -41,7 +41,7 @@ LAYOUTS = {
     "tp 2": ({"parallel.tp": "2"}, 2),
     "tp 2 x dp 2": ({"parallel.tp": "2", "parallel.dp": "2"}, 4),
     "tp 2 x shard full": ({"parallel.tp": "2", "parallel.dp": "2", "parallel.shard": "full"}, 4),
-    "vertical 3": ({"data.vertical": "3", "data.vertical_unit": "channel"}, 3),
+    "vertical 3": ({"parallel.vertical": "3", "parallel.vertical_unit": "channel"}, 3),
     "pp 2": ({"parallel.pp": "2"}, 2),
     "pp 2 x dp 2": ({"parallel.pp": "2", "parallel.dp": "2", "parallel.schedule": "gpipe"}, 4),
     "spatial 2": ({"parallel.spatial": "2"}, 2),
@@ -49,7 +49,7 @@ LAYOUTS = {
     "shard optimizer": ({"parallel.shard": "optimizer"}, 2),
     "shard full": ({"parallel.shard": "full"}, 2),
     "ps 1 + 2": ({"parallel.mode": "ps"}, 3),
-    "ps 2 + 2": ({"parallel.mode": "ps", "ps.servers": "2"}, 4),
+    "ps 2 + 2": ({"parallel.mode": "ps", "parallel.servers": "2"}, 4),
 }
 
 

@@ -40,7 +40,7 @@ def test_tensor_parallel_convnet_head(pool):
 @pytest.mark.parametrize("vertical", [2, 3])
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_vertical_mlp(pool, vertical, optimizer):
-    check_layout(pool, {"model.name": "mlp", "data.vertical": str(vertical), **_opt(optimizer)}, nproc=vertical)
+    check_layout(pool, {"model.name": "mlp", "parallel.vertical": str(vertical), **_opt(optimizer)}, nproc=vertical)
 
 
 def test_vertical_rows_balanced_by_cost(pool):
@@ -48,10 +48,10 @@ def test_vertical_rows_balanced_by_cost(pool):
     cost = ",".join(str(1 + i // 8) for i in range(64))
     overrides = {
         "model.name": "mlp",
-        "data.vertical": "3",
-        "data.vertical_unit": "row",
-        "data.vertical_split": "balanced",
-        "data.feature_cost": cost,
+        "parallel.vertical": "3",
+        "parallel.vertical_unit": "row",
+        "parallel.vertical_split": "balanced",
+        "parallel.feature_cost": cost,
     }
     check_layout(pool, overrides, nproc=3)
 
@@ -63,8 +63,8 @@ def test_vertical_channels_convnet(pool):
         "model.channels": "8,8",
         "data.name": "npz",
         "data.path": dataset("images3"),
-        "data.vertical": "3",
-        "data.vertical_unit": "channel",
+        "parallel.vertical": "3",
+        "parallel.vertical_unit": "channel",
     }
     check_layout(pool, overrides, nproc=3)
 
@@ -88,5 +88,5 @@ def test_fully_sharded_convnet_with_accumulation_and_clipping(pool):
 
 def test_everything_composed(pool):
     """vertical 2 x tp 2 on the MLP, and tp 2 x fully sharded dp 2."""
-    check_layout(pool, {"model.name": "mlp", "data.vertical": "2", "parallel.tp": "2"}, nproc=4)
+    check_layout(pool, {"model.name": "mlp", "parallel.vertical": "2", "parallel.tp": "2"}, nproc=4)
     check_layout(pool, {"model.name": "mlp", "parallel.tp": "2", "parallel.dp": "2", "parallel.shard": "full"}, nproc=4)

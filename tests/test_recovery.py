@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from shardwise.checkpoint.manifest import keygen, verify
 from shardwise.config import load_config
 from shardwise.errors import ShardwiseError
+from shardwise.job import JobContext, run
 from shardwise.train.loop import poisoned
-from shardwise.worker import run
 
 JOB = ["--model.name", "mlp", "--train.steps", "12", "--train.eval_every", "0", "--run.progress", "false"]
 JOB += ["--train.checkpoint_every", "3", "--train.deterministic", "true"]
@@ -147,14 +147,12 @@ def test_a_rank_that_stops_answering_ends_the_job(tmp_path, kind, message):
 
 
 def _with_fault(spec: str, overrides: dict[str, str], *, group):
-    os.environ["SHARDWISE_FAULT"] = spec
+    cfg = load_config(None, {**BASE, **with_data({"model.name": "mlp", **overrides})})
     try:
-        result = run(load_config(None, {**BASE, **with_data({"model.name": "mlp", **overrides})}), group=group)
+        result = run(cfg, group=group, context=JobContext(faults=spec))
         return result.state_dict, result.summary
     except RuntimeError as e:
         return str(e), None
-    finally:
-        os.environ.pop("SHARDWISE_FAULT")
 
 
 @pytest.mark.parametrize("layout, fault", [
@@ -165,12 +163,12 @@ def _with_fault(spec: str, overrides: dict[str, str], *, group):
     ({"parallel.shard": "full"}, "nan"),  # different gradient shards: the ranks agree by a collective
     ({"parallel.tp": "2"}, "inf-loss"),
     ({"parallel.mode": "ps"}, "nan"),  # one server, two workers: both workers' word reaches it
-    ({"parallel.mode": "ps", "ps.servers": "2"}, "inf-loss"),  # and each server skips alike
+    ({"parallel.mode": "ps", "parallel.servers": "2"}, "inf-loss"),  # and each server skips alike
 ], ids=["dp-nan", "dp-inf-loss", "fully-sharded-nan", "tp-inf-loss", "ps-nan", "ps-2-servers-inf-loss"])  # fmt: skip
 def test_a_non_finite_step_is_skipped_on_every_rank(pool, layout, fault):
     """Rank (or worker) nproc-1 goes wrong at step 6: every rank skips that step and only
     that one, and ends with the weights of the plain loop that skips step 6."""
-    nproc = 2 + ("ps.servers" in layout) + ("parallel.mode" in layout)
+    nproc = 2 + ("parallel.servers" in layout) + ("parallel.mode" in layout)
     results = pool.run(_with_fault, f"{nproc - 1}:5:{fault}", layout, ranks=list(range(nproc)))
     want = reference(with_data({"model.name": "mlp", **layout}), skip=frozenset({6}))
     assert results[0][1]["skipped_steps"] == [6]

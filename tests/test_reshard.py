@@ -22,7 +22,7 @@ from parity import LR, TOL64, dataset, plain_train
 from safetensors.torch import load_file
 
 from shardwise.config import load_config
-from shardwise.worker import run
+from shardwise.job import run
 
 CONFIG = {
     "train.dtype": "float64",
@@ -49,7 +49,7 @@ LAYOUTS = {
     "tp 2": ({"parallel.tp": "2"}, 2),
     "tp 2 x dp 2": ({"parallel.tp": "2", "parallel.dp": "2"}, 4),
     "tp 2 x shard full": ({"parallel.tp": "2", "parallel.dp": "2", "parallel.shard": "full"}, 4),
-    "vertical 2": ({"data.vertical": "2", "data.vertical_unit": "channel"}, 2),
+    "vertical 2": ({"parallel.vertical": "2", "parallel.vertical_unit": "channel"}, 2),
     "pp 2": ({"parallel.pp": "2"}, 2),
     "pp 2 x dp 2": ({"parallel.pp": "2", "parallel.dp": "2"}, 4),
     "spatial 2": ({"parallel.spatial": "2"}, 2),

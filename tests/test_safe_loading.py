@@ -23,7 +23,7 @@ import torch.distributed as dist
 from parity import BASE, with_data
 
 from shardwise.config import load_config
-from shardwise.worker import run
+from shardwise.job import run
 
 
 class Unpickled(AssertionError):
@@ -78,12 +78,12 @@ def _guarded_run(overrides: dict[str, str], out: str, *, group) -> int:
 LAYOUTS = {
     "dp 2": ({"model.name": "mlp"}, 2),
     "tp 2 x shard full": ({"model.name": "mlp", "parallel.tp": "2", "parallel.shard": "full"}, 4),
-    "vertical 2": ({"model.name": "mlp", "data.vertical": "2"}, 2),
+    "vertical 2": ({"model.name": "mlp", "parallel.vertical": "2"}, 2),
     "pp 2 x dp 2": ({"model.name": "mlp", "parallel.pp": "2", "parallel.dp": "2"}, 4),
     "pp 3 gpipe": ({"model.name": "mlp", "parallel.pp": "3", "parallel.schedule": "gpipe"}, 3),
     "spatial 2": ({"model.name": "convnet", "model.channels": "8,16", "parallel.spatial": "2"}, 2),
     "shard optimizer": ({"model.name": "mlp", "parallel.shard": "optimizer"}, 2),
-    "ps 2 + 2": ({"model.name": "mlp", "parallel.mode": "ps", "ps.servers": "2"}, 4),
+    "ps 2 + 2": ({"model.name": "mlp", "parallel.mode": "ps", "parallel.servers": "2"}, 4),
     "async ps 1 + 2": ({"model.name": "mlp", "parallel.mode": "ps", "ps.asynchronous": "true"}, 3),
 }
 

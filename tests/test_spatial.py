@@ -14,8 +14,10 @@ from torch import nn
 from shardwise.comm.collectives import all_gather_uneven
 from shardwise.comm.halo import HaloPlan
 from shardwise.errors import ShardwiseError
+from shardwise.parallel.part import Part
 from shardwise.parallel.spatial import apply_spatial
 from shardwise.ranges import even_bounds
+from shardwise.topology import RankMesh
 
 TOL = 1e-5  # relative to the largest element of the tensor compared
 
@@ -54,7 +56,8 @@ def _banded_vs_whole(case: dict, *, group) -> dict[str, float]:
     y.backward(grad_y)
 
     s, r = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
-    apply_spatial(banded, group=group, in_shape=tuple(x.shape[1:]), check_convolution=False)
+    mesh = RankMesh.single("spatial", group)
+    apply_spatial(Part(banded), mesh, in_shape=tuple(x.shape[1:]), check_convolution=False)
     a, b = even_bounds(case["h"], s)[r]
     x_band = x[:, :, a:b].clone().requires_grad_(True)
     y_band = banded(x_band)

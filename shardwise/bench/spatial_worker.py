@@ -22,9 +22,11 @@ import torch.nn.functional as F
 
 from shardwise.config import ModelConfig
 from shardwise.models import build_model
+from shardwise.parallel.part import Part
 from shardwise.parallel.spatial import apply_spatial
 from shardwise.procs import exit_now
 from shardwise.ranges import even_bounds
+from shardwise.topology import RankMesh
 
 
 def main() -> None:
@@ -43,7 +45,7 @@ def main() -> None:
     torch.manual_seed(0)
     widths = [int(c) for c in args.channels.split(",")]
     model = build_model(ModelConfig(name="resnet", channels=widths, norm="group"), in_shape, 10)
-    apply_spatial(model, group=dist.group.WORLD if world > 1 else None, in_shape=in_shape)
+    apply_spatial(Part(model), RankMesh.single("spatial", dist.group.WORLD if world > 1 else None), in_shape=in_shape)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     generator = torch.Generator().manual_seed(0)
     a, b = even_bounds(args.size, world)[rank]

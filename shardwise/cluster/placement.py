@@ -20,7 +20,6 @@ from shardwise.cluster.netns import HOST_IF, Cluster, load
 from shardwise.errors import ShardwiseError
 
 DEFAULT_CLUSTER = "sw"
-PLACEMENT_ENV = "SHARDWISE_PLACEMENT"  # where the launcher put the ranks, in words, for the summary
 
 
 @dataclass(frozen=True)

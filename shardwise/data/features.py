@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from shardwise.config import DataConfig
+from shardwise.config import DataConfig, ParallelConfig
 from shardwise.data.sources import source_shape
 from shardwise.errors import ShardwiseError
 
@@ -25,7 +25,7 @@ def feature_units(in_shape: tuple[int, ...], unit: str) -> list[np.ndarray]:
     if unit == "feature":
         return list(flat.reshape(-1, 1))
     if len(in_shape) != 3:
-        raise ShardwiseError("data.vertical_unit", f"{unit} needs images (C, H, W), the data has shape {in_shape}")
+        raise ShardwiseError("parallel.vertical_unit", f"{unit} needs images (C, H, W), the data has shape {in_shape}")
     if unit == "channel":
         return [flat[c].reshape(-1) for c in range(in_shape[0])]
     return [flat[:, h, :].reshape(-1) for h in range(in_shape[1])]  # row
@@ -38,7 +38,7 @@ def split_features(
     units = feature_units(in_shape, unit)
     if len(units) < parts:
         raise ShardwiseError(
-            "data.vertical", f"{parts} ranks, but samples shaped {in_shape} have only {len(units)} {unit}(s)"
+            "parallel.vertical", f"{parts} ranks, but samples shaped {in_shape} have only {len(units)} {unit}(s)"
         )
     if split == "contiguous":
         groups = np.array_split(np.arange(len(units)), parts)
@@ -46,7 +46,7 @@ def split_features(
         per_feature = np.ones(math.prod(in_shape)) if not cost else np.asarray(cost, dtype=np.float64)
         if len(per_feature) != math.prod(in_shape):
             raise ShardwiseError(
-                "data.feature_cost",
+                "parallel.feature_cost",
                 f"has {len(per_feature)} entries, the samples have {math.prod(in_shape)} features (shape {in_shape})",
             )
         unit_cost = np.array([per_feature[u].sum() for u in units])
@@ -57,13 +57,14 @@ def split_features(
             load[k] += unit_cost[u]
         groups = [np.array(sorted(o), dtype=np.int64) for o in owned]
         if any(len(g) == 0 for g in groups):
-            raise ShardwiseError("data.feature_cost", f"leaves a vertical rank without features ({parts} ranks)")
+            raise ShardwiseError("parallel.feature_cost", f"leaves a vertical rank without features ({parts} ranks)")
     return [np.sort(np.concatenate([units[u] for u in g])) for g in groups]
 
 
-def vertical_parts(cfg: DataConfig) -> list[np.ndarray] | None:
+def vertical_parts(data: DataConfig, parallel: ParallelConfig) -> list[np.ndarray] | None:
     """The configured split of the input features (None without vertical partitioning)."""
-    if cfg.vertical == 1:
+    p = parallel
+    if p.vertical == 1:
         return None
-    cost = cfg.feature_cost or None
-    return split_features(source_shape(cfg), cfg.vertical, unit=cfg.vertical_unit, split=cfg.vertical_split, cost=cost)
+    cost = p.feature_cost or None
+    return split_features(source_shape(data), p.vertical, unit=p.vertical_unit, split=p.vertical_split, cost=cost)

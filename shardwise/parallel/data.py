@@ -21,15 +21,21 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from shardwise.parallel.part import Part
 from shardwise.topology import RankMesh
 
 
-def apply_data_parallel(model: nn.Module, *, mesh: RankMesh, device: torch.device, shard: str = "none") -> nn.Module:
-    """Wrap `model` for data parallelism over the mesh's dp axis; dp=1 leaves it as is."""
-    group = mesh.groups["dp"]
-    if group is None:
-        return model
-    if shard == "full":
+def apply_data_parallel(part: Part, mesh: RankMesh, *, device: torch.device) -> Part:
+    """Wrap the part for data parallelism over the mesh's dp axis (dp=1 leaves it as is):
+    DDP, or FSDP2 where the mesh's layout shards everything (its shards then join the
+    groups a gradient norm adds up over). A pipeline stage is left unwrapped: it averages
+    its gradients once the pipeline drained (comm.flat.average_gradients, from its runner),
+    since DDP around a stage trips over its own bucket rebuild when the first step runs
+    every forward before any backward, as GPipe does."""
+    group, model = mesh.groups["dp"], part.model
+    if group is None or part.stage is not None:
+        return part
+    if mesh.dims.shard == "full":
         dp_mesh = mesh.device_mesh("dp", device.type)
         # one FSDP unit per layer of the feature stack and the head: a layer's
         # parameters are gathered just before it runs and freed after
@@ -38,11 +44,12 @@ def apply_data_parallel(model: nn.Module, *, mesh: RankMesh, device: torch.devic
                 if any(True for _ in layer.parameters()):
                     fully_shard(layer, mesh=dp_mesh)
         fully_shard(model, mesh=dp_mesh)
-        return model
+        return part.but(sum_groups=[*part.sum_groups, group])
     device_ids = [device.index] if device.type == "cuda" else None
     # DDP broadcasts rank 0's parameters and buffers at construction, so ranks start equal
     # gradients as views into the buckets: one copy of the gradient, not two (torch DDP notes)
-    return DistributedDataParallel(model, device_ids=device_ids, process_group=group, gradient_as_bucket_view=True)
+    ddp = DistributedDataParallel(model, device_ids=device_ids, process_group=group, gradient_as_bucket_view=True)
+    return part.but(model=ddp)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -50,119 +50,32 @@ updates and answers in arrival order.
 from __future__ import annotations
 
 import queue
-import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from shardwise.comm.collectives import all_gather_uneven
-from shardwise.comm.flat import copy_flat, flatten, named_views
-from shardwise.errors import TrainingDiverged
+from shardwise.comm.flat import flatten, named_views
+from shardwise.errors import ShardwiseError, TrainingDiverged
+from shardwise.parallel import ps_protocol as proto
+from shardwise.parallel.part import Part
+from shardwise.parallel.ps_protocol import Arrival, Lost, ServerStats, WorkerClient
 from shardwise.parallel.splits import optimizer_keys
 from shardwise.ranges import even_bounds
 
-HEADER = 5
-INITIAL = -1.0  # the version a worker echoes before its first reply: the weights it started with
-PUSH, DONE = 0.0, 1.0
-TAG_PUSH, TAG_REPLY, TAG_FINAL = 101, 102, 103
-
-
-def _short(e: Exception) -> str:
-    """gloo's message without its source location: `Connection closed by peer [ADDR]:PORT`."""
-    text = re.sub(r"^\[[^\]]*\.cc:\d+\] ", "", str(e).splitlines()[0])
-    return text.split(". ")[0][:160]
-
-
-def flat_parameters(model: nn.Module) -> Tensor:
-    return flatten(list(model.parameters()))
-
-
-def flat_gradients(model: nn.Module) -> Tensor:
-    params = list(model.parameters())
-    return flatten([p.grad for p in params], like=params)
-
-
-def load_flat(model: nn.Module, flat: Tensor) -> None:
-    copy_flat(flat, list(model.parameters()))
-
-
-class WorkerClient:
-    """A worker's end: push this step's gradient slices, wait for fresh parameters."""
-
-    def __init__(self, model: nn.Module, *, servers: int, group: dist.ProcessGroup):
-        self.model, self.servers, self.group = model, servers, group
-        self.dtype = model_dtype(model)
-        self.bounds = even_bounds(sum(p.numel() for p in model.parameters()), servers)
-        self.versions = [INITIAL] * servers  # of the weights each server last sent
-
-    def push_pull(self, step: int, loss: Tensor) -> bool:
-        """Send this step's gradient, load the parameters for the next; True: stop."""
-        grad = flat_gradients(self.model)
-        finite = bool(torch.isfinite(loss).all()) and bool(torch.isfinite(grad).all())
-        replies = [torch.empty(HEADER + hi - lo, dtype=self.dtype) for lo, hi in self.bounds]
-        # receives first, so that a server's answer never waits for us to be ready
-        waits = [dist.irecv(r, group=self.group, group_src=s, tag=TAG_REPLY) for s, r in enumerate(replies)]
-        for s, (lo, hi) in enumerate(self.bounds):
-            fields = [PUSH, step, loss.item() if finite else 0.0, float(finite), self.versions[s]]
-            header = torch.tensor(fields, dtype=self.dtype)
-            dist.send(torch.cat([header, grad[lo:hi]]), group=self.group, group_dst=s, tag=TAG_PUSH)
-        for w in waits:
-            w.wait()
-        flat = torch.cat([r[HEADER:] for r in replies])
-        load_flat(self.model, flat)
-        self.versions = [r[2].item() for r in replies]
-        return bool(replies[0][0].item())
-
-    def finish(self) -> None:
-        """Tell every server this worker is done, then take the final parameters from server 0."""
-        total = self.bounds[-1][1]
-        final = torch.empty(total, dtype=self.dtype)
-        wait = dist.irecv(final, group=self.group, group_src=0, tag=TAG_FINAL)
-        for s, (lo, hi) in enumerate(self.bounds):
-            done = torch.zeros(HEADER + hi - lo, dtype=self.dtype)
-            done[0] = DONE
-            dist.send(done, group=self.group, group_dst=s, tag=TAG_PUSH)
-        wait.wait()
-        load_flat(self.model, final)
-
-
-@dataclass
-class Arrival:
-    worker: int  # index among the workers
-    message: Tensor | None  # None: the connection to the worker broke
-    error: str = ""
-
-
-@dataclass
-class Lost:
-    rank: int
-    clock: int
-    error: str
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    dtypes = {p.dtype for p in model.parameters()}
-    assert len(dtypes) == 1, f"a parameter server sends one dtype, the model has {dtypes}"
-    return dtypes.pop()
-
-
-@dataclass
-class ServerStats:
-    updates: int = 0  # gradients taken (applied, or dropped as non-finite)
-    staleness: list[int] = field(default_factory=list)  # per gradient taken, as the servers recorded it
-    losses: list[float] = field(default_factory=list)  # per finite gradient
-    skipped: list[int] = field(default_factory=list)  # 1-based steps whose update was skipped (non-finite)
-    steps_by_worker: list[int] = field(default_factory=list)
-    lost: list[Lost] = field(default_factory=list)
+if TYPE_CHECKING:
+    from shardwise.topology import RankMesh
 
 
 class ParameterServer:
     """One server: its slice of the parameters, the optimizer for it, the workers' clocks.
 
+    `model` gives the parameters' names, shapes and dtype only (a model on the meta
+    device will do); `initial` is this server's slice of their flat values.
     `build_optimizer([param])` makes the optimizer, `lr_at(step)` the rate for global
     step `step`. `servers_group` (several servers) adds up the gradient norm for
     clipping in synchronous mode.
@@ -172,6 +85,7 @@ class ParameterServer:
         self,
         model: nn.Module,
         *,
+        initial: Tensor,
         index: int,
         servers: int,
         workers: int,
@@ -190,8 +104,9 @@ class ParameterServer:
         total = sum(p.numel() for p in model.parameters())
         self.bounds = even_bounds(total, servers)
         lo, hi = self.bounds[index]
-        self.dtype = model_dtype(model)
-        self.param = nn.Parameter(flat_parameters(model)[lo:hi].clone())
+        self.dtype = proto.model_dtype(model)
+        assert initial.numel() == hi - lo, f"server {index} holds {hi - lo} parameters, got {initial.numel()}"
+        self.param = nn.Parameter(initial.clone())
         self.optimizer = build_optimizer([self.param])
         self.lr_at, self.steps, self.clip_norm = lr_at, steps, clip_norm
         self.asynchronous, self.bound = asynchronous, staleness
@@ -202,8 +117,8 @@ class ParameterServer:
         self.clocks = [0] * workers  # steps each worker pushed
         self.included = [0] * workers  # steps of each worker taken into the weights
         # version (gradients taken) -> steps of each worker in the weights of that version
-        self.versions: dict[int, tuple[int, ...]] = {INITIAL: tuple(self.included)}
-        self.sent = [INITIAL] * workers  # the version each worker was last sent
+        self.versions: dict[int, tuple[int, ...]] = {proto.INITIAL: tuple(self.included)}
+        self.sent = [proto.INITIAL] * workers  # the version each worker was last sent
         self.active = set(range(workers))  # neither done nor lost
         self.reading = set(range(workers))  # a reader thread still runs
         self.waiting: dict[int, int] = {}  # worker -> the step it wants to start
@@ -219,16 +134,16 @@ class ParameterServer:
         return dist.get_global_rank(self.group, self.servers + w)
 
     def _read(self, w: int) -> None:
-        size = HEADER + self.bounds[self.index][1] - self.bounds[self.index][0]
+        size = proto.HEADER + self.bounds[self.index][1] - self.bounds[self.index][0]
         try:
             while True:
                 buf = torch.empty(size, dtype=self.dtype)
-                dist.recv(buf, group=self.group, group_src=self.servers + w, tag=TAG_PUSH)
+                dist.recv(buf, group=self.group, group_src=self.servers + w, tag=proto.TAG_PUSH)
                 self._arrivals.put(Arrival(w, buf))
-                if buf[0].item() == DONE:
+                if buf[0].item() == proto.DONE:
                     return
         except Exception as e:  # the worker is gone: say so to the main thread
-            self._arrivals.put(Arrival(w, None, _short(e)))
+            self._arrivals.put(Arrival(w, None, proto.short_error(e)))
 
     def running(self) -> bool:
         return bool(self.reading)
@@ -248,7 +163,7 @@ class ParameterServer:
             self.reading.discard(w)
             self._lose(w, arrival.error)
             return 0
-        if msg[0].item() == DONE:
+        if msg[0].item() == proto.DONE:
             self.reading.discard(w)
             self.active.discard(w)
             self.waiting.pop(w, None)
@@ -296,9 +211,9 @@ class ParameterServer:
                 )
             return
         self.stats.losses.extend(m[2].item() for _, m in arrived)
-        total = arrived[0][1][HEADER:].clone()
+        total = arrived[0][1][proto.HEADER :].clone()
         for _, m in arrived[1:]:
-            total += m[HEADER:]
+            total += m[proto.HEADER :]
         grad = total / self.workers
         if not self.asynchronous and self.clip_norm > 0:
             grad = self._clipped(grad)
@@ -351,9 +266,9 @@ class ParameterServer:
             header = torch.tensor([float(stop), float(lowest), float(version), 0.0, 0.0], dtype=self.dtype)
             reply = torch.cat([header, self.param.detach()])
             try:
-                dist.send(reply, group=self.group, group_dst=self.servers + w, tag=TAG_REPLY)
+                dist.send(reply, group=self.group, group_dst=self.servers + w, tag=proto.TAG_REPLY)
             except Exception as e:  # the worker died while we answered
-                self._lose(w, _short(e))
+                self._lose(w, proto.short_error(e))
                 return
             if stop:
                 self.active.discard(w)
@@ -409,7 +324,7 @@ class ParameterServer:
             self.optimizer.state[self.param] = state
         self.clocks = [step] * self.workers
         self.included = [step] * self.workers
-        self.versions = {INITIAL: tuple(self.included)}
+        self.versions = {proto.INITIAL: tuple(self.included)}
         self.stats.updates = step * self.workers
         self.applied = schedule_step * self.workers
 
@@ -429,8 +344,53 @@ class ParameterServer:
             if self.worker_rank(w) in lost:
                 continue
             try:
-                dist.send(flat, group=self.group, group_dst=self.servers + w, tag=TAG_FINAL)
+                dist.send(flat, group=self.group, group_dst=self.servers + w, tag=proto.TAG_FINAL)
             except Exception as e:  # asynchronous: a worker may die after its last step, too
                 if not self.asynchronous:
                     raise
-                self.stats.lost.append(Lost(self.worker_rank(w), self.clocks[w], _short(e)))
+                self.stats.lost.append(Lost(self.worker_rank(w), self.clocks[w], proto.short_error(e)))
+
+
+def apply_parameter_server(
+    part: Part,
+    mesh: RankMesh,
+    *,
+    build_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
+    lr_at: Callable[[int], float],
+    steps: int,
+    asynchronous: bool,
+    staleness: int,
+    clip_norm: float,
+    max_bad_steps: int,
+) -> Part:
+    """A worker gets the client that pushes its gradients and pulls fresh weights; a server
+    gets its slice of the flat parameters and the optimizer for it. Only server 0 holds the
+    whole model (it scores the weights): it hands every other server its slice, so those
+    build the model on the meta device, for names and shapes alone."""
+    dims = mesh.dims
+    if not dims.servers:
+        return part
+    if any(True for _ in part.model.buffers()):
+        raise ShardwiseError(
+            "parallel.mode",
+            "=ps: the model has buffers (running statistics), which the servers do not keep: use allreduce",
+        )
+    if mesh.coords["server"] < 0:
+        return part.but(client=WorkerClient(part.model, servers=dims.servers, group=mesh.parent))
+    server = ParameterServer(
+        part.model,
+        initial=proto.initial_slice(part.model, mesh),
+        index=mesh.coords["server"],
+        servers=dims.servers,
+        workers=dims.dp,
+        group=mesh.parent,
+        servers_group=mesh.groups["servers"],
+        build_optimizer=build_optimizer,
+        lr_at=lr_at,
+        steps=steps,
+        asynchronous=asynchronous,
+        staleness=staleness,
+        clip_norm=clip_norm,
+        max_bad_steps=max_bad_steps,
+    )
+    return part.but(server=server)

@@ -14,12 +14,17 @@ import statistics
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from shardwise.errors import ShardwiseError
+from shardwise.parallel.part import Part
+
+if TYPE_CHECKING:
+    from shardwise.topology import RankMesh
 
 STACKS = ("features", "head")
 
@@ -189,9 +194,39 @@ def stage_shapes(
     return first, costs[end - 1].out_shape
 
 
-def apply_pipeline(model: nn.Module, *, cut: list[int], stage: int) -> StageModule:
-    """This rank's stage: its run of layers, under the model's own names."""
-    return StageModule(stage_layers(model, cut, stage))
+@dataclass
+class StageCut:
+    """This rank's stage of a pipeline and how the model was cut."""
+
+    index: int
+    stages: int
+    group: dist.ProcessGroup  # the stages of this pipeline
+    owner: dict[str, int]  # the stage holding each entry of the whole model's state dict
+    rows: list[dict]  # the cut, for the report (describe_cut)
+    shapes: tuple[tuple[int, ...], tuple[int, ...]]  # one micro-batch entering and leaving this stage
+
+
+def apply_pipeline(part: Part, mesh: RankMesh, *, example: Tensor) -> Part:
+    """Keep this rank's stage of the model: a run of consecutive layers under the model's
+    own names, cut where the measured cost of `example` (one micro-batch) balances the
+    stages. The pipeline's group joins the groups a gradient norm adds up over."""
+    group = mesh.groups["pp"]
+    if group is None:
+        return part
+    model, index = part.model, mesh.coords["pp"]
+    # every rank of the layout takes the same cut (its first rank's), so that the stages of
+    # different data-parallel replicas hold the same layers and average the same gradients
+    cut, costs = plan_pipeline(model, example, stages=mesh.size("pp"), group=mesh.parent)
+    stage = StageCut(
+        index=index,
+        stages=mesh.size("pp"),
+        group=group,
+        owner=owners(model, cut),
+        rows=describe_cut(costs, cut),
+        shapes=stage_shapes(costs, cut, index, tuple(example.shape)),
+    )
+    stage_module = StageModule(stage_layers(model, cut, index))
+    return part.but(model=stage_module, stage=stage, sum_groups=[*part.sum_groups, group])
 
 
 def gather_stages(

@@ -19,6 +19,8 @@ on each pixel alone (activations, identity).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -27,7 +29,11 @@ from torch import Tensor, nn
 from shardwise.comm.collectives import copy_to_group, gather_from_group, reduce_from_group
 from shardwise.comm.halo import HaloPlan, assemble, edge_padding, gather_halo, scatter_halo_grad, with_halo
 from shardwise.errors import ShardwiseError
+from shardwise.parallel.part import Part
 from shardwise.ranges import even_sizes
+
+if TYPE_CHECKING:
+    from shardwise.topology import RankMesh
 
 
 def _pair(v) -> tuple[int, int]:
@@ -249,13 +255,13 @@ def _input_heights(features: nn.Module, in_shape: tuple[int, int, int]) -> dict[
     return heights
 
 
-def apply_spatial(
-    model: nn.Module, *, group: dist.ProcessGroup | None, in_shape: tuple[int, ...], check_convolution: bool = True
-) -> None:
-    """Cut every feature map of `model.features` into bands of rows across `group`, in place.
+def apply_spatial(part: Part, mesh: RankMesh, *, in_shape: tuple[int, ...], check_convolution: bool = True) -> Part:
+    """Cut every feature map of the model's `features` into bands of rows across the mesh's
+    spatial axis (layers replaced in place). The weights stay whole on every rank: no splits.
     (`check_convolution=False` lets a stack without convolutions through, for tests of single layers.)"""
+    group, model = mesh.groups["spatial"], part.model
     if group is None or dist.get_world_size(group) == 1:
-        return
+        return part
     has_conv = any(isinstance(m, nn.Conv2d) for m in model.features.modules())
     if len(in_shape) != 3 or (check_convolution and not has_conv):
         raise ShardwiseError("parallel.spatial", "needs a convolutional model (convnet or resnet) on images")
@@ -283,3 +289,4 @@ def apply_spatial(
     for name, new in replacements.items():
         parent, _, child = name.rpartition(".")
         setattr(model.features.get_submodule(parent) if parent else model.features, child, new)
+    return part

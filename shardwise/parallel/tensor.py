@@ -16,14 +16,20 @@ the split model starts from exactly the one-process weights.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shardwise.comm.collectives import copy_to_group, gather_from_group, reduce_from_group
 from shardwise.errors import ShardwiseError
+from shardwise.parallel.part import Part
 from shardwise.parallel.splits import Split
 from shardwise.ranges import even_sizes
+
+if TYPE_CHECKING:
+    from shardwise.topology import RankMesh
 
 
 class ColumnParallelLinear(nn.Module):
@@ -82,15 +88,15 @@ def plan_tensor_parallel(head: nn.Sequential, degree: int, *, skip: set[str] = f
     return plan
 
 
-def apply_tensor_parallel(
-    model: nn.Module, *, group: dist.ProcessGroup | None, skip: set[str] = frozenset()
-) -> dict[str, Split]:
-    """Split `model.head`'s Linear layers across `group` in place; returns the split
-    parameters by name. `skip`: parameter-name prefixes another strategy owns."""
+def apply_tensor_parallel(part: Part, mesh: RankMesh) -> Part:
+    """Split the head's Linear layers across the mesh's tp axis (layers replaced in
+    place); the part gains their splits. A layer another strategy already split (the
+    vertical first layer) is left alone."""
+    group = mesh.groups["tp"]
     if group is None or dist.get_world_size(group) == 1:
-        return {}
-    head: nn.Sequential = model.head
-    taken = {name for name, _ in head.named_children() if any(s.startswith(f"head.{name}.") for s in skip)}
+        return part
+    head: nn.Sequential = part.model.head
+    taken = {name for name, _ in head.named_children() if any(s.startswith(f"head.{name}.") for s in part.splits)}
     splits: dict[str, Split] = {}
     for name, kind in plan_tensor_parallel(head, dist.get_world_size(group), skip=taken).items():
         full = head.get_submodule(name)
@@ -103,4 +109,4 @@ def apply_tensor_parallel(
             if layer.bias is not None:
                 splits[f"head.{name}.bias"] = layer.split
         setattr(head, name, layer)
-    return splits
+    return part.but(splits=part.splits | splits)

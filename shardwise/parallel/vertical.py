@@ -14,6 +14,8 @@ split over pixels needs halo exchange (spatial partitioning), not a sum.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -22,7 +24,11 @@ from torch import Tensor, nn
 from shardwise.comm.collectives import reduce_from_group
 from shardwise.data.sources import local_shape
 from shardwise.errors import ShardwiseError
+from shardwise.parallel.part import Part
 from shardwise.parallel.splits import Split
+
+if TYPE_CHECKING:
+    from shardwise.topology import RankMesh
 
 
 class VerticalLinear(nn.Module):
@@ -59,16 +65,16 @@ def _first_layer(model: nn.Module) -> tuple[str, nn.Module]:
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             return name, m
-    raise ShardwiseError("data.vertical", f"{type(model).__name__} has no linear or convolutional layer to split")
+    raise ShardwiseError("parallel.vertical", f"{type(model).__name__} has no linear or convolutional layer to split")
 
 
-def apply_vertical(
-    model: nn.Module, *, group: dist.ProcessGroup | None, features: list[np.ndarray], in_shape: tuple[int, ...]
-) -> dict[str, Split]:
-    """Split the model's first layer over input features: rank k of `group` keeps the
-    weight columns of `features[k]` (flat indices). Returns the split parameters."""
+def apply_vertical(part: Part, mesh: RankMesh, *, features: list[np.ndarray], in_shape: tuple[int, ...]) -> Part:
+    """Split the model's first layer over input features: rank k of the mesh's vertical
+    axis keeps the weight columns of `features[k]` (flat indices); the part gains the split."""
+    group = mesh.groups["vertical"]
     if group is None or dist.get_world_size(group) == 1:
-        return {}
+        return part
+    model = part.model
     name, layer = _first_layer(model)
     if isinstance(layer, nn.Linear):
         split, kind = Split(group, 1, tuple(features)), VerticalLinear
@@ -76,11 +82,11 @@ def apply_vertical(
         plane = int(np.prod(in_shape[1:]))
         if layer.groups != 1 or any(len(local_shape(f, in_shape)) != 3 for f in features):
             raise ShardwiseError(
-                "data.vertical_unit",
+                "parallel.vertical_unit",
                 f"the first layer {name} is a convolution, which needs whole channels: use "
-                "data.vertical_unit=channel (a split over pixels is spatial partitioning)",
+                "parallel.vertical_unit=channel (a split over pixels is spatial partitioning)",
             )
         split, kind = Split(group, 1, tuple(f[::plane] // plane for f in features)), VerticalConv2d
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, kind(layer, split))
-    return {f"{name}.weight": split}
+    return part.but(splits=part.splits | {f"{name}.weight": split})

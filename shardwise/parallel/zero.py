@@ -19,13 +19,27 @@ of the state. Cutting the flat vector gives every rank the same share.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from shardwise.comm.collectives import all_gather_json
+from shardwise.parallel.part import Part
 from shardwise.parallel.splits import optimizer_keys
+
+if TYPE_CHECKING:
+    from shardwise.topology import RankMesh
+
+
+def apply_zero(part: Part, mesh: RankMesh) -> Part:
+    """Shard the optimizer state over the mesh's dp axis where the layout asks for it
+    (shard=optimizer): the run then builds a :class:`ShardedOptimizer` over that group."""
+    group = mesh.groups["dp"]
+    if group is None or mesh.dims.shard != "optimizer":
+        return part
+    return part.but(zero_group=group)
 
 
 class ShardedOptimizer(torch.optim.Optimizer):

@@ -32,19 +32,17 @@ from __future__ import annotations
 import os
 import signal
 
-ATTEMPT_ENV = "SHARDWISE_ATTEMPT"
-
 
 class FaultPlan:
-    def __init__(self, rank: int, spec: str | None = None):
-        spec = os.environ.get("SHARDWISE_FAULT", "") if spec is None else spec
+    """The faults `spec` gives this `rank` in attempt `attempt` (the launcher passes both;
+    the worker reads them from its environment, nothing here does)."""
+
+    def __init__(self, rank: int, spec: str = "", *, attempt: int = 0):
         self.faults: dict[int, str] = {}
         self.step = -1
-        first_attempt = int(os.environ.get(ATTEMPT_ENV, "0")) == 0
         for item in filter(None, spec.split(",")):
             fault_rank, step, kind, *when = item.split(":")
-            attempt = int(os.environ.get(ATTEMPT_ENV, "0"))
-            fires = first_attempt if not when else when[0] == "*" or int(when[0]) == attempt
+            fires = attempt == 0 if not when else when[0] == "*" or int(when[0]) == attempt
             if int(fault_rank) == rank and fires:
                 self.faults[int(step)] = kind
 

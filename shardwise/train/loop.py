@@ -156,6 +156,34 @@ class ModelRunner:
         return evaluate(self.model, data, group=self.dp_group)
 
 
+@dataclass
+class _Window:
+    """The steps since the last logged one: their summed loss (finite steps only) and time."""
+
+    loss: torch.Tensor
+    steps: int = 0
+    good: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss
+        self.good += 1
+
+    def record(self, step: int, lr: float, runner: Runner, settings: LoopSettings, *, skipped: int, where) -> dict:
+        """The log line of the window (a collective: the loss is averaged over the layout)."""
+        where.phase = "logging (loss all-reduce)"
+        record = {
+            "step": step + 1,
+            "loss": runner.mean_loss(self.loss / max(1, self.good)),
+            "lr": lr,
+            "samples_per_s": settings.global_batch * self.steps / (time.perf_counter() - self.start),
+            "skipped_steps": skipped,
+        }
+        self.loss.zero_()
+        self.steps = self.good = 0
+        return record
+
+
 def train_loop(
     runner: Runner,
     model: nn.Module,
@@ -179,8 +207,8 @@ def train_loop(
     whose loss or gradients are not finite."""
     result = LoopResult()
     where = position or Position()
-    window_loss = torch.zeros((), device=data.device)
-    window_start, window_steps, window_good, bad_in_row = time.perf_counter(), 0, 0, 0
+    window = _Window(torch.zeros((), device=data.device))
+    bad_in_row = 0
     model.train()
     for step in range(settings.start_step, settings.steps):
         started = time.perf_counter()
@@ -197,8 +225,7 @@ def train_loop(
         lr = scheduler.get_last_lr()[0]
         if finite:
             bad_in_row = 0
-            window_loss += loss
-            window_good += 1
+            window.add(loss)
             if settings.clip_norm > 0:
                 where.phase = "clipping (gradient norm all-reduce)"
                 clip_grad_norm(unwrap(model), settings.clip_norm, splits=splits or {}, sum_groups=sum_groups or [])
@@ -216,36 +243,28 @@ def train_loop(
                 )
 
         result.step_times.append(time.perf_counter() - started)
-        window_steps += 1
+        window.steps += 1
         reporter.step_done(step)
         last = step == settings.steps - 1
         eval_now = last or (settings.eval_every > 0 and (step + 1) % settings.eval_every == 0)
         if eval_now or (step + 1) % settings.log_every == 0:
-            where.phase = "logging (loss all-reduce)"
-            elapsed = time.perf_counter() - window_start
-            record = {
-                "step": step + 1,
-                "loss": runner.mean_loss(window_loss / max(1, window_good)),
-                "lr": lr,
-                "samples_per_s": settings.global_batch * window_steps / elapsed,
-                "skipped_steps": len(result.skipped_steps),
-            }
-            window_loss.zero_()
-            window_steps = window_good = 0
+            record = window.record(step, lr, runner, settings, skipped=len(result.skipped_steps), where=where)
             if eval_now:
                 where.phase = "evaluation"
                 record.update(runner.evaluate(data))
             result.records.append(record)
             reporter.log(record)
-            window_start = time.perf_counter()
+            window.start = time.perf_counter()  # the next window's time leaves out this evaluation
         if checkpointer is not None:
             where.phase = "writing a checkpoint"
             checkpointer.maybe_save(step + 1)
     if not result.records:  # resumed at the last step: score the weights as loaded
         where.phase = "evaluation"
-        record = {"step": settings.steps, "loss": float("nan"), "lr": scheduler.get_last_lr()[0], "samples_per_s": 0.0}
-        record.update(runner.evaluate(data))
-        result.records.append(record)
+        result.records.append(_score_as_loaded(runner, data, step=settings.steps, lr=scheduler.get_last_lr()[0]))
     result.final_eval = {k: result.records[-1][k] for k in ("val_loss", "val_accuracy")}
     result.train_s = sum(result.step_times)
     return result
+
+
+def _score_as_loaded(runner: Runner, data: RankData, *, step: int, lr: float) -> dict:
+    return {"step": step, "loss": float("nan"), "lr": lr, "samples_per_s": 0.0, **runner.evaluate(data)}

@@ -115,7 +115,6 @@ class PipelineRunner:
         return summarize(totals, None)
 
 
-
 def render_cut(rows: list[dict], dims) -> Table:
     """The chosen cut: each stage's layers and its share of the measured time and the weights."""
     table = Table(title=f"pipeline: {dims.pp} stages cut by measured cost, {dims.microbatches} micro-batches")

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from shardwise.checkpoint.store import Checkpointer
 from shardwise.data.loader import RankData
-from shardwise.parallel.param_server import ParameterServer, WorkerClient
+from shardwise.parallel.param_server import ParameterServer
+from shardwise.parallel.ps_protocol import WorkerClient
 from shardwise.parallel.splits import clip_grad_norm
 from shardwise.train.faults import FaultPlan
 from shardwise.train.loop import LoopResult, LoopSettings, ModelRunner, Reporter
@@ -157,7 +158,7 @@ def staleness_summary(server: ParameterServer) -> dict:
 
 def score_flat(model: nn.Module, data: RankData) -> Callable[[Tensor], dict[str, float]]:
     """Server 0's scorer: load the flat parameters into its copy of the model, evaluate."""
-    from shardwise.parallel.param_server import load_flat
+    from shardwise.parallel.ps_protocol import load_flat
     from shardwise.train.evaluate import evaluate
 
     def run(flat: Tensor) -> dict[str, float]:

@@ -1,0 +1,151 @@
+"""Checks of config values: a value's type against its field (TOML, or command-line
+text converted), and the ranges and combinations that need no world size or data.
+Nothing here imports torch."""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import TYPE_CHECKING, Any, Literal
+
+from shardwise.errors import ShardwiseError
+
+if TYPE_CHECKING:
+    from shardwise.config import Config
+
+
+def describe_type(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " | ".join(describe_type(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {describe_type(typing.get_args(tp)[0])}"
+    return "none" if tp is type(None) else tp.__name__
+
+
+def coerce(key: str, tp: Any, value: Any, from_text: bool) -> Any:
+    """Check (TOML) or convert (command line text) one value against its field type."""
+    origin = typing.get_origin(tp)
+    bad = ShardwiseError(key, f"expected {describe_type(tp)}, got {value!r}")
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if type(None) in args and (value is None or (from_text and str(value).lower() in ("", "none"))):
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(key, arg, value, from_text)
+            except ShardwiseError:
+                pass
+        raise bad
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ShardwiseError(key, f"expected one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if from_text:
+            value = [v for v in str(value).replace(" ", "").split(",") if v]
+        if not isinstance(value, list):
+            raise bad
+        return [coerce(key, inner, v, from_text) for v in value]
+    if tp is bool:
+        if from_text and str(value).lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return str(value).lower() in ("true", "1", "yes", "on")
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp in (int, float):
+        if from_text:
+            try:
+                return tp(str(value))
+            except ValueError:
+                raise bad from None
+        accepted = (int, float) if tp is float else int  # TOML's 1 is a fine float, 1.0 no int
+        if isinstance(value, accepted) and not isinstance(value, bool):
+            return tp(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if from_text:
+            return str(value)
+        raise bad
+    raise AssertionError(f"unsupported field type {tp} for {key}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that need no knowledge of the world size or the data."""
+    t, d = cfg.train, cfg.data
+
+    def positive(key: str, value: float) -> None:
+        if value <= 0:
+            raise ShardwiseError(key, f"must be positive, got {value}")
+
+    for key in ("steps", "batch_size", "grad_accum", "lr", "log_every", "step_every", "adam_eps"):
+        positive(f"train.{key}", getattr(t, key))
+    for key in ("warmup_steps", "eval_every", "weight_decay", "clip_norm", "momentum"):
+        if getattr(t, key) < 0:
+            raise ShardwiseError(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ShardwiseError("data.val_fraction", f"must be between 0 and 1, got {d.val_fraction}")
+    if cfg.parallel.dp is not None:
+        positive("parallel.dp", cfg.parallel.dp)
+    positive("parallel.tp", cfg.parallel.tp)
+    positive("parallel.pp", cfg.parallel.pp)
+    positive("parallel.spatial", cfg.parallel.spatial)
+    if cfg.parallel.microbatches is not None:
+        positive("parallel.microbatches", cfg.parallel.microbatches)
+    positive("parallel.vertical", cfg.parallel.vertical)
+    positive("train.collective_timeout_s", t.collective_timeout_s)
+    positive("train.max_bad_steps", t.max_bad_steps)
+    if t.checkpoint_every < 0:
+        raise ShardwiseError("train.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}")
+    ps = cfg.ps
+    positive("parallel.servers", cfg.parallel.servers)
+    if ps.staleness < 0:
+        raise ShardwiseError("ps.staleness", f"must be >= 0, got {ps.staleness}")
+    if ps.slow_factor < 1.0:
+        raise ShardwiseError("ps.slow_factor", f"must be >= 1 (a factor of slowness), got {ps.slow_factor}")
+    if ps.staleness > 0 and not ps.asynchronous:
+        raise ShardwiseError(
+            "ps.staleness", f"={ps.staleness} needs ps.asynchronous=true (synchronous workers are never ahead)"
+        )
+    _check_vertical(cfg)
+    if d.shards is not None:
+        positive("data.shards", d.shards)
+        if d.partition == "shuffle":
+            raise ShardwiseError("data.shards", f"={d.shards} needs a fixed data.partition, not shuffle")
+    if d.name in ("cifar10", "npz") and not d.path:
+        raise ShardwiseError("data.path", f"is required for data.name={d.name}")
+    positive("data.samples", d.samples)
+    positive("data.classes", d.classes)
+    if not d.shape or any(s <= 0 for s in d.shape):
+        raise ShardwiseError("data.shape", f"must be positive sizes, got {d.shape}")
+    if not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden):
+        raise ShardwiseError("model.hidden", f"must be positive widths, got {cfg.model.hidden}")
+    if not cfg.model.channels or any(c <= 0 for c in cfg.model.channels):
+        raise ShardwiseError("model.channels", f"must be positive widths, got {cfg.model.channels}")
+
+
+def _check_vertical(cfg: Config) -> None:
+    v = cfg.parallel
+    if any(c < 0 for c in v.feature_cost):
+        raise ShardwiseError("parallel.feature_cost", f"costs must be >= 0, got {min(v.feature_cost)}")
+    if v.feature_cost and v.vertical_split != "balanced":
+        raise ShardwiseError("parallel.feature_cost", "is only used with parallel.vertical_split=balanced")
+    if v.vertical > 1 and cfg.model.name in ("convnet", "resnet") and v.vertical_unit != "channel":
+        raise ShardwiseError(
+            "parallel.vertical_unit",
+            f"{cfg.model.name}'s first layer is a convolution, which needs whole channels: set "
+            f"parallel.vertical_unit=channel, not {v.vertical_unit} (a split over pixels is spatial partitioning)",
+        )
+    if v.vertical > 1 and cfg.data.partition == "kmeans":
+        raise ShardwiseError(
+            "data.partition",
+            f"kmeans clusters on all features, but with parallel.vertical={v.vertical} each rank holds only its own",
+        )

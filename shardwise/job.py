@@ -1,0 +1,278 @@
+"""One job body for every layout: set-up -> apply_layout -> the loop (or a parameter
+server's role) -> outputs.
+
+Set-up is the same for every mode: the seed, this rank's data, the whole model,
+the checkpoint to resume. `layout.apply_layout` then cuts and wraps the model
+and says which role this rank plays: `train` (every all-reduce layout: the
+training loop of train/loop.py), or a parameter server's `server` or `worker`
+(the loops of train/ps_loop.py). The outputs (summary.json, the weights, the
+curves) are written by one rank the same way for all. Nothing here names a
+single strategy; what the job needs of one, it asks the Layout.
+
+Everything a rank needs comes in as arguments: the config, the process group,
+where to write, and a :class:`JobContext` with what the launcher knows (when the
+job started, where the ranks run, faults to inject). Only `worker.py` reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shardwise import roles
+from shardwise.checkpoint.resume import load_weights, read_resume
+from shardwise.checkpoint.store import Checkpoint
+from shardwise.comm.collectives import all_gather_json
+from shardwise.config import Config
+from shardwise.data import RankData, build_rank_data, load_source
+from shardwise.data.features import vertical_parts
+from shardwise.data.sources import take_rows
+from shardwise.errors import ShardwiseError, TrainingDiverged
+from shardwise.layout import ServerOptions, apply_layout, holds_whole_model
+from shardwise.models import build_model
+from shardwise.parallel.splits import local_bytes
+from shardwise.ranges import even_bounds
+from shardwise.topology import ParallelDims, RankMesh
+from shardwise.train.faults import FaultPlan
+from shardwise.train.loop import Position
+from shardwise.train.optim import lr_at, optimizer_for
+from shardwise.train.outputs import describe_hosts, run_summary, write_run
+from shardwise.train.progress import render_summary
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What the launcher knows and a rank cannot: passed in, never read from the environment here."""
+
+    launch_time: float | None = None  # when the job (its first attempt) started, for wall_s
+    placement: str | None = None  # the launcher's words for where the ranks run
+    faults: str = ""  # faults to inject (train/faults.py), for tests and benchmarks
+    attempt: int = 0  # 0, then one more on each restart
+
+
+@dataclass
+class RunResult:
+    state_dict: dict[str, torch.Tensor]
+    summary: dict
+    # wait for every rank before leaving (a parameter-server job may have lost workers,
+    # and its servers answer the workers last, so it skips this)
+    leave_together: bool = True
+
+
+@dataclass
+class SetUp:
+    """A rank's start: its data (None where it needs none), the whole model (on the meta
+    device where a rank holds only a slice), the shape of a sample, the checkpoint."""
+
+    data: RankData | None
+    model: nn.Module
+    in_shape: tuple[int, ...]
+    checkpoint: Checkpoint | None
+    whole_bytes: int
+
+
+def group_device(group: dist.ProcessGroup) -> torch.device:
+    """The device a group's ranks compute on: the current GPU where it speaks NCCL."""
+    if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def run(
+    cfg: Config,
+    *,
+    group: dist.ProcessGroup | None = None,
+    out_dir: Path | None = None,
+    device: torch.device | None = None,
+    context: JobContext | None = None,
+) -> RunResult:
+    """Train as configured on the ranks of `group` (default: the world).
+
+    Rank 0 of the group writes the outputs when `out_dir` is given. Returns the
+    full, unsharded final weights (the same on every rank) and the summary.
+    """
+    group = group or dist.group.WORLD
+    context = context or JobContext(launch_time=time.time())
+    dims = ParallelDims.resolve(cfg.parallel, dist.get_world_size(group))
+    mesh = RankMesh.build(dims, group, timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+    placement = describe_hosts(all_gather_json(socket.gethostname(), group), context.placement)
+    rank = dist.get_rank(group)
+    try:
+        # a parameter server sends CPU tensors point to point (gloo)
+        device = torch.device("cpu") if dims.servers else (device or group_device(group))
+        setup = set_up(cfg, mesh, device=device)
+        faults = FaultPlan(rank, context.faults, attempt=context.attempt)
+        layout = apply_layout(
+            setup.model,
+            mesh,
+            in_shape=setup.in_shape,
+            features=vertical_parts(cfg.data, cfg.parallel),
+            example=lambda: _example(cfg, dims, setup.data),
+            device=device,
+            faults=faults,
+            server=_server_options(cfg),
+        )
+        job = roles.Job(cfg, mesh, layout, setup.data, setup.checkpoint, faults, out_dir, rank, device)
+        job.whole_bytes = setup.whole_bytes
+        console = _console() if rank == 0 and out_dir is not None else None
+        outcome = _located(job.position, rank)(roles.play)(job, console)
+        return _finish(job, outcome, console, placement=placement, context=context)
+    finally:
+        mesh.close()
+
+
+def set_up(cfg: Config, mesh: RankMesh, *, device: torch.device) -> SetUp:
+    """The seed, this rank's data, the whole model (the checkpoint's weights in it)."""
+    t = cfg.train
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    dtype = getattr(torch, t.dtype)
+    torch.manual_seed(t.seed)  # weights; data order and splits use their own seeded generators
+    checkpoint = read_resume(cfg)
+    if not holds_whole_model(mesh):  # a server's slice: the model's names and shapes will do
+        in_shape, classes = _shape_from_first_server(cfg, mesh)
+        with torch.device("meta"):
+            model = build_model(cfg.model, in_shape, classes).to(dtype=dtype)
+        return SetUp(None, model, in_shape, checkpoint, 0)
+    data, in_shape, classes = _rank_data(cfg, mesh, device=device, dtype=dtype)
+    _shape_from_first_server(cfg, mesh, (in_shape, classes))
+    model = build_model(cfg.model, in_shape, classes).to(device=device, dtype=dtype)
+    if checkpoint is not None:  # the whole model, before any layout cuts it
+        load_weights(model, checkpoint)
+    return SetUp(data, model, in_shape, checkpoint, local_bytes(model.parameters()))
+
+
+def _shape_from_first_server(cfg: Config, mesh: RankMesh, mine: tuple | None = None) -> tuple:
+    """Parameter servers after the first load no data: server 0 tells them the shape of a
+    sample and the number of classes (a collective of the servers)."""
+    group = mesh.groups.get("servers")
+    if group is None or mesh.coords.get("server", -1) < 0:
+        return mine
+    shape, classes = all_gather_json(list(mine) if mine is not None else None, group)[0]
+    return tuple(shape), classes
+
+
+def _rank_data(cfg: Config, mesh: RankMesh, *, device: torch.device, dtype: torch.dtype):
+    """This rank's data: only its input columns (vertical), its share of each batch (dp),
+    only its rows of each image (spatial); and the shape and classes of a whole sample.
+    A parameter server's first server keeps the whole validation set, to score the weights."""
+    dims, t = mesh.dims, cfg.train
+    feature_parts = vertical_parts(cfg.data, cfg.parallel)
+    own_features = feature_parts[mesh.coords["vertical"]] if feature_parts else None
+    dataset = load_source(cfg.data, seed=t.seed, features=own_features, reduce_stats=_summer(mesh.groups["vertical"]))
+    if dims.spatial > 1 and len(dataset.in_shape) != 3:
+        raise ShardwiseError("parallel.spatial", f"needs images (C, H, W), the data has shape {dataset.in_shape}")
+    scorer = mesh.coords.get("server", -1) == 0
+    data = build_rank_data(
+        cfg.data,
+        dataset,
+        global_batch=t.batch_size,
+        grad_accum=t.grad_accum,
+        dp_rank=0 if scorer else mesh.coords["dp"],
+        dp=1 if scorer else dims.dp,
+        seed=t.seed,
+        device=device,
+        microbatches=dims.microbatches,
+        dtype=dtype,
+    )
+    if dims.spatial > 1:  # rows are cut after the split into shards, which may read whole samples (kmeans)
+        data.dataset = take_rows(dataset, *even_bounds(dataset.in_shape[1], dims.spatial)[mesh.coords["spatial"]])
+    return data, dataset.in_shape, dataset.num_classes
+
+
+def _example(cfg: Config, dims: ParallelDims, data: RankData) -> torch.Tensor:
+    """One micro-batch of this rank's data (what a pipeline profiles its layers on)."""
+    return data.micro_batches(0)[0][0][: cfg.train.batch_size // (dims.dp * dims.microbatches)]
+
+
+def _server_options(cfg: Config) -> ServerOptions:
+    t = cfg.train
+    return ServerOptions(
+        build_optimizer=lambda tensors: optimizer_for(t, tensors),
+        lr_at=lr_at(t),
+        steps=t.steps,
+        asynchronous=cfg.ps.asynchronous,
+        staleness=cfg.ps.staleness,
+        clip_norm=t.clip_norm,
+        max_bad_steps=t.max_bad_steps,
+    )
+
+
+def _finish(job: roles.Job, outcome: roles.Outcome, console, *, placement: dict, context: JobContext) -> RunResult:
+    """The final weights on every rank, the summary, and (one rank) the outputs."""
+    cfg, layout, dims = job.cfg, job.layout, job.mesh.dims
+    state = layout.full_state()
+    extra, timeline = layout.summary()
+    if outcome.result is None:  # a parameter server's worker: server 0 reports the run
+        return RunResult(state, {"role": "worker", "steps": outcome.steps}, leave_together=False)
+    summary = run_summary(
+        cfg,
+        dims,
+        outcome.result,
+        state,
+        backend=dist.get_backend(job.mesh.parent),
+        device=str(job.device),
+        launch_time=context.launch_time or job.started,
+        placement=placement,
+    )
+    summary |= {"skipped_steps": outcome.skipped, **outcome.extra, **extra}
+    roles.after_serving(job)
+    if console is not None:
+        write_run(job.out_dir, cfg, dims, state, outcome.result.records, summary)
+        roles.print_end(console, job, summary, timeline, outcome)
+        console.print(render_summary(summary, str(job.out_dir)))
+    return RunResult(state, summary, leave_together=layout.role == "train")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False)
+
+
+class RankError(RuntimeError):
+    """An error in the loop, with where this rank was (a collective that failed or timed
+    out): in its text for the user, and as fields for the launcher's record."""
+
+    def __init__(self, message: str, *, rank: int, step: int, phase: str):
+        super().__init__(f"{message} [rank {rank} at step {step}: {phase}]")
+        self.rank, self.step, self.phase = rank, step, phase
+
+
+def _located(position: Position, rank: int):
+    """Add where this rank was to an error from the loop."""
+
+    def wrap(fn):
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (ShardwiseError, TrainingDiverged):
+                raise
+            except Exception as e:
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise RankError(first, rank=rank, step=position.step + 1, phase=position.phase) from e
+
+        return call
+
+    return wrap
+
+
+def _summer(group: dist.ProcessGroup | None):
+    """Adds up NumPy arrays over `group` (the vertical ranks' data statistics)."""
+    if group is None:
+        return None
+
+    def reduce(stats):
+        total = torch.from_numpy(stats.copy())
+        dist.all_reduce(total, group=group)
+        return total.numpy()
+
+    return reduce

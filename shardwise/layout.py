@@ -1,0 +1,209 @@
+"""apply_layout(model, mesh, ...) -> Layout: the one place the strategies are composed.
+
+The composition order, written here once (ARCHITECTURE.md):
+
+1. the pipeline cut: a stage is a sub-model (parallel/pipeline.py);
+2. per stage, the layer partitioning: vertical takes the input layer
+   (parallel/vertical.py), tensor parallelism the fully-connected head
+   (parallel/tensor.py), spatial the convolution stack (parallel/spatial.py).
+   Split layers hold plain local tensors, so what follows treats them like any other;
+3. the data-parallel wrapper, outermost: DDP or FSDP2 (parallel/data.py), ZeRO-1's
+   sharded optimizer state (parallel/zero.py), or the parameter server's roles
+   (parallel/param_server.py).
+
+Every strategy keeps one contract, `apply_<strategy>(part, mesh, *, ...) -> Part`
+(parallel/part.py), and one that does not apply to the mesh returns the part as
+it came, so every layout walks the same steps. The :class:`Layout` that comes out
+is what the job runs: the part of the model this rank holds, the runner of one
+step on it, and what the run needs the whole of (the full weights, a
+checkpoint's logical tensors, the memory table, the layout's own summary).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from shardwise.checkpoint.state import load_optimizer, logical_model, logical_optimizer
+from shardwise.comm.flat import named_views
+from shardwise.config import TrainConfig
+from shardwise.parallel.data import apply_data_parallel, unwrap
+from shardwise.parallel.param_server import apply_parameter_server
+from shardwise.parallel.part import Part
+from shardwise.parallel.pipeline import apply_pipeline, gather_stages
+from shardwise.parallel.ps_protocol import load_flat
+from shardwise.parallel.spatial import apply_spatial
+from shardwise.parallel.splits import Split, full_state_dict
+from shardwise.parallel.tensor import apply_tensor_parallel
+from shardwise.parallel.vertical import apply_vertical
+from shardwise.parallel.zero import apply_zero
+from shardwise.topology import ParallelDims, RankMesh
+from shardwise.train.faults import FaultPlan
+from shardwise.train.loop import ModelRunner, Runner
+from shardwise.train.memory import rank_bytes
+from shardwise.train.optim import build_optimizer
+from shardwise.train.pipeline import PipelineRunner, render_cut
+from shardwise.train.timeline import bubble_summary, gather_events
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """What a parameter server's servers need besides the model: plain values from the config."""
+
+    build_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer]
+    lr_at: Callable[[int], float]
+    steps: int
+    asynchronous: bool
+    staleness: int
+    clip_norm: float
+    max_bad_steps: int
+
+
+def holds_whole_model(mesh: RankMesh) -> bool:
+    """Whether this rank needs the whole model's weights and the data: all but the
+    parameter servers after the first, which hold only their slice (server 0 scores
+    the weights and hands the others their slices)."""
+    return mesh.coords.get("server", -1) <= 0
+
+
+@dataclass
+class Layout:
+    dims: ParallelDims
+    part: Part
+    runner: Runner | None  # None on a parameter server's server
+    whole: dict[str, Tensor]  # every tensor of the whole model (meta: names, shapes, dtypes)
+
+    @property
+    def model(self) -> nn.Module:
+        """This rank's part of the model, as it runs (inside any data-parallel wrapper)."""
+        return self.part.model
+
+    @property
+    def local_model(self) -> nn.Module:
+        """This rank's part under the model's own parameter names (no data-parallel wrapper)."""
+        return unwrap(self.model)
+
+    @property
+    def splits(self) -> dict[str, Split]:
+        return self.part.splits
+
+    @property
+    def sum_groups(self) -> list:
+        return self.part.sum_groups
+
+    @property
+    def role(self) -> str:
+        """train (every all-reduce layout), server or worker (a parameter server)."""
+        return "server" if self.part.server else "worker" if self.part.client else "train"
+
+    def build_optimizer(self, train: TrainConfig) -> torch.optim.Optimizer:
+        """The optimizer of this rank's part (sharded over ZeRO-1's group where it applies)."""
+        return build_optimizer(train, self.model, zero_group=self.part.zero_group)
+
+    def load_state(self, optimizer: torch.optim.Optimizer | None, tensors: dict[str, Tensor], **positions) -> None:
+        """Put a checkpoint's logical optimizer state into this layout (the weights went
+        into the whole model before it was cut). A server also takes the run's position."""
+        if self.part.server is not None:
+            self.part.server.load_state(self.local_model, tensors, **positions)
+        elif optimizer is not None:
+            load_optimizer(self.local_model, optimizer, self.splits, tensors)
+
+    def logical_tensors(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Tensor]:
+        """`model/NAME` and `optim/KEY/NAME`, whole, as a checkpoint holds them (a collective
+        of the ranks that hold pieces of them)."""
+        if self.part.server is not None:
+            return self.part.server.logical_state(self.local_model)
+        part = self.local_model
+        return logical_model(part, self.splits) | logical_optimizer(part, optimizer, self.splits)
+
+    def full_state(self) -> dict[str, Tensor]:
+        """The whole model's final weights on every rank (a collective)."""
+        if self.part.server is not None or self.part.client is not None:
+            return self._served_state()
+        state = full_state_dict(self.local_model, self.splits)
+        stage = self.part.stage
+        if stage is None:
+            return state
+        return gather_stages(state, self.whole, stage.owner, group=stage.group)
+
+    def _served_state(self) -> dict[str, Tensor]:
+        """A parameter server's final weights: a worker's model holds them already (server 0
+        sent them); a server cuts them from the gathered flat vector."""
+        model, server = self.local_model, self.part.server
+        if server is not None:
+            if any(p.is_meta for p in model.parameters()):  # a server without the whole model
+                return named_views(server.final, list(model.named_parameters()))
+            load_flat(model, server.final)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def reports(self) -> list:
+        """What the layout shows before training starts (a pipeline's cut), as rich renderables."""
+        stage = self.part.stage
+        return [render_cut(stage.rows, self.dims)] if stage is not None else []
+
+    def memory(self, optimizer: torch.optim.Optimizer | None = None) -> list[int]:
+        """The bytes this rank holds of parameters, gradients and optimizer state."""
+        return rank_bytes(self.local_model, optimizer)
+
+    def summary(self) -> tuple[dict, list]:
+        """The layout's own summary keys (a pipeline's cut and bubble) and the last step's
+        timeline of a pipeline (a collective of the stages)."""
+        stage = self.part.stage
+        if stage is None or self.runner is None:
+            return {}, []
+        timeline = gather_events(self.runner.events, stage.group)
+        return {"pipeline": {"cut": stage.rows, **bubble_summary(timeline, self.dims.microbatches)}}, timeline
+
+
+def apply_layout(
+    model: nn.Module,
+    mesh: RankMesh,
+    *,
+    in_shape: tuple[int, ...],
+    features: list[np.ndarray] | None,
+    example: Callable[[], Tensor],
+    device: torch.device,
+    faults: FaultPlan,
+    server: ServerOptions,
+) -> Layout:
+    """This rank's layout: the strategies applied to `model` in the one order, and the
+    runner of a step. `features`: the vertical split of the input (None without);
+    `example()`: one micro-batch of this rank's data (the pipeline profiles on it)."""
+    dims = mesh.dims
+    whole = {k: v.detach().to("meta") for k, v in model.state_dict().items()}
+    part = Part(model)
+    part = apply_pipeline(part, mesh, example=example()) if dims.pp > 1 else part
+    if features is not None:
+        part = apply_vertical(part, mesh, features=features, in_shape=in_shape)
+    part = apply_tensor_parallel(part, mesh)
+    part = apply_spatial(part, mesh, in_shape=in_shape)
+    part = apply_data_parallel(part, mesh, device=device)
+    part = apply_zero(part, mesh)
+    part = apply_parameter_server(part, mesh, **vars(server))
+    return Layout(dims, part, _runner(part, mesh, device=device, faults=faults), whole)
+
+
+def _runner(part: Part, mesh: RankMesh, *, device: torch.device, faults: FaultPlan) -> Runner | None:
+    """How a step runs on the part: through the pipeline's schedule, or forward and
+    backward per micro-batch on the whole (or split) model; a server runs none."""
+    if part.server is not None:
+        return None
+    stage = part.stage
+    if stage is None:
+        return ModelRunner(part.model, dp_group=mesh.groups["dp"], faults=faults)
+    return PipelineRunner(
+        part.model,
+        stage=stage.index,
+        stages=stage.stages,
+        group=stage.group,
+        dp_group=mesh.groups["dp"],
+        microbatches=mesh.dims.microbatches,
+        schedule=mesh.dims.schedule,
+        device=device,
+        shapes=stage.shapes,
+        dtype=next(part.model.parameters()).dtype,
+    )

@@ -1,0 +1,132 @@
+"""The parameter server's messages and records, and a worker's end (the protocol is
+described in parallel/param_server.py).
+
+Every message is one tensor of the model's dtype: a header of HEADER numbers, then
+a slice of the flat parameter (or gradient) vector, in model order.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from shardwise.comm.flat import copy_flat, flatten
+from shardwise.ranges import even_bounds
+
+if TYPE_CHECKING:
+    from shardwise.topology import RankMesh
+
+HEADER = 5
+INITIAL = -1.0  # the version a worker echoes before its first reply: the weights it started with
+PUSH, DONE = 0.0, 1.0
+TAG_PUSH, TAG_REPLY, TAG_FINAL = 101, 102, 103
+
+
+def short_error(e: Exception) -> str:
+    """gloo's message without its source location: `Connection closed by peer [ADDR]:PORT`."""
+    text = re.sub(r"^\[[^\]]*\.cc:\d+\] ", "", str(e).splitlines()[0])
+    return text.split(". ")[0][:160]
+
+
+def flat_parameters(model: nn.Module) -> Tensor:
+    return flatten(list(model.parameters()))
+
+
+def flat_gradients(model: nn.Module) -> Tensor:
+    params = list(model.parameters())
+    return flatten([p.grad for p in params], like=params)
+
+
+def load_flat(model: nn.Module, flat: Tensor) -> None:
+    copy_flat(flat, list(model.parameters()))
+
+
+class WorkerClient:
+    """A worker's end: push this step's gradient slices, wait for fresh parameters."""
+
+    def __init__(self, model: nn.Module, *, servers: int, group: dist.ProcessGroup):
+        self.model, self.servers, self.group = model, servers, group
+        self.dtype = model_dtype(model)
+        self.bounds = even_bounds(sum(p.numel() for p in model.parameters()), servers)
+        self.versions = [INITIAL] * servers  # of the weights each server last sent
+
+    def push_pull(self, step: int, loss: Tensor) -> bool:
+        """Send this step's gradient, load the parameters for the next; True: stop."""
+        grad = flat_gradients(self.model)
+        finite = bool(torch.isfinite(loss).all()) and bool(torch.isfinite(grad).all())
+        replies = [torch.empty(HEADER + hi - lo, dtype=self.dtype) for lo, hi in self.bounds]
+        # receives first, so that a server's answer never waits for us to be ready
+        waits = [dist.irecv(r, group=self.group, group_src=s, tag=TAG_REPLY) for s, r in enumerate(replies)]
+        for s, (lo, hi) in enumerate(self.bounds):
+            fields = [PUSH, step, loss.item() if finite else 0.0, float(finite), self.versions[s]]
+            header = torch.tensor(fields, dtype=self.dtype)
+            dist.send(torch.cat([header, grad[lo:hi]]), group=self.group, group_dst=s, tag=TAG_PUSH)
+        for w in waits:
+            w.wait()
+        flat = torch.cat([r[HEADER:] for r in replies])
+        load_flat(self.model, flat)
+        self.versions = [r[2].item() for r in replies]
+        return bool(replies[0][0].item())
+
+    def finish(self) -> None:
+        """Tell every server this worker is done, then take the final parameters from server 0."""
+        total = self.bounds[-1][1]
+        final = torch.empty(total, dtype=self.dtype)
+        wait = dist.irecv(final, group=self.group, group_src=0, tag=TAG_FINAL)
+        for s, (lo, hi) in enumerate(self.bounds):
+            done = torch.zeros(HEADER + hi - lo, dtype=self.dtype)
+            done[0] = DONE
+            dist.send(done, group=self.group, group_dst=s, tag=TAG_PUSH)
+        wait.wait()
+        load_flat(self.model, final)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    dtypes = {p.dtype for p in model.parameters()}
+    assert len(dtypes) == 1, f"a parameter server sends one dtype, the model has {dtypes}"
+    return dtypes.pop()
+
+
+@dataclass
+class Arrival:
+    worker: int  # index among the workers
+    message: Tensor | None  # None: the connection to the worker broke
+    error: str = ""
+
+
+@dataclass
+class Lost:
+    rank: int
+    clock: int
+    error: str
+
+
+@dataclass
+class ServerStats:
+    updates: int = 0  # gradients taken (applied, or dropped as non-finite)
+    staleness: list[int] = field(default_factory=list)  # per gradient taken, as the servers recorded it
+    losses: list[float] = field(default_factory=list)  # per finite gradient
+    skipped: list[int] = field(default_factory=list)  # 1-based steps whose update was skipped (non-finite)
+    steps_by_worker: list[int] = field(default_factory=list)
+    lost: list[Lost] = field(default_factory=list)
+
+
+def initial_slice(model: nn.Module, mesh: RankMesh) -> Tensor:
+    """This server's slice of the starting weights: server 0 cuts them from its model and
+    sends each other server its own."""
+    index, group = mesh.coords["server"], mesh.groups["servers"]
+    bounds = even_bounds(sum(p.numel() for p in model.parameters()), mesh.dims.servers)
+    if index == 0:
+        flat = flat_parameters(model)
+        for s, (lo, hi) in enumerate(bounds[1:], start=1):
+            dist.send(flat[lo:hi].contiguous(), group=group, group_dst=s)
+        return flat[bounds[0][0] : bounds[0][1]].clone()
+    lo, hi = bounds[index]
+    piece = torch.empty(hi - lo, dtype=model_dtype(model))
+    dist.recv(piece, group=group, group_src=0)
+    return piece
