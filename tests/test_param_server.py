@@ -14,8 +14,9 @@ import torch
 from parity import BASE, LR, TOL, assert_all_ranks_match, check_layout, train_summary, train_weights
 
 from shardwise.config import load_config
-from shardwise.job import JobContext, run
+from shardwise.job import JobContext, run, set_up
 from shardwise.ranges import even_bounds
+from shardwise.topology import ParallelDims, RankMesh
 
 PS = {"parallel.mode": "ps"}
 
@@ -138,3 +139,20 @@ def test_asynchronous_servers_drop_a_non_finite_gradient(pool):
     assert summary["ps"]["skipped_updates"] == 1 and summary["skipped_steps"] == [5]
     assert summary["ps"]["updates"] >= 2 * 12
     assert all(torch.isfinite(v).all() for v in results[0][1].values())
+
+
+def _set_up_by_role(overrides: dict[str, str], *, group):
+    cfg = load_config(None, {**BASE, **overrides})
+    mesh = RankMesh.build(ParallelDims.resolve(cfg.parallel, torch.distributed.get_world_size(group)), group)
+    try:
+        setup = set_up(cfg, mesh, device=torch.device("cpu"))
+        return setup.data is not None, sorted({p.device.type for p in setup.model.parameters()})
+    finally:
+        mesh.close()
+
+
+def test_only_the_first_server_holds_the_whole_model_and_data(pool):
+    """Server 1 holds only its slice: no data set, and the model on the meta device (names
+    and shapes); server 0 scores the weights, the workers train: they hold both."""
+    roles = pool.run(_set_up_by_role, {**PS, "parallel.servers": "2", "model.name": "mlp"}, ranks=[0, 1, 2, 3])
+    assert roles == [(True, ["cpu"]), (False, ["meta"]), (True, ["cpu"]), (True, ["cpu"])]
