@@ -4,6 +4,7 @@ Nothing here imports torch."""
 
 from __future__ import annotations
 
+import dataclasses
 import types
 import typing
 from typing import TYPE_CHECKING, Any, Literal
@@ -93,20 +94,15 @@ def validate(cfg: Config) -> None:
             raise ShardwiseError(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
     if not 0.0 < d.val_fraction < 1.0:
         raise ShardwiseError("data.val_fraction", f"must be between 0 and 1, got {d.val_fraction}")
-    if cfg.parallel.dp is not None:
-        positive("parallel.dp", cfg.parallel.dp)
-    positive("parallel.tp", cfg.parallel.tp)
-    positive("parallel.pp", cfg.parallel.pp)
-    positive("parallel.spatial", cfg.parallel.spatial)
-    if cfg.parallel.microbatches is not None:
-        positive("parallel.microbatches", cfg.parallel.microbatches)
-    positive("parallel.vertical", cfg.parallel.vertical)
+    for f in dataclasses.fields(cfg.parallel):  # every degree and count of the layout
+        value = getattr(cfg.parallel, f.name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            positive(f"parallel.{f.name}", value)
     positive("train.collective_timeout_s", t.collective_timeout_s)
     positive("train.max_bad_steps", t.max_bad_steps)
     if t.checkpoint_every < 0:
         raise ShardwiseError("train.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}")
     ps = cfg.ps
-    positive("parallel.servers", cfg.parallel.servers)
     if ps.staleness < 0:
         raise ShardwiseError("ps.staleness", f"must be >= 0, got {ps.staleness}")
     if ps.slow_factor < 1.0:

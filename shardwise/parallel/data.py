@@ -2,8 +2,8 @@
 
 `shard="none"` and `"optimizer"` use torch's DistributedDataParallel (bucketed
 all-reduce overlapped with the backward pass; Li et al., "PyTorch
-Distributed", VLDB 2020); `"optimizer"` adds ZeRO-1 in the optimizer (see
-train/optim.py). `shard="full"` uses FSDP2 `fully_shard` (Zhao et al., "PyTorch
+Distributed", VLDB 2020); `"optimizer"` adds ZeRO-1's sharded optimizer state
+(parallel/zero.py, applied next). `shard="full"` uses FSDP2 `fully_shard` (Zhao et al., "PyTorch
 FSDP", VLDB 2023; ZeRO-3 of Rajbhandari et al., 2020): each rank keeps 1/N of
 every parameter, gradient and optimizer state, all-gathers a layer's
 parameters just before using it and reduce-scatters its gradient. With the
