@@ -102,12 +102,13 @@ def run(
     group = group or dist.group.WORLD
     context = context or JobContext(launch_time=time.time())
     dims = ParallelDims.resolve(cfg.parallel, dist.get_world_size(group))
-    mesh = RankMesh.build(dims, group, timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+    # a parameter server sends CPU tensors point to point (gloo)
+    device = torch.device("cpu") if dims.servers else (device or group_device(group))
+    timeout = timedelta(seconds=cfg.train.collective_timeout_s)
+    mesh = RankMesh.build(dims, group, timeout=timeout, device_type=device.type)
     placement = describe_hosts(all_gather_json(socket.gethostname(), group), context.placement)
     rank = dist.get_rank(group)
     try:
-        # a parameter server sends CPU tensors point to point (gloo)
-        device = torch.device("cpu") if dims.servers else (device or group_device(group))
         setup = set_up(cfg, mesh, device=device)
         faults = FaultPlan(rank, context.faults, attempt=context.attempt)
         layout = apply_layout(

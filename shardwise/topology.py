@@ -175,11 +175,15 @@ class ParallelDims:
 
 @dataclass
 class RankMesh:
-    """This rank's process group and coordinate on each axis of the layout.
+    """This rank's process group and coordinate on each axis of the layout, and the
+    layout as one N-D torch DeviceMesh with named axes (what FSDP2 and DTensor take).
 
-    Axes of size 1 have no group (None); an axis that spans the whole layout
-    reuses the parent group; the others get groups created here and released
-    by :meth:`close`.
+    Axes of size 1 have no group (None) and no mesh dimension; an axis that spans the
+    whole layout reuses the parent group; the others get groups created here (every
+    rank of the world creates every slice's group, in one order, as torch's
+    init_device_mesh does) and released by :meth:`close`. The mesh is made from these
+    groups, so a layout over some of the world's ranks (the Python API, the tests'
+    pool) needs no call from the others.
     """
 
     dims: ParallelDims
@@ -187,6 +191,8 @@ class RankMesh:
     coords: dict[str, int]
     _created: list = field(default_factory=list)
     parent: dist.ProcessGroup | None = None  # the group of the whole layout
+    mesh: DeviceMesh | None = None  # the axes of size > 1; None where there are none
+    mesh_names: dict[str, str] = field(default_factory=dict)  # axis -> its name in `mesh`
 
     @classmethod
     def build(
@@ -195,8 +201,10 @@ class RankMesh:
         parent: dist.ProcessGroup | None = None,
         *,
         timeout: timedelta | None = None,
+        device_type: str = "cpu",
     ) -> RankMesh:
-        """`timeout`: how long a collective on the new groups may wait (default: torch's)."""
+        """`timeout`: how long a collective on the new groups may wait (default: torch's);
+        `device_type`: what the mesh's tensors live on (cpu, cuda)."""
         import torch.distributed as dist
 
         parent = parent or dist.group.WORLD
@@ -232,7 +240,30 @@ class RankMesh:
         if not replicated and len(ranks) == dist.get_world_size() and len(ranks) > 1:
             groups["agree"] = dist.new_group(ranks, timeout=timeout)
             created.append(groups["agree"])
-        return cls(dims, groups, dims.coords(me), created, parent)
+        out = cls(dims, groups, dims.coords(me), created, parent)
+        out._make_mesh(ranks, device_type)
+        return out
+
+    def _make_mesh(self, ranks: list[int], device_type: str) -> None:
+        """One DeviceMesh over the axes of size > 1, from their groups. Its axis names carry
+        the groups' own names: torch compares meshes by ranks and names and caches what
+        DTensor computed for a mesh, so a later job in the same process (the Python API,
+        the tests) with equal ranks would otherwise find the cache holding groups already
+        destroyed."""
+        import torch
+        from torch.distributed.device_mesh import DeviceMesh
+
+        axes = [axis for axis in AXES if self.groups[axis] is not None]
+        if not axes:
+            return
+        grid = torch.tensor(ranks, dtype=torch.int).view(*self.dims.shape)
+        grid = grid.view(*[self.size(axis) for axis in axes])  # size-1 axes dropped
+        tag = "+".join(self.groups[axis].group_name for axis in axes)
+        self.mesh_names = {axis: f"{axis}@{tag}" for axis in axes}
+        names = tuple(self.mesh_names[axis] for axis in axes)
+        self.mesh = DeviceMesh.from_group([self.groups[a] for a in axes], device_type, mesh=grid, mesh_dim_names=names)
+        for axis in axes:  # the sub-groups, as the mesh holds them
+            self.groups[axis] = self.mesh.get_group(self.mesh_names[axis])
 
     @classmethod
     def _build_ps(cls, dims: ParallelDims, parent, ranks: list[int], me: int, timeout) -> RankMesh:
@@ -273,17 +304,10 @@ class RankMesh:
     def size(self, axis: str) -> int:
         return getattr(self.dims, axis)
 
-    def device_mesh(self, axis: str, device_type: str) -> DeviceMesh:
-        """A one-axis DeviceMesh (what FSDP2 takes) over this rank's group on `axis`."""
-        from torch.distributed.device_mesh import DeviceMesh
-
-        group = self.groups[axis]
-        assert group is not None, f"axis {axis} has size 1"
-        # torch compares meshes by ranks and names, not by group, and caches what DTensor
-        # computed for a mesh: a later job in the same process (the Python API, the tests)
-        # with equal ranks would find the cache holding a group already destroyed. The
-        # group's own name in the axis name keeps each group's mesh apart.
-        return DeviceMesh.from_group(group, device_type, mesh_dim_names=(f"{axis}-{group.group_name}",))
+    def device_mesh(self, axis: str) -> DeviceMesh:
+        """The layout's mesh cut to `axis` (a one-axis DeviceMesh, what FSDP2 takes)."""
+        assert self.mesh is not None and axis in self.mesh_names, f"axis {axis} has size 1"
+        return self.mesh[self.mesh_names[axis]]
 
     def close(self) -> None:
         import torch.distributed as dist

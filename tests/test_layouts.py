@@ -116,3 +116,23 @@ def test_sharding_divides_what_each_rank_holds(pool, shard, dp):
         held = [r[f"{kind}_bytes"] for r in rows]
         assert sum(held) == pytest.approx(size, rel=0.01), kind  # nothing lost or doubled
         assert max(held) <= size / dp * 1.05, (kind, held)  # 1/N each
+
+
+def _mesh_facts(*, group):
+    dims = ParallelDims.resolve(_parallel(tp=2), torch.distributed.get_world_size(group))
+    mesh = RankMesh.build(dims, group)
+    try:
+        names = [name.split("@")[0] for name in mesh.mesh.mesh_dim_names]
+        total = torch.tensor([float(torch.distributed.get_rank())])
+        torch.distributed.all_reduce(total, group=mesh.device_mesh("tp").get_group())
+        return names, list(mesh.mesh.get_coordinate()), [mesh.coords["dp"], mesh.coords["tp"]], total.item()
+    finally:
+        mesh.close()
+
+
+def test_one_device_mesh_with_named_axes(pool):
+    """dp=2 x tp=2 is one 2-D torch DeviceMesh; its tp sub-group joins neighbouring ranks."""
+    facts = pool.run(_mesh_facts)
+    for rank, (names, coordinate, coords, total) in enumerate(facts):
+        assert names == ["dp", "tp"] and coordinate == coords == [rank // 2, rank % 2]
+        assert total == {0: 1, 1: 1, 2: 5, 3: 5}[rank]  # ranks 0+1, 2+3

@@ -36,7 +36,7 @@ def apply_data_parallel(part: Part, mesh: RankMesh, *, device: torch.device) -> 
     if group is None or part.stage is not None:
         return part
     if mesh.dims.shard == "full":
-        dp_mesh = mesh.device_mesh("dp", device.type)
+        dp_mesh = mesh.device_mesh("dp")
         # one FSDP unit per layer of the feature stack and the head: a layer's
         # parameters are gathered just before it runs and freed after
         for stack in (model.features, model.head):
