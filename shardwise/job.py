@@ -36,7 +36,7 @@ from shardwise.data import RankData, build_rank_data, load_source
 from shardwise.data.features import vertical_parts
 from shardwise.data.sources import take_rows
 from shardwise.errors import ShardwiseError, TrainingDiverged
-from shardwise.layout import ServerOptions, apply_layout, holds_whole_model
+from shardwise.layout import ServerSettings, apply_layout, holds_whole_model
 from shardwise.models import build_model
 from shardwise.parallel.splits import local_bytes
 from shardwise.ranges import even_bounds
@@ -119,7 +119,7 @@ def run(
             example=lambda: _example(cfg, dims, setup.data),
             device=device,
             faults=faults,
-            server=_server_options(cfg),
+            server=_server_settings(cfg),
         )
         job = roles.Job(cfg, mesh, layout, setup.data, setup.checkpoint, faults, out_dir, rank, device)
         job.whole_bytes = setup.whole_bytes
@@ -194,9 +194,9 @@ def _example(cfg: Config, dims: ParallelDims, data: RankData) -> torch.Tensor:
     return data.micro_batches(0)[0][0][: cfg.train.batch_size // (dims.dp * dims.microbatches)]
 
 
-def _server_options(cfg: Config) -> ServerOptions:
+def _server_settings(cfg: Config) -> ServerSettings:
     t = cfg.train
-    return ServerOptions(
+    return ServerSettings(
         build_optimizer=lambda tensors: optimizer_for(t, tensors),
         lr_at=lr_at(t),
         steps=t.steps,

@@ -32,7 +32,7 @@ from shardwise.checkpoint.state import load_optimizer, logical_model, logical_op
 from shardwise.comm.flat import named_views
 from shardwise.config import TrainConfig
 from shardwise.parallel.data import apply_data_parallel, unwrap
-from shardwise.parallel.param_server import apply_parameter_server
+from shardwise.parallel.param_server import ServerSettings, apply_parameter_server
 from shardwise.parallel.part import Part
 from shardwise.parallel.pipeline import apply_pipeline, gather_stages
 from shardwise.parallel.ps_protocol import load_flat
@@ -48,19 +48,6 @@ from shardwise.train.memory import rank_bytes
 from shardwise.train.optim import build_optimizer
 from shardwise.train.pipeline import PipelineRunner, render_cut
 from shardwise.train.timeline import bubble_summary, gather_events
-
-
-@dataclass(frozen=True)
-class ServerOptions:
-    """What a parameter server's servers need besides the model: plain values from the config."""
-
-    build_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer]
-    lr_at: Callable[[int], float]
-    steps: int
-    asynchronous: bool
-    staleness: int
-    clip_norm: float
-    max_bad_steps: int
 
 
 def holds_whole_model(mesh: RankMesh) -> bool:
@@ -168,7 +155,7 @@ def apply_layout(
     example: Callable[[], Tensor],
     device: torch.device,
     faults: FaultPlan,
-    server: ServerOptions,
+    server: ServerSettings,
 ) -> Layout:
     """This rank's layout: the strategies applied to `model` in the one order, and the
     runner of a step. `features`: the vertical split of the input (None without);
@@ -183,7 +170,7 @@ def apply_layout(
     part = apply_spatial(part, mesh, in_shape=in_shape)
     part = apply_data_parallel(part, mesh, device=device)
     part = apply_zero(part, mesh)
-    part = apply_parameter_server(part, mesh, **vars(server))
+    part = apply_parameter_server(part, mesh, settings=server)
     return Layout(dims, part, _runner(part, mesh, device=device, faults=faults), whole)
 
 

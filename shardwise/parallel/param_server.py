@@ -52,6 +52,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -71,14 +72,27 @@ if TYPE_CHECKING:
     from shardwise.topology import RankMesh
 
 
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the servers train: plain values from the config (train and ps sections)."""
+
+    build_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer]  # over [this server's slice]
+    lr_at: Callable[[int], float]  # the rate of the update made at each global step
+    steps: int
+    asynchronous: bool
+    staleness: int
+    clip_norm: float
+    max_bad_steps: int = 3
+
+
 class ParameterServer:
     """One server: its slice of the parameters, the optimizer for it, the workers' clocks.
 
     `model` gives the parameters' names, shapes and dtype only (a model on the meta
     device will do); `initial` is this server's slice of their flat values.
     `build_optimizer([param])` makes the optimizer, `lr_at(step)` the rate for global
-    step `step`. `servers_group` (several servers) adds up the gradient norm for
-    clipping in synchronous mode.
+    step `step` (both in `settings`). `servers_group` (several servers) adds up the
+    gradient norm for clipping in synchronous mode.
     """
 
     def __init__(
@@ -91,13 +105,7 @@ class ParameterServer:
         workers: int,
         group: dist.ProcessGroup,
         servers_group: dist.ProcessGroup | None,
-        build_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
-        lr_at: Callable[[int], float],
-        steps: int,
-        asynchronous: bool,
-        staleness: int,
-        clip_norm: float,
-        max_bad_steps: int = 3,
+        settings: ServerSettings,
     ):
         self.index, self.servers, self.workers, self.group = index, servers, workers, group
         self.servers_group = servers_group
@@ -107,9 +115,10 @@ class ParameterServer:
         self.dtype = proto.model_dtype(model)
         assert initial.numel() == hi - lo, f"server {index} holds {hi - lo} parameters, got {initial.numel()}"
         self.param = nn.Parameter(initial.clone())
-        self.optimizer = build_optimizer([self.param])
-        self.lr_at, self.steps, self.clip_norm = lr_at, steps, clip_norm
-        self.asynchronous, self.bound = asynchronous, staleness
+        s = settings
+        self.optimizer = s.build_optimizer([self.param])
+        self.lr_at, self.steps, self.clip_norm = s.lr_at, s.steps, s.clip_norm
+        self.asynchronous, self.bound, max_bad_steps = s.asynchronous, s.staleness, s.max_bad_steps
         # non-finite in a row: steps (synchronous), or each worker's own gradients (asynchronous:
         # the order of arrivals differs from server to server, each worker's sequence does not)
         self.max_bad_steps, self.bad_steps, self.bad_by_worker = max_bad_steps, 0, [0] * workers
@@ -351,18 +360,7 @@ class ParameterServer:
                 self.stats.lost.append(Lost(self.worker_rank(w), self.clocks[w], proto.short_error(e)))
 
 
-def apply_parameter_server(
-    part: Part,
-    mesh: RankMesh,
-    *,
-    build_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
-    lr_at: Callable[[int], float],
-    steps: int,
-    asynchronous: bool,
-    staleness: int,
-    clip_norm: float,
-    max_bad_steps: int,
-) -> Part:
+def apply_parameter_server(part: Part, mesh: RankMesh, *, settings: ServerSettings) -> Part:
     """A worker gets the client that pushes its gradients and pulls fresh weights; a server
     gets its slice of the flat parameters and the optimizer for it. Only server 0 holds the
     whole model (it scores the weights): it hands every other server its slice, so those
@@ -385,12 +383,6 @@ def apply_parameter_server(
         workers=dims.dp,
         group=mesh.parent,
         servers_group=mesh.groups["servers"],
-        build_optimizer=build_optimizer,
-        lr_at=lr_at,
-        steps=steps,
-        asynchronous=asynchronous,
-        staleness=staleness,
-        clip_norm=clip_norm,
-        max_bad_steps=max_bad_steps,
+        settings=settings,
     )
     return part.but(server=server)
