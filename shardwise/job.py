@@ -33,13 +33,10 @@ from shardwise.checkpoint.store import Checkpoint
 from shardwise.comm.collectives import all_gather_json
 from shardwise.config import Config
 from shardwise.data import RankData, build_rank_data, load_source
-from shardwise.data.features import vertical_parts
-from shardwise.data.sources import take_rows
 from shardwise.errors import ShardwiseError, TrainingDiverged
-from shardwise.layout import ServerSettings, apply_layout, holds_whole_model
+from shardwise.layout import ServerSettings, apply_layout, data_cut, holds_whole_model
 from shardwise.models import build_model
 from shardwise.parallel.splits import local_bytes
-from shardwise.ranges import even_bounds
 from shardwise.topology import ParallelDims, RankMesh
 from shardwise.train.faults import FaultPlan
 from shardwise.train.loop import Position
@@ -115,7 +112,7 @@ def run(
             setup.model,
             mesh,
             in_shape=setup.in_shape,
-            features=vertical_parts(cfg.data, cfg.parallel),
+            features=data_cut(mesh, cfg.data, cfg.parallel).parts,
             example=lambda: _example(cfg, dims, setup.data),
             device=device,
             faults=faults,
@@ -162,15 +159,13 @@ def _shape_from_first_server(cfg: Config, mesh: RankMesh, mine: tuple | None = N
 
 
 def _rank_data(cfg: Config, mesh: RankMesh, *, device: torch.device, dtype: torch.dtype):
-    """This rank's data: only its input columns (vertical), its share of each batch (dp),
-    only its rows of each image (spatial); and the shape and classes of a whole sample.
+    """This rank's data: what the layout cuts it to (data_cut), its share of each batch;
+    and the shape and classes of a whole sample.
     A parameter server's first server keeps the whole validation set, to score the weights."""
     dims, t = mesh.dims, cfg.train
-    feature_parts = vertical_parts(cfg.data, cfg.parallel)
-    own_features = feature_parts[mesh.coords["vertical"]] if feature_parts else None
-    dataset = load_source(cfg.data, seed=t.seed, features=own_features, reduce_stats=_summer(mesh.groups["vertical"]))
-    if dims.spatial > 1 and len(dataset.in_shape) != 3:
-        raise ShardwiseError("parallel.spatial", f"needs images (C, H, W), the data has shape {dataset.in_shape}")
+    cut = data_cut(mesh, cfg.data, cfg.parallel)
+    dataset = load_source(cfg.data, seed=t.seed, features=cut.features, reduce_stats=cut.reduce_stats)
+    rows = cut.rows(dataset)  # refuses early what cannot be cut
     scorer = mesh.coords.get("server", -1) == 0
     data = build_rank_data(
         cfg.data,
@@ -184,8 +179,7 @@ def _rank_data(cfg: Config, mesh: RankMesh, *, device: torch.device, dtype: torc
         microbatches=dims.microbatches,
         dtype=dtype,
     )
-    if dims.spatial > 1:  # rows are cut after the split into shards, which may read whole samples (kmeans)
-        data.dataset = take_rows(dataset, *even_bounds(dataset.in_shape[1], dims.spatial)[mesh.coords["spatial"]])
+    data.dataset = rows  # cut after the split into shards, which may read whole samples (kmeans)
     return data, dataset.in_shape, dataset.num_classes
 
 
@@ -264,16 +258,3 @@ def _located(position: Position, rank: int):
         return call
 
     return wrap
-
-
-def _summer(group: dist.ProcessGroup | None):
-    """Adds up NumPy arrays over `group` (the vertical ranks' data statistics)."""
-    if group is None:
-        return None
-
-    def reduce(stats):
-        total = torch.from_numpy(stats.copy())
-        dist.all_reduce(total, group=group)
-        return total.numpy()
-
-    return reduce

@@ -26,11 +26,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from shardwise.checkpoint.state import load_optimizer, logical_model, logical_optimizer
 from shardwise.comm.flat import named_views
-from shardwise.config import TrainConfig
+from shardwise.config import DataConfig, ParallelConfig, TrainConfig
+from shardwise.data.features import vertical_parts
+from shardwise.data.sources import Dataset, take_rows
+from shardwise.errors import ShardwiseError
 from shardwise.parallel.data import apply_data_parallel, unwrap
 from shardwise.parallel.param_server import ServerSettings, apply_parameter_server
 from shardwise.parallel.part import Part
@@ -41,6 +45,7 @@ from shardwise.parallel.splits import Split, full_state_dict
 from shardwise.parallel.tensor import apply_tensor_parallel
 from shardwise.parallel.vertical import apply_vertical
 from shardwise.parallel.zero import apply_zero
+from shardwise.ranges import even_bounds
 from shardwise.topology import ParallelDims, RankMesh
 from shardwise.train.faults import FaultPlan
 from shardwise.train.loop import ModelRunner, Runner
@@ -48,6 +53,47 @@ from shardwise.train.memory import rank_bytes
 from shardwise.train.optim import build_optimizer
 from shardwise.train.pipeline import PipelineRunner, render_cut
 from shardwise.train.timeline import bubble_summary, gather_events
+
+
+@dataclass
+class DataCut:
+    """What of the data this rank loads, as the layout cuts it: only its input columns
+    (`features`, vertical; their standardisation statistics then add up over `reduce_stats`)
+    and only its band of each image's rows (spatial, cut by :meth:`rows`)."""
+
+    parts: list[np.ndarray] | None  # every vertical rank's columns (None: whole samples)
+    features: np.ndarray | None  # this rank's
+    reduce_stats: Callable | None
+    band: tuple[int, int] | None  # (this rank's band index, the number of bands)
+
+    def rows(self, dataset: Dataset) -> Dataset:
+        """This rank's rows of every image (all of them without spatial partitioning)."""
+        if self.band is None:
+            return dataset
+        if len(dataset.in_shape) != 3:
+            raise ShardwiseError("parallel.spatial", f"needs images (C, H, W), the data has shape {dataset.in_shape}")
+        index, bands = self.band
+        return take_rows(dataset, *even_bounds(dataset.in_shape[1], bands)[index])
+
+
+def data_cut(mesh: RankMesh, data: DataConfig, parallel: ParallelConfig) -> DataCut:
+    parts = vertical_parts(data, parallel)
+    features = parts[mesh.coords["vertical"]] if parts else None
+    band = (mesh.coords["spatial"], mesh.size("spatial")) if mesh.size("spatial") > 1 else None
+    return DataCut(parts, features, _summer(mesh.groups["vertical"]), band)
+
+
+def _summer(group: dist.ProcessGroup | None):
+    """Adds up NumPy arrays over `group` (the vertical ranks' data statistics)."""
+    if group is None:
+        return None
+
+    def reduce(stats):
+        total = torch.from_numpy(stats.copy())
+        dist.all_reduce(total, group=group)
+        return total.numpy()
+
+    return reduce
 
 
 def holds_whole_model(mesh: RankMesh) -> bool:
