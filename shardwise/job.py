@@ -33,13 +33,11 @@ from shardwise.checkpoint.store import Checkpoint
 from shardwise.comm.collectives import all_gather_json
 from shardwise.config import Config
 from shardwise.data import RankData, build_rank_data, load_source
-from shardwise.errors import ShardwiseError, TrainingDiverged
 from shardwise.layout import ServerSettings, apply_layout, data_cut, holds_whole_model
 from shardwise.models import build_model
 from shardwise.parallel.splits import local_bytes
 from shardwise.topology import ParallelDims, RankMesh
 from shardwise.train.faults import FaultPlan
-from shardwise.train.loop import Position
 from shardwise.train.optim import lr_at, optimizer_for
 from shardwise.train.outputs import describe_hosts, run_summary, write_run
 from shardwise.train.progress import render_summary
@@ -96,8 +94,9 @@ def run(
     Rank 0 of the group writes the outputs when `out_dir` is given. Returns the
     full, unsharded final weights (the same on every rank) and the summary.
     """
+    started = time.time()
     group = group or dist.group.WORLD
-    context = context or JobContext(launch_time=time.time())
+    context = context or JobContext()
     dims = ParallelDims.resolve(cfg.parallel, dist.get_world_size(group))
     # a parameter server sends CPU tensors point to point (gloo)
     device = torch.device("cpu") if dims.servers else (device or group_device(group))
@@ -121,8 +120,8 @@ def run(
         job = roles.Job(cfg, mesh, layout, setup.data, setup.checkpoint, faults, out_dir, rank, device)
         job.whole_bytes = setup.whole_bytes
         console = _console() if rank == 0 and out_dir is not None else None
-        outcome = _located(job.position, rank)(roles.play)(job, console)
-        return _finish(job, outcome, console, placement=placement, context=context)
+        outcome = roles.play(job, console)
+        return _finish(job, outcome, console, placement=placement, launch_time=context.launch_time or started)
     finally:
         mesh.close()
 
@@ -201,7 +200,7 @@ def _server_settings(cfg: Config) -> ServerSettings:
     )
 
 
-def _finish(job: roles.Job, outcome: roles.Outcome, console, *, placement: dict, context: JobContext) -> RunResult:
+def _finish(job: roles.Job, outcome: roles.Outcome, console, *, placement: dict, launch_time: float) -> RunResult:
     """The final weights on every rank, the summary, and (one rank) the outputs."""
     cfg, layout, dims = job.cfg, job.layout, job.mesh.dims
     state = layout.full_state()
@@ -215,11 +214,10 @@ def _finish(job: roles.Job, outcome: roles.Outcome, console, *, placement: dict,
         state,
         backend=dist.get_backend(job.mesh.parent),
         device=str(job.device),
-        launch_time=context.launch_time or job.started,
+        launch_time=launch_time,
         placement=placement,
     )
-    summary |= {"skipped_steps": outcome.skipped, **outcome.extra, **extra}
-    roles.after_serving(job)
+    summary |= {"skipped_steps": outcome.skipped, **outcome.extra, **extra, **roles.after_serving(job)}
     if console is not None:
         write_run(job.out_dir, cfg, dims, state, outcome.result.records, summary)
         roles.print_end(console, job, summary, timeline, outcome)
@@ -231,30 +229,3 @@ def _console():
     from rich.console import Console
 
     return Console(stderr=False)
-
-
-class RankError(RuntimeError):
-    """An error in the loop, with where this rank was (a collective that failed or timed
-    out): in its text for the user, and as fields for the launcher's record."""
-
-    def __init__(self, message: str, *, rank: int, step: int, phase: str):
-        super().__init__(f"{message} [rank {rank} at step {step}: {phase}]")
-        self.rank, self.step, self.phase = rank, step, phase
-
-
-def _located(position: Position, rank: int):
-    """Add where this rank was to an error from the loop."""
-
-    def wrap(fn):
-        def call(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except (ShardwiseError, TrainingDiverged):
-                raise
-            except Exception as e:
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise RankError(first, rank=rank, step=position.step + 1, phase=position.phase) from e
-
-        return call
-
-    return wrap

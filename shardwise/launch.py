@@ -114,10 +114,10 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 def _origin(failures: list[RankFailure]) -> RankFailure:
     """Of ranks seen failing together, the one that caused it: a rank with its own
     error first, then a rank that died without a word (killed, crashed, exited),
-    and only then a rank that merely lost its peers."""
+    and only then a rank that merely lost its peers or timed out waiting for them."""
 
     def rank_of(f: RankFailure) -> int:
-        if f.kind and f.kind != contract.PEER_LOST:
+        if f.kind and not f.fallout:
             return 0
         return 1 if not f.kind else 2
 

@@ -9,7 +9,6 @@ writes checkpoints through the same checkpointer; job.py does the rest.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.layout import Layout
 from shardwise.topology import RankMesh
 from shardwise.train.faults import FaultPlan
-from shardwise.train.loop import LoopResult, LoopSettings, ModelRunner, Position, train_loop
+from shardwise.train.loop import LoopResult, LoopSettings, ModelRunner, Position, located, train_loop
 from shardwise.train.memory import gather_rows, measured_bytes, memory_records, render_memory, start_measuring
 from shardwise.train.optim import build_scheduler
 from shardwise.train.progress import open_reporter
@@ -47,7 +46,6 @@ class Job:
     device: torch.device
     whole_bytes: int = 0  # of the whole model's parameters, before the layout cut it
     position: Position = field(default_factory=Position)
-    started: float = field(default_factory=time.time)
 
     @property
     def start_step(self) -> int:
@@ -109,7 +107,7 @@ def _train(job: Job, console) -> Outcome:
             console.print(f"resumed from {checkpoint.folder} (step {job.start_step}, saved as {saved})")
     rss_start = start_measuring(job.device)  # what training adds: gradients, optimizer state, buffers, activations
     with job.reporter(console) as reporter:
-        result = train_loop(
+        result = located(job.position, job.rank)(train_loop)(
             layout.runner,
             layout.model,
             optimizer,
@@ -180,14 +178,18 @@ def _serve(job: Job, console) -> Outcome:
     with job.reporter(console) as reporter:
         settings = LoopSettings.from_train(cfg.train, start_step=job.start_step)
         result = serve(server, settings, reporter=reporter, evaluate=evaluate, checkpointer=checkpointer)
-    return Outcome(result, skipped=server.stats.skipped, extra={"ps": staleness_summary(server)})
+    return Outcome(result, skipped=server.stats.skipped)
 
 
-def after_serving(job: Job) -> None:
-    """Server 0 hands the final weights to every worker still there."""
+def after_serving(job: Job) -> dict:
+    """Server 0 hands the final weights to every worker still there (a worker lost then is
+    counted too); a server's summary keys: the staleness and the workers lost."""
     server = job.layout.part.server
-    if server is not None and job.rank == 0:
+    if server is None:
+        return {}
+    if job.rank == 0:
         server.send_final(server.final)
+    return {"ps": staleness_summary(server)}
 
 
 def print_end(console, job: Job, summary: dict, timeline: list, outcome: Outcome) -> None:

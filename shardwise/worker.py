@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import sys
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -163,7 +164,8 @@ def _record_error(exc: BaseException, rank: int) -> None:
         "message": f"{type(shown).__name__}: {exc}",
         "kind": error_kind(exc),
     }
-    message = {"message": record["message"], "extraInfo": {"py_callstack": traceback.format_exc()}}
+    extra = {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}  # torchrun reads both
+    message = {"message": record["message"], "extraInfo": extra}
     write_atomic(Path(path), json.dumps({"message": message, "shardwise": record}))
 
 

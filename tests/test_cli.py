@@ -349,3 +349,28 @@ def test_input_error_found_by_a_worker_leaves_nothing(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("shardwise: rank ")  # whichever rank read it first
     assert lines[0].endswith(f": data.path: {tmp_path / 'bad.npz'} must hold arrays 'x' and 'y', found ['a']")
     assert not out.exists()
+
+
+def test_a_ranks_error_record_reads_in_torchrun_and_in_the_launcher(tmp_path, monkeypatch):
+    """The record a failing rank writes is torchelastic's (torchrun builds its report from
+    it) with ours beside it: where the rank was and what kind of error it was."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from shardwise.launch import _failure
+    from shardwise.train.loop import RankError
+    from shardwise.worker import _record_error
+
+    path = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+    try:
+        try:
+            raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")
+        except RuntimeError as e:
+            raise RankError(str(e), rank=1, step=7, phase="optimizer step") from e
+    except RankError as e:
+        _record_error(e, 1)
+    failure = ProcessFailure(local_rank=1, pid=1, exitcode=1, error_file=str(path))
+    assert "Connection closed by peer" in failure.message["message"] and failure.timestamp > 0
+    ours = _failure(1, 1, path)
+    assert (ours.kind, ours.step, ours.phase, ours.fallout) == ("peer-lost", 7, "optimizer step", True)
+    assert ours.message.startswith("RuntimeError: Connection closed by peer")

@@ -327,7 +327,12 @@ class ParameterServer:
             if any(t is not None and t.dim() == 0 for t in pieces):
                 state[key] = next(t for t in pieces if t is not None).clone()
                 continue
-            flat = flatten(pieces, like=[p for _, p in named])
+            # (on the CPU: a server after the first knows the parameters' shapes from a meta model)
+            pieces = [
+                t if t is not None else torch.zeros(p.shape, dtype=self.dtype)
+                for t, (_, p) in zip(pieces, named, strict=True)
+            ]
+            flat = flatten(pieces)
             state[key] = flat[lo:hi].to(self.dtype).clone()
         if state:
             self.optimizer.state[self.param] = state

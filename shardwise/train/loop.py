@@ -14,7 +14,7 @@ from torch import nn
 from shardwise.checkpoint.store import Checkpointer
 from shardwise.config import TrainConfig
 from shardwise.data.loader import RankData
-from shardwise.errors import TrainingDiverged
+from shardwise.errors import ShardwiseError, TrainingDiverged
 from shardwise.parallel.data import maybe_no_sync, unwrap
 from shardwise.parallel.splits import Split, clip_grad_norm, local_tensor
 from shardwise.train.evaluate import evaluate
@@ -69,6 +69,33 @@ class Position:
 
     def at(self, step: int, phase: str) -> None:
         self.step, self.phase = step, phase
+
+
+class RankError(RuntimeError):
+    """An error in the loop, with where this rank was (a collective that failed or timed
+    out): in its text for the user, and as fields for the launcher's record."""
+
+    def __init__(self, message: str, *, rank: int, step: int, phase: str):
+        super().__init__(f"{message} [rank {rank} at step {step}: {phase}]")
+        self.rank, self.step, self.phase = rank, step, phase
+
+
+def located(position: Position, rank: int):
+    """Add where this rank was to an error from the loop."""
+
+    def wrap(fn):
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (ShardwiseError, TrainingDiverged):
+                raise
+            except Exception as e:
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise RankError(first, rank=rank, step=position.step + 1, phase=position.phase) from e
+
+        return call
+
+    return wrap
 
 
 # the dtypes torch's fused check of gradients takes on every device
@@ -171,12 +198,13 @@ class _Window:
 
     def record(self, step: int, lr: float, runner: Runner, settings: LoopSettings, *, skipped: int, where) -> dict:
         """The log line of the window (a collective: the loss is averaged over the layout)."""
+        elapsed = time.perf_counter() - self.start  # the window's steps, not the logging
         where.phase = "logging (loss all-reduce)"
         record = {
             "step": step + 1,
             "loss": runner.mean_loss(self.loss / max(1, self.good)),
             "lr": lr,
-            "samples_per_s": settings.global_batch * self.steps / (time.perf_counter() - self.start),
+            "samples_per_s": settings.global_batch * self.steps / elapsed,
             "skipped_steps": skipped,
         }
         self.loss.zero_()
