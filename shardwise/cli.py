@@ -12,18 +12,42 @@ import sys
 import typing
 from pathlib import Path
 
+from shardwise import __version__
 from shardwise.cluster.commands import add_parser as add_cluster_parser
 from shardwise.config import SECTIONS, Config, all_keys, field_docs, load_config, trust_settings
 from shardwise.config_check import describe_type
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 
 
+class RunComplete(Exception):
+    """A resume of a run that has done all its steps: said in one line, and nothing runs."""
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line (exit 2), no usage dump."""
+    """argparse that reports a usage error in one line (exit 2), no usage dump, and takes
+    no abbreviated option (`--train.batch` is not `--train.batch_size`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         print(f"shardwise: {message}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+
+
+# what no one but a test or a benchmark sets: accepted, left out of --help
+TEST_AIDS = ("ps.slow_worker", "ps.slow_factor")
+
+
+def _shown_default(default, doc: str) -> str:
+    """` (default: X)` for the help, or nothing where the documentation already says it
+    (a default that follows other keys) or there is nothing to show."""
+    if "(default" in doc or default is None or default == "" or default == []:
+        return ""
+    if isinstance(default, bool):
+        return f" (default: {str(default).lower()})"
+    return f" (default: {','.join(map(str, default)) if isinstance(default, list) else default})"
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -32,11 +56,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(f"[{section}]")
         docs, hints = field_docs(cls), typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            default = getattr(getattr(defaults, section), f.name)
-            if default is None:
-                shown = "follows --nproc"
-            else:
-                shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            key, doc = f"{section}.{f.name}", docs.get(f.name, "")
+            shown = _shown_default(getattr(getattr(defaults, section), f.name), doc)
             kind = hints[f.name]
             metavar = (
                 describe_type(typing.get_args(kind)[0]) + ",..."
@@ -48,13 +69,14 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
                 dest=f"{section}.{f.name}",
                 default=argparse.SUPPRESS,
                 metavar=metavar.upper().replace(" ", ""),
-                help=f"{docs.get(f.name, '')} (default: {shown})",
+                help=argparse.SUPPRESS if key in TEST_AIDS else f"{doc}{shown}",
             )
 
 
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="shardwise", description="Train neural networks across processes and machines.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    parser.add_argument("--version", action="version", version=f"shardwise {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     train = sub.add_parser(
         "train",
         help="train a model (default: the convnet on the bundled digits, 2 processes, data parallel)",
@@ -162,7 +184,7 @@ def _resume_config(config: str | None, path: Path, overrides: dict[str, str]):
     own = {k: v for k, v in overrides.items() if k != "run.resume"}
     trusted = trust_settings(config, own)
     checkpoint = find_checkpoint(path)
-    verify(checkpoint, verify_key=trusted.verify_key)  # every file, before anything starts
+    step = verify(checkpoint, verify_key=trusted.verify_key)["step"]  # every file, before anything starts
     if is_signed(checkpoint) and not trusted.verify_key:
         print(f"note: {checkpoint} is signed, but its signature is not checked: no checkpoint.verify_key given")
     if is_signed(checkpoint) and not trusted.sign_key:
@@ -172,6 +194,12 @@ def _resume_config(config: str | None, path: Path, overrides: dict[str, str]):
         raise ShardwiseError("resume", f"{checkpoint} holds no config.toml")
     stored = files["config.toml"].decode("utf-8", errors="replace")
     cfg = load_config(config, own, resumed=stored)
+    if step >= cfg.train.steps:
+        raise RunComplete(
+            f"{checkpoint} is at step {step} of train.steps={cfg.train.steps}: the run is complete, nothing to do; "
+            f"to train further, resume with more steps (--train.steps {2 * cfg.train.steps}: the schedule then "
+            "runs to the new last step)"
+        )
     cfg.run.resume = str(checkpoint)
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
     if cfg.run.out:
@@ -223,6 +251,9 @@ def _bench(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    if args.command is None:  # bare `shardwise`: what it can do
+        parser.print_help()
+        return 0
     try:
         for item in unknown:
             if item.startswith("--"):
@@ -245,5 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     except ShardwiseError as e:
         print(f"shardwise: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except RunComplete as e:
+        print(f"shardwise: {e}")
+        return 0
     except KeyboardInterrupt:
         return 130

@@ -16,6 +16,7 @@ def atomic_path(path: Path):
     (a crash leaves the old file or the new one, never a mix; the temporary is removed)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # as open() would make it, not mkstemp's 0600
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
@@ -24,6 +25,12 @@ def atomic_path(path: Path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

@@ -73,6 +73,14 @@ def preflight(cfg: Config, nproc: int) -> ParallelDims:
     return dims
 
 
+def _warn_oversubscribed(nproc: int) -> None:
+    """One line when this machine has fewer cores than the ranks it runs: each rank then
+    waits for a core, and a step takes several times as long."""
+    cores = len(os.sched_getaffinity(0))
+    if nproc > cores:
+        print(f"note: {nproc} ranks on {cores} CPU core(s) here: the ranks share cores, so steps run slower")
+
+
 def expendable_ranks(cfg: Config, dims: ParallelDims) -> set[int]:
     """Ranks whose loss the job survives: the workers of an asynchronous parameter server."""
     if dims.servers and cfg.ps.asynchronous:
@@ -226,6 +234,7 @@ def launch(
     launch_time = time.time()
     signal.signal(signal.SIGTERM, _terminate)
     dims = preflight(cfg, nproc)
+    _warn_oversubscribed(nproc)
     if max_restarts < 0:
         raise ShardwiseError("max-restarts", f"must be >= 0, got {max_restarts}")
     if not resuming:

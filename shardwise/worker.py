@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from shardwise import procs
-from shardwise.config import load_config
+from shardwise.config import load_config, to_toml
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 from shardwise.files import write_atomic
 from shardwise.job import JobContext, run
@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), cfg.model.name)
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
+            if not (out_dir / "config.toml").exists():  # under torchrun: no launcher wrote it
+                cfg.run.out = str(out_dir.resolve())
+                write_atomic(out_dir / "config.toml", to_toml(cfg))
         result = run(cfg, out_dir=out_dir, device=device, context=context_from_environ())
         # leave together: ranks wait while rank 0 writes the outputs, so no rank
         # closes its connections under a peer that still expects it

@@ -75,7 +75,11 @@ BAD_INPUT = {
     ),
     "batch not divisible": (
         ["--nproc", "3", "--train.batch_size", "64"],
-        "train.batch_size: 64 is not divisible by parallel.dp=3 x train.grad_accum=1",
+        "train.batch_size: 64 is not divisible by parallel.dp=3 x train.grad_accum=1 (nearest that work: 63 or 66)",
+    ),
+    "an abbreviated option": (
+        ["--train.batch", "32"],
+        "train.batch: unknown config key (did you mean train.batch_size?)",
     ),
     "a layout key that moved": (
         ["--data.vertical", "2"],
@@ -119,7 +123,8 @@ BAD_INPUT = {
     ),
     "micro-batches do not divide the batch": (
         ["--parallel.pp", "2", "--parallel.microbatches", "5"],
-        "train.batch_size: 64 is not divisible by parallel.dp=1 x parallel.microbatches=5",
+        "train.batch_size: 64 is not divisible by parallel.dp=1 x parallel.microbatches=5 "
+        "(nearest that work: 60 or 65)",
     ),
     "image too small for the bands": (
         ["--nproc", "3", "--parallel.spatial", "3", "--model.name", "resnet", "--model.channels", "16,32,32"],
@@ -374,3 +379,46 @@ def test_a_ranks_error_record_reads_in_torchrun_and_in_the_launcher(tmp_path, mo
     ours = _failure(1, 1, path)
     assert (ours.kind, ours.step, ours.phase, ours.fallout) == ("peer-lost", 7, "optimizer step", True)
     assert ours.message.startswith("RuntimeError: Connection closed by peer")
+
+
+def test_bare_command_lists_the_commands_and_version(capsys):
+    from shardwise import __version__
+    from shardwise.cli import main
+
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert all(command in out for command in ("train", "bench", "cluster", "keygen", "verify"))
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"shardwise {__version__}"
+
+
+def test_train_help_shows_each_default_once_and_plainly():
+    from shardwise.cli import build_parser
+
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    flat = " ".join(text.split())
+    assert "(default: )" not in flat and "(default: False)" not in flat and "(default: True)" not in flat
+    assert "(default: 2 x parallel.pp)" in flat and "(default: 2 x parallel.pp). (default" not in flat
+    assert "(default: true)" in flat  # run.progress
+    assert "--ps.slow_factor" not in flat  # a test aid: accepted, not advertised
+
+
+def test_more_ranks_than_cores_says_so_once(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    args = ["--train.steps", "2", "--train.eval_every", "0", "--run.progress", "false", "--model.name", "mlp"]
+    args += ["--nproc", str(cores + 1), "--train.batch_size", str(8 * (cores + 1)), "--out", str(tmp_path / "run")]
+    done = shardwise("train", *args)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count(f"note: {cores + 1} ranks on {cores} CPU core(s)") == 1
+
+
+def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    args = ["--train.steps", "4", "--train.checkpoint_every", "2", "--train.eval_every", "0", "--run.progress", "false"]
+    assert shardwise("train", "--model.name", "mlp", *args, "--out", str(out)).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    done = shardwise("train", "--resume", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "is at step 4 of train.steps=4: the run is complete" in done.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before

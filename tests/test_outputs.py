@@ -17,3 +17,32 @@ def test_non_finite_numbers_are_written_as_null(tmp_path):
         "ok": 0.5,
     }
     assert json.loads((tmp_path / "metrics.jsonl").read_text(), **strict) == {"step": 3, "loss": None}
+
+
+def test_outputs_are_written_with_the_permissions_open_gives(tmp_path):
+    """Atomic writes go through a temporary file (mkstemp makes it 0600); the file that
+    lands has the mode any other file gets under the umask."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "summary.json", {"ok": 1})
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(mask)
+    modes = {(tmp_path / name).stat().st_mode & 0o777 for name in ("summary.json", "plain.txt")}
+    assert modes == {0o644}
+
+
+def test_the_summary_table_names_what_a_layout_shards():
+    from rich.console import Console
+
+    from shardwise.train.progress import render_summary
+
+    summary = {"val_accuracy": 0.5, "val_loss": 1.0, "train_loss": 1.0, "steps": 2, "global_batch": 8}
+    summary |= {"layout": "dp=4", "world_size": 4, "backend": "gloo", "model": "mlp", "parameters": 10}
+    summary |= {"samples_per_s": 1.0, "step_time_s": 0.1, "wall_s": 1.0}
+    for shard, shown in (("full", "dp=4, shard=full on 4 process(es)"), ("none", "dp=4 on 4 process(es)")):
+        console = Console(record=True, width=200)
+        console.print(render_summary({**summary, "shard": shard}, "out"))
+        assert shown in console.export_text()

@@ -79,6 +79,12 @@ class BatchPlan:
         return np.concatenate([self._from_shard(k, step) for k in own])
 
 
+def _nearest(batch: int, multiple: int) -> str:
+    """The global batches nearest `batch` that `multiple` divides, for the message."""
+    below, above = batch - batch % multiple, batch - batch % multiple + multiple
+    return f"nearest that work: {below} or {above}" if below > 0 else f"the smallest that works: {above}"
+
+
 def check_batch_layout(
     *, global_batch: int, grad_accum: int, dp: int, shards: int | None, microbatches: int = 1
 ) -> None:
@@ -93,15 +99,20 @@ def check_batch_layout(
         if global_batch % (dp * microbatches):
             raise ShardwiseError(
                 "train.batch_size",
-                f"{global_batch} is not divisible by parallel.dp={dp} x parallel.microbatches={microbatches}",
+                f"{global_batch} is not divisible by parallel.dp={dp} x parallel.microbatches={microbatches} "
+                f"({_nearest(global_batch, dp * microbatches)})",
             )
     if global_batch % (dp * grad_accum):
         raise ShardwiseError(
             "train.batch_size",
-            f"{global_batch} is not divisible by parallel.dp={dp} x train.grad_accum={grad_accum}",
+            f"{global_batch} is not divisible by parallel.dp={dp} x train.grad_accum={grad_accum} "
+            f"({_nearest(global_batch, dp * grad_accum)})",
         )
     if shards is not None:
         if shards % dp:
             raise ShardwiseError("data.shards", f"{shards} is not divisible by parallel.dp={dp}")
         if global_batch % shards:
-            raise ShardwiseError("train.batch_size", f"{global_batch} is not divisible by data.shards={shards}")
+            raise ShardwiseError(
+                "train.batch_size",
+                f"{global_batch} is not divisible by data.shards={shards} ({_nearest(global_batch, shards)})",
+            )

@@ -87,7 +87,7 @@ def render_summary(summary: dict, out_dir: str) -> Table:
         ("validation loss", f"{summary['val_loss']:.4f}"),
         ("final train loss", f"{summary['train_loss']:.4f}"),
         ("steps", f"{summary['steps']} x global batch {summary['global_batch']}"),
-        ("layout", f"{summary['layout']} on {summary['world_size']} process(es), {summary['backend']}"),
+        ("layout", f"{_layout(summary)} on {summary['world_size']} process(es), {summary['backend']}"),
         ("placement", summary.get("placement", "this machine")),
         ("model", f"{summary['model']} ({summary['parameters']:,} parameters)"),
         ("throughput", f"{summary['samples_per_s']:,.0f} samples/s, median step {1e3 * summary['step_time_s']:.2f} ms"),
@@ -101,3 +101,9 @@ def render_summary(summary: dict, out_dir: str) -> Table:
     for k, v in rows:
         table.add_row(k, v)
     return table
+
+
+def _layout(summary: dict) -> str:
+    """The layout with what its data-parallel ranks shard, where they shard anything."""
+    shard = summary.get("shard", "none")
+    return summary["layout"] if shard == "none" else f"{summary['layout']}, shard={shard}"
