@@ -28,8 +28,13 @@ from shardwise.errors import ShardwiseError
 
 @dataclass
 class ModelConfig:
-    name: Literal["mlp", "convnet", "resnet"] = "convnet"
-    """Registered model: mlp, convnet (conv stack then fully-connected head) or resnet."""
+    name: str = "convnet"
+    """A built-in model: mlp, convnet (conv stack then fully-connected head) or resnet; or your
+    own, as an import path `package.module:function`: the function gets the shape of a sample,
+    the number of classes and model.options as keywords, and returns an nn.Module."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for your own model's function (a TOML table; on the command line a
+    JSON object, e.g. '{"width": 64}')."""
     channels: list[int] = field(default_factory=lambda: [32, 32, 64, 64, 64])
     """Output channels of each convolution (convnet) or of each residual stage (resnet)."""
     hidden: list[int] = field(default_factory=lambda: [128, 64])
@@ -296,17 +301,23 @@ def _read_file(path: str | Path) -> str:
     return path.read_text()
 
 
-def trust_settings(path: str | Path | None, overrides: dict[str, str]) -> CheckpointConfig:
-    """The [checkpoint] section as the user's own config file and command line give it, and
-    nothing else (read before the checkpoint a resume is about to trust; the rest of the
-    config is checked once the checkpoint's own config is known)."""
+def user_section(path: str | Path | None, overrides: dict[str, str], section: str):
+    """One section as the user's own config file and command line give it, and nothing else,
+    unvalidated (read before a checkpoint is trusted; the whole config is checked once the
+    checkpoint's own config is known)."""
     cfg = Config()
     if path is not None:
-        _apply_toml(cfg, _read_file(path), str(path), only=("checkpoint",))
+        _apply_toml(cfg, _read_file(path), str(path), only=(section,))
     for key, value in overrides.items():
-        if key.startswith("checkpoint."):
+        if key.startswith(f"{section}."):
             _set(cfg, key, value, from_text=True)
-    return cfg.checkpoint
+    return getattr(cfg, section)
+
+
+def trust_settings(path: str | Path | None, overrides: dict[str, str]) -> CheckpointConfig:
+    """The [checkpoint] section as the user alone gives it: which keys to trust (the
+    checkpoint cannot vouch for itself)."""
+    return user_section(path, overrides, "checkpoint")
 
 
 def load_config(
@@ -326,6 +337,8 @@ def load_config(
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):

@@ -5,6 +5,8 @@ Nothing here imports torch."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import types
 import typing
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,6 +25,8 @@ def describe_type(tp: Any) -> str:
         return " | ".join(describe_type(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list of {describe_type(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "table"
     return "none" if tp is type(None) else tp.__name__
 
 
@@ -47,6 +51,16 @@ def coerce(key: str, tp: Any, value: Any, from_text: bool) -> Any:
         if value not in choices:
             raise ShardwiseError(key, f"expected one of {', '.join(map(str, choices))}, got {value!r}")
         return value
+    if origin is dict:
+        if from_text:
+            try:
+                value = json.loads(str(value)) if str(value).strip() else {}
+            except ValueError:
+                example = '{"width": 64}'
+                raise ShardwiseError(key, f"expected a JSON object such as '{example}', got {value!r}") from None
+        if not isinstance(value, dict) or not all(_plain(v) for v in value.values()):
+            raise ShardwiseError(key, f"expected a table of numbers, strings, booleans and lists, got {value!r}")
+        return dict(value)
     if origin is list:
         (inner,) = typing.get_args(tp)
         if from_text:
@@ -77,6 +91,17 @@ def coerce(key: str, tp: Any, value: Any, from_text: bool) -> Any:
             return str(value)
         raise bad
     raise AssertionError(f"unsupported field type {tp} for {key}")
+
+
+def _plain(value: Any) -> bool:
+    """A value a TOML table can hold (no null, no nested table: what model.options passes on)."""
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return isinstance(value, (bool, int, float, str))
+
+
+BUILT_IN_MODELS = ("mlp", "convnet", "resnet")
+IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
 
 def validate(cfg: Config) -> None:
@@ -122,6 +147,15 @@ def validate(cfg: Config) -> None:
     positive("data.classes", d.classes)
     if not d.shape or any(s <= 0 for s in d.shape):
         raise ShardwiseError("data.shape", f"must be positive sizes, got {d.shape}")
+    name = cfg.model.name
+    if name not in BUILT_IN_MODELS and not IMPORT_PATH.match(name):
+        raise ShardwiseError(
+            "model.name",
+            f"unknown model {name!r}: a built-in ({', '.join(BUILT_IN_MODELS)}) or an import path "
+            "package.module:function",
+        )
+    if cfg.model.options and name in BUILT_IN_MODELS:
+        raise ShardwiseError("model.options", f"are for your own model's function; {name} takes none")
     if not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden):
         raise ShardwiseError("model.hidden", f"must be positive widths, got {cfg.model.hidden}")
     if not cfg.model.channels or any(c <= 0 for c in cfg.model.channels):

@@ -9,6 +9,7 @@ one line. Nothing here imports torch: a bad config fails in a blink.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ from shardwise.data.sampler import check_batch_layout
 from shardwise.data.sources import check_source
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 from shardwise.files import write_atomic
-from shardwise.procs import free_port
+from shardwise.procs import free_port, with_working_folder
 from shardwise.topology import ParallelDims
 
 STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this long
@@ -64,6 +65,7 @@ def preflight(cfg: Config, nproc: int) -> ParallelDims:
         microbatches=dims.microbatches,
     )
     check_source(cfg.data)
+    check_import_path(cfg.model.name, "model.name")
     vertical_parts(cfg.data, cfg.parallel)
     ps = cfg.ps
     if dims.servers and ps.slow_factor > 1.0 and not (ps.slow_worker == -1 or dims.servers <= ps.slow_worker < nproc):
@@ -79,6 +81,25 @@ def _warn_oversubscribed(nproc: int) -> None:
     cores = len(os.sched_getaffinity(0))
     if nproc > cores:
         print(f"note: {nproc} ranks on {cores} CPU core(s) here: the ranks share cores, so steps run slower")
+
+
+def check_import_path(path: str, key: str) -> None:
+    """Refuse, before any rank starts, an import path whose module cannot be found (found,
+    it is imported by the ranks themselves: it may need torch)."""
+    if ":" not in path:
+        return
+    module = path.partition(":")[0]
+    with_working_folder()
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError) as e:
+        found, why = False, f" ({e})"
+    else:
+        why = ""
+    if not found:
+        raise ShardwiseError(
+            key, f"{path}: no module {module!r}{why}; run from the folder that holds it, or install it"
+        )
 
 
 def expendable_ranks(cfg: Config, dims: ParallelDims) -> set[int]:

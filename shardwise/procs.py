@@ -16,6 +16,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def with_working_folder() -> None:
+    """Put the working folder on the import path, as `python -m` does: an import path the
+    user names (their model) is found from where they run, whatever started the process
+    (the `shardwise` script, torchrun, the Python API)."""
+    here = os.getcwd()
+    if "" not in sys.path and here not in sys.path:
+        sys.path.insert(0, here)
+
+
 def exit_now(code: int) -> None:
     """End the process without interpreter finalisation. Gloo's worker threads can
     still hold tensors when Python tears down, and freeing them then aborts the

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import atexit
 import functools
+import importlib
+import json
 import math
 import shutil
 import tempfile
@@ -48,6 +50,7 @@ DEFAULTS = {
     "model.channels": "32,32,64,64,64",
     "model.hidden": "128,64",
     "model.norm": "group",
+    "model.options": "{}",
     "train.lr": "0.05",
     "train.optimizer": "sgd",
     "train.momentum": "0.9",
@@ -120,6 +123,9 @@ def _ints(text: str) -> list[int]:
 
 def plain_model(o: dict[str, str], in_shape: tuple[int, ...], classes: int) -> torch.nn.Module:
     name, hidden, channels = o["model.name"], _ints(o["model.hidden"]), _ints(o["model.channels"])
+    if ":" in name:  # the user's own model: its function, imported here by plain Python
+        module, _, function = name.partition(":")
+        return getattr(importlib.import_module(module), function)(in_shape, classes, **json.loads(o["model.options"]))
     if name == "mlp":
         return MLP(in_shape, classes, hidden=hidden)
     if name == "convnet":

@@ -39,7 +39,11 @@ def test_resolved_toml_round_trips(tmp_path):
     [
         ({"train.stepz": "3"}, "train.stepz: unknown config key (did you mean train.steps?)"),
         ({"train.steps": "ten"}, "train.steps: expected int, got 'ten'"),
-        ({"model.name": "vgg"}, "model.name: expected one of mlp, convnet, resnet, got 'vgg'"),
+        (
+            {"model.name": "vgg"},
+            "model.name: unknown model 'vgg': a built-in (mlp, convnet, resnet) or an import path "
+            "package.module:function",
+        ),
         ({"train.lr": "-1"}, "train.lr: must be positive, got -1.0"),
         ({"data.val_fraction": "1.5"}, "data.val_fraction: must be between 0 and 1, got 1.5"),
         ({"data.name": "cifar10"}, "data.path: is required for data.name=cifar10"),

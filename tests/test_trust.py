@@ -143,7 +143,7 @@ def test_a_shard_that_is_not_safetensors_is_one_line(run_copy):
     (checkpoint / "manifest.sig").unlink()
     (checkpoint / "manifest.json").unlink()
     write_manifest(checkpoint, step=6)
-    done = shardwise("train", "--resume", str(run_copy), "--nproc", "1")
+    done = shardwise("train", "--resume", str(run_copy), "--nproc", "1", "--train.steps", "12")  # steps left to run
     assert one_line_error(done).startswith(f"shardwise: rank 0: checkpoint: {shard}: not a valid safetensors file")
 
 
@@ -259,3 +259,20 @@ def test_a_crash_between_the_fallback_renames_leaves_the_old_step(tmp_path, monk
     assert torch.equal(read_checkpoint(found).tensors["model/w"], torch.ones(3))
     save_checkpoint(tmp_path, 2, {"model/w": torch.zeros(3)}, meta=meta, group=None)  # the next write goes through
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002"]
+
+
+def test_a_checkpoint_cannot_choose_the_code_a_resume_imports(run_copy):
+    """A checkpoint whose config names a model by import path is resumed only where the
+    user names the same path (or verifies the checkpoint's signature with their key)."""
+    from shardwise.cli import _resume_config
+
+    inside = run_copy / "checkpoints" / "step-00000006"
+    text = (inside / "config.toml").read_text().replace('name = "mlp"', 'name = "examples.digits_model:build"')
+    (inside / "config.toml").write_text(text)
+    (inside / "manifest.sig").unlink()
+    (inside / "manifest.json").unlink()
+    write_manifest(inside, step=6)
+    with pytest.raises(ShardwiseError, match="names code to import, examples.digits_model:build"):
+        _resume_config(None, run_copy, {})
+    cfg, _, _ = _resume_config(None, run_copy, {"model.name": "examples.digits_model:build"})
+    assert cfg.model.name == "examples.digits_model:build"

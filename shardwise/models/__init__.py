@@ -1,12 +1,17 @@
-"""Plain nn.Modules that know nothing about parallelism, and the registry that builds them.
+"""Plain nn.Modules that know nothing about parallelism, the registry that builds them,
+and your own models, named by an import path `package.module:function`.
 
-Every model is a `features` stage (may be empty) followed by a `head` of
-fully-connected layers, both `nn.Sequential`, so strategies applied from
-outside (pipeline cuts, tensor-parallel heads) find the same structure in all.
+Every built-in model is a `features` stage (may be empty) followed by a `head` of
+fully-connected layers, both `nn.Sequential`, so strategies applied from outside
+(pipeline cuts, tensor-parallel heads) find the same structure in all. Your own
+model may be any nn.Module: data parallelism, FSDP2 and ZeRO-1 take it as it is;
+the strategies that cut it need that same structure where they cut (README, "Your
+own model"), and say so in one line where it is missing.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 from torch import nn
@@ -16,6 +21,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.models.convnet import ConvNet
 from shardwise.models.mlp import MLP
 from shardwise.models.resnet import ResNet
+from shardwise.procs import with_working_folder
 
 ModelBuilder = Callable[[ModelConfig, tuple[int, ...], int], nn.Module]
 
@@ -29,8 +35,40 @@ MODELS: dict[str, ModelBuilder] = {
 
 
 def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if ":" in cfg.name:
+        return _build_own(cfg, tuple(in_shape), num_classes)
     if cfg.name not in MODELS:
         raise ShardwiseError("model.name", f"unknown model {cfg.name!r}; known: {', '.join(MODELS)}")
     if cfg.name in ("convnet", "resnet") and len(in_shape) != 3:
         raise ShardwiseError("model.name", f"{cfg.name} needs images (C, H, W), the data has shape {in_shape}")
     return MODELS[cfg.name](cfg, tuple(in_shape), num_classes)
+
+
+def import_function(path: str, key: str):
+    """The function `package.module:function` names, or one line saying why not."""
+    module_name, _, name = path.partition(":")
+    with_working_folder()
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        where = "run from the folder that holds it, or install it"
+        raise ShardwiseError(key, f"{path}: cannot import {module_name!r} ({e}); {where}") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ShardwiseError(key, f"{path}: {module_name} has no function {name!r}")
+    return function
+
+
+def _build_own(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    build = import_function(cfg.name, "model.name")
+    try:
+        model = build(in_shape, num_classes, **cfg.options)
+    except Exception as e:  # the user's function: its error in one line, with where it came from
+        raise ShardwiseError(
+            "model.name",
+            f"{cfg.name}(in_shape={in_shape}, num_classes={num_classes}, **model.options) raised "
+            f"{type(e).__name__}: {e}",
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ShardwiseError("model.name", f"{cfg.name} returned {type(model).__name__}, not an nn.Module")
+    return model

@@ -39,7 +39,8 @@ def apply_data_parallel(part: Part, mesh: RankMesh, *, device: torch.device) -> 
         dp_mesh = mesh.device_mesh("dp")
         # one FSDP unit per layer of the feature stack and the head: a layer's
         # parameters are gathered just before it runs and freed after
-        for stack in (model.features, model.head):
+        stacks = [getattr(model, name, None) for name in ("features", "head")]
+        for stack in (s for s in stacks if isinstance(s, nn.Sequential)):  # else the model is one unit
             for layer in stack.children():
                 if any(True for _ in layer.parameters()):
                     fully_shard(layer, mesh=dp_mesh)

@@ -40,6 +40,12 @@ class LayerCost:
 
 def model_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The model's layers in order, under their own names (`features.3`, `head.0`, ...)."""
+    if not all(isinstance(getattr(model, stack, None), nn.Sequential) for stack in STACKS):
+        raise ShardwiseError(
+            "parallel.pp",
+            f"{type(model).__name__} is not a `features` then a `head` nn.Sequential, the layers a pipeline "
+            "cuts into stages (see README, Your own model)",
+        )
     return [(f"{stack}.{name}", m) for stack in STACKS for name, m in getattr(model, stack).named_children()]
 
 

@@ -262,6 +262,11 @@ def apply_spatial(part: Part, mesh: RankMesh, *, in_shape: tuple[int, ...], chec
     group, model = mesh.groups["spatial"], part.model
     if group is None or dist.get_world_size(group) == 1:
         return part
+    if not isinstance(getattr(model, "features", None), nn.Sequential):
+        raise ShardwiseError(
+            "parallel.spatial",
+            f"{type(model).__name__} has no `features`, an nn.Sequential convolution stack, to cut into bands",
+        )
     has_conv = any(isinstance(m, nn.Conv2d) for m in model.features.modules())
     if len(in_shape) != 3 or (check_convolution and not has_conv):
         raise ShardwiseError("parallel.spatial", "needs a convolutional model (convnet or resnet) on images")

@@ -95,7 +95,13 @@ def apply_tensor_parallel(part: Part, mesh: RankMesh) -> Part:
     group = mesh.groups["tp"]
     if group is None or dist.get_world_size(group) == 1:
         return part
-    head: nn.Sequential = part.model.head
+    head = getattr(part.model, "head", None)
+    if not isinstance(head, nn.Sequential):
+        raise ShardwiseError(
+            "parallel.tp",
+            f"{type(part.model).__name__} has no `head`, an nn.Sequential of Linear layers, for tensor parallelism "
+            "to split (see README, Your own model)",
+        )
     taken = {name for name, _ in head.named_children() if any(s.startswith(f"head.{name}.") for s in part.splits)}
     splits: dict[str, Split] = {}
     for name, kind in plan_tensor_parallel(head, dist.get_world_size(group), skip=taken).items():
