@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
 from pathlib import Path
 
 from shardwise import __version__
 from shardwise.cluster.commands import add_parser as add_cluster_parser
-from shardwise.config import SECTIONS, Config, all_keys, field_docs, load_config, trust_settings
+from shardwise.config import SECTIONS, Config, all_keys, field_docs, load_config, trust_settings, user_section
 from shardwise.config_check import describe_type
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 
@@ -43,7 +44,7 @@ TEST_AIDS = ("ps.slow_worker", "ps.slow_factor")
 def _shown_default(default, doc: str) -> str:
     """` (default: X)` for the help, or nothing where the documentation already says it
     (a default that follows other keys) or there is nothing to show."""
-    if "(default" in doc or default is None or default == "" or default == []:
+    if "(default" in doc or default is None or default in ("", [], {}):
         return ""
     if isinstance(default, bool):
         return f" (default: {str(default).lower()})"
@@ -148,26 +149,25 @@ def build_parser() -> OneLineParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from shardwise.cluster.placement import placement_for
-    from shardwise.launch import launch
-    from shardwise.train.outputs import new_run_dir
+    from shardwise import api
 
     overrides = {k: v for k, v in vars(args).items() if k in set(all_keys())}
     if args.out is not None:
         overrides["run.out"] = str(args.out)
     if args.timeline:
         overrides["run.timeline"] = "true"
+    out, resuming = None, False
     if args.resume is not None:
         cfg, out, resuming = _resume_config(args.config, args.resume, overrides)
     else:
         cfg = load_config(args.config, overrides)
         if cfg.run.resume:
             cfg, out, resuming = _resume_config(args.config, Path(cfg.run.resume), overrides)
-        else:
-            out, resuming = Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), cfg.model.name), False
-    placement = placement_for(args.cluster)
-    return launch(
-        cfg, nproc=args.nproc, out=out, max_restarts=args.max_restarts, resuming=resuming, placement=placement
+    if cfg.run.resume:
+        _check_not_complete(cfg)
+    out = api.out_folder(cfg, out)
+    return api.run_local(
+        cfg, nproc=args.nproc, out=out, max_restarts=args.max_restarts, cluster=args.cluster, resuming=resuming
     )
 
 
@@ -184,7 +184,7 @@ def _resume_config(config: str | None, path: Path, overrides: dict[str, str]):
     own = {k: v for k, v in overrides.items() if k != "run.resume"}
     trusted = trust_settings(config, own)
     checkpoint = find_checkpoint(path)
-    step = verify(checkpoint, verify_key=trusted.verify_key)["step"]  # every file, before anything starts
+    verify(checkpoint, verify_key=trusted.verify_key)  # every file, before anything starts
     if is_signed(checkpoint) and not trusted.verify_key:
         print(f"note: {checkpoint} is signed, but its signature is not checked: no checkpoint.verify_key given")
     if is_signed(checkpoint) and not trusted.sign_key:
@@ -194,12 +194,8 @@ def _resume_config(config: str | None, path: Path, overrides: dict[str, str]):
         raise ShardwiseError("resume", f"{checkpoint} holds no config.toml")
     stored = files["config.toml"].decode("utf-8", errors="replace")
     cfg = load_config(config, own, resumed=stored)
-    if step >= cfg.train.steps:
-        raise RunComplete(
-            f"{checkpoint} is at step {step} of train.steps={cfg.train.steps}: the run is complete, nothing to do; "
-            f"to train further, resume with more steps (--train.steps {2 * cfg.train.steps}: the schedule then "
-            "runs to the new last step)"
-        )
+    named = user_section(config, own, "model").name
+    _trust_code(cfg.model.name, checkpoint, named_by_user=named, verified=bool(trusted.verify_key))
     cfg.run.resume = str(checkpoint)
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
     if cfg.run.out:
@@ -212,6 +208,31 @@ def _resume_config(config: str | None, path: Path, overrides: dict[str, str]):
     if target == inside or inside in target.parents:
         raise ShardwiseError("out", f"{str(out)!r} is inside the checkpoint {checkpoint}, which is never written")
     return cfg, out, run_dir is not None and target == run_dir.resolve()
+
+
+def _check_not_complete(cfg: Config) -> None:
+    """A resume of a run that has done all its steps runs nothing: it says so, and how to go on."""
+    from shardwise.checkpoint.manifest import MANIFEST
+
+    step = json.loads((Path(cfg.run.resume) / MANIFEST).read_text())["step"]  # verified just before
+    if step >= cfg.train.steps:
+        raise RunComplete(
+            f"{cfg.run.resume} is at step {step} of train.steps={cfg.train.steps}: the run is complete, nothing "
+            f"to do; to train further, resume with more steps (--train.steps {2 * cfg.train.steps}: the schedule "
+            "then runs to the new last step)"
+        )
+
+
+def _trust_code(name: str, checkpoint: Path, *, named_by_user: str, verified: bool) -> None:
+    """A checkpoint's config that names code to import (a model's import path) is followed
+    only where the user names the same code, or the checkpoint's signature was verified
+    with the user's key: reading a checkpoint must never run code someone else chose."""
+    if ":" in name and name != named_by_user and not verified:
+        raise ShardwiseError(
+            "model.name",
+            f"{checkpoint} names code to import, {name}, and a checkpoint cannot vouch for the code it runs: "
+            f"name it yourself (--model.name {name}) or verify the checkpoint (checkpoint.verify_key)",
+        )
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 
 from shardwise import procs
-from shardwise.config import load_config, to_toml
+from shardwise.config import Config, load_config, to_toml
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 from shardwise.files import write_atomic
-from shardwise.job import JobContext, run
+from shardwise.job import JobContext, RunResult, run
 from shardwise.procs import exit_now
 from shardwise.train.outputs import new_run_dir
 
@@ -169,6 +169,37 @@ def _record_error(exc: BaseException, rank: int) -> None:
     write_atomic(Path(path), json.dumps({"message": message, "shardwise": record}))
 
 
+def under_torchrun() -> bool:
+    """Whether this process is a rank torchrun started (its agent names the run)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and not os.environ.get(procs.LAUNCHED_ENV)
+
+
+def run_rank(cfg: Config) -> tuple[Path, RunResult]:
+    """This process as one rank of a job the launcher or torchrun started (their environment
+    says which rank): the device, the process group, the job; its run folder and result."""
+    torch.set_num_threads(1)
+    device = rank_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        if cfg.train.deterministic:  # cuBLAS repeats its results only with a fixed workspace
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    check_master_reachable()
+    init_process_group(backend_for(device), timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+    out_dir = Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), cfg.model.name.rpartition(":")[2])
+    if dist.get_rank() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not (out_dir / "config.toml").exists():  # under torchrun: no launcher wrote it
+            cfg.run.out = str(out_dir.resolve())
+            write_atomic(out_dir / "config.toml", to_toml(cfg))
+    result = run(cfg, out_dir=out_dir, device=device, context=context_from_environ())
+    # leave together: ranks wait while rank 0 writes the outputs, so no rank
+    # closes its connections under a peer that still expects it
+    if result.leave_together:
+        dist.barrier()
+    dist.destroy_process_group()
+    return out_dir, result
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one rank; the exit status is 0, 2 (the user's mistake) or 1.
 
@@ -182,28 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if len(argv) != 1:
             raise ShardwiseError("worker", f"expected one argument, the config file; got {argv}")
-        cfg = load_config(argv[0])
-        torch.set_num_threads(1)
-        device = rank_device()
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-            if cfg.train.deterministic:  # cuBLAS repeats its results only with a fixed workspace
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        timeout = timedelta(seconds=cfg.train.collective_timeout_s)
-        check_master_reachable()
-        init_process_group(backend_for(device), timeout=timeout)
-        out_dir = Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), cfg.model.name)
-        if rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            if not (out_dir / "config.toml").exists():  # under torchrun: no launcher wrote it
-                cfg.run.out = str(out_dir.resolve())
-                write_atomic(out_dir / "config.toml", to_toml(cfg))
-        result = run(cfg, out_dir=out_dir, device=device, context=context_from_environ())
-        # leave together: ranks wait while rank 0 writes the outputs, so no rank
-        # closes its connections under a peer that still expects it
-        if result.leave_together:
-            dist.barrier()
-        dist.destroy_process_group()
+        run_rank(load_config(argv[0]))
         return 0
     except ShardwiseError as e:
         _record_error(e, rank)

@@ -1,0 +1,110 @@
+"""The Python API: a config in code, a run on N local processes (or as the ranks of a
+torchrun job), and what it left.
+
+    import shardwise
+
+    cfg = shardwise.build_config({"model.name": "examples.digits_model:build", "train.steps": 200})
+    result = shardwise.run(cfg, nproc=2, out="runs/mine")
+    print(result.summary["val_accuracy"], result.weights)
+
+The same script under `torchrun --nproc-per-node 2 script.py` runs as the ranks torchrun
+started: every rank calls `run`, which then trains in the calling process and returns
+on every rank. The command line is a thin layer over this module.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shardwise.config import Config, load_config
+from shardwise.errors import EXIT_USAGE, ShardwiseError
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished run: its folder and its summary (summary.json)."""
+
+    out: Path
+    summary: dict
+
+    @property
+    def weights(self) -> Path:
+        """The full, unsharded weights under the model's own names (safetensors)."""
+        return self.out / "model.safetensors"
+
+
+class RunFailed(Exception):
+    """A run that did not finish: the exit status a command would give (1: a rank failed,
+    130: interrupted); the launcher has printed why, in one line."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(f"the run failed (exit status {exit_code}); its one-line reason is on stderr")
+        self.exit_code = exit_code
+
+
+def build_config(settings: dict[str, Any] | None = None, *, file: str | Path | None = None) -> Config:
+    """A validated config: the defaults, then `file` (TOML), then `settings` keyed
+    `section.key` with Python values (`{"train.steps": 200, "model.hidden": [64, 32]}`)."""
+    return load_config(file, {key: _as_text(value) for key, value in (settings or {}).items()})
+
+
+def _as_text(value: Any) -> str:
+    """A Python value as the command line would give it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def run(
+    cfg: Config,
+    *,
+    nproc: int = 2,
+    out: str | Path | None = None,
+    max_restarts: int = 0,
+    cluster: str = "local",
+    resuming: bool = False,
+) -> Result:
+    """Train as `cfg` says on `nproc` processes of this machine (or the emulated cluster's
+    hosts: `cluster="emulated"`), writing to `out` (default: `cfg.run.out`, else a new folder
+    under runs/). Under torchrun, this process is one rank of its job and `nproc` is torchrun's.
+    A mistake in the config raises ShardwiseError; a run that fails raises RunFailed."""
+    from shardwise.worker import run_rank, under_torchrun
+
+    if under_torchrun():
+        if out is not None:
+            cfg.run.out = str(out)
+        folder, result = run_rank(cfg)
+        return Result(folder, result.summary)
+    folder = out_folder(cfg, out)
+    code = run_local(cfg, nproc=nproc, out=folder, max_restarts=max_restarts, cluster=cluster, resuming=resuming)
+    if code == EXIT_USAGE:
+        raise ShardwiseError("run", "a rank refused the config; its one-line reason is on stderr")
+    if code != 0:
+        raise RunFailed(code)
+    return Result(folder, json.loads((folder / "summary.json").read_text()))
+
+
+def out_folder(cfg: Config, out: str | Path | None) -> Path:
+    from shardwise.train.outputs import new_run_dir
+
+    if out is not None:
+        return Path(out)
+    if cfg.run.out:
+        return Path(cfg.run.out)
+    return new_run_dir(Path("runs"), cfg.model.name.rpartition(":")[2])  # an import path: its function's name
+
+
+def run_local(cfg: Config, *, nproc: int, out: Path, max_restarts: int, cluster: str, resuming: bool) -> int:
+    """Start the ranks here (or on the emulated cluster), supervise them; the exit status."""
+    from shardwise.cluster.placement import placement_for
+    from shardwise.launch import launch
+
+    placement = placement_for(cluster)
+    return launch(cfg, nproc=nproc, out=out, max_restarts=max_restarts, resuming=resuming, placement=placement)

@@ -1,0 +1,60 @@
+"""The Python API: a config in code, a run on local processes or as torchrun's ranks, its results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import shardwise
+from shardwise.errors import ShardwiseError
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {
+    "model.name": "examples.digits_model:build",
+    "model.options": {"width": 32},
+    "train.steps": 8,
+    "train.eval_every": 0,
+    "run.progress": False,
+}
+
+
+def test_train_from_python_and_from_a_torchrun_script_give_the_same_run(tmp_path):
+    """shardwise.train on 2 local processes, and the same call in a script that torchrun
+    starts twice: the same summary's steps, the same final weights."""
+    local = shardwise.run(shardwise.build_config(SETTINGS), nproc=2, out=tmp_path / "local")
+    assert local.summary["steps"] == 8 and local.summary["world_size"] == 2 and local.weights.is_file()
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import json, sys
+        import shardwise
+        settings = json.loads({json.dumps(json.dumps(SETTINGS))})
+        result = shardwise.run(shardwise.build_config(settings), out=sys.argv[1])
+        print("RESULT", json.dumps({{"steps": result.summary["steps"], "out": str(result.out)}}))
+    """)
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+         str(tmp_path / "torchrun")],
+        capture_output=True, text=True, timeout=180, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == 2 and all(r == {"steps": 8, "out": str(tmp_path / "torchrun")} for r in results)
+    assert (tmp_path / "torchrun" / "config.toml").is_file()
+    mine, theirs = load_file(local.weights), load_file(tmp_path / "torchrun" / "model.safetensors")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_a_mistake_in_code_raises_with_the_field():
+    with pytest.raises(ShardwiseError, match="train.steps: expected int"):
+        shardwise.build_config({"train.steps": "many"})
+    with pytest.raises(ShardwiseError, match="nproc: must be at least 1"):
+        shardwise.run(shardwise.build_config(SETTINGS), nproc=0)
