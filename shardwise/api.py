@@ -70,11 +70,13 @@ def run(
     max_restarts: int = 0,
     cluster: str = "local",
     resuming: bool = False,
+    overwrite: bool = False,
 ) -> Result:
     """Train as `cfg` says on `nproc` processes of this machine (or the emulated cluster's
     hosts: `cluster="emulated"`), writing to `out` (default: `cfg.run.out`, else a new folder
     under runs/). Under torchrun, this process is one rank of its job and `nproc` is torchrun's.
-    A mistake in the config raises ShardwiseError; a run that fails raises RunFailed."""
+    `overwrite` starts a run folder again (never a folder that is not one). A mistake in the
+    config raises ShardwiseError; a run that fails raises RunFailed."""
     from shardwise.worker import run_rank, under_torchrun
 
     if under_torchrun():
@@ -83,7 +85,9 @@ def run(
         folder, result = run_rank(cfg)
         return Result(folder, result.summary)
     folder = out_folder(cfg, out)
-    code = run_local(cfg, nproc=nproc, out=folder, max_restarts=max_restarts, cluster=cluster, resuming=resuming)
+    code = run_local(
+        cfg, nproc=nproc, out=folder, max_restarts=max_restarts, cluster=cluster, resuming=resuming, overwrite=overwrite
+    )
     if code == EXIT_USAGE:
         raise ShardwiseError("run", "a rank refused the config; its one-line reason is on stderr")
     if code != 0:
@@ -101,10 +105,20 @@ def out_folder(cfg: Config, out: str | Path | None) -> Path:
     return new_run_dir(Path("runs"), cfg.model.name.rpartition(":")[2])  # an import path: its function's name
 
 
-def run_local(cfg: Config, *, nproc: int, out: Path, max_restarts: int, cluster: str, resuming: bool) -> int:
+def run_local(
+    cfg: Config, *, nproc: int, out: Path, max_restarts: int, cluster: str, resuming: bool, overwrite: bool = False
+) -> int:
     """Start the ranks here (or on the emulated cluster), supervise them; the exit status."""
     from shardwise.cluster.placement import placement_for
     from shardwise.launch import launch
 
     placement = placement_for(cluster)
-    return launch(cfg, nproc=nproc, out=out, max_restarts=max_restarts, resuming=resuming, placement=placement)
+    return launch(
+        cfg,
+        nproc=nproc,
+        out=out,
+        max_restarts=max_restarts,
+        resuming=resuming,
+        placement=placement,
+        overwrite=overwrite,
+    )

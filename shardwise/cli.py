@@ -87,6 +87,12 @@ def build_parser() -> OneLineParser:
     train.add_argument("--nproc", type=int, default=2, help="number of local worker processes (default: 2)")
     train.add_argument("--out", type=Path, default=None, help="output folder (default: a new folder under runs/)")
     train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in --out if it holds a run already (one left by Ctrl-C, say); a folder that is not a "
+        "run folder is never removed",
+    )
+    train.add_argument(
         "--timeline", action="store_true", help="pipeline: write timeline.png, a Gantt chart of the last step"
     )
     train.add_argument(
@@ -167,7 +173,13 @@ def _train(args: argparse.Namespace) -> int:
         _check_not_complete(cfg)
     out = api.out_folder(cfg, out)
     return api.run_local(
-        cfg, nproc=args.nproc, out=out, max_restarts=args.max_restarts, cluster=args.cluster, resuming=resuming
+        cfg,
+        nproc=args.nproc,
+        out=out,
+        max_restarts=args.max_restarts,
+        cluster=args.cluster,
+        resuming=resuming,
+        overwrite=args.overwrite,
     )
 
 

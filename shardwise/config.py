@@ -145,6 +145,9 @@ class TrainConfig:
     """Evaluate on the validation set every this many steps, and at the end (0: only at the end)."""
     checkpoint_every: int = 0
     """Write a checkpoint to OUT/checkpoints/step-N every this many steps and at the end (0: never)."""
+    keep_checkpoints: int = 0
+    """Keep only the newest this many complete checkpoints, removing older ones once a newer
+    one is complete (0: keep all)."""
     collective_timeout_s: float = 300.0
     """A collective or point-to-point transfer that waits longer than this fails, so a rank
     that stops answering ends the job instead of hanging it."""

@@ -125,6 +125,8 @@ def validate(cfg: Config) -> None:
             positive(f"parallel.{f.name}", value)
     positive("train.collective_timeout_s", t.collective_timeout_s)
     positive("train.max_bad_steps", t.max_bad_steps)
+    if t.keep_checkpoints < 0:
+        raise ShardwiseError("train.keep_checkpoints", f"must be >= 0, got {t.keep_checkpoints}")
     if t.checkpoint_every < 0:
         raise ShardwiseError("train.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}")
     ps = cfg.ps

@@ -109,9 +109,16 @@ def expendable_ranks(cfg: Config, dims: ParallelDims) -> set[int]:
     return set()
 
 
-def prepare_out_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ShardwiseError("out", f"{str(out)!r} exists and is not an empty folder")
+def prepare_out_dir(out: Path, *, overwrite: bool = False) -> None:
+    """Refuse a folder that holds anything, unless `overwrite` asks to start it again: then
+    it is removed, but only if it is a run folder (its config.toml says so), never another."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
+        raise ShardwiseError("out", f"{str(out)!r} exists and is not an empty folder (--overwrite starts it again)")
+    if not (out / "config.toml").is_file():
+        raise ShardwiseError("overwrite", f"{str(out)!r} is not a run folder (it has no config.toml): not removed")
+    shutil.rmtree(out)
 
 
 def _failure(rank: int, exit_code: int, path: Path) -> RankFailure:
@@ -247,6 +254,7 @@ def launch(
     max_restarts: int = 0,
     resuming: bool = False,
     placement: Placement | None = None,
+    overwrite: bool = False,
 ) -> int:
     """Run the job on `nproc` workers placed by `placement` (default: this machine),
     restarting all of them from the newest complete checkpoint up to `max_restarts`
@@ -259,7 +267,7 @@ def launch(
     if max_restarts < 0:
         raise ShardwiseError("max-restarts", f"must be >= 0, got {max_restarts}")
     if not resuming:
-        prepare_out_dir(out)
+        prepare_out_dir(out, overwrite=overwrite)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     cfg.run.out = str(out.resolve())

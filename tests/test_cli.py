@@ -422,3 +422,27 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "is at step 4 of train.steps=4: the run is complete" in done.stdout
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    out = tmp_path / "run"
+    args = ["--train.steps", "8", "--train.checkpoint_every", "2", "--train.keep_checkpoints", "2"]
+    args += ["--train.eval_every", "0", "--run.progress", "false", "--model.name", "mlp", "--out", str(out)]
+    assert shardwise("train", *args).returncode == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000006", "step-00000008"]
+    assert shardwise("verify", str(out)).returncode == 0
+
+
+def test_overwrite_starts_a_run_folder_again_and_nothing_else(tmp_path):
+    args = ["--train.steps", "2", "--train.eval_every", "0", "--run.progress", "false", "--model.name", "mlp"]
+    out = tmp_path / "run"
+    assert shardwise("train", *args, "--out", str(out)).returncode == 0
+    assert shardwise("train", *args, "--out", str(out)).returncode == 2  # it holds a run
+    assert shardwise("train", *args, "--out", str(out), "--overwrite").returncode == 0
+    assert (out / "summary.json").is_file()
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    refused = shardwise("train", *args, "--out", str(other), "--overwrite")
+    assert refused.returncode == 2 and "is not a run folder (it has no config.toml): not removed" in refused.stderr
+    assert (other / "notes.txt").read_text() == "keep me"

@@ -46,3 +46,18 @@ def test_the_summary_table_names_what_a_layout_shards():
         console = Console(record=True, width=200)
         console.print(render_summary({**summary, "shard": shard}, "out"))
         assert shown in console.export_text()
+
+
+def test_the_curves_of_a_resumed_run_show_its_whole_history(tmp_path, monkeypatch):
+    """metrics.jsonl keeps the steps before a resume; the curves are drawn from it."""
+    from shardwise.config import load_config
+    from shardwise.topology import ParallelDims
+    from shardwise.train import outputs
+
+    drawn = []
+    monkeypatch.setattr(outputs, "plot_curves", lambda path, records, title: drawn.extend(records))
+    (tmp_path / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss": null}}\n' for s in (2, 4, 6, 8)))
+    cfg = load_config(None, {})
+    dims = ParallelDims.resolve(cfg.parallel, 1)
+    outputs.write_run(tmp_path, cfg, dims, {}, [{"step": 6, "loss": 1.0}, {"step": 8, "loss": 1.0}], {"ok": 1})
+    assert [r["step"] for r in drawn] == [2, 4, 6, 8] and all(r["loss"] != r["loss"] for r in drawn)  # NaN

@@ -29,7 +29,15 @@ def build_checkpointer(cfg: Config, out_dir: Path | None, group, collect, faults
         return None
     root = out_dir / "checkpoints"
     return Checkpointer(
-        root, t.checkpoint_every, t.steps, group, collect, cfg.checkpoint.sign_key, faults, config_text=to_toml(cfg)
+        root,
+        t.checkpoint_every,
+        t.steps,
+        group,
+        collect,
+        cfg.checkpoint.sign_key,
+        faults,
+        config_text=to_toml(cfg),
+        keep=t.keep_checkpoints,
     )
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from shardwise.checkpoint.manifest import step_dir, verified_files, write_manifest
+from shardwise.checkpoint.manifest import MANIFEST, STEP_DIR, step_dir, verified_files, write_manifest
 from shardwise.comm.collectives import all_gather_json
 from shardwise.errors import ShardwiseError
 from shardwise.files import fsync_path
@@ -221,12 +221,13 @@ class Checkpointer:
     sign_key: str = ""
     faults: object = None
     config_text: str = ""  # the run's config, kept inside every checkpoint
+    keep: int = 0  # the newest this many complete checkpoints stay (0: all)
 
     def maybe_save(self, done_steps: int) -> Path | None:
         if self.every <= 0 or not (done_steps % self.every == 0 or done_steps == self.total_steps):
             return None
         tensors, meta = self.collect()
-        return save_checkpoint(
+        saved = save_checkpoint(
             self.root,
             done_steps,
             tensors,
@@ -236,6 +237,21 @@ class Checkpointer:
             config_text=self.config_text,
             faults=self.faults,
         )
+        if self.keep and (self.group is None or dist.get_rank(self.group) == 0):
+            prune(self.root, self.keep)
+        return saved
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Remove all but the newest `keep` complete step-N folders (never an incomplete one, nor
+    one set aside while a step was written again); the ones removed, oldest first."""
+    complete = sorted(
+        (int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / MANIFEST).is_file()
+    )
+    gone = [p for _, p in complete[:-keep]]
+    for p in gone:
+        shutil.rmtree(p)
+    return gone
 
 
 def rng_tensors(rank: int) -> dict[str, Tensor]:

@@ -134,8 +134,18 @@ def describe_hosts(hostnames: list[str], launcher_said: str | None = None) -> di
     return {"placement": text, "hosts": hosts}
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of metrics.jsonl, a number written as null (not finite) read back as NaN."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: float("nan") if v is None else v for k, v in r.items()} for r in records]
+
+
 def write_run(out_dir: Path, cfg: Config, dims: ParallelDims, state: dict, records: list[dict], summary: dict) -> None:
-    """The run's weights, curves and summary."""
+    """The run's weights, curves and summary. The curves show the whole history in
+    metrics.jsonl (a resumed run's earlier steps too), else this run's records."""
     save_model(out_dir / "model.safetensors", state)
-    plot_curves(out_dir / "curves.png", records, f"{cfg.model.name} on {cfg.data.name}, {dims.layout}")
+    history = read_metrics(out_dir / "metrics.jsonl") or records
+    plot_curves(out_dir / "curves.png", history, f"{cfg.model.name} on {cfg.data.name}, {dims.layout}")
     write_json(out_dir / "summary.json", summary)
