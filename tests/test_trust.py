@@ -224,17 +224,21 @@ def test_a_restart_goes_back_to_the_checkpoint_it_resumed_not_to_a_newer_old_one
     assert f"restart 1 of 1 from {checkpoint}" in done.stderr, done.stderr
 
 
+def _edit_saved_config(run: Path, old: str, new: str) -> None:
+    """Change the last checkpoint's config.toml and write its manifest again, unsigned."""
+    inside = run / "checkpoints" / "step-00000006"
+    (inside / "config.toml").write_text((inside / "config.toml").read_text().replace(old, new))
+    (inside / "manifest.sig").unlink()
+    (inside / "manifest.json").unlink()
+    write_manifest(inside, step=6)
+
+
 def test_resume_overrides_are_checked_against_the_checkpoints_config(run_copy):
     """An override that is valid only with the saved config (fixed shards need a fixed
     partition) is taken; the trust settings were read without it."""
     from shardwise.cli import _resume_config
 
-    inside = run_copy / "checkpoints" / "step-00000006"
-    text = (inside / "config.toml").read_text().replace('partition = "shuffle"', 'partition = "stratified"')
-    (inside / "config.toml").write_text(text)
-    (inside / "manifest.sig").unlink()
-    (inside / "manifest.json").unlink()
-    write_manifest(inside, step=6)
+    _edit_saved_config(run_copy, 'partition = "shuffle"', 'partition = "stratified"')
     cfg, out, resuming = _resume_config(None, run_copy, {"data.shards": "2"})
     assert cfg.data.partition == "stratified" and cfg.data.shards == 2 and resuming and out == run_copy
 
@@ -266,12 +270,7 @@ def test_a_checkpoint_cannot_choose_the_code_a_resume_imports(run_copy):
     user names the same path (or verifies the checkpoint's signature with their key)."""
     from shardwise.cli import _resume_config
 
-    inside = run_copy / "checkpoints" / "step-00000006"
-    text = (inside / "config.toml").read_text().replace('name = "mlp"', 'name = "examples.digits_model:build"')
-    (inside / "config.toml").write_text(text)
-    (inside / "manifest.sig").unlink()
-    (inside / "manifest.json").unlink()
-    write_manifest(inside, step=6)
+    _edit_saved_config(run_copy, 'name = "mlp"', 'name = "examples.digits_model:build"')
     with pytest.raises(ShardwiseError, match="names code to import, examples.digits_model:build"):
         _resume_config(None, run_copy, {})
     cfg, _, _ = _resume_config(None, run_copy, {"model.name": "examples.digits_model:build"})
