@@ -122,3 +122,40 @@ def run_local(
         placement=placement,
         overwrite=overwrite,
     )
+
+
+def evaluate(run: str | Path, settings: dict[str, Any] | None = None) -> dict[str, float]:
+    """Score a finished run's weights (model.safetensors) on its validation set, or on the
+    data `settings` name (`{"data.name": "npz", "data.path": ...}`), in this process:
+    {"val_loss", "val_accuracy"}. A model import path in the run's config is followed only
+    where `settings` names the same one: a run folder cannot choose the code it runs."""
+    import torch
+    from safetensors.torch import load_file
+
+    from shardwise.config import user_section
+    from shardwise.data import build_rank_data, load_source
+    from shardwise.models import build_model
+    from shardwise.train.evaluate import evaluate as score_model
+
+    folder = Path(run)
+    if not (folder / "config.toml").is_file() or not (folder / "model.safetensors").is_file():
+        raise ShardwiseError("run", f"{str(folder)!r} is not a finished run folder (config.toml, model.safetensors)")
+    texts = {key: _as_text(value) for key, value in (settings or {}).items()}
+    cfg = load_config(None, texts, resumed=(folder / "config.toml").read_text())
+    named = user_section(None, texts, "model").name
+    if ":" in cfg.model.name and named != cfg.model.name:
+        raise ShardwiseError(
+            "model.name", f"{folder} names code to import, {cfg.model.name}: name it yourself to run it"
+        )
+    torch.manual_seed(cfg.train.seed)
+    dataset = load_source(cfg.data, seed=cfg.train.seed)
+    data = build_rank_data(
+        cfg.data, dataset, global_batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum, dp_rank=0, dp=1,
+        seed=cfg.train.seed, device=torch.device("cpu"), dtype=getattr(torch, cfg.train.dtype),
+    )  # fmt: skip
+    model = build_model(cfg.model, dataset.in_shape, dataset.num_classes).to(getattr(torch, cfg.train.dtype))
+    try:
+        model.load_state_dict(load_file(folder / "model.safetensors"))
+    except RuntimeError as e:
+        raise ShardwiseError("run", f"{folder}/model.safetensors: {str(e).splitlines()[-1].strip()}") from None
+    return score_model(model, data, group=None)

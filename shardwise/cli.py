@@ -74,10 +74,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             )
 
 
-def build_parser() -> OneLineParser:
-    parser = OneLineParser(prog="shardwise", description="Train neural networks across processes and machines.")
-    parser.add_argument("--version", action="version", version=f"shardwise {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+def _add_train_parser(sub) -> None:
     train = sub.add_parser(
         "train",
         help="train a model (default: the convnet on the bundled digits, 2 processes, data parallel)",
@@ -115,6 +112,21 @@ def build_parser() -> OneLineParser:
         help="where the ranks run: local (this machine, loopback), or emulated[:NAME], the hosts of "
         "`shardwise cluster up` (rank r in host r mod H) (default: local)",
     )
+    _add_config_options(train)
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="shardwise", description="Train neural networks across processes and machines.")
+    parser.add_argument("--version", action="version", version=f"shardwise {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    _add_train_parser(sub)
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="score a finished run's weights on its validation set (or on the data --data.* names), one process",
+        description="Print the validation loss and accuracy of RUN's model.safetensors as JSON.",
+    )
+    evaluate.add_argument("run", type=Path, help="a finished run folder (config.toml, model.safetensors)")
+    _add_config_options(evaluate)
     keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing checkpoints")
     keygen.add_argument("--out", type=Path, default=Path("."), help="folder for shardwise.key and shardwise.pub")
     verify = sub.add_parser("verify", help="check a checkpoint's files against its manifest and signature")
@@ -125,7 +137,6 @@ def build_parser() -> OneLineParser:
         action="store_true",
         help="refuse (exit 2) a checkpoint that is unsigned, or whose signature cannot be checked (no --key)",
     )
-    _add_config_options(train)
 
     add_cluster_parser(sub, OneLineParser)
     bench = sub.add_parser(
@@ -247,6 +258,15 @@ def _trust_code(name: str, checkpoint: Path, *, named_by_user: str, verified: bo
         )
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from shardwise import api
+    from shardwise.jsonsafe import dumps
+
+    settings = {k: v for k, v in vars(args).items() if k in set(all_keys())}
+    print(dumps(api.evaluate(args.run, settings)))
+    return 0
+
+
 def _keygen(args: argparse.Namespace) -> int:
     from shardwise.checkpoint.manifest import keygen
 
@@ -301,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             from shardwise.cluster.commands import run as cluster_command
 
             return cluster_command(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
         if args.command == "keygen":
             return _keygen(args)
         if args.command == "verify":

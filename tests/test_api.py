@@ -58,3 +58,17 @@ def test_a_mistake_in_code_raises_with_the_field():
         shardwise.build_config({"train.steps": "many"})
     with pytest.raises(ShardwiseError, match="nproc: must be at least 1"):
         shardwise.run(shardwise.build_config(SETTINGS), nproc=0)
+
+
+def test_evaluate_scores_a_finished_run_as_the_run_did(tmp_path):
+    """`shardwise evaluate RUN` on one process gives the accuracy the 2-rank run reported
+    at its end (the loss up to summation order); the run's import path must be named."""
+    run = shardwise.run(shardwise.build_config(SETTINGS), nproc=2, out=tmp_path / "run")
+    mine = shardwise.api.evaluate(run.out, {"model.name": SETTINGS["model.name"]})
+    assert mine["val_accuracy"] == run.summary["val_accuracy"]
+    assert mine["val_loss"] == pytest.approx(run.summary["val_loss"], rel=1e-6)
+    command = [sys.executable, "-m", "shardwise", "evaluate", str(run.out)]
+    done = subprocess.run([*command, "--model.name", SETTINGS["model.name"]], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and json.loads(done.stdout)["val_accuracy"] == run.summary["val_accuracy"]
+    refused = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode == 2 and "names code to import" in refused.stderr
