@@ -102,7 +102,7 @@ def out_folder(cfg: Config, out: str | Path | None) -> Path:
         return Path(out)
     if cfg.run.out:
         return Path(cfg.run.out)
-    return new_run_dir(Path("runs"), cfg.model.name.rpartition(":")[2])  # an import path: its function's name
+    return new_run_dir(Path("runs"), cfg.model.name)
 
 
 def run_local(
@@ -132,7 +132,7 @@ def evaluate(run: str | Path, settings: dict[str, Any] | None = None) -> dict[st
     import torch
     from safetensors.torch import load_file
 
-    from shardwise.config import user_section
+    from shardwise.config import check_code_trust, user_section
     from shardwise.data import build_rank_data, load_source
     from shardwise.models import build_model
     from shardwise.train.evaluate import evaluate as score_model
@@ -142,11 +142,7 @@ def evaluate(run: str | Path, settings: dict[str, Any] | None = None) -> dict[st
         raise ShardwiseError("run", f"{str(folder)!r} is not a finished run folder (config.toml, model.safetensors)")
     texts = {key: _as_text(value) for key, value in (settings or {}).items()}
     cfg = load_config(None, texts, resumed=(folder / "config.toml").read_text())
-    named = user_section(None, texts, "model").name
-    if ":" in cfg.model.name and named != cfg.model.name:
-        raise ShardwiseError(
-            "model.name", f"{folder} names code to import, {cfg.model.name}: name it yourself to run it"
-        )
+    check_code_trust(cfg.model.name, folder, named_by_user=user_section(None, texts, "model").name)
     torch.manual_seed(cfg.train.seed)
     dataset = load_source(cfg.data, seed=cfg.train.seed)
     data = build_rank_data(

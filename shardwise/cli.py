@@ -15,7 +15,16 @@ from pathlib import Path
 
 from shardwise import __version__
 from shardwise.cluster.commands import add_parser as add_cluster_parser
-from shardwise.config import SECTIONS, Config, all_keys, field_docs, load_config, trust_settings, user_section
+from shardwise.config import (
+    SECTIONS,
+    Config,
+    all_keys,
+    check_code_trust,
+    field_docs,
+    load_config,
+    trust_settings,
+    user_section,
+)
 from shardwise.config_check import describe_type
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 
@@ -218,7 +227,7 @@ def _resume_config(config: str | None, path: Path, overrides: dict[str, str]):
     stored = files["config.toml"].decode("utf-8", errors="replace")
     cfg = load_config(config, own, resumed=stored)
     named = user_section(config, own, "model").name
-    _trust_code(cfg.model.name, checkpoint, named_by_user=named, verified=bool(trusted.verify_key))
+    check_code_trust(cfg.model.name, checkpoint, named_by_user=named, verified=bool(trusted.verify_key))
     cfg.run.resume = str(checkpoint)
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
     if cfg.run.out:
@@ -243,18 +252,6 @@ def _check_not_complete(cfg: Config) -> None:
             f"{cfg.run.resume} is at step {step} of train.steps={cfg.train.steps}: the run is complete, nothing "
             f"to do; to train further, resume with more steps (--train.steps {2 * cfg.train.steps}: the schedule "
             "then runs to the new last step)"
-        )
-
-
-def _trust_code(name: str, checkpoint: Path, *, named_by_user: str, verified: bool) -> None:
-    """A checkpoint's config that names code to import (a model's import path) is followed
-    only where the user names the same code, or the checkpoint's signature was verified
-    with the user's key: reading a checkpoint must never run code someone else chose."""
-    if ":" in name and name != named_by_user and not verified:
-        raise ShardwiseError(
-            "model.name",
-            f"{checkpoint} names code to import, {name}, and a checkpoint cannot vouch for the code it runs: "
-            f"name it yourself (--model.name {name}) or verify the checkpoint (checkpoint.verify_key)",
         )
 
 

@@ -317,6 +317,18 @@ def user_section(path: str | Path | None, overrides: dict[str, str], section: st
     return getattr(cfg, section)
 
 
+def check_code_trust(name: str, source: Path, *, named_by_user: str, verified: bool = False) -> None:
+    """A saved config (a checkpoint's, a run folder's) that names code to import (a model's
+    import path) is followed only where the user names the same code, or the checkpoint's
+    signature was verified with the user's key: reading saved files never runs code they chose."""
+    if ":" in name and name != named_by_user and not verified:
+        raise ShardwiseError(
+            "model.name",
+            f"{source} names code to import, {name}, and saved files cannot vouch for the code they run: "
+            f"name it yourself (--model.name {name}) or verify the checkpoint (checkpoint.verify_key)",
+        )
+
+
 def trust_settings(path: str | Path | None, overrides: dict[str, str]) -> CheckpointConfig:
     """The [checkpoint] section as the user alone gives it: which keys to trust (the
     checkpoint cannot vouch for itself)."""

@@ -5,7 +5,7 @@ uses it too)."""
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,9 +14,9 @@ from pathlib import Path
 def atomic_path(path: Path):
     """Yield a temporary path beside `path`; on success fsync it and rename it into place
     (a crash leaves the old file or the new one, never a mix; the temporary is removed)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # as open() would make it, not mkstemp's 0600
+    # created as open() makes any file (the mode the umask gives), not 0600 as mkstemp would
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}"
+    open(tmp, "xb").close()
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
@@ -25,12 +25,6 @@ def atomic_path(path: Path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

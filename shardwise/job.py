@@ -33,7 +33,7 @@ from shardwise.checkpoint.store import Checkpoint
 from shardwise.comm.collectives import all_gather_json
 from shardwise.config import Config
 from shardwise.data import RankData, build_rank_data, load_source
-from shardwise.layout import ServerSettings, apply_layout, data_cut, holds_whole_model
+from shardwise.layout import DataCut, ServerSettings, apply_layout, data_cut, holds_whole_model
 from shardwise.models import build_model
 from shardwise.parallel.splits import local_bytes
 from shardwise.topology import ParallelDims, RankMesh
@@ -72,6 +72,7 @@ class SetUp:
     in_shape: tuple[int, ...]
     checkpoint: Checkpoint | None
     whole_bytes: int
+    cut: DataCut  # what of the data this rank loads (the vertical split goes on to the layout)
 
 
 def group_device(group: dist.ProcessGroup) -> torch.device:
@@ -111,14 +112,15 @@ def run(
             setup.model,
             mesh,
             in_shape=setup.in_shape,
-            features=data_cut(mesh, cfg.data, cfg.parallel).parts,
+            features=setup.cut.parts,
             example=lambda: _example(cfg, dims, setup.data),
             device=device,
             faults=faults,
             server=_server_settings(cfg),
         )
-        job = roles.Job(cfg, mesh, layout, setup.data, setup.checkpoint, faults, out_dir, rank, device)
-        job.whole_bytes = setup.whole_bytes
+        job = roles.Job(
+            cfg, mesh, layout, setup.data, setup.checkpoint, faults, out_dir, rank, device, setup.whole_bytes
+        )
         console = _console() if rank == 0 and out_dir is not None else None
         outcome = roles.play(job, console)
         return _finish(job, outcome, console, placement=placement, launch_time=context.launch_time or started)
@@ -134,20 +136,21 @@ def set_up(cfg: Config, mesh: RankMesh, *, device: torch.device) -> SetUp:
     dtype = getattr(torch, t.dtype)
     torch.manual_seed(t.seed)  # weights; data order and splits use their own seeded generators
     checkpoint = read_resume(cfg)
+    cut = data_cut(mesh, cfg.data, cfg.parallel)
     if not holds_whole_model(mesh):  # a server's slice: the model's names and shapes will do
-        in_shape, classes = _shape_from_first_server(cfg, mesh)
+        in_shape, classes = _shape_from_first_server(mesh)
         with torch.device("meta"):
             model = build_model(cfg.model, in_shape, classes).to(dtype=dtype)
-        return SetUp(None, model, in_shape, checkpoint, 0)
-    data, in_shape, classes = _rank_data(cfg, mesh, device=device, dtype=dtype)
-    _shape_from_first_server(cfg, mesh, (in_shape, classes))
+        return SetUp(None, model, in_shape, checkpoint, 0, cut)
+    data, in_shape, classes = _rank_data(cfg, mesh, cut, device=device, dtype=dtype)
+    _shape_from_first_server(mesh, (in_shape, classes))
     model = build_model(cfg.model, in_shape, classes).to(device=device, dtype=dtype)
     if checkpoint is not None:  # the whole model, before any layout cuts it
         load_weights(model, checkpoint)
-    return SetUp(data, model, in_shape, checkpoint, local_bytes(model.parameters()))
+    return SetUp(data, model, in_shape, checkpoint, local_bytes(model.parameters()), cut)
 
 
-def _shape_from_first_server(cfg: Config, mesh: RankMesh, mine: tuple | None = None) -> tuple:
+def _shape_from_first_server(mesh: RankMesh, mine: tuple | None = None) -> tuple:
     """Parameter servers after the first load no data: server 0 tells them the shape of a
     sample and the number of classes (a collective of the servers)."""
     group = mesh.groups.get("servers")
@@ -157,12 +160,11 @@ def _shape_from_first_server(cfg: Config, mesh: RankMesh, mine: tuple | None = N
     return tuple(shape), classes
 
 
-def _rank_data(cfg: Config, mesh: RankMesh, *, device: torch.device, dtype: torch.dtype):
+def _rank_data(cfg: Config, mesh: RankMesh, cut: DataCut, *, device: torch.device, dtype: torch.dtype):
     """This rank's data: what the layout cuts it to (data_cut), its share of each batch;
     and the shape and classes of a whole sample.
     A parameter server's first server keeps the whole validation set, to score the weights."""
     dims, t = mesh.dims, cfg.train
-    cut = data_cut(mesh, cfg.data, cfg.parallel)
     dataset = load_source(cfg.data, seed=t.seed, features=cut.features, reduce_stats=cut.reduce_stats)
     rows = cut.rows(dataset)  # refuses early what cannot be cut
     scorer = mesh.coords.get("server", -1) == 0

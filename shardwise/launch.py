@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardwise import procs as contract
+from shardwise import procs as contract  # its name, since `procs` names the rank processes here
 from shardwise.checkpoint.manifest import latest_checkpoint
 from shardwise.cluster.placement import Placement
 from shardwise.config import Config, to_toml
@@ -30,7 +30,6 @@ from shardwise.data.sampler import check_batch_layout
 from shardwise.data.sources import check_source
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 from shardwise.files import write_atomic
-from shardwise.procs import free_port, with_working_folder
 from shardwise.topology import ParallelDims
 
 STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this long
@@ -89,7 +88,7 @@ def check_import_path(path: str, key: str) -> None:
     if ":" not in path:
         return
     module = path.partition(":")[0]
-    with_working_folder()
+    contract.with_working_folder()
     try:
         found = importlib.util.find_spec(module) is not None
     except (ImportError, ValueError) as e:
@@ -333,7 +332,7 @@ def _run_once(
     """Start every rank, supervise them, stop them all; the failure that ended it, if any."""
     err_dir.mkdir()
     error_files = [err_dir / f"rank{r}.json" for r in range(nproc)]
-    port = free_port()
+    port = contract.free_port()
     procs: list[subprocess.Popen] = []
     try:
         for rank in range(nproc):

@@ -185,7 +185,7 @@ def run_rank(cfg: Config) -> tuple[Path, RunResult]:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     check_master_reachable()
     init_process_group(backend_for(device), timeout=timedelta(seconds=cfg.train.collective_timeout_s))
-    out_dir = Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), cfg.model.name.rpartition(":")[2])
+    out_dir = Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), cfg.model.name)
     if dist.get_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not (out_dir / "config.toml").exists():  # under torchrun: no launcher wrote it

@@ -74,9 +74,10 @@ class MetricsLog:
         self._file.close()
 
 
-def new_run_dir(root: Path, tag: str) -> Path:
-    """A fresh folder `root/<date>-<time>-<tag>[-n]` (not created)."""
-    base = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}"
+def new_run_dir(root: Path, model: str) -> Path:
+    """A fresh folder `root/<date>-<time>-<model>[-n]` (not created); a model named by an
+    import path is tagged with its function's name."""
+    base = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{model.rpartition(':')[2]}"
     path, n = base, 1
     while path.exists():
         n += 1
