@@ -80,7 +80,9 @@ def test_allreduce_time_follows_the_shaping(cluster):
     predicted = [n * 8 / cluster.rate_bps for n in sizes]
     for n, got, want in zip(sizes, medians, predicted, strict=True):
         assert 0.9 * want <= got <= 1.5 * want, f"{n} bytes: {got * 1e3:.1f} ms, shaping predicts {want * 1e3:.1f} ms"
-    assert 3.0 <= medians[2] / medians[1] <= 4.5 and 3.0 <= medians[1] / medians[0] <= 4.5
+    # 4x the bytes, about 4x the time; each median is itself within the band above, so this
+    # only rules out a fixed cost that does not grow (CPU load from other jobs spreads it a little)
+    assert 3.0 <= medians[2] / medians[1] <= 5.0 and 3.0 <= medians[1] / medians[0] <= 5.0
     sent = sum(n * (2 + len(r["seconds"])) for n, r in zip(sizes, raw["sizes"], strict=True))  # warm-up rounds too
     for h in range(2):
         assert after[h]["tx_bytes"] - before[h]["tx_bytes"] >= sent
