@@ -132,7 +132,7 @@ def evaluate(run: str | Path, settings: dict[str, Any] | None = None) -> dict[st
     import torch
     from safetensors.torch import load_file
 
-    from shardwise.config import check_code_trust, user_section
+    from shardwise.config import check_code_trust
     from shardwise.data import build_rank_data, load_source
     from shardwise.models import build_model
     from shardwise.train.evaluate import evaluate as score_model
@@ -142,7 +142,7 @@ def evaluate(run: str | Path, settings: dict[str, Any] | None = None) -> dict[st
         raise ShardwiseError("run", f"{str(folder)!r} is not a finished run folder (config.toml, model.safetensors)")
     texts = {key: _as_text(value) for key, value in (settings or {}).items()}
     cfg = load_config(None, texts, resumed=(folder / "config.toml").read_text())
-    check_code_trust(cfg.model.name, folder, named_by_user=user_section(None, texts, "model").name)
+    check_code_trust(cfg, folder, path=None, overrides=texts)
     torch.manual_seed(cfg.train.seed)
     dataset = load_source(cfg.data, seed=cfg.train.seed)
     data = build_rank_data(

@@ -23,7 +23,6 @@ from shardwise.config import (
     field_docs,
     load_config,
     trust_settings,
-    user_section,
 )
 from shardwise.config_check import describe_type
 from shardwise.errors import EXIT_USAGE, ShardwiseError
@@ -226,8 +225,7 @@ def _resume_config(config: str | None, path: Path, overrides: dict[str, str]):
         raise ShardwiseError("resume", f"{checkpoint} holds no config.toml")
     stored = files["config.toml"].decode("utf-8", errors="replace")
     cfg = load_config(config, own, resumed=stored)
-    named = user_section(config, own, "model").name
-    check_code_trust(cfg.model.name, checkpoint, named_by_user=named, verified=bool(trusted.verify_key))
+    check_code_trust(cfg, checkpoint, path=config, overrides=own, verified=bool(trusted.verify_key))
     cfg.run.resume = str(checkpoint)
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
     if cfg.run.out:

@@ -45,9 +45,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: Literal["digits", "synthetic", "cifar10", "npz"] = "digits"
+    name: str = "digits"
     """Data source: digits (bundled 8x8 handwritten digits), synthetic, cifar10 (binary
-    batches in data.path), npz (arrays x, y in data.path)."""
+    batches in data.path), npz (arrays x, y in data.path); or your own, as an import path
+    `package.module:function` that gets data.options as keywords and returns arrays x, y
+    (and x_val, y_val) or a pair of datasets (README, "Your own data")."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for your own data's function (a TOML table; on the command line a
+    JSON object)."""
     path: str = ""
     """Directory of CIFAR-10 binary batches (cifar10) or the .npz file (npz)."""
     partition: Literal["shuffle", "contiguous", "random", "stratified", "kmeans"] = "shuffle"
@@ -317,16 +322,22 @@ def user_section(path: str | Path | None, overrides: dict[str, str], section: st
     return getattr(cfg, section)
 
 
-def check_code_trust(name: str, source: Path, *, named_by_user: str, verified: bool = False) -> None:
+def check_code_trust(
+    cfg: Config, source: Path, *, path: str | Path | None, overrides: dict[str, str], verified: bool = False
+) -> None:
     """A saved config (a checkpoint's, a run folder's) that names code to import (a model's
-    import path) is followed only where the user names the same code, or the checkpoint's
-    signature was verified with the user's key: reading saved files never runs code they chose."""
-    if ":" in name and name != named_by_user and not verified:
-        raise ShardwiseError(
-            "model.name",
-            f"{source} names code to import, {name}, and saved files cannot vouch for the code they run: "
-            f"name it yourself (--model.name {name}) or verify the checkpoint (checkpoint.verify_key)",
-        )
+    or a data source's import path) is followed only where the user's own config file or
+    command line (`path`, `overrides`) names the same code, or the checkpoint's signature
+    was verified with the user's key: reading saved files never runs code they chose."""
+    for section in ("model", "data"):
+        name = getattr(cfg, section).name
+        named_by_user = user_section(path, overrides, section).name
+        if ":" in name and name != named_by_user and not verified:
+            raise ShardwiseError(
+                f"{section}.name",
+                f"{source} names code to import, {name}, and saved files cannot vouch for the code they run: "
+                f"name it yourself (--{section}.name {name}) or verify the checkpoint (checkpoint.verify_key)",
+            )
 
 
 def trust_settings(path: str | Path | None, overrides: dict[str, str]) -> CheckpointConfig:

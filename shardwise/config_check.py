@@ -101,6 +101,7 @@ def _plain(value: Any) -> bool:
 
 
 BUILT_IN_MODELS = ("mlp", "convnet", "resnet")
+BUILT_IN_DATA = ("digits", "synthetic", "cifar10", "npz")
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
 
@@ -149,6 +150,7 @@ def validate(cfg: Config) -> None:
     positive("data.classes", d.classes)
     if not d.shape or any(s <= 0 for s in d.shape):
         raise ShardwiseError("data.shape", f"must be positive sizes, got {d.shape}")
+    _check_data_name(d)
     name = cfg.model.name
     if name not in BUILT_IN_MODELS and not IMPORT_PATH.match(name):
         raise ShardwiseError(
@@ -162,6 +164,17 @@ def validate(cfg: Config) -> None:
         raise ShardwiseError("model.hidden", f"must be positive widths, got {cfg.model.hidden}")
     if not cfg.model.channels or any(c <= 0 for c in cfg.model.channels):
         raise ShardwiseError("model.channels", f"must be positive widths, got {cfg.model.channels}")
+
+
+def _check_data_name(d) -> None:
+    if d.name not in BUILT_IN_DATA and not IMPORT_PATH.match(d.name):
+        raise ShardwiseError(
+            "data.name",
+            f"unknown data {d.name!r}: a built-in source ({', '.join(BUILT_IN_DATA)}) or an import path "
+            "package.module:function",
+        )
+    if d.options and d.name in BUILT_IN_DATA:
+        raise ShardwiseError("data.options", f"are for your own data's function; {d.name} takes none")
 
 
 def _check_vertical(cfg: Config) -> None:

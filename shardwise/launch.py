@@ -65,7 +65,9 @@ def preflight(cfg: Config, nproc: int) -> ParallelDims:
     )
     check_source(cfg.data)
     check_import_path(cfg.model.name, "model.name")
-    vertical_parts(cfg.data, cfg.parallel)
+    check_import_path(cfg.data.name, "data.name")
+    if ":" not in cfg.data.name:  # your own data's shape is known once a rank has loaded it
+        vertical_parts(cfg.data, cfg.parallel)
     ps = cfg.ps
     if dims.servers and ps.slow_factor > 1.0 and not (ps.slow_worker == -1 or dims.servers <= ps.slow_worker < nproc):
         raise ShardwiseError(

@@ -26,9 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from shardwise.config import DataConfig
+from shardwise.data.own import load_own
 from shardwise.errors import ShardwiseError
+from shardwise.own_code import is_import_path
 
 CIFAR_RECORD = 1 + 3 * 32 * 32  # label byte, then 32x32 red, green, blue planes
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SPLIT_SEED = 0  # the validation split does not move with train.seed
 
 # adds the other vertical ranks' (count, sum, sum of squares) per channel to this rank's
@@ -47,6 +50,9 @@ class Dataset:
     num_classes: int
     in_shape: tuple[int, ...]
     features: np.ndarray | None = None
+    # how a raw sample became an input (saved with the weights, so `predict` does the same):
+    # in_shape, classes (a name per label), scale, raw_range, standardize {per, mean, std}
+    preprocess: dict = dataclasses.field(default_factory=dict)
 
 
 def take_rows(dataset: Dataset, start: int, end: int) -> Dataset:
@@ -128,11 +134,12 @@ def _standardize(
     in_shape: tuple[int, ...],
     features: np.ndarray | None,
     reduce_stats: StatsReduce | None,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """Standardise with training statistics: per channel for images, per feature
-    otherwise. A vertical rank holds only some pixels of a channel, so it sums
-    count, sum and sum of squares over its own columns and `reduce_stats` adds
-    the other ranks' sums: the same statistics as one process."""
+    otherwise (also returned as the record `predict` applies). A vertical rank holds
+    only some pixels of a channel, so it sums count, sum and sum of squares over its
+    own columns and `reduce_stats` adds the other ranks' sums: the same statistics as
+    one process."""
     cols = np.arange(math.prod(in_shape)) if features is None else features
     if len(in_shape) == 3:
         plane, num_groups = in_shape[1] * in_shape[2], in_shape[0]
@@ -150,14 +157,27 @@ def _standardize(
     if reduce_stats is not None:
         stats = reduce_stats(stats)
     count = np.maximum(stats[0], 1.0)
-    mean = stats[1] / count
-    std = np.sqrt(np.maximum(stats[2] / count - mean * mean, 0.0)) + 1e-6
-    mean, std = mean[group_of], std[group_of]
+    whole_mean = stats[1] / count
+    whole_std = np.sqrt(np.maximum(stats[2] / count - whole_mean * whole_mean, 0.0)) + 1e-6
+    mean, std = whole_mean[group_of], whole_std[group_of]
 
     def apply(x: np.ndarray) -> np.ndarray:
         return ((x.reshape(len(x), -1) - mean) / std).astype(np.float32).reshape(x.shape)
 
-    return apply(x_train), apply(x_val)
+    record = {"per": "channel" if len(in_shape) == 3 else "feature", "mean": whole_mean.tolist()}
+    return apply(x_train), apply(x_val), record | {"std": whole_std.tolist()}
+
+
+def preprocess_record(in_shape, classes: list[str], *, scale=1.0, raw_range=None, standardize=None) -> dict:
+    """What `predict` needs to turn a raw sample into this run's input."""
+    record = {"in_shape": list(in_shape), "classes": classes, "scale": scale}
+    if raw_range is not None:
+        record["raw_range"] = list(raw_range)  # what an image file's 0..255 pixels map onto
+    return record | ({"standardize": standardize} if standardize is not None else {})
+
+
+def numbered(n: int) -> list[str]:
+    return [str(i) for i in range(n)]
 
 
 def _digits(cfg: DataConfig, features: np.ndarray | None, reduce_stats: StatsReduce | None) -> Dataset:
@@ -167,8 +187,9 @@ def _digits(cfg: DataConfig, features: np.ndarray | None, reduce_stats: StatsRed
     in_shape = (1, 8, 8)
     x = take_features(bunch.data.reshape(-1, *in_shape).astype(np.float32) / 16.0, features, in_shape)
     x_tr, x_va, y_tr, y_va = _split(x, bunch.target.astype(np.int64), cfg.val_fraction)
-    x_tr, x_va = _standardize(x_tr, x_va, in_shape, features, reduce_stats)
-    return Dataset(x_tr, y_tr, x_va, y_va, 10, in_shape, features)
+    x_tr, x_va, stats = _standardize(x_tr, x_va, in_shape, features, reduce_stats)
+    record = preprocess_record(in_shape, numbered(10), scale=1 / 16, raw_range=(0, 16), standardize=stats)
+    return Dataset(x_tr, y_tr, x_va, y_va, 10, in_shape, features, record)
 
 
 def _synthetic(cfg: DataConfig, seed: int, features: np.ndarray | None, reduce_stats: StatsReduce | None) -> Dataset:
@@ -181,8 +202,9 @@ def _synthetic(cfg: DataConfig, seed: int, features: np.ndarray | None, reduce_s
     x = prototypes[y] + 2.0 * rng.standard_normal((cfg.samples, dim), dtype=np.float32)
     x = take_features(x.reshape(-1, *in_shape), features, in_shape)
     x_tr, x_va, y_tr, y_va = _split(x, y, cfg.val_fraction)
-    x_tr, x_va = _standardize(x_tr, x_va, in_shape, features, reduce_stats)
-    return Dataset(x_tr, y_tr, x_va, y_va, cfg.classes, in_shape, features)
+    x_tr, x_va, stats = _standardize(x_tr, x_va, in_shape, features, reduce_stats)
+    record = preprocess_record(in_shape, numbered(cfg.classes), standardize=stats)
+    return Dataset(x_tr, y_tr, x_va, y_va, cfg.classes, in_shape, features, record)
 
 
 def _cifar10(cfg: DataConfig, features: np.ndarray | None, reduce_stats: StatsReduce | None) -> Dataset:
@@ -193,8 +215,9 @@ def _cifar10(cfg: DataConfig, features: np.ndarray | None, reduce_stats: StatsRe
     else:
         x_tr, x_va, y_tr, y_va = _split(x, y, cfg.val_fraction)
     x_tr, x_va = x_tr.astype(np.float32) / 255.0, x_va.astype(np.float32) / 255.0
-    x_tr, x_va = _standardize(x_tr, x_va, (3, 32, 32), features, reduce_stats)
-    return Dataset(x_tr, y_tr, x_va, y_va, 10, (3, 32, 32), features)
+    x_tr, x_va, stats = _standardize(x_tr, x_va, (3, 32, 32), features, reduce_stats)
+    record = preprocess_record((3, 32, 32), CIFAR_CLASSES, scale=1 / 255, raw_range=(0, 255), standardize=stats)
+    return Dataset(x_tr, y_tr, x_va, y_va, 10, (3, 32, 32), features, record)
 
 
 def _npz_member(archive: zipfile.ZipFile, path: str, name: str) -> np.ndarray:
@@ -230,10 +253,19 @@ def _npz(cfg: DataConfig, features: np.ndarray | None) -> Dataset:
         names = sorted(n.removesuffix(".npy") for n in archive.namelist())
         if "x" not in names or "y" not in names:
             raise ShardwiseError("data.path", f"{cfg.path} must hold arrays 'x' and 'y', found {names}")
-        arrays = {k: _npz_member(archive, cfg.path, k) for k in ("x", "y", "x_val", "y_val") if k in names}
+        arrays = {k: _npz_member(archive, cfg.path, k) for k in ARRAY_KEYS if k in names}
+        classes = _npz_member(archive, cfg.path, "classes").tolist() if "classes" in names else None
+    if len(arrays["x"]) != len(arrays["y"]):
+        raise ShardwiseError("data.path", f"{cfg.path}: x has {len(arrays['x'])} samples but y has {len(arrays['y'])}")
+    return _from_arrays(cfg, arrays, classes, features)
+
+
+ARRAY_KEYS = ("x", "y", "x_val", "y_val")
+
+
+def _from_arrays(cfg: DataConfig, arrays: dict, classes: list | None, features: np.ndarray | None) -> Dataset:
+    """A data set from arrays x, y (and x_val, y_val) taken as they are (npz, your own data)."""
     x, y = arrays["x"], np.asarray(arrays["y"]).astype(np.int64)
-    if len(x) != len(y):
-        raise ShardwiseError("data.path", f"{cfg.path}: x has {len(x)} samples but y has {len(y)}")
     in_shape = tuple(x.shape[1:])
     x = take_features(x, features, in_shape).astype(np.float32)
     if "x_val" in arrays and "y_val" in arrays:
@@ -242,7 +274,12 @@ def _npz(cfg: DataConfig, features: np.ndarray | None) -> Dataset:
         y_va = np.asarray(arrays["y_val"]).astype(np.int64)
     else:
         x_tr, x_va, y_tr, y_va = _split(x, y, cfg.val_fraction)
-    return Dataset(x_tr, y_tr, x_va, y_va, int(max(y_tr.max(), y_va.max())) + 1, in_shape, features)
+    num_classes = int(max(y_tr.max(), y_va.max())) + 1
+    if classes is not None:
+        num_classes = max(num_classes, len(classes))
+    names = [str(c) for c in classes] if classes is not None else numbered(num_classes)
+    record = preprocess_record(in_shape, names)
+    return Dataset(x_tr, y_tr, x_va, y_va, num_classes, in_shape, features, record)
 
 
 def source_shape(cfg: DataConfig) -> tuple[int, ...]:
@@ -253,6 +290,8 @@ def source_shape(cfg: DataConfig) -> tuple[int, ...]:
         return tuple(cfg.shape)
     if cfg.name == "cifar10":
         return (3, 32, 32)
+    if is_import_path(cfg.name):
+        return tuple(load_own(cfg.name, cfg.options)[0]["x"].shape[1:])
     with zipfile.ZipFile(cfg.path) as archive:
         return tuple(_npz_member(archive, cfg.path, "x").shape[1:])
 
@@ -269,4 +308,7 @@ def load_source(
         return _synthetic(cfg, seed, features, reduce_stats)
     if cfg.name == "cifar10":
         return _cifar10(cfg, features, reduce_stats)
+    if is_import_path(cfg.name):
+        arrays, classes = load_own(cfg.name, cfg.options)
+        return _from_arrays(cfg, arrays, classes, features)
     return _npz(cfg, features)

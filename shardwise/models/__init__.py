@@ -11,7 +11,6 @@ own model"), and say so in one line where it is missing.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 from torch import nn
@@ -21,7 +20,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.models.convnet import ConvNet
 from shardwise.models.mlp import MLP
 from shardwise.models.resnet import ResNet
-from shardwise.procs import with_working_folder
+from shardwise.own_code import call_own
 
 ModelBuilder = Callable[[ModelConfig, tuple[int, ...], int], nn.Module]
 
@@ -44,31 +43,9 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -
     return MODELS[cfg.name](cfg, tuple(in_shape), num_classes)
 
 
-def import_function(path: str, key: str):
-    """The function `package.module:function` names, or one line saying why not."""
-    module_name, _, name = path.partition(":")
-    with_working_folder()
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        where = "run from the folder that holds it, or install it"
-        raise ShardwiseError(key, f"{path}: cannot import {module_name!r} ({e}); {where}") from None
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise ShardwiseError(key, f"{path}: {module_name} has no function {name!r}")
-    return function
-
-
 def _build_own(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    build = import_function(cfg.name, "model.name")
-    try:
-        model = build(in_shape, num_classes, **cfg.options)
-    except Exception as e:  # the user's function: its error in one line, with where it came from
-        raise ShardwiseError(
-            "model.name",
-            f"{cfg.name}(in_shape={in_shape}, num_classes={num_classes}, **model.options) raised "
-            f"{type(e).__name__}: {e}",
-        ) from None
+    shown = f"in_shape={in_shape}, num_classes={num_classes}, **model.options"
+    model = call_own(cfg.name, "model.name", shown, in_shape, num_classes, **cfg.options)
     if not isinstance(model, nn.Module):
         raise ShardwiseError("model.name", f"{cfg.name} returned {type(model).__name__}, not an nn.Module")
     return model
