@@ -127,31 +127,19 @@ def run_local(
 def evaluate(run: str | Path, settings: dict[str, Any] | None = None) -> dict[str, float]:
     """Score a finished run's weights (model.safetensors) on its validation set, or on the
     data `settings` name (`{"data.name": "npz", "data.path": ...}`), in this process:
-    {"val_loss", "val_accuracy"}. A model import path in the run's config is followed only
-    where `settings` names the same one: a run folder cannot choose the code it runs."""
-    import torch
-    from safetensors.torch import load_file
+    {"val_loss", "val_accuracy"}. A model or data import path in the run's config is
+    followed only where `settings` names the same one: a run folder cannot choose the code
+    it runs."""
+    from shardwise import scoring
 
-    from shardwise.config import check_code_trust
-    from shardwise.data import build_rank_data, load_source
-    from shardwise.models import build_model
-    from shardwise.train.evaluate import evaluate as score_model
+    return scoring.evaluate(run, {key: _as_text(value) for key, value in (settings or {}).items()})
 
-    folder = Path(run)
-    if not (folder / "config.toml").is_file() or not (folder / "model.safetensors").is_file():
-        raise ShardwiseError("run", f"{str(folder)!r} is not a finished run folder (config.toml, model.safetensors)")
-    texts = {key: _as_text(value) for key, value in (settings or {}).items()}
-    cfg = load_config(None, texts, resumed=(folder / "config.toml").read_text())
-    check_code_trust(cfg, folder, path=None, overrides=texts)
-    torch.manual_seed(cfg.train.seed)
-    dataset = load_source(cfg.data, seed=cfg.train.seed)
-    data = build_rank_data(
-        cfg.data, dataset, global_batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum, dp_rank=0, dp=1,
-        seed=cfg.train.seed, device=torch.device("cpu"), dtype=getattr(torch, cfg.train.dtype),
-    )  # fmt: skip
-    model = build_model(cfg.model, dataset.in_shape, dataset.num_classes).to(getattr(torch, cfg.train.dtype))
-    try:
-        model.load_state_dict(load_file(folder / "model.safetensors"))
-    except RuntimeError as e:
-        raise ShardwiseError("run", f"{folder}/model.safetensors: {str(e).splitlines()[-1].strip()}") from None
-    return score_model(model, data, group=None)
+
+def predict(run: str | Path, inputs: str | Path, out: str | Path, settings: dict[str, Any] | None = None) -> dict:
+    """Class probabilities of a finished run's model for new `inputs` (an .npz with raw
+    samples `x`, as the run's source gives them, or a folder of images) written to `out`
+    (.csv or .npz), preprocessed as the run's training data was (the record saved in
+    model.safetensors). Returns {"inputs", "out", "classes"}."""
+    from shardwise import scoring
+
+    return scoring.predict(run, inputs, out, {key: _as_text(value) for key, value in (settings or {}).items()})

@@ -135,6 +135,18 @@ def build_parser() -> OneLineParser:
     )
     evaluate.add_argument("run", type=Path, help="a finished run folder (config.toml, model.safetensors)")
     _add_config_options(evaluate)
+    predict = sub.add_parser(
+        "predict",
+        help="class probabilities of a finished run's model for new inputs (an .npz or a folder of images)",
+        description="Write class probabilities for --input, preprocessed as the run's training data was.",
+    )
+    predict.add_argument("run", type=Path, help="a finished run folder (config.toml, model.safetensors)")
+    predict.add_argument(
+        "--input", type=Path, required=True, help="an .npz with raw samples x (as the run's source reads them) "
+        "or a folder of image files (converted to the run's channels and size)",
+    )  # fmt: skip
+    predict.add_argument("--out", type=Path, required=True, help="a .csv (a row per input) or .npz file to write")
+    _add_config_options(predict)
     keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing checkpoints")
     keygen.add_argument("--out", type=Path, default=Path("."), help="folder for shardwise.key and shardwise.pub")
     verify = sub.add_parser("verify", help="check a checkpoint's files against its manifest and signature")
@@ -262,6 +274,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from shardwise import api
+    from shardwise.jsonsafe import dumps
+
+    settings = {k: v for k, v in vars(args).items() if k in set(all_keys())}
+    done = api.predict(args.run, args.input, args.out, settings)
+    print(dumps({"inputs": done["inputs"], "out": done["out"]}))
+    return 0
+
+
 def _keygen(args: argparse.Namespace) -> int:
     from shardwise.checkpoint.manifest import keygen
 
@@ -318,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             return cluster_command(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "predict":
+            return _predict(args)
         if args.command == "keygen":
             return _keygen(args)
         if args.command == "verify":

@@ -221,7 +221,8 @@ def _finish(job: roles.Job, outcome: roles.Outcome, console, *, placement: dict,
     )
     summary |= {"skipped_steps": outcome.skipped, **outcome.extra, **extra, **roles.after_serving(job)}
     if console is not None:
-        write_run(job.out_dir, cfg, dims, state, outcome.result.records, summary)
+        preprocess = job.data.dataset.preprocess if job.data is not None else {}
+        write_run(job.out_dir, cfg, dims, state, outcome.result.records, summary, preprocess)
         roles.print_end(console, job, summary, timeline, outcome)
         console.print(render_summary(summary, str(job.out_dir)))
     return RunResult(state, summary, leave_together=layout.role == "train")

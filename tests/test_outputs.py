@@ -59,5 +59,5 @@ def test_the_curves_of_a_resumed_run_show_its_whole_history(tmp_path, monkeypatc
     (tmp_path / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss": null}}\n' for s in (2, 4, 6, 8)))
     cfg = load_config(None, {})
     dims = ParallelDims.resolve(cfg.parallel, 1)
-    outputs.write_run(tmp_path, cfg, dims, {}, [{"step": 6, "loss": 1.0}, {"step": 8, "loss": 1.0}], {"ok": 1})
+    outputs.write_run(tmp_path, cfg, dims, {}, [{"step": 6, "loss": 1.0}, {"step": 8, "loss": 1.0}], {"ok": 1}, {})
     assert [r["step"] for r in drawn] == [2, 4, 6, 8] and all(r["loss"] != r["loss"] for r in drawn)  # NaN

@@ -51,7 +51,7 @@ class Dataset:
     in_shape: tuple[int, ...]
     features: np.ndarray | None = None
     # how a raw sample became an input (saved with the weights, so `predict` does the same):
-    # in_shape, classes (a name per label), scale, raw_range, standardize {per, mean, std}
+    # in_shape, classes (a name per label), divide_by, raw_range, standardize {per, mean, std}
     preprocess: dict = dataclasses.field(default_factory=dict)
 
 
@@ -168,9 +168,10 @@ def _standardize(
     return apply(x_train), apply(x_val), record | {"std": whole_std.tolist()}
 
 
-def preprocess_record(in_shape, classes: list[str], *, scale=1.0, raw_range=None, standardize=None) -> dict:
-    """What `predict` needs to turn a raw sample into this run's input."""
-    record = {"in_shape": list(in_shape), "classes": classes, "scale": scale}
+def preprocess_record(in_shape, classes: list[str], *, divide_by=1.0, raw_range=None, standardize=None) -> dict:
+    """What `predict` needs to turn a raw sample into this run's input: float32 samples
+    divided by `divide_by`, then standardised (float64 statistics), as the source did."""
+    record = {"in_shape": list(in_shape), "classes": classes, "divide_by": divide_by}
     if raw_range is not None:
         record["raw_range"] = list(raw_range)  # what an image file's 0..255 pixels map onto
     return record | ({"standardize": standardize} if standardize is not None else {})
@@ -188,7 +189,7 @@ def _digits(cfg: DataConfig, features: np.ndarray | None, reduce_stats: StatsRed
     x = take_features(bunch.data.reshape(-1, *in_shape).astype(np.float32) / 16.0, features, in_shape)
     x_tr, x_va, y_tr, y_va = _split(x, bunch.target.astype(np.int64), cfg.val_fraction)
     x_tr, x_va, stats = _standardize(x_tr, x_va, in_shape, features, reduce_stats)
-    record = preprocess_record(in_shape, numbered(10), scale=1 / 16, raw_range=(0, 16), standardize=stats)
+    record = preprocess_record(in_shape, numbered(10), divide_by=16.0, raw_range=(0, 16), standardize=stats)
     return Dataset(x_tr, y_tr, x_va, y_va, 10, in_shape, features, record)
 
 
@@ -216,7 +217,7 @@ def _cifar10(cfg: DataConfig, features: np.ndarray | None, reduce_stats: StatsRe
         x_tr, x_va, y_tr, y_va = _split(x, y, cfg.val_fraction)
     x_tr, x_va = x_tr.astype(np.float32) / 255.0, x_va.astype(np.float32) / 255.0
     x_tr, x_va, stats = _standardize(x_tr, x_va, (3, 32, 32), features, reduce_stats)
-    record = preprocess_record((3, 32, 32), CIFAR_CLASSES, scale=1 / 255, raw_range=(0, 255), standardize=stats)
+    record = preprocess_record((3, 32, 32), CIFAR_CLASSES, divide_by=255.0, raw_range=(0, 255), standardize=stats)
     return Dataset(x_tr, y_tr, x_va, y_va, 10, (3, 32, 32), features, record)
 
 

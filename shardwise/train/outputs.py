@@ -24,13 +24,18 @@ def write_json(path: Path, obj: dict) -> None:
     write_atomic(path, dumps(obj, indent=2) + "\n")
 
 
-def save_model(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
-    """Full, unsharded weights under the model's own parameter names."""
+PREPROCESS_KEY = "shardwise.preprocess"  # the metadata key of the preprocessing record
+
+
+def save_model(path: Path, state_dict: dict[str, torch.Tensor], preprocess: dict | None = None) -> None:
+    """Full, unsharded weights under the model's own parameter names; the preprocessing
+    that made the inputs (a JSON record in the file's metadata) goes with them."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    metadata = {PREPROCESS_KEY: dumps(preprocess)} if preprocess else None
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def plot_curves(path: Path, records: list[dict], title: str) -> None:
@@ -143,10 +148,13 @@ def read_metrics(path: Path) -> list[dict]:
     return [{k: float("nan") if v is None else v for k, v in r.items()} for r in records]
 
 
-def write_run(out_dir: Path, cfg: Config, dims: ParallelDims, state: dict, records: list[dict], summary: dict) -> None:
-    """The run's weights, curves and summary. The curves show the whole history in
-    metrics.jsonl (a resumed run's earlier steps too), else this run's records."""
-    save_model(out_dir / "model.safetensors", state)
+def write_run(
+    out_dir: Path, cfg: Config, dims: ParallelDims, state: dict, records: list[dict], summary: dict, preprocess: dict
+) -> None:
+    """The run's weights (with the preprocessing record), curves and summary. The curves
+    show the whole history in metrics.jsonl (a resumed run's earlier steps too), else this
+    run's records."""
+    save_model(out_dir / "model.safetensors", state, preprocess)
     history = read_metrics(out_dir / "metrics.jsonl") or records
     plot_curves(out_dir / "curves.png", history, f"{cfg.model.name} on {cfg.data.name}, {dims.layout}")
     write_json(out_dir / "summary.json", summary)
