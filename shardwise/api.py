@@ -15,6 +15,8 @@ on every rank. The command line is a thin layer over this module.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,7 +108,15 @@ def out_folder(cfg: Config, out: str | Path | None) -> Path:
 
 
 def run_local(
-    cfg: Config, *, nproc: int, out: Path, max_restarts: int, cluster: str, resuming: bool, overwrite: bool = False
+    cfg: Config,
+    *,
+    nproc: int,
+    out: Path,
+    max_restarts: int,
+    cluster: str,
+    resuming: bool,
+    overwrite: bool = False,
+    quiet: bool = False,
 ) -> int:
     """Start the ranks here (or on the emulated cluster), supervise them; the exit status."""
     from shardwise.cluster.placement import placement_for
@@ -121,18 +131,42 @@ def run_local(
         resuming=resuming,
         placement=placement,
         overwrite=overwrite,
+        quiet=quiet,
     )
 
 
-def evaluate(run: str | Path, settings: dict[str, Any] | None = None) -> dict[str, float]:
+def evaluate(run: str | Path, settings: dict[str, Any] | None = None, *, nproc: int = 1) -> dict[str, float]:
     """Score a finished run's weights (model.safetensors) on its validation set, or on the
-    data `settings` name (`{"data.name": "npz", "data.path": ...}`), in this process:
-    {"val_loss", "val_accuracy"}. A model or data import path in the run's config is
-    followed only where `settings` names the same one: a run folder cannot choose the code
-    it runs."""
+    data `settings` name (`{"data.name": "npz", "data.path": ...}`): {"val_loss",
+    "val_accuracy"}. In this process; or, with `nproc` > 1 or `parallel.*` settings, on
+    `nproc` ranks under that layout (the weights cut as a layout cuts a model). A model or
+    data import path in the run's config is followed only where `settings` names the same
+    one: a run folder cannot choose the code it runs."""
     from shardwise import scoring
 
-    return scoring.evaluate(run, {key: _as_text(value) for key, value in (settings or {}).items()})
+    texts = {key: _as_text(value) for key, value in (settings or {}).items()}
+    if nproc == 1 and not any(key.startswith("parallel.") for key in texts):
+        return scoring.evaluate(run, texts)
+    folder, cfg = scoring.open_run(run, texts)
+    if cfg.parallel.mode != "allreduce":
+        raise ShardwiseError("parallel.mode", f"={cfg.parallel.mode}: runs are scored under all-reduce layouts")
+    cfg.model.weights = str((folder / "model.safetensors").resolve())
+    cfg.train.steps, cfg.train.checkpoint_every, cfg.run.resume, cfg.run.timeline = 0, 0, "", False
+    scratch = Path(tempfile.mkdtemp(prefix="shardwise-score-"))  # kept where a rank failed: its logs
+    try:
+        code = run_local(
+            cfg, nproc=nproc, out=scratch / "run", max_restarts=0, cluster="local", resuming=False, quiet=True
+        )
+        if code == EXIT_USAGE:
+            raise ShardwiseError("evaluate", "a rank refused the config; its one-line reason is on stderr")
+    except ShardwiseError:
+        shutil.rmtree(scratch)
+        raise
+    if code != 0:
+        raise RunFailed(code)
+    summary = json.loads((scratch / "run" / "summary.json").read_text())
+    shutil.rmtree(scratch)
+    return {"val_loss": summary["val_loss"], "val_accuracy": summary["val_accuracy"]}
 
 
 def predict(run: str | Path, inputs: str | Path, out: str | Path, settings: dict[str, Any] | None = None) -> dict:

@@ -130,10 +130,14 @@ def build_parser() -> OneLineParser:
     _add_train_parser(sub)
     evaluate = sub.add_parser(
         "evaluate",
-        help="score a finished run's weights on its validation set (or on the data --data.* names), one process",
+        help="score a finished run's weights on its validation set (or on the data --data.* names)",
         description="Print the validation loss and accuracy of RUN's model.safetensors as JSON.",
     )
     evaluate.add_argument("run", type=Path, help="a finished run folder (config.toml, model.safetensors)")
+    evaluate.add_argument(
+        "--nproc", type=int, default=1, help="ranks to score on, under the layout the --parallel.* keys name "
+        "(default: 1, in this process)",
+    )  # fmt: skip
     _add_config_options(evaluate)
     predict = sub.add_parser(
         "predict",
@@ -270,7 +274,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from shardwise.jsonsafe import dumps
 
     settings = {k: v for k, v in vars(args).items() if k in set(all_keys())}
-    print(dumps(api.evaluate(args.run, settings)))
+    print(dumps(api.evaluate(args.run, settings, nproc=args.nproc)))
     return 0
 
 

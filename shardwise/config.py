@@ -39,6 +39,10 @@ class ModelConfig:
     """Output channels of each convolution (convnet) or of each residual stage (resnet)."""
     hidden: list[int] = field(default_factory=lambda: [128, 64])
     """Widths of the hidden fully-connected layers (mlp body, convnet head)."""
+    weights: str = ""
+    """Start from these weights (a model.safetensors, e.g. a finished run's) instead of a
+    random initialisation: fine-tuning; with train.steps = 0 they are only scored, under
+    this layout (what `shardwise evaluate --nproc` runs)."""
     norm: Literal["none", "group"] = "group"
     """Normalisation after each convolution: none or group (per-sample, so any batch split gives the same result)."""
 

@@ -113,8 +113,12 @@ def validate(cfg: Config) -> None:
         if value <= 0:
             raise ShardwiseError(key, f"must be positive, got {value}")
 
-    for key in ("steps", "batch_size", "grad_accum", "lr", "log_every", "step_every", "adam_eps"):
+    for key in ("batch_size", "grad_accum", "lr", "log_every", "step_every", "adam_eps"):
         positive(f"train.{key}", getattr(t, key))
+    if t.steps < 0 or (t.steps == 0 and not cfg.model.weights):
+        raise ShardwiseError(
+            "train.steps", f"must be positive (0 only scores the weights model.weights names), got {t.steps}"
+        )
     for key in ("warmup_steps", "eval_every", "weight_decay", "clip_norm", "momentum"):
         if getattr(t, key) < 0:
             raise ShardwiseError(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shardwise import roles
-from shardwise.checkpoint.resume import load_weights, read_resume
+from shardwise.checkpoint.resume import load_model_file, load_weights, read_resume
 from shardwise.checkpoint.store import Checkpoint
 from shardwise.comm.collectives import all_gather_json
 from shardwise.config import Config
@@ -147,6 +147,8 @@ def set_up(cfg: Config, mesh: RankMesh, *, device: torch.device) -> SetUp:
     model = build_model(cfg.model, in_shape, classes).to(device=device, dtype=dtype)
     if checkpoint is not None:  # the whole model, before any layout cuts it
         load_weights(model, checkpoint)
+    elif cfg.model.weights:
+        load_model_file(model, Path(cfg.model.weights))
     return SetUp(data, model, in_shape, checkpoint, local_bytes(model.parameters()), cut)
 
 

@@ -66,6 +66,8 @@ def preflight(cfg: Config, nproc: int) -> ParallelDims:
     check_source(cfg.data)
     check_import_path(cfg.model.name, "model.name")
     check_import_path(cfg.data.name, "data.name")
+    if cfg.model.weights and not Path(cfg.model.weights).is_file():
+        raise ShardwiseError("model.weights", f"no such file {cfg.model.weights!r}")
     if ":" not in cfg.data.name:  # your own data's shape is known once a rank has loaded it
         vertical_parts(cfg.data, cfg.parallel)
     ps = cfg.ps
@@ -256,15 +258,18 @@ def launch(
     resuming: bool = False,
     placement: Placement | None = None,
     overwrite: bool = False,
+    quiet: bool = False,
 ) -> int:
     """Run the job on `nproc` workers placed by `placement` (default: this machine),
     restarting all of them from the newest complete checkpoint up to `max_restarts`
-    times; returns the exit status."""
+    times; returns the exit status. `quiet`: the ranks' own output (tables, summary) is
+    dropped; a failure's one line still comes."""
     placement = placement or Placement()
     launch_time = time.time()
     signal.signal(signal.SIGTERM, _terminate)
     dims = preflight(cfg, nproc)
-    _warn_oversubscribed(nproc)
+    if not quiet:
+        _warn_oversubscribed(nproc)
     if max_restarts < 0:
         raise ShardwiseError("max-restarts", f"must be >= 0, got {max_restarts}")
     if not resuming:
@@ -280,7 +285,7 @@ def launch(
             config_path = err_dir / f"attempt-{attempt}.toml"
             config_path.write_text(to_toml(cfg))
             failure = _run_once(
-                cfg, dims, nproc, config_path, err_dir / f"attempt-{attempt}", attempt, launch_time, placement
+                cfg, dims, nproc, config_path, err_dir / f"attempt-{attempt}", attempt, launch_time, placement, quiet
             )
             if failure is None or failure.exit_code == EXIT_USAGE or attempt == max_restarts:
                 break
@@ -330,6 +335,7 @@ def _run_once(
     attempt: int,
     launch_time: float,
     placement: Placement,
+    quiet: bool = False,
 ) -> RankFailure | None:
     """Start every rank, supervise them, stop them all; the failure that ended it, if any."""
     err_dir.mkdir()
@@ -349,7 +355,7 @@ def _run_once(
                 contract.PLACEMENT_ENV: placement.describe(nproc),
             }
             argv = placement.argv(rank, [sys.executable, "-m", "shardwise.worker", str(config_path)])
-            procs.append(subprocess.Popen(argv, env=env))
+            procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL if quiet else None))
         return supervise(procs, error_files, expendable_ranks(cfg, dims))
     finally:
         _stop(procs)

@@ -43,16 +43,12 @@ def preprocess_of(weights: Path) -> dict:
 
 def run_model(folder: Path, cfg: Config, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The run's model with its final weights, in evaluation mode."""
-    from safetensors.torch import load_file
-
+    from shardwise.checkpoint.resume import load_model_file
     from shardwise.models import build_model
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, tuple(in_shape), num_classes).to(getattr(torch, cfg.train.dtype))
-    try:
-        model.load_state_dict(load_file(folder / "model.safetensors"))
-    except RuntimeError as e:
-        raise ShardwiseError("run", f"{folder}/model.safetensors: {str(e).splitlines()[-1].strip()}") from None
+    load_model_file(model, folder / "model.safetensors", key="run")
     return model.eval()
 
 

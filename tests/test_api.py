@@ -72,3 +72,14 @@ def test_evaluate_scores_a_finished_run_as_the_run_did(tmp_path):
     assert done.returncode == 0 and json.loads(done.stdout)["val_accuracy"] == run.summary["val_accuracy"]
     refused = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert refused.returncode == 2 and "names code to import" in refused.stderr
+
+
+@pytest.mark.parametrize("layout", [{"parallel.tp": 2}, {"parallel.pp": 2}], ids=["tp", "pp"])
+def test_evaluate_under_a_layout_scores_as_the_run_did(tmp_path, layout):
+    """The weights cut as the layout cuts a model (tensor-parallel pairs, pipeline stages)
+    and scored on 2 ranks: the accuracy the dp run reported, the loss up to summation order."""
+    run = shardwise.run(shardwise.build_config(SETTINGS), nproc=2, out=tmp_path / "run")
+    scored = shardwise.api.evaluate(run.out, {"model.name": SETTINGS["model.name"], **layout}, nproc=2)
+    assert scored["val_accuracy"] == run.summary["val_accuracy"]
+    assert scored["val_loss"] == pytest.approx(run.summary["val_loss"], rel=1e-5)
+    assert list(tmp_path.iterdir()) == [tmp_path / "run"]

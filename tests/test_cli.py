@@ -65,6 +65,8 @@ BAD_INPUT = {
     "unknown key": (["--train.stepz", "5"], "train.stepz: unknown config key (did you mean train.steps?)"),
     "wrong type": (["--train.steps", "five"], "train.steps: expected int, got 'five'"),
     "nproc 0": (["--nproc", "0"], "nproc: must be at least 1, got 0"),
+    "no weights to score": (["--train.steps", "0"], "train.steps: must be positive (0 only scores the weights"),
+    "missing weights": (["--model.weights", "/nonexistent/m.safetensors"], "model.weights: no such file"),
     "missing data dir": (
         ["--data.name", "cifar10", "--data.path", "/nonexistent/cifar"],
         "data.path: no such directory '/nonexistent/cifar'",

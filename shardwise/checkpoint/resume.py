@@ -53,3 +53,25 @@ def load_weights(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise ShardwiseError("resume", f"{checkpoint.folder}: {str(e).splitlines()[-1].strip()}") from None
+
+
+def load_model_file(model: torch.nn.Module, path: Path, key: str = "model.weights") -> None:
+    """A model.safetensors' weights into the whole model (before any layout cuts it), or one
+    line naming `key` and what does not fit."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ShardwiseError(key, f"no such file {str(path)!r}")
+    try:
+        weights = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ShardwiseError(key, f"{path} is not a safetensors file ({e})") from None
+    have, want = set(weights), set(model.state_dict())
+    if have != want:
+        missing = sorted(want - have)[:3] or sorted(have - want)[:3]
+        raise ShardwiseError(key, f"{path} holds another model ({len(have)} tensors, this one {len(want)}; {missing})")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ShardwiseError(key, f"{path}: {str(e).splitlines()[-1].strip()}") from None

@@ -50,7 +50,7 @@ def bubble_fractions(stages: list[torch.Tensor]) -> list[float]:
 
 def bubble_summary(stages: list[torch.Tensor], microbatches: int, warmup: int = 5) -> dict[str, float]:
     measured = bubble_fractions(stages)
-    steady = measured[warmup:] or measured
+    steady = measured[warmup:] or measured or [float("nan")]  # no step: nothing measured (null in JSON)
     return {
         "bubble_measured": statistics.median(steady),
         "bubble_theoretical": theoretical_bubble(len(stages), microbatches),
