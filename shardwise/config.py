@@ -204,6 +204,12 @@ class RunConfig:
     timeline: bool = False
     """Pipeline: record every micro-batch's forward and backward on every stage and write
     timeline.png (a Gantt chart per stage) for the last step."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files (tensorboard/ in the run folder): loss, validation
+    loss and accuracy, learning rate, gradient norm, samples/s and the communication share."""
+    comm_share: bool = False
+    """Profile each logged step (torch.profiler) for the share of its wall time this rank spent
+    in communication that no computation overlapped (comm_share in metrics.jsonl)."""
     resume: str = ""
     """A checkpoint folder (or a run folder: its newest complete checkpoint) to continue from."""
 

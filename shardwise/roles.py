@@ -58,6 +58,7 @@ class Job:
             start_step=self.start_step,
             total_steps=self.cfg.train.steps,
             show_progress=self.cfg.run.progress,
+            tensorboard=self.cfg.run.tensorboard,
         )
 
 
@@ -113,7 +114,7 @@ def _train(job: Job, console) -> Outcome:
             optimizer,
             scheduler,
             job.data,
-            LoopSettings.from_train(t, start_step=job.start_step),
+            LoopSettings.from_train(t, start_step=job.start_step, measure_comm=cfg.run.comm_share),
             reporter=reporter,
             faults=job.faults,
             splits=layout.splits,

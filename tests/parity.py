@@ -158,13 +158,14 @@ def plain_train(
     stop: int | None = None,
     skip: frozenset[int] = frozenset(),
     optimizer_out: dict | None = None,
+    norms_out: list | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Train as `overrides` say with nothing but torch; the final weights and each step's
     loss. `start`: the tensors of a checkpoint (`model/NAME`, `optim/KEY/NAME`) and its
     `step` and `schedule_step`, to go on from; `stop`: end after this many steps of the
     configured `train.steps`; `skip`: 1-based steps to skip, as a run does when a step's
     gradient is not finite; `optimizer_out`: filled with the optimizer's state at the end,
-    as `optim/KEY/NAME`."""
+    as `optim/KEY/NAME`; `norms_out`: filled with each step's gradient norm (before clipping)."""
     o = {**DEFAULTS, **BASE, **with_data(overrides)}
     assert o["data.name"] == "npz" and o.get("data.partition", "shuffle") == "shuffle", o
     dtype = getattr(torch, o["train.dtype"])
@@ -205,6 +206,8 @@ def plain_train(
             loss.backward()
             total += loss.item()
         losses.append(total)
+        if norms_out is not None:
+            norms_out.append(torch.nn.utils.get_total_norm([p.grad for p in params]).item())
         if step + 1 in skip:
             continue
         if clip > 0:

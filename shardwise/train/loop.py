@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,6 +19,7 @@ from shardwise.data.loader import RankData
 from shardwise.errors import ShardwiseError, TrainingDiverged
 from shardwise.parallel.data import maybe_no_sync, unwrap
 from shardwise.parallel.splits import Split, clip_grad_norm, local_tensor
+from shardwise.train.comm_share import StepProfile
 from shardwise.train.evaluate import evaluate
 from shardwise.train.faults import FaultPlan
 
@@ -46,9 +49,10 @@ class LoopSettings:
     eval_every: int = 0
     start_step: int = 0  # a resumed run's first step
     max_bad_steps: int = 3
+    measure_comm: bool = False  # profile each logged step for its exposed communication share
 
     @classmethod
-    def from_train(cls, t: TrainConfig, *, start_step: int = 0) -> LoopSettings:
+    def from_train(cls, t: TrainConfig, *, start_step: int = 0, measure_comm: bool = False) -> LoopSettings:
         return cls(
             steps=t.steps,
             global_batch=t.batch_size,
@@ -57,6 +61,7 @@ class LoopSettings:
             eval_every=t.eval_every,
             start_step=start_step,
             max_bad_steps=t.max_bad_steps,
+            measure_comm=measure_comm,
         )
 
 
@@ -185,12 +190,15 @@ class ModelRunner:
 
 @dataclass
 class _Window:
-    """The steps since the last logged one: their summed loss (finite steps only) and time."""
+    """The steps since the last logged one: their summed loss (finite steps only) and time,
+    and what the last of them measured (gradient norm, exposed communication share)."""
 
     loss: torch.Tensor
     steps: int = 0
     good: int = 0
     start: float = field(default_factory=time.perf_counter)
+    grad_norm: float | None = None
+    comm_share: float | None = None
 
     def add(self, loss: torch.Tensor) -> None:
         self.loss += loss
@@ -207,9 +215,51 @@ class _Window:
             "samples_per_s": settings.global_batch * self.steps / elapsed,
             "skipped_steps": skipped,
         }
+        if self.grad_norm is not None:
+            record["grad_norm"] = self.grad_norm
+        if self.comm_share is not None:
+            record["comm_share"] = self.comm_share
         self.loss.zero_()
         self.steps = self.good = 0
+        self.grad_norm = self.comm_share = None
         return record
+
+
+@dataclass
+class _Step:
+    """What one step's update needs besides the model and the optimizer."""
+
+    runner: Runner
+    settings: LoopSettings
+    faults: FaultPlan
+    splits: dict[str, Split]
+    sum_groups: list[dist.ProcessGroup]
+    agree_group: dist.ProcessGroup | None
+
+
+def _update(
+    ctx: _Step, model: nn.Module, optimizer, scheduler, micro, step: int, where: Position, *, logged: bool
+) -> tuple[torch.Tensor, bool, float | None]:
+    """Forward, backward, the agreement on finite gradients, clipping and the optimizer
+    step: (the loss, whether the step was applied, the gradient norm where measured: on
+    every clipped step and every logged one)."""
+    optimizer.zero_grad(set_to_none=True)
+    if ctx.faults.corrupt(step):
+        micro = [(torch.full_like(x, float("nan")), y) for x, y in micro]
+    loss = ctx.runner.forward_backward(micro)
+    where.phase = "agreeing on finite gradients"
+    if not all_finite(loss, model, None if ctx.faults.skips(step) else ctx.agree_group):
+        optimizer.zero_grad(set_to_none=True)  # every rank skips it: the weights stay equal
+        return loss, False, None
+    norm = None
+    if ctx.settings.clip_norm > 0 or logged:
+        where.phase = "gradient norm (all-reduce)"
+        max_norm = ctx.settings.clip_norm if ctx.settings.clip_norm > 0 else math.inf
+        norm = clip_grad_norm(unwrap(model), max_norm, splits=ctx.splits, sum_groups=ctx.sum_groups)
+    where.phase = "optimizer step"
+    optimizer.step()
+    scheduler.step()
+    return loss, True, norm
 
 
 def train_loop(
@@ -233,8 +283,8 @@ def train_loop(
     hold disjoint parameters: FSDP shards, pipeline stages) let clipping see the whole
     model's gradient. `agree_group` (every rank of the layout) agrees on skipping a step
     whose loss or gradients are not finite."""
-    result = LoopResult()
-    where = position or Position()
+    result, where = LoopResult(), position or Position()
+    ctx = _Step(runner, settings, faults, splits or {}, sum_groups or [], agree_group)
     window = _Window(torch.zeros((), device=data.device))
     bad_in_row = 0
     model.train()
@@ -242,26 +292,19 @@ def train_loop(
         started = time.perf_counter()
         where.at(step, "forward/backward and gradient reduction")
         faults.maybe_fail(step)
-
-        optimizer.zero_grad(set_to_none=True)
-        micro = data.micro_batches(step)
-        if faults.corrupt(step):
-            micro = [(torch.full_like(x, float("nan")), y) for x, y in micro]
-        loss = runner.forward_backward(micro)
-        where.phase = "agreeing on finite gradients"
-        finite = all_finite(loss, model, None if faults.skips(step) else agree_group)
+        last = step == settings.steps - 1
+        eval_now = last or (settings.eval_every > 0 and (step + 1) % settings.eval_every == 0)
+        logged = eval_now or (step + 1) % settings.log_every == 0
         lr = scheduler.get_last_lr()[0]
-        if finite:
+        with StepProfile() if logged and settings.measure_comm else nullcontext() as measured:
+            loss, applied, norm = _update(
+                ctx, model, optimizer, scheduler, data.micro_batches(step), step, where, logged=logged
+            )
+        if applied:
             bad_in_row = 0
             window.add(loss)
-            if settings.clip_norm > 0:
-                where.phase = "clipping (gradient norm all-reduce)"
-                clip_grad_norm(unwrap(model), settings.clip_norm, splits=splits or {}, sum_groups=sum_groups or [])
-            where.phase = "optimizer step"
-            optimizer.step()
-            scheduler.step()
-        else:  # every rank skips it: the weights stay equal
-            optimizer.zero_grad(set_to_none=True)
+            window.grad_norm = norm
+        else:
             result.skipped_steps.append(step + 1)
             bad_in_row += 1
             if bad_in_row >= settings.max_bad_steps:
@@ -269,13 +312,12 @@ def train_loop(
                     f"train.max_bad_steps: {bad_in_row} steps in a row with a non-finite loss or gradient "
                     f"(steps {step + 2 - bad_in_row} to {step + 1}); lower train.lr or set train.clip_norm"
                 )
-
+        if measured is not None:
+            window.comm_share = measured.share
         result.step_times.append(time.perf_counter() - started)
         window.steps += 1
         reporter.step_done(step)
-        last = step == settings.steps - 1
-        eval_now = last or (settings.eval_every > 0 and (step + 1) % settings.eval_every == 0)
-        if eval_now or (step + 1) % settings.log_every == 0:
+        if logged:
             record = window.record(step, lr, runner, settings, skipped=len(result.skipped_steps), where=where)
             if eval_now:
                 where.phase = "evaluation"

@@ -6,6 +6,7 @@ model.safetensors and summary.json.
 
 from __future__ import annotations
 
+import datetime
 import json
 import statistics
 import time
@@ -72,6 +73,12 @@ class MetricsLog:
         self._file.writelines(line + "\n" for line in kept)
 
     def write(self, record: dict) -> None:
+        """One line, stamped with the time it was written (UTC, ISO 8601, and in seconds
+        since the epoch: `time_unix`); the record gets the stamp too."""
+        now = time.time()
+        stamp = datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat(timespec="milliseconds")
+        record.setdefault("time", stamp)
+        record.setdefault("time_unix", round(now, 3))
         self._file.write(dumps(record) + "\n")
         self._file.flush()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from rich.console import Console
@@ -30,8 +31,8 @@ class NullReporter:
 class ConsoleReporter:
     """Writes metrics.jsonl and draws a progress bar with loss, samples/s and ETA."""
 
-    def __init__(self, metrics: MetricsLog, *, total_steps: int, console: Console, show_progress: bool):
-        self.metrics = metrics
+    def __init__(self, metrics: MetricsLog, *, total_steps: int, console: Console, show_progress: bool, board=None):
+        self.metrics, self.board = metrics, board
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -55,12 +56,16 @@ class ConsoleReporter:
     def __exit__(self, *exc) -> None:
         self.progress.stop()
         self.metrics.close()
+        if self.board is not None:
+            self.board.close()
 
     def step_done(self, step: int) -> None:
         self.progress.advance(self.task)
 
     def log(self, record: dict) -> None:
         self.metrics.write(record)
+        if self.board is not None:
+            self.board.log(record)
         fields = {"loss": f"{record['loss']:.4f}", "sps": f"{record['samples_per_s']:,.0f}"}
         if "val_accuracy" in record:
             fields["acc"] = f"{100 * record['val_accuracy']:.1f}%"
@@ -68,14 +73,55 @@ class ConsoleReporter:
 
 
 def open_reporter(
-    out_dir: Path | None, console: Console | None, *, start_step: int, total_steps: int, show_progress: bool
+    out_dir: Path | None,
+    console: Console | None,
+    *,
+    start_step: int,
+    total_steps: int,
+    show_progress: bool,
+    tensorboard: bool = False,
 ) -> ConsoleReporter | NullReporter:
-    """Where rank 0 of a run that writes puts its progress (metrics.jsonl, the bar); the
-    others drop it. A resumed run keeps the lines of the steps before `start_step`."""
+    """Where rank 0 of a run that writes puts its progress (metrics.jsonl, TensorBoard's
+    event files, the bar); the others drop it. A resumed run keeps the lines (and the
+    events) of the steps before `start_step`."""
     if out_dir is None or console is None:
         return NullReporter()
     metrics = MetricsLog(out_dir / "metrics.jsonl", from_step=start_step)
-    return ConsoleReporter(metrics, total_steps=total_steps, console=console, show_progress=show_progress)
+    board = Board(out_dir / "tensorboard", start_step) if tensorboard else None
+    return ConsoleReporter(metrics, total_steps=total_steps, console=console, show_progress=show_progress, board=board)
+
+
+# metrics.jsonl's keys as TensorBoard's tags
+BOARD_TAGS = {
+    "loss": "train/loss",
+    "lr": "train/learning_rate",
+    "grad_norm": "train/grad_norm",
+    "val_loss": "validation/loss",
+    "val_accuracy": "validation/accuracy",
+    "samples_per_s": "speed/samples_per_s",
+    "comm_share": "speed/comm_share",
+}
+
+
+class Board:
+    """TensorBoard event files, by the `tensorboard` package's writer (through torch's)."""
+
+    def __init__(self, folder: Path, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # a resumed run drops the events after its checkpoint, as metrics.jsonl drops the lines
+        self.writer = SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, record: dict) -> None:
+        wall = record.get("time_unix")
+        for key, tag in BOARD_TAGS.items():
+            value = record.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(tag, value, global_step=record["step"], walltime=wall)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def render_summary(summary: dict, out_dir: str) -> Table:

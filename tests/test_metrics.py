@@ -1,0 +1,104 @@
+"""What a run records as it goes: timestamps in metrics.jsonl, TensorBoard event files
+read back by TensorBoard's own reader, the gradient norm, and the communication share."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+
+import shardwise
+from shardwise.train.comm_share import exposed_share
+
+SETTINGS = {
+    "model.name": "mlp",
+    "model.hidden": [64],
+    "train.steps": 20,
+    "train.log_every": 5,
+    "train.eval_every": 10,
+    "run.progress": False,
+}
+
+
+def _records(run) -> list[dict]:
+    return [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def board_run(tmp_path_factory):
+    settings = {**SETTINGS, "run.tensorboard": True, "run.comm_share": True}
+    return shardwise.run(shardwise.build_config(settings), nproc=2, out=tmp_path_factory.mktemp("m") / "run")
+
+
+def test_tensorboard_holds_what_metrics_jsonl_holds(board_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(board_run.out / "tensorboard"))
+    board.Reload()
+    records = _records(board_run)
+    expected = {
+        "train/loss": "loss",
+        "train/learning_rate": "lr",
+        "train/grad_norm": "grad_norm",
+        "validation/accuracy": "val_accuracy",
+        "speed/samples_per_s": "samples_per_s",
+        "speed/comm_share": "comm_share",
+    }
+    assert set(expected) <= set(board.Tags()["scalars"])
+    for tag, key in expected.items():
+        logged = [(r["step"], r[key]) for r in records if key in r]
+        events = [(e.step, e.value) for e in board.Scalars(tag)]
+        assert [s for s, _ in events] == [s for s, _ in logged], tag
+        assert all(math.isclose(v, w, rel_tol=1e-6) for (_, v), (_, w) in zip(events, logged, strict=True)), tag
+    assert [e.step for e in board.Scalars("validation/accuracy")] == [10, 20]
+    assert all(0 < r["comm_share"] < 1 for r in records)  # 2 data-parallel ranks: some waiting is exposed
+
+
+def test_every_line_is_stamped_in_order(board_run):
+    records = _records(board_run)
+    stamps = [datetime.datetime.fromisoformat(r["time"]) for r in records]
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    assert all(s.tzinfo is not None for s in stamps) and stamps == sorted(stamps)
+    assert all(abs(s.timestamp() - r["time_unix"]) < 0.002 for s, r in zip(stamps, records, strict=True))
+    assert stamps[-1].timestamp() - stamps[0].timestamp() < board_run.summary["wall_s"]
+
+
+def test_the_gradient_norm_is_the_whole_models(tmp_path):
+    """A tensor-parallel run (each rank holds half of every paired layer) logs the norm of
+    the whole model's gradient: the plain PyTorch loop's torch.nn.utils.get_total_norm at
+    the same steps."""
+    from parity import BASE, plain_train, with_data
+
+    overrides = with_data({"model.name": "mlp", "model.hidden": "64,32", "train.log_every": "3"})
+    norms: list[float] = []
+    plain_train(overrides, norms_out=norms)
+    cfg = shardwise.build_config({**BASE, **overrides, "parallel.tp": "2"})
+    logged = _records(shardwise.run(cfg, nproc=2, out=tmp_path / "tp"))
+    assert [r["step"] for r in logged] == [3, 6, 9, 12]
+    for r in logged:
+        assert r["grad_norm"] == pytest.approx(norms[r["step"] - 1], rel=1e-4), r["step"]
+
+
+def test_exposed_communication_counts_only_what_no_computation_overlaps():
+    def event(name, start, end):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [
+        event("aten::mm", 0, 40),
+        event("gloo:all_reduce", 30, 70),  # 30..40 overlaps the mm: 30 exposed
+        event("gloo:all_reduce", 60, 80),  # merges with the one before: 70..80 more
+        event("aten::add_", 75, 90),  # hides 75..80
+        event("DistributedDataParallel.forward", 0, 100),  # neither compute nor communication
+        event("nccl:send", 95, 100),
+    ]
+    assert exposed_share(events, 100.0) == pytest.approx((70 - 40 + 75 - 70 + 5) / 100)
+    assert exposed_share([event("aten::mm", 0, 10)], 10.0) == 0.0
+
+
+def test_one_process_spends_nothing_on_communication(tmp_path):
+    settings = {**SETTINGS, "run.comm_share": True}
+    one = shardwise.run(shardwise.build_config(settings), nproc=1, out=tmp_path / "one")
+    assert all(r["comm_share"] == 0.0 for r in _records(one))
