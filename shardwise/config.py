@@ -168,6 +168,9 @@ class TrainConfig:
     dtype: Literal["float32", "float64"] = "float32"
     """Parameters, gradients, optimizer state and activations: float32, or float64 (slower; the
     synchronous layouts tested then equal one process to 1e-9: no rounding flips a max-pool tie)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """The forward's arithmetic: fp32, or bf16 (torch.autocast: bfloat16 matrix products and
+    convolutions; float32 weights, gradients, optimizer state and reductions; evaluation in fp32)."""
 
 
 @dataclass
@@ -384,13 +387,22 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
-def to_toml(cfg: Config) -> str:
-    """The resolved config as TOML; `None` (follow the default) is left out."""
+# where a run wrote and what it resumed: left out of the configs a run saves
+PLACE_KEYS = {("run", "out"), ("run", "resume")}
+
+
+def to_toml(cfg: Config, *, saved: bool = False) -> str:
+    """The resolved config as TOML; `None` (follow the default) is left out. `saved`: the
+    copy a run keeps (its folder's config.toml, a checkpoint's) leaves run.out and
+    run.resume empty, so fed back it trains the same run into a new folder, and a
+    checkpoint resumes into the run folder it sits in, wherever that was moved."""
     lines: list[str] = []
     for section in SECTIONS:
         lines.append(f"[{section}]")
         for name, value in dataclasses.asdict(getattr(cfg, section)).items():
-            if value is not None:
+            if saved and (section, name) in PLACE_KEYS:
+                lines.append(f'{name} = ""')
+            elif value is not None:
                 lines.append(f"{name} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)

@@ -40,6 +40,7 @@ from shardwise.topology import ParallelDims, RankMesh
 from shardwise.train.faults import FaultPlan
 from shardwise.train.optim import lr_at, optimizer_for
 from shardwise.train.outputs import describe_hosts, run_summary, write_run
+from shardwise.train.precision import autocast_forward
 from shardwise.train.progress import render_summary
 
 
@@ -118,6 +119,8 @@ def run(
             faults=faults,
             server=_server_settings(cfg),
         )
+        if cfg.train.precision == "bf16" and layout.role != "server":
+            autocast_forward(layout.local_model, device.type)
         job = roles.Job(
             cfg, mesh, layout, setup.data, setup.checkpoint, faults, out_dir, rank, device, setup.whole_bytes
         )

@@ -277,7 +277,7 @@ def launch(
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     cfg.run.out = str(out.resolve())
-    write_atomic(out / "config.toml", to_toml(cfg))
+    write_atomic(out / "config.toml", to_toml(cfg, saved=True))
 
     err_dir = Path(tempfile.mkdtemp(prefix="shardwise-errors-"))
     try:

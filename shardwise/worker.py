@@ -190,7 +190,7 @@ def run_rank(cfg: Config) -> tuple[Path, RunResult]:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not (out_dir / "config.toml").exists():  # under torchrun: no launcher wrote it
             cfg.run.out = str(out_dir.resolve())
-            write_atomic(out_dir / "config.toml", to_toml(cfg))
+            write_atomic(out_dir / "config.toml", to_toml(cfg, saved=True))
     result = run(cfg, out_dir=out_dir, device=device, context=context_from_environ())
     # leave together: ranks wait while rank 0 writes the outputs, so no rank
     # closes its connections under a peer that still expects it

@@ -202,7 +202,9 @@ def plain_train(
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for x, y in zip(x_all[idx].chunk(accum), y_all[idx].chunk(accum), strict=True):
-            loss = F.cross_entropy(model(x), y) / accum
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=o.get("train.precision") == "bf16"):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y) / accum
             loss.backward()
             total += loss.item()
         losses.append(total)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,6 +67,10 @@ BAD_INPUT = {
     "wrong type": (["--train.steps", "five"], "train.steps: expected int, got 'five'"),
     "nproc 0": (["--nproc", "0"], "nproc: must be at least 1, got 0"),
     "no weights to score": (["--train.steps", "0"], "train.steps: must be positive (0 only scores the weights"),
+    "bf16 on float64": (
+        ["--train.precision", "bf16", "--train.dtype", "float64"],
+        "train.precision: bf16 keeps float32 master weights: needs train.dtype=float32, not float64",
+    ),
     "missing weights": (["--model.weights", "/nonexistent/m.safetensors"], "model.weights: no such file"),
     "missing data dir": (
         ["--data.name", "cifar10", "--data.path", "/nonexistent/cifar"],
@@ -448,3 +453,30 @@ def test_overwrite_starts_a_run_folder_again_and_nothing_else(tmp_path):
     refused = shardwise("train", *args, "--out", str(other), "--overwrite")
     assert refused.returncode == 2 and "is not a run folder (it has no config.toml): not removed" in refused.stderr
     assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_a_saved_config_fed_back_trains_the_same_run_and_a_moved_run_resumes_in_place(tmp_path):
+    """The run folder's config.toml names no folder: fed back to `shardwise train` it trains
+    the same run into the folder --out names (the same weights); a run folder moved
+    elsewhere resumes into itself, not into the folder it was first written to."""
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    args = ["--train.steps", "6", "--train.checkpoint_every", "3", "--train.eval_every", "0"]
+    args += ["--run.progress", "false", "--model.name", "mlp"]
+    assert shardwise("train", *args, "--out", str(first)).returncode == 0
+    saved = (first / "config.toml").read_text()
+    assert 'out = ""' in saved and str(tmp_path) not in saved
+    again = shardwise("train", str(first / "config.toml"), "--out", str(tmp_path / "again"))
+    assert again.returncode == 0, again.stderr
+    a, b = load_file(first / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    shutil.rmtree(moved / "checkpoints" / "step-00000006")
+    done = shardwise("train", "--resume", str(moved))
+    assert done.returncode == 0, done.stderr
+    assert not first.exists() and (moved / "checkpoints" / "step-00000006").is_dir()
+    c = load_file(moved / "model.safetensors")
+    assert all((a[k] == c[k]).all() for k in a)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from shardwise.bench import allreduce, ddp, pp, ps, restarts, scaling, shard, spatial, tp
+from shardwise.bench import allreduce, ddp, pp, precision, ps, restarts, scaling, shard, spatial, tp
 from shardwise.bench.common import Bench, bench_console
 from shardwise.cluster import netns
 from shardwise.cluster.placement import Placement
@@ -36,6 +36,7 @@ SCENARIOS: dict[str, tuple[Callable[[Bench], None], bool]] = {
     "spatial": (spatial.run, True),
     "shard": (shard.run, False),  # bytes held: the same on every link
     "ps": (ps.run, True),
+    "precision": (precision.run, False),  # compute: one link is enough
     "restarts": (restarts.run, False),  # correctness trials, not timed
 }
 DEFAULT = [name for name in SCENARIOS if name != "restarts"]

@@ -36,7 +36,7 @@ def build_checkpointer(cfg: Config, out_dir: Path | None, group, collect, faults
         collect,
         cfg.checkpoint.sign_key,
         faults,
-        config_text=to_toml(cfg),
+        config_text=to_toml(cfg, saved=True),
         keep=t.keep_checkpoints,
     )
 

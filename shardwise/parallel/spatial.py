@@ -75,9 +75,12 @@ class _HaloConv2d(torch.autograd.Function):
         rows = assemble(x, ctx.plan, top, bottom)
         above, below = edge_padding(ctx.plan)
         padded = F.pad(rows, (0, 0, above, below)) if above or below else rows
-        grad_rows = torch.nn.grad.conv2d_input(padded.shape, weight, grad, *ctx.conv)
-        grad_weight = torch.nn.grad.conv2d_weight(padded, weight.shape, grad, *ctx.conv)
-        grad_bias = grad.sum(dim=(0, 2, 3)) if ctx.has_bias else None
+        # under autocast the forward ran in the gradient's precision (bf16): so does the
+        # backward, and each gradient comes back in its own tensor's dtype (float32 weights)
+        low = grad.dtype
+        grad_rows = torch.nn.grad.conv2d_input(padded.shape, weight.to(low), grad, *ctx.conv).to(x.dtype)
+        grad_weight = torch.nn.grad.conv2d_weight(padded.to(low), weight.shape, grad, *ctx.conv).to(weight.dtype)
+        grad_bias = grad.sum(dim=(0, 2, 3)).to(weight.dtype) if ctx.has_bias else None
         grad_rows = grad_rows[:, :, above : grad_rows.shape[2] - below]
         grad_x = scatter_halo_grad(grad_rows, ctx.plan, ctx.group, x.shape)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None
