@@ -172,7 +172,7 @@ def build_parser() -> OneLineParser:
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
-        help="allreduce, ddp, scaling, tp, pp, spatial, shard, ps, restarts (default: all but restarts)",
+        help="allreduce, ddp, scaling, tp, pp, spatial, shard, ps, precision, restarts (default: all but restarts)",
     )
     bench.add_argument(
         "--links",
@@ -185,6 +185,9 @@ def build_parser() -> OneLineParser:
         type=Path,
         default=Path("bench-results"),
         help="folder for bench.json, bench.md (default: bench-results)",
+    )
+    bench.add_argument(
+        "--plan", action="store_true", help="check the request and print what would run on each link; run nothing"
     )
     return parser
 
@@ -319,7 +322,7 @@ def _bench(args: argparse.Namespace) -> int:
     from shardwise.bench.suite import run_suite
 
     links = [link.strip() for link in args.links.split(",") if link.strip()]
-    return run_suite(args.scenarios, links, args.repeats, args.out)
+    return run_suite(args.scenarios, links, args.repeats, args.out, plan_only=args.plan)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,12 +94,18 @@ def markdown(results: list[dict], links: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_suite(scenarios: list[str], links: list[str], repeats: int, out: Path) -> int:
+def run_suite(scenarios: list[str], links: list[str], repeats: int, out: Path, *, plan_only: bool = False) -> int:
     scenarios = scenarios or DEFAULT
     check_request(scenarios, [], repeats)
     if not any(SCENARIOS[name][1] for name in scenarios):
         links = [link for link in links if link == "loopback"] or ["loopback"]  # the same on every link
     check_request(scenarios, links, repeats)
+    if plan_only:
+        for link in links:
+            names = [name for name in scenarios if link == "loopback" or SCENARIOS[name][1]]
+            print(f"{link}: {', '.join(names)}; {repeats} repetitions each")
+        print(f"would write {out / 'bench.json'} and {out / 'bench.md'}")
+        return 0
     console = bench_console()
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
