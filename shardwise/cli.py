@@ -15,16 +15,9 @@ from pathlib import Path
 
 from shardwise import __version__
 from shardwise.cluster.commands import add_parser as add_cluster_parser
-from shardwise.config import (
-    SECTIONS,
-    Config,
-    all_keys,
-    check_code_trust,
-    field_docs,
-    load_config,
-    trust_settings,
-)
+from shardwise.config import SECTIONS, Config, all_keys, field_docs, load_config
 from shardwise.config_check import describe_type
+from shardwise.config_trust import check_code_trust, trust_settings
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 
 

@@ -335,30 +335,6 @@ def user_section(path: str | Path | None, overrides: dict[str, str], section: st
     return getattr(cfg, section)
 
 
-def check_code_trust(
-    cfg: Config, source: Path, *, path: str | Path | None, overrides: dict[str, str], verified: bool = False
-) -> None:
-    """A saved config (a checkpoint's, a run folder's) that names code to import (a model's
-    or a data source's import path) is followed only where the user's own config file or
-    command line (`path`, `overrides`) names the same code, or the checkpoint's signature
-    was verified with the user's key: reading saved files never runs code they chose."""
-    for section in ("model", "data"):
-        name = getattr(cfg, section).name
-        named_by_user = user_section(path, overrides, section).name
-        if ":" in name and name != named_by_user and not verified:
-            raise ShardwiseError(
-                f"{section}.name",
-                f"{source} names code to import, {name}, and saved files cannot vouch for the code they run: "
-                f"name it yourself (--{section}.name {name}) or verify the checkpoint (checkpoint.verify_key)",
-            )
-
-
-def trust_settings(path: str | Path | None, overrides: dict[str, str]) -> CheckpointConfig:
-    """The [checkpoint] section as the user alone gives it: which keys to trust (the
-    checkpoint cannot vouch for itself)."""
-    return user_section(path, overrides, "checkpoint")
-
-
 def load_config(
     path: str | Path | None = None, overrides: dict[str, str] | None = None, *, resumed: str | None = None
 ) -> Config:

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from shardwise.config import Config, check_code_trust, load_config
+from shardwise.config import Config, load_config
+from shardwise.config_trust import check_code_trust
 from shardwise.errors import ShardwiseError
 from shardwise.files import atomic_path, write_atomic
 from shardwise.train.outputs import PREPROCESS_KEY

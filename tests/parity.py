@@ -202,9 +202,12 @@ def plain_train(
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for x, y in zip(x_all[idx].chunk(accum), y_all[idx].chunk(accum), strict=True):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=o.get("train.precision") == "bf16"):
+            if o.get("train.precision") == "bf16":  # the forward under autocast, the loss in float32
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    logits = model(x).float()
+            else:
                 logits = model(x)
-            loss = F.cross_entropy(logits.float(), y) / accum
+            loss = F.cross_entropy(logits, y) / accum
             loss.backward()
             total += loss.item()
         losses.append(total)
