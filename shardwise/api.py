@@ -144,36 +144,72 @@ def evaluate(run: str | Path, settings: dict[str, Any] | None = None, *, nproc: 
     one: a run folder cannot choose the code it runs."""
     from shardwise import scoring
 
-    texts = {key: _as_text(value) for key, value in (settings or {}).items()}
-    if nproc == 1 and not any(key.startswith("parallel.") for key in texts):
+    texts = _texts(settings)
+    if not _under_layout(texts, nproc):
         return scoring.evaluate(run, texts)
     folder, cfg = scoring.open_run(run, texts)
+    summary, _ = _scoring_job(cfg, folder, nproc, "evaluate")
+    return {"val_loss": summary["val_loss"], "val_accuracy": summary["val_accuracy"]}
+
+
+def predict(
+    run: str | Path, inputs: str | Path, out: str | Path, settings: dict[str, Any] | None = None, *, nproc: int = 1
+) -> dict:
+    """Class probabilities of a finished run's model for new `inputs` (an .npz with raw
+    samples `x`, as the run's source gives them, or a folder of images) written to `out`
+    (.csv or .npz), preprocessed as the run's training data was (the record saved in
+    model.safetensors). In this process, or on `nproc` ranks under the layout `settings`
+    names. Returns {"inputs", "out", "classes"}."""
+    from shardwise import scoring
+
+    texts = _texts(settings)
+    new = scoring.new_inputs(run, inputs, out, texts)
+    if not _under_layout(texts, nproc):
+        return scoring.write_predictions(new, scoring.predict(new))
+    _, probs = _scoring_job(new.cfg, new.folder, nproc, "predict", new=new)
+    return scoring.write_predictions(new, probs)
+
+
+def _texts(settings: dict[str, Any] | None) -> dict[str, str]:
+    return {key: _as_text(value) for key, value in (settings or {}).items()}
+
+
+def _under_layout(texts: dict[str, str], nproc: int) -> bool:
+    return nproc != 1 or any(key.startswith("parallel.") for key in texts)
+
+
+def _scoring_job(cfg: Config, folder: Path, nproc: int, what: str, *, new=None) -> tuple[dict, Any]:
+    """The run's weights on `nproc` ranks under `cfg`'s layout for no step: the summary (its
+    validation score) and, with `new` inputs, their class probabilities (the inputs are the
+    job's validation set; its training split, never stepped on, is them again, to a batch)."""
+    import numpy as np
+
+    from shardwise.config import DataConfig
+
     if cfg.parallel.mode != "allreduce":
         raise ShardwiseError("parallel.mode", f"={cfg.parallel.mode}: runs are scored under all-reduce layouts")
     cfg.model.weights = str((folder / "model.safetensors").resolve())
     cfg.train.steps, cfg.train.checkpoint_every, cfg.run.resume, cfg.run.timeline = 0, 0, "", False
     scratch = Path(tempfile.mkdtemp(prefix="shardwise-score-"))  # kept where a rank failed: its logs
     try:
+        if new is not None:
+            n, labels = max(len(new.x), cfg.train.batch_size), np.zeros(len(new.x), dtype=np.int64)
+            x_train = np.resize(new.x, (n, *new.x.shape[1:]))
+            arrays = {"x": x_train, "y": np.resize(labels, n), "x_val": new.x, "y_val": labels}
+            np.savez(scratch / "inputs.npz", **arrays, classes=np.array(new.record["classes"]))
+            cfg.data = DataConfig(name="npz", path=str(scratch / "inputs.npz"))
+            cfg.run.predictions = str(scratch / "probabilities.npy")
         code = run_local(
             cfg, nproc=nproc, out=scratch / "run", max_restarts=0, cluster="local", resuming=False, quiet=True
         )
         if code == EXIT_USAGE:
-            raise ShardwiseError("evaluate", "a rank refused the config; its one-line reason is on stderr")
+            raise ShardwiseError(what, "a rank refused the config; its one-line reason is on stderr")
     except ShardwiseError:
         shutil.rmtree(scratch)
         raise
     if code != 0:
         raise RunFailed(code)
     summary = json.loads((scratch / "run" / "summary.json").read_text())
+    probs = np.load(scratch / "probabilities.npy") if new is not None else None
     shutil.rmtree(scratch)
-    return {"val_loss": summary["val_loss"], "val_accuracy": summary["val_accuracy"]}
-
-
-def predict(run: str | Path, inputs: str | Path, out: str | Path, settings: dict[str, Any] | None = None) -> dict:
-    """Class probabilities of a finished run's model for new `inputs` (an .npz with raw
-    samples `x`, as the run's source gives them, or a folder of images) written to `out`
-    (.csv or .npz), preprocessed as the run's training data was (the record saved in
-    model.safetensors). Returns {"inputs", "out", "classes"}."""
-    from shardwise import scoring
-
-    return scoring.predict(run, inputs, out, {key: _as_text(value) for key, value in (settings or {}).items()})
+    return summary, probs

@@ -143,6 +143,10 @@ def build_parser() -> OneLineParser:
         "or a folder of image files (converted to the run's channels and size)",
     )  # fmt: skip
     predict.add_argument("--out", type=Path, required=True, help="a .csv (a row per input) or .npz file to write")
+    predict.add_argument(
+        "--nproc", type=int, default=1, help="ranks to predict on, under the layout the --parallel.* keys name "
+        "(default: 1, in this process)",
+    )  # fmt: skip
     _add_config_options(predict)
     keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing checkpoints")
     keygen.add_argument("--out", type=Path, default=Path("."), help="folder for shardwise.key and shardwise.pub")
@@ -279,7 +283,7 @@ def _predict(args: argparse.Namespace) -> int:
     from shardwise.jsonsafe import dumps
 
     settings = {k: v for k, v in vars(args).items() if k in set(all_keys())}
-    done = api.predict(args.run, args.input, args.out, settings)
+    done = api.predict(args.run, args.input, args.out, settings, nproc=args.nproc)
     print(dumps({"inputs": done["inputs"], "out": done["out"]}))
     return 0
 

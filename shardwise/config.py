@@ -207,6 +207,9 @@ class RunConfig:
     timeline: bool = False
     """Pipeline: record every micro-batch's forward and backward on every stage and write
     timeline.png (a Gantt chart per stage) for the last step."""
+    predictions: str = ""
+    """After the last step, write the class probabilities of every validation input, in
+    their order, to this .npy file (what `shardwise predict --nproc` runs)."""
     tensorboard: bool = False
     """Also write TensorBoard event files (tensorboard/ in the run folder): loss, validation
     loss and accuracy, learning rate, gradient norm, samples/s and the communication share."""

@@ -155,6 +155,8 @@ def validate(cfg: Config) -> None:
     if not d.shape or any(s <= 0 for s in d.shape):
         raise ShardwiseError("data.shape", f"must be positive sizes, got {d.shape}")
     _check_data_name(d)
+    if cfg.run.predictions and cfg.parallel.mode == "ps":
+        raise ShardwiseError("run.predictions", "are written under all-reduce layouts, not parallel.mode=ps")
     if t.precision == "bf16" and t.dtype != "float32":
         raise ShardwiseError(
             "train.precision", f"bf16 keeps float32 master weights: needs train.dtype=float32, not {t.dtype}"

@@ -20,6 +20,7 @@ from shardwise.config import Config
 from shardwise.data import RankData
 from shardwise.data.report import render_report
 from shardwise.errors import ShardwiseError
+from shardwise.files import atomic_path
 from shardwise.layout import Layout
 from shardwise.topology import RankMesh
 from shardwise.train.faults import FaultPlan
@@ -123,10 +124,23 @@ def _train(job: Job, console) -> Outcome:
             checkpointer=checkpointer,
             position=job.position,
         )
+    if cfg.run.predictions:
+        job.position.phase = "predictions"
+        write_predictions(Path(cfg.run.predictions), layout.runner.predict(job.data), job.rank)
     measured = gather_rows(measured_bytes(job.device, rss_start), group)
     end_bytes = gather_rows(layout.memory(optimizer), group)
     extra = {"shard": dims.shard, "memory": memory_records(end_bytes, dims, measured), "partition": job.data.report}
     return Outcome(result, skipped=result.skipped_steps, extra=extra, memory=(end_bytes, measured))
+
+
+def write_predictions(path: Path, probs: torch.Tensor, rank: int) -> None:
+    """Rank 0 writes the validation set's class probabilities (an .npy, atomically)."""
+    if rank != 0:
+        return
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, probs.cpu().numpy())
 
 
 def _work(job: Job) -> Outcome:

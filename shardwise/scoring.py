@@ -10,6 +10,7 @@ where the caller names the same path.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +69,21 @@ def evaluate(run: str | Path, texts: dict[str, str]) -> dict[str, float]:
     return score_model(run_model(folder, cfg, dataset.in_shape, dataset.num_classes), data, group=None)
 
 
-def predict(run: str | Path, inputs: str | Path, out: str | Path, texts: dict[str, str]) -> dict:
-    """Class probabilities of the run's model for `inputs` (an .npz's raw samples `x`, or a
-    folder of images), written to `out` (.csv: a row per input; .npz: arrays); what was done."""
+@dataclass
+class NewInputs:
+    """New inputs prepared as the run's training data was, and where their predictions go."""
+
+    folder: Path
+    cfg: Config
+    record: dict  # the preprocessing record saved with the weights
+    names: list[str]  # an input's row number, or its image file's name
+    x: np.ndarray  # float32, the run's inputs
+    out: Path
+
+
+def new_inputs(run: str | Path, inputs: str | Path, out: str | Path, texts: dict[str, str]) -> NewInputs:
+    """Read `inputs` (an .npz's raw samples `x`, or a folder of images) and prepare them by
+    the preprocessing record saved in the run's model.safetensors."""
     from shardwise.data.inputs import prepare, read_inputs
 
     out = Path(out)
@@ -82,13 +95,23 @@ def predict(run: str | Path, inputs: str | Path, out: str | Path, texts: dict[st
         why = "holds no preprocessing record (saved before records were kept): train it again to predict"
         raise ShardwiseError("run", f"{folder}/model.safetensors {why}")
     names, raw = read_inputs(Path(inputs), tuple(record["in_shape"]))
-    x = torch.from_numpy(prepare(raw, record, from_images=Path(inputs).is_dir()))
-    model = run_model(folder, cfg, tuple(record["in_shape"]), len(record["classes"]))
-    dtype = getattr(torch, cfg.train.dtype)
+    return NewInputs(folder, cfg, record, names, prepare(raw, record, from_images=Path(inputs).is_dir()), out)
+
+
+def predict(new: NewInputs) -> np.ndarray:
+    """Class probabilities (float64) of the run's model for the inputs, in this process."""
+    model = run_model(new.folder, new.cfg, tuple(new.record["in_shape"]), len(new.record["classes"]))
+    dtype = getattr(torch, new.cfg.train.dtype)
     with torch.no_grad():
-        probs = torch.cat([torch.softmax(model(b.to(dtype)), dim=1) for b in x.split(512)]).double().numpy()
-    _write_predictions(out, names, probs, record["classes"])
-    return {"inputs": len(names), "out": str(out), "classes": record["classes"]}
+        batches = torch.from_numpy(new.x).split(512)
+        return torch.cat([torch.softmax(model(b.to(dtype)).double(), dim=1) for b in batches]).numpy()
+
+
+def write_predictions(new: NewInputs, probs: np.ndarray) -> dict:
+    """`out`: .csv (a row per input: its name, the class, its name, each probability) or
+    .npz (arrays); what was written."""
+    _write_predictions(new.out, new.names, probs, new.record["classes"])
+    return {"inputs": len(new.names), "out": str(new.out), "classes": new.record["classes"]}
 
 
 def _write_predictions(out: Path, names: list[str], probs: np.ndarray, classes: list[str]) -> None:

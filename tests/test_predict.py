@@ -70,6 +70,21 @@ def test_predict_on_the_raw_validation_digits_gives_the_runs_accuracy(digits_run
         np.testing.assert_allclose(saved["probabilities"].sum(axis=1), 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "layout", [{"parallel.dp": 2}, {"parallel.tp": 2}, {"parallel.pp": 2, "parallel.dp": 1}], ids=["dp", "tp", "pp"]
+)
+def test_predict_under_a_layout_gives_the_same_probabilities(digits_run, tmp_path, layout):
+    """The weights cut as the layout cuts the model, on 2 ranks: the classes one process
+    predicts, the probabilities to float32 rounding."""
+    np.savez(tmp_path / "raw.npz", x=np.arange(30 * 64).reshape(30, 1, 8, 8) % 17)
+    shardwise.api.predict(digits_run.out, tmp_path / "raw.npz", tmp_path / "one.npz")
+    shardwise.api.predict(digits_run.out, tmp_path / "raw.npz", tmp_path / "cut.npz", layout, nproc=2)
+    with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "cut.npz") as cut:
+        assert np.array_equal(one["predicted"], cut["predicted"]) and list(cut["input"]) == list(one["input"])
+        np.testing.assert_allclose(cut["probabilities"], one["probabilities"], rtol=1e-4, atol=1e-6)
+    assert not list(tmp_path.glob("shardwise-score-*"))
+
+
 def _cifar_folder(folder: Path, n_train: int, n_test: int) -> np.ndarray:
     """CIFAR-10 binary batches of learnable random images; the test images' bytes."""
     rng = np.random.default_rng(3)

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from shardwise.comm.collectives import all_gather_uneven
 from shardwise.data.loader import RankData
 
 
@@ -20,6 +22,24 @@ def summarize(totals: torch.Tensor, group: dist.ProcessGroup | None) -> dict[str
         dist.all_reduce(totals, group=group)
     loss_sum, correct, count = totals.tolist()
     return {"val_loss": loss_sum / count, "val_accuracy": correct / count}
+
+
+def gather_rows(local: torch.Tensor, data: RankData, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The rows every data-parallel rank computed for its slice of the validation set
+    (`val_batches`), gathered in the validation set's order on every rank."""
+    if group is None or dist.get_world_size(group) == 1:
+        return local
+    sizes = [len(part) for part in np.array_split(np.arange(len(data.dataset.y_val)), data.dp)]
+    return torch.cat(all_gather_uneven(local, sizes, dim=0, group=group))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: RankData, *, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Class probabilities (float64) of the whole validation set, in its order, on every rank."""
+    model.eval()
+    probs = torch.cat([torch.softmax(model(x).double(), dim=1) for x, _ in data.val_batches()])
+    model.train()
+    return gather_rows(probs, data, group)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from shardwise.errors import ShardwiseError, TrainingDiverged
 from shardwise.parallel.data import maybe_no_sync, unwrap
 from shardwise.parallel.splits import Split, clip_grad_norm, local_tensor
 from shardwise.train.comm_share import StepProfile
-from shardwise.train.evaluate import evaluate
+from shardwise.train.evaluate import evaluate, predict
 from shardwise.train.faults import FaultPlan
 
 
@@ -160,6 +160,10 @@ class Runner(Protocol):
 
     def evaluate(self, data: RankData) -> dict[str, float]: ...
 
+    def predict(self, data: RankData) -> torch.Tensor:
+        """Class probabilities of the whole validation set, in its order, at least on rank 0."""
+        ...
+
 
 class ModelRunner:
     """The model (whole, or tensor/vertical slices of every layer) on every rank,
@@ -186,6 +190,9 @@ class ModelRunner:
 
     def evaluate(self, data: RankData) -> dict[str, float]:
         return evaluate(self.model, data, group=self.dp_group)
+
+    def predict(self, data: RankData) -> torch.Tensor:
+        return predict(self.model, data, group=self.dp_group)
 
 
 @dataclass

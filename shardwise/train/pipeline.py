@@ -29,7 +29,7 @@ from shardwise.comm.collectives import recv_tensor, send_tensor
 from shardwise.comm.flat import average_gradients
 from shardwise.data.loader import RankData
 from shardwise.parallel.data import unwrap
-from shardwise.train.evaluate import score, summarize
+from shardwise.train.evaluate import gather_rows, score, summarize
 from shardwise.train.loop import mean_over
 
 
@@ -113,6 +113,38 @@ class PipelineRunner:
             dist.all_reduce(totals, group=self.dp_group)
         dist.broadcast(totals, src=dist.get_global_rank(self.group, self.num_stages - 1), group=self.group)
         return summarize(totals, None)
+
+    def predict(self, data: RankData) -> Tensor:
+        return _pipeline_predict(self, data)
+
+
+@torch.no_grad()
+def _pipeline_predict(runner: PipelineRunner, data: RankData) -> Tensor:
+    """The last stage's class probabilities, gathered over data parallelism and handed to
+    every stage of the pipeline (broadcast: the last stage knows the shape)."""
+    module = unwrap(runner.module)
+    module.eval()
+    prev = dist.get_global_rank(runner.group, runner.stage_index - 1) if not runner.first else None
+    nxt = dist.get_global_rank(runner.group, runner.stage_index + 1) if not runner.last else None
+    rows = []
+    for x, _ in data.val_batches():
+        h = x if runner.first else recv_tensor(prev, runner.group, runner.device, runner.dtype)
+        h = module(h)
+        if runner.last:
+            rows.append(torch.softmax(h.double(), dim=1))
+        else:
+            send_tensor(h, nxt, runner.group)
+    module.train()
+    last = dist.get_global_rank(runner.group, runner.num_stages - 1)
+    shape = torch.zeros(2, dtype=torch.int64, device=runner.device)
+    if runner.last:
+        probs = gather_rows(torch.cat(rows), data, runner.dp_group)
+        shape += torch.tensor(probs.shape, device=runner.device)
+    dist.broadcast(shape, src=last, group=runner.group)
+    if not runner.last:
+        probs = torch.empty(tuple(shape.tolist()), dtype=torch.float64, device=runner.device)
+    dist.broadcast(probs, src=last, group=runner.group)
+    return probs
 
 
 def render_cut(rows: list[dict], dims) -> Table:
