@@ -116,6 +116,16 @@ def _add_train_parser(sub) -> None:
     _add_config_options(train)
 
 
+def _add_run_options(parser: argparse.ArgumentParser, verb: str) -> None:
+    """What `evaluate` and `predict` share: the run folder, the ranks and the config keys."""
+    parser.add_argument("run", type=Path, help="a finished run folder (config.toml, model.safetensors)")
+    parser.add_argument(
+        "--nproc", type=int, default=1, help=f"ranks to {verb} on, under the layout the --parallel.* keys name "
+        "(default: 1, in this process)",
+    )  # fmt: skip
+    _add_config_options(parser)
+
+
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="shardwise", description="Train neural networks across processes and machines.")
     parser.add_argument("--version", action="version", version=f"shardwise {__version__}")
@@ -126,28 +136,18 @@ def build_parser() -> OneLineParser:
         help="score a finished run's weights on its validation set (or on the data --data.* names)",
         description="Print the validation loss and accuracy of RUN's model.safetensors as JSON.",
     )
-    evaluate.add_argument("run", type=Path, help="a finished run folder (config.toml, model.safetensors)")
-    evaluate.add_argument(
-        "--nproc", type=int, default=1, help="ranks to score on, under the layout the --parallel.* keys name "
-        "(default: 1, in this process)",
-    )  # fmt: skip
-    _add_config_options(evaluate)
+    _add_run_options(evaluate, "score")
     predict = sub.add_parser(
         "predict",
         help="class probabilities of a finished run's model for new inputs (an .npz or a folder of images)",
         description="Write class probabilities for --input, preprocessed as the run's training data was.",
     )
-    predict.add_argument("run", type=Path, help="a finished run folder (config.toml, model.safetensors)")
     predict.add_argument(
         "--input", type=Path, required=True, help="an .npz with raw samples x (as the run's source reads them) "
         "or a folder of image files (converted to the run's channels and size)",
     )  # fmt: skip
     predict.add_argument("--out", type=Path, required=True, help="a .csv (a row per input) or .npz file to write")
-    predict.add_argument(
-        "--nproc", type=int, default=1, help="ranks to predict on, under the layout the --parallel.* keys name "
-        "(default: 1, in this process)",
-    )  # fmt: skip
-    _add_config_options(predict)
+    _add_run_options(predict, "predict")
     keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing checkpoints")
     keygen.add_argument("--out", type=Path, default=Path("."), help="folder for shardwise.key and shardwise.pub")
     verify = sub.add_parser("verify", help="check a checkpoint's files against its manifest and signature")

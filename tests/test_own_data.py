@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from parity import assert_all_ranks_match, reference, train_weights
+from refusals import refused_in_one_line
 
 from shardwise.config import load_config
 from shardwise.data import load_source
@@ -83,15 +84,7 @@ def test_datasets_read_as_the_arrays(tmp_path, monkeypatch):
     ids=["no module", "no function", "no arrays", "wrong type", "function fails", "options of a built-in", "neither"],
 )
 def test_data_that_cannot_work_is_one_line(tmp_path, capfd, overrides, message):
-    from shardwise.cli import main
-
-    args = ["train", "--nproc", "2", "--train.steps", "2", "--run.progress", "false", "--out", str(tmp_path / "run")]
-    for key, value in overrides.items():
-        args += [f"--{key}", value]
-    assert main(args) == 2
-    lines = capfd.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], lines
-    assert not (tmp_path / "run").exists() or not (tmp_path / "run" / "model.safetensors").exists()
+    refused_in_one_line(tmp_path, capfd, overrides, message)
 
 
 def test_a_saved_data_path_runs_only_where_named(tmp_path):

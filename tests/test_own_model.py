@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from parity import check_layout
+from refusals import refused_in_one_line
 
 from shardwise.errors import ShardwiseError
 
@@ -51,15 +52,7 @@ def test_own_model_trains_like_one_process(pool, layout):
     ],  # fmt: skip
 )
 def test_a_model_that_cannot_work_is_one_line(tmp_path, capfd, overrides, message):
-    from shardwise.cli import main
-
-    args = ["train", "--nproc", "2", "--train.steps", "2", "--run.progress", "false", "--out", str(tmp_path / "run")]
-    for key, value in overrides.items():
-        args += [f"--{key}", value]
-    assert main(args) == 2
-    lines = capfd.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], lines
-    assert not (tmp_path / "run").exists()
+    refused_in_one_line(tmp_path, capfd, overrides, message)
 
 
 def test_model_options_round_trip_and_refuse_what_toml_cannot_hold():
