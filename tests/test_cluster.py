@@ -21,6 +21,7 @@ from shardwise.cli import main
 from shardwise.cluster import netns
 from shardwise.cluster.placement import Placement
 from shardwise.cluster.probe import measure
+from shardwise.comm.cost import Link, all_reduce
 from shardwise.config import load_config
 from shardwise.procs import free_port
 
@@ -76,8 +77,11 @@ def test_allreduce_time_follows_the_shaping(cluster):
     assert [r["hostname"] for r in raw["ranks"]] == ["swt-h0", "swt-h1"]
     assert {r["ifname"] for r in raw["ranks"]} == {"eth0"}
     medians = [statistics.median(r["seconds"]) for r in raw["sizes"]]
-    # 2 ranks: each sends (and receives) the whole message once, a half in each phase of the ring
-    predicted = [n * 8 / cluster.rate_bps for n in sizes]
+    # the cost model's ring all-reduce on the shaped link: with 2 ranks each sends (and
+    # receives) the whole message once, a half in each phase
+    link = Link.from_rate(cluster.rate_bps)
+    predicted = [all_reduce(link, 2, n) for n in sizes]
+    assert predicted == pytest.approx([n * 8 / cluster.rate_bps for n in sizes])
     for n, got, want in zip(sizes, medians, predicted, strict=True):
         assert 0.9 * want <= got <= 1.5 * want, f"{n} bytes: {got * 1e3:.1f} ms, shaping predicts {want * 1e3:.1f} ms"
     # 4x the bytes, about 4x the time; each median is itself within the band above, so this
