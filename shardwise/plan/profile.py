@@ -1,0 +1,119 @@
+"""A model's measured cost, layer by layer: forward + backward time as a line in the
+number of samples (fixed + per_sample x samples, fitted over a few batch sizes), the bytes
+of its parameters and of the activation it hands on per sample. Measured on this process
+(one thread, as a rank runs), once per model, shape, dtype, device and thread count, and
+cached as JSON: profiling is cheap, and the planner never runs it twice for one model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shardwise.files import write_atomic
+from shardwise.parallel.pipeline import profile_layers
+
+BATCH_SIZES = (8, 32, 64)  # samples per profiled pass: a line through these times
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    name: str  # `features.3`, `head.0`: the model's own name
+    kind: str  # linear, conv or other
+    fixed_s: float  # forward + backward seconds = fixed_s + per_sample_s x samples
+    per_sample_s: float
+    param_bytes: int
+    out_bytes_per_sample: int  # the activation it hands to the next layer, one sample
+
+    def seconds(self, samples: float) -> float:
+        return self.fixed_s + self.per_sample_s * samples
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    key: dict  # what the measurement depends on: model, shape, dtype, device, threads
+    layers: tuple[LayerProfile, ...]
+
+    def seconds(self, samples: float) -> float:
+        """Forward + backward of the whole model on `samples` samples, one process."""
+        return sum(layer.seconds(samples) for layer in self.layers)
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(layer.param_bytes for layer in self.layers)
+
+    def to_json(self) -> str:
+        return json.dumps({"key": self.key, "layers": [asdict(layer) for layer in self.layers]}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelProfile:
+        data = json.loads(text)
+        return cls(data["key"], tuple(LayerProfile(**layer) for layer in data["layers"]))
+
+
+def fit_line(samples: list[float], seconds: list[float]) -> tuple[float, float]:
+    """Least-squares (fixed, per_sample), neither below zero (a layer never gets faster
+    with more samples; noise can tilt a line through a few points that way)."""
+    mx, my = sum(samples) / len(samples), sum(seconds) / len(seconds)
+    spread = sum((x - mx) ** 2 for x in samples)
+    slope = sum((x - mx) * (y - my) for x, y in zip(samples, seconds, strict=True)) / spread if spread else 0.0
+    slope = max(slope, 0.0)
+    return max(my - slope * mx, 0.0), slope
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    return "other"
+
+
+def profile_model(model: nn.Module, sample: torch.Tensor, key: dict, *, repeats: int = 5) -> ModelProfile:
+    """Time every layer of `model` (a `features` then a `head` nn.Sequential) on batches of
+    BATCH_SIZES copies of `sample` (one sample, without the batch dimension)."""
+    from shardwise.parallel.pipeline import model_layers
+
+    runs = [profile_layers(model, sample.expand(n, *sample.shape).contiguous(), repeats) for n in BATCH_SIZES]
+    modules = dict(model_layers(model))
+    layers = []
+    for i, cost in enumerate(runs[0]):
+        fixed, per_sample = fit_line(list(BATCH_SIZES), [run[i].time_s for run in runs])
+        per_sample_bytes = cost.activation_bytes // BATCH_SIZES[0]
+        layers.append(
+            LayerProfile(cost.name, _kind(modules[cost.name]), fixed, per_sample, cost.param_bytes, per_sample_bytes)
+        )
+    return ModelProfile(key, tuple(layers))
+
+
+def profile_key(model_cfg: dict, in_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> dict:
+    """What a profile depends on: the model's settings, the sample shape, the precision, the
+    device and the threads a rank computes with."""
+    return {
+        "model": model_cfg,
+        "shape": list(in_shape),
+        "dtype": str(dtype),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def cached(folder: Path, key: dict, measure: Callable[[], ModelProfile]) -> ModelProfile:
+    """The profile for `key` from `folder` (a JSON file named by the key's hash), measured
+    and written there the first time."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = folder / f"profile-{digest}.json"
+    if path.is_file():
+        found = ModelProfile.from_json(path.read_text())
+        if found.key == key:
+            return found
+    profile = measure()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, profile.to_json())
+    return profile
