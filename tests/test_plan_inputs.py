@@ -48,3 +48,62 @@ def test_a_model_is_profiled_once_per_key(tmp_path):
     assert cached(tmp_path, key, measure) == first and len(calls) == 1
     cached(tmp_path, {**key, "threads": key["threads"] + 1}, measure)
     assert len(calls) == 2 and len(list(tmp_path.glob("profile-*.json"))) == 2
+
+
+def _key(cfg) -> tuple:
+    return (cfg.dp, cfg.tp, cfg.pp, cfg.spatial, cfg.vertical, cfg.shard, cfg.schedule, cfg.microbatches, cfg.mode,
+            cfg.servers)  # fmt: skip
+
+
+@pytest.mark.parametrize("world, batch", [(1, 64), (2, 64), (4, 64), (6, 60), (8, 64)])
+def test_the_layouts_are_every_config_the_engine_accepts(world, batch):
+    """Against brute force: every combination of every setting, degrees 1..world, kept where
+    the engine's own checks accept it; the same set, each once."""
+    import itertools
+
+    from shardwise.config import ParallelConfig
+    from shardwise.data.sampler import check_batch_layout
+    from shardwise.errors import ShardwiseError
+    from shardwise.plan.space import layouts
+    from shardwise.topology import ParallelDims
+
+    found = [_key(c) for c in layouts(world, batch=batch)]
+    assert len(found) == len(set(found))
+    brute = []
+    degrees = range(1, world + 1)
+    for tp, pp, spatial, vertical, shard in itertools.product(degrees, degrees, degrees, degrees, SHARDS):
+        options = [(s, k * pp) for s in ("gpipe", "1f1b") for k in (1, 2, 4)] if pp > 1 else [("1f1b", None)]
+        for schedule, micro in options:
+            brute.append(ParallelConfig(tp=tp, pp=pp, spatial=spatial, vertical=vertical, shard=shard,
+                                        schedule=schedule, microbatches=micro))  # fmt: skip
+    brute += [ParallelConfig(mode="ps", servers=s) for s in degrees]
+    accepted = set()
+    for cfg in brute:
+        try:
+            dims = ParallelDims.resolve(cfg, world)
+            check_batch_layout(
+                global_batch=batch, grad_accum=1, dp=dims.dp, shards=None, microbatches=dims.microbatches
+            )
+        except ShardwiseError:
+            continue
+        accepted.add(_key(cfg))
+    assert set(found) == accepted
+    if world == 4:
+        names = {ParallelDims.resolve(c, 4).layout for c in layouts(4, batch=64)}
+        assert {"dp=4", "dp=2 x tp=2", "pp=4", "spatial=4", "ps: 2 servers x 2 workers"} <= names
+        assert "ps: 1 server x 3 workers" not in names  # 64 samples do not split 3 ways
+
+
+def test_only_what_the_model_takes_is_tried():
+    from shardwise.plan.space import ModelShape, layouts
+
+    mlp = build_model(ModelConfig(name="mlp"), (1, 8, 8), 10)
+    shape = ModelShape.of(mlp)
+    assert shape.tp and shape.pp and shape.vertical and not shape.spatial
+    assert not any(c.spatial > 1 for c in layouts(4, batch=64, shape=shape))
+    assert ModelShape.of(build_model(ModelConfig(), (1, 8, 8), 10)).spatial
+    plain = ModelShape.of(torch.nn.Linear(4, 2))
+    assert (plain.tp, plain.pp, plain.spatial, plain.vertical) == (False, False, False, True)
+
+
+SHARDS = ("none", "optimizer", "full")

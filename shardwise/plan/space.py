@@ -1,0 +1,85 @@
+"""Every layout a world size allows: the planner's search space.
+
+A layout is a `ParallelConfig` that `ParallelDims.resolve` accepts for the world size and
+whose global batch the layout can split (`check_batch_layout`): the degrees of tensor,
+pipeline, spatial and vertical parallelism (data parallelism takes the ranks left), the
+shard mode, and for a pipeline its schedule and micro-batches (one, two or four per
+stage); or a synchronous parameter server with 1 to world - 1 servers. Only the
+strategies the model's structure takes are tried (`ModelShape`). Asynchronous parameter
+servers are left out: they do not compute what one process computes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+
+from torch import nn
+
+from shardwise.config import ParallelConfig
+from shardwise.data.sampler import check_batch_layout
+from shardwise.errors import ShardwiseError
+from shardwise.topology import ParallelDims
+
+SHARDS = ("none", "optimizer", "full")
+SCHEDULES = ("gpipe", "1f1b")
+MICROBATCHES_PER_STAGE = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Which strategies a model's structure takes (README, "Your own model")."""
+
+    tp: bool = True  # a `head` of Linear layers that pair up
+    pp: bool = True  # a `features` then a `head` nn.Sequential, to cut into stages
+    spatial: bool = True  # convolutions in `features`
+    vertical: bool = True  # a first Linear or Conv2d to split by input columns
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelShape:
+        stacks = all(isinstance(getattr(model, s, None), nn.Sequential) for s in ("features", "head"))
+        head = [m for m in getattr(model, "head", []) if isinstance(m, nn.Linear)] if stacks else []
+        convs = [m for m in getattr(model, "features", []) if isinstance(m, nn.Conv2d)] if stacks else []
+        first = any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules())
+        return cls(tp=len(head) >= 2, pp=stacks, spatial=bool(convs), vertical=first)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _valid(cfg: ParallelConfig, world: int, batch: int) -> bool:
+    try:
+        dims = ParallelDims.resolve(cfg, world)
+        check_batch_layout(global_batch=batch, grad_accum=1, dp=dims.dp, shards=None, microbatches=dims.microbatches)
+    except ShardwiseError:
+        return False
+    return True
+
+
+def layouts(world: int, *, batch: int, shape: ModelShape = ModelShape()) -> list[ParallelConfig]:
+    """Every valid layout of `world` ranks for a global batch of `batch` samples."""
+    found = []
+    degrees = _divisors(world)
+    for tp, pp, spatial, vertical in itertools.product(degrees, repeat=4):
+        if world % (tp * pp * spatial * vertical):
+            continue
+        wanted = {"tp": tp, "pp": pp, "spatial": spatial, "vertical": vertical}
+        if any(value > 1 and not getattr(shape, axis) for axis, value in wanted.items()):
+            continue
+        base = ParallelConfig(tp=tp, pp=pp, spatial=spatial, vertical=vertical)
+        pipeline = [
+            replace(base, schedule=s, microbatches=k * pp)
+            for s in SCHEDULES
+            for k in MICROBATCHES_PER_STAGE
+        ] if pp > 1 else [base]  # fmt: skip
+        for cfg in pipeline:
+            for shard in SHARDS:
+                candidate = replace(cfg, shard=shard)
+                if _valid(candidate, world, batch):
+                    found.append(candidate)
+    for servers in range(1, world):
+        candidate = ParallelConfig(mode="ps", servers=servers)
+        if _valid(candidate, world, batch):
+            found.append(candidate)
+    return found
