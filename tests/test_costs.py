@@ -27,3 +27,48 @@ def test_ring_collectives_by_hand():
 
 def test_one_rank_communicates_nothing():
     assert all_reduce(GBIT, 1, 10**9) == reduce_scatter(GBIT, 1, 10**9) == 0.0
+
+
+# -- each strategy's formula -----------------------------------------------------------
+NOLAT = Link.from_rate(8e9)  # 1 GB/s, no latency: 1 ns a byte
+
+
+def test_data_parallel_sync_by_hand():
+    from shardwise.parallel.data import DDP_BUCKET_BYTES, sync_seconds
+
+    mb = 10**6
+    # one bucket: nothing to overlap, the whole ring all-reduce: 2 x (n-1)/n x bytes
+    assert sync_seconds(NOLAT, 4, 8 * mb, backward_s=1.0, shard="none") == pytest.approx(2 * 0.75 * 8e-3)
+    # four buckets, a long backward: only the last bucket's all-reduce shows
+    grad = 4 * DDP_BUCKET_BYTES
+    assert sync_seconds(NOLAT, 2, grad, backward_s=10.0, shard="none") == pytest.approx(DDP_BUCKET_BYTES * 1e-9)
+    # no backward to hide behind: all of it
+    assert sync_seconds(NOLAT, 2, grad, backward_s=0.0, shard="none") == pytest.approx(grad * 1e-9)
+    # ZeRO-1: reduce-scatter + all-gather, the same bytes as an all-reduce, none hidden
+    assert sync_seconds(NOLAT, 4, 8 * mb, backward_s=1.0, shard="optimizer") == pytest.approx(2 * 0.75 * 8e-3)
+    # FSDP2: two all-gathers and a reduce-scatter of the parameters
+    assert sync_seconds(NOLAT, 4, 8 * mb, backward_s=1.0, shard="full") == pytest.approx(3 * 0.75 * 8e-3)
+    assert sync_seconds(NOLAT, 1, 8 * mb, backward_s=0.0, shard="full") == 0.0
+
+
+def test_model_parallel_formulas_by_hand():
+    from shardwise.parallel.pipeline import pipeline_seconds
+    from shardwise.parallel.ps_protocol import ps_seconds
+    from shardwise.parallel.spatial import halo_seconds
+    from shardwise.parallel.tensor import tp_seconds
+    from shardwise.parallel.vertical import vertical_seconds
+
+    # tp 2: per pair, an all-reduce of the input gradient (1 MB) and of the output (2 MB):
+    # on 2 ranks each sends 2 (n - 1) / n = all of each: 3 MB
+    assert tp_seconds(NOLAT, 2, [(1e6, 2e6)]) == pytest.approx(3e-3)
+    assert vertical_seconds(NOLAT, 4, 4e6) == pytest.approx(2 * 3 * 1e-3)
+    # spatial 2: 1 MB of halo rows, half to each side, forward and backward; a norm's 1 KB
+    # all-reduced forward and backward
+    assert halo_seconds(GBIT, 2, [1e6], [1e3]) == pytest.approx(4 * GBIT.send(5e5) + 2 * 2 * GBIT.send(500))
+    assert halo_seconds(GBIT, 1, [1e6], [1e3]) == 0.0
+    # 3 workers through 2 servers: each server's link carries 3 x half the parameters, each way
+    assert ps_seconds(NOLAT, 2, 3, 4e6) == pytest.approx(2 * 3 * 2e-3)
+    # pipeline: 2 stages of 1 and 3 ms, 4 micro-batches, 1 MB boundary (1 ms each way):
+    # (4 + 2 - 1) slots of 3 + 2 ms, one of them bubble
+    step, bubble = pipeline_seconds([1e-3, 3e-3], 4, NOLAT, [1e6])
+    assert step == pytest.approx(5 * 5e-3) and bubble == pytest.approx(5e-3)

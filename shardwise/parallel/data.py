@@ -15,12 +15,14 @@ one optimizer step matches one process with the whole batch.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from shardwise.comm.cost import Link, all_gather, all_reduce, reduce_scatter
 from shardwise.parallel.part import Part
 from shardwise.topology import RankMesh
 
@@ -78,3 +80,28 @@ def maybe_no_sync(model: nn.Module, skip_sync: bool) -> contextlib.AbstractConte
 
 def is_fully_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
+
+
+DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
+
+
+def sync_seconds(link: Link, dp: int, grad_bytes: float, backward_s: float, shard: str) -> float:
+    """The communication a step of data parallelism leaves exposed (the planner's cost model).
+
+    none (DDP): a ring all-reduce of the gradient in buckets of 25 MiB, each launched when
+    its gradients are ready, so all but the last overlap what is left of the backward.
+    optimizer (ZeRO-1): a reduce-scatter of the gradient, then an all-gather of the updated
+    parameters after the step: nothing overlaps. full (FSDP2): each unit's parameters are
+    all-gathered before its forward and again before its backward, its gradient
+    reduce-scattered after: three passes over the parameters' bytes, counted whole (an
+    upper bound: FSDP2 prefetches the next unit's all-gather)."""
+    if dp <= 1:
+        return 0.0
+    if shard == "optimizer":
+        return reduce_scatter(link, dp, grad_bytes) + all_gather(link, dp, grad_bytes)
+    if shard == "full":
+        return 2 * all_gather(link, dp, grad_bytes) + reduce_scatter(link, dp, grad_bytes)
+    buckets = max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES))
+    last = all_reduce(link, dp, grad_bytes / buckets)
+    rest = all_reduce(link, dp, grad_bytes - grad_bytes / buckets)
+    return last + max(0.0, rest - backward_s * (buckets - 1) / buckets)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from shardwise.comm.cost import Link
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.part import Part
 
@@ -258,3 +259,17 @@ def owners(model: nn.Module, cut: list[int]) -> dict[str, int]:
             for name in layer.state_dict():
                 out[f"{layer_name}.{name}"] = stage
     return out
+
+
+def pipeline_seconds(
+    stage_s: list[float], microbatches: int, link: Link, boundary_bytes: list[float]
+) -> tuple[float, float]:
+    """A pipeline step (the planner's cost model): (the step's time, the bubble in it).
+    `stage_s`: each stage's forward + backward time for one micro-batch; `boundary_bytes`:
+    the activation each boundary hands on, one micro-batch. GPipe and 1F1B run the same
+    (M + P - 1) slots of the slowest stage, P - 1 of them idle at the ends; each slot also
+    waits for one activation to arrive and one gradient to go back."""
+    stages = len(stage_s)
+    transfer = max((link.send(b) for b in boundary_bytes), default=0.0)
+    slot = max(stage_s) + (2 * transfer if stages > 1 else 0.0)
+    return (microbatches + stages - 1) * slot, (stages - 1) * slot

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from shardwise.comm.cost import Link
 from shardwise.comm.flat import copy_flat, flatten
 from shardwise.ranges import even_bounds
 
@@ -130,3 +131,11 @@ def initial_slice(model: nn.Module, mesh: RankMesh) -> Tensor:
     piece = torch.empty(hi - lo, dtype=model_dtype(model))
     dist.recv(piece, group=group, group_src=0)
     return piece
+
+
+def ps_seconds(link: Link, servers: int, workers: int, param_bytes: float) -> float:
+    """A synchronous parameter-server step's transfers (the planner's cost model): every
+    worker pushes each server its slice of the gradient and pulls back the slice's new
+    parameters, so each server's link carries workers x param_bytes / servers each way,
+    one message after another."""
+    return 2 * workers * link.send(param_bytes / servers)

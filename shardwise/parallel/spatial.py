@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shardwise.comm.collectives import copy_to_group, gather_from_group, reduce_from_group
+from shardwise.comm.cost import Link, all_reduce
 from shardwise.comm.halo import HaloPlan, assemble, edge_padding, gather_halo, scatter_halo_grad, with_halo
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.part import Part
@@ -298,3 +299,15 @@ def apply_spatial(part: Part, mesh: RankMesh, *, in_shape: tuple[int, ...], chec
         parent, _, child = name.rpartition(".")
         setattr(model.features.get_submodule(parent) if parent else model.features, child, new)
     return part
+
+
+def halo_seconds(link: Link, spatial: int, halo_bytes: list[float], norms: list[float]) -> float:
+    """The exchanges of a spatially cut step (the planner's cost model). Each convolution
+    sends its band's edge rows (`halo_bytes`: the (kernel - 1) rows a window needs from its
+    neighbours, for this rank's samples) half to each neighbour before its forward, and
+    their gradients back after its backward; each group norm all-reduces its per-channel
+    sums (`norms`: their bytes) in the forward and again in the backward."""
+    if spatial <= 1:
+        return 0.0
+    halos = sum(4 * link.send(b / 2) for b in halo_bytes if b)
+    return halos + sum(2 * all_reduce(link, spatial, b) for b in norms)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shardwise.comm.collectives import copy_to_group, gather_from_group, reduce_from_group
+from shardwise.comm.cost import Link, all_reduce
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.part import Part
 from shardwise.parallel.splits import Split
@@ -116,3 +117,12 @@ def apply_tensor_parallel(part: Part, mesh: RankMesh) -> Part:
                 splits[f"head.{name}.bias"] = layer.split
         setattr(head, name, layer)
     return part.but(splits=part.splits | splits)
+
+
+def tp_seconds(link: Link, tp: int, pairs: list[tuple[float, float]]) -> float:
+    """The all-reduces of a tensor-parallel step (the planner's cost model): for each
+    column-then-row pair of Linear layers, one of the row layer's output in the forward
+    and one of the column layer's input gradient in the backward. `pairs`: each pair's
+    (input bytes, output bytes) for this rank's samples. Nothing overlaps: the next layer
+    waits for them."""
+    return sum(all_reduce(link, tp, into) + all_reduce(link, tp, out) for into, out in pairs)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shardwise.comm.collectives import reduce_from_group
+from shardwise.comm.cost import Link, all_reduce
 from shardwise.data.sources import local_shape
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.part import Part
@@ -90,3 +91,11 @@ def apply_vertical(part: Part, mesh: RankMesh, *, features: list[np.ndarray], in
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, kind(layer, split))
     return part.but(splits=part.splits | {f"{name}.weight": split})
+
+
+def vertical_seconds(link: Link, vertical: int, first_out_bytes: float) -> float:
+    """The all-reduce of the first layer's partial products (the planner's cost model): each
+    vertical rank multiplies its own input columns, the sum of all is the layer's output
+    (`first_out_bytes` for this rank's samples). The backward needs none: every rank holds
+    the output's whole gradient."""
+    return all_reduce(link, vertical, first_out_bytes)

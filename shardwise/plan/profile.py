@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +31,9 @@ class LayerProfile:
     per_sample_s: float
     param_bytes: int
     out_bytes_per_sample: int  # the activation it hands to the next layer, one sample
+    in_bytes_per_sample: int = 0  # what it takes in, one sample
+    halo_bytes_per_sample: int = 0  # a convolution: the (kernel - 1) input rows a band needs from its neighbours
+    norm_bytes: int = 0  # a group norm: the per-channel sums a spatial cut all-reduces
 
     def seconds(self, samples: float) -> float:
         return self.fixed_s + self.per_sample_s * samples
@@ -82,13 +86,22 @@ def profile_model(model: nn.Module, sample: torch.Tensor, key: dict, *, repeats:
 
     runs = [profile_layers(model, sample.expand(n, *sample.shape).contiguous(), repeats) for n in BATCH_SIZES]
     modules = dict(model_layers(model))
-    layers = []
+    layers, in_shape, size = [], tuple(sample.shape), sample.element_size()
     for i, cost in enumerate(runs[0]):
         fixed, per_sample = fit_line(list(BATCH_SIZES), [run[i].time_s for run in runs])
-        per_sample_bytes = cost.activation_bytes // BATCH_SIZES[0]
+        module = modules[cost.name]
+        halo = norm = 0
+        if isinstance(module, nn.Conv2d) and len(in_shape) == 3:
+            halo = (module.kernel_size[0] - 1) * in_shape[0] * in_shape[2] * size
+        if isinstance(module, nn.GroupNorm):
+            norm = 2 * module.num_channels * 8  # sum and sum of squares per channel, float64
         layers.append(
-            LayerProfile(cost.name, _kind(modules[cost.name]), fixed, per_sample, cost.param_bytes, per_sample_bytes)
-        )
+            LayerProfile(
+                cost.name, _kind(module), fixed, per_sample, cost.param_bytes,
+                cost.activation_bytes // BATCH_SIZES[0], math.prod(in_shape) * size, halo, norm,
+            )
+        )  # fmt: skip
+        in_shape = tuple(cost.out_shape[1:])
     return ModelProfile(key, tuple(layers))
 
 

@@ -1,0 +1,136 @@
+"""The cost model: one layout's step time, split into compute, communication and bubble,
+and each rank's peak memory, from a measured profile and a link.
+
+Compute is the profile's layer times, on the samples a rank takes and the part of each
+layer it holds: tensor parallelism divides the `head`'s Linear layers by tp, spatial
+bands the `features`' convolutions by spatial, vertical partitioning the first layer by
+vertical, a pipeline runs its stages on micro-batches. Each strategy's communication is
+its own module's formula (parallel/*: `sync_seconds`, `tp_seconds`, `pipeline_seconds`,
+`halo_seconds`, `vertical_seconds`, `ps_seconds`). When there are more ranks than cores,
+compute stretches by ranks / cores. Loading is not counted: every source is in memory.
+
+Memory per rank: the parameters it holds, their gradients and the optimizer's state
+(`optimizer_slots` tensors of a parameter's size: 1 for SGD with momentum, 2 for AdamW),
+divided as the layout shards them, plus the activations kept for the backward (every
+layer's output, for the samples in flight: a pipeline keeps P micro-batches under 1F1B,
+all M under GPipe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shardwise.comm.cost import Link, all_gather
+from shardwise.config import ParallelConfig
+from shardwise.parallel.data import sync_seconds
+from shardwise.parallel.pipeline import choose_cut, pipeline_seconds
+from shardwise.parallel.ps_protocol import ps_seconds
+from shardwise.parallel.spatial import halo_seconds
+from shardwise.parallel.tensor import tp_seconds
+from shardwise.parallel.vertical import vertical_seconds
+from shardwise.plan.profile import LayerProfile, ModelProfile
+from shardwise.topology import ParallelDims
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a prediction needs besides the layout."""
+
+    profile: ModelProfile
+    link: Link
+    batch: int  # the global batch
+    cores: int
+    optimizer_slots: int = 1
+
+
+@dataclass(frozen=True)
+class Prediction:
+    layout: str
+    compute_s: float
+    comm_s: float
+    bubble_s: float
+    memory_bytes: float  # the largest rank's
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s + self.comm_s + self.bubble_s
+
+
+def _share(layer: LayerProfile, dims: ParallelDims, first: bool) -> int:
+    """How many ranks split this layer's work."""
+    if layer.name.startswith("head.") and layer.kind == "linear":
+        return dims.tp
+    if layer.name.startswith("features.") and layer.kind != "linear":
+        return dims.spatial
+    return dims.vertical if first else 1
+
+
+def _compute(profile: ModelProfile, dims: ParallelDims, samples: float) -> float:
+    first = next((i for i, layer in enumerate(profile.layers) if layer.kind != "other"), 0)
+    return sum(layer.seconds(samples) / _share(layer, dims, i == first) for i, layer in enumerate(profile.layers))
+
+
+def _tp_pairs(profile: ModelProfile, samples: float) -> tuple[list[tuple[float, float]], float]:
+    """(input bytes, output bytes) of each column-then-row pair of the head, and the output
+    bytes of an odd last layer (gathered)."""
+    linears = [layer for layer in profile.layers if layer.name.startswith("head.") and layer.kind == "linear"]
+    pairs = [
+        (linears[i].in_bytes_per_sample * samples, linears[i + 1].out_bytes_per_sample * samples)
+        for i in range(0, len(linears) - 1, 2)
+    ]
+    odd = linears[-1].out_bytes_per_sample * samples if len(linears) % 2 else 0.0
+    return pairs, odd
+
+
+def _memory(profile: ModelProfile, dims: ParallelDims, setting: Setting, samples_held: float) -> float:
+    params = 0.0
+    for i, layer in enumerate(profile.layers):
+        first = i == next((j for j, x in enumerate(profile.layers) if x.kind != "other"), 0)
+        params += layer.param_bytes / (dims.tp if layer.name.startswith("head.") and layer.kind == "linear" else 1)
+        params -= layer.param_bytes * (1 - 1 / dims.vertical) if first else 0.0
+    params /= dims.pp  # stages cut roughly evenly
+    grads, state = params, setting.optimizer_slots * params
+    if dims.shard == "full":
+        params, grads, state = params / dims.dp, grads / dims.dp, state / dims.dp
+    elif dims.shard == "optimizer":
+        state /= dims.dp
+    activations = sum(layer.out_bytes_per_sample for layer in profile.layers) * samples_held / dims.spatial / dims.pp
+    return params + grads + state + activations
+
+
+def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
+    """The predicted step of layout `cfg` on `world` ranks."""
+    dims = ParallelDims.resolve(cfg, world)
+    profile, link = setting.profile, setting.link
+    stretch = max(1.0, world / setting.cores)
+    samples = setting.batch / dims.dp
+    if dims.servers:
+        compute = profile.seconds(samples) * stretch
+        comm = ps_seconds(link, dims.servers, dims.dp, profile.param_bytes)
+        held = profile.param_bytes * (2 + setting.optimizer_slots) / dims.servers
+        return Prediction(dims.layout, compute, comm, 0.0, max(held, _memory(profile, dims, setting, samples)))
+    bubble = 0.0
+    if dims.pp > 1:
+        micro = samples / dims.microbatches
+        times = [layer.seconds(micro) * stretch for layer in profile.layers]
+        cut = choose_cut(times, dims.pp) + [len(times)]
+        stage_s = [sum(times[a:b]) for a, b in zip(cut, cut[1:], strict=False)]
+        boundary = [profile.layers[b - 1].out_bytes_per_sample * micro for b in cut[1:-1]]
+        step, bubble = pipeline_seconds(stage_s, dims.microbatches, link, boundary)
+        compute, comm = dims.microbatches * max(stage_s), step - bubble - dims.microbatches * max(stage_s)
+        held = micro * (dims.pp if dims.schedule == "1f1b" else dims.microbatches)
+    else:
+        compute = _compute(profile, dims, samples) * stretch
+        pairs, odd = _tp_pairs(profile, samples)
+        comm = tp_seconds(link, dims.tp, pairs) + all_gather(link, dims.tp, odd) if dims.tp > 1 else 0.0
+        first = next((layer for layer in profile.layers if layer.kind != "other"), None)
+        if dims.vertical > 1 and first is not None:
+            comm += vertical_seconds(link, dims.vertical, first.out_bytes_per_sample * samples)
+        halos = [layer.halo_bytes_per_sample * samples for layer in profile.layers]
+        comm += halo_seconds(
+            link, dims.spatial, halos, [layer.norm_bytes for layer in profile.layers if layer.norm_bytes]
+        )
+        held = samples
+    grad_bytes = profile.param_bytes / (dims.tp * dims.pp)
+    comm += sync_seconds(link, dims.dp, grad_bytes, backward_s=compute * 2 / 3, shard=dims.shard)
+    return Prediction(dims.layout, compute, comm, bubble, _memory(profile, dims, setting, held))

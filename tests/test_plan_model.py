@@ -1,0 +1,59 @@
+"""The cost model on a profile written by hand: each layout's step and memory computed
+here from the same numbers, term by term."""
+
+from __future__ import annotations
+
+import pytest
+
+from shardwise.comm.cost import Link
+from shardwise.config import ParallelConfig
+from shardwise.plan.model import Setting, predict
+from shardwise.plan.profile import LayerProfile, ModelProfile
+
+NOLAT = Link.from_rate(8e9)  # 1 ns a byte
+LAYERS = (
+    LayerProfile("features.0", "conv", 0.0, 1e-4, 1000, 400, 256, 64, 0),
+    LayerProfile("features.1", "other", 0.0, 0.0, 0, 400, 400),
+    LayerProfile("head.0", "linear", 0.0, 2e-4, 4000, 200, 400),
+    LayerProfile("head.1", "other", 0.0, 0.0, 0, 200, 200),
+    LayerProfile("head.2", "linear", 0.0, 1e-4, 800, 40, 200),
+)
+PROFILE = ModelProfile({}, LAYERS)
+PARAMS = 5800
+OUTPUTS = 400 + 400 + 200 + 200 + 40  # bytes a sample leaves for the backward
+
+
+def _setting(cores: int = 8) -> Setting:
+    return Setting(PROFILE, NOLAT, batch=64, cores=cores, optimizer_slots=1)
+
+
+def test_data_parallel():
+    p = predict(ParallelConfig(), 2, _setting())
+    assert p.compute_s == pytest.approx(32 * 4e-4)  # 32 samples a rank, the whole model
+    assert p.comm_s == pytest.approx(PARAMS * 1e-9)  # one bucket, 2 ranks: the whole gradient sent once
+    assert p.memory_bytes == pytest.approx(3 * PARAMS + 32 * OUTPUTS)
+    full = predict(ParallelConfig(shard="full"), 2, _setting())
+    assert full.memory_bytes == pytest.approx(3 * PARAMS / 2 + 32 * OUTPUTS)
+    assert full.comm_s == pytest.approx(3 * PARAMS / 2 * 1e-9)
+
+
+def test_tensor_parallel_halves_the_head():
+    p = predict(ParallelConfig(tp=2), 2, _setting())
+    assert p.compute_s == pytest.approx(64 * (1e-4 + 2e-4 / 2 + 1e-4 / 2))
+    # one pair (head.0, head.2): its input's gradient and its output, all-reduced on 2 ranks
+    assert p.comm_s == pytest.approx((64 * 400 + 64 * 40) * 1e-9)
+    assert p.memory_bytes == pytest.approx(3 * (1000 + 4800 / 2) + 64 * OUTPUTS)
+
+
+def test_a_pipeline_runs_the_slowest_stage_and_waits_out_the_bubble():
+    p = predict(ParallelConfig(pp=2, microbatches=4), 2, _setting())
+    # 16 samples a micro-batch: the features (1.6 ms) on one stage, the head (4.8 ms) on the other
+    slowest, transfer = 16 * 3e-4, 16 * 400 * 1e-9
+    assert p.compute_s == pytest.approx(4 * slowest)
+    assert p.bubble_s == pytest.approx(slowest + 2 * transfer)
+    assert p.comm_s == pytest.approx(4 * 2 * transfer)
+
+
+def test_more_ranks_than_cores_stretch_the_compute():
+    assert predict(ParallelConfig(), 4, _setting(cores=2)).compute_s == pytest.approx(2 * 16 * 4e-4)
+    assert predict(ParallelConfig(), 4, _setting(cores=4)).compute_s == pytest.approx(16 * 4e-4)
