@@ -116,6 +116,28 @@ def _add_train_parser(sub) -> None:
     _add_config_options(train)
 
 
+def _add_plan_parser(sub) -> None:
+    plan = sub.add_parser(
+        "plan",
+        help="predict every layout's step time and memory for a config and rank them (the cost model)",
+        description="Profile the model and the link once (cached), predict every layout of --nproc ranks, "
+        "rank them; write plan.json and plan.png.",
+    )
+    plan.add_argument("config", nargs="?", help="TOML config file")
+    plan.add_argument("--nproc", type=int, default=2, help="number of ranks to plan for (default: 2)")
+    plan.add_argument("--cluster", default="local", help="where the ranks would run: local or emulated[:NAME]")
+    plan.add_argument("--memory-per-rank", default=None, help="drop layouts predicted over this, e.g. 512MiB, 2GiB")
+    plan.add_argument("--out", type=Path, default=None, help="folder for plan.json, plan.png (default: runs/plan-TIME)")
+    _add_config_options(plan)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from shardwise.plan.command import plan_and_print
+
+    cfg = load_config(args.config, {k: v for k, v in vars(args).items() if k in set(all_keys())})
+    return plan_and_print(cfg, nproc=args.nproc, cluster=args.cluster, memory=args.memory_per_rank, out=args.out)
+
+
 def _add_run_options(parser: argparse.ArgumentParser, verb: str) -> None:
     """What `evaluate` and `predict` share: the run folder, the ranks and the config keys."""
     parser.add_argument("run", type=Path, help="a finished run folder (config.toml, model.safetensors)")
@@ -131,6 +153,7 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--version", action="version", version=f"shardwise {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     _add_train_parser(sub)
+    _add_plan_parser(sub)
     evaluate = sub.add_parser(
         "evaluate",
         help="score a finished run's weights on its validation set (or on the data --data.* names)",
@@ -346,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(args)
         if args.command == "predict":
             return _predict(args)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "keygen":
             return _keygen(args)
         if args.command == "verify":

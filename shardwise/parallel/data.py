@@ -102,6 +102,5 @@ def sync_seconds(link: Link, dp: int, grad_bytes: float, backward_s: float, shar
     if shard == "full":
         return 2 * all_gather(link, dp, grad_bytes) + reduce_scatter(link, dp, grad_bytes)
     buckets = max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES))
-    last = all_reduce(link, dp, grad_bytes / buckets)
-    rest = all_reduce(link, dp, grad_bytes - grad_bytes / buckets)
-    return last + max(0.0, rest - backward_s * (buckets - 1) / buckets)
+    each = all_reduce(link, dp, grad_bytes / buckets)
+    return each + max(0.0, (buckets - 1) * each - backward_s * (buckets - 1) / buckets)

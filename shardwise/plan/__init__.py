@@ -1,2 +1,3 @@
-"""The planner's parts (issue 17): measured inputs (profile.py), the layouts a world size
-allows (space.py); the cost model and the search build on them."""
+"""The planner (issue 17): measured inputs (profile.py), the layouts a world size allows
+(space.py), the cost model (model.py, from each strategy's own formula), and the `plan`
+command (command.py)."""

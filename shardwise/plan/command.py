@@ -1,0 +1,233 @@
+"""`shardwise plan`: every layout of N ranks for a config, predicted and ranked.
+
+The inputs are measured here, once: the model's layer profile on one thread (cached under
+runs/.plan-cache by model, shape, dtype, device and threads) and the link's alpha-beta
+fit from a ping-pong between two ranks placed like the job's (cached by placement).
+Then every layout of `plan/space.py` is predicted by `plan/model.py`, those over the
+memory budget dropped, and the rest ranked by step time; the table breaks each step into
+compute, communication and bubble, and one line says why the first beats the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from shardwise.comm.cost import Link
+from shardwise.config import Config
+from shardwise.errors import ShardwiseError
+from shardwise.files import write_atomic
+from shardwise.jsonsafe import dumps
+from shardwise.plan.model import Prediction, Setting, predict
+from shardwise.plan.profile import ModelProfile, cached, profile_key, profile_model
+from shardwise.plan.space import ModelShape, layouts
+
+CACHE = Path("runs") / ".plan-cache"
+UNITS = {"": 2**20, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30}
+
+
+def parse_bytes(text: str, key: str = "memory-per-rank") -> float:
+    """`512MiB`, `2GiB`, `1.5g` or a number of MiB."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in UNITS:
+        raise ShardwiseError(key, f"{text!r}: expected a size such as 512MiB or 2GiB")
+    return float(match.group(1)) * UNITS[match.group(2).lower()]
+
+
+def optimizer_slots(cfg: Config) -> int:
+    """Tensors of optimizer state per parameter: AdamW's two moments, SGD's momentum."""
+    if cfg.train.optimizer == "adamw":
+        return 2
+    return 1 if cfg.train.momentum > 0 else 0
+
+
+def measured_profile(cfg: Config) -> tuple[ModelProfile, torch.nn.Module]:
+    from shardwise.data import load_source
+    from shardwise.models import build_model
+
+    dataset = load_source(cfg.data, seed=cfg.train.seed)
+    dtype = getattr(torch, cfg.train.dtype)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, dataset.in_shape, dataset.num_classes).to(dtype)
+    torch.set_num_threads(1)  # as a rank computes
+    key = profile_key(dataclasses.asdict(cfg.model), dataset.in_shape, dtype, torch.device("cpu"))
+    sample = torch.from_numpy(dataset.x_train[0]).to(dtype)
+    return cached(CACHE, key, lambda: profile_model(model, sample, key)), model
+
+
+def measured_link(cluster: str) -> Link:
+    """The alpha-beta fit of a ping-pong between two ranks placed as the job's would be."""
+    from shardwise.cluster.placement import placement_for
+    from shardwise.cluster.probe import DEFAULT_SIZES, probe
+    from shardwise.procs import free_port
+
+    placement = placement_for(cluster)
+    path = CACHE / f"link-{re.sub(r'[^A-Za-z0-9]+', '-', placement.describe(2))}.json"
+    if path.is_file():
+        fit = json.loads(path.read_text())
+    else:
+        fit = probe(placement, sizes=DEFAULT_SIZES, repeats=10, port=free_port())["fit"]
+        CACHE.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(fit))
+    return Link(fit["alpha_s"], fit["beta_s_per_byte"])
+
+
+def search(cfg: Config, nproc: int, setting: Setting, shape: ModelShape, budget: float | None) -> list[dict]:
+    """Every layout's prediction, fastest first; those over `budget` bytes marked."""
+    rows = []
+    for layout in layouts(nproc, batch=cfg.train.batch_size, shape=shape):
+        p = predict(layout, nproc, setting)
+        rows.append({"config": layout, "prediction": p, "fits": budget is None or p.memory_bytes <= budget})
+    rows.sort(key=lambda r: r["prediction"].step_s)
+    return rows
+
+
+def why(best: Prediction, other: Prediction) -> str:
+    """One line on what the best layout gains over another, in the model's terms."""
+    saved = other.compute_s - best.compute_s
+    extra = best.comm_s + best.bubble_s - other.comm_s - other.bubble_s
+    text = f"{best.layout} beats {other.layout} by {1e3 * (other.step_s - best.step_s):.2f} ms a step: "
+    if saved > 0 and extra > 0:
+        return text + f"it saves {1e3 * saved:.2f} ms of compute and adds {1e3 * extra:.2f} ms of communication"
+    if saved > 0:
+        return text + f"it saves {1e3 * saved:.2f} ms of compute and {1e3 * -extra:.2f} ms of communication"
+    return text + f"it spends {1e3 * -saved:.2f} ms more on compute but {1e3 * -extra:.2f} ms less on communication"
+
+
+def plan(cfg: Config, *, nproc: int, cluster: str, budget: float | None, out: Path) -> dict:
+    """Measure, search, write plan.json and plan.png under `out`; the plan."""
+    started = time.perf_counter()
+    profile, model = measured_profile(cfg)
+    link = measured_link(cluster)
+    cores = len(os.sched_getaffinity(0))
+    setting = Setting(profile, link, cfg.train.batch_size, cores, optimizer_slots(cfg))
+    searched = time.perf_counter()
+    rows = search(cfg, nproc, setting, ModelShape.of(model), budget)
+    search_s = time.perf_counter() - searched
+    feasible = [r for r in rows if r["fits"]]
+    if not feasible:
+        least = min(rows, key=lambda r: r["prediction"].memory_bytes)["prediction"]
+        raise ShardwiseError(
+            "memory-per-rank",
+            f"no layout of {nproc} ranks fits {budget / 2**20:,.1f} MiB a rank: the smallest predicted peak is "
+            f"{least.memory_bytes / 2**20:,.1f} MiB ({least.layout})",
+        )
+    result = {
+        "nproc": nproc,
+        "cores": cores,
+        "link": {"alpha_s": link.alpha_s, "beta_s_per_byte": link.beta_s_per_byte},
+        "budget_bytes": budget,
+        "search_s": search_s,
+        "measure_s": searched - started,
+        "layouts": [_row(r, cfg.train.batch_size) for r in rows],
+        "choice": _row(feasible[0], cfg.train.batch_size),
+        "why": _why_first(feasible),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "plan.json", dumps(result, indent=1) + "\n")
+    _plot(out / "plan.png", result["layouts"][:20])
+    return result
+
+
+def _why_first(feasible: list[dict]) -> str:
+    """Why the first beats the fastest layout of another shape (not one of its own options)."""
+    best = feasible[0]["prediction"]
+    other = next((r["prediction"] for r in feasible if r["prediction"].layout != best.layout), None)
+    return why(best, other) if other is not None else ""
+
+
+def describe(row: dict) -> str:
+    """A row's layout and its options in a few words."""
+    extra = _short(row["settings"])
+    return f"{row['layout']}, {extra}" if extra else row["layout"]
+
+
+def _row(row: dict, batch: int) -> dict:
+    layout, p = row["config"], row["prediction"]
+    return {
+        "layout": p.layout,
+        "settings": {k: v for k, v in dataclasses.asdict(layout).items() if k != "feature_cost" and v is not None},
+        "step_s": p.step_s,
+        "compute_s": p.compute_s,
+        "comm_s": p.comm_s,
+        "bubble_s": p.bubble_s,
+        "samples_per_s": batch / p.step_s if p.step_s > 0 else None,
+        "memory_bytes": p.memory_bytes,
+        "fits": row["fits"],
+    }
+
+
+def _plot(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from shardwise.files import atomic_path
+
+    names = [f"{r['layout']} {_short(r['settings'])}".strip() for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 1.5))
+    left = [0.0] * len(rows)
+    for key, colour in (("compute_s", "tab:blue"), ("comm_s", "tab:orange"), ("bubble_s", "tab:grey")):
+        values = [1e3 * r[key] for r in rows]
+        ax.barh(names, values, left=left, color=colour, label=key.removesuffix("_s"))
+        left = [a + b for a, b in zip(left, values, strict=True)]
+    ax.invert_yaxis()
+    ax.set(xlabel="predicted ms per step", title="shardwise plan: the fastest layouts")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _short(settings: dict) -> str:
+    bits = [f"shard={settings['shard']}"] if settings.get("shard", "none") != "none" else []
+    if settings.get("pp", 1) > 1:
+        bits.append(f"{settings['schedule']} M={settings.get('microbatches')}")
+    return ", ".join(bits)
+
+
+def render(result: dict, top: int = 12):
+    """The ranked table (the fastest `top`, and the choice), as rich renders it."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"shardwise plan: {len(result['layouts'])} layouts of {result['nproc']} ranks, predicted "
+        f"(searched in {1e3 * result['search_s']:.0f} ms)",
+        title_justify="left",
+    )
+    for col in ("#", "layout", "options", "ms / step", "compute", "comm", "bubble", "samples/s", "MiB / rank"):
+        table.add_column(col, justify="left" if col in ("layout", "options") else "right")
+    for i, r in enumerate(result["layouts"][:top], start=1):
+        mark = "" if r["fits"] else " (over budget)"
+        table.add_row(
+            str(i), r["layout"], _short(r["settings"]) + mark, f"{1e3 * r['step_s']:.2f}",
+            f"{1e3 * r['compute_s']:.2f}", f"{1e3 * r['comm_s']:.2f}", f"{1e3 * r['bubble_s']:.2f}",
+            f"{r['samples_per_s']:,.0f}", f"{r['memory_bytes'] / 2**20:,.1f}",
+        )  # fmt: skip
+    return table
+
+
+def plan_and_print(cfg: Config, *, nproc: int, cluster: str, memory: str | None, out: Path | None) -> int:
+    """The `plan` command: the plan, its table, the choice and why; exit status 0."""
+    from rich.console import Console
+
+    if nproc < 1:
+        raise ShardwiseError("nproc", f"must be at least 1, got {nproc}")
+    budget = parse_bytes(memory) if memory is not None else None
+    out = out or Path("runs") / f"plan-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = plan(cfg, nproc=nproc, cluster=cluster, budget=budget, out=out)
+    console = Console(width=max(120, Console().width))
+    console.print(render(result))
+    console.print(f"choice: {describe(result['choice'])}")
+    if result["why"]:
+        console.print(result["why"])
+    console.print(f"written: {out / 'plan.json'}, {out / 'plan.png'}")
+    return 0

@@ -1,0 +1,51 @@
+"""`shardwise plan` from the command line: measured once (then cached), every layout
+ranked, the files written; a budget no layout fits is one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shardwise.errors import ShardwiseError
+from shardwise.plan.command import parse_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _plan(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "shardwise", "plan", "--model.name", "mlp", *args]
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=180)
+
+
+def test_plan_ranks_every_layout_and_caches_what_it_measured(tmp_path):
+    done = _plan(tmp_path, "--nproc", "4", "--out", "p")
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "p" / "plan.json").read_text())
+    steps = [r["step_s"] for r in result["layouts"]]
+    assert steps == sorted(steps) and len(steps) >= 20 and result["search_s"] < 2.0
+    assert result["choice"] == result["layouts"][0] and "beats" in result["why"]
+    assert not any(r["settings"]["spatial"] > 1 for r in result["layouts"])  # an MLP has no convolutions
+    assert (tmp_path / "p" / "plan.png").stat().st_size > 0
+    assert f"choice: {result['choice']['layout']}" in done.stdout
+    cache = sorted(p.name for p in (tmp_path / "runs" / ".plan-cache").iterdir())
+    assert [n.split("-")[0] for n in cache] == ["link", "profile"]
+    again = _plan(tmp_path, "--nproc", "2", "--out", "q")
+    assert again.returncode == 0 and sorted(p.name for p in (tmp_path / "runs" / ".plan-cache").iterdir()) == cache
+
+
+def test_a_budget_no_layout_fits_is_one_line(tmp_path):
+    done = _plan(tmp_path, "--nproc", "2", "--memory-per-rank", "1KiB", "--out", "p")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "memory-per-rank: no layout of 2 ranks fits 0.0 MiB a rank: the smallest predicted peak is" in lines[0]
+    assert not (tmp_path / "p").exists()
+
+
+def test_sizes_read_with_their_units():
+    assert parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("2g") == 2 * 2**30 and parse_bytes("64") == 64 * 2**20
+    with pytest.raises(ShardwiseError, match="memory-per-rank: 'lots': expected a size such as 512MiB"):
+        parse_bytes("lots")
