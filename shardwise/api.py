@@ -123,6 +123,10 @@ def run_local(
     from shardwise.launch import launch
 
     placement = placement_for(cluster)
+    if cfg.parallel.layout == "auto":
+        from shardwise.plan.command import choose_layout
+
+        choose_layout(cfg, nproc=nproc, cluster=cluster)
     return launch(
         cfg,
         nproc=nproc,

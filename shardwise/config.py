@@ -78,6 +78,10 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
+    layout: Literal["manual", "auto"] = "manual"
+    """manual: the degrees below; auto: the launcher runs the planner (`shardwise plan`) for
+    --nproc and trains with the layout it predicts fastest within the memory (the run's saved
+    config then names that layout)."""
     dp: int | None = None
     """Data-parallel degree (default: the number of processes / (pp x spatial x vertical x tp))."""
     tp: int = 1

@@ -144,6 +144,7 @@ def validate(cfg: Config) -> None:
             "ps.staleness", f"={ps.staleness} needs ps.asynchronous=true (synchronous workers are never ahead)"
         )
     _check_vertical(cfg)
+    _check_auto(cfg.parallel)
     if d.shards is not None:
         positive("data.shards", d.shards)
         if d.partition == "shuffle":
@@ -185,6 +186,20 @@ def _check_data_name(d) -> None:
         )
     if d.options and d.name in BUILT_IN_DATA:
         raise ShardwiseError("data.options", f"are for your own data's function; {d.name} takes none")
+
+
+def _check_auto(p) -> None:
+    if p.layout != "auto":
+        return
+    named = {f"parallel.{k}": getattr(p, k) for k in ("tp", "pp", "spatial", "vertical") if getattr(p, k) != 1}
+    named |= {f"parallel.{k}": getattr(p, k) for k in ("dp", "microbatches") if getattr(p, k) is not None}
+    named |= {"parallel.shard": p.shard} if p.shard != "none" else {}
+    named |= {"parallel.mode": p.mode} if p.mode != "allreduce" else {}
+    if named:
+        key, value = next(iter(named.items()))
+        raise ShardwiseError(
+            key, f"={value} with parallel.layout=auto: the planner chooses the layout; name one or the other"
+        )
 
 
 def _check_vertical(cfg: Config) -> None:

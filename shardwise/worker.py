@@ -177,6 +177,11 @@ def under_torchrun() -> bool:
 def run_rank(cfg: Config) -> tuple[Path, RunResult]:
     """This process as one rank of a job the launcher or torchrun started (their environment
     says which rank): the device, the process group, the job; its run folder and result."""
+    if cfg.parallel.layout == "auto":
+        raise ShardwiseError(
+            "parallel.layout",
+            "auto is chosen by shardwise's own launcher; under torchrun, run `shardwise plan` and name the layout",
+        )
     torch.set_num_threads(1)
     device = rank_device()
     if device.type == "cuda":

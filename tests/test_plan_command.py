@@ -49,3 +49,25 @@ def test_sizes_read_with_their_units():
     assert parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("2g") == 2 * 2**30 and parse_bytes("64") == 64 * 2**20
     with pytest.raises(ShardwiseError, match="memory-per-rank: 'lots': expected a size such as 512MiB"):
         parse_bytes("lots")
+
+
+def test_auto_layout_trains_with_the_plans_choice(tmp_path):
+    """parallel.layout = auto: the launcher plans, says its choice in one line, and the run
+    (its summary, its saved config) is that layout."""
+    import tomllib
+
+    argv = [sys.executable, "-m", "shardwise", "train", "--parallel.layout", "auto", "--nproc", "2"]
+    argv += ["--model.name", "mlp", "--train.steps", "4", "--run.progress", "false", "--out", "run"]
+    done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stdout.splitlines() if line.startswith("parallel.layout auto: ")]
+    assert len(said) == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert said[0].removeprefix("parallel.layout auto: ").startswith(summary["layout"])
+    saved = tomllib.loads((tmp_path / "run" / "config.toml").read_text())["parallel"]
+    assert saved["layout"] == "manual"
+    refused = subprocess.run([*argv[:-2], "--parallel.tp", "2"], cwd=tmp_path, capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        "shardwise: parallel.tp: =2 with parallel.layout=auto: the planner chooses the layout; name one or the other"
+    )

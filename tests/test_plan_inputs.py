@@ -99,11 +99,14 @@ def test_only_what_the_model_takes_is_tried():
 
     mlp = build_model(ModelConfig(name="mlp"), (1, 8, 8), 10)
     shape = ModelShape.of(mlp)
-    assert shape.tp and shape.pp and shape.vertical and not shape.spatial
+    assert shape.tp and shape.pp and shape.vertical and shape.spatial == 1
     assert not any(c.spatial > 1 for c in layouts(4, batch=64, shape=shape))
-    assert ModelShape.of(build_model(ModelConfig(), (1, 8, 8), 10)).spatial
+    convnet = ModelShape.of(build_model(ModelConfig(), (1, 8, 8), 10), torch.zeros(1, 8, 8))
+    assert not convnet.vertical  # a convolution first: vertical ranks would need whole channels
+    assert 1 < convnet.spatial < 8  # pooling halves the 8 rows the first convolutions see
+    assert max(c.spatial for c in layouts(8, batch=64, shape=convnet)) <= convnet.spatial
     plain = ModelShape.of(torch.nn.Linear(4, 2))
-    assert (plain.tp, plain.pp, plain.spatial, plain.vertical) == (False, False, False, True)
+    assert (plain.tp, plain.pp, plain.spatial, plain.vertical) == (False, False, 1, True)
 
 
 SHARDS = ("none", "optimizer", "full")

@@ -47,7 +47,8 @@ def optimizer_slots(cfg: Config) -> int:
     return 1 if cfg.train.momentum > 0 else 0
 
 
-def measured_profile(cfg: Config) -> tuple[ModelProfile, torch.nn.Module]:
+def measured_profile(cfg: Config) -> tuple[ModelProfile, ModelShape]:
+    """The model's layer profile (cached), and what its structure takes."""
     from shardwise.data import load_source
     from shardwise.models import build_model
 
@@ -58,7 +59,7 @@ def measured_profile(cfg: Config) -> tuple[ModelProfile, torch.nn.Module]:
     torch.set_num_threads(1)  # as a rank computes
     key = profile_key(dataclasses.asdict(cfg.model), dataset.in_shape, dtype, torch.device("cpu"))
     sample = torch.from_numpy(dataset.x_train[0]).to(dtype)
-    return cached(CACHE, key, lambda: profile_model(model, sample, key)), model
+    return cached(CACHE, key, lambda: profile_model(model, sample, key)), ModelShape.of(model, sample)
 
 
 def measured_link(cluster: str) -> Link:
@@ -103,12 +104,12 @@ def why(best: Prediction, other: Prediction) -> str:
 def plan(cfg: Config, *, nproc: int, cluster: str, budget: float | None, out: Path) -> dict:
     """Measure, search, write plan.json and plan.png under `out`; the plan."""
     started = time.perf_counter()
-    profile, model = measured_profile(cfg)
+    profile, shape = measured_profile(cfg)
     link = measured_link(cluster)
     cores = len(os.sched_getaffinity(0))
     setting = Setting(profile, link, cfg.train.batch_size, cores, optimizer_slots(cfg))
     searched = time.perf_counter()
-    rows = search(cfg, nproc, setting, ModelShape.of(model), budget)
+    rows = search(cfg, nproc, setting, shape, budget)
     search_s = time.perf_counter() - searched
     feasible = [r for r in rows if r["fits"]]
     if not feasible:
@@ -231,3 +232,18 @@ def plan_and_print(cfg: Config, *, nproc: int, cluster: str, memory: str | None,
         console.print(result["why"])
     console.print(f"written: {out / 'plan.json'}, {out / 'plan.png'}")
     return 0
+
+
+def choose_layout(cfg: Config, *, nproc: int, cluster: str) -> None:
+    """parallel.layout = auto: plan, print the choice in one line, and set it in `cfg`
+    (as a manual layout: the run's saved config names what it ran)."""
+    profile, shape = measured_profile(cfg)
+    setting = Setting(profile, measured_link(cluster), cfg.train.batch_size, len(os.sched_getaffinity(0)),
+                      optimizer_slots(cfg))  # fmt: skip
+    rows = search(cfg, nproc, setting, shape, None)
+    best = _row(rows[0], cfg.train.batch_size)
+    print(
+        f"parallel.layout auto: {describe(best)} (predicted {1e3 * best['step_s']:.2f} ms a step, "
+        f"the fastest of {len(rows)} layouts of {nproc} ranks; `shardwise plan` shows them all)"
+    )
+    cfg.parallel = dataclasses.replace(rows[0]["config"], layout="manual")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 from shardwise.config import ParallelConfig
@@ -32,16 +33,41 @@ class ModelShape:
 
     tp: bool = True  # a `head` of Linear layers that pair up
     pp: bool = True  # a `features` then a `head` nn.Sequential, to cut into stages
-    spatial: bool = True  # convolutions in `features`
-    vertical: bool = True  # a first Linear or Conv2d to split by input columns
+    spatial: int = 1 << 30  # the most bands its convolutions and poolings can be cut into
+    vertical: bool = True  # a first Linear to split by input columns (a convolution needs whole channels)
 
     @classmethod
-    def of(cls, model: nn.Module) -> ModelShape:
+    def of(cls, model: nn.Module, sample: torch.Tensor | None = None) -> ModelShape:
+        """What `model` takes; with a `sample`, how many bands its feature maps allow (each
+        band at least one output row, and as many input rows as a window reaches into a
+        neighbour: an estimate of the check the spatial layout makes when it cuts)."""
         stacks = all(isinstance(getattr(model, s, None), nn.Sequential) for s in ("features", "head"))
         head = [m for m in getattr(model, "head", []) if isinstance(m, nn.Linear)] if stacks else []
-        convs = [m for m in getattr(model, "features", []) if isinstance(m, nn.Conv2d)] if stacks else []
-        first = any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules())
-        return cls(tp=len(head) >= 2, pp=stacks, spatial=bool(convs), vertical=first)
+        windows = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+        convs = [m for m in model.features.modules() if isinstance(m, windows)] if stacks else []
+        first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+        bands = 1
+        if convs:
+            bands = _most_bands(model.features, convs, sample) if sample is not None else 1 << 30
+        return cls(tp=len(head) >= 2, pp=stacks, spatial=bands, vertical=isinstance(first, nn.Linear))
+
+
+def _most_bands(features: nn.Module, windows: list[nn.Module], sample: torch.Tensor) -> int:
+    limits = []
+
+    def seen(module, args, out):
+        kernel = module.kernel_size if isinstance(module.kernel_size, int) else module.kernel_size[0]
+        reach = max(1, kernel // 2)  # rows a window takes from a neighbour's band
+        limits.append(min(out.shape[-2], args[0].shape[-2] // reach))
+
+    hooks = [m.register_forward_hook(seen) for m in windows]
+    try:
+        with torch.no_grad():
+            features(sample.unsqueeze(0))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return max(1, min(limits))
 
 
 def _divisors(n: int) -> list[int]:
@@ -64,8 +90,8 @@ def layouts(world: int, *, batch: int, shape: ModelShape = ModelShape()) -> list
     for tp, pp, spatial, vertical in itertools.product(degrees, repeat=4):
         if world % (tp * pp * spatial * vertical):
             continue
-        wanted = {"tp": tp, "pp": pp, "spatial": spatial, "vertical": vertical}
-        if any(value > 1 and not getattr(shape, axis) for axis, value in wanted.items()):
+        wanted = {"tp": tp, "pp": pp, "vertical": vertical}
+        if any(value > 1 and not getattr(shape, axis) for axis, value in wanted.items()) or spatial > shape.spatial:
             continue
         base = ParallelConfig(tp=tp, pp=pp, spatial=spatial, vertical=vertical)
         pipeline = [
