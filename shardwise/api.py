@@ -15,6 +15,7 @@ on every rank. The command line is a thin layer over this module.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any
 
 from shardwise.config import Config, load_config
 from shardwise.errors import EXIT_USAGE, ShardwiseError
+from shardwise.train.outputs import PREDICTED_ENV
 
 
 @dataclass(frozen=True)
@@ -127,16 +129,33 @@ def run_local(
         from shardwise.plan.command import choose_layout
 
         choose_layout(cfg, nproc=nproc, cluster=cluster)
-    return launch(
-        cfg,
-        nproc=nproc,
-        out=out,
-        max_restarts=max_restarts,
-        resuming=resuming,
-        placement=placement,
-        overwrite=overwrite,
-        quiet=quiet,
-    )
+    os.environ[PREDICTED_ENV] = _prediction(cfg, nproc, cluster)
+    try:
+        return launch(
+            cfg,
+            nproc=nproc,
+            out=out,
+            max_restarts=max_restarts,
+            resuming=resuming,
+            placement=placement,
+            overwrite=overwrite,
+            quiet=quiet,
+        )
+    finally:
+        os.environ.pop(PREDICTED_ENV, None)
+
+
+def _prediction(cfg: Config, nproc: int, cluster: str) -> str:
+    """The cost model's step and peak memory for this layout, as JSON for the ranks (rank 0
+    sets them beside the measured ones in summary.json); why there is none, where not."""
+    from shardwise.plan.command import predicted_step
+
+    if cfg.train.steps == 0:
+        return json.dumps({"none": "no training step to predict"})
+    try:
+        return json.dumps(predicted_step(cfg, nproc=nproc, cluster=cluster))
+    except ShardwiseError as e:  # a model the planner cannot cut into layers
+        return json.dumps({"none": f"the cost model cannot profile this model: {e}"})
 
 
 def evaluate(run: str | Path, settings: dict[str, Any] | None = None, *, nproc: int = 1) -> dict[str, float]:

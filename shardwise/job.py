@@ -39,7 +39,7 @@ from shardwise.parallel.splits import local_bytes
 from shardwise.topology import ParallelDims, RankMesh
 from shardwise.train.faults import FaultPlan
 from shardwise.train.optim import lr_at, optimizer_for
-from shardwise.train.outputs import describe_hosts, run_summary, write_run
+from shardwise.train.outputs import describe_hosts, model_check, run_summary, write_run
 from shardwise.train.precision import autocast_forward
 from shardwise.train.progress import render_summary
 
@@ -225,6 +225,7 @@ def _finish(job: roles.Job, outcome: roles.Outcome, console, *, placement: dict,
         placement=placement,
     )
     summary |= {"skipped_steps": outcome.skipped, **outcome.extra, **extra, **roles.after_serving(job)}
+    summary |= model_check(summary)
     if console is not None:
         preprocess = job.data.dataset.preprocess if job.data is not None else {}
         write_run(job.out_dir, cfg, dims, state, outcome.result.records, summary, preprocess)

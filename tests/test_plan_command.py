@@ -66,6 +66,14 @@ def test_auto_layout_trains_with_the_plans_choice(tmp_path):
     assert said[0].removeprefix("parallel.layout auto: ").startswith(summary["layout"])
     saved = tomllib.loads((tmp_path / "run" / "config.toml").read_text())["parallel"]
     assert saved["layout"] == "manual"
+    # every run sets the cost model's prediction for its layout beside what it measured
+    check = summary["model_check"]
+    assert f"(predicted {1e3 * check['predicted']['step_s']:.2f} ms a step" in said[0]
+    assert check["measured_step_s"] == summary["step_time_s"]
+    assert check["step_ratio"] == pytest.approx(summary["step_time_s"] / check["predicted"]["step_s"])
+    peak = max(r["parameters_bytes"] + r["rss_peak_bytes"] - r["rss_start_bytes"] for r in summary["memory"])
+    assert check["memory_ratio"] == pytest.approx(peak / check["predicted"]["peak_bytes"])
+    assert "cost model" in done.stdout and f"({check['step_ratio']:.2f}x)" in done.stdout
     refused = subprocess.run([*argv[:-2], "--parallel.tp", "2"], cwd=tmp_path, capture_output=True, text=True)
     assert refused.returncode == 2
     assert refused.stderr.strip() == (

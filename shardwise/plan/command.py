@@ -25,7 +25,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.files import write_atomic
 from shardwise.jsonsafe import dumps
 from shardwise.plan.model import Prediction, Setting, predict
-from shardwise.plan.profile import ModelProfile, cached, profile_key, profile_model
+from shardwise.plan.profile import ModelProfile, batch_sizes, cached, profile_key, profile_model
 from shardwise.plan.space import ModelShape, layouts
 
 CACHE = Path("runs") / ".plan-cache"
@@ -57,9 +57,11 @@ def measured_profile(cfg: Config) -> tuple[ModelProfile, ModelShape]:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, dataset.in_shape, dataset.num_classes).to(dtype)
     torch.set_num_threads(1)  # as a rank computes
-    key = profile_key(dataclasses.asdict(cfg.model), dataset.in_shape, dtype, torch.device("cpu"))
+    sizes = batch_sizes(cfg.train.batch_size)
+    key = profile_key(dataclasses.asdict(cfg.model), dataset.in_shape, dtype, torch.device("cpu"), sizes)
     sample = torch.from_numpy(dataset.x_train[0]).to(dtype)
-    return cached(CACHE, key, lambda: profile_model(model, sample, key)), ModelShape.of(model, sample)
+    profile = cached(CACHE, key, lambda: profile_model(model, sample, key, sizes=sizes))
+    return profile, ModelShape.of(model, sample)
 
 
 def measured_link(cluster: str) -> Link:
@@ -247,3 +249,19 @@ def choose_layout(cfg: Config, *, nproc: int, cluster: str) -> None:
         f"the fastest of {len(rows)} layouts of {nproc} ranks; `shardwise plan` shows them all)"
     )
     cfg.parallel = dataclasses.replace(rows[0]["config"], layout="manual")
+
+
+def predicted_step(cfg: Config, *, nproc: int, cluster: str) -> dict:
+    """What the cost model predicts for the layout `cfg` names on `nproc` ranks: the run's
+    summary sets it beside what was measured."""
+    profile, _ = measured_profile(cfg)
+    setting = Setting(profile, measured_link(cluster), cfg.train.batch_size, len(os.sched_getaffinity(0)),
+                      optimizer_slots(cfg))  # fmt: skip
+    p = predict(cfg.parallel, nproc, setting)
+    return {
+        "step_s": p.step_s,
+        "compute_s": p.compute_s,
+        "comm_s": p.comm_s,
+        "bubble_s": p.bubble_s,
+        "peak_bytes": p.memory_bytes,
+    }

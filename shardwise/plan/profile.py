@@ -20,7 +20,15 @@ from torch import nn
 from shardwise.files import write_atomic
 from shardwise.parallel.pipeline import profile_layers
 
-BATCH_SIZES = (8, 32, 64)  # samples per profiled pass: a line through these times
+BATCH_SIZES = (8, 32, 64)  # samples per profiled pass by default: a line through these times
+
+
+def batch_sizes(batch: int) -> tuple[int, ...]:
+    """The profiled passes for a global batch: from an eighth of it to all of it (at most 64),
+    the samples a rank or a micro-batch takes, so a large-image model is never timed on
+    more samples than it will run (profiling stays as cheap as a few steps)."""
+    top = max(2, min(batch, 64))
+    return tuple(sorted({max(1, top // 8), max(1, top // 2), top}))
 
 
 @dataclass(frozen=True)
@@ -79,16 +87,18 @@ def _kind(module: nn.Module) -> str:
     return "other"
 
 
-def profile_model(model: nn.Module, sample: torch.Tensor, key: dict, *, repeats: int = 5) -> ModelProfile:
+def profile_model(
+    model: nn.Module, sample: torch.Tensor, key: dict, *, repeats: int = 5, sizes: tuple[int, ...] = BATCH_SIZES
+) -> ModelProfile:
     """Time every layer of `model` (a `features` then a `head` nn.Sequential) on batches of
-    BATCH_SIZES copies of `sample` (one sample, without the batch dimension)."""
+    `sizes` copies of `sample` (one sample, without the batch dimension)."""
     from shardwise.parallel.pipeline import model_layers
 
-    runs = [profile_layers(model, sample.expand(n, *sample.shape).contiguous(), repeats) for n in BATCH_SIZES]
+    runs = [profile_layers(model, sample.expand(n, *sample.shape).contiguous(), repeats) for n in sizes]
     modules = dict(model_layers(model))
     layers, in_shape, size = [], tuple(sample.shape), sample.element_size()
     for i, cost in enumerate(runs[0]):
-        fixed, per_sample = fit_line(list(BATCH_SIZES), [run[i].time_s for run in runs])
+        fixed, per_sample = fit_line(list(sizes), [run[i].time_s for run in runs])
         module = modules[cost.name]
         halo = norm = 0
         if isinstance(module, nn.Conv2d) and len(in_shape) == 3:
@@ -98,17 +108,24 @@ def profile_model(model: nn.Module, sample: torch.Tensor, key: dict, *, repeats:
         layers.append(
             LayerProfile(
                 cost.name, _kind(module), fixed, per_sample, cost.param_bytes,
-                cost.activation_bytes // BATCH_SIZES[0], math.prod(in_shape) * size, halo, norm,
+                cost.activation_bytes // sizes[0], math.prod(in_shape) * size, halo, norm,
             )
         )  # fmt: skip
         in_shape = tuple(cost.out_shape[1:])
     return ModelProfile(key, tuple(layers))
 
 
-def profile_key(model_cfg: dict, in_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> dict:
+def profile_key(
+    model_cfg: dict,
+    in_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    sizes: tuple[int, ...] = BATCH_SIZES,
+) -> dict:
     """What a profile depends on: the model's settings, the sample shape, the precision, the
-    device and the threads a rank computes with."""
+    device, the threads a rank computes with and the batch sizes timed."""
     return {
+        "sizes": list(sizes),
         "model": model_cfg,
         "shape": list(in_shape),
         "dtype": str(dtype),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -129,6 +130,33 @@ def run_summary(
         "train_s": result.train_s,
         "wall_s": time.time() - launch_time,
     }
+
+
+PREDICTED_ENV = "SHARDWISE_PREDICTED"  # the launcher's cost-model prediction for the ranks, JSON
+
+
+def model_check(summary: dict) -> dict:
+    """The cost model's predicted step time and peak memory beside the measured ones, and
+    measured / predicted. The measured peak of a rank: the parameters it holds plus what
+    its resident memory grew by while training (gradients, optimizer state, activations,
+    buffers); the largest rank's. None where the launcher made no prediction (torchrun)."""
+    text = os.environ.get(PREDICTED_ENV)
+    if not text:
+        return {"model_check": {"none": "started without shardwise's launcher: no prediction"}}
+    predicted = json.loads(text)
+    if "none" in predicted:
+        return {"model_check": predicted}
+    check = {"predicted": predicted, "measured_step_s": summary["step_time_s"]}
+    check["step_ratio"] = summary["step_time_s"] / predicted["step_s"] if predicted["step_s"] > 0 else None
+    peaks = [
+        r["parameters_bytes"] + r["rss_peak_bytes"] - r["rss_start_bytes"]
+        for r in summary.get("memory", [])
+        if "rss_peak_bytes" in r
+    ]
+    if peaks:
+        check["measured_peak_bytes"] = max(peaks)
+        check["memory_ratio"] = max(peaks) / predicted["peak_bytes"] if predicted["peak_bytes"] > 0 else None
+    return {"model_check": check}
 
 
 def describe_hosts(hostnames: list[str], launcher_said: str | None = None) -> dict:

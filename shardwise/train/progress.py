@@ -140,6 +140,9 @@ def render_summary(summary: dict, out_dir: str) -> Table:
         ("wall time", f"{summary['wall_s']:.1f} s"),
         ("outputs", out_dir),
     ]
+    check = summary.get("model_check", {})
+    if "predicted" in check:
+        rows.insert(-2, ("cost model", _model_check(check)))
     if "pipeline" in summary:
         p = summary["pipeline"]
         bubble = f"{p['bubble_measured']:.1%} measured, {p['bubble_theoretical']:.1%} in theory ((P-1)/(M+P-1))"
@@ -147,6 +150,20 @@ def render_summary(summary: dict, out_dir: str) -> Table:
     for k, v in rows:
         table.add_row(k, v)
     return table
+
+
+def _model_check(check: dict) -> str:
+    """Predicted against measured step time and peak memory, in one line."""
+    p = check["predicted"]
+    text = f"step {1e3 * p['step_s']:.2f} ms predicted, {1e3 * check['measured_step_s']:.2f} ms measured"
+    if check.get("step_ratio") is not None:
+        text += f" ({check['step_ratio']:.2f}x)"
+    if "measured_peak_bytes" in check:
+        peak, measured = p["peak_bytes"] / 2**20, check["measured_peak_bytes"] / 2**20
+        text += f"; peak {peak:,.1f} MiB predicted, {measured:,.1f} measured"
+        if check.get("memory_ratio") is not None:
+            text += f" ({check['memory_ratio']:.2f}x)"
+    return text
 
 
 def _layout(summary: dict) -> str:
