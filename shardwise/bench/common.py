@@ -38,6 +38,7 @@ class Bench:
     work: Path
     console: Console
     results: list[dict] = field(default_factory=list)
+    details: list[dict] = field(default_factory=list)  # a scenario's per-run rows, kept in bench.json
 
     @property
     def where(self) -> str:
@@ -47,10 +48,14 @@ class Bench:
         c = self.placement.cluster
         return f"gloo, emulated cluster, rank r in host r mod {c.hosts}, {c.bandwidth} links"
 
-    def train(self, args: list[str], name: str, *, steps: int, env: dict[str, str] | None = None) -> dict:
-        """Run `shardwise train ARGS` quietly for `steps` steps where this link says; its summary."""
+    def train(
+        self, args: list[str], name: str, *, steps: int, env: dict[str, str] | None = None, nproc: int | None = None
+    ) -> dict:
+        """Run `shardwise train ARGS` quietly for `steps` steps where this link says (on
+        `nproc` ranks, or the default); its summary."""
         out = self.work / name.replace(" ", "_")
         cmd = [sys.executable, "-m", "shardwise", "train", *args, "--out", str(out)]
+        cmd += ["--nproc", str(nproc)] if nproc is not None else []
         cmd += ["--train.steps", str(steps), "--train.eval_every", "0", "--train.log_every", str(steps)]
         cmd += ["--run.progress", "false"]
         if self.placement.cluster:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from shardwise.bench import allreduce, ddp, pp, precision, ps, restarts, scaling, shard, spatial, tp
+from shardwise.bench import allreduce, ddp, planner, pp, precision, ps, restarts, scaling, shard, spatial, tp
 from shardwise.bench.common import Bench, bench_console
 from shardwise.cluster import netns
 from shardwise.cluster.placement import Placement
@@ -38,8 +38,9 @@ SCENARIOS: dict[str, tuple[Callable[[Bench], None], bool]] = {
     "ps": (ps.run, True),
     "precision": (precision.run, False),  # compute: one link is enough
     "restarts": (restarts.run, False),  # correctness trials, not timed
+    "planner": (planner.run, True),  # every layout run for real: an hour and more
 }
-DEFAULT = [name for name in SCENARIOS if name != "restarts"]
+DEFAULT = [name for name in SCENARIOS if name not in ("restarts", "planner")]
 CLUSTER_NAME, HOSTS = "swb", 4
 
 
@@ -109,6 +110,7 @@ def run_suite(scenarios: list[str], links: list[str], repeats: int, out: Path, *
     console = bench_console()
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
+    details: list[dict] = []
     started = time.time()
     for link in links:
         console.rule(f"[bold]link: {link}")
@@ -119,6 +121,7 @@ def run_suite(scenarios: list[str], links: list[str], repeats: int, out: Path, *
                 if link == "loopback" or shaped_too:
                     run(bench)
             results += bench.results
+            details += bench.details
     report = {
         "command": "shardwise bench " + " ".join(sys.argv[2:]),
         "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
@@ -128,6 +131,9 @@ def run_suite(scenarios: list[str], links: list[str], repeats: int, out: Path, *
         "wall_s": time.time() - started,
         "results": results,
     }
+    if details:
+        report |= {"planner": details, "flips": planner.flips(details)}
+        planner.plot(out / "planner.png", details)
     table = markdown(results, links)
     for path, text in ((out / "bench.json", dumps(report, indent=1)), (out / "bench.md", table)):
         tmp = path.with_name(f".{path.name}.tmp")

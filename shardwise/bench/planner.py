@@ -1,0 +1,192 @@
+"""The cost model against the runs it predicts: every layout of 2 and 4 ranks, for models of
+different character, predicted by `shardwise plan` and then trained for real.
+
+For each model and world size the planner's inputs are measured as `plan` measures them
+(the layer profile, the link of this bench's placement), every layout it enumerates is
+predicted, and each is then run for STEPS steps; the run's own summary holds the measured
+median step and peak (`model_check`). Figures per case (model x world x link):
+
+- the median and 90th percentile of |predicted - measured| / measured step time;
+- Kendall's tau between the predicted and the measured order (scipy's);
+- regret: the measured step of the planner's choice / the best measured step;
+- the median measured / predicted peak memory.
+
+Across links, `flips` says where the best measured layout differs between two links and
+whether the planner's choice differs the same way.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from shardwise.bench.common import Bench
+
+STEPS = 14  # the summary's step time is the median of the steps after the fifth
+WORLDS = (2, 4)
+MODELS: dict[str, tuple[str, list[str]]] = {
+    "convnet": (
+        "compute-bound convnet, 3x32x32 synthetic images, batch 32",
+        ["--model.name", "convnet", "--data.name", "synthetic", "--data.shape", "3,32,32", "--train.batch_size", "32"],
+    ),
+    "mlp": (
+        "communication-bound MLP 64-1024-1024-10 on digits, batch 32",
+        ["--model.name", "mlp", "--model.hidden", "1024,1024", "--train.batch_size", "32"],
+    ),
+    "wide": (
+        "wide MLP 1024-4096-4096-10 on synthetic features, batch 16",
+        ["--model.name", "mlp", "--model.hidden", "4096,4096", "--data.name", "synthetic", "--data.shape", "1024"]
+        + ["--train.batch_size", "16"],
+    ),
+    "resnet": (
+        "ResNet 8-16-32 (group norm) on 3x128x128 synthetic images, batch 2",
+        ["--model.name", "resnet", "--model.norm", "group", "--data.name", "synthetic", "--data.shape", "3,128,128"]
+        + ["--train.batch_size", "2"],
+    ),
+}
+
+
+def _args(settings: dict) -> list[str]:
+    return [a for k, v in settings.items() if k != "layout" for a in (f"--parallel.{k}", str(v))]
+
+
+def _overrides(args: list[str]) -> dict[str, str]:
+    return {args[i].removeprefix("--"): args[i + 1] for i in range(0, len(args), 2)}
+
+
+def predicted_layouts(args: list[str], world: int, cluster: str) -> list[dict]:
+    """Every layout of `world` ranks for the model `args` name, predicted, fastest first."""
+    import os
+
+    from shardwise.config import load_config
+    from shardwise.plan.command import _row, measured_link, measured_profile, optimizer_slots, search
+    from shardwise.plan.model import Setting
+
+    cfg = load_config(None, _overrides(args))
+    profile, shape = measured_profile(cfg)
+    cores = len(os.sched_getaffinity(0))
+    setting = Setting(profile, measured_link(cluster), cfg.train.batch_size, cores, optimizer_slots(cfg))
+    return [_row(r, cfg.train.batch_size) for r in search(cfg, world, setting, shape, None)]
+
+
+def kendall_tau(predicted: list[float], measured: list[float]) -> float:
+    from scipy.stats import kendalltau
+
+    return float(kendalltau(predicted, measured).statistic) if len(predicted) > 1 else 1.0
+
+
+def case_figures(rows: list[dict]) -> dict:
+    """A case's figures from its runs (each with `predicted_s`, `measured_s`, the peaks), in
+    the planner's order (its choice first)."""
+    errors = sorted(abs(r["predicted_s"] - r["measured_s"]) / r["measured_s"] for r in rows)
+    memory = [r["measured_peak"] / r["predicted_peak"] for r in rows if r.get("measured_peak")]
+    best = min(rows, key=lambda r: r["measured_s"])
+    return {
+        "error_median": statistics.median(errors),
+        "error_p90": errors[min(len(errors) - 1, round(0.9 * (len(errors) - 1)))],
+        "tau": kendall_tau([r["predicted_s"] for r in rows], [r["measured_s"] for r in rows]),
+        "regret": rows[0]["measured_s"] / best["measured_s"],
+        "memory_ratio": statistics.median(memory) if memory else float("nan"),
+        "choice": rows[0]["name"],
+        "best": best["name"],
+    }
+
+
+def run(b: Bench) -> None:
+    cluster = f"emulated:{b.placement.cluster.name}" if b.placement.cluster else "local"
+    for model, (text, args) in MODELS.items():
+        for world in WORLDS:
+            layouts = predicted_layouts(args, world, cluster)
+            b.console.print(f"[bold]planner[/]: {text}, {world} ranks ({b.where}): {len(layouts)} layouts, run each")
+            rows = [_run_layout(b, args, row, f"plan-{model}-{world}-{i}", world) for i, row in enumerate(layouts)]
+            figures = case_figures(rows)
+            b.details.append({"model": model, "world": world, "link": b.link, "runs": rows, **figures})
+            how = f"{text}; {world} ranks, {len(rows)} layouts, {STEPS} steps each"
+            for measure in ("error_median", "error_p90", "tau", "regret", "memory_ratio"):
+                b.record("planner", f"{model} x{world}: {measure}", [figures[measure]], unit=measure, how=how)
+            b.console.print(
+                f"  error median {figures['error_median']:.1%}, p90 {figures['error_p90']:.1%}, tau "
+                f"{figures['tau']:.2f}, regret {figures['regret']:.3f} (chose {figures['choice']}, best "
+                f"{figures['best']}), memory measured/predicted {figures['memory_ratio']:.2f}"
+            )
+
+
+def _run_layout(b: Bench, args: list[str], row: dict, name: str, world: int) -> dict:
+    """Train one predicted layout; its predicted and measured step and peak."""
+    summary = b.train([*args, *_args(row["settings"])], name, nproc=world, steps=STEPS)
+    check = summary["model_check"]
+    layout = f"{row['layout']} {_short(row)}".strip()
+    predicted, measured = row["step_s"], check["measured_step_s"]
+    b.console.print(f"  {layout}: predicted {1e3 * predicted:.2f} ms, measured {1e3 * measured:.2f} ms")
+    return {
+        "name": layout,
+        "predicted_s": predicted,
+        "measured_s": measured,
+        "predicted_peak": row["memory_bytes"],
+        "measured_peak": check.get("measured_peak_bytes"),
+    }
+
+
+def _short(row: dict) -> str:
+    from shardwise.plan.command import _short as short
+
+    return short(row["settings"])
+
+
+def flips(details: list[dict]) -> list[dict]:
+    """Where the best measured layout of a model and world differs between two links, and
+    whether the planner's choices differ the same way."""
+    found = []
+    by_case: dict[tuple[str, int], dict[str, dict]] = {}
+    for case in details:
+        by_case.setdefault((case["model"], case["world"]), {})[case["link"]] = case
+    for (model, world), links in by_case.items():
+        names = sorted(links)
+        for i, a in enumerate(names):
+            for c in names[i + 1 :]:
+                if links[a]["best"] != links[c]["best"]:
+                    predicted = (links[a]["choice"], links[c]["choice"])
+                    found.append(
+                        {
+                            "model": model,
+                            "world": world,
+                            "links": [a, c],
+                            "best_measured": [links[a]["best"], links[c]["best"]],
+                            "chosen": list(predicted),
+                            "predicted_right": predicted == (links[a]["best"], links[c]["best"]),
+                        }
+                    )
+    return found
+
+
+def plot(path, details: list[dict]) -> None:
+    """Predicted against measured, step time and peak memory, every run of every case (log
+    axes; the diagonal and +-10% band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from shardwise.files import atomic_path
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    markers = {}
+    for case in details:
+        marker = markers.setdefault(case["link"], "osv^D"[len(markers) % 5])
+        label = f"{case['model']} x{case['world']}, {case['link']}"
+        runs = case["runs"]
+        axes[0].scatter([1e3 * r["predicted_s"] for r in runs], [1e3 * r["measured_s"] for r in runs], s=14,
+                        marker=marker, label=label)  # fmt: skip
+        peaks = [r for r in runs if r.get("measured_peak")]
+        axes[1].scatter([r["predicted_peak"] / 2**20 for r in peaks], [r["measured_peak"] / 2**20 for r in peaks],
+                        s=14, marker=marker)  # fmt: skip
+    for ax, unit in ((axes[0], "step time, ms"), (axes[1], "peak memory of the largest rank, MiB")):
+        ax.set(xscale="log", yscale="log", xlabel=f"predicted {unit}", ylabel=f"measured {unit}")
+        low, high = ax.get_xlim()
+        ax.plot([low, high], [low, high], color="black", linewidth=0.8)
+        ax.fill_between([low, high], [0.9 * low, 0.9 * high], [1.1 * low, 1.1 * high], color="grey", alpha=0.2)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("shardwise bench planner: the cost model against the runs")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,68 @@
+"""`shardwise bench planner`'s figures, computed by hand; and that each layout it runs is
+the layout that was predicted."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from shardwise.bench.planner import _args, _overrides, case_figures, flips
+from shardwise.config import load_config
+from shardwise.plan.space import layouts
+
+
+def _runs(predicted: list[float], measured: list[float]) -> list[dict]:
+    return [
+        {"name": f"L{i}", "predicted_s": p, "measured_s": m, "predicted_peak": 100.0, "measured_peak": 100.0 + 10 * i}
+        for i, (p, m) in enumerate(zip(predicted, measured, strict=True))
+    ]
+
+
+def test_case_figures_by_hand():
+    # predicted order L0 < L1 < L2 < L3; measured swaps L1 and L2: 5 concordant pairs, 1 discordant
+    figures = case_figures(_runs([1.0, 2.0, 3.0, 4.0], [1.25, 2.5, 2.0, 4.0]))
+    # errors |p - m| / m: 0.2, 0.2, 0.5, 0.0 -> sorted 0, 0.2, 0.2, 0.5
+    assert figures["error_median"] == pytest.approx(0.2)
+    assert figures["error_p90"] == pytest.approx(0.5)
+    assert figures["tau"] == pytest.approx((5 - 1) / 6)
+    assert figures["regret"] == pytest.approx(1.0) and figures["choice"] == figures["best"] == "L0"
+    assert figures["memory_ratio"] == pytest.approx(1.15)  # median of 1.0, 1.1, 1.2, 1.3
+
+
+def test_regret_is_the_choice_against_the_best_measured():
+    figures = case_figures(_runs([1.0, 2.0], [3.0, 2.0]))
+    assert figures["regret"] == pytest.approx(1.5) and figures["choice"] == "L0" and figures["best"] == "L1"
+    assert figures["tau"] == pytest.approx(-1.0)
+
+
+def test_flips_say_whether_the_planner_moved_the_same_way():
+    def case(link, choice, best):
+        return {"model": "mlp", "world": 2, "link": link, "choice": choice, "best": best}
+
+    right = flips([case("1gbit", "tp=2", "tp=2"), case("10gbit", "dp=2", "dp=2")])
+    assert right == [
+        {
+            "model": "mlp",
+            "world": 2,
+            "links": ["10gbit", "1gbit"],
+            "best_measured": ["dp=2", "tp=2"],
+            "chosen": ["dp=2", "tp=2"],
+            "predicted_right": True,
+        }
+    ]
+    wrong = flips([case("1gbit", "dp=2", "tp=2"), case("10gbit", "dp=2", "dp=2")])
+    assert [f["predicted_right"] for f in wrong] == [False]
+    assert flips([case("1gbit", "tp=2", "dp=2"), case("10gbit", "tp=2", "dp=2")]) == []  # no flip measured
+
+
+def test_each_layout_runs_as_it_was_predicted():
+    """The command-line settings the bench trains with load back to the very layout."""
+    from shardwise.plan.command import _row
+    from shardwise.plan.model import Prediction
+
+    for world in (2, 4):
+        for layout in layouts(world, batch=32):
+            row = _row({"config": layout, "prediction": Prediction("x", 1, 0, 0, 1), "fits": True}, 32)
+            cfg = load_config(None, {"model.name": "mlp", **_overrides(_args(row["settings"]))})
+            assert dataclasses.replace(cfg.parallel, feature_cost=[]) == dataclasses.replace(layout, feature_cost=[])
