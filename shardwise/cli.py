@@ -192,7 +192,7 @@ def build_parser() -> OneLineParser:
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
-        help="allreduce, ddp, scaling, tp, pp, spatial, shard, ps, precision, restarts (default: all but restarts)",
+        help="allreduce, ddp, scaling, tp, pp, spatial, shard, ps, precision, restarts, planner (default: the first 9)",
     )
     bench.add_argument(
         "--links",
@@ -200,6 +200,7 @@ def build_parser() -> OneLineParser:
         help="loopback and/or rates of an emulated cluster (root), comma-separated (default: loopback,1gbit,10gbit)",
     )
     bench.add_argument("--repeats", type=int, default=5, help="repetitions of each comparison, >= 5 (default: 5)")
+    bench.add_argument("--cases", help="planner: MODEL:RANKS cases, e.g. mlp:2,wide:4 (default: each model at 2 and 4)")
     bench.add_argument(
         "--out",
         type=Path,
@@ -342,7 +343,7 @@ def _bench(args: argparse.Namespace) -> int:
     from shardwise.bench.suite import run_suite
 
     links = [link.strip() for link in args.links.split(",") if link.strip()]
-    return run_suite(args.scenarios, links, args.repeats, args.out, plan_only=args.plan)
+    return run_suite(args.scenarios, links, args.repeats, args.out, plan_only=args.plan, cases=args.cases)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,9 @@ import dataclasses
 
 import pytest
 
-from shardwise.bench.planner import _args, _overrides, case_figures, flips
+from shardwise.bench.planner import _args, _overrides, case_figures, flips, parse_cases
 from shardwise.config import load_config
+from shardwise.errors import ShardwiseError
 from shardwise.plan.space import layouts
 
 
@@ -66,3 +67,10 @@ def test_each_layout_runs_as_it_was_predicted():
             row = _row({"config": layout, "prediction": Prediction("x", 1, 0, 0, 1), "fits": True}, 32)
             cfg = load_config(None, {"model.name": "mlp", **_overrides(_args(row["settings"]))})
             assert dataclasses.replace(cfg.parallel, feature_cost=[]) == dataclasses.replace(layout, feature_cost=[])
+
+
+def test_cases_are_chosen_by_name_and_ranks():
+    assert parse_cases("mlp:2, wide:4") == [("mlp", 2), ("wide", 4)]
+    assert len(parse_cases(None)) == 8  # four models at 2 and 4 ranks
+    with pytest.raises(ShardwiseError, match="cases: 'mlp:1': expected MODEL:RANKS, MODEL one of convnet, mlp"):
+        parse_cases("mlp:2,mlp:1")

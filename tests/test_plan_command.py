@@ -4,6 +4,7 @@ ranked, the files written; a budget no layout fits is one line, exit 2."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _plan(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "shardwise", "plan", "--model.name", "mlp", *args]
-    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=180)
+    env = {**os.environ, "SHARDWISE_CACHE": str(cwd / "cache")}
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=180, env=env)
 
 
 def test_plan_ranks_every_layout_and_caches_what_it_measured(tmp_path):
@@ -31,10 +33,10 @@ def test_plan_ranks_every_layout_and_caches_what_it_measured(tmp_path):
     assert not any(r["settings"]["spatial"] > 1 for r in result["layouts"])  # an MLP has no convolutions
     assert (tmp_path / "p" / "plan.png").stat().st_size > 0
     assert f"choice: {result['choice']['layout']}" in done.stdout
-    cache = sorted(p.name for p in (tmp_path / "runs" / ".plan-cache").iterdir())
+    cache = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert [n.split("-")[0] for n in cache] == ["link", "profile"]
     again = _plan(tmp_path, "--nproc", "2", "--out", "q")
-    assert again.returncode == 0 and sorted(p.name for p in (tmp_path / "runs" / ".plan-cache").iterdir()) == cache
+    assert again.returncode == 0 and sorted(p.name for p in (tmp_path / "cache").iterdir()) == cache
 
 
 def test_a_budget_no_layout_fits_is_one_line(tmp_path):

@@ -39,6 +39,7 @@ class Bench:
     console: Console
     results: list[dict] = field(default_factory=list)
     details: list[dict] = field(default_factory=list)  # a scenario's per-run rows, kept in bench.json
+    options: dict = field(default_factory=dict)  # a scenario's own settings (the planner's cases)
 
     @property
     def where(self) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import statistics
 
 from shardwise.bench.common import Bench
+from shardwise.errors import ShardwiseError
 
 STEPS = 14  # the summary's step time is the median of the steps after the fifth
 WORLDS = (2, 4)
@@ -91,23 +92,38 @@ def case_figures(rows: list[dict]) -> dict:
     }
 
 
+def parse_cases(text: str | None) -> list[tuple[str, int]]:
+    """`mlp:2,wide:4` as (model, ranks) pairs; None: every model at every world size."""
+    if not text:
+        return [(model, world) for model in MODELS for world in WORLDS]
+    cases = []
+    for item in text.split(","):
+        model, _, ranks = item.strip().partition(":")
+        if model not in MODELS or not ranks.isdigit() or int(ranks) < 2:
+            raise ShardwiseError(
+                "cases", f"{item.strip()!r}: expected MODEL:RANKS, MODEL one of {', '.join(MODELS)}, RANKS >= 2"
+            )
+        cases.append((model, int(ranks)))
+    return cases
+
+
 def run(b: Bench) -> None:
     cluster = f"emulated:{b.placement.cluster.name}" if b.placement.cluster else "local"
-    for model, (text, args) in MODELS.items():
-        for world in WORLDS:
-            layouts = predicted_layouts(args, world, cluster)
-            b.console.print(f"[bold]planner[/]: {text}, {world} ranks ({b.where}): {len(layouts)} layouts, run each")
-            rows = [_run_layout(b, args, row, f"plan-{model}-{world}-{i}", world) for i, row in enumerate(layouts)]
-            figures = case_figures(rows)
-            b.details.append({"model": model, "world": world, "link": b.link, "runs": rows, **figures})
-            how = f"{text}; {world} ranks, {len(rows)} layouts, {STEPS} steps each"
-            for measure in ("error_median", "error_p90", "tau", "regret", "memory_ratio"):
-                b.record("planner", f"{model} x{world}: {measure}", [figures[measure]], unit=measure, how=how)
-            b.console.print(
-                f"  error median {figures['error_median']:.1%}, p90 {figures['error_p90']:.1%}, tau "
-                f"{figures['tau']:.2f}, regret {figures['regret']:.3f} (chose {figures['choice']}, best "
-                f"{figures['best']}), memory measured/predicted {figures['memory_ratio']:.2f}"
-            )
+    for model, world in b.options.get("cases") or parse_cases(None):
+        text, args = MODELS[model]
+        layouts = predicted_layouts(args, world, cluster)
+        b.console.print(f"[bold]planner[/]: {text}, {world} ranks ({b.where}): {len(layouts)} layouts, run each")
+        rows = [_run_layout(b, args, row, f"plan-{model}-{world}-{i}", world) for i, row in enumerate(layouts)]
+        figures = case_figures(rows)
+        b.details.append({"model": model, "world": world, "link": b.link, "runs": rows, **figures})
+        how = f"{text}; {world} ranks, {len(rows)} layouts, {STEPS} steps each"
+        for measure in ("error_median", "error_p90", "tau", "regret", "memory_ratio"):
+            b.record("planner", f"{model} x{world}: {measure}", [figures[measure]], unit=measure, how=how)
+        b.console.print(
+            f"  error median {figures['error_median']:.1%}, p90 {figures['error_p90']:.1%}, tau "
+            f"{figures['tau']:.2f}, regret {figures['regret']:.3f} (chose {figures['choice']}, best "
+            f"{figures['best']}), memory measured/predicted {figures['memory_ratio']:.2f}"
+        )
 
 
 def _run_layout(b: Bench, args: list[str], row: dict, name: str, world: int) -> dict:

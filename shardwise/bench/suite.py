@@ -95,12 +95,21 @@ def markdown(results: list[dict], links: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_suite(scenarios: list[str], links: list[str], repeats: int, out: Path, *, plan_only: bool = False) -> int:
+def run_suite(
+    scenarios: list[str],
+    links: list[str],
+    repeats: int,
+    out: Path,
+    *,
+    plan_only: bool = False,
+    cases: str | None = None,
+) -> int:
     scenarios = scenarios or DEFAULT
     check_request(scenarios, [], repeats)
     if not any(SCENARIOS[name][1] for name in scenarios):
         links = [link for link in links if link == "loopback"] or ["loopback"]  # the same on every link
     check_request(scenarios, links, repeats)
+    chosen = planner.parse_cases(cases)
     if plan_only:
         for link in links:
             names = [name for name in scenarios if link == "loopback" or SCENARIOS[name][1]]
@@ -115,7 +124,7 @@ def run_suite(scenarios: list[str], links: list[str], repeats: int, out: Path, *
     for link in links:
         console.rule(f"[bold]link: {link}")
         with link_placement(link) as placement, tempfile.TemporaryDirectory(prefix="shardwise-bench-") as tmp:
-            bench = Bench(link, placement, repeats, Path(tmp), console)
+            bench = Bench(link, placement, repeats, Path(tmp), console, options={"cases": chosen})
             for name in scenarios:
                 run, shaped_too = SCENARIOS[name]
                 if link == "loopback" or shaped_too:

@@ -1,7 +1,7 @@
 """`shardwise plan`: every layout of N ranks for a config, predicted and ranked.
 
 The inputs are measured here, once: the model's layer profile on one thread (cached under
-runs/.plan-cache by model, shape, dtype, device and threads) and the link's alpha-beta
+the machine's cache, `cache_dir()`, by model, shape, dtype, device and threads) and the link's alpha-beta
 fit from a ping-pong between two ranks placed like the job's (cached by placement).
 Then every layout of `plan/space.py` is predicted by `plan/model.py`, those over the
 memory budget dropped, and the rest ranked by step time; the table breaks each step into
@@ -28,7 +28,17 @@ from shardwise.plan.model import Prediction, Setting, predict
 from shardwise.plan.profile import ModelProfile, batch_sizes, cached, profile_key, profile_model
 from shardwise.plan.space import ModelShape, layouts
 
-CACHE = Path("runs") / ".plan-cache"
+
+def cache_dir() -> Path:
+    """Where measured profiles and links are kept: $SHARDWISE_CACHE, else
+    $XDG_CACHE_HOME/shardwise (~/.cache/shardwise), shared by every run on this machine so
+    that each model and placement is measured once and a run's prediction costs
+    milliseconds."""
+    if os.environ.get("SHARDWISE_CACHE"):
+        return Path(os.environ["SHARDWISE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shardwise"
+
+
 UNITS = {"": 2**20, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30}
 
 
@@ -60,7 +70,7 @@ def measured_profile(cfg: Config) -> tuple[ModelProfile, ModelShape]:
     sizes = batch_sizes(cfg.train.batch_size)
     key = profile_key(dataclasses.asdict(cfg.model), dataset.in_shape, dtype, torch.device("cpu"), sizes)
     sample = torch.from_numpy(dataset.x_train[0]).to(dtype)
-    profile = cached(CACHE, key, lambda: profile_model(model, sample, key, sizes=sizes))
+    profile = cached(cache_dir(), key, lambda: profile_model(model, sample, key, sizes=sizes))
     return profile, ModelShape.of(model, sample)
 
 
@@ -71,12 +81,12 @@ def measured_link(cluster: str) -> Link:
     from shardwise.procs import free_port
 
     placement = placement_for(cluster)
-    path = CACHE / f"link-{re.sub(r'[^A-Za-z0-9]+', '-', placement.describe(2))}.json"
+    path = cache_dir() / f"link-{re.sub(r'[^A-Za-z0-9]+', '-', placement.describe(2))}.json"
     if path.is_file():
         fit = json.loads(path.read_text())
     else:
         fit = probe(placement, sizes=DEFAULT_SIZES, repeats=10, port=free_port())["fit"]
-        CACHE.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(fit))
     return Link(fit["alpha_s"], fit["beta_s_per_byte"])
 
