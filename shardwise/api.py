@@ -15,7 +15,6 @@ on every rank. The command line is a thin layer over this module.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -125,35 +124,34 @@ def run_local(
     from shardwise.launch import launch
 
     placement = placement_for(cluster)
+    chosen = None
     if cfg.parallel.layout == "auto":
         from shardwise.plan.command import choose_layout
 
-        choose_layout(cfg, nproc=nproc, cluster=cluster)
-    os.environ[PREDICTED_ENV] = _prediction(cfg, nproc, cluster)
-    try:
-        return launch(
-            cfg,
-            nproc=nproc,
-            out=out,
-            max_restarts=max_restarts,
-            resuming=resuming,
-            placement=placement,
-            overwrite=overwrite,
-            quiet=quiet,
-        )
-    finally:
-        os.environ.pop(PREDICTED_ENV, None)
+        chosen = choose_layout(cfg, nproc=nproc, cluster=cluster)
+    return launch(
+        cfg,
+        nproc=nproc,
+        out=out,
+        max_restarts=max_restarts,
+        resuming=resuming,
+        placement=placement,
+        overwrite=overwrite,
+        quiet=quiet,
+        env={PREDICTED_ENV: _prediction(cfg, nproc, cluster, chosen)},
+    )
 
 
-def _prediction(cfg: Config, nproc: int, cluster: str) -> str:
-    """The cost model's step and peak memory for this layout, as JSON for the ranks (rank 0
-    sets them beside the measured ones in summary.json); why there is none, where not."""
+def _prediction(cfg: Config, nproc: int, cluster: str, chosen: dict | None = None) -> str:
+    """The cost model's step and peak memory for this layout (`chosen`: already predicted,
+    by the planner's choice), as JSON for the ranks (rank 0 sets them beside the measured
+    ones in summary.json); why there is none, where not."""
     from shardwise.plan.command import predicted_step
 
     if cfg.train.steps == 0:
         return json.dumps({"none": "no training step to predict"})
     try:
-        return json.dumps(predicted_step(cfg, nproc=nproc, cluster=cluster))
+        return json.dumps(chosen or predicted_step(cfg, nproc=nproc, cluster=cluster))
     except ShardwiseError as e:  # a model the planner cannot cut into layers
         return json.dumps({"none": f"the cost model cannot profile this model: {e}"})
 

@@ -259,11 +259,12 @@ def launch(
     placement: Placement | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    env: dict[str, str] | None = None,
 ) -> int:
     """Run the job on `nproc` workers placed by `placement` (default: this machine),
     restarting all of them from the newest complete checkpoint up to `max_restarts`
     times; returns the exit status. `quiet`: the ranks' own output (tables, summary) is
-    dropped; a failure's one line still comes."""
+    dropped; a failure's one line still comes. `env`: more environment for every worker."""
     placement = placement or Placement()
     launch_time = time.time()
     signal.signal(signal.SIGTERM, _terminate)
@@ -285,8 +286,9 @@ def launch(
             config_path = err_dir / f"attempt-{attempt}.toml"
             config_path.write_text(to_toml(cfg))
             failure = _run_once(
-                cfg, dims, nproc, config_path, err_dir / f"attempt-{attempt}", attempt, launch_time, placement, quiet
-            )
+                cfg, dims, nproc, config_path, err_dir / f"attempt-{attempt}", attempt, launch_time, placement, quiet,
+                env or {},
+            )  # fmt: skip
             if failure is None or failure.exit_code == EXIT_USAGE or attempt == max_restarts:
                 break
             # only a checkpoint this job wrote: a run resumed from an older step must not
@@ -336,6 +338,7 @@ def _run_once(
     launch_time: float,
     placement: Placement,
     quiet: bool = False,
+    extra_env: dict[str, str] | None = None,
 ) -> RankFailure | None:
     """Start every rank, supervise them, stop them all; the failure that ended it, if any."""
     err_dir.mkdir()
@@ -346,6 +349,7 @@ def _run_once(
         for rank in range(nproc):
             env = {
                 **os.environ,
+                **(extra_env or {}),
                 **placement.env(rank, nproc, port),
                 "TORCHELASTIC_RUN_ID": f"shardwise-{port}-{attempt}",
                 "TORCHELASTIC_ERROR_FILE": str(error_files[rank]),

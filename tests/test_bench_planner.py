@@ -59,12 +59,12 @@ def test_flips_say_whether_the_planner_moved_the_same_way():
 
 def test_each_layout_runs_as_it_was_predicted():
     """The command-line settings the bench trains with load back to the very layout."""
-    from shardwise.plan.command import _row
+    from shardwise.plan.command import summary_row
     from shardwise.plan.model import Prediction
 
     for world in (2, 4):
         for layout in layouts(world, batch=32):
-            row = _row({"config": layout, "prediction": Prediction("x", 1, 0, 0, 1), "fits": True}, 32)
+            row = summary_row({"config": layout, "prediction": Prediction("x", 1, 0, 0, 1), "fits": True}, 32)
             cfg = load_config(None, {"model.name": "mlp", **_overrides(_args(row["settings"]))})
             assert dataclasses.replace(cfg.parallel, feature_cost=[]) == dataclasses.replace(layout, feature_cost=[])
 

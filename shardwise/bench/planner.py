@@ -56,17 +56,10 @@ def _overrides(args: list[str]) -> dict[str, str]:
 
 def predicted_layouts(args: list[str], world: int, cluster: str) -> list[dict]:
     """Every layout of `world` ranks for the model `args` name, predicted, fastest first."""
-    import os
-
     from shardwise.config import load_config
-    from shardwise.plan.command import _row, measured_link, measured_profile, optimizer_slots, search
-    from shardwise.plan.model import Setting
+    from shardwise.plan.command import predicted_rows
 
-    cfg = load_config(None, _overrides(args))
-    profile, shape = measured_profile(cfg)
-    cores = len(os.sched_getaffinity(0))
-    setting = Setting(profile, measured_link(cluster), cfg.train.batch_size, cores, optimizer_slots(cfg))
-    return [_row(r, cfg.train.batch_size) for r in search(cfg, world, setting, shape, None)]
+    return predicted_rows(load_config(None, _overrides(args)), nproc=world, cluster=cluster)
 
 
 def kendall_tau(predicted: list[float], measured: list[float]) -> float:
@@ -130,7 +123,9 @@ def _run_layout(b: Bench, args: list[str], row: dict, name: str, world: int) -> 
     """Train one predicted layout; its predicted and measured step and peak."""
     summary = b.train([*args, *_args(row["settings"])], name, nproc=world, steps=STEPS)
     check = summary["model_check"]
-    layout = f"{row['layout']} {_short(row)}".strip()
+    from shardwise.plan.command import options_text
+
+    layout = f"{row['layout']} {options_text(row['settings'])}".strip()
     predicted, measured = row["step_s"], check["measured_step_s"]
     b.console.print(f"  {layout}: predicted {1e3 * predicted:.2f} ms, measured {1e3 * measured:.2f} ms")
     return {
@@ -140,12 +135,6 @@ def _run_layout(b: Bench, args: list[str], row: dict, name: str, world: int) -> 
         "predicted_peak": row["memory_bytes"],
         "measured_peak": check.get("measured_peak_bytes"),
     }
-
-
-def _short(row: dict) -> str:
-    from shardwise.plan.command import _short as short
-
-    return short(row["settings"])
 
 
 def flips(details: list[dict]) -> list[dict]:

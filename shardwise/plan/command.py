@@ -91,6 +91,15 @@ def measured_link(cluster: str) -> Link:
     return Link(fit["alpha_s"], fit["beta_s_per_byte"])
 
 
+def measured_setting(cfg: Config, cluster: str) -> tuple[Setting, ModelShape]:
+    """What every prediction for `cfg` needs besides the layout: the measured profile and link,
+    the batch, this machine's cores and the optimizer's state per parameter; and the model's
+    structure, which bounds the layouts."""
+    profile, shape = measured_profile(cfg)
+    cores = len(os.sched_getaffinity(0))
+    return Setting(profile, measured_link(cluster), cfg.train.batch_size, cores, optimizer_slots(cfg)), shape
+
+
 def search(cfg: Config, nproc: int, setting: Setting, shape: ModelShape, budget: float | None) -> list[dict]:
     """Every layout's prediction, fastest first; those over `budget` bytes marked."""
     rows = []
@@ -116,10 +125,8 @@ def why(best: Prediction, other: Prediction) -> str:
 def plan(cfg: Config, *, nproc: int, cluster: str, budget: float | None, out: Path) -> dict:
     """Measure, search, write plan.json and plan.png under `out`; the plan."""
     started = time.perf_counter()
-    profile, shape = measured_profile(cfg)
-    link = measured_link(cluster)
-    cores = len(os.sched_getaffinity(0))
-    setting = Setting(profile, link, cfg.train.batch_size, cores, optimizer_slots(cfg))
+    setting, shape = measured_setting(cfg, cluster)
+    link = setting.link
     searched = time.perf_counter()
     rows = search(cfg, nproc, setting, shape, budget)
     search_s = time.perf_counter() - searched
@@ -133,13 +140,13 @@ def plan(cfg: Config, *, nproc: int, cluster: str, budget: float | None, out: Pa
         )
     result = {
         "nproc": nproc,
-        "cores": cores,
+        "cores": setting.cores,
         "link": {"alpha_s": link.alpha_s, "beta_s_per_byte": link.beta_s_per_byte},
         "budget_bytes": budget,
         "search_s": search_s,
         "measure_s": searched - started,
-        "layouts": [_row(r, cfg.train.batch_size) for r in rows],
-        "choice": _row(feasible[0], cfg.train.batch_size),
+        "layouts": [summary_row(r, cfg.train.batch_size) for r in rows],
+        "choice": summary_row(feasible[0], cfg.train.batch_size),
         "why": _why_first(feasible),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -157,11 +164,12 @@ def _why_first(feasible: list[dict]) -> str:
 
 def describe(row: dict) -> str:
     """A row's layout and its options in a few words."""
-    extra = _short(row["settings"])
+    extra = options_text(row["settings"])
     return f"{row['layout']}, {extra}" if extra else row["layout"]
 
 
-def _row(row: dict, batch: int) -> dict:
+def summary_row(row: dict, batch: int) -> dict:
+    """A searched layout (`config`, `prediction`, `fits`) as plan.json writes it."""
     layout, p = row["config"], row["prediction"]
     return {
         "layout": p.layout,
@@ -184,7 +192,7 @@ def _plot(path: Path, rows: list[dict]) -> None:
 
     from shardwise.files import atomic_path
 
-    names = [f"{r['layout']} {_short(r['settings'])}".strip() for r in rows]
+    names = [f"{r['layout']} {options_text(r['settings'])}".strip() for r in rows]
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 1.5))
     left = [0.0] * len(rows)
     for key, colour in (("compute_s", "tab:blue"), ("comm_s", "tab:orange"), ("bubble_s", "tab:grey")):
@@ -200,7 +208,8 @@ def _plot(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def _short(settings: dict) -> str:
+def options_text(settings: dict) -> str:
+    """A layout's options beside its degrees (shard mode, schedule and micro-batches), or ''."""
     bits = [f"shard={settings['shard']}"] if settings.get("shard", "none") != "none" else []
     if settings.get("pp", 1) > 1:
         bits.append(f"{settings['schedule']} M={settings.get('microbatches')}")
@@ -221,7 +230,7 @@ def render(result: dict, top: int = 12):
     for i, r in enumerate(result["layouts"][:top], start=1):
         mark = "" if r["fits"] else " (over budget)"
         table.add_row(
-            str(i), r["layout"], _short(r["settings"]) + mark, f"{1e3 * r['step_s']:.2f}",
+            str(i), r["layout"], options_text(r["settings"]) + mark, f"{1e3 * r['step_s']:.2f}",
             f"{1e3 * r['compute_s']:.2f}", f"{1e3 * r['comm_s']:.2f}", f"{1e3 * r['bubble_s']:.2f}",
             f"{r['samples_per_s']:,.0f}", f"{r['memory_bytes'] / 2**20:,.1f}",
         )  # fmt: skip
@@ -246,28 +255,36 @@ def plan_and_print(cfg: Config, *, nproc: int, cluster: str, memory: str | None,
     return 0
 
 
-def choose_layout(cfg: Config, *, nproc: int, cluster: str) -> None:
+def predicted_rows(cfg: Config, *, nproc: int, cluster: str) -> list[dict]:
+    """Every layout of `nproc` ranks for `cfg`'s model and data, predicted, fastest first
+    (as plan.json's `layouts`; no memory budget)."""
+    setting, shape = measured_setting(cfg, cluster)
+    return [summary_row(r, cfg.train.batch_size) for r in search(cfg, nproc, setting, shape, None)]
+
+
+def choose_layout(cfg: Config, *, nproc: int, cluster: str) -> dict:
     """parallel.layout = auto: plan, print the choice in one line, and set it in `cfg`
-    (as a manual layout: the run's saved config names what it ran)."""
-    profile, shape = measured_profile(cfg)
-    setting = Setting(profile, measured_link(cluster), cfg.train.batch_size, len(os.sched_getaffinity(0)),
-                      optimizer_slots(cfg))  # fmt: skip
+    (as a manual layout: the run's saved config names what it ran). The choice's
+    prediction, as `predicted_step` gives it."""
+    setting, shape = measured_setting(cfg, cluster)
     rows = search(cfg, nproc, setting, shape, None)
-    best = _row(rows[0], cfg.train.batch_size)
+    best = summary_row(rows[0], cfg.train.batch_size)
     print(
         f"parallel.layout auto: {describe(best)} (predicted {1e3 * best['step_s']:.2f} ms a step, "
         f"the fastest of {len(rows)} layouts of {nproc} ranks; `shardwise plan` shows them all)"
     )
     cfg.parallel = dataclasses.replace(rows[0]["config"], layout="manual")
+    return _step_figures(rows[0]["prediction"])
 
 
 def predicted_step(cfg: Config, *, nproc: int, cluster: str) -> dict:
     """What the cost model predicts for the layout `cfg` names on `nproc` ranks: the run's
     summary sets it beside what was measured."""
-    profile, _ = measured_profile(cfg)
-    setting = Setting(profile, measured_link(cluster), cfg.train.batch_size, len(os.sched_getaffinity(0)),
-                      optimizer_slots(cfg))  # fmt: skip
-    p = predict(cfg.parallel, nproc, setting)
+    setting, _ = measured_setting(cfg, cluster)
+    return _step_figures(predict(cfg.parallel, nproc, setting))
+
+
+def _step_figures(p: Prediction) -> dict:
     return {
         "step_s": p.step_s,
         "compute_s": p.compute_s,
