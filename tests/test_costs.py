@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from shardwise.comm.cost import Link, all_gather, all_reduce, bytes_sent_all_reduce, reduce_scatter
+from shardwise.comm.cost import (
+    Link,
+    all_gather,
+    all_reduce,
+    beside,
+    bytes_sent_all_reduce,
+    calibrate,
+    reduce_scatter,
+)
 
 GBIT = Link.from_rate(1e9, alpha_s=50e-6)  # 1 Gbit/s, 50 us a message
 
@@ -44,11 +54,55 @@ def test_data_parallel_sync_by_hand():
     assert sync_seconds(NOLAT, 2, grad, backward_s=10.0, shard="none") == pytest.approx(DDP_BUCKET_BYTES * 1e-9)
     # no backward to hide behind: all of it
     assert sync_seconds(NOLAT, 2, grad, backward_s=0.0, shard="none") == pytest.approx(grad * 1e-9)
-    # ZeRO-1: reduce-scatter + all-gather, the same bytes as an all-reduce, none hidden
-    assert sync_seconds(NOLAT, 4, 8 * mb, backward_s=1.0, shard="optimizer") == pytest.approx(2 * 0.75 * 8e-3)
-    # FSDP2: two all-gathers and a reduce-scatter of the parameters
-    assert sync_seconds(NOLAT, 4, 8 * mb, backward_s=1.0, shard="full") == pytest.approx(3 * 0.75 * 8e-3)
+    # ZeRO-1 (parallel/zero.py): DDP's all-reduce, then an all-gather of the stepped slices
+    assert sync_seconds(NOLAT, 4, 8 * mb, backward_s=1.0, shard="optimizer") == pytest.approx(3 * 0.75 * 8e-3)
+    # FSDP2: two all-gathers and a reduce-scatter of the parameters, beside 1.5 x the backward
+    hides_none = dataclasses.replace(NOLAT, overlap=0.0)
+    assert sync_seconds(hides_none, 4, 8 * mb, backward_s=1.0, shard="full") == pytest.approx(3 * 0.75 * 8e-3)
+    assert sync_seconds(NOLAT, 4, 8 * mb, backward_s=1.0, shard="full") == 0.0  # all hidden
+    assert sync_seconds(NOLAT, 4, 8 * mb, backward_s=4e-3, shard="full") == pytest.approx(18e-3 - 6e-3)
     assert sync_seconds(NOLAT, 1, 8 * mb, backward_s=0.0, shard="full") == 0.0
+    # a link where compute beside a collective slows it by half again (measured overlap -0.5):
+    # the three buckets issued during a long backward cost 1.5 x their time
+    slowed = dataclasses.replace(NOLAT, overlap=-0.5)
+    each = DDP_BUCKET_BYTES * 1e-9
+    assert sync_seconds(slowed, 2, grad, backward_s=10.0, shard="none") == pytest.approx(each + 1.5 * 3 * each)
+
+
+def test_a_calibrated_collective_is_its_per_call_cost_plus_a_factor_on_the_ring():
+    link = Link(0.0, 1e-9, {"all_gather": (1e-3, 3.0)})
+    # 2 ranks, 8 MB: the ring sends 4 MB (4 ms); measured 3 x that plus 1 ms a call
+    assert all_gather(link, 2, 8e6) == pytest.approx(1e-3 + 3 * 4e-3)
+    assert all_reduce(link, 2, 8e6) == pytest.approx(8e-3)  # not calibrated: the ring
+    assert all_gather(link, 1, 8e6) == 0.0
+
+
+def test_calibration_recovers_the_cost_it_was_measured_from():
+    base = Link(50e-6, 1e-9)
+    sizes = (2**16, 2**24, 2**26)
+
+    def measured(per_call: float, factor: float, sent: float) -> list[tuple[float, float]]:
+        return [(n, per_call + factor * sent * n * 1e-9) for n in sizes]
+
+    timed = {
+        "all_reduce": measured(2e-3, 2.5, 2 * 3 / 4),  # 4 ranks: 2 (n - 1) / n of the bytes
+        "all_gather": measured(0.5e-3, 4.0, 3 / 4),
+        "reduce_scatter": measured(0.0, 6.0, 3 / 4),
+    }
+    link = calibrate(base, 4, timed, overlap=-0.25)
+    assert link.collectives["all_reduce"] == pytest.approx((2e-3, 2.5))
+    assert link.collectives["all_gather"] == pytest.approx((0.5e-3, 4.0))
+    assert link.collectives["reduce_scatter"] == pytest.approx((0.0, 6.0), abs=1e-12)
+    assert link.overlap == -0.25 and (link.alpha_s, link.beta_s_per_byte) == (50e-6, 1e-9)
+    # the factor comes from the two largest sizes: a cheap small size does not bend it
+    timed["all_reduce"][0] = (2**16, 1e-6)
+    assert calibrate(base, 4, timed, 0.0).collectives["all_reduce"][1] == pytest.approx(2.5)
+
+
+def test_compute_beside_a_collective_hides_its_measured_share():
+    assert beside(dataclasses.replace(NOLAT, overlap=0.5), 4e-3, 1.0) == pytest.approx(2e-3)
+    assert beside(dataclasses.replace(NOLAT, overlap=0.5), 4e-3, 2e-3) == pytest.approx(3e-3)  # only while both run
+    assert beside(dataclasses.replace(NOLAT, overlap=-1.0), 4e-3, 1.0) == pytest.approx(8e-3)
 
 
 def test_model_parallel_formulas_by_hand():

@@ -33,9 +33,13 @@ def test_plan_ranks_every_layout_and_caches_what_it_measured(tmp_path):
     assert not any(r["settings"]["spatial"] > 1 for r in result["layouts"])  # an MLP has no convolutions
     assert (tmp_path / "p" / "plan.png").stat().st_size > 0
     assert f"choice: {result['choice']['layout']}" in done.stdout
+    link = result["link"]  # measured on 4 ranks: each collective's calibration, and the overlap
+    assert sorted(link["collectives"]) == ["all_gather", "all_reduce", "reduce_scatter"]
+    assert all(c["factor"] > 0 and c["per_call_s"] >= 0 for c in link["collectives"].values())
+    assert -5 < link["overlap"] <= 1.5
     cache = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert [n.split("-")[0] for n in cache] == ["link", "profile"]
-    again = _plan(tmp_path, "--nproc", "2", "--out", "q")
+    again = _plan(tmp_path, "--nproc", "4", "--memory-per-rank", "1GiB", "--out", "q")
     assert again.returncode == 0 and sorted(p.name for p in (tmp_path / "cache").iterdir()) == cache
 
 

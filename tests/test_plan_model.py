@@ -3,6 +3,8 @@ here from the same numbers, term by term."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from shardwise.comm.cost import Link
@@ -10,7 +12,7 @@ from shardwise.config import ParallelConfig
 from shardwise.plan.model import Setting, predict
 from shardwise.plan.profile import LayerProfile, ModelProfile
 
-NOLAT = Link.from_rate(8e9)  # 1 ns a byte
+NOLAT = Link(0.0, 1e-9, overlap=0.0)  # 1 ns a byte; compute hides no communication
 LAYERS = (
     LayerProfile("features.0", "conv", 0.0, 1e-4, 1000, 400, 256, 64, 0),
     LayerProfile("features.1", "other", 0.0, 0.0, 0, 400, 400),
@@ -35,6 +37,21 @@ def test_data_parallel():
     full = predict(ParallelConfig(shard="full"), 2, _setting())
     assert full.memory_bytes == pytest.approx(3 * PARAMS / 2 + 32 * OUTPUTS)
     assert full.comm_s == pytest.approx(3 * PARAMS / 2 * 1e-9)
+
+
+def test_the_update_runs_on_the_parameters_a_rank_updates():
+    timed = Setting(dataclasses.replace(PROFILE, update_s_per_byte=1e-6), NOLAT, batch=64, cores=8)
+    for cfg, updated in (
+        (ParallelConfig(), PARAMS),  # every replica steps the whole model
+        (ParallelConfig(shard="optimizer"), PARAMS / 2),  # its half of the flat parameters
+        (ParallelConfig(shard="full"), PARAMS / 2),
+        (ParallelConfig(tp=2), 1000 + 4800 / 2),  # the features whole, the head's half
+    ):
+        base = predict(cfg, 2, _setting())
+        assert predict(cfg, 2, timed).compute_s - base.compute_s == pytest.approx(updated * 1e-6), cfg
+    # a parameter server's step waits for its servers to update their slices
+    ps = ParallelConfig(mode="ps", servers=2)
+    assert predict(ps, 4, timed).compute_s - predict(ps, 4, _setting()).compute_s == pytest.approx(PARAMS / 2 * 1e-6)
 
 
 def test_tensor_parallel_halves_the_head():

@@ -52,6 +52,37 @@ def measure(placement: Placement, *, pattern: str, sizes: list[int], repeats: in
         return json.loads(out.read_text())
 
 
+COLLECTIVE_SIZES = [2**16, 2**24, 2**26]  # 64 KiB: the per-call cost; 16 and 64 MiB: the factor on the ring
+PATTERN_KIND = {"allreduce": "all_reduce", "allgather": "all_gather", "reducescatter": "reduce_scatter"}
+
+
+def calibrate_link(placement: Placement, *, world: int, port: int) -> dict:
+    """In one start of `world` ranks placed by `placement`: the ping-pong fit between ranks 0
+    and 1, each collective's calibration on all of them, and the overlap of an all-reduce
+    with compute (`comm.cost.calibrate`; what the planner's link is)."""
+    from shardwise.comm.cost import Link, calibrate
+
+    names = ",".join(["pingpong", *PATTERN_KIND, "overlap"])
+    sizes = sorted(set(DEFAULT_SIZES) | set(COLLECTIVE_SIZES))
+    raw = measure(placement, pattern=names, sizes=sizes, repeats=10, world=world, port=port)["by_pattern"]
+    ping = [(r["bytes"], statistics.median(r["seconds"])) for r in raw["pingpong"]]
+    alpha, beta = fit_alpha_beta([n for n, _ in ping], [t for _, t in ping])
+    timed = {
+        kind: [(r["bytes"], statistics.median(r["seconds"])) for r in raw[name] if r["bytes"] in COLLECTIVE_SIZES]
+        for name, kind in PATTERN_KIND.items()
+    }
+    overlap = statistics.median(raw["overlap"][0]["seconds"])
+    link = calibrate(Link(alpha, beta), world, timed, overlap)
+    return {
+        "alpha_s": alpha,
+        "beta_s_per_byte": beta,
+        "bandwidth_bps": 8 / beta if beta > 0 else None,
+        "world": world,
+        "collectives": {k: list(v) for k, v in link.collectives.items()},
+        "overlap": overlap,
+    }
+
+
 def probe(placement: Placement, *, sizes: list[int], repeats: int, port: int) -> dict:
     """Ping-pong between ranks 0 and 1, the fit, and how it compares with the shaping."""
     raw = measure(placement, pattern="pingpong", sizes=sizes, repeats=repeats, world=2, port=port)

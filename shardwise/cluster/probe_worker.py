@@ -6,7 +6,11 @@ Run as ranks placed by `shardwise.cluster.placement` (torchrun's environment):
 
 pingpong: rank 0 sends n bytes to rank 1, which sends them back; the one-way time
 is half the round trip. Other ranks, if any, wait at the final barrier.
-allreduce: every rank all-reduces (sum) a float32 tensor of n bytes.
+allreduce: every rank all-reduces (sum) a float32 tensor of n bytes; allgather and
+reducescatter: every rank gathers (reduces and scatters) a flat tensor of n bytes, as
+FSDP and ZeRO do. overlap: an all-reduce of n bytes issued beside compute (a
+memory-bound matrix product, as small-batch training is on a CPU), each round timed three
+ways, alone, the compute alone, and the two together.
 Each size gets a few warm-up rounds and then `repeats` timed rounds; rank 0
 writes every timed round, the hostnames and addresses of the ranks as JSON.
 """
@@ -17,6 +21,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import time
 
 import torch
@@ -51,13 +56,13 @@ def pingpong(size: int, rounds: int) -> list[float]:
     return times
 
 
-def allreduce(size: int, rounds: int) -> list[float]:
-    buf = torch.ones(max(size // 4, 1), dtype=torch.float32)
+def _timed(run, rounds: int) -> list[float]:
+    """Seconds of `run()` on every rank at once, the slowest rank's, per round."""
     times = []
     for i in range(WARMUP + rounds):
         dist.barrier()
         started = time.perf_counter()
-        dist.all_reduce(buf)
+        run()
         elapsed = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the collective ends when its slowest rank does
         if i >= WARMUP:
@@ -65,9 +70,66 @@ def allreduce(size: int, rounds: int) -> list[float]:
     return times
 
 
+def allreduce(size: int, rounds: int) -> list[float]:
+    buf = torch.ones(max(size // 4, 1), dtype=torch.float32)
+    return _timed(lambda: dist.all_reduce(buf), rounds)
+
+
+def _flat(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    world = dist.get_world_size()
+    whole = torch.ones(max(size // 4 // world, 1) * world, dtype=torch.float32)
+    return whole, torch.ones(whole.numel() // world, dtype=torch.float32)
+
+
+def allgather(size: int, rounds: int) -> list[float]:
+    whole, piece = _flat(size)
+    return _timed(lambda: dist.all_gather_into_tensor(whole, piece), rounds)
+
+
+def reducescatter(size: int, rounds: int) -> list[float]:
+    whole, piece = _flat(size)
+    return _timed(lambda: dist.reduce_scatter_tensor(piece, whole), rounds)
+
+
+def overlap(size: int, rounds: int) -> list[float]:
+    """The share of an all-reduce's time hidden by compute beside it, 1 - (together -
+    compute alone) / all-reduce alone, from the medians of `rounds` alternated rounds of
+    each (one value, in a list as the other patterns' times are)."""
+    buf = torch.ones(max(size // 4, 1), dtype=torch.float32)
+    x, w = torch.randn(8, 2048), torch.randn(2048, 2048)  # 16 MiB of weights: streamed from memory
+    alone = statistics.median(allreduce(size, 3))
+    one = statistics.median(_timed(lambda: x @ w, 5))
+    repeat = max(1, round(alone / max(one, 1e-6)))
+
+    def compute() -> None:
+        for _ in range(repeat):
+            x @ w
+
+    def both() -> None:
+        work = dist.all_reduce(buf, async_op=True)
+        compute()
+        work.wait()
+
+    runs = ([], [], [])
+    for _ in range(max(7, rounds)):
+        for times, run in zip(runs, (lambda: dist.all_reduce(buf), compute, both), strict=True):
+            times += _timed(run, 1)
+    ar, c, b = (statistics.median(t) for t in runs)
+    return [1 - (b - c) / ar]
+
+
+PATTERNS = {
+    "pingpong": pingpong,
+    "allreduce": allreduce,
+    "allgather": allgather,
+    "reducescatter": reducescatter,
+    "overlap": overlap,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--pattern", choices=["pingpong", "allreduce"], required=True)
+    parser.add_argument("--pattern", required=True, help=f"one or more of {', '.join(PATTERNS)}, comma-separated")
     parser.add_argument("--sizes", required=True, help="message sizes in bytes, comma-separated")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", required=True)
@@ -76,13 +138,18 @@ def main() -> None:
     dist.init_process_group("gloo")
     where = {"rank": dist.get_rank(), "hostname": socket.gethostname(), "ifname": os.environ.get("GLOO_SOCKET_IFNAME")}
     everyone = all_gather_json(where, dist.group.WORLD)
-    measure = pingpong if args.pattern == "pingpong" else allreduce
-    results = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        results.append({"bytes": size, "seconds": measure(size, rounds_for(size, args.repeats))})
+    sizes = [int(n) for n in args.sizes.split(",")]
+    by_pattern = {
+        name: [
+            {"bytes": n, "seconds": PATTERNS[name](n, rounds_for(n, args.repeats))}
+            for n in (sizes[-1:] if name == "overlap" else sizes)  # overlap: at the largest size
+        ]
+        for name in args.pattern.split(",")
+    }
     if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump({"pattern": args.pattern, "world": dist.get_world_size(), "ranks": everyone, "sizes": results}, f)
+        found = {"pattern": args.pattern, "world": dist.get_world_size(), "ranks": everyone}
+        with open(args.out, "w") as f:  # `sizes`: the first pattern's
+            json.dump({**found, "sizes": next(iter(by_pattern.values())), "by_pattern": by_pattern}, f)
     dist.barrier()
     dist.destroy_process_group()
 

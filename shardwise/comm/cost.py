@@ -8,19 +8,33 @@ all-reduce is a reduce-scatter phase then an all-gather phase, so every rank sen
 2 (n - 1) / n of the message in 2 (n - 1) steps. These are the formulas the planner's
 cost model (issue 17) builds every layout's communication from; the emulated cluster's
 test checks the all-reduce against a measured one on a shaped link.
+
+A backend runs each collective at its own efficiency: gloo's all-reduce comes close to the
+ring, its all-gather and reduce-scatter into one flat tensor take several times the ring's
+time on a CPU. So a link can carry, per collective, a measured calibration (`calibrate`
+fits it from timed collectives): a fixed cost per call and a factor on the ring's time.
+And `overlap`: the measured share of a collective's time that compute running beside it
+hides (1: all of it; 0: none; below 0: the two slow each other down, as on a CPU whose
+cores and memory bandwidth the ranks already fill).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 
 
 @dataclass(frozen=True)
 class Link:
-    """One rank's link: alpha seconds per message, beta seconds per byte."""
+    """One rank's link: alpha seconds per message, beta seconds per byte; and, where
+    measured, each collective's (seconds per call, factor on the ring's time) and the
+    share of a collective that compute beside it hides."""
 
     alpha_s: float
     beta_s_per_byte: float
+    collectives: dict[str, tuple[float, float]] = field(default_factory=dict, compare=False)
+    overlap: float = 1.0
 
     @classmethod
     def from_rate(cls, bits_per_s: float, alpha_s: float = 0.0) -> Link:
@@ -31,23 +45,67 @@ class Link:
         return self.alpha_s + n_bytes * self.beta_s_per_byte
 
 
+def _ring_half(link: Link, ranks: int, n_bytes: float) -> float:
+    """n - 1 ring steps of n_bytes / n: a reduce-scatter's or an all-gather's."""
+    return (ranks - 1) * link.send(n_bytes / ranks) if ranks > 1 else 0.0
+
+
+def _ring_bytes(kind: str, ranks: int, n_bytes: float) -> float:
+    """The bytes each rank sends in the ring algorithm of `kind` on an `n_bytes` tensor."""
+    half = (ranks - 1) * n_bytes / ranks
+    return 2 * half if kind == "all_reduce" else half
+
+
+def _cost(link: Link, kind: str, ranks: int, n_bytes: float) -> float:
+    """The ring's time, or, where `kind` is calibrated, its measured per-call cost plus its
+    factor on the ring's transfer time."""
+    if ranks <= 1 or n_bytes <= 0:
+        return 0.0
+    if kind in link.collectives:
+        per_call, factor = link.collectives[kind]
+        return per_call + factor * _ring_bytes(kind, ranks, n_bytes) * link.beta_s_per_byte
+    return (2 if kind == "all_reduce" else 1) * _ring_half(link, ranks, n_bytes)
+
+
 def reduce_scatter(link: Link, ranks: int, n_bytes: float) -> float:
     """Ring reduce-scatter of an `n_bytes` tensor over `ranks`: n - 1 steps of n_bytes / n."""
-    if ranks <= 1:
-        return 0.0
-    return (ranks - 1) * link.send(n_bytes / ranks)
+    return _cost(link, "reduce_scatter", ranks, n_bytes)
 
 
 def all_gather(link: Link, ranks: int, n_bytes: float) -> float:
     """Ring all-gather of pieces that make an `n_bytes` tensor: n - 1 steps of n_bytes / n."""
-    return reduce_scatter(link, ranks, n_bytes)
+    return _cost(link, "all_gather", ranks, n_bytes)
 
 
 def all_reduce(link: Link, ranks: int, n_bytes: float) -> float:
     """Ring all-reduce: a reduce-scatter, then an all-gather (2 (n - 1) / n of the bytes sent)."""
-    return reduce_scatter(link, ranks, n_bytes) + all_gather(link, ranks, n_bytes)
+    return _cost(link, "all_reduce", ranks, n_bytes)
 
 
 def bytes_sent_all_reduce(ranks: int, n_bytes: float) -> float:
     """What each rank sends in a ring all-reduce (its "bus" traffic, as nccl-tests count it)."""
     return 2.0 * (ranks - 1) / ranks * n_bytes if ranks > 1 else 0.0
+
+
+def beside(link: Link, comm_s: float, compute_s: float) -> float:
+    """What `comm_s` of collectives costs when issued beside `compute_s` of compute: the
+    measured overlap hides its share of the time both run (or, below 0, adds to it)."""
+    return comm_s - link.overlap * min(comm_s, compute_s)
+
+
+def calibrate(link: Link, ranks: int, timed: dict[str, list[tuple[float, float]]], overlap: float) -> Link:
+    """`link` with each collective's calibration fitted from `timed[kind]`: (bytes, seconds)
+    of that collective on `ranks` ranks, at two sizes at least. The factor is the slope of
+    the measured time over the ring's transfer time (bytes sent x beta) between the two
+    largest sizes (a model's gradients are that large, and a CPU's caches make the first
+    megabytes cheaper per byte than the rest); the per-call cost what is left of the
+    smallest size's time (never below zero)."""
+    fits = {}
+    for kind, points in timed.items():
+        points = sorted(points)
+        r0, r1 = (_ring_bytes(kind, ranks, n) * link.beta_s_per_byte for n, _ in points[-2:])
+        t0, t1 = (t for _, t in points[-2:])
+        factor = max((t1 - t0) / (r1 - r0), 0.0) if r1 > r0 else 1.0
+        small_n, small_t = points[0]
+        fits[kind] = (max(small_t - factor * _ring_bytes(kind, ranks, small_n) * link.beta_s_per_byte, 0.0), factor)
+    return Link(link.alpha_s, link.beta_s_per_byte, fits, overlap)

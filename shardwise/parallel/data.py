@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from shardwise.comm.cost import Link, all_gather, all_reduce, reduce_scatter
+from shardwise.comm.cost import Link, all_gather, all_reduce, beside, reduce_scatter
 from shardwise.parallel.part import Part
 from shardwise.topology import RankMesh
 
@@ -89,18 +89,19 @@ def sync_seconds(link: Link, dp: int, grad_bytes: float, backward_s: float, shar
     """The communication a step of data parallelism leaves exposed (the planner's cost model).
 
     none (DDP): a ring all-reduce of the gradient in buckets of 25 MiB, each launched when
-    its gradients are ready, so all but the last overlap what is left of the backward.
-    optimizer (ZeRO-1): a reduce-scatter of the gradient, then an all-gather of the updated
-    parameters after the step: nothing overlaps. full (FSDP2): each unit's parameters are
-    all-gathered before its forward and again before its backward, its gradient
-    reduce-scattered after: three passes over the parameters' bytes, counted whole (an
-    upper bound: FSDP2 prefetches the next unit's all-gather)."""
+    its gradients are ready, so all but the last run beside what is left of the backward
+    (hidden as far as the link's measured overlap says: on a CPU whose cores the ranks
+    fill, they slow each other down). optimizer (ZeRO-1, parallel/zero.py): the same
+    all-reduce, then an all-gather of the updated slices after the step, which nothing
+    overlaps. full (FSDP2): each unit's parameters are all-gathered before its forward and
+    again before its backward, its gradient reduce-scattered after: three passes over the
+    parameters' bytes, beside the compute as FSDP2 prefetches and reduces asynchronously."""
     if dp <= 1:
         return 0.0
-    if shard == "optimizer":
-        return reduce_scatter(link, dp, grad_bytes) + all_gather(link, dp, grad_bytes)
     if shard == "full":
-        return 2 * all_gather(link, dp, grad_bytes) + reduce_scatter(link, dp, grad_bytes)
+        passes = 2 * all_gather(link, dp, grad_bytes) + reduce_scatter(link, dp, grad_bytes)
+        return beside(link, passes, 1.5 * backward_s)
     buckets = max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES))
     each = all_reduce(link, dp, grad_bytes / buckets)
-    return each + max(0.0, (buckets - 1) * each - backward_s * (buckets - 1) / buckets)
+    reduced = each + beside(link, (buckets - 1) * each, backward_s * (buckets - 1) / buckets)
+    return reduced + (all_gather(link, dp, grad_bytes) if shard == "optimizer" else 0.0)

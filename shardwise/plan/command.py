@@ -1,8 +1,10 @@
 """`shardwise plan`: every layout of N ranks for a config, predicted and ranked.
 
-The inputs are measured here, once: the model's layer profile on one thread (cached under
-the machine's cache, `cache_dir()`, by model, shape, dtype, device and threads) and the link's alpha-beta
-fit from a ping-pong between two ranks placed like the job's (cached by placement).
+The inputs are measured here, once: the model's layer profile and its optimizer step on one
+thread (cached under the machine's cache, `cache_dir()`, by model, shape, dtype, device,
+optimizer and threads) and the link of N ranks placed like the job's: the alpha-beta fit of
+a ping-pong, each collective's calibration and the overlap of communication with compute
+(cached by placement and N).
 Then every layout of `plan/space.py` is predicted by `plan/model.py`, those over the
 memory budget dropped, and the rest ranked by step time; the table breaks each step into
 compute, communication and bubble, and one line says why the first beats the others.
@@ -11,6 +13,7 @@ compute, communication and bubble, and one line says why the first beats the oth
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -61,6 +64,7 @@ def measured_profile(cfg: Config) -> tuple[ModelProfile, ModelShape]:
     """The model's layer profile (cached), and what its structure takes."""
     from shardwise.data import load_source
     from shardwise.models import build_model
+    from shardwise.train.optim import optimizer_for
 
     dataset = load_source(cfg.data, seed=cfg.train.seed)
     dtype = getattr(torch, cfg.train.dtype)
@@ -68,36 +72,42 @@ def measured_profile(cfg: Config) -> tuple[ModelProfile, ModelShape]:
     model = build_model(cfg.model, dataset.in_shape, dataset.num_classes).to(dtype)
     torch.set_num_threads(1)  # as a rank computes
     sizes = batch_sizes(cfg.train.batch_size)
-    key = profile_key(dataclasses.asdict(cfg.model), dataset.in_shape, dtype, torch.device("cpu"), sizes)
+    t = cfg.train
+    update = {"name": t.optimizer, "momentum": t.momentum > 0, "weight_decay": t.weight_decay > 0}
+    key = profile_key(dataclasses.asdict(cfg.model), dataset.in_shape, dtype, torch.device("cpu"), sizes, update)
     sample = torch.from_numpy(dataset.x_train[0]).to(dtype)
-    profile = cached(cache_dir(), key, lambda: profile_model(model, sample, key, sizes=sizes))
+    step = functools.partial(optimizer_for, t)
+    profile = cached(cache_dir(), key, lambda: profile_model(model, sample, key, sizes=sizes, optimizer=step))
     return profile, ModelShape.of(model, sample)
 
 
-def measured_link(cluster: str) -> Link:
-    """The alpha-beta fit of a ping-pong between two ranks placed as the job's would be."""
+def measured_link(cluster: str, nproc: int) -> Link:
+    """The link of `nproc` ranks placed as the job's would be: the alpha-beta fit of a
+    ping-pong between two of them, each collective's measured calibration on all of them and
+    the overlap of communication with compute (`cluster.probe.calibrate_link`)."""
     from shardwise.cluster.placement import placement_for
-    from shardwise.cluster.probe import DEFAULT_SIZES, probe
+    from shardwise.cluster.probe import calibrate_link
     from shardwise.procs import free_port
 
     placement = placement_for(cluster)
-    path = cache_dir() / f"link-{re.sub(r'[^A-Za-z0-9]+', '-', placement.describe(2))}.json"
-    if path.is_file():
-        fit = json.loads(path.read_text())
-    else:
-        fit = probe(placement, sizes=DEFAULT_SIZES, repeats=10, port=free_port())["fit"]
+    world = max(2, nproc)
+    path = cache_dir() / f"link-{re.sub(r'[^A-Za-z0-9]+', '-', placement.describe(world))}.json"
+    fit = json.loads(path.read_text()) if path.is_file() else {}
+    if "collectives" not in fit:  # measured before collectives were
+        fit = calibrate_link(placement, world=world, port=free_port())
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(fit))
-    return Link(fit["alpha_s"], fit["beta_s_per_byte"])
+    collectives = {k: (v[0], v[1]) for k, v in fit["collectives"].items()}
+    return Link(fit["alpha_s"], fit["beta_s_per_byte"], collectives, fit["overlap"])
 
 
-def measured_setting(cfg: Config, cluster: str) -> tuple[Setting, ModelShape]:
+def measured_setting(cfg: Config, cluster: str, nproc: int) -> tuple[Setting, ModelShape]:
     """What every prediction for `cfg` needs besides the layout: the measured profile and link,
     the batch, this machine's cores and the optimizer's state per parameter; and the model's
     structure, which bounds the layouts."""
     profile, shape = measured_profile(cfg)
     cores = len(os.sched_getaffinity(0))
-    return Setting(profile, measured_link(cluster), cfg.train.batch_size, cores, optimizer_slots(cfg)), shape
+    return Setting(profile, measured_link(cluster, nproc), cfg.train.batch_size, cores, optimizer_slots(cfg)), shape
 
 
 def search(cfg: Config, nproc: int, setting: Setting, shape: ModelShape, budget: float | None) -> list[dict]:
@@ -125,7 +135,7 @@ def why(best: Prediction, other: Prediction) -> str:
 def plan(cfg: Config, *, nproc: int, cluster: str, budget: float | None, out: Path) -> dict:
     """Measure, search, write plan.json and plan.png under `out`; the plan."""
     started = time.perf_counter()
-    setting, shape = measured_setting(cfg, cluster)
+    setting, shape = measured_setting(cfg, cluster, nproc)
     link = setting.link
     searched = time.perf_counter()
     rows = search(cfg, nproc, setting, shape, budget)
@@ -141,7 +151,12 @@ def plan(cfg: Config, *, nproc: int, cluster: str, budget: float | None, out: Pa
     result = {
         "nproc": nproc,
         "cores": setting.cores,
-        "link": {"alpha_s": link.alpha_s, "beta_s_per_byte": link.beta_s_per_byte},
+        "link": {
+            "alpha_s": link.alpha_s,
+            "beta_s_per_byte": link.beta_s_per_byte,
+            "collectives": {k: {"per_call_s": a, "factor": b} for k, (a, b) in link.collectives.items()},
+            "overlap": link.overlap,
+        },
         "budget_bytes": budget,
         "search_s": search_s,
         "measure_s": searched - started,
@@ -258,7 +273,7 @@ def plan_and_print(cfg: Config, *, nproc: int, cluster: str, memory: str | None,
 def predicted_rows(cfg: Config, *, nproc: int, cluster: str) -> list[dict]:
     """Every layout of `nproc` ranks for `cfg`'s model and data, predicted, fastest first
     (as plan.json's `layouts`; no memory budget)."""
-    setting, shape = measured_setting(cfg, cluster)
+    setting, shape = measured_setting(cfg, cluster, nproc)
     return [summary_row(r, cfg.train.batch_size) for r in search(cfg, nproc, setting, shape, None)]
 
 
@@ -266,7 +281,7 @@ def choose_layout(cfg: Config, *, nproc: int, cluster: str) -> dict:
     """parallel.layout = auto: plan, print the choice in one line, and set it in `cfg`
     (as a manual layout: the run's saved config names what it ran). The choice's
     prediction, as `predicted_step` gives it."""
-    setting, shape = measured_setting(cfg, cluster)
+    setting, shape = measured_setting(cfg, cluster, nproc)
     rows = search(cfg, nproc, setting, shape, None)
     best = summary_row(rows[0], cfg.train.batch_size)
     print(
@@ -280,7 +295,7 @@ def choose_layout(cfg: Config, *, nproc: int, cluster: str) -> dict:
 def predicted_step(cfg: Config, *, nproc: int, cluster: str) -> dict:
     """What the cost model predicts for the layout `cfg` names on `nproc` ranks: the run's
     summary sets it beside what was measured."""
-    setting, _ = measured_setting(cfg, cluster)
+    setting, _ = measured_setting(cfg, cluster, nproc)
     return _step_figures(predict(cfg.parallel, nproc, setting))
 
 

@@ -4,7 +4,9 @@ and each rank's peak memory, from a measured profile and a link.
 Compute is the profile's layer times, on the samples a rank takes and the part of each
 layer it holds: tensor parallelism divides the `head`'s Linear layers by tp, spatial
 bands the `features`' convolutions by spatial, vertical partitioning the first layer by
-vertical, a pipeline runs its stages on micro-batches. Each strategy's communication is
+vertical, a pipeline runs its stages on micro-batches; then the optimizer's step on the parameters
+a rank updates (the profile's seconds per byte; a parameter server's step is its
+servers'). Each strategy's communication is
 its own module's formula (parallel/*: `sync_seconds`, `tp_seconds`, `pipeline_seconds`,
 `halo_seconds`, `vertical_seconds`, `ps_seconds`). When there are more ranks than cores,
 compute stretches by ranks / cores. Loading is not counted: every source is in memory.
@@ -82,13 +84,24 @@ def _tp_pairs(profile: ModelProfile, samples: float) -> tuple[list[tuple[float, 
     return pairs, odd
 
 
-def _memory(profile: ModelProfile, dims: ParallelDims, setting: Setting, samples_held: float) -> float:
+def _held_params(profile: ModelProfile, dims: ParallelDims) -> float:
+    """The parameter bytes a rank holds before any sharding of data-parallel replicas."""
     params = 0.0
     for i, layer in enumerate(profile.layers):
         first = i == next((j for j, x in enumerate(profile.layers) if x.kind != "other"), 0)
         params += layer.param_bytes / (dims.tp if layer.name.startswith("head.") and layer.kind == "linear" else 1)
         params -= layer.param_bytes * (1 - 1 / dims.vertical) if first else 0.0
-    params /= dims.pp  # stages cut roughly evenly
+    return params / dims.pp  # stages cut roughly evenly
+
+
+def _update(profile: ModelProfile, dims: ParallelDims) -> float:
+    """The optimizer's step on the parameters a rank updates (its 1/dp slice when sharded)."""
+    held = _held_params(profile, dims) / (dims.dp if dims.shard in ("optimizer", "full") else 1)
+    return profile.update_s_per_byte * held
+
+
+def _memory(profile: ModelProfile, dims: ParallelDims, setting: Setting, samples_held: float) -> float:
+    params = _held_params(profile, dims)
     grads, state = params, setting.optimizer_slots * params
     if dims.shard == "full":
         params, grads, state = params / dims.dp, grads / dims.dp, state / dims.dp
@@ -105,7 +118,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
     stretch = max(1.0, world / setting.cores)
     samples = setting.batch / dims.dp
     if dims.servers:
-        compute = profile.seconds(samples) * stretch
+        compute = (profile.seconds(samples) + profile.update_s_per_byte * profile.param_bytes / dims.servers) * stretch
         comm = ps_seconds(link, dims.servers, dims.dp, profile.param_bytes)
         held = profile.param_bytes * (2 + setting.optimizer_slots) / dims.servers
         return Prediction(dims.layout, compute, comm, 0.0, max(held, _memory(profile, dims, setting, samples)))
@@ -133,4 +146,5 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         held = samples
     grad_bytes = profile.param_bytes / (dims.tp * dims.pp)
     comm += sync_seconds(link, dims.dp, grad_bytes, backward_s=compute * 2 / 3, shard=dims.shard)
+    compute += _update(profile, dims) * stretch
     return Prediction(dims.layout, compute, comm, bubble, _memory(profile, dims, setting, held))

@@ -1,8 +1,11 @@
 """A model's measured cost, layer by layer: forward + backward time as a line in the
 number of samples (fixed + per_sample x samples, fitted over a few batch sizes), the bytes
-of its parameters and of the activation it hands on per sample. Measured on this process
-(one thread, as a rank runs), once per model, shape, dtype, device and thread count, and
-cached as JSON: profiling is cheap, and the planner never runs it twice for one model.
+of its parameters and of the activation it hands on per sample; and the optimizer's update
+with the step's other work on gradients, in seconds per parameter byte (memory-bound passes
+over parameters, gradients and state).
+Measured on this process (one thread, as a rank runs), once per model, shape, dtype,
+device, optimizer and thread count, and cached as JSON: profiling is cheap, and the planner
+never runs it twice for one model.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +56,7 @@ class LayerProfile:
 class ModelProfile:
     key: dict  # what the measurement depends on: model, shape, dtype, device, threads
     layers: tuple[LayerProfile, ...]
+    update_s_per_byte: float = 0.0  # the optimizer's step and the gradients' upkeep, per parameter byte
 
     def seconds(self, samples: float) -> float:
         """Forward + backward of the whole model on `samples` samples, one process."""
@@ -61,12 +67,14 @@ class ModelProfile:
         return sum(layer.param_bytes for layer in self.layers)
 
     def to_json(self) -> str:
-        return json.dumps({"key": self.key, "layers": [asdict(layer) for layer in self.layers]}, indent=1)
+        layers = [asdict(layer) for layer in self.layers]
+        return json.dumps({"key": self.key, "layers": layers, "update_s_per_byte": self.update_s_per_byte}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> ModelProfile:
         data = json.loads(text)
-        return cls(data["key"], tuple(LayerProfile(**layer) for layer in data["layers"]))
+        layers = tuple(LayerProfile(**layer) for layer in data["layers"])
+        return cls(data["key"], layers, data.get("update_s_per_byte", 0.0))
 
 
 def fit_line(samples: list[float], seconds: list[float]) -> tuple[float, float]:
@@ -87,11 +95,39 @@ def _kind(module: nn.Module) -> str:
     return "other"
 
 
+def update_seconds(model: nn.Module, optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer]) -> float:
+    """Seconds of what a training step does once per parameter besides the forward and
+    backward, on a copy of `model`'s parameters: their gradients freed and made anew (as
+    `zero_grad(set_to_none=True)` and the next backward do: fresh memory, faulted in), the
+    one-pass check that every gradient is finite, and a step of the optimizer
+    `optimizer(params)` builds. The median of five, after two that allocate its state."""
+    params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    opt, times, found, one = optimizer(params), [], torch.zeros(()), torch.ones(())
+    for i in range(7):
+        started = time.perf_counter()
+        for p in params:
+            p.grad = None
+        for p in params:
+            p.grad = torch.empty_like(p).fill_(1e-3)
+        torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in params], found, one)
+        opt.step()
+        if i >= 2:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def profile_model(
-    model: nn.Module, sample: torch.Tensor, key: dict, *, repeats: int = 5, sizes: tuple[int, ...] = BATCH_SIZES
+    model: nn.Module,
+    sample: torch.Tensor,
+    key: dict,
+    *,
+    repeats: int = 5,
+    sizes: tuple[int, ...] = BATCH_SIZES,
+    optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
 ) -> ModelProfile:
     """Time every layer of `model` (a `features` then a `head` nn.Sequential) on batches of
-    `sizes` copies of `sample` (one sample, without the batch dimension)."""
+    `sizes` copies of `sample` (one sample, without the batch dimension), and a step of
+    `optimizer` (built over a list of parameters) where one is given."""
     from shardwise.parallel.pipeline import model_layers
 
     runs = [profile_layers(model, sample.expand(n, *sample.shape).contiguous(), repeats) for n in sizes]
@@ -112,7 +148,9 @@ def profile_model(
             )
         )  # fmt: skip
         in_shape = tuple(cost.out_shape[1:])
-    return ModelProfile(key, tuple(layers))
+    param_bytes = sum(layer.param_bytes for layer in layers)
+    update = update_seconds(model, optimizer) / param_bytes if optimizer is not None and param_bytes else 0.0
+    return ModelProfile(key, tuple(layers), update)
 
 
 def profile_key(
@@ -121,11 +159,13 @@ def profile_key(
     dtype: torch.dtype,
     device: torch.device,
     sizes: tuple[int, ...] = BATCH_SIZES,
+    optimizer: dict | None = None,
 ) -> dict:
     """What a profile depends on: the model's settings, the sample shape, the precision, the
-    device, the threads a rank computes with and the batch sizes timed."""
+    device, the threads a rank computes with, the batch sizes timed and the optimizer."""
     return {
         "sizes": list(sizes),
+        "optimizer": optimizer,
         "model": model_cfg,
         "shape": list(in_shape),
         "dtype": str(dtype),
