@@ -123,6 +123,10 @@ def test_model_parallel_formulas_by_hand():
     # 3 workers through 2 servers: each server's link carries 3 x half the parameters, each way
     assert ps_seconds(NOLAT, 2, 3, 4e6) == pytest.approx(2 * 3 * 2e-3)
     # pipeline: 2 stages of 1 and 3 ms, 4 micro-batches, 1 MB boundary (1 ms each way):
-    # (4 + 2 - 1) slots of 3 + 2 ms, one of them bubble
+    # 4 slots of the slowest stage's 3 + 2 ms, and the bubble: the other stage's 1 ms and
+    # its transfers
     step, bubble = pipeline_seconds([1e-3, 3e-3], 4, NOLAT, [1e6])
-    assert step == pytest.approx(5 * 5e-3) and bubble == pytest.approx(5e-3)
+    assert step == pytest.approx(4 * 5e-3 + 3e-3) and bubble == pytest.approx(3e-3)
+    # equal stages: the textbook (M + P - 1) slots, P - 1 of them idle
+    step, bubble = pipeline_seconds([2e-3] * 3, 4, NOLAT, [0.0, 0.0])
+    assert step == pytest.approx(6 * 2e-3) and bubble == pytest.approx(2 * 2e-3)

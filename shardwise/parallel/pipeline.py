@@ -266,10 +266,15 @@ def pipeline_seconds(
 ) -> tuple[float, float]:
     """A pipeline step (the planner's cost model): (the step's time, the bubble in it).
     `stage_s`: each stage's forward + backward time for one micro-batch; `boundary_bytes`:
-    the activation each boundary hands on, one micro-batch. GPipe and 1F1B run the same
-    (M + P - 1) slots of the slowest stage, P - 1 of them idle at the ends; each slot also
-    waits for one activation to arrive and one gradient to go back."""
+    the activation each boundary hands on, one micro-batch. Under GPipe and 1F1B alike the
+    slowest stage runs its M micro-batches back to back, each slot also waiting for one
+    activation to arrive and one gradient to go back; before its first forward and after
+    its last backward, every other stage does one micro-batch's work and one transfer each
+    way (the fill and the drain: the bubble). With equal stages that is the textbook
+    (M + P - 1) slots, P - 1 of them idle; with unequal ones the bubble is the other
+    stages' time, not P - 1 slots of the slowest."""
     stages = len(stage_s)
-    transfer = max((link.send(b) for b in boundary_bytes), default=0.0)
-    slot = max(stage_s) + (2 * transfer if stages > 1 else 0.0)
-    return (microbatches + stages - 1) * slot, (stages - 1) * slot
+    transfer = max((link.send(b) for b in boundary_bytes), default=0.0) if stages > 1 else 0.0
+    slowest = max(stage_s)
+    bubble = sum(stage_s) - slowest + (stages - 1) * 2 * transfer
+    return microbatches * (slowest + 2 * transfer) + bubble, bubble

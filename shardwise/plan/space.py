@@ -3,10 +3,11 @@
 A layout is a `ParallelConfig` that `ParallelDims.resolve` accepts for the world size and
 whose global batch the layout can split (`check_batch_layout`): the degrees of tensor,
 pipeline, spatial and vertical parallelism (data parallelism takes the ranks left), the
-shard mode, and for a pipeline its schedule and micro-batches (one, two or four per
-stage); or a synchronous parameter server with 1 to world - 1 servers. Only the
-strategies the model's structure takes are tried (`ModelShape`). Asynchronous parameter
-servers are left out: they do not compute what one process computes.
+shard mode (where there are data-parallel replicas to shard over), and for a pipeline
+its schedule and micro-batches (one, two or four per stage); or a synchronous parameter
+server with 1 to world - 1 servers. Only the strategies the model's structure takes are
+tried (`ModelShape`). Asynchronous parameter servers are left out: they do not compute
+what one process computes.
 """
 
 from __future__ import annotations
@@ -99,8 +100,9 @@ def layouts(world: int, *, batch: int, shape: ModelShape = ModelShape()) -> list
             for s in SCHEDULES
             for k in MICROBATCHES_PER_STAGE
         ] if pp > 1 else [base]  # fmt: skip
+        dp = world // (tp * pp * spatial * vertical)
         for cfg in pipeline:
-            for shard in SHARDS:
+            for shard in SHARDS if dp > 1 else ("none",):  # one replica: nothing to shard over
                 candidate = replace(cfg, shard=shard)
                 if _valid(candidate, world, batch):
                     found.append(candidate)
