@@ -62,6 +62,14 @@ def test_data_parallel_sync_by_hand():
     assert sync_seconds(NOLAT, 4, 8 * mb, backward_s=1.0, shard="full") == 0.0  # all hidden
     assert sync_seconds(NOLAT, 4, 8 * mb, backward_s=4e-3, shard="full") == pytest.approx(18e-3 - 6e-3)
     assert sync_seconds(NOLAT, 1, 8 * mb, backward_s=0.0, shard="full") == 0.0
+    # and their copies into fresh memory, at 0.1 ns a byte (0.8 ms a pass over 8 MB):
+    # ZeRO-1 2 + 1/4 passes; FSDP2 2 x (2 + 1/4) + 1 + 2/4 = 6
+    copy = {"copy_s_per_byte": 1e-10}
+    zero = sync_seconds(NOLAT, 4, 8 * mb, backward_s=1.0, shard="optimizer", **copy)
+    assert zero == pytest.approx(18e-3 + 2.25 * 0.8e-3)
+    fsdp = sync_seconds(hides_none, 4, 8 * mb, backward_s=1.0, shard="full", **copy)
+    assert fsdp == pytest.approx(18e-3 + 6 * 0.8e-3)
+    assert sync_seconds(NOLAT, 4, 8 * mb, backward_s=1.0, shard="none", **copy) == pytest.approx(12e-3)  # DDP: none
     # a link where compute beside a collective slows it by half again (measured overlap -0.5):
     # the three buckets issued during a long backward cost 1.5 x their time
     slowed = dataclasses.replace(NOLAT, overlap=-0.5)
@@ -122,6 +130,8 @@ def test_model_parallel_formulas_by_hand():
     assert halo_seconds(GBIT, 1, [1e6], [1e3]) == 0.0
     # 3 workers through 2 servers: each server's link carries 3 x half the parameters, each way
     assert ps_seconds(NOLAT, 2, 3, 4e6) == pytest.approx(2 * 3 * 2e-3)
+    # and the copies: 5 passes over the model on a worker, 3 x 3 + 1 over each server's half
+    assert ps_seconds(NOLAT, 2, 3, 4e6, copy_s_per_byte=1e-10) == pytest.approx(12e-3 + (5 + 10 / 2) * 4e-4)
     # pipeline: 2 stages of 1 and 3 ms, 4 micro-batches, 1 MB boundary (1 ms each way):
     # 4 slots of the slowest stage's 3 + 2 ms, and the bubble: the other stage's 1 ms and
     # its transfers
@@ -130,3 +140,10 @@ def test_model_parallel_formulas_by_hand():
     # equal stages: the textbook (M + P - 1) slots, P - 1 of them idle
     step, bubble = pipeline_seconds([2e-3] * 3, 4, NOLAT, [0.0, 0.0])
     assert step == pytest.approx(6 * 2e-3) and bubble == pytest.approx(2 * 2e-3)
+
+
+def test_a_collective_costs_its_mean_without_the_slowest_tenth():
+    from shardwise.cluster.probe import expected
+
+    assert expected([1.0] * 9 + [100.0]) == pytest.approx(1.0)  # a stall of the machine left out
+    assert expected([1.0] * 8 + [4.0] * 2) == pytest.approx(12 / 9)  # wake-ups counted, unlike a median

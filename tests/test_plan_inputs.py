@@ -31,7 +31,7 @@ def test_a_profile_counts_bytes_exactly():
     model, key = _mlp()
     sgd = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
     profile = profile_model(model, torch.randn(1, 8, 8), key, repeats=1, optimizer=sgd)
-    assert profile.update_s_per_byte > 0  # the optimizer's step, timed
+    assert profile.update_s_per_byte > 0 and profile.copy_s_per_byte > 0  # the optimizer's step, a copy: timed
     linears = [layer for layer in profile.layers if layer.kind == "linear"]
     assert [layer.param_bytes for layer in linears] == [4 * (64 * 48 + 48), 4 * (48 * 24 + 24), 4 * (24 * 10 + 10)]
     assert [layer.out_bytes_per_sample for layer in linears] == [4 * 48, 4 * 24, 4 * 10]

@@ -85,7 +85,9 @@ def is_fully_sharded(model: nn.Module) -> bool:
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
 
 
-def sync_seconds(link: Link, dp: int, grad_bytes: float, backward_s: float, shard: str) -> float:
+def sync_seconds(
+    link: Link, dp: int, grad_bytes: float, backward_s: float, shard: str, copy_s_per_byte: float = 0.0
+) -> float:
     """The communication a step of data parallelism leaves exposed (the planner's cost model).
 
     none (DDP): a ring all-reduce of the gradient in buckets of 25 MiB, each launched when
@@ -95,13 +97,23 @@ def sync_seconds(link: Link, dp: int, grad_bytes: float, backward_s: float, shar
     all-reduce, then an all-gather of the updated slices after the step, which nothing
     overlaps. full (FSDP2): each unit's parameters are all-gathered before its forward and
     again before its backward, its gradient reduce-scattered after: three passes over the
-    parameters' bytes, beside the compute as FSDP2 prefetches and reduces asynchronously."""
+    parameters' bytes, beside the compute as FSDP2 prefetches and reduces asynchronously.
+
+    The sharded modes also copy around their collectives, each a pass over fresh memory at
+    `copy_s_per_byte`: ZeRO-1 joins its slice (1/dp), takes the gathered parameters into a
+    new buffer and copies them into the model (2); FSDP2, per all-gather, copies its shard
+    in (1/dp), the whole into fresh memory and out into the parameters (2), and per
+    reduce-scatter the gradient in (1) and its shard out and into the sharded gradient
+    (2/dp)."""
     if dp <= 1:
         return 0.0
     if shard == "full":
         passes = 2 * all_gather(link, dp, grad_bytes) + reduce_scatter(link, dp, grad_bytes)
-        return beside(link, passes, 1.5 * backward_s)
+        copies = (2 * (2 + 1 / dp) + 1 + 2 / dp) * grad_bytes * copy_s_per_byte
+        return beside(link, passes, 1.5 * backward_s) + copies
     buckets = max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES))
     each = all_reduce(link, dp, grad_bytes / buckets)
     reduced = each + beside(link, (buckets - 1) * each, backward_s * (buckets - 1) / buckets)
-    return reduced + (all_gather(link, dp, grad_bytes) if shard == "optimizer" else 0.0)
+    if shard == "optimizer":
+        return reduced + all_gather(link, dp, grad_bytes) + (2 + 1 / dp) * grad_bytes * copy_s_per_byte
+    return reduced

@@ -133,9 +133,14 @@ def initial_slice(model: nn.Module, mesh: RankMesh) -> Tensor:
     return piece
 
 
-def ps_seconds(link: Link, servers: int, workers: int, param_bytes: float) -> float:
+def ps_seconds(link: Link, servers: int, workers: int, param_bytes: float, copy_s_per_byte: float = 0.0) -> float:
     """A synchronous parameter-server step's transfers (the planner's cost model): every
     worker pushes each server its slice of the gradient and pulls back the slice's new
     parameters, so each server's link carries workers x param_bytes / servers each way,
-    one message after another."""
-    return 2 * workers * link.send(param_bytes / servers)
+    one message after another. And the copies on the way, each a pass over fresh memory
+    at `copy_s_per_byte`: a worker flattens its gradient, puts a header before it, makes
+    room for the replies, joins them and loads them into the model (5 of the model); a
+    server takes each worker's message into a new buffer, sums them into a copy, divides,
+    and puts a header before each reply (3 x workers + 1 of its slice)."""
+    copies = (5 + (3 * workers + 1) / servers) * param_bytes * copy_s_per_byte
+    return 2 * workers * link.send(param_bytes / servers) + copies

@@ -86,14 +86,14 @@ def measured_link(cluster: str, nproc: int) -> Link:
     ping-pong between two of them, each collective's measured calibration on all of them and
     the overlap of communication with compute (`cluster.probe.calibrate_link`)."""
     from shardwise.cluster.placement import placement_for
-    from shardwise.cluster.probe import calibrate_link
+    from shardwise.cluster.probe import LINK_VERSION, calibrate_link
     from shardwise.procs import free_port
 
     placement = placement_for(cluster)
     world = max(2, nproc)
     path = cache_dir() / f"link-{re.sub(r'[^A-Za-z0-9]+', '-', placement.describe(world))}.json"
     fit = json.loads(path.read_text()) if path.is_file() else {}
-    if "collectives" not in fit:  # measured before collectives were
+    if fit.get("version") != LINK_VERSION:  # measured by an older probe
         fit = calibrate_link(placement, world=world, port=free_port())
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(fit))

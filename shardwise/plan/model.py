@@ -119,7 +119,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
     samples = setting.batch / dims.dp
     if dims.servers:
         compute = (profile.seconds(samples) + profile.update_s_per_byte * profile.param_bytes / dims.servers) * stretch
-        comm = ps_seconds(link, dims.servers, dims.dp, profile.param_bytes)
+        comm = ps_seconds(link, dims.servers, dims.dp, profile.param_bytes, profile.copy_s_per_byte * stretch)
         held = profile.param_bytes * (2 + setting.optimizer_slots) / dims.servers
         return Prediction(dims.layout, compute, comm, 0.0, max(held, _memory(profile, dims, setting, samples)))
     bubble = 0.0
@@ -145,6 +145,9 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         )
         held = samples
     grad_bytes = profile.param_bytes / (dims.tp * dims.pp)
-    comm += sync_seconds(link, dims.dp, grad_bytes, backward_s=compute * 2 / 3, shard=dims.shard)
+    comm += sync_seconds(
+        link, dims.dp, grad_bytes, backward_s=compute * 2 / 3, shard=dims.shard,
+        copy_s_per_byte=profile.copy_s_per_byte * stretch,
+    )  # fmt: skip
     compute += _update(profile, dims) * stretch
     return Prediction(dims.layout, compute, comm, bubble, _memory(profile, dims, setting, held))

@@ -2,7 +2,8 @@
 number of samples (fixed + per_sample x samples, fitted over a few batch sizes), the bytes
 of its parameters and of the activation it hands on per sample; and the optimizer's update
 with the step's other work on gradients, in seconds per parameter byte (memory-bound passes
-over parameters, gradients and state).
+over parameters, gradients and state); and a copy of the parameters into fresh memory,
+per byte (what the sharded layouts and the parameter server pay around their messages).
 Measured on this process (one thread, as a rank runs), once per model, shape, dtype,
 device, optimizer and thread count, and cached as JSON: profiling is cheap, and the planner
 never runs it twice for one model.
@@ -25,6 +26,7 @@ from torch import nn
 from shardwise.files import write_atomic
 from shardwise.parallel.pipeline import profile_layers
 
+VERSION = 2  # of what a profile measures: a profile of another version is measured again
 BATCH_SIZES = (8, 32, 64)  # samples per profiled pass by default: a line through these times
 
 
@@ -57,6 +59,7 @@ class ModelProfile:
     key: dict  # what the measurement depends on: model, shape, dtype, device, threads
     layers: tuple[LayerProfile, ...]
     update_s_per_byte: float = 0.0  # the optimizer's step and the gradients' upkeep, per parameter byte
+    copy_s_per_byte: float = 0.0  # a copy of the parameters into fresh memory (a flat buffer), per byte
 
     def seconds(self, samples: float) -> float:
         """Forward + backward of the whole model on `samples` samples, one process."""
@@ -68,13 +71,14 @@ class ModelProfile:
 
     def to_json(self) -> str:
         layers = [asdict(layer) for layer in self.layers]
-        return json.dumps({"key": self.key, "layers": layers, "update_s_per_byte": self.update_s_per_byte}, indent=1)
+        rates = {"update_s_per_byte": self.update_s_per_byte, "copy_s_per_byte": self.copy_s_per_byte}
+        return json.dumps({"key": self.key, "layers": layers, **rates}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> ModelProfile:
         data = json.loads(text)
         layers = tuple(LayerProfile(**layer) for layer in data["layers"])
-        return cls(data["key"], layers, data.get("update_s_per_byte", 0.0))
+        return cls(data["key"], layers, data.get("update_s_per_byte", 0.0), data.get("copy_s_per_byte", 0.0))
 
 
 def fit_line(samples: list[float], seconds: list[float]) -> tuple[float, float]:
@@ -116,6 +120,18 @@ def update_seconds(model: nn.Module, optimizer: Callable[[list[torch.Tensor]], t
     return statistics.median(times)
 
 
+def copy_seconds(model: nn.Module) -> float:
+    """Seconds to copy `model`'s parameters into one fresh flat buffer, as the sharded
+    layouts and the parameter server do around their collectives (the median of five)."""
+    params, times = [p.detach().reshape(-1) for p in model.parameters()], []
+    for _ in range(5):
+        started = time.perf_counter()
+        flat = torch.cat(params)
+        times.append(time.perf_counter() - started)
+        del flat
+    return statistics.median(times)
+
+
 def profile_model(
     model: nn.Module,
     sample: torch.Tensor,
@@ -150,7 +166,8 @@ def profile_model(
         in_shape = tuple(cost.out_shape[1:])
     param_bytes = sum(layer.param_bytes for layer in layers)
     update = update_seconds(model, optimizer) / param_bytes if optimizer is not None and param_bytes else 0.0
-    return ModelProfile(key, tuple(layers), update)
+    copy = copy_seconds(model) / param_bytes if param_bytes else 0.0
+    return ModelProfile(key, tuple(layers), update, copy)
 
 
 def profile_key(
@@ -164,6 +181,7 @@ def profile_key(
     """What a profile depends on: the model's settings, the sample shape, the precision, the
     device, the threads a rank computes with, the batch sizes timed and the optimizer."""
     return {
+        "version": VERSION,
         "sizes": list(sizes),
         "optimizer": optimizer,
         "model": model_cfg,
