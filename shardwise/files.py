@@ -40,3 +40,11 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def cache_dir() -> Path:
+    """Where measurements and derived data are kept between runs: $SHARDWISE_CACHE, else
+    $XDG_CACHE_HOME/shardwise (~/.cache/shardwise), shared by every run on this machine."""
+    if os.environ.get("SHARDWISE_CACHE"):
+        return Path(os.environ["SHARDWISE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shardwise"

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +89,34 @@ def test_default_convnet_is_five_conv_three_fc():
 def test_conv_model_on_tabular_data_refused():
     with pytest.raises(ShardwiseError, match=r"model\.name: convnet needs images"):
         build_model(ModelConfig(name="convnet"), (20,), 3)
+
+
+def test_the_validation_split_is_scikit_learns_and_later_processes_skip_importing_it(tmp_path, monkeypatch):
+    """The digits read from scikit-learn's own file and split by its stratified
+    train_test_split; the split's rows kept in the cache, so a later process loads the
+    data without importing scikit-learn at all."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from shardwise.config import load_config
+
+    probe = (
+        "import sys; from shardwise.config import load_config; from shardwise.data import load_source; "
+        "d = load_source(load_config(None, {}).data, seed=0); print(len(d.y_val), 'sklearn' in sys.modules)"
+    )
+    env = {**os.environ, "SHARDWISE_CACHE": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True) for _ in range(2)]
+    assert [r.stdout.split()[1] for r in runs] == ["True", "False"], [r.stderr[-500:] for r in runs]
+    assert list(tmp_path.glob("split-*.npz"))
+    cfg = load_config(None, {})
+    bunch = load_digits()
+    x = bunch.data.reshape(-1, 1, 8, 8).astype(np.float32) / 16.0
+    _, _, y_train, y_val = train_test_split(
+        x, bunch.target, test_size=cfg.data.val_fraction, random_state=0, stratify=bunch.target
+    )
+    monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path))
+    data = load_source(cfg.data, seed=0)
+    assert np.array_equal(data.y_train, y_train) and np.array_equal(data.y_val, y_val)

@@ -17,6 +17,7 @@ vertical group (`reduce_stats`), never by reading other ranks' columns.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import zipfile
 from collections.abc import Callable
@@ -28,6 +29,7 @@ import numpy as np
 from shardwise.config import DataConfig
 from shardwise.data.own import load_own
 from shardwise.errors import ShardwiseError
+from shardwise.files import atomic_path, cache_dir
 from shardwise.own_code import is_import_path
 
 CIFAR_RECORD = 1 + 3 * 32 * 32  # label byte, then 32x32 red, green, blue planes
@@ -123,9 +125,33 @@ def _read_cifar(files: list[Path], features: np.ndarray | None) -> tuple[np.ndar
 
 
 def _split(x: np.ndarray, y: np.ndarray, val_fraction: float) -> tuple[np.ndarray, ...]:
+    """scikit-learn's stratified train/validation split (x_train, x_val, y_train, y_val)."""
+    train, val = split_indices(y, val_fraction)
+    return x[train], x[val], y[train], y[val]
+
+
+def split_indices(y: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of the training and the validation set: scikit-learn's `train_test_split`
+    stratified by `y`, which depends on the labels, the fraction and the seed only. Kept in
+    the machine's cache (`files.cache_dir`) by those, so that the ranks of a run, and every
+    later run, skip importing scikit-learn (nearly a second a process)."""
+    digest = hashlib.sha256(y.tobytes() + str((y.dtype.str, val_fraction, SPLIT_SEED)).encode()).hexdigest()[:20]
+    path = cache_dir() / f"split-{digest}.npz"
+    try:
+        with np.load(path) as found:
+            return found["train"], found["val"]
+    except (OSError, KeyError, ValueError):
+        pass
     from sklearn.model_selection import train_test_split
 
-    return tuple(train_test_split(x, y, test_size=val_fraction, random_state=SPLIT_SEED, stratify=y))
+    train, val = train_test_split(np.arange(len(y)), test_size=val_fraction, random_state=SPLIT_SEED, stratify=y)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, train=train, val=val)
+    except OSError:  # a read-only cache: split again next time
+        pass
+    return train, val
 
 
 def _standardize(
@@ -182,15 +208,30 @@ def numbered(n: int) -> list[str]:
 
 
 def _digits(cfg: DataConfig, features: np.ndarray | None, reduce_stats: StatsReduce | None) -> Dataset:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
+    pixels, labels = _digits_file()
     in_shape = (1, 8, 8)
-    x = take_features(bunch.data.reshape(-1, *in_shape).astype(np.float32) / 16.0, features, in_shape)
-    x_tr, x_va, y_tr, y_va = _split(x, bunch.target.astype(np.int64), cfg.val_fraction)
+    x = take_features(pixels.reshape(-1, *in_shape).astype(np.float32) / 16.0, features, in_shape)
+    x_tr, x_va, y_tr, y_va = _split(x, labels, cfg.val_fraction)
     x_tr, x_va, stats = _standardize(x_tr, x_va, in_shape, features, reduce_stats)
     record = preprocess_record(in_shape, numbered(10), divide_by=16.0, raw_range=(0, 16), standardize=stats)
     return Dataset(x_tr, y_tr, x_va, y_va, 10, in_shape, features, record)
+
+
+def _digits_file() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits (what `load_digits` returns as data and target), read
+    from its file without importing scikit-learn; through `load_digits` where the file is
+    not where this version keeps it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    where = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if where is not None and where.is_file():
+        table = np.loadtxt(where, delimiter=",")
+        return table[:, :-1], table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.data, bunch.target.astype(np.int64)
 
 
 def _synthetic(cfg: DataConfig, seed: int, features: np.ndarray | None, reduce_stats: StatsReduce | None) -> Dataset:

@@ -25,22 +25,11 @@ import torch
 from shardwise.comm.cost import Link
 from shardwise.config import Config
 from shardwise.errors import ShardwiseError
-from shardwise.files import write_atomic
+from shardwise.files import cache_dir, write_atomic
 from shardwise.jsonsafe import dumps
 from shardwise.plan.model import Prediction, Setting, predict
 from shardwise.plan.profile import ModelProfile, batch_sizes, cached, profile_key, profile_model
 from shardwise.plan.space import ModelShape, layouts
-
-
-def cache_dir() -> Path:
-    """Where measured profiles and links are kept: $SHARDWISE_CACHE, else
-    $XDG_CACHE_HOME/shardwise (~/.cache/shardwise), shared by every run on this machine so
-    that each model and placement is measured once and a run's prediction costs
-    milliseconds."""
-    if os.environ.get("SHARDWISE_CACHE"):
-        return Path(os.environ["SHARDWISE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shardwise"
-
 
 UNITS = {"": 2**20, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30}
 
