@@ -38,8 +38,10 @@ def test_regret_is_the_choice_against_the_best_measured():
 
 
 def test_flips_say_whether_the_planner_moved_the_same_way():
-    def case(link, choice, best):
-        return {"model": "mlp", "world": 2, "link": link, "choice": choice, "best": best}
+    def case(link, choice, best, margin=0.2):
+        runs = [{"name": "tp=2", "measured_s": 1.0}, {"name": "dp=2", "measured_s": 1.0}]
+        runs[[r["name"] for r in runs].index(best)]["measured_s"] = 1.0 - margin
+        return {"model": "mlp", "world": 2, "link": link, "choice": choice, "best": best, "runs": runs}
 
     right = flips([case("1gbit", "tp=2", "tp=2"), case("10gbit", "dp=2", "dp=2")])
     assert right == [
@@ -55,6 +57,8 @@ def test_flips_say_whether_the_planner_moved_the_same_way():
     wrong = flips([case("1gbit", "dp=2", "tp=2"), case("10gbit", "dp=2", "dp=2")])
     assert [f["predicted_right"] for f in wrong] == [False]
     assert flips([case("1gbit", "tp=2", "dp=2"), case("10gbit", "tp=2", "dp=2")]) == []  # no flip measured
+    # a best layout within one run's noise of the other link's best is no flip
+    assert flips([case("1gbit", "tp=2", "tp=2", margin=0.08), case("10gbit", "dp=2", "dp=2")]) == []
 
 
 def test_each_layout_runs_as_it_was_predicted():

@@ -137,9 +137,19 @@ def _run_layout(b: Bench, args: list[str], row: dict, name: str, world: int) -> 
     }
 
 
+FLIP_MARGIN = 0.10  # one run's noise: three runs of one layout measured 89 to 105 ms (README)
+
+
+def _beats(case: dict, winner: str, other: str) -> bool:
+    """Whether `winner` measured faster than `other` on this case's link by more than the margin."""
+    times = {r["name"]: r["measured_s"] for r in case["runs"]}
+    return times[winner] * (1 + FLIP_MARGIN) < times[other]
+
+
 def flips(details: list[dict]) -> list[dict]:
-    """Where the best measured layout of a model and world differs between two links, and
-    whether the planner's choices differ the same way."""
+    """Where the best measured layout of a model and world differs between two links, each
+    link's best beating the other's by more than FLIP_MARGIN there (not two layouts that
+    tie within one run's noise), and whether the planner's choices differ the same way."""
     found = []
     by_case: dict[tuple[str, int], dict[str, dict]] = {}
     for case in details:
@@ -148,7 +158,8 @@ def flips(details: list[dict]) -> list[dict]:
         names = sorted(links)
         for i, a in enumerate(names):
             for c in names[i + 1 :]:
-                if links[a]["best"] != links[c]["best"]:
+                best_a, best_c = links[a]["best"], links[c]["best"]
+                if best_a != best_c and _beats(links[a], best_a, best_c) and _beats(links[c], best_c, best_a):
                     predicted = (links[a]["choice"], links[c]["choice"])
                     found.append(
                         {
