@@ -54,6 +54,13 @@ def test_the_update_runs_on_the_parameters_a_rank_updates():
     assert predict(ps, 4, timed).compute_s - predict(ps, 4, _setting()).compute_s == pytest.approx(PARAMS / 2 * 1e-6)
 
 
+def test_the_engines_own_step_cost_is_paid_by_every_layout():
+    slow = dataclasses.replace(_setting(), step_overhead_s=2e-3)
+    for cfg, world in ((ParallelConfig(), 2), (ParallelConfig(tp=2), 2), (ParallelConfig(pp=2), 2),
+                       (ParallelConfig(mode="ps", servers=1), 2)):  # fmt: skip
+        assert predict(cfg, world, slow).step_s - predict(cfg, world, _setting()).step_s == pytest.approx(2e-3), cfg
+
+
 def test_tensor_parallel_halves_the_head():
     p = predict(ParallelConfig(tp=2), 2, _setting())
     assert p.compute_s == pytest.approx(64 * (1e-4 + 2e-4 / 2 + 1e-4 / 2))

@@ -92,11 +92,21 @@ def measured_link(cluster: str, nproc: int) -> Link:
 
 def measured_setting(cfg: Config, cluster: str, nproc: int) -> tuple[Setting, ModelShape]:
     """What every prediction for `cfg` needs besides the layout: the measured profile and link,
-    the batch, this machine's cores and the optimizer's state per parameter; and the model's
-    structure, which bounds the layouts."""
+    the batch, this machine's cores, the optimizer's state per parameter and the engine's
+    own cost per step on these ranks (`plan/overhead.py`); and the model's structure, which
+    bounds the layouts."""
+    from shardwise.plan.overhead import loop_overhead
+
     profile, shape = measured_profile(cfg)
-    cores = len(os.sched_getaffinity(0))
-    return Setting(profile, measured_link(cluster, nproc), cfg.train.batch_size, cores, optimizer_slots(cfg)), shape
+    cores, link = len(os.sched_getaffinity(0)), measured_link(cluster, nproc)
+
+    def setting_for(c: Config, p: ModelProfile, overhead: float = 0.0) -> Setting:
+        return Setting(p, link, c.train.batch_size, cores, optimizer_slots(c), overhead)
+
+    def tiny_step(tiny: Config) -> float:  # the tiny run's model and layout, without the overhead it measures
+        return predict(tiny.parallel, nproc, setting_for(tiny, measured_profile(tiny)[0])).step_s
+
+    return setting_for(cfg, profile, loop_overhead(cluster, nproc, tiny_step)), shape
 
 
 def search(cfg: Config, nproc: int, setting: Setting, shape: ModelShape, budget: float | None) -> list[dict]:
@@ -146,6 +156,7 @@ def plan(cfg: Config, *, nproc: int, cluster: str, budget: float | None, out: Pa
             "collectives": {k: {"per_call_s": a, "factor": b} for k, (a, b) in link.collectives.items()},
             "overlap": link.overlap,
         },
+        "step_overhead_s": setting.step_overhead_s,
         "budget_bytes": budget,
         "search_s": search_s,
         "measure_s": searched - started,

@@ -4,10 +4,10 @@ and each rank's peak memory, from a measured profile and a link.
 Compute is the profile's layer times, on the samples a rank takes and the part of each
 layer it holds: tensor parallelism divides the `head`'s Linear layers by tp, spatial
 bands the `features`' convolutions by spatial, vertical partitioning the first layer by
-vertical, a pipeline runs its stages on micro-batches; then the optimizer's step on the parameters
-a rank updates (the profile's seconds per byte; a parameter server's step is its
-servers'). Each strategy's communication is
-its own module's formula (parallel/*: `sync_seconds`, `tp_seconds`, `pipeline_seconds`,
+vertical, a pipeline runs its stages on micro-batches; then the optimizer's step on the
+parameters a rank updates (the profile's seconds per byte; a parameter server's step is
+its servers'); then the engine's own cost per step, measured (`plan/overhead.py`). Each
+strategy's communication is its own module's formula (parallel/*: `sync_seconds`, `tp_seconds`, `pipeline_seconds`,
 `halo_seconds`, `vertical_seconds`, `ps_seconds`). When there are more ranks than cores,
 compute stretches by ranks / cores. Loading is not counted: every source is in memory.
 
@@ -43,6 +43,7 @@ class Setting:
     batch: int  # the global batch
     cores: int
     optimizer_slots: int = 1
+    step_overhead_s: float = 0.0  # the engine's loop, every step, beyond the model and its collectives
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         compute = (profile.seconds(samples) + profile.update_s_per_byte * profile.param_bytes / dims.servers) * stretch
         comm = ps_seconds(link, dims.servers, dims.dp, profile.param_bytes, profile.copy_s_per_byte * stretch)
         held = profile.param_bytes * (2 + setting.optimizer_slots) / dims.servers
+        compute += setting.step_overhead_s
         return Prediction(dims.layout, compute, comm, 0.0, max(held, _memory(profile, dims, setting, samples)))
     bubble = 0.0
     if dims.pp > 1:
@@ -149,5 +151,5 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         link, dims.dp, grad_bytes, backward_s=compute * 2 / 3, shard=dims.shard,
         copy_s_per_byte=profile.copy_s_per_byte * stretch,
     )  # fmt: skip
-    compute += _update(profile, dims) * stretch
+    compute += _update(profile, dims) * stretch + setting.step_overhead_s
     return Prediction(dims.layout, compute, comm, bubble, _memory(profile, dims, setting, held))
