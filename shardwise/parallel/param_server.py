@@ -65,7 +65,7 @@ from shardwise.errors import ShardwiseError, TrainingDiverged
 from shardwise.parallel import ps_protocol as proto
 from shardwise.parallel.part import Part
 from shardwise.parallel.ps_protocol import Arrival, Lost, ServerStats, WorkerClient
-from shardwise.parallel.splits import optimizer_keys
+from shardwise.parallel.splits import optimizer_keys, sum_of_squares
 from shardwise.ranges import even_bounds
 
 if TYPE_CHECKING:
@@ -250,7 +250,7 @@ class ParameterServer:
     def _clipped(self, grad: Tensor) -> Tensor:
         """torch.nn.utils.clip_grad_norm_'s rule on the whole model's gradient, whose
         squared norm is the sum over the servers' slices."""
-        sq = grad.double().pow(2).sum()
+        sq = sum_of_squares(grad)
         if self.servers_group is not None:
             dist.all_reduce(sq, group=self.servers_group)
         scale = min(1.0, self.clip_norm / (sq.sqrt().item() + 1e-6))
