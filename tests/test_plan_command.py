@@ -39,6 +39,7 @@ def test_plan_ranks_every_layout_and_caches_what_it_measured(tmp_path):
     assert -5 < link["overlap"] <= 1.5
     cache = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert 0 <= result["step_overhead_s"] < 0.5  # the engine's own loop, measured with a tiny model
+    assert 0 <= result["rank_overhead_bytes"] < 2**30  # and its own memory per rank
     # the link, the loop's cost, the two models' profiles, the validation rows
     assert sorted({n.split("-")[0] for n in cache}) == ["link", "loop", "profile", "split"]
     again = _plan(tmp_path, "--nproc", "4", "--memory-per-rank", "1GiB", "--out", "q")

@@ -33,9 +33,11 @@ def test_data_parallel():
     p = predict(ParallelConfig(), 2, _setting())
     assert p.compute_s == pytest.approx(32 * 4e-4)  # 32 samples a rank, the whole model
     assert p.comm_s == pytest.approx(PARAMS * 1e-9)  # one bucket, 2 ranks: the whole gradient sent once
-    assert p.memory_bytes == pytest.approx(3 * PARAMS + 32 * OUTPUTS)
+    # weights, gradients, momentum; the activations; DDP's buckets rebuilt beside the gradients
+    assert p.memory_bytes == pytest.approx(3 * PARAMS + 32 * OUTPUTS + PARAMS)
     full = predict(ParallelConfig(shard="full"), 2, _setting())
-    assert full.memory_bytes == pytest.approx(3 * PARAMS / 2 + 32 * OUTPUTS)
+    # half of each; the largest unit (head.0) regathered with its gradient, the next prefetched
+    assert full.memory_bytes == pytest.approx(3 * PARAMS / 2 + 32 * OUTPUTS + 4 * 4000 + 2 * 1000)
     assert full.comm_s == pytest.approx(3 * PARAMS / 2 * 1e-9)
 
 
@@ -59,6 +61,24 @@ def test_the_engines_own_step_cost_is_paid_by_every_layout():
     for cfg, world in ((ParallelConfig(), 2), (ParallelConfig(tp=2), 2), (ParallelConfig(pp=2), 2),
                        (ParallelConfig(mode="ps", servers=1), 2)):  # fmt: skip
         assert predict(cfg, world, slow).step_s - predict(cfg, world, _setting()).step_s == pytest.approx(2e-3), cfg
+
+
+def test_each_strategys_passing_buffers_and_the_largest_stage_set_the_peak():
+    zero = predict(ParallelConfig(shard="optimizer"), 2, _setting())
+    # the backward (activations and DDP's rebuild) outweighs the step's joined slice and gathered copies
+    assert zero.memory_bytes == pytest.approx(2.5 * PARAMS + 32 * OUTPUTS + PARAMS)
+    # a pipeline of 2 stages, 4 micro-batches of 16, 1F1B: 2 in flight. The second stage
+    # (features.1 and the head) holds the most: its weights, its activations, and head.0's
+    # fresh gradient before it is summed
+    pipe = predict(ParallelConfig(pp=2, microbatches=4), 2, _setting())
+    assert pipe.memory_bytes == pytest.approx(3 * 4800 + 32 * (400 + 200 + 200 + 40) + 4000)
+    # the evaluation at the end: 50 samples a rank, the input and two outputs at a time
+    evaluated = predict(ParallelConfig(), 2, dataclasses.replace(_setting(), val_samples=100))
+    assert evaluated.memory_bytes == pytest.approx(3 * PARAMS + 50 * (256 + 400 + 400))
+    # and the engine's own bytes, on every rank of every layout
+    more = dataclasses.replace(_setting(), rank_overhead_bytes=1e6)
+    for cfg in (ParallelConfig(), ParallelConfig(tp=2), ParallelConfig(pp=2), ParallelConfig(shard="full")):
+        assert predict(cfg, 2, more).memory_bytes - predict(cfg, 2, _setting()).memory_bytes == pytest.approx(1e6)
 
 
 def test_tensor_parallel_halves_the_head():

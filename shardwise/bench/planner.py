@@ -72,14 +72,15 @@ def case_figures(rows: list[dict]) -> dict:
     """A case's figures from its runs (each with `predicted_s`, `measured_s`, the peaks), in
     the planner's order (its choice first)."""
     errors = sorted(abs(r["predicted_s"] - r["measured_s"]) / r["measured_s"] for r in rows)
-    memory = [r["measured_peak"] / r["predicted_peak"] for r in rows if r.get("measured_peak")]
+    memory = sorted(abs(r["measured_peak"] / r["predicted_peak"] - 1) for r in rows if r.get("measured_peak"))
     best = min(rows, key=lambda r: r["measured_s"])
     return {
         "error_median": statistics.median(errors),
         "error_p90": errors[min(len(errors) - 1, round(0.9 * (len(errors) - 1)))],
         "tau": kendall_tau([r["predicted_s"] for r in rows], [r["measured_s"] for r in rows]),
         "regret": rows[0]["measured_s"] / best["measured_s"],
-        "memory_ratio": statistics.median(memory) if memory else float("nan"),
+        "memory_error_median": statistics.median(memory) if memory else float("nan"),
+        "memory_error_max": memory[-1] if memory else float("nan"),
         "choice": rows[0]["name"],
         "best": best["name"],
     }
@@ -110,12 +111,13 @@ def run(b: Bench) -> None:
         figures = case_figures(rows)
         b.details.append({"model": model, "world": world, "link": b.link, "runs": rows, **figures})
         how = f"{text}; {world} ranks, {len(rows)} layouts, {STEPS} steps each"
-        for measure in ("error_median", "error_p90", "tau", "regret", "memory_ratio"):
+        for measure in ("error_median", "error_p90", "tau", "regret", "memory_error_median", "memory_error_max"):
             b.record("planner", f"{model} x{world}: {measure}", [figures[measure]], unit=measure, how=how)
         b.console.print(
             f"  error median {figures['error_median']:.1%}, p90 {figures['error_p90']:.1%}, tau "
             f"{figures['tau']:.2f}, regret {figures['regret']:.3f} (chose {figures['choice']}, best "
-            f"{figures['best']}), memory measured/predicted {figures['memory_ratio']:.2f}"
+            f"{figures['best']}); peak memory error median {figures['memory_error_median']:.1%}, "
+            f"largest {figures['memory_error_max']:.1%}"
         )
 
 
@@ -127,7 +129,10 @@ def _run_layout(b: Bench, args: list[str], row: dict, name: str, world: int) -> 
 
     layout = f"{row['layout']} {options_text(row['settings'])}".strip()
     predicted, measured = row["step_s"], check["measured_step_s"]
-    b.console.print(f"  {layout}: predicted {1e3 * predicted:.2f} ms, measured {1e3 * measured:.2f} ms")
+    peaks = f"{row['memory_bytes'] / 2**20:.1f} MiB predicted"
+    if check.get("measured_peak_bytes"):
+        peaks += f", {check['measured_peak_bytes'] / 2**20:.1f} measured"
+    b.console.print(f"  {layout}: {1e3 * predicted:.2f} ms predicted, {1e3 * measured:.2f} measured; {peaks}")
     return {
         "name": layout,
         "predicted_s": predicted,

@@ -49,8 +49,9 @@ def optimizer_slots(cfg: Config) -> int:
     return 1 if cfg.train.momentum > 0 else 0
 
 
-def measured_profile(cfg: Config) -> tuple[ModelProfile, ModelShape]:
-    """The model's layer profile (cached), and what its structure takes."""
+def measured_profile(cfg: Config) -> tuple[ModelProfile, ModelShape, int]:
+    """The model's layer profile (cached), what its structure takes, and the validation
+    set's size."""
     from shardwise.data import load_source
     from shardwise.models import build_model
     from shardwise.train.optim import optimizer_for
@@ -67,7 +68,7 @@ def measured_profile(cfg: Config) -> tuple[ModelProfile, ModelShape]:
     sample = torch.from_numpy(dataset.x_train[0]).to(dtype)
     step = functools.partial(optimizer_for, t)
     profile = cached(cache_dir(), key, lambda: profile_model(model, sample, key, sizes=sizes, optimizer=step))
-    return profile, ModelShape.of(model, sample)
+    return profile, ModelShape.of(model, sample), len(dataset.y_val)
 
 
 def measured_link(cluster: str, nproc: int) -> Link:
@@ -97,16 +98,12 @@ def measured_setting(cfg: Config, cluster: str, nproc: int) -> tuple[Setting, Mo
     bounds the layouts."""
     from shardwise.plan.overhead import loop_overhead
 
-    profile, shape = measured_profile(cfg)
+    profile, shape, val_samples = measured_profile(cfg)
     cores, link = len(os.sched_getaffinity(0)), measured_link(cluster, nproc)
-
-    def setting_for(c: Config, p: ModelProfile, overhead: float = 0.0) -> Setting:
-        return Setting(p, link, c.train.batch_size, cores, optimizer_slots(c), overhead)
-
-    def tiny_step(tiny: Config) -> float:  # the tiny run's model and layout, without the overhead it measures
-        return predict(tiny.parallel, nproc, setting_for(tiny, measured_profile(tiny)[0])).step_s
-
-    return setting_for(cfg, profile, loop_overhead(cluster, nproc, tiny_step)), shape
+    step_s, rank_bytes = loop_overhead(cluster, nproc)
+    t = cfg.train
+    setting = Setting(profile, link, t.batch_size, cores, optimizer_slots(cfg), step_s, rank_bytes, val_samples)
+    return dataclasses.replace(setting, grad_accum=t.grad_accum), shape
 
 
 def search(cfg: Config, nproc: int, setting: Setting, shape: ModelShape, budget: float | None) -> list[dict]:
@@ -157,6 +154,7 @@ def plan(cfg: Config, *, nproc: int, cluster: str, budget: float | None, out: Pa
             "overlap": link.overlap,
         },
         "step_overhead_s": setting.step_overhead_s,
+        "rank_overhead_bytes": setting.rank_overhead_bytes,
         "budget_bytes": budget,
         "search_s": search_s,
         "measure_s": searched - started,

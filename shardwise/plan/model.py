@@ -11,11 +11,8 @@ strategy's communication is its own module's formula (parallel/*: `sync_seconds`
 `halo_seconds`, `vertical_seconds`, `ps_seconds`). When there are more ranks than cores,
 compute stretches by ranks / cores. Loading is not counted: every source is in memory.
 
-Memory per rank: the parameters it holds, their gradients and the optimizer's state
-(`optimizer_slots` tensors of a parameter's size: 1 for SGD with momentum, 2 for AdamW),
-divided as the layout shards them, plus the activations kept for the backward (every
-layer's output, for the samples in flight: a pipeline keeps P micro-batches under 1F1B,
-all M under GPipe).
+Memory per rank: what it holds and the largest passing buffer its strategies allocate
+(`plan/memory.py`), for the pipeline stage that holds the most.
 """
 
 from __future__ import annotations
@@ -30,6 +27,7 @@ from shardwise.parallel.ps_protocol import ps_seconds
 from shardwise.parallel.spatial import halo_seconds
 from shardwise.parallel.tensor import tp_seconds
 from shardwise.parallel.vertical import vertical_seconds
+from shardwise.plan.memory import held_params, rank_peak
 from shardwise.plan.profile import LayerProfile, ModelProfile
 from shardwise.topology import ParallelDims
 
@@ -44,6 +42,9 @@ class Setting:
     cores: int
     optimizer_slots: int = 1
     step_overhead_s: float = 0.0  # the engine's loop, every step, beyond the model and its collectives
+    rank_overhead_bytes: float = 0.0  # the engine's own memory per rank, beyond the model's
+    val_samples: int = 0  # the validation set, evaluated at the end of the run
+    grad_accum: int = 1  # micro-batches per step on each rank
 
 
 @dataclass(frozen=True)
@@ -85,31 +86,28 @@ def _tp_pairs(profile: ModelProfile, samples: float) -> tuple[list[tuple[float, 
     return pairs, odd
 
 
-def _held_params(profile: ModelProfile, dims: ParallelDims) -> float:
-    """The parameter bytes a rank holds before any sharding of data-parallel replicas."""
-    params = 0.0
-    for i, layer in enumerate(profile.layers):
-        first = i == next((j for j, x in enumerate(profile.layers) if x.kind != "other"), 0)
-        params += layer.param_bytes / (dims.tp if layer.name.startswith("head.") and layer.kind == "linear" else 1)
-        params -= layer.param_bytes * (1 - 1 / dims.vertical) if first else 0.0
-    return params / dims.pp  # stages cut roughly evenly
-
-
-def _update(profile: ModelProfile, dims: ParallelDims) -> float:
+def _update(profile: ModelProfile, dims: ParallelDims, stage: range | None) -> float:
     """The optimizer's step on the parameters a rank updates (its 1/dp slice when sharded)."""
-    held = _held_params(profile, dims) / (dims.dp if dims.shard in ("optimizer", "full") else 1)
+    held = held_params(profile, dims, stage) / (dims.dp if dims.shard in ("optimizer", "full") else 1)
     return profile.update_s_per_byte * held
 
 
-def _memory(profile: ModelProfile, dims: ParallelDims, setting: Setting, samples_held: float) -> float:
-    params = _held_params(profile, dims)
-    grads, state = params, setting.optimizer_slots * params
-    if dims.shard == "full":
-        params, grads, state = params / dims.dp, grads / dims.dp, state / dims.dp
-    elif dims.shard == "optimizer":
-        state /= dims.dp
-    activations = sum(layer.out_bytes_per_sample for layer in profile.layers) * samples_held / dims.spatial / dims.pp
-    return params + grads + state + activations
+def _peak(setting: Setting, dims: ParallelDims, samples_held: float, stages: list[range | None]) -> float:
+    """The largest rank's peak bytes (`plan/memory.py`), over the pipeline's stages."""
+    accumulate = dims.microbatches > 1 or setting.grad_accum > 1
+    return max(
+        rank_peak(
+            setting.profile,
+            dims,
+            slots=setting.optimizer_slots,
+            samples_held=samples_held,
+            stage=stage,
+            accumulate=accumulate,
+            val_samples=setting.val_samples,
+            overhead_bytes=setting.rank_overhead_bytes,
+        )  # fmt: skip
+        for stage in stages
+    )
 
 
 def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
@@ -123,8 +121,9 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         comm = ps_seconds(link, dims.servers, dims.dp, profile.param_bytes, profile.copy_s_per_byte * stretch)
         held = profile.param_bytes * (2 + setting.optimizer_slots) / dims.servers
         compute += setting.step_overhead_s
-        return Prediction(dims.layout, compute, comm, 0.0, max(held, _memory(profile, dims, setting, samples)))
-    bubble = 0.0
+        peak = max(held + setting.rank_overhead_bytes, _peak(setting, dims, samples, [None]))
+        return Prediction(dims.layout, compute, comm, 0.0, peak)
+    bubble, stages = 0.0, [None]
     if dims.pp > 1:
         micro = samples / dims.microbatches
         times = [layer.seconds(micro) * stretch for layer in profile.layers]
@@ -134,6 +133,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         step, bubble = pipeline_seconds(stage_s, dims.microbatches, link, boundary)
         compute, comm = dims.microbatches * max(stage_s), step - bubble - dims.microbatches * max(stage_s)
         held = micro * (dims.pp if dims.schedule == "1f1b" else dims.microbatches)
+        stages = [range(a, b) for a, b in zip(cut, cut[1:], strict=False)]
     else:
         compute = _compute(profile, dims, samples) * stretch
         pairs, odd = _tp_pairs(profile, samples)
@@ -151,5 +151,5 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         link, dims.dp, grad_bytes, backward_s=compute * 2 / 3, shard=dims.shard,
         copy_s_per_byte=profile.copy_s_per_byte * stretch,
     )  # fmt: skip
-    compute += _update(profile, dims) * stretch + setting.step_overhead_s
-    return Prediction(dims.layout, compute, comm, bubble, _memory(profile, dims, setting, held))
+    compute += max(_update(profile, dims, stage) for stage in stages) * stretch + setting.step_overhead_s
+    return Prediction(dims.layout, compute, comm, bubble, _peak(setting, dims, held, stages))

@@ -1,12 +1,13 @@
 """What a training step costs on N ranks beyond its model's work and its collectives: the
 engine's own loop (Python, the per-step agreement on finite gradients, the optimizer and
-scheduler calls, the small collectives' wake-ups).
+scheduler calls, the small collectives' wake-ups); and the memory a rank takes beyond its
+model's (the communication library's buffers, code first run while training).
 
 Measured once per placement and rank count by running the engine itself: a tiny model (an
 MLP with 8 hidden units on the digits, data parallel over every rank) whose compute takes
 microseconds trains STEPS steps by `shardwise train`, in a process of its own as a user
-would run it, and its median step, less what the cost model predicts for that model and
-layout, is the overhead every step of every layout pays. Cached beside the link
+would run it, and its median step and peak memory, less what the cost model predicts for
+that model and layout, are the overheads every step and every rank of every layout pay. Cached beside the link
 (`files.cache_dir`). The tiny run's own prediction counts no overhead (MEASURING_ENV): it is
 what is being measured.
 """
@@ -23,37 +24,37 @@ from pathlib import Path
 
 from shardwise.files import cache_dir, write_atomic
 
-VERSION = 1
+VERSION = 2
 STEPS = 30
 TINY = {"model.name": "mlp", "model.hidden": "8", "data.name": "digits"}
 MEASURING_ENV = "SHARDWISE_MEASURING_LOOP"  # set in the tiny run: its prediction adds no overhead
 
 
-def loop_overhead(cluster: str, nproc: int, predicted_tiny_s) -> float:
-    """Seconds a step of the engine's loop costs on `nproc` ranks placed by `cluster`,
-    beyond the model and its collectives. `predicted_tiny_s(cfg)`: the cost model's step for
-    the tiny run's config (the caller's model, so the two never disagree on what is counted)."""
+def loop_overhead(cluster: str, nproc: int) -> tuple[float, float]:
+    """Seconds a step of the engine's loop costs on `nproc` ranks placed by `cluster`, and
+    bytes a rank holds, beyond the model and its collectives: the tiny run's measured step
+    and peak less what the cost model predicted for it (its summary has both)."""
     from shardwise.cluster.placement import placement_for
 
     if os.environ.get(MEASURING_ENV):
-        return 0.0
+        return 0.0, 0.0
     placement = placement_for(cluster)
     path = cache_dir() / f"loop-{re.sub(r'[^A-Za-z0-9]+', '-', placement.describe(nproc))}.json"
     found = json.loads(path.read_text()) if path.is_file() else {}
-    if found.get("version") == VERSION:
-        return found["overhead_s"]
-    cfg = _tiny_config(nproc)
-    measured = _run_tiny(nproc, cluster)
-    predicted = predicted_tiny_s(cfg)
-    found = {
-        "version": VERSION,
-        "step_s": measured,
-        "predicted_s": predicted,
-        "overhead_s": max(0.0, measured - predicted),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(found))
-    return found["overhead_s"]
+    if found.get("version") != VERSION:
+        check = _run_tiny(nproc, cluster)
+        found = {
+            "version": VERSION,
+            "step_s": check["measured_step_s"],
+            "predicted_s": check["predicted"]["step_s"],
+            "peak_bytes": check["measured_peak_bytes"],
+            "predicted_peak_bytes": check["predicted"]["peak_bytes"],
+        }
+        found["overhead_s"] = max(0.0, found["step_s"] - found["predicted_s"])
+        found["overhead_bytes"] = max(0.0, found["peak_bytes"] - found["predicted_peak_bytes"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(found))
+    return found["overhead_s"], found["overhead_bytes"]
 
 
 def _settings(nproc: int) -> dict[str, str]:
@@ -64,14 +65,9 @@ def _settings(nproc: int) -> dict[str, str]:
     }
 
 
-def _tiny_config(nproc: int):
-    from shardwise.config import load_config
-
-    return load_config(None, _settings(nproc))
-
-
-def _run_tiny(nproc: int, cluster: str) -> float:
-    """The tiny run's median step (seconds), trained by `shardwise train` as any job is."""
+def _run_tiny(nproc: int, cluster: str) -> dict:
+    """The tiny run's measured and predicted step and peak (its summary's `model_check`),
+    trained by `shardwise train` as any job is."""
     from shardwise.errors import ShardwiseError
 
     with tempfile.TemporaryDirectory(prefix="shardwise-loop-") as tmp:
@@ -90,4 +86,8 @@ def _run_tiny(nproc: int, cluster: str) -> float:
                 "plan",
                 f"measuring the training loop's own cost on {nproc} ranks failed (exit {done.returncode}): {last}",
             )
-        return json.loads((out / "summary.json").read_text())["step_time_s"]
+        check = json.loads((out / "summary.json").read_text())["model_check"]
+        if "measured_peak_bytes" not in check:
+            why = check.get("none", "no memory measured")
+            raise ShardwiseError("plan", f"measuring the training loop's own cost on {nproc} ranks: {why}")
+        return check

@@ -1,0 +1,90 @@
+"""Each rank's peak memory under a layout: what it holds for the whole run, and the largest
+of the passing buffers its strategies allocate on top.
+
+Held: the parameters of the layers it holds (a pipeline stage's own layers; the head's
+Linear layers divided by tp; the first layer by vertical), their gradients and the
+optimizer's state (`optimizer_slots` tensors of a parameter's size), divided by dp where
+the layout shards them (ZeRO-1: the state; FSDP2: all three); and the engine's own bytes
+per rank, measured with a tiny model (`plan/overhead.py`).
+
+Passing, the largest of:
+- the backward: the activations kept for it (every layer's output, for the samples in
+  flight: a pipeline keeps P micro-batches under 1F1B, all M under GPipe), plus, where
+  gradients accumulate over micro-batches, the largest parameter's fresh gradient before it
+  joins the sum, plus, under DDP, a second copy of the gradients once (DDP rebuilds its
+  buckets, in the order the first backward produced them, while the old ones still hold
+  the gradients);
+- ZeRO-1's step: this rank's slice joined (1/dp), the gathered parameters (1) and the
+  collective's own copy of them (1), as `sync_seconds` counts their copy passes;
+- FSDP2's backward: the largest unit regathered (its all-gather buffer and the unsharded
+  parameters, 2), its unsharded gradient and the reduce-scatter's input (2), and the next
+  unit prefetched (2), on top of the activations;
+- the evaluation at the end of the run (the gradients still held): one validation batch's
+  input and two layer outputs at a time (no autograd keeps the rest).
+"""
+
+from __future__ import annotations
+
+from shardwise.plan.profile import LayerProfile, ModelProfile
+from shardwise.topology import ParallelDims
+
+VAL_BATCH = 512  # the samples of one validation forward (data/loader.py, `val_batches`)
+
+
+def _first(layers: tuple[LayerProfile, ...]) -> int:
+    return next((i for i, x in enumerate(layers) if x.kind != "other"), 0)
+
+
+def _held(layer: LayerProfile, dims: ParallelDims, first: bool) -> float:
+    """The bytes of `layer`'s parameters a rank holds."""
+    if layer.name.startswith("head.") and layer.kind == "linear":
+        return layer.param_bytes / dims.tp
+    return layer.param_bytes / dims.vertical if first else float(layer.param_bytes)
+
+
+def held_params(profile: ModelProfile, dims: ParallelDims, stage: range | None = None) -> float:
+    """The parameter bytes a rank holds, before any sharding of data-parallel replicas (of
+    the layers in `stage`, a pipeline's)."""
+    first = _first(profile.layers)
+    idx = stage if stage is not None else range(len(profile.layers))
+    return sum(_held(profile.layers[i], dims, i == first) for i in idx)
+
+
+def rank_peak(
+    profile: ModelProfile,
+    dims: ParallelDims,
+    *,
+    slots: int,
+    samples_held: float,
+    stage: range | None = None,
+    accumulate: bool = False,
+    val_samples: int = 0,
+    overhead_bytes: float = 0.0,
+) -> float:
+    """The peak bytes of a rank holding the layers in `stage` (all, outside a pipeline)
+    with `samples_held` samples' activations kept for the backward."""
+    idx = stage if stage is not None else range(len(profile.layers))
+    first = _first(profile.layers)
+    units = sorted((_held(profile.layers[i], dims, i == first) for i in idx), reverse=True) + [0.0, 0.0]
+    params = held_params(profile, dims, stage)
+    grads, state = params, slots * params
+    if dims.shard == "full":
+        params, grads, state = params / dims.dp, grads / dims.dp, state / dims.dp
+    elif dims.shard == "optimizer":
+        state /= dims.dp
+    spread = dims.spatial
+    activations = sum(profile.layers[i].out_bytes_per_sample for i in idx) * samples_held / spread
+    backward = activations + (units[0] if accumulate else 0.0)
+    if dims.dp > 1 and dims.shard in ("none", "optimizer"):
+        backward += grads  # DDP's bucket rebuild
+    passing = [backward]
+    if dims.dp > 1 and dims.shard == "optimizer":
+        passing.append((2 + 1 / dims.dp) * params)
+    if dims.dp > 1 and dims.shard == "full":
+        passing.append(activations + 4 * units[0] + 2 * units[1])
+    if val_samples:
+        per_rank = min(VAL_BATCH, -(-val_samples // dims.dp))
+        outputs = sorted((profile.layers[i].out_bytes_per_sample for i in idx), reverse=True) + [0, 0]
+        taken = profile.layers[idx[0]].in_bytes_per_sample if len(idx) else 0
+        passing.append(per_rank * (taken + outputs[0] + outputs[1]) / spread)
+    return params + grads + state + max(passing) + overhead_bytes
