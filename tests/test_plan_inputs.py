@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import sys
 
 import pytest
 import torch
 
 from shardwise.config import ModelConfig
 from shardwise.models import build_model
+from shardwise.plan.activations import measure_in_child
 from shardwise.plan.profile import ModelProfile, cached, fit_line, profile_key, profile_model
 
 
@@ -116,3 +119,18 @@ def test_only_what_the_model_takes_is_tried():
 
 
 SHARDS = ("none", "optimizer", "full")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="measured from the kernel's VmHWM")
+def test_the_passes_memory_is_measured_per_sample_in_a_process_of_its_own():
+    # an MLP 64-1024-1024-10 on 8x8 digits: autograd keeps the input (256 B) and each
+    # ReLU's output (4 KiB, the next Linear's input too), and the backward holds one
+    # activation's gradient (4 KiB) at a time: about 12 KiB a sample
+    spec = {"model": dataclasses.asdict(ModelConfig(name="mlp", hidden=[1024, 1024])), "in_shape": [1, 8, 8]}
+    spec |= {"num_classes": 10, "dtype": "float32", "seed": 0, "train_samples": 512, "eval_samples": 512}
+    found = measure_in_child(spec)
+    kept = 3 * 4096 + 256
+    assert 0.8 * kept < found["train"] < 1.25 * kept
+    # a no_grad forward holds a layer's input and output at a time: the 1024-wide two
+    assert 0.8 * 2 * 4096 < found["eval"] < 1.25 * 2 * 4096
+    assert 0 <= found["train_fixed"] < 64 * 2**20  # the autograd engine's set-up, once

@@ -81,6 +81,21 @@ def test_each_strategys_passing_buffers_and_the_largest_stage_set_the_peak():
         assert predict(cfg, 2, more).memory_bytes - predict(cfg, 2, _setting()).memory_bytes == pytest.approx(1e6)
 
 
+def test_measured_pass_memory_replaces_the_count_of_outputs():
+    measured = dataclasses.replace(
+        PROFILE, train_fixed_bytes=7000, train_bytes_per_sample=2000, eval_bytes_per_sample=900
+    )
+    setting = dataclasses.replace(_setting(), profile=measured, val_samples=100)
+    # dp=2: the set-up kept; 32 samples' passes and DDP's rebuild outweigh the evaluation's 50
+    p = predict(ParallelConfig(), 2, setting)
+    assert p.memory_bytes == pytest.approx(3 * PARAMS + 7000 + max(32 * 2000 + PARAMS, 50 * 900))
+    # a pipeline stage takes its share of the per-sample bytes by its layers' outputs; with
+    # dp = 1 it evaluates all 100 validation samples
+    pipe = predict(ParallelConfig(pp=2, microbatches=4), 2, setting)
+    share = (400 + 200 + 200 + 40) / OUTPUTS
+    assert pipe.memory_bytes == pytest.approx(3 * 4800 + 7000 + max(32 * 2000 * share + 4000, 100 * 900 * share))
+
+
 def test_tensor_parallel_halves_the_head():
     p = predict(ParallelConfig(tp=2), 2, _setting())
     assert p.compute_s == pytest.approx(64 * (1e-4 + 2e-4 / 2 + 1e-4 / 2))

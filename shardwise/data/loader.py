@@ -15,6 +15,8 @@ from shardwise.data.report import balance_report
 from shardwise.data.sampler import BatchPlan, check_batch_layout
 from shardwise.data.sources import Dataset
 
+VAL_BATCH = 512  # samples of one validation forward
+
 
 @dataclass
 class RankData:
@@ -34,7 +36,7 @@ class RankData:
         y = torch.from_numpy(self.dataset.y_train[idx]).to(self.device, non_blocking=True)
         return list(zip(x.chunk(self.grad_accum), y.chunk(self.grad_accum), strict=True))
 
-    def val_batches(self, batch: int = 512) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def val_batches(self, batch: int = VAL_BATCH) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's contiguous slice of the validation set (slices may differ by one),
         in the same number of batches on every rank: sharded layouts run a collective
         per forward, so every rank must run as many."""

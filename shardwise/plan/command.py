@@ -53,7 +53,9 @@ def measured_profile(cfg: Config) -> tuple[ModelProfile, ModelShape, int]:
     """The model's layer profile (cached), what its structure takes, and the validation
     set's size."""
     from shardwise.data import load_source
+    from shardwise.data.loader import VAL_BATCH
     from shardwise.models import build_model
+    from shardwise.plan.activations import measure_in_child
     from shardwise.train.optim import optimizer_for
 
     dataset = load_source(cfg.data, seed=cfg.train.seed)
@@ -67,7 +69,12 @@ def measured_profile(cfg: Config) -> tuple[ModelProfile, ModelShape, int]:
     key = profile_key(dataclasses.asdict(cfg.model), dataset.in_shape, dtype, torch.device("cpu"), sizes, update)
     sample = torch.from_numpy(dataset.x_train[0]).to(dtype)
     step = functools.partial(optimizer_for, t)
-    profile = cached(cache_dir(), key, lambda: profile_model(model, sample, key, sizes=sizes, optimizer=step))
+    spec = {"model": dataclasses.asdict(cfg.model), "in_shape": list(dataset.in_shape), "dtype": t.dtype}
+    spec |= {"num_classes": dataset.num_classes, "seed": t.seed, "train_samples": max(sizes), "eval_samples": VAL_BATCH}
+    passes = functools.partial(measure_in_child, spec)
+    profile = cached(
+        cache_dir(), key, lambda: profile_model(model, sample, key, sizes=sizes, optimizer=step, passes=passes)
+    )
     return profile, ModelShape.of(model, sample), len(dataset.y_val)
 
 

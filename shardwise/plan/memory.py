@@ -4,12 +4,17 @@ of the passing buffers its strategies allocate on top.
 Held: the parameters of the layers it holds (a pipeline stage's own layers; the head's
 Linear layers divided by tp; the first layer by vertical), their gradients and the
 optimizer's state (`optimizer_slots` tensors of a parameter's size), divided by dp where
-the layout shards them (ZeRO-1: the state; FSDP2: all three); and the engine's own bytes
-per rank, measured with a tiny model (`plan/overhead.py`).
+the layout shards them (ZeRO-1: the state; FSDP2: all three); what the model's first
+pass sets up once and keeps (the autograd engine, the kernels' primitives: measured,
+`plan/activations.py`); and the engine's own bytes per rank, measured with a tiny model
+(`plan/overhead.py`).
 
 Passing, the largest of:
-- the backward: the activations kept for it (every layer's output, for the samples in
-  flight: a pipeline keeps P micro-batches under 1F1B, all M under GPipe), plus, where
+- the backward: the activations kept for it and what it allocates as it runs, for the
+  samples in flight (a pipeline keeps P micro-batches under 1F1B, all M under GPipe):
+  measured per sample on the whole model (`plan/activations.py`), a stage's share in
+  proportion to its layers' outputs; counted as every layer's output where it could not
+  be measured; plus, where
   gradients accumulate over micro-batches, the largest parameter's fresh gradient before it
   joins the sum, plus, under DDP, a second copy of the gradients once (DDP rebuilds its
   buckets, in the order the first backward produced them, while the old ones still hold
@@ -19,16 +24,16 @@ Passing, the largest of:
 - FSDP2's backward: the largest unit regathered (its all-gather buffer and the unsharded
   parameters, 2), its unsharded gradient and the reduce-scatter's input (2), and the next
   unit prefetched (2), on top of the activations;
-- the evaluation at the end of the run (the gradients still held): one validation batch's
-  input and two layer outputs at a time (no autograd keeps the rest).
+- the evaluation at the end of the run (the gradients still held): one validation batch,
+  at the measured evaluation bytes per sample (counted: its input and two layer outputs
+  at a time, as no autograd keeps the rest).
 """
 
 from __future__ import annotations
 
+from shardwise.data.loader import VAL_BATCH
 from shardwise.plan.profile import LayerProfile, ModelProfile
 from shardwise.topology import ParallelDims
-
-VAL_BATCH = 512  # the samples of one validation forward (data/loader.py, `val_batches`)
 
 
 def _first(layers: tuple[LayerProfile, ...]) -> int:
@@ -73,7 +78,10 @@ def rank_peak(
     elif dims.shard == "optimizer":
         state /= dims.dp
     spread = dims.spatial
-    activations = sum(profile.layers[i].out_bytes_per_sample for i in idx) * samples_held / spread
+    counted = sum(profile.layers[i].out_bytes_per_sample for i in idx)  # this rank's layers' outputs
+    share = counted / max(1, sum(layer.out_bytes_per_sample for layer in profile.layers))
+    per_sample = profile.train_bytes_per_sample * share if profile.train_bytes_per_sample else counted
+    activations = per_sample * samples_held / spread
     backward = activations + (units[0] if accumulate else 0.0)
     if dims.dp > 1 and dims.shard in ("none", "optimizer"):
         backward += grads  # DDP's bucket rebuild
@@ -86,5 +94,7 @@ def rank_peak(
         per_rank = min(VAL_BATCH, -(-val_samples // dims.dp))
         outputs = sorted((profile.layers[i].out_bytes_per_sample for i in idx), reverse=True) + [0, 0]
         taken = profile.layers[idx[0]].in_bytes_per_sample if len(idx) else 0
-        passing.append(per_rank * (taken + outputs[0] + outputs[1]) / spread)
-    return params + grads + state + max(passing) + overhead_bytes
+        evaluated = profile.eval_bytes_per_sample * share or taken + outputs[0] + outputs[1]
+        passing.append(per_rank * evaluated / spread)
+    # what the first pass sets up once stays (the autograd engine, the kernels' primitives)
+    return params + grads + state + profile.train_fixed_bytes + max(passing) + overhead_bytes

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from shardwise.files import cache_dir, write_atomic
 
-VERSION = 2
+VERSION = 4
 STEPS = 30
 TINY = {"model.name": "mlp", "model.hidden": "8", "data.name": "digits"}
 MEASURING_ENV = "SHARDWISE_MEASURING_LOOP"  # set in the tiny run: its prediction adds no overhead

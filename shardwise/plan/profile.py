@@ -1,6 +1,7 @@
 """A model's measured cost, layer by layer: forward + backward time as a line in the
 number of samples (fixed + per_sample x samples, fitted over a few batch sizes), the bytes
-of its parameters and of the activation it hands on per sample; and the optimizer's update
+of its parameters and of the activation it hands on per sample; the memory a training and
+an evaluation pass take per sample (`plan/activations.py`); and the optimizer's update
 with the step's other work on gradients, in seconds per parameter byte (memory-bound passes
 over parameters, gradients and state); and a copy of the parameters into fresh memory,
 per byte (what the sharded layouts and the parameter server pay around their messages).
@@ -26,7 +27,7 @@ from torch import nn
 from shardwise.files import write_atomic
 from shardwise.parallel.pipeline import profile_layers
 
-VERSION = 2  # of what a profile measures: a profile of another version is measured again
+VERSION = 6  # of what a profile measures: a profile of another version is measured again
 BATCH_SIZES = (8, 32, 64)  # samples per profiled pass by default: a line through these times
 
 
@@ -60,6 +61,9 @@ class ModelProfile:
     layers: tuple[LayerProfile, ...]
     update_s_per_byte: float = 0.0  # the optimizer's step and the gradients' upkeep, per parameter byte
     copy_s_per_byte: float = 0.0  # a copy of the parameters into fresh memory (a flat buffer), per byte
+    train_fixed_bytes: float = 0.0  # a forward + backward's memory beyond weights and gradients: fixed
+    train_bytes_per_sample: float = 0.0  # and per sample (0: unmeasured)
+    eval_bytes_per_sample: float = 0.0  # an evaluation forward's, under no_grad (plan/activations.py)
 
     def seconds(self, samples: float) -> float:
         """Forward + backward of the whole model on `samples` samples, one process."""
@@ -70,15 +74,16 @@ class ModelProfile:
         return sum(layer.param_bytes for layer in self.layers)
 
     def to_json(self) -> str:
+        figures = {k: v for k, v in asdict(self).items() if k not in ("key", "layers")}
         layers = [asdict(layer) for layer in self.layers]
-        rates = {"update_s_per_byte": self.update_s_per_byte, "copy_s_per_byte": self.copy_s_per_byte}
-        return json.dumps({"key": self.key, "layers": layers, **rates}, indent=1)
+        return json.dumps({"key": self.key, "layers": layers, **figures}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> ModelProfile:
         data = json.loads(text)
         layers = tuple(LayerProfile(**layer) for layer in data["layers"])
-        return cls(data["key"], layers, data.get("update_s_per_byte", 0.0), data.get("copy_s_per_byte", 0.0))
+        figures = {k: v for k, v in data.items() if k not in ("key", "layers")}
+        return cls(data["key"], layers, **figures)
 
 
 def fit_line(samples: list[float], seconds: list[float]) -> tuple[float, float]:
@@ -140,10 +145,12 @@ def profile_model(
     repeats: int = 5,
     sizes: tuple[int, ...] = BATCH_SIZES,
     optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
+    passes: Callable[[], dict[str, float]] | None = None,
 ) -> ModelProfile:
     """Time every layer of `model` (a `features` then a `head` nn.Sequential) on batches of
-    `sizes` copies of `sample` (one sample, without the batch dimension), and a step of
-    `optimizer` (built over a list of parameters) where one is given."""
+    `sizes` copies of `sample` (one sample, without the batch dimension), a step of
+    `optimizer` (built over a list of parameters) where one is given, and the training
+    and evaluation passes' bytes per sample that `passes` measures (`plan/activations.py`)."""
     from shardwise.parallel.pipeline import model_layers
 
     runs = [profile_layers(model, sample.expand(n, *sample.shape).contiguous(), repeats) for n in sizes]
@@ -167,7 +174,9 @@ def profile_model(
     param_bytes = sum(layer.param_bytes for layer in layers)
     update = update_seconds(model, optimizer) / param_bytes if optimizer is not None and param_bytes else 0.0
     copy = copy_seconds(model) / param_bytes if param_bytes else 0.0
-    return ModelProfile(key, tuple(layers), update, copy)
+    found = passes() if passes is not None else {}
+    memory = (found.get("train_fixed", 0.0), found.get("train", 0.0), found.get("eval", 0.0))
+    return ModelProfile(key, tuple(layers), update, copy, *memory)
 
 
 def profile_key(

@@ -1,0 +1,107 @@
+"""The memory a model's passes take beyond its weights, measured per sample: a training
+forward + backward (what autograd keeps for the backward and what the backward allocates
+while it runs, the parameters' gradients left out) and an evaluation forward under
+`no_grad` (each layer's input and output alive at once, and whatever the kernels allocate
+beside: a convolution's reordered copies and its primitives' scratch memory). Counting
+only each layer's output misses those; the planner's memory model takes these figures
+where they were measured.
+
+Measured in a process of its own (`python -m shardwise.plan.activations SPEC`), as the
+growth of its peak resident memory (VmHWM, reset before each pass) over the first pass at
+each batch size (as in a run, what kernels set up once per shape is in the figure; what
+the process sets up once, the autograd engine, is told apart by a second batch size), with
+glibc's allocator told to give every freed block of 64 KiB or more straight back to the
+system (`MALLOC_MMAP_THRESHOLD_`): a freed block it kept would be reused without raising
+the peak, and the figure would read low. That setting slows every allocation, so it stays
+out of the process that times the layers. Elsewhere than Linux: not measured (0), and the
+memory model counts layer outputs instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from torch import nn
+
+GIVE_BACK_ABOVE = str(64 * 1024)
+
+
+def measure_in_child(spec: dict) -> dict[str, float]:
+    """`pass_bytes` for the model `spec` names (`model`: the [model] settings, `in_shape`,
+    `num_classes`, `dtype`, `seed`, `train_samples`, `eval_samples`), measured in a fresh
+    process; {} where it cannot be."""
+    if not sys.platform.startswith("linux"):
+        return {}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": GIVE_BACK_ABOVE, "MALLOC_TRIM_THRESHOLD_": GIVE_BACK_ABOVE}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # a model of the user's own imports as here
+    done = subprocess.run(
+        [sys.executable, "-m", "shardwise.plan.activations", json.dumps(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        return {}  # counted instead: the timing profile does not depend on this
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _peak_growth(run) -> int:
+    from shardwise.train.memory import measured_bytes, start_measuring
+
+    cpu = torch.device("cpu")
+    start = start_measuring(cpu)
+    run()
+    _, peak, _ = measured_bytes(cpu, start)
+    return max(0, peak - start)
+
+
+def pass_bytes(model: nn.Module, sample: torch.Tensor, train_samples: int, eval_samples: int) -> dict[str, float]:
+    """What the passes take beyond the weights, in this process: `train_fixed` and
+    `train` (bytes per sample) of a forward + backward, from the first on `train_samples`
+    copies of `sample` and the first on twice as many (the process's one-time set-up, the
+    autograd engine's, falls in the fixed part); and `eval`, per sample of the first
+    `no_grad` forward on `eval_samples`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = sum(p.numel() * p.element_size() for p in params)
+
+    def step(n: int):
+        def run():
+            model(sample.expand(n, *sample.shape).contiguous()).float().sum().backward()
+            for p in params:
+                p.grad = None
+
+        return run
+
+    model.train()
+    first = max(0, _peak_growth(step(train_samples)) - grads)
+    second = max(0, _peak_growth(step(2 * train_samples)) - grads)
+    per_sample = second / (2 * train_samples)
+    model.eval()
+    with torch.no_grad():
+        evaluated = _peak_growth(lambda: model(sample.expand(eval_samples, *sample.shape).contiguous()))
+    return {
+        "train_fixed": max(0.0, first - per_sample * train_samples),
+        "train": per_sample,
+        "eval": evaluated / eval_samples,
+    }
+
+
+def _main(text: str) -> None:
+    from shardwise.config import ModelConfig
+    from shardwise.models import build_model
+
+    spec = json.loads(text)
+    torch.set_num_threads(1)  # as a rank computes
+    torch.manual_seed(spec["seed"])
+    dtype = getattr(torch, spec["dtype"])
+    model = build_model(ModelConfig(**spec["model"]), tuple(spec["in_shape"]), spec["num_classes"]).to(dtype)
+    sample = torch.randn(spec["in_shape"]).to(dtype)
+    print(json.dumps(pass_bytes(model, sample, spec["train_samples"], spec["eval_samples"])))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
