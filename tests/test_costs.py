@@ -69,6 +69,11 @@ def test_data_parallel_sync_by_hand():
     assert zero == pytest.approx(18e-3 + 2.25 * 0.8e-3)
     fsdp = sync_seconds(hides_none, 4, 8 * mb, backward_s=1.0, shard="full", **copy)
     assert fsdp == pytest.approx(18e-3 + 6 * 0.8e-3)
+    # FSDP2 runs its three collectives once per unit: 5 units pay 5 x 3 calls at 1 ms each
+    per_call = Link(0.0, 1e-9, {"all_gather": (1e-3, 1.0), "reduce_scatter": (1e-3, 1.0)}, overlap=0.0)
+    one = sync_seconds(per_call, 4, 8 * mb, backward_s=1.0, shard="full")
+    assert one == pytest.approx(3 * 1e-3 + 3 * 0.75 * 8e-3)
+    assert sync_seconds(per_call, 4, 8 * mb, backward_s=1.0, shard="full", units=5) == pytest.approx(one + 12e-3)
     assert sync_seconds(NOLAT, 4, 8 * mb, backward_s=1.0, shard="none", **copy) == pytest.approx(12e-3)  # DDP: none
     # a link where compute beside a collective slows it by half again (measured overlap -0.5):
     # the three buckets issued during a long backward cost 1.5 x their time

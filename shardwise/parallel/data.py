@@ -86,7 +86,13 @@ DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
 
 
 def sync_seconds(
-    link: Link, dp: int, grad_bytes: float, backward_s: float, shard: str, copy_s_per_byte: float = 0.0
+    link: Link,
+    dp: int,
+    grad_bytes: float,
+    backward_s: float,
+    shard: str,
+    copy_s_per_byte: float = 0.0,
+    units: int = 1,
 ) -> float:
     """The communication a step of data parallelism leaves exposed (the planner's cost model).
 
@@ -97,7 +103,9 @@ def sync_seconds(
     all-reduce, then an all-gather of the updated slices after the step, which nothing
     overlaps. full (FSDP2): each unit's parameters are all-gathered before its forward and
     again before its backward, its gradient reduce-scattered after: three passes over the
-    parameters' bytes, beside the compute as FSDP2 prefetches and reduces asynchronously.
+    parameters' bytes, in three collectives per unit (`units`: one per layer that holds
+    parameters, each paying a collective's cost per call), beside the compute as FSDP2
+    prefetches and reduces asynchronously.
 
     The sharded modes also copy around their collectives, each a pass over fresh memory at
     `copy_s_per_byte`: ZeRO-1 joins its slice (1/dp), takes the gathered parameters into a
@@ -108,7 +116,8 @@ def sync_seconds(
     if dp <= 1:
         return 0.0
     if shard == "full":
-        passes = 2 * all_gather(link, dp, grad_bytes) + reduce_scatter(link, dp, grad_bytes)
+        each = grad_bytes / units
+        passes = units * (2 * all_gather(link, dp, each) + reduce_scatter(link, dp, each))
         copies = (2 * (2 + 1 / dp) + 1 + 2 / dp) * grad_bytes * copy_s_per_byte
         return beside(link, passes, 1.5 * backward_s) + copies
     buckets = max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES))

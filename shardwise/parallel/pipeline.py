@@ -71,7 +71,9 @@ def _clear_grads(model: nn.Module) -> None:
 
 
 def profile_layers(model: nn.Module, x: Tensor, repeats: int = 3) -> list[LayerCost]:
-    """Forward + backward time of each layer on `x` (median of `repeats` passes)."""
+    """Forward + backward time of each layer on `x` (median of `repeats` passes), each
+    backward making its parameters' gradients anew, as a training step does after
+    `zero_grad(set_to_none=True)` (not adding into the last pass's)."""
     layers = model_layers(model)
     times: list[list[float]] = [[] for _ in layers]
     sizes: list[int] = [0] * len(layers)
@@ -80,6 +82,7 @@ def profile_layers(model: nn.Module, x: Tensor, repeats: int = 3) -> list[LayerC
         h = x
         for i, (_, layer) in enumerate(layers):
             inp = h.detach().requires_grad_(h.is_floating_point())
+            _clear_grads(layer)
             started = time.perf_counter()
             with torch.enable_grad():
                 out = layer(inp)

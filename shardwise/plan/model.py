@@ -150,6 +150,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
     comm += sync_seconds(
         link, dims.dp, grad_bytes, backward_s=compute * 2 / 3, shard=dims.shard,
         copy_s_per_byte=profile.copy_s_per_byte * stretch,
+        units=max(1, sum(1 for layer in profile.layers if layer.param_bytes)),
     )  # fmt: skip
     compute += max(_update(profile, dims, stage) for stage in stages) * stretch + setting.step_overhead_s
     return Prediction(dims.layout, compute, comm, bubble, _peak(setting, dims, held, stages))

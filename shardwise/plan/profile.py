@@ -27,7 +27,7 @@ from torch import nn
 from shardwise.files import write_atomic
 from shardwise.parallel.pipeline import profile_layers
 
-VERSION = 6  # of what a profile measures: a profile of another version is measured again
+VERSION = 7  # of what a profile measures: a profile of another version is measured again
 BATCH_SIZES = (8, 32, 64)  # samples per profiled pass by default: a line through these times
 
 
@@ -106,18 +106,16 @@ def _kind(module: nn.Module) -> str:
 
 def update_seconds(model: nn.Module, optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer]) -> float:
     """Seconds of what a training step does once per parameter besides the forward and
-    backward, on a copy of `model`'s parameters: their gradients freed and made anew (as
-    `zero_grad(set_to_none=True)` and the next backward do: fresh memory, faulted in), the
-    one-pass check that every gradient is finite, and a step of the optimizer
-    `optimizer(params)` builds. The median of five, after two that allocate its state."""
+    backward (whose layer times include making the gradients anew), on a copy of
+    `model`'s parameters: the one-pass check that every gradient is finite, and a step of
+    the optimizer `optimizer(params)` builds. The median of five, after two that allocate
+    its state."""
     params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
     opt, times, found, one = optimizer(params), [], torch.zeros(()), torch.ones(())
+    for p in params:
+        p.grad = torch.empty_like(p).fill_(1e-3)
     for i in range(7):
         started = time.perf_counter()
-        for p in params:
-            p.grad = None
-        for p in params:
-            p.grad = torch.empty_like(p).fill_(1e-3)
         torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in params], found, one)
         opt.step()
         if i >= 2:
