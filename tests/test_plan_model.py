@@ -96,6 +96,14 @@ def test_measured_pass_memory_replaces_the_count_of_outputs():
     assert pipe.memory_bytes == pytest.approx(3 * 4800 + 7000 + max(32 * 2000 * share + 4000, 100 * 900 * share))
 
 
+def test_micro_batches_after_the_first_add_their_gradients_into_the_steps():
+    adding = dataclasses.replace(_setting(), profile=dataclasses.replace(PROFILE, accumulate_s_per_byte=1e-6))
+    p = predict(ParallelConfig(pp=2, microbatches=4), 2, adding)
+    # 3 of the 4 micro-batches add a pass over the stage's parameters: the head's stage
+    # (4800 bytes) takes 4.8 ms + 3/4 x 4.8 ms a micro-batch
+    assert p.compute_s == pytest.approx(4 * (16 * 3e-4 + 0.75 * 4800 * 1e-6))
+
+
 def test_tensor_parallel_halves_the_head():
     p = predict(ParallelConfig(tp=2), 2, _setting())
     assert p.compute_s == pytest.approx(64 * (1e-4 + 2e-4 / 2 + 1e-4 / 2))

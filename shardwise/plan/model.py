@@ -126,7 +126,10 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
     bubble, stages = 0.0, [None]
     if dims.pp > 1:
         micro = samples / dims.microbatches
-        times = [layer.seconds(micro) * stretch for layer in profile.layers]
+        # each micro-batch after the first adds its gradients into the step's: on average
+        # (M - 1) / M of a pass over the layer's parameters, a micro-batch
+        adds = profile.accumulate_s_per_byte * (dims.microbatches - 1) / dims.microbatches
+        times = [(layer.seconds(micro) + adds * layer.param_bytes) * stretch for layer in profile.layers]
         cut = choose_cut(times, dims.pp) + [len(times)]
         stage_s = [sum(times[a:b]) for a, b in zip(cut, cut[1:], strict=False)]
         boundary = [profile.layers[b - 1].out_bytes_per_sample * micro for b in cut[1:-1]]

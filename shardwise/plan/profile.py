@@ -27,7 +27,7 @@ from torch import nn
 from shardwise.files import write_atomic
 from shardwise.parallel.pipeline import profile_layers
 
-VERSION = 7  # of what a profile measures: a profile of another version is measured again
+VERSION = 8  # of what a profile measures: a profile of another version is measured again
 BATCH_SIZES = (8, 32, 64)  # samples per profiled pass by default: a line through these times
 
 
@@ -64,6 +64,7 @@ class ModelProfile:
     train_fixed_bytes: float = 0.0  # a forward + backward's memory beyond weights and gradients: fixed
     train_bytes_per_sample: float = 0.0  # and per sample (0: unmeasured)
     eval_bytes_per_sample: float = 0.0  # an evaluation forward's, under no_grad (plan/activations.py)
+    accumulate_s_per_byte: float = 0.0  # a micro-batch's gradient added into the step's, per parameter byte
 
     def seconds(self, samples: float) -> float:
         """Forward + backward of the whole model on `samples` samples, one process."""
@@ -123,6 +124,19 @@ def update_seconds(model: nn.Module, optimizer: Callable[[list[torch.Tensor]], t
     return statistics.median(times)
 
 
+def accumulate_seconds(model: nn.Module) -> float:
+    """Seconds to add a fresh gradient into every parameter's kept one, as each micro-batch
+    after a step's first does (the median of five)."""
+    kept = [torch.zeros_like(p) for p in model.parameters()]
+    fresh = [torch.ones_like(p) for p in model.parameters()]
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        torch._foreach_add_(kept, fresh)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def copy_seconds(model: nn.Module) -> float:
     """Seconds to copy `model`'s parameters into one fresh flat buffer, as the sharded
     layouts and the parameter server do around their collectives (the median of five)."""
@@ -172,9 +186,10 @@ def profile_model(
     param_bytes = sum(layer.param_bytes for layer in layers)
     update = update_seconds(model, optimizer) / param_bytes if optimizer is not None and param_bytes else 0.0
     copy = copy_seconds(model) / param_bytes if param_bytes else 0.0
+    accumulate = accumulate_seconds(model) / param_bytes if param_bytes else 0.0
     found = passes() if passes is not None else {}
     memory = (found.get("train_fixed", 0.0), found.get("train", 0.0), found.get("eval", 0.0))
-    return ModelProfile(key, tuple(layers), update, copy, *memory)
+    return ModelProfile(key, tuple(layers), update, copy, *memory, accumulate)
 
 
 def profile_key(
