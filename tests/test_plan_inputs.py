@@ -108,14 +108,16 @@ def test_only_what_the_model_takes_is_tried():
 
     mlp = build_model(ModelConfig(name="mlp"), (1, 8, 8), 10)
     shape = ModelShape.of(mlp)
-    assert shape.tp and shape.pp and shape.vertical and shape.spatial == 1
+    assert shape.tp and shape.vertical and shape.spatial == 1
+    assert shape.pp == 3  # three Linear layers, each with the activation after it: at most 3 stages
     assert not any(c.spatial > 1 for c in layouts(4, batch=64, shape=shape))
+    assert max(c.pp for c in layouts(8, batch=64, shape=shape)) == 2  # 4 and 8 stages would leave one without weights
     convnet = ModelShape.of(build_model(ModelConfig(), (1, 8, 8), 10), torch.zeros(1, 8, 8))
     assert not convnet.vertical  # a convolution first: vertical ranks would need whole channels
     assert 1 < convnet.spatial < 8  # pooling halves the 8 rows the first convolutions see
     assert max(c.spatial for c in layouts(8, batch=64, shape=convnet)) <= convnet.spatial
     plain = ModelShape.of(torch.nn.Linear(4, 2))
-    assert (plain.tp, plain.pp, plain.spatial, plain.vertical) == (False, False, 1, True)
+    assert (plain.tp, plain.pp, plain.spatial, plain.vertical) == (False, 1, 1, True)
 
 
 SHARDS = ("none", "optimizer", "full")
@@ -134,3 +136,31 @@ def test_the_passes_memory_is_measured_per_sample_in_a_process_of_its_own():
     # a no_grad forward holds a layer's input and output at a time: the 1024-wide two
     assert 0.8 * 2 * 4096 < found["eval"] < 1.25 * 2 * 4096
     assert 0 <= found["train_fixed"] < 64 * 2**20  # the autograd engine's set-up, once
+
+
+def test_a_failed_memory_measurement_says_why_and_is_measured_again(tmp_path, capsys):
+    spec = {"model": {"name": "no_such_module:build"}, "in_shape": [1, 8, 8], "num_classes": 10}
+    spec |= {"dtype": "float32", "seed": 0, "train_samples": 8, "eval_samples": 8}
+    found = measure_in_child(spec) if sys.platform.startswith("linux") else {"failed": "(not measured here)"}
+    assert set(found) == {"failed"} and "no_such_module" in found["failed"], found
+    model, key = _mlp()
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return profile_model(model, torch.randn(1, 8, 8), key, repeats=1, passes=lambda: found)
+
+    first = cached(tmp_path, key, measure)
+    assert first.memory_unmeasured == found["failed"] and first.train_bytes_per_sample == 0
+    assert "memory counted from the layers' outputs" in capsys.readouterr().err
+    cached(tmp_path, key, measure)
+    assert len(calls) == 2 and not list(tmp_path.iterdir())  # nothing kept: the next plan measures again
+
+
+def test_the_tiny_run_that_measures_the_loop_adds_no_loop_of_its_own(tmp_path, monkeypatch):
+    from shardwise.plan import overhead
+
+    monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path))
+    monkeypatch.setenv(overhead.MEASURING_ENV, "1")
+    monkeypatch.setattr(overhead, "_run_tiny", lambda *a: pytest.fail("the tiny run measured itself"))
+    assert overhead.loop_overhead("local", 2) == (0.0, 0.0) and not list(tmp_path.iterdir())

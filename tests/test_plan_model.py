@@ -67,14 +67,25 @@ def test_each_strategys_passing_buffers_and_the_largest_stage_set_the_peak():
     zero = predict(ParallelConfig(shard="optimizer"), 2, _setting())
     # the backward (activations and DDP's rebuild) outweighs the step's joined slice and gathered copies
     assert zero.memory_bytes == pytest.approx(2.5 * PARAMS + 32 * OUTPUTS + PARAMS)
-    # a pipeline of 2 stages, 4 micro-batches of 16, 1F1B: 2 in flight. The second stage
-    # (features.1 and the head) holds the most: its weights, its activations, and head.0's
-    # fresh gradient before it is summed
+    # a pipeline of 2 stages, 4 micro-batches of 16, cut between layers with weights: the
+    # features (1e-4 s a sample) | the head (3e-4 s), as the head with the features' ReLU
+    # would cost as much. Under 1F1B the first stage keeps 2 micro-batches for its backward,
+    # the last 1; under GPipe both keep all 4. Each also holds its weights, gradients and
+    # momentum and its largest layer's fresh gradient before it is summed
+    first, last = 3 * 1000 + 1000, 3 * 4800 + 4000
     pipe = predict(ParallelConfig(pp=2, microbatches=4), 2, _setting())
-    assert pipe.memory_bytes == pytest.approx(3 * 4800 + 32 * (400 + 200 + 200 + 40) + 4000)
+    assert pipe.memory_bytes == pytest.approx(max(first + 32 * (400 + 400), last + 16 * (200 + 200 + 40)))
+    gpipe = predict(ParallelConfig(pp=2, microbatches=4, schedule="gpipe"), 2, _setting())
+    assert gpipe.memory_bytes == pytest.approx(max(first + 64 * (400 + 400), last + 64 * (200 + 200 + 40)))
+    # 8 micro-batches of 8 under 1F1B: still 2 and 1 in flight
+    eight = predict(ParallelConfig(pp=2, microbatches=8), 2, _setting())
+    assert eight.memory_bytes == pytest.approx(max(first + 16 * (400 + 400), last + 8 * (200 + 200 + 40)))
     # the evaluation at the end: 50 samples a rank, the input and two outputs at a time
     evaluated = predict(ParallelConfig(), 2, dataclasses.replace(_setting(), val_samples=100))
     assert evaluated.memory_bytes == pytest.approx(3 * PARAMS + 50 * (256 + 400 + 400))
+    # 1100 samples: 550 a rank, in two forwards of 275 (not one of 512 and one of 38)
+    many = predict(ParallelConfig(), 2, dataclasses.replace(_setting(), val_samples=1100))
+    assert many.memory_bytes == pytest.approx(3 * PARAMS + 275 * (256 + 400 + 400))
     # and the engine's own bytes, on every rank of every layout
     more = dataclasses.replace(_setting(), rank_overhead_bytes=1e6)
     for cfg in (ParallelConfig(), ParallelConfig(tp=2), ParallelConfig(pp=2), ParallelConfig(shard="full")):
@@ -90,10 +101,11 @@ def test_measured_pass_memory_replaces_the_count_of_outputs():
     p = predict(ParallelConfig(), 2, setting)
     assert p.memory_bytes == pytest.approx(3 * PARAMS + 7000 + max(32 * 2000 + PARAMS, 50 * 900))
     # a pipeline stage takes its share of the per-sample bytes by its layers' outputs; with
-    # dp = 1 it evaluates all 100 validation samples
+    # dp = 1 it evaluates all 100 validation samples. The first stage (2 micro-batches of 16
+    # in flight) holds the most
     pipe = predict(ParallelConfig(pp=2, microbatches=4), 2, setting)
-    share = (400 + 200 + 200 + 40) / OUTPUTS
-    assert pipe.memory_bytes == pytest.approx(3 * 4800 + 7000 + max(32 * 2000 * share + 4000, 100 * 900 * share))
+    share = (400 + 400) / OUTPUTS
+    assert pipe.memory_bytes == pytest.approx(3 * 1000 + 7000 + max(32 * 2000 * share + 1000, 100 * 900 * share))
 
 
 def test_micro_batches_after_the_first_add_their_gradients_into_the_steps():
@@ -102,6 +114,24 @@ def test_micro_batches_after_the_first_add_their_gradients_into_the_steps():
     # 3 of the 4 micro-batches add a pass over the stage's parameters: the head's stage
     # (4800 bytes) takes 4.8 ms + 3/4 x 4.8 ms a micro-batch
     assert p.compute_s == pytest.approx(4 * (16 * 3e-4 + 0.75 * 4800 * 1e-6))
+
+
+def test_accumulated_micro_batches_pay_each_pass_and_keep_one_micro_batch():
+    timed = dataclasses.replace(PROFILE, accumulate_s_per_byte=1e-6, layers=tuple(
+        dataclasses.replace(layer, fixed_s=1e-3) for layer in LAYERS))  # fmt: skip
+    one, four = (dataclasses.replace(_setting(), profile=timed, grad_accum=g) for g in (1, 4))
+    p1, p4 = predict(ParallelConfig(), 2, one), predict(ParallelConfig(), 2, four)
+    # four passes of 8 samples: the samples' time as in one pass of 32, each layer's fixed
+    # time four times, and three gradients added into the first
+    assert p4.compute_s - p1.compute_s == pytest.approx(3 * 5 * 1e-3 + 3 * PARAMS * 1e-6)
+    # activations of 8 samples, not 32, and a fresh gradient of the largest layer
+    assert p1.memory_bytes - p4.memory_bytes == pytest.approx(24 * OUTPUTS - 4000)
+    # tensor parallelism's all-reduces run once a micro-batch: the same bytes, four times
+    # the calls; each of a pair's two all-reduces on 2 ranks waits 2 latencies (a ring's
+    # reduce-scatter and all-gather)
+    late = dataclasses.replace(four, link=Link(1e-4, 1e-9, overlap=0.0))
+    tp1 = predict(ParallelConfig(tp=2), 2, dataclasses.replace(late, grad_accum=1))
+    assert predict(ParallelConfig(tp=2), 2, late).comm_s - tp1.comm_s == pytest.approx(3 * 2 * 2 * 1e-4, rel=1e-3)
 
 
 def test_tensor_parallel_halves_the_head():

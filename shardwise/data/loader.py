@@ -42,12 +42,21 @@ class RankData:
         per forward, so every rank must run as many."""
         size = len(self.dataset.y_val)
         own = np.array_split(np.arange(size), self.dp)[self.dp_rank]
-        num_batches = max(1, math.ceil(math.ceil(size / self.dp) / batch))
+        num_batches = _val_batch_count(size, self.dp, batch)
         for idx in np.array_split(own, num_batches):
             yield (
                 torch.from_numpy(self.dataset.x_val[idx]).to(self.device, self.dtype),
                 torch.from_numpy(self.dataset.y_val[idx]).to(self.device),
             )
+
+
+def _val_batch_count(size: int, dp: int, batch: int) -> int:
+    return max(1, math.ceil(math.ceil(size / dp) / batch))
+
+
+def largest_val_batch(size: int, dp: int, batch: int = VAL_BATCH) -> int:
+    """The most samples one validation forward of `val_batches` takes on any of `dp` ranks."""
+    return math.ceil(math.ceil(size / dp) / _val_batch_count(size, dp, batch))
 
 
 def build_rank_data(

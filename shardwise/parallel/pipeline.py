@@ -160,13 +160,18 @@ def describe_cut(costs: list[LayerCost], cut: list[int]) -> list[dict]:
 
 
 def layer_units(model: nn.Module) -> list[list[int]]:
+    """Layers grouped so that every unit has parameters (`units_of`)."""
+    return units_of([any(True for _ in layer.parameters()) for _, layer in model_layers(model)])
+
+
+def units_of(has_params: list[bool]) -> list[list[int]]:
     """Layers grouped so that every unit has parameters: each layer with parameters
     takes the parameter-free layers after it (activations, pooling); leading ones
     join the first unit. Stages are cut between units, so none is without weights."""
     units: list[list[int]] = []
     pending: list[int] = []
-    for i, (_, layer) in enumerate(model_layers(model)):
-        if any(True for _ in layer.parameters()):
+    for i, weighted in enumerate(has_params):
+        if weighted:
             units.append(pending + [i])
             pending = []
         elif units:
@@ -178,19 +183,24 @@ def layer_units(model: nn.Module) -> list[list[int]]:
     return units
 
 
+def cut_units(costs: list[float], units: list[list[int]], stages: int) -> list[int]:
+    """The first layer of each stage when `units` (of `units_of`) are cut into `stages`
+    balancing the layers' `costs`: the cut `plan_pipeline` makes, for the cost model too."""
+    if stages > len(units):
+        raise ShardwiseError(
+            "parallel.pp", f"{stages} stages, but the model has only {len(units)} layers with parameters"
+        )
+    return [units[k][0] for k in choose_cut([sum(costs[i] for i in u) for u in units], stages)]
+
+
 def plan_pipeline(
     model: nn.Module, example: Tensor, *, stages: int, group: dist.ProcessGroup
 ) -> tuple[list[int], list[LayerCost]]:
     """Profile the layers on `example` (one micro-batch) and agree on the cut that
     balances the stages' time; returns each stage's first layer and the costs."""
     costs = profile_layers(model, example)
-    units = layer_units(model)
-    if stages > len(units):
-        raise ShardwiseError(
-            "parallel.pp", f"{stages} stages, but the model has only {len(units)} layers with parameters"
-        )
-    unit_cut = choose_cut([sum(costs[i].time_s for i in u) for u in units], stages)
-    return agree_on_cut([units[k][0] for k in unit_cut], group), costs
+    cut = cut_units([c.time_s for c in costs], layer_units(model), stages)
+    return agree_on_cut(cut, group), costs
 
 
 def stage_shapes(

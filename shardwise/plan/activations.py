@@ -30,22 +30,27 @@ from torch import nn
 GIVE_BACK_ABOVE = str(64 * 1024)
 
 
+TIMEOUT_S = 300  # a first pass at a profiled batch size takes seconds, even for a large-image model
+
+
 def measure_in_child(spec: dict) -> dict[str, float]:
     """`pass_bytes` for the model `spec` names (`model`: the [model] settings, `in_shape`,
     `num_classes`, `dtype`, `seed`, `train_samples`, `eval_samples`), measured in a fresh
-    process; {} where it cannot be."""
+    process; {} where it is not measured (elsewhere than Linux); {"failed": why} where the
+    process failed (the memory model counts layer outputs instead, and the profile is not
+    kept, so the next plan measures again)."""
     if not sys.platform.startswith("linux"):
         return {}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": GIVE_BACK_ABOVE, "MALLOC_TRIM_THRESHOLD_": GIVE_BACK_ABOVE}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # a model of the user's own imports as here
-    done = subprocess.run(
-        [sys.executable, "-m", "shardwise.plan.activations", json.dumps(spec)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    command = [sys.executable, "-m", "shardwise.plan.activations", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"measuring the passes' memory took over {TIMEOUT_S} s"}
     if done.returncode != 0:
-        return {}  # counted instead: the timing profile does not depend on this
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        return {"failed": f"measuring the passes' memory failed (exit {done.returncode}): {last}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -54,6 +59,9 @@ def _peak_growth(run) -> int:
 
     cpu = torch.device("cpu")
     start = start_measuring(cpu)
+    _, peak, _ = measured_bytes(cpu, start)
+    if peak - start > 1 << 20:  # the peak kept from before: this kernel did not reset it
+        raise RuntimeError(f"the peak resident memory was not reset ({peak - start} bytes above the resident)")
     run()
     _, peak, _ = measured_bytes(cpu, start)
     return max(0, peak - start)

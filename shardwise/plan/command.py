@@ -116,7 +116,7 @@ def measured_setting(cfg: Config, cluster: str, nproc: int) -> tuple[Setting, Mo
 def search(cfg: Config, nproc: int, setting: Setting, shape: ModelShape, budget: float | None) -> list[dict]:
     """Every layout's prediction, fastest first; those over `budget` bytes marked."""
     rows = []
-    for layout in layouts(nproc, batch=cfg.train.batch_size, shape=shape):
+    for layout in layouts(nproc, batch=cfg.train.batch_size, shape=shape, grad_accum=cfg.train.grad_accum):
         p = predict(layout, nproc, setting)
         rows.append({"config": layout, "prediction": p, "fits": budget is None or p.memory_bytes <= budget})
     rows.sort(key=lambda r: r["prediction"].step_s)

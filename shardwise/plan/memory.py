@@ -31,7 +31,7 @@ Passing, the largest of:
 
 from __future__ import annotations
 
-from shardwise.data.loader import VAL_BATCH
+from shardwise.data.loader import largest_val_batch
 from shardwise.plan.profile import LayerProfile, ModelProfile
 from shardwise.topology import ParallelDims
 
@@ -91,7 +91,7 @@ def rank_peak(
     if dims.dp > 1 and dims.shard == "full":
         passing.append(activations + 4 * units[0] + 2 * units[1])
     if val_samples:
-        per_rank = min(VAL_BATCH, -(-val_samples // dims.dp))
+        per_rank = largest_val_batch(val_samples, dims.dp)
         outputs = sorted((profile.layers[i].out_bytes_per_sample for i in idx), reverse=True) + [0, 0]
         taken = profile.layers[idx[0]].in_bytes_per_sample if len(idx) else 0
         evaluated = profile.eval_bytes_per_sample * share or taken + outputs[0] + outputs[1]

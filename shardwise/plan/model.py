@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from shardwise.comm.cost import Link, all_gather
 from shardwise.config import ParallelConfig
 from shardwise.parallel.data import sync_seconds
-from shardwise.parallel.pipeline import choose_cut, pipeline_seconds
+from shardwise.parallel.pipeline import cut_units, pipeline_seconds, units_of
 from shardwise.parallel.ps_protocol import ps_seconds
 from shardwise.parallel.spatial import halo_seconds
 from shardwise.parallel.tensor import tp_seconds
@@ -86,28 +86,68 @@ def _tp_pairs(profile: ModelProfile, samples: float) -> tuple[list[tuple[float, 
     return pairs, odd
 
 
+def _split_comm(profile: ModelProfile, dims: ParallelDims, link: Link, samples: float) -> float:
+    """The communication of one pass of `samples` samples inside the layers: tensor
+    parallelism's all-reduces, vertical partitioning's partial sums, spatial halos and norms."""
+    comm = 0.0
+    if dims.tp > 1:
+        pairs, odd = _tp_pairs(profile, samples)
+        comm += tp_seconds(link, dims.tp, pairs) + all_gather(link, dims.tp, odd)
+    first = next((layer for layer in profile.layers if layer.kind != "other"), None)
+    if dims.vertical > 1 and first is not None:
+        comm += vertical_seconds(link, dims.vertical, first.out_bytes_per_sample * samples)
+    halos = [layer.halo_bytes_per_sample * samples for layer in profile.layers]
+    norms = [layer.norm_bytes for layer in profile.layers if layer.norm_bytes]
+    return comm + halo_seconds(link, dims.spatial, halos, norms)
+
+
 def _update(profile: ModelProfile, dims: ParallelDims, stage: range | None) -> float:
     """The optimizer's step on the parameters a rank updates (its 1/dp slice when sharded)."""
     held = held_params(profile, dims, stage) / (dims.dp if dims.shard in ("optimizer", "full") else 1)
     return profile.update_s_per_byte * held
 
 
-def _peak(setting: Setting, dims: ParallelDims, samples_held: float, stages: list[range | None]) -> float:
-    """The largest rank's peak bytes (`plan/memory.py`), over the pipeline's stages."""
+def _peak(setting: Setting, dims: ParallelDims, stages: list[tuple[range | None, float]]) -> float:
+    """The largest rank's peak bytes (`plan/memory.py`), over the pipeline's stages, each
+    given with the samples whose activations it keeps for the backward."""
     accumulate = dims.microbatches > 1 or setting.grad_accum > 1
     return max(
         rank_peak(
             setting.profile,
             dims,
             slots=setting.optimizer_slots,
-            samples_held=samples_held,
+            samples_held=held,
             stage=stage,
             accumulate=accumulate,
             val_samples=setting.val_samples,
             overhead_bytes=setting.rank_overhead_bytes,
         )  # fmt: skip
-        for stage in stages
+        for stage, held in stages
     )
+
+
+def in_flight(dims: ParallelDims, stage: int) -> int:
+    """The micro-batches whose activations pipeline stage `stage` keeps at once: all of
+    them under GPipe; under 1F1B, the forwards a stage runs before its first backward
+    (one per stage from it to the last), never more than there are."""
+    return dims.microbatches if dims.schedule == "gpipe" else min(dims.microbatches, dims.pp - stage)
+
+
+def _pipeline(setting: Setting, dims: ParallelDims, micro: float, stretch: float) -> tuple[float, ...]:
+    """(compute, comm, bubble) of a pipeline's step, and its stages with what each keeps."""
+    profile, link = setting.profile, setting.link
+    # each micro-batch after the first adds its gradients into the step's: on average
+    # (M - 1) / M of a pass over the layer's parameters, a micro-batch
+    adds = profile.accumulate_s_per_byte * (dims.microbatches - 1) / dims.microbatches
+    times = [(layer.seconds(micro) + adds * layer.param_bytes) * stretch for layer in profile.layers]
+    units = units_of([layer.param_bytes > 0 for layer in profile.layers])
+    cut = cut_units(times, units, dims.pp) + [len(times)]
+    stage_s = [sum(times[a:b]) for a, b in zip(cut, cut[1:], strict=False)]
+    boundary = [profile.layers[b - 1].out_bytes_per_sample * micro for b in cut[1:-1]]
+    step, bubble = pipeline_seconds(stage_s, dims.microbatches, link, boundary)
+    compute = dims.microbatches * max(stage_s)
+    stages = [(range(a, b), micro * in_flight(dims, k)) for k, (a, b) in enumerate(zip(cut, cut[1:], strict=False))]
+    return compute, step - bubble - compute, bubble, stages
 
 
 def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
@@ -117,43 +157,27 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
     stretch = max(1.0, world / setting.cores)
     samples = setting.batch / dims.dp
     if dims.servers:
-        compute = (profile.seconds(samples) + profile.update_s_per_byte * profile.param_bytes / dims.servers) * stretch
+        passes = setting.grad_accum * profile.seconds(samples / setting.grad_accum)
+        compute = (passes + profile.update_s_per_byte * profile.param_bytes / dims.servers) * stretch
         comm = ps_seconds(link, dims.servers, dims.dp, profile.param_bytes, profile.copy_s_per_byte * stretch)
         held = profile.param_bytes * (2 + setting.optimizer_slots) / dims.servers
         compute += setting.step_overhead_s
-        peak = max(held + setting.rank_overhead_bytes, _peak(setting, dims, samples, [None]))
+        peak = max(held + setting.rank_overhead_bytes, _peak(setting, dims, [(None, samples / setting.grad_accum)]))
         return Prediction(dims.layout, compute, comm, 0.0, peak)
-    bubble, stages = 0.0, [None]
+    bubble = 0.0
     if dims.pp > 1:
-        micro = samples / dims.microbatches
-        # each micro-batch after the first adds its gradients into the step's: on average
-        # (M - 1) / M of a pass over the layer's parameters, a micro-batch
-        adds = profile.accumulate_s_per_byte * (dims.microbatches - 1) / dims.microbatches
-        times = [(layer.seconds(micro) + adds * layer.param_bytes) * stretch for layer in profile.layers]
-        cut = choose_cut(times, dims.pp) + [len(times)]
-        stage_s = [sum(times[a:b]) for a, b in zip(cut, cut[1:], strict=False)]
-        boundary = [profile.layers[b - 1].out_bytes_per_sample * micro for b in cut[1:-1]]
-        step, bubble = pipeline_seconds(stage_s, dims.microbatches, link, boundary)
-        compute, comm = dims.microbatches * max(stage_s), step - bubble - dims.microbatches * max(stage_s)
-        held = micro * (dims.pp if dims.schedule == "1f1b" else dims.microbatches)
-        stages = [range(a, b) for a, b in zip(cut, cut[1:], strict=False)]
+        compute, comm, bubble, stages = _pipeline(setting, dims, samples / dims.microbatches, stretch)
     else:
-        compute = _compute(profile, dims, samples) * stretch
-        pairs, odd = _tp_pairs(profile, samples)
-        comm = tp_seconds(link, dims.tp, pairs) + all_gather(link, dims.tp, odd) if dims.tp > 1 else 0.0
-        first = next((layer for layer in profile.layers if layer.kind != "other"), None)
-        if dims.vertical > 1 and first is not None:
-            comm += vertical_seconds(link, dims.vertical, first.out_bytes_per_sample * samples)
-        halos = [layer.halo_bytes_per_sample * samples for layer in profile.layers]
-        comm += halo_seconds(
-            link, dims.spatial, halos, [layer.norm_bytes for layer in profile.layers if layer.norm_bytes]
-        )
-        held = samples
+        accum = setting.grad_accum  # micro-batches of samples / accum, their gradients summed
+        compute = accum * _compute(profile, dims, samples / accum) * stretch
+        compute += (accum - 1) * profile.accumulate_s_per_byte * held_params(profile, dims) * stretch
+        comm = accum * _split_comm(profile, dims, link, samples / accum)
+        stages = [(None, samples / accum)]
     grad_bytes = profile.param_bytes / (dims.tp * dims.pp)
     comm += sync_seconds(
         link, dims.dp, grad_bytes, backward_s=compute * 2 / 3, shard=dims.shard,
         copy_s_per_byte=profile.copy_s_per_byte * stretch,
         units=max(1, sum(1 for layer in profile.layers if layer.param_bytes)),
     )  # fmt: skip
-    compute += max(_update(profile, dims, stage) for stage in stages) * stretch + setting.step_overhead_s
-    return Prediction(dims.layout, compute, comm, bubble, _peak(setting, dims, held, stages))
+    compute += max(_update(profile, dims, stage) for stage, _ in stages) * stretch + setting.step_overhead_s
+    return Prediction(dims.layout, compute, comm, bubble, _peak(setting, dims, stages))

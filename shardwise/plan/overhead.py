@@ -24,8 +24,9 @@ from pathlib import Path
 
 from shardwise.files import cache_dir, write_atomic
 
-VERSION = 4
+VERSION = 4  # of this measurement; a cached one is also remeasured when the profile or the link probe changes
 STEPS = 30
+TIMEOUT_S = 300
 TINY = {"model.name": "mlp", "model.hidden": "8", "data.name": "digits"}
 MEASURING_ENV = "SHARDWISE_MEASURING_LOOP"  # set in the tiny run: its prediction adds no overhead
 
@@ -35,16 +36,19 @@ def loop_overhead(cluster: str, nproc: int) -> tuple[float, float]:
     bytes a rank holds, beyond the model and its collectives: the tiny run's measured step
     and peak less what the cost model predicted for it (its summary has both)."""
     from shardwise.cluster.placement import placement_for
+    from shardwise.cluster.probe import LINK_VERSION
+    from shardwise.plan.profile import VERSION as PROFILE_VERSION
 
     if os.environ.get(MEASURING_ENV):
         return 0.0, 0.0
     placement = placement_for(cluster)
     path = cache_dir() / f"loop-{re.sub(r'[^A-Za-z0-9]+', '-', placement.describe(nproc))}.json"
     found = json.loads(path.read_text()) if path.is_file() else {}
-    if found.get("version") != VERSION:
+    version = [VERSION, PROFILE_VERSION, LINK_VERSION]  # the prediction it is taken from depends on both
+    if found.get("version") != version:
         check = _run_tiny(nproc, cluster)
         found = {
-            "version": VERSION,
+            "version": version,
             "step_s": check["measured_step_s"],
             "predicted_s": check["predicted"]["step_s"],
             "peak_bytes": check["measured_peak_bytes"],
@@ -74,12 +78,18 @@ def _run_tiny(nproc: int, cluster: str) -> dict:
         out = Path(tmp) / "run"
         flags = [f"--{key}={value}" for key, value in _settings(nproc).items()]
         command = [sys.executable, "-m", "shardwise", "train", f"--nproc={nproc}", f"--cluster={cluster}"]
-        done = subprocess.run(
-            [*command, f"--out={out}", *flags],
-            env={**os.environ, MEASURING_ENV: "1"},
-            capture_output=True,
-            text=True,
-        )
+        try:
+            done = subprocess.run(
+                [*command, f"--out={out}", *flags],
+                env={**os.environ, MEASURING_ENV: "1"},
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT_S,
+            )
+        except subprocess.TimeoutExpired:
+            raise ShardwiseError(
+                "plan", f"measuring the training loop's own cost on {nproc} ranks took over {TIMEOUT_S} s"
+            ) from None
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]
             raise ShardwiseError(

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -65,6 +66,7 @@ class ModelProfile:
     train_bytes_per_sample: float = 0.0  # and per sample (0: unmeasured)
     eval_bytes_per_sample: float = 0.0  # an evaluation forward's, under no_grad (plan/activations.py)
     accumulate_s_per_byte: float = 0.0  # a micro-batch's gradient added into the step's, per parameter byte
+    memory_unmeasured: str = ""  # why the passes' memory could not be measured: such a profile is not kept
 
     def seconds(self, samples: float) -> float:
         """Forward + backward of the whole model on `samples` samples, one process."""
@@ -189,7 +191,7 @@ def profile_model(
     accumulate = accumulate_seconds(model) / param_bytes if param_bytes else 0.0
     found = passes() if passes is not None else {}
     memory = (found.get("train_fixed", 0.0), found.get("train", 0.0), found.get("eval", 0.0))
-    return ModelProfile(key, tuple(layers), update, copy, *memory, accumulate)
+    return ModelProfile(key, tuple(layers), update, copy, *memory, accumulate, found.get("failed", ""))
 
 
 def profile_key(
@@ -216,7 +218,8 @@ def profile_key(
 
 def cached(folder: Path, key: dict, measure: Callable[[], ModelProfile]) -> ModelProfile:
     """The profile for `key` from `folder` (a JSON file named by the key's hash), measured
-    and written there the first time."""
+    and written there the first time (not where a part could not be measured: it is
+    measured again, and the failure shown, each time)."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = folder / f"profile-{digest}.json"
     if path.is_file():
@@ -224,6 +227,9 @@ def cached(folder: Path, key: dict, measure: Callable[[], ModelProfile]) -> Mode
         if found.key == key:
             return found
     profile = measure()
+    if profile.memory_unmeasured:
+        print(f"shardwise: {profile.memory_unmeasured}; memory counted from the layers' outputs", file=sys.stderr)
+        return profile
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(path, profile.to_json())
     return profile

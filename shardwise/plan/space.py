@@ -21,6 +21,7 @@ from torch import nn
 from shardwise.config import ParallelConfig
 from shardwise.data.sampler import check_batch_layout
 from shardwise.errors import ShardwiseError
+from shardwise.parallel.pipeline import layer_units
 from shardwise.topology import ParallelDims
 
 SHARDS = ("none", "optimizer", "full")
@@ -33,7 +34,7 @@ class ModelShape:
     """Which strategies a model's structure takes (README, "Your own model")."""
 
     tp: bool = True  # a `head` of Linear layers that pair up
-    pp: bool = True  # a `features` then a `head` nn.Sequential, to cut into stages
+    pp: int = 1 << 30  # the most stages: a `features` then a `head` nn.Sequential, cut between layers with weights
     spatial: int = 1 << 30  # the most bands its convolutions and poolings can be cut into
     vertical: bool = True  # a first Linear to split by input columns (a convolution needs whole channels)
 
@@ -50,7 +51,8 @@ class ModelShape:
         bands = 1
         if convs:
             bands = _most_bands(model.features, convs, sample) if sample is not None else 1 << 30
-        return cls(tp=len(head) >= 2, pp=stacks, spatial=bands, vertical=isinstance(first, nn.Linear))
+        stages = len(layer_units(model)) if stacks else 1
+        return cls(tp=len(head) >= 2, pp=stages, spatial=bands, vertical=isinstance(first, nn.Linear))
 
 
 def _most_bands(features: nn.Module, windows: list[nn.Module], sample: torch.Tensor) -> int:
@@ -75,24 +77,29 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _valid(cfg: ParallelConfig, world: int, batch: int) -> bool:
+def _valid(cfg: ParallelConfig, world: int, batch: int, grad_accum: int) -> bool:
     try:
         dims = ParallelDims.resolve(cfg, world)
-        check_batch_layout(global_batch=batch, grad_accum=1, dp=dims.dp, shards=None, microbatches=dims.microbatches)
+        check_batch_layout(
+            global_batch=batch, grad_accum=grad_accum, dp=dims.dp, shards=None, microbatches=dims.microbatches
+        )
     except ShardwiseError:
         return False
     return True
 
 
-def layouts(world: int, *, batch: int, shape: ModelShape = ModelShape()) -> list[ParallelConfig]:
-    """Every valid layout of `world` ranks for a global batch of `batch` samples."""
+def layouts(world: int, *, batch: int, shape: ModelShape = ModelShape(), grad_accum: int = 1) -> list[ParallelConfig]:
+    """Every valid layout of `world` ranks for a global batch of `batch` samples, each rank's
+    share taken in `grad_accum` micro-batches."""
     found = []
     degrees = _divisors(world)
     for tp, pp, spatial, vertical in itertools.product(degrees, repeat=4):
         if world % (tp * pp * spatial * vertical):
             continue
-        wanted = {"tp": tp, "pp": pp, "vertical": vertical}
-        if any(value > 1 and not getattr(shape, axis) for axis, value in wanted.items()) or spatial > shape.spatial:
+        wanted = {"tp": tp, "vertical": vertical}
+        if any(value > 1 and not getattr(shape, axis) for axis, value in wanted.items()):
+            continue
+        if spatial > shape.spatial or (pp > 1 and pp > shape.pp):
             continue
         base = ParallelConfig(tp=tp, pp=pp, spatial=spatial, vertical=vertical)
         pipeline = [
@@ -104,10 +111,10 @@ def layouts(world: int, *, batch: int, shape: ModelShape = ModelShape()) -> list
         for cfg in pipeline:
             for shard in SHARDS if dp > 1 else ("none",):  # one replica: nothing to shard over
                 candidate = replace(cfg, shard=shard)
-                if _valid(candidate, world, batch):
+                if _valid(candidate, world, batch, grad_accum):
                     found.append(candidate)
     for servers in range(1, world):
         candidate = ParallelConfig(mode="ps", servers=servers)
-        if _valid(candidate, world, batch):
+        if _valid(candidate, world, batch, grad_accum):
             found.append(candidate)
     return found
