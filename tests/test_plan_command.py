@@ -17,14 +17,22 @@ from shardwise.plan.command import parse_bytes
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _plan(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One measurement cache for this module's plans, as a user's machine keeps one."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def _plan(cwd: Path, cache: Path, *args: str) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "shardwise", "plan", "--model.name", "mlp", *args]
-    env = {**os.environ, "SHARDWISE_CACHE": str(cwd / "cache")}
+    env = {**os.environ, "SHARDWISE_CACHE": str(cache)}
     return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=180, env=env)
 
 
-def test_plan_ranks_every_layout_and_caches_what_it_measured(tmp_path):
-    done = _plan(tmp_path, "--nproc", "4", "--out", "p")
+def test_plan_ranks_every_layout_and_caches_what_it_measured(tmp_path, cache):
+    for old in cache.iterdir():
+        old.unlink()  # measured from nothing
+    done = _plan(tmp_path, cache, "--nproc", "4", "--out", "p")
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "p" / "plan.json").read_text())
     steps = [r["step_s"] for r in result["layouts"]]
@@ -37,20 +45,25 @@ def test_plan_ranks_every_layout_and_caches_what_it_measured(tmp_path):
     assert sorted(link["collectives"]) == ["all_gather", "all_reduce", "reduce_scatter"]
     assert all(c["factor"] > 0 and c["per_call_s"] >= 0 for c in link["collectives"].values())
     assert -5 < link["overlap"] <= 1.5
-    cache = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert 0 <= result["step_overhead_s"] < 0.5  # the engine's own loop, measured with a tiny model
-    assert 0 <= result["rank_overhead_bytes"] < 2**30  # and its own memory per rank
+    kept = sorted(p.name for p in cache.iterdir())
+    # the engine's own loop and memory per rank: the tiny run's measured step and peak less
+    # what the model predicted for it, as the plan used them
+    (loop,) = cache.glob("loop-*.json")
+    tiny = json.loads(loop.read_text())
+    assert 0 < tiny["predicted_s"] and 0 < tiny["predicted_peak_bytes"] < tiny["peak_bytes"] < 2**30
+    assert result["step_overhead_s"] == pytest.approx(max(0.0, tiny["step_s"] - tiny["predicted_s"]))
+    assert result["rank_overhead_bytes"] == pytest.approx(tiny["peak_bytes"] - tiny["predicted_peak_bytes"])
     # the link, the loop's cost, the two models' profiles, the validation rows
-    assert sorted({n.split("-")[0] for n in cache}) == ["link", "loop", "profile", "split"]
-    again = _plan(tmp_path, "--nproc", "4", "--memory-per-rank", "1GiB", "--out", "q")
-    assert again.returncode == 0 and sorted(p.name for p in (tmp_path / "cache").iterdir()) == cache
+    assert sorted({n.split("-")[0] for n in kept}) == ["link", "loop", "profile", "split"]
+    again = _plan(tmp_path, cache, "--nproc", "4", "--memory-per-rank", "1GiB", "--out", "q")
+    assert again.returncode == 0 and sorted(p.name for p in cache.iterdir()) == kept
 
 
-def test_a_budget_no_layout_fits_is_one_line(tmp_path):
-    done = _plan(tmp_path, "--nproc", "2", "--memory-per-rank", "1KiB", "--out", "p")
+def test_a_budget_no_layout_fits_is_one_line(tmp_path, cache):
+    done = _plan(tmp_path, cache, "--nproc", "4", "--memory-per-rank", "1KiB", "--out", "p")
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
-    assert "memory-per-rank: no layout of 2 ranks fits 0.0 MiB a rank: the smallest predicted peak is" in lines[0]
+    assert "memory-per-rank: no layout of 4 ranks fits 0.0 MiB a rank: the smallest predicted peak is" in lines[0]
     assert not (tmp_path / "p").exists()
 
 
