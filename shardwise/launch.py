@@ -30,6 +30,7 @@ from shardwise.data.sampler import check_batch_layout
 from shardwise.data.sources import check_source
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 from shardwise.files import write_atomic
+from shardwise.forked import ForkedRank, can_fork
 from shardwise.topology import ParallelDims
 
 STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this long
@@ -344,7 +345,8 @@ def _run_once(
     err_dir.mkdir()
     error_files = [err_dir / f"rank{r}.json" for r in range(nproc)]
     port = contract.free_port()
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen | ForkedRank] = []
+    fork = can_fork()
     try:
         for rank in range(nproc):
             env = {
@@ -358,8 +360,12 @@ def _run_once(
                 contract.ATTEMPT_ENV: str(attempt),
                 contract.PLACEMENT_ENV: placement.describe(nproc),
             }
-            argv = placement.argv(rank, [sys.executable, "-m", "shardwise.worker", str(config_path)])
-            procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL if quiet else None))
+            fresh = [sys.executable, "-m", "shardwise.worker", str(config_path)]
+            argv = placement.argv(rank, fresh)
+            if fork and argv == fresh:  # a local rank: forked, torch already imported (forked.py)
+                procs.append(ForkedRank(str(config_path), env, quiet=quiet))
+            else:
+                procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL if quiet else None))
         return supervise(procs, error_files, expendable_ranks(cfg, dims))
     finally:
         _stop(procs)

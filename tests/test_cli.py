@@ -42,11 +42,15 @@ MARK = "SHARDWISE_TEST_RUN"  # set for a launcher by a test; its workers inherit
 
 
 def workers_alive(out: Path) -> list[int]:
-    """Worker processes of the run whose launcher got `MARK=out` in its environment."""
+    """Worker processes of the run whose launcher got `MARK=out` in its environment: started
+    as `python -m shardwise.worker`, or forked from the launcher and named for their rank."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if not proc.name.isdigit() or "shardwise.worker" not in (proc / "cmdline").read_text():
+            if not proc.name.isdigit():
+                continue
+            worker = "shardwise.worker" in (proc / "cmdline").read_text()
+            if not worker and not (proc / "comm").read_text().startswith("shardwise-rank"):
                 continue
             if f"{MARK}={out}".encode() in (proc / "environ").read_bytes().split(b"\0"):
                 pids.append(int(proc.name))

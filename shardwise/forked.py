@@ -1,0 +1,117 @@
+"""Ranks started by forking the launcher, which has imported torch already: a rank then
+starts in milliseconds instead of the seconds a fresh interpreter spends importing torch
+(on a machine with fewer cores than ranks, those imports queue behind one another).
+
+Forking is safe only where the launcher is in a state a rank can start from: on Linux,
+with no GPU context (CUDA does not survive a fork) and no other Python thread (a lock
+another thread held would stay held in the child). Elsewhere, on the emulated cluster
+(a rank is started inside its host's network namespace) and with SHARDWISE_START=spawn,
+ranks are fresh interpreters (`python -m shardwise.worker`), as torchrun starts them.
+The forked rank sets itself up as a fresh one would be: its own environment, its name
+(`shardwise-rankN`, as `top` shows it), default signal handlers, one compute thread, the
+working folder first on the import path; then it runs `shardwise.worker` as `python -m`
+would, which leaves by `os._exit`, so nothing of the launcher's runs at its exit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+START_ENV = "SHARDWISE_START"  # "spawn": every rank a fresh interpreter
+
+
+def can_fork() -> bool:
+    """Whether ranks can be forked from this process now."""
+    if os.environ.get(START_ENV) == "spawn" or not sys.platform.startswith("linux"):
+        return False
+    torch = sys.modules.get("torch")
+    if torch is None or torch.cuda.is_initialized():
+        return False
+    return threading.active_count() == 1
+
+
+class ForkedRank:
+    """One rank forked from this process, with the part of `subprocess.Popen`'s interface
+    the launcher uses (pid, returncode, poll, wait, send_signal, kill)."""
+
+    def __init__(self, config_path: str, env: dict[str, str], *, quiet: bool) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.returncode: int | None = None
+        self.pid = os.fork()
+        if self.pid == 0:
+            _run_rank(config_path, env, quiet)  # never returns
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"rank process {self.pid}", timeout)
+            time.sleep(0.005)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _run_rank(config_path: str, env: dict[str, str], quiet: bool) -> None:
+    code = 1
+    try:
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.environ.clear()
+        os.environ.update(env)
+        _name(f"shardwise-rank{env.get('RANK', '')}")
+        if quiet:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.close(null)
+        # the import path of `python -m`: the working folder, then PYTHONPATH's
+        extra = [os.getcwd(), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+        sys.path[:0] = [p for p in extra if p not in sys.path]
+        import torch
+
+        torch.set_num_threads(1)  # before any work: the launcher's thread pool did not come along
+        sys.argv = ["shardwise.worker", config_path]
+        runpy.run_module("shardwise.worker", run_name="__main__", alter_sys=True)  # as `python -m` runs it
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 - a rank reports and leaves, whatever happened
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _name(title: str) -> None:
+    """The process's name as `top` and /proc/PID/comm show it (15 bytes; its command line
+    stays the launcher's)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, ctypes.c_char_p(title.encode()[:15]), 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
