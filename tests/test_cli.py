@@ -324,6 +324,34 @@ def test_a_local_run_listens_on_loopback_only_and_ctrl_c_stops_it(tmp_path):
     assert workers_alive(out) == []
 
 
+def test_forked_and_fresh_ranks_train_the_same_weights(tmp_path):
+    """Ranks forked from the launcher (the default) and fresh interpreters
+    (SHARDWISE_START=spawn) are the same ranks: bit-identical weights."""
+    import threading
+
+    from shardwise.forked import START_ENV, can_fork
+
+    runs = {}
+    for start in ("fork", "spawn"):
+        out = tmp_path / start
+        done = shardwise(
+            "train", "--nproc", "2", *SMALL, "--train.steps", "6", "--out", str(out), env={START_ENV: start}
+        )
+        assert done.returncode == 0, done.stderr
+        runs[start] = load_file(out / "model.safetensors")
+    for name, tensor in runs["fork"].items():
+        assert torch.equal(tensor, runs["spawn"][name]), name
+    assert can_fork() == (threading.active_count() == 1)  # this test process: torch imported, no GPU
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert not can_fork()  # a lock another thread holds would stay held in a forked rank
+    finally:
+        stop.set()
+        other.join()
+
+
 def test_python_dash_m_and_console_script_agree():
     script = Path(sys.executable).parent / "shardwise"
     assert script.exists()
