@@ -202,6 +202,12 @@ def build_parser() -> OneLineParser:
     bench.add_argument("--repeats", type=int, default=5, help="repetitions of each comparison, >= 5 (default: 5)")
     bench.add_argument("--cases", help="planner: MODEL:RANKS cases, e.g. mlp:2,wide:4 (default: each model at 2 and 4)")
     bench.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="planner: runs of every layout, in rotated order; the median counts (default: 3)",
+    )
+    bench.add_argument(
         "--out",
         type=Path,
         default=Path("bench-results"),
@@ -343,7 +349,9 @@ def _bench(args: argparse.Namespace) -> int:
     from shardwise.bench.suite import run_suite
 
     links = [link.strip() for link in args.links.split(",") if link.strip()]
-    return run_suite(args.scenarios, links, args.repeats, args.out, plan_only=args.plan, cases=args.cases)
+    return run_suite(
+        args.scenarios, links, args.repeats, args.out, plan_only=args.plan, cases=args.cases, rounds=args.rounds
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

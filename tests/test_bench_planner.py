@@ -79,3 +79,41 @@ def test_cases_are_chosen_by_name_and_ranks():
     assert len(parse_cases(None)) == 8  # four models at 2 and 4 ranks
     with pytest.raises(ShardwiseError, match="cases: 'mlp:1': expected MODEL:RANKS, MODEL one of convnet, mlp"):
         parse_cases("mlp:2,mlp:1")
+
+
+def test_every_layout_runs_each_round_in_rotated_order_with_fresh_measurements(tmp_path, monkeypatch):
+    import io
+    import os
+
+    from rich.console import Console
+
+    from shardwise.bench import planner
+
+    ran, caches = [], []
+    measured = {0: [30, 10, 20], 1: [5, 6, 7], 2: [9, 1, 8]}  # ms of each layout's runs, in order
+
+    def predicted(args, world, cluster):
+        caches.append(os.environ["SHARDWISE_CACHE"])
+        return [{"layout": f"L{i}", "settings": {"dp": i + 1}, "step_s": 0.01 * (i + 1), "memory_bytes": 1e6}
+                for i in range(3)]  # fmt: skip
+
+    class FakeBench:
+        work, options, link, where, details = tmp_path, {"cases": [("mlp", 2)], "rounds": 3}, "loopback", "here", []
+        console = Console(file=io.StringIO())
+        record = staticmethod(lambda *a, **k: "")
+        placement = type("P", (), {"cluster": None})()
+
+        def train(self, args, name, *, nproc, steps):
+            i = int(args[args.index("--parallel.dp") + 1]) - 1
+            ran.append(i)
+            step = measured[i][sum(1 for j in ran if j == i) - 1] / 1e3
+            return {"model_check": {"measured_step_s": step, "measured_peak_bytes": 2e6}}
+
+    monkeypatch.setattr(planner, "predicted_layouts", predicted)
+    monkeypatch.setenv("SHARDWISE_CACHE", "elsewhere")
+    planner.run(FakeBench())
+    assert ran == [0, 1, 2, 1, 2, 0, 2, 0, 1]  # each round starts one layout later
+    assert caches == [str(tmp_path / "planner-cache")] and os.environ["SHARDWISE_CACHE"] == "elsewhere"
+    (case,) = FakeBench.details
+    assert [r["measured_s"] for r in case["runs"]] == pytest.approx([0.020, 0.006, 0.008])  # the medians
+    assert case["best"].startswith("L1") and case["rounds"] == 3

@@ -2,9 +2,11 @@
 different character, predicted by `shardwise plan` and then trained for real.
 
 For each model and world size the planner's inputs are measured as `plan` measures them
-(the layer profile, the link of this bench's placement), every layout it enumerates is
-predicted, and each is then run for STEPS steps; the run's own summary holds the measured
-median step and peak (`model_check`). Figures per case (model x world x link):
+(the layer profile, the link of this bench's placement, the engine's own overheads),
+afresh in the bench's own folder, every layout it enumerates is predicted, and each is
+then run for STEPS steps, ROUNDS times in rotated order (`--rounds`); a run's own summary
+holds its measured median step and peak (`model_check`), and a layout's figure is the
+median of its runs. Figures per case (model x world x link):
 
 - the median and 90th percentile of |predicted - measured| / measured step time;
 - Kendall's tau between the predicted and the measured order (scipy's);
@@ -17,12 +19,14 @@ whether the planner's choice differs the same way.
 
 from __future__ import annotations
 
+import os
 import statistics
 
-from shardwise.bench.common import Bench
+from shardwise.bench.common import Bench, spread
 from shardwise.errors import ShardwiseError
 
 STEPS = 24  # the summary's step time is the median of the steps after the fifth: 19 of them
+ROUNDS = 3  # runs of every layout, in rotated order: the machine's speed drifts between runs
 WORLDS = (2, 4)
 MODELS: dict[str, tuple[str, list[str]]] = {
     "convnet": (
@@ -103,42 +107,68 @@ def parse_cases(text: str | None) -> list[tuple[str, int]]:
 
 def run(b: Bench) -> None:
     cluster = f"emulated:{b.placement.cluster.name}" if b.placement.cluster else "local"
-    for model, world in b.options.get("cases") or parse_cases(None):
-        text, args = MODELS[model]
-        layouts = predicted_layouts(args, world, cluster)
-        b.console.print(f"[bold]planner[/]: {text}, {world} ranks ({b.where}): {len(layouts)} layouts, run each")
-        rows = [_run_layout(b, args, row, f"plan-{model}-{world}-{i}", world) for i, row in enumerate(layouts)]
-        figures = case_figures(rows)
-        b.details.append({"model": model, "world": world, "link": b.link, "runs": rows, **figures})
-        how = f"{text}; {world} ranks, {len(rows)} layouts, {STEPS} steps each"
-        for measure in ("error_median", "error_p90", "tau", "regret", "memory_error_median", "memory_error_max"):
-            b.record("planner", f"{model} x{world}: {measure}", [figures[measure]], unit=measure, how=how)
-        b.console.print(
-            f"  error median {figures['error_median']:.1%}, p90 {figures['error_p90']:.1%}, tau "
-            f"{figures['tau']:.2f}, regret {figures['regret']:.3f} (chose {figures['choice']}, best "
-            f"{figures['best']}); peak memory error median {figures['memory_error_median']:.1%}, "
-            f"largest {figures['memory_error_max']:.1%}"
-        )
+    rounds = b.options.get("rounds", ROUNDS)
+    # the planner's inputs measured afresh, now, beside the runs they predict (not a cache
+    # of another hour, when the machine may have run faster or slower)
+    cache = os.environ.get("SHARDWISE_CACHE")
+    os.environ["SHARDWISE_CACHE"] = str(b.work / "planner-cache")
+    try:
+        for model, world in b.options.get("cases") or parse_cases(None):
+            _case(b, model, world, cluster, rounds)
+    finally:
+        os.environ.pop("SHARDWISE_CACHE")
+        if cache is not None:
+            os.environ["SHARDWISE_CACHE"] = cache
 
 
-def _run_layout(b: Bench, args: list[str], row: dict, name: str, world: int) -> dict:
-    """Train one predicted layout; its predicted and measured step and peak."""
-    summary = b.train([*args, *_args(row["settings"])], name, nproc=world, steps=STEPS)
-    check = summary["model_check"]
+def _case(b: Bench, model: str, world: int, cluster: str, rounds: int) -> None:
+    text, args = MODELS[model]
+    layouts = predicted_layouts(args, world, cluster)
+    b.console.print(
+        f"[bold]planner[/]: {text}, {world} ranks ({b.where}): {len(layouts)} layouts, each run {rounds}x, rotated"
+    )
+    summaries: list[list[dict]] = [[] for _ in layouts]
+    for k in range(rounds):
+        order = list(range(len(layouts)))
+        order = order[k * len(order) // rounds :] + order[: k * len(order) // rounds]
+        for i in order:
+            summaries[i].append(b.train([*args, *_args(layouts[i]["settings"])], f"plan-{model}-{world}-{i}-{k}",
+                                        nproc=world, steps=STEPS)["model_check"])  # fmt: skip
+    rows = [_row(b, row, checks) for row, checks in zip(layouts, summaries, strict=True)]
+    figures = case_figures(rows)
+    b.details.append({"model": model, "world": world, "link": b.link, "rounds": rounds, "runs": rows, **figures})
+    how = f"{text}; {world} ranks, {len(rows)} layouts, {STEPS} steps a run, the median of {rounds} runs"
+    for measure in ("error_median", "error_p90", "tau", "regret", "memory_error_median", "memory_error_max"):
+        b.record("planner", f"{model} x{world}: {measure}", [figures[measure]], unit=measure, how=how)
+    b.console.print(
+        f"  error median {figures['error_median']:.1%}, p90 {figures['error_p90']:.1%}, tau "
+        f"{figures['tau']:.2f}, regret {figures['regret']:.3f} (chose {figures['choice']}, best "
+        f"{figures['best']}); peak memory error median {figures['memory_error_median']:.1%}, "
+        f"largest {figures['memory_error_max']:.1%}"
+    )
+
+
+def _row(b: Bench, row: dict, checks: list[dict]) -> dict:
+    """One layout's predicted step and peak, and the median of its runs' measured ones."""
     from shardwise.plan.command import options_text
 
     layout = f"{row['layout']} {options_text(row['settings'])}".strip()
-    predicted, measured = row["step_s"], check["measured_step_s"]
-    peaks = f"{row['memory_bytes'] / 2**20:.1f} MiB predicted"
-    if check.get("measured_peak_bytes"):
-        peaks += f", {check['measured_peak_bytes'] / 2**20:.1f} measured"
-    b.console.print(f"  {layout}: {1e3 * predicted:.2f} ms predicted, {1e3 * measured:.2f} measured; {peaks}")
+    steps = [c["measured_step_s"] for c in checks]
+    peaks = [c["measured_peak_bytes"] for c in checks if c.get("measured_peak_bytes")]
+    predicted, measured = row["step_s"], statistics.median(steps)
+    text = f"{row['memory_bytes'] / 2**20:.1f} MiB predicted"
+    if peaks:
+        text += f", {statistics.median(peaks) / 2**20:.1f} measured"
+    b.console.print(
+        f"  {layout}: {1e3 * predicted:.2f} ms predicted, {spread(steps)} measured (median, min - max); {text}"
+    )
     return {
         "name": layout,
         "predicted_s": predicted,
         "measured_s": measured,
+        "measured_runs_s": steps,
         "predicted_peak": row["memory_bytes"],
-        "measured_peak": check.get("measured_peak_bytes"),
+        "measured_peak": statistics.median(peaks) if peaks else None,
     }
 
 

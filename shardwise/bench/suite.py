@@ -103,6 +103,7 @@ def run_suite(
     *,
     plan_only: bool = False,
     cases: str | None = None,
+    rounds: int = 3,
 ) -> int:
     scenarios = scenarios or DEFAULT
     check_request(scenarios, [], repeats)
@@ -110,6 +111,8 @@ def run_suite(
         links = [link for link in links if link == "loopback"] or ["loopback"]  # the same on every link
     check_request(scenarios, links, repeats)
     chosen = planner.parse_cases(cases)
+    if rounds < 1:
+        raise ShardwiseError("rounds", f"must be >= 1 (runs of every layout), got {rounds}")
     if plan_only:
         for link in links:
             names = [name for name in scenarios if link == "loopback" or SCENARIOS[name][1]]
@@ -124,7 +127,7 @@ def run_suite(
     for link in links:
         console.rule(f"[bold]link: {link}")
         with link_placement(link) as placement, tempfile.TemporaryDirectory(prefix="shardwise-bench-") as tmp:
-            bench = Bench(link, placement, repeats, Path(tmp), console, options={"cases": chosen})
+            bench = Bench(link, placement, repeats, Path(tmp), console, options={"cases": chosen, "rounds": rounds})
             for name in scenarios:
                 run, shaped_too = SCENARIOS[name]
                 if link == "loopback" or shaped_too:
