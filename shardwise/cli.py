@@ -355,6 +355,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command's own process: ranks may be forked from it (forked.py)
+        from shardwise.forked import allow
+
+        allow()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if args.command is None:  # bare `shardwise`: what it can do

@@ -2,15 +2,18 @@
 starts in milliseconds instead of the seconds a fresh interpreter spends importing torch
 (on a machine with fewer cores than ranks, those imports queue behind one another).
 
-Forking is safe only where the launcher is in a state a rank can start from: on Linux,
-with no GPU context (CUDA does not survive a fork) and no other Python thread (a lock
-another thread held would stay held in the child). Elsewhere, on the emulated cluster
-(a rank is started inside its host's network namespace) and with SHARDWISE_START=spawn,
-ranks are fresh interpreters (`python -m shardwise.worker`), as torchrun starts them.
-The forked rank sets itself up as a fresh one would be: its own environment, its name
-(`shardwise-rankN`, as `top` shows it), default signal handlers, one compute thread, the
-working folder first on the import path; then it runs `shardwise.worker` as `python -m`
-would, which leaves by `os._exit`, so nothing of the launcher's runs at its exit.
+Forking is safe only where the launcher is in a state a rank can start from: the
+`shardwise` command's own process (not a user's Python calling the API), on Linux, with a
+CPU-only torch (a CUDA driver does not survive a fork) and no other Python thread (a
+lock another thread held would stay held in the child). Elsewhere, on the emulated
+cluster (a rank is started inside its host's network namespace) and with
+SHARDWISE_START=spawn, ranks are fresh interpreters (`python -m shardwise.worker`), as
+torchrun starts them. The forked rank sets itself up as a fresh one would be: its own
+environment, its name (`shardwise-rankN`, as `top` shows it), the signal dispositions a
+fresh Python has (signals are held from the fork until they are set), one compute
+thread, the working folder first on the import path; then it runs `shardwise.worker` as
+`python -m` would, which leaves by `os._exit`, so nothing of the launcher's runs at its
+exit.
 """
 
 from __future__ import annotations
@@ -26,16 +29,32 @@ import time
 import traceback
 
 START_ENV = "SHARDWISE_START"  # "spawn": every rank a fresh interpreter
+_ALLOWED = False  # set by the command line's own process (`allow`): not in a user's Python
+
+
+def allow() -> None:
+    """This process is the `shardwise` command's launcher, whose state a rank may start from
+    (a user's own process, calling the API, keeps fresh interpreters: its grad mode, open
+    files and handlers are not a rank's)."""
+    global _ALLOWED
+    _ALLOWED = True
 
 
 def can_fork() -> bool:
-    """Whether ranks can be forked from this process now."""
-    if os.environ.get(START_ENV) == "spawn" or not sys.platform.startswith("linux"):
+    """Whether ranks can be forked from this process now: the command's launcher, on Linux,
+    with a CPU-only build of torch imported (a CUDA driver does not survive a fork, and
+    asking whether there is a GPU may start it), and no other Python thread."""
+    if not _ALLOWED or os.environ.get(START_ENV) == "spawn" or not sys.platform.startswith("linux"):
         return False
     torch = sys.modules.get("torch")
-    if torch is None or torch.cuda.is_initialized():
+    if torch is None or torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None:
         return False
     return threading.active_count() == 1
+
+
+# Python ignores these at start (a closed socket is an error to handle, not a death)
+_IGNORED = tuple(getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, name))
+_DEFAULT = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 class ForkedRank:
@@ -46,9 +65,23 @@ class ForkedRank:
         sys.stdout.flush()
         sys.stderr.flush()
         self.returncode: int | None = None
+        # no signal is handled between the fork and the child's own handlers: the
+        # launcher's would run in the child (and its clean-up with them)
+        every = set(signal.valid_signals())
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, every)
         self.pid = os.fork()
         if self.pid == 0:
-            _run_rank(config_path, env, quiet)  # never returns
+            try:
+                for signum in _DEFAULT:
+                    signal.signal(signum, signal.SIG_DFL)
+                for signum in _IGNORED:
+                    signal.signal(signum, signal.SIG_IGN)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.pthread_sigmask(signal.SIG_SETMASK, before)
+                _run_rank(config_path, env, quiet)  # never returns
+            finally:
+                os._exit(1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -79,9 +112,6 @@ class ForkedRank:
 def _run_rank(config_path: str, env: dict[str, str], quiet: bool) -> None:
     code = 1
     try:
-        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
-            signal.signal(signum, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         os.environ.clear()
         os.environ.update(env)
         _name(f"shardwise-rank{env.get('RANK', '')}")

@@ -311,6 +311,13 @@ def test_a_local_run_listens_on_loopback_only_and_ctrl_c_stops_it(tmp_path):
         workers = workers_alive(out)
         sockets = [a for pid in workers for a in listening_sockets(pid)]
         assert len(workers) == 2 and sockets, (workers, sockets)
+        # the command forks its ranks (torch already imported), each named for its rank
+        names = sorted(Path(f"/proc/{pid}/comm").read_text().strip() for pid in workers)
+        assert names == ["shardwise-rank0", "shardwise-rank1"], names
+        for pid in workers:  # as a fresh Python: SIGPIPE ignored (gloo handles a closed socket's EPIPE)
+            status = Path(f"/proc/{pid}/status").read_text()
+            ignored = int(next(x for x in status.splitlines() if x.startswith("SigIgn:")).split()[1], 16)
+            assert ignored & (1 << (signal.SIGPIPE - 1)), status
         assert all(a.startswith(("127.0.0.1:", "::1:")) for a in sockets), sockets
     except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -329,6 +336,7 @@ def test_forked_and_fresh_ranks_train_the_same_weights(tmp_path):
     (SHARDWISE_START=spawn) are the same ranks: bit-identical weights."""
     import threading
 
+    from shardwise import forked
     from shardwise.forked import START_ENV, can_fork
 
     runs = {}
@@ -341,12 +349,23 @@ def test_forked_and_fresh_ranks_train_the_same_weights(tmp_path):
         runs[start] = load_file(out / "model.safetensors")
     for name, tensor in runs["fork"].items():
         assert torch.equal(tensor, runs["spawn"][name]), name
-    assert can_fork() == (threading.active_count() == 1)  # this test process: torch imported, no GPU
+    assert not can_fork()  # a Python calling the API or the command in-process: fresh interpreters
+    forked._ALLOWED = True  # as the `shardwise` command's own process
+    try:
+        assert can_fork() == (threading.active_count() == 1)  # torch imported, a CPU-only build
+        _with_a_thread_running(lambda: not can_fork())  # a lock it holds would stay held in a forked rank
+    finally:
+        forked._ALLOWED = False
+
+
+def _with_a_thread_running(check) -> None:
+    import threading
+
     stop = threading.Event()
     other = threading.Thread(target=stop.wait)
     other.start()
     try:
-        assert not can_fork()  # a lock another thread holds would stay held in a forked rank
+        assert check()
     finally:
         stop.set()
         other.join()

@@ -154,3 +154,31 @@ def test_a_pipeline_runs_the_slowest_stage_and_waits_out_the_bubble():
 def test_more_ranks_than_cores_stretch_the_compute():
     assert predict(ParallelConfig(), 4, _setting(cores=2)).compute_s == pytest.approx(2 * 16 * 4e-4)
     assert predict(ParallelConfig(), 4, _setting(cores=4)).compute_s == pytest.approx(16 * 4e-4)
+
+
+def test_the_pipeline_is_cut_on_the_passes_as_the_engine_cuts_it():
+    # per micro-batch of 16: 1, 3 and 3 ms; the first layer's 4000 bytes of weights add
+    # 4 ms of accumulation a micro-batch. The engine profiles the passes alone and cuts
+    # (first, second | third): max(4, 3) beats (first | second, third): max(1, 6)
+    per_ms = [1e-3 / 16, 3e-3 / 16, 3e-3 / 16]
+    layers = tuple(
+        LayerProfile(name, "linear", 0.0, t, size, 40, 40)
+        for name, t, size in zip(("features.0", "head.0", "head.1"), per_ms, (4000, 4, 4), strict=True)
+    )
+    acc = 4e-3 / (0.75 * 4000)
+    setting = Setting(ModelProfile({}, layers, accumulate_s_per_byte=acc), NOLAT, batch=64, cores=8)
+    p = predict(ParallelConfig(pp=2, microbatches=4), 2, setting)
+    # the first stage takes 1 + 4 (its accumulation) + 3 ms a micro-batch, four micro-batches
+    assert p.compute_s == pytest.approx(4 * (8e-3 + 0.75 * 4 * acc))
+
+
+def test_ddp_overlaps_the_last_micro_batchs_backward_only():
+    from shardwise.parallel.data import sync_seconds
+
+    hiding = Link(0.0, 1e-6, overlap=1.0)  # slow: more to send than one backward hides
+    setting = dataclasses.replace(_setting(), link=hiding, grad_accum=4)
+    p = predict(ParallelConfig(shard="full"), 2, setting)
+    # 8 samples a micro-batch at 4e-4 s a sample: two thirds of it is the backward FSDP2's
+    # collectives run beside; the other three micro-batches' backwards sync nothing
+    one = sync_seconds(hiding, 2, PARAMS, backward_s=8 * 4e-4 * 2 / 3, shard="full", units=3)
+    assert p.comm_s == pytest.approx(one)

@@ -129,8 +129,9 @@ def _case(b: Bench, model: str, world: int, cluster: str, rounds: int) -> None:
     )
     summaries: list[list[dict]] = [[] for _ in layouts]
     for k in range(rounds):
-        order = list(range(len(layouts)))
-        order = order[k * len(order) // rounds :] + order[: k * len(order) // rounds]
+        n = len(layouts)
+        shift = k * max(1, n // rounds) % max(1, n)  # each round starts further on, fewer layouts than rounds too
+        order = list(range(shift, n)) + list(range(shift))
         for i in order:
             summaries[i].append(b.train([*args, *_args(layouts[i]["settings"])], f"plan-{model}-{world}-{i}-{k}",
                                         nproc=world, steps=STEPS)["model_check"])  # fmt: skip

@@ -139,9 +139,10 @@ def _pipeline(setting: Setting, dims: ParallelDims, micro: float, stretch: float
     # each micro-batch after the first adds its gradients into the step's: on average
     # (M - 1) / M of a pass over the layer's parameters, a micro-batch
     adds = profile.accumulate_s_per_byte * (dims.microbatches - 1) / dims.microbatches
-    times = [(layer.seconds(micro) + adds * layer.param_bytes) * stretch for layer in profile.layers]
-    units = units_of([layer.param_bytes > 0 for layer in profile.layers])
-    cut = cut_units(times, units, dims.pp) + [len(times)]
+    passes = [layer.seconds(micro) * stretch for layer in profile.layers]
+    # cut on the passes' times, as the engine cuts on the layers it profiles
+    cut = cut_units(passes, units_of([layer.param_bytes > 0 for layer in profile.layers]), dims.pp) + [len(passes)]
+    times = [t + adds * layer.param_bytes * stretch for t, layer in zip(passes, profile.layers, strict=True)]
     stage_s = [sum(times[a:b]) for a, b in zip(cut, cut[1:], strict=False)]
     boundary = [profile.layers[b - 1].out_bytes_per_sample * micro for b in cut[1:-1]]
     step, bubble = pipeline_seconds(stage_s, dims.microbatches, link, boundary)
@@ -167,15 +168,17 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
     bubble = 0.0
     if dims.pp > 1:
         compute, comm, bubble, stages = _pipeline(setting, dims, samples / dims.microbatches, stretch)
+        overlapped = compute  # DDP's buckets go out as the stage's last backward runs
     else:
         accum = setting.grad_accum  # micro-batches of samples / accum, their gradients summed
-        compute = accum * _compute(profile, dims, samples / accum) * stretch
+        overlapped = _compute(profile, dims, samples / accum) * stretch  # the one backward that syncs
+        compute = accum * overlapped
         compute += (accum - 1) * profile.accumulate_s_per_byte * held_params(profile, dims) * stretch
         comm = accum * _split_comm(profile, dims, link, samples / accum)
         stages = [(None, samples / accum)]
     grad_bytes = profile.param_bytes / (dims.tp * dims.pp)
     comm += sync_seconds(
-        link, dims.dp, grad_bytes, backward_s=compute * 2 / 3, shard=dims.shard,
+        link, dims.dp, grad_bytes, backward_s=overlapped * 2 / 3, shard=dims.shard,
         copy_s_per_byte=profile.copy_s_per_byte * stretch,
         units=max(1, sum(1 for layer in profile.layers if layer.param_bytes)),
     )  # fmt: skip

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,18 +79,24 @@ def _run_tiny(nproc: int, cluster: str) -> dict:
         out = Path(tmp) / "run"
         flags = [f"--{key}={value}" for key, value in _settings(nproc).items()]
         command = [sys.executable, "-m", "shardwise", "train", f"--nproc={nproc}", f"--cluster={cluster}"]
+        # a session of its own, so that a run over time is stopped with its ranks
+        proc = subprocess.Popen(
+            [*command, f"--out={out}", *flags],
+            env={**os.environ, MEASURING_ENV: "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:
-            done = subprocess.run(
-                [*command, f"--out={out}", *flags],
-                env={**os.environ, MEASURING_ENV: "1"},
-                capture_output=True,
-                text=True,
-                timeout=TIMEOUT_S,
-            )
+            _, stderr = proc.communicate(timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
             raise ShardwiseError(
                 "plan", f"measuring the training loop's own cost on {nproc} ranks took over {TIMEOUT_S} s"
             ) from None
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]
             raise ShardwiseError(
