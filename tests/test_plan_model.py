@@ -172,13 +172,21 @@ def test_the_pipeline_is_cut_on_the_passes_as_the_engine_cuts_it():
     assert p.compute_s == pytest.approx(4 * (8e-3 + 0.75 * 4 * acc))
 
 
-def test_ddp_overlaps_the_last_micro_batchs_backward_only():
+def test_fsdp_gathers_for_every_accumulated_micro_batch_and_keeps_whole_gradients():
     from shardwise.parallel.data import sync_seconds
 
-    hiding = Link(0.0, 1e-6, overlap=1.0)  # slow: more to send than one backward hides
-    setting = dataclasses.replace(_setting(), link=hiding, grad_accum=4)
-    p = predict(ParallelConfig(shard="full"), 2, setting)
-    # 8 samples a micro-batch at 4e-4 s a sample: two thirds of it is the backward FSDP2's
-    # collectives run beside; the other three micro-batches' backwards sync nothing
-    one = sync_seconds(hiding, 2, PARAMS, backward_s=8 * 4e-4 * 2 / 3, shard="full", units=3)
-    assert p.comm_s == pytest.approx(one)
+    four = dataclasses.replace(_setting(), grad_accum=4)
+    p = predict(ParallelConfig(shard="full"), 2, four)
+    # each of 4 micro-batches gathers every unit for its forward and its backward, one
+    # reduce-scatter after the last: 8 + 1 passes over half the bytes on 2 ranks
+    assert p.comm_s == pytest.approx(9 * PARAMS / 2 * 1e-9)
+    # its half of the weights and momentum, the whole gradient (summed unsharded until the
+    # last micro-batch); 8 samples' activations and the largest unit regathered with its
+    # gradient, the next prefetched
+    assert p.memory_bytes == pytest.approx(PARAMS / 2 + PARAMS + PARAMS / 2 + 8 * OUTPUTS + 4 * 4000 + 2 * 1000)
+    # the collectives run beside all four passes' compute (one pass's backward is 2/3 of 8
+    # samples at 4e-4 s each), on a link slow enough that not all of them hide
+    hiding = Link(0.0, 1e-6, overlap=1.0)
+    slow = predict(ParallelConfig(shard="full"), 2, dataclasses.replace(four, link=hiding))
+    expected = sync_seconds(hiding, 2, PARAMS, backward_s=8 * 4e-4 * 2 / 3, shard="full", units=3, passes=4)
+    assert slow.comm_s == pytest.approx(expected) and 0 < expected

@@ -93,6 +93,7 @@ def sync_seconds(
     shard: str,
     copy_s_per_byte: float = 0.0,
     units: int = 1,
+    passes: int = 1,
 ) -> float:
     """The communication a step of data parallelism leaves exposed (the planner's cost model).
 
@@ -105,7 +106,11 @@ def sync_seconds(
     again before its backward, its gradient reduce-scattered after: three passes over the
     parameters' bytes, in three collectives per unit (`units`: one per layer that holds
     parameters, each paying a collective's cost per call), beside the compute as FSDP2
-    prefetches and reduces asynchronously.
+    prefetches and reduces asynchronously. Over `passes` accumulated micro-batches FSDP2
+    gathers for every forward and backward and reduce-scatters after the last
+    (`set_requires_gradient_sync`), its collectives beside all the passes' compute
+    (`backward_s` is one pass's backward); DDP and ZeRO-1 reduce once, beside the last
+    pass's backward.
 
     The sharded modes also copy around their collectives, each a pass over fresh memory at
     `copy_s_per_byte`: ZeRO-1 joins its slice (1/dp), takes the gathered parameters into a
@@ -117,9 +122,9 @@ def sync_seconds(
         return 0.0
     if shard == "full":
         each = grad_bytes / units
-        passes = units * (2 * all_gather(link, dp, each) + reduce_scatter(link, dp, each))
-        copies = (2 * (2 + 1 / dp) + 1 + 2 / dp) * grad_bytes * copy_s_per_byte
-        return beside(link, passes, 1.5 * backward_s) + copies
+        calls = units * (2 * passes * all_gather(link, dp, each) + reduce_scatter(link, dp, each))
+        copies = (2 * passes * (2 + 1 / dp) + 1 + 2 / dp) * grad_bytes * copy_s_per_byte
+        return beside(link, calls, 1.5 * passes * backward_s) + copies
     buckets = max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES))
     each = all_reduce(link, dp, grad_bytes / buckets)
     reduced = each + beside(link, (buckets - 1) * each, backward_s * (buckets - 1) / buckets)

@@ -4,7 +4,8 @@ of the passing buffers its strategies allocate on top.
 Held: the parameters of the layers it holds (a pipeline stage's own layers; the head's
 Linear layers divided by tp; the first layer by vertical), their gradients and the
 optimizer's state (`optimizer_slots` tensors of a parameter's size), divided by dp where
-the layout shards them (ZeRO-1: the state; FSDP2: all three); what the model's first
+the layout shards them (ZeRO-1: the state; FSDP2: all three, but the gradients whole when
+it accumulates micro-batches, as it sums them unsharded until the last); what the model's first
 pass sets up once and keeps (the autograd engine, the kernels' primitives: measured,
 `plan/activations.py`); and the engine's own bytes per rank, measured with a tiny model
 (`plan/overhead.py`).
@@ -63,6 +64,7 @@ def rank_peak(
     samples_held: float,
     stage: range | None = None,
     accumulate: bool = False,
+    full_grads: bool = False,
     val_samples: int = 0,
     overhead_bytes: float = 0.0,
 ) -> float:
@@ -73,8 +75,8 @@ def rank_peak(
     units = sorted((_held(profile.layers[i], dims, i == first) for i in idx), reverse=True) + [0.0, 0.0]
     params = held_params(profile, dims, stage)
     grads, state = params, slots * params
-    if dims.shard == "full":
-        params, grads, state = params / dims.dp, grads / dims.dp, state / dims.dp
+    if dims.shard == "full":  # sharded, but accumulated gradients whole until the last micro-batch
+        params, grads, state = params / dims.dp, grads / (1 if full_grads else dims.dp), state / dims.dp
     elif dims.shard == "optimizer":
         state /= dims.dp
     spread = dims.spatial

@@ -119,6 +119,7 @@ def _peak(setting: Setting, dims: ParallelDims, stages: list[tuple[range | None,
             samples_held=held,
             stage=stage,
             accumulate=accumulate,
+            full_grads=setting.grad_accum > 1 and dims.pp == 1,  # FSDP2 keeps them whole until the last
             val_samples=setting.val_samples,
             overhead_bytes=setting.rank_overhead_bytes,
         )  # fmt: skip
@@ -181,6 +182,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         link, dims.dp, grad_bytes, backward_s=overlapped * 2 / 3, shard=dims.shard,
         copy_s_per_byte=profile.copy_s_per_byte * stretch,
         units=max(1, sum(1 for layer in profile.layers if layer.param_bytes)),
+        passes=1 if dims.pp > 1 else setting.grad_accum,
     )  # fmt: skip
     compute += max(_update(profile, dims, stage) for stage, _ in stages) * stretch + setting.step_overhead_s
     return Prediction(dims.layout, compute, comm, bubble, _peak(setting, dims, stages))
