@@ -169,7 +169,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
     bubble = 0.0
     if dims.pp > 1:
         compute, comm, bubble, stages = _pipeline(setting, dims, samples / dims.microbatches, stretch)
-        overlapped = compute  # DDP's buckets go out as the stage's last backward runs
+        overlapped = compute  # the stage's whole schedule: its last micro-batch's backward ends it
     else:
         accum = setting.grad_accum  # micro-batches of samples / accum, their gradients summed
         overlapped = _compute(profile, dims, samples / accum) * stretch  # the one backward that syncs

@@ -96,12 +96,11 @@ def _run_tiny(nproc: int, cluster: str) -> dict:
             raise ShardwiseError(
                 "plan", f"measuring the training loop's own cost on {nproc} ranks took over {TIMEOUT_S} s"
             ) from None
-        done = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        if proc.returncode != 0:
+            last = (stderr.strip().splitlines() or ["no message"])[-1]
             raise ShardwiseError(
                 "plan",
-                f"measuring the training loop's own cost on {nproc} ranks failed (exit {done.returncode}): {last}",
+                f"measuring the training loop's own cost on {nproc} ranks failed (exit {proc.returncode}): {last}",
             )
         check = json.loads((out / "summary.json").read_text())["model_check"]
         if "measured_peak_bytes" not in check:
