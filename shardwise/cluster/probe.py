@@ -42,17 +42,21 @@ def fit_alpha_beta(sizes: list[int], seconds: list[float]) -> tuple[float, float
     return max(t0 - beta * n0, 0.0), beta
 
 
-def measure(placement: Placement, *, pattern: str, sizes: list[int], repeats: int, world: int, port: int) -> dict:
-    """Run the probe ranks; the JSON rank 0 wrote."""
+def measure(
+    placement: Placement, *, pattern: str, sizes: list[int], repeats: int, world: int, port: int, collective=None
+) -> dict:
+    """Run the probe ranks; the JSON rank 0 wrote. The collectives are timed at `collective`'s
+    sizes where it is given, else at `sizes`."""
     with tempfile.TemporaryDirectory(prefix="shardwise-probe-") as tmp:
         out = Path(tmp) / "probe.json"
         argv = [sys.executable, "-m", "shardwise.cluster.probe_worker", "--pattern", pattern]
         argv += ["--sizes", ",".join(map(str, sizes)), "--repeats", str(repeats), "--out", str(out)]
+        argv += ["--collective-sizes", ",".join(map(str, collective))] if collective else []
         run_ranks(argv, world, placement, port)
         return json.loads(out.read_text())
 
 
-LINK_VERSION = 2  # of what calibrate_link measures: a cached link of another version is measured again
+LINK_VERSION = 3  # of what calibrate_link measures: a cached link of another version is measured again
 COLLECTIVE_SIZES = [2**16, 2**24, 2**26]  # 64 KiB: the per-call cost; 16 and 64 MiB: the factor on the ring
 PATTERN_KIND = {"allreduce": "all_reduce", "allgather": "all_gather", "reducescatter": "reduce_scatter"}
 
@@ -73,11 +77,13 @@ def calibrate_link(placement: Placement, *, world: int, port: int) -> dict:
 
     names = ",".join(["pingpong", *PATTERN_KIND, "overlap"])
     sizes = sorted(set(DEFAULT_SIZES) | set(COLLECTIVE_SIZES))
-    raw = measure(placement, pattern=names, sizes=sizes, repeats=10, world=world, port=port)["by_pattern"]
+    raw = measure(
+        placement, pattern=names, sizes=sizes, repeats=10, world=world, port=port, collective=COLLECTIVE_SIZES
+    )["by_pattern"]
     ping = [(r["bytes"], statistics.median(r["seconds"])) for r in raw["pingpong"]]
     alpha, beta = fit_alpha_beta([n for n, _ in ping], [t for _, t in ping])
     timed = {
-        kind: [(r["bytes"], expected(r["seconds"])) for r in raw[name] if r["bytes"] in COLLECTIVE_SIZES]
+        kind: [(r["bytes"], expected(r["seconds"])) for r in raw[name]]
         for name, kind in PATTERN_KIND.items()
     }
     overlap = statistics.median(raw["overlap"][0]["seconds"])

@@ -8,7 +8,7 @@ pingpong: rank 0 sends n bytes to rank 1, which sends them back; the one-way tim
 is half the round trip. Other ranks, if any, wait at the final barrier.
 allreduce: every rank all-reduces (sum) a float32 tensor of n bytes; allgather and
 reducescatter: every rank gathers (reduces and scatters) a flat tensor of n bytes, as
-FSDP and ZeRO do. overlap: an all-reduce of n bytes issued beside compute (a
+FSDP and ZeRO do. overlap: an all-reduce of 16 MiB issued beside compute (a
 memory-bound matrix product, as small-batch training is on a CPU), each round timed three
 ways, alone, the compute alone, and the two together.
 Each size gets a few warm-up rounds and then `repeats` timed rounds; rank 0
@@ -31,6 +31,7 @@ from shardwise.comm.collectives import all_gather_json
 from shardwise.procs import exit_now
 
 WARMUP = 2
+OVERLAP_BYTES = 2**24  # the overlap's all-reduce: of a DDP bucket's order (torch's default cap is 25 MiB)
 
 
 def rounds_for(size: int, repeats: int) -> int:
@@ -56,16 +57,17 @@ def pingpong(size: int, rounds: int) -> list[float]:
     return times
 
 
-def _timed(run, rounds: int) -> list[float]:
-    """Seconds of `run()` on every rank at once, the slowest rank's, per round."""
+def _timed(run, rounds: int, warmup: int = WARMUP) -> list[float]:
+    """Seconds of `run()` on every rank at once, the slowest rank's, per round, after
+    `warmup` rounds not counted."""
     times = []
-    for i in range(WARMUP + rounds):
+    for i in range(warmup + rounds):
         dist.barrier()
         started = time.perf_counter()
         run()
         elapsed = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the collective ends when its slowest rank does
-        if i >= WARMUP:
+        if i >= warmup:
             times.append(elapsed.item())
     return times
 
@@ -110,10 +112,11 @@ def overlap(size: int, rounds: int) -> list[float]:
         compute()
         work.wait()
 
-    runs = ([], [], [])
+    runs, kinds = ([], [], []), (lambda: dist.all_reduce(buf), compute, both)
+    _timed(both, 0)  # warm: each kind's first call; after it, the kinds alternate round by round
     for _ in range(max(7, rounds)):
-        for times, run in zip(runs, (lambda: dist.all_reduce(buf), compute, both), strict=True):
-            times += _timed(run, 1)
+        for times, run in zip(runs, kinds, strict=True):
+            times += _timed(run, 1, warmup=0)
     ar, c, b = (statistics.median(t) for t in runs)
     return [1 - (b - c) / ar]
 
@@ -131,6 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pattern", required=True, help=f"one or more of {', '.join(PATTERNS)}, comma-separated")
     parser.add_argument("--sizes", required=True, help="message sizes in bytes, comma-separated")
+    parser.add_argument("--collective-sizes", help="sizes for the collectives, if not --sizes")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -139,10 +143,11 @@ def main() -> None:
     where = {"rank": dist.get_rank(), "hostname": socket.gethostname(), "ifname": os.environ.get("GLOO_SOCKET_IFNAME")}
     everyone = all_gather_json(where, dist.group.WORLD)
     sizes = [int(n) for n in args.sizes.split(",")]
+    collective = [int(n) for n in args.collective_sizes.split(",")] if args.collective_sizes else sizes
+    at = {"pingpong": sizes, "overlap": [OVERLAP_BYTES]}
     by_pattern = {
         name: [
-            {"bytes": n, "seconds": PATTERNS[name](n, rounds_for(n, args.repeats))}
-            for n in (sizes[-1:] if name == "overlap" else sizes)  # overlap: at the largest size
+            {"bytes": n, "seconds": PATTERNS[name](n, rounds_for(n, args.repeats))} for n in at.get(name, collective)
         ]
         for name in args.pattern.split(",")
     }
