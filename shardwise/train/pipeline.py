@@ -17,13 +17,13 @@ turns these into the bubble fraction and a Gantt chart.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from rich.table import Table
 from torch import Tensor, nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from shardwise.comm.collectives import recv_tensor, send_tensor
 from shardwise.comm.flat import average_gradients
@@ -31,6 +31,9 @@ from shardwise.data.loader import RankData
 from shardwise.parallel.data import unwrap
 from shardwise.train.evaluate import gather_rows, score, summarize
 from shardwise.train.loop import mean_over
+
+if TYPE_CHECKING:  # imported where a pipeline is built: it pulls in torch._dynamo, a second per process
+    from torch.distributed.pipelining import PipelineStage
 
 
 class PipelineRunner:
@@ -50,6 +53,8 @@ class PipelineRunner:
     ):
         """`shapes`: one micro-batch's input and output of this stage (parallel/pipeline.py:
         stage_shapes); given, torch exchanges no pickled metadata between stages."""
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
         self.module, self.stage_index, self.num_stages = module, stage, stages
         self.group, self.dp_group, self.device, self.dtype = group, dp_group, device, dtype
         self.first, self.last = stage == 0, stage == stages - 1
