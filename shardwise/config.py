@@ -13,7 +13,6 @@ import ast
 import dataclasses
 import difflib
 import inspect
-import json
 import textwrap
 import tomllib
 import typing
@@ -195,6 +194,22 @@ class PsConfig:
 
 
 @dataclass
+class CommConfig:
+    compression: Literal["none", "bf16", "fp16", "int8", "topk", "powersgd"] = "none"
+    """How data-parallel ranks send their gradients to be averaged: none (float32, exact),
+    bf16 or fp16 (half the bytes, rounded), int8 (a quarter, one scale per bucket), topk (the
+    comm.topk_ratio largest entries, values and indices) or powersgd (rank comm.powersgd_rank
+    factors of each weight matrix). int8, topk and powersgd carry what they did not send into
+    the next step (error feedback): the run no longer matches one process's."""
+    topk_ratio: float = 0.01
+    """topk: the share of a bucket's entries each rank sends."""
+    powersgd_rank: int = 4
+    """powersgd: the rank of each weight matrix's factors."""
+    warmup_steps: int = 0
+    """Average exactly (no compression) for this many first steps."""
+
+
+@dataclass
 class CheckpointConfig:
     sign_key: str = ""
     """Ed25519 private key (PEM, from `shardwise keygen`): sign every checkpoint's manifest."""
@@ -231,6 +246,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ps: PsConfig = field(default_factory=PsConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -356,36 +372,3 @@ def load_config(
         _set(cfg, key, value, from_text=True)
     validate(cfg)
     return cfg
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, dict):  # an inline table
-        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    return repr(value)
-
-
-# where a run wrote and what it resumed: left out of the configs a run saves
-PLACE_KEYS = {("run", "out"), ("run", "resume")}
-
-
-def to_toml(cfg: Config, *, saved: bool = False) -> str:
-    """The resolved config as TOML; `None` (follow the default) is left out. `saved`: the
-    copy a run keeps (its folder's config.toml, a checkpoint's) leaves run.out and
-    run.resume empty, so fed back it trains the same run into a new folder, and a
-    checkpoint resumes into the run folder it sits in, wherever that was moved."""
-    lines: list[str] = []
-    for section in SECTIONS:
-        lines.append(f"[{section}]")
-        for name, value in dataclasses.asdict(getattr(cfg, section)).items():
-            if saved and (section, name) in PLACE_KEYS:
-                lines.append(f'{name} = ""')
-            elif value is not None:
-                lines.append(f"{name} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)

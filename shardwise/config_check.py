@@ -145,6 +145,7 @@ def validate(cfg: Config) -> None:
         )
     _check_vertical(cfg)
     _check_auto(cfg.parallel)
+    _check_comm(cfg)
     if d.shards is not None:
         positive("data.shards", d.shards)
         if d.partition == "shuffle":
@@ -199,6 +200,28 @@ def _check_auto(p) -> None:
         key, value = next(iter(named.items()))
         raise ShardwiseError(
             key, f"={value} with parallel.layout=auto: the planner chooses the layout; name one or the other"
+        )
+
+
+def _check_comm(cfg: Config) -> None:
+    c = cfg.comm
+    if not 0 < c.topk_ratio <= 1:
+        raise ShardwiseError("comm.topk_ratio", f"must be in (0, 1], got {c.topk_ratio}")
+    if c.powersgd_rank < 1:
+        raise ShardwiseError("comm.powersgd_rank", f"must be >= 1, got {c.powersgd_rank}")
+    if c.warmup_steps < 0:
+        raise ShardwiseError("comm.warmup_steps", f"must be >= 0, got {c.warmup_steps}")
+    if c.compression == "none":
+        return
+    if cfg.parallel.shard == "full":
+        raise ShardwiseError(
+            "comm.compression",
+            f"={c.compression} with parallel.shard=full: FSDP2 reduce-scatters its gradients uncompressed;"
+            " use parallel.shard=none or optimizer",
+        )
+    if cfg.parallel.mode == "ps":
+        raise ShardwiseError(
+            "comm.compression", f"={c.compression} with parallel.mode=ps: a parameter server's pushes go uncompressed"
         )
 
 

@@ -31,6 +31,7 @@ from shardwise import roles
 from shardwise.checkpoint.resume import load_model_file, load_weights, read_resume
 from shardwise.checkpoint.store import Checkpoint
 from shardwise.comm.collectives import all_gather_json
+from shardwise.comm.compress import CompressionSettings
 from shardwise.config import Config
 from shardwise.data import RankData, build_rank_data, load_source
 from shardwise.layout import DataCut, ServerSettings, apply_layout, data_cut, holds_whole_model
@@ -118,6 +119,9 @@ def run(
             device=device,
             faults=faults,
             server=_server_settings(cfg),
+            compression=CompressionSettings(
+                cfg.comm.compression, cfg.comm.topk_ratio, cfg.comm.powersgd_rank, cfg.comm.warmup_steps
+            ),
         )
         if cfg.train.precision == "bf16" and layout.role != "server":
             autocast_forward(layout.local_model, device.type)

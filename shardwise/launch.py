@@ -24,7 +24,8 @@ from pathlib import Path
 from shardwise import procs as contract  # its name, since `procs` names the rank processes here
 from shardwise.checkpoint.manifest import latest_checkpoint
 from shardwise.cluster.placement import Placement
-from shardwise.config import Config, to_toml
+from shardwise.config import Config
+from shardwise.config_toml import to_toml
 from shardwise.data.features import vertical_parts
 from shardwise.data.sampler import check_batch_layout
 from shardwise.data.sources import check_source

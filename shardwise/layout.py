@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from shardwise.checkpoint.state import load_optimizer, logical_model, logical_optimizer
+from shardwise.comm.compress import CompressionSettings
 from shardwise.comm.flat import named_views
 from shardwise.config import DataConfig, ParallelConfig, TrainConfig
 from shardwise.data.features import vertical_parts
@@ -202,6 +203,7 @@ def apply_layout(
     device: torch.device,
     faults: FaultPlan,
     server: ServerSettings,
+    compression: CompressionSettings | None = None,
 ) -> Layout:
     """This rank's layout: the strategies applied to `model` in the one order, and the
     runner of a step. `features`: the vertical split of the input (None without);
@@ -214,7 +216,7 @@ def apply_layout(
         part = apply_vertical(part, mesh, features=features, in_shape=in_shape)
     part = apply_tensor_parallel(part, mesh)
     part = apply_spatial(part, mesh, in_shape=in_shape)
-    part = apply_data_parallel(part, mesh, device=device)
+    part = apply_data_parallel(part, mesh, device=device, compression=compression)
     part = apply_zero(part, mesh)
     part = apply_parameter_server(part, mesh, settings=server)
     return Layout(dims, part, _runner(part, mesh, device=device, faults=faults), whole)
@@ -239,4 +241,5 @@ def _runner(part: Part, mesh: RankMesh, *, device: torch.device, faults: FaultPl
         device=device,
         shapes=stage.shapes,
         dtype=next(part.model.parameters()).dtype,
+        compressor=part.compressor,
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from shardwise.checkpoint.resume import build_checkpointer
+from shardwise.checkpoint.state import compression_state, load_compression
 from shardwise.checkpoint.store import Checkpoint, restore_rng, rng_tensors
 from shardwise.config import Config
 from shardwise.data import RankData
@@ -88,13 +89,19 @@ def _train(job: Job, console) -> Outcome:
     start_bytes = gather_rows(layout.memory(), group)
     optimizer = layout.build_optimizer(t)
     checkpoint = job.checkpoint
+    compressor = layout.part.compressor
     if checkpoint is not None:
         layout.load_state(optimizer, checkpoint.tensors)
         restore_rng(checkpoint, job.rank, dims.world_size)
+        same = checkpoint.state.get("world_size") == dims.world_size and checkpoint.state.get("layout") == dims.layout
+        load_compression(compressor, layout.local_model, layout.splits, checkpoint.tensors, rank=job.rank, same=same)
+    if compressor is not None:
+        compressor.steps = job.start_step  # the warm-up counts the run's steps, not this start's
     scheduler = build_scheduler(t, optimizer, start=checkpoint.schedule_step if checkpoint is not None else 0)
 
     def collect() -> tuple[dict, dict]:
         tensors = layout.logical_tensors(optimizer) | rng_tensors(job.rank)
+        tensors |= compression_state(compressor, layout.local_model, layout.splits, job.rank)
         return tensors, {"world_size": dims.world_size, "layout": dims.layout, "schedule_step": scheduler.last_epoch}
 
     checkpointer = build_checkpointer(cfg, job.out_dir, group, collect, job.faults)
@@ -130,6 +137,8 @@ def _train(job: Job, console) -> Outcome:
     measured = gather_rows(measured_bytes(job.device, rss_start), group)
     end_bytes = gather_rows(layout.memory(optimizer), group)
     extra = {"shard": dims.shard, "memory": memory_records(end_bytes, dims, measured), "partition": job.data.report}
+    if layout.part.compressor is not None:
+        extra["compression"] = layout.part.compressor.summary()
     return Outcome(result, skipped=result.skipped_steps, extra=extra, memory=(end_bytes, measured))
 
 

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from shardwise import procs
-from shardwise.config import Config, load_config, to_toml
+from shardwise.config import Config, load_config
+from shardwise.config_toml import to_toml
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 from shardwise.files import write_atomic
 from shardwise.job import JobContext, RunResult, run

@@ -382,7 +382,8 @@ def test_python_dash_m_and_console_script_agree():
 
 def test_the_same_worker_runs_under_torchrun(tmp_path):
     """torchrun sets the environment the local launcher sets: same worker, same outputs."""
-    from shardwise.config import load_config, to_toml
+    from shardwise.config import load_config
+    from shardwise.config_toml import to_toml
 
     out = tmp_path / "out"
     cfg = load_config(None, {"model.name": "mlp", "train.steps": "20", "run.progress": "false", "run.out": str(out)})

@@ -141,7 +141,8 @@ def _torchrun_on_each_host(cluster, config: Path, *, run_id: str, hostname: str 
 
 
 def _config(tmp_path: Path, out: Path) -> Path:
-    from shardwise.config import load_config, to_toml
+    from shardwise.config import load_config
+    from shardwise.config_toml import to_toml
 
     overrides = {"model.name": "mlp", "train.steps": "12", "train.eval_every": "0", "run.progress": "false"}
     config = tmp_path / f"{out.name}.toml"

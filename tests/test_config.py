@@ -6,7 +6,8 @@ import tomllib
 import pytest
 
 from shardwise.cli import TEST_AIDS
-from shardwise.config import SECTIONS, Config, all_keys, field_docs, load_config, to_toml
+from shardwise.config import SECTIONS, Config, all_keys, field_docs, load_config
+from shardwise.config_toml import to_toml
 from shardwise.errors import ShardwiseError
 
 
@@ -48,6 +49,21 @@ def test_resolved_toml_round_trips(tmp_path):
         ({"data.val_fraction": "1.5"}, "data.val_fraction: must be between 0 and 1, got 1.5"),
         ({"data.name": "cifar10"}, "data.path: is required for data.name=cifar10"),
         ({"data.shards": "4"}, "data.shards: =4 needs a fixed data.partition, not shuffle"),
+        ({"comm.topk_ratio": "0"}, "comm.topk_ratio: must be in (0, 1], got 0.0"),
+        ({"comm.powersgd_rank": "0"}, "comm.powersgd_rank: must be >= 1, got 0"),
+        (
+            {"comm.compression": "topk", "parallel.shard": "full"},
+            "comm.compression: =topk with parallel.shard=full: FSDP2 reduce-scatters its gradients uncompressed;"
+            " use parallel.shard=none or optimizer",
+        ),
+        (
+            {"comm.compression": "int8", "parallel.mode": "ps"},
+            "comm.compression: =int8 with parallel.mode=ps: a parameter server's pushes go uncompressed",
+        ),
+        (
+            {"comm.compression": "zip"},
+            "comm.compression: expected one of none, bf16, fp16, int8, topk, powersgd, got 'zip'",
+        ),
     ],
 )
 def test_bad_values_name_the_field(overrides, message):

@@ -89,7 +89,7 @@ def test_data_that_cannot_work_is_one_line(tmp_path, capfd, overrides, message):
 
 def test_a_saved_data_path_runs_only_where_named(tmp_path):
     """Scoring a run folder whose config names data code follows it only where the caller names it."""
-    from shardwise.config import to_toml
+    from shardwise.config_toml import to_toml
     from shardwise.config_trust import check_code_trust
 
     cfg = load_config(None, OWN)

@@ -56,7 +56,8 @@ def test_a_model_that_cannot_work_is_one_line(tmp_path, capfd, overrides, messag
 
 
 def test_model_options_round_trip_and_refuse_what_toml_cannot_hold():
-    from shardwise.config import load_config, to_toml
+    from shardwise.config import load_config
+    from shardwise.config_toml import to_toml
 
     cfg = load_config(None, OWN)
     assert load_config(None, resumed=to_toml(cfg)).model.options == {"width": 32, "depth": 2}

@@ -10,7 +10,8 @@ import torch
 from shardwise.checkpoint.manifest import find_checkpoint
 from shardwise.checkpoint.state import model_weights
 from shardwise.checkpoint.store import Checkpoint, Checkpointer, read_checkpoint
-from shardwise.config import Config, to_toml
+from shardwise.config import Config
+from shardwise.config_toml import to_toml
 from shardwise.errors import ShardwiseError
 
 

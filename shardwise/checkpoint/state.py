@@ -12,6 +12,7 @@ now, so a checkpoint of any layout loads into any other.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -76,3 +77,41 @@ def load_optimizer(
             state[key] = piece
         if state:
             optimizer.state[p] = state
+
+
+def compression_state(compressor, model: nn.Module, splits: dict[str, Split], rank: int) -> dict[str, Tensor]:
+    """What gradient compression owes (comm/compress.py), two ways: this rank's own residuals
+    and PowerSGD factors, `comm/rankR/residual/NAME` and `comm/rankR/q/NAME` (a resume on the
+    same layout takes them back exactly), and `comm/residual/NAME`, the whole tensor of the
+    mean residual over the data-parallel ranks (collective), which is what the average still
+    owes: a resume on another layout gives every rank its piece of it, so none is lost."""
+    if compressor is None or not compressor.owes:
+        return {}
+    out = {f"comm/rank{rank}/residual/{k}": v.clone() for k, v in compressor.residuals.items()}
+    out |= {f"comm/rank{rank}/q/{k}": v.clone() for k, v in compressor.q.items()}
+    for name, p in model.named_parameters():  # model order: the same on every rank
+        mean = compressor.residuals.get(name, torch.zeros(p.shape, dtype=p.dtype)).clone()
+        dist.all_reduce(mean, group=compressor.group)
+        mean /= compressor.world
+        out[f"comm/residual/{name}"] = splits[name].full(mean) if name in splits else mean
+    return out
+
+
+def load_compression(
+    compressor, model: nn.Module, splits: dict[str, Split], tensors: dict[str, Tensor], *, rank: int, same: bool
+) -> None:
+    """A checkpoint's compression state into this rank's compressor: its own on the same
+    layout (`same`), else its piece of the mean residual (PowerSGD's factors start afresh)."""
+    if compressor is None:
+        return
+    own = f"comm/rank{rank}/"
+    if same and any(k.startswith(own) for k in tensors):
+        for key, value in tensors.items():
+            kind, _, name = key.removeprefix(own).partition("/")
+            if key.startswith(own) and kind in ("residual", "q"):
+                getattr(compressor, "residuals" if kind == "residual" else "q")[name] = value.clone()
+        return
+    for name, _ in model.named_parameters():
+        whole = tensors.get(f"comm/residual/{name}")
+        if whole is not None:
+            compressor.residuals[name] = splits[name].local(whole) if name in splits else whole.clone()

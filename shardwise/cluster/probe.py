@@ -82,10 +82,7 @@ def calibrate_link(placement: Placement, *, world: int, port: int) -> dict:
     )["by_pattern"]
     ping = [(r["bytes"], statistics.median(r["seconds"])) for r in raw["pingpong"]]
     alpha, beta = fit_alpha_beta([n for n, _ in ping], [t for _, t in ping])
-    timed = {
-        kind: [(r["bytes"], expected(r["seconds"])) for r in raw[name]]
-        for name, kind in PATTERN_KIND.items()
-    }
+    timed = {kind: [(r["bytes"], expected(r["seconds"])) for r in raw[name]] for name, kind in PATTERN_KIND.items()}
     overlap = statistics.median(raw["overlap"][0]["seconds"])
     link = calibrate(Link(alpha, beta), world, timed, overlap)
     return {

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from shardwise.comm.compress import entries_of
+
 
 def flatten(tensors: list[Tensor | None], like: list[Tensor] | None = None) -> Tensor:
     """One flat copy of `tensors`; a None (a parameter without a gradient) counts as zeros
@@ -37,13 +39,19 @@ def named_views(flat: Tensor, named: list[tuple[str, Tensor]], *, prefix: str = 
 
 
 @torch.no_grad()
-def average_gradients(params: list[Tensor], group: dist.ProcessGroup | None) -> None:
-    """Average the gradients of `params` over `group` with one all-reduce of one flat
-    buffer (parameters without a gradient take no part; every member has the same ones)."""
+def average_gradients(named: list[tuple[str, Tensor]], group: dist.ProcessGroup | None, compressor=None) -> None:
+    """Average the gradients of the `named` parameters over `group` with one all-reduce of
+    one flat buffer (parameters without a gradient take no part; every member has the same
+    ones), or through `compressor` (comm/compress.py), which then counts a step."""
     if group is None:
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    named = [(name, p.grad) for name, p in named if p.grad is not None]
+    grads = [g for _, g in named]
     flat = flatten(grads)
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
+    if compressor is not None:
+        flat = compressor.average(flat, entries_of(named))
+        compressor.end_step()
+    else:
+        dist.all_reduce(flat, group=group)
+        flat /= dist.get_world_size(group)
     copy_flat(flat, grads)

@@ -22,21 +22,29 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from shardwise.comm.compress import CompressionSettings, Compressor, ddp_hook
 from shardwise.comm.cost import Link, all_gather, all_reduce, beside, reduce_scatter
 from shardwise.parallel.part import Part
 from shardwise.topology import RankMesh
 
 
-def apply_data_parallel(part: Part, mesh: RankMesh, *, device: torch.device) -> Part:
+def apply_data_parallel(
+    part: Part, mesh: RankMesh, *, device: torch.device, compression: CompressionSettings | None = None
+) -> Part:
     """Wrap the part for data parallelism over the mesh's dp axis (dp=1 leaves it as is):
     DDP, or FSDP2 where the mesh's layout shards everything (its shards then join the
     groups a gradient norm adds up over). A pipeline stage is left unwrapped: it averages
     its gradients once the pipeline drained (comm.flat.average_gradients, from its runner),
     since DDP around a stage trips over its own bucket rebuild when the first step runs
-    every forward before any backward, as GPipe does."""
+    every forward before any backward, as GPipe does.
+
+    `compression` (comm/compress.py): DDP averages its buckets through a communication hook
+    that compresses them, and a stage's average goes through the same compressor."""
     group, model = mesh.groups["dp"], part.model
+    compressing = group is not None and compression is not None and compression.method != "none"
+    compressor = Compressor(compression, group) if compressing else None
     if group is None or part.stage is not None:
-        return part
+        return part.but(compressor=compressor)
     if mesh.dims.shard == "full":
         dp_mesh = mesh.device_mesh("dp")
         # one FSDP unit per layer of the feature stack and the head: a layer's
@@ -52,7 +60,9 @@ def apply_data_parallel(part: Part, mesh: RankMesh, *, device: torch.device) -> 
     # DDP broadcasts rank 0's parameters and buffers at construction, so ranks start equal
     # gradients as views into the buckets: one copy of the gradient, not two (torch DDP notes)
     ddp = DistributedDataParallel(model, device_ids=device_ids, process_group=group, gradient_as_bucket_view=True)
-    return part.but(model=ddp)
+    if compressor is not None:
+        ddp.register_comm_hook(None, ddp_hook(compressor, {id(p): n for n, p in model.named_parameters()}))
+    return part.but(model=ddp, compressor=compressor)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

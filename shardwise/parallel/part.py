@@ -21,6 +21,7 @@ from torch import nn
 if TYPE_CHECKING:
     import torch.distributed as dist
 
+    from shardwise.comm.compress import Compressor
     from shardwise.parallel.param_server import ParameterServer
     from shardwise.parallel.pipeline import StageCut
     from shardwise.parallel.ps_protocol import WorkerClient
@@ -36,6 +37,7 @@ class Part:
     zero_group: dist.ProcessGroup | None = None  # ZeRO-1: the optimizer state is sharded over it
     server: ParameterServer | None = None  # a parameter server's server role
     client: WorkerClient | None = None  # a parameter server's worker role
+    compressor: Compressor | None = None  # how the dp axis averages gradients, if compressed
 
     def but(self, **changes) -> Part:
         """A copy with `changes` (the strategies return new parts, never edit the one given)."""

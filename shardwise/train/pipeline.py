@@ -50,6 +50,7 @@ class PipelineRunner:
         device: torch.device,
         shapes: tuple[tuple[int, ...], tuple[int, ...]],
         dtype: torch.dtype = torch.float32,
+        compressor=None,
     ):
         """`shapes`: one micro-batch's input and output of this stage (parallel/pipeline.py:
         stage_shapes); given, torch exchanges no pickled metadata between stages."""
@@ -57,6 +58,7 @@ class PipelineRunner:
 
         self.module, self.stage_index, self.num_stages = module, stage, stages
         self.group, self.dp_group, self.device, self.dtype = group, dp_group, device, dtype
+        self.compressor = compressor  # comm/compress.py: how the stage's gradients are averaged, if not exactly
         self.first, self.last = stage == 0, stage == stages - 1
         # activations between stages carry gradients back; the first stage's input is data
         inputs = torch.empty(shapes[0], device=device, dtype=dtype, requires_grad=not self.first)
@@ -88,7 +90,7 @@ class PipelineRunner:
         # data parallelism for a stage: one all-reduce of all its gradients once the pipeline
         # drained (DDP around a stage trips over its own bucket rebuild when the first step
         # runs every forward before any backward, as GPipe does)
-        average_gradients(list(self.module.parameters()), self.dp_group)
+        average_gradients(list(self.module.named_parameters()), self.dp_group, self.compressor)
         if self.last:
             return torch.stack([loss.detach() for loss in losses]).mean()
         return torch.zeros((), device=self.device)

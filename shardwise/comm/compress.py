@@ -1,0 +1,270 @@
+"""Gradient compression with error feedback: fewer bytes on the link for the gradient
+average, the loss carried into the next step.
+
+Every method here turns a flat gradient x (a DDP bucket, a pipeline stage's gradient)
+into the average over the group of what each rank sends:
+
+- bf16 / fp16: each rank sends x in half precision (torch's own `bf16_compress_hook` and
+  `fp16_compress_hook` under DDP; the same cast and all-reduce elsewhere). Half the bytes;
+  rounding, not dropping, so no error feedback.
+- int8: each rank sends round(x / s) in int8 with one float32 scale s = max|x| / 127 per
+  bucket; the ranks gather every rank's bytes and scale and add them up (an all-gather:
+  int8 cannot be summed on the wire without overflowing). A quarter of the bytes per
+  rank, (n - 1) of them received.
+- topk: each rank sends the k = ceil(ratio x size) entries of largest magnitude, values
+  and indices (Aji and Heafield 2017; Lin et al., "Deep Gradient Compression", 2018),
+  gathered and added up.
+- powersgd: each weight matrix M (a parameter viewed as rows x the rest) is sent as the
+  rank-r factors of one step of power iteration, P = M Q and Q = M^T P, each all-reduced,
+  Q kept for the next step (Vogels et al., "PowerSGD", NeurIPS 2019); vectors (biases,
+  norms) go whole. r (rows + columns) floats per matrix instead of rows x columns.
+
+Error feedback (Seide et al. 2014; Karimireddy et al. 2019): the lossy methods (int8,
+topk, powersgd) add this rank's residual to the gradient before compressing, and keep as
+the next residual what they failed to send: residual = (x + residual) - what was applied
+for this rank. The applied average plus the mean residual over ranks is then, step after
+step, exactly the sum of the true gradients' averages (up to float rounding): nothing is
+lost, only delayed. Residuals are kept per parameter name (not per DDP bucket, whose
+index changes when DDP rebuilds its buckets after the first step), so a checkpoint holds
+them by name.
+
+The first `warmup_steps` steps average exactly (a plain all-reduce): early gradients are
+large and change fast, and compressing them costs accuracy (Lin et al. 2018's warm-up).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+METHODS = ("none", "bf16", "fp16", "int8", "topk", "powersgd")
+LOSSY = ("int8", "topk", "powersgd")  # the methods with error feedback
+
+
+@dataclass(frozen=True)
+class CompressionSettings:
+    method: str = "none"
+    topk_ratio: float = 0.01
+    powersgd_rank: int = 4
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One parameter's run of a flat gradient."""
+
+    name: str
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def entries_of(named: list[tuple[str, Tensor]]) -> list[Entry]:
+    """The runs of a flat vector that holds `named`'s tensors one after another."""
+    out, offset = [], 0
+    for name, t in named:
+        out.append(Entry(name, offset, tuple(t.shape)))
+        offset += t.numel()
+    return out
+
+
+class Compressor:
+    """One rank's compression state over `group`: the residual of every parameter, PowerSGD's
+    Q of every matrix, and the steps averaged so far (the warm-up counts them)."""
+
+    def __init__(self, settings: CompressionSettings, group: dist.ProcessGroup | None):
+        self.settings, self.group = settings, group
+        self.world = dist.get_world_size(group) if group is not None else 1
+        self.residuals: dict[str, Tensor] = {}
+        self.q: dict[str, Tensor] = {}
+        self.steps = 0
+        self.bytes_sent = 0  # this rank's payload, summed over steps (what the link carried for it)
+        self.bytes_whole = 0  # what it would have sent uncompressed (float32 gradients)
+
+    @property
+    def owes(self) -> bool:
+        """Whether the method keeps residuals (error feedback) that a checkpoint must hold."""
+        return self.settings.method in LOSSY
+
+    @property
+    def compressing(self) -> bool:
+        return self.settings.method != "none" and self.steps >= self.settings.warmup_steps
+
+    def average(self, flat: Tensor, entries: list[Entry]) -> Tensor:
+        """The group's average of `flat` as the method sends it (in place where it can),
+        this rank's residuals updated."""
+        method = self.settings.method
+        if self.world == 1:
+            return flat
+        self.bytes_whole += flat.numel() * flat.element_size()
+        if not self.compressing:
+            self.bytes_sent += flat.numel() * flat.element_size()
+            dist.all_reduce(flat, group=self.group)
+            return flat.div_(self.world)
+        if method in ("bf16", "fp16"):
+            return self._half(flat, torch.bfloat16 if method == "bf16" else torch.float16)
+        self._add_residuals(flat, entries)
+        sent = flat.clone()  # x + residual, what this rank meant to send
+        if method == "int8":
+            applied, mine = self._int8(flat)
+        elif method == "topk":
+            applied, mine = self._topk(flat)
+        else:
+            applied, mine = self._powersgd(flat, entries, sent)
+        self._keep_residuals(sent - mine, entries)
+        return applied
+
+    def end_step(self) -> None:
+        self.steps += 1
+
+    def summary(self) -> dict:
+        """What the run's summary says of it: the method and the bytes this rank sent."""
+        s = self.settings
+        sent, whole = self.bytes_sent, self.bytes_whole
+        return {"method": s.method, "warmup_steps": s.warmup_steps, "bytes_sent": sent, "bytes_whole": whole} | {
+            "ratio": sent / max(whole, 1)
+        }
+
+    # the methods: each returns the group's average and what of it was this rank's
+
+    def _half(self, flat: Tensor, dtype: torch.dtype) -> Tensor:
+        half = flat.to(dtype).div_(self.world)
+        self.bytes_sent += half.numel() * half.element_size()
+        dist.all_reduce(half, group=self.group)
+        return flat.copy_(half)
+
+    def _int8(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        scale = flat.abs().max().clamp_min(torch.finfo(flat.dtype).tiny) / 127
+        q = torch.round(flat / scale).clamp_(-127, 127).to(torch.int8)
+        mine = q.to(flat.dtype) * scale
+        qs = torch.empty(self.world * q.numel(), dtype=torch.int8)
+        scales = torch.empty(self.world, dtype=flat.dtype)
+        self.bytes_sent += q.numel() + scale.element_size()
+        dist.all_gather_single(qs, q, group=self.group)
+        dist.all_gather_single(scales, scale.reshape(1), group=self.group)
+        total = torch.zeros_like(flat)
+        for r in range(self.world):  # in rank order on every rank: the same sum everywhere
+            total.add_(qs[r * q.numel() : (r + 1) * q.numel()].to(flat.dtype), alpha=float(scales[r]))
+        return total.div_(self.world), mine
+
+    def _topk(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        k = max(1, math.ceil(self.settings.topk_ratio * flat.numel()))
+        index = flat.abs().topk(k, sorted=False).indices
+        values = flat[index]
+        mine = torch.zeros_like(flat).index_put_((index,), values)
+        values_all = torch.empty(self.world * k, dtype=flat.dtype)
+        index_all = torch.empty(self.world * k, dtype=torch.int32)  # a bucket holds fewer than 2^31 entries
+        self.bytes_sent += k * (values.element_size() + 4)
+        dist.all_gather_single(values_all, values, group=self.group)
+        dist.all_gather_single(index_all, index.to(torch.int32), group=self.group)
+        total = torch.zeros_like(flat).index_add_(0, index_all.long(), values_all)
+        return total.div_(self.world), mine
+
+    def _powersgd(self, flat: Tensor, entries: list[Entry], sent: Tensor) -> tuple[Tensor, Tensor]:
+        """One power-iteration step per matrix, the Ps of a bucket (and its vectors, whole) in
+        one all-reduce, its Qs in a second. A matrix's residual is against the group's
+        approximation (the factors are the group's, as in torch's hook); a vector goes
+        whole and leaves none."""
+        rank = self.settings.powersgd_rank
+        matrices, vectors = [], []
+        for e in entries:
+            rows, cols = e.shape[0], e.numel // max(e.shape[0], 1)
+            r = min(rank, rows, cols)
+            # a matrix is worth factoring only if its factors are smaller than it
+            (matrices if len(e.shape) > 1 and r * (rows + cols) < rows * cols else vectors).append((e, rows, cols, r))
+        views = [flat[e.offset : e.offset + e.numel].view(rows, cols) for e, rows, cols, _ in matrices]
+        qs = [self._q(e.name, cols, r) for e, _, cols, r in matrices]
+        ps = [m @ q for m, q in zip(views, qs, strict=True)]
+        whole = [flat[e.offset : e.offset + e.numel] for e, *_ in vectors]
+        first = torch.cat([p.reshape(-1) for p in ps] + whole) if ps or whole else flat.new_zeros(0)
+        self.bytes_sent += first.numel() * first.element_size()
+        dist.all_reduce(first, group=self.group)
+        first.div_(self.world)
+        offset = 0
+        for i, p in enumerate(ps):
+            ps[i] = _orthonormal(first[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        for w in whole:
+            w.copy_(first[offset : offset + w.numel()])
+            offset += w.numel()
+        new_qs = [m.t() @ p for m, p in zip(views, ps, strict=True)]
+        if new_qs:
+            second = torch.cat([q.reshape(-1) for q in new_qs])
+            self.bytes_sent += second.numel() * second.element_size()
+            dist.all_reduce(second, group=self.group)
+            second.div_(self.world)
+            offset = 0
+            for (e, *_), m, p, q in zip(matrices, views, ps, new_qs, strict=True):
+                q = second[offset : offset + q.numel()].view_as(q).clone()
+                offset += q.numel()
+                self.q[e.name] = q  # warm start: the next step's iteration begins from it
+                m.copy_(p @ q.t())
+        mine = flat.clone()
+        for e, *_ in vectors:
+            mine[e.offset : e.offset + e.numel] = sent[e.offset : e.offset + e.numel]
+        return flat, mine
+
+    def _q(self, name: str, cols: int, rank: int) -> Tensor:
+        """The Q a matrix's iteration starts from: the last step's, else a seeded random one
+        (the same on every rank, so the ranks' Ps add up)."""
+        q = self.q.get(name)
+        if q is None or q.shape != (cols, rank):
+            seed = zlib.crc32(name.encode())
+            q = torch.randn(cols, rank, generator=torch.Generator().manual_seed(seed))
+        return q
+
+    # residuals, by parameter name
+
+    def _add_residuals(self, flat: Tensor, entries: list[Entry]) -> None:
+        for e in entries:
+            r = self.residuals.get(e.name)
+            if r is not None:
+                flat[e.offset : e.offset + e.numel].add_(r.reshape(-1))
+
+    def _keep_residuals(self, residual: Tensor, entries: list[Entry]) -> None:
+        for e in entries:
+            self.residuals[e.name] = residual[e.offset : e.offset + e.numel].view(e.shape).clone()
+
+
+def _orthonormal(p: Tensor) -> Tensor:
+    """P's columns made orthonormal (reduced QR): the projection PowerSGD applies."""
+    return torch.linalg.qr(p, mode="reduced").Q
+
+
+def ddp_hook(compressor: Compressor, names: dict[int, str]):
+    """A DDP communication hook that averages each bucket through `compressor` (`names`:
+    id of each parameter -> its name). bf16 and fp16 outside the warm-up are torch's own
+    hooks; the rest run here, in the autograd thread, when DDP hands over a bucket."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    torch_hooks = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
+
+    def hook(_state, bucket):  # unannotated: DDP checks annotations as objects, and these are strings here
+        flat = bucket.buffer()
+        if not compressor.compressing or compressor.settings.method in torch_hooks:
+            compressor.bytes_whole += flat.numel() * flat.element_size()
+        if not compressor.compressing:  # the warm-up: DDP's own all-reduce, as without a hook
+            compressor.bytes_sent += flat.numel() * flat.element_size()
+            fut = default_hooks.allreduce_hook(compressor.group, bucket)
+        elif compressor.settings.method in torch_hooks:
+            compressor.bytes_sent += flat.numel() * 2
+            fut = torch_hooks[compressor.settings.method](compressor.group, bucket)
+        else:
+            named = [(names[id(p)], p) for p in bucket.parameters()]
+            entries = entries_of(named)
+            assert sum(e.numel for e in entries) == flat.numel(), "a DDP bucket is its parameters back to back"
+            fut = torch.futures.Future()
+            fut.set_result(compressor.average(flat, entries))
+        if bucket.is_last():
+            compressor.end_step()
+        return fut
+
+    return hook
