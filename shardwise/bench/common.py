@@ -50,14 +50,22 @@ class Bench:
         return f"gloo, emulated cluster, rank r in host r mod {c.hosts}, {c.bandwidth} links"
 
     def train(
-        self, args: list[str], name: str, *, steps: int, env: dict[str, str] | None = None, nproc: int | None = None
+        self,
+        args: list[str],
+        name: str,
+        *,
+        steps: int,
+        env: dict[str, str] | None = None,
+        nproc: int | None = None,
+        eval_every: int = 0,
     ) -> dict:
         """Run `shardwise train ARGS` quietly for `steps` steps where this link says (on
-        `nproc` ranks, or the default); its summary."""
+        `nproc` ranks, or the default; evaluated every `eval_every` steps, else at the end
+        only); its summary."""
         out = self.work / name.replace(" ", "_")
         cmd = [sys.executable, "-m", "shardwise", "train", *args, "--out", str(out)]
         cmd += ["--nproc", str(nproc)] if nproc is not None else []
-        cmd += ["--train.steps", str(steps), "--train.eval_every", "0", "--train.log_every", str(steps)]
+        cmd += ["--train.steps", str(steps), "--train.eval_every", str(eval_every), "--train.log_every", str(steps)]
         cmd += ["--run.progress", "false"]
         if self.placement.cluster:
             cmd += ["--cluster", f"emulated:{self.placement.cluster.name}"]

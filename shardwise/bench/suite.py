@@ -19,7 +19,20 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from shardwise.bench import allreduce, ddp, planner, pp, precision, ps, restarts, scaling, shard, spatial, tp
+from shardwise.bench import (
+    allreduce,
+    compression,
+    ddp,
+    planner,
+    pp,
+    precision,
+    ps,
+    restarts,
+    scaling,
+    shard,
+    spatial,
+    tp,
+)
 from shardwise.bench.common import Bench, bench_console
 from shardwise.cluster import netns
 from shardwise.cluster.placement import Placement
@@ -38,9 +51,10 @@ SCENARIOS: dict[str, tuple[Callable[[Bench], None], bool]] = {
     "ps": (ps.run, True),
     "precision": (precision.run, False),  # compute: one link is enough
     "restarts": (restarts.run, False),  # correctness trials, not timed
+    "compression": (compression.run, True),  # every method trained to a target: half an hour a link
     "planner": (planner.run, True),  # every layout run for real: an hour and more
 }
-DEFAULT = [name for name in SCENARIOS if name not in ("restarts", "planner")]
+DEFAULT = [name for name in SCENARIOS if name not in ("restarts", "planner", "compression")]
 CLUSTER_NAME, HOSTS = "swb", 4
 
 

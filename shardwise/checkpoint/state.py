@@ -104,6 +104,7 @@ def load_compression(
     layout (`same`), else its piece of the mean residual (PowerSGD's factors start afresh)."""
     if compressor is None:
         return
+    compressor.forget_buffers()
     own = f"comm/rank{rank}/"
     if same and any(k.startswith(own) for k in tensors):
         for key, value in tensors.items():

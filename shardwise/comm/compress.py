@@ -88,6 +88,8 @@ class Compressor:
         self.steps = 0
         self.bytes_sent = 0  # this rank's payload, summed over steps (what the link carried for it)
         self.bytes_whole = 0  # what it would have sent uncompressed (float32 gradients)
+        self._flats: dict[tuple[str, ...], Tensor] = {}
+        self._buffers: dict[str, Tensor] = {}
 
     @property
     def owes(self) -> bool:
@@ -111,16 +113,18 @@ class Compressor:
             return flat.div_(self.world)
         if method in ("bf16", "fp16"):
             return self._half(flat, torch.bfloat16 if method == "bf16" else torch.float16)
-        self._add_residuals(flat, entries)
-        sent = flat.clone()  # x + residual, what this rank meant to send
+        residual = self._residual_flat(flat, entries)
+        flat.add_(residual)  # x + what earlier steps owe: what this rank means to send
         if method == "int8":
-            applied, mine = self._int8(flat)
-        elif method == "topk":
-            applied, mine = self._topk(flat)
-        else:
-            applied, mine = self._powersgd(flat, entries, sent)
-        self._keep_residuals(sent - mine, entries)
-        return applied
+            return self._int8(flat, residual)
+        if method == "topk":
+            return self._topk(flat, residual)
+        return self._powersgd(flat, entries, residual)
+
+    def forget_buffers(self) -> None:
+        """After `residuals` were set from outside (a checkpoint): the next average builds
+        its flat residuals from them."""
+        self._flats.clear()
 
     def end_step(self) -> None:
         self.steps += 1
@@ -141,34 +145,38 @@ class Compressor:
         dist.all_reduce(half, group=self.group)
         return flat.copy_(half)
 
-    def _int8(self, flat: Tensor) -> tuple[Tensor, Tensor]:
-        scale = flat.abs().max().clamp_min(torch.finfo(flat.dtype).tiny) / 127
-        q = torch.round(flat / scale).clamp_(-127, 127).to(torch.int8)
-        mine = q.to(flat.dtype) * scale
-        qs = torch.empty(self.world * q.numel(), dtype=torch.int8)
+    def _int8(self, flat: Tensor, residual: Tensor) -> Tensor:
+        n = flat.numel()
+        lo, hi = torch.aminmax(flat)  # max |x| in one pass (a tenth of vector_norm(inf)'s time here)
+        scale = torch.maximum(-lo, hi).clamp_min(torch.finfo(flat.dtype).tiny) / 127
+        work = self._scratch("work", n, flat.dtype)
+        torch.div(flat, scale, out=work).round_().clamp_(-127, 127)
+        q = self._scratch("q", n, torch.int8)
+        q.copy_(work)
+        torch.sub(flat, work.mul_(scale), out=residual)  # what the bytes do not say
+        qs = self._scratch("qs", self.world * n, torch.int8)
         scales = torch.empty(self.world, dtype=flat.dtype)
-        self.bytes_sent += q.numel() + scale.element_size()
+        self.bytes_sent += n + scale.element_size()
         dist.all_gather_single(qs, q, group=self.group)
         dist.all_gather_single(scales, scale.reshape(1), group=self.group)
-        total = torch.zeros_like(flat)
+        flat.zero_()
         for r in range(self.world):  # in rank order on every rank: the same sum everywhere
-            total.add_(qs[r * q.numel() : (r + 1) * q.numel()].to(flat.dtype), alpha=float(scales[r]))
-        return total.div_(self.world), mine
+            flat.add_(work.copy_(qs[r * n : (r + 1) * n]), alpha=float(scales[r]))
+        return flat.div_(self.world)
 
-    def _topk(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+    def _topk(self, flat: Tensor, residual: Tensor) -> Tensor:
         k = max(1, math.ceil(self.settings.topk_ratio * flat.numel()))
-        index = flat.abs().topk(k, sorted=False).indices
+        index = largest(torch.abs(flat, out=self._scratch("work", flat.numel(), flat.dtype)), k)
         values = flat[index]
-        mine = torch.zeros_like(flat).index_put_((index,), values)
+        residual.copy_(flat).index_fill_(0, index, 0.0)  # all but what is sent
         values_all = torch.empty(self.world * k, dtype=flat.dtype)
         index_all = torch.empty(self.world * k, dtype=torch.int32)  # a bucket holds fewer than 2^31 entries
         self.bytes_sent += k * (values.element_size() + 4)
         dist.all_gather_single(values_all, values, group=self.group)
         dist.all_gather_single(index_all, index.to(torch.int32), group=self.group)
-        total = torch.zeros_like(flat).index_add_(0, index_all.long(), values_all)
-        return total.div_(self.world), mine
+        return flat.zero_().index_add_(0, index_all.long(), values_all).div_(self.world)
 
-    def _powersgd(self, flat: Tensor, entries: list[Entry], sent: Tensor) -> tuple[Tensor, Tensor]:
+    def _powersgd(self, flat: Tensor, entries: list[Entry], residual: Tensor) -> Tensor:
         """One power-iteration step per matrix, the Ps of a bucket (and its vectors, whole) in
         one all-reduce, its Qs in a second. A matrix's residual is against the group's
         approximation (the factors are the group's, as in torch's hook); a vector goes
@@ -181,8 +189,7 @@ class Compressor:
             # a matrix is worth factoring only if its factors are smaller than it
             (matrices if len(e.shape) > 1 and r * (rows + cols) < rows * cols else vectors).append((e, rows, cols, r))
         views = [flat[e.offset : e.offset + e.numel].view(rows, cols) for e, rows, cols, _ in matrices]
-        qs = [self._q(e.name, cols, r) for e, _, cols, r in matrices]
-        ps = [m @ q for m, q in zip(views, qs, strict=True)]
+        ps = [m @ self._q(e.name, cols, r) for m, (e, _, cols, r) in zip(views, matrices, strict=True)]
         whole = [flat[e.offset : e.offset + e.numel] for e, *_ in vectors]
         first = torch.cat([p.reshape(-1) for p in ps] + whole) if ps or whole else flat.new_zeros(0)
         self.bytes_sent += first.numel() * first.element_size()
@@ -192,25 +199,28 @@ class Compressor:
         for i, p in enumerate(ps):
             ps[i] = _orthonormal(first[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
-        for w in whole:
+        for (e, *_), w in zip(vectors, whole, strict=True):
             w.copy_(first[offset : offset + w.numel()])
             offset += w.numel()
-        new_qs = [m.t() @ p for m, p in zip(views, ps, strict=True)]
-        if new_qs:
-            second = torch.cat([q.reshape(-1) for q in new_qs])
-            self.bytes_sent += second.numel() * second.element_size()
-            dist.all_reduce(second, group=self.group)
-            second.div_(self.world)
-            offset = 0
-            for (e, *_), m, p, q in zip(matrices, views, ps, new_qs, strict=True):
-                q = second[offset : offset + q.numel()].view_as(q).clone()
-                offset += q.numel()
-                self.q[e.name] = q  # warm start: the next step's iteration begins from it
-                m.copy_(p @ q.t())
-        mine = flat.clone()
-        for e, *_ in vectors:
-            mine[e.offset : e.offset + e.numel] = sent[e.offset : e.offset + e.numel]
-        return flat, mine
+            residual[e.offset : e.offset + e.numel].zero_()
+        if not matrices:
+            return flat
+        # Q = M^T P, as (P^T M)^T: the product that reads M along its rows
+        second = torch.cat([(p.t() @ m).reshape(-1) for m, p in zip(views, ps, strict=True)])
+        self.bytes_sent += second.numel() * second.element_size()
+        dist.all_reduce(second, group=self.group)
+        second.div_(self.world)
+        offset = 0
+        for (e, rows, cols, r), m, p in zip(matrices, views, ps, strict=True):
+            q = second[offset : offset + r * cols].view(r, cols).t().contiguous()
+            offset += r * cols
+            self.q[e.name] = q  # warm start: the next step's iteration begins from it
+            approx = torch.mm(
+                p, q.t(), out=self._scratch("work", rows * cols, flat.dtype)[: rows * cols].view(rows, cols)
+            )
+            torch.sub(m, approx, out=residual[e.offset : e.offset + e.numel].view(rows, cols))
+            m.copy_(approx)
+        return flat
 
     def _q(self, name: str, cols: int, rank: int) -> Tensor:
         """The Q a matrix's iteration starts from: the last step's, else a seeded random one
@@ -221,17 +231,46 @@ class Compressor:
             q = torch.randn(cols, rank, generator=torch.Generator().manual_seed(seed))
         return q
 
-    # residuals, by parameter name
+    # residuals, by parameter name, and buffers kept from step to step (fresh ones of a
+    # bucket's size cost page faults every step)
 
-    def _add_residuals(self, flat: Tensor, entries: list[Entry]) -> None:
-        for e in entries:
-            r = self.residuals.get(e.name)
-            if r is not None:
-                flat[e.offset : e.offset + e.numel].add_(r.reshape(-1))
+    def _residual_flat(self, flat: Tensor, entries: list[Entry]) -> Tensor:
+        """The residuals of a bucket's parameters as one flat tensor whose runs are the
+        `residuals` entries (views): kept per set of parameters, so a bucket DDP rebuilds
+        takes its parameters' residuals along."""
+        key = tuple(e.name for e in entries)
+        buf = self._flats.get(key)
+        if buf is None or buf.numel() != flat.numel():
+            buf = torch.zeros_like(flat)
+            for e in entries:
+                view = buf[e.offset : e.offset + e.numel].view(e.shape)
+                if e.name in self.residuals:
+                    view.copy_(self.residuals[e.name])
+                self.residuals[e.name] = view
+            self._flats[key] = buf
+        return buf
 
-    def _keep_residuals(self, residual: Tensor, entries: list[Entry]) -> None:
-        for e in entries:
-            self.residuals[e.name] = residual[e.offset : e.offset + e.numel].view(e.shape).clone()
+    def _scratch(self, name: str, n: int, dtype: torch.dtype) -> Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._buffers[name] = torch.empty(n, dtype=dtype)
+        return buf[:n]
+
+
+def largest(magnitudes: Tensor, k: int) -> Tensor:
+    """The indices of the k largest of `magnitudes` (exactly torch.topk's set, without
+    sorting all of them): a strided sample sets a threshold that about 2k entries pass,
+    torch.topk picks among those; if fewer than k pass, among all."""
+    n = magnitudes.numel()
+    if n < 2**16 or 4 * k > n:
+        return magnitudes.topk(k, sorted=False).indices
+    sample = magnitudes[:: max(1, n // 2**14)]
+    keep = max(1, min(sample.numel() - 1, math.ceil(2 * k * sample.numel() / n)))
+    threshold = sample.topk(keep, sorted=False).values.min()
+    candidates = (magnitudes >= threshold).nonzero().squeeze(1)
+    if candidates.numel() < k:
+        return magnitudes.topk(k, sorted=False).indices
+    return candidates[magnitudes[candidates].topk(k, sorted=False).indices]
 
 
 def _orthonormal(p: Tensor) -> Tensor:

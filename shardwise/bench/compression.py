@@ -1,0 +1,130 @@
+"""Gradient compression against none: time to a target validation accuracy, and the final
+accuracy, for each method.
+
+For each model, two phases on the bench's link, dp = 2:
+
+1. accuracy: each method trains STEPS steps once, evaluated every EVAL_EVERY steps, the
+   first WARMUP steps uncompressed (`comm.warmup_steps`); the steps to the target
+   accuracy and the final accuracy come from its metrics.jsonl (training is seeded:
+   these are the same run after run);
+2. speed: every method runs TIMED steps compressed from the first, in rotated order,
+   `repeats` times; a method's step time is the median of its runs' median steps.
+
+Time to target = WARMUP x none's step + (steps to target - WARMUP) x the method's step:
+the training time to the accuracy, without start-up and evaluations, which no method
+changes. A method that never reaches the target has no time to it.
+
+torch's own `powerSGD_hook` is not a side here: in this torch (2.13) on gloo it hangs at
+its first compressed step (its future callbacks wait on a second gloo collective from
+inside gloo's completion of the first).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from rich.table import Table
+
+from shardwise.bench.common import Bench, alternate, spread
+
+STEPS, EVAL_EVERY, WARMUP, TIMED = 300, 20, 30, 40
+NPROC = 2
+METHODS: dict[str, list[str]] = {
+    "none": [],
+    "bf16": ["--comm.compression", "bf16"],
+    "int8": ["--comm.compression", "int8"],
+    "topk 1%": ["--comm.compression", "topk", "--comm.topk_ratio", "0.01"],
+    "powersgd rank 4": ["--comm.compression", "powersgd", "--comm.powersgd_rank", "4"],
+}
+MODELS: dict[str, tuple[str, list[str], float]] = {
+    # name: (description, the model and batch, the target accuracy)
+    "mlp": (
+        "communication-bound MLP 64-2048-2048-10 (4.3 M parameters) on digits, 8 samples per rank",
+        ["--model.name", "mlp", "--model.hidden", "2048,2048", "--train.batch_size", "16"],
+        0.95,
+    ),
+    "convnet": (
+        "compute-bound convnet (144 k parameters) on digits, 32 samples per rank",
+        ["--model.name", "convnet", "--train.batch_size", "64"],
+        0.95,
+    ),
+}
+
+
+def steps_to(metrics: Path, target: float) -> tuple[int | None, float]:
+    """The first evaluated step at or above `target` (None: never), and the last accuracy."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    scored = [(r["step"], r["val_accuracy"]) for r in rows if "val_accuracy" in r]
+    first = next((step for step, acc in scored if acc >= target), None)
+    return first, scored[-1][1]
+
+
+def time_to_target(steps: int | None, step_s: float, none_step_s: float) -> float | None:
+    if steps is None:
+        return None
+    return min(steps, WARMUP) * none_step_s + max(steps - WARMUP, 0) * step_s
+
+
+def run(b: Bench) -> None:
+    b.console.print(
+        f"[bold]compression[/]: {NPROC} data-parallel ranks ({b.where}); accuracy over {STEPS} steps "
+        f"(the first {WARMUP} uncompressed), step time over {TIMED} compressed steps, {b.repeats} rotated repetitions"
+    )
+    for key, (description, args, target) in MODELS.items():
+        b.console.print(f"  {description}, target {target:.0%} validation accuracy")
+        reached = {m: _accuracy(b, f"{key}-{m}", [*args, *extra], target) for m, extra in METHODS.items()}
+        times = alternate(_timed_sides(b, key, args), b.repeats, b.console)
+        _report(b, key, target, reached, times)
+
+
+def _accuracy(b: Bench, name: str, args: list[str], target: float) -> tuple[int | None, float]:
+    """Phase 1 for one method: its steps to the target and its final accuracy."""
+    out = f"compression-{name}-accuracy"
+    run_args = [*args, "--comm.warmup_steps", str(WARMUP), "--nproc", str(NPROC)]
+    b.train(run_args, out, steps=STEPS, eval_every=EVAL_EVERY)
+    return steps_to(b.work / out.replace(" ", "_") / "metrics.jsonl", target)
+
+
+def _timed_sides(b: Bench, key: str, args: list[str]) -> dict:
+    """Phase 2's sides: each method compressed from the first step."""
+
+    def side(extra: list[str], name: str):
+        run_args = [*args, *extra, "--nproc", str(NPROC)]
+        return lambda i: b.train(run_args, f"compression-{key}-{name}-{i}", steps=TIMED)["step_time_s"]
+
+    return {method: side(extra, method.replace(" ", "-")) for method, extra in METHODS.items()}
+
+
+def _report(b: Bench, key: str, target: float, reached: dict, times: dict[str, list[float]]) -> None:
+    none_s = statistics.median(times["none"])
+    base_steps, base_acc = reached["none"]
+    base_time = time_to_target(base_steps, none_s, none_s)
+    how = f"{key}, {NPROC} ranks, target {target:.0%}: time = steps to it x median step, per repetition"
+    table = Table(title=f"{key}: to {target:.0%} validation accuracy, {b.link}")
+    for col in ("method", "ms / step", "steps to target", "time to target (s)", "speed-up", "final acc.", "vs none"):
+        table.add_column(col, justify="right")
+    for method, values in times.items():
+        step_s = statistics.median(values)
+        steps, acc = reached[method]
+        t = time_to_target(steps, step_s, none_s)
+        speedup = base_time / t if t and base_time else None
+        table.add_row(
+            method,
+            spread(values),
+            str(steps) if steps is not None else f"> {STEPS}",
+            f"{t:.2f}" if t is not None else "never",
+            f"{speedup:.2f}x" if speedup else "",
+            f"{acc:.2%}",
+            f"{100 * (acc - base_acc):+.1f} pt",
+        )
+        if speedup:  # each repetition's none and method side by side
+            each = [
+                time_to_target(base_steps, n, n) / time_to_target(steps, m, n)
+                for n, m in zip(times["none"], values, strict=True)
+            ]
+            b.record("compression", f"{key} {method}: time to target, none / method", each, how=how)
+        gap = [100 * (acc - base_acc)]
+        b.record("compression", f"{key} {method}: final accuracy - none's (points)", gap, unit="pt")
+    b.console.print(table)
