@@ -129,6 +129,10 @@ def run_local(
         from shardwise.plan.command import choose_layout
 
         chosen = choose_layout(cfg, nproc=nproc, cluster=cluster)
+    if cfg.comm.compression == "auto":
+        from shardwise.plan.command import choose_compression
+
+        choose_compression(cfg, nproc=nproc, cluster=cluster)
     return launch(
         cfg,
         nproc=nproc,

@@ -195,12 +195,13 @@ class PsConfig:
 
 @dataclass
 class CommConfig:
-    compression: Literal["none", "bf16", "fp16", "int8", "topk", "powersgd"] = "none"
+    compression: Literal["none", "bf16", "fp16", "int8", "topk", "powersgd", "auto"] = "none"
     """How data-parallel ranks send their gradients to be averaged: none (float32, exact),
     bf16 or fp16 (half the bytes, rounded), int8 (a quarter, one scale per bucket), topk (the
     comm.topk_ratio largest entries, values and indices) or powersgd (rank comm.powersgd_rank
     factors of each weight matrix). int8, topk and powersgd carry what they did not send into
-    the next step (error feedback): the run no longer matches one process's."""
+    the next step (error feedback): the run no longer matches one process's. auto: the
+    launcher picks the method the cost model predicts fastest on this link, in one line."""
     topk_ratio: float = 0.01
     """topk: the share of a bucket's entries each rank sends."""
     powersgd_rank: int = 4

@@ -183,6 +183,10 @@ def run_rank(cfg: Config) -> tuple[Path, RunResult]:
             "parallel.layout",
             "auto is chosen by shardwise's own launcher; under torchrun, run `shardwise plan` and name the layout",
         )
+    if cfg.comm.compression == "auto":
+        raise ShardwiseError(
+            "comm.compression", "auto is chosen by shardwise's own launcher; under torchrun, name the method"
+        )
     torch.set_num_threads(1)
     device = rank_device()
     if device.type == "cuda":

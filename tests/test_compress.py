@@ -1,13 +1,15 @@
 """Gradient compression: each method against plain torch arithmetic written here, error
 feedback carrying exactly what was not sent, and training under it."""
 
+import json
 import math
 
 import pytest
 import torch
 from parity import train_summary, train_weights, with_data
 
-from shardwise.comm.compress import CompressionSettings, Compressor, Entry
+from shardwise.bench.compression import WARMUP, steps_to, time_to_target
+from shardwise.comm.compress import CompressionSettings, Compressor, Entry, largest
 
 SHAPES = {"w": (16, 12), "b": (7,)}
 STEPS = 6
@@ -166,3 +168,66 @@ def test_a_checkpoint_owes_the_mean_residual_and_another_world_takes_it(pool, tm
     resumed = {**o, "train.steps": "9", "train.checkpoint_every": "3", "parallel.tp": "1", "run.resume": str(folder)}
     pool.run(_saved, resumed, str(tmp_path / "a"), ranks=[0, 1])
     assert (tmp_path / "a" / "checkpoints" / "step-00000009").is_dir()
+
+
+@pytest.mark.parametrize("n, k", [(2**17, 1311), (2**20, 100), (2**16 + 5, 30_000), (1000, 10)])
+def test_the_sampled_threshold_picks_exactly_torchs_top_k(n, k):
+    """Top-k over a bucket goes through a sampled threshold first: the set it picks is
+    torch.topk's, on heavy-tailed magnitudes and on many equal small ones."""
+    g = torch.Generator().manual_seed(n + k)
+    x = (torch.randn(n, generator=g) * torch.rand(n, generator=g) ** 4).abs()
+    x[: n // 3] = 1e-3  # a third tied at one small value, as clipped or quantised gradients are
+    want = set(torch.topk(x, k).indices.tolist())
+    assert set(largest(x, k).tolist()) == want
+
+
+def test_time_to_target_counts_the_warm_up_at_the_uncompressed_step(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": 20, "val_accuracy": 0.9}, {"step": 10, "loss": 1.0}, {"step": 40, "val_accuracy": 0.96}]
+    rows.append({"step": 60, "val_accuracy": 0.97})
+    metrics.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert steps_to(metrics, 0.95) == (40, 0.97)
+    assert steps_to(metrics, 0.99) == (None, 0.97)
+    # WARMUP steps at none's 0.2 s, then the rest at the method's 0.05 s
+    assert time_to_target(40, 0.05, 0.2) == pytest.approx(WARMUP * 0.2 + (40 - WARMUP) * 0.05)
+    assert time_to_target(None, 0.05, 0.2) is None
+
+
+def test_auto_weighs_the_bytes_saved_against_the_compute_spent():
+    """Each method's collectives by hand on a link with no per-message cost (a ring of 2
+    ranks sends half a tensor's bytes each way), and the choice: none where the link is
+    fast, a compressor where it is slow."""
+    from shardwise.comm.cost import Link
+    from shardwise.plan.compression import choose, collective_seconds, method_seconds
+
+    link, shapes = Link.from_rate(8e9), [(64, 32), (64,)]  # a byte a nanosecond; 2112 entries
+    beta = link.beta_s_per_byte
+
+    def comm(method: str, **kw) -> float:
+        return collective_seconds(shapes, CompressionSettings(method, **kw), link, 2)
+
+    assert comm("none") == pytest.approx(4 * 2112 * beta)  # all-reduce: 2 (n - 1) / n of 4 bytes each
+    assert comm("bf16") == pytest.approx(2 * 2112 * beta)
+    assert comm("int8") == pytest.approx((2112 + 4) * beta)  # the other rank's bytes and scale
+    assert comm("topk", topk_ratio=0.01) == pytest.approx(2 * 22 * 4 * beta)  # k = 22 values, 22 indices
+    # rank 4: P is 64 x 4 and Q 32 x 4 for the matrix; the vector goes whole with the Ps
+    assert comm("powersgd", powersgd_rank=4) == pytest.approx(4 * (64 * 4 + 64) * beta + 4 * 32 * 4 * beta)
+    big = [(2048, 2048), (2048,)]
+    fast = method_seconds(big, CompressionSettings(), Link.from_rate(1e13), 2)
+    slow = method_seconds(big, CompressionSettings(), Link.from_rate(1e8), 2)
+    assert choose(fast)[0] == "none" and choose(slow)[0] in ("topk", "powersgd"), (fast, slow)
+    assert choose(slow)[1].startswith(f"{choose(slow)[0]}: ")
+
+
+def test_auto_is_chosen_by_the_launcher_in_one_line_and_saved_as_chosen(tmp_path):
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "shardwise", "train", "--nproc", "2", "--model.name", "mlp"]
+    argv += ["--comm.compression", "auto", "--train.steps", "4", "--run.progress", "false", "--out", "run"]
+    done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    line = next(line for line in done.stdout.splitlines() if line.startswith("comm.compression auto: "))
+    chosen = line.removeprefix("comm.compression auto: ").split(":")[0]
+    assert chosen in ("none", "bf16", "fp16", "int8", "topk", "powersgd")
+    assert f'compression = "{chosen}"' in (tmp_path / "run" / "config.toml").read_text()

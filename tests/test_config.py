@@ -62,7 +62,7 @@ def test_resolved_toml_round_trips(tmp_path):
         ),
         (
             {"comm.compression": "zip"},
-            "comm.compression: expected one of none, bf16, fp16, int8, topk, powersgd, got 'zip'",
+            "comm.compression: expected one of none, bf16, fp16, int8, topk, powersgd, auto, got 'zip'",
         ),
     ],
 )

@@ -12,7 +12,8 @@ For each model, two phases on the bench's link, dp = 2:
 
 Time to target = WARMUP x none's step + (steps to target - WARMUP) x the method's step:
 the training time to the accuracy, without start-up and evaluations, which no method
-changes. A method that never reaches the target has no time to it.
+changes. A method that never reaches the target has no time to it. `auto` is the
+launcher's choice (plan/compression.py) among the others, with the same settings.
 
 torch's own `powerSGD_hook` is not a side here: in this torch (2.13) on gloo it hangs at
 its first compressed step (its future callbacks wait on a second gloo collective from
@@ -29,7 +30,7 @@ from rich.table import Table
 
 from shardwise.bench.common import Bench, alternate, spread
 
-STEPS, EVAL_EVERY, WARMUP, TIMED = 300, 20, 30, 40
+STEPS, EVAL_EVERY, WARMUP, TIMED = 300, 20, 10, 40
 NPROC = 2
 METHODS: dict[str, list[str]] = {
     "none": [],
@@ -37,6 +38,7 @@ METHODS: dict[str, list[str]] = {
     "int8": ["--comm.compression", "int8"],
     "topk 1%": ["--comm.compression", "topk", "--comm.topk_ratio", "0.01"],
     "powersgd rank 4": ["--comm.compression", "powersgd", "--comm.powersgd_rank", "4"],
+    "auto": ["--comm.compression", "auto", "--comm.topk_ratio", "0.01", "--comm.powersgd_rank", "4"],
 }
 MODELS: dict[str, tuple[str, list[str], float]] = {
     # name: (description, the model and batch, the target accuracy)
@@ -84,7 +86,11 @@ def _accuracy(b: Bench, name: str, args: list[str], target: float) -> tuple[int 
     out = f"compression-{name}-accuracy"
     run_args = [*args, "--comm.warmup_steps", str(WARMUP), "--nproc", str(NPROC)]
     b.train(run_args, out, steps=STEPS, eval_every=EVAL_EVERY)
-    return steps_to(b.work / out.replace(" ", "_") / "metrics.jsonl", target)
+    folder = b.work / out.replace(" ", "_")
+    if "auto" in args:  # what the launcher chose, as the run's saved config names it
+        chosen = next(line for line in (folder / "config.toml").read_text().splitlines() if "compression =" in line)
+        b.console.print(f"    {name}: the launcher chose {chosen.split('=')[1].strip()}")
+    return steps_to(folder / "metrics.jsonl", target)
 
 
 def _timed_sides(b: Bench, key: str, args: list[str]) -> dict:

@@ -109,7 +109,7 @@ class Compressor:
         self.bytes_whole += flat.numel() * flat.element_size()
         if not self.compressing:
             self.bytes_sent += flat.numel() * flat.element_size()
-            dist.all_reduce(flat, group=self.group)
+            self._all_reduce(flat)
             return flat.div_(self.world)
         if method in ("bf16", "fp16"):
             return self._half(flat, torch.bfloat16 if method == "bf16" else torch.float16)
@@ -142,7 +142,7 @@ class Compressor:
     def _half(self, flat: Tensor, dtype: torch.dtype) -> Tensor:
         half = flat.to(dtype).div_(self.world)
         self.bytes_sent += half.numel() * half.element_size()
-        dist.all_reduce(half, group=self.group)
+        self._all_reduce(half)
         return flat.copy_(half)
 
     def _int8(self, flat: Tensor, residual: Tensor) -> Tensor:
@@ -157,8 +157,8 @@ class Compressor:
         qs = self._scratch("qs", self.world * n, torch.int8)
         scales = torch.empty(self.world, dtype=flat.dtype)
         self.bytes_sent += n + scale.element_size()
-        dist.all_gather_single(qs, q, group=self.group)
-        dist.all_gather_single(scales, scale.reshape(1), group=self.group)
+        self._all_gather(qs, q)
+        self._all_gather(scales, scale.reshape(1))
         flat.zero_()
         for r in range(self.world):  # in rank order on every rank: the same sum everywhere
             flat.add_(work.copy_(qs[r * n : (r + 1) * n]), alpha=float(scales[r]))
@@ -172,8 +172,8 @@ class Compressor:
         values_all = torch.empty(self.world * k, dtype=flat.dtype)
         index_all = torch.empty(self.world * k, dtype=torch.int32)  # a bucket holds fewer than 2^31 entries
         self.bytes_sent += k * (values.element_size() + 4)
-        dist.all_gather_single(values_all, values, group=self.group)
-        dist.all_gather_single(index_all, index.to(torch.int32), group=self.group)
+        self._all_gather(values_all, values)
+        self._all_gather(index_all, index.to(torch.int32))
         return flat.zero_().index_add_(0, index_all.long(), values_all).div_(self.world)
 
     def _powersgd(self, flat: Tensor, entries: list[Entry], residual: Tensor) -> Tensor:
@@ -193,7 +193,7 @@ class Compressor:
         whole = [flat[e.offset : e.offset + e.numel] for e, *_ in vectors]
         first = torch.cat([p.reshape(-1) for p in ps] + whole) if ps or whole else flat.new_zeros(0)
         self.bytes_sent += first.numel() * first.element_size()
-        dist.all_reduce(first, group=self.group)
+        self._all_reduce(first)
         first.div_(self.world)
         offset = 0
         for i, p in enumerate(ps):
@@ -208,18 +208,16 @@ class Compressor:
         # Q = M^T P, as (P^T M)^T: the product that reads M along its rows
         second = torch.cat([(p.t() @ m).reshape(-1) for m, p in zip(views, ps, strict=True)])
         self.bytes_sent += second.numel() * second.element_size()
-        dist.all_reduce(second, group=self.group)
+        self._all_reduce(second)
         second.div_(self.world)
         offset = 0
         for (e, rows, cols, r), m, p in zip(matrices, views, ps, strict=True):
             q = second[offset : offset + r * cols].view(r, cols).t().contiguous()
             offset += r * cols
             self.q[e.name] = q  # warm start: the next step's iteration begins from it
-            approx = torch.mm(
-                p, q.t(), out=self._scratch("work", rows * cols, flat.dtype)[: rows * cols].view(rows, cols)
-            )
-            torch.sub(m, approx, out=residual[e.offset : e.offset + e.numel].view(rows, cols))
-            m.copy_(approx)
+            # residual = M - P Q^T in one pass over M, then M = P Q^T written over it
+            torch.addmm(m, p, q.t(), alpha=-1, out=residual[e.offset : e.offset + e.numel].view(rows, cols))
+            torch.mm(p, q.t(), out=m)
         return flat
 
     def _q(self, name: str, cols: int, rank: int) -> Tensor:
@@ -230,6 +228,14 @@ class Compressor:
             seed = zlib.crc32(name.encode())
             q = torch.randn(cols, rank, generator=torch.Generator().manual_seed(seed))
         return q
+
+    # the collectives (a dry run for the cost model replaces them: plan/compression.py)
+
+    def _all_reduce(self, t: Tensor) -> None:
+        dist.all_reduce(t, group=self.group)
+
+    def _all_gather(self, out: Tensor, t: Tensor) -> None:
+        dist.all_gather_single(out, t, group=self.group)
 
     # residuals, by parameter name, and buffers kept from step to step (fresh ones of a
     # bucket's size cost page faults every step)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from shardwise.comm.compress import CompressionSettings
 from shardwise.comm.cost import Link
 from shardwise.config import Config
 from shardwise.errors import ShardwiseError
@@ -30,6 +31,7 @@ from shardwise.jsonsafe import dumps
 from shardwise.plan.model import Prediction, Setting, predict
 from shardwise.plan.profile import ModelProfile, batch_sizes, cached, profile_key, profile_model
 from shardwise.plan.space import ModelShape, layouts
+from shardwise.topology import ParallelDims
 
 UNITS = {"": 2**20, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30}
 
@@ -295,6 +297,33 @@ def choose_layout(cfg: Config, *, nproc: int, cluster: str) -> dict:
     )
     cfg.parallel = dataclasses.replace(rows[0]["config"], layout="manual")
     return _step_figures(rows[0]["prediction"])
+
+
+def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> None:
+    """comm.compression = auto: the method the cost model predicts fastest to average a
+    step's gradients on this link (plan/compression.py), printed in one line and set in
+    `cfg` (the run's saved config names it); none where no gradients are averaged."""
+    from shardwise.data import load_source
+    from shardwise.models import build_model
+    from shardwise.plan.compression import choose, method_seconds
+
+    dims = ParallelDims.resolve(cfg.parallel, nproc)
+    c = cfg.comm
+    why = "one data-parallel rank: no gradients to average" if dims.dp <= 1 else ""
+    why = why or ("FSDP2 reduce-scatters its gradients" if dims.shard == "full" else "")
+    why = why or ("a parameter server's pushes go uncompressed" if dims.servers else "")
+    if why:
+        c.compression = "none"
+        print(f"comm.compression auto: none ({why})")
+        return
+    dataset = load_source(cfg.data, seed=cfg.train.seed)
+    model = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
+    split = dims.tp * dims.pp * dims.vertical * dims.spatial  # a rank's part: the whole's share
+    shapes = [(max(1, p.shape[0] // split), *p.shape[1:]) for p in model.parameters() if p.requires_grad]
+    settings = CompressionSettings("none", c.topk_ratio, c.powersgd_rank, c.warmup_steps)
+    best, line = choose(method_seconds(shapes, settings, measured_link(cluster, nproc), dims.dp))
+    print(f"comm.compression auto: {line}")
+    c.compression = best
 
 
 def predicted_step(cfg: Config, *, nproc: int, cluster: str) -> dict:

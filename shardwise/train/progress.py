@@ -143,6 +143,10 @@ def render_summary(summary: dict, out_dir: str) -> Table:
     check = summary.get("model_check", {})
     if "predicted" in check:
         rows.insert(-2, ("cost model", _model_check(check)))
+    if "compression" in summary:
+        c = summary["compression"]
+        sent = f"{c['method']}: rank 0 sent {c['ratio']:.1%} of the float32 gradient bytes"
+        rows.insert(-2, ("gradient compression", sent + f" (the first {c['warmup_steps']} steps whole)"))
     if "pipeline" in summary:
         p = summary["pipeline"]
         bubble = f"{p['bubble_measured']:.1%} measured, {p['bubble_theoretical']:.1%} in theory ((P-1)/(M+P-1))"

@@ -1,0 +1,107 @@
+"""comm.compression = auto: the cost model picks the method whose averaging of a step's
+gradients takes least time on this link, compressing and all.
+
+Per method, the seconds a step spends averaging the gradients of the part a
+data-parallel rank holds (`method_seconds`):
+
+- its collectives on the measured link (comm/cost.py): none and bf16/fp16 an all-reduce
+  of 4 or 2 bytes per entry; int8 an all-gather of every rank's byte per entry and
+  scale; top-k two all-gathers of every rank's k values and indices; PowerSGD two
+  all-reduces, of the Ps (and vectors) and of the Qs;
+- its own compute, measured here on gradients of the model's shapes by a dry run of
+  the very code that compresses (comm/compress.py), its collectives replaced by local
+  copies.
+
+The gradient bytes of a rank's part are the whole model's over the layout's model-
+parallel degrees (tp x pp x vertical x spatial): the shapes are the whole model's.
+The choice weighs time per step only: what a lossy method costs in accuracy is for the
+bench to show (`shardwise bench compression`). Collectives are taken as not overlapped
+with the backward, for every method alike.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+from torch import Tensor
+
+from shardwise.comm.compress import METHODS, CompressionSettings, Compressor, entries_of
+from shardwise.comm.cost import Link, all_gather, all_reduce
+
+ROUNDS = 3
+
+
+class DryCompressor(Compressor):
+    """The compressor's own compute for a group of `world` ranks that all send what this
+    one sends: its collectives are local copies."""
+
+    def __init__(self, settings: CompressionSettings, world: int):
+        super().__init__(settings, None)
+        self.world = world
+
+    def _all_reduce(self, t: Tensor) -> None:
+        t.mul_(self.world)
+
+    def _all_gather(self, out: Tensor, t: Tensor) -> None:
+        out.copy_(t.reshape(-1).repeat(self.world))
+
+
+def compute_seconds(shapes: list[tuple[int, ...]], settings: CompressionSettings, world: int) -> float:
+    """What compressing and decompressing gradients of `shapes` costs one rank (median of
+    ROUNDS after a first, unmeasured one); 0 for none."""
+    if settings.method == "none":
+        return 0.0
+    named = [(f"p{i}", torch.empty(s)) for i, s in enumerate(shapes)]
+    entries = entries_of(named)
+    flat = torch.randn(sum(math.prod(s) for s in shapes), generator=torch.Generator().manual_seed(0))
+    dry = DryCompressor(settings, world)
+    times = []
+    for _ in range(ROUNDS + 1):
+        work = flat.clone()
+        started = time.perf_counter()
+        dry.average(work, entries)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
+def collective_seconds(shapes: list[tuple[int, ...]], settings: CompressionSettings, link: Link, dp: int) -> float:
+    """The method's collectives for gradients of `shapes` over `dp` ranks on `link`."""
+    n = sum(math.prod(s) for s in shapes)
+    method = settings.method
+    if method == "none":
+        return all_reduce(link, dp, 4 * n)
+    if method in ("bf16", "fp16"):
+        return all_reduce(link, dp, 2 * n)
+    if method == "int8":
+        return all_gather(link, dp, dp * n) + all_gather(link, dp, dp * 4)
+    if method == "topk":
+        k = max(1, math.ceil(settings.topk_ratio * n))
+        return 2 * all_gather(link, dp, dp * 4 * k)
+    first = second = 0
+    for s in shapes:
+        rows, cols = s[0], math.prod(s) // max(s[0], 1)
+        r = min(settings.powersgd_rank, rows, cols)
+        if len(s) > 1 and r * (rows + cols) < rows * cols:
+            first, second = first + r * rows, second + r * cols
+        else:
+            first += math.prod(s)
+    return all_reduce(link, dp, 4 * first) + (all_reduce(link, dp, 4 * second) if second else 0.0)
+
+
+def method_seconds(shapes, settings: CompressionSettings, link: Link, dp: int) -> dict[str, float]:
+    """Every method's averaging time for a step (its collectives and its compute)."""
+    out = {}
+    for method in METHODS:
+        s = CompressionSettings(method, settings.topk_ratio, settings.powersgd_rank, settings.warmup_steps)
+        out[method] = collective_seconds(shapes, s, link, dp) + compute_seconds(shapes, s, dp)
+    return out
+
+
+def choose(seconds: dict[str, float]) -> tuple[str, str]:
+    """The fastest method, and one line saying why."""
+    best = min(seconds, key=seconds.get)
+    others = ", ".join(f"{m} {1e3 * t:.1f}" for m, t in sorted(seconds.items(), key=lambda kv: kv[1]) if m != best)
+    return best, f"{best}: {1e3 * seconds[best]:.1f} ms a step to average the gradients (ms: {others})"
