@@ -99,7 +99,7 @@ def method_seconds(shapes, settings: CompressionSettings, link: Link, dp: int) -
     """Every method's averaging time for a step (its collectives and its compute)."""
     out = {}
     for method in METHODS:
-        s = CompressionSettings(method, settings.topk_ratio, settings.powersgd_rank, settings.warmup_steps)
+        s = CompressionSettings(method, settings.topk_ratio, settings.powersgd_rank)  # no warm-up: compressing
         out[method] = collective_seconds(shapes, s, link, dp) + compute_seconds(shapes, s, dp)
     return out
 
