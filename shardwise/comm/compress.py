@@ -90,6 +90,7 @@ class Compressor:
         self.bytes_whole = 0  # what it would have sent uncompressed (float32 gradients)
         self._flats: dict[tuple[str, ...], Tensor] = {}
         self._buffers: dict[str, Tensor] = {}
+        self._device: torch.device | None = None  # the gradients' (the buffers follow them)
 
     @property
     def owes(self) -> bool:
@@ -106,6 +107,7 @@ class Compressor:
         method = self.settings.method
         if self.world == 1:
             return flat
+        self._device = flat.device
         self.bytes_whole += flat.numel() * flat.element_size()
         if not self.compressing:
             self.bytes_sent += flat.numel() * flat.element_size()
@@ -113,13 +115,21 @@ class Compressor:
             return flat.div_(self.world)
         if method in ("bf16", "fp16"):
             return self._half(flat, torch.bfloat16 if method == "bf16" else torch.float16)
-        residual = self._residual_flat(flat, entries)
-        flat.add_(residual)  # x + what earlier steps owe: what this rank means to send
+        key, owed = self._residual_flat(flat, entries)
+        flat.add_(owed)  # x + what earlier steps owe: what this rank means to send
+        # the new residual goes to a spare buffer, kept only if the average is finite: a step
+        # the loop skips for a non-finite gradient leaves the residuals (and PowerSGD's Qs)
+        # as they were, on every rank alike (the average is the same everywhere)
+        new = self._scratch("spare residual", flat.numel(), flat.dtype)
         if method == "int8":
-            return self._int8(flat, residual)
-        if method == "topk":
-            return self._topk(flat, residual)
-        return self._powersgd(flat, entries, residual)
+            applied = self._int8(flat, new)
+        elif method == "topk":
+            applied = self._topk(flat, new)
+        else:
+            applied = self._powersgd(flat, entries, new)
+        if bool(torch.isfinite(applied).all()):
+            self._keep(key, entries, new, owed)
+        return applied
 
     def forget_buffers(self) -> None:
         """After `residuals` were set from outside (a checkpoint): the next average builds
@@ -155,7 +165,7 @@ class Compressor:
         q.copy_(work)
         torch.sub(flat, work.mul_(scale), out=residual)  # what the bytes do not say
         qs = self._scratch("qs", self.world * n, torch.int8)
-        scales = torch.empty(self.world, dtype=flat.dtype)
+        scales = torch.empty(self.world, dtype=flat.dtype, device=flat.device)
         self.bytes_sent += n + scale.element_size()
         self._all_gather(qs, q)
         self._all_gather(scales, scale.reshape(1))
@@ -169,8 +179,9 @@ class Compressor:
         index = largest(torch.abs(flat, out=self._scratch("work", flat.numel(), flat.dtype)), k)
         values = flat[index]
         residual.copy_(flat).index_fill_(0, index, 0.0)  # all but what is sent
-        values_all = torch.empty(self.world * k, dtype=flat.dtype)
-        index_all = torch.empty(self.world * k, dtype=torch.int32)  # a bucket holds fewer than 2^31 entries
+        values_all = torch.empty(self.world * k, dtype=flat.dtype, device=flat.device)
+        # a bucket holds fewer than 2^31 entries: int32 indices
+        index_all = torch.empty(self.world * k, dtype=torch.int32, device=flat.device)
         self.bytes_sent += k * (values.element_size() + 4)
         self._all_gather(values_all, values)
         self._all_gather(index_all, index.to(torch.int32))
@@ -184,7 +195,8 @@ class Compressor:
         rank = self.settings.powersgd_rank
         matrices, vectors = [], []
         for e in entries:
-            rows, cols = e.shape[0], e.numel // max(e.shape[0], 1)
+            rows = e.shape[0] if e.shape else 1  # a 0-d parameter goes whole
+            cols = e.numel // max(rows, 1)
             r = min(rank, rows, cols)
             # a matrix is worth factoring only if its factors are smaller than it
             (matrices if len(e.shape) > 1 and r * (rows + cols) < rows * cols else vectors).append((e, rows, cols, r))
@@ -214,7 +226,8 @@ class Compressor:
         for (e, rows, cols, r), m, p in zip(matrices, views, ps, strict=True):
             q = second[offset : offset + r * cols].view(r, cols).t().contiguous()
             offset += r * cols
-            self.q[e.name] = q  # warm start: the next step's iteration begins from it
+            if bool(torch.isfinite(q).all()):  # the same Q on every rank: the same decision
+                self.q[e.name] = q  # warm start: the next step's iteration begins from it
             # residual = M - P Q^T in one pass over M, then M = P Q^T written over it
             torch.addmm(m, p, q.t(), alpha=-1, out=residual[e.offset : e.offset + e.numel].view(rows, cols))
             torch.mm(p, q.t(), out=m)
@@ -226,7 +239,7 @@ class Compressor:
         q = self.q.get(name)
         if q is None or q.shape != (cols, rank):
             seed = zlib.crc32(name.encode())
-            q = torch.randn(cols, rank, generator=torch.Generator().manual_seed(seed))
+            q = torch.randn(cols, rank, generator=torch.Generator().manual_seed(seed)).to(self._device)
         return q
 
     # the collectives (a dry run for the cost model replaces them: plan/compression.py)
@@ -240,26 +253,38 @@ class Compressor:
     # residuals, by parameter name, and buffers kept from step to step (fresh ones of a
     # bucket's size cost page faults every step)
 
-    def _residual_flat(self, flat: Tensor, entries: list[Entry]) -> Tensor:
+    def _residual_flat(self, flat: Tensor, entries: list[Entry]) -> tuple[tuple[str, ...], Tensor]:
         """The residuals of a bucket's parameters as one flat tensor whose runs are the
-        `residuals` entries (views): kept per set of parameters, so a bucket DDP rebuilds
-        takes its parameters' residuals along."""
+        `residuals` entries (views), and its key: kept per set of parameters, so a bucket
+        DDP rebuilds takes its parameters' residuals along (and the buffers that held them
+        before go)."""
         key = tuple(e.name for e in entries)
         buf = self._flats.get(key)
         if buf is None or buf.numel() != flat.numel():
             buf = torch.zeros_like(flat)
             for e in entries:
-                view = buf[e.offset : e.offset + e.numel].view(e.shape)
                 if e.name in self.residuals:
-                    view.copy_(self.residuals[e.name])
-                self.residuals[e.name] = view
-            self._flats[key] = buf
-        return buf
+                    buf[e.offset : e.offset + e.numel].copy_(self.residuals[e.name].reshape(-1))
+            names = set(key)
+            for other in [k for k in self._flats if names.intersection(k)]:
+                del self._flats[other]
+            self._point(key, entries, buf)
+        return key, buf
+
+    def _point(self, key: tuple[str, ...], entries: list[Entry], buf: Tensor) -> None:
+        self._flats[key] = buf
+        for e in entries:
+            self.residuals[e.name] = buf[e.offset : e.offset + e.numel].view(e.shape)
+
+    def _keep(self, key: tuple[str, ...], entries: list[Entry], new: Tensor, old: Tensor) -> None:
+        """`new` becomes the residuals' buffer and `old` the spare: a swap, no copy."""
+        self._point(key, entries, new)
+        self._buffers["spare residual"] = old
 
     def _scratch(self, name: str, n: int, dtype: torch.dtype) -> Tensor:
         buf = self._buffers.get(name)
         if buf is None or buf.numel() < n or buf.dtype != dtype:
-            buf = self._buffers[name] = torch.empty(n, dtype=dtype)
+            buf = self._buffers[name] = torch.empty(n, dtype=dtype, device=self._device)
         return buf[:n]
 
 

@@ -318,10 +318,12 @@ def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> None:
         return
     dataset = load_source(cfg.data, seed=cfg.train.seed)
     model = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
-    split = dims.tp * dims.pp * dims.vertical * dims.spatial  # a rank's part: the whole's share
-    shapes = [(max(1, p.shape[0] // split), *p.shape[1:]) for p in model.parameters() if p.requires_grad]
+    # a rank's part: tp cuts the rows of the layers it splits (taken here as all of them); a
+    # stage, a band or a column group holds fewer parameters whole (the whole model here)
+    shapes = [(max(1, p.shape[0] // dims.tp), *p.shape[1:]) if p.dim() else () for p in model.parameters()]
     settings = CompressionSettings("none", c.topk_ratio, c.powersgd_rank, c.warmup_steps)
-    best, line = choose(method_seconds(shapes, settings, measured_link(cluster, nproc), dims.dp))
+    elem = torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8
+    best, line = choose(method_seconds(shapes, settings, measured_link(cluster, nproc), dims.dp, elem))
     print(f"comm.compression auto: {line}")
     c.compression = best
 

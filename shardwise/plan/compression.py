@@ -62,45 +62,53 @@ def compute_seconds(shapes: list[tuple[int, ...]], settings: CompressionSettings
     entries = entries_of(named)
     flat = torch.randn(sum(math.prod(s) for s in shapes), generator=torch.Generator().manual_seed(0))
     dry = DryCompressor(settings, world)
-    times = []
-    for _ in range(ROUNDS + 1):
-        work = flat.clone()
-        started = time.perf_counter()
-        dry.average(work, entries)
-        times.append(time.perf_counter() - started)
+    times, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # as a rank computes
+    try:
+        for _ in range(ROUNDS + 1):
+            work = flat.clone()
+            started = time.perf_counter()
+            dry.average(work, entries)
+            times.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
     return statistics.median(times[1:])
 
 
-def collective_seconds(shapes: list[tuple[int, ...]], settings: CompressionSettings, link: Link, dp: int) -> float:
-    """The method's collectives for gradients of `shapes` over `dp` ranks on `link`."""
+def collective_seconds(
+    shapes: list[tuple[int, ...]], settings: CompressionSettings, link: Link, dp: int, elem: int = 4
+) -> float:
+    """The method's collectives for gradients of `shapes` (`elem` bytes an entry) over `dp`
+    ranks on `link`."""
     n = sum(math.prod(s) for s in shapes)
     method = settings.method
     if method == "none":
-        return all_reduce(link, dp, 4 * n)
+        return all_reduce(link, dp, elem * n)
     if method in ("bf16", "fp16"):
         return all_reduce(link, dp, 2 * n)
     if method == "int8":
         return all_gather(link, dp, dp * n) + all_gather(link, dp, dp * 4)
     if method == "topk":
         k = max(1, math.ceil(settings.topk_ratio * n))
-        return 2 * all_gather(link, dp, dp * 4 * k)
+        return all_gather(link, dp, dp * elem * k) + all_gather(link, dp, dp * 4 * k)
     first = second = 0
     for s in shapes:
-        rows, cols = s[0], math.prod(s) // max(s[0], 1)
+        rows = s[0] if s else 1
+        cols = math.prod(s) // max(rows, 1)
         r = min(settings.powersgd_rank, rows, cols)
         if len(s) > 1 and r * (rows + cols) < rows * cols:
             first, second = first + r * rows, second + r * cols
         else:
             first += math.prod(s)
-    return all_reduce(link, dp, 4 * first) + (all_reduce(link, dp, 4 * second) if second else 0.0)
+    return all_reduce(link, dp, elem * first) + (all_reduce(link, dp, elem * second) if second else 0.0)
 
 
-def method_seconds(shapes, settings: CompressionSettings, link: Link, dp: int) -> dict[str, float]:
+def method_seconds(shapes, settings: CompressionSettings, link: Link, dp: int, elem: int = 4) -> dict[str, float]:
     """Every method's averaging time for a step (its collectives and its compute)."""
     out = {}
     for method in METHODS:
         s = CompressionSettings(method, settings.topk_ratio, settings.powersgd_rank)  # no warm-up: compressing
-        out[method] = collective_seconds(shapes, s, link, dp) + compute_seconds(shapes, s, dp)
+        out[method] = collective_seconds(shapes, s, link, dp, elem) + compute_seconds(shapes, s, dp)
     return out
 
 
