@@ -33,11 +33,12 @@ def test_train_from_python_and_from_a_torchrun_script_give_the_same_run(tmp_path
     script = tmp_path / "script.py"
     script.write_text(
         textwrap.dedent(f"""
-        import json, sys
+        import json, os, sys
         import shardwise
         settings = json.loads({json.dumps(json.dumps(SETTINGS))})
         result = shardwise.run(shardwise.build_config(settings), out=sys.argv[1])
-        print("RESULT", json.dumps({{"steps": result.summary["steps"], "out": str(result.out)}}))
+        with open(sys.argv[1] + ".result" + os.environ["RANK"], "w") as f:  # not stdout: both ranks write there at once
+            json.dump({{"steps": result.summary["steps"], "out": str(result.out)}}, f)
     """)
     )
     done = subprocess.run(
@@ -46,7 +47,7 @@ def test_train_from_python_and_from_a_torchrun_script_give_the_same_run(tmp_path
         capture_output=True, text=True, timeout=180, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    results = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    results = [json.loads((tmp_path / f"torchrun.result{rank}").read_text()) for rank in (0, 1)]
     assert len(results) == 2 and all(r == {"steps": 8, "out": str(tmp_path / "torchrun")} for r in results)
     assert (tmp_path / "torchrun" / "config.toml").is_file()
     mine, theirs = load_file(local.weights), load_file(tmp_path / "torchrun" / "model.safetensors")
