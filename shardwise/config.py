@@ -91,7 +91,7 @@ class ParallelConfig:
     of rows, one per rank, with halo rows exchanged before each window."""
     pp: int = 1
     """Pipeline stages: the layers are cut into this many consecutive stages, one per rank,
-    at boundaries chosen by each layer's measured cost."""
+    at boundaries chosen by each layer's measured cost (its size under train.deterministic)."""
     microbatches: int | None = None
     """Micro-batches per step flowing through the pipeline (default: 2 x parallel.pp)."""
     schedule: Literal["gpipe", "1f1b"] = "1f1b"
@@ -167,7 +167,8 @@ class TrainConfig:
     """A step whose loss or gradients are not finite on any rank is skipped on all ranks; after
     this many such steps in a row the run stops."""
     deterministic: bool = False
-    """torch.use_deterministic_algorithms: resumed runs then repeat uninterrupted ones bit for bit."""
+    """torch.use_deterministic_algorithms, and a pipeline cut by its layers' sizes rather than
+    their measured time: resumed runs then repeat uninterrupted ones bit for bit."""
     dtype: Literal["float32", "float64"] = "float32"
     """Parameters, gradients, optimizer state and activations: float32, or float64 (slower; the
     synchronous layouts tested then equal one process to 1e-9: no rounding flips a max-pool tie)."""

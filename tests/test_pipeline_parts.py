@@ -62,3 +62,23 @@ def test_bubble_of_an_ideal_gpipe_timeline():
             events[s].append((0, 1, m, start, start + 2))
     measured = bubble_fractions([torch.tensor(e, dtype=torch.float64) for e in events])
     assert measured == [pytest.approx(theoretical_bubble(stages, micro))]
+
+
+def test_a_deterministic_cut_balances_multiply_adds_not_the_clock():
+    """Under train.deterministic the cut must not depend on timing: each layer weighs its
+    weights' bytes times their uses (one per sample for a linear layer, one per output
+    pixel for a convolution), and an activation its output bytes."""
+    from torch import nn
+
+    from shardwise.parallel.pipeline import LayerCost, multiply_adds, profile_layers
+
+    model = nn.Sequential()
+    model.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+    model.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    costs = profile_layers(model, torch.randn(5, 1, 8, 8), repeats=1)
+    conv, relu, flat, linear = costs
+    assert multiply_adds(conv) == (4 * 9 + 4) * 4 * (5 * 8 * 8)  # weights + bias, float32, 5 x 8 x 8 pixels
+    assert multiply_adds(linear) == (256 * 10 + 10) * 4 * 5
+    assert multiply_adds(relu) == 5 * 4 * 8 * 8 * 4 and multiply_adds(flat) == 5 * 256 * 4
+    slow = LayerCost("x", 1e9, linear.param_bytes, linear.activation_bytes, linear.out_shape)
+    assert multiply_adds(slow) == multiply_adds(linear)  # the clock does not enter

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from shardwise.comm.flat import flatten, named_views
 from shardwise.parallel.splits import Split, full_state_dict, optimizer_keys
 from shardwise.parallel.zero import ShardedOptimizer
 
@@ -89,10 +90,11 @@ def compression_state(compressor, model: nn.Module, splits: dict[str, Split], ra
         return {}
     out = {f"comm/rank{rank}/residual/{k}": v.clone() for k, v in compressor.residuals.items()}
     out |= {f"comm/rank{rank}/q/{k}": v.clone() for k, v in compressor.q.items()}
-    for name, p in model.named_parameters():  # model order: the same on every rank
-        mean = compressor.residuals.get(name, torch.zeros(p.shape, dtype=p.dtype)).clone()
-        dist.all_reduce(mean, group=compressor.group)
-        mean /= compressor.world
+    named = list(model.named_parameters())  # model order: the same on every rank
+    flat = flatten([compressor.residuals.get(name) for name, _ in named], like=[p for _, p in named])
+    dist.all_reduce(flat, group=compressor.group)  # one collective for all of them
+    flat /= compressor.world
+    for name, mean in named_views(flat, named).items():
         out[f"comm/residual/{name}"] = splits[name].full(mean) if name in splits else mean
     return out
 
@@ -106,10 +108,12 @@ def load_compression(
         return
     compressor.forget_buffers()
     own = f"comm/rank{rank}/"
-    if same and any(k.startswith(own) for k in tensors):
-        for key, value in tensors.items():
-            kind, _, name = key.removeprefix(own).partition("/")
-            if key.startswith(own) and kind in ("residual", "q"):
+    mine = {key.removeprefix(own).partition("/")[::2]: v for key, v in tensors.items() if key.startswith(own)}
+    # the same layout holds the same parameters on each rank, unless a pipeline was cut
+    # elsewhere (by the clock): then the mean residuals, by name
+    if same and mine and {name for _, name in mine} <= {name for name, _ in model.named_parameters()}:
+        for (kind, name), value in mine.items():
+            if kind in ("residual", "q"):
                 getattr(compressor, "residuals" if kind == "residual" else "q")[name] = value.clone()
         return
     for name, _ in model.named_parameters():

@@ -10,6 +10,7 @@ pace. Every rank profiles, but all take rank 0's cut, so they agree.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import OrderedDict
@@ -195,12 +196,27 @@ def cut_units(costs: list[float], units: list[list[int]], stages: int) -> list[i
 
 def plan_pipeline(
     model: nn.Module, example: Tensor, *, stages: int, group: dist.ProcessGroup
-) -> tuple[list[int], list[LayerCost]]:
+) -> tuple[list[int], list[LayerCost], str]:
     """Profile the layers on `example` (one micro-batch) and agree on the cut that
-    balances the stages' time; returns each stage's first layer and the costs."""
+    balances the stages' time; returns each stage's first layer, the costs and what the
+    cut balanced. Under `train.deterministic` it balances the layers' multiply-adds
+    instead: a cut by the clock can differ between a run and its resume, and a bucket-wise
+    gradient compression (one int8 scale, one top-k per stage) then gives other numbers."""
     costs = profile_layers(model, example)
-    cut = cut_units([c.time_s for c in costs], layer_units(model), stages)
-    return agree_on_cut(cut, group), costs
+    if torch.are_deterministic_algorithms_enabled():
+        basis, weights = "multiply-adds", [multiply_adds(c) for c in costs]
+    else:
+        basis, weights = "measured cost", [c.time_s for c in costs]
+    return agree_on_cut(cut_units(weights, layer_units(model), stages), group), costs, basis
+
+
+def multiply_adds(c: LayerCost) -> float:
+    """A layer's work on one micro-batch from its sizes alone (in bytes of weights x uses):
+    each weight is used once per output position (a linear layer's once per sample, a
+    convolution's once per pixel of its output); a layer without weights touches its
+    output once."""
+    positions = math.prod(c.out_shape) / c.out_shape[1] if len(c.out_shape) > 1 else 1
+    return c.param_bytes * positions if c.param_bytes else float(c.activation_bytes)
 
 
 def stage_shapes(
@@ -236,13 +252,13 @@ def apply_pipeline(part: Part, mesh: RankMesh, *, example: Tensor) -> Part:
     model, index = part.model, mesh.coords["pp"]
     # every rank of the layout takes the same cut (its first rank's), so that the stages of
     # different data-parallel replicas hold the same layers and average the same gradients
-    cut, costs = plan_pipeline(model, example, stages=mesh.size("pp"), group=mesh.parent)
+    cut, costs, basis = plan_pipeline(model, example, stages=mesh.size("pp"), group=mesh.parent)
     stage = StageCut(
         index=index,
         stages=mesh.size("pp"),
         group=group,
         owner=owners(model, cut),
-        rows=describe_cut(costs, cut),
+        rows=[row | {"cut_by": basis} for row in describe_cut(costs, cut)],
         shapes=stage_shapes(costs, cut, index, tuple(example.shape)),
     )
     stage_module = StageModule(stage_layers(model, cut, index))
