@@ -203,6 +203,17 @@ def _check_auto(p) -> None:
         )
 
 
+def uncompressed_because(*, shard: str, ps: bool) -> tuple[str, str]:
+    """(the setting, the reason) where a layout averages its gradients without a compressor
+    here, ("", "") where it can compress (config_check refuses a named method there; auto
+    picks none)."""
+    if shard == "full":
+        return "parallel.shard=full", "FSDP2 reduce-scatters its gradients uncompressed"
+    if ps:
+        return "parallel.mode=ps", "a parameter server's pushes go uncompressed"
+    return "", ""
+
+
 def _check_comm(cfg: Config) -> None:
     c = cfg.comm
     if not 0 < c.topk_ratio <= 1:
@@ -213,16 +224,10 @@ def _check_comm(cfg: Config) -> None:
         raise ShardwiseError("comm.warmup_steps", f"must be >= 0, got {c.warmup_steps}")
     if c.compression in ("none", "auto"):  # auto picks none where no method applies
         return
-    if cfg.parallel.shard == "full":
-        raise ShardwiseError(
-            "comm.compression",
-            f"={c.compression} with parallel.shard=full: FSDP2 reduce-scatters its gradients uncompressed;"
-            " use parallel.shard=none or optimizer",
-        )
-    if cfg.parallel.mode == "ps":
-        raise ShardwiseError(
-            "comm.compression", f"={c.compression} with parallel.mode=ps: a parameter server's pushes go uncompressed"
-        )
+    setting, why = uncompressed_because(shard=cfg.parallel.shard, ps=cfg.parallel.mode == "ps")
+    if setting:
+        hint = "; use parallel.shard=none or optimizer" if setting.startswith("parallel.shard") else ""
+        raise ShardwiseError("comm.compression", f"={c.compression} with {setting}: {why}{hint}")
 
 
 def _check_vertical(cfg: Config) -> None:

@@ -110,11 +110,11 @@ def test_powersgd_is_one_power_step_done_by_hand(pool):
         assert (approx - mean).abs().max() > 1e-2  # rank 2 of a 64 x 32 matrix: lossy
 
 
-def _run_nonfinite(*, group) -> dict:
+def _run_nonfinite(method: str, *, group) -> dict:
     """Step 2's gradient on rank 1 is NaN in one entry: the loop skips such a step."""
     import torch.distributed as dist
 
-    comp = Compressor(CompressionSettings("powersgd", powersgd_rank=1), group)
+    comp = Compressor(CompressionSettings(method, powersgd_rank=1, topk_ratio=0.05), group)
     rank, applied, finite, qs = dist.get_rank(group), [], [], []
     for step in range(STEPS):
         g = _grad(rank, step).clone()
@@ -123,19 +123,21 @@ def _run_nonfinite(*, group) -> dict:
         out = comp.average(g, _entries()).clone()
         applied.append(out)
         finite.append(bool(torch.isfinite(out).all()))
-        qs.append(comp.q["w"].clone())
+        qs.append(comp.q["w"].clone() if method == "powersgd" else None)
         comp.end_step()
     residual = torch.cat([comp.residuals[e.name].reshape(-1) for e in _entries()])
     return {"applied": applied, "finite": finite, "residual": residual, "qs": qs}
 
 
-def test_a_non_finite_step_leaves_the_residuals_and_factors_as_they_were(pool):
+@pytest.mark.parametrize("method", ["int8", "topk", "powersgd"])
+def test_a_non_finite_step_leaves_the_residuals_and_factors_as_they_were(pool, method):
     """A NaN on one rank makes that step's average NaN everywhere (the loop skips it); the
     residuals and PowerSGD's Q stay as they were, so later steps are finite again and the
     error-feedback sum holds over the steps that counted."""
-    out = pool.run(_run_nonfinite, ranks=[0, 1])
+    out = pool.run(_run_nonfinite, method, ranks=[0, 1])
     assert out[0]["finite"] == [s != 2 for s in range(STEPS)] == out[1]["finite"]
-    assert torch.equal(out[0]["qs"][2], out[0]["qs"][1])
+    if method == "powersgd":
+        assert torch.equal(out[0]["qs"][2], out[0]["qs"][1])
     counted = [s for s in range(STEPS) if s != 2]
     applied = sum(out[0]["applied"][s] for s in counted)
     owed = (out[0]["residual"] + out[1]["residual"]) / 2
@@ -225,6 +227,9 @@ def test_the_sampled_threshold_picks_exactly_torchs_top_k(n, k):
     x[: n // 3] = 1e-3  # a third tied at one small value, as clipped or quantised gradients are
     want = set(torch.topk(x, k).indices.tolist())
     assert set(largest(x, k).tolist()) == want
+    bad = n // 2 + 1  # not in the strided sample: a small gradient's entry gone bad
+    x[bad] = float("nan")
+    assert bad in set(largest(x, k).tolist())  # sent, so the average says so
 
 
 def test_time_to_target_counts_the_warm_up_at_the_uncompressed_step(tmp_path):

@@ -190,3 +190,27 @@ def test_fsdp_gathers_for_every_accumulated_micro_batch_and_keeps_whole_gradient
     slow = predict(ParallelConfig(shard="full"), 2, dataclasses.replace(four, link=hiding))
     expected = sync_seconds(hiding, 2, PARAMS, backward_s=8 * 4e-4 * 2 / 3, shard="full", units=3, passes=4)
     assert slow.comm_s == pytest.approx(expected) and 0 < expected
+
+
+def test_a_named_compression_method_replaces_the_all_reduce_where_gradients_are_averaged():
+    """With comm.compression named, a data-parallel layout pays the method's averaging time
+    (its collectives and compute, measured per layout) instead of DDP's all-reduce; a
+    stage its share; FSDP2, a parameter server and dp = 1 average nothing through it."""
+    seen = []
+
+    def averaging(dims):
+        seen.append((dims.dp, dims.tp))
+        return 1e-3
+
+    compressed = dataclasses.replace(_setting(), averaging=averaging)
+    dp = predict(ParallelConfig(), 2, compressed)
+    assert dp.comm_s == pytest.approx(1e-3)  # not PARAMS * 1e-9: the all-reduce is gone
+    zero = predict(ParallelConfig(shard="optimizer"), 2, compressed)
+    plain_zero = predict(ParallelConfig(shard="optimizer"), 2, _setting())
+    assert zero.comm_s == pytest.approx(1e-3 + plain_zero.comm_s - PARAMS * 1e-9)  # then its all-gather
+    pipe, plain_pipe = (predict(ParallelConfig(pp=2, dp=2), 4, s) for s in (compressed, _setting()))
+    assert pipe.comm_s - plain_pipe.comm_s == pytest.approx(1e-3 / 2 - PARAMS / 2 * 1e-9)
+    for cfg, world in ((ParallelConfig(shard="full"), 2), (ParallelConfig(mode="ps", servers=1), 2),
+                       (ParallelConfig(tp=2), 2)):  # fmt: skip
+        assert predict(cfg, world, compressed) == predict(cfg, world, _setting()), cfg
+    assert seen == [(2, 1), (2, 1), (2, 1)]

@@ -108,26 +108,29 @@ class Compressor:
         if self.world == 1:
             return flat
         self._device = flat.device
-        self.bytes_whole += flat.numel() * flat.element_size()
         if not self.compressing:
-            self.bytes_sent += flat.numel() * flat.element_size()
+            self.tally(flat, flat.numel() * flat.element_size())
             self._all_reduce(flat)
             return flat.div_(self.world)
+        self.tally(flat)  # the method adds what it sends
         if method in ("bf16", "fp16"):
             return self._half(flat, torch.bfloat16 if method == "bf16" else torch.float16)
         key, owed = self._residual_flat(flat, entries)
         flat.add_(owed)  # x + what earlier steps owe: what this rank means to send
         # the new residual goes to a spare buffer, kept only if the average is finite: a step
         # the loop skips for a non-finite gradient leaves the residuals (and PowerSGD's Qs)
-        # as they were, on every rank alike (the average is the same everywhere)
+        # as they were, on every rank alike. Each method judges that from what it received
+        # (a few scales, k values, the factors), not by another pass over the bucket: a NaN
+        # or inf anywhere in a rank's x reaches them (int8's scale is max |x|; top-k sends
+        # the non-finite entries first; a factor is a product with all of x)
         new = self._scratch("spare residual", flat.numel(), flat.dtype)
         if method == "int8":
-            applied = self._int8(flat, new)
+            applied, finite = self._int8(flat, new)
         elif method == "topk":
-            applied = self._topk(flat, new)
+            applied, finite = self._topk(flat, new)
         else:
-            applied = self._powersgd(flat, entries, new)
-        if bool(torch.isfinite(applied).all()):
+            applied, finite = self._powersgd(flat, entries, new)
+        if finite:
             self._keep(key, entries, new, owed)
         return applied
 
@@ -139,15 +142,26 @@ class Compressor:
     def end_step(self) -> None:
         self.steps += 1
 
+    def tally(self, flat: Tensor, sent: int = 0) -> None:
+        """Count a bucket averaged: its bytes whole, and `sent` of them on the link (each
+        method adds its own payload)."""
+        self.bytes_whole += flat.numel() * flat.element_size()
+        self.bytes_sent += sent
+
     def summary(self) -> dict:
         """What the run's summary says of it: the method and the bytes this rank sent."""
-        s = self.settings
-        sent, whole = self.bytes_sent, self.bytes_whole
-        return {"method": s.method, "warmup_steps": s.warmup_steps, "bytes_sent": sent, "bytes_whole": whole} | {
-            "ratio": sent / max(whole, 1)
+        s, sent, whole = self.settings, self.bytes_sent, self.bytes_whole
+        ratio = sent / max(whole, 1)
+        return {
+            "method": s.method,
+            "warmup_steps": s.warmup_steps,
+            "bytes_sent": sent,
+            "bytes_whole": whole,
+            "ratio": ratio,
         }
 
-    # the methods: each returns the group's average and what of it was this rank's
+    # the lossy methods: each returns the group's average (this rank's residual written to
+    # `residual`) and whether the average is finite
 
     def _half(self, flat: Tensor, dtype: torch.dtype) -> Tensor:
         half = flat.to(dtype).div_(self.world)
@@ -155,7 +169,7 @@ class Compressor:
         self._all_reduce(half)
         return flat.copy_(half)
 
-    def _int8(self, flat: Tensor, residual: Tensor) -> Tensor:
+    def _int8(self, flat: Tensor, residual: Tensor) -> tuple[Tensor, bool]:
         n = flat.numel()
         lo, hi = torch.aminmax(flat)  # max |x| in one pass (a tenth of vector_norm(inf)'s time here)
         scale = torch.maximum(-lo, hi).clamp_min(torch.finfo(flat.dtype).tiny) / 127
@@ -170,11 +184,13 @@ class Compressor:
         self._all_gather(qs, q)
         self._all_gather(scales, scale.reshape(1))
         flat.zero_()
+        if not bool(torch.isfinite(scales).all()):  # a non-finite x has a non-finite max
+            return flat.fill_(float("nan")), False
         for r in range(self.world):  # in rank order on every rank: the same sum everywhere
             flat.add_(work.copy_(qs[r * n : (r + 1) * n]), alpha=float(scales[r]))
-        return flat.div_(self.world)
+        return flat.div_(self.world), True
 
-    def _topk(self, flat: Tensor, residual: Tensor) -> Tensor:
+    def _topk(self, flat: Tensor, residual: Tensor) -> tuple[Tensor, bool]:
         k = max(1, math.ceil(self.settings.topk_ratio * flat.numel()))
         index = largest(torch.abs(flat, out=self._scratch("work", flat.numel(), flat.dtype)), k)
         values = flat[index]
@@ -185,9 +201,10 @@ class Compressor:
         self.bytes_sent += k * (values.element_size() + 4)
         self._all_gather(values_all, values)
         self._all_gather(index_all, index.to(torch.int32))
-        return flat.zero_().index_add_(0, index_all.long(), values_all).div_(self.world)
+        finite = bool(torch.isfinite(values_all).all())  # NaN and inf are the largest: sent if present
+        return flat.zero_().index_add_(0, index_all.long(), values_all).div_(self.world), finite
 
-    def _powersgd(self, flat: Tensor, entries: list[Entry], residual: Tensor) -> Tensor:
+    def _powersgd(self, flat: Tensor, entries: list[Entry], residual: Tensor) -> tuple[Tensor, bool]:
         """One power-iteration step per matrix, the Ps of a bucket (and its vectors, whole) in
         one all-reduce, its Qs in a second. A matrix's residual is against the group's
         approximation (the factors are the group's, as in torch's hook); a vector goes
@@ -216,22 +233,24 @@ class Compressor:
             offset += w.numel()
             residual[e.offset : e.offset + e.numel].zero_()
         if not matrices:
-            return flat
+            return flat, bool(torch.isfinite(first).all())
         # Q = M^T P, as (P^T M)^T: the product that reads M along its rows
         second = torch.cat([(p.t() @ m).reshape(-1) for m, p in zip(views, ps, strict=True)])
         self.bytes_sent += second.numel() * second.element_size()
         self._all_reduce(second)
         second.div_(self.world)
+        # the same factors on every rank: the same decision (a NaN in the Ps reaches the Qs)
+        finite = bool(torch.isfinite(second).all()) and bool(torch.isfinite(first).all())
         offset = 0
         for (e, rows, cols, r), m, p in zip(matrices, views, ps, strict=True):
             q = second[offset : offset + r * cols].view(r, cols).t().contiguous()
             offset += r * cols
-            if bool(torch.isfinite(q).all()):  # the same Q on every rank: the same decision
+            if finite:
                 self.q[e.name] = q  # warm start: the next step's iteration begins from it
             # residual = M - P Q^T in one pass over M, then M = P Q^T written over it
             torch.addmm(m, p, q.t(), alpha=-1, out=residual[e.offset : e.offset + e.numel].view(rows, cols))
             torch.mm(p, q.t(), out=m)
-        return flat
+        return flat, finite
 
     def _q(self, name: str, cols: int, rank: int) -> Tensor:
         """The Q a matrix's iteration starts from: the last step's, else a seeded random one
@@ -298,7 +317,9 @@ def largest(magnitudes: Tensor, k: int) -> Tensor:
     sample = magnitudes[:: max(1, n // 2**14)]
     keep = max(1, min(sample.numel() - 1, math.ceil(2 * k * sample.numel() / n)))
     threshold = sample.topk(keep, sorted=False).values.min()
-    candidates = (magnitudes >= threshold).nonzero().squeeze(1)
+    # not "< threshold": NaN is a candidate too (topk ranks it first), so a non-finite entry
+    # is always sent and the average says so
+    candidates = (magnitudes < threshold).logical_not_().nonzero().squeeze(1)
     if candidates.numel() < k:
         return magnitudes.topk(k, sorted=False).indices
     return candidates[magnitudes[candidates].topk(k, sorted=False).indices]
@@ -319,15 +340,13 @@ def ddp_hook(compressor: Compressor, names: dict[int, str]):
 
     def hook(_state, bucket):  # unannotated: DDP checks annotations as objects, and these are strings here
         flat = bucket.buffer()
-        if not compressor.compressing or compressor.settings.method in torch_hooks:
-            compressor.bytes_whole += flat.numel() * flat.element_size()
         if not compressor.compressing:  # the warm-up: DDP's own all-reduce, as without a hook
-            compressor.bytes_sent += flat.numel() * flat.element_size()
+            compressor.tally(flat, flat.numel() * flat.element_size())
             fut = default_hooks.allreduce_hook(compressor.group, bucket)
         elif compressor.settings.method in torch_hooks:
-            compressor.bytes_sent += flat.numel() * 2
+            compressor.tally(flat, flat.numel() * 2)
             fut = torch_hooks[compressor.settings.method](compressor.group, bucket)
-        else:
+        else:  # Compressor.average tallies it
             named = [(names[id(p)], p) for p in bucket.parameters()]
             entries = entries_of(named)
             assert sum(e.numel for e in entries) == flat.numel(), "a DDP bucket is its parameters back to back"

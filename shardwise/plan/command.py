@@ -25,6 +25,7 @@ import torch
 from shardwise.comm.compress import CompressionSettings
 from shardwise.comm.cost import Link
 from shardwise.config import Config
+from shardwise.config_check import uncompressed_because
 from shardwise.errors import ShardwiseError
 from shardwise.files import cache_dir, write_atomic
 from shardwise.jsonsafe import dumps
@@ -112,7 +113,23 @@ def measured_setting(cfg: Config, cluster: str, nproc: int) -> tuple[Setting, Mo
     step_s, rank_bytes = loop_overhead(cluster, nproc)
     t = cfg.train
     setting = Setting(profile, link, t.batch_size, cores, optimizer_slots(cfg), step_s, rank_bytes, val_samples)
-    return dataclasses.replace(setting, grad_accum=t.grad_accum), shape
+    return dataclasses.replace(setting, grad_accum=t.grad_accum, averaging=_averaging(cfg, link)), shape
+
+
+def _averaging(cfg: Config, link: Link):
+    """How the run's named compression method averages a layout's gradients (the planner's
+    step prices it instead of DDP's all-reduce); None without one (auto is chosen later)."""
+    from shardwise.data import load_source
+    from shardwise.models import build_model
+    from shardwise.plan.compression import averaging
+
+    c = cfg.comm
+    if c.compression in ("none", "auto"):
+        return None
+    dataset = load_source(cfg.data, seed=cfg.train.seed)
+    model = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
+    settings = CompressionSettings(c.compression, c.topk_ratio, c.powersgd_rank)
+    return averaging(model, settings, link, torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8)
 
 
 def search(cfg: Config, nproc: int, setting: Setting, shape: ModelShape, budget: float | None) -> list[dict]:
@@ -305,22 +322,18 @@ def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> None:
     `cfg` (the run's saved config names it); none where no gradients are averaged."""
     from shardwise.data import load_source
     from shardwise.models import build_model
-    from shardwise.plan.compression import choose, method_seconds
+    from shardwise.plan.compression import choose, method_seconds, rank_shapes
 
     dims = ParallelDims.resolve(cfg.parallel, nproc)
     c = cfg.comm
-    why = "one data-parallel rank: no gradients to average" if dims.dp <= 1 else ""
-    why = why or ("FSDP2 reduce-scatters its gradients" if dims.shard == "full" else "")
-    why = why or ("a parameter server's pushes go uncompressed" if dims.servers else "")
+    why = uncompressed_because(shard=dims.shard, ps=bool(dims.servers))[1]
+    why = "one data-parallel rank: no gradients to average" if dims.dp <= 1 else why
     if why:
         c.compression = "none"
         print(f"comm.compression auto: none ({why})")
         return
     dataset = load_source(cfg.data, seed=cfg.train.seed)
-    model = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
-    # a rank's part: tp cuts the rows of the layers it splits (taken here as all of them); a
-    # stage, a band or a column group holds fewer parameters whole (the whole model here)
-    shapes = [(max(1, p.shape[0] // dims.tp), *p.shape[1:]) if p.dim() else () for p in model.parameters()]
+    shapes = rank_shapes(build_model(cfg.model, dataset.in_shape, dataset.num_classes), dims.tp)
     settings = CompressionSettings("none", c.topk_ratio, c.powersgd_rank, c.warmup_steps)
     elem = torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8
     best, line = choose(method_seconds(shapes, settings, measured_link(cluster, nproc), dims.dp, elem))

@@ -17,6 +17,9 @@ parallel degrees (tp x pp x vertical x spatial): the shapes are the whole model'
 The choice weighs time per step only: what a lossy method costs in accuracy is for the
 bench to show (`shardwise bench compression`). Collectives are taken as not overlapped
 with the backward, for every method alike.
+
+A run that names a method is priced the same way (`averaging`): the planner's step then
+averages through that method instead of DDP's overlapped all-reduce (plan/model.py).
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from shardwise.comm.compress import METHODS, CompressionSettings, Compressor, entries_of
 from shardwise.comm.cost import Link, all_gather, all_reduce
@@ -110,6 +114,31 @@ def method_seconds(shapes, settings: CompressionSettings, link: Link, dp: int, e
         s = CompressionSettings(method, settings.topk_ratio, settings.powersgd_rank)  # no warm-up: compressing
         out[method] = collective_seconds(shapes, s, link, dp, elem) + compute_seconds(shapes, s, dp)
     return out
+
+
+def rank_shapes(model: nn.Module, tp: int) -> list[tuple[int, ...]]:
+    """The gradient shapes a data-parallel rank averages: tensor parallelism cuts the rows
+    of the layers it splits (taken here as all of them); a stage, a band or a column
+    group holds fewer parameters whole (the whole model here)."""
+    return [(max(1, p.shape[0] // tp), *p.shape[1:]) if p.dim() else () for p in model.parameters()]
+
+
+def averaging(model: nn.Module, settings: CompressionSettings, link: Link, elem: int) -> Callable[..., float]:
+    """A layout's time to average a step's gradients through `settings`' method on `link`
+    (collectives and compute), by its dims (`topology.ParallelDims`); the compute is
+    measured once per (tp, dp)."""
+    measured: dict[tuple[int, int], tuple[list, float]] = {}
+    settings = CompressionSettings(settings.method, settings.topk_ratio, settings.powersgd_rank)  # compressing
+
+    def seconds(dims) -> float:
+        key = (dims.tp, dims.dp)
+        if key not in measured:
+            shapes = rank_shapes(model, dims.tp)
+            measured[key] = shapes, compute_seconds(shapes, settings, dims.dp)
+        shapes, compute = measured[key]
+        return collective_seconds(shapes, settings, link, dims.dp, elem) + compute
+
+    return seconds
 
 
 def choose(seconds: dict[str, float]) -> tuple[str, str]:

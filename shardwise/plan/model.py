@@ -17,6 +17,8 @@ Memory per rank: what it holds and the largest passing buffer its strategies all
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from shardwise.comm.cost import Link, all_gather
@@ -45,6 +47,9 @@ class Setting:
     rank_overhead_bytes: float = 0.0  # the engine's own memory per rank, beyond the model's
     val_samples: int = 0  # the validation set, evaluated at the end of the run
     grad_accum: int = 1  # micro-batches per step on each rank
+    # the run's gradient compression (plan/compression.py `averaging`): a layout's seconds
+    # to average a step's gradients through it; None: DDP's all-reduce
+    averaging: Callable[[ParallelDims], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -178,11 +183,18 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         comm = accum * _split_comm(profile, dims, link, samples / accum)
         stages = [(None, samples / accum)]
     grad_bytes = profile.param_bytes / (dims.tp * dims.pp)
-    comm += sync_seconds(
-        link, dims.dp, grad_bytes, backward_s=overlapped * 2 / 3, shard=dims.shard,
+    sync = functools.partial(
+        sync_seconds, link, dims.dp, grad_bytes, backward_s=overlapped * 2 / 3,
         copy_s_per_byte=profile.copy_s_per_byte * stretch,
         units=max(1, sum(1 for layer in profile.layers if layer.param_bytes)),
         passes=1 if dims.pp > 1 else setting.grad_accum,
     )  # fmt: skip
+    if setting.averaging is not None and dims.dp > 1 and dims.shard != "full":
+        # compressed: the method's collectives and compute, not overlapped (the hook runs
+        # them in the backward's thread), for a stage's share of the gradients; then
+        # ZeRO-1's all-gather where it shards
+        comm += setting.averaging(dims) / dims.pp + sync(shard=dims.shard) - sync(shard="none")
+    else:
+        comm += sync(shard=dims.shard)
     compute += max(_update(profile, dims, stage) for stage, _ in stages) * stretch + setting.step_overhead_s
     return Prediction(dims.layout, compute, comm, bubble, _peak(setting, dims, stages))
