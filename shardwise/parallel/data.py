@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from shardwise.comm.compress import CompressionSettings, Compressor, ddp_hook
 from shardwise.comm.cost import Link, all_gather, all_reduce, beside, reduce_scatter
 from shardwise.parallel.part import Part
 from shardwise.topology import RankMesh
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 
 def apply_data_parallel(
@@ -46,6 +50,9 @@ def apply_data_parallel(
     if group is None or part.stage is not None:
         return part.but(compressor=compressor)
     if mesh.dims.shard == "full":
+        # imported here: FSDP2 and DTensor are a second of start-up the other layouts skip
+        from torch.distributed.fsdp import fully_shard
+
         dp_mesh = mesh.device_mesh("dp")
         # one FSDP unit per layer of the feature stack and the head: a layer's
         # parameters are gathered just before it runs and freed after
@@ -83,13 +90,14 @@ def maybe_no_sync(model: nn.Module, skip_sync: bool) -> contextlib.AbstractConte
     """Skip the gradient reduction for all but the last micro-batch of a step."""
     if skip_sync and isinstance(model, DistributedDataParallel):
         return model.no_sync()
-    if skip_sync and isinstance(model, FSDPModule):
+    if skip_sync and is_fully_sharded(model):
         return _fsdp_no_sync(model)
     return contextlib.nullcontext()
 
 
 def is_fully_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # none was made before it was imported
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb

@@ -10,13 +10,13 @@ descriptions. Parameters sharded by FSDP2 are DTensors and carry their own.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from shardwise.comm.collectives import all_gather_uneven
 
@@ -60,8 +60,16 @@ def optimizer_keys(tensors: dict[str, Tensor]) -> list[str]:
     return sorted({k.split("/")[1] for k in tensors if k.startswith("optim/")})
 
 
+def is_dtensor(t: object) -> bool:
+    """Whether `t` is a DTensor (FSDP2's sharded parameters), without importing DTensor's
+    module, a second of start-up, for the layouts that never make one: there is none
+    until something imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def local_tensor(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def full_state_dict(model: nn.Module, splits: dict[str, Split]) -> dict[str, Tensor]:
@@ -69,7 +77,7 @@ def full_state_dict(model: nn.Module, splits: dict[str, Split]) -> dict[str, Ten
     out: dict[str, Tensor] = {}
     for name, t in model.state_dict().items():
         t = t.detach()
-        if isinstance(t, DTensor):
+        if is_dtensor(t):
             t = t.full_tensor()
         if name in splits:
             t = splits[name].full(t)

@@ -41,12 +41,13 @@ def save_model(path: Path, state_dict: dict[str, torch.Tensor], preprocess: dict
 
 
 def plot_curves(path: Path, records: list[dict], title: str) -> None:
-    import matplotlib
+    # a Figure without pyplot, its margins set by hand (pyplot's import and tight_layout
+    # were half a second of every run's end)
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.13, top=0.83, wspace=0.25)
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
     evals = [r for r in records if "val_loss" in r]
     ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
@@ -56,10 +57,8 @@ def plot_curves(path: Path, records: list[dict], title: str) -> None:
     ax_acc.set(xlabel="step", ylabel="%", title="validation accuracy", ylim=(0, 100))
     ax_acc.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 class MetricsLog:
