@@ -229,7 +229,7 @@ def _runner(part: Part, mesh: RankMesh, *, device: torch.device, faults: FaultPl
         return None
     stage = part.stage
     if stage is None:
-        return ModelRunner(part.model, dp_group=mesh.groups["dp"], faults=faults)
+        return ModelRunner(part.model, dp_group=mesh.groups["dp"], faults=faults, band_sum=part.band_sum)
     return PipelineRunner(
         part.model,
         stage=stage.index,

@@ -214,3 +214,12 @@ def test_a_named_compression_method_replaces_the_all_reduce_where_gradients_are_
                        (ParallelConfig(tp=2), 2)):  # fmt: skip
         assert predict(cfg, world, compressed) == predict(cfg, world, _setting()), cfg
     assert seen == [(2, 1), (2, 1), (2, 1)]
+
+
+def test_a_spatial_cut_sums_the_bands_weight_gradients_once_a_step():
+    """Each band holds its share of the features' weight gradients: one all-reduce of
+    their bytes a step, on top of the halos (a feature stack without weights has none)."""
+    weightless = dataclasses.replace(PROFILE, layers=(dataclasses.replace(LAYERS[0], param_bytes=0), *LAYERS[1:]))
+    cut = predict(ParallelConfig(spatial=2), 2, _setting())
+    bare = predict(ParallelConfig(spatial=2), 2, dataclasses.replace(_setting(), profile=weightless))
+    assert cut.comm_s - bare.comm_s == pytest.approx(1000 * 1e-9)  # a ring of 2 sends the bytes once

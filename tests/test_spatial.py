@@ -15,7 +15,7 @@ from shardwise.comm.collectives import all_gather_uneven
 from shardwise.comm.halo import HaloPlan
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.part import Part
-from shardwise.parallel.spatial import apply_spatial
+from shardwise.parallel.spatial import apply_spatial, sum_band_gradients
 from shardwise.ranges import even_bounds
 from shardwise.topology import RankMesh
 
@@ -57,12 +57,13 @@ def _banded_vs_whole(case: dict, *, group) -> dict[str, float]:
 
     s, r = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
     mesh = RankMesh.single("spatial", group)
-    apply_spatial(Part(banded), mesh, in_shape=tuple(x.shape[1:]), check_convolution=False)
+    part = apply_spatial(Part(banded), mesh, in_shape=tuple(x.shape[1:]), check_convolution=False)
     a, b = even_bounds(case["h"], s)[r]
     x_band = x[:, :, a:b].clone().requires_grad_(True)
     y_band = banded(x_band)
     oa, ob = even_bounds(y.shape[2], s)[r]
     y_band.backward(grad_y[:, :, oa:ob])
+    sum_band_gradients(*part.band_sum)  # each band's share of the weight gradient, added up (as the runner does)
     gathered = torch.cat(
         all_gather_uneven(y_band.detach(), [q - p for p, q in even_bounds(y.shape[2], s)], dim=2, group=group), dim=2
     )

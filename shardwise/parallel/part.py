@@ -38,6 +38,9 @@ class Part:
     server: ParameterServer | None = None  # a parameter server's server role
     client: WorkerClient | None = None  # a parameter server's worker role
     compressor: Compressor | None = None  # how the dp axis averages gradients, if compressed
+    # spatial: the banded layers' parameters, whose gradients each rank holds its band's
+    # share of, and the group they are summed over after the backward
+    band_sum: tuple[dist.ProcessGroup, list[nn.Parameter]] | None = None
 
     def but(self, **changes) -> Part:
         """A copy with `changes` (the strategies return new parts, never edit the one given)."""

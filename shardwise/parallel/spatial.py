@@ -5,8 +5,10 @@ every feature map after it (`ranges.even_bounds`: heights may differ by one).
 Before each convolution or pooling window the neighbours exchange exactly the
 halo rows the window needs (`comm.halo`), so each rank computes its band of
 the output as the whole layer would. Weights are the same on every rank; each
-band contributes its share of their gradient, summed over the group by
-`copy_to_group` (identity forward, all-reduce backward). Normalisation
+band contributes its share of their gradient, and the shares of every banded
+layer are summed over the group in one all-reduce after the backward
+(`sum_band_gradients`, called by the runner: one all-reduce per parameter inside
+the backward paid a collective's latency each). Normalisation
 statistics are sums over the group. The bands are gathered only where the
 fully-connected head begins (flatten) or reduced by global average pooling;
 the head then runs whole on every rank.
@@ -26,8 +28,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shardwise.comm.collectives import copy_to_group, gather_from_group, reduce_from_group
+from shardwise.comm.collectives import gather_from_group, reduce_from_group
 from shardwise.comm.cost import Link, all_reduce
+from shardwise.comm.flat import copy_flat, flatten
 from shardwise.comm.halo import HaloPlan, assemble, edge_padding, gather_halo, scatter_halo_grad, with_halo
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.part import Part
@@ -79,9 +82,14 @@ class _HaloConv2d(torch.autograd.Function):
         # under autocast the forward ran in the gradient's precision (bf16): so does the
         # backward, and each gradient comes back in its own tensor's dtype (float32 weights)
         low = grad.dtype
-        grad_rows = torch.nn.grad.conv2d_input(padded.shape, weight.to(low), grad, *ctx.conv).to(x.dtype)
-        grad_weight = torch.nn.grad.conv2d_weight(padded.to(low), weight.shape, grad, *ctx.conv).to(weight.dtype)
-        grad_bias = grad.sum(dim=(0, 2, 3)).to(weight.dtype) if ctx.has_bias else None
+        stride, padding, _, groups = ctx.conv
+        # both gradients (and the bias's) in one call, as autograd's own convolution does
+        grad_rows, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad, padded.to(low), weight.to(low), [weight.shape[0]] if ctx.has_bias else None,
+            list(stride), list(padding), [1, 1], False, [0, 0], groups, [True, True, ctx.has_bias],
+        )  # fmt: skip
+        grad_rows, grad_weight = grad_rows.to(x.dtype), grad_weight.to(weight.dtype)
+        grad_bias = grad_bias.to(weight.dtype) if ctx.has_bias else None
         grad_rows = grad_rows[:, :, above : grad_rows.shape[2] - below]
         grad_x = scatter_halo_grad(grad_rows, ctx.plan, ctx.group, x.shape)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None
@@ -100,8 +108,8 @@ class SpatialConv2d(nn.Module):
         self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
-        w = copy_to_group(self.weight, self.group)  # each band's share of the weight gradient, summed
-        b = copy_to_group(self.bias, self.group) if self.bias is not None else None
+        # the weight gradient is this band's share: sum_band_gradients adds them up
+        w, b = self.weight, self.bias
         return _HaloConv2d.apply(x, w, b, self.plan, self.group, self.stride, self.width_padding, self.groups)
 
 
@@ -159,10 +167,10 @@ class _BandNormalize(torch.autograd.Function):
         return rstd * (grad - g_mean - x_hat * gx_mean), None, None, None, None
 
 
-def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, group: dist.ProcessGroup) -> Tensor:
+def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     if weight is None:
         return y
-    return y * copy_to_group(weight, group)[:, None, None] + copy_to_group(bias, group)[:, None, None]
+    return y * weight[:, None, None] + bias[:, None, None]  # gradients: this band's share
 
 
 class SpatialGroupNorm(nn.Module):
@@ -179,7 +187,7 @@ class SpatialGroupNorm(nn.Module):
         g = x.reshape(n, self.num_groups, c // self.num_groups, h, w)
         count = (c // self.num_groups) * self.height * w
         y, _, _ = _BandNormalize.apply(g, (2, 3, 4), count, self.eps, self.group)
-        return _affine(y.reshape(n, c, h, w), self.weight, self.bias, self.group)
+        return _affine(y.reshape(n, c, h, w), self.weight, self.bias)
 
 
 class SpatialBatchNorm2d(nn.Module):
@@ -206,7 +214,7 @@ class SpatialBatchNorm2d(nn.Module):
         else:
             mean, var = self.running_mean.reshape(1, c, 1, 1), self.running_var.reshape(1, c, 1, 1)
             y = (x - mean) * torch.rsqrt(var + self.eps)
-        return _affine(y, self.weight, self.bias, self.group)
+        return _affine(y, self.weight, self.bias)
 
 
 class GlobalAvgPool(nn.Module):
@@ -298,7 +306,26 @@ def apply_spatial(part: Part, mesh: RankMesh, *, in_shape: tuple[int, ...], chec
     for name, new in replacements.items():
         parent, _, child = name.rpartition(".")
         setattr(model.features.get_submodule(parent) if parent else model.features, child, new)
-    return part
+    banded = (SpatialConv2d, SpatialGroupNorm, SpatialBatchNorm2d)
+    params = [p for m in model.modules() if isinstance(m, banded) for p in m.parameters(recurse=False)]
+    return part.but(band_sum=(group, params))
+
+
+def sum_band_gradients(group: dist.ProcessGroup, params: list[nn.Parameter]) -> None:
+    """The banded layers' weight gradients, each rank's the share of its band, summed over
+    the spatial group: one all-reduce of them all, flat (after the backward; a sum commutes
+    with the data-parallel average that DDP made of each share)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = flatten(grads)
+    dist.all_reduce(flat, group=group)
+    copy_flat(flat, grads)
+
+
+def band_sum_seconds(link: Link, spatial: int, param_bytes: float) -> float:
+    """`sum_band_gradients`' all-reduce, once a step (the planner's cost model)."""
+    return all_reduce(link, spatial, param_bytes) if spatial > 1 else 0.0
 
 
 def halo_seconds(link: Link, spatial: int, halo_bytes: list[float], norms: list[float]) -> float:

@@ -8,7 +8,7 @@ vertical, a pipeline runs its stages on micro-batches; then the optimizer's step
 parameters a rank updates (the profile's seconds per byte; a parameter server's step is
 its servers'); then the engine's own cost per step, measured (`plan/overhead.py`). Each
 strategy's communication is its own module's formula (parallel/*: `sync_seconds`, `tp_seconds`, `pipeline_seconds`,
-`halo_seconds`, `vertical_seconds`, `ps_seconds`). When there are more ranks than cores,
+`halo_seconds` and `band_sum_seconds`, `vertical_seconds`, `ps_seconds`). When there are more ranks than cores,
 compute stretches by ranks / cores. Loading is not counted: every source is in memory.
 
 Memory per rank: what it holds and the largest passing buffer its strategies allocate
@@ -26,7 +26,7 @@ from shardwise.config import ParallelConfig
 from shardwise.parallel.data import sync_seconds
 from shardwise.parallel.pipeline import cut_units, pipeline_seconds, units_of
 from shardwise.parallel.ps_protocol import ps_seconds
-from shardwise.parallel.spatial import halo_seconds
+from shardwise.parallel.spatial import band_sum_seconds, halo_seconds
 from shardwise.parallel.tensor import tp_seconds
 from shardwise.parallel.vertical import vertical_seconds
 from shardwise.plan.memory import held_params, rank_peak
@@ -196,5 +196,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         comm += setting.averaging(dims) / dims.pp + sync(shard=dims.shard) - sync(shard="none")
     else:
         comm += sync(shard=dims.shard)
+    banded = sum(layer.param_bytes for layer in profile.layers if layer.name.startswith("features."))
+    comm += band_sum_seconds(link, dims.spatial, banded)  # the bands' shares of the features' gradients
     compute += max(_update(profile, dims, stage) for stage, _ in stages) * stretch + setting.step_overhead_s
     return Prediction(dims.layout, compute, comm, bubble, _peak(setting, dims, stages))

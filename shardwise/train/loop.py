@@ -18,6 +18,7 @@ from shardwise.config import TrainConfig
 from shardwise.data.loader import RankData
 from shardwise.errors import ShardwiseError, TrainingDiverged
 from shardwise.parallel.data import maybe_no_sync, unwrap
+from shardwise.parallel.spatial import sum_band_gradients
 from shardwise.parallel.splits import Split, clip_grad_norm, local_tensor
 from shardwise.train.comm_share import StepProfile
 from shardwise.train.evaluate import evaluate, predict
@@ -169,8 +170,11 @@ class ModelRunner:
     """The model (whole, or tensor/vertical slices of every layer) on every rank,
     data parallel around it: each micro-batch forward and backward in turn."""
 
-    def __init__(self, model: nn.Module, *, dp_group: dist.ProcessGroup | None, faults: FaultPlan | None = None):
+    def __init__(
+        self, model: nn.Module, *, dp_group: dist.ProcessGroup | None, faults: FaultPlan | None = None, band_sum=None
+    ):
         self.model, self.dp_group, self.faults = model, dp_group, faults
+        self.band_sum = band_sum  # spatial: (group, parameters) whose band shares are summed after the backward
 
     def forward_backward(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         total = torch.zeros((), device=micro[0][0].device)
@@ -183,6 +187,8 @@ class ModelRunner:
                 loss = poisoned(loss)
                 loss.backward()
             total += loss.detach()
+        if self.band_sum is not None:
+            sum_band_gradients(*self.band_sum)
         return total
 
     def mean_loss(self, value: torch.Tensor) -> float:
