@@ -119,6 +119,7 @@ def run(
             device=device,
             faults=faults,
             server=_server_settings(cfg),
+            deterministic=cfg.train.deterministic,
             compression=CompressionSettings(
                 cfg.comm.compression, cfg.comm.topk_ratio, cfg.comm.powersgd_rank, cfg.comm.warmup_steps
             ),

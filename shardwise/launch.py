@@ -370,10 +370,9 @@ def _run_once(
                 procs.append(ForkedRank(str(config_path), env, quiet=quiet))
             else:
                 procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL if quiet else None))
-        gc.unfreeze()  # the ranks keep their copy frozen; this process collects its own again
         return supervise(procs, error_files, expendable_ranks(cfg, dims))
     finally:
-        gc.unfreeze()
+        gc.unfreeze()  # the ranks keep their copy frozen; this process collects its own again
         _stop(procs)
 
 

@@ -177,7 +177,7 @@ class Layout:
     def reports(self) -> list:
         """What the layout shows before training starts (a pipeline's cut), as rich renderables."""
         stage = self.part.stage
-        return [render_cut(stage.rows, self.dims)] if stage is not None else []
+        return [render_cut(stage.rows, self.dims, stage.cut_by)] if stage is not None else []
 
     def memory(self, optimizer: torch.optim.Optimizer | None = None) -> list[int]:
         """The bytes this rank holds of parameters, gradients and optimizer state."""
@@ -190,7 +190,8 @@ class Layout:
         if stage is None or self.runner is None:
             return {}, []
         timeline = gather_events(self.runner.events, stage.group)
-        return {"pipeline": {"cut": stage.rows, **bubble_summary(timeline, self.dims.microbatches)}}, timeline
+        pipeline = {"cut": stage.rows, "cut_by": stage.cut_by, **bubble_summary(timeline, self.dims.microbatches)}
+        return {"pipeline": pipeline}, timeline
 
 
 def apply_layout(
@@ -204,14 +205,16 @@ def apply_layout(
     faults: FaultPlan,
     server: ServerSettings,
     compression: CompressionSettings | None = None,
+    deterministic: bool = False,
 ) -> Layout:
     """This rank's layout: the strategies applied to `model` in the one order, and the
     runner of a step. `features`: the vertical split of the input (None without);
-    `example()`: one micro-batch of this rank's data (the pipeline profiles on it)."""
+    `example()`: one micro-batch of this rank's data (the pipeline profiles on it);
+    `deterministic` (train.deterministic): a pipeline is cut by its layers' sizes, not the clock."""
     dims = mesh.dims
     whole = {k: v.detach().to("meta") for k, v in model.state_dict().items()}
     part = Part(model)
-    part = apply_pipeline(part, mesh, example=example()) if dims.pp > 1 else part
+    part = apply_pipeline(part, mesh, example=example(), by_size=deterministic) if dims.pp > 1 else part
     if features is not None:
         part = apply_vertical(part, mesh, features=features, in_shape=in_shape)
     part = apply_tensor_parallel(part, mesh)

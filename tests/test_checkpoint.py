@@ -86,3 +86,19 @@ def test_checkpoint_of_four_ranks_loads_on_one_two_and_three(pool, tmp_path):
         )
         for key in reference:
             torch.testing.assert_close(continued[0][key], reference[key], **TOL, msg=f"4 -> {n}: {key}")
+
+
+def _cut_by(overrides: dict[str, str], out: str, *, group) -> tuple[str, list]:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    summary = run(load_config(None, {**RUN, **overrides}), group=group, out_dir=Path(out)).summary
+    return summary["pipeline"]["cut_by"], [row["first_layer"] for row in summary["pipeline"]["cut"]]
+
+
+def test_a_deterministic_run_cuts_its_pipeline_by_size_not_by_the_clock(pool, tmp_path):
+    """A cut by measured time can differ between a run and its resume (and a per-stage int8
+    scale then gives other numbers); train.deterministic cuts by the layers' sizes."""
+    pp = {"parallel.pp": "2", "train.steps": "2"}
+    sized = pool.run(_cut_by, pp, str(tmp_path / "sized"), ranks=[0, 1])[0]
+    timed = pool.run(_cut_by, {**pp, "train.deterministic": "false"}, str(tmp_path / "timed"), ranks=[0, 1])[0]
+    # the MLP 64-128-64-10: its first two linear layers weigh alike, the last little: 1 | 2 + 3
+    assert sized == ("multiply-adds", [0, 3]) and timed[0] == "measured cost"

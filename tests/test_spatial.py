@@ -12,10 +12,11 @@ from parity import assert_all_ranks_match, check_layout, one_process, train_weig
 from torch import nn
 
 from shardwise.comm.collectives import all_gather_uneven
+from shardwise.comm.flat import sum_gradients
 from shardwise.comm.halo import HaloPlan
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.part import Part
-from shardwise.parallel.spatial import apply_spatial, sum_band_gradients
+from shardwise.parallel.spatial import apply_spatial
 from shardwise.ranges import even_bounds
 from shardwise.topology import RankMesh
 
@@ -63,7 +64,8 @@ def _banded_vs_whole(case: dict, *, group) -> dict[str, float]:
     y_band = banded(x_band)
     oa, ob = even_bounds(y.shape[2], s)[r]
     y_band.backward(grad_y[:, :, oa:ob])
-    sum_band_gradients(*part.band_sum)  # each band's share of the weight gradient, added up (as the runner does)
+    group_, params = part.band_sum
+    sum_gradients(params, group_)  # each band's share of the weight gradient, added up (as the runner does)
     gathered = torch.cat(
         all_gather_uneven(y_band.detach(), [q - p for p, q in even_bounds(y.shape[2], s)], dim=2, group=group), dim=2
     )

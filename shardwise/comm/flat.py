@@ -39,6 +39,17 @@ def named_views(flat: Tensor, named: list[tuple[str, Tensor]], *, prefix: str = 
 
 
 @torch.no_grad()
+def sum_gradients(params: list[Tensor], group: dist.ProcessGroup) -> None:
+    """Sum the gradients of `params` over `group` with one all-reduce of one flat buffer
+    (spatial bands: each holds its share of the banded layers' weight gradients)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        flat = flatten(grads)
+        dist.all_reduce(flat, group=group)
+        copy_flat(flat, grads)
+
+
+@torch.no_grad()
 def average_gradients(named: list[tuple[str, Tensor]], group: dist.ProcessGroup | None, compressor=None) -> None:
     """Average the gradients of the `named` parameters over `group` with one all-reduce of
     one flat buffer (parameters without a gradient take no part; every member has the same

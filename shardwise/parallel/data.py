@@ -112,8 +112,11 @@ def sync_seconds(
     copy_s_per_byte: float = 0.0,
     units: int = 1,
     passes: int = 1,
+    averaged_s: float | None = None,
 ) -> float:
     """The communication a step of data parallelism leaves exposed (the planner's cost model).
+    `averaged_s`: where a compressor averages the gradients (comm/compress.py), its time,
+    which replaces DDP's overlapped all-reduce (the hook runs beside nothing).
 
     none (DDP): a ring all-reduce of the gradient in buckets of 25 MiB, each launched when
     its gradients are ready, so all but the last run beside what is left of the backward
@@ -146,6 +149,7 @@ def sync_seconds(
     buckets = max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES))
     each = all_reduce(link, dp, grad_bytes / buckets)
     reduced = each + beside(link, (buckets - 1) * each, backward_s * (buckets - 1) / buckets)
+    reduced = reduced if averaged_s is None else averaged_s
     if shard == "optimizer":
         return reduced + all_gather(link, dp, grad_bytes) + (2 + 1 / dp) * grad_bytes * copy_s_per_byte
     return reduced

@@ -39,7 +39,8 @@ class Part:
     client: WorkerClient | None = None  # a parameter server's worker role
     compressor: Compressor | None = None  # how the dp axis averages gradients, if compressed
     # spatial: the banded layers' parameters, whose gradients each rank holds its band's
-    # share of, and the group they are summed over after the backward
+    # share of, and the group they are summed over after the backward (a sum commutes
+    # with the data-parallel average of each share)
     band_sum: tuple[dist.ProcessGroup, list[nn.Parameter]] | None = None
 
     def but(self, **changes) -> Part:

@@ -195,15 +195,15 @@ def cut_units(costs: list[float], units: list[list[int]], stages: int) -> list[i
 
 
 def plan_pipeline(
-    model: nn.Module, example: Tensor, *, stages: int, group: dist.ProcessGroup
+    model: nn.Module, example: Tensor, *, stages: int, group: dist.ProcessGroup, by_size: bool = False
 ) -> tuple[list[int], list[LayerCost], str]:
     """Profile the layers on `example` (one micro-batch) and agree on the cut that
     balances the stages' time; returns each stage's first layer, the costs and what the
-    cut balanced. Under `train.deterministic` it balances the layers' multiply-adds
+    cut balanced. `by_size` (train.deterministic) balances the layers' multiply-adds
     instead: a cut by the clock can differ between a run and its resume, and a bucket-wise
     gradient compression (one int8 scale, one top-k per stage) then gives other numbers."""
     costs = profile_layers(model, example)
-    if torch.are_deterministic_algorithms_enabled():
+    if by_size:
         basis, weights = "multiply-adds", [multiply_adds(c) for c in costs]
     else:
         basis, weights = "measured cost", [c.time_s for c in costs]
@@ -240,9 +240,10 @@ class StageCut:
     owner: dict[str, int]  # the stage holding each entry of the whole model's state dict
     rows: list[dict]  # the cut, for the report (describe_cut)
     shapes: tuple[tuple[int, ...], tuple[int, ...]]  # one micro-batch entering and leaving this stage
+    cut_by: str = "measured cost"  # what the cut balanced (plan_pipeline)
 
 
-def apply_pipeline(part: Part, mesh: RankMesh, *, example: Tensor) -> Part:
+def apply_pipeline(part: Part, mesh: RankMesh, *, example: Tensor, by_size: bool = False) -> Part:
     """Keep this rank's stage of the model: a run of consecutive layers under the model's
     own names, cut where the measured cost of `example` (one micro-batch) balances the
     stages. The pipeline's group joins the groups a gradient norm adds up over."""
@@ -252,13 +253,14 @@ def apply_pipeline(part: Part, mesh: RankMesh, *, example: Tensor) -> Part:
     model, index = part.model, mesh.coords["pp"]
     # every rank of the layout takes the same cut (its first rank's), so that the stages of
     # different data-parallel replicas hold the same layers and average the same gradients
-    cut, costs, basis = plan_pipeline(model, example, stages=mesh.size("pp"), group=mesh.parent)
+    cut, costs, basis = plan_pipeline(model, example, stages=mesh.size("pp"), group=mesh.parent, by_size=by_size)
     stage = StageCut(
         index=index,
         stages=mesh.size("pp"),
         group=group,
         owner=owners(model, cut),
-        rows=[row | {"cut_by": basis} for row in describe_cut(costs, cut)],
+        rows=describe_cut(costs, cut),
+        cut_by=basis,
         shapes=stage_shapes(costs, cut, index, tuple(example.shape)),
     )
     stage_module = StageModule(stage_layers(model, cut, index))

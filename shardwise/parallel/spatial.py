@@ -7,7 +7,7 @@ halo rows the window needs (`comm.halo`), so each rank computes its band of
 the output as the whole layer would. Weights are the same on every rank; each
 band contributes its share of their gradient, and the shares of every banded
 layer are summed over the group in one all-reduce after the backward
-(`sum_band_gradients`, called by the runner: one all-reduce per parameter inside
+(`comm.flat.sum_gradients` over `Part.band_sum`, called by the runner: one all-reduce per parameter inside
 the backward paid a collective's latency each). Normalisation
 statistics are sums over the group. The bands are gathered only where the
 fully-connected head begins (flatten) or reduced by global average pooling;
@@ -30,7 +30,6 @@ from torch import Tensor, nn
 
 from shardwise.comm.collectives import gather_from_group, reduce_from_group
 from shardwise.comm.cost import Link, all_reduce
-from shardwise.comm.flat import copy_flat, flatten
 from shardwise.comm.halo import HaloPlan, assemble, edge_padding, gather_halo, scatter_halo_grad, with_halo
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.part import Part
@@ -108,7 +107,7 @@ class SpatialConv2d(nn.Module):
         self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
-        # the weight gradient is this band's share: sum_band_gradients adds them up
+        # the weight gradient is this band's share: the runner sums them (Part.band_sum)
         w, b = self.weight, self.bias
         return _HaloConv2d.apply(x, w, b, self.plan, self.group, self.stride, self.width_padding, self.groups)
 
@@ -311,20 +310,8 @@ def apply_spatial(part: Part, mesh: RankMesh, *, in_shape: tuple[int, ...], chec
     return part.but(band_sum=(group, params))
 
 
-def sum_band_gradients(group: dist.ProcessGroup, params: list[nn.Parameter]) -> None:
-    """The banded layers' weight gradients, each rank's the share of its band, summed over
-    the spatial group: one all-reduce of them all, flat (after the backward; a sum commutes
-    with the data-parallel average that DDP made of each share)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = flatten(grads)
-    dist.all_reduce(flat, group=group)
-    copy_flat(flat, grads)
-
-
 def band_sum_seconds(link: Link, spatial: int, param_bytes: float) -> float:
-    """`sum_band_gradients`' all-reduce, once a step (the planner's cost model)."""
+    """The bands' weight gradients summed in one all-reduce, once a step (the planner's cost model)."""
     return all_reduce(link, spatial, param_bytes) if spatial > 1 else 0.0
 
 

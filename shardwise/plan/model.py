@@ -17,7 +17,6 @@ Memory per rank: what it holds and the largest passing buffer its strategies all
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -183,19 +182,15 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         comm = accum * _split_comm(profile, dims, link, samples / accum)
         stages = [(None, samples / accum)]
     grad_bytes = profile.param_bytes / (dims.tp * dims.pp)
-    sync = functools.partial(
-        sync_seconds, link, dims.dp, grad_bytes, backward_s=overlapped * 2 / 3,
+    # compressed: the method's collectives and compute, for a stage's share of the gradients
+    compressed = setting.averaging is not None and dims.dp > 1 and dims.shard != "full"
+    comm += sync_seconds(
+        link, dims.dp, grad_bytes, backward_s=overlapped * 2 / 3, shard=dims.shard,
         copy_s_per_byte=profile.copy_s_per_byte * stretch,
         units=max(1, sum(1 for layer in profile.layers if layer.param_bytes)),
         passes=1 if dims.pp > 1 else setting.grad_accum,
+        averaged_s=setting.averaging(dims) / dims.pp if compressed else None,
     )  # fmt: skip
-    if setting.averaging is not None and dims.dp > 1 and dims.shard != "full":
-        # compressed: the method's collectives and compute, not overlapped (the hook runs
-        # them in the backward's thread), for a stage's share of the gradients; then
-        # ZeRO-1's all-gather where it shards
-        comm += setting.averaging(dims) / dims.pp + sync(shard=dims.shard) - sync(shard="none")
-    else:
-        comm += sync(shard=dims.shard)
     banded = sum(layer.param_bytes for layer in profile.layers if layer.name.startswith("features."))
     comm += band_sum_seconds(link, dims.spatial, banded)  # the bands' shares of the features' gradients
     compute += max(_update(profile, dims, stage) for stage, _ in stages) * stretch + setting.step_overhead_s

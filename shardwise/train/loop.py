@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardwise.checkpoint.store import Checkpointer
+from shardwise.comm.flat import sum_gradients
 from shardwise.config import TrainConfig
 from shardwise.data.loader import RankData
 from shardwise.errors import ShardwiseError, TrainingDiverged
 from shardwise.parallel.data import maybe_no_sync, unwrap
-from shardwise.parallel.spatial import sum_band_gradients
 from shardwise.parallel.splits import Split, clip_grad_norm, local_tensor
 from shardwise.train.comm_share import StepProfile
 from shardwise.train.evaluate import evaluate, predict
@@ -188,7 +188,8 @@ class ModelRunner:
                 loss.backward()
             total += loss.detach()
         if self.band_sum is not None:
-            sum_band_gradients(*self.band_sum)
+            group, params = self.band_sum
+            sum_gradients(params, group)
         return total
 
     def mean_loss(self, value: torch.Tensor) -> float:

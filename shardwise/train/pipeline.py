@@ -154,9 +154,8 @@ def _pipeline_predict(runner: PipelineRunner, data: RankData) -> Tensor:
     return probs
 
 
-def render_cut(rows: list[dict], dims) -> Table:
+def render_cut(rows: list[dict], dims, by: str) -> Table:
     """The chosen cut: each stage's layers and its share of the measured time and the weights."""
-    by = rows[0].get("cut_by", "measured cost")
     table = Table(title=f"pipeline: {dims.pp} stages cut by {by}, {dims.microbatches} micro-batches")
     for col in ("stage", "layers", "time share", "parameter share", "activations / micro-batch"):
         table.add_column(col, justify="right" if col != "layers" else "left")
