@@ -14,28 +14,35 @@ TORCHELASTIC_ERROR_FILE; the launcher reads the record, never the text.
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import os
 import re
 import socket
 import sys
-import time
-import traceback
 from datetime import timedelta
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 from shardwise import procs
-from shardwise.config import Config, load_config
-from shardwise.config_toml import to_toml
-from shardwise.errors import EXIT_USAGE, ShardwiseError
-from shardwise.files import write_atomic
-from shardwise.job import JobContext, RunResult, run
-from shardwise.procs import exit_now
-from shardwise.train.outputs import new_run_dir
+from shardwise.rank_start import (
+    check_master_reachable,
+    is_loopback,
+    loopback_interface,
+    record_error,
+    refuse_unreachable_master,
+)
+
+if __name__ == "__main__":  # torchrun's entry: an unreachable MASTER_ADDR is said before torch's import
+    refuse_unreachable_master()
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from shardwise.config import Config, load_config  # noqa: E402
+from shardwise.config_toml import to_toml  # noqa: E402
+from shardwise.errors import EXIT_USAGE, ShardwiseError  # noqa: E402
+from shardwise.files import write_atomic  # noqa: E402
+from shardwise.job import JobContext, RunResult, run  # noqa: E402
+from shardwise.procs import exit_now  # noqa: E402
+from shardwise.train.outputs import new_run_dir  # noqa: E402
 
 
 def context_from_environ() -> JobContext:
@@ -69,52 +76,17 @@ def backend_for(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def _loopback_interface() -> str:
-    return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), "lo")
-
-
-def check_master_reachable() -> None:
-    """Refuse, in one line, a job over several hosts whose MASTER_ADDR is a loopback
-    address (a hostname that /etc/hosts maps to 127.0.0.1, as torchrun picks by default):
-    the ranks of the other hosts would wait for a store on their own machine until the
-    timeout. torchrun's --local-addr gives the address the other hosts can reach."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    hosts = int(os.environ.get("GROUP_WORLD_SIZE", "0")) or (2 if local < world else 1)
-    host = os.environ.get("MASTER_ADDR", "")
-    if hosts <= 1 or not host:
-        return
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
-    except OSError as e:
-        raise ShardwiseError("MASTER_ADDR", f"{host!r} does not resolve on this host ({e.strerror})") from None
-    if all(_is_loopback(a.split("%")[0]) for a in addresses):
-        raise ShardwiseError(
-            "MASTER_ADDR",
-            f"{host!r} resolves to {', '.join(sorted(addresses))}, a loopback address, but the job spans {hosts} "
-            f"hosts ({world} ranks, {local} here): the other hosts cannot reach it; give torchrun --local-addr "
-            "with an address of the store's host that they can reach",
-        )
-
-
 def init_process_group(backend: str, *, timeout: timedelta) -> None:
     """torchrun's env:// rendezvous, except that a job whose MASTER_ADDR is a loopback
     address (every rank on this machine) keeps every socket on loopback: torch's
     TCPStore would listen on all interfaces, so rank 0 binds the store's socket to
     MASTER_ADDR itself and hands it over, and gloo (NCCL) binds to the loopback interface."""
     host = os.environ.get("MASTER_ADDR", "")
-    if not _is_loopback(host) or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+    if not is_loopback(host) or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         dist.init_process_group(backend, timeout=timeout)  # torchrun's agent hosts the store
         return
-    os.environ["GLOO_SOCKET_IFNAME"] = _loopback_interface()  # even if the shell names another one
-    os.environ["NCCL_SOCKET_IFNAME"] = _loopback_interface()
+    os.environ["GLOO_SOCKET_IFNAME"] = loopback_interface()  # even if the shell names another one
+    os.environ["NCCL_SOCKET_IFNAME"] = loopback_interface()
     host = "127.0.0.1" if host == "localhost" else host
     rank, world, port = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["MASTER_PORT"])
     if rank == 0:
@@ -150,24 +122,7 @@ def error_kind(exc: BaseException) -> str:
 
 
 def _record_error(exc: BaseException, rank: int) -> None:
-    """Write the error where torchrun and our launcher read it (TORCHELASTIC_ERROR_FILE):
-    torchelastic's record (message, traceback), and ours beside it, which the launcher
-    reads instead of parsing text: the rank, the step and phase it was in, the kind."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    # an error located in the loop is named by the type of what went wrong there
-    shown = exc.__cause__ if getattr(exc, "phase", None) and exc.__cause__ is not None else exc
-    record = {
-        "rank": rank,
-        "step": getattr(exc, "step", None),
-        "phase": getattr(exc, "phase", None),
-        "message": f"{type(shown).__name__}: {exc}",
-        "kind": error_kind(exc),
-    }
-    extra = {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}  # torchrun reads both
-    message = {"message": record["message"], "extraInfo": extra}
-    write_atomic(Path(path), json.dumps({"message": message, "shardwise": record}))
+    record_error(exc, rank, error_kind(exc))
 
 
 def under_torchrun() -> bool:

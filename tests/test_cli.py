@@ -440,6 +440,23 @@ def test_a_ranks_error_record_reads_in_torchrun_and_in_the_launcher(tmp_path, mo
     assert ours.message.startswith("RuntimeError: Connection closed by peer")
 
 
+def test_a_rank_torchrun_starts_with_a_loopback_master_across_hosts_stops_before_importing_torch(tmp_path):
+    """Two hosts and MASTER_ADDR=localhost: the rank says so in one line and exits 2 before
+    torch's import, so it speaks before another host's agent can end the job under it."""
+    env = {**os.environ, "RANK": "3", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "localhost"}
+    env["TORCHELASTIC_ERROR_FILE"] = str(tmp_path / "error.json")
+    command = [sys.executable, "-X", "importtime", "-m", "shardwise.worker", str(tmp_path / "absent.toml")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("shardwise: rank 3: MASTER_ADDR: 'localhost' resolves to 127.0.0.1, a loopback")
+    assert "2 hosts (4 ranks, 2 here)" in lines[0] and "--local-addr" in lines[0]
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "shardwise.rank_start" in imported and "torch" not in imported
+    record = json.loads((tmp_path / "error.json").read_text())["shardwise"]
+    assert (record["rank"], record["kind"]) == (3, "usage") and "MASTER_ADDR" in record["message"]
+
+
 def test_bare_command_lists_the_commands_and_version(capsys):
     from shardwise import __version__
     from shardwise.cli import main
