@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import cli_fork
 import numpy as np
 import pytest
 import torch
@@ -24,13 +25,8 @@ SMALL = ["--model.name", "mlp", "--train.batch_size", "48", "--train.eval_every"
 
 
 def shardwise(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "shardwise", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+    """The command in a process of its own, forked with torch imported (cli_fork.py)."""
+    return cli_fork.run(list(args), env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 def endless_run(out: Path) -> list[str]:
@@ -371,12 +367,13 @@ def _with_a_thread_running(check) -> None:
         other.join()
 
 
-def test_python_dash_m_and_console_script_agree():
+def test_python_dash_m_the_console_script_and_the_tests_forked_command_agree():
     script = Path(sys.executable).parent / "shardwise"
     assert script.exists()
     a = subprocess.run([str(script), "train", "--help"], capture_output=True, text=True)
-    b = shardwise("train", "--help")
-    assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
+    b = subprocess.run([sys.executable, "-m", "shardwise", "train", "--help"], capture_output=True, text=True)
+    c = shardwise("train", "--help")
+    assert a.returncode == b.returncode == c.returncode == 0 and a.stdout == b.stdout == c.stdout
     assert np.all([k in a.stdout for k in ("--nproc", "--out", "--parallel.dp")])
 
 

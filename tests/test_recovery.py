@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
+import cli_fork
 import pytest
 import torch
 from parity import BASE, TOL, reference, with_data
@@ -25,9 +25,8 @@ JOB += ["--train.checkpoint_every", "3", "--train.deterministic", "true"]
 
 
 def shardwise(*args: str, fault: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SHARDWISE_FAULT": fault}
-    cmd = [sys.executable, "-m", "shardwise", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    """The command in a process of its own, forked with torch imported (cli_fork.py)."""
+    return cli_fork.run(list(args), env={**os.environ, "SHARDWISE_FAULT": fault}, timeout=timeout)
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import cli_fork
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -33,10 +34,8 @@ JOB += ["--train.schedule", "constant"]
 
 
 def shardwise(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "shardwise", *args]
-    return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "SHARDWISE_FAULT": ""}
-    )
+    """The command in a process of its own, forked with torch imported (cli_fork.py)."""
+    return cli_fork.run(list(args), env={**os.environ, "SHARDWISE_FAULT": ""}, timeout=timeout)
 
 
 def one_line_error(done: subprocess.CompletedProcess) -> str:

@@ -1,0 +1,118 @@
+"""`shardwise ARGS` as a process of its own, forked from the test process.
+
+The console script `shardwise` runs `sys.exit(shardwise.cli.main())` with ARGS in
+sys.argv; so does the child here, once its working folder, environment, argv and its
+stdout and stderr (pipes) are set as a fresh process would find them. It differs from a
+fresh interpreter only in what it has imported already: torch, and torch._dynamo, which
+DDP imports when it is built. Those cost a fresh `shardwise` about 4 s of CPU before it
+does anything, and the suite runs a hundred commands. What a test sees is what it would
+see of a fresh process: the exit status (negative for a signal), stdout, stderr, and the
+files written; a timeout kills the child's whole process group, its ranks too.
+tests/test_cli.py runs the console script itself as a fresh process.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+import traceback
+
+
+def _child(args: list[str], env: dict[str, str], cwd: str | None, out: int, err: int) -> None:
+    code = 1
+    try:
+        os.setpgid(0, 0)  # its ranks join its group, which a timeout kills whole
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        sys.stdin = open(os.devnull)  # noqa: SIM115 -- the child's for its life
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.environ.clear()
+        os.environ.update(env)
+        if cwd is not None:
+            os.chdir(cwd)
+        sys.argv = ["shardwise", *args]
+        from shardwise.cli import main
+
+        code = main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def run(
+    args: list[str], *, env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """`shardwise *args` with this environment (default: this process's) in cwd: its
+    exit status, stdout and stderr, as subprocess.run(capture_output=True, text=True)."""
+    import torch._dynamo  # noqa: F401 -- imported once here rather than in every command
+
+    import shardwise.cli  # noqa: F401
+
+    environment = dict(os.environ if env is None else env)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    gc.collect()
+    gc.freeze()  # the child's first collection would otherwise copy every inherited page
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os.close(out_r)
+            os.close(err_r)
+            _child(list(args), environment, None if cwd is None else str(cwd), out_w, err_w)
+    finally:
+        gc.unfreeze()
+    try:
+        os.setpgid(pid, pid)  # as the child does itself: whichever comes first
+    except (PermissionError, ProcessLookupError):
+        pass  # the child has set it (and may have run already)
+    os.close(out_w)
+    os.close(err_w)
+    chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        for fd in chunks:
+            selector.register(fd, selectors.EVENT_READ)
+        while selector.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                _kill(pid)
+                for fd in chunks:
+                    os.close(fd)
+                raise subprocess.TimeoutExpired(["shardwise", *args], timeout)
+            for key, _ in selector.select(min(left, 1.0)):
+                data = os.read(key.fd, 65536)
+                if data:
+                    chunks[key.fd].append(data)
+                else:
+                    selector.unregister(key.fd)
+                    os.close(key.fd)
+    _, status = os.waitpid(pid, 0)
+    stdout, stderr = (b"".join(chunks[fd]).decode("utf-8", "replace") for fd in (out_r, err_r))
+    return subprocess.CompletedProcess(["shardwise", *args], os.waitstatus_to_exitcode(status), stdout, stderr)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
