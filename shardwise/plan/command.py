@@ -317,9 +317,10 @@ def choose_layout(cfg: Config, *, nproc: int, cluster: str) -> dict:
 
 
 def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> None:
-    """comm.compression = auto: the method the cost model predicts fastest to average a
-    step's gradients on this link (plan/compression.py), printed in one line and set in
-    `cfg` (the run's saved config names it); none where no gradients are averaged."""
+    """comm.compression = auto: the method the cost model predicts fastest for a step of this
+    layout on this link, within its margins (plan/compression.py `choose`), printed in one
+    line and set in `cfg` (the run's saved config names it); none where no gradients are
+    averaged."""
     from shardwise.data import load_source
     from shardwise.models import build_model
     from shardwise.plan.compression import choose, method_seconds, rank_shapes
@@ -336,9 +337,27 @@ def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> None:
     shapes = rank_shapes(build_model(cfg.model, dataset.in_shape, dataset.num_classes), dims.tp)
     settings = CompressionSettings("none", c.topk_ratio, c.powersgd_rank, c.warmup_steps)
     elem = torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8
-    best, line = choose(method_seconds(shapes, settings, measured_link(cluster, nproc), dims.dp, elem))
+    averaging = method_seconds(shapes, settings, measured_link(cluster, nproc), dims.dp, elem)
+    best, line = choose(averaging, _method_steps(cfg, nproc, cluster, averaging))
     print(f"comm.compression auto: {line}")
     c.compression = best
+
+
+def _method_steps(cfg: Config, nproc: int, cluster: str, averaging: dict[str, float]) -> dict[str, float] | None:
+    """The cost model's step for this layout under each method (none: DDP's all-reduce,
+    overlapped with the backward; the others: their averaging after it); None for a model
+    it cannot profile."""
+    try:
+        setting, _ = measured_setting(
+            dataclasses.replace(cfg, comm=dataclasses.replace(cfg.comm, compression="none")), cluster, nproc
+        )
+    except ShardwiseError:
+        return None
+    steps = {}
+    for method, seconds in averaging.items():
+        priced = None if method == "none" else (lambda dims, s=seconds: s)
+        steps[method] = predict(cfg.parallel, nproc, dataclasses.replace(setting, averaging=priced)).step_s
+    return steps
 
 
 def predicted_step(cfg: Config, *, nproc: int, cluster: str) -> dict:
