@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import cli_fork
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -68,10 +69,10 @@ def test_evaluate_scores_a_finished_run_as_the_run_did(tmp_path):
     mine = shardwise.api.evaluate(run.out, {"model.name": SETTINGS["model.name"]})
     assert mine["val_accuracy"] == run.summary["val_accuracy"]
     assert mine["val_loss"] == pytest.approx(run.summary["val_loss"], rel=1e-6)
-    command = [sys.executable, "-m", "shardwise", "evaluate", str(run.out)]
-    done = subprocess.run([*command, "--model.name", SETTINGS["model.name"]], capture_output=True, text=True, cwd=ROOT)
+    command = ["evaluate", str(run.out)]
+    done = cli_fork.run([*command, "--model.name", SETTINGS["model.name"]], cwd=ROOT)
     assert done.returncode == 0 and json.loads(done.stdout)["val_accuracy"] == run.summary["val_accuracy"]
-    refused = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    refused = cli_fork.run(command, cwd=ROOT)
     assert refused.returncode == 2 and "names code to import" in refused.stderr
 
 

@@ -290,12 +290,11 @@ def test_auto_weighs_the_bytes_saved_against_the_compute_spent():
 
 
 def test_auto_is_chosen_by_the_launcher_in_one_line_and_saved_as_chosen(tmp_path):
-    import subprocess
-    import sys
+    import cli_fork
 
-    argv = [sys.executable, "-m", "shardwise", "train", "--nproc", "2", "--model.name", "mlp"]
+    argv = ["train", "--nproc", "2", "--model.name", "mlp"]
     argv += ["--comm.compression", "auto", "--train.steps", "4", "--run.progress", "false", "--out", "run"]
-    done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = cli_fork.run(argv, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     line = next(line for line in done.stdout.splitlines() if line.startswith("comm.compression auto: "))
     chosen = line.removeprefix("comm.compression auto: ").split(":")[0]

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
+import cli_fork
 import pytest
 import torch
 from parity import BASE, LR, TOL, assert_all_ranks_match, check_layout, train_summary, train_weights
@@ -97,10 +97,10 @@ def test_asynchronous_accuracy_within_a_point_of_synchronous(pool):
 
 def _train(tmp_path, *args, fault: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "SHARDWISE_FAULT": fault}
-    cmd = [sys.executable, "-m", "shardwise", "train", "--nproc", "4", "--out", str(tmp_path / "run"), *args]
+    cmd = ["train", "--nproc", "4", "--out", str(tmp_path / "run"), *args]
     base = ["--parallel.mode", "ps", "--model.name", "mlp", "--train.steps", "30", "--train.batch_size", "48"]
     cmd += [*base, "--run.progress", "false"]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    return cli_fork.run(cmd, env=env, timeout=120)
 
 
 def test_asynchronous_servers_carry_on_without_a_dead_worker(tmp_path):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+import cli_fork
 import pytest
 
 from shardwise.errors import ShardwiseError
@@ -24,24 +24,23 @@ def cache(tmp_path_factory) -> Path:
 
 
 def _plan(cwd: Path, cache: Path, *args: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "shardwise", "plan", "--model.name", "mlp", *args]
     env = {**os.environ, "SHARDWISE_CACHE": str(cache)}
-    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=180, env=env)
+    return cli_fork.run(["plan", "--model.name", "mlp", *args], cwd=cwd, env=env, timeout=180)
 
 
 def test_plan_ranks_every_layout_and_caches_what_it_measured(tmp_path, cache):
     for old in cache.iterdir():
         old.unlink()  # measured from nothing
-    done = _plan(tmp_path, cache, "--nproc", "4", "--out", "p")
+    done = _plan(tmp_path, cache, "--nproc", "2", "--out", "p")
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "p" / "plan.json").read_text())
-    steps = [r["step_s"] for r in result["layouts"]]
-    assert steps == sorted(steps) and len(steps) >= 20 and result["search_s"] < 2.0
+    steps = [r["step_s"] for r in result["layouts"]]  # every layout of 2 ranks (of more: test_plan_inputs.py)
+    assert steps == sorted(steps) and len(steps) >= 10 and result["search_s"] < 2.0
     assert result["choice"] == result["layouts"][0] and "beats" in result["why"]
     assert not any(r["settings"]["spatial"] > 1 for r in result["layouts"])  # an MLP has no convolutions
     assert (tmp_path / "p" / "plan.png").stat().st_size > 0
     assert f"choice: {result['choice']['layout']}" in done.stdout
-    link = result["link"]  # measured on 4 ranks: each collective's calibration, and the overlap
+    link = result["link"]  # measured on 2 ranks: each collective's calibration, and the overlap
     assert sorted(link["collectives"]) == ["all_gather", "all_reduce", "reduce_scatter"]
     assert all(c["factor"] > 0 and c["per_call_s"] >= 0 for c in link["collectives"].values())
     assert -5 < link["overlap"] <= 1.5
@@ -55,15 +54,15 @@ def test_plan_ranks_every_layout_and_caches_what_it_measured(tmp_path, cache):
     assert result["rank_overhead_bytes"] == pytest.approx(tiny["peak_bytes"] - tiny["predicted_peak_bytes"])
     # the link, the loop's cost, the two models' profiles, the validation rows
     assert sorted({n.split("-")[0] for n in kept}) == ["link", "loop", "profile", "split"]
-    again = _plan(tmp_path, cache, "--nproc", "4", "--memory-per-rank", "1GiB", "--out", "q")
+    again = _plan(tmp_path, cache, "--nproc", "2", "--memory-per-rank", "1GiB", "--out", "q")
     assert again.returncode == 0 and sorted(p.name for p in cache.iterdir()) == kept
 
 
 def test_a_budget_no_layout_fits_is_one_line(tmp_path, cache):
-    done = _plan(tmp_path, cache, "--nproc", "4", "--memory-per-rank", "1KiB", "--out", "p")
+    done = _plan(tmp_path, cache, "--nproc", "2", "--memory-per-rank", "1KiB", "--out", "p")
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
-    assert "memory-per-rank: no layout of 4 ranks fits 0.0 MiB a rank: the smallest predicted peak is" in lines[0]
+    assert "memory-per-rank: no layout of 2 ranks fits 0.0 MiB a rank: the smallest predicted peak is" in lines[0]
     assert not (tmp_path / "p").exists()
 
 
@@ -78,9 +77,9 @@ def test_auto_layout_trains_with_the_plans_choice(tmp_path):
     (its summary, its saved config) is that layout."""
     import tomllib
 
-    argv = [sys.executable, "-m", "shardwise", "train", "--parallel.layout", "auto", "--nproc", "2"]
+    argv = ["train", "--parallel.layout", "auto", "--nproc", "2"]
     argv += ["--model.name", "mlp", "--train.steps", "4", "--run.progress", "false", "--out", "run"]
-    done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    done = cli_fork.run(argv, cwd=tmp_path, timeout=180)
     assert done.returncode == 0, done.stderr
     said = [line for line in done.stdout.splitlines() if line.startswith("parallel.layout auto: ")]
     assert len(said) == 1
@@ -93,13 +92,18 @@ def test_auto_layout_trains_with_the_plans_choice(tmp_path):
     assert f"(predicted {1e3 * check['predicted']['step_s']:.2f} ms a step" in said[0]
     assert check["measured_step_s"] == summary["step_time_s"]
     assert check["step_ratio"] == pytest.approx(summary["step_time_s"] / check["predicted"]["step_s"])
+    if not summary["layout"].startswith("ps:"):  # a rank that loads wrote the summary: it timed its loading
+        assert (
+            check["measured_load_s"] == summary["load_time_s"] and 0 < summary["load_time_s"] < summary["step_time_s"]
+        )
+        assert 0 < check["predicted"]["load_s"] < check["predicted"]["step_s"]
     if "memory" in summary:  # a parameter server's run records no memory per rank
         peak = max(r["parameters_bytes"] + r["rss_peak_bytes"] - r["rss_start_bytes"] for r in summary["memory"])
         assert check["memory_ratio"] == pytest.approx(peak / check["predicted"]["peak_bytes"])
     else:
         assert "memory_ratio" not in check and summary["layout"].startswith("ps:")
     assert "cost model" in done.stdout and f"({check['step_ratio']:.2f}x)" in done.stdout
-    refused = subprocess.run([*argv[:-2], "--parallel.tp", "2"], cwd=tmp_path, capture_output=True, text=True)
+    refused = cli_fork.run([*argv[:-2], "--parallel.tp", "2"], cwd=tmp_path)
     assert refused.returncode == 2
     assert refused.stderr.strip() == (
         "shardwise: parallel.tp: =2 with parallel.layout=auto: the planner chooses the layout; name one or the other"

@@ -30,6 +30,33 @@ def _mlp() -> tuple[torch.nn.Module, dict]:
     return model, profile_key({"name": "mlp", "hidden": [48, 24]}, (1, 8, 8), torch.float32, torch.device("cpu"))
 
 
+def test_loading_is_timed_on_the_source_and_grows_with_the_samples():
+    """T_load of a source whose samples are 1 MiB (uint8 images, converted to float32 as the
+    loop does): the fit's time for 16 samples is within a factor of 3 of the same loading
+    timed here by hand, with numpy and torch, and 16 samples cost more than 2."""
+    import statistics
+    import time
+
+    import numpy as np
+
+    from shardwise.data.sources import Dataset
+    from shardwise.plan.profile import loading_fit
+
+    x = np.random.default_rng(0).integers(0, 255, size=(64, 1, 512, 512), dtype=np.uint8)
+    y = np.zeros(64, dtype=np.int64)
+    dataset = Dataset(x, y, x[:2], y[:2], 2, (1, 512, 512))
+    fixed, per_sample = loading_fit(dataset, (2, 8, 16), torch.float32)
+    by_hand = []
+    for i in range(7):
+        idx = np.random.default_rng(i).choice(64, size=16, replace=False)
+        started = time.perf_counter()
+        torch.from_numpy(x[idx]).to(torch.float32), torch.from_numpy(y[idx])
+        by_hand.append(time.perf_counter() - started)
+    predicted, measured = fixed + 16 * per_sample, statistics.median(by_hand)
+    assert measured / 3 < predicted < 3 * measured, (predicted, measured)
+    assert fixed + 16 * per_sample > fixed + 2 * per_sample
+
+
 def test_a_profile_counts_bytes_exactly():
     model, key = _mlp()
     sgd = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)

@@ -29,6 +29,28 @@ def _setting(cores: int = 8) -> Setting:
     return Setting(PROFILE, NOLAT, batch=64, cores=cores, optimizer_slots=1)
 
 
+def test_loading_is_each_ranks_share_of_the_batch():
+    """T_load: every rank takes its data-parallel share of the batch (a pipeline's and a
+    tensor-parallel group's ranks each take it whole), workers of a parameter server too;
+    the step is load + compute + communication + bubble."""
+    loading = dataclasses.replace(_setting(), load_fixed_s=1e-4, load_s_per_sample=1e-5)
+    for cfg, world, share in [
+        (ParallelConfig(), 2, 32),
+        (ParallelConfig(dp=4), 4, 16),
+        (ParallelConfig(tp=2), 2, 64),
+        (ParallelConfig(dp=2, pp=2, microbatches=2), 4, 32),
+        (ParallelConfig(mode="ps", servers=1), 3, 32),
+    ]:
+        with_load, without = predict(cfg, world, loading), predict(cfg, world, _setting())
+        assert with_load.load_s == pytest.approx(1e-4 + share * 1e-5), cfg
+        assert with_load.step_s - without.step_s == pytest.approx(with_load.load_s), cfg
+        parts = with_load.load_s + with_load.compute_s + with_load.comm_s + with_load.bubble_s
+        assert with_load.step_s == pytest.approx(parts)
+    # ranks beyond the cores wait their turn to load, as to compute
+    crowded = dataclasses.replace(loading, cores=2)
+    assert predict(ParallelConfig(dp=4), 4, crowded).load_s == pytest.approx(2 * (1e-4 + 16 * 1e-5))
+
+
 def test_data_parallel():
     p = predict(ParallelConfig(), 2, _setting())
     assert p.compute_s == pytest.approx(32 * 4e-4)  # 32 samples a rank, the whole model

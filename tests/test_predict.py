@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+import cli_fork
 import numpy as np
 import pytest
 import torch
@@ -52,10 +51,7 @@ def test_predict_on_the_raw_validation_digits_gives_the_runs_accuracy(digits_run
     np.testing.assert_array_equal(prepare(x_val.reshape(-1, 1, 8, 8), record, from_images=False), loaded.x_val)
 
     out = tmp_path / "p.csv"
-    done = subprocess.run(
-        [sys.executable, "-m", "shardwise", "predict", str(digits_run.out), "--input", str(raw), "--out", str(out)],
-        capture_output=True, text=True, cwd=ROOT,
-    )  # fmt: skip
+    done = cli_fork.run(["predict", str(digits_run.out), "--input", str(raw), "--out", str(out)], cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"inputs": len(y_val), "out": str(out)}
     predicted = _classes(out)
@@ -154,12 +150,7 @@ def test_bad_input_is_one_line(digits_run, tmp_path, args, message):
     where |= {"NOPE": tmp_path / "nope.npz", "OUT": tmp_path}
     for key, value in where.items():
         args, message = [a.replace(key, str(value)) for a in args], message.replace(key, str(value))
-    done = subprocess.run(
-        [sys.executable, "-m", "shardwise", "predict", str(digits_run.out), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    done = cli_fork.run(["predict", str(digits_run.out), *args], cwd=ROOT)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
     assert not list(tmp_path.glob("p.*"))

@@ -14,7 +14,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -218,7 +217,7 @@ def test_a_restart_goes_back_to_the_checkpoint_it_resumed_not_to_a_newer_old_one
     checkpoint = run_copy / "checkpoints" / "step-00000003"
     env = {**os.environ, "SHARDWISE_FAULT": "0:4:exit"}
     args = ["train", "--resume", str(checkpoint), "--nproc", "1", "--train.lr", "0.01", "--max-restarts", "1"]
-    done = subprocess.run([sys.executable, "-m", "shardwise", *args], capture_output=True, text=True, env=env)
+    done = cli_fork.run(args, env=env)
     assert done.returncode == 0, done.stderr
     assert f"restart 1 of 1 from {checkpoint}" in done.stderr, done.stderr
 

@@ -32,8 +32,7 @@ class RankData:
     def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's share of step `step`, cut into `grad_accum` equal micro-batches."""
         idx = self.plan.local_indices(step, self.dp_rank, self.dp)
-        x = torch.from_numpy(self.dataset.x_train[idx]).to(self.device, self.dtype, non_blocking=True)
-        y = torch.from_numpy(self.dataset.y_train[idx]).to(self.device, non_blocking=True)
+        x, y = take(self.dataset, idx, self.device, self.dtype)
         return list(zip(x.chunk(self.grad_accum), y.chunk(self.grad_accum), strict=True))
 
     def val_batches(self, batch: int = VAL_BATCH) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -48,6 +47,14 @@ class RankData:
                 torch.from_numpy(self.dataset.x_val[idx]).to(self.device, self.dtype),
                 torch.from_numpy(self.dataset.y_val[idx]).to(self.device),
             )
+
+
+def take(dataset: Dataset, idx: np.ndarray, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The training samples `idx` and their labels, on `device`: a step's loading (the
+    cost model times this very function, plan/profile.py `loading_fit`)."""
+    x = torch.from_numpy(dataset.x_train[idx]).to(device, dtype, non_blocking=True)
+    y = torch.from_numpy(dataset.y_train[idx]).to(device, non_blocking=True)
+    return x, y
 
 
 def _val_batch_count(size: int, dp: int, batch: int) -> int:

@@ -2,12 +2,13 @@
 
 The inputs are measured here, once: the model's layer profile and its optimizer step on one
 thread (cached under the machine's cache, `cache_dir()`, by model, shape, dtype, device,
-optimizer and threads) and the link of N ranks placed like the job's: the alpha-beta fit of
+optimizer and threads), the data source's loading time per sample (measured each time)
+and the link of N ranks placed like the job's: the alpha-beta fit of
 a ping-pong, each collective's calibration and the overlap of communication with compute
 (cached by placement and N).
 Then every layout of `plan/space.py` is predicted by `plan/model.py`, those over the
 memory budget dropped, and the rest ranked by step time; the table breaks each step into
-compute, communication and bubble, and one line says why the first beats the others.
+loading, compute, communication and bubble, and one line says why the first beats the others.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.files import cache_dir, write_atomic
 from shardwise.jsonsafe import dumps
 from shardwise.plan.model import Prediction, Setting, predict
-from shardwise.plan.profile import ModelProfile, batch_sizes, cached, profile_key, profile_model
+from shardwise.plan.profile import ModelProfile, batch_sizes, cached, loading_fit, profile_key, profile_model
 from shardwise.plan.space import ModelShape, layouts
 from shardwise.topology import ParallelDims
 
@@ -52,9 +53,9 @@ def optimizer_slots(cfg: Config) -> int:
     return 1 if cfg.train.momentum > 0 else 0
 
 
-def measured_profile(cfg: Config) -> tuple[ModelProfile, ModelShape, int]:
-    """The model's layer profile (cached), what its structure takes, and the validation
-    set's size."""
+def measured_profile(cfg: Config) -> tuple[ModelProfile, ModelShape, int, tuple[float, float]]:
+    """The model's layer profile (cached), what its structure takes, the validation set's
+    size, and the data source's loading time (fixed and per-sample seconds)."""
     from shardwise.data import load_source
     from shardwise.data.loader import VAL_BATCH
     from shardwise.models import build_model
@@ -78,7 +79,7 @@ def measured_profile(cfg: Config) -> tuple[ModelProfile, ModelShape, int]:
     profile = cached(
         cache_dir(), key, lambda: profile_model(model, sample, key, sizes=sizes, optimizer=step, passes=passes)
     )
-    return profile, ModelShape.of(model, sample), len(dataset.y_val)
+    return profile, ModelShape.of(model, sample), len(dataset.y_val), loading_fit(dataset, sizes, dtype)
 
 
 def measured_link(cluster: str, nproc: int) -> Link:
@@ -108,11 +109,12 @@ def measured_setting(cfg: Config, cluster: str, nproc: int) -> tuple[Setting, Mo
     bounds the layouts."""
     from shardwise.plan.overhead import loop_overhead
 
-    profile, shape, val_samples = measured_profile(cfg)
+    profile, shape, val_samples, (load_fixed, load_per_sample) = measured_profile(cfg)
     cores, link = len(os.sched_getaffinity(0)), measured_link(cluster, nproc)
     step_s, rank_bytes = loop_overhead(cluster, nproc)
     t = cfg.train
     setting = Setting(profile, link, t.batch_size, cores, optimizer_slots(cfg), step_s, rank_bytes, val_samples)
+    setting = dataclasses.replace(setting, load_fixed_s=load_fixed, load_s_per_sample=load_per_sample)
     return dataclasses.replace(setting, grad_accum=t.grad_accum, averaging=_averaging(cfg, link)), shape
 
 
@@ -144,14 +146,15 @@ def search(cfg: Config, nproc: int, setting: Setting, shape: ModelShape, budget:
 
 def why(best: Prediction, other: Prediction) -> str:
     """One line on what the best layout gains over another, in the model's terms."""
-    saved = other.compute_s - best.compute_s
+    saved = other.load_s + other.compute_s - best.load_s - best.compute_s  # a rank's own work
     extra = best.comm_s + best.bubble_s - other.comm_s - other.bubble_s
+    work = "compute" if other.load_s == best.load_s else "loading and compute"
     text = f"{best.layout} beats {other.layout} by {1e3 * (other.step_s - best.step_s):.2f} ms a step: "
     if saved > 0 and extra > 0:
-        return text + f"it saves {1e3 * saved:.2f} ms of compute and adds {1e3 * extra:.2f} ms of communication"
+        return text + f"it saves {1e3 * saved:.2f} ms of {work} and adds {1e3 * extra:.2f} ms of communication"
     if saved > 0:
-        return text + f"it saves {1e3 * saved:.2f} ms of compute and {1e3 * -extra:.2f} ms of communication"
-    return text + f"it spends {1e3 * -saved:.2f} ms more on compute but {1e3 * -extra:.2f} ms less on communication"
+        return text + f"it saves {1e3 * saved:.2f} ms of {work} and {1e3 * -extra:.2f} ms of communication"
+    return text + f"it spends {1e3 * -saved:.2f} ms more on {work} but {1e3 * -extra:.2f} ms less on communication"
 
 
 def plan(cfg: Config, *, nproc: int, cluster: str, budget: float | None, out: Path) -> dict:
@@ -214,6 +217,7 @@ def summary_row(row: dict, batch: int) -> dict:
         "layout": p.layout,
         "settings": {k: v for k, v in dataclasses.asdict(layout).items() if k != "feature_cost" and v is not None},
         "step_s": p.step_s,
+        "load_s": p.load_s,
         "compute_s": p.compute_s,
         "comm_s": p.comm_s,
         "bubble_s": p.bubble_s,
@@ -234,7 +238,8 @@ def _plot(path: Path, rows: list[dict]) -> None:
     names = [f"{r['layout']} {options_text(r['settings'])}".strip() for r in rows]
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 1.5))
     left = [0.0] * len(rows)
-    for key, colour in (("compute_s", "tab:blue"), ("comm_s", "tab:orange"), ("bubble_s", "tab:grey")):
+    bars = (("load_s", "tab:green"), ("compute_s", "tab:blue"), ("comm_s", "tab:orange"), ("bubble_s", "tab:grey"))
+    for key, colour in bars:
         values = [1e3 * r[key] for r in rows]
         ax.barh(names, values, left=left, color=colour, label=key.removesuffix("_s"))
         left = [a + b for a, b in zip(left, values, strict=True)]
@@ -264,13 +269,14 @@ def render(result: dict, top: int = 12):
         f"(searched in {1e3 * result['search_s']:.0f} ms)",
         title_justify="left",
     )
-    for col in ("#", "layout", "options", "ms / step", "compute", "comm", "bubble", "samples/s", "MiB / rank"):
+    for col in ("#", "layout", "options", "ms / step", "load", "compute", "comm", "bubble", "samples/s", "MiB / rank"):
         table.add_column(col, justify="left" if col in ("layout", "options") else "right")
     for i, r in enumerate(result["layouts"][:top], start=1):
         mark = "" if r["fits"] else " (over budget)"
         table.add_row(
             str(i), r["layout"], options_text(r["settings"]) + mark, f"{1e3 * r['step_s']:.2f}",
-            f"{1e3 * r['compute_s']:.2f}", f"{1e3 * r['comm_s']:.2f}", f"{1e3 * r['bubble_s']:.2f}",
+            f"{1e3 * r['load_s']:.3f}", f"{1e3 * r['compute_s']:.2f}", f"{1e3 * r['comm_s']:.2f}",
+            f"{1e3 * r['bubble_s']:.2f}",
             f"{r['samples_per_s']:,.0f}", f"{r['memory_bytes'] / 2**20:,.1f}",
         )  # fmt: skip
     return table
@@ -370,6 +376,7 @@ def predicted_step(cfg: Config, *, nproc: int, cluster: str) -> dict:
 def _step_figures(p: Prediction) -> dict:
     return {
         "step_s": p.step_s,
+        "load_s": p.load_s,
         "compute_s": p.compute_s,
         "comm_s": p.comm_s,
         "bubble_s": p.bubble_s,

@@ -49,6 +49,9 @@ class Setting:
     # the run's gradient compression (plan/compression.py `averaging`): a layout's seconds
     # to average a step's gradients through it; None: DDP's all-reduce
     averaging: Callable[[ParallelDims], float] | None = None
+    # T_load: a rank loads its data-parallel share of the batch, fixed + per sample seconds
+    load_fixed_s: float = 0.0
+    load_s_per_sample: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -58,10 +61,11 @@ class Prediction:
     comm_s: float
     bubble_s: float
     memory_bytes: float  # the largest rank's
+    load_s: float = 0.0  # taking the step's samples from the data source
 
     @property
     def step_s(self) -> float:
-        return self.compute_s + self.comm_s + self.bubble_s
+        return self.load_s + self.compute_s + self.comm_s + self.bubble_s
 
 
 def _share(layer: LayerProfile, dims: ParallelDims, first: bool) -> int:
@@ -162,6 +166,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
     profile, link = setting.profile, setting.link
     stretch = max(1.0, world / setting.cores)
     samples = setting.batch / dims.dp
+    load = (setting.load_fixed_s + setting.load_s_per_sample * samples) * stretch  # every rank loads its share
     if dims.servers:
         passes = setting.grad_accum * profile.seconds(samples / setting.grad_accum)
         compute = (passes + profile.update_s_per_byte * profile.param_bytes / dims.servers) * stretch
@@ -169,7 +174,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         held = profile.param_bytes * (2 + setting.optimizer_slots) / dims.servers
         compute += setting.step_overhead_s
         peak = max(held + setting.rank_overhead_bytes, _peak(setting, dims, [(None, samples / setting.grad_accum)]))
-        return Prediction(dims.layout, compute, comm, 0.0, peak)
+        return Prediction(dims.layout, compute, comm, 0.0, peak, load)
     bubble = 0.0
     if dims.pp > 1:
         compute, comm, bubble, stages = _pipeline(setting, dims, samples / dims.microbatches, stretch)
@@ -194,4 +199,4 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
     banded = sum(layer.param_bytes for layer in profile.layers if layer.name.startswith("features."))
     comm += band_sum_seconds(link, dims.spatial, banded)  # the bands' shares of the features' gradients
     compute += max(_update(profile, dims, stage) for stage, _ in stages) * stretch + setting.step_overhead_s
-    return Prediction(dims.layout, compute, comm, bubble, _peak(setting, dims, stages))
+    return Prediction(dims.layout, compute, comm, bubble, _peak(setting, dims, stages), load)

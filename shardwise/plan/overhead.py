@@ -25,7 +25,7 @@ from pathlib import Path
 
 from shardwise.files import cache_dir, write_atomic
 
-VERSION = 4  # of this measurement; a cached one is also remeasured when the profile or the link probe changes
+VERSION = 5  # of this measurement; a cached one is also remeasured when the profile or the link probe changes
 STEPS = 30
 TIMEOUT_S = 300
 TINY = {"model.name": "mlp", "model.hidden": "8", "data.name": "digits"}

@@ -99,6 +99,25 @@ def fit_line(samples: list[float], seconds: list[float]) -> tuple[float, float]:
     return max(my - slope * mx, 0.0), slope
 
 
+def loading_fit(dataset, sizes: tuple[int, ...], dtype: torch.dtype, rounds: int = 7) -> tuple[float, float]:
+    """T_load: (fixed, per-sample) seconds a rank takes to load a step's samples from the
+    data source, as the loop does (`data.loader.RankData.micro_batches`: the step's indices,
+    then `take`), over `rounds` steps of each size (median); measured on each call, as the
+    data may have changed."""
+    from shardwise.data.loader import take
+    from shardwise.data.sampler import BatchPlan
+
+    times = []
+    for size in sizes:
+        plan, taken = BatchPlan(num_samples=len(dataset.y_train), global_batch=size, seed=0), []
+        for step in range(rounds + 1):
+            started = time.perf_counter()
+            take(dataset, plan.local_indices(step, 0, 1), torch.device("cpu"), dtype)
+            taken.append(time.perf_counter() - started)
+        times.append(statistics.median(taken[1:]))
+    return fit_line(list(sizes), times)
+
+
 def _kind(module: nn.Module) -> str:
     if isinstance(module, nn.Linear):
         return "linear"

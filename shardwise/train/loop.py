@@ -36,6 +36,7 @@ class Reporter(Protocol):
 class LoopResult:
     records: list[dict] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
+    load_times: list[float] = field(default_factory=list)  # of each step's time, taking its samples
     final_eval: dict[str, float] = field(default_factory=dict)
     train_s: float = 0.0
     skipped_steps: list[int] = field(default_factory=list)  # 1-based steps skipped as non-finite
@@ -310,10 +311,11 @@ def train_loop(
         eval_now = last or (settings.eval_every > 0 and (step + 1) % settings.eval_every == 0)
         logged = eval_now or (step + 1) % settings.log_every == 0
         lr = scheduler.get_last_lr()[0]
+        loading = time.perf_counter()
+        micro = data.micro_batches(step)
+        result.load_times.append(time.perf_counter() - loading)
         with StepProfile() if logged and settings.measure_comm else nullcontext() as measured:
-            loss, applied, norm = _update(
-                ctx, model, optimizer, scheduler, data.micro_batches(step), step, where, logged=logged
-            )
+            loss, applied, norm = _update(ctx, model, optimizer, scheduler, micro, step, where, logged=logged)
         if applied:
             bad_in_row = 0
             window.add(loss)

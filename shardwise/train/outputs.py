@@ -111,6 +111,7 @@ def run_summary(
     """What every run's summary.json holds, whatever its layout; callers add their layout's own keys.
     `placement`: where the ranks ran (see `describe_hosts`)."""
     warm = result.step_times[min(5, len(result.step_times) - 1) :] or [float("nan")]
+    loads = result.load_times[min(5, len(result.load_times) - 1) :]  # none on a parameter server
     t = cfg.train
     return {
         **result.final_eval,
@@ -126,6 +127,7 @@ def run_summary(
         "parameters": sum(v.numel() for v in state.values()),
         "samples_per_s": t.batch_size * len(result.step_times) / max(result.train_s, 1e-9),
         "step_time_s": statistics.median(warm),
+        **({"load_time_s": statistics.median(loads)} if loads else {}),
         "train_s": result.train_s,
         "wall_s": time.time() - launch_time,
     }
@@ -146,6 +148,8 @@ def model_check(summary: dict) -> dict:
     if "none" in predicted:
         return {"model_check": predicted}
     check = {"predicted": predicted, "measured_step_s": summary["step_time_s"]}
+    if "load_time_s" in summary:
+        check["measured_load_s"] = summary["load_time_s"]
     check["step_ratio"] = summary["step_time_s"] / predicted["step_s"] if predicted["step_s"] > 0 else None
     peaks = [
         r["parameters_bytes"] + r["rss_peak_bytes"] - r["rss_start_bytes"]

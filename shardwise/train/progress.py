@@ -162,6 +162,8 @@ def _model_check(check: dict) -> str:
     text = f"step {1e3 * p['step_s']:.2f} ms predicted, {1e3 * check['measured_step_s']:.2f} ms measured"
     if check.get("step_ratio") is not None:
         text += f" ({check['step_ratio']:.2f}x)"
+    if "measured_load_s" in check and "load_s" in p:
+        text += f", of which loading {1e3 * p['load_s']:.3f} and {1e3 * check['measured_load_s']:.3f}"
     if "measured_peak_bytes" in check:
         peak, measured = p["peak_bytes"] / 2**20, check["measured_peak_bytes"] / 2**20
         text += f"; peak {peak:,.1f} MiB predicted, {measured:,.1f} measured"
