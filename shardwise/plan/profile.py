@@ -102,15 +102,17 @@ def fit_line(samples: list[float], seconds: list[float]) -> tuple[float, float]:
 def loading_fit(dataset, sizes: tuple[int, ...], dtype: torch.dtype, rounds: int = 7) -> tuple[float, float]:
     """T_load: (fixed, per-sample) seconds a rank takes to load a step's samples from the
     data source, as the loop does (`data.loader.RankData.micro_batches`: the step's indices,
-    then `take`), over `rounds` steps of each size (median); measured on each call, as the
-    data may have changed."""
+    then `take`), over `rounds` steps of each size (median), each after other work has
+    filled the CPU's caches, as a step's compute does; measured on each call, as the data
+    may have changed."""
     from shardwise.data.loader import take
     from shardwise.data.sampler import BatchPlan
 
-    times = []
+    times, other_work = [], torch.empty(8 * 2**20)  # 32 MiB: a step's compute evicts the data from the caches
     for size in sizes:
         plan, taken = BatchPlan(num_samples=len(dataset.y_train), global_batch=size, seed=0), []
         for step in range(rounds + 1):
+            other_work.fill_(step)
             started = time.perf_counter()
             take(dataset, plan.local_indices(step, 0, 1), torch.device("cpu"), dtype)
             taken.append(time.perf_counter() - started)
