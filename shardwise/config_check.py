@@ -203,14 +203,17 @@ def _check_auto(p) -> None:
         )
 
 
-def uncompressed_because(*, shard: str, ps: bool) -> tuple[str, str]:
-    """(the setting, the reason) where a layout averages its gradients without a compressor
-    here, ("", "") where it can compress (config_check refuses a named method there; auto
-    picks none)."""
+def uncompressed_because(*, shard: str, ps: bool, method: str = "auto") -> tuple[str, str]:
+    """(the setting, the reason) where a layout cannot average its gradients through
+    `method` (auto: through the compressor the cost model prices), ("", "") where it can
+    (config_check refuses a named method there; auto picks none)."""
     if shard == "full":
         return "parallel.shard=full", "FSDP2 reduce-scatters its gradients uncompressed"
-    if ps:
-        return "parallel.mode=ps", "a parameter server's pushes go uncompressed"
+    if ps and method not in ("bf16", "fp16"):
+        why = "a parameter server's pushes go whole or in half precision (name bf16 or fp16)"
+        if method in ("int8", "topk", "powersgd"):
+            why += ": error feedback would keep residuals on its workers, which its checkpoints do not hold"
+        return "parallel.mode=ps", why
     return "", ""
 
 
@@ -224,7 +227,7 @@ def _check_comm(cfg: Config) -> None:
         raise ShardwiseError("comm.warmup_steps", f"must be >= 0, got {c.warmup_steps}")
     if c.compression in ("none", "auto"):  # auto picks none where no method applies
         return
-    setting, why = uncompressed_because(shard=cfg.parallel.shard, ps=cfg.parallel.mode == "ps")
+    setting, why = uncompressed_because(shard=cfg.parallel.shard, ps=cfg.parallel.mode == "ps", method=c.compression)
     if setting:
         hint = "; use parallel.shard=none or optimizer" if setting.startswith("parallel.shard") else ""
         raise ShardwiseError("comm.compression", f"={c.compression} with {setting}: {why}{hint}")

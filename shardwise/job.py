@@ -209,6 +209,7 @@ def _server_settings(cfg: Config) -> ServerSettings:
         staleness=cfg.ps.staleness,
         clip_norm=t.clip_norm,
         max_bad_steps=t.max_bad_steps,
+        push=cfg.comm.compression,
     )
 
 

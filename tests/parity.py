@@ -159,13 +159,17 @@ def plain_train(
     skip: frozenset[int] = frozenset(),
     optimizer_out: dict | None = None,
     norms_out: list | None = None,
+    push: tuple[int, torch.dtype] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Train as `overrides` say with nothing but torch; the final weights and each step's
     loss. `start`: the tensors of a checkpoint (`model/NAME`, `optim/KEY/NAME`) and its
     `step` and `schedule_step`, to go on from; `stop`: end after this many steps of the
     configured `train.steps`; `skip`: 1-based steps to skip, as a run does when a step's
     gradient is not finite; `optimizer_out`: filled with the optimizer's state at the end,
-    as `optim/KEY/NAME`; `norms_out`: filled with each step's gradient norm (before clipping)."""
+    as `optim/KEY/NAME`; `norms_out`: filled with each step's gradient norm (before clipping);
+    `push` (workers, dtype): the gradient is the mean of each worker's, over its slice of
+    the batch, rounded to dtype, added up in worker order (a parameter server's half-
+    precision pushes)."""
     o = {**DEFAULTS, **BASE, **with_data(overrides)}
     assert o["data.name"] == "npz" and o.get("data.partition", "shuffle") == "shuffle", o
     dtype = getattr(torch, o["train.dtype"])
@@ -210,6 +214,15 @@ def plain_train(
             loss = F.cross_entropy(logits, y) / accum
             loss.backward()
             total += loss.item()
+        if push is not None:  # the same forward again, per worker: its slice's gradient, rounded
+            workers, half = push
+            rounded = []
+            for x, y in zip(x_all[idx].chunk(workers), y_all[idx].chunk(workers), strict=True):
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                rounded.append([p.grad.to(half).to(dtype) for p in params])
+            for p, *grads in zip(params, *rounded, strict=True):
+                p.grad = sum(grads[1:], grads[0]) / workers
         losses.append(total)
         if norms_out is not None:
             norms_out.append(torch.nn.utils.get_total_norm([p.grad for p in params]).item())

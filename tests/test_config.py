@@ -58,7 +58,9 @@ def test_resolved_toml_round_trips(tmp_path):
         ),
         (
             {"comm.compression": "int8", "parallel.mode": "ps"},
-            "comm.compression: =int8 with parallel.mode=ps: a parameter server's pushes go uncompressed",
+            "comm.compression: =int8 with parallel.mode=ps: a parameter server's pushes go whole or in half "
+            "precision (name bf16 or fp16): error feedback would keep residuals on its workers, which its "
+            "checkpoints do not hold",
         ),
         (
             {"comm.compression": "zip"},

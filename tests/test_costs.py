@@ -137,6 +137,8 @@ def test_model_parallel_formulas_by_hand():
     assert ps_seconds(NOLAT, 2, 3, 4e6) == pytest.approx(2 * 3 * 2e-3)
     # and the copies: 5 passes over the model on a worker, 3 x 3 + 1 over each server's half
     assert ps_seconds(NOLAT, 2, 3, 4e6, copy_s_per_byte=1e-10) == pytest.approx(12e-3 + (5 + 10 / 2) * 4e-4)
+    # pushes in half precision: half the bytes one way, the weights whole the other
+    assert ps_seconds(NOLAT, 2, 3, 4e6, push_half=True) == pytest.approx(3 * 1e-3 + 3 * 2e-3)
     # pipeline: 2 stages of 1 and 3 ms, 4 micro-batches, 1 MB boundary (1 ms each way):
     # 4 slots of the slowest stage's 3 + 2 ms, and the bubble: the other stage's 1 ms and
     # its transfers

@@ -11,7 +11,18 @@ import subprocess
 import cli_fork
 import pytest
 import torch
-from parity import BASE, LR, TOL, assert_all_ranks_match, check_layout, train_summary, train_weights
+from parity import (
+    BASE,
+    LR,
+    TOL,
+    assert_all_ranks_match,
+    check_layout,
+    plain_train,
+    reference,
+    train_summary,
+    train_weights,
+    with_data,
+)
 
 from shardwise.config import load_config
 from shardwise.job import JobContext, run, set_up
@@ -38,6 +49,36 @@ def test_synchronous_ps_trains_like_one_process(pool, servers, model, optimizer)
     overrides = {**PS, "parallel.servers": str(servers), "model.name": model, "train.optimizer": optimizer}
     overrides["train.lr"] = LR[optimizer]
     check_layout(pool, overrides, nproc=servers + 2)
+
+
+def test_a_push_in_half_precision_packs_its_bytes_and_rounds_as_a_cast_does():
+    from shardwise.parallel.ps_protocol import PushCodec
+
+    for dtype in (torch.float32, torch.float64):
+        for half in (torch.bfloat16, torch.float16):
+            codec = PushCodec(dtype, half)
+            for n in (1, 7, 8, 1001):
+                grad = torch.randn(n, dtype=dtype, generator=torch.Generator().manual_seed(n))
+                packed = codec.encode(grad)
+                assert packed.dtype == dtype and packed.numel() == codec.words(n) < n + 1
+                assert codec.words(n) * packed.element_size() >= 2 * n  # half the bytes of a float32 slice
+                assert torch.equal(codec.decode(packed, n), grad.to(half).to(dtype))
+    whole = PushCodec.for_method(torch.float32, "none")
+    assert whole.words(5) == 5 and whole.encode(torch.ones(5)).numel() == 5
+
+
+@pytest.mark.parametrize("method, half", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_half_precision_pushes_are_the_plain_loop_with_each_workers_gradient_rounded(pool, method, half):
+    """A synchronous server takes each worker's gradient as the worker rounded it: the run
+    is the plain loop whose step averages the workers' rounded gradients (not the plain
+    loop itself: the rounding shows)."""
+    overrides = with_data({**PS, "parallel.servers": "1", "comm.compression": method})
+    states = pool.run(train_weights, overrides, ranks=[0, 1, 2])
+    expected = plain_train(overrides, push=(2, half))[0]
+    assert_all_ranks_match(expected, states)
+    whole = reference(overrides)
+    assert any(not torch.equal(expected[k], whole[k]) for k in expected)
+    assert pool.run(train_summary, overrides, ranks=[0, 1, 2])[0]["ps"]["pushes"] == str(half).removeprefix("torch.")
 
 
 def test_synchronous_ps_clips_the_whole_gradient_across_servers(pool):

@@ -51,6 +51,36 @@ def test_loading_is_each_ranks_share_of_the_batch():
     assert predict(ParallelConfig(dp=4), 4, crowded).load_s == pytest.approx(2 * (1e-4 + 16 * 1e-5))
 
 
+def test_a_compressors_bytes_add_to_the_peak_where_it_averages():
+    """compressor_bytes by hand (8 MiB of gradients in 25 MiB buckets, 2 ranks), and the
+    model's peak: it adds what the compressor holds where data-parallel ranks average
+    through it, and nothing on one rank or under FSDP2."""
+    from shardwise.comm.compress import CompressionSettings, compressor_bytes
+
+    mib = 2**20
+
+    def held(method: str, world: int = 2, bucket: float = 25 * mib, **kw) -> float:
+        return compressor_bytes(CompressionSettings(method, **kw), 8 * mib, bucket, world) / mib
+
+    assert held("none") == 0 and held("bf16") == 4  # a bucket's half-precision copy
+    assert held("powersgd") == 16  # the residuals and a spare bucket
+    assert held("int8") == 16 + 8 + 2 + 2 * 2  # and a working copy, this rank's bytes, both ranks'
+    assert held("topk", topk_ratio=0.01) == pytest.approx(16 + 8 + 2 * 0.01 * 8 * 2)
+    assert held("int8", bucket=2 * mib) == 8 + 2 + 2 + 0.5 + 2 * 0.5  # smaller buckets: smaller buffers
+    assert held("int8", world=1) == 0
+    seen = []
+
+    def compressor(dims, grad_bytes):
+        seen.append((dims.layout, grad_bytes))
+        return 1000.0
+
+    compressed = dataclasses.replace(_setting(), compressor=compressor)
+    dp = predict(ParallelConfig(), 2, compressed).memory_bytes - predict(ParallelConfig(), 2, _setting()).memory_bytes
+    assert dp == pytest.approx(1000.0) and seen == [("dp=2", PARAMS)]
+    for cfg, world in [(ParallelConfig(shard="full"), 2), (ParallelConfig(tp=2), 2)]:
+        assert predict(cfg, world, compressed).memory_bytes == predict(cfg, world, _setting()).memory_bytes
+
+
 def test_data_parallel():
     p = predict(ParallelConfig(), 2, _setting())
     assert p.compute_s == pytest.approx(32 * 4e-4)  # 32 samples a rank, the whole model

@@ -44,6 +44,7 @@ from torch import Tensor
 
 METHODS = ("none", "bf16", "fp16", "int8", "topk", "powersgd")
 LOSSY = ("int8", "topk", "powersgd")  # the methods with error feedback
+HALF = ("bf16", "fp16")  # rounded, not dropped: a parameter server's pushes take these too
 
 
 @dataclass(frozen=True)
@@ -305,6 +306,23 @@ class Compressor:
         if buf is None or buf.numel() < n or buf.dtype != dtype:
             buf = self._buffers[name] = torch.empty(n, dtype=dtype, device=self._device)
         return buf[:n]
+
+
+def compressor_bytes(settings: CompressionSettings, grad_bytes: float, bucket_bytes: float, world: int) -> float:
+    """The bytes a rank's Compressor holds once it has averaged a step (its buffers stay from
+    step to step), for float32 gradients of `grad_bytes` averaged in buckets of at most
+    `bucket_bytes`: the cost model's memory (plan/memory.py)."""
+    b = min(grad_bytes, bucket_bytes)
+    if settings.method in ("bf16", "fp16"):
+        return b / 2  # a bucket's half-precision copy, while it is averaged
+    if settings.method not in LOSSY or world <= 1:
+        return 0.0
+    kept = grad_bytes + b  # the residuals, and a spare of a bucket's size (swapped in each step)
+    if settings.method == "int8":
+        return kept + b + b / 4 + world * b / 4  # a working copy, this rank's bytes, every rank's
+    if settings.method == "topk":
+        return kept + b + world * settings.topk_ratio * b * 2  # the magnitudes; every rank's values, indices
+    return kept  # powersgd: its factors are small beside the gradients
 
 
 def largest(magnitudes: Tensor, k: int) -> Tensor:

@@ -83,6 +83,7 @@ class ServerSettings:
     staleness: int
     clip_norm: float
     max_bad_steps: int = 3
+    push: str = "none"  # comm.compression: none, or bf16 / fp16 pushes (ps_protocol.PushCodec)
 
 
 class ParameterServer:
@@ -113,6 +114,7 @@ class ParameterServer:
         self.bounds = even_bounds(total, servers)
         lo, hi = self.bounds[index]
         self.dtype = proto.model_dtype(model)
+        self.codec = proto.PushCodec.for_method(self.dtype, settings.push)
         assert initial.numel() == hi - lo, f"server {index} holds {hi - lo} parameters, got {initial.numel()}"
         self.param = nn.Parameter(initial.clone())
         s = settings
@@ -143,7 +145,7 @@ class ParameterServer:
         return dist.get_global_rank(self.group, self.servers + w)
 
     def _read(self, w: int) -> None:
-        size = proto.HEADER + self.bounds[self.index][1] - self.bounds[self.index][0]
+        size = proto.HEADER + self.codec.words(self.bounds[self.index][1] - self.bounds[self.index][0])
         try:
             while True:
                 buf = torch.empty(size, dtype=self.dtype)
@@ -220,9 +222,10 @@ class ParameterServer:
                 )
             return
         self.stats.losses.extend(m[2].item() for _, m in arrived)
-        total = arrived[0][1][proto.HEADER :].clone()
+        n = self.param.numel()
+        total = self.codec.decode(arrived[0][1][proto.HEADER :], n)
         for _, m in arrived[1:]:
-            total += m[proto.HEADER :]
+            total += self.codec.decode(m[proto.HEADER :], n)
         grad = total / self.workers
         if not self.asynchronous and self.clip_norm > 0:
             grad = self._clipped(grad)
@@ -379,7 +382,8 @@ def apply_parameter_server(part: Part, mesh: RankMesh, *, settings: ServerSettin
             "=ps: the model has buffers (running statistics), which the servers do not keep: use allreduce",
         )
     if mesh.coords["server"] < 0:
-        return part.but(client=WorkerClient(part.model, servers=dims.servers, group=mesh.parent))
+        client = WorkerClient(part.model, servers=dims.servers, group=mesh.parent, method=settings.push)
+        return part.but(client=client)
     server = ParameterServer(
         part.model,
         initial=proto.initial_slice(part.model, mesh),

@@ -2,11 +2,15 @@
 described in parallel/param_server.py).
 
 Every message is one tensor of the model's dtype: a header of HEADER numbers, then
-a slice of the flat parameter (or gradient) vector, in model order.
+a slice of the flat parameter (or gradient) vector, in model order. With
+comm.compression = bf16 or fp16 a push's slice goes rounded to half precision, its
+bytes packed into the message's dtype (`PushCodec`): half the bytes on the servers'
+links, rounded as DDP's bf16 hook rounds, nothing dropped (so no error feedback).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -47,26 +51,63 @@ def load_flat(model: nn.Module, flat: Tensor) -> None:
     copy_flat(flat, list(model.parameters()))
 
 
+@dataclass(frozen=True)
+class PushCodec:
+    """How a push's gradient slice travels: whole (`half` None), or rounded to `half`
+    (bf16, fp16) with its bytes packed into elements of the model's `dtype`."""
+
+    dtype: torch.dtype
+    half: torch.dtype | None = None
+
+    @staticmethod
+    def for_method(dtype: torch.dtype, method: str) -> PushCodec:
+        return PushCodec(dtype, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(method))
+
+    def words(self, n: int) -> int:
+        """The elements of the model's dtype that a slice of `n` takes in a message."""
+        if self.half is None:
+            return n
+        return math.ceil(2 * n / torch.empty((), dtype=self.dtype).element_size())
+
+    def encode(self, grad: Tensor) -> Tensor:
+        if self.half is None:
+            return grad
+        raw = grad.to(self.half).view(torch.uint8)
+        packed = torch.zeros(self.words(grad.numel()), dtype=self.dtype)
+        packed.view(torch.uint8)[: raw.numel()] = raw
+        return packed
+
+    def decode(self, payload: Tensor, n: int) -> Tensor:
+        """The slice of `n` gradients a payload holds, in the model's dtype (a new tensor)."""
+        if self.half is None:
+            return payload.clone()
+        return payload.view(torch.uint8)[: 2 * n].view(self.half).to(self.dtype)
+
+
 class WorkerClient:
     """A worker's end: push this step's gradient slices, wait for fresh parameters."""
 
-    def __init__(self, model: nn.Module, *, servers: int, group: dist.ProcessGroup):
+    def __init__(self, model: nn.Module, *, servers: int, group: dist.ProcessGroup, method: str = "none"):
         self.model, self.servers, self.group = model, servers, group
         self.dtype = model_dtype(model)
+        self.codec = PushCodec.for_method(self.dtype, method)
         self.bounds = even_bounds(sum(p.numel() for p in model.parameters()), servers)
         self.versions = [INITIAL] * servers  # of the weights each server last sent
 
     def push_pull(self, step: int, loss: Tensor) -> bool:
         """Send this step's gradient, load the parameters for the next; True: stop."""
         grad = flat_gradients(self.model)
-        finite = bool(torch.isfinite(loss).all()) and bool(torch.isfinite(grad).all())
+        payloads = [self.codec.encode(grad[lo:hi]) for lo, hi in self.bounds]
+        # judged on what is sent: a gradient past fp16's range arrives as inf, and is skipped
+        sent = [p.view(self.codec.half) if self.codec.half is not None else p for p in payloads]
+        finite = bool(torch.isfinite(loss).all()) and all(bool(torch.isfinite(p).all()) for p in sent)
         replies = [torch.empty(HEADER + hi - lo, dtype=self.dtype) for lo, hi in self.bounds]
         # receives first, so that a server's answer never waits for us to be ready
         waits = [dist.irecv(r, group=self.group, group_src=s, tag=TAG_REPLY) for s, r in enumerate(replies)]
-        for s, (lo, hi) in enumerate(self.bounds):
+        for s, payload in enumerate(payloads):
             fields = [PUSH, step, loss.item() if finite else 0.0, float(finite), self.versions[s]]
             header = torch.tensor(fields, dtype=self.dtype)
-            dist.send(torch.cat([header, grad[lo:hi]]), group=self.group, group_dst=s, tag=TAG_PUSH)
+            dist.send(torch.cat([header, payload]), group=self.group, group_dst=s, tag=TAG_PUSH)
         for w in waits:
             w.wait()
         flat = torch.cat([r[HEADER:] for r in replies])
@@ -80,7 +121,7 @@ class WorkerClient:
         final = torch.empty(total, dtype=self.dtype)
         wait = dist.irecv(final, group=self.group, group_src=0, tag=TAG_FINAL)
         for s, (lo, hi) in enumerate(self.bounds):
-            done = torch.zeros(HEADER + hi - lo, dtype=self.dtype)
+            done = torch.zeros(HEADER + self.codec.words(hi - lo), dtype=self.dtype)
             done[0] = DONE
             dist.send(done, group=self.group, group_dst=s, tag=TAG_PUSH)
         wait.wait()
@@ -133,14 +174,18 @@ def initial_slice(model: nn.Module, mesh: RankMesh) -> Tensor:
     return piece
 
 
-def ps_seconds(link: Link, servers: int, workers: int, param_bytes: float, copy_s_per_byte: float = 0.0) -> float:
+def ps_seconds(
+    link: Link, servers: int, workers: int, param_bytes: float, copy_s_per_byte: float = 0.0, push_half: bool = False
+) -> float:
     """A synchronous parameter-server step's transfers (the planner's cost model): every
-    worker pushes each server its slice of the gradient and pulls back the slice's new
-    parameters, so each server's link carries workers x param_bytes / servers each way,
-    one message after another. And the copies on the way, each a pass over fresh memory
-    at `copy_s_per_byte`: a worker flattens its gradient, puts a header before it, makes
-    room for the replies, joins them and loads them into the model (5 of the model); a
-    server takes each worker's message into a new buffer, sums them into a copy, divides,
-    and puts a header before each reply (3 x workers + 1 of its slice)."""
+    worker pushes each server its slice of the gradient (in half precision: half its
+    bytes) and pulls back the slice's new parameters, so each server's link carries
+    workers x param_bytes / servers each way, one message after another. And the copies
+    on the way, each a pass over fresh memory at `copy_s_per_byte`: a worker flattens its
+    gradient, puts a header before it, makes room for the replies, joins them and loads
+    them into the model (5 of the model); a server takes each worker's message into a
+    new buffer, sums them into a copy, divides, and puts a header before each reply
+    (3 x workers + 1 of its slice)."""
     copies = (5 + (3 * workers + 1) / servers) * param_bytes * copy_s_per_byte
-    return 2 * workers * link.send(param_bytes / servers) + copies
+    push = link.send(param_bytes / servers / (2 if push_half else 1))
+    return workers * (push + link.send(param_bytes / servers)) + copies

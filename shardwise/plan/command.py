@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from shardwise.comm.compress import CompressionSettings
+from shardwise.comm.compress import HALF, CompressionSettings
 from shardwise.comm.cost import Link
 from shardwise.config import Config
 from shardwise.config_check import uncompressed_because
@@ -115,7 +115,23 @@ def measured_setting(cfg: Config, cluster: str, nproc: int) -> tuple[Setting, Mo
     t = cfg.train
     setting = Setting(profile, link, t.batch_size, cores, optimizer_slots(cfg), step_s, rank_bytes, val_samples)
     setting = dataclasses.replace(setting, load_fixed_s=load_fixed, load_s_per_sample=load_per_sample)
-    return dataclasses.replace(setting, grad_accum=t.grad_accum, averaging=_averaging(cfg, link)), shape
+    setting = dataclasses.replace(setting, grad_accum=t.grad_accum, averaging=_averaging(cfg, link))
+    return dataclasses.replace(setting, compressor=_compressor(cfg), push_half=cfg.comm.compression in HALF), shape
+
+
+def _compressor(cfg: Config):
+    """The bytes the run's named compression method holds on a rank, by its dims and the
+    gradient bytes it averages: DDP's buckets, or a pipeline stage's whole gradient."""
+    from shardwise.comm.compress import compressor_bytes
+    from shardwise.parallel.data import DDP_BUCKET_BYTES
+
+    c = cfg.comm
+    if c.compression in ("none", "auto"):
+        return None
+    settings = CompressionSettings(c.compression, c.topk_ratio, c.powersgd_rank)
+    return lambda dims, grad_bytes: compressor_bytes(
+        settings, grad_bytes, grad_bytes if dims.pp > 1 else DDP_BUCKET_BYTES, dims.dp
+    )
 
 
 def _averaging(cfg: Config, link: Link):

@@ -7,8 +7,9 @@ optimizer's state (`optimizer_slots` tensors of a parameter's size), divided by 
 the layout shards them (ZeRO-1: the state; FSDP2: all three, but the gradients whole when
 it accumulates micro-batches, as it sums them unsharded until the last); what the model's first
 pass sets up once and keeps (the autograd engine, the kernels' primitives: measured,
-`plan/activations.py`); and the engine's own bytes per rank, measured with a tiny model
-(`plan/overhead.py`).
+`plan/activations.py`); the engine's own bytes per rank, measured with a tiny model
+(`plan/overhead.py`); and, where gradients are averaged through a compressor, its
+residuals and buffers (`comm/compress.py` `compressor_bytes`).
 
 Passing, the largest of:
 - the backward: the activations kept for it and what it allocates as it runs, for the
@@ -31,6 +32,8 @@ Passing, the largest of:
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from shardwise.data.loader import largest_val_batch
 from shardwise.plan.profile import LayerProfile, ModelProfile
@@ -67,6 +70,7 @@ def rank_peak(
     full_grads: bool = False,
     val_samples: int = 0,
     overhead_bytes: float = 0.0,
+    compressor: Callable[[float], float] | None = None,
 ) -> float:
     """The peak bytes of a rank holding the layers in `stage` (all, outside a pipeline)
     with `samples_held` samples' activations kept for the backward."""
@@ -98,5 +102,7 @@ def rank_peak(
         taken = profile.layers[idx[0]].in_bytes_per_sample if len(idx) else 0
         evaluated = profile.eval_bytes_per_sample * share or taken + outputs[0] + outputs[1]
         passing.append(per_rank * evaluated / spread)
+    # the gradient compressor's residuals and buffers, by the gradient bytes it averages
+    kept = compressor(grads) if compressor is not None and dims.dp > 1 and dims.shard != "full" else 0.0
     # what the first pass sets up once stays (the autograd engine, the kernels' primitives)
-    return params + grads + state + profile.train_fixed_bytes + max(passing) + overhead_bytes
+    return params + grads + state + kept + profile.train_fixed_bytes + max(passing) + overhead_bytes

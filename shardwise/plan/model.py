@@ -17,6 +17,7 @@ Memory per rank: what it holds and the largest passing buffer its strategies all
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,6 +50,9 @@ class Setting:
     # the run's gradient compression (plan/compression.py `averaging`): a layout's seconds
     # to average a step's gradients through it; None: DDP's all-reduce
     averaging: Callable[[ParallelDims], float] | None = None
+    # the compressor's bytes for the gradient bytes a rank averages (plan/command.py; None: none)
+    compressor: Callable[[ParallelDims, float], float] | None = None
+    push_half: bool = False  # a parameter server's pushes in bf16 or fp16 (comm.compression)
     # T_load: a rank loads its data-parallel share of the batch, fixed + per sample seconds
     load_fixed_s: float = 0.0
     load_s_per_sample: float = 0.0
@@ -130,6 +134,7 @@ def _peak(setting: Setting, dims: ParallelDims, stages: list[tuple[range | None,
             full_grads=setting.grad_accum > 1 and dims.pp == 1,  # FSDP2 keeps them whole until the last
             val_samples=setting.val_samples,
             overhead_bytes=setting.rank_overhead_bytes,
+            compressor=functools.partial(setting.compressor, dims) if setting.compressor else None,
         )  # fmt: skip
         for stage, held in stages
     )
@@ -170,7 +175,9 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
     if dims.servers:
         passes = setting.grad_accum * profile.seconds(samples / setting.grad_accum)
         compute = (passes + profile.update_s_per_byte * profile.param_bytes / dims.servers) * stretch
-        comm = ps_seconds(link, dims.servers, dims.dp, profile.param_bytes, profile.copy_s_per_byte * stretch)
+        comm = ps_seconds(
+            link, dims.servers, dims.dp, profile.param_bytes, profile.copy_s_per_byte * stretch, setting.push_half
+        )
         held = profile.param_bytes * (2 + setting.optimizer_slots) / dims.servers
         compute += setting.step_overhead_s
         peak = max(held + setting.rank_overhead_bytes, _peak(setting, dims, [(None, samples / setting.grad_accum)]))

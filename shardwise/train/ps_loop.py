@@ -153,6 +153,7 @@ def staleness_summary(server: ParameterServer) -> dict:
         "steps_by_worker": {str(server.worker_rank(w)): n for w, n in enumerate(stats.steps_by_worker)},
         "lost_workers": [{"rank": x.rank, "step": x.clock, "error": x.error} for x in stats.lost],
         "skipped_updates": len(stats.skipped),
+        "pushes": str(server.codec.half).removeprefix("torch.") if server.codec.half is not None else "whole",
     }
 
 
