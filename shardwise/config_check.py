@@ -231,6 +231,11 @@ def _check_comm(cfg: Config) -> None:
     if setting:
         hint = "; use parallel.shard=none or optimizer" if setting.startswith("parallel.shard") else ""
         raise ShardwiseError("comm.compression", f"={c.compression} with {setting}: {why}{hint}")
+    if cfg.parallel.mode == "ps" and c.warmup_steps:  # (the method is bf16 or fp16 here)
+        raise ShardwiseError(
+            "comm.warmup_steps",
+            f"={c.warmup_steps} with parallel.mode=ps: a parameter server's pushes are rounded from the first step",
+        )
 
 
 def _check_vertical(cfg: Config) -> None:

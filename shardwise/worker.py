@@ -6,8 +6,9 @@ environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT):
     torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d \\
         --rdzv-endpoint HOST:29500 -m shardwise.worker run.toml
 
-This is the only module that reads the launcher's environment (procs.py names
-it): it hands what it read to the job as a JobContext. On an error it writes
+This module (with rank_start.py, its torch-free first steps) is the only one that
+reads the launcher's environment (procs.py names it): it hands what it read to the
+job as a JobContext. On an error it writes
 the rank's record (rank, step, phase, message, kind) beside torchelastic's in
 TORCHELASTIC_ERROR_FILE; the launcher reads the record, never the text.
 """

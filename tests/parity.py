@@ -172,6 +172,7 @@ def plain_train(
     precision pushes)."""
     o = {**DEFAULTS, **BASE, **with_data(overrides)}
     assert o["data.name"] == "npz" and o.get("data.partition", "shuffle") == "shuffle", o
+    assert push is None or (o.get("train.precision") != "bf16" and o["train.grad_accum"] == "1"), o
     dtype = getattr(torch, o["train.dtype"])
     arrays = np.load(o["data.path"], allow_pickle=False)
     x_all = torch.from_numpy(arrays["x"]).to(dtype)
@@ -214,15 +215,8 @@ def plain_train(
             loss = F.cross_entropy(logits, y) / accum
             loss.backward()
             total += loss.item()
-        if push is not None:  # the same forward again, per worker: its slice's gradient, rounded
-            workers, half = push
-            rounded = []
-            for x, y in zip(x_all[idx].chunk(workers), y_all[idx].chunk(workers), strict=True):
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y).backward()
-                rounded.append([p.grad.to(half).to(dtype) for p in params])
-            for p, *grads in zip(params, *rounded, strict=True):
-                p.grad = sum(grads[1:], grads[0]) / workers
+        if push is not None:
+            _pushed_gradients(model, x_all[idx], y_all[idx], *push)
         losses.append(total)
         if norms_out is not None:
             norms_out.append(torch.nn.utils.get_total_norm([p.grad for p in params]).item())
@@ -237,6 +231,18 @@ def plain_train(
             for key, value in optimizer.state.get(p, {}).items():
                 optimizer_out[f"optim/{key}/{name}"] = value.detach().clone()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses
+
+
+def _pushed_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, workers: int, half) -> None:
+    """The gradients a parameter server averages from half-precision pushes: each worker's
+    slice of the batch, its gradient rounded to `half`, added up in worker order."""
+    params, rounded = list(model.parameters()), []
+    for xs, ys in zip(x.chunk(workers), y.chunk(workers), strict=True):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xs), ys).backward()
+        rounded.append([p.grad.to(half).to(p.dtype) for p in params])
+    for p, *grads in zip(params, *rounded, strict=True):
+        p.grad = sum(grads[1:], grads[0]) / workers
 
 
 @functools.cache

@@ -63,6 +63,10 @@ def test_resolved_toml_round_trips(tmp_path):
             "checkpoints do not hold",
         ),
         (
+            {"comm.compression": "bf16", "parallel.mode": "ps", "comm.warmup_steps": "5"},
+            "comm.warmup_steps: =5 with parallel.mode=ps: a parameter server's pushes are rounded from the first step",
+        ),
+        (
             {"comm.compression": "zip"},
             "comm.compression: expected one of none, bf16, fp16, int8, topk, powersgd, auto, got 'zip'",
         ),

@@ -56,6 +56,15 @@ def test_plan_ranks_every_layout_and_caches_what_it_measured(tmp_path, cache):
     assert sorted({n.split("-")[0] for n in kept}) == ["link", "loop", "profile", "split"]
     again = _plan(tmp_path, cache, "--nproc", "2", "--memory-per-rank", "1GiB", "--out", "q")
     assert again.returncode == 0 and sorted(p.name for p in cache.iterdir()) == kept
+    # a named lossy compression method: only the layouts that can average through it
+    int8 = _plan(tmp_path, cache, "--nproc", "2", "--comm.compression", "int8", "--out", "c")
+    assert int8.returncode == 0, int8.stderr
+    names = {r["layout"] + " " + r["settings"]["shard"] for r in result["layouts"]}
+    kept_layouts = json.loads((tmp_path / "c" / "plan.json").read_text())["layouts"]
+    assert any(n.startswith("ps:") for n in names) and any(n.endswith(" full") for n in names)
+    assert kept_layouts and all(
+        r["settings"]["mode"] != "ps" and r["settings"]["shard"] != "full" for r in kept_layouts
+    )
 
 
 def test_a_budget_no_layout_fits_is_one_line(tmp_path, cache):

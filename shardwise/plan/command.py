@@ -30,6 +30,7 @@ from shardwise.config_check import uncompressed_because
 from shardwise.errors import ShardwiseError
 from shardwise.files import cache_dir, write_atomic
 from shardwise.jsonsafe import dumps
+from shardwise.plan.compression import run_averaging, run_compressor
 from shardwise.plan.model import Prediction, Setting, predict
 from shardwise.plan.profile import ModelProfile, batch_sizes, cached, loading_fit, profile_key, profile_model
 from shardwise.plan.space import ModelShape, layouts
@@ -115,45 +116,20 @@ def measured_setting(cfg: Config, cluster: str, nproc: int) -> tuple[Setting, Mo
     t = cfg.train
     setting = Setting(profile, link, t.batch_size, cores, optimizer_slots(cfg), step_s, rank_bytes, val_samples)
     setting = dataclasses.replace(setting, load_fixed_s=load_fixed, load_s_per_sample=load_per_sample)
-    setting = dataclasses.replace(setting, grad_accum=t.grad_accum, averaging=_averaging(cfg, link))
-    return dataclasses.replace(setting, compressor=_compressor(cfg), push_half=cfg.comm.compression in HALF), shape
-
-
-def _compressor(cfg: Config):
-    """The bytes the run's named compression method holds on a rank, by its dims and the
-    gradient bytes it averages: DDP's buckets, or a pipeline stage's whole gradient."""
-    from shardwise.comm.compress import compressor_bytes
-    from shardwise.parallel.data import DDP_BUCKET_BYTES
-
-    c = cfg.comm
-    if c.compression in ("none", "auto"):
-        return None
-    settings = CompressionSettings(c.compression, c.topk_ratio, c.powersgd_rank)
-    return lambda dims, grad_bytes: compressor_bytes(
-        settings, grad_bytes, grad_bytes if dims.pp > 1 else DDP_BUCKET_BYTES, dims.dp
-    )
-
-
-def _averaging(cfg: Config, link: Link):
-    """How the run's named compression method averages a layout's gradients (the planner's
-    step prices it instead of DDP's all-reduce); None without one (auto is chosen later)."""
-    from shardwise.data import load_source
-    from shardwise.models import build_model
-    from shardwise.plan.compression import averaging
-
-    c = cfg.comm
-    if c.compression in ("none", "auto"):
-        return None
-    dataset = load_source(cfg.data, seed=cfg.train.seed)
-    model = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
-    settings = CompressionSettings(c.compression, c.topk_ratio, c.powersgd_rank)
-    return averaging(model, settings, link, torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8)
+    setting = dataclasses.replace(setting, grad_accum=t.grad_accum, averaging=run_averaging(cfg, link))
+    return dataclasses.replace(setting, compressor=run_compressor(cfg), push_half=cfg.comm.compression in HALF), shape
 
 
 def search(cfg: Config, nproc: int, setting: Setting, shape: ModelShape, budget: float | None) -> list[dict]:
-    """Every layout's prediction, fastest first; those over `budget` bytes marked."""
-    rows = []
+    """Every layout's prediction (that can average through the run's named compression
+    method), fastest first; those over `budget` bytes marked."""
+    rows, method = [], cfg.comm.compression
     for layout in layouts(nproc, batch=cfg.train.batch_size, shape=shape, grad_accum=cfg.train.grad_accum):
+        if (
+            method not in ("none", "auto")
+            and uncompressed_because(shard=layout.shard, ps=layout.mode == "ps", method=method)[0]
+        ):
+            continue
         p = predict(layout, nproc, setting)
         rows.append({"config": layout, "prediction": p, "fits": budget is None or p.memory_bytes <= budget})
     rows.sort(key=lambda r: r["prediction"].step_s)
