@@ -132,7 +132,8 @@ def run_local(
     if cfg.comm.compression == "auto":
         from shardwise.plan.command import choose_compression
 
-        choose_compression(cfg, nproc=nproc, cluster=cluster)
+        # the compressed step's prediction supersedes the layout's, made before the choice
+        chosen = choose_compression(cfg, nproc=nproc, cluster=cluster) or chosen
     return launch(
         cfg,
         nproc=nproc,

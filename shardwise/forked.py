@@ -57,6 +57,17 @@ _IGNORED = tuple(getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if has
 _DEFAULT = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
+def fresh_signals(mask: set) -> None:
+    """In a child forked with every signal held: the dispositions a fresh Python has, then
+    `mask` (what was held before the fork) again."""
+    for signum in _DEFAULT:
+        signal.signal(signum, signal.SIG_DFL)
+    for signum in _IGNORED:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 class ForkedRank:
     """One rank forked from this process, with the part of `subprocess.Popen`'s interface
     the launcher uses (pid, returncode, poll, wait, send_signal, kill)."""
@@ -72,12 +83,7 @@ class ForkedRank:
         self.pid = os.fork()
         if self.pid == 0:
             try:
-                for signum in _DEFAULT:
-                    signal.signal(signum, signal.SIG_DFL)
-                for signum in _IGNORED:
-                    signal.signal(signum, signal.SIG_IGN)
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                signal.pthread_sigmask(signal.SIG_SETMASK, before)
+                fresh_signals(before)
                 _run_rank(config_path, env, quiet)  # never returns
             finally:
                 os._exit(1)

@@ -27,9 +27,6 @@ import sys
 import time
 import traceback
 
-# what a fresh Python does with these: handled by default, SIGINT raises KeyboardInterrupt
-_DEFAULT = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-
 
 def _child(args: list[str], env: dict[str, str], cwd: str | None, out: int, err: int, mask: set) -> None:
     code = 1
@@ -42,10 +39,9 @@ def _child(args: list[str], env: dict[str, str], cwd: str | None, out: int, err:
         sys.stdin = open(0, closefd=False)  # noqa: SIM115 -- the child's for its life
         sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
-        for signum in _DEFAULT:
-            signal.signal(signum, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # held since the fork: none reached pytest's handlers
+        from shardwise.forked import fresh_signals
+
+        fresh_signals(mask)  # held since the fork: none reached pytest's handlers (SIGPIPE ignored, as Python does)
         os.environ.clear()
         os.environ.update(env)
         if cwd is not None:

@@ -68,17 +68,21 @@ def test_a_compressors_bytes_add_to_the_peak_where_it_averages():
     assert held("topk", topk_ratio=0.01) == pytest.approx(16 + 8 + 2 * 0.01 * 8 * 2)
     assert held("int8", bucket=2 * mib) == 8 + 2 + 2 + 0.5 + 2 * 0.5  # smaller buckets: smaller buffers
     assert held("int8", world=1) == 0
-    seen = []
+    # the model's peak adds exactly that, for the gradient bytes the rank averages: DDP's
+    # buckets on dp, a stage's whole gradient on a pipeline; nothing where nothing averages
+    from shardwise.parallel.data import DDP_BUCKET_BYTES
 
-    def compressor(dims, grad_bytes):
-        seen.append((dims.layout, grad_bytes))
-        return 1000.0
+    int8 = CompressionSettings("int8")
+    compressed = dataclasses.replace(_setting(), compression=int8)
 
-    compressed = dataclasses.replace(_setting(), compressor=compressor)
-    dp = predict(ParallelConfig(), 2, compressed).memory_bytes - predict(ParallelConfig(), 2, _setting()).memory_bytes
-    assert dp == pytest.approx(1000.0) and seen == [("dp=2", PARAMS)]
+    def added(cfg: ParallelConfig, world: int) -> float:
+        return predict(cfg, world, compressed).memory_bytes - predict(cfg, world, _setting()).memory_bytes
+
+    assert added(ParallelConfig(), 2) == pytest.approx(compressor_bytes(int8, PARAMS, DDP_BUCKET_BYTES, 2))
+    assert added(ParallelConfig(dp=4), 4) == pytest.approx(compressor_bytes(int8, PARAMS, DDP_BUCKET_BYTES, 4))
+    assert 0 < added(ParallelConfig(dp=2, pp=2, microbatches=2), 4) < added(ParallelConfig(), 2)  # a stage's share
     for cfg, world in [(ParallelConfig(shard="full"), 2), (ParallelConfig(tp=2), 2)]:
-        assert predict(cfg, world, compressed).memory_bytes == predict(cfg, world, _setting()).memory_bytes
+        assert added(cfg, world) == 0
 
 
 def test_data_parallel():

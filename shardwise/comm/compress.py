@@ -313,7 +313,7 @@ def compressor_bytes(settings: CompressionSettings, grad_bytes: float, bucket_by
     step to step), for float32 gradients of `grad_bytes` averaged in buckets of at most
     `bucket_bytes`: the cost model's memory (plan/memory.py)."""
     b = min(grad_bytes, bucket_bytes)
-    if settings.method in ("bf16", "fp16"):
+    if settings.method in HALF:
         return b / 2  # a bucket's half-precision copy, while it is averaged
     if settings.method not in LOSSY or world <= 1:
         return 0.0

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from shardwise.comm.compress import HALF, CompressionSettings
+from shardwise.comm.compress import CompressionSettings
 from shardwise.comm.cost import Link
 from shardwise.config import Config
 from shardwise.config_check import uncompressed_because
 from shardwise.errors import ShardwiseError
 from shardwise.files import cache_dir, write_atomic
 from shardwise.jsonsafe import dumps
-from shardwise.plan.compression import run_averaging, run_compressor
+from shardwise.plan.compression import named_settings, run_averaging
 from shardwise.plan.model import Prediction, Setting, predict
 from shardwise.plan.profile import ModelProfile, batch_sizes, cached, loading_fit, profile_key, profile_model
 from shardwise.plan.space import ModelShape, layouts
@@ -117,7 +117,7 @@ def measured_setting(cfg: Config, cluster: str, nproc: int) -> tuple[Setting, Mo
     setting = Setting(profile, link, t.batch_size, cores, optimizer_slots(cfg), step_s, rank_bytes, val_samples)
     setting = dataclasses.replace(setting, load_fixed_s=load_fixed, load_s_per_sample=load_per_sample)
     setting = dataclasses.replace(setting, grad_accum=t.grad_accum, averaging=run_averaging(cfg, link))
-    return dataclasses.replace(setting, compressor=run_compressor(cfg), push_half=cfg.comm.compression in HALF), shape
+    return dataclasses.replace(setting, compression=named_settings(cfg)), shape
 
 
 def search(cfg: Config, nproc: int, setting: Setting, shape: ModelShape, budget: float | None) -> list[dict]:
@@ -314,11 +314,12 @@ def choose_layout(cfg: Config, *, nproc: int, cluster: str) -> dict:
     return _step_figures(rows[0]["prediction"])
 
 
-def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> None:
+def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> dict | None:
     """comm.compression = auto: the method the cost model predicts fastest for a step of this
     layout on this link, within its margins (plan/compression.py `choose`), printed in one
     line and set in `cfg` (the run's saved config names it); none where no gradients are
-    averaged."""
+    averaged. The chosen method's prediction, as `predicted_step` gives it (None where none
+    was made)."""
     from shardwise.data import load_source
     from shardwise.models import build_model
     from shardwise.plan.compression import choose, method_seconds, rank_shapes
@@ -330,32 +331,37 @@ def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> None:
     if why:
         c.compression = "none"
         print(f"comm.compression auto: none ({why})")
-        return
+        return None
     dataset = load_source(cfg.data, seed=cfg.train.seed)
     shapes = rank_shapes(build_model(cfg.model, dataset.in_shape, dataset.num_classes), dims.tp)
     settings = CompressionSettings("none", c.topk_ratio, c.powersgd_rank, c.warmup_steps)
     elem = torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8
     averaging = method_seconds(shapes, settings, measured_link(cluster, nproc), dims.dp, elem)
-    best, line = choose(averaging, _method_steps(cfg, nproc, cluster, averaging))
+    predicted = _method_steps(cfg, nproc, cluster, averaging)
+    best, line = choose(averaging, {m: p.step_s for m, p in predicted.items()} if predicted else None)
     print(f"comm.compression auto: {line}")
     c.compression = best
+    return _step_figures(predicted[best]) if predicted else None
 
 
-def _method_steps(cfg: Config, nproc: int, cluster: str, averaging: dict[str, float]) -> dict[str, float] | None:
+def _method_steps(cfg: Config, nproc: int, cluster: str, averaging: dict[str, float]) -> dict[str, Prediction] | None:
     """The cost model's step for this layout under each method (none: DDP's all-reduce,
-    overlapped with the backward; the others: their averaging after it); None for a model
-    it cannot profile."""
+    overlapped with the backward; the others: their averaging after it, and their buffers);
+    None for a model it cannot profile."""
     try:
         setting, _ = measured_setting(
             dataclasses.replace(cfg, comm=dataclasses.replace(cfg.comm, compression="none")), cluster, nproc
         )
     except ShardwiseError:
         return None
-    steps = {}
+    c, out = cfg.comm, {}
     for method, seconds in averaging.items():
-        priced = None if method == "none" else (lambda dims, s=seconds: s)
-        steps[method] = predict(cfg.parallel, nproc, dataclasses.replace(setting, averaging=priced)).step_s
-    return steps
+        priced = setting
+        if method != "none":
+            named = CompressionSettings(method, c.topk_ratio, c.powersgd_rank)
+            priced = dataclasses.replace(setting, averaging=lambda dims, s=seconds: s, compression=named)
+        out[method] = predict(cfg.parallel, nproc, priced)
+    return out
 
 
 def predicted_step(cfg: Config, *, nproc: int, cluster: str) -> dict:

@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from shardwise.comm.compress import LOSSY, METHODS, CompressionSettings, Compressor, compressor_bytes, entries_of
+from shardwise.comm.compress import LOSSY, METHODS, CompressionSettings, Compressor, entries_of
 from shardwise.comm.cost import Link, all_gather, all_reduce
 from shardwise.config import Config
 
@@ -172,30 +172,24 @@ def choose(averaging: dict[str, float], steps: dict[str, float] | None = None) -
     return best, line
 
 
-def run_compressor(cfg: Config):
-    """The bytes the run's named compression method holds on a rank, by its dims and the
-    gradient bytes it averages: DDP's buckets, or a pipeline stage's whole gradient."""
-    from shardwise.parallel.data import DDP_BUCKET_BYTES
-
-    c = cfg.comm
-    if c.compression in ("none", "auto"):
-        return None
-    settings = CompressionSettings(c.compression, c.topk_ratio, c.powersgd_rank)
-    return lambda dims, grad_bytes: compressor_bytes(
-        settings, grad_bytes, grad_bytes if dims.pp > 1 else DDP_BUCKET_BYTES, dims.dp
-    )
-
-
 def run_averaging(cfg: Config, link: Link):
     """How the run's named compression method averages a layout's gradients (the planner's
     step prices it instead of DDP's all-reduce); None without one (auto is chosen later)."""
     from shardwise.data import load_source
     from shardwise.models import build_model
 
-    c = cfg.comm
-    if c.compression in ("none", "auto"):
+    settings = named_settings(cfg)
+    if settings is None:
         return None
     dataset = load_source(cfg.data, seed=cfg.train.seed)
     model = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
-    settings = CompressionSettings(c.compression, c.topk_ratio, c.powersgd_rank)
     return averaging(model, settings, link, torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8)
+
+
+def named_settings(cfg: Config) -> CompressionSettings | None:
+    """The run's named compression method, as the cost model takes it (None: none, or auto
+    before it is chosen)."""
+    c = cfg.comm
+    if c.compression in ("none", "auto"):
+        return None
+    return CompressionSettings(c.compression, c.topk_ratio, c.powersgd_rank)

@@ -9,7 +9,8 @@ parameters a rank updates (the profile's seconds per byte; a parameter server's 
 its servers'); then the engine's own cost per step, measured (`plan/overhead.py`). Each
 strategy's communication is its own module's formula (parallel/*: `sync_seconds`, `tp_seconds`, `pipeline_seconds`,
 `halo_seconds` and `band_sum_seconds`, `vertical_seconds`, `ps_seconds`). When there are more ranks than cores,
-compute stretches by ranks / cores. Loading is not counted: every source is in memory.
+compute stretches by ranks / cores. Loading (T_load) is each rank's data-parallel share of
+the batch at the source's measured seconds per sample (`plan/profile.py` `loading_fit`).
 
 Memory per rank: what it holds and the largest passing buffer its strategies allocate
 (`plan/memory.py`), for the pipeline stage that holds the most.
@@ -21,9 +22,10 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from shardwise.comm.compress import HALF, CompressionSettings, compressor_bytes
 from shardwise.comm.cost import Link, all_gather
 from shardwise.config import ParallelConfig
-from shardwise.parallel.data import sync_seconds
+from shardwise.parallel.data import DDP_BUCKET_BYTES, sync_seconds
 from shardwise.parallel.pipeline import cut_units, pipeline_seconds, units_of
 from shardwise.parallel.ps_protocol import ps_seconds
 from shardwise.parallel.spatial import band_sum_seconds, halo_seconds
@@ -50,9 +52,9 @@ class Setting:
     # the run's gradient compression (plan/compression.py `averaging`): a layout's seconds
     # to average a step's gradients through it; None: DDP's all-reduce
     averaging: Callable[[ParallelDims], float] | None = None
-    # the compressor's bytes for the gradient bytes a rank averages (plan/command.py; None: none)
-    compressor: Callable[[ParallelDims, float], float] | None = None
-    push_half: bool = False  # a parameter server's pushes in bf16 or fp16 (comm.compression)
+    # the run's named method (None: none or auto): its buffers (comm/compress.py
+    # `compressor_bytes`) and, on a parameter server, half-precision pushes
+    compression: CompressionSettings | None = None
     # T_load: a rank loads its data-parallel share of the batch, fixed + per sample seconds
     load_fixed_s: float = 0.0
     load_s_per_sample: float = 0.0
@@ -119,6 +121,12 @@ def _update(profile: ModelProfile, dims: ParallelDims, stage: range | None) -> f
     return profile.update_s_per_byte * held
 
 
+def _compressor_bytes(settings: CompressionSettings, dims: ParallelDims, grad_bytes: float) -> float:
+    """What the compressor holds for a rank averaging `grad_bytes`: in DDP's buckets, or a
+    pipeline stage's whole gradient in one."""
+    return compressor_bytes(settings, grad_bytes, grad_bytes if dims.pp > 1 else DDP_BUCKET_BYTES, dims.dp)
+
+
 def _peak(setting: Setting, dims: ParallelDims, stages: list[tuple[range | None, float]]) -> float:
     """The largest rank's peak bytes (`plan/memory.py`), over the pipeline's stages, each
     given with the samples whose activations it keeps for the backward."""
@@ -134,7 +142,7 @@ def _peak(setting: Setting, dims: ParallelDims, stages: list[tuple[range | None,
             full_grads=setting.grad_accum > 1 and dims.pp == 1,  # FSDP2 keeps them whole until the last
             val_samples=setting.val_samples,
             overhead_bytes=setting.rank_overhead_bytes,
-            compressor=functools.partial(setting.compressor, dims) if setting.compressor else None,
+            compressor=functools.partial(_compressor_bytes, setting.compression, dims) if setting.compression else None,
         )  # fmt: skip
         for stage, held in stages
     )
@@ -176,7 +184,12 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         passes = setting.grad_accum * profile.seconds(samples / setting.grad_accum)
         compute = (passes + profile.update_s_per_byte * profile.param_bytes / dims.servers) * stretch
         comm = ps_seconds(
-            link, dims.servers, dims.dp, profile.param_bytes, profile.copy_s_per_byte * stretch, setting.push_half
+            link,
+            dims.servers,
+            dims.dp,
+            profile.param_bytes,
+            profile.copy_s_per_byte * stretch,
+            push_half=setting.compression is not None and setting.compression.method in HALF,
         )
         held = profile.param_bytes * (2 + setting.optimizer_slots) / dims.servers
         compute += setting.step_overhead_s
