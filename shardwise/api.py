@@ -129,6 +129,10 @@ def run_local(
         from shardwise.plan.command import choose_layout
 
         chosen = choose_layout(cfg, nproc=nproc, cluster=cluster)
+    if cfg.train.activation_checkpointing == "auto":  # (a planned layout has it resolved)
+        from shardwise.plan.checkpointing import choose_checkpointing
+
+        chosen = choose_checkpointing(cfg, nproc=nproc, cluster=cluster) or chosen
     if cfg.comm.compression == "auto":
         from shardwise.plan.command import choose_compression
 

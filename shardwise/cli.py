@@ -192,8 +192,8 @@ def build_parser() -> OneLineParser:
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
-        help="allreduce, ddp, scaling, tp, pp, spatial, shard, ps, precision, restarts, compression, planner"
-        " (default: the first 9)",
+        help="allreduce, ddp, scaling, tp, pp, spatial, shard, ps, precision, checkpointing, restarts, compression,"
+        " planner (default: the first 9)",
     )
     bench.add_argument(
         "--links",

@@ -16,6 +16,16 @@ from shardwise.errors import ShardwiseError
 if TYPE_CHECKING:
     from shardwise.config import Config
 
+UNITS = {"": 2**20, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30}
+
+
+def parse_bytes(text: str, key: str = "memory-per-rank") -> float:
+    """`512MiB`, `2GiB`, `1.5g` or a number of MiB."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in UNITS:
+        raise ShardwiseError(key, f"{text!r}: expected a size such as 512MiB or 2GiB")
+    return float(match.group(1)) * UNITS[match.group(2).lower()]
+
 
 def describe_type(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -143,6 +153,8 @@ def validate(cfg: Config) -> None:
         raise ShardwiseError(
             "ps.staleness", f"={ps.staleness} needs ps.asynchronous=true (synchronous workers are never ahead)"
         )
+    if t.memory_per_rank:
+        parse_bytes(t.memory_per_rank, "train.memory_per_rank")
     _check_vertical(cfg)
     _check_auto(cfg.parallel)
     _check_comm(cfg)

@@ -120,6 +120,7 @@ def run(
             faults=faults,
             server=_server_settings(cfg),
             deterministic=cfg.train.deterministic,
+            checkpointing=cfg.train.activation_checkpointing,
             compression=CompressionSettings(
                 cfg.comm.compression, cfg.comm.topk_ratio, cfg.comm.powersgd_rank, cfg.comm.warmup_steps
             ),

@@ -7,7 +7,9 @@ The composition order, written here once (ARCHITECTURE.md):
    (parallel/vertical.py), tensor parallelism the fully-connected head
    (parallel/tensor.py), spatial the convolution stack (parallel/spatial.py).
    Split layers hold plain local tensors, so what follows treats them like any other;
-3. the data-parallel wrapper, outermost: DDP or FSDP2 (parallel/data.py), ZeRO-1's
+3. activation checkpointing of the part's layers as the partitioning left them
+   (parallel/recompute.py): their collectives run again in the recompute;
+4. the data-parallel wrapper, outermost: DDP or FSDP2 (parallel/data.py), ZeRO-1's
    sharded optimizer state (parallel/zero.py), or the parameter server's roles
    (parallel/param_server.py).
 
@@ -41,6 +43,7 @@ from shardwise.parallel.param_server import ServerSettings, apply_parameter_serv
 from shardwise.parallel.part import Part
 from shardwise.parallel.pipeline import apply_pipeline, gather_stages
 from shardwise.parallel.ps_protocol import load_flat
+from shardwise.parallel.recompute import apply_checkpointing
 from shardwise.parallel.spatial import apply_spatial
 from shardwise.parallel.splits import Split, full_state_dict
 from shardwise.parallel.tensor import apply_tensor_parallel
@@ -184,14 +187,16 @@ class Layout:
         return rank_bytes(self.local_model, optimizer)
 
     def summary(self) -> tuple[dict, list]:
-        """The layout's own summary keys (a pipeline's cut and bubble) and the last step's
+        """The layout's own summary keys (a pipeline's cut and bubble, the units checkpointed) and the last step's
         timeline of a pipeline (a collective of the stages)."""
         stage = self.part.stage
+        # activation checkpointing: the units of this rank's part (rank 0's, in the summary)
+        own = {"checkpointed_units": self.part.checkpointed} if self.part.checkpointed else {}
         if stage is None or self.runner is None:
-            return {}, []
+            return own, []
         timeline = gather_events(self.runner.events, stage.group)
         pipeline = {"cut": stage.rows, "cut_by": stage.cut_by, **bubble_summary(timeline, self.dims.microbatches)}
-        return {"pipeline": pipeline}, timeline
+        return {"pipeline": pipeline, **own}, timeline
 
 
 def apply_layout(
@@ -206,11 +211,13 @@ def apply_layout(
     server: ServerSettings,
     compression: CompressionSettings | None = None,
     deterministic: bool = False,
+    checkpointing: str = "none",
 ) -> Layout:
     """This rank's layout: the strategies applied to `model` in the one order, and the
     runner of a step. `features`: the vertical split of the input (None without);
     `example()`: one micro-batch of this rank's data (the pipeline profiles on it);
-    `deterministic` (train.deterministic): a pipeline is cut by its layers' sizes, not the clock."""
+    `deterministic` (train.deterministic): a pipeline is cut by its layers' sizes, not the clock;
+    `checkpointing` (train.activation_checkpointing, resolved): none or layers."""
     dims = mesh.dims
     whole = {k: v.detach().to("meta") for k, v in model.state_dict().items()}
     part = Part(model)
@@ -219,6 +226,7 @@ def apply_layout(
         part = apply_vertical(part, mesh, features=features, in_shape=in_shape)
     part = apply_tensor_parallel(part, mesh)
     part = apply_spatial(part, mesh, in_shape=in_shape)
+    part = apply_checkpointing(part, checkpointing)
     part = apply_data_parallel(part, mesh, device=device, compression=compression)
     part = apply_zero(part, mesh)
     part = apply_parameter_server(part, mesh, settings=server)

@@ -143,6 +143,11 @@ def run_rank(cfg: Config) -> tuple[Path, RunResult]:
         raise ShardwiseError(
             "comm.compression", "auto is chosen by shardwise's own launcher; under torchrun, name the method"
         )
+    if cfg.train.activation_checkpointing == "auto":
+        raise ShardwiseError(
+            "train.activation_checkpointing",
+            "auto is chosen by shardwise's own launcher; under torchrun, name none or layers",
+        )
     torch.set_num_threads(1)
     device = rank_device()
     if device.type == "cuda":

@@ -37,6 +37,10 @@ def test_own_model_trains_like_one_process(pool, layout):
         ),
         ({"model.name": "torch.nn:Identity", "parallel.tp": "2"}, "parallel.tp: Identity has no `head`"),
         ({"model.name": "torch.nn:Identity", "parallel.pp": "2"}, "parallel.pp: Identity is not a `features`"),
+        (
+            {"model.name": "torch.nn:Identity", "train.activation_checkpointing": "layers"},
+            "train.activation_checkpointing: layers needs the model's layers as a `features` then a `head`",
+        ),
         ({"model.name": "mlp", "model.options": '{"width": 3}'}, "model.options: are for your own model's function"),
         ({"model.name": "my model"}, "model.name: unknown model 'my model': a built-in (mlp, convnet, resnet)"),
     ],
@@ -47,6 +51,7 @@ def test_own_model_trains_like_one_process(pool, layout):
         "function fails",
         "tp needs a head",
         "pp needs stacks",
+        "checkpointing needs stacks",
         "options of a built-in",
         "neither",
     ],  # fmt: skip

@@ -11,8 +11,8 @@ from pathlib import Path
 import cli_fork
 import pytest
 
+from shardwise.config_check import parse_bytes
 from shardwise.errors import ShardwiseError
-from shardwise.plan.command import parse_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,3 +117,38 @@ def test_auto_layout_trains_with_the_plans_choice(tmp_path):
     assert refused.stderr.strip() == (
         "shardwise: parallel.tp: =2 with parallel.layout=auto: the planner chooses the layout; name one or the other"
     )
+
+
+def test_auto_checkpointing_within_the_memory_a_rank_may_use(tmp_path, cache):
+    """train.activation_checkpointing = auto: checkpointed only where the layout's predicted
+    peak is over train.memory_per_rank; the launcher says so in one line and the run (its
+    summary, its saved config) checkpoints; the plan prices both."""
+    import tomllib
+
+    model = ["--model.name", "convnet", "--model.channels", "8,16", "--train.batch_size", "256"]
+    env = {**os.environ, "SHARDWISE_CACHE": str(cache)}
+
+    def dp2(mode: str, *extra: str) -> dict:
+        args = ["plan", *model, "--nproc", "2", "--train.activation_checkpointing", mode, *extra, "--out", mode]
+        done = cli_fork.run(args, cwd=tmp_path, env=env, timeout=180)
+        assert done.returncode == 0, done.stderr
+        rows = json.loads((tmp_path / mode / "plan.json").read_text())["layouts"]
+        return next(r for r in rows if r["layout"] == "dp=2" and r["settings"]["shard"] == "none")
+
+    plain, checked = dp2("none"), dp2("layers")
+    assert checked["activation_checkpointing"] == "layers" and plain["activation_checkpointing"] == "none"
+    assert checked["memory_bytes"] < plain["memory_bytes"] and checked["compute_s"] > plain["compute_s"]
+    roomy = dp2("auto", "--memory-per-rank", f"{2 * plain['memory_bytes'] / 1024:.0f}KiB")
+    assert roomy["activation_checkpointing"] == "none"  # it fits: checkpointing would only slow it
+    budget = f"{(plain['memory_bytes'] + checked['memory_bytes']) / 2 / 1024:.0f}KiB"
+    argv = ["train", *model, "--nproc", "2", "--train.steps", "3", "--run.progress", "false", "--out", "run"]
+    argv += ["--train.activation_checkpointing", "auto", "--train.memory_per_rank", budget]
+    done = cli_fork.run(argv, cwd=tmp_path, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stdout.splitlines() if line.startswith("train.activation_checkpointing auto: ")]
+    assert len(said) == 1 and said[0].split(": ", 1)[1].startswith("layers (the predicted peak"), said
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["checkpointed_units"] == 4  # two convolution blocks, two hidden Linear + ReLU
+    assert summary["model_check"]["predicted"]["peak_bytes"] == pytest.approx(checked["memory_bytes"])
+    saved = tomllib.loads((tmp_path / "run" / "config.toml").read_text())["train"]
+    assert saved["activation_checkpointing"] == "layers"

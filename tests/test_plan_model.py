@@ -279,3 +279,36 @@ def test_a_spatial_cut_sums_the_bands_weight_gradients_once_a_step():
     cut = predict(ParallelConfig(spatial=2), 2, _setting())
     bare = predict(ParallelConfig(spatial=2), 2, dataclasses.replace(_setting(), profile=weightless))
     assert cut.comm_s - bare.comm_s == pytest.approx(1000 * 1e-9)  # a ring of 2 sends the bytes once
+
+
+def test_checkpointing_adds_the_checkpointed_forwards_and_prices_its_memory():
+    """train.activation_checkpointing = layers: the units with more than one layer (conv +
+    activation, Linear + activation; not the classifier alone) run their forward again,
+    split as the layout splits them, with their forward's communication (tp: the pair's row
+    layer all-reduces its output again); the backward's activations are the profile's
+    checkpointed bytes per sample."""
+
+    def layer(name, kind, forward, params, out):
+        return LayerProfile(name, kind, 0.0, 3 * forward, params, out, forward_per_sample_s=forward)
+
+    layers = (
+        layer("features.0", "conv", 4e-5, 1000, 400),
+        layer("features.1", "other", 1e-6, 0, 400),
+        layer("head.0", "linear", 8e-5, 4000, 200),  # tp: a column layer
+        layer("head.1", "other", 1e-6, 0, 200),
+        layer("head.2", "linear", 6e-5, 3000, 100),  # the pair's row layer: it all-reduces 100 B a sample
+        layer("head.3", "other", 1e-6, 0, 100),
+        layer("head.4", "linear", 3e-5, 800, 40),  # the classifier alone: not checkpointed, gathered under tp
+    )
+    profile = ModelProfile({}, layers, train_bytes_per_sample=5000.0, checkpointed_bytes_per_sample=2000.0)
+    plain = dataclasses.replace(_setting(), profile=profile)
+    checked = dataclasses.replace(plain, checkpointing=True)
+    one, two = predict(ParallelConfig(), 1, plain), predict(ParallelConfig(), 1, checked)
+    assert two.compute_s - one.compute_s == pytest.approx(64 * (4e-5 + 1e-6 + 8e-5 + 1e-6 + 6e-5 + 1e-6))
+    assert two.comm_s == one.comm_s == 0.0
+    assert one.memory_bytes - two.memory_bytes == pytest.approx(64 * (5000 - 2000))
+    tp1, tp2 = predict(ParallelConfig(tp=2), 2, plain), predict(ParallelConfig(tp=2), 2, checked)
+    # the head's Linear layers halved by tp
+    assert tp2.compute_s - tp1.compute_s == pytest.approx(64 * (4e-5 + 1e-6 + 8e-5 / 2 + 1e-6 + 6e-5 / 2 + 1e-6))
+    ring = 2 * (2 - 1) / 2 * 64 * 100 * 1e-9  # the row layer's output all-reduced again (ring, 1 ns a byte)
+    assert tp2.comm_s - tp1.comm_s == pytest.approx(ring)

@@ -153,7 +153,7 @@ def _row(b: Bench, row: dict, checks: list[dict]) -> dict:
     """One layout's predicted step and peak, and the median of its runs' measured ones."""
     from shardwise.plan.command import options_text
 
-    layout = f"{row['layout']} {options_text(row['settings'])}".strip()
+    layout = f"{row['layout']} {options_text(row)}".strip()
     steps = [c["measured_step_s"] for c in checks]
     peaks = [c["measured_peak_bytes"] for c in checks if c.get("measured_peak_bytes")]
     predicted, measured = row["step_s"], statistics.median(steps)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from shardwise.bench import (
     allreduce,
+    checkpointing,
     compression,
     ddp,
     planner,
@@ -50,11 +51,12 @@ SCENARIOS: dict[str, tuple[Callable[[Bench], None], bool]] = {
     "shard": (shard.run, False),  # bytes held: the same on every link
     "ps": (ps.run, True),
     "precision": (precision.run, False),  # compute: one link is enough
+    "checkpointing": (checkpointing.run, False),  # compute and memory: one link is enough
     "restarts": (restarts.run, False),  # correctness trials, not timed
     "compression": (compression.run, True),  # every method trained to a target: half an hour a link
     "planner": (planner.run, True),  # every layout run for real: an hour and more
 }
-DEFAULT = [name for name in SCENARIOS if name not in ("restarts", "planner", "compression")]
+DEFAULT = [name for name in SCENARIOS if name not in ("restarts", "planner", "compression", "checkpointing")]
 CLUSTER_NAME, HOSTS = "swb", 4
 
 

@@ -42,6 +42,7 @@ class Part:
     # share of, and the group they are summed over after the backward (a sum commutes
     # with the data-parallel average of each share)
     band_sum: tuple[dist.ProcessGroup, list[nn.Parameter]] | None = None
+    checkpointed: int = 0  # activation checkpointing: the units whose forward the backward runs again
 
     def but(self, **changes) -> Part:
         """A copy with `changes` (the strategies return new parts, never edit the one given)."""

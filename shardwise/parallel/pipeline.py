@@ -38,6 +38,7 @@ class LayerCost:
     param_bytes: int
     activation_bytes: int
     out_shape: tuple[int, ...]  # of its output, for one micro-batch
+    forward_s: float = 0.0  # the forward's share of time_s
 
 
 def model_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -74,9 +75,11 @@ def _clear_grads(model: nn.Module) -> None:
 def profile_layers(model: nn.Module, x: Tensor, repeats: int = 3) -> list[LayerCost]:
     """Forward + backward time of each layer on `x` (median of `repeats` passes), each
     backward making its parameters' gradients anew, as a training step does after
-    `zero_grad(set_to_none=True)` (not adding into the last pass's)."""
+    `zero_grad(set_to_none=True)` (not adding into the last pass's); and the forward's alone
+    (what activation checkpointing runs again)."""
     layers = model_layers(model)
     times: list[list[float]] = [[] for _ in layers]
+    forwards: list[list[float]] = [[] for _ in layers]
     sizes: list[int] = [0] * len(layers)
     shapes: list[tuple[int, ...]] = [()] * len(layers)
     for _ in range(repeats):
@@ -87,14 +90,22 @@ def profile_layers(model: nn.Module, x: Tensor, repeats: int = 3) -> list[LayerC
             started = time.perf_counter()
             with torch.enable_grad():
                 out = layer(inp)
+                forwards[i].append(time.perf_counter() - started)
                 out.backward(torch.ones_like(out))
             times[i].append(time.perf_counter() - started)
             sizes[i], shapes[i] = out.numel() * out.element_size(), tuple(out.shape)
             h = out.detach()
     _clear_grads(model)
     return [
-        LayerCost(name, statistics.median(t), sum(p.numel() * p.element_size() for p in m.parameters()), size, shape)
-        for (name, m), t, size, shape in zip(layers, times, sizes, shapes, strict=True)
+        LayerCost(
+            name,
+            statistics.median(t),
+            sum(p.numel() * p.element_size() for p in m.parameters()),
+            size,
+            shape,
+            statistics.median(f),
+        )  # fmt: skip
+        for (name, m), t, f, size, shape in zip(layers, times, forwards, sizes, shapes, strict=True)
     ]
 
 

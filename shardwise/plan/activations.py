@@ -4,7 +4,9 @@ while it runs, the parameters' gradients left out) and an evaluation forward und
 `no_grad` (each layer's input and output alive at once, and whatever the kernels allocate
 beside: a convolution's reordered copies and its primitives' scratch memory). Counting
 only each layer's output misses those; the planner's memory model takes these figures
-where they were measured.
+where they were measured. The training pass is measured a second time with every unit
+checkpointed (`parallel/recompute.py`): the figure `train.activation_checkpointing =
+layers` is priced with.
 
 Measured in a process of its own (`python -m shardwise.plan.activations SPEC`), as the
 growth of its peak resident memory (VmHWM, reset before each pass) over the first pass at
@@ -73,6 +75,16 @@ def pass_bytes(model: nn.Module, sample: torch.Tensor, train_samples: int, eval_
     copies of `sample` and the first on twice as many (the process's one-time set-up, the
     autograd engine's, falls in the fixed part); and `eval`, per sample of the first
     `no_grad` forward on `eval_samples`."""
+    fixed, per_sample = line(model, sample, train_samples)
+    model.eval()
+    with torch.no_grad():
+        evaluated = _peak_growth(lambda: model(sample.expand(eval_samples, *sample.shape).contiguous()))
+    return {"train_fixed": fixed, "train": per_sample, "eval": evaluated / eval_samples}
+
+
+def line(model: nn.Module, sample: torch.Tensor, train_samples: int) -> tuple[float, float]:
+    """(fixed, per sample) bytes of a forward + backward beyond the weights and gradients,
+    from the first pass at `train_samples` and at twice as many (`pass_bytes`'s figures)."""
     params = [p for p in model.parameters() if p.requires_grad]
     grads = sum(p.numel() * p.element_size() for p in params)
 
@@ -86,20 +98,13 @@ def pass_bytes(model: nn.Module, sample: torch.Tensor, train_samples: int, eval_
 
     model.train()
     first = max(0, _peak_growth(step(train_samples)) - grads)
-    second = max(0, _peak_growth(step(2 * train_samples)) - grads)
-    per_sample = second / (2 * train_samples)
-    model.eval()
-    with torch.no_grad():
-        evaluated = _peak_growth(lambda: model(sample.expand(eval_samples, *sample.shape).contiguous()))
-    return {
-        "train_fixed": max(0.0, first - per_sample * train_samples),
-        "train": per_sample,
-        "eval": evaluated / eval_samples,
-    }
+    per_sample = max(0, _peak_growth(step(2 * train_samples)) - grads) / (2 * train_samples)
+    return max(0.0, first - per_sample * train_samples), per_sample
 
 
 def _main(text: str) -> None:
     from shardwise.config import ModelConfig
+    from shardwise.errors import ShardwiseError
     from shardwise.models import build_model
 
     spec = json.loads(text)
@@ -108,7 +113,18 @@ def _main(text: str) -> None:
     dtype = getattr(torch, spec["dtype"])
     model = build_model(ModelConfig(**spec["model"]), tuple(spec["in_shape"]), spec["num_classes"]).to(dtype)
     sample = torch.randn(spec["in_shape"]).to(dtype)
-    print(json.dumps(pass_bytes(model, sample, spec["train_samples"], spec["eval_samples"])))
+    found = pass_bytes(model, sample, spec["train_samples"], spec["eval_samples"])
+    if spec.get("checkpointed", True):  # the same passes with every unit checkpointed
+        from shardwise.parallel.recompute import checkpoint_layers
+
+        try:
+            checkpoint_layers(model)
+        except ShardwiseError:  # a model of the user's own without the stacks: layers is refused anyway
+            pass
+        else:
+            # per sample: the engine's one-time set-up is the unchecked passes' fixed part
+            found["checkpointed"] = line(model, sample, spec["train_samples"])[1]
+    print(json.dumps(found))
 
 
 if __name__ == "__main__":

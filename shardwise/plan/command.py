@@ -26,25 +26,16 @@ import torch
 from shardwise.comm.compress import CompressionSettings
 from shardwise.comm.cost import Link
 from shardwise.config import Config
-from shardwise.config_check import uncompressed_because
+from shardwise.config_check import parse_bytes, uncompressed_because
 from shardwise.errors import ShardwiseError
 from shardwise.files import cache_dir, write_atomic
 from shardwise.jsonsafe import dumps
+from shardwise.plan.checkpointing import priced
 from shardwise.plan.compression import named_settings, run_averaging
 from shardwise.plan.model import Prediction, Setting, predict
 from shardwise.plan.profile import ModelProfile, batch_sizes, cached, loading_fit, profile_key, profile_model
 from shardwise.plan.space import ModelShape, layouts
 from shardwise.topology import ParallelDims
-
-UNITS = {"": 2**20, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30}
-
-
-def parse_bytes(text: str, key: str = "memory-per-rank") -> float:
-    """`512MiB`, `2GiB`, `1.5g` or a number of MiB."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in UNITS:
-        raise ShardwiseError(key, f"{text!r}: expected a size such as 512MiB or 2GiB")
-    return float(match.group(1)) * UNITS[match.group(2).lower()]
 
 
 def optimizer_slots(cfg: Config) -> int:
@@ -117,21 +108,24 @@ def measured_setting(cfg: Config, cluster: str, nproc: int) -> tuple[Setting, Mo
     setting = Setting(profile, link, t.batch_size, cores, optimizer_slots(cfg), step_s, rank_bytes, val_samples)
     setting = dataclasses.replace(setting, load_fixed_s=load_fixed, load_s_per_sample=load_per_sample)
     setting = dataclasses.replace(setting, grad_accum=t.grad_accum, averaging=run_averaging(cfg, link))
+    setting = dataclasses.replace(setting, checkpointing=t.activation_checkpointing == "layers")
     return dataclasses.replace(setting, compression=named_settings(cfg)), shape
 
 
 def search(cfg: Config, nproc: int, setting: Setting, shape: ModelShape, budget: float | None) -> list[dict]:
     """Every layout's prediction (that can average through the run's named compression
-    method), fastest first; those over `budget` bytes marked."""
-    rows, method = [], cfg.comm.compression
+    method), fastest first; those over `budget` bytes marked. Each checkpointed as
+    train.activation_checkpointing says (auto: only where it would not fit unchecked)."""
+    rows, method, mode = [], cfg.comm.compression, cfg.train.activation_checkpointing
     for layout in layouts(nproc, batch=cfg.train.batch_size, shape=shape, grad_accum=cfg.train.grad_accum):
         if (
             method not in ("none", "auto")
             and uncompressed_because(shard=layout.shard, ps=layout.mode == "ps", method=method)[0]
         ):
             continue
-        p = predict(layout, nproc, setting)
-        rows.append({"config": layout, "prediction": p, "fits": budget is None or p.memory_bytes <= budget})
+        on, p = priced(functools.partial(predict, layout, nproc), setting, mode, budget)
+        fits = budget is None or p.memory_bytes <= budget
+        rows.append({"config": layout, "prediction": p, "fits": fits, "checkpointing": on})
     rows.sort(key=lambda r: r["prediction"].step_s)
     return rows
 
@@ -157,14 +151,7 @@ def plan(cfg: Config, *, nproc: int, cluster: str, budget: float | None, out: Pa
     searched = time.perf_counter()
     rows = search(cfg, nproc, setting, shape, budget)
     search_s = time.perf_counter() - searched
-    feasible = [r for r in rows if r["fits"]]
-    if not feasible:
-        least = min(rows, key=lambda r: r["prediction"].memory_bytes)["prediction"]
-        raise ShardwiseError(
-            "memory-per-rank",
-            f"no layout of {nproc} ranks fits {budget / 2**20:,.1f} MiB a rank: the smallest predicted peak is "
-            f"{least.memory_bytes / 2**20:,.1f} MiB ({least.layout})",
-        )
+    feasible = _feasible(rows, budget, nproc, "memory-per-rank")
     result = {
         "nproc": nproc,
         "cores": setting.cores,
@@ -189,6 +176,19 @@ def plan(cfg: Config, *, nproc: int, cluster: str, budget: float | None, out: Pa
     return result
 
 
+def _feasible(rows: list[dict], budget: float | None, nproc: int, key: str) -> list[dict]:
+    """The rows that fit `budget`; none: one line naming the smallest predicted peak."""
+    feasible = [r for r in rows if r["fits"]]
+    if not feasible:
+        least = min(rows, key=lambda r: r["prediction"].memory_bytes)
+        raise ShardwiseError(
+            key,
+            f"no layout of {nproc} ranks fits {budget / 2**20:,.1f} MiB a rank: the smallest predicted peak is "
+            f"{least['prediction'].memory_bytes / 2**20:,.1f} MiB ({describe(summary_row(least, 1))})",
+        )
+    return feasible
+
+
 def _why_first(feasible: list[dict]) -> str:
     """Why the first beats the fastest layout of another shape (not one of its own options)."""
     best = feasible[0]["prediction"]
@@ -198,7 +198,7 @@ def _why_first(feasible: list[dict]) -> str:
 
 def describe(row: dict) -> str:
     """A row's layout and its options in a few words."""
-    extra = options_text(row["settings"])
+    extra = options_text(row)
     return f"{row['layout']}, {extra}" if extra else row["layout"]
 
 
@@ -216,6 +216,7 @@ def summary_row(row: dict, batch: int) -> dict:
         "samples_per_s": batch / p.step_s if p.step_s > 0 else None,
         "memory_bytes": p.memory_bytes,
         "fits": row["fits"],
+        "activation_checkpointing": "layers" if row.get("checkpointing") else "none",
     }
 
 
@@ -227,7 +228,7 @@ def _plot(path: Path, rows: list[dict]) -> None:
 
     from shardwise.files import atomic_path
 
-    names = [f"{r['layout']} {options_text(r['settings'])}".strip() for r in rows]
+    names = [f"{r['layout']} {options_text(r)}".strip() for r in rows]
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 1.5))
     left = [0.0] * len(rows)
     bars = (("load_s", "tab:green"), ("compute_s", "tab:blue"), ("comm_s", "tab:orange"), ("bubble_s", "tab:grey"))
@@ -244,11 +245,15 @@ def _plot(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def options_text(settings: dict) -> str:
-    """A layout's options beside its degrees (shard mode, schedule and micro-batches), or ''."""
+def options_text(row: dict) -> str:
+    """A planned layout's options beside its degrees (shard mode, schedule and micro-batches,
+    activation checkpointing), or ''."""
+    settings = row["settings"]
     bits = [f"shard={settings['shard']}"] if settings.get("shard", "none") != "none" else []
     if settings.get("pp", 1) > 1:
         bits.append(f"{settings['schedule']} M={settings.get('microbatches')}")
+    if row.get("activation_checkpointing") == "layers":
+        bits.append("checkpointed")
     return ", ".join(bits)
 
 
@@ -266,7 +271,7 @@ def render(result: dict, top: int = 12):
     for i, r in enumerate(result["layouts"][:top], start=1):
         mark = "" if r["fits"] else " (over budget)"
         table.add_row(
-            str(i), r["layout"], options_text(r["settings"]) + mark, f"{1e3 * r['step_s']:.2f}",
+            str(i), r["layout"], options_text(r) + mark, f"{1e3 * r['step_s']:.2f}",
             f"{1e3 * r['load_s']:.3f}", f"{1e3 * r['compute_s']:.2f}", f"{1e3 * r['comm_s']:.2f}",
             f"{1e3 * r['bubble_s']:.2f}",
             f"{r['samples_per_s']:,.0f}", f"{r['memory_bytes'] / 2**20:,.1f}",
@@ -280,7 +285,8 @@ def plan_and_print(cfg: Config, *, nproc: int, cluster: str, memory: str | None,
 
     if nproc < 1:
         raise ShardwiseError("nproc", f"must be at least 1, got {nproc}")
-    budget = parse_bytes(memory) if memory is not None else None
+    named = memory if memory is not None else cfg.train.memory_per_rank or None  # the flag, else the config's
+    budget = parse_bytes(named) if named is not None else None
     out = out or Path("runs") / f"plan-{time.strftime('%Y%m%d-%H%M%S')}"
     result = plan(cfg, nproc=nproc, cluster=cluster, budget=budget, out=out)
     console = Console(width=max(120, Console().width))
@@ -300,18 +306,23 @@ def predicted_rows(cfg: Config, *, nproc: int, cluster: str) -> list[dict]:
 
 
 def choose_layout(cfg: Config, *, nproc: int, cluster: str) -> dict:
-    """parallel.layout = auto: plan, print the choice in one line, and set it in `cfg`
-    (as a manual layout: the run's saved config names what it ran). The choice's
-    prediction, as `predicted_step` gives it."""
+    """parallel.layout = auto: plan within the memory a rank may use, print the choice in one
+    line, and set it in `cfg` (as a manual layout, with activation checkpointing where auto
+    chose it: the run's saved config names what it ran). The choice's prediction, as
+    `predicted_step` gives it."""
+    from shardwise.plan.checkpointing import rank_budget
+
     setting, shape = measured_setting(cfg, cluster, nproc)
-    rows = search(cfg, nproc, setting, shape, None)
+    budget = rank_budget(cfg, nproc)[0]
+    rows = _feasible(search(cfg, nproc, setting, shape, budget), budget, nproc, "train.memory_per_rank")
     best = summary_row(rows[0], cfg.train.batch_size)
     print(
         f"parallel.layout auto: {describe(best)} (predicted {1e3 * best['step_s']:.2f} ms a step, "
         f"the fastest of {len(rows)} layouts of {nproc} ranks; `shardwise plan` shows them all)"
     )
     cfg.parallel = dataclasses.replace(rows[0]["config"], layout="manual")
-    return _step_figures(rows[0]["prediction"])
+    cfg.train.activation_checkpointing = best["activation_checkpointing"]
+    return step_figures(rows[0]["prediction"])
 
 
 def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> dict | None:
@@ -341,7 +352,7 @@ def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> dict | None:
     best, line = choose(averaging, {m: p.step_s for m, p in predicted.items()} if predicted else None)
     print(f"comm.compression auto: {line}")
     c.compression = best
-    return _step_figures(predicted[best]) if predicted else None
+    return step_figures(predicted[best]) if predicted else None
 
 
 def _method_steps(cfg: Config, nproc: int, cluster: str, averaging: dict[str, float]) -> dict[str, Prediction] | None:
@@ -368,10 +379,10 @@ def predicted_step(cfg: Config, *, nproc: int, cluster: str) -> dict:
     """What the cost model predicts for the layout `cfg` names on `nproc` ranks: the run's
     summary sets it beside what was measured."""
     setting, _ = measured_setting(cfg, cluster, nproc)
-    return _step_figures(predict(cfg.parallel, nproc, setting))
+    return step_figures(predict(cfg.parallel, nproc, setting))
 
 
-def _step_figures(p: Prediction) -> dict:
+def step_figures(p: Prediction) -> dict:
     return {
         "step_s": p.step_s,
         "load_s": p.load_s,

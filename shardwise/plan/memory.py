@@ -14,7 +14,8 @@ residuals and buffers (`comm/compress.py` `compressor_bytes`).
 Passing, the largest of:
 - the backward: the activations kept for it and what it allocates as it runs, for the
   samples in flight (a pipeline keeps P micro-batches under 1F1B, all M under GPipe):
-  measured per sample on the whole model (`plan/activations.py`), a stage's share in
+  measured per sample on the whole model (`plan/activations.py`; with every unit
+  checkpointed where the run checkpoints its activations), a stage's share in
   proportion to its layers' outputs; counted as every layer's output where it could not
   be measured; plus, where
   gradients accumulate over micro-batches, the largest parameter's fresh gradient before it
@@ -41,7 +42,7 @@ from shardwise.topology import ParallelDims
 
 
 def _first(layers: tuple[LayerProfile, ...]) -> int:
-    return next((i for i, x in enumerate(layers) if x.kind != "other"), 0)
+    return next((i for i, x in enumerate(layers) if x.kind in ("linear", "conv")), 0)
 
 
 def _held(layer: LayerProfile, dims: ParallelDims, first: bool) -> float:
@@ -71,6 +72,7 @@ def rank_peak(
     val_samples: int = 0,
     overhead_bytes: float = 0.0,
     compressor: Callable[[float], float] | None = None,
+    checkpointing: bool = False,
 ) -> float:
     """The peak bytes of a rank holding the layers in `stage` (all, outside a pipeline)
     with `samples_held` samples' activations kept for the backward."""
@@ -86,7 +88,10 @@ def rank_peak(
     spread = dims.spatial
     counted = sum(profile.layers[i].out_bytes_per_sample for i in idx)  # this rank's layers' outputs
     share = counted / max(1, sum(layer.out_bytes_per_sample for layer in profile.layers))
-    per_sample = profile.train_bytes_per_sample * share if profile.train_bytes_per_sample else counted
+    measured = profile.train_bytes_per_sample
+    if checkpointing and profile.checkpointed_bytes_per_sample:  # else: the unchecked figure, an upper bound
+        measured = profile.checkpointed_bytes_per_sample
+    per_sample = measured * share if measured else counted
     activations = per_sample * samples_held / spread
     backward = activations + (units[0] if accumulate else 0.0)
     if dims.dp > 1 and dims.shard in ("none", "optimizer"):

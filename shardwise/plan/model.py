@@ -6,7 +6,9 @@ layer it holds: tensor parallelism divides the `head`'s Linear layers by tp, spa
 bands the `features`' convolutions by spatial, vertical partitioning the first layer by
 vertical, a pipeline runs its stages on micro-batches; then the optimizer's step on the
 parameters a rank updates (the profile's seconds per byte; a parameter server's step is
-its servers'); then the engine's own cost per step, measured (`plan/overhead.py`). Each
+its servers'); then the engine's own cost per step, measured (`plan/overhead.py`); with activation
+checkpointing, the checkpointed layers' forward once more, with their forward's
+communication. Each
 strategy's communication is its own module's formula (parallel/*: `sync_seconds`, `tp_seconds`, `pipeline_seconds`,
 `halo_seconds` and `band_sum_seconds`, `vertical_seconds`, `ps_seconds`). When there are more ranks than cores,
 compute stretches by ranks / cores. Loading (T_load) is each rank's data-parallel share of
@@ -23,11 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shardwise.comm.compress import HALF, CompressionSettings, compressor_bytes
-from shardwise.comm.cost import Link, all_gather
+from shardwise.comm.cost import Link, all_gather, all_reduce
 from shardwise.config import ParallelConfig
 from shardwise.parallel.data import DDP_BUCKET_BYTES, sync_seconds
 from shardwise.parallel.pipeline import cut_units, pipeline_seconds, units_of
 from shardwise.parallel.ps_protocol import ps_seconds
+from shardwise.parallel.recompute import checkpointed_units
 from shardwise.parallel.spatial import band_sum_seconds, halo_seconds
 from shardwise.parallel.tensor import tp_seconds
 from shardwise.parallel.vertical import vertical_seconds
@@ -58,6 +61,9 @@ class Setting:
     # T_load: a rank loads its data-parallel share of the batch, fixed + per sample seconds
     load_fixed_s: float = 0.0
     load_s_per_sample: float = 0.0
+    # train.activation_checkpointing = layers: each unit's forward runs again in the backward,
+    # and the backward keeps only the units' inputs
+    checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,8 +90,44 @@ def _share(layer: LayerProfile, dims: ParallelDims, first: bool) -> int:
 
 
 def _compute(profile: ModelProfile, dims: ParallelDims, samples: float) -> float:
-    first = next((i for i, layer in enumerate(profile.layers) if layer.kind != "other"), 0)
+    first = next((i for i, layer in enumerate(profile.layers) if layer.kind in ("linear", "conv")), 0)
     return sum(layer.seconds(samples) / _share(layer, dims, i == first) for i, layer in enumerate(profile.layers))
+
+
+def checkpointed(profile: ModelProfile) -> list[bool]:
+    """Which layers activation checkpointing runs again: those of the checkpointed units, cut
+    per stack (`features`, `head`) as parallel/recompute.py cuts them."""
+    flags = []
+    for stack in ("features.", "head."):
+        layers = [layer for layer in profile.layers if layer.name.startswith(stack)]
+        starts = [x.param_bytes > 0 and x.kind != "norm" for x in layers]
+        # a layer of another kind with weights is a block of layers (a residual block)
+        for unit, on in checkpointed_units(starts, [x.kind == "other" for x in layers]):
+            flags += [on] * len(unit)
+    return flags
+
+
+def _recompute(profile: ModelProfile, dims: ParallelDims, link: Link, samples: float) -> tuple[float, float]:
+    """What checkpointing adds to a pass of `samples`, (compute, communication): the
+    checkpointed layers' forward again, split as the layout splits it, with the forward's
+    communication of those layers (a tensor-parallel pair's row layer all-reduces its
+    output, an odd last layer gathers it; the first layer's partial sums under vertical;
+    the halos a band's convolution takes; a norm's sums)."""
+    layers, on = profile.layers, checkpointed(profile)
+    first = next((i for i, layer in enumerate(layers) if layer.kind in ("linear", "conv")), 0)
+    compute = sum(x.forward_seconds(samples) / _share(x, dims, i == first) for i, x in enumerate(layers) if on[i])
+    comm = 0.0
+    if dims.tp > 1:
+        linears = [i for i, x in enumerate(layers) if x.name.startswith("head.") and x.kind == "linear"]
+        rows = [i for i in linears[1::2] if on[i]]
+        comm += sum(all_reduce(link, dims.tp, layers[i].out_bytes_per_sample * samples) for i in rows)
+        if len(linears) % 2 and on[linears[-1]]:
+            comm += all_gather(link, dims.tp, layers[linears[-1]].out_bytes_per_sample * samples)
+    if dims.vertical > 1 and on[first]:
+        comm += vertical_seconds(link, dims.vertical, layers[first].out_bytes_per_sample * samples)
+    halos = [x.halo_bytes_per_sample * samples * on[i] for i, x in enumerate(layers)]
+    norms = [x.norm_bytes for i, x in enumerate(layers) if x.norm_bytes and on[i]]
+    return compute, comm + halo_seconds(link, dims.spatial, halos, norms) / 2  # halos, norms: forward and backward
 
 
 def _tp_pairs(profile: ModelProfile, samples: float) -> tuple[list[tuple[float, float]], float]:
@@ -107,7 +149,7 @@ def _split_comm(profile: ModelProfile, dims: ParallelDims, link: Link, samples: 
     if dims.tp > 1:
         pairs, odd = _tp_pairs(profile, samples)
         comm += tp_seconds(link, dims.tp, pairs) + all_gather(link, dims.tp, odd)
-    first = next((layer for layer in profile.layers if layer.kind != "other"), None)
+    first = next((layer for layer in profile.layers if layer.kind in ("linear", "conv")), None)
     if dims.vertical > 1 and first is not None:
         comm += vertical_seconds(link, dims.vertical, first.out_bytes_per_sample * samples)
     halos = [layer.halo_bytes_per_sample * samples for layer in profile.layers]
@@ -143,6 +185,7 @@ def _peak(setting: Setting, dims: ParallelDims, stages: list[tuple[range | None,
             val_samples=setting.val_samples,
             overhead_bytes=setting.rank_overhead_bytes,
             compressor=functools.partial(_compressor_bytes, setting.compression, dims) if setting.compression else None,
+            checkpointing=setting.checkpointing,
         )  # fmt: skip
         for stage, held in stages
     )
@@ -165,6 +208,12 @@ def _pipeline(setting: Setting, dims: ParallelDims, micro: float, stretch: float
     # cut on the passes' times, as the engine cuts on the layers it profiles
     cut = cut_units(passes, units_of([layer.param_bytes > 0 for layer in profile.layers]), dims.pp) + [len(passes)]
     times = [t + adds * layer.param_bytes * stretch for t, layer in zip(passes, profile.layers, strict=True)]
+    if setting.checkpointing:  # the cut is made before, on the layers' own passes; the forwards run again
+        again = [
+            layer.forward_seconds(micro) * stretch * on
+            for layer, on in zip(profile.layers, checkpointed(profile), strict=True)
+        ]
+        times = [t + a for t, a in zip(times, again, strict=True)]
     stage_s = [sum(times[a:b]) for a, b in zip(cut, cut[1:], strict=False)]
     boundary = [profile.layers[b - 1].out_bytes_per_sample * micro for b in cut[1:-1]]
     step, bubble = pipeline_seconds(stage_s, dims.microbatches, link, boundary)
@@ -201,10 +250,11 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         overlapped = compute  # the stage's whole schedule: its last micro-batch's backward ends it
     else:
         accum = setting.grad_accum  # micro-batches of samples / accum, their gradients summed
-        overlapped = _compute(profile, dims, samples / accum) * stretch  # the one backward that syncs
+        again, again_comm = _recompute(profile, dims, link, samples / accum) if setting.checkpointing else (0, 0)
+        overlapped = (_compute(profile, dims, samples / accum) + again) * stretch  # the one backward that syncs
         compute = accum * overlapped
         compute += (accum - 1) * profile.accumulate_s_per_byte * held_params(profile, dims) * stretch
-        comm = accum * _split_comm(profile, dims, link, samples / accum)
+        comm = accum * (_split_comm(profile, dims, link, samples / accum) + again_comm)
         stages = [(None, samples / accum)]
     grad_bytes = profile.param_bytes / (dims.tp * dims.pp)
     # compressed: the method's collectives and compute, for a stage's share of the gradients

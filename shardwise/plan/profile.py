@@ -27,8 +27,9 @@ from torch import nn
 
 from shardwise.files import write_atomic
 from shardwise.parallel.pipeline import profile_layers
+from shardwise.parallel.recompute import is_norm
 
-VERSION = 8  # of what a profile measures: a profile of another version is measured again
+VERSION = 9  # of what a profile measures: a profile of another version is measured again
 BATCH_SIZES = (8, 32, 64)  # samples per profiled pass by default: a line through these times
 
 
@@ -43,7 +44,7 @@ def batch_sizes(batch: int) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class LayerProfile:
     name: str  # `features.3`, `head.0`: the model's own name
-    kind: str  # linear, conv or other
+    kind: str  # linear, conv, norm or other
     fixed_s: float  # forward + backward seconds = fixed_s + per_sample_s x samples
     per_sample_s: float
     param_bytes: int
@@ -51,9 +52,14 @@ class LayerProfile:
     in_bytes_per_sample: int = 0  # what it takes in, one sample
     halo_bytes_per_sample: int = 0  # a convolution: the (kernel - 1) input rows a band needs from its neighbours
     norm_bytes: int = 0  # a group norm: the per-channel sums a spatial cut all-reduces
+    forward_fixed_s: float = 0.0  # the forward alone (what activation checkpointing runs again)
+    forward_per_sample_s: float = 0.0
 
     def seconds(self, samples: float) -> float:
         return self.fixed_s + self.per_sample_s * samples
+
+    def forward_seconds(self, samples: float) -> float:
+        return self.forward_fixed_s + self.forward_per_sample_s * samples
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,8 @@ class ModelProfile:
     train_fixed_bytes: float = 0.0  # a forward + backward's memory beyond weights and gradients: fixed
     train_bytes_per_sample: float = 0.0  # and per sample (0: unmeasured)
     eval_bytes_per_sample: float = 0.0  # an evaluation forward's, under no_grad (plan/activations.py)
+    # a forward + backward's per sample with every unit checkpointed (parallel/recompute.py; 0: unmeasured)
+    checkpointed_bytes_per_sample: float = 0.0
     accumulate_s_per_byte: float = 0.0  # a micro-batch's gradient added into the step's, per parameter byte
     memory_unmeasured: str = ""  # why the passes' memory could not be measured: such a profile is not kept
 
@@ -125,7 +133,7 @@ def _kind(module: nn.Module) -> str:
         return "linear"
     if isinstance(module, nn.Conv2d):
         return "conv"
-    return "other"
+    return "norm" if is_norm(module) else "other"
 
 
 def update_seconds(model: nn.Module, optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer]) -> float:
@@ -193,6 +201,7 @@ def profile_model(
     layers, in_shape, size = [], tuple(sample.shape), sample.element_size()
     for i, cost in enumerate(runs[0]):
         fixed, per_sample = fit_line(list(sizes), [run[i].time_s for run in runs])
+        forward = fit_line(list(sizes), [run[i].forward_s for run in runs])
         module = modules[cost.name]
         halo = norm = 0
         if isinstance(module, nn.Conv2d) and len(in_shape) == 3:
@@ -202,7 +211,7 @@ def profile_model(
         layers.append(
             LayerProfile(
                 cost.name, _kind(module), fixed, per_sample, cost.param_bytes,
-                cost.activation_bytes // sizes[0], math.prod(in_shape) * size, halo, norm,
+                cost.activation_bytes // sizes[0], math.prod(in_shape) * size, halo, norm, *forward,
             )
         )  # fmt: skip
         in_shape = tuple(cost.out_shape[1:])
@@ -212,7 +221,8 @@ def profile_model(
     accumulate = accumulate_seconds(model) / param_bytes if param_bytes else 0.0
     found = passes() if passes is not None else {}
     memory = (found.get("train_fixed", 0.0), found.get("train", 0.0), found.get("eval", 0.0))
-    return ModelProfile(key, tuple(layers), update, copy, *memory, accumulate, found.get("failed", ""))
+    checkpointed = found.get("checkpointed", 0.0)
+    return ModelProfile(key, tuple(layers), update, copy, *memory, checkpointed, accumulate, found.get("failed", ""))
 
 
 def profile_key(

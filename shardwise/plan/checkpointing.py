@@ -1,0 +1,91 @@
+"""`train.activation_checkpointing = auto` and the memory a rank may use.
+
+The planner prices every layout without activation checkpointing and, where the run allows
+it (`layers`, or `auto`), with it: the checkpointed layers' forward once more in the step,
+and the backward's activations as measured with every unit checkpointed
+(`plan/activations.py`). Under `auto` a layout is checkpointed only where its predicted
+peak does not fit the memory a rank may use (`train.memory_per_rank`, or this machine's
+available memory shared by its ranks): checkpointing never makes a step faster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from shardwise.config import Config
+from shardwise.config_check import parse_bytes
+from shardwise.plan.model import Prediction, Setting
+
+MiB = 2**20
+
+
+def available_bytes() -> float | None:
+    """This machine's available memory (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def rank_budget(cfg: Config, nproc: int) -> tuple[float | None, str]:
+    """The bytes a rank may use and where the figure comes from (None: unknown)."""
+    if cfg.train.memory_per_rank:
+        return parse_bytes(cfg.train.memory_per_rank, "train.memory_per_rank"), "train.memory_per_rank"
+    available = available_bytes()
+    if available is None:
+        return None, "this machine's memory is unknown"
+    ranks = max(1, nproc)
+    return available / ranks, f"this machine's available memory shared by {ranks} ranks"
+
+
+def options(mode: str) -> tuple[bool, ...]:
+    """Whether to price a layout unchecked, checkpointed, or both (auto: unchecked first)."""
+    return {"none": (False,), "layers": (True,), "auto": (False, True)}[mode]
+
+
+def priced(predict_with: Callable[[Setting], Prediction], setting: Setting, mode: str, budget: float | None):
+    """(checkpointed, prediction) of a layout under `mode`: the first option that fits
+    `budget`, or, where none does, the one with the smaller peak."""
+    tried = [(on, predict_with(dataclasses.replace(setting, checkpointing=on))) for on in options(mode)]
+    fitting = [t for t in tried if budget is None or t[1].memory_bytes <= budget]
+    return fitting[0] if fitting else min(tried, key=lambda t: t[1].memory_bytes)
+
+
+def explain(on: bool, without: Prediction, chosen: Prediction, budget: float | None, source: str) -> str:
+    """The one line `auto` prints."""
+    limit = f"{budget / MiB:,.1f} MiB ({source})" if budget is not None else source
+    if not on:
+        return f"none (the predicted peak, {without.memory_bytes / MiB:,.1f} MiB a rank, fits {limit})"
+    fits = "fits" if budget is None or chosen.memory_bytes <= budget else "still does not fit"
+    return (
+        f"layers (the predicted peak, {without.memory_bytes / MiB:,.1f} MiB a rank, is over {limit}; "
+        f"checkpointed: {chosen.memory_bytes / MiB:,.1f} MiB, which {fits}, and a step "
+        f"{chosen.step_s / without.step_s:.2f}x as long)"
+    )
+
+
+def choose_checkpointing(cfg: Config, *, nproc: int, cluster: str) -> dict | None:
+    """train.activation_checkpointing = auto for the layout `cfg` names: none where its
+    predicted peak fits the memory a rank may use, else layers; printed in one line and
+    set in `cfg`. The chosen prediction, as `predicted_step` gives it (None for a model the
+    cost model cannot profile: then none)."""
+    from shardwise.errors import ShardwiseError
+    from shardwise.plan.command import measured_setting, predict, step_figures
+
+    budget, source = rank_budget(cfg, nproc)
+    try:
+        setting, _ = measured_setting(cfg, cluster, nproc)
+    except ShardwiseError as e:
+        cfg.train.activation_checkpointing = "none"
+        print(f"train.activation_checkpointing auto: none (the cost model cannot profile this model: {e})")
+        return None
+    without = predict(cfg.parallel, nproc, setting)
+    on, chosen = priced(lambda s: predict(cfg.parallel, nproc, s), setting, "auto", budget)
+    print(f"train.activation_checkpointing auto: {explain(on, without, chosen, budget, source)}")
+    cfg.train.activation_checkpointing = "layers" if on else "none"
+    return step_figures(chosen)

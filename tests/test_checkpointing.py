@@ -1,0 +1,189 @@
+"""Activation checkpointing (train.activation_checkpointing): the backward runs each unit's
+forward again instead of keeping its activations. The same gradients as without, bit for
+bit, on one process; fewer bytes kept by the forward; running statistics moved once; and
+every layout it composes with still ends with the plain loop's weights (parity.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from parity import BASE, reference, with_data
+from refusals import refused_in_one_line
+from torch import nn
+
+from shardwise.config import load_config
+from shardwise.errors import ShardwiseError
+from shardwise.job import run
+from shardwise.models.convnet import ConvNet
+from shardwise.models.mlp import MLP
+from shardwise.models.resnet import ResNet
+from shardwise.parallel.recompute import checkpoint_layers
+from shardwise.plan.model import checkpointed
+from shardwise.plan.profile import LayerProfile, ModelProfile
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """The bytes autograd keeps from the forward for the backward, and the output."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    return total[0], out
+
+
+# the units checkpointed, counted by hand: the MLP's two Linear + ReLU (not the classifier
+# alone); the convnet's two conv + norm + ReLU (+ pool, flatten) and one Linear + ReLU; the
+# ResNet's stem conv + norm + ReLU and its two residual blocks (the second with the pooling)
+MODELS = [
+    ("mlp", lambda: MLP((1, 8, 8), 10, hidden=[64, 64]), (1, 8, 8), 2),
+    ("convnet", lambda: ConvNet((1, 16, 16), 10, channels=[8, 16], hidden=[32], norm="group"), (1, 16, 16), 3),
+    ("resnet", lambda: ResNet((3, 16, 16), 10, widths=[8, 16], norm="group"), (3, 16, 16), 3),
+]
+
+
+@pytest.mark.parametrize("name, build, shape, units", MODELS, ids=[m[0] for m in MODELS])
+def test_same_gradients_and_fewer_bytes_kept(name, build, shape, units):
+    torch.manual_seed(0)
+    plain = build()
+    checked = copy.deepcopy(plain)
+    assert checkpoint_layers(checked) == units
+    assert list(checked.state_dict()) == list(plain.state_dict())  # names unchanged
+    x = torch.randn(4, *shape)
+    kept_plain, out_plain = _saved_bytes(plain, x)
+    kept_checked, out_checked = _saved_bytes(checked, x)
+    assert torch.equal(out_plain, out_checked)
+    assert kept_checked < 0.6 * kept_plain, (kept_checked, kept_plain)
+    out_plain.square().sum().backward()
+    out_checked.square().sum().backward()
+    for (n, p), q in zip(plain.named_parameters(), checked.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), n
+
+
+def test_the_backward_runs_each_forward_again_and_evaluation_once():
+    torch.manual_seed(0)
+    model = MLP((1, 8, 8), 10, hidden=[16, 16])
+    checkpoint_layers(model)
+    calls = []
+    for layer in model.head:
+        layer.register_forward_hook(lambda m, a, o: calls.append(m))  # noqa: B023
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    # the forward, then the backward's recompute of each Linear + ReLU unit's Linear (torch
+    # stops a recompute once it has what the backward needs: the ReLU's output is the unit's)
+    assert calls[: len(model.head)] == list(model.head)
+    assert sorted(calls[len(model.head) :], key=id) == sorted([model.head[0], model.head[2]], key=id)
+    calls.clear()
+    with torch.no_grad():
+        model(torch.randn(2, 1, 8, 8))
+    assert calls == list(model.head)
+
+
+def test_running_statistics_move_once():
+    """A batch norm's running mean and variance: as without checkpointing after a step,
+    though its forward ran twice."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+        def forward(self, x):
+            return self.head(self.features(x))
+
+    plain = Net()
+    checked = copy.deepcopy(plain)
+    checkpoint_layers(checked)
+    x = torch.randn(5, 1, 8, 8)
+    for model in (plain, checked):
+        model(x).sum().backward()
+    for (name, a), b in zip(plain.named_buffers(), checked.buffers(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_model_without_the_stacks_is_one_line():
+    with pytest.raises(ShardwiseError) as e:
+        checkpoint_layers(nn.Linear(3, 2))
+    assert e.value.field == "train.activation_checkpointing" and "Linear" in str(e.value)
+
+
+def test_the_cost_model_reruns_the_units_the_engine_checkpoints():
+    """The cost model's checkpointed layers are the engine's: per stack, the units with
+    weights (a leading flatten alone is not run again)."""
+
+    def layer(name, kind, params):
+        return LayerProfile(name, kind, 0.0, 0.0, params, 4)
+
+    layers = [
+        layer("features.0", "other", 0),  # a flatten: no weights
+        layer("features.1", "other", 8),  # a block of layers with weights, alone
+        layer("features.2", "conv", 8),  # a convolution, its norm and activation
+        layer("features.3", "norm", 8),
+        layer("features.4", "other", 0),
+        layer("head.0", "linear", 8),  # a linear layer and its activation
+        layer("head.1", "other", 0),
+        layer("head.2", "linear", 8),  # the classifier alone
+    ]
+    assert checkpointed(ModelProfile({}, tuple(layers))) == [True, True, True, True, True, True, True, False]
+    model = MLP((1, 2, 2), 2, hidden=[2])
+    # head.0 with its ReLU; not features.0 (a flatten alone), nor head.2 (a layer alone)
+    assert checkpoint_layers(model) == 1
+
+
+def _weights_and_units(overrides: dict[str, str], *, group) -> tuple[dict, int]:
+    result = run(load_config(None, {**BASE, **overrides}), group=group)
+    return result.state_dict, result.summary.get("checkpointed_units", 0)
+
+
+LAYOUTS = {
+    "dp": ({"model.name": "convnet", "model.channels": "8,16"}, 2),
+    "fsdp": ({"model.name": "mlp", "parallel.shard": "full"}, 2),
+    "tp": ({"model.name": "mlp", "parallel.tp": "2"}, 2),
+    "pp-gpipe": (
+        {"model.name": "convnet", "model.channels": "8,16", "parallel.pp": "2", "parallel.microbatches": "4"},
+        2,
+    ),
+    "spatial": ({"model.name": "convnet", "model.channels": "8,16", "parallel.spatial": "2"}, 2),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_checkpointed_layouts_train_like_one_process(pool, layout):
+    overrides, nproc = LAYOUTS[layout]
+    overrides = with_data({**overrides, "train.activation_checkpointing": "layers"})
+    results = pool.run(_weights_and_units, overrides, ranks=list(range(nproc)))
+    expected = reference(overrides)
+    for rank, (state, units) in enumerate(results):
+        assert units > 0, f"rank {rank}: nothing checkpointed"
+        for name, tensor in state.items():
+            torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=f"rank {rank} {name}")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train.memory_per_rank": "lots"}, "train.memory_per_rank: 'lots': expected a size such as 512MiB or 2GiB"),
+        (
+            {"train.activation_checkpointing": "some"},
+            "train.activation_checkpointing: expected one of none, layers, auto, got 'some'",
+        ),
+    ],
+    ids=["budget", "mode"],
+)
+def test_bad_settings_are_one_line(tmp_path, capfd, overrides, message):
+    refused_in_one_line(tmp_path, capfd, overrides, message)
+
+
+def test_auto_under_torchrun_is_one_line():
+    """auto is the launcher's to resolve; a rank torchrun started says to name a mode."""
+    from shardwise.worker import run_rank
+
+    cfg = load_config(None, {"train.activation_checkpointing": "auto"})
+    with pytest.raises(ShardwiseError, match="auto is chosen by shardwise's own launcher; under torchrun, name none"):
+        run_rank(cfg)
