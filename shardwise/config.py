@@ -173,10 +173,11 @@ class TrainConfig:
     """Parameters, gradients, optimizer state and activations: float32, or float64 (slower; the
     synchronous layouts tested then equal one process to 1e-9: no rounding flips a max-pool tie)."""
     activation_checkpointing: Literal["none", "layers", "auto"] = "none"
-    """none; layers: the backward runs each layer's forward again instead of keeping its
-    activations (a layer with weights and the parameter-free layers after it; less memory,
-    about one more forward of time); auto: the launcher checkpoints only where the cost model
-    predicts the layout's peak over the memory a rank has, and says so in one line."""
+    """none; layers: the backward runs each unit's forward again instead of keeping its
+    activations (a layer with weights and the norm and parameter-free layers after it, or a
+    residual block; less memory, about one more forward of time); auto: the launcher
+    checkpoints only where the cost model predicts the layout's peak over the memory a rank
+    has, and says so in one line."""
     memory_per_rank: str = ""
     """The memory a rank may use, e.g. 2GiB (empty: what this machine has available, shared by
     its ranks): what train.activation_checkpointing=auto and parallel.layout=auto plan

@@ -153,8 +153,8 @@ def validate(cfg: Config) -> None:
         raise ShardwiseError(
             "ps.staleness", f"={ps.staleness} needs ps.asynchronous=true (synchronous workers are never ahead)"
         )
-    if t.memory_per_rank:
-        parse_bytes(t.memory_per_rank, "train.memory_per_rank")
+    if t.memory_per_rank and parse_bytes(t.memory_per_rank, "train.memory_per_rank") <= 0:
+        raise ShardwiseError("train.memory_per_rank", f"must be positive, got {t.memory_per_rank!r}")
     _check_vertical(cfg)
     _check_auto(cfg.parallel)
     _check_comm(cfg)

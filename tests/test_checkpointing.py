@@ -19,9 +19,11 @@ from shardwise.job import run
 from shardwise.models.convnet import ConvNet
 from shardwise.models.mlp import MLP
 from shardwise.models.resnet import ResNet
-from shardwise.parallel.recompute import checkpoint_layers
-from shardwise.plan.model import checkpointed
-from shardwise.plan.profile import LayerProfile, ModelProfile
+from shardwise.parallel.pipeline import StageModule, layer_units, model_layers
+from shardwise.parallel.recompute import checkpoint_layers, stack_units
+from shardwise.plan.checkpointing import explain
+from shardwise.plan.model import Prediction, checkpointed
+from shardwise.plan.profile import LayerProfile, ModelProfile, profile_model
 
 
 def _saved_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -114,15 +116,15 @@ def test_a_model_without_the_stacks_is_one_line():
 
 
 def test_the_cost_model_reruns_the_units_the_engine_checkpoints():
-    """The cost model's checkpointed layers are the engine's: per stack, the units with
-    weights (a leading flatten alone is not run again)."""
+    """Units cut by hand: a leading flatten joins the first; a block of layers alone is
+    checkpointed, a plain layer alone (the classifier) is not."""
 
     def layer(name, kind, params):
         return LayerProfile(name, kind, 0.0, 0.0, params, 4)
 
     layers = [
         layer("features.0", "other", 0),  # a flatten: no weights
-        layer("features.1", "other", 8),  # a block of layers with weights, alone
+        layer("features.1", "block", 8),  # a block of layers with weights, alone
         layer("features.2", "conv", 8),  # a convolution, its norm and activation
         layer("features.3", "norm", 8),
         layer("features.4", "other", 0),
@@ -131,9 +133,24 @@ def test_the_cost_model_reruns_the_units_the_engine_checkpoints():
         layer("head.2", "linear", 8),  # the classifier alone
     ]
     assert checkpointed(ModelProfile({}, tuple(layers))) == [True, True, True, True, True, True, True, False]
-    model = MLP((1, 2, 2), 2, hidden=[2])
-    # head.0 with its ReLU; not features.0 (a flatten alone), nor head.2 (a layer alone)
-    assert checkpoint_layers(model) == 1
+
+
+@pytest.mark.parametrize("name, build, shape, units", MODELS, ids=[m[0] for m in MODELS])
+def test_the_cost_model_prices_what_the_engine_checkpoints(name, build, shape, units):
+    """The layers the cost model prices as run again are those the engine checkpoints, for
+    the whole model and for every pipeline cut between two layers with weights (each
+    stage's stacks cut into units of their own)."""
+    model = build()
+    profile = profile_model(model, torch.randn(shape), {}, repeats=1, sizes=(1, 2))
+    layers = model_layers(model)
+    cuts = [[0, len(layers)]] + [[0, unit[0], len(layers)] for unit in layer_units(model)[1:]]
+    for cut in cuts:
+        engine = []
+        for a, b in zip(cut, cut[1:], strict=False):
+            stage = StageModule(layers[a:b])
+            engine += [on for stack in (stage.features, stage.head) for unit, on in stack_units(stack) for _ in unit]
+        assert checkpointed(profile, cut) == engine, cut
+    assert sum(on for _, on in stack_units(model.features) + stack_units(model.head)) == units
 
 
 def _weights_and_units(overrides: dict[str, str], *, group) -> tuple[dict, int]:
@@ -159,8 +176,10 @@ def test_checkpointed_layouts_train_like_one_process(pool, layout):
     overrides = with_data({**overrides, "train.activation_checkpointing": "layers"})
     results = pool.run(_weights_and_units, overrides, ranks=list(range(nproc)))
     expected = reference(overrides)
-    for rank, (state, units) in enumerate(results):
-        assert units > 0, f"rank {rank}: nothing checkpointed"
+    # every rank checkpoints its part (a pipeline stage cut by the clock may hold a layer alone)
+    counts = [units for _, units in results]
+    assert all(counts) or (layout.startswith("pp") and counts[-1] > 0), counts
+    for rank, (state, _) in enumerate(results):
         for name, tensor in state.items():
             torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=f"rank {rank} {name}")
 
@@ -169,12 +188,13 @@ def test_checkpointed_layouts_train_like_one_process(pool, layout):
     "overrides, message",
     [
         ({"train.memory_per_rank": "lots"}, "train.memory_per_rank: 'lots': expected a size such as 512MiB or 2GiB"),
+        ({"train.memory_per_rank": "0MiB"}, "train.memory_per_rank: must be positive, got '0MiB'"),
         (
             {"train.activation_checkpointing": "some"},
             "train.activation_checkpointing: expected one of none, layers, auto, got 'some'",
         ),
     ],
-    ids=["budget", "mode"],
+    ids=["budget", "no budget", "mode"],
 )
 def test_bad_settings_are_one_line(tmp_path, capfd, overrides, message):
     refused_in_one_line(tmp_path, capfd, overrides, message)
@@ -187,3 +207,17 @@ def test_auto_under_torchrun_is_one_line():
     cfg = load_config(None, {"train.activation_checkpointing": "auto"})
     with pytest.raises(ShardwiseError, match="auto is chosen by shardwise's own launcher; under torchrun, name none"):
         run_rank(cfg)
+
+
+def test_auto_says_when_checkpointing_would_not_help():
+    """The line auto prints: a layout over the budget whose checkpointed peak is no smaller
+    is not said to fit."""
+    over = Prediction("dp=2", 0.01, 0.0, 0.0, 600 * 2**20)
+    said = explain(False, over, over, 512 * 2**20, "train.memory_per_rank")
+    assert said == (
+        "none (the predicted peak, 600.0 MiB a rank, is over 512.0 MiB (train.memory_per_rank), "
+        "and checkpointing would not lower it)"
+    )
+    assert explain(False, over, over, 1024 * 2**20, "train.memory_per_rank").startswith(
+        "none (the predicted peak, 600.0"
+    )

@@ -312,3 +312,6 @@ def test_checkpointing_adds_the_checkpointed_forwards_and_prices_its_memory():
     assert tp2.compute_s - tp1.compute_s == pytest.approx(64 * (4e-5 + 1e-6 + 8e-5 / 2 + 1e-6 + 6e-5 / 2 + 1e-6))
     ring = 2 * (2 - 1) / 2 * 64 * 100 * 1e-9  # the row layer's output all-reduced again (ring, 1 ns a byte)
     assert tp2.comm_s - tp1.comm_s == pytest.approx(ring)
+    ps = ParallelConfig(mode="ps", servers=1)  # one worker takes the whole batch, and runs its forwards again
+    ps1, ps2 = predict(ps, 2, plain), predict(ps, 2, checked)
+    assert ps2.compute_s - ps1.compute_s == pytest.approx(64 * (4e-5 + 1e-6 + 8e-5 + 1e-6 + 6e-5 + 1e-6))

@@ -36,3 +36,13 @@ def test_layouts_stay_within_bf16_rounding_of_the_autocast_loop(pool, layout):
     assert _rel(reference(with_data({"train.steps": "3", "model.name": "mlp"})), ref) > 2e-3
     for state in pool.run(train_weights, overrides, ranks=[0, 1]):
         assert _rel(state, ref) < 1e-3
+
+
+def test_spatial_bands_train_under_autocast(pool):
+    """The convnet's bands under bf16 autocast: bfloat16 feature maps through float32 norm
+    statistics and weights train, near the autocast loop (each band's convolutions and
+    their backward round apart from the whole map's, so not within its rounding)."""
+    overrides = with_data({**BF16, "model.channels": "8,16", "parallel.spatial": "2"})
+    ref = reference(overrides)
+    for state in pool.run(train_weights, overrides, ranks=[0, 1]):
+        assert all(state[k].dtype == torch.float32 for k in ref) and _rel(state, ref) < 5e-2

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from shardwise.errors import ShardwiseError
@@ -90,8 +89,11 @@ def _exchange(pieces: dict[int, Tensor], wanted: dict[int, tuple], group: dist.P
     return received
 
 
-def gather_halo(x: Tensor, plan: HaloPlan, group: dist.ProcessGroup) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """The rows this rank's window needs, without padding: (rows, received top, received bottom)."""
+def gather_halo(
+    x: Tensor, plan: HaloPlan, group: dist.ProcessGroup, pad_value: float | None = None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The rows this rank's window needs (with the image edge's padding rows where
+    `pad_value` is given): (rows, received top, received bottom)."""
     own0, _ = even_bounds(plan.height, plan.parts)[plan.rank]
     send, recv = {}, {}
     for peer in (plan.rank - 1, plan.rank + 1):
@@ -103,30 +105,35 @@ def gather_halo(x: Tensor, plan: HaloPlan, group: dist.ProcessGroup) -> tuple[Te
             if r0 < r1:
                 recv[peer] = (x.shape[0], x.shape[1], r1 - r0, x.shape[3])
     got = _exchange(send, recv, group, x)
-    return (
-        assemble(x, plan, got.get(plan.rank - 1), got.get(plan.rank + 1)),
-        got.get(plan.rank - 1),
-        got.get(plan.rank + 1),
-    )
+    top, bottom = got.get(plan.rank - 1), got.get(plan.rank + 1)
+    return assemble(x, plan, top, bottom, pad_value), top, bottom
 
 
-def assemble(x: Tensor, plan: HaloPlan, top: Tensor | None, bottom: Tensor | None) -> Tensor:
-    """Own rows that the window needs, between the halo rows received from above and below."""
+def assemble(
+    x: Tensor, plan: HaloPlan, top: Tensor | None, bottom: Tensor | None, pad_value: float | None = None
+) -> Tensor:
+    """Own rows that the window needs, between the halo rows received from above and below,
+    and, where `pad_value` is given, the padding rows where the window hangs over the
+    image's edge: one copy of the band (a separate pad would copy it again)."""
     own0, _ = even_bounds(plan.height, plan.parts)[plan.rank]
     m0, m1 = plan.rows_between(plan.rank, plan.rank)
-    parts = [t for t in (top,) if t is not None]
+    above, below = edge_padding(plan) if pad_value is not None else (0, 0)
+
+    def padding(rows: int) -> list[Tensor]:
+        return [x.new_full((x.shape[0], x.shape[1], rows, x.shape[3]), pad_value)] if rows else []
+
+    parts = padding(above) + [t for t in (top,) if t is not None]
     if m0 < m1:
         parts.append(x[:, :, m0 - own0 : m1 - own0])
-    parts += [t for t in (bottom,) if t is not None]
+    parts += [t for t in (bottom,) if t is not None] + padding(below)
     return torch.cat(parts, dim=2) if parts else x.new_empty(x.shape[0], x.shape[1], 0, x.shape[3])
 
 
 def scatter_halo_grad(grad: Tensor, plan: HaloPlan, group: dist.ProcessGroup, shape: torch.Size) -> Tensor:
     """The gradient of this rank's own rows, from the gradient of the rows its window
     used: the halo part goes back to its owners, and theirs for the rows sent comes back."""
-    own0, _ = even_bounds(plan.height, plan.parts)[plan.rank]
+    own0, own1 = even_bounds(plan.height, plan.parts)[plan.rank]
     a, _ = plan.clamped(plan.rank)
-    grad_x = grad.new_zeros(shape)
     send, recv = {}, {}
     for peer in (plan.rank - 1, plan.rank + 1):
         if 0 <= peer < plan.parts:
@@ -138,8 +145,12 @@ def scatter_halo_grad(grad: Tensor, plan: HaloPlan, group: dist.ProcessGroup, sh
                 recv[peer] = (shape[0], shape[1], s1 - s0, shape[3])
     got = _exchange(send, recv, group, grad)
     m0, m1 = plan.rows_between(plan.rank, plan.rank)
-    if m0 < m1:
-        grad_x[:, :, m0 - own0 : m1 - own0] += grad[:, :, m0 - a : m1 - a]
+    if (m0, m1) == (own0, own1):  # the window used every own row: their gradient, in one copy
+        grad_x = grad[:, :, m0 - a : m1 - a].contiguous()
+    else:
+        grad_x = grad.new_zeros(shape)
+        if m0 < m1:
+            grad_x[:, :, m0 - own0 : m1 - own0] += grad[:, :, m0 - a : m1 - a]
     for peer, g in got.items():
         s0, s1 = plan.rows_between(peer, plan.rank)
         grad_x[:, :, s0 - own0 : s1 - own0] += g
@@ -160,20 +171,18 @@ class _HaloExchange(torch.autograd.Function):
     goes back to their owners and is added to the gradient of the rows sent."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, plan: HaloPlan, group: dist.ProcessGroup) -> Tensor:
+    def forward(ctx, x: Tensor, plan: HaloPlan, group: dist.ProcessGroup, pad_value: float) -> Tensor:
         ctx.plan, ctx.group, ctx.shape = plan, group, x.shape
-        return gather_halo(x, plan, group)[0]
+        return gather_halo(x, plan, group, pad_value)[0]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return scatter_halo_grad(grad, ctx.plan, ctx.group, ctx.shape), None, None
+        above, below = edge_padding(ctx.plan)  # the padding rows' gradient goes nowhere
+        grad = grad[:, :, above : grad.shape[2] - below]
+        return scatter_halo_grad(grad, ctx.plan, ctx.group, ctx.shape), None, None, None
 
 
 def with_halo(x: Tensor, plan: HaloPlan, group: dist.ProcessGroup, *, pad_value: float = 0.0) -> Tensor:
     """The rows behind this rank's output band: own rows, neighbours' halo rows, and
     `pad_value` rows where the window hangs over the image's top or bottom edge."""
-    rows = _HaloExchange.apply(x, plan, group)
-    top, bottom = edge_padding(plan)
-    if top or bottom:
-        rows = F.pad(rows, (0, 0, top, bottom), value=pad_value)
-    return rows
+    return _HaloExchange.apply(x, plan, group, pad_value)

@@ -13,7 +13,8 @@ Applied per stack (`features`, `head`), after the layer partitioning and before 
 data-parallel wrapper (layout.py): on the layers as the partitioning left them, so a
 tensor-parallel pair's all-reduce, a band's halo exchange and a group norm's sums run
 again in the recompute, in the same order on every rank of their group; FSDP2's units sit
-inside a checkpointed unit and gather their parameters again for it. The stacks' own
+inside a checkpointed unit, and its backward's gather of their parameters serves the
+recompute too. The stacks' own
 `forward` is replaced, no module is wrapped, so parameter names, state dicts,
 checkpoints and splits see the same model. A norm's running statistics are put back
 after a recompute, so they move once a step, as without checkpointing.

@@ -33,6 +33,7 @@ from shardwise.comm.cost import Link, all_reduce
 from shardwise.comm.halo import HaloPlan, assemble, edge_padding, gather_halo, scatter_halo_grad, with_halo
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.part import Part
+from shardwise.parallel.spatial_norm import BandGroupNorm
 from shardwise.ranges import even_sizes
 
 if TYPE_CHECKING:
@@ -61,9 +62,7 @@ class _HaloConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, plan, group, stride, width_padding, groups):
-        rows, top, bottom = gather_halo(x, plan, group)
-        above, below = edge_padding(plan)
-        rows = F.pad(rows, (0, 0, above, below)) if above or below else rows
+        rows, top, bottom = gather_halo(x, plan, group, pad_value=0.0)  # with the edge's zero rows
         ctx.save_for_backward(x, weight, *(t for t in (top, bottom) if t is not None))
         ctx.has = (top is not None, bottom is not None)
         ctx.plan, ctx.group, ctx.conv = plan, group, (stride, (0, width_padding), 1, groups)
@@ -75,21 +74,24 @@ class _HaloConv2d(torch.autograd.Function):
         x, weight, *halo = ctx.saved_tensors
         top = halo.pop(0) if ctx.has[0] else None
         bottom = halo.pop(0) if ctx.has[1] else None
-        rows = assemble(x, ctx.plan, top, bottom)
+        padded = assemble(x, ctx.plan, top, bottom, pad_value=0.0)
         above, below = edge_padding(ctx.plan)
-        padded = F.pad(rows, (0, 0, above, below)) if above or below else rows
         # under autocast the forward ran in the gradient's precision (bf16): so does the
         # backward, and each gradient comes back in its own tensor's dtype (float32 weights)
         low = grad.dtype
         stride, padding, _, groups = ctx.conv
+        # every rank of the group takes the same branch: the bands of one layer all need it or not
+        want_x = ctx.needs_input_grad[0]
         # both gradients (and the bias's) in one call, as autograd's own convolution does
         grad_rows, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad, padded.to(low), weight.to(low), [weight.shape[0]] if ctx.has_bias else None,
-            list(stride), list(padding), [1, 1], False, [0, 0], groups, [True, True, ctx.has_bias],
+            list(stride), list(padding), [1, 1], False, [0, 0], groups, [want_x, True, ctx.has_bias],
         )  # fmt: skip
-        grad_rows, grad_weight = grad_rows.to(x.dtype), grad_weight.to(weight.dtype)
+        grad_weight = grad_weight.to(weight.dtype)
         grad_bias = grad_bias.to(weight.dtype) if ctx.has_bias else None
-        grad_rows = grad_rows[:, :, above : grad_rows.shape[2] - below]
+        if not want_x:  # the image itself (the first convolution): no gradient to make or send
+            return None, grad_weight, grad_bias, None, None, None, None, None
+        grad_rows = grad_rows.to(x.dtype)[:, :, above : grad_rows.shape[2] - below]
         grad_x = scatter_halo_grad(grad_rows, ctx.plan, ctx.group, x.shape)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
@@ -177,16 +179,14 @@ class SpatialGroupNorm(nn.Module):
 
     def __init__(self, full: nn.GroupNorm, height: int, group: dist.ProcessGroup):
         super().__init__()
-        self.group, self.num_groups, self.eps, self.height = group, full.num_groups, full.eps, height
+        self.group, self.num_groups, self.eps = group, full.num_groups, full.eps
+        self.rows = even_sizes(height, dist.get_world_size(group))  # every band's, as the convolutions cut them
         self.weight = nn.Parameter(full.weight.detach().clone()) if full.affine else None
         self.bias = nn.Parameter(full.bias.detach().clone()) if full.affine else None
 
     def forward(self, x: Tensor) -> Tensor:
-        n, c, h, w = x.shape
-        g = x.reshape(n, self.num_groups, c // self.num_groups, h, w)
-        count = (c // self.num_groups) * self.height * w
-        y, _, _ = _BandNormalize.apply(g, (2, 3, 4), count, self.eps, self.group)
-        return _affine(y.reshape(n, c, h, w), self.weight, self.bias)
+        # the statistics of every band, the affine folded in: one collective each way (spatial_norm.py)
+        return BandGroupNorm.apply(x, self.weight, self.bias, self.num_groups, self.rows, self.eps, self.group)
 
 
 class SpatialBatchNorm2d(nn.Module):

@@ -58,10 +58,15 @@ def priced(predict_with: Callable[[Setting], Prediction], setting: Setting, mode
 
 def explain(on: bool, without: Prediction, chosen: Prediction, budget: float | None, source: str) -> str:
     """The one line `auto` prints."""
-    limit = f"{budget / MiB:,.1f} MiB ({source})" if budget is not None else source
+    peak = f"the predicted peak, {without.memory_bytes / MiB:,.1f} MiB a rank"
+    if budget is None:
+        return f"none ({peak}; {source})"
+    limit = f"{budget / MiB:,.1f} MiB ({source})"
     if not on:
-        return f"none (the predicted peak, {without.memory_bytes / MiB:,.1f} MiB a rank, fits {limit})"
-    fits = "fits" if budget is None or chosen.memory_bytes <= budget else "still does not fit"
+        if without.memory_bytes <= budget:
+            return f"none ({peak}, fits {limit})"
+        return f"none ({peak}, is over {limit}, and checkpointing would not lower it)"
+    fits = "fits" if chosen.memory_bytes <= budget else "still does not fit"
     return (
         f"layers (the predicted peak, {without.memory_bytes / MiB:,.1f} MiB a rank, is over {limit}; "
         f"checkpointed: {chosen.memory_bytes / MiB:,.1f} MiB, which {fits}, and a step "
@@ -77,6 +82,10 @@ def choose_checkpointing(cfg: Config, *, nproc: int, cluster: str) -> dict | Non
     from shardwise.errors import ShardwiseError
     from shardwise.plan.command import measured_setting, predict, step_figures
 
+    if cfg.train.steps == 0:  # scoring weights: no training pass to keep activations for
+        cfg.train.activation_checkpointing = "none"
+        print("train.activation_checkpointing auto: none (no training step)")
+        return None
     budget, source = rank_budget(cfg, nproc)
     try:
         setting, _ = measured_setting(cfg, cluster, nproc)

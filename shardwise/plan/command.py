@@ -313,8 +313,13 @@ def choose_layout(cfg: Config, *, nproc: int, cluster: str) -> dict:
     from shardwise.plan.checkpointing import rank_budget
 
     setting, shape = measured_setting(cfg, cluster, nproc)
-    budget = rank_budget(cfg, nproc)[0]
-    rows = _feasible(search(cfg, nproc, setting, shape, budget), budget, nproc, "train.memory_per_rank")
+    budget, source = rank_budget(cfg, nproc)
+    rows = search(cfg, nproc, setting, shape, budget)
+    if cfg.train.memory_per_rank:  # a budget the user named: none fits is one line
+        rows = _feasible(rows, budget, nproc, "train.memory_per_rank")
+    elif not any(r["fits"] for r in rows):  # this machine's memory, shared: the fastest, with a warning
+        print(f"parallel.layout auto: no layout's predicted peak fits {budget / 2**20:,.1f} MiB a rank ({source})")
+    rows = [r for r in rows if r["fits"]] or rows
     best = summary_row(rows[0], cfg.train.batch_size)
     print(
         f"parallel.layout auto: {describe(best)} (predicted {1e3 * best['step_s']:.2f} ms a step, "

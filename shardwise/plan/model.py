@@ -94,16 +94,18 @@ def _compute(profile: ModelProfile, dims: ParallelDims, samples: float) -> float
     return sum(layer.seconds(samples) / _share(layer, dims, i == first) for i, layer in enumerate(profile.layers))
 
 
-def checkpointed(profile: ModelProfile) -> list[bool]:
+def checkpointed(profile: ModelProfile, cut: list[int] | None = None) -> list[bool]:
     """Which layers activation checkpointing runs again: those of the checkpointed units, cut
-    per stack (`features`, `head`) as parallel/recompute.py cuts them."""
+    per stack (`features`, `head`) of each pipeline stage (`cut`: each stage's first layer,
+    and the end) as parallel/recompute.py cuts a stage's stacks."""
     flags = []
-    for stack in ("features.", "head."):
-        layers = [layer for layer in profile.layers if layer.name.startswith(stack)]
-        starts = [x.param_bytes > 0 and x.kind != "norm" for x in layers]
-        # a layer of another kind with weights is a block of layers (a residual block)
-        for unit, on in checkpointed_units(starts, [x.kind == "other" for x in layers]):
-            flags += [on] * len(unit)
+    bounds = cut or [0, len(profile.layers)]
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        for stack in ("features.", "head."):
+            layers = [layer for layer in profile.layers[a:b] if layer.name.startswith(stack)]
+            starts = [x.param_bytes > 0 and x.kind != "norm" for x in layers]
+            for unit, on in checkpointed_units(starts, [x.kind == "block" for x in layers]):
+                flags += [on] * len(unit)
     return flags
 
 
@@ -211,7 +213,7 @@ def _pipeline(setting: Setting, dims: ParallelDims, micro: float, stretch: float
     if setting.checkpointing:  # the cut is made before, on the layers' own passes; the forwards run again
         again = [
             layer.forward_seconds(micro) * stretch * on
-            for layer, on in zip(profile.layers, checkpointed(profile), strict=True)
+            for layer, on in zip(profile.layers, checkpointed(profile, cut), strict=True)
         ]
         times = [t + a for t, a in zip(times, again, strict=True)]
     stage_s = [sum(times[a:b]) for a, b in zip(cut, cut[1:], strict=False)]
@@ -231,6 +233,8 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
     load = (setting.load_fixed_s + setting.load_s_per_sample * samples) * stretch  # every rank loads its share
     if dims.servers:
         passes = setting.grad_accum * profile.seconds(samples / setting.grad_accum)
+        if setting.checkpointing:  # the workers run their checkpointed forwards again
+            passes += setting.grad_accum * _recompute(profile, dims, link, samples / setting.grad_accum)[0]
         compute = (passes + profile.update_s_per_byte * profile.param_bytes / dims.servers) * stretch
         comm = ps_seconds(
             link,

@@ -29,7 +29,7 @@ from shardwise.files import write_atomic
 from shardwise.parallel.pipeline import profile_layers
 from shardwise.parallel.recompute import is_norm
 
-VERSION = 9  # of what a profile measures: a profile of another version is measured again
+VERSION = 10  # of what a profile measures: a profile of another version is measured again
 BATCH_SIZES = (8, 32, 64)  # samples per profiled pass by default: a line through these times
 
 
@@ -44,7 +44,7 @@ def batch_sizes(batch: int) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class LayerProfile:
     name: str  # `features.3`, `head.0`: the model's own name
-    kind: str  # linear, conv, norm or other
+    kind: str  # linear, conv, norm, block (a module of layers, a residual block) or other
     fixed_s: float  # forward + backward seconds = fixed_s + per_sample_s x samples
     per_sample_s: float
     param_bytes: int
@@ -133,7 +133,9 @@ def _kind(module: nn.Module) -> str:
         return "linear"
     if isinstance(module, nn.Conv2d):
         return "conv"
-    return "norm" if is_norm(module) else "other"
+    if is_norm(module):
+        return "norm"
+    return "block" if any(True for _ in module.children()) else "other"  # a block: layers of its own
 
 
 def update_seconds(model: nn.Module, optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer]) -> float:
