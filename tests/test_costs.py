@@ -129,10 +129,12 @@ def test_model_parallel_formulas_by_hand():
     # on 2 ranks each sends 2 (n - 1) / n = all of each: 3 MB
     assert tp_seconds(NOLAT, 2, [(1e6, 2e6)]) == pytest.approx(3e-3)
     assert vertical_seconds(NOLAT, 4, 4e6) == pytest.approx(2 * 3 * 1e-3)
-    # spatial 2: 1 MB of halo rows, half to each side, forward and backward; a norm's 1 KB
-    # all-reduced forward and backward
-    assert halo_seconds(GBIT, 2, [1e6], [1e3]) == pytest.approx(4 * GBIT.send(5e5) + 2 * 2 * GBIT.send(500))
-    assert halo_seconds(GBIT, 1, [1e6], [1e3]) == 0.0
+    # spatial 2: 1 MB of halo rows in 3 windows and two norms' 1 KB, each exchanged forward
+    # and backward, each exchange at least the link's latency, or what one costs computing ranks
+    assert halo_seconds(GBIT, 2, 1e6, 3, 1e3, 2) == pytest.approx(2 * 5 * GBIT.alpha_s + 2 * 1.001e6 * 8e-9)
+    busy = dataclasses.replace(GBIT, sync_s=2e-3)
+    assert halo_seconds(busy, 2, 1e6, 3, 1e3, 2) == pytest.approx(2 * 5 * 2e-3 + 2 * 1.001e6 * 8e-9)
+    assert halo_seconds(GBIT, 1, 1e6, 3, 1e3, 2) == 0.0
     # 3 workers through 2 servers: each server's link carries 3 x half the parameters, each way
     assert ps_seconds(NOLAT, 2, 3, 4e6) == pytest.approx(2 * 3 * 2e-3)
     # and the copies: 5 passes over the model on a worker, 3 x 3 + 1 over each server's half

@@ -56,7 +56,7 @@ def measure(
         return json.loads(out.read_text())
 
 
-LINK_VERSION = 3  # of what calibrate_link measures: a cached link of another version is measured again
+LINK_VERSION = 4  # of what calibrate_link measures: a cached link of another version is measured again
 COLLECTIVE_SIZES = [2**16, 2**24, 2**26]  # 64 KiB: the per-call cost; 16 and 64 MiB: the factor on the ring
 PATTERN_KIND = {"allreduce": "all_reduce", "allgather": "all_gather", "reducescatter": "reduce_scatter"}
 
@@ -71,11 +71,12 @@ def expected(seconds: list[float]) -> float:
 
 def calibrate_link(placement: Placement, *, world: int, port: int) -> dict:
     """In one start of `world` ranks placed by `placement`: the ping-pong fit between ranks 0
-    and 1, each collective's calibration on all of them, and the overlap of an all-reduce
-    with compute (`comm.cost.calibrate`; what the planner's link is)."""
+    and 1, each collective's calibration on all of them, the overlap of an all-reduce
+    with compute (`comm.cost.calibrate`) and what a small exchange between computing ranks
+    costs (what the planner's link is)."""
     from shardwise.comm.cost import Link, calibrate
 
-    names = ",".join(["pingpong", *PATTERN_KIND, "overlap"])
+    names = ",".join(["pingpong", *PATTERN_KIND, "overlap", "sync"])
     sizes = sorted(set(DEFAULT_SIZES) | set(COLLECTIVE_SIZES))
     raw = measure(
         placement, pattern=names, sizes=sizes, repeats=10, world=world, port=port, collective=COLLECTIVE_SIZES
@@ -93,6 +94,7 @@ def calibrate_link(placement: Placement, *, world: int, port: int) -> dict:
         "world": world,
         "collectives": {k: list(v) for k, v in link.collectives.items()},
         "overlap": overlap,
+        "sync_s": raw["sync"][0]["seconds"][0],
     }
 
 

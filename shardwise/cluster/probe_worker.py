@@ -10,7 +10,8 @@ allreduce: every rank all-reduces (sum) a float32 tensor of n bytes; allgather a
 reducescatter: every rank gathers (reduces and scatters) a flat tensor of n bytes, as
 FSDP and ZeRO do. overlap: an all-reduce of 16 MiB issued beside compute (a
 memory-bound matrix product, as small-batch training is on a CPU), each round timed three
-ways, alone, the compute alone, and the two together.
+ways, alone, the compute alone, and the two together. sync: a small all-reduce after each
+of a chain of matrix products, against the chain alone (what a band's exchanges cost).
 Each size gets a few warm-up rounds and then `repeats` timed rounds; rank 0
 writes every timed round, the hostnames and addresses of the ranks as JSON.
 """
@@ -121,12 +122,43 @@ def overlap(size: int, rounds: int) -> list[float]:
     return [1 - (b - c) / ar]
 
 
+SYNC_BYTES = 4096  # a small exchange: a norm's statistics, a few halo rows
+SYNC_CHAIN = 20  # exchanges in a row, each after a layer's compute, as a band's step runs them
+
+
+def sync(size: int, rounds: int) -> list[float]:
+    """What one small exchange costs ranks that compute between exchanges, beyond the
+    compute: chains of a matrix product (a millisecond or two, as a layer of a band) then
+    an all-reduce of `size` bytes, against the same chains without the all-reduces, in
+    alternated rounds; (the medians' difference) / exchanges, one value in a list. Where
+    the ranks fill the cores, each exchange waits for the peer's scheduler and compute."""
+    buf = torch.ones(max(size // 4, 1), dtype=torch.float32)
+    x, w = torch.randn(64, 512), torch.randn(512, 512)
+
+    def chain(exchange: bool):
+        def run() -> None:
+            for _ in range(SYNC_CHAIN):
+                x @ w
+                if exchange:
+                    dist.all_reduce(buf)
+
+        return run
+
+    alone, together = [], []
+    _timed(chain(True), 0)
+    for _ in range(max(7, rounds // 3)):
+        alone += _timed(chain(False), 1, warmup=0)
+        together += _timed(chain(True), 1, warmup=0)
+    return [max(0.0, statistics.median(together) - statistics.median(alone)) / SYNC_CHAIN]
+
+
 PATTERNS = {
     "pingpong": pingpong,
     "allreduce": allreduce,
     "allgather": allgather,
     "reducescatter": reducescatter,
     "overlap": overlap,
+    "sync": sync,
 }
 
 
@@ -144,7 +176,7 @@ def main() -> None:
     everyone = all_gather_json(where, dist.group.WORLD)
     sizes = [int(n) for n in args.sizes.split(",")]
     collective = [int(n) for n in args.collective_sizes.split(",")] if args.collective_sizes else sizes
-    at = {"pingpong": sizes, "overlap": [OVERLAP_BYTES]}
+    at = {"pingpong": sizes, "overlap": [OVERLAP_BYTES], "sync": [SYNC_BYTES]}
     by_pattern = {
         name: [
             {"bytes": n, "seconds": PATTERNS[name](n, rounds_for(n, args.repeats))} for n in at.get(name, collective)

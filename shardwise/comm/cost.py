@@ -28,13 +28,17 @@ KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 @dataclass(frozen=True)
 class Link:
     """One rank's link: alpha seconds per message, beta seconds per byte; and, where
-    measured, each collective's (seconds per call, factor on the ring's time) and the
-    share of a collective that compute beside it hides."""
+    measured, each collective's (seconds per call, factor on the ring's time), the
+    share of a collective that compute beside it hides, and a small exchange's cost
+    between computing ranks."""
 
     alpha_s: float
     beta_s_per_byte: float
     collectives: dict[str, tuple[float, float]] = field(default_factory=dict, compare=False)
     overlap: float = 1.0
+    # a small exchange between ranks that compute between exchanges (a band's halo, a norm's
+    # statistics): what each costs beyond the compute, waiting on the peer included
+    sync_s: float = 0.0
 
     @classmethod
     def from_rate(cls, bits_per_s: float, alpha_s: float = 0.0) -> Link:

@@ -315,13 +315,14 @@ def band_sum_seconds(link: Link, spatial: int, param_bytes: float) -> float:
     return all_reduce(link, spatial, param_bytes) if spatial > 1 else 0.0
 
 
-def halo_seconds(link: Link, spatial: int, halo_bytes: list[float], norms: list[float]) -> float:
-    """The exchanges of a spatially cut step (the planner's cost model). Each convolution
-    sends its band's edge rows (`halo_bytes`: the (kernel - 1) rows a window needs from its
-    neighbours, for this rank's samples) half to each neighbour before its forward, and
-    their gradients back after its backward; each group norm all-reduces its per-channel
-    sums (`norms`: their bytes) in the forward and again in the backward."""
+def halo_seconds(link: Link, spatial: int, halo_bytes: float, windows: int, norm_bytes: float, norms: int) -> float:
+    """The exchanges of a spatially cut step (the planner's cost model). Each of `windows`
+    windows takes its band's edge rows from its neighbours before its forward and sends
+    their gradient back after its backward (`halo_bytes` in all, for this rank's samples);
+    each of `norms` norms gathers the bands' statistics in the forward and adds up its sums
+    in the backward (`norm_bytes` in all). Each exchange costs at least the link's measured
+    `sync_s`: a band waits there for its neighbour, which computes beside it."""
     if spatial <= 1:
         return 0.0
-    halos = sum(4 * link.send(b / 2) for b in halo_bytes if b)
-    return halos + sum(2 * all_reduce(link, spatial, b) for b in norms)
+    each = max(link.alpha_s, link.sync_s)
+    return 2 * (windows + norms) * each + 2 * link.beta_s_per_byte * (halo_bytes + norm_bytes)

@@ -91,7 +91,7 @@ def measured_link(cluster: str, nproc: int) -> Link:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(fit))
     collectives = {k: (v[0], v[1]) for k, v in fit["collectives"].items()}
-    return Link(fit["alpha_s"], fit["beta_s_per_byte"], collectives, fit["overlap"])
+    return Link(fit["alpha_s"], fit["beta_s_per_byte"], collectives, fit["overlap"], fit["sync_s"])
 
 
 def measured_setting(cfg: Config, cluster: str, nproc: int) -> tuple[Setting, ModelShape]:
@@ -160,6 +160,7 @@ def plan(cfg: Config, *, nproc: int, cluster: str, budget: float | None, out: Pa
             "beta_s_per_byte": link.beta_s_per_byte,
             "collectives": {k: {"per_call_s": a, "factor": b} for k, (a, b) in link.collectives.items()},
             "overlap": link.overlap,
+            "sync_s": link.sync_s,
         },
         "step_overhead_s": setting.step_overhead_s,
         "rank_overhead_bytes": setting.rank_overhead_bytes,

@@ -127,9 +127,8 @@ def _recompute(profile: ModelProfile, dims: ParallelDims, link: Link, samples: f
             comm += all_gather(link, dims.tp, layers[linears[-1]].out_bytes_per_sample * samples)
     if dims.vertical > 1 and on[first]:
         comm += vertical_seconds(link, dims.vertical, layers[first].out_bytes_per_sample * samples)
-    halos = [x.halo_bytes_per_sample * samples * on[i] for i, x in enumerate(layers)]
-    norms = [x.norm_bytes for i, x in enumerate(layers) if x.norm_bytes and on[i]]
-    return compute, comm + halo_seconds(link, dims.spatial, halos, norms) / 2  # halos, norms: forward and backward
+    again = [x for i, x in enumerate(layers) if on[i]]
+    return compute, comm + _band_comm(again, dims, link, samples) / 2  # halos, norms: forward and backward
 
 
 def _tp_pairs(profile: ModelProfile, samples: float) -> tuple[list[tuple[float, float]], float]:
@@ -154,9 +153,15 @@ def _split_comm(profile: ModelProfile, dims: ParallelDims, link: Link, samples: 
     first = next((layer for layer in profile.layers if layer.kind in ("linear", "conv")), None)
     if dims.vertical > 1 and first is not None:
         comm += vertical_seconds(link, dims.vertical, first.out_bytes_per_sample * samples)
-    halos = [layer.halo_bytes_per_sample * samples for layer in profile.layers]
-    norms = [layer.norm_bytes for layer in profile.layers if layer.norm_bytes]
-    return comm + halo_seconds(link, dims.spatial, halos, norms)
+    return comm + _band_comm(profile.layers, dims, link, samples)
+
+
+def _band_comm(layers, dims: ParallelDims, link: Link, samples: float) -> float:
+    """A spatial cut's exchanges in `layers`, forward and backward, for `samples` samples."""
+    halos = sum(x.halo_bytes_per_sample for x in layers) * samples
+    norm_bytes = sum(x.norm_bytes for x in layers)
+    windows, norms = sum(x.exchanges for x in layers), sum(x.norms for x in layers)
+    return halo_seconds(link, dims.spatial, halos, windows, norm_bytes, norms)
 
 
 def _update(profile: ModelProfile, dims: ParallelDims, stage: range | None) -> float:

@@ -29,7 +29,7 @@ from shardwise.files import write_atomic
 from shardwise.parallel.pipeline import profile_layers
 from shardwise.parallel.recompute import is_norm
 
-VERSION = 10  # of what a profile measures: a profile of another version is measured again
+VERSION = 11  # of what a profile measures: a profile of another version is measured again
 BATCH_SIZES = (8, 32, 64)  # samples per profiled pass by default: a line through these times
 
 
@@ -50,10 +50,12 @@ class LayerProfile:
     param_bytes: int
     out_bytes_per_sample: int  # the activation it hands to the next layer, one sample
     in_bytes_per_sample: int = 0  # what it takes in, one sample
-    halo_bytes_per_sample: int = 0  # a convolution: the (kernel - 1) input rows a band needs from its neighbours
-    norm_bytes: int = 0  # a group norm: the per-channel sums a spatial cut all-reduces
+    halo_bytes_per_sample: int = 0  # its windows: the input rows a band needs from its neighbours
+    norm_bytes: int = 0  # its norms: the per-channel sums a spatial cut adds up over the bands
     forward_fixed_s: float = 0.0  # the forward alone (what activation checkpointing runs again)
     forward_per_sample_s: float = 0.0
+    exchanges: int = 0  # a spatial cut: the windows inside it that take rows from a neighbour
+    norms: int = 0  # and the norms whose statistics it sums over the bands
 
     def seconds(self, samples: float) -> float:
         return self.fixed_s + self.per_sample_s * samples
@@ -138,6 +140,51 @@ def _kind(module: nn.Module) -> str:
     return "block" if any(True for _ in module.children()) else "other"  # a block: layers of its own
 
 
+WINDOWS = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+NORMS = (nn.GroupNorm, nn.BatchNorm2d)
+
+
+def band_exchanges(model: nn.Module, sample: torch.Tensor) -> dict[str, tuple[int, int, int, int]]:
+    """Per layer of the `features` stack, what a spatial cut exchanges inside it, counted over
+    every window and norm it holds (a residual block's too), from one forward of `sample`:
+    (halo bytes a sample, windows that take rows from a neighbour, norm bytes, norms). A
+    window takes kernel - 1 rows (a pooling window kernel - stride: none for 2 x 2 by 2); a
+    norm sums two numbers a channel."""
+    from shardwise.parallel.pipeline import model_layers
+
+    found: dict[str, list[int]] = {}
+    hooks = []
+
+    def seen(name: str):
+        def hook(module: nn.Module, args, _out) -> None:
+            counts, (c, w) = found.setdefault(name, [0, 0, 0, 0]), (args[0].shape[1], args[0].shape[-1])
+            if isinstance(module, NORMS):
+                counts[2] += 2 * c * 8
+                counts[3] += 1
+                return
+            kernel, stride = (v if isinstance(v, int) else v[0] for v in (module.kernel_size, module.stride or 1))
+            rows = kernel - 1 if isinstance(module, nn.Conv2d) else max(0, kernel - stride)
+            if rows > 0:
+                counts[0] += rows * c * w * args[0].element_size()
+                counts[1] += 1
+
+        return hook
+
+    for name, layer in model_layers(model):
+        if name.startswith("features."):
+            hooks += [m.register_forward_hook(seen(name)) for m in layer.modules() if isinstance(m, WINDOWS + NORMS)]
+    was_training = model.training
+    model.eval()  # one sample: a batch norm would refuse to train on it
+    try:
+        with torch.no_grad():
+            model(sample.unsqueeze(0))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return {name: tuple(counts) for name, counts in found.items()}
+
+
 def update_seconds(model: nn.Module, optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer]) -> float:
     """Seconds of what a training step does once per parameter besides the forward and
     backward (whose layer times include making the gradients anew), on a copy of
@@ -200,20 +247,16 @@ def profile_model(
 
     runs = [profile_layers(model, sample.expand(n, *sample.shape).contiguous(), repeats) for n in sizes]
     modules = dict(model_layers(model))
+    exchanges = band_exchanges(model, sample) if len(sample.shape) == 3 else {}
     layers, in_shape, size = [], tuple(sample.shape), sample.element_size()
     for i, cost in enumerate(runs[0]):
         fixed, per_sample = fit_line(list(sizes), [run[i].time_s for run in runs])
         forward = fit_line(list(sizes), [run[i].forward_s for run in runs])
-        module = modules[cost.name]
-        halo = norm = 0
-        if isinstance(module, nn.Conv2d) and len(in_shape) == 3:
-            halo = (module.kernel_size[0] - 1) * in_shape[0] * in_shape[2] * size
-        if isinstance(module, nn.GroupNorm):
-            norm = 2 * module.num_channels * 8  # sum and sum of squares per channel, float64
+        halo, windows, norm, norms = exchanges.get(cost.name, (0, 0, 0, 0))
         layers.append(
             LayerProfile(
-                cost.name, _kind(module), fixed, per_sample, cost.param_bytes,
-                cost.activation_bytes // sizes[0], math.prod(in_shape) * size, halo, norm, *forward,
+                cost.name, _kind(modules[cost.name]), fixed, per_sample, cost.param_bytes,
+                cost.activation_bytes // sizes[0], math.prod(in_shape) * size, halo, norm, *forward, windows, norms,
             )
         )  # fmt: skip
         in_shape = tuple(cost.out_shape[1:])
