@@ -103,8 +103,11 @@ def test_every_layout_runs_each_round_in_rotated_order_with_fresh_measurements(t
         record = staticmethod(lambda *a, **k: "")
         placement = type("P", (), {"cluster": None})()
 
-        def train(self, args, name, *, nproc, steps):
+        def train(self, args, name, *, nproc, steps, env=None):
             i = int(args[args.index("--parallel.dp") + 1]) - 1
+            if env is not None:  # the run that hands freed memory back: the peak alive at once
+                assert env["MALLOC_MMAP_THRESHOLD_"] == "65536"
+                return {"model_check": {"measured_step_s": 1.0, "measured_peak_bytes": 1e6 + i}}
             ran.append(i)
             step = measured[i][sum(1 for j in ran if j == i) - 1] / 1e3
             return {"model_check": {"measured_step_s": step, "measured_peak_bytes": 2e6}}
@@ -116,4 +119,6 @@ def test_every_layout_runs_each_round_in_rotated_order_with_fresh_measurements(t
     assert caches == [str(tmp_path / "planner-cache")] and os.environ["SHARDWISE_CACHE"] == "elsewhere"
     (case,) = FakeBench.details
     assert [r["measured_s"] for r in case["runs"]] == pytest.approx([0.020, 0.006, 0.008])  # the medians
+    # the peak compared is the live one; the resident high-water mark is kept beside it
+    assert [(r["measured_peak"], r["resident_peak"]) for r in case["runs"]] == [(1e6 + i, 2e6) for i in range(3)]
     assert case["best"].startswith("L1") and case["rounds"] == 3

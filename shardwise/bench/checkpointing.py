@@ -23,8 +23,7 @@ import statistics
 
 from rich.table import Table
 
-from shardwise.bench.common import Bench, alternate, per_repetition
-from shardwise.plan.activations import GIVE_BACK_ABOVE
+from shardwise.bench.common import GIVE_BACK, Bench, alternate, per_repetition
 
 STEPS = 12
 MODEL = ["--model.name", "convnet", "--model.channels", "16,16,32,32", "--data.name", "synthetic"]
@@ -37,8 +36,6 @@ LAYOUTS = {
     "spatial=2": ["--nproc", "2", "--parallel.spatial", "2"],
 }
 MODES = ("none", "layers")
-# glibc hands freed blocks of 64 KiB or more straight back to the system: the peak is what is alive
-GIVE_BACK = {"MALLOC_MMAP_THRESHOLD_": GIVE_BACK_ABOVE, "MALLOC_TRIM_THRESHOLD_": GIVE_BACK_ABOVE}
 LIVE = "; one run each with glibc handing back freed blocks of 64 KiB and more (MALLOC_MMAP_THRESHOLD_)"
 
 

@@ -15,6 +15,10 @@ from rich.console import Console
 
 from shardwise.cluster.placement import Placement, run_ranks
 
+# glibc hands every freed block of 64 KiB or more straight back to the system (as the planner
+# measures a pass's memory, plan/activations.py): a run's peak is then the bytes alive at once
+GIVE_BACK = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024), "MALLOC_TRIM_THRESHOLD_": str(64 * 1024)}
+
 
 def bench_console() -> Console:
     """Wide enough that the tables do not wrap when the output goes to a file."""
