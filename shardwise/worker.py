@@ -134,20 +134,14 @@ def under_torchrun() -> bool:
 def run_rank(cfg: Config) -> tuple[Path, RunResult]:
     """This process as one rank of a job the launcher or torchrun started (their environment
     says which rank): the device, the process group, the job; its run folder and result."""
-    if cfg.parallel.layout == "auto":
-        raise ShardwiseError(
-            "parallel.layout",
-            "auto is chosen by shardwise's own launcher; under torchrun, run `shardwise plan` and name the layout",
-        )
-    if cfg.comm.compression == "auto":
-        raise ShardwiseError(
-            "comm.compression", "auto is chosen by shardwise's own launcher; under torchrun, name the method"
-        )
-    if cfg.train.activation_checkpointing == "auto":
-        raise ShardwiseError(
-            "train.activation_checkpointing",
-            "auto is chosen by shardwise's own launcher; under torchrun, name none or layers",
-        )
+    chosen_by_launcher = {  # each `auto` the launcher resolves before the ranks start
+        "parallel.layout": (cfg.parallel.layout, "run `shardwise plan` and name the layout"),
+        "comm.compression": (cfg.comm.compression, "name the method"),
+        "train.activation_checkpointing": (cfg.train.activation_checkpointing, "name none or layers"),
+    }
+    for key, (value, instead) in chosen_by_launcher.items():
+        if value == "auto":
+            raise ShardwiseError(key, f"auto is chosen by shardwise's own launcher; under torchrun, {instead}")
     torch.set_num_threads(1)
     device = rank_device()
     if device.type == "cuda":

@@ -39,10 +39,12 @@ def test_layouts_stay_within_bf16_rounding_of_the_autocast_loop(pool, layout):
 
 
 def test_spatial_bands_train_under_autocast(pool):
-    """The convnet's bands under bf16 autocast: bfloat16 feature maps through float32 norm
-    statistics and weights train, near the autocast loop (each band's convolutions and
-    their backward round apart from the whole map's, so not within its rounding)."""
+    """The convnet's bands under bf16 autocast: bfloat16 feature maps, their group norms
+    read up to float32 as autocast runs torch's, end closer to the autocast loop than
+    float32 training does (1.2e-2 against 2.6e-2 when written; each band's convolutions
+    and their backward round apart from the whole map's, so not within 1e-3 as above)."""
     overrides = with_data({**BF16, "model.channels": "8,16", "parallel.spatial": "2"})
     ref = reference(overrides)
+    fp32 = _rel(reference(with_data({"train.steps": "3", "model.channels": "8,16"})), ref)
     for state in pool.run(train_weights, overrides, ranks=[0, 1]):
-        assert all(state[k].dtype == torch.float32 for k in ref) and _rel(state, ref) < 5e-2
+        assert all(state[k].dtype == torch.float32 for k in ref) and _rel(state, ref) < fp32

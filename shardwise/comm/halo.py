@@ -90,10 +90,10 @@ def _exchange(pieces: dict[int, Tensor], wanted: dict[int, tuple], group: dist.P
 
 
 def gather_halo(
-    x: Tensor, plan: HaloPlan, group: dist.ProcessGroup, pad_value: float | None = None
+    x: Tensor, plan: HaloPlan, group: dist.ProcessGroup, pad_value: float
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """The rows this rank's window needs (with the image edge's padding rows where
-    `pad_value` is given): (rows, received top, received bottom)."""
+    """The rows this rank's window needs, with `pad_value` rows where it hangs over the
+    image's edge: (rows, received top, received bottom)."""
     own0, _ = even_bounds(plan.height, plan.parts)[plan.rank]
     send, recv = {}, {}
     for peer in (plan.rank - 1, plan.rank + 1):
@@ -109,15 +109,13 @@ def gather_halo(
     return assemble(x, plan, top, bottom, pad_value), top, bottom
 
 
-def assemble(
-    x: Tensor, plan: HaloPlan, top: Tensor | None, bottom: Tensor | None, pad_value: float | None = None
-) -> Tensor:
+def assemble(x: Tensor, plan: HaloPlan, top: Tensor | None, bottom: Tensor | None, pad_value: float) -> Tensor:
     """Own rows that the window needs, between the halo rows received from above and below,
-    and, where `pad_value` is given, the padding rows where the window hangs over the
-    image's edge: one copy of the band (a separate pad would copy it again)."""
+    and `pad_value` rows where the window hangs over the image's edge: one copy of the band
+    (a separate pad would copy it again)."""
     own0, _ = even_bounds(plan.height, plan.parts)[plan.rank]
     m0, m1 = plan.rows_between(plan.rank, plan.rank)
-    above, below = edge_padding(plan) if pad_value is not None else (0, 0)
+    above, below = edge_padding(plan)
 
     def padding(rows: int) -> list[Tensor]:
         return [x.new_full((x.shape[0], x.shape[1], rows, x.shape[3]), pad_value)] if rows else []

@@ -64,11 +64,10 @@ def stack_units(stack: nn.Sequential) -> list[tuple[list[nn.Module], bool]]:
     return [([layers[i] for i in unit], on) for unit, on in found]
 
 
-def _unit_runner(unit: list[nn.Module]) -> Callable[[Tensor], Tensor]:
+def _unit_runner(unit: list[nn.Module], buffers: list[Tensor]) -> Callable[[Tensor], Tensor]:
     """Runs the unit's layers; every call after the first (the backward's recompute) puts
-    the layers' buffers (a norm's running statistics) back as they were before it."""
+    the layers' `buffers` (a norm's running statistics) back as they were before it."""
     calls = [0]
-    buffers = [b for m in unit for b in m.buffers()]
 
     def run(x: Tensor) -> Tensor:
         calls[0] += 1
@@ -87,10 +86,12 @@ def _unit_runner(unit: list[nn.Module]) -> Callable[[Tensor], Tensor]:
 
 
 def _checkpointed_forward(units: list[tuple[list[nn.Module], bool]]) -> Callable[[Tensor], Tensor]:
+    buffers = [[b for m in unit for b in m.buffers()] for unit, _ in units]  # found once, not every step
+
     def forward(x: Tensor) -> Tensor:
-        for unit, kept in units:
+        for (unit, kept), own in zip(units, buffers, strict=True):
             if kept and torch.is_grad_enabled():
-                x = checkpoint(_unit_runner(unit), x, use_reentrant=False)
+                x = checkpoint(_unit_runner(unit, own), x, use_reentrant=False)
             else:
                 for layer in unit:
                     x = layer(x)

@@ -6,8 +6,9 @@ Forward: each band's mean and deviation per sample and group from torch's group 
 all-gathered (2 x N x G numbers a rank) and combined exactly, weighted by the bands' sizes
 (Chan et al.'s pairwise update: no sum of squares to cancel); then each (sample, channel)
 plane normalised with those statistics and the affine applied in one pass: batch norm's
-inference kernel over the N x C planes. Kept for the backward: the band itself (the
-convolution before keeps its own input, not its output), the means and the variances.
+inference kernel over the N x C planes, at least in float32 (as autocast runs torch's group
+norm). Kept for the backward: the band itself, in its own precision (the convolution before
+keeps its own input, not its output), the means and the variances.
 
 Backward: batch norm's backward kernel over the same planes gives the gradient through the
 plane's scale (g w rstd) and, per sample and channel, the sums of g and of g x_hat: the only
@@ -37,33 +38,34 @@ class BandGroupNorm(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, groups: int, rows: list[int], eps: float, group):
         n, c, h, w = x.shape
         k = c // groups
+        # at least float32, as autocast runs torch's group norm: a bfloat16 band is read up (and
+        # kept for the backward as it came, half the bytes)
+        band, x = x, x.to(torch.promote_types(x.dtype, torch.float32))
         _, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, n, c, h * w, groups, 0.0)  # this band's
-        # statistics at least in float32 (under autocast the band is bfloat16, the weights float32)
-        kept = torch.promote_types(x.dtype, torch.float32)
-        mean, rstd = mean.to(kept), rstd.to(kept)
         gathered = [torch.empty(2, n, groups, dtype=mean.dtype) for _ in rows]
         dist.all_gather(gathered, torch.stack([mean, rstd.pow(-2)]), group=group)  # rstd 1/0: variance 0
         sizes = torch.tensor(rows, dtype=mean.dtype).reshape(-1, 1, 1)  # each band's rows: its weight
-        means, variances = torch.stack([g[0] for g in gathered]), torch.stack([g[1] for g in gathered])
+        means, variances = torch.stack(gathered).unbind(1)  # (bands, n, groups) each
         total = sizes.sum()
         mean = (sizes * means).sum(0) / total
         var = (sizes * (variances + (means - mean) ** 2)).sum(0) / total
         mean_c, var_c = mean.repeat_interleave(k, 1).reshape(-1), var.repeat_interleave(k, 1).reshape(-1)
-        w_c = (weight if weight is not None else mean.new_ones(c)).to(kept).repeat(n)
-        b_c = (bias if bias is not None else mean.new_zeros(c)).to(kept).repeat(n)
-        ctx.save_for_backward(x, mean_c, var_c, w_c)
+        w_c = (weight if weight is not None else mean.new_ones(c)).to(x.dtype).repeat(n)
+        b_c = (bias if bias is not None else mean.new_zeros(c)).to(x.dtype).repeat(n)
+        ctx.save_for_backward(band, mean_c, var_c, w_c)
         ctx.groups, ctx.count, ctx.group, ctx.eps = groups, k * sum(rows) * w, group, eps
         ctx.weight_dtype = weight.dtype if weight is not None else None
         return F.batch_norm(_planes(x), mean_c, var_c, w_c, b_c, False, 0.0, eps).reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, mean_c, var_c, w_c = ctx.saved_tensors
-        n, c = x.shape[:2]
+        band, mean_c, var_c, w_c = ctx.saved_tensors
+        x, n, c = band.to(mean_c.dtype), *band.shape[:2]
         # g w rstd, and per plane the sums of g x_hat and of g (this band's)
         scaled, gx_sum, g_sum = torch.ops.aten.native_batch_norm_backward(
-            _planes(grad.contiguous()), _planes(x), w_c, mean_c, var_c, None, None, False, ctx.eps, [True, True, True]
-        )
+            _planes(grad.to(x.dtype).contiguous()), _planes(x), w_c, mean_c, var_c, None, None, False, ctx.eps,
+            [True, True, True],
+        )  # fmt: skip
         local = torch.stack([g_sum, gx_sum]).reshape(2, n, c)
         sums = local.clone()
         dist.all_reduce(sums, group=ctx.group)
@@ -77,6 +79,7 @@ class BandGroupNorm(torch.autograd.Function):
         q = rstd * rstd * b * mean_c - rstd * a
         zeros, ones = torch.zeros_like(p), torch.ones_like(p)
         grad_x = scaled.add_(F.batch_norm(_planes(x), zeros, ones, p, q, False, 0.0, 0.0)).reshape(x.shape)
+        grad_x = grad_x.to(band.dtype)
         if ctx.weight_dtype is None:
             return grad_x, None, None, None, None, None, None
         shares = local.sum(1).to(ctx.weight_dtype)  # this band's shares of the bias's and weight's gradients

@@ -106,6 +106,7 @@ def _main(text: str) -> None:
     from shardwise.config import ModelConfig
     from shardwise.errors import ShardwiseError
     from shardwise.models import build_model
+    from shardwise.parallel.recompute import checkpoint_layers
 
     spec = json.loads(text)
     torch.set_num_threads(1)  # as a rank computes
@@ -114,16 +115,13 @@ def _main(text: str) -> None:
     model = build_model(ModelConfig(**spec["model"]), tuple(spec["in_shape"]), spec["num_classes"]).to(dtype)
     sample = torch.randn(spec["in_shape"]).to(dtype)
     found = pass_bytes(model, sample, spec["train_samples"], spec["eval_samples"])
-    if spec.get("checkpointed", True):  # the same passes with every unit checkpointed
-        from shardwise.parallel.recompute import checkpoint_layers
-
-        try:
-            checkpoint_layers(model)
-        except ShardwiseError:  # a model of the user's own without the stacks: layers is refused anyway
-            pass
-        else:
-            # per sample: the engine's one-time set-up is the unchecked passes' fixed part
-            found["checkpointed"] = line(model, sample, spec["train_samples"])[1]
+    try:  # the training pass again with every unit checkpointed
+        checkpoint_layers(model)
+    except ShardwiseError:  # a model of the user's own without the stacks: layers is refused anyway
+        pass
+    else:
+        # per sample: the engine's one-time set-up is the unchecked passes' fixed part
+        found["checkpointed"] = line(model, sample, spec["train_samples"])[1]
     print(json.dumps(found))
 
 

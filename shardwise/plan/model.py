@@ -120,8 +120,8 @@ def _recompute(profile: ModelProfile, dims: ParallelDims, link: Link, samples: f
     compute = sum(x.forward_seconds(samples) / _share(x, dims, i == first) for i, x in enumerate(layers) if on[i])
     comm = 0.0
     if dims.tp > 1:
-        linears = [i for i, x in enumerate(layers) if x.name.startswith("head.") and x.kind == "linear"]
-        rows = [i for i in linears[1::2] if on[i]]
+        linears = _head_linears(profile)
+        rows = [i for i in linears[1::2] if on[i]]  # each pair's row layer
         comm += sum(all_reduce(link, dims.tp, layers[i].out_bytes_per_sample * samples) for i in rows)
         if len(linears) % 2 and on[linears[-1]]:
             comm += all_gather(link, dims.tp, layers[linears[-1]].out_bytes_per_sample * samples)
@@ -131,10 +131,15 @@ def _recompute(profile: ModelProfile, dims: ParallelDims, link: Link, samples: f
     return compute, comm + _band_comm(again, dims, link, samples) / 2  # halos, norms: forward and backward
 
 
+def _head_linears(profile: ModelProfile) -> list[int]:
+    """The head's Linear layers, which tensor parallelism pairs up (column then row) in order."""
+    return [i for i, x in enumerate(profile.layers) if x.name.startswith("head.") and x.kind == "linear"]
+
+
 def _tp_pairs(profile: ModelProfile, samples: float) -> tuple[list[tuple[float, float]], float]:
     """(input bytes, output bytes) of each column-then-row pair of the head, and the output
     bytes of an odd last layer (gathered)."""
-    linears = [layer for layer in profile.layers if layer.name.startswith("head.") and layer.kind == "linear"]
+    linears = [profile.layers[i] for i in _head_linears(profile)]
     pairs = [
         (linears[i].in_bytes_per_sample * samples, linears[i + 1].out_bytes_per_sample * samples)
         for i in range(0, len(linears) - 1, 2)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from shardwise.files import write_atomic
-from shardwise.parallel.pipeline import profile_layers
+from shardwise.parallel.pipeline import model_layers, profile_layers
 from shardwise.parallel.recompute import is_norm
 
 VERSION = 11  # of what a profile measures: a profile of another version is measured again
@@ -150,8 +150,6 @@ def band_exchanges(model: nn.Module, sample: torch.Tensor) -> dict[str, tuple[in
     (halo bytes a sample, windows that take rows from a neighbour, norm bytes, norms). A
     window takes kernel - 1 rows (a pooling window kernel - stride: none for 2 x 2 by 2); a
     norm sums two numbers a channel."""
-    from shardwise.parallel.pipeline import model_layers
-
     found: dict[str, list[int]] = {}
     hooks = []
 
@@ -243,8 +241,6 @@ def profile_model(
     `sizes` copies of `sample` (one sample, without the batch dimension), a step of
     `optimizer` (built over a list of parameters) where one is given, and the training
     and evaluation passes' bytes per sample that `passes` measures (`plan/activations.py`)."""
-    from shardwise.parallel.pipeline import model_layers
-
     runs = [profile_layers(model, sample.expand(n, *sample.shape).contiguous(), repeats) for n in sizes]
     modules = dict(model_layers(model))
     exchanges = band_exchanges(model, sample) if len(sample.shape) == 3 else {}
