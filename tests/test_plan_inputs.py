@@ -163,6 +163,12 @@ def test_the_passes_memory_is_measured_per_sample_in_a_process_of_its_own():
     assert 0.8 * kept < found["train"] < 1.25 * kept
     # a no_grad forward holds a layer's input and output at a time: the 1024-wide two
     assert 0.8 * 2 * 4096 < found["eval"] < 1.25 * 2 * 4096
+    # and during each layer: the 1024-wide Linear's input and output; the classifier's
+    # input (its 10 outputs are 40 B)
+    layers = found["eval_layers"]
+    assert list(layers) == ["features.0", "head.0", "head.1", "head.2", "head.3", "head.4"]
+    assert 0.8 * 2 * 4096 < layers["head.2"] < 1.25 * 2 * 4096
+    assert 0.8 * 4096 < layers["head.4"] < 1.25 * 4096
     assert 0 <= found["train_fixed"] < 64 * 2**20  # the autograd engine's set-up, once
 
 

@@ -164,6 +164,27 @@ def test_measured_pass_memory_replaces_the_count_of_outputs():
     assert pipe.memory_bytes == pytest.approx(3 * 1000 + 7000 + max(32 * 2000 * share + 1000, 100 * 900 * share))
 
 
+def test_an_evaluation_peaks_at_the_largest_measured_layer_a_rank_runs():
+    """Each layer's measured evaluation peak (the model's input alive): a rank evaluating
+    the layers it holds peaks at the largest of theirs; a later pipeline stage holds its own
+    input instead of the model's; a band holds its share, and a layer that takes rows from
+    a neighbour the window it assembles too (a copy of its input's band)."""
+    peaks = (700, 500, 650, 300, 250)
+    layers = tuple(dataclasses.replace(x, eval_bytes_per_sample=e) for x, e in zip(LAYERS, peaks, strict=True))
+    layers = (dataclasses.replace(layers[0], exchanges=1), *layers[1:])
+    measured = dataclasses.replace(PROFILE, layers=layers, train_bytes_per_sample=1, eval_bytes_per_sample=1000)
+    setting = dataclasses.replace(_setting(), profile=measured, val_samples=1000)  # 2 forwards of 500 on 1 rank
+    # one process: the largest layer's peak (not the whole pass's 1000, which is the fallback)
+    assert predict(ParallelConfig(), 1, setting).memory_bytes == pytest.approx(3 * PARAMS + 500 * 700)
+    # 2 stages: the head's is head.0's with its input (head.0's, 400 B) held in place of the
+    # model's (256 B), above the first's (features.0's, 500 x 700 B)
+    pipe = predict(ParallelConfig(pp=2, microbatches=4), 2, setting)
+    assert pipe.memory_bytes == pytest.approx(3 * 4800 + 500 * (650 + 400 - 256))
+    # 2 bands: features.0's half, and its window: half of its 256 B input
+    bands = predict(ParallelConfig(spatial=2), 2, setting)
+    assert bands.memory_bytes == pytest.approx(3 * PARAMS + 500 * (700 + 256) / 2)
+
+
 def test_micro_batches_after_the_first_add_their_gradients_into_the_steps():
     adding = dataclasses.replace(_setting(), profile=dataclasses.replace(PROFILE, accumulate_s_per_byte=1e-6))
     p = predict(ParallelConfig(pp=2, microbatches=4), 2, adding)

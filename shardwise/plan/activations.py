@@ -2,9 +2,11 @@
 forward + backward (what autograd keeps for the backward and what the backward allocates
 while it runs, the parameters' gradients left out) and an evaluation forward under
 `no_grad` (each layer's input and output alive at once, and whatever the kernels allocate
-beside: a convolution's reordered copies and its primitives' scratch memory). Counting
-only each layer's output misses those; the planner's memory model takes these figures
-where they were measured. The training pass is measured a second time with every unit
+beside: a convolution's reordered copies and its primitives' scratch memory), as a whole
+and during each layer (`eval_layers`: the peak while that layer runs, the model's input
+alive, as a pipeline stage or a band holds it for its own layers). Counting only each
+layer's output misses those; the planner's memory model takes these figures where they
+were measured. The training pass is measured a second time with every unit
 checkpointed (`parallel/recompute.py`): the figure `train.activation_checkpointing =
 layers` is priced with.
 
@@ -79,7 +81,45 @@ def pass_bytes(model: nn.Module, sample: torch.Tensor, train_samples: int, eval_
     model.eval()
     with torch.no_grad():
         evaluated = _peak_growth(lambda: model(sample.expand(eval_samples, *sample.shape).contiguous()))
-    return {"train_fixed": fixed, "train": per_sample, "eval": evaluated / eval_samples}
+        per_layer = eval_layers(model, sample, eval_samples)
+    return {"train_fixed": fixed, "train": per_sample, "eval": evaluated / eval_samples, "eval_layers": per_layer}
+
+
+def eval_layers(model: nn.Module, sample: torch.Tensor, samples: int) -> dict[str, float]:
+    """Per sample, the peak resident growth (over the process before the pass) while each
+    of the model's layers (`parallel/pipeline.py` `model_layers`) runs an evaluation
+    forward on `samples` copies of `sample`: its input, its output, the kernels' scratch
+    and the model's input; {} for a model without the stacks. Run after a first pass at
+    this size, so the kernels' one-time set-up is not in any one layer's figure."""
+    from shardwise.errors import ShardwiseError
+    from shardwise.parallel.pipeline import model_layers
+    from shardwise.train.memory import measured_bytes, start_measuring
+
+    try:
+        layers = model_layers(model)
+    except ShardwiseError:
+        return {}
+    cpu = torch.device("cpu")
+    base = start_measuring(cpu)
+    peaks: dict[str, float] = {}
+
+    def reset(_module, _args) -> None:
+        start_measuring(cpu)
+
+    def read(name: str):
+        def hook(_module, _args, _out) -> None:
+            peaks[name] = max(0, measured_bytes(cpu, base)[1] - base) / samples
+
+        return hook
+
+    handles = [h for name, layer in layers for h in (layer.register_forward_pre_hook(reset),
+               layer.register_forward_hook(read(name)))]  # fmt: skip
+    try:
+        model(sample.expand(samples, *sample.shape).contiguous())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return peaks
 
 
 def line(model: nn.Module, sample: torch.Tensor, train_samples: int) -> tuple[float, float]:

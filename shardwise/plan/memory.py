@@ -28,8 +28,8 @@ Passing, the largest of:
   parameters, 2), its unsharded gradient and the reduce-scatter's input (2), and the next
   unit prefetched (2), on top of the activations;
 - the evaluation at the end of the run (the gradients still held): one validation batch,
-  at the measured evaluation bytes per sample (counted: its input and two layer outputs
-  at a time, as no autograd keeps the rest).
+  at the largest of the measured peaks of the rank's layers, per sample (`evaluated`;
+  counted: its input and two layer outputs at a time, as no autograd keeps the rest).
 """
 
 from __future__ import annotations
@@ -58,6 +58,30 @@ def held_params(profile: ModelProfile, dims: ParallelDims, stage: range | None =
     first = _first(profile.layers)
     idx = stage if stage is not None else range(len(profile.layers))
     return sum(_held(profile.layers[i], dims, i == first) for i in idx)
+
+
+def evaluated(profile: ModelProfile, idx: range, spread: int) -> float:
+    """The bytes per sample of a rank's evaluation forward over the layers `idx`, each of
+    `spread` bands: the largest of its layers' measured peaks (the model's input alive: a
+    stage holds its own input instead), a band's share, plus where a layer takes rows from
+    a neighbour the window it assembles (the band with its halo, a copy of its input); where
+    unmeasured, the whole model's measured peak in proportion to the layers' outputs, else
+    the stage's input and its two largest outputs."""
+    layers = [profile.layers[i] for i in idx]
+    if not layers:
+        return 0.0
+    if all(layer.eval_bytes_per_sample for layer in layers):
+        held = layers[0].in_bytes_per_sample - profile.layers[0].in_bytes_per_sample
+        return held / spread + max(
+            (layer.eval_bytes_per_sample + (layer.in_bytes_per_sample if spread > 1 and layer.exchanges else 0))
+            / spread
+            for layer in layers
+        )
+    share = sum(layer.out_bytes_per_sample for layer in layers) / max(
+        1, sum(layer.out_bytes_per_sample for layer in profile.layers)
+    )
+    outputs = sorted((layer.out_bytes_per_sample for layer in layers), reverse=True) + [0, 0]
+    return (profile.eval_bytes_per_sample * share or layers[0].in_bytes_per_sample + outputs[0] + outputs[1]) / spread
 
 
 def rank_peak(
@@ -102,11 +126,7 @@ def rank_peak(
     if dims.dp > 1 and dims.shard == "full":
         passing.append(activations + 4 * units[0] + 2 * units[1])
     if val_samples:
-        per_rank = largest_val_batch(val_samples, dims.dp)
-        outputs = sorted((profile.layers[i].out_bytes_per_sample for i in idx), reverse=True) + [0, 0]
-        taken = profile.layers[idx[0]].in_bytes_per_sample if len(idx) else 0
-        evaluated = profile.eval_bytes_per_sample * share or taken + outputs[0] + outputs[1]
-        passing.append(per_rank * evaluated / spread)
+        passing.append(largest_val_batch(val_samples, dims.dp) * evaluated(profile, idx, spread))
     # the gradient compressor's residuals and buffers, by the gradient bytes it averages
     kept = compressor(grads) if compressor is not None and dims.dp > 1 and dims.shard != "full" else 0.0
     # what the first pass sets up once stays (the autograd engine, the kernels' primitives)

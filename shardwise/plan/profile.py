@@ -29,7 +29,7 @@ from shardwise.files import write_atomic
 from shardwise.parallel.pipeline import model_layers, profile_layers
 from shardwise.parallel.recompute import is_norm
 
-VERSION = 11  # of what a profile measures: a profile of another version is measured again
+VERSION = 12  # of what a profile measures: a profile of another version is measured again
 BATCH_SIZES = (8, 32, 64)  # samples per profiled pass by default: a line through these times
 
 
@@ -56,6 +56,8 @@ class LayerProfile:
     forward_per_sample_s: float = 0.0
     exchanges: int = 0  # a spatial cut: the windows inside it that take rows from a neighbour
     norms: int = 0  # and the norms whose statistics it sums over the bands
+    # an evaluation forward's peak while it runs, per sample, the model's input alive (plan/activations.py)
+    eval_bytes_per_sample: float = 0.0
 
     def seconds(self, samples: float) -> float:
         return self.fixed_s + self.per_sample_s * samples
@@ -242,6 +244,8 @@ def profile_model(
     `optimizer` (built over a list of parameters) where one is given, and the training
     and evaluation passes' bytes per sample that `passes` measures (`plan/activations.py`)."""
     runs = [profile_layers(model, sample.expand(n, *sample.shape).contiguous(), repeats) for n in sizes]
+    found = passes() if passes is not None else {}
+    evaluated = found.get("eval_layers", {})
     modules = dict(model_layers(model))
     exchanges = band_exchanges(model, sample) if len(sample.shape) == 3 else {}
     layers, in_shape, size = [], tuple(sample.shape), sample.element_size()
@@ -253,6 +257,7 @@ def profile_model(
             LayerProfile(
                 cost.name, _kind(modules[cost.name]), fixed, per_sample, cost.param_bytes,
                 cost.activation_bytes // sizes[0], math.prod(in_shape) * size, halo, norm, *forward, windows, norms,
+                evaluated.get(cost.name, 0.0),
             )
         )  # fmt: skip
         in_shape = tuple(cost.out_shape[1:])
@@ -260,7 +265,6 @@ def profile_model(
     update = update_seconds(model, optimizer) / param_bytes if optimizer is not None and param_bytes else 0.0
     copy = copy_seconds(model) / param_bytes if param_bytes else 0.0
     accumulate = accumulate_seconds(model) / param_bytes if param_bytes else 0.0
-    found = passes() if passes is not None else {}
     memory = (found.get("train_fixed", 0.0), found.get("train", 0.0), found.get("eval", 0.0))
     checkpointed = found.get("checkpointed", 0.0)
     return ModelProfile(key, tuple(layers), update, copy, *memory, checkpointed, accumulate, found.get("failed", ""))
