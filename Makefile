@@ -5,7 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test bench lint clean
+.PHONY: train test bench lint clean postgres
+
+# The SQL tests start a PostgreSQL server of their own (initdb, pg_ctl): where the machine
+# has none, the system's package is installed (Debian's postgresql; through sudo unless root)
+INITDB := $(shell command -v initdb || ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | tail -1)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +22,15 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/shardwise train
 
-test: $(STAMP)
+test: $(STAMP) postgres
 	$(BIN)/python -m pytest -q
+
+postgres:
+	@if [ -z "$(INITDB)" ]; then \
+		echo "installing PostgreSQL from the system's packages (for the SQL tests)"; \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; \
+	fi
 
 bench: $(STAMP)
 	$(BIN)/shardwise bench --out bench-results

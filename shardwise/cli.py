@@ -193,7 +193,7 @@ def build_parser() -> OneLineParser:
         nargs="*",
         metavar="SCENARIO",
         help="allreduce, ddp, scaling, tp, pp, spatial, shard, ps, precision, checkpointing, restarts, compression,"
-        " planner (default: the first 9)",
+        " planner, sql (default: the first 9)",
     )
     bench.add_argument(
         "--links",

@@ -50,12 +50,12 @@ class ModelConfig:
 class DataConfig:
     name: str = "digits"
     """Data source: digits (bundled 8x8 handwritten digits), synthetic, cifar10 (binary
-    batches in data.path), npz (arrays x, y in data.path); or your own, as an import path
-    `package.module:function` that gets data.options as keywords and returns arrays x, y
-    (and x_val, y_val) or a pair of datasets (README, "Your own data")."""
+    batches in data.path), npz (arrays x, y in data.path), sql (a database's table, read as
+    each rank trains: data.url); or your own, as an import path `package.module:function`
+    that gets data.options as keywords and returns arrays x, y (and x_val, y_val) or a pair
+    of datasets (README, "Your own data")."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments for your own data's function (a TOML table; on the command line a
-    JSON object)."""
+    """Keyword arguments for your own data's function (a TOML table; on the command line JSON)."""
     path: str = ""
     """Directory of CIFAR-10 binary batches (cifar10) or the .npz file (npz)."""
     partition: Literal["shuffle", "contiguous", "random", "stratified", "kmeans"] = "shuffle"
@@ -64,7 +64,7 @@ class DataConfig:
     kmeans (by feature similarity)."""
     shards: int | None = None
     """Number of fixed shards (default: the data-parallel degree); each rank owns shards/dp
-    of them. Same shards, same global batches, whatever the layout."""
+    of them. Same shards, same global batches, whatever the layout (sql: key ranges)."""
     val_fraction: float = 0.2
     """Fraction held out for validation, stratified by label (sources without their own validation split)."""
     samples: int = 4096
@@ -73,6 +73,20 @@ class DataConfig:
     """Shape of one sample, channels first (synthetic)."""
     classes: int = 10
     """Number of classes (synthetic)."""
+    url: str = ""
+    """sql: sqlite:///PATH (4 slashes: absolute) or postgresql://USER@HOST:PORT/DB (a password: PGPASSWORD)."""
+    table: str = ""
+    """sql: the table or view whose rows are the samples (or data.query)."""
+    query: str = ""
+    """sql: a SELECT whose rows are the samples, in place of data.table (run again per page)."""
+    key: str = "id"
+    """sql: a unique integer column; rows are split, paged and hashed into validation by it."""
+    label_column: str = "label"
+    """sql: each row's class (integers or text); the classes are its distinct values, sorted."""
+    feature_columns: list[str] = field(default_factory=list)
+    """sql: the numeric input columns (default: every column but the key and the label)."""
+    page_rows: int = 1024
+    """sql: rows one query reads (WHERE key > last ORDER BY key LIMIT page_rows), used in a seeded order."""
 
 
 @dataclass

@@ -111,7 +111,7 @@ def _plain(value: Any) -> bool:
 
 
 BUILT_IN_MODELS = ("mlp", "convnet", "resnet")
-BUILT_IN_DATA = ("digits", "synthetic", "cifar10", "npz")
+BUILT_IN_DATA = ("digits", "synthetic", "cifar10", "npz", "sql")
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
 
@@ -158,9 +158,10 @@ def validate(cfg: Config) -> None:
     _check_vertical(cfg)
     _check_auto(cfg.parallel)
     _check_comm(cfg)
+    _check_sql(cfg)
     if d.shards is not None:
         positive("data.shards", d.shards)
-        if d.partition == "shuffle":
+        if d.partition == "shuffle" and d.name != "sql":
             raise ShardwiseError("data.shards", f"={d.shards} needs a fixed data.partition, not shuffle")
     if d.name in ("cifar10", "npz") and not d.path:
         raise ShardwiseError("data.path", f"is required for data.name={d.name}")
@@ -247,6 +248,34 @@ def _check_comm(cfg: Config) -> None:
         raise ShardwiseError(
             "comm.warmup_steps",
             f"={c.warmup_steps} with parallel.mode=ps: a parameter server's pushes are rounded from the first step",
+        )
+
+
+SQL_FIELDS = ("url", "table", "query", "feature_columns")
+
+
+def _check_sql(cfg: Config) -> None:
+    d = cfg.data
+    if d.name != "sql":
+        named = [f"data.{k}" for k in SQL_FIELDS if getattr(d, k)]
+        if named:
+            raise ShardwiseError(named[0], f"is for data.name=sql, not {d.name}")
+        return
+    if not d.url:
+        raise ShardwiseError("data.url", "is required for data.name=sql (sqlite:///PATH or postgresql://USER@HOST/DB)")
+    if bool(d.table) == bool(d.query):
+        raise ShardwiseError("data.table", "name one of data.table and data.query for data.name=sql")
+    if d.page_rows <= 0:
+        raise ShardwiseError("data.page_rows", f"must be positive, got {d.page_rows}")
+    if d.partition not in ("shuffle", "contiguous"):
+        raise ShardwiseError(
+            "data.partition", f"={d.partition}: an SQL table is split by key ranges (contiguous), read page by page"
+        )
+    if cfg.parallel.spatial > 1:
+        raise ShardwiseError("parallel.spatial", f"={cfg.parallel.spatial}: an SQL table's rows are flat features")
+    if cfg.parallel.mode == "ps" and cfg.run.resume:
+        raise ShardwiseError(
+            "run.resume", "of an SQL table's run under parallel.mode=ps: its workers keep no read position"
         )
 
 

@@ -107,6 +107,7 @@ def run(
     mesh = RankMesh.build(dims, group, timeout=timeout, device_type=device.type)
     placement = describe_hosts(all_gather_json(socket.gethostname(), group), context.placement)
     rank = dist.get_rank(group)
+    setup = None
     try:
         setup = set_up(cfg, mesh, device=device)
         faults = FaultPlan(rank, context.faults, attempt=context.attempt)
@@ -134,6 +135,8 @@ def run(
         outcome = roles.play(job, console)
         return _finish(job, outcome, console, placement=placement, launch_time=context.launch_time or started)
     finally:
+        if setup is not None and setup.data is not None:
+            setup.data.close()  # a database reader's background thread and connections
         mesh.close()
 
 
@@ -151,7 +154,7 @@ def set_up(cfg: Config, mesh: RankMesh, *, device: torch.device) -> SetUp:
         with torch.device("meta"):
             model = build_model(cfg.model, in_shape, classes).to(dtype=dtype)
         return SetUp(None, model, in_shape, checkpoint, 0, cut)
-    data, in_shape, classes = _rank_data(cfg, mesh, cut, device=device, dtype=dtype)
+    data, in_shape, classes = _rank_data(cfg, mesh, cut, checkpoint, device=device, dtype=dtype)
     _shape_from_first_server(mesh, (in_shape, classes))
     model = build_model(cfg.model, in_shape, classes).to(device=device, dtype=dtype)
     if checkpoint is not None:  # the whole model, before any layout cuts it
@@ -171,11 +174,13 @@ def _shape_from_first_server(mesh: RankMesh, mine: tuple | None = None) -> tuple
     return tuple(shape), classes
 
 
-def _rank_data(cfg: Config, mesh: RankMesh, cut: DataCut, *, device: torch.device, dtype: torch.dtype):
+def _rank_data(cfg: Config, mesh: RankMesh, cut: DataCut, checkpoint, *, device: torch.device, dtype: torch.dtype):
     """This rank's data: what the layout cuts it to (data_cut), its share of each batch;
     and the shape and classes of a whole sample.
     A parameter server's first server keeps the whole validation set, to score the weights."""
     dims, t = mesh.dims, cfg.train
+    if cfg.data.name == "sql":
+        return _sql_data(cfg, mesh, cut, checkpoint, device=device, dtype=dtype)
     dataset = load_source(cfg.data, seed=t.seed, features=cut.features, reduce_stats=cut.reduce_stats)
     rows = cut.rows(dataset)  # refuses early what cannot be cut
     scorer = mesh.coords.get("server", -1) == 0
@@ -195,9 +200,36 @@ def _rank_data(cfg: Config, mesh: RankMesh, cut: DataCut, *, device: torch.devic
     return data, dataset.in_shape, dataset.num_classes
 
 
+def _sql_data(cfg: Config, mesh: RankMesh, cut: DataCut, checkpoint, *, device: torch.device, dtype: torch.dtype):
+    """`_rank_data` of an SQL table: this rank's rows read as it trains, from the
+    checkpoint's read positions where it resumes (`data/sql_loader.py`)."""
+    from shardwise.data.sql_loader import build_sql_rank_data
+
+    dims, t = mesh.dims, cfg.train
+    scorer = mesh.coords.get("server", -1) == 0
+    data = build_sql_rank_data(
+        cfg.data,
+        global_batch=t.batch_size,
+        grad_accum=t.grad_accum,
+        dp_rank=0 if scorer else mesh.coords["dp"],
+        dp=1 if scorer else dims.dp,
+        seed=t.seed,
+        device=device,
+        features=cut.features,
+        reduce_stats=cut.reduce_stats,
+        positions=checkpoint.tensors if checkpoint is not None else None,
+        start=checkpoint.step if checkpoint is not None else 0,
+        microbatches=dims.microbatches,
+        dtype=dtype,
+        name=f"shardwise-rank{dist.get_rank()}",
+    )
+    record = data.preprocess
+    return data, tuple(record["in_shape"]), len(record["classes"])
+
+
 def _example(cfg: Config, dims: ParallelDims, data: RankData) -> torch.Tensor:
     """One micro-batch of this rank's data (what a pipeline profiles its layers on)."""
-    return data.micro_batches(0)[0][0][: cfg.train.batch_size // (dims.dp * dims.microbatches)]
+    return data.example()[: cfg.train.batch_size // (dims.dp * dims.microbatches)]
 
 
 def _server_settings(cfg: Config) -> ServerSettings:
@@ -234,7 +266,7 @@ def _finish(job: roles.Job, outcome: roles.Outcome, console, *, placement: dict,
     summary |= {"skipped_steps": outcome.skipped, **outcome.extra, **extra, **roles.after_serving(job)}
     summary |= model_check(summary)
     if console is not None:
-        preprocess = job.data.dataset.preprocess if job.data is not None else {}
+        preprocess = job.data.preprocess if job.data is not None else {}
         write_run(job.out_dir, cfg, dims, state, outcome.result.records, summary, preprocess)
         roles.print_end(console, job, summary, timeline, outcome)
         console.print(render_summary(summary, str(job.out_dir)))

@@ -102,12 +102,14 @@ def _train(job: Job, console) -> Outcome:
     def collect() -> tuple[dict, dict]:
         tensors = layout.logical_tensors(optimizer) | rng_tensors(job.rank)
         tensors |= compression_state(compressor, layout.local_model, layout.splits, job.rank)
+        tensors |= job.data.position_tensors()  # where a database's rows are read from on a resume
         return tensors, {"world_size": dims.world_size, "layout": dims.layout, "schedule_step": scheduler.last_epoch}
 
     checkpointer = build_checkpointer(cfg, job.out_dir, group, collect, job.faults)
     if console is not None:
         title = f"layout {dims.layout}, shard={dims.shard}: parameters held by each rank at start"
-        console.print(render_report(job.data.report, f"data: {cfg.data.name}, partition {cfg.data.partition}"))
+        split = "key ranges" if cfg.data.name == "sql" else f"partition {cfg.data.partition}"
+        console.print(render_report(job.data.report, f"data: {cfg.data.name}, {split}"))
         for report in layout.reports():
             console.print(report)
         console.print(render_memory(start_bytes, dims, whole_model_bytes=job.whole_bytes, title=title))

@@ -32,6 +32,7 @@ from shardwise.bench import (
     scaling,
     shard,
     spatial,
+    sql,
     tp,
 )
 from shardwise.bench.common import Bench, bench_console
@@ -55,8 +56,10 @@ SCENARIOS: dict[str, tuple[Callable[[Bench], None], bool]] = {
     "restarts": (restarts.run, False),  # correctness trials, not timed
     "compression": (compression.run, True),  # every method trained to a target: half an hour a link
     "planner": (planner.run, True),  # every layout run for real: an hour and more
+    "sql": (sql.run, False),  # a database on this machine: loopback only
 }
-DEFAULT = [name for name in SCENARIOS if name not in ("restarts", "planner", "compression", "checkpointing")]
+NAMED_ONLY = ("restarts", "planner", "compression", "checkpointing", "sql")
+DEFAULT = [name for name in SCENARIOS if name not in NAMED_ONLY]
 CLUSTER_NAME, HOSTS = "swb", 4
 
 

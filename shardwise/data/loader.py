@@ -35,6 +35,25 @@ class RankData:
         x, y = take(self.dataset, idx, self.device, self.dtype)
         return list(zip(x.chunk(self.grad_accum), y.chunk(self.grad_accum), strict=True))
 
+    def example(self) -> torch.Tensor:
+        """A micro-batch of this rank's first step (what a pipeline profiles its layers on)."""
+        return self.micro_batches(0)[0][0]
+
+    @property
+    def preprocess(self) -> dict:
+        return self.dataset.preprocess
+
+    def val_sizes(self) -> list[int]:
+        """Every data-parallel rank's validation rows (`val_batches`), in rank order."""
+        return [len(part) for part in np.array_split(np.arange(len(self.dataset.y_val)), self.dp)]
+
+    def position_tensors(self) -> dict[str, torch.Tensor]:
+        """Where this rank reads: nothing to keep (a step's samples follow from the step)."""
+        return {}
+
+    def close(self) -> None:
+        pass
+
     def val_batches(self, batch: int = VAL_BATCH) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's contiguous slice of the validation set (slices may differ by one),
         in the same number of batches on every rank: sharded layouts run a collective

@@ -6,18 +6,25 @@ import numpy as np
 
 
 def balance_report(rank_samples: list[np.ndarray], labels: np.ndarray, num_classes: int) -> dict:
-    """Per rank: sample count, label coverage, largest class share and label skew
-    (total-variation distance of its label distribution from the whole set's,
-    0 = same mix, 1 = disjoint). Overall: size imbalance, largest / mean count."""
-    overall = np.bincount(labels, minlength=num_classes) / len(labels)
+    """The report of each rank's samples `rank_samples` (indices into `labels`)."""
+    return counts_report([np.bincount(labels[idx], minlength=num_classes) for idx in rank_samples])
+
+
+def counts_report(rank_counts: list[np.ndarray]) -> dict:
+    """From each rank's samples per class: per rank, sample count, label coverage, largest
+    class share and label skew (total-variation distance of its label distribution from
+    the whole set's, 0 = same mix, 1 = disjoint). Overall: size imbalance, largest / mean
+    count."""
+    total = np.sum(rank_counts, axis=0)
+    overall = total / max(1, total.sum())
     ranks = []
-    for r, idx in enumerate(rank_samples):
-        counts = np.bincount(labels[idx], minlength=num_classes)
+    for r, counts in enumerate(rank_counts):
+        counts = np.asarray(counts)
         dist = counts / max(1, counts.sum())
         ranks.append(
             {
                 "rank": r,
-                "samples": int(len(idx)),
+                "samples": int(counts.sum()),
                 "classes": int((counts > 0).sum()),
                 "top_class": int(counts.argmax()),
                 "top_share": float(dist.max()),
@@ -29,7 +36,7 @@ def balance_report(rank_samples: list[np.ndarray], labels: np.ndarray, num_class
         "ranks": ranks,
         "size_imbalance": float(sizes.max() / sizes.mean()) if sizes.mean() > 0 else 0.0,
         "max_label_skew": max(r["label_skew"] for r in ranks),
-        "num_classes": num_classes,
+        "num_classes": len(total),
     }
 
 

@@ -105,8 +105,13 @@ def _cifar_files(path: Path) -> tuple[list[Path], Path | None]:
 
 
 def check_source(cfg: DataConfig) -> None:
-    """Fail fast on a data setting that cannot work, reading metadata only."""
-    if cfg.name == "cifar10":
+    """Fail fast on a data setting that cannot work, reading metadata only (of a database:
+    its table's columns, their types and values, `data/sql.py` `inspect`)."""
+    if cfg.name == "sql":
+        from shardwise.data.sql import inspect
+
+        inspect(cfg)
+    elif cfg.name == "cifar10":
         _cifar_files(Path(cfg.path))
     elif cfg.name == "npz":
         path = Path(cfg.path)
@@ -332,6 +337,10 @@ def source_shape(cfg: DataConfig) -> tuple[int, ...]:
         return tuple(cfg.shape)
     if cfg.name == "cifar10":
         return (3, 32, 32)
+    if cfg.name == "sql":
+        from shardwise.data.sql import feature_names
+
+        return (len(feature_names(cfg)),)
     if is_import_path(cfg.name):
         return tuple(load_own(cfg.name, cfg.options)[0]["x"].shape[1:])
     with zipfile.ZipFile(cfg.path) as archive:
@@ -350,6 +359,10 @@ def load_source(
         return _synthetic(cfg, seed, features, reduce_stats)
     if cfg.name == "cifar10":
         return _cifar10(cfg, features, reduce_stats)
+    if cfg.name == "sql":  # whole, in one process (plan, evaluate); a run's ranks read as they train
+        from shardwise.data.sql_loader import load_table
+
+        return load_table(cfg)
     if is_import_path(cfg.name):
         arrays, classes = load_own(cfg.name, cfg.options)
         return _from_arrays(cfg, arrays, classes, features)

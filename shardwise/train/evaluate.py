@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -29,8 +28,7 @@ def gather_rows(local: torch.Tensor, data: RankData, group: dist.ProcessGroup | 
     (`val_batches`), gathered in the validation set's order on every rank."""
     if group is None or dist.get_world_size(group) == 1:
         return local
-    sizes = [len(part) for part in np.array_split(np.arange(len(data.dataset.y_val)), data.dp)]
-    return torch.cat(all_gather_uneven(local, sizes, dim=0, group=group))
+    return torch.cat(all_gather_uneven(local, data.val_sizes(), dim=0, group=group))
 
 
 @torch.no_grad()

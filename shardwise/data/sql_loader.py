@@ -1,0 +1,331 @@
+"""One rank's rows of an SQL table, read while it trains (`data.name = "sql"`).
+
+The training rows are cut into `data.shards` key ranges (default: the data-parallel
+degree) by the database (`data/sql.py` `key_ranges`); a data-parallel rank owns shards/dp
+of them, and every step takes batch/shards rows from each shard, so a step's global batch
+is the same rows whatever the number of ranks. Each shard is read page by page in key
+order, `data.page_rows` rows a query, epoch after epoch; a page's rows are used in an
+order drawn from (train.seed, shard, epoch, page), and the next page is fetched by a
+background thread while this one is used, so the step does not wait on the database.
+
+A shard's read position (epoch, the key its page starts after, the page's number, the
+rows of it used, the rows used in all) goes into every checkpoint, one small tensor per
+shard; a resume, on any number of ranks that divides the shards, reads on from there, so
+every row is used as often as in the run that was not stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shardwise.config import DataConfig
+from shardwise.data import sql
+from shardwise.data.loader import VAL_BATCH, _val_batch_count
+from shardwise.data.report import counts_report
+from shardwise.data.sampler import check_batch_layout
+from shardwise.data.sources import Dataset, StatsReduce, preprocess_record
+from shardwise.errors import ShardwiseError
+
+POSITION = "data/sql/shard-{:05d}"  # a checkpoint's tensor per shard: epoch, after, page, offset, used
+
+
+@dataclass
+class Position:
+    after: int  # the key this page starts after
+    epoch: int = 0
+    page: int = 0  # the page's number within the epoch
+    offset: int = 0  # rows of this page used
+    used: int = 0  # rows of this shard used in all
+
+    def tensor(self, shards: int) -> torch.Tensor:
+        """As a checkpoint keeps it, with the number of shards the table was read in."""
+        return torch.tensor([self.epoch, self.after, self.page, self.offset, self.used, shards], dtype=torch.int64)
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> tuple[Position, int]:
+        epoch, after, page, offset, used, shards = (int(v) for v in t.tolist())
+        return cls(after, epoch, page, offset, used), shards
+
+
+@dataclass
+class Page:
+    keys: np.ndarray
+    labels: np.ndarray
+    x: np.ndarray
+    last: int  # its largest key: the next page starts after it
+    full: bool  # as many rows as a page holds (a shorter page ends the epoch)
+
+
+class ShardStream:
+    """One shard's training rows, epoch after epoch, one page ahead."""
+
+    def __init__(self, read, index: int, rows: sql.KeyRange, page_rows: int, seed: int, pos: Position, pool):
+        self.read, self.index, self.rows, self.page_rows, self.seed = read, index, rows, page_rows, seed
+        self.pos, self.pool = pos, pool
+        self._page: Page | None = None
+        self._ahead: tuple[int, Future] | None = None
+
+    def _fetch(self, after: int) -> Page:
+        if self._ahead is not None and self._ahead[0] == after:
+            found = self._ahead[1].result()
+        else:
+            found = self.read(self.rows, after, self.page_rows)
+        if not len(found.keys):
+            raise ShardwiseError("data.table", f"shard {self.index} found no rows after key {after}: the table changed")
+        # the next page, fetched while this one is used
+        nxt = self.rows.after if self._ends(found) else found.last
+        self._ahead = (nxt, self.pool.submit(self.read, self.rows, nxt, self.page_rows))
+        order = np.random.default_rng([self.seed, self.index, self.pos.epoch, self.pos.page]).permutation(
+            len(found.keys)
+        )
+        return Page(found.keys[order], found.labels[order], found.x[order], found.last, found.full)
+
+    def _ends(self, page: Page) -> bool:
+        return not page.full or page.last == self.rows.last
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The next `n` rows: (keys, labels, features)."""
+        parts = []
+        while n > 0:
+            if self._page is None:
+                self._page = self._fetch(self.pos.after)
+            page, pos = self._page, self.pos
+            m = min(n, len(page.keys) - pos.offset)
+            parts.append((page.keys[pos.offset : pos.offset + m], page.labels[pos.offset : pos.offset + m],
+                          page.x[pos.offset : pos.offset + m]))  # fmt: skip
+            pos.offset, pos.used, n = pos.offset + m, pos.used + m, n - m
+            if pos.offset == len(page.keys):  # on to the next page, or the next epoch
+                if self._ends(page):
+                    self.pos = Position(self.rows.after, pos.epoch + 1, 0, 0, pos.used)
+                else:
+                    self.pos = Position(page.last, pos.epoch, pos.page + 1, 0, pos.used)
+                self._page = None
+        return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
+
+
+class SqlRankData:
+    """A rank's view of an SQL table, as `loader.RankData` gives one of arrays: its share
+    of each step, cut into micro-batches, and its slice of the validation rows."""
+
+    def __init__(self, reader: Reader, streams: list[ShardStream], *, per_shard: int, grad_accum: int, start: int,
+                 val: sql.KeyRange, val_rows: int, dp_rank: int, dp: int, report: dict, preprocess: dict):  # fmt: skip
+        self.reader, self.streams, self.per_shard, self.grad_accum = reader, streams, per_shard, grad_accum
+        self.val, self.val_rows, self.dp_rank, self.dp = val, val_rows, dp_rank, dp
+        self.shards = len(streams) * dp
+        self.device, self.dtype, self.report, self.preprocess = reader.device, reader.dtype, report, preprocess
+        self.next_step = start
+        self.last_keys = np.zeros(0, dtype=np.int64)  # the rows the last step used, by key
+        self.val_keys = np.zeros(0, dtype=np.int64)  # and the validation rows, once read
+        self._served: tuple[int, list] | None = None
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's rows of step `step`: steps in order (the last one again is kept)."""
+        if self._served is not None and self._served[0] == step:
+            return self._served[1]
+        if step != self.next_step:
+            raise AssertionError(f"rows of step {step} asked for, the next is {self.next_step}")
+        keys, labels, x = (np.concatenate(p) for p in zip(*(s.take(self.per_shard) for s in self.streams), strict=True))
+        self.last_keys, self.next_step = keys, step + 1
+        xs = torch.from_numpy(x).to(self.device, self.dtype).chunk(self.grad_accum)
+        ys = torch.from_numpy(labels).to(self.device).chunk(self.grad_accum)
+        self._served = (step, list(zip(xs, ys, strict=True)))
+        return self._served[1]
+
+    def example(self) -> torch.Tensor:
+        """A micro-batch of this rank's next step (what a pipeline profiles its layers on)."""
+        return self.micro_batches(self.next_step)[0][0]
+
+    def val_sizes(self) -> list[int]:
+        return [len(part) for part in np.array_split(np.arange(self.val_rows), self.dp)]
+
+    def val_batches(self, batch: int = VAL_BATCH) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's key range of the validation rows, read once, in as many batches as
+        every other rank's."""
+        if self._val is None:
+            count = _val_batch_count(self.val_rows, self.dp, batch)
+            sizes = [len(p) for p in np.array_split(np.arange(self.val.rows), count)]
+            self._val, after, keys = [], self.val.after, []
+            for size in sizes:
+                page = self.reader.read(self.val, after, size, val=True)
+                after = page.last
+                x = torch.from_numpy(page.x).to(self.device, self.dtype)
+                self._val.append((x, torch.from_numpy(page.labels).to(self.device)))
+                keys.append(page.keys)
+            self.val_keys = np.concatenate(keys)
+        yield from self._val
+
+    def position_tensors(self) -> dict[str, torch.Tensor]:
+        """Each of this rank's shards' read position, for the checkpoint."""
+        return {POSITION.format(s.index): s.pos.tensor(self.shards) for s in self.streams}
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class Reader:
+    """Pages of rows as arrays: the features standardised with the training rows' statistics,
+    the labels as class numbers; reads on this thread or the background one."""
+
+    def __init__(self, src: sql.SqlSource, columns: tuple[str, ...], classes: tuple, mean, std, *,
+                 device: torch.device, dtype: torch.dtype, name: str):  # fmt: skip
+        self.src, self.columns, self.device, self.dtype = src, columns, device, dtype
+        self.classes = {value: i for i, value in enumerate(classes)}
+        self.mean, self.std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+        self.conn = sql.Connection(src.url, name)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="shardwise-sql")
+
+    def read(self, rows: sql.KeyRange, after: int, limit: int, *, val: bool = False) -> Page:
+        try:
+            found = sql.page(self.conn, self.src, self.columns, rows, after, limit, val=val)
+        except Exception as e:
+            raise sql.refused(e, self.src, "data.url") from None
+        keys = np.fromiter((r[0] for r in found), dtype=np.int64, count=len(found))
+        try:
+            labels = np.fromiter((self.classes[r[1]] for r in found), dtype=np.int64, count=len(found))
+        except KeyError as e:
+            raise ShardwiseError("data.label_column", f"{self.src.where} holds a new label {e.args[0]!r}") from None
+        x = np.array([r[2:] for r in found], dtype=np.float64).reshape(len(found), len(self.columns))
+        x = ((x - self.mean) / self.std).astype(np.float32)
+        return Page(keys, labels, x, int(keys[-1]) if len(keys) else after, len(found) == limit)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.conn.close()
+
+
+def build_sql_rank_data(
+    cfg: DataConfig,
+    *,
+    global_batch: int,
+    grad_accum: int,
+    dp_rank: int,
+    dp: int,
+    seed: int,
+    device: torch.device,
+    features: np.ndarray | None = None,
+    reduce_stats: StatsReduce | None = None,
+    positions: dict[str, torch.Tensor] | None = None,
+    start: int = 0,
+    microbatches: int = 1,
+    dtype: torch.dtype = torch.float32,
+    name: str = "shardwise",
+) -> SqlRankData:
+    """Rank `dp_rank`'s rows of the table `cfg` names, reading on from `positions` (a
+    checkpoint's, at step `start`); with `features` (vertical) only those columns."""
+    num_shards = cfg.shards or dp
+    check_batch_layout(
+        global_batch=global_batch, grad_accum=grad_accum, dp=dp, shards=num_shards, microbatches=microbatches
+    )
+    conn = sql.Connection(cfg.url, name)
+    try:  # the launcher checked the table (`sql.inspect`): this rank reads only what it needs
+        schema = sql.describe(conn, cfg)
+        src = sql.source(cfg, schema.columns)
+        own = schema.columns if features is None else tuple(schema.columns[i] for i in features)
+        shards = sql.key_ranges(conn, src, num_shards, val=False)
+        vals = sql.key_ranges(conn, src, dp, val=True)
+        mean, squares = sql.column_stats(conn, src, own)
+    except ShardwiseError:
+        raise
+    except Exception as e:
+        raise sql.refused(e, src, "data.url") from None
+    finally:
+        conn.close()
+    train_rows = sum(r.rows for r in shards)
+    mean, std, record = _standardisation(len(schema.columns), train_rows, features, mean, squares, reduce_stats)
+    reader = Reader(src, own, schema.classes, mean, std, device=device, dtype=dtype, name=name)
+    k = num_shards // dp
+    mine = range(dp_rank * k, (dp_rank + 1) * k)
+    streams = []
+    for i in mine:
+        pos = _position(positions, num_shards, i, shards[i], start * global_batch // num_shards)
+        streams.append(ShardStream(reader.read, i, shards[i], cfg.page_rows, seed, pos, reader.pool))
+    report = _report(shards, schema.classes, dp)
+    preprocess = preprocess_record((len(schema.columns),), [str(c) for c in schema.classes], standardize=record)
+    return SqlRankData(reader, streams, per_shard=global_batch // num_shards, grad_accum=grad_accum, start=start,
+                       val=vals[dp_rank], val_rows=sum(v.rows for v in vals), dp_rank=dp_rank, dp=dp, report=report,
+                       preprocess=preprocess)  # fmt: skip
+
+
+def _position(positions: dict[str, torch.Tensor] | None, shards: int, index: int, rows: sql.KeyRange,
+              used: int) -> Position:  # fmt: skip
+    """Shard `index`'s position from a checkpoint's tensors (`used` rows by then), or its start."""
+    if positions is None:
+        return Position(rows.after)
+    name = POSITION.format(index)
+    if name not in positions:
+        raise ShardwiseError("resume", "the checkpoint holds no read position of the table: it read other data")
+    pos, saved = Position.of(positions[name])
+    if saved != shards:
+        raise ShardwiseError("data.shards", f"={shards}, but the checkpoint read the table in {saved} shards: "
+                             f"resume with data.shards={saved}")  # fmt: skip
+    if pos.used != used:
+        raise ShardwiseError("resume", f"shard {index} of the table had {pos.used} rows used at the checkpoint, "
+                             f"not the {used} its step and batch make: the batch size changed")  # fmt: skip
+    return pos
+
+
+def _standardisation(width: int, rows: int, features, mean, squares, reduce_stats):
+    """Each of `width` features' mean and standard deviation over the `rows` training rows
+    (`data/sources.py`'s formula); a vertical rank has its own columns' and adds the others'
+    over the vertical group (`reduce_stats`), so every rank saves the whole record."""
+    cols = np.arange(width) if features is None else np.asarray(features)
+    n = float(rows)
+    stats = np.zeros((3, width))
+    stats[0, cols], stats[1, cols], stats[2, cols] = n, np.asarray(mean) * n, np.asarray(squares) * n
+    if reduce_stats is not None:
+        stats = reduce_stats(stats)
+    count = np.maximum(stats[0], 1.0)
+    whole_mean = stats[1] / count
+    whole_std = np.sqrt(np.maximum(stats[2] / count - whole_mean * whole_mean, 0.0)) + 1e-6
+    record = {"per": "feature", "mean": whole_mean.tolist(), "std": whole_std.tolist()}
+    return whole_mean[cols], whole_std[cols], record
+
+
+def _report(shards: list[sql.KeyRange], classes: tuple, dp: int) -> dict:
+    """Each data-parallel rank's training rows per class, over its shards."""
+    k = len(shards) // dp
+    return counts_report([np.array([sum(s.labels.get(c, 0) for s in shards[r * k : (r + 1) * k]) for c in classes])
+                          for r in range(dp)])  # fmt: skip
+
+
+def load_table(cfg: DataConfig) -> Dataset:
+    """The whole table as arrays, in key order, in this process: what `shardwise plan` and
+    `shardwise evaluate` take (the same split, statistics and classes as a run's ranks)."""
+    conn = sql.Connection(cfg.url, "shardwise")
+    try:
+        schema = sql.describe(conn, cfg)
+        src = sql.source(cfg, schema.columns)
+        train, val = sql.key_ranges(conn, src, 1, val=False)[0], sql.key_ranges(conn, src, 1, val=True)[0]
+        mean, squares = sql.column_stats(conn, src, schema.columns)
+    except ShardwiseError:
+        raise
+    except Exception as e:
+        raise sql.refused(e, src, "data.url") from None
+    finally:
+        conn.close()
+    mean, std, record = _standardisation(len(schema.columns), train.rows, None, mean, squares, None)
+    reader = Reader(src, schema.columns, schema.classes, mean, std, device=torch.device("cpu"), dtype=torch.float32,
+                    name="shardwise")  # fmt: skip
+    try:
+        (x_tr, y_tr), (x_va, y_va) = (_whole(reader, rows, val) for rows, val in ((train, False), (val, True)))
+    finally:
+        reader.close()
+    width = len(schema.columns)
+    preprocess = preprocess_record((width,), [str(c) for c in schema.classes], standardize=record)
+    return Dataset(x_tr, y_tr, x_va, y_va, len(schema.classes), (width,), None, preprocess)
+
+
+def _whole(reader: Reader, rows: sql.KeyRange, val: bool) -> tuple[np.ndarray, np.ndarray]:
+    pages, after = [], rows.after
+    while True:
+        page = reader.read(rows, after, 65536, val=val)
+        pages.append(page)
+        if not page.full:
+            return np.concatenate([p.x for p in pages]), np.concatenate([p.labels for p in pages])
+        after = page.last
