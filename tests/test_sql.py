@@ -68,13 +68,36 @@ def test_rows_are_the_tables_standardised_and_the_split_is_the_keys(table):
     assert 0.17 < len(val) / len(by_key) < 0.23 and len(val_labels) == len(val) == data.val_rows
     assert set(val_labels.tolist()) == set(range(10)) == {int(by_key[k][1]) for k in train}
     rows = np.array([by_key[k][2:] for k in sorted(train)])
-    mean, std = rows.mean(axis=0), rows.std(axis=0) + 1e-6
+    mean, std = rows.mean(axis=0), rows.std(axis=0)
+    std = np.where(std < 1e-6, 1.0, std + 1e-6)  # a constant column (the digits' corners) divided by 1
+    assert (std == 1.0).sum() >= 1
     data.close()
     (data,) = _ranks(_cfg(table, page_rows=50, shards=4), 1)
     x, y = data.micro_batches(0)[0]
     want = (np.array([by_key[int(k)][2:] for k in data.last_keys]) - mean) / std
     np.testing.assert_allclose(x.numpy(), want, rtol=1e-5, atol=1e-5)
     assert y.tolist() == [int(by_key[int(k)][1]) for k in data.last_keys]
+    data.close()
+
+
+def test_a_column_constant_over_the_training_rows_is_divided_by_one(tmp_path):
+    """A feature that is 0 in every training row and 5 in one validation row reads 5 there
+    (scikit-learn's StandardScaler does the same), not 5 millionths-of-a-deviation apart."""
+    rng = np.random.default_rng(0)
+    rows = [(k, int(k % 3), float(rng.standard_normal()), 0.0) for k in range(1, 201)]
+    db = _bad_table(tmp_path / "c.db", "id INTEGER PRIMARY KEY, label INTEGER, a REAL, c REAL", rows)
+    cfg = DataConfig(name="sql", url=f"sqlite:///{db}", table="t")
+    (data,) = _ranks(cfg, 1, batch=8)
+    list(data.val_batches())
+    key = int(data.val_keys[0])
+    data.close()
+    con = sqlite3.connect(db)
+    con.execute("UPDATE t SET c = 5 WHERE id = ?", (key,))
+    con.commit()
+    con.close()
+    (data,) = _ranks(cfg, 1, batch=8)
+    x = torch.cat([x for x, _ in data.val_batches()])
+    assert float(x[0, 1]) == 5.0 and data.preprocess["standardize"]["std"][1] == 1.0
     data.close()
 
 

@@ -272,7 +272,7 @@ def _position(positions: dict[str, torch.Tensor] | None, shards: int, index: int
 
 def _standardisation(width: int, rows: int, features, mean, squares, reduce_stats):
     """Each of `width` features' mean and standard deviation over the `rows` training rows
-    (`data/sources.py`'s formula); a vertical rank has its own columns' and adds the others'
+    (`data/sources.py`'s formula, but 1 for a constant column); a vertical rank has its own columns' and adds the others'
     over the vertical group (`reduce_stats`), so every rank saves the whole record."""
     cols = np.arange(width) if features is None else np.asarray(features)
     n = float(rows)
@@ -282,7 +282,10 @@ def _standardisation(width: int, rows: int, features, mean, squares, reduce_stat
         stats = reduce_stats(stats)
     count = np.maximum(stats[0], 1.0)
     whole_mean = stats[1] / count
-    whole_std = np.sqrt(np.maximum(stats[2] / count - whole_mean * whole_mean, 0.0)) + 1e-6
+    whole_std = np.sqrt(np.maximum(stats[2] / count - whole_mean * whole_mean, 0.0))
+    # a column constant over the training rows is divided by 1, as scikit-learn's StandardScaler
+    # does: a validation row's other value there would otherwise grow a million-fold
+    whole_std = np.where(whole_std < 1e-6, 1.0, whole_std + 1e-6)
     record = {"per": "feature", "mean": whole_mean.tolist(), "std": whole_std.tolist()}
     return whole_mean[cols], whole_std[cols], record
 
