@@ -273,10 +273,6 @@ def _check_sql(cfg: Config) -> None:
         )
     if cfg.parallel.spatial > 1:
         raise ShardwiseError("parallel.spatial", f"={cfg.parallel.spatial}: an SQL table's rows are flat features")
-    if cfg.parallel.mode == "ps" and cfg.run.resume:
-        raise ShardwiseError(
-            "run.resume", "of an SQL table's run under parallel.mode=ps: its workers keep no read position"
-        )
 
 
 def _check_vertical(cfg: Config) -> None:

@@ -314,7 +314,9 @@ def launch(
     if failure is None:
         return 0
     if failure.exit_code == EXIT_USAGE:
-        if created:  # a user error found only by a worker: leave nothing behind
+        # a user error found only by a worker: leave nothing behind, but never a checkpoint
+        # (a restart refused after some were written)
+        if created and not any((out / "checkpoints").glob("step-*")):
             shutil.rmtree(out, ignore_errors=True)
         message = failure.message.removeprefix(f"{ShardwiseError.__name__}: ")
         print(f"shardwise: rank {failure.rank}: {message}", file=sys.stderr)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sql_tables import COLUMNS, SQL_JOB, digits_postgres, plain_loop
+from sql_tables import COLUMNS, SQL_JOB, digits_postgres, plain_loop, reference_split
 
 from shardwise.bench import postgres
 from shardwise.config import DataConfig
@@ -99,3 +99,47 @@ def test_a_query_that_would_write_is_refused_by_the_server(server):
     with pytest.raises(ShardwiseError, match=r"refused reading data.query: cannot execute nextval\(\) in a read-only"):
         sql.inspect(DataConfig(name="sql", url=server.url, query=query))
     assert server.run("SELECT last_value, is_called FROM moved") == [(1, False)]
+
+
+def test_a_query_with_question_marks_a_schemas_table_and_an_int4_key(server):
+    """A `?` and a `%` in the user's query stay the query's (not parameter marks); a table
+    named schema.table is found; an INTEGER key splits as the documented hash says."""
+    server.run("CREATE SCHEMA lab")
+    server.run("CREATE TABLE lab.marks (id INTEGER PRIMARY KEY, label TEXT, a DOUBLE PRECISION, note TEXT)")
+    rows = [(k, "yes?" if k % 2 else "no%", float(k), "x") for k in range(-300, 300, 3)]
+    server.run("INSERT INTO lab.marks VALUES (%s, %s, %s, %s)", rows)
+    query = "SELECT id, label, a FROM lab.marks WHERE label LIKE '%?' OR label LIKE 'no%'"
+    for cfg in (DataConfig(name="sql", url=server.url, query=query),
+                DataConfig(name="sql", url=server.url, table="lab.marks", feature_columns=["a"])):  # fmt: skip
+        sql.inspect(cfg)
+        data = build_sql_rank_data(cfg, global_batch=4, grad_accum=1, dp_rank=0, dp=1, seed=0, device=CPU)
+        assert data.preprocess["classes"] == ["no%", "yes?"]
+        data.micro_batches(0)
+        list(data.val_batches())
+        assert set(data.val_keys.tolist()) == reference_split([r[0] for r in rows])
+        data.close()
+
+
+def test_a_nan_feature_is_refused(server):
+    server.run("CREATE TABLE nans (id BIGINT PRIMARY KEY, label INTEGER, a DOUBLE PRECISION)")
+    server.run("INSERT INTO nans VALUES (1, 0, 1.0), (2, 1, 'NaN')")
+    with pytest.raises(ShardwiseError, match="column 'a' of 'nans' holds nan at key 2, not a finite number"):
+        sql.inspect(DataConfig(name="sql", url=server.url, table="nans"))
+
+
+def test_a_table_gone_mid_run_is_a_failure_to_restart_from_not_a_users_mistake(server):
+    """A query that fails after the start raises DataReadError (the rank exits 1, and
+    --max-restarts restarts it from its checkpoint), not ShardwiseError (exit 2, which
+    also ends restarts)."""
+    from shardwise.data.sql_loader import DataReadError
+
+    server.run("CREATE TABLE going AS SELECT * FROM digits")
+    cfg = DataConfig(name="sql", url=server.url, table="going", page_rows=50, shards=4)
+    data = build_sql_rank_data(cfg, global_batch=32, grad_accum=1, dp_rank=0, dp=1, seed=0, device=CPU)
+    data.micro_batches(0)
+    server.run("ALTER TABLE going RENAME TO gone")
+    with pytest.raises(DataReadError, match="refused reading 'going': relation \"going\" does not exist") as e:
+        for step in range(1, 30):
+            data.micro_batches(step)
+    assert not isinstance(e.value, ShardwiseError)
+    data.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sql_tables import SQL_JOB, digits_sqlite, plain_loop
+from sql_tables import SQL_JOB, digits_sqlite, plain_loop, reference_split
 
 from shardwise.config import DataConfig
 from shardwise.data.sql_loader import build_sql_rank_data
@@ -137,10 +137,24 @@ def test_a_resume_reads_on_from_the_checkpoints_position_on_any_number_of_ranks(
     # a position that the step and batch do not make (another batch size) is refused
     with pytest.raises(ShardwiseError, match="rows used at the checkpoint, not the 96"):
         _ranks(cfg, 1, batch=16, positions=positions, start=24)
-    with pytest.raises(
-        ShardwiseError, match="=8, but the checkpoint read the table in 4 shards: resume with data.shards=4"
-    ):
+    with pytest.raises(ShardwiseError, match="read the table with data.shards=4: resume with data.shards=4"):
         _ranks(_cfg(table, page_rows=50, shards=8), 1, positions=positions, start=60)
+    with pytest.raises(ShardwiseError, match="read the table with data.page_rows=50: resume with data.page_rows=50"):
+        _ranks(_cfg(table, page_rows=64, shards=4), 1, positions=positions, start=60)
+    # without data.shards, a resume reads in the checkpoint's 4 shards (on 2 ranks here)
+    again = _ranks(_cfg(table, page_rows=50), 2, positions=positions, start=60)
+    np.testing.assert_array_equal(_step(again, 60), _step(whole, 60))
+    for r in again:
+        r.close()
+    # a position found from the step alone (a parameter server's workers keep none) is the saved one
+    for start in (7, 23, 45, 59):
+        (found,) = _ranks(cfg, 1, positions={}, start=start)
+        (fresh,) = _ranks(cfg, 1)
+        for step in range(start):
+            fresh.micro_batches(step)
+        assert [s.pos for s in found.streams] == [s.pos for s in fresh.streams], start
+        found.close()
+        fresh.close()
     for r in whole:
         r.close()
 
@@ -213,7 +227,7 @@ def _bad_table(path: Path, create: str, rows: list[tuple]) -> Path:
     ("id INTEGER, label INTEGER, a REAL", [(1, 0, 1.0)], {"data.feature_columns": "a,b"},
      "data.feature_columns: 't' has no column 'b' (it has id, label, a)"),
     ("id INTEGER, label INTEGER, a REAL", [(1, 0, 1.0), (2, 1, "abc")], {},
-     "data.feature_columns: column 'a' of 't' holds 'abc' at key 2, not a number"),
+     "data.feature_columns: column 'a' of 't' holds 'abc' at key 2, not a finite number"),
     ("id INTEGER, label INTEGER, a REAL", [(1, 0, 1.0), (2, None, 2.0)], {},
      "data.label_column: column 'label' of 't' is empty at key 2"),
     ("id INTEGER, label INTEGER, a REAL", [(1, 0, 1.0), (1, 1, 2.0)], {},
@@ -293,3 +307,30 @@ def test_the_whole_table_in_one_process_is_what_the_ranks_read(table):
     assert whole.preprocess == data.preprocess and whole.num_classes == 10 and whole.in_shape == (64,)
     assert len(whole.y_train) == sum(s.rows.rows for s in data.streams)
     data.close()
+
+
+@pytest.mark.parametrize("keys", [
+    [-(7**i) for i in range(1, 20)] + [2**31 + 5 * i for i in range(300)] + [2**62 - i for i in range(300)],
+    [1000 * i for i in range(1, 1001)],
+    [10_000 * i for i in range(1, 1001)],
+], ids=["negative-and-large", "every-1000th", "every-10000th"])  # fmt: skip
+def test_the_validation_split_is_the_documented_hash_of_the_key(tmp_path, keys):
+    """The database's split is the documented hash computed here in Python, for negative keys,
+    keys past 2^31 and 2^62, and keys in arithmetic progression (a hash of the low digits
+    would put every 10,000th key on the same side); about a fifth of them in validation."""
+    rows = [(k, i % 3, float(i)) for i, k in enumerate(keys)]
+    db = _bad_table(tmp_path / "k.db", "id INTEGER PRIMARY KEY, label INTEGER, a REAL", rows)
+    (data,) = _ranks(DataConfig(name="sql", url=f"sqlite:///{db}", table="t"), 1, batch=2)
+    list(data.val_batches())
+    assert set(data.val_keys.tolist()) == reference_split(keys)
+    assert 0.15 < len(data.val_keys) / len(keys) < 0.25
+    data.close()
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_an_infinite_feature_is_refused(tmp_path, value):
+    from shardwise.data import sql
+
+    db = _bad_table(tmp_path / "i.db", "id INTEGER PRIMARY KEY, label INTEGER, a REAL", [(1, 0, 1.0), (2, 1, value)])
+    with pytest.raises(ShardwiseError, match=f"column 'a' of 't' holds {value} at key 2, not a finite number"):
+        sql.inspect(DataConfig(name="sql", url=f"sqlite:///{db}", table="t"))

@@ -21,9 +21,7 @@ from shardwise.errors import ShardwiseError
 def _tool(name: str) -> str:
     found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))[-1:]), None)
     if found is None:
-        raise ShardwiseError(
-            "postgresql", f"{name} is missing: install the system's postgresql package"
-        )
+        raise ShardwiseError("postgresql", f"{name} is missing: install the system's postgresql package")
     return found
 
 

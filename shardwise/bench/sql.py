@@ -114,6 +114,7 @@ def _ranks(pool, url: str, dp: int, rows: int, parts=None) -> list[tuple[float, 
 
 def _pages(url: str, rows: int, keyset: bool) -> float:
     """Seconds to read PAGES pages spread over the table, one query each."""
+    from shardwise.data.sql import PARAM as m
     from shardwise.data.sql import Connection
 
     conn = Connection(url, "shardwise-bench")
@@ -121,9 +122,9 @@ def _pages(url: str, rows: int, keyset: bool) -> float:
     started = time.perf_counter()
     for mark in marks:
         if keyset:
-            conn.rows("SELECT * FROM t WHERE id > ? ORDER BY id LIMIT ?", (mark, PAGE_ROWS))
+            conn.rows(f"SELECT * FROM t WHERE id > {m} ORDER BY id LIMIT {m}", (mark, PAGE_ROWS))
         else:
-            conn.rows("SELECT * FROM t ORDER BY id LIMIT ? OFFSET ?", (PAGE_ROWS, mark))
+            conn.rows(f"SELECT * FROM t ORDER BY id LIMIT {m} OFFSET {m}", (PAGE_ROWS, mark))
     seconds = time.perf_counter() - started
     conn.close()
     return seconds

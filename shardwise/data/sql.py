@@ -19,8 +19,10 @@ in the config (the run saves its config): PostgreSQL reads it from PGPASSWORD or
 
 from __future__ import annotations
 
+import math
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -28,6 +30,10 @@ from urllib.parse import urlsplit
 from shardwise.config import DataConfig
 from shardwise.errors import ShardwiseError
 
+CONNECT_TIMEOUT_S, RECONNECT_AFTER_S = 10, 1.0
+# a parameter's place in a statement shardwise writes, made each driver's own mark (sqlite3's
+# ?, psycopg's %s) only where it stands: a ? or % in the user's query stays theirs
+PARAM = "\x00"
 HASH_BUCKETS = 10_000  # the validation split's resolution: val_fraction in steps of 0.01%
 # identifier quoting and the numeric types PostgreSQL declares (pg_type OIDs: int2, int4,
 # int8, float4, float8, numeric)
@@ -35,15 +41,26 @@ PG_INTEGER, PG_NUMERIC = {20, 21, 23}, {20, 21, 23, 700, 701, 1700}
 
 
 def quoted(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+    """A column's name, or a table's (`schema.table` quoted part by part), as an identifier."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
+
+
+MODULUS, MULTIPLIER = 2147483647, 742938285  # 2^31 - 1 and a multiplier of Fishman and Moore's
 
 
 def key_hash(key: str) -> str:
     """A hash of the integer key, computed by the database, in [0, HASH_BUCKETS): the key
-    taken mod 2^31, times 48271 mod 2^31 - 1 (Park and Miller's minimal standard
-    generator), in 64-bit integers in both databases."""
-    k = quoted(key)
-    return f"(((({k} % 2147483648) + 2147483648) % 2147483648) * 48271 % 2147483647 % {HASH_BUCKETS})"
+    mod 2^31 - 1, times 742938285 mod 2^31 - 1 (a full-period multiplier of the Lehmer
+    generator, Fishman and Moore 1986), scaled to the buckets by its high part (the low
+    digits of such a product repeat over keys in arithmetic progression); 64-bit integers
+    in both databases, so a table splits alike in either."""
+    k, m = f"CAST({quoted(key)} AS BIGINT)", MODULUS  # an INTEGER (int4) key times the multiplier overflows
+    return f"((((({k} % {m}) + {m}) % {m}) * {MULTIPLIER} % {m}) * {HASH_BUCKETS} / {m})"
+
+
+def python_key_hash(key: int) -> int:
+    """`key_hash` in Python (the tests' reference)."""
+    return ((key % MODULUS) * MULTIPLIER % MODULUS) * HASH_BUCKETS // MODULUS
 
 
 @dataclass(frozen=True)
@@ -129,7 +146,8 @@ class Connection:
 
             # read-only sessions: a query that would write is refused by the server
             options = "-c default_transaction_read_only=on"
-            conn = psycopg.connect(self.url, application_name=self.name, autocommit=True, options=options)
+            conn = psycopg.connect(self.url, application_name=self.name, autocommit=True, options=options,
+                                   connect_timeout=CONNECT_TIMEOUT_S)  # fmt: skip
         self._local.conn, self._local.pid = conn, os.getpid()
         return conn
 
@@ -142,20 +160,25 @@ class Connection:
             except Exception:  # already gone with the server
                 pass
 
-    def rows(self, sql: str, params: tuple = ()) -> tuple[list[tuple], list[tuple]]:
-        """(rows, the cursor's description) of `sql` with `params` (written with ? marks)."""
-        if self.dialect != "sqlite":  # psycopg's marks; a literal % doubled
-            sql = sql.replace("%", "%%").replace("?", "%s")
+    def rows(self, sql: str, params: tuple | None = None) -> tuple[list[tuple], list[tuple]]:
+        """(rows, the cursor's description) of `sql`, with `params` in its PARAM marks where
+        given; once more, a second later, on a dropped connection."""
+        if params is not None:
+            sql = sql.replace("%", "%%").replace(PARAM, "%s") if self.dialect != "sqlite" else sql.replace(PARAM, "?")
         for attempt in (0, 1):
             conn = self._open()
             try:
                 cursor = conn.cursor()
-                cursor.execute(sql, params)
+                if params is None:
+                    cursor.execute(sql)
+                else:
+                    cursor.execute(sql, params)
                 return cursor.fetchall(), list(cursor.description or [])
             except Exception:
                 if attempt or not _dropped(conn):
                     raise
                 self.close()
+                time.sleep(RECONNECT_AFTER_S)
         raise AssertionError("unreachable")
 
 
@@ -262,13 +285,14 @@ def _inspect(conn: Connection, src: SqlSource, cfg: DataConfig) -> Schema:
 
 def _check_values(conn: Connection, src: SqlSource, field: str) -> None:
     """The first row with a missing value, a key that is not an integer or a feature that is
-    not a number (SQLite keeps any value in any column), one scan of the table."""
+    not a finite number (SQLite keeps any value in any column), one scan of the table."""
     k, label = quoted(src.key), quoted(src.label)
-    if src.dialect == "sqlite":
+    if src.dialect == "sqlite":  # (SQLite keeps a NaN as NULL)
         bad = [f"typeof({k}) != 'integer'", f"{label} IS NULL"]
-        bad += [f"typeof({quoted(c)}) NOT IN ('integer', 'real')" for c in src.columns]
+        bad += [f"typeof({quoted(c)}) NOT IN ('integer', 'real') OR ABS({quoted(c)}) > 1.7e308" for c in src.columns]
     else:
         bad = [f"{quoted(c)} IS NULL" for c in (src.key, src.label, *src.columns)]
+        bad += [f"CAST({quoted(c)} AS DOUBLE PRECISION) IN ('NaN', 'Infinity', '-Infinity')" for c in src.columns]
     try:
         found, _ = conn.rows(f"SELECT {src.selected(src.columns)} FROM {src.relation} WHERE {' OR '.join(bad)} LIMIT 1")
     except Exception as e:
@@ -284,9 +308,9 @@ def _check_values(conn: Connection, src: SqlSource, field: str) -> None:
     for c in src.columns:
         value = row[c]
         number = isinstance(value, int | float) and not isinstance(value, bool)
-        if value is None or (src.dialect == "sqlite" and not number):  # PostgreSQL declared its types
-            raise ShardwiseError(
-                "data.feature_columns", f"column {c!r} of {src.where} holds {value!r} at key {key}, not a number"
+        if value is None or (src.dialect == "sqlite" and not number) or not math.isfinite(float(value)):
+            raise ShardwiseError(  # (PostgreSQL declared the column's type: a number)
+                "data.feature_columns", f"column {c!r} of {src.where} holds {value!r} at key {key}, not a finite number"
             )
 
 
@@ -327,20 +351,23 @@ def key_ranges(conn: Connection, src: SqlSource, parts: int, *, val: bool) -> li
 
 
 def column_stats(conn: Connection, src: SqlSource, columns: tuple[str, ...]) -> tuple[list[float], list[float]]:
-    """(mean, mean of squares) of each of `columns` over the training rows, in float64."""
+    """(mean, variance) of each of `columns` over the training rows, in float64: the mean,
+    then the mean squared deviation from it (two passes: E[x^2] - E[x]^2 loses a column with
+    a large offset, a timestamp's, to cancellation)."""
     as_float = [f"CAST({quoted(c)} AS DOUBLE PRECISION)" for c in columns]
-    terms = ", ".join(f"AVG({f}), AVG({f} * {f})" for f in as_float)
-    row = conn.rows(f"SELECT {terms} FROM {src.relation} WHERE {src.split(False)}")[0][0]
-    return [float(v) for v in row[0::2]], [float(v) for v in row[1::2]]
+    where = f"FROM {src.relation} WHERE {src.split(False)}"
+    means = [float(v) for v in conn.rows(f"SELECT {', '.join(f'AVG({f})' for f in as_float)} {where}")[0][0]]
+    deviations = ", ".join(f"AVG(({f} - {m!r}) * ({f} - {m!r}))" for f, m in zip(as_float, means, strict=True))
+    return means, [float(v) for v in conn.rows(f"SELECT {deviations} {where}")[0][0]]
 
 
 def page(conn: Connection, src: SqlSource, columns: tuple[str, ...], rows: KeyRange, after: int, limit: int,
          *, val: bool = False) -> list[tuple]:  # fmt: skip
     """Up to `limit` rows of `rows`' range after key `after`, in key order: key, label and
     `columns` (keyset paging)."""
-    k = quoted(src.key)
+    k, m = quoted(src.key), PARAM
     sql = (
-        f"SELECT {src.selected(columns)} FROM {src.relation} WHERE {src.split(val)} AND {k} > ? AND {k} <= ? "
-        f"ORDER BY {k} LIMIT ?"
+        f"SELECT {src.selected(columns)} FROM {src.relation} WHERE {src.split(val)} AND {k} > {m} AND {k} <= {m} "
+        f"ORDER BY {k} LIMIT {m}"
     )
     return conn.rows(sql, (after, rows.last, limit))[0]

@@ -31,7 +31,12 @@ from shardwise.data.sampler import check_batch_layout
 from shardwise.data.sources import Dataset, StatsReduce, preprocess_record
 from shardwise.errors import ShardwiseError
 
-POSITION = "data/sql/shard-{:05d}"  # a checkpoint's tensor per shard: epoch, after, page, offset, used
+POSITION = "data/sql/shard-{:05d}"  # a checkpoint's tensor per shard: its Position, then its Reading
+
+
+class DataReadError(RuntimeError):
+    """The database failed a rank mid-run (after the launcher's checks): the run stops with
+    the rank's error, and `--max-restarts` restarts it from its checkpoint."""
 
 
 @dataclass
@@ -42,14 +47,28 @@ class Position:
     offset: int = 0  # rows of this page used
     used: int = 0  # rows of this shard used in all
 
-    def tensor(self, shards: int) -> torch.Tensor:
-        """As a checkpoint keeps it, with the number of shards the table was read in."""
-        return torch.tensor([self.epoch, self.after, self.page, self.offset, self.used, shards], dtype=torch.int64)
+    def tensor(self, reading: tuple[int, ...]) -> torch.Tensor:
+        """As a checkpoint keeps it, with how the table was read (`Reading.key`)."""
+        return torch.tensor([self.epoch, self.after, self.page, self.offset, self.used, *reading], dtype=torch.int64)
 
     @classmethod
-    def of(cls, t: torch.Tensor) -> tuple[Position, int]:
-        epoch, after, page, offset, used, shards = (int(v) for v in t.tolist())
-        return cls(after, epoch, page, offset, used), shards
+    def of(cls, t: torch.Tensor) -> tuple[Position, tuple[int, ...]]:
+        epoch, after, page, offset, used, *reading = (int(v) for v in t.tolist())
+        return cls(after, epoch, page, offset, used), tuple(reading)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How a shard's rows are read: what a read position means only under the same."""
+
+    shards: int
+    page_rows: int
+    val_cut: int  # the validation split's hash buckets
+    rows: sql.KeyRange
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        return (self.shards, self.page_rows, self.val_cut, self.rows.after, self.rows.last, self.rows.rows)
 
 
 @dataclass
@@ -64,8 +83,9 @@ class Page:
 class ShardStream:
     """One shard's training rows, epoch after epoch, one page ahead."""
 
-    def __init__(self, read, index: int, rows: sql.KeyRange, page_rows: int, seed: int, pos: Position, pool):
-        self.read, self.index, self.rows, self.page_rows, self.seed = read, index, rows, page_rows, seed
+    def __init__(self, read, index: int, reading: Reading, seed: int, pos: Position, pool):
+        self.read, self.index, self.reading, self.seed = read, index, reading, seed
+        self.rows, self.page_rows = reading.rows, reading.page_rows
         self.pos, self.pool = pos, pool
         self._page: Page | None = None
         self._ahead: tuple[int, Future] | None = None
@@ -76,7 +96,7 @@ class ShardStream:
         else:
             found = self.read(self.rows, after, self.page_rows)
         if not len(found.keys):
-            raise ShardwiseError("data.table", f"shard {self.index} found no rows after key {after}: the table changed")
+            raise DataReadError(f"data.table: shard {self.index} found no rows after key {after}: the table changed")
         # the next page, fetched while this one is used
         nxt = self.rows.after if self._ends(found) else found.last
         self._ahead = (nxt, self.pool.submit(self.read, self.rows, nxt, self.page_rows))
@@ -162,7 +182,7 @@ class SqlRankData:
 
     def position_tensors(self) -> dict[str, torch.Tensor]:
         """Each of this rank's shards' read position, for the checkpoint."""
-        return {POSITION.format(s.index): s.pos.tensor(self.shards) for s in self.streams}
+        return {POSITION.format(s.index): s.pos.tensor(s.reading.key) for s in self.streams}
 
     def close(self) -> None:
         self.reader.close()
@@ -183,19 +203,29 @@ class Reader:
     def read(self, rows: sql.KeyRange, after: int, limit: int, *, val: bool = False) -> Page:
         try:
             found = sql.page(self.conn, self.src, self.columns, rows, after, limit, val=val)
-        except Exception as e:
-            raise sql.refused(e, self.src, "data.url") from None
+        except Exception as e:  # mid-run: a failure to restart from the checkpoint, not the user's mistake
+            raise DataReadError(str(sql.refused(e, self.src, "data.url"))) from None
         keys = np.fromiter((r[0] for r in found), dtype=np.int64, count=len(found))
         try:
             labels = np.fromiter((self.classes[r[1]] for r in found), dtype=np.int64, count=len(found))
         except KeyError as e:
-            raise ShardwiseError("data.label_column", f"{self.src.where} holds a new label {e.args[0]!r}") from None
+            raise DataReadError(f"data.label_column: {self.src.where} holds a new label {e.args[0]!r}") from None
         x = np.array([r[2:] for r in found], dtype=np.float64).reshape(len(found), len(self.columns))
         x = ((x - self.mean) / self.std).astype(np.float32)
         return Page(keys, labels, x, int(keys[-1]) if len(keys) else after, len(found) == limit)
 
+    def nth_key(self, rows: sql.KeyRange, n: int) -> int:
+        """The key of the `n`-th training row (from 0) of `rows`, in key order: one OFFSET
+        query, where a resume finds a page's start without a checkpoint's position."""
+        k, m = sql.quoted(self.src.key), sql.PARAM
+        query = (f"SELECT {k} FROM {self.src.relation} WHERE {self.src.split(False)} AND {k} > {m} AND {k} <= {m} "
+                 f"ORDER BY {k} LIMIT 1 OFFSET {m}")  # fmt: skip
+        return int(self.conn.rows(query, (rows.after, rows.last, n))[0][0][0])
+
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """The background thread's connection closed by that thread, after what it reads now."""
+        self.pool.submit(self.conn.close)
+        self.pool.shutdown(wait=True, cancel_futures=False)
         self.conn.close()
 
 
@@ -218,7 +248,8 @@ def build_sql_rank_data(
 ) -> SqlRankData:
     """Rank `dp_rank`'s rows of the table `cfg` names, reading on from `positions` (a
     checkpoint's, at step `start`); with `features` (vertical) only those columns."""
-    num_shards = cfg.shards or dp
+    saved = [Position.of(t)[1][0] for k, t in (positions or {}).items() if k.startswith(POSITION[:9])]
+    num_shards = cfg.shards or (saved[0] if saved else dp)  # a resume reads in the shards it was read in
     check_batch_layout(
         global_batch=global_batch, grad_accum=grad_accum, dp=dp, shards=num_shards, microbatches=microbatches
     )
@@ -229,7 +260,7 @@ def build_sql_rank_data(
         own = schema.columns if features is None else tuple(schema.columns[i] for i in features)
         shards = sql.key_ranges(conn, src, num_shards, val=False)
         vals = sql.key_ranges(conn, src, dp, val=True)
-        mean, squares = sql.column_stats(conn, src, own)
+        mean, variance = sql.column_stats(conn, src, own)
     except ShardwiseError:
         raise
     except Exception as e:
@@ -237,14 +268,15 @@ def build_sql_rank_data(
     finally:
         conn.close()
     train_rows = sum(r.rows for r in shards)
-    mean, std, record = _standardisation(len(schema.columns), train_rows, features, mean, squares, reduce_stats)
+    mean, std, record = _standardisation(len(schema.columns), train_rows, features, mean, variance, reduce_stats)
     reader = Reader(src, own, schema.classes, mean, std, device=device, dtype=dtype, name=name)
     k = num_shards // dp
     mine = range(dp_rank * k, (dp_rank + 1) * k)
     streams = []
     for i in mine:
-        pos = _position(positions, num_shards, i, shards[i], start * global_batch // num_shards)
-        streams.append(ShardStream(reader.read, i, shards[i], cfg.page_rows, seed, pos, reader.pool))
+        reading = Reading(num_shards, cfg.page_rows, round(cfg.val_fraction * sql.HASH_BUCKETS), shards[i])
+        pos = _position(positions, i, reading, start * global_batch // num_shards, reader.nth_key)
+        streams.append(ShardStream(reader.read, i, reading, seed, pos, reader.pool))
     report = _report(shards, schema.classes, dp)
     preprocess = preprocess_record((len(schema.columns),), [str(c) for c in schema.classes], standardize=record)
     return SqlRankData(reader, streams, per_shard=global_batch // num_shards, grad_accum=grad_accum, start=start,
@@ -252,40 +284,54 @@ def build_sql_rank_data(
                        preprocess=preprocess)  # fmt: skip
 
 
-def _position(positions: dict[str, torch.Tensor] | None, shards: int, index: int, rows: sql.KeyRange,
-              used: int) -> Position:  # fmt: skip
-    """Shard `index`'s position from a checkpoint's tensors (`used` rows by then), or its start."""
-    if positions is None:
-        return Position(rows.after)
+def _position(positions: dict[str, torch.Tensor] | None, index: int, reading: Reading, used: int,
+              nth_key) -> Position:  # fmt: skip
+    """Shard `index`'s position after `used` of its rows: a checkpoint's (`positions`), which
+    must have read the table as this run does; else found from `used` (a parameter
+    server's workers keep none): the page and offset it makes, the page's start by one
+    query for the key before it (`nth_key`)."""
     name = POSITION.format(index)
-    if name not in positions:
-        raise ShardwiseError("resume", "the checkpoint holds no read position of the table: it read other data")
+    if positions is None or name not in positions:
+        if positions is not None and any(k.startswith(POSITION[:9]) for k in positions):
+            raise ShardwiseError("resume", f"the checkpoint holds no read position of the table's shard {index}")
+        rows = reading.rows
+        epoch, at = divmod(used, rows.rows)
+        page, offset = divmod(at, reading.page_rows)
+        after = nth_key(rows, page * reading.page_rows - 1) if page else rows.after
+        return Position(after, epoch, page, offset, used)
     pos, saved = Position.of(positions[name])
-    if saved != shards:
-        raise ShardwiseError("data.shards", f"={shards}, but the checkpoint read the table in {saved} shards: "
-                             f"resume with data.shards={saved}")  # fmt: skip
+    names = ("data.shards", "data.page_rows", "data.val_fraction")
+    for what, now, then in zip(names, reading.key[:3], saved[:3], strict=True):
+        if now != then:
+            shown = f"{then / sql.HASH_BUCKETS:g}" if what == "data.val_fraction" else then
+            raise ShardwiseError(what, f"differs from the checkpoint's, which read the table with {what}={shown}: "
+                                 f"resume with {what}={shown}")  # fmt: skip
+    if saved[3:] != reading.key[3:]:
+        now = reading.rows
+        raise ShardwiseError("resume", f"the table's training rows changed since the checkpoint (shard {index}: keys "
+                             f"({saved[3]}, {saved[4]}], {saved[5]} rows then; ({now.after}, {now.last}], "
+                             f"{now.rows} now): its read position names other rows")  # fmt: skip
     if pos.used != used:
         raise ShardwiseError("resume", f"shard {index} of the table had {pos.used} rows used at the checkpoint, "
                              f"not the {used} its step and batch make: the batch size changed")  # fmt: skip
     return pos
 
 
-def _standardisation(width: int, rows: int, features, mean, squares, reduce_stats):
+def _standardisation(width: int, rows: int, features, mean, variance, reduce_stats):
     """Each of `width` features' mean and standard deviation over the `rows` training rows
-    (`data/sources.py`'s formula, but 1 for a constant column); a vertical rank has its own columns' and adds the others'
-    over the vertical group (`reduce_stats`), so every rank saves the whole record."""
+    (`data/sources.py`'s, but 1 for a constant column); a vertical rank has its own columns'
+    and adds the others' over the vertical group (`reduce_stats`: each column is one rank's,
+    the others add zeros), so every rank saves the whole record."""
     cols = np.arange(width) if features is None else np.asarray(features)
-    n = float(rows)
     stats = np.zeros((3, width))
-    stats[0, cols], stats[1, cols], stats[2, cols] = n, np.asarray(mean) * n, np.asarray(squares) * n
+    stats[0, cols], stats[1, cols], stats[2, cols] = rows, np.asarray(mean), np.asarray(variance)
     if reduce_stats is not None:
         stats = reduce_stats(stats)
-    count = np.maximum(stats[0], 1.0)
-    whole_mean = stats[1] / count
-    whole_std = np.sqrt(np.maximum(stats[2] / count - whole_mean * whole_mean, 0.0))
+    whole_mean, whole_std = stats[1], np.sqrt(np.maximum(stats[2], 0.0))
     # a column constant over the training rows is divided by 1, as scikit-learn's StandardScaler
     # does: a validation row's other value there would otherwise grow a million-fold
-    whole_std = np.where(whole_std < 1e-6, 1.0, whole_std + 1e-6)
+    constant = whole_std <= 1e-9 * np.maximum(1.0, np.abs(whole_mean))
+    whole_std = np.where(constant, 1.0, whole_std + 1e-6)
     record = {"per": "feature", "mean": whole_mean.tolist(), "std": whole_std.tolist()}
     return whole_mean[cols], whole_std[cols], record
 
@@ -305,14 +351,14 @@ def load_table(cfg: DataConfig) -> Dataset:
         schema = sql.describe(conn, cfg)
         src = sql.source(cfg, schema.columns)
         train, val = sql.key_ranges(conn, src, 1, val=False)[0], sql.key_ranges(conn, src, 1, val=True)[0]
-        mean, squares = sql.column_stats(conn, src, schema.columns)
+        mean, variance = sql.column_stats(conn, src, schema.columns)
     except ShardwiseError:
         raise
     except Exception as e:
         raise sql.refused(e, src, "data.url") from None
     finally:
         conn.close()
-    mean, std, record = _standardisation(len(schema.columns), train.rows, None, mean, squares, None)
+    mean, std, record = _standardisation(len(schema.columns), train.rows, None, mean, variance, None)
     reader = Reader(src, schema.columns, schema.classes, mean, std, device=torch.device("cpu"), dtype=torch.float32,
                     name="shardwise")  # fmt: skip
     try:
