@@ -149,12 +149,13 @@ def set_up(cfg: Config, mesh: RankMesh, *, device: torch.device) -> SetUp:
     torch.manual_seed(t.seed)  # weights; data order and splits use their own seeded generators
     checkpoint = read_resume(cfg)
     cut = data_cut(mesh, cfg.data, cfg.parallel)
+    plan = sql_plan(cfg, mesh, checkpoint) if cfg.data.name == "sql" else None  # a collective: every rank
     if not holds_whole_model(mesh):  # a server's slice: the model's names and shapes will do
         in_shape, classes = _shape_from_first_server(mesh)
         with torch.device("meta"):
             model = build_model(cfg.model, in_shape, classes).to(dtype=dtype)
         return SetUp(None, model, in_shape, checkpoint, 0, cut)
-    data, in_shape, classes = _rank_data(cfg, mesh, cut, checkpoint, device=device, dtype=dtype)
+    data, in_shape, classes = _rank_data(cfg, mesh, cut, checkpoint, plan, device=device, dtype=dtype)
     _shape_from_first_server(mesh, (in_shape, classes))
     model = build_model(cfg.model, in_shape, classes).to(device=device, dtype=dtype)
     if checkpoint is not None:  # the whole model, before any layout cuts it
@@ -174,13 +175,14 @@ def _shape_from_first_server(mesh: RankMesh, mine: tuple | None = None) -> tuple
     return tuple(shape), classes
 
 
-def _rank_data(cfg: Config, mesh: RankMesh, cut: DataCut, checkpoint, *, device: torch.device, dtype: torch.dtype):
+def _rank_data(cfg: Config, mesh: RankMesh, cut: DataCut, checkpoint, plan, *, device: torch.device,
+               dtype: torch.dtype):  # fmt: skip
     """This rank's data: what the layout cuts it to (data_cut), its share of each batch;
     and the shape and classes of a whole sample.
     A parameter server's first server keeps the whole validation set, to score the weights."""
     dims, t = mesh.dims, cfg.train
     if cfg.data.name == "sql":
-        return _sql_data(cfg, mesh, cut, checkpoint, device=device, dtype=dtype)
+        return _sql_data(cfg, mesh, cut, checkpoint, plan, device=device, dtype=dtype)
     dataset = load_source(cfg.data, seed=t.seed, features=cut.features, reduce_stats=cut.reduce_stats)
     rows = cut.rows(dataset)  # refuses early what cannot be cut
     scorer = mesh.coords.get("server", -1) == 0
@@ -200,13 +202,27 @@ def _rank_data(cfg: Config, mesh: RankMesh, cut: DataCut, checkpoint, *, device:
     return data, dataset.in_shape, dataset.num_classes
 
 
-def _sql_data(cfg: Config, mesh: RankMesh, cut: DataCut, checkpoint, *, device: torch.device, dtype: torch.dtype):
+def sql_plan(cfg: Config, mesh: RankMesh, checkpoint):
+    """An SQL table's key ranges (`data/sql_loader.py` `TablePlan`), found once by the first
+    rank and shared with all (a collective: every rank calls it): they read by the same even
+    while the table changes, and the database sorts the keys once, not once a rank."""
+    from shardwise.comm.collectives import all_gather_json
+    from shardwise.data.sql_loader import TablePlan, shard_count, table_plan
+
+    positions, dp = (checkpoint.tensors if checkpoint is not None else None), mesh.dims.dp
+    mine = table_plan(cfg.data, shard_count(cfg.data, positions, dp), dp) if dist.get_rank(mesh.parent) == 0 else None
+    return TablePlan.of(all_gather_json(mine.to_json() if mine else None, mesh.parent)[0])
+
+
+def _sql_data(cfg: Config, mesh: RankMesh, cut: DataCut, checkpoint, plan, *, device: torch.device,
+              dtype: torch.dtype):  # fmt: skip
     """`_rank_data` of an SQL table: this rank's rows read as it trains, from the
     checkpoint's read positions where it resumes (`data/sql_loader.py`)."""
     from shardwise.data.sql_loader import build_sql_rank_data
 
     dims, t = mesh.dims, cfg.train
     scorer = mesh.coords.get("server", -1) == 0
+    positions = checkpoint.tensors if checkpoint is not None else None
     data = build_sql_rank_data(
         cfg.data,
         global_batch=t.batch_size,
@@ -217,11 +233,12 @@ def _sql_data(cfg: Config, mesh: RankMesh, cut: DataCut, checkpoint, *, device: 
         device=device,
         features=cut.features,
         reduce_stats=cut.reduce_stats,
-        positions=checkpoint.tensors if checkpoint is not None else None,
+        positions=positions,
         start=checkpoint.step if checkpoint is not None else 0,
         microbatches=dims.microbatches,
         dtype=dtype,
         name=f"shardwise-rank{dist.get_rank()}",
+        plan=plan,
     )
     record = data.preprocess
     return data, tuple(record["in_shape"]), len(record["classes"])

@@ -255,8 +255,12 @@ def _sql_job(overrides: dict[str, str], *, group):
     return run(load_config(None, {**BASE, **overrides}), group=group).state_dict
 
 
-@pytest.mark.parametrize("layout, ranks", [({}, [0, 1]), ({"parallel.vertical": "2"}, [0, 1, 2, 3])],
-                         ids=["dp2", "vertical2-dp2"])  # fmt: skip
+@pytest.mark.parametrize("layout, ranks", [
+    ({}, [0, 1]),
+    ({"parallel.vertical": "2"}, [0, 1, 2, 3]),
+    # two servers (the second loads no data, but shares in finding the key ranges) and two workers
+    ({"parallel.mode": "ps", "parallel.servers": "2"}, [0, 1, 2, 3]),
+], ids=["dp2", "vertical2-dp2", "ps-2-servers"])  # fmt: skip
 def test_training_on_a_table_ends_with_the_plain_loops_weights(pool, table, layout, ranks):
     from parity import TOL
 
@@ -296,7 +300,7 @@ def test_a_killed_run_and_a_resume_on_more_ranks_use_every_row_as_the_whole_run(
 def test_the_whole_table_in_one_process_is_what_the_ranks_read(table):
     """`shardwise plan` and `evaluate` take the table whole: the same validation rows, in the
     same order, standardised alike, and the same training rows as a run's ranks read."""
-    from shardwise.data.sql_loader import load_table
+    from shardwise.data.sql_whole import load_table
 
     cfg = _cfg(table, page_rows=50, shards=4)
     whole = load_table(cfg)

@@ -360,7 +360,7 @@ def load_source(
     if cfg.name == "cifar10":
         return _cifar10(cfg, features, reduce_stats)
     if cfg.name == "sql":  # whole, in one process (plan, evaluate); a run's ranks read as they train
-        from shardwise.data.sql_loader import load_table
+        from shardwise.data.sql_whole import load_table
 
         return load_table(cfg)
     if is_import_path(cfg.name):

@@ -28,7 +28,7 @@ from shardwise.data import sql
 from shardwise.data.loader import VAL_BATCH, _val_batch_count
 from shardwise.data.report import counts_report
 from shardwise.data.sampler import check_batch_layout
-from shardwise.data.sources import Dataset, StatsReduce, preprocess_record
+from shardwise.data.sources import StatsReduce, preprocess_record
 from shardwise.errors import ShardwiseError
 
 POSITION = "data/sql/shard-{:05d}"  # a checkpoint's tensor per shard: its Position, then its Reading
@@ -229,6 +229,63 @@ class Reader:
         self.conn.close()
 
 
+@dataclass(frozen=True)
+class TablePlan:
+    """What every rank of a job reads the table by, found once (by one rank, then shared:
+    `job.py`) so that all agree even while the table changes: its columns and classes,
+    the training rows' key ranges per shard and the validation rows' per data-parallel rank."""
+
+    schema: sql.Schema
+    shards: tuple[sql.KeyRange, ...]
+    vals: tuple[sql.KeyRange, ...]
+
+    def to_json(self) -> dict:
+        def ranges(rs):
+            return [[r.after, r.last, r.rows, list(r.labels.items())] for r in rs]
+
+        return {"columns": list(self.schema.columns), "classes": list(self.schema.classes),
+                "shards": ranges(self.shards), "vals": ranges(self.vals)}  # fmt: skip
+
+    @classmethod
+    def of(cls, d: dict) -> TablePlan:
+        def ranges(rs):
+            return tuple(sql.KeyRange(a, b, n, dict((k, v) for k, v in labels)) for a, b, n, labels in rs)
+
+        return cls(sql.Schema(tuple(d["columns"]), tuple(d["classes"])), ranges(d["shards"]), ranges(d["vals"]))
+
+    def val_range(self, dp_rank: int, dp: int) -> sql.KeyRange:
+        """Rank `dp_rank`'s validation rows of `dp`: its own part, or all of them on one rank."""
+        if dp == len(self.vals):
+            return self.vals[dp_rank]
+        assert dp == 1, (dp, len(self.vals))
+        labels: dict = {}
+        for r in self.vals:
+            for k, v in r.labels.items():
+                labels[k] = labels.get(k, 0) + v
+        return sql.KeyRange(self.vals[0].after, self.vals[-1].last, sum(r.rows for r in self.vals), labels)
+
+
+def shard_count(cfg: DataConfig, positions: dict[str, torch.Tensor] | None, dp: int) -> int:
+    """data.shards, else the checkpoint's (a resume reads in the shards it was read in), else dp."""
+    saved = [Position.of(t)[1][0] for k, t in (positions or {}).items() if k.startswith(POSITION[:9])]
+    return cfg.shards or (saved[0] if saved else dp)
+
+
+def table_plan(cfg: DataConfig, shards: int, dp: int, name: str = "shardwise") -> TablePlan:
+    conn = sql.Connection(cfg.url, name)
+    try:  # the launcher checked the table (`sql.inspect`)
+        schema = sql.describe(conn, cfg)
+        src = sql.source(cfg, schema.columns)
+        train, vals = sql.key_ranges(conn, src, shards, val=False), sql.key_ranges(conn, src, dp, val=True)
+    except ShardwiseError:
+        raise
+    except Exception as e:
+        raise sql.refused(e, sql.source(cfg), "data.url") from None
+    finally:
+        conn.close()
+    return TablePlan(schema, tuple(train), tuple(vals))
+
+
 def build_sql_rank_data(
     cfg: DataConfig,
     *,
@@ -245,24 +302,21 @@ def build_sql_rank_data(
     microbatches: int = 1,
     dtype: torch.dtype = torch.float32,
     name: str = "shardwise",
+    plan: TablePlan | None = None,
 ) -> SqlRankData:
-    """Rank `dp_rank`'s rows of the table `cfg` names, reading on from `positions` (a
-    checkpoint's, at step `start`); with `features` (vertical) only those columns."""
-    saved = [Position.of(t)[1][0] for k, t in (positions or {}).items() if k.startswith(POSITION[:9])]
-    num_shards = cfg.shards or (saved[0] if saved else dp)  # a resume reads in the shards it was read in
+    """Rank `dp_rank`'s rows of the table `cfg` names, by `plan` (found here where not
+    given), reading on from `positions` (a checkpoint's, at step `start`); with `features`
+    (vertical) only those columns, whose statistics this rank finds itself."""
+    plan = plan or table_plan(cfg, shard_count(cfg, positions, dp), dp, name)
+    schema, shards, num_shards = plan.schema, plan.shards, len(plan.shards)
     check_batch_layout(
         global_batch=global_batch, grad_accum=grad_accum, dp=dp, shards=num_shards, microbatches=microbatches
     )
+    src = sql.source(cfg, schema.columns)
+    own = schema.columns if features is None else tuple(schema.columns[i] for i in features)
     conn = sql.Connection(cfg.url, name)
-    try:  # the launcher checked the table (`sql.inspect`): this rank reads only what it needs
-        schema = sql.describe(conn, cfg)
-        src = sql.source(cfg, schema.columns)
-        own = schema.columns if features is None else tuple(schema.columns[i] for i in features)
-        shards = sql.key_ranges(conn, src, num_shards, val=False)
-        vals = sql.key_ranges(conn, src, dp, val=True)
+    try:
         mean, variance = sql.column_stats(conn, src, own)
-    except ShardwiseError:
-        raise
     except Exception as e:
         raise sql.refused(e, src, "data.url") from None
     finally:
@@ -279,8 +333,9 @@ def build_sql_rank_data(
         streams.append(ShardStream(reader.read, i, reading, seed, pos, reader.pool))
     report = _report(shards, schema.classes, dp)
     preprocess = preprocess_record((len(schema.columns),), [str(c) for c in schema.classes], standardize=record)
+    val, val_rows = plan.val_range(dp_rank, dp), sum(v.rows for v in plan.vals)
     return SqlRankData(reader, streams, per_shard=global_batch // num_shards, grad_accum=grad_accum, start=start,
-                       val=vals[dp_rank], val_rows=sum(v.rows for v in vals), dp_rank=dp_rank, dp=dp, report=report,
+                       val=val, val_rows=val_rows, dp_rank=dp_rank, dp=dp, report=report,
                        preprocess=preprocess)  # fmt: skip
 
 
@@ -341,40 +396,3 @@ def _report(shards: list[sql.KeyRange], classes: tuple, dp: int) -> dict:
     k = len(shards) // dp
     return counts_report([np.array([sum(s.labels.get(c, 0) for s in shards[r * k : (r + 1) * k]) for c in classes])
                           for r in range(dp)])  # fmt: skip
-
-
-def load_table(cfg: DataConfig) -> Dataset:
-    """The whole table as arrays, in key order, in this process: what `shardwise plan` and
-    `shardwise evaluate` take (the same split, statistics and classes as a run's ranks)."""
-    conn = sql.Connection(cfg.url, "shardwise")
-    try:
-        schema = sql.describe(conn, cfg)
-        src = sql.source(cfg, schema.columns)
-        train, val = sql.key_ranges(conn, src, 1, val=False)[0], sql.key_ranges(conn, src, 1, val=True)[0]
-        mean, variance = sql.column_stats(conn, src, schema.columns)
-    except ShardwiseError:
-        raise
-    except Exception as e:
-        raise sql.refused(e, src, "data.url") from None
-    finally:
-        conn.close()
-    mean, std, record = _standardisation(len(schema.columns), train.rows, None, mean, variance, None)
-    reader = Reader(src, schema.columns, schema.classes, mean, std, device=torch.device("cpu"), dtype=torch.float32,
-                    name="shardwise")  # fmt: skip
-    try:
-        (x_tr, y_tr), (x_va, y_va) = (_whole(reader, rows, val) for rows, val in ((train, False), (val, True)))
-    finally:
-        reader.close()
-    width = len(schema.columns)
-    preprocess = preprocess_record((width,), [str(c) for c in schema.classes], standardize=record)
-    return Dataset(x_tr, y_tr, x_va, y_va, len(schema.classes), (width,), None, preprocess)
-
-
-def _whole(reader: Reader, rows: sql.KeyRange, val: bool) -> tuple[np.ndarray, np.ndarray]:
-    pages, after = [], rows.after
-    while True:
-        page = reader.read(rows, after, 65536, val=val)
-        pages.append(page)
-        if not page.full:
-            return np.concatenate([p.x for p in pages]), np.concatenate([p.labels for p in pages])
-        after = page.last
