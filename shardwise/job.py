@@ -181,23 +181,17 @@ def _rank_data(cfg: Config, mesh: RankMesh, cut: DataCut, checkpoint, plan, *, d
     and the shape and classes of a whole sample.
     A parameter server's first server keeps the whole validation set, to score the weights."""
     dims, t = mesh.dims, cfg.train
+    scorer = mesh.coords.get("server", -1) == 0
+    shared = {  # this rank's share of each batch, whatever the source
+        "global_batch": t.batch_size, "grad_accum": t.grad_accum, "dp_rank": 0 if scorer else mesh.coords["dp"],
+        "dp": 1 if scorer else dims.dp, "seed": t.seed, "device": device, "microbatches": dims.microbatches,
+        "dtype": dtype,
+    }  # fmt: skip
     if cfg.data.name == "sql":
-        return _sql_data(cfg, mesh, cut, checkpoint, plan, device=device, dtype=dtype)
+        return _sql_data(cfg, cut, checkpoint, plan, shared)
     dataset = load_source(cfg.data, seed=t.seed, features=cut.features, reduce_stats=cut.reduce_stats)
     rows = cut.rows(dataset)  # refuses early what cannot be cut
-    scorer = mesh.coords.get("server", -1) == 0
-    data = build_rank_data(
-        cfg.data,
-        dataset,
-        global_batch=t.batch_size,
-        grad_accum=t.grad_accum,
-        dp_rank=0 if scorer else mesh.coords["dp"],
-        dp=1 if scorer else dims.dp,
-        seed=t.seed,
-        device=device,
-        microbatches=dims.microbatches,
-        dtype=dtype,
-    )
+    data = build_rank_data(cfg.data, dataset, **shared)
     data.dataset = rows  # cut after the split into shards, which may read whole samples (kmeans)
     return data, dataset.in_shape, dataset.num_classes
 
@@ -214,29 +208,18 @@ def sql_plan(cfg: Config, mesh: RankMesh, checkpoint):
     return TablePlan.of(all_gather_json(mine.to_json() if mine else None, mesh.parent)[0])
 
 
-def _sql_data(cfg: Config, mesh: RankMesh, cut: DataCut, checkpoint, plan, *, device: torch.device,
-              dtype: torch.dtype):  # fmt: skip
+def _sql_data(cfg: Config, cut: DataCut, checkpoint, plan, shared: dict):
     """`_rank_data` of an SQL table: this rank's rows read as it trains, from the
     checkpoint's read positions where it resumes (`data/sql_loader.py`)."""
     from shardwise.data.sql_loader import build_sql_rank_data
 
-    dims, t = mesh.dims, cfg.train
-    scorer = mesh.coords.get("server", -1) == 0
-    positions = checkpoint.tensors if checkpoint is not None else None
     data = build_sql_rank_data(
         cfg.data,
-        global_batch=t.batch_size,
-        grad_accum=t.grad_accum,
-        dp_rank=0 if scorer else mesh.coords["dp"],
-        dp=1 if scorer else dims.dp,
-        seed=t.seed,
-        device=device,
+        **shared,
         features=cut.features,
         reduce_stats=cut.reduce_stats,
-        positions=positions,
+        positions=checkpoint.tensors if checkpoint is not None else None,
         start=checkpoint.step if checkpoint is not None else 0,
-        microbatches=dims.microbatches,
-        dtype=dtype,
         name=f"shardwise-rank{dist.get_rank()}",
         plan=plan,
     )
