@@ -45,7 +45,7 @@ class RankData:
 
     def val_sizes(self) -> list[int]:
         """Every data-parallel rank's validation rows (`val_batches`), in rank order."""
-        return [len(part) for part in np.array_split(np.arange(len(self.dataset.y_val)), self.dp)]
+        return val_sizes(len(self.dataset.y_val), self.dp)
 
     def position_tensors(self) -> dict[str, torch.Tensor]:
         """Where this rank reads: nothing to keep (a step's samples follow from the step)."""
@@ -74,6 +74,12 @@ def take(dataset: Dataset, idx: np.ndarray, device: torch.device, dtype: torch.d
     x = torch.from_numpy(dataset.x_train[idx]).to(device, dtype, non_blocking=True)
     y = torch.from_numpy(dataset.y_train[idx]).to(device, non_blocking=True)
     return x, y
+
+
+def val_sizes(size: int, parts: int) -> list[int]:
+    """`size` rows cut into `parts` contiguous parts, the larger first (as np.array_split,
+    and the database's NTILE, cut them)."""
+    return [size // parts + (i < size % parts) for i in range(parts)]
 
 
 def _val_batch_count(size: int, dp: int, batch: int) -> int:

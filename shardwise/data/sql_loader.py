@@ -25,13 +25,14 @@ import torch
 
 from shardwise.config import DataConfig
 from shardwise.data import sql
-from shardwise.data.loader import VAL_BATCH, _val_batch_count
+from shardwise.data.loader import VAL_BATCH, _val_batch_count, val_sizes
 from shardwise.data.report import counts_report
 from shardwise.data.sampler import check_batch_layout
 from shardwise.data.sources import StatsReduce, preprocess_record
 from shardwise.errors import ShardwiseError
 
-POSITION = "data/sql/shard-{:05d}"  # a checkpoint's tensor per shard: its Position, then its Reading
+POSITIONS = "data/sql/"  # a checkpoint's tensors of the table's read positions
+POSITION = POSITIONS + "shard-{:05d}"  # one per shard: its Position, then its Reading
 
 
 class DataReadError(RuntimeError):
@@ -136,7 +137,6 @@ class SqlRankData:
                  val: sql.KeyRange, val_rows: int, dp_rank: int, dp: int, report: dict, preprocess: dict):  # fmt: skip
         self.reader, self.streams, self.per_shard, self.grad_accum = reader, streams, per_shard, grad_accum
         self.val, self.val_rows, self.dp_rank, self.dp = val, val_rows, dp_rank, dp
-        self.shards = len(streams) * dp
         self.device, self.dtype, self.report, self.preprocess = reader.device, reader.dtype, report, preprocess
         self.next_step = start
         self.last_keys = np.zeros(0, dtype=np.int64)  # the rows the last step used, by key
@@ -162,14 +162,14 @@ class SqlRankData:
         return self.micro_batches(self.next_step)[0][0]
 
     def val_sizes(self) -> list[int]:
-        return [len(part) for part in np.array_split(np.arange(self.val_rows), self.dp)]
+        return val_sizes(self.val_rows, self.dp)
 
     def val_batches(self, batch: int = VAL_BATCH) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's key range of the validation rows, read once, in as many batches as
         every other rank's."""
         if self._val is None:
             count = _val_batch_count(self.val_rows, self.dp, batch)
-            sizes = [len(p) for p in np.array_split(np.arange(self.val.rows), count)]
+            sizes = val_sizes(self.val.rows, count)
             self._val, after, keys = [], self.val.after, []
             for size in sizes:
                 page = self.reader.read(self.val, after, size, val=True)
@@ -249,7 +249,7 @@ class TablePlan:
     @classmethod
     def of(cls, d: dict) -> TablePlan:
         def ranges(rs):
-            return tuple(sql.KeyRange(a, b, n, dict((k, v) for k, v in labels)) for a, b, n, labels in rs)
+            return tuple(sql.KeyRange(a, b, n, {k: v for k, v in labels}) for a, b, n, labels in rs)
 
         return cls(sql.Schema(tuple(d["columns"]), tuple(d["classes"])), ranges(d["shards"]), ranges(d["vals"]))
 
@@ -267,7 +267,7 @@ class TablePlan:
 
 def shard_count(cfg: DataConfig, positions: dict[str, torch.Tensor] | None, dp: int) -> int:
     """data.shards, else the checkpoint's (a resume reads in the shards it was read in), else dp."""
-    saved = [Position.of(t)[1][0] for k, t in (positions or {}).items() if k.startswith(POSITION[:9])]
+    saved = [Position.of(t)[1][0] for k, t in (positions or {}).items() if k.startswith(POSITIONS)]
     return cfg.shards or (saved[0] if saved else dp)
 
 
@@ -347,7 +347,7 @@ def _position(positions: dict[str, torch.Tensor] | None, index: int, reading: Re
     query for the key before it (`nth_key`)."""
     name = POSITION.format(index)
     if positions is None or name not in positions:
-        if positions is not None and any(k.startswith(POSITION[:9]) for k in positions):
+        if positions is not None and any(k.startswith(POSITIONS) for k in positions):
             raise ShardwiseError("resume", f"the checkpoint holds no read position of the table's shard {index}")
         rows = reading.rows
         epoch, at = divmod(used, rows.rows)

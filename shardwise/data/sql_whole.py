@@ -4,41 +4,32 @@ ranks read it (`data/sql_loader.py`)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from shardwise.config import DataConfig
 from shardwise.data import sql
-from shardwise.data.sources import Dataset, preprocess_record
-from shardwise.data.sql_loader import Reader, _standardisation
-from shardwise.errors import ShardwiseError
+from shardwise.data.sources import Dataset
+from shardwise.data.sql_loader import Reader, build_sql_rank_data
 
 
 def load_table(cfg: DataConfig) -> Dataset:
     """The whole table as arrays, in key order, in this process: what `shardwise plan` and
-    `shardwise evaluate` take (the same split, statistics and classes as a run's ranks)."""
-    conn = sql.Connection(cfg.url, "shardwise")
+    `shardwise evaluate` take; read by one rank's reader of one shard, so the split, the
+    statistics and the classes are a run's."""
+    data = build_sql_rank_data(dataclasses.replace(cfg, shards=1), global_batch=1, grad_accum=1, dp_rank=0, dp=1,
+                               seed=0, device=torch.device("cpu"))  # fmt: skip
     try:
-        schema = sql.describe(conn, cfg)
-        src = sql.source(cfg, schema.columns)
-        train, val = sql.key_ranges(conn, src, 1, val=False)[0], sql.key_ranges(conn, src, 1, val=True)[0]
-        mean, variance = sql.column_stats(conn, src, schema.columns)
-    except ShardwiseError:
-        raise
-    except Exception as e:
-        raise sql.refused(e, src, "data.url") from None
+        (x_tr, y_tr), (x_va, y_va) = (
+            _whole(data.reader, data.streams[0].rows, False),
+            _whole(data.reader, data.val, True),
+        )
     finally:
-        conn.close()
-    mean, std, record = _standardisation(len(schema.columns), train.rows, None, mean, variance, None)
-    reader = Reader(src, schema.columns, schema.classes, mean, std, device=torch.device("cpu"), dtype=torch.float32,
-                    name="shardwise")  # fmt: skip
-    try:
-        (x_tr, y_tr), (x_va, y_va) = (_whole(reader, rows, val) for rows, val in ((train, False), (val, True)))
-    finally:
-        reader.close()
-    width = len(schema.columns)
-    preprocess = preprocess_record((width,), [str(c) for c in schema.classes], standardize=record)
-    return Dataset(x_tr, y_tr, x_va, y_va, len(schema.classes), (width,), None, preprocess)
+        data.close()
+    record = data.preprocess
+    return Dataset(x_tr, y_tr, x_va, y_va, len(record["classes"]), tuple(record["in_shape"]), None, record)
 
 
 def _whole(reader: Reader, rows: sql.KeyRange, val: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -60,6 +60,12 @@ def held_params(profile: ModelProfile, dims: ParallelDims, stage: range | None =
     return sum(_held(profile.layers[i], dims, i == first) for i in idx)
 
 
+def output_share(profile: ModelProfile, idx: range) -> float:
+    """The layers `idx`'s share of the whole model's layer outputs, a sample."""
+    counted = sum(profile.layers[i].out_bytes_per_sample for i in idx)
+    return counted / max(1, sum(layer.out_bytes_per_sample for layer in profile.layers))
+
+
 def evaluated(profile: ModelProfile, idx: range, spread: int) -> float:
     """The bytes per sample of a rank's evaluation forward over the layers `idx`, each of
     `spread` bands: the largest of its layers' measured peaks (the model's input alive: a
@@ -77,9 +83,7 @@ def evaluated(profile: ModelProfile, idx: range, spread: int) -> float:
             / spread
             for layer in layers
         )
-    share = sum(layer.out_bytes_per_sample for layer in layers) / max(
-        1, sum(layer.out_bytes_per_sample for layer in profile.layers)
-    )
+    share = output_share(profile, idx)
     outputs = sorted((layer.out_bytes_per_sample for layer in layers), reverse=True) + [0, 0]
     return (profile.eval_bytes_per_sample * share or layers[0].in_bytes_per_sample + outputs[0] + outputs[1]) / spread
 
@@ -111,7 +115,7 @@ def rank_peak(
         state /= dims.dp
     spread = dims.spatial
     counted = sum(profile.layers[i].out_bytes_per_sample for i in idx)  # this rank's layers' outputs
-    share = counted / max(1, sum(layer.out_bytes_per_sample for layer in profile.layers))
+    share = output_share(profile, idx)
     measured = profile.train_bytes_per_sample
     if checkpointing and profile.checkpointed_bytes_per_sample:  # else: the unchecked figure, an upper bound
         measured = profile.checkpointed_bytes_per_sample
