@@ -5,12 +5,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test bench lint clean postgres
+.PHONY: train test bench lint clean postgres fortunes
 
 # The SQL tests start a PostgreSQL server of their own (initdb, pg_ctl): where the machine
 # has none, the system's package is installed (Debian's postgresql; through sudo unless root)
 INITDB := $(shell command -v initdb || ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | tail -1)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The text examples and tests read the fortune files of Debian's `fortunes` package (BSD
+# licence), a labelled corpus installed from the system's packages, never downloaded at run time
+FORTUNES := /usr/share/games/fortunes/computers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +22,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-train: $(STAMP)
+train: $(STAMP) fortunes
 	$(BIN)/shardwise train
 
-test: $(STAMP) postgres
+test: $(STAMP) postgres fortunes
 	$(BIN)/python -m pytest -q
+
+fortunes:
+	@if [ ! -f $(FORTUNES) ]; then \
+		echo "installing the fortune files from the system's packages (the text corpus)"; \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends fortunes; \
+	fi
 
 postgres:
 	@if [ -z "$(INITDB)" ]; then \

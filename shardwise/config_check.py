@@ -11,6 +11,7 @@ import types
 import typing
 from typing import TYPE_CHECKING, Any, Literal
 
+from shardwise.config_sections import TEXT_DATA
 from shardwise.errors import ShardwiseError
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ def coerce(key: str, tp: Any, value: Any, from_text: bool) -> Any:
     if origin is list:
         (inner,) = typing.get_args(tp)
         if from_text:
-            value = [v for v in str(value).replace(" ", "").split(",") if v]
+            value = [v for v in str(value).replace(" ", "").strip("[]").split(",") if v]  # 1,2 or [1,2]
         if not isinstance(value, list):
             raise bad
         return [coerce(key, inner, v, from_text) for v in value]
@@ -110,8 +111,8 @@ def _plain(value: Any) -> bool:
     return isinstance(value, (bool, int, float, str))
 
 
-BUILT_IN_MODELS = ("mlp", "convnet", "resnet")
-BUILT_IN_DATA = ("digits", "synthetic", "cifar10", "npz", "sql")
+BUILT_IN_MODELS = ("mlp", "convnet", "resnet", "bag")
+BUILT_IN_DATA = ("digits", "synthetic", "cifar10", "npz", "sql", *TEXT_DATA)
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
 
@@ -163,13 +164,14 @@ def validate(cfg: Config) -> None:
         positive("data.shards", d.shards)
         if d.partition == "shuffle" and d.name != "sql":
             raise ShardwiseError("data.shards", f"={d.shards} needs a fixed data.partition, not shuffle")
-    if d.name in ("cifar10", "npz") and not d.path:
+    if d.name in ("cifar10", "npz", "text_folder") and not d.path:
         raise ShardwiseError("data.path", f"is required for data.name={d.name}")
     positive("data.samples", d.samples)
     positive("data.classes", d.classes)
     if not d.shape or any(s <= 0 for s in d.shape):
         raise ShardwiseError("data.shape", f"must be positive sizes, got {d.shape}")
     _check_data_name(d)
+    _check_text(cfg)
     if cfg.run.predictions and cfg.parallel.mode == "ps":
         raise ShardwiseError("run.predictions", "are written under all-reduce layouts, not parallel.mode=ps")
     if t.precision == "bf16" and t.dtype != "float32":
@@ -185,8 +187,10 @@ def validate(cfg: Config) -> None:
         )
     if cfg.model.options and name in BUILT_IN_MODELS:
         raise ShardwiseError("model.options", f"are for your own model's function; {name} takes none")
-    if not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden):
-        raise ShardwiseError("model.hidden", f"must be positive widths, got {cfg.model.hidden}")
+    if any(h <= 0 for h in cfg.model.hidden) or (not cfg.model.hidden and name not in ("mlp", "convnet")):
+        raise ShardwiseError(
+            "model.hidden", f"must be positive widths (mlp: none is a linear model), got {cfg.model.hidden}"
+        )
     if not cfg.model.channels or any(c <= 0 for c in cfg.model.channels):
         raise ShardwiseError("model.channels", f"must be positive widths, got {cfg.model.channels}")
 
@@ -256,15 +260,21 @@ SQL_FIELDS = ("url", "table", "query", "feature_columns")
 
 def _check_sql(cfg: Config) -> None:
     d = cfg.data
-    if d.name != "sql":
+    if d.name not in ("sql", "sql_text"):
         named = [f"data.{k}" for k in SQL_FIELDS if getattr(d, k)]
         if named:
-            raise ShardwiseError(named[0], f"is for data.name=sql, not {d.name}")
+            raise ShardwiseError(named[0], f"is for data.name=sql or sql_text, not {d.name}")
         return
     if not d.url:
-        raise ShardwiseError("data.url", "is required for data.name=sql (sqlite:///PATH or postgresql://USER@HOST/DB)")
+        raise ShardwiseError(
+            "data.url", f"is required for data.name={d.name} (sqlite:///PATH or postgresql://USER@HOST/DB)"
+        )
     if bool(d.table) == bool(d.query):
-        raise ShardwiseError("data.table", "name one of data.table and data.query for data.name=sql")
+        raise ShardwiseError("data.table", f"name one of data.table and data.query for data.name={d.name}")
+    if d.name == "sql_text":
+        if d.feature_columns:
+            raise ShardwiseError("data.feature_columns", "are for data.name=sql; sql_text reads data.text_column")
+        return
     if d.page_rows <= 0:
         raise ShardwiseError("data.page_rows", f"must be positive, got {d.page_rows}")
     if d.partition not in ("shuffle", "contiguous"):
@@ -291,4 +301,21 @@ def _check_vertical(cfg: Config) -> None:
         raise ShardwiseError(
             "data.partition",
             f"kmeans clusters on all features, but with parallel.vertical={v.vertical} each rank holds only its own",
+        )
+
+
+def _check_text(cfg: Config) -> None:
+    d = cfg.data
+    for key in ("vocabulary", "words_per_document"):
+        if getattr(d, key) <= 0:
+            raise ShardwiseError(f"data.{key}", f"must be positive, got {getattr(d, key)}")
+    if not d.categories or len(set(d.categories)) != len(d.categories):
+        raise ShardwiseError("data.categories", f"must name distinct fortune files, got {d.categories}")
+    if cfg.data.name not in TEXT_DATA:
+        return
+    if cfg.parallel.spatial > 1:
+        raise ShardwiseError("parallel.spatial", f"={cfg.parallel.spatial}: a document's features are flat")
+    if cfg.parallel.vertical > 1 and cfg.parallel.vertical_unit != "feature":
+        raise ShardwiseError(
+            "parallel.vertical_unit", f"={cfg.parallel.vertical_unit}: text is split by words (feature)"
         )

@@ -128,6 +128,10 @@ def plain_model(o: dict[str, str], in_shape: tuple[int, ...], classes: int) -> t
         return getattr(importlib.import_module(module), function)(in_shape, classes, **json.loads(o["model.options"]))
     if name == "mlp":
         return MLP(in_shape, classes, hidden=hidden)
+    if name == "bag":
+        from text_corpus import PlainBag
+
+        return PlainBag(in_shape[0], classes, hidden)
     if name == "convnet":
         return ConvNet(in_shape, classes, channels=channels, hidden=hidden, norm=o["model.norm"])
     return ResNet(in_shape, classes, widths=channels, norm=o["model.norm"])

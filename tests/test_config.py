@@ -42,7 +42,7 @@ def test_resolved_toml_round_trips(tmp_path):
         ({"train.steps": "ten"}, "train.steps: expected int, got 'ten'"),
         (
             {"model.name": "vgg"},
-            "model.name: unknown model 'vgg': a built-in (mlp, convnet, resnet) or an import path "
+            "model.name: unknown model 'vgg': a built-in (mlp, convnet, resnet, bag) or an import path "
             "package.module:function",
         ),
         ({"train.lr": "-1"}, "train.lr: must be positive, got -1.0"),

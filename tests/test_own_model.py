@@ -42,7 +42,7 @@ def test_own_model_trains_like_one_process(pool, layout):
             "train.activation_checkpointing: layers needs the model's layers as a `features` then a `head`",
         ),
         ({"model.name": "mlp", "model.options": '{"width": 3}'}, "model.options: are for your own model's function"),
-        ({"model.name": "my model"}, "model.name: unknown model 'my model': a built-in (mlp, convnet, resnet)"),
+        ({"model.name": "my model"}, "model.name: unknown model 'my model': a built-in (mlp, convnet, resnet, bag)"),
     ],
     ids=[
         "no module",

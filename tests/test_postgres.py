@@ -143,3 +143,26 @@ def test_a_table_gone_mid_run_is_a_failure_to_restart_from_not_a_users_mistake(s
             data.micro_batches(step)
     assert not isinstance(e.value, ShardwiseError)
     data.close()
+
+
+def test_a_text_column_is_a_corpus_its_shares_read_only_their_key_ranges(server, tmp_path):
+    """sql_text on the server: the documents in key order, each of 3 shares its own range;
+    a column that is not text is refused by its declared type."""
+    from text_corpus import write_folder
+
+    from shardwise.data.text import check_text_source, load_corpus
+
+    docs, labels, classes = write_folder(tmp_path / "corpus", per_class=20)
+    server.run("CREATE TABLE texts (id BIGINT PRIMARY KEY, topic TEXT, body TEXT, n INTEGER)")
+    server.run("INSERT INTO texts VALUES (%s, %s, %s, 1)",
+               [(1000 - 7 * i, classes[y], d) for i, (y, d) in enumerate(zip(labels, docs, strict=True))])  # fmt: skip
+    data = DataConfig(name="sql_text", url=server.url, table="texts", label_column="topic", text_column="body",
+                      page_rows=16)  # fmt: skip
+    check_text_source(data)
+    whole = load_corpus(data)
+    assert whole.docs == docs[::-1] and whole.classes == classes  # keys fall as the files go
+    shares = [load_corpus(data, share=(r, 3)) for r in range(3)]
+    assert sum((s.docs for s in shares), []) == whole.docs and [len(s.docs) for s in shares] == [20, 20, 20]
+    with pytest.raises(ShardwiseError, match=r"data.text_column: column 'n' of 'texts' is not text \(int4\)"):
+        check_text_source(DataConfig(name="sql_text", url=server.url, table="texts", label_column="topic",
+                                     text_column="n"))  # fmt: skip

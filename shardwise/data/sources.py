@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from shardwise.config import DataConfig
+from shardwise.config_sections import TEXT_DATA
 from shardwise.data.own import load_own
 from shardwise.errors import ShardwiseError
 from shardwise.files import atomic_path, cache_dir
@@ -111,6 +112,10 @@ def check_source(cfg: DataConfig) -> None:
         from shardwise.data.sql import inspect
 
         inspect(cfg)
+    elif cfg.name in TEXT_DATA:
+        from shardwise.data.text import check_text_source
+
+        check_text_source(cfg)
     elif cfg.name == "cifar10":
         _cifar_files(Path(cfg.path))
     elif cfg.name == "npz":
@@ -149,7 +154,15 @@ def split_indices(y: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.nd
         pass
     from sklearn.model_selection import train_test_split
 
-    train, val = train_test_split(np.arange(len(y)), test_size=val_fraction, random_state=SPLIT_SEED, stratify=y)
+    try:
+        train, val = train_test_split(np.arange(len(y)), test_size=val_fraction, random_state=SPLIT_SEED, stratify=y)
+    except ValueError as e:  # a class of one sample, or fewer held out than there are classes
+        counts = np.bincount(y)
+        raise ShardwiseError(
+            "data.val_fraction",
+            f"={val_fraction} of {len(y)} samples, {len(counts)} classes (the smallest has "
+            f"{counts.min()}), split stratified by class: {e}",
+        ) from None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -341,6 +354,10 @@ def source_shape(cfg: DataConfig) -> tuple[int, ...]:
         from shardwise.data.sql import feature_names
 
         return (len(feature_names(cfg)),)
+    if cfg.name in TEXT_DATA:
+        from shardwise.data.tfidf import vocabulary_size
+
+        return (vocabulary_size(cfg),)
     if is_import_path(cfg.name):
         return tuple(load_own(cfg.name, cfg.options)[0]["x"].shape[1:])
     with zipfile.ZipFile(cfg.path) as archive:
@@ -363,6 +380,10 @@ def load_source(
         from shardwise.data.sql_whole import load_table
 
         return load_table(cfg)
+    if cfg.name in TEXT_DATA:
+        from shardwise.data.tfidf import text_dataset
+
+        return text_dataset(cfg, features=features, reduce_stats=reduce_stats)
     if is_import_path(cfg.name):
         arrays, classes = load_own(cfg.name, cfg.options)
         return _from_arrays(cfg, arrays, classes, features)

@@ -17,6 +17,7 @@ from torch import nn
 
 from shardwise.config import ModelConfig
 from shardwise.errors import ShardwiseError
+from shardwise.models.bag import Bag
 from shardwise.models.convnet import ConvNet
 from shardwise.models.mlp import MLP
 from shardwise.models.resnet import ResNet
@@ -30,6 +31,7 @@ MODELS: dict[str, ModelBuilder] = {
         in_shape, classes, channels=cfg.channels, hidden=cfg.hidden, norm=cfg.norm
     ),
     "resnet": lambda cfg, in_shape, classes: ResNet(in_shape, classes, widths=cfg.channels, norm=cfg.norm),
+    "bag": lambda cfg, in_shape, classes: Bag(in_shape, classes, hidden=cfg.hidden),
 }
 
 
@@ -40,6 +42,10 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -
         raise ShardwiseError("model.name", f"unknown model {cfg.name!r}; known: {', '.join(MODELS)}")
     if cfg.name in ("convnet", "resnet") and len(in_shape) != 3:
         raise ShardwiseError("model.name", f"{cfg.name} needs images (C, H, W), the data has shape {in_shape}")
+    if cfg.name == "bag" and len(in_shape) != 1:
+        raise ShardwiseError(
+            "model.name", f"bag needs flat word features (a text source), the data has shape {in_shape}"
+        )
     return MODELS[cfg.name](cfg, tuple(in_shape), num_classes)
 
 
