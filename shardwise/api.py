@@ -151,6 +151,14 @@ def run_local(
     )
 
 
+def count_words(cfg: Config, *, nproc: int, out: Path, top: int, overwrite: bool = False) -> int:
+    """`shardwise words`: the ranks count the corpus `cfg.data` names; the exit status."""
+    from shardwise.launch import launch
+    from shardwise.procs import JOB_ENV
+
+    return launch(cfg, nproc=nproc, out=out, overwrite=overwrite, env={JOB_ENV: f"words:{top}"})
+
+
 def _prediction(cfg: Config, nproc: int, cluster: str, chosen: dict | None = None) -> str:
     """The cost model's step and peak memory for this layout (`chosen`: already predicted,
     by the planner's choice), as JSON for the ranks (rank 0 sets them beside the measured

@@ -14,11 +14,15 @@ import typing
 from pathlib import Path
 
 from shardwise import __version__
+from shardwise.checkpoint.commands import add_parsers as add_checkpoint_parsers
+from shardwise.checkpoint.commands import run as run_checkpoint_command
 from shardwise.cluster.commands import add_parser as add_cluster_parser
 from shardwise.config import SECTIONS, Config, all_keys, field_docs, load_config
 from shardwise.config_check import describe_type
 from shardwise.config_trust import check_code_trust, trust_settings
 from shardwise.errors import EXIT_USAGE, ShardwiseError
+from shardwise.words_cli import add_parser as add_words_parser
+from shardwise.words_cli import run as run_words
 
 
 class RunComplete(Exception):
@@ -154,6 +158,7 @@ def build_parser() -> OneLineParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     _add_train_parser(sub)
     _add_plan_parser(sub)
+    add_words_parser(sub, _add_config_options)
     evaluate = sub.add_parser(
         "evaluate",
         help="score a finished run's weights on its validation set (or on the data --data.* names)",
@@ -171,17 +176,7 @@ def build_parser() -> OneLineParser:
     )  # fmt: skip
     predict.add_argument("--out", type=Path, required=True, help="a .csv (a row per input) or .npz file to write")
     _add_run_options(predict, "predict")
-    keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing checkpoints")
-    keygen.add_argument("--out", type=Path, default=Path("."), help="folder for shardwise.key and shardwise.pub")
-    verify = sub.add_parser("verify", help="check a checkpoint's files against its manifest and signature")
-    verify.add_argument("path", type=Path, help="a checkpoint folder, or a run folder (its newest checkpoint)")
-    verify.add_argument("--key", default="", help="the public key that must have signed the manifest")
-    verify.add_argument(
-        "--require-signature",
-        action="store_true",
-        help="refuse (exit 2) a checkpoint that is unsigned, or whose signature cannot be checked (no --key)",
-    )
-
+    add_checkpoint_parsers(sub)
     add_cluster_parser(sub, OneLineParser)
     bench = sub.add_parser(
         "bench",
@@ -319,33 +314,6 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keygen(args: argparse.Namespace) -> int:
-    from shardwise.checkpoint.manifest import keygen
-
-    private, public = keygen(args.out)
-    print(f"private key {private} (keep it secret; checkpoint.sign_key), public key {public} (checkpoint.verify_key)")
-    return 0
-
-
-def _verify(args: argparse.Namespace) -> int:
-    from shardwise.checkpoint.manifest import find_checkpoint, is_signed, verify
-
-    folder = find_checkpoint(args.path)
-    if args.require_signature and not is_signed(folder):
-        raise ShardwiseError("checkpoint", f"{folder} is unsigned (no manifest.sig) and --require-signature is set")
-    if args.require_signature and not args.key:
-        raise ShardwiseError("key", f"--require-signature needs --key, the public key to check {folder}'s signature")
-    manifest = verify(folder, verify_key=args.key)
-    if args.key:
-        signed = "signature verified"
-    elif is_signed(folder):
-        signed = "signed, but the signature was NOT checked (give --key)"
-    else:
-        signed = "unsigned"
-    print(f"{folder}: step {manifest['step']}, {len(manifest['files'])} files match the manifest; {signed}")
-    return 0
-
-
 def _bench(args: argparse.Namespace) -> int:
     from shardwise.bench.suite import run_suite
 
@@ -379,16 +347,16 @@ def main(argv: list[str] | None = None) -> int:
             from shardwise.cluster.commands import run as cluster_command
 
             return cluster_command(args)
+        if args.command == "words":
+            return run_words(args)
         if args.command == "evaluate":
             return _evaluate(args)
         if args.command == "predict":
             return _predict(args)
         if args.command == "plan":
             return _plan(args)
-        if args.command == "keygen":
-            return _keygen(args)
-        if args.command == "verify":
-            return _verify(args)
+        if args.command in ("keygen", "verify"):
+            return run_checkpoint_command(args)
         return _train(args)
     except ShardwiseError as e:
         print(f"shardwise: {e}", file=sys.stderr)

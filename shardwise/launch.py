@@ -25,7 +25,7 @@ from pathlib import Path
 from shardwise import procs as contract  # its name, since `procs` names the rank processes here
 from shardwise.checkpoint.manifest import latest_checkpoint
 from shardwise.cluster.placement import Placement
-from shardwise.config import Config
+from shardwise.config import Config, ParallelConfig
 from shardwise.config_toml import to_toml
 from shardwise.data.features import vertical_parts
 from shardwise.data.sampler import check_batch_layout
@@ -79,6 +79,12 @@ def preflight(cfg: Config, nproc: int) -> ParallelDims:
             "ps.slow_worker", f"={ps.slow_worker}: not a worker, those are ranks {dims.servers} to {nproc - 1}"
         )
     return dims
+
+
+def words_preflight(cfg: Config, nproc: int) -> ParallelDims:
+    """`shardwise words` has no layout, batch or model: each rank counts a share of the corpus."""
+    check_source(cfg.data)
+    return ParallelDims.resolve(ParallelConfig(dp=nproc), nproc)
 
 
 def _warn_oversubscribed(nproc: int) -> None:
@@ -267,11 +273,12 @@ def launch(
     """Run the job on `nproc` workers placed by `placement` (default: this machine),
     restarting all of them from the newest complete checkpoint up to `max_restarts`
     times; returns the exit status. `quiet`: the ranks' own output (tables, summary) is
-    dropped; a failure's one line still comes. `env`: more environment for every worker."""
+    dropped; a failure's one line still comes. `env`: more environment for every worker
+    (with procs.JOB_ENV, the ranks count words instead of training: `shardwise words`)."""
     placement = placement or Placement()
     launch_time = time.time()
     signal.signal(signal.SIGTERM, _terminate)
-    dims = preflight(cfg, nproc)
+    dims = words_preflight(cfg, nproc) if contract.JOB_ENV in (env or {}) else preflight(cfg, nproc)
     if not quiet:
         _warn_oversubscribed(nproc)
     if max_restarts < 0:

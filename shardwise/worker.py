@@ -156,7 +156,13 @@ def run_rank(cfg: Config) -> tuple[Path, RunResult]:
         if not (out_dir / "config.toml").exists():  # under torchrun: no launcher wrote it
             cfg.run.out = str(out_dir.resolve())
             write_atomic(out_dir / "config.toml", to_toml(cfg, saved=True))
-    result = run(cfg, out_dir=out_dir, device=device, context=context_from_environ())
+    job = os.environ.get(procs.JOB_ENV, "")
+    if job.startswith("words:"):
+        from shardwise.words import run_words
+
+        result = RunResult({}, run_words(cfg, out_dir=out_dir, top=int(job.removeprefix("words:"))))
+    else:
+        result = run(cfg, out_dir=out_dir, device=device, context=context_from_environ())
     # leave together: ranks wait while rank 0 writes the outputs, so no rank
     # closes its connections under a peer that still expects it
     if result.leave_together:

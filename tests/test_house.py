@@ -18,6 +18,7 @@ STRATEGIES |= {"shardwise.parallel.param_server"}
 LAYERS = [
     ("shardwise", "shardwise.__main__"),
     ("shardwise.cli",),
+    ("shardwise.words_cli",),  # `shardwise words`' command line, over the API as cli.py is
     ("shardwise.api",),
     ("shardwise.launch", "shardwise.worker"),
 ]

@@ -1,0 +1,52 @@
+"""The `shardwise keygen` and `shardwise verify` command lines (torch-free)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from shardwise.errors import ShardwiseError
+
+
+def add_parsers(sub) -> None:
+    keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing checkpoints")
+    keygen.add_argument("--out", type=Path, default=Path("."), help="folder for shardwise.key and shardwise.pub")
+    verify = sub.add_parser("verify", help="check a checkpoint's files against its manifest and signature")
+    verify.add_argument("path", type=Path, help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    verify.add_argument("--key", default="", help="the public key that must have signed the manifest")
+    verify.add_argument(
+        "--require-signature",
+        action="store_true",
+        help="refuse (exit 2) a checkpoint that is unsigned, or whose signature cannot be checked (no --key)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    return _keygen(args) if args.command == "keygen" else _verify(args)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from shardwise.checkpoint.manifest import keygen
+
+    private, public = keygen(args.out)
+    print(f"private key {private} (keep it secret; checkpoint.sign_key), public key {public} (checkpoint.verify_key)")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from shardwise.checkpoint.manifest import find_checkpoint, is_signed, verify
+
+    folder = find_checkpoint(args.path)
+    if args.require_signature and not is_signed(folder):
+        raise ShardwiseError("checkpoint", f"{folder} is unsigned (no manifest.sig) and --require-signature is set")
+    if args.require_signature and not args.key:
+        raise ShardwiseError("key", f"--require-signature needs --key, the public key to check {folder}'s signature")
+    manifest = verify(folder, verify_key=args.key)
+    if args.key:
+        signed = "signature verified"
+    elif is_signed(folder):
+        signed = "signed, but the signature was NOT checked (give --key)"
+    else:
+        signed = "unsigned"
+    print(f"{folder}: step {manifest['step']}, {len(manifest['files'])} files match the manifest; {signed}")
+    return 0
