@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from shardwise.train.outputs import new_run_dir
 
     overrides = {k: v for k, v in vars(args).items() if k in set(all_keys())}
-    overrides.setdefault("data.name", "fortunes")
+    if "data.name" not in overrides and "name" not in _named_data(args.config):
+        overrides["data.name"] = "fortunes"  # the corpus `words` counts unless told
     cfg = load_config(args.config, overrides)
     if cfg.data.name not in TEXT_DATA:
         raise ShardwiseError("data.name", f"shardwise words counts a text source ({', '.join(TEXT_DATA)}), "
@@ -42,3 +43,13 @@ def run(args: argparse.Namespace) -> int:
         raise ShardwiseError("nproc", f"must be positive, got {args.nproc}")
     out = args.out or (Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), "words"))
     return count_words(cfg, nproc=args.nproc, out=out, top=args.top, overwrite=args.overwrite)
+
+
+def _named_data(config: str | None) -> dict:
+    """The [data] table of the config file (empty without one; load_config says what is wrong with it)."""
+    import tomllib
+
+    try:
+        return tomllib.loads(Path(config).read_text()).get("data", {}) if config else {}
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}

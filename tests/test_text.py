@@ -68,11 +68,11 @@ def test_a_vertical_rank_counts_only_its_words_and_completes_the_lengths_by_a_su
 def test_the_fortunes_corpus_is_a_class_per_file_a_document_per_fortune():
     corpus = load_corpus(_data(name="fortunes"))
     assert corpus.classes == ["computers", "politics", "science", "songs-poems"]
-    for c, name in enumerate(corpus.classes):  # fortunes end with a line holding only %
-        text = (FORTUNES / name).read_text(errors="replace")
-        mine = [d for d, y in zip(corpus.docs, corpus.labels, strict=True) if y == c]
-        assert len(mine) == len([f for f in text.split("\n%\n") if f.strip() not in ("", "%")]) > 600
-        assert mine[0] == text.split("\n%\n")[0].strip()
+    counts = np.bincount(corpus.labels)
+    for c, name in enumerate(corpus.classes):  # strfile's index of each file: a big-endian header, count second
+        assert counts[c] == int.from_bytes((FORTUNES / f"{name}.dat").read_bytes()[4:8], "big") > 600
+    first = (FORTUNES / "science").read_text(errors="replace").split("\n%\n")[0]
+    assert corpus.docs[counts[:2].sum()] == first.strip()
 
 
 def test_synthetic_documents_come_from_their_own_seeds():
@@ -134,6 +134,23 @@ def test_a_folder_that_is_not_a_corpus_is_refused_in_one_line(tmp_path, capfd):
     refused_in_one_line(tmp_path, capfd, {**base, "data.path": str(tmp_path / "x")}, "data.path: no such folder")
     refused_in_one_line(tmp_path, capfd, {"data.name": "fortunes", "data.categories": "computers,nothere"},
                         "data.categories: no fortune file 'nothere'")  # fmt: skip
+    refused_in_one_line(tmp_path, capfd, {"data.name": "fortunes", "data.categories": "computers,../../etc/passwd"},
+                        "data.categories: must name distinct fortune files")  # fmt: skip
+    refused_in_one_line(tmp_path, capfd, {"data.name": "fortunes", "model.name": "bag", "parallel.vertical": "2"},
+                        "parallel.vertical: =2 with model.name=bag: the bag's table is not split")  # fmt: skip
+
+
+def test_a_text_tables_key_must_be_an_integer(tmp_path, capfd):
+    from refusals import refused_in_one_line
+
+    con = sqlite3.connect(tmp_path / "k.db")
+    con.execute("CREATE TABLE notes (id REAL, topic TEXT, body TEXT)")
+    con.executemany("INSERT INTO notes VALUES (?, ?, ?)", [(1.0, "a", "x y"), (2.5, "b", "z w")])
+    con.commit()
+    con.close()
+    settings = {"data.name": "sql_text", "data.url": f"sqlite:///{tmp_path / 'k.db'}", "data.table": "notes",
+                "data.label_column": "topic", "data.text_column": "body", "model.name": "mlp"}  # fmt: skip
+    refused_in_one_line(tmp_path, capfd, settings, "data.key: column 'id' of 'notes' holds 1.0, not an integer")
 
 
 def test_the_bags_first_layer_is_the_product_of_the_features_and_its_table():

@@ -20,8 +20,12 @@ def _read_tsv(path):
 def test_the_counts_merged_across_ranks_are_one_process_count(tmp_path, nproc):
     docs, _, _ = write_folder(tmp_path / "corpus", per_class=40)
     out = tmp_path / "run"
-    done = cli_fork.run(["words", "--nproc", str(nproc), "--top", "7", "--data.name", "text_folder",
-                         "--data.path", str(tmp_path / "corpus"), "--out", str(out)])  # fmt: skip
+    if nproc == 2:  # the source named on the command line
+        source = ["--data.name", "text_folder", "--data.path", str(tmp_path / "corpus")]
+    else:  # or in a config file
+        (tmp_path / "words.toml").write_text(f'[data]\nname = "text_folder"\npath = "{tmp_path / "corpus"}"\n')
+        source = [str(tmp_path / "words.toml")]
+    done = cli_fork.run(["words", *source, "--nproc", str(nproc), "--top", "7", "--out", str(out)])
     assert done.returncode == 0, done.stderr
     occurrences, documents = sklearn_words(docs)
     parts = sorted((out / "counts").glob("part-*.tsv"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from shardwise.config_sections import DataConfig
-from shardwise.data.sql import PARAM, Connection, check_url, quoted, refused, source
+from shardwise.data.sql import PARAM, PG_INTEGER, Connection, check_url, quoted, refused, source
 from shardwise.errors import ShardwiseError
 
 PG_TEXT = {25, 1042, 1043}  # pg_type OIDs: text, char(n), varchar(n)
@@ -19,7 +19,7 @@ def inspect_text(data: DataConfig) -> None:
     """Every named column there, the key a unique integer; one line naming what is not."""
     check_url(data.url)
     src = source(data, (data.text_column,))
-    field = "data.query" if data.query else "data.table"
+    field = _field(data)
     conn = Connection(data.url, "shardwise-check")
     try:
         try:
@@ -31,6 +31,8 @@ def inspect_text(data: DataConfig) -> None:
                            ("data.text_column", data.text_column)):  # fmt: skip
             if name not in names:
                 raise ShardwiseError(what, f"{src.where} has no column {name!r} (it has {', '.join(names[:12])})")
+        if src.dialect != "sqlite" and description[names.index(data.key)][1] not in PG_INTEGER:
+            raise ShardwiseError("data.key", f"column {data.key!r} of {src.where} is not an integer")
         if src.dialect != "sqlite" and description[names.index(data.text_column)][1] not in PG_TEXT:
             declared = getattr(description[names.index(data.text_column)], "type_display", "?")
             raise ShardwiseError("data.text_column", f"column {data.text_column!r} of {src.where} is not text "
@@ -41,10 +43,10 @@ def inspect_text(data: DataConfig) -> None:
 
 
 def _check_rows(conn: Connection, src, data: DataConfig) -> None:
-    """The key unique, and the first row without a label or a text, one line naming it."""
+    """The key unique integers, and the first row without a label or a text, one line naming it."""
     k, label, body = quoted(data.key), quoted(data.label_column), quoted(data.text_column)
-    field = "data.query" if data.query else "data.table"
-    not_text = f" OR typeof({body}) != 'text'" if src.dialect == "sqlite" else ""
+    field = _field(data)
+    not_text = f" OR typeof({body}) != 'text' OR typeof({k}) != 'integer'" if src.dialect == "sqlite" else ""
     try:
         total, distinct = conn.rows(f"SELECT COUNT(*), COUNT(DISTINCT {k}) FROM {src.relation}")[0][0]
         bad = conn.rows(f"SELECT {k}, {label}, {body} FROM {src.relation} WHERE {label} IS NULL OR {body} IS NULL"
@@ -58,6 +60,8 @@ def _check_rows(conn: Connection, src, data: DataConfig) -> None:
         raise ShardwiseError(field, f"{src.where} has no row")
     if bad:
         key, value, doc = bad[0]
+        if not isinstance(key, int) or isinstance(key, bool):
+            raise ShardwiseError("data.key", f"column {data.key!r} of {src.where} holds {key!r}, not an integer")
         if value is None:
             raise ShardwiseError(
                 "data.label_column", f"column {data.label_column!r} of {src.where} is empty at key {key}"
@@ -71,7 +75,7 @@ def read_text(data: DataConfig, share: tuple[int, int] | None):
     from shardwise.data.text import Corpus
 
     src = source(data, (data.text_column,))
-    field = "data.query" if data.query else "data.table"
+    field = _field(data)
     k, label, body = quoted(data.key), quoted(data.label_column), quoted(data.text_column)
     conn = Connection(data.url)
     try:
@@ -116,3 +120,7 @@ def _key_range(conn: Connection, relation: str, k: str, share: tuple[int, int] |
     if part + 1 not in ends:  # fewer rows than shares: this one is empty
         return int(high), int(high)
     return ends[part + 1][0] - 1, ends[part + 1][1]
+
+
+def _field(data: DataConfig) -> str:
+    return "data.query" if data.query else "data.table"

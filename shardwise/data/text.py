@@ -92,7 +92,7 @@ def _fortunes(data: DataConfig, share: tuple[int, int] | None) -> Corpus:
 def _folder_files(root: Path) -> tuple[list[str], list[tuple[int, Path]]]:
     if not root.is_dir():
         raise ShardwiseError("data.path", f"no such folder {str(root)!r}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ShardwiseError("data.path", f"{str(root)!r} has no sub-folder: put each class's .txt files in its own")
     files = []
