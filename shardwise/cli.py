@@ -21,6 +21,8 @@ from shardwise.config import SECTIONS, Config, all_keys, field_docs, load_config
 from shardwise.config_check import describe_type
 from shardwise.config_trust import check_code_trust, trust_settings
 from shardwise.errors import EXIT_USAGE, ShardwiseError
+from shardwise.serve.command import add_parser as add_serve_parser
+from shardwise.serve.command import run as run_serve
 from shardwise.words_cli import add_parser as add_words_parser
 from shardwise.words_cli import run as run_words
 
@@ -159,6 +161,7 @@ def build_parser() -> OneLineParser:
     _add_train_parser(sub)
     _add_plan_parser(sub)
     add_words_parser(sub, _add_config_options)
+    add_serve_parser(sub, _add_config_options)
     evaluate = sub.add_parser(
         "evaluate",
         help="score a finished run's weights on its validation set (or on the data --data.* names)",
@@ -349,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             return cluster_command(args)
         if args.command == "words":
             return run_words(args)
+        if args.command == "serve":
+            return run_serve(args)
         if args.command == "evaluate":
             return _evaluate(args)
         if args.command == "predict":

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from shardwise.config_check import coerce, validate
-from shardwise.config_sections import DataConfig, ModelConfig
+from shardwise.config_sections import DataConfig, ModelConfig, ServeConfig
 from shardwise.errors import ShardwiseError
 
 
@@ -212,6 +212,7 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 # section name -> its dataclass (annotations are strings under `from __future__`)
@@ -276,7 +277,7 @@ def _set(cfg: Config, key: str, value: Any, from_text: bool, *, follow_moved: bo
 
 # what a resumed run never takes from the checkpoint it resumes: which keys to trust
 # (the checkpoint cannot vouch for itself) and where this invocation writes
-NOT_RESUMED = ("checkpoint", "run")
+NOT_RESUMED = ("checkpoint", "run", "serve")
 
 
 def _apply_toml(

@@ -172,6 +172,7 @@ def validate(cfg: Config) -> None:
         raise ShardwiseError("data.shape", f"must be positive sizes, got {d.shape}")
     _check_data_name(d)
     _check_text(cfg)
+    _check_serve(cfg.serve)
     if cfg.run.predictions and cfg.parallel.mode == "ps":
         raise ShardwiseError("run.predictions", "are written under all-reduce layouts, not parallel.mode=ps")
     if t.precision == "bf16" and t.dtype != "float32":
@@ -271,12 +272,12 @@ def _check_sql(cfg: Config) -> None:
         )
     if bool(d.table) == bool(d.query):
         raise ShardwiseError("data.table", f"name one of data.table and data.query for data.name={d.name}")
+    if d.page_rows <= 0:
+        raise ShardwiseError("data.page_rows", f"must be positive, got {d.page_rows}")
     if d.name == "sql_text":
         if d.feature_columns:
             raise ShardwiseError("data.feature_columns", "are for data.name=sql; sql_text reads data.text_column")
         return
-    if d.page_rows <= 0:
-        raise ShardwiseError("data.page_rows", f"must be positive, got {d.page_rows}")
     if d.partition not in ("shuffle", "contiguous"):
         raise ShardwiseError(
             "data.partition", f"={d.partition}: an SQL table is split by key ranges (contiguous), read page by page"
@@ -297,6 +298,12 @@ def _check_vertical(cfg: Config) -> None:
             f"{cfg.model.name}'s first layer is a convolution, which needs whole channels: set "
             f"parallel.vertical_unit=channel, not {v.vertical_unit} (a split over pixels is spatial partitioning)",
         )
+    if v.vertical > 1 and cfg.model.name == "bag":
+        raise ShardwiseError(
+            "parallel.vertical",
+            f"={v.vertical} with model.name=bag: the bag's table is not split by words yet "
+            "(the linear model and the mlp are)",
+        )
     if v.vertical > 1 and cfg.data.partition == "kmeans":
         raise ShardwiseError(
             "data.partition",
@@ -309,13 +316,28 @@ def _check_text(cfg: Config) -> None:
     for key in ("vocabulary", "words_per_document"):
         if getattr(d, key) <= 0:
             raise ShardwiseError(f"data.{key}", f"must be positive, got {getattr(d, key)}")
-    if not d.categories or len(set(d.categories)) != len(d.categories):
-        raise ShardwiseError("data.categories", f"must name distinct fortune files, got {d.categories}")
     if cfg.data.name not in TEXT_DATA:
         return
+    plain = all(c and "/" not in c and not c.startswith(".") for c in d.categories)
+    if d.name == "fortunes" and (not d.categories or len(set(d.categories)) != len(d.categories) or not plain):
+        raise ShardwiseError("data.categories", f"must name distinct fortune files, got {d.categories}")
     if cfg.parallel.spatial > 1:
         raise ShardwiseError("parallel.spatial", f"={cfg.parallel.spatial}: a document's features are flat")
     if cfg.parallel.vertical > 1 and cfg.parallel.vertical_unit != "feature":
         raise ShardwiseError(
             "parallel.vertical_unit", f"={cfg.parallel.vertical_unit}: text is split by words (feature)"
         )
+
+
+def _check_serve(s) -> None:
+    if s.max_batch < 1:
+        raise ShardwiseError("serve.max_batch", f"must be positive, got {s.max_batch}")
+    if s.max_wait_ms < 0:
+        raise ShardwiseError("serve.max_wait_ms", f"must be >= 0, got {s.max_wait_ms}")
+    if s.max_body_bytes < 1:
+        raise ShardwiseError("serve.max_body_bytes", f"must be positive, got {s.max_body_bytes}")
+    if not 0 <= s.port <= 65535:
+        raise ShardwiseError("serve.port", f"must be a port number 0-65535, got {s.port}")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        key = "serve.tls_cert" if s.tls_key else "serve.tls_key"
+        raise ShardwiseError(key, "name both serve.tls_cert and serve.tls_key (HTTPS needs the pair)")

@@ -86,3 +86,25 @@ class DataConfig:
     same for every train.seed)."""
     page_rows: int = 1024
     """sql: rows one query reads (WHERE key > last ORDER BY key LIMIT page_rows), used in a seeded order."""
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    """`shardwise serve`: the address to listen on; any but loopback needs serve.tls_cert,
+    serve.tls_key and serve.token_file."""
+    port: int = 8000
+    """The port to listen on (0: a free one, printed)."""
+    max_batch: int = 32
+    """Requests' inputs are batched together up to this many samples ..."""
+    max_wait_ms: float = 5.0
+    """... or until the first of them has waited this long, whichever comes first."""
+    tls_cert: str = ""
+    """A PEM certificate (chain): serve HTTPS (with serve.tls_key)."""
+    tls_key: str = ""
+    """The certificate's PEM private key."""
+    token_file: str = ""
+    """A file of bearer tokens, one a line: every request but GET / and GET /healthz must
+    carry one (Authorization: Bearer TOKEN)."""
+    max_body_bytes: int = 4_194_304
+    """A request body over this many bytes is refused (413) unread."""

@@ -35,6 +35,7 @@ NETNS = os.geteuid() == 0 and all(shutil.which(t) for t in ("ip", "tc", "unshare
 # commands that cannot run here as written, and the test that runs them
 ELSEWHERE = {
     "torchrun": "tests/test_cluster.py::test_torchrun_across_hosts (one torchrun per emulated host)",
+    "serve": "tests/test_serve.py (a server runs until stopped: started there, asked over HTTPS, stopped)",
 }
 
 

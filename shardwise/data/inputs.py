@@ -40,26 +40,34 @@ def read_inputs(path: Path, in_shape: tuple[int, ...], key: str = "input") -> tu
 
 
 def _images(folder: Path, in_shape: tuple[int, ...], key: str) -> tuple[list[str], np.ndarray]:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     if len(in_shape) != 3 or in_shape[0] not in (1, 3):
         raise ShardwiseError(key, f"{folder} is a folder of images, but the run's samples have shape {in_shape}")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ShardwiseError(key, f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-    channels, height, width = in_shape
     samples = []
     for f in files:
         try:
-            with Image.open(f) as image:
-                image = image.convert("L" if channels == 1 else "RGB")
-                if image.size != (width, height):
-                    image = image.resize((width, height), Image.Resampling.BILINEAR)
-                pixels = np.asarray(image, dtype=np.float32)
+            samples.append(image_pixels(f, in_shape))
         except (UnidentifiedImageError, OSError) as e:
             raise ShardwiseError(key, f"{f}: not a readable image ({e})") from None
-        samples.append(pixels[None] if channels == 1 else pixels.transpose(2, 0, 1))
     return [f.name for f in files], np.stack(samples)
+
+
+def image_pixels(source, in_shape: tuple[int, ...]) -> np.ndarray:
+    """An image file (a path or a file object) as (channels, H, W) pixel values 0..255, in
+    the run's channels (grey or RGB) and size; PIL's errors are the caller's to name."""
+    from PIL import Image
+
+    channels, height, width = in_shape
+    with Image.open(source) as image:
+        image = image.convert("L" if channels == 1 else "RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
+        pixels = np.asarray(image, dtype=np.float32)
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
 def prepare(x: np.ndarray, record: dict, *, from_images: bool) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""`shardwise serve`: a finished run's model behind an HTTP(S) server with dynamic batching."""

@@ -1,0 +1,120 @@
+"""The served model: a finished run's weights and preprocessing record, a request's inputs
+turned into the run's inputs (as `shardwise predict` does), and a batch's probabilities.
+
+A request names its samples one of two ways: `inputs`, raw samples as nested arrays shaped
+like the run's (the values its source read: digits' 0..16, an npz's values), or `images`,
+base64-encoded image files (PNG, JPEG, ...), converted to the run's channels and size and
+their 0..255 pixels mapped onto the source's range. Anything else is a `RequestError`: a
+status and one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shardwise.data.inputs import image_pixels, prepare
+from shardwise.errors import ShardwiseError
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ServedModel:
+    name: str
+    model: torch.nn.Module
+    record: dict  # the preprocessing record saved with the weights
+    dtype: torch.dtype
+    about: dict  # what GET /v1/model says
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.record["in_shape"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.record["classes"])
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities (float64) of prepared inputs, in one forward pass."""
+        with torch.no_grad():
+            return torch.softmax(self.model(torch.from_numpy(x).to(self.dtype)).double(), dim=1).numpy()
+
+
+def load_served(run: str | Path, texts: dict[str, str]) -> ServedModel:
+    from shardwise.scoring import open_run, preprocess_of, run_model
+
+    folder, cfg = open_run(run, texts)
+    record = preprocess_of(folder / "model.safetensors")
+    if not record:
+        raise ShardwiseError("run", f"{folder}/model.safetensors holds no preprocessing record: train it again")
+    model = run_model(folder, cfg, tuple(record["in_shape"]), len(record["classes"]))
+    summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
+    about = {
+        "name": cfg.model.name,
+        "run": str(folder.resolve()),
+        "input_shape": list(record["in_shape"]),
+        "classes": list(record["classes"]),
+        "layout": "one process",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "val_accuracy": summary.get("val_accuracy"),
+        "data": cfg.data.name,
+    }
+    return ServedModel(cfg.model.name, model, record, getattr(torch, cfg.train.dtype), about)
+
+
+def request_inputs(served: ServedModel, payload) -> np.ndarray:
+    """The prepared inputs a request's JSON names (RequestError where it cannot)."""
+    if not isinstance(payload, dict) or len(payload.keys() & {"inputs", "images"}) != 1:
+        raise RequestError(400, 'expected a JSON object with one of "inputs" (nested arrays) or "images" (base64)')
+    if "images" in payload:
+        return prepare(_images(served, payload["images"]), served.record, from_images=True)
+    try:
+        x = np.asarray(payload["inputs"], dtype=np.float64)
+    except (ValueError, TypeError):
+        raise RequestError(422, '"inputs" must be nested arrays of numbers, all rows the same shape') from None
+    if x.ndim == len(served.in_shape):  # one sample
+        x = x[None]
+    if x.ndim < 1 or tuple(x.shape[1:]) != served.in_shape or len(x) == 0:
+        raise RequestError(
+            422, f'"inputs" has shape {list(x.shape)}; a sample of this model is {list(served.in_shape)}'
+        )
+    if not np.isfinite(x).all():
+        raise RequestError(422, '"inputs" holds a value that is not a finite number')
+    return prepare(x, served.record, from_images=False)
+
+
+def _images(served: ServedModel, images) -> np.ndarray:
+    from PIL import UnidentifiedImageError
+
+    shape = served.in_shape
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise RequestError(422, f'"images" need a model of images; this one takes samples shaped {list(shape)}')
+    if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+        raise RequestError(422, '"images" must be a non-empty list of base64-encoded image files')
+    samples = []
+    for k, text in enumerate(images):
+        try:
+            data = base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text, validate=True)
+            samples.append(image_pixels(io.BytesIO(data), shape))
+        except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as e:
+            raise RequestError(422, f"images[{k}] is not a base64-encoded image file ({type(e).__name__})") from None
+    return np.stack(samples)
+
+
+def answer(served: ServedModel, probs: np.ndarray) -> dict:
+    classes = served.classes
+    rows = [[p if math.isfinite(p) else None for p in row] for row in probs.tolist()]
+    return {"labels": [classes[i] for i in probs.argmax(axis=1)], "probabilities": rows, "classes": classes}
