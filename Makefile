@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test bench lint clean postgres fortunes
+.PHONY: train test bench lint clean postgres fortunes browser
 
 # The SQL tests start a PostgreSQL server of their own (initdb, pg_ctl): where the machine
 # has none, the system's package is installed (Debian's postgresql; through sudo unless root)
@@ -14,6 +14,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The text examples and tests read the fortune files of Debian's `fortunes` package (BSD
 # licence), a labelled corpus installed from the system's packages, never downloaded at run time
 FORTUNES := /usr/share/games/fortunes/computers
+# The serving page is tested in Debian's headless chromium through its chromedriver (Selenium
+# drives it); no tool downloads a browser of its own
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +27,15 @@ $(STAMP): pyproject.toml
 train: $(STAMP) fortunes
 	$(BIN)/shardwise train
 
-test: $(STAMP) postgres fortunes
+test: $(STAMP) postgres fortunes browser
 	$(BIN)/python -m pytest -q
+
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		echo "installing chromium and its driver from the system's packages (for the page's test)"; \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; \
+	fi
 
 fortunes:
 	@if [ ! -f $(FORTUNES) ]; then \

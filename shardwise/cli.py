@@ -191,7 +191,7 @@ def build_parser() -> OneLineParser:
         nargs="*",
         metavar="SCENARIO",
         help="allreduce, ddp, scaling, tp, pp, spatial, shard, ps, precision, checkpointing, restarts, compression,"
-        " planner, sql (default: the first 9)",
+        " planner, sql, serve (default: the first 9)",
     )
     bench.add_argument(
         "--links",

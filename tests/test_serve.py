@@ -223,3 +223,67 @@ def test_sigterm_answers_the_requests_in_flight_then_exits(run_folder, digits):
     assert answer["r"].status_code == 200 and len(answer["r"].json()["labels"]) == 2
     assert proc.wait(timeout=30) == 0
     assert proc.stderr.read().strip().endswith("shardwise serve: stopped")
+
+
+def test_the_page_in_a_headless_browser_predicts_a_chosen_image(server, run_folder, digits, tmp_path):
+    """Debian's chromium, driven by Selenium through Debian's chromedriver (nothing
+    downloaded): the page, the token typed in, an image file chosen, the label shown is the
+    one `shardwise predict` gives that image."""
+    from PIL import Image
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    client, _ = server
+    (tmp_path / "one").mkdir()
+    Image.fromarray((digits[3, 0] * 255 / 16).astype(np.uint8)).resize((64, 64)).save(tmp_path / "one" / "d.png")
+    want = _predicted_in_one_process(run_folder, tmp_path / "one", tmp_path)
+    label = want["classes"][int(want["probabilities"][0].argmax())]
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--ignore-certificate-errors",
+                 "--disable-gpu"):  # fmt: skip
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    try:
+        wait = WebDriverWait(browser, 20)
+        browser.get(f"{client.base_url}/")
+        wait.until(lambda b: "token" in b.find_element(By.ID, "about").text)  # asked without one: refused
+        browser.find_element(By.ID, "token").send_keys(TOKEN + "\t")
+        wait.until(lambda b: "validation accuracy" in b.find_element(By.ID, "about").text)
+        browser.find_element(By.ID, "file").send_keys(str(tmp_path / "one" / "d.png"))
+        wait.until(lambda b: b.find_element(By.ID, "status").text == "image loaded")
+        browser.find_element(By.ID, "predict").click()
+        wait.until(lambda b: b.find_element(By.ID, "label").text != "-")
+        assert browser.find_element(By.ID, "label").text == label
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#probs tr")) == 10
+    finally:
+        browser.quit()
+
+
+def test_the_servers_connections_send_without_delay():
+    """TCP_NODELAY on every accepted connection: asyncio sets it only on a socket that says
+    it is TCP, and without it a keep-alive client's request waits on delayed ACKs."""
+    import asyncio
+    import socket
+
+    from shardwise.serve.command import _listen
+
+    async def check() -> int:
+        sock = _listen("127.0.0.1", 0)
+        seen = []
+
+        async def handle(reader, writer):
+            seen.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(handle, sock=sock)
+        _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        while not seen:
+            await asyncio.sleep(0.01)
+        writer.close()
+        server.close()
+        return seen[0]
+
+    assert asyncio.run(check()) != 0

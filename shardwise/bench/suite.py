@@ -30,6 +30,7 @@ from shardwise.bench import (
     ps,
     restarts,
     scaling,
+    serve,
     shard,
     spatial,
     sql,
@@ -57,8 +58,9 @@ SCENARIOS: dict[str, tuple[Callable[[Bench], None], bool]] = {
     "compression": (compression.run, True),  # every method trained to a target: half an hour a link
     "planner": (planner.run, True),  # every layout run for real: an hour and more
     "sql": (sql.run, False),  # a database on this machine: loopback only
+    "serve": (serve.run, False),  # one serving process under load: loopback
 }
-NAMED_ONLY = ("restarts", "planner", "compression", "checkpointing", "sql")
+NAMED_ONLY = ("restarts", "planner", "compression", "checkpointing", "sql", "serve")
 DEFAULT = [name for name in SCENARIOS if name not in NAMED_ONLY]
 CLUSTER_NAME, HOSTS = "swb", 4
 
