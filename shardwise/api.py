@@ -159,6 +159,25 @@ def count_words(cfg: Config, *, nproc: int, out: Path, top: int, overwrite: bool
     return launch(cfg, nproc=nproc, out=out, overwrite=overwrite, env={JOB_ENV: f"words:{top}"})
 
 
+def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int) -> int:
+    """`shardwise serve RUN --nproc N`: the run's model cut into the layout `texts` name across
+    `nproc` ranks on this machine, served by rank 0 (serve/ranks.py); the exit status."""
+    from shardwise.launch import launch
+    from shardwise.procs import JOB_ENV
+    from shardwise.scoring import open_run
+    from shardwise.serve.front import check_door
+    from shardwise.serve.ranks import serving_config
+
+    folder, cfg = open_run(run, texts)
+    cfg = serving_config(cfg, folder)
+    check_door(cfg.serve)
+    work = Path(tempfile.mkdtemp(prefix="shardwise-serve-"))
+    try:
+        return launch(cfg, nproc=nproc, out=work / "serve", env={JOB_ENV: f"serve:{folder.resolve()}"})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _prediction(cfg: Config, nproc: int, cluster: str, chosen: dict | None = None) -> str:
     """The cost model's step and peak memory for this layout (`chosen`: already predicted,
     by the planner's choice), as JSON for the ranks (rank 0 sets them beside the measured

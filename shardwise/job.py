@@ -111,23 +111,7 @@ def run(
     try:
         setup = set_up(cfg, mesh, device=device)
         faults = FaultPlan(rank, context.faults, attempt=context.attempt)
-        layout = apply_layout(
-            setup.model,
-            mesh,
-            in_shape=setup.in_shape,
-            features=setup.cut.parts,
-            example=lambda: _example(cfg, dims, setup.data),
-            device=device,
-            faults=faults,
-            server=_server_settings(cfg),
-            deterministic=cfg.train.deterministic,
-            checkpointing=cfg.train.activation_checkpointing,
-            compression=CompressionSettings(
-                cfg.comm.compression, cfg.comm.topk_ratio, cfg.comm.powersgd_rank, cfg.comm.warmup_steps
-            ),
-        )
-        if cfg.train.precision == "bf16" and layout.role != "server":
-            autocast_forward(layout.local_model, device.type)
+        layout = build_layout(cfg, mesh, setup, device=device, faults=faults)
         job = roles.Job(
             cfg, mesh, layout, setup.data, setup.checkpoint, faults, out_dir, rank, device, setup.whole_bytes
         )
@@ -138,6 +122,28 @@ def run(
         if setup is not None and setup.data is not None:
             setup.data.close()  # a database reader's background thread and connections
         mesh.close()
+
+
+def build_layout(cfg: Config, mesh: RankMesh, setup: SetUp, *, device: torch.device, faults: FaultPlan):
+    """This rank's layout of the model `set_up` made (`apply_layout`, as configured)."""
+    layout = apply_layout(
+        setup.model,
+        mesh,
+        in_shape=setup.in_shape,
+        features=setup.cut.parts,
+        example=lambda: _example(cfg, mesh.dims, setup.data),
+        device=device,
+        faults=faults,
+        server=_server_settings(cfg),
+        deterministic=cfg.train.deterministic,
+        checkpointing=cfg.train.activation_checkpointing,
+        compression=CompressionSettings(
+            cfg.comm.compression, cfg.comm.topk_ratio, cfg.comm.powersgd_rank, cfg.comm.warmup_steps
+        ),
+    )
+    if cfg.train.precision == "bf16" and layout.role != "server":
+        autocast_forward(layout.local_model, device.type)
+    return layout
 
 
 def set_up(cfg: Config, mesh: RankMesh, *, device: torch.device) -> SetUp:

@@ -10,7 +10,6 @@ one line. Nothing here imports torch: a bad config fails in a blink.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import os
 import shutil
@@ -33,9 +32,11 @@ from shardwise.data.sources import check_source
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 from shardwise.files import write_atomic
 from shardwise.forked import ForkedRank, can_fork
+from shardwise.own_code import check_import_path
 from shardwise.topology import ParallelDims
 
 STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this long
+SERVE_GRACE_S = 35.0  # a serving rank 0 answers the requests in flight first (serve/front.py DRAIN_S)
 POLL_S = 0.05
 SETTLE_S = 0.25
 
@@ -95,25 +96,6 @@ def _warn_oversubscribed(nproc: int) -> None:
         print(f"note: {nproc} ranks on {cores} CPU core(s) here: the ranks share cores, so steps run slower")
 
 
-def check_import_path(path: str, key: str) -> None:
-    """Refuse, before any rank starts, an import path whose module cannot be found (found,
-    it is imported by the ranks themselves: it may need torch)."""
-    if ":" not in path:
-        return
-    module = path.partition(":")[0]
-    contract.with_working_folder()
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError) as e:
-        found, why = False, f" ({e})"
-    else:
-        why = ""
-    if not found:
-        raise ShardwiseError(
-            key, f"{path}: no module {module!r}{why}; run from the folder that holds it, or install it"
-        )
-
-
 def expendable_ranks(cfg: Config, dims: ParallelDims) -> set[int]:
     """Ranks whose loss the job survives: the workers of an asynchronous parameter server."""
     if dims.servers and cfg.ps.asynchronous:
@@ -146,11 +128,11 @@ def _failure(rank: int, exit_code: int, path: Path) -> RankFailure:
     )
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
+def _stop(procs: list[subprocess.Popen], grace: float = STOP_GRACE_S) -> None:
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
+    deadline = time.monotonic() + grace
     for p in procs:
         try:
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -254,6 +236,15 @@ def supervise(
         time.sleep(POLL_S)
 
 
+def _interrupted(env: dict[str, str] | None, nproc: int) -> int:
+    """Ctrl-C or SIGTERM: how a server is meant to stop (0), a training job's interruption (130)."""
+    if contract.job_kind(env) == "serve":
+        print("shardwise serve: stopped", file=sys.stderr)
+        return 0
+    print(f"shardwise: interrupted; all {nproc} ranks stopped", file=sys.stderr)
+    return 130
+
+
 def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt  # a SIGTERM to the launcher stops the workers as Ctrl-C does
 
@@ -278,7 +269,7 @@ def launch(
     placement = placement or Placement()
     launch_time = time.time()
     signal.signal(signal.SIGTERM, _terminate)
-    dims = words_preflight(cfg, nproc) if contract.JOB_ENV in (env or {}) else preflight(cfg, nproc)
+    dims = (words_preflight if contract.job_kind(env) == "words" else preflight)(cfg, nproc)
     if not quiet:
         _warn_oversubscribed(nproc)
     if max_restarts < 0:
@@ -313,8 +304,7 @@ def launch(
                 file=sys.stderr,
             )
     except KeyboardInterrupt:
-        print(f"shardwise: interrupted; all {nproc} ranks stopped", file=sys.stderr)
-        return 130
+        return _interrupted(env, nproc)
     finally:
         shutil.rmtree(err_dir, ignore_errors=True)
 
@@ -382,7 +372,7 @@ def _run_once(
         return supervise(procs, error_files, expendable_ranks(cfg, dims))
     finally:
         gc.unfreeze()  # the ranks keep their copy frozen; this process collects its own again
-        _stop(procs)
+        _stop(procs, SERVE_GRACE_S if contract.job_kind(extra_env) == "serve" else STOP_GRACE_S)
 
 
 def _before_forking(dims: ParallelDims) -> None:

@@ -4,6 +4,7 @@ data.name): imported by every rank, its failures said in one line naming the key
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -38,3 +39,22 @@ def call_own(path: str, key: str, shown: str, *args: Any, **kwargs: Any) -> Any:
         return function(*args, **kwargs)
     except Exception as e:  # the user's function: its error in one line, with where it came from
         raise ShardwiseError(key, f"{path}({shown}) raised {type(e).__name__}: {e}") from None
+
+
+def check_import_path(path: str, key: str) -> None:
+    """Refuse, before any rank starts, an import path whose module cannot be found (found,
+    it is imported by the ranks themselves: it may need torch)."""
+    if ":" not in path:
+        return
+    module = path.partition(":")[0]
+    with_working_folder()
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError) as e:
+        found, why = False, f" ({e})"
+    else:
+        why = ""
+    if not found:
+        raise ShardwiseError(
+            key, f"{path}: no module {module!r}{why}; run from the folder that holds it, or install it"
+        )

@@ -43,7 +43,13 @@ LAUNCH_TIME_ENV = "SHARDWISE_LAUNCH_TIME"  # when the job's first attempt starte
 PLACEMENT_ENV = "SHARDWISE_PLACEMENT"  # the launcher's words for where the ranks run
 FAULT_ENV = "SHARDWISE_FAULT"  # faults to inject (train/faults.py)
 ATTEMPT_ENV = "SHARDWISE_ATTEMPT"  # 0, then one more on each restart
-JOB_ENV = "SHARDWISE_JOB"  # words:TOP runs `shardwise words`; unset, the ranks train
+JOB_ENV = "SHARDWISE_JOB"  # words:TOP runs `shardwise words`, serve:RUN `serve --nproc`; unset, the ranks train
+
+
+def job_kind(env: dict[str, str] | None) -> str:
+    """What the ranks of a launch with this environment run: train, words or serve."""
+    return ((env or {}).get(JOB_ENV) or "train").split(":")[0]
+
 
 # what a rank's error record says of its error (worker.py writes it, launch.py reads it)
 USAGE, OWN, PEER_LOST, TIMED_OUT = "usage", "error", "peer-lost", "timed-out"

@@ -161,6 +161,11 @@ def run_rank(cfg: Config) -> tuple[Path, RunResult]:
         from shardwise.words import run_words
 
         result = RunResult({}, run_words(cfg, out_dir=out_dir, top=int(job.removeprefix("words:"))))
+    elif job.startswith("serve:"):
+        from shardwise.serve.ranks import serve_rank
+
+        serve_rank(cfg, run_folder=Path(job.removeprefix("serve:")), device=device)
+        result = RunResult({}, {})
     else:
         result = run(cfg, out_dir=out_dir, device=device, context=context_from_environ())
     # leave together: ranks wait while rank 0 writes the outputs, so no rank

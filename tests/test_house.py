@@ -18,9 +18,10 @@ STRATEGIES |= {"shardwise.parallel.param_server"}
 LAYERS = [
     ("shardwise", "shardwise.__main__"),
     ("shardwise.cli",),
-    ("shardwise.words_cli",),  # `shardwise words`' command line, over the API as cli.py is
+    ("shardwise.words_cli", "shardwise.serve.command"),  # `words`' and `serve`'s command lines, over the API
     ("shardwise.api",),
     ("shardwise.launch", "shardwise.worker"),
+    ("shardwise.serve.ranks",),  # a serving rank: the layout a job builds, behind the front
 ]
 LAYERS += [("shardwise.job",), ("shardwise.roles",), ("shardwise.layout",)]
 

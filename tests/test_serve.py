@@ -268,7 +268,7 @@ def test_the_servers_connections_send_without_delay():
     import asyncio
     import socket
 
-    from shardwise.serve.command import _listen
+    from shardwise.serve.front import _listen
 
     async def check() -> int:
         sock = _listen("127.0.0.1", 0)

@@ -15,6 +15,7 @@ import binascii
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +35,8 @@ class RequestError(Exception):
 @dataclass
 class ServedModel:
     name: str
-    model: torch.nn.Module
+    forward: Callable[[np.ndarray], np.ndarray]  # prepared inputs -> class probabilities (float64)
     record: dict  # the preprocessing record saved with the weights
-    dtype: torch.dtype
     about: dict  # what GET /v1/model says
 
     @property
@@ -49,8 +49,7 @@ class ServedModel:
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities (float64) of prepared inputs, in one forward pass."""
-        with torch.no_grad():
-            return torch.softmax(self.model(torch.from_numpy(x).to(self.dtype)).double(), dim=1).numpy()
+        return self.forward(x)
 
 
 def load_served(run: str | Path, texts: dict[str, str]) -> ServedModel:
@@ -61,18 +60,29 @@ def load_served(run: str | Path, texts: dict[str, str]) -> ServedModel:
     if not record:
         raise ShardwiseError("run", f"{folder}/model.safetensors holds no preprocessing record: train it again")
     model = run_model(folder, cfg, tuple(record["in_shape"]), len(record["classes"]))
+    dtype = getattr(torch, cfg.train.dtype)
+
+    @torch.no_grad()
+    def forward(x: np.ndarray) -> np.ndarray:
+        return torch.softmax(model(torch.from_numpy(x).to(dtype)).double(), dim=1).numpy()
+
+    about = describe(folder, cfg, record, parameters=sum(p.numel() for p in model.parameters()))
+    return ServedModel(cfg.model.name, forward, record, about)
+
+
+def describe(folder: Path, cfg, record: dict, *, parameters: int, layout: str = "one process") -> dict:
+    """What GET /v1/model says of a run's model."""
     summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
-    about = {
+    return {
         "name": cfg.model.name,
         "run": str(folder.resolve()),
         "input_shape": list(record["in_shape"]),
         "classes": list(record["classes"]),
-        "layout": "one process",
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "layout": layout,
+        "parameters": parameters,
         "val_accuracy": summary.get("val_accuracy"),
         "data": cfg.data.name,
     }
-    return ServedModel(cfg.model.name, model, record, getattr(torch, cfg.train.dtype), about)
 
 
 def request_inputs(served: ServedModel, payload) -> np.ndarray:
