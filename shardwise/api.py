@@ -169,6 +169,9 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int) -> int
     from shardwise.serve.ranks import serving_config
 
     folder, cfg = open_run(run, texts)
+    if cfg.parallel.mode == "ps":
+        raise ShardwiseError("parallel.mode", "=ps trains through parameter servers: serve under an all-reduce "
+                             "layout (dp, tp, pp, spatial, vertical)")  # fmt: skip
     cfg = serving_config(cfg, folder)
     check_door(cfg.serve)
     work = Path(tempfile.mkdtemp(prefix="shardwise-serve-"))

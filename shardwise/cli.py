@@ -256,6 +256,7 @@ def _resume_config(config: str | None, path: Path, overrides: dict[str, str]):
     is the config saved inside it (which the manifest covers) read, without its
     [checkpoint] and [run] sections. Nothing is ever written into a checkpoint."""
     from shardwise.checkpoint.manifest import find_checkpoint, is_signed, read_verified, verify
+    from shardwise.checkpoint.seal import opened
 
     own = {k: v for k, v in overrides.items() if k != "run.resume"}
     trusted = trust_settings(config, own)
@@ -265,10 +266,11 @@ def _resume_config(config: str | None, path: Path, overrides: dict[str, str]):
         print(f"note: {checkpoint} is signed, but its signature is not checked: no checkpoint.verify_key given")
     if is_signed(checkpoint) and not trusted.sign_key:
         print("note: the resumed run writes unsigned checkpoints: no checkpoint.sign_key given")
-    _, files = read_verified(checkpoint, verify_key=trusted.verify_key, only={"config.toml"})
+    manifest, files = read_verified(checkpoint, verify_key=trusted.verify_key, only={"config.toml"})
     if "config.toml" not in files:
         raise ShardwiseError("resume", f"{checkpoint} holds no config.toml")
-    stored = files["config.toml"].decode("utf-8", errors="replace")
+    stored = opened(manifest, "config.toml", files["config.toml"], trusted.encrypt_key, checkpoint)
+    stored = stored.decode("utf-8", errors="replace")
     cfg = load_config(config, own, resumed=stored)
     check_code_trust(cfg, checkpoint, path=config, overrides=own, verified=bool(trusted.verify_key))
     cfg.run.resume = str(checkpoint)

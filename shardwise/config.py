@@ -178,6 +178,9 @@ class CheckpointConfig:
     """Ed25519 private key (PEM, from `shardwise keygen`): sign every checkpoint's manifest."""
     verify_key: str = ""
     """Ed25519 public key (PEM): load only checkpoints whose manifest it verifies."""
+    encrypt_key: str = ""
+    """AES-256 key file (from `shardwise keygen --encryption`): write every checkpoint file
+    encrypted (AES-256-GCM), and read encrypted checkpoints with it."""
 
 
 @dataclass

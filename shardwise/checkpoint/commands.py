@@ -9,8 +9,11 @@ from shardwise.errors import ShardwiseError
 
 
 def add_parsers(sub) -> None:
-    keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing checkpoints")
+    keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing checkpoints (or, with "
+                            "--encryption, an AES-256 key for encrypting them)")  # fmt: skip
     keygen.add_argument("--out", type=Path, default=Path("."), help="folder for shardwise.key and shardwise.pub")
+    keygen.add_argument("--encryption", action="store_true",
+                        help="write shardwise.aes instead: a 256-bit key for checkpoint.encrypt_key")  # fmt: skip
     verify = sub.add_parser("verify", help="check a checkpoint's files against its manifest and signature")
     verify.add_argument("path", type=Path, help="a checkpoint folder, or a run folder (its newest checkpoint)")
     verify.add_argument("--key", default="", help="the public key that must have signed the manifest")
@@ -28,6 +31,12 @@ def run(args: argparse.Namespace) -> int:
 def _keygen(args: argparse.Namespace) -> int:
     from shardwise.checkpoint.manifest import keygen
 
+    if args.encryption:
+        from shardwise.checkpoint.seal import keygen as aes_keygen
+
+        print(f"encryption key {aes_keygen(args.out)} (keep it secret, and safe: checkpoint.encrypt_key; a "
+              "checkpoint sealed with it cannot be read without it)")  # fmt: skip
+        return 0
     private, public = keygen(args.out)
     print(f"private key {private} (keep it secret; checkpoint.sign_key), public key {public} (checkpoint.verify_key)")
     return 0

@@ -40,14 +40,15 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, *, step: int, sign_key: str = "") -> None:
-    """List every file of `folder` (already fsynced) in manifest.json; sign it if a key is given."""
+def write_manifest(folder: Path, *, step: int, sign_key: str = "", sealed: str = "") -> None:
+    """List every file of `folder` (already fsynced) in manifest.json; sign it if a key is
+    given. `sealed`: the cipher every file is encrypted with (checkpoint/seal.py)."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in (MANIFEST, SIGNATURE))
     manifest = {
         "format": FORMAT,
         "step": step,
         "files": [{"name": p.name, "size": p.stat().st_size, "sha256": sha256(p)} for p in files],
-    }
+    } | ({"sealed": sealed} if sealed else {})
     data = (json.dumps(manifest, indent=2) + "\n").encode()
     write_atomic(folder / MANIFEST, data)
     if sign_key:

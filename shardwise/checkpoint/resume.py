@@ -18,7 +18,8 @@ from shardwise.errors import ShardwiseError
 def read_resume(cfg: Config) -> Checkpoint | None:
     if not cfg.run.resume:
         return None
-    return read_checkpoint(find_checkpoint(Path(cfg.run.resume)), verify_key=cfg.checkpoint.verify_key)
+    c = cfg.checkpoint
+    return read_checkpoint(find_checkpoint(Path(cfg.run.resume)), verify_key=c.verify_key, encrypt_key=c.encrypt_key)
 
 
 def build_checkpointer(cfg: Config, out_dir: Path | None, group, collect, faults=None) -> Checkpointer | None:
@@ -39,6 +40,7 @@ def build_checkpointer(cfg: Config, out_dir: Path | None, group, collect, faults
         faults,
         config_text=to_toml(cfg, saved=True),
         keep=t.keep_checkpoints,
+        encrypt_key=cfg.checkpoint.encrypt_key,
     )
 
 

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from shardwise.checkpoint.manifest import MANIFEST, STEP_DIR, step_dir, verified_files, write_manifest
+from shardwise.checkpoint.seal import CIPHER, load_key, opened, seal
 from shardwise.comm.collectives import all_gather_json
 from shardwise.errors import ShardwiseError
 from shardwise.files import fsync_path
@@ -56,6 +57,7 @@ def save_checkpoint(
     sign_key: str = "",
     config_text: str = "",
     faults=None,
+    encrypt_key: str = "",
 ) -> Path:
     """Write this rank's share of `tensors` (the logical tensors it holds) as one checkpoint
     of every member of `group`; rank 0 of the group finishes it. Returns its folder."""
@@ -78,28 +80,31 @@ def save_checkpoint(
     _barrier(group)
     mine = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items() if owner.get(k) == rank}
     mine |= {k: v for k, v in tensors.items() if k.startswith("rng/")}
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = tmp / f"shard-{rank:05d}.safetensors"
-    save_file(mine, str(path))
-    fsync_path(path)
+    key = load_key(encrypt_key) if encrypt_key else None
+    _write(tmp / f"shard-{rank:05d}.safetensors", save(mine), key)
     _fault(faults, "checkpoint-shards")
     _barrier(group)
     if rank == 0:
         index = {name: f"shard-{r:05d}.safetensors" for name, r in owner.items()}
         state = {"step": step, **meta, "index": index}
-        (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
-        fsync_path(tmp / STATE)
-        (tmp / CONFIG).write_text(config_text)
-        fsync_path(tmp / CONFIG)
+        _write(tmp / STATE, (json.dumps(state, indent=2) + "\n").encode(), key)
+        _write(tmp / CONFIG, config_text.encode(), key)
         _fault(faults, "checkpoint-manifest")
-        write_manifest(tmp, step=step, sign_key=sign_key)
+        write_manifest(tmp, step=step, sign_key=sign_key, sealed=CIPHER if key else "")
         _fault(faults, "checkpoint-rename")
         fsync_path(tmp)
         _publish(tmp, final, faults)
         fsync_path(root)
     _barrier(group)
     return final
+
+
+def _write(path: Path, data: bytes, key: bytes | None) -> None:
+    """A checkpoint file, sealed with `key` where one is given (its name bound in), fsynced."""
+    path.write_bytes(seal(data, key, path.name) if key is not None else data)
+    fsync_path(path)
 
 
 RENAME_EXCHANGE = 2
@@ -158,9 +163,10 @@ class Checkpoint:
         return int(self.state.get("schedule_step", self.step))
 
 
-def read_checkpoint(folder: Path, *, verify_key: str = "") -> Checkpoint:
+def read_checkpoint(folder: Path, *, verify_key: str = "", encrypt_key: str = "") -> Checkpoint:
     """Read the folder's files once, check them against the manifest (and signature),
-    and load those same bytes: safetensors shards, state.json, config.toml."""
+    decrypt them where it is sealed (with `encrypt_key`), and load those same bytes:
+    safetensors shards, state.json, config.toml."""
     from safetensors.torch import load
 
     files = verified_files(folder, verify_key=verify_key)
@@ -168,6 +174,7 @@ def read_checkpoint(folder: Path, *, verify_key: str = "") -> Checkpoint:
     shards: dict[str, dict[str, Tensor]] = {}
     state, config_text = None, ""
     for name, data in files:  # each file loaded as it is checked: one file's bytes at a time
+        data = opened(manifest, name, data, encrypt_key, folder)
         if name == STATE:
             state = _state(folder, data, manifest)
         elif name == CONFIG:
@@ -222,6 +229,7 @@ class Checkpointer:
     faults: object = None
     config_text: str = ""  # the run's config, kept inside every checkpoint
     keep: int = 0  # the newest this many complete checkpoints stay (0: all)
+    encrypt_key: str = ""  # the AES-256 key file every file is sealed with (none: plain)
 
     def maybe_save(self, done_steps: int) -> Path | None:
         if self.every <= 0 or not (done_steps % self.every == 0 or done_steps == self.total_steps):
@@ -236,6 +244,7 @@ class Checkpointer:
             sign_key=self.sign_key,
             config_text=self.config_text,
             faults=self.faults,
+            encrypt_key=self.encrypt_key,
         )
         if self.keep and (self.group is None or dist.get_rank(self.group) == 0):
             prune(self.root, self.keep)
