@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             return _predict(args)
         if args.command == "plan":
             return _plan(args)
-        if args.command in ("keygen", "verify"):
+        if args.command in ("keygen", "verify", "seal"):
             return run_checkpoint_command(args)
         return _train(args)
     except ShardwiseError as e:

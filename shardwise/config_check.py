@@ -164,6 +164,8 @@ def validate(cfg: Config) -> None:
         positive("data.shards", d.shards)
         if d.partition == "shuffle" and d.name != "sql":
             raise ShardwiseError("data.shards", f"={d.shards} needs a fixed data.partition, not shuffle")
+    if d.encrypt_key and d.name != "npz":
+        raise ShardwiseError("data.encrypt_key", f"is for data.name=npz (a file shardwise seal made), not {d.name}")
     if d.name in ("cifar10", "npz", "text_folder") and not d.path:
         raise ShardwiseError("data.path", f"is required for data.name={d.name}")
     positive("data.samples", d.samples)

@@ -47,6 +47,8 @@ class DataConfig:
     path: str = ""
     """Directory of CIFAR-10 binary batches (cifar10), the .npz file (npz) or the folder of
     text files (text_folder)."""
+    encrypt_key: str = ""
+    """npz: the AES-256 key file (`shardwise keygen --encryption`) data.path was sealed with (`shardwise seal`)."""
     partition: Literal["shuffle", "contiguous", "random", "stratified", "kmeans"] = "shuffle"
     """How samples are split across data-parallel ranks: shuffle (a new global permutation
     each epoch, sliced per rank) or a fixed split: contiguous, random, stratified (by label),

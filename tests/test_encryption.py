@@ -119,3 +119,37 @@ def test_a_key_is_never_overwritten(sealed):
     done = cli_fork.run(["keygen", "--encryption", "--out", str(folder)])
     assert done.returncode == 2 and "exists: a key is never overwritten" in done.stderr
     assert key.read_text() == before
+
+
+def test_a_sealed_npz_trains_as_the_plain_one_and_needs_its_key(sealed, tmp_path):
+    """`shardwise seal` a data file; data.encrypt_key reads it; the weights are the plain
+    file's; the sealed file holds none of the plain bytes; no key or a wrong one is one line."""
+    import numpy as np
+    from safetensors.torch import load_file
+    from sklearn.datasets import load_digits
+
+    folder, key, _ = sealed
+    bunch = load_digits()
+    np.savez(tmp_path / "d.npz", x=bunch.data.reshape(-1, 1, 8, 8)[:400], y=bunch.target[:400])
+    done = cli_fork.run(["seal", str(tmp_path / "d.npz"), "--key", str(key)])
+    assert done.returncode == 0, done.stderr
+    sealed_file = tmp_path / "d.npz.sealed"
+    plain = (tmp_path / "d.npz").read_bytes()
+    assert plain[40:400] not in sealed_file.read_bytes()
+    assert _decrypt(key, "shardwise-data", sealed_file.read_bytes()) == plain  # the cryptography package's own
+    runs = {}
+    for name, extra in (("plain", ["--data.path", str(tmp_path / "d.npz")]),
+                        ("sealed", ["--data.path", str(sealed_file), "--data.encrypt_key", str(key)])):  # fmt: skip
+        done = cli_fork.run(["train", "--nproc", "1", *RUN, "--data.name", "npz", *extra, "--out",
+                             str(tmp_path / name)])  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        runs[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    for name in runs["plain"]:
+        torch.testing.assert_close(runs["sealed"][name], runs["plain"][name], rtol=0, atol=0)
+    args = ["train", *RUN, "--data.name", "npz", "--data.path", str(sealed_file), "--out", str(tmp_path / "x")]
+    done = cli_fork.run(args)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"shardwise: data.encrypt_key: {sealed_file} is encrypted (AES-256-GCM): name " \
+                                  "its key file"  # fmt: skip
+    done = cli_fork.run([*args, "--data.encrypt_key", str(tmp_path / "other.aes")])
+    assert done.returncode == 2 and "data.encrypt_key: cannot read the key file" in done.stderr

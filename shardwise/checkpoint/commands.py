@@ -14,6 +14,10 @@ def add_parsers(sub) -> None:
     keygen.add_argument("--out", type=Path, default=Path("."), help="folder for shardwise.key and shardwise.pub")
     keygen.add_argument("--encryption", action="store_true",
                         help="write shardwise.aes instead: a 256-bit key for checkpoint.encrypt_key")  # fmt: skip
+    sealer = sub.add_parser("seal", help="encrypt a data file (an .npz) with an AES-256 key, for data.encrypt_key")
+    sealer.add_argument("file", type=Path, help="the file to encrypt (it is left as it is)")
+    sealer.add_argument("--key", required=True, help="the key file (shardwise keygen --encryption)")
+    sealer.add_argument("--out", type=Path, default=None, help="where the sealed copy goes (default: FILE.sealed)")
     verify = sub.add_parser("verify", help="check a checkpoint's files against its manifest and signature")
     verify.add_argument("path", type=Path, help="a checkpoint folder, or a run folder (its newest checkpoint)")
     verify.add_argument("--key", default="", help="the public key that must have signed the manifest")
@@ -25,6 +29,12 @@ def add_parsers(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command == "seal":
+        from shardwise.checkpoint.seal import seal_file
+
+        out = seal_file(args.file, args.key, args.out or args.file.with_name(args.file.name + ".sealed"))
+        print(f"sealed {args.file} into {out} (AES-256-GCM): read it with data.path={out} data.encrypt_key={args.key}")
+        return 0
     return _keygen(args) if args.command == "keygen" else _verify(args)
 
 

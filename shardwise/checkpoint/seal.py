@@ -7,6 +7,9 @@ it) lists each file's size and the SHA-256 of its ciphertext, with `"sealed"` na
 cipher. Every file but the manifest and its signature is sealed: the shards, state.json
 (the index of tensor names) and config.toml.
 
+A data file (an .npz) is sealed the same way by `shardwise seal` (its associated data a fixed
+name, so the file may be renamed) and read with `data.encrypt_key`.
+
 The key is a file of 64 hexadecimal digits (`shardwise keygen --encryption`), named by
 `checkpoint.encrypt_key`; it is never saved in a checkpoint or a config (only its path).
 """
@@ -25,9 +28,8 @@ NONCE_BYTES = 12
 KEY_FILE = "shardwise.aes"
 
 
-def load_key(path: str) -> bytes:
-    """The 32-byte key in `path` (64 hex digits), or one line saying why not."""
-    field = "checkpoint.encrypt_key"
+def load_key(path: str, field: str = "checkpoint.encrypt_key") -> bytes:
+    """The 32-byte key in `path` (64 hex digits), or one line (naming `field`) saying why not."""
     try:
         text = Path(path).read_text().strip()
     except (OSError, UnicodeDecodeError) as e:
@@ -51,7 +53,7 @@ def seal(data: bytes, key: bytes, name: str) -> bytes:
     return SEALED + nonce + AESGCM(key).encrypt(nonce, data, name.encode())
 
 
-def unseal(data: bytes, key: bytes, name: str, where: Path) -> bytes:
+def unseal(data: bytes, key: bytes, name: str, where: Path, field: str = "checkpoint.encrypt_key") -> bytes:
     """The plain bytes of the sealed file `name` (at `where`), or one line: a wrong key or a
     changed or moved file (GCM's tag) cannot be told apart, and are not."""
     from cryptography.exceptions import InvalidTag
@@ -63,8 +65,8 @@ def unseal(data: bytes, key: bytes, name: str, where: Path) -> bytes:
     try:
         return AESGCM(key).decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], name.encode())
     except InvalidTag:
-        raise ShardwiseError("checkpoint.encrypt_key", f"{where} cannot be decrypted with this key (the wrong key, "
-                             "or a file changed or moved)") from None  # fmt: skip
+        raise ShardwiseError(field, f"{where} cannot be decrypted with this key (the wrong key, or a file changed "
+                             "or moved)") from None  # fmt: skip
 
 
 def opened(manifest: dict, name: str, data: bytes, key_path: str, folder: Path) -> bytes:
@@ -76,6 +78,26 @@ def opened(manifest: dict, name: str, data: bytes, key_path: str, folder: Path) 
         raise ShardwiseError("checkpoint.encrypt_key", f"{folder} is encrypted ({manifest['sealed']}): name its key "
                              "file")  # fmt: skip
     return unseal(data, load_key(key_path), name, folder / name)
+
+
+DATA_NAME = "shardwise-data"  # the associated data of a sealed data file (it may be renamed)
+
+
+def is_sealed(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(SEALED)) == SEALED
+
+
+def seal_file(source: Path, key_path: str, out: Path) -> Path:
+    """`shardwise seal`: a copy of the data file `source`, sealed with the key, at `out`."""
+    from shardwise.files import write_atomic
+
+    if not source.is_file():
+        raise ShardwiseError("file", f"no such file {str(source)!r}")
+    if out.exists():
+        raise ShardwiseError("out", f"{out} exists; not overwriting it")
+    write_atomic(out, seal(source.read_bytes(), load_key(key_path, "key"), DATA_NAME))
+    return out
 
 
 def keygen(folder: Path) -> Path:

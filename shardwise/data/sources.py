@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +121,12 @@ def check_source(cfg: DataConfig) -> None:
         path = Path(cfg.path)
         if not path.is_file():
             raise ShardwiseError("data.path", f"no such file {str(path)!r}")
+        from shardwise.checkpoint.seal import is_sealed, load_key
+
+        if cfg.encrypt_key:
+            load_key(cfg.encrypt_key, "data.encrypt_key")
+        elif is_sealed(path):
+            raise ShardwiseError("data.encrypt_key", f"{cfg.path} is encrypted (AES-256-GCM): name its key file")
 
 
 def _read_cifar(files: list[Path], features: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -280,50 +285,10 @@ def _cifar10(cfg: DataConfig, features: np.ndarray | None, reduce_stats: StatsRe
     return Dataset(x_tr, y_tr, x_va, y_va, 10, (3, 32, 32), features, record)
 
 
-def _npz_member(archive: zipfile.ZipFile, path: str, name: str) -> np.ndarray:
-    """Array `name` of the archive: memory-mapped where stored uncompressed (np.savez),
-    so only the columns asked for are copied; read whole where compressed."""
-    info = archive.getinfo(f"{name}.npy")
-    if info.compress_type == zipfile.ZIP_STORED:
-        with open(path, "rb") as f:
-            f.seek(info.header_offset)
-            local_header = f.read(30)
-            # zip local file header: 30 bytes, then the name and an extra field of these lengths
-            name_len = int.from_bytes(local_header[26:28], "little")
-            extra_len = int.from_bytes(local_header[28:30], "little")
-            f.seek(info.header_offset + 30 + name_len + extra_len)
-            version = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = read_header(f)
-            if not dtype.hasobject:
-                order = "F" if fortran else "C"
-                return np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order)
-    with archive.open(info) as f:
-        return np.lib.format.read_array(f, allow_pickle=False)
-
-
-def _npz(cfg: DataConfig, features: np.ndarray | None) -> Dataset:
-    try:
-        archive = zipfile.ZipFile(cfg.path)
-    except zipfile.BadZipFile:
-        raise ShardwiseError("data.path", f"{cfg.path} is not an .npz archive") from None
-    with archive:
-        names = sorted(n.removesuffix(".npy") for n in archive.namelist())
-        if "x" not in names or "y" not in names:
-            raise ShardwiseError("data.path", f"{cfg.path} must hold arrays 'x' and 'y', found {names}")
-        arrays = {k: _npz_member(archive, cfg.path, k) for k in ARRAY_KEYS if k in names}
-        classes = _npz_member(archive, cfg.path, "classes").tolist() if "classes" in names else None
-    if len(arrays["x"]) != len(arrays["y"]):
-        raise ShardwiseError("data.path", f"{cfg.path}: x has {len(arrays['x'])} samples but y has {len(arrays['y'])}")
-    return _from_arrays(cfg, arrays, classes, features)
-
-
 ARRAY_KEYS = ("x", "y", "x_val", "y_val")
 
 
-def _from_arrays(cfg: DataConfig, arrays: dict, classes: list | None, features: np.ndarray | None) -> Dataset:
+def from_arrays(cfg: DataConfig, arrays: dict, classes: list | None, features: np.ndarray | None) -> Dataset:
     """A data set from arrays x, y (and x_val, y_val) taken as they are (npz, your own data)."""
     x, y = arrays["x"], np.asarray(arrays["y"]).astype(np.int64)
     in_shape = tuple(x.shape[1:])
@@ -360,8 +325,11 @@ def source_shape(cfg: DataConfig) -> tuple[int, ...]:
         return (vocabulary_size(cfg),)
     if is_import_path(cfg.name):
         return tuple(load_own(cfg.name, cfg.options)[0]["x"].shape[1:])
-    with zipfile.ZipFile(cfg.path) as archive:
-        return tuple(_npz_member(archive, cfg.path, "x").shape[1:])
+    from shardwise.data.npz import npz_archive, npz_member
+
+    archive, path = npz_archive(cfg)
+    with archive:
+        return tuple(npz_member(archive, path, "x").shape[1:])
 
 
 def load_source(
@@ -386,5 +354,7 @@ def load_source(
         return text_dataset(cfg, features=features, reduce_stats=reduce_stats)
     if is_import_path(cfg.name):
         arrays, classes = load_own(cfg.name, cfg.options)
-        return _from_arrays(cfg, arrays, classes, features)
-    return _npz(cfg, features)
+        return from_arrays(cfg, arrays, classes, features)
+    from shardwise.data.npz import read_npz
+
+    return read_npz(cfg, features)
