@@ -334,8 +334,8 @@ def _check_text(cfg: Config) -> None:
 def _check_serve(s) -> None:
     if s.max_batch < 1:
         raise ShardwiseError("serve.max_batch", f"must be positive, got {s.max_batch}")
-    if s.max_wait_ms < 0:
-        raise ShardwiseError("serve.max_wait_ms", f"must be >= 0, got {s.max_wait_ms}")
+    if not 0 <= s.max_wait_ms <= 60_000:
+        raise ShardwiseError("serve.max_wait_ms", f"must be between 0 and 60000, got {s.max_wait_ms}")
     if s.max_body_bytes < 1:
         raise ShardwiseError("serve.max_body_bytes", f"must be positive, got {s.max_body_bytes}")
     if not 0 <= s.port <= 65535:

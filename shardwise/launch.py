@@ -23,6 +23,7 @@ from pathlib import Path
 
 from shardwise import procs as contract  # its name, since `procs` names the rank processes here
 from shardwise.checkpoint.manifest import latest_checkpoint
+from shardwise.checkpoint.seal import load_key
 from shardwise.cluster.placement import Placement
 from shardwise.config import Config, ParallelConfig
 from shardwise.config_toml import to_toml
@@ -68,6 +69,8 @@ def preflight(cfg: Config, nproc: int) -> ParallelDims:
         microbatches=dims.microbatches,
     )
     check_source(cfg.data)
+    if cfg.checkpoint.encrypt_key:  # before any step, not at the first checkpoint
+        load_key(cfg.checkpoint.encrypt_key)
     check_import_path(cfg.model.name, "model.name")
     check_import_path(cfg.data.name, "data.name")
     if cfg.model.weights and not Path(cfg.model.weights).is_file():

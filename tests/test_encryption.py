@@ -16,7 +16,7 @@ import torch
 
 RUN = ["--model.name", "mlp", "--model.hidden", "24", "--train.steps", "8", "--train.warmup_steps", "2",
        "--run.progress", "false", "--train.eval_every", "0"]  # fmt: skip
-SEALED = b"shardwise-sealed-1\n"
+SEALED = b"shardwise-sealed-2\n"
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +31,15 @@ def sealed(tmp_path_factory):
     return folder, key, folder / "run" / "checkpoints" / "step-00000004"
 
 
-def _decrypt(key_file, name: str, data: bytes) -> bytes:
-    """Opened by the cryptography package alone: marker, 12-byte nonce, ciphertext and tag."""
+def _decrypt(key_file, label: str, data: bytes) -> bytes:
+    """Opened by the cryptography package alone (a file of one chunk): the marker, a 12-byte
+    nonce, the ciphertext's length, the ciphertext and its tag; the associated data the
+    documented label, chunk 0, the last."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     body = data[len(SEALED) :]
-    return AESGCM(bytes.fromhex(key_file.read_text().strip())).decrypt(body[:12], body[12:], name.encode())
+    assert int.from_bytes(body[12:16], "big") == len(body) - 16
+    return AESGCM(bytes.fromhex(key_file.read_text().strip())).decrypt(body[:12], body[16:], f"{label}|0|1".encode())
 
 
 def test_every_file_is_sealed_and_opens_with_the_key_alone(sealed):
@@ -51,11 +54,11 @@ def test_every_file_is_sealed_and_opens_with_the_key_alone(sealed):
     for name in names:
         data = (step / name).read_bytes()
         assert data.startswith(SEALED) and b"[model]" not in data and b'"index"' not in data
-    state = json.loads(_decrypt(key, "state.json", (step / "state.json").read_bytes()))
+    state = json.loads(_decrypt(key, "state.json|step=4", (step / "state.json").read_bytes()))
     assert state["step"] == 4
-    shard = load(_decrypt(key, "shard-00000.safetensors", (step / "shard-00000.safetensors").read_bytes()))
+    shard = load(_decrypt(key, "shard-00000.safetensors|step=4", (step / "shard-00000.safetensors").read_bytes()))
     assert any(name.startswith("model/") for name in shard)
-    assert b'name = "mlp"' in _decrypt(key, "config.toml", (step / "config.toml").read_bytes())
+    assert b'name = "mlp"' in _decrypt(key, "config.toml|step=4", (step / "config.toml").read_bytes())
     done = cli_fork.run(["verify", str(step)])  # the manifest covers the ciphertext: no key needed
     assert done.returncode == 0 and "4 files match the manifest" in done.stdout, done.stderr
 
@@ -65,8 +68,12 @@ def test_a_resume_on_another_number_of_ranks_ends_with_the_uninterrupted_weights
 
     folder, key, step = sealed
     done = cli_fork.run(["train", "--resume", str(step), "--nproc", "1", "--checkpoint.encrypt_key", str(key),
-                         "--out", str(tmp_path / "resumed")])  # fmt: skip
+                         "--train.checkpoint_every", "2", "--out", str(tmp_path / "resumed")])  # fmt: skip
     assert done.returncode == 0, done.stderr
+    written_steps = sorted((tmp_path / "resumed" / "checkpoints").glob("step-*"))
+    assert [p.name for p in written_steps] == ["step-00000006", "step-00000008"]
+    for written in written_steps:  # the resumed run's own: sealed too
+        assert json.loads((written / "manifest.json").read_text())["sealed"] == "AES-256-GCM"
     whole = folder / "run" / "model.safetensors"  # the sealed run went on to step 8 itself
     got, want = load_file(str(tmp_path / "resumed" / "model.safetensors")), load_file(str(whole))
     for name in want:
@@ -84,7 +91,7 @@ def test_no_key_or_a_wrong_key_is_one_line(sealed, tmp_path):
                          str(tmp_path / "other" / "shardwise.aes"), "--out", str(tmp_path / "b")])  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.strip() == f"shardwise: checkpoint.encrypt_key: {step / 'config.toml'} cannot be decrypted " \
-                                  "with this key (the wrong key, or a file changed or moved)"  # fmt: skip
+                                  "with this key (the wrong key, or a file changed, cut or moved)"  # fmt: skip
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -111,6 +118,27 @@ def test_files_moved_between_names_are_refused_though_the_manifest_is_rewritten(
     read_checkpoint(step, encrypt_key=str(key))  # the original opens
     with pytest.raises(ShardwiseError, match="shard-00000.safetensors cannot be decrypted with this key"):
         read_checkpoint(moved, encrypt_key=str(key))
+    # step 8's files put in step 4's place, its manifest rewritten to say step 4
+    later = tmp_path / "later" / "step-00000004"
+    shutil.copytree(step.parent / "step-00000008", later)
+    manifest = json.loads((later / "manifest.json").read_text())
+    manifest["step"] = 4
+    (later / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardwiseError, match="cannot be decrypted with this key"):
+        read_checkpoint(later, encrypt_key=str(key))
+    # files in the clear where sealed ones were: with a key given, refused
+    plain = tmp_path / "plain" / "step-00000004"
+    shutil.copytree(step, plain)
+    manifest = json.loads((plain / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        data = _decrypt(key, f"{entry['name']}|step=4", (plain / entry["name"]).read_bytes())
+        (plain / entry["name"]).write_bytes(data)
+        entry["size"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    del manifest["sealed"]
+    (plain / "manifest.json").write_text(json.dumps(manifest))
+    read_checkpoint(plain)  # a plain checkpoint, read as one
+    with pytest.raises(ShardwiseError, match="is not encrypted, though a key is given"):
+        read_checkpoint(plain, encrypt_key=str(key))
 
 
 def test_a_key_is_never_overwritten(sealed):

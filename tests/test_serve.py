@@ -145,11 +145,12 @@ def test_plain_http_to_the_https_server_gets_no_answer(server):
     (b"{not json", 400, "the body is not JSON"),
     (json.dumps({"inputs": [[1, 2, 3]]}).encode(), 422, '"inputs" has shape [1, 3]; a sample of this model is'),
     (json.dumps({"inputs": [[["a"] * 8] * 8]}).encode(), 422, '"inputs" must be nested arrays of numbers'),
-    (b'{"inputs": [[[NaN, 1, 1, 1, 1, 1, 1, 1]]]}', 422, '"inputs" has shape'),
+    (json.dumps({"inputs": [[[float("nan")] * 8] * 8]}).encode(), 422, '"inputs" holds a value that is not a finite'),
+    (b'{"inputs": [[[1' + b"0" * 400 + b"]]]}", 422, '"inputs" must be nested arrays of numbers'),
     (json.dumps({"images": ["bm90IGFuIGltYWdl"]}).encode(), 422, "images[0] is not a base64-encoded image file"),
     (json.dumps({"what": 1}).encode(), 400, 'expected a JSON object with one of "inputs"'),
     (b"[" + b"0," * 200_000 + b"0]", 413, "the body has 400003 bytes, over the limit of 300000"),
-], ids=["malformed", "shape", "type", "nan", "image", "keys", "too-large"])  # fmt: skip
+], ids=["malformed", "shape", "type", "nan", "huge-number", "image", "keys", "too-large"])  # fmt: skip
 def test_bad_input_is_a_4xx_of_one_line_and_the_server_goes_on(server, digits, body, status, message):
     client, proc = server
     got = client.post("/v1/predict", content=body, headers={"Content-Type": "application/json"})
@@ -182,6 +183,13 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(server, dig
 def _forward_passes(client) -> int:
     text = client.get("/metrics").text
     return int(float(re.search(r"^shardwise_batch_samples_count (\S+)$", text, re.M).group(1)))
+
+
+def test_an_unknown_path_or_method_is_one_line_of_json_too(server):
+    client, _ = server
+    assert client.get("/v2/predict").json() == {"error": "GET /v2/predict: Not Found"}
+    got = client.get("/v1/predict")
+    assert got.status_code == 405 and got.json() == {"error": "GET /v1/predict: Method Not Allowed"}
 
 
 def test_the_model_and_the_page_are_described(server, run_folder):

@@ -1,11 +1,12 @@
 """Checkpoint files encrypted at rest: AES-256-GCM (library: cryptography), one key.
 
-A sealed file is `SEALED` (a marker), a fresh 96-bit random nonce, then the ciphertext with
-its 16-byte tag. The file's own name is the associated data: a file moved to another
-name in the folder fails its tag, and the manifest (plain text, signed where a key signs
-it) lists each file's size and the SHA-256 of its ciphertext, with `"sealed"` naming the
-cipher. Every file but the manifest and its signature is sealed: the shards, state.json
-(the index of tensor names) and config.toml.
+A sealed file is `SEALED` (a marker), then chunks of up to 64 MiB, each a fresh 96-bit
+random nonce, its length and its ciphertext with a 16-byte tag. A checkpoint file's name
+and step, the chunk's index and whether it is the last are the associated data: a file
+moved to another name or another checkpoint, or cut short, fails its tag; and the manifest
+(plain text, signed where a key signs it) lists each file's size and the SHA-256 of its
+ciphertext, with `"sealed"` naming the cipher. Every file but the manifest and its
+signature is sealed: the shards, state.json (the index of tensor names) and config.toml.
 
 A data file (an .npz) is sealed the same way by `shardwise seal` (its associated data a fixed
 name, so the file may be renamed) and read with `data.encrypt_key`.
@@ -23,7 +24,8 @@ from pathlib import Path
 from shardwise.errors import ShardwiseError
 
 CIPHER = "AES-256-GCM"
-SEALED = b"shardwise-sealed-1\n"
+SEALED = b"shardwise-sealed-2\n"
+CHUNK = 64 << 20  # bytes sealed under one nonce (AES-GCM in cryptography takes under 2 GiB at once)
 NONCE_BYTES = 12
 KEY_FILE = "shardwise.aes"
 
@@ -46,38 +48,70 @@ def load_key(path: str, field: str = "checkpoint.encrypt_key") -> bytes:
     return key
 
 
-def seal(data: bytes, key: bytes, name: str) -> bytes:
+def seal(data: bytes, key: bytes, label: str) -> bytes:
+    """`data` sealed: the marker, then each chunk of up to CHUNK bytes as its nonce, its
+    ciphertext's length and the ciphertext with its tag; a chunk's associated data is
+    `label`, its index and whether it is the last (so chunks cannot be dropped, reordered or
+    moved to another file)."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    nonce = os.urandom(NONCE_BYTES)
-    return SEALED + nonce + AESGCM(key).encrypt(nonce, data, name.encode())
+    aes, out = AESGCM(key), [SEALED]
+    starts = range(0, max(len(data), 1), CHUNK)
+    for i, start in enumerate(starts):
+        nonce = os.urandom(NONCE_BYTES)
+        sealed = aes.encrypt(nonce, data[start : start + CHUNK], _aad(label, i, i == len(starts) - 1))
+        out += [nonce, len(sealed).to_bytes(4, "big"), sealed]
+    return b"".join(out)
 
 
-def unseal(data: bytes, key: bytes, name: str, where: Path, field: str = "checkpoint.encrypt_key") -> bytes:
-    """The plain bytes of the sealed file `name` (at `where`), or one line: a wrong key or a
-    changed or moved file (GCM's tag) cannot be told apart, and are not."""
+def _aad(label: str, index: int, last: bool) -> bytes:
+    return f"{label}|{index}|{int(last)}".encode()
+
+
+def unseal(data: bytes, key: bytes, label: str, where: Path, field: str = "checkpoint.encrypt_key") -> bytes:
+    """The plain bytes of a file sealed under `label` (at `where`), or one line: a wrong key, a
+    changed, cut or moved file (GCM's tags) cannot be told apart, and are not."""
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     if not data.startswith(SEALED):
-        raise ShardwiseError("checkpoint", f"{where}: not a sealed file, though the manifest says {CIPHER}")
-    body = data[len(SEALED) :]
-    try:
-        return AESGCM(key).decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], name.encode())
-    except InvalidTag:
-        raise ShardwiseError(field, f"{where} cannot be decrypted with this key (the wrong key, or a file changed "
-                             "or moved)") from None  # fmt: skip
+        raise ShardwiseError(field, f"{where}: not a sealed file ({CIPHER})")
+    aes, at, i, out = AESGCM(key), len(SEALED), 0, []
+    wrong = ShardwiseError(field, f"{where} cannot be decrypted with this key (the wrong key, or a file changed, "
+                           "cut or moved)")  # fmt: skip
+    while True:
+        size = int.from_bytes(data[at + NONCE_BYTES : at + NONCE_BYTES + 4], "big")
+        nonce, body = data[at : at + NONCE_BYTES], data[at + NONCE_BYTES + 4 : at + NONCE_BYTES + 4 + size]
+        at += NONCE_BYTES + 4 + size
+        last = at >= len(data)
+        try:
+            out.append(aes.decrypt(nonce, body, _aad(label, i, last)))
+        except (InvalidTag, ValueError):  # (ValueError: a nonce or body cut short)
+            raise wrong from None
+        if last:
+            return b"".join(out)
+        i += 1
+
+
+def checkpoint_label(name: str, step: int) -> str:
+    """What a checkpoint file is sealed under: its name and its step (a file of another
+    checkpoint, moved in with a manifest rewritten to match, fails its tag)."""
+    return f"{name}|step={step}"
 
 
 def opened(manifest: dict, name: str, data: bytes, key_path: str, folder: Path) -> bytes:
     """A checked file's bytes as the reader needs them: decrypted where the manifest says the
-    checkpoint is sealed (which then needs the key)."""
+    checkpoint is sealed. With a key given, an unsealed checkpoint is refused: files in the
+    clear put where sealed ones were would otherwise be taken."""
     if not manifest.get("sealed"):
+        if key_path:
+            raise ShardwiseError("checkpoint.encrypt_key", f"{folder} is not encrypted, though a key is given: "
+                                 "resume it without checkpoint.encrypt_key if it was written so")  # fmt: skip
         return data
     if not key_path:
         raise ShardwiseError("checkpoint.encrypt_key", f"{folder} is encrypted ({manifest['sealed']}): name its key "
                              "file")  # fmt: skip
-    return unseal(data, load_key(key_path), name, folder / name)
+    return unseal(data, load_key(key_path), checkpoint_label(name, manifest["step"]), folder / name)
 
 
 DATA_NAME = "shardwise-data"  # the associated data of a sealed data file (it may be renamed)

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from shardwise.checkpoint.manifest import MANIFEST, STEP_DIR, step_dir, verified_files, write_manifest
-from shardwise.checkpoint.seal import CIPHER, load_key, opened, seal
+from shardwise.checkpoint.seal import CIPHER, checkpoint_label, load_key, opened, seal
 from shardwise.comm.collectives import all_gather_json
 from shardwise.errors import ShardwiseError
 from shardwise.files import fsync_path
@@ -83,14 +83,14 @@ def save_checkpoint(
     from safetensors.torch import save
 
     key = load_key(encrypt_key) if encrypt_key else None
-    _write(tmp / f"shard-{rank:05d}.safetensors", save(mine), key)
+    _write(tmp / f"shard-{rank:05d}.safetensors", save(mine), key, step)
     _fault(faults, "checkpoint-shards")
     _barrier(group)
     if rank == 0:
         index = {name: f"shard-{r:05d}.safetensors" for name, r in owner.items()}
         state = {"step": step, **meta, "index": index}
-        _write(tmp / STATE, (json.dumps(state, indent=2) + "\n").encode(), key)
-        _write(tmp / CONFIG, config_text.encode(), key)
+        _write(tmp / STATE, (json.dumps(state, indent=2) + "\n").encode(), key, step)
+        _write(tmp / CONFIG, config_text.encode(), key, step)
         _fault(faults, "checkpoint-manifest")
         write_manifest(tmp, step=step, sign_key=sign_key, sealed=CIPHER if key else "")
         _fault(faults, "checkpoint-rename")
@@ -101,9 +101,9 @@ def save_checkpoint(
     return final
 
 
-def _write(path: Path, data: bytes, key: bytes | None) -> None:
-    """A checkpoint file, sealed with `key` where one is given (its name bound in), fsynced."""
-    path.write_bytes(seal(data, key, path.name) if key is not None else data)
+def _write(path: Path, data: bytes, key: bytes | None, step: int) -> None:
+    """A checkpoint file, sealed with `key` where one is given (its name and step bound in), fsynced."""
+    path.write_bytes(seal(data, key, checkpoint_label(path.name, step)) if key is not None else data)
     fsync_path(path)
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -121,12 +122,10 @@ def build_app(served: ServedModel, settings: Settings) -> Starlette:
 
     async def predict(request: Request) -> Response:
         body = await _read_body(request, settings.max_body_bytes)
-        try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RequestError(400, f"the body is not JSON ({e})") from None
-        x = request_inputs(served, payload)
-        return JSONResponse(answer(served, await batcher.submit(x)))
+        x = await asyncio.to_thread(_parsed, served, body)  # off the event loop: images decode slowly
+        step = settings.max_batch  # a request over max_batch samples goes as several batches
+        parts = await asyncio.gather(*(batcher.submit(x[i : i + step]) for i in range(0, len(x), step)))
+        return JSONResponse(answer(served, np.concatenate(parts)))
 
     async def model(request: Request) -> Response:
         return JSONResponse(served.about | {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms})
@@ -154,9 +153,21 @@ def build_app(served: ServedModel, settings: Settings) -> Starlette:
         Route("/healthz", healthz),
         Route("/", page),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+
+    async def http_error(request: Request, e: HTTPException) -> Response:  # 404, 405: one line of JSON too
+        return _error(e.status_code, f"{request.method} {request.url.path}: {e.detail}")
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.add_middleware(_Door, settings=settings, metrics=metrics)
     return app
+
+
+def _parsed(served: ServedModel, body: bytes) -> np.ndarray:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise RequestError(400, f"the body is not JSON ({type(e).__name__})") from None
+    return request_inputs(served, payload)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

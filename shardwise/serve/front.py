@@ -93,11 +93,18 @@ def listen_and_serve(served, s) -> None:
         ssl_certfile=s.tls_cert or None,
         ssl_keyfile=s.tls_key or None,
     )
+    config.load()
+    if tls is not None:
+        config.ssl = tls  # this context (TLS 1.2 at least), not the one uvicorn makes of the same files
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # these handlers instead: drain, then return
+    seen: set[int] = set()
 
     def stop(signum, frame) -> None:
-        server.force_exit = server.should_exit  # a second signal: stop without waiting
+        # the same signal twice: stop without waiting (Ctrl-C's SIGINT, then the launcher's
+        # SIGTERM, is one request to stop, and drains)
+        server.force_exit = signum in seen
+        seen.add(signum)
         server.should_exit = True
 
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -25,6 +25,8 @@ import torch
 from shardwise.data.inputs import image_pixels, prepare
 from shardwise.errors import ShardwiseError
 
+MAX_IMAGE_PIXELS = 4096 * 4096  # an image file that says it is larger is refused (a decompression bomb)
+
 
 class RequestError(Exception):
     def __init__(self, status: int, message: str):
@@ -93,7 +95,7 @@ def request_inputs(served: ServedModel, payload) -> np.ndarray:
         return prepare(_images(served, payload["images"]), served.record, from_images=True)
     try:
         x = np.asarray(payload["inputs"], dtype=np.float64)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise RequestError(422, '"inputs" must be nested arrays of numbers, all rows the same shape') from None
     if x.ndim == len(served.in_shape):  # one sample
         x = x[None]
@@ -107,7 +109,9 @@ def request_inputs(served: ServedModel, payload) -> np.ndarray:
 
 
 def _images(served: ServedModel, images) -> np.ndarray:
-    from PIL import UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # a larger one is refused before it is decoded
 
     shape = served.in_shape
     if len(shape) != 3 or shape[0] not in (1, 3):
@@ -119,7 +123,7 @@ def _images(served: ServedModel, images) -> np.ndarray:
         try:
             data = base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text, validate=True)
             samples.append(image_pixels(io.BytesIO(data), shape))
-        except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as e:
+        except (binascii.Error, ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             raise RequestError(422, f"images[{k}] is not a base64-encoded image file ({type(e).__name__})") from None
     return np.stack(samples)
 

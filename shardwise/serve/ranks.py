@@ -16,9 +16,12 @@ server stops (SIGTERM), it broadcasts the stop, and every rank leaves together.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
+import sys
 import threading
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,8 +32,6 @@ import torch.distributed as dist
 from shardwise.config import Config
 from shardwise.data.loader import RankData
 from shardwise.data.sources import Dataset, take_features
-from shardwise.errors import ShardwiseError
-from shardwise.ranges import even_bounds
 
 RUN, STOP, IDLE = 1, 0, 2
 IDLE_S = 20.0  # rank 0 says it is still there this often: the others' broadcasts never time out
@@ -44,13 +45,12 @@ class RankServer:
         from shardwise.topology import ParallelDims, RankMesh
         from shardwise.train.faults import FaultPlan
 
-        self.dims = ParallelDims.resolve(cfg.parallel, dist.get_world_size())
-        if self.dims.servers:
-            raise ShardwiseError("parallel.mode", "=ps trains through parameter servers: serve under an all-reduce "
-                                 "layout (dp, tp, pp, spatial, vertical)")  # fmt: skip
+        self.dims = ParallelDims.resolve(cfg.parallel, dist.get_world_size())  # (not ps: api.serve_on_ranks)
         timeout = timedelta(seconds=cfg.train.collective_timeout_s)
         self.mesh = RankMesh.build(self.dims, dist.group.WORLD, timeout=timeout, device_type=device.type)
         self.setup = set_up(cfg, self.mesh, device=device)
+        self.parameters = sum(p.numel() for p in self.setup.model.parameters())  # whole, before any cut
+        self.idle_s = min(IDLE_S, cfg.train.collective_timeout_s / 3)
         self.layout = build_layout(cfg, self.mesh, self.setup, device=device, faults=FaultPlan(dist.get_rank(), ""))
         self.device, self.dtype = device, getattr(torch, cfg.train.dtype)
         self.in_shape = tuple(self.setup.data.dataset.in_shape)
@@ -61,15 +61,10 @@ class RankServer:
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The whole batch's class probabilities (on rank 0 at least), every rank taking part."""
-        whole = x.numpy()
         cut = self.setup.cut
-        mine = take_features(whole, cut.features, self.in_shape)
-        if cut.band is not None:
-            index, bands = cut.band
-            low, high = even_bounds(self.in_shape[1], bands)[index]
-            mine = np.ascontiguousarray(mine[:, :, low:high])
-        batch = Dataset(mine[:0], np.zeros(0, np.int64), mine, np.zeros(len(mine), np.int64), self.classes,
-                        self.in_shape, cut.features)  # fmt: skip
+        mine = take_features(x.numpy(), cut.features, self.in_shape)  # vertical: its columns
+        batch = cut.rows(Dataset(mine[:0], np.zeros(0, np.int64), mine, np.zeros(len(mine), np.int64), self.classes,
+                                 self.in_shape, cut.features))  # spatial: its band of rows  # fmt: skip
         rank_data = RankData(batch, None, self.mesh.coords.get("dp", 0), self.dims.dp, 1, self.device, {},
                              self.dtype)  # fmt: skip
         return self.layout.runner.predict(rank_data)
@@ -82,16 +77,21 @@ class RankServer:
             x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
         with self.lock:
             self.last = time.monotonic()
-            dist.broadcast(torch.tensor([RUN, len(x)], dtype=torch.int64), 0)
-            batch = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-            dist.broadcast(batch, 0)
-            return self.predict(batch)[:n].double().cpu().numpy()
+            try:
+                dist.broadcast(torch.tensor([RUN, len(x)], dtype=torch.int64), 0)
+                batch = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+                dist.broadcast(batch, 0)
+                return self.predict(batch)[:n].double().cpu().numpy()
+            except BaseException:  # the ranks' collectives no longer line up: the server cannot go on
+                traceback.print_exc()
+                print("shardwise serve: rank 0's forward pass failed; the server stops", file=sys.stderr, flush=True)
+                os._exit(1)
 
     def heartbeat(self) -> None:
         """Rank 0, a thread: an IDLE header whenever no batch went for IDLE_S."""
         while not self.stopped.wait(1.0):
             with self.lock:
-                if not self.stopped.is_set() and time.monotonic() - self.last >= IDLE_S:
+                if not self.stopped.is_set() and time.monotonic() - self.last >= self.idle_s:
                     dist.broadcast(torch.tensor([IDLE, 0], dtype=torch.int64), 0)
                     self.last = time.monotonic()
 
@@ -135,8 +135,7 @@ def serve_rank(cfg: Config, *, run_folder: Path, device: torch.device) -> None:
             server.follow()
             return
         record = preprocess_of(run_folder / "model.safetensors")
-        parameters = sum(v.numel() for v in server.setup.model.state_dict().values())
-        about = describe(run_folder, cfg, record, parameters=parameters,
+        about = describe(run_folder, cfg, record, parameters=server.parameters,
                          layout=f"{server.dims.layout} on {dist.get_world_size()} ranks")  # fmt: skip
         beating = threading.Thread(target=server.heartbeat, name="shardwise-serve-heartbeat", daemon=True)
         beating.start()
