@@ -97,7 +97,7 @@ def test_a_resumed_run_takes_nothing_from_the_run_folder(run_copy, signed_run):
     assert "resumed from" in done.stdout and "step 3" in done.stdout
     resolved = tomllib.loads((run_copy / "config.toml").read_text())
     assert resolved["train"]["lr"] == 0.05 and resolved["model"]["hidden"] == [32]
-    assert resolved["checkpoint"] == {"sign_key": "", "verify_key": str(keys / "shardwise.pub")}
+    assert resolved["checkpoint"] == {"sign_key": "", "verify_key": str(keys / "shardwise.pub"), "encrypt_key": ""}
     # deterministic: the same weights as the run that was never interrupted
     got, want = load_file(str(run_copy / "model.safetensors")), load_file(str(signed_run[0] / "model.safetensors"))
     assert all(torch.equal(got[k], want[k]) for k in want)
