@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardwise import hangs
 from shardwise import procs as contract  # its name, since `procs` names the rank processes here
 from shardwise.checkpoint.manifest import latest_checkpoint
 from shardwise.checkpoint.seal import load_key
@@ -365,6 +366,7 @@ def _run_once(
                 contract.LAUNCH_TIME_ENV: repr(launch_time),
                 contract.ATTEMPT_ENV: str(attempt),
                 contract.PLACEMENT_ENV: placement.describe(nproc),
+                "TORCH_FR_BUFFER_SIZE": os.environ.get("TORCH_FR_BUFFER_SIZE", hangs.RING_SIZE),  # hangs.py
             }
             fresh = [sys.executable, "-m", "shardwise.worker", str(config_path)]
             argv = placement.argv(rank, fresh)
@@ -372,7 +374,8 @@ def _run_once(
                 procs.append(ForkedRank(str(config_path), env, quiet=quiet))
             else:
                 procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL if quiet else None))
-        return supervise(procs, error_files, expendable_ranks(cfg, dims))
+        failure = supervise(procs, error_files, expendable_ranks(cfg, dims))
+        return hangs.explain(failure, err_dir, Path(cfg.run.out) if cfg.run.out else None, stalled=STALLED)
     finally:
         gc.unfreeze()  # the ranks keep their copy frozen; this process collects its own again
         _stop(procs, SERVE_GRACE_S if contract.job_kind(extra_env) == "serve" else STOP_GRACE_S)

@@ -227,7 +227,7 @@ class RankMesh:
                 assert len(ranks) == dist.get_world_size(), "a layout with several axes needs the whole world"
                 slices = sorted({tuple(dims.peers(i, axis)) for i in range(dims.world_size)})
                 for members in slices:
-                    pg = dist.new_group([ranks[i] for i in members], timeout=timeout)
+                    pg = dist.new_group([ranks[i] for i in members], timeout=timeout, group_desc=axis)
                     created.append(pg)
                     if me in members:
                         groups[axis] = pg
@@ -238,7 +238,7 @@ class RankMesh:
         replicated = dims.replicated_gradients
         groups["agree"] = None if replicated else parent
         if not replicated and len(ranks) == dist.get_world_size() and len(ranks) > 1:
-            groups["agree"] = dist.new_group(ranks, timeout=timeout)
+            groups["agree"] = dist.new_group(ranks, timeout=timeout, group_desc="agree")
             created.append(groups["agree"])
         out = cls(dims, groups, dims.coords(me), created, parent)
         out._make_mesh(ranks, device_type)
@@ -278,7 +278,7 @@ class RankMesh:
         created = []
         if dims.servers > 1:
             assert len(ranks) == dist.get_world_size(), "several servers need the whole world"
-            pg = dist.new_group(ranks[: dims.servers], timeout=timeout)
+            pg = dist.new_group(ranks[: dims.servers], timeout=timeout, group_desc="servers")
             created.append(pg)
             if me < dims.servers:
                 groups["servers"] = pg

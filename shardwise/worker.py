@@ -41,6 +41,7 @@ from shardwise.config import Config, load_config  # noqa: E402
 from shardwise.config_toml import to_toml  # noqa: E402
 from shardwise.errors import EXIT_USAGE, ShardwiseError  # noqa: E402
 from shardwise.files import write_atomic  # noqa: E402
+from shardwise.hangs import DUMP_SUFFIX  # noqa: E402
 from shardwise.job import JobContext, RunResult, run  # noqa: E402
 from shardwise.procs import exit_now  # noqa: E402
 from shardwise.train.outputs import new_run_dir  # noqa: E402
@@ -124,6 +125,14 @@ def error_kind(exc: BaseException) -> str:
 
 def _record_error(exc: BaseException, rank: int) -> None:
     record_error(exc, rank, error_kind(exc))
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path and os.environ.get("TORCH_FR_BUFFER_SIZE", "0") != "0":  # this rank's last collectives (hangs.py)
+        try:
+            from torch._C._distributed_c10d import _dump_fr_trace_json
+
+            write_atomic(Path(path + DUMP_SUFFIX), _dump_fr_trace_json())
+        except Exception:  # the record of the error matters more than the ring
+            pass
 
 
 def under_torchrun() -> bool:

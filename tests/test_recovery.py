@@ -131,18 +131,26 @@ def test_signed_checkpoints_and_tampering(tmp_path):
     verify(newest)  # unsigned is fine without a key
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("hang", "shardwise: rank 1 stopped answering (its process is stopped): ranks 0 and 2 timed out waiting for it"),
-    ("skip", "shardwise: rank 1 skipped a collective: it was at step 5"),
+@pytest.mark.parametrize("kind, message, disagreement", [
+    ("hang", "shardwise: rank 1 stopped answering (its process is stopped): ranks 0 and 2 timed out waiting for it",
+     ""),
+    ("skip", "shardwise: rank 1 skipped a collective: it was at step 5",
+     "the first disagreement: rank 1 never called #4 on the agree group (its last there: #3) while ranks 0 and 2 "
+     "called all_reduce #4 (scalar float32)"),
+    ("shape", "shardwise: rank 1 disagrees with the others' collectives: ",
+     "rank 1 called all_reduce #4 on the agree group (3 float32) while ranks 0 and 2 called all_reduce #4 (scalar"),
 ])  # fmt: skip
-def test_a_rank_that_stops_answering_ends_the_job(tmp_path, kind, message):
+def test_a_rank_that_stops_answering_ends_the_job(tmp_path, kind, message, disagreement):
     # fully sharded: its ranks hold different gradient shards, so they agree on finite steps
     # by a collective every step, which is the one `skip` leaves out
     args = ["train", "--nproc", "3", *JOB, "--train.batch_size", "48", "--train.collective_timeout_s", "3"]
     args += ["--parallel.shard", "full"]
     done = shardwise(*args, "--out", str(tmp_path / "run"), fault=f"1:3:{kind}", timeout=3 + 30 + 20)
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(message) and disagreement in last, done.stderr
+    if disagreement:  # torch's flight recorder rings of the ranks that failed, kept
+        assert sorted(p.name for p in (tmp_path / "run" / "logs").glob("rank*-collectives.json"))
 
 
 def _with_fault(spec: str, overrides: dict[str, str], *, group):

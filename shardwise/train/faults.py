@@ -9,6 +9,8 @@ step STEP (0-based, counted over the whole run). KIND is:
 - `hang`   the process stops itself (SIGSTOP) at the start of the step: it stops answering
 - `skip`   the rank skips the step's agreement on finite gradients, a collective of every
            layout but plain data parallelism and ZeRO-1 (which have none to skip)
+- `shape`  the rank's part of that agreement has another shape than the others' (three
+           elements where they send one)
 - `nan`    the rank's input batch becomes NaN in that step, as a corrupt sample would make
            it: its loss and every gradient it reaches turn NaN (on a pipeline, give it to
            a first-stage rank: the other stages read no input)
@@ -70,6 +72,10 @@ class FaultPlan:
     def skips(self, step: int) -> bool:
         """This rank skips the step's agreement on finite gradients."""
         return self.faults.get(step) == "skip"
+
+    def misshapes(self, step: int) -> bool:
+        """This rank's part of the step's agreement has another shape than the others'."""
+        return self.faults.get(step) == "shape"
 
     def maybe_fail_at(self, point: str) -> None:
         """Inside the checkpoint written after the current step."""

@@ -109,7 +109,7 @@ def located(position: Position, rank: int):
 FUSED_CHECK_DTYPES = (torch.float32, torch.float16, torch.float64)
 
 
-def all_finite(loss: torch.Tensor, model: nn.Module, group: dist.ProcessGroup | None) -> bool:
+def all_finite(loss: torch.Tensor, model: nn.Module, group: dist.ProcessGroup | None, *, misshape=False) -> bool:
     """Whether the loss and every gradient are finite. With `group`, on every rank of it
     (a collective), so all ranks skip a bad step together and their weights stay equal.
     Without, this rank's own answer: enough where the gradients were reduced whole and are
@@ -131,8 +131,10 @@ def all_finite(loss: torch.Tensor, model: nn.Module, group: dist.ProcessGroup | 
             found = torch.stack([torch.isfinite(g).all() for g in same]).all().logical_not().to(torch.float32)
         bad = torch.maximum(bad, found.to(bad.device))
     if group is not None and dist.get_world_size(group) > 1:
+        if misshape:  # an injected fault: this rank's part of the collective has another shape
+            bad = bad.reshape(1).repeat(3)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
-    return bad.item() == 0.0
+    return bad.max().item() == 0.0
 
 
 def poisoned(loss: torch.Tensor) -> torch.Tensor:
@@ -263,7 +265,8 @@ def _update(
         micro = [(torch.full_like(x, float("nan")), y) for x, y in micro]
     loss = ctx.runner.forward_backward(micro)
     where.phase = "agreeing on finite gradients"
-    if not all_finite(loss, model, None if ctx.faults.skips(step) else ctx.agree_group):
+    group = None if ctx.faults.skips(step) else ctx.agree_group
+    if not all_finite(loss, model, group, misshape=ctx.faults.misshapes(step)):
         optimizer.zero_grad(set_to_none=True)  # every rank skips it: the weights stay equal
         return loss, False, None
     norm = None
