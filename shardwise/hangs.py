@@ -96,8 +96,9 @@ def first_disagreement(dumps: dict[int, dict]) -> tuple[list[int], str] | None:
 def explain(failure, err_dir: Path, out: Path | None, *, stalled: int):
     """`failure` (launch.RankFailure) with the rings' first disagreement added to its message
     (or in its place, naming the rank the rings name, where that is another), and the rings
-    copied to OUT/logs; as it was where no rings were dumped. `stalled`: the exit code that
-    says the rank did not fail by itself."""
+    copied to OUT/logs; as it was where no rings were dumped, or where a rank failed by an
+    error of its own or died (its ring then only shows it left). `stalled`: the exit code
+    of a rank that did not fail by itself."""
     if failure is None:
         return None
     dumps: dict[int, dict] = {}
@@ -110,6 +111,8 @@ def explain(failure, err_dir: Path, out: Path | None, *, stalled: int):
         (out / "logs").mkdir(parents=True, exist_ok=True)
         for rank in dumps:
             shutil.copyfile(err_dir / f"rank{rank}.json{DUMP_SUFFIX}", out / "logs" / f"rank{rank}-collectives.json")
+    if failure.exit_code != stalled and not failure.fallout:  # a rank's own error, or a death: said already
+        return failure
     found = first_disagreement(dumps)
     if found is None:
         return failure
