@@ -98,7 +98,7 @@ class Batcher:
     async def _forward(self, loop, items, size: int) -> None:
         self.metrics.batch.observe(size)
         try:
-            probs = await loop.run_in_executor(self.executor, self.served.probabilities,
+            probs = await loop.run_in_executor(self.executor, self.served.forward,
                                                np.concatenate([x for x, _ in items]))  # fmt: skip
         except Exception as e:  # a forward that fails fails its requests, not the server
             for _, future in items:
@@ -158,7 +158,7 @@ def build_app(served: ServedModel, settings: Settings) -> Starlette:
         return _error(e.status_code, f"{request.method} {request.url.path}: {e.detail}")
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
-    app.add_middleware(_Door, settings=settings, metrics=metrics)
+    app.add_middleware(_Door, settings=settings, metrics=metrics, paths={r.path for r in routes})
     return app
 
 
@@ -186,8 +186,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
 class _Door:
     """Tokens, one-line errors and the request metrics, around every route (pure ASGI)."""
 
-    def __init__(self, app, *, settings: Settings, metrics: Metrics):
+    def __init__(self, app, *, settings: Settings, metrics: Metrics, paths: set[str]):
         self.app, self.settings, self.metrics = app, settings, metrics
+        self.paths = paths  # the routes' own: any other path is counted as "?"
         self.tokens = [t.encode() for t in settings.tokens]
 
     def _allowed(self, scope) -> bool:
@@ -221,6 +222,6 @@ class _Door:
         except Exception as e:  # noqa: BLE001 - a bug in one request must not end the server
             await _error(500, f"internal error: {type(e).__name__}: {e}")(scope, receive, sending)
         finally:
-            path = scope["path"] if scope["path"] in ("/v1/predict", "/v1/model", "/metrics", "/healthz", "/") else "?"
+            path = scope["path"] if scope["path"] in self.paths else "?"
             self.metrics.requests.labels(path, str(status[0])).inc()
             self.metrics.latency.labels(path).observe(time.perf_counter() - start)

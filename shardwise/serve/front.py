@@ -60,23 +60,23 @@ def serve_one(run_folder: Path, texts: dict[str, str]) -> int:
     from shardwise.serve.model import load_served
 
     s = settings_of(texts)
-    check_door(s)
+    door = check_door(s)  # before the model loads: a wrong file is said at once
     import torch
 
     torch.set_num_threads(1)  # one forward at a time, on one core; the event loop has the other
-    listen_and_serve(load_served(run_folder, texts), s)
+    listen_and_serve(load_served(run_folder, texts), s, door=door)
     print("shardwise serve: stopped", file=sys.stderr)
     return 0
 
 
-def listen_and_serve(served, s) -> None:
+def listen_and_serve(served, s, *, door: tuple | None = None) -> None:
     """Serve `served` (a ServedModel) as the [serve] settings `s` say, until SIGTERM or Ctrl-C
-    (then the requests in flight are answered first)."""
+    (then the requests in flight are answered first). `door`: `check_door(s)`, if already made."""
     import uvicorn
 
     from shardwise.serve.app import Settings, build_app
 
-    tokens, tls = check_door(s)
+    tokens, tls = door or check_door(s)
     sock = _listen(s.host, s.port)
     port = sock.getsockname()[1]
     scheme = "https" if tls else "http"

@@ -49,10 +49,6 @@ class ServedModel:
     def classes(self) -> list[str]:
         return list(self.record["classes"])
 
-    def probabilities(self, x: np.ndarray) -> np.ndarray:
-        """Class probabilities (float64) of prepared inputs, in one forward pass."""
-        return self.forward(x)
-
 
 def load_served(run: str | Path, texts: dict[str, str]) -> ServedModel:
     from shardwise.scoring import open_run, preprocess_of, run_model

@@ -134,7 +134,9 @@ def all_finite(loss: torch.Tensor, model: nn.Module, group: dist.ProcessGroup | 
         if misshape:  # an injected fault: this rank's part of the collective has another shape
             bad = bad.reshape(1).repeat(3)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
-    return bad.max().item() == 0.0
+        if misshape:
+            bad = bad[0]
+    return bad.item() == 0.0
 
 
 def poisoned(loss: torch.Tensor) -> torch.Tensor:
