@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,11 +162,17 @@ def count_words(cfg: Config, *, nproc: int, out: Path, top: int, overwrite: bool
 
 def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int) -> int:
     """`shardwise serve RUN --nproc N`: the run's model cut into the layout `texts` name across
-    `nproc` ranks on this machine, served by rank 0 (serve/ranks.py); the exit status."""
+    `nproc` ranks on this machine (serve/ranks.py), behind an HTTP front in this process that
+    outlives them: a failed rank's job is restarted (serve.max_restarts) while the front
+    answers 503 (serve/link.py); the exit status."""
+    import threading
+
     from shardwise.launch import launch
     from shardwise.procs import JOB_ENV
-    from shardwise.scoring import open_run
-    from shardwise.serve.front import check_door
+    from shardwise.scoring import open_run, preprocess_of
+    from shardwise.serve.front import check_door, listen, listen_and_serve
+    from shardwise.serve.link import RankLink
+    from shardwise.serve.model import ServedModel, describe
     from shardwise.serve.ranks import serving_config
 
     folder, cfg = open_run(run, texts)
@@ -173,12 +180,41 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int) -> int
         raise ShardwiseError("parallel.mode", "=ps trains through parameter servers: serve under an all-reduce "
                              "layout (dp, tp, pp, spatial, vertical)")  # fmt: skip
     cfg = serving_config(cfg, folder)
-    check_door(cfg.serve)
-    work = Path(tempfile.mkdtemp(prefix="shardwise-serve-"))
+    door = check_door(cfg.serve)
+    sock = listen(cfg.serve.host, cfg.serve.port)  # taken now: a port in use is one line before any rank starts
+    work, link, stop, server = Path(tempfile.mkdtemp(prefix="shardwise-serve-")), RankLink(), threading.Event(), []
+
+    def ranks() -> None:
+        status = 1
+        try:
+            status = launch(cfg, nproc=nproc, out=work / "serve", max_restarts=cfg.serve.max_restarts,
+                            env={JOB_ENV: f"serve:{folder.resolve()}", **link.env()}, stop=stop)  # fmt: skip
+        finally:
+            link.launcher_ended(status)
+            if server and not stop.is_set():  # the ranks failed more often than they may restart: stop
+                server[0].should_exit = True
+
+    supervising = threading.Thread(target=ranks, name="shardwise-serve-launcher")
     try:
-        return launch(cfg, nproc=nproc, out=work / "serve", env={JOB_ENV: f"serve:{folder.resolve()}"})
+        supervising.start()
+        hello = link.wait_ready()
+        if hello is None:
+            sock.close()
+            return link.ended
+        record = preprocess_of(folder / "model.safetensors")
+        about = describe(folder, cfg, record, parameters=hello["parameters"], layout=hello["layout"])
+        served = ServedModel(cfg.model.name, link.forward, record, about, ready=link.ready)
+        listen_and_serve(served, cfg.serve, door=door, sock=sock, started=server.append)
     finally:
+        link.close()  # rank 0 sees the link close, and stops the ranks
+        supervising.join(timeout=10)
+        stop.set()  # any left (rank 0 never connected, or would not stop)
+        supervising.join()
         shutil.rmtree(work, ignore_errors=True)
+    if link.ended:
+        return link.ended
+    print("shardwise serve: stopped", file=sys.stderr)
+    return 0
 
 
 def _prediction(cfg: Config, nproc: int, cluster: str, chosen: dict | None = None) -> str:

@@ -110,3 +110,6 @@ class ServeConfig:
     carry one (Authorization: Bearer TOKEN)."""
     max_body_bytes: int = 4_194_304
     """A request body over this many bytes is refused (413) unread."""
+    max_restarts: int = 3
+    """--nproc N: the times the ranks are started again after one fails (the front answers
+    503 meanwhile); once more, and the server stops, exit 1."""

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,6 @@ from shardwise.own_code import check_import_path
 from shardwise.topology import ParallelDims
 
 STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this long
-SERVE_GRACE_S = 35.0  # a serving rank 0 answers the requests in flight first (serve/front.py DRAIN_S)
 POLL_S = 0.05
 SETTLE_S = 0.25
 
@@ -207,13 +207,15 @@ def _stalled(procs: list[subprocess.Popen], failures: list[RankFailure]) -> Rank
     return None
 
 
-def supervise(
-    procs: list[subprocess.Popen], error_files: list[Path], expendable: set[int] | None = None
-) -> RankFailure | None:
+def supervise(procs: list, error_files: list[Path], expendable: set | None = None, stop=None) -> RankFailure | None:
     """Wait for all ranks; at the first failure stop the rest and return it. An
-    `expendable` rank that fails is reported in a line and the others go on."""
+    `expendable` rank that fails is reported in a line and the others go on. `stop`, once
+    set: the ranks are stopped, and that is no failure."""
     survived: set[int] = set()
     while True:
+        if stop is not None and stop.is_set():
+            _stop(procs)
+            return None
         codes = [p.poll() for p in procs]
         failed = [r for r, c in enumerate(codes) if c not in (None, 0) and r not in survived]
         if failed:
@@ -264,15 +266,17 @@ def launch(
     overwrite: bool = False,
     quiet: bool = False,
     env: dict[str, str] | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
-    """Run the job on `nproc` workers placed by `placement` (default: this machine),
-    restarting all of them from the newest complete checkpoint up to `max_restarts`
-    times; returns the exit status. `quiet`: the ranks' own output (tables, summary) is
-    dropped; a failure's one line still comes. `env`: more environment for every worker
-    (with procs.JOB_ENV, the ranks count words instead of training: `shardwise words`)."""
+    """Run the job on `nproc` workers placed by `placement` (default: this machine), restarting
+    all from the newest complete checkpoint up to `max_restarts` times; the exit status.
+    `quiet`: the ranks' output dropped, a failure's line kept. `env`: more environment for the
+    workers (procs.JOB_ENV: `words` or `serve` ranks). `stop`: an Event another thread sets to
+    stop the ranks (launch then runs in a thread, where SIGTERM is not its to handle)."""
     placement = placement or Placement()
     launch_time = time.time()
-    signal.signal(signal.SIGTERM, _terminate)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     dims = (words_preflight if contract.job_kind(env) == "words" else preflight)(cfg, nproc)
     if not quiet:
         _warn_oversubscribed(nproc)
@@ -284,7 +288,6 @@ def launch(
     out.mkdir(parents=True, exist_ok=True)
     cfg.run.out = str(out.resolve())
     write_atomic(out / "config.toml", to_toml(cfg, saved=True))
-
     err_dir = Path(tempfile.mkdtemp(prefix="shardwise-errors-"))
     try:
         for attempt in range(max_restarts + 1):
@@ -292,9 +295,10 @@ def launch(
             config_path.write_text(to_toml(cfg))
             failure = _run_once(
                 cfg, dims, nproc, config_path, err_dir / f"attempt-{attempt}", attempt, launch_time, placement, quiet,
-                env or {},
+                env or {}, stop,
             )  # fmt: skip
-            if failure is None or failure.exit_code == EXIT_USAGE or attempt == max_restarts:
+            stopping = stop is not None and stop.is_set()
+            if failure is None or failure.exit_code == EXIT_USAGE or attempt == max_restarts or stopping:
                 break
             # only a checkpoint this job wrote: a run resumed from an older step must not
             # restart from the newer checkpoints of the trajectory it left
@@ -302,11 +306,8 @@ def launch(
             cfg.run.resume = str(checkpoint) if checkpoint else cfg.run.resume
             origin = checkpoint.name if checkpoint else (cfg.run.resume or "the start")
             what = "" if failure.exit_code == STALLED else f"failed (exit {failure.exit_code}): "
-            print(
-                f"shardwise: rank {failure.rank} {what}{failure.message}; restart {attempt + 1} of {max_restarts} "
-                f"from {origin}",
-                file=sys.stderr,
-            )
+            again = f"restart {attempt + 1} of {max_restarts} from {origin}"
+            print(f"shardwise: rank {failure.rank} {what}{failure.message}; {again}", file=sys.stderr)
     except KeyboardInterrupt:
         return _interrupted(env, nproc)
     finally:
@@ -345,6 +346,7 @@ def _run_once(
     placement: Placement,
     quiet: bool = False,
     extra_env: dict[str, str] | None = None,
+    stop: threading.Event | None = None,
 ) -> RankFailure | None:
     """Start every rank, supervise them, stop them all; the failure that ended it, if any."""
     err_dir.mkdir()
@@ -374,11 +376,11 @@ def _run_once(
                 procs.append(ForkedRank(str(config_path), env, quiet=quiet))
             else:
                 procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL if quiet else None))
-        failure = supervise(procs, error_files, expendable_ranks(cfg, dims))
+        failure = supervise(procs, error_files, expendable_ranks(cfg, dims), stop)
         return hangs.explain(failure, err_dir, Path(cfg.run.out) if cfg.run.out else None, stalled=STALLED)
     finally:
         gc.unfreeze()  # the ranks keep their copy frozen; this process collects its own again
-        _stop(procs, SERVE_GRACE_S if contract.job_kind(extra_env) == "serve" else STOP_GRACE_S)
+        _stop(procs)
 
 
 def _before_forking(dims: ParallelDims) -> None:

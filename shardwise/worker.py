@@ -173,7 +173,7 @@ def run_rank(cfg: Config) -> tuple[Path, RunResult]:
     elif job.startswith("serve:"):
         from shardwise.serve.ranks import serve_rank
 
-        serve_rank(cfg, run_folder=Path(job.removeprefix("serve:")), device=device)
+        serve_rank(cfg, device=device)
         result = RunResult({}, {})
     else:
         result = run(cfg, out_dir=out_dir, device=device, context=context_from_environ())

@@ -276,10 +276,10 @@ def test_the_servers_connections_send_without_delay():
     import asyncio
     import socket
 
-    from shardwise.serve.front import _listen
+    from shardwise.serve.front import listen
 
     async def check() -> int:
-        sock = _listen("127.0.0.1", 0)
+        sock = listen("127.0.0.1", 0)
         seen = []
 
         async def handle(reader, writer):

@@ -121,6 +121,8 @@ def build_app(served: ServedModel, settings: Settings) -> Starlette:
     batcher = Batcher(served, settings, metrics)
 
     async def predict(request: Request) -> Response:
+        if not served.ready():
+            raise RequestError(503, "the model's ranks are restarting after a failure; try again shortly")
         body = await _read_body(request, settings.max_body_bytes)
         x = await asyncio.to_thread(_parsed, served, body)  # off the event loop: images decode slowly
         step = settings.max_batch  # a request over max_batch samples goes as several batches
@@ -134,6 +136,8 @@ def build_app(served: ServedModel, settings: Settings) -> Starlette:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(request: Request) -> Response:
+        if not served.ready():
+            return JSONResponse({"status": "restarting: a rank failed"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def page(request: Request) -> Response:

@@ -69,15 +69,18 @@ def serve_one(run_folder: Path, texts: dict[str, str]) -> int:
     return 0
 
 
-def listen_and_serve(served, s, *, door: tuple | None = None) -> None:
+def listen_and_serve(served, s, *, door: tuple | None = None, sock: socket.socket | None = None,
+                     started=None) -> None:  # fmt: skip
     """Serve `served` (a ServedModel) as the [serve] settings `s` say, until SIGTERM or Ctrl-C
-    (then the requests in flight are answered first). `door`: `check_door(s)`, if already made."""
+    (then the requests in flight are answered first). `door`: `check_door(s)`, if already made;
+    `sock`: `listen(s.host, s.port)`, if already open; `started`: called with the uvicorn
+    server before it runs (its `should_exit` stops it from another thread)."""
     import uvicorn
 
     from shardwise.serve.app import Settings, build_app
 
     tokens, tls = door or check_door(s)
-    sock = _listen(s.host, s.port)
+    sock = sock or listen(s.host, s.port)
     port = sock.getsockname()[1]
     scheme = "https" if tls else "http"
     host = f"[{s.host}]" if ":" in s.host else s.host
@@ -109,6 +112,8 @@ def listen_and_serve(served, s, *, door: tuple | None = None) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
+    if started is not None:
+        started(server)
     server.run(sockets=[sock])
 
 
@@ -119,7 +124,7 @@ def settings_of(texts: dict[str, str]):
     return load_config(None, {k: v for k, v in texts.items() if k.startswith("serve.")}).serve
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto named: asyncio sets TCP_NODELAY on a connection only where its socket says TCP;
     # without it a keep-alive client's request waits 40 ms on delayed ACKs (Nagle)

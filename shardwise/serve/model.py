@@ -40,6 +40,7 @@ class ServedModel:
     forward: Callable[[np.ndarray], np.ndarray]  # prepared inputs -> class probabilities (float64)
     record: dict  # the preprocessing record saved with the weights
     about: dict  # what GET /v1/model says
+    ready: Callable[[], bool] = lambda: True  # False: predictions are refused at once (503), /healthz says so
 
     @property
     def in_shape(self) -> tuple[int, ...]:
