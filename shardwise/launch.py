@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -351,7 +352,7 @@ def _run_once(
     """Start every rank, supervise them, stop them all; the failure that ended it, if any."""
     err_dir.mkdir()
     error_files = [err_dir / f"rank{r}.json" for r in range(nproc)]
-    port = contract.free_port()
+    port, secret = contract.free_port(), secrets.token_hex(32)
     procs: list[subprocess.Popen | ForkedRank] = []
     fork = can_fork()
     if fork:
@@ -367,6 +368,7 @@ def _run_once(
                 contract.LAUNCHED_ENV: "1",
                 contract.LAUNCH_TIME_ENV: repr(launch_time),
                 contract.ATTEMPT_ENV: str(attempt),
+                contract.SECRET_ENV: secret,
                 contract.PLACEMENT_ENV: placement.describe(nproc),
                 "TORCH_FR_BUFFER_SIZE": os.environ.get("TORCH_FR_BUFFER_SIZE", hangs.RING_SIZE),  # hangs.py
             }

@@ -43,6 +43,7 @@ LAUNCH_TIME_ENV = "SHARDWISE_LAUNCH_TIME"  # when the job's first attempt starte
 PLACEMENT_ENV = "SHARDWISE_PLACEMENT"  # the launcher's words for where the ranks run
 FAULT_ENV = "SHARDWISE_FAULT"  # faults to inject (train/faults.py)
 ATTEMPT_ENV = "SHARDWISE_ATTEMPT"  # 0, then one more on each restart
+SECRET_ENV = "SHARDWISE_JOB_SECRET"  # the rendezvous's secret (rendezvous.py), fresh for every start of the ranks
 JOB_ENV = "SHARDWISE_JOB"  # words:TOP runs `shardwise words`, serve:RUN `serve --nproc`; unset, the ranks train
 
 

@@ -84,6 +84,14 @@ def init_process_group(backend: str, *, timeout: timedelta) -> None:
     TCPStore would listen on all interfaces, so rank 0 binds the store's socket to
     MASTER_ADDR itself and hands it over, and gloo (NCCL) binds to the loopback interface."""
     host = os.environ.get("MASTER_ADDR", "")
+    if os.environ.get(procs.SECRET_ENV):  # shardwise's launcher: a store only the job's ranks may use
+        from shardwise.rendezvous import init_from_env
+
+        if is_loopback(host):
+            os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = loopback_interface()
+            os.environ["MASTER_ADDR"] = "127.0.0.1" if host == "localhost" else host
+        init_from_env(backend, timeout=timeout)
+        return
     if not is_loopback(host) or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         dist.init_process_group(backend, timeout=timeout)  # torchrun's agent hosts the store
         return

@@ -11,6 +11,7 @@ byte between hosts crosses a shaped link. Torch-free.
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import tempfile
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 from shardwise.cluster.netns import HOST_IF, Cluster, load
 from shardwise.errors import ShardwiseError
+from shardwise.procs import SECRET_ENV
 
 DEFAULT_CLUSTER = "sw"
 
@@ -87,10 +89,10 @@ def placement_for(spec: str) -> Placement:
 def run_ranks(argv: list[str], world: int, placement: Placement, port: int, *, timeout_s: float = 600) -> None:
     """Run `argv` as `world` ranks placed by `placement` and wait for all; when one
     fails or time runs out, stop the others and raise with its output."""
-    procs, logs = [], []
+    procs, logs, secret = [], [], secrets.token_hex(32)
     try:
         for rank in range(world):
-            env = {**os.environ, **placement.env(rank, world, port)}
+            env = {**os.environ, **placement.env(rank, world, port), SECRET_ENV: secret}
             logs.append(tempfile.TemporaryFile("w+"))
             command = placement.argv(rank, argv)
             procs.append(subprocess.Popen(command, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from shardwise.comm.collectives import all_gather_json
 from shardwise.procs import exit_now
+from shardwise.rendezvous import init_from_env
 
 WARMUP = 2
 OVERLAP_BYTES = 2**24  # the overlap's all-reduce: of a DDP bucket's order (torch's default cap is 25 MiB)
@@ -171,7 +172,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    init_from_env("gloo")  # the job's own store, where the launcher gave a secret
     where = {"rank": dist.get_rank(), "hostname": socket.gethostname(), "ifname": os.environ.get("GLOO_SOCKET_IFNAME")}
     everyone = all_gather_json(where, dist.group.WORLD)
     sizes = [int(n) for n in args.sizes.split(",")]
