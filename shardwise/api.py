@@ -119,9 +119,12 @@ def run_local(
     resuming: bool,
     overwrite: bool = False,
     quiet: bool = False,
+    least: int | None = None,
 ) -> int:
-    """Start the ranks here (or on the emulated cluster), supervise them; the exit status."""
+    """Start the ranks here (or on the emulated cluster), supervise them; the exit status.
+    `least` < `nproc`: elastic, going on with no fewer than `least` when hosts are lost."""
     from shardwise.cluster.placement import placement_for
+    from shardwise.elastic import Elastic
     from shardwise.launch import launch
 
     placement = placement_for(cluster)
@@ -149,6 +152,7 @@ def run_local(
         overwrite=overwrite,
         quiet=quiet,
         env={PREDICTED_ENV: _prediction(cfg, nproc, cluster, chosen)},
+        elastic=Elastic(least, nproc, cfg.train.rejoin_timeout_s) if least is not None and least < nproc else None,
     )
 
 

@@ -88,7 +88,8 @@ def _add_train_parser(sub) -> None:
         description="Train as configured: defaults, then the TOML file, then --section.key overrides.",
     )
     train.add_argument("config", nargs="?", help="TOML config file")
-    train.add_argument("--nproc", type=int, default=2, help="number of local worker processes (default: 2)")
+    train.add_argument("--nproc", default="2", help="number of worker processes (default: 2); MIN:MAX: elastic, "
+                       "going on with fewer when a host is lost, growing back when it returns")  # fmt: skip
     train.add_argument("--out", type=Path, default=None, help="output folder (default: a new folder under runs/)")
     train.add_argument(
         "--overwrite",
@@ -220,7 +221,9 @@ def build_parser() -> OneLineParser:
 
 def _train(args: argparse.Namespace) -> int:
     from shardwise import api
+    from shardwise.elastic import parse_nproc
 
+    least, most = parse_nproc(args.nproc)  # N, or MIN:MAX
     overrides = {k: v for k, v in vars(args).items() if k in set(all_keys())}
     if args.out is not None:
         overrides["run.out"] = str(args.out)
@@ -238,7 +241,8 @@ def _train(args: argparse.Namespace) -> int:
     out = api.out_folder(cfg, out)
     return api.run_local(
         cfg,
-        nproc=args.nproc,
+        nproc=most,
+        least=least,
         out=out,
         max_restarts=args.max_restarts,
         cluster=args.cluster,

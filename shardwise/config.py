@@ -114,6 +114,9 @@ class TrainConfig:
     collective_timeout_s: float = 300.0
     """A collective or point-to-point transfer that waits longer than this fails, so a rank
     that stops answering ends the job instead of hanging it."""
+    rejoin_timeout_s: float = 30.0
+    """--nproc MIN:MAX: a host that cannot be reached after a failure is waited for this long;
+    then the job goes on without it (elastic.py)."""
     max_bad_steps: int = 3
     """A step whose loss or gradients are not finite on any rank is skipped on all ranks; after
     this many such steps in a row the run stops."""

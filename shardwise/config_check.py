@@ -140,6 +140,8 @@ def validate(cfg: Config) -> None:
         if isinstance(value, int) and not isinstance(value, bool):
             positive(f"parallel.{f.name}", value)
     positive("train.collective_timeout_s", t.collective_timeout_s)
+    if not 0 <= t.rejoin_timeout_s <= 86_400:
+        raise ShardwiseError("train.rejoin_timeout_s", f"must be between 0 and 86400, got {t.rejoin_timeout_s}")
     positive("train.max_bad_steps", t.max_bad_steps)
     if t.keep_checkpoints < 0:
         raise ShardwiseError("train.keep_checkpoints", f"must be >= 0, got {t.keep_checkpoints}")

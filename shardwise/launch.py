@@ -26,17 +26,14 @@ from pathlib import Path
 from shardwise import hangs
 from shardwise import procs as contract  # its name, since `procs` names the rank processes here
 from shardwise.checkpoint.manifest import latest_checkpoint
-from shardwise.checkpoint.seal import load_key
 from shardwise.cluster.placement import Placement
-from shardwise.config import Config, ParallelConfig
+from shardwise.config import Config
 from shardwise.config_toml import to_toml
-from shardwise.data.features import vertical_parts
-from shardwise.data.sampler import check_batch_layout
-from shardwise.data.sources import check_source
+from shardwise.elastic import Elastic, Regrow, shrink
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 from shardwise.files import write_atomic
 from shardwise.forked import ForkedRank, can_fork
-from shardwise.own_code import check_import_path
+from shardwise.preflight import expendable_ranks, preflight, prepare_out_dir, warn_oversubscribed, words_preflight
 from shardwise.topology import ParallelDims
 
 STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this long
@@ -58,66 +55,6 @@ class RankFailure:
     def fallout(self) -> bool:
         """The rank failed because a peer vanished or stopped answering."""
         return self.kind in (contract.PEER_LOST, contract.TIMED_OUT)
-
-
-def preflight(cfg: Config, nproc: int) -> ParallelDims:
-    """Every check that needs no worker: layout, batch split, data paths."""
-    dims = ParallelDims.resolve(cfg.parallel, nproc)
-    check_batch_layout(
-        global_batch=cfg.train.batch_size,
-        grad_accum=cfg.train.grad_accum,
-        dp=dims.dp,
-        shards=cfg.data.shards,
-        microbatches=dims.microbatches,
-    )
-    check_source(cfg.data)
-    if cfg.checkpoint.encrypt_key:  # before any step, not at the first checkpoint
-        load_key(cfg.checkpoint.encrypt_key)
-    check_import_path(cfg.model.name, "model.name")
-    check_import_path(cfg.data.name, "data.name")
-    if cfg.model.weights and not Path(cfg.model.weights).is_file():
-        raise ShardwiseError("model.weights", f"no such file {cfg.model.weights!r}")
-    if ":" not in cfg.data.name:  # your own data's shape is known once a rank has loaded it
-        vertical_parts(cfg.data, cfg.parallel)
-    ps = cfg.ps
-    if dims.servers and ps.slow_factor > 1.0 and not (ps.slow_worker == -1 or dims.servers <= ps.slow_worker < nproc):
-        raise ShardwiseError(
-            "ps.slow_worker", f"={ps.slow_worker}: not a worker, those are ranks {dims.servers} to {nproc - 1}"
-        )
-    return dims
-
-
-def words_preflight(cfg: Config, nproc: int) -> ParallelDims:
-    """`shardwise words` has no layout, batch or model: each rank counts a share of the corpus."""
-    check_source(cfg.data)
-    return ParallelDims.resolve(ParallelConfig(dp=nproc), nproc)
-
-
-def _warn_oversubscribed(nproc: int) -> None:
-    """One line when this machine has fewer cores than the ranks it runs: each rank then
-    waits for a core, and a step takes several times as long."""
-    cores = len(os.sched_getaffinity(0))
-    if nproc > cores:
-        print(f"note: {nproc} ranks on {cores} CPU core(s) here: the ranks share cores, so steps run slower")
-
-
-def expendable_ranks(cfg: Config, dims: ParallelDims) -> set[int]:
-    """Ranks whose loss the job survives: the workers of an asynchronous parameter server."""
-    if dims.servers and cfg.ps.asynchronous:
-        return set(range(dims.servers, dims.world_size))
-    return set()
-
-
-def prepare_out_dir(out: Path, *, overwrite: bool = False) -> None:
-    """Refuse a folder that holds anything, unless `overwrite` asks to start it again: then
-    it is removed, but only if it is a run folder (its config.toml says so), never another."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    if not overwrite:
-        raise ShardwiseError("out", f"{str(out)!r} exists and is not an empty folder (--overwrite starts it again)")
-    if not (out / "config.toml").is_file():
-        raise ShardwiseError("overwrite", f"{str(out)!r} is not a run folder (it has no config.toml): not removed")
-    shutil.rmtree(out)
 
 
 def _failure(rank: int, exit_code: int, path: Path) -> RankFailure:
@@ -163,6 +100,7 @@ def _origin(failures: list[RankFailure]) -> RankFailure:
 
 
 STALLED = -1000  # RankFailure.exit_code of a rank that stopped answering (it did not exit)
+REGROW = -1001  # ... of an elastic job stopped to grow back onto hosts that returned
 
 
 def _state(pid: int) -> str:
@@ -208,7 +146,9 @@ def _stalled(procs: list[subprocess.Popen], failures: list[RankFailure]) -> Rank
     return None
 
 
-def supervise(procs: list, error_files: list[Path], expendable: set | None = None, stop=None) -> RankFailure | None:
+def supervise(
+    procs: list, error_files: list[Path], expendable: set | None = None, stop=None, regrow=None
+) -> RankFailure | None:
     """Wait for all ranks; at the first failure stop the rest and return it. An
     `expendable` rank that fails is reported in a line and the others go on. `stop`, once
     set: the ranks are stopped, and that is no failure."""
@@ -217,6 +157,9 @@ def supervise(procs: list, error_files: list[Path], expendable: set | None = Non
         if stop is not None and stop.is_set():
             _stop(procs)
             return None
+        if regrow is not None and regrow():
+            _stop(procs)
+            return RankFailure(-1, REGROW, "every host is back")
         codes = [p.poll() for p in procs]
         failed = [r for r, c in enumerate(codes) if c not in (None, 0) and r not in survived]
         if failed:
@@ -268,6 +211,7 @@ def launch(
     quiet: bool = False,
     env: dict[str, str] | None = None,
     stop: threading.Event | None = None,
+    elastic: Elastic | None = None,
 ) -> int:
     """Run the job on `nproc` workers placed by `placement` (default: this machine), restarting
     all from the newest complete checkpoint up to `max_restarts` times; the exit status.
@@ -280,7 +224,7 @@ def launch(
         signal.signal(signal.SIGTERM, _terminate)
     dims = (words_preflight if contract.job_kind(env) == "words" else preflight)(cfg, nproc)
     if not quiet:
-        _warn_oversubscribed(nproc)
+        warn_oversubscribed(nproc)
     if max_restarts < 0:
         raise ShardwiseError("max-restarts", f"must be >= 0, got {max_restarts}")
     if not resuming:
@@ -290,25 +234,25 @@ def launch(
     cfg.run.out = str(out.resolve())
     write_atomic(out / "config.toml", to_toml(cfg, saved=True))
     err_dir = Path(tempfile.mkdtemp(prefix="shardwise-errors-"))
+    full, restarts, attempt = placement, 0, 0
     try:
-        for attempt in range(max_restarts + 1):
+        while True:
             config_path = err_dir / f"attempt-{attempt}.toml"
             config_path.write_text(to_toml(cfg))
+            regrow = Regrow(full, placement, out / "checkpoints") if elastic else None
             failure = _run_once(
                 cfg, dims, nproc, config_path, err_dir / f"attempt-{attempt}", attempt, launch_time, placement, quiet,
-                env or {}, stop,
+                env or {}, stop, regrow,
             )  # fmt: skip
+            attempt += 1
             stopping = stop is not None and stop.is_set()
-            if failure is None or failure.exit_code == EXIT_USAGE or attempt == max_restarts or stopping:
+            if failure is None or failure.exit_code == EXIT_USAGE or stopping:
                 break
-            # only a checkpoint this job wrote: a run resumed from an older step must not
-            # restart from the newer checkpoints of the trajectory it left
-            checkpoint = latest_checkpoint(out / "checkpoints", since=launch_time)
-            cfg.run.resume = str(checkpoint) if checkpoint else cfg.run.resume
-            origin = checkpoint.name if checkpoint else (cfg.run.resume or "the start")
-            what = "" if failure.exit_code == STALLED else f"failed (exit {failure.exit_code}): "
-            again = f"restart {attempt + 1} of {max_restarts} from {origin}"
-            print(f"shardwise: rank {failure.rank} {what}{failure.message}; {again}", file=sys.stderr)
+            if failure.exit_code != REGROW and restarts == max_restarts:
+                break
+            restarts += failure.exit_code != REGROW
+            placement, nproc, dims = _go_on(cfg, out, failure, placement, full, nproc, elastic, launch_time, restarts,
+                                            max_restarts)  # fmt: skip
     except KeyboardInterrupt:
         return _interrupted(env, nproc)
     finally:
@@ -330,10 +274,31 @@ def launch(
         log.parent.mkdir(exist_ok=True)
         log.write_text(failure.traceback)
         note = f" (traceback: {log})"
-    after = f", after {max_restarts} restart{'s' * (max_restarts > 1)}" if max_restarts else ""
+    after = f", after {restarts} restart{'s' * (restarts > 1)}" if restarts else ""
     what = "" if failure.exit_code == STALLED else f"failed (exit {failure.exit_code}): "
     print(f"shardwise: rank {failure.rank} {what}{failure.message}{note}{after}", file=sys.stderr)
     return 1
+
+
+def _go_on(cfg, out, failure, placement, full, nproc, elastic, launch_time, restarts, max_restarts):
+    """After a failure (or a stop to grow back): the placement, ranks and layout the job goes on
+    with, from its newest checkpoint, said in one line."""
+    # only a checkpoint this job wrote: a run resumed from an older step must not
+    # restart from the newer checkpoints of the trajectory it left
+    checkpoint = latest_checkpoint(out / "checkpoints", since=launch_time)
+    cfg.run.resume = str(checkpoint) if checkpoint else cfg.run.resume
+    origin = checkpoint.name if checkpoint else (cfg.run.resume or "the start")
+    if failure.exit_code == REGROW:
+        nproc = elastic.max_ranks
+        print(f"shardwise: every host is back: growing to {nproc} ranks from {origin}", file=sys.stderr)
+        return full, nproc, preflight(cfg, nproc)
+    note = ""
+    if elastic:
+        placement, nproc, note = shrink(placement, nproc, elastic)
+    what = "" if failure.exit_code == STALLED else f"failed (exit {failure.exit_code}): "
+    again = f"{note + '; ' if note else ''}restart {restarts} of {max_restarts} from {origin}"
+    print(f"shardwise: rank {failure.rank} {what}{failure.message}; {again}", file=sys.stderr)
+    return placement, nproc, preflight(cfg, nproc)
 
 
 def _run_once(
@@ -348,6 +313,7 @@ def _run_once(
     quiet: bool = False,
     extra_env: dict[str, str] | None = None,
     stop: threading.Event | None = None,
+    regrow=None,
 ) -> RankFailure | None:
     """Start every rank, supervise them, stop them all; the failure that ended it, if any."""
     err_dir.mkdir()
@@ -378,7 +344,7 @@ def _run_once(
                 procs.append(ForkedRank(str(config_path), env, quiet=quiet))
             else:
                 procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL if quiet else None))
-        failure = supervise(procs, error_files, expendable_ranks(cfg, dims), stop)
+        failure = supervise(procs, error_files, expendable_ranks(cfg, dims), stop, regrow)
         return hangs.explain(failure, err_dir, Path(cfg.run.out) if cfg.run.out else None, stalled=STALLED)
     finally:
         gc.unfreeze()  # the ranks keep their copy frozen; this process collects its own again

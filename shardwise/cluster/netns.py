@@ -174,6 +174,18 @@ def down(name: str) -> list[str]:
     return removed
 
 
+def link_up(cluster: Cluster, host: int) -> bool:
+    """Whether host's link carries traffic both ways: its own end and the switch's are up, and
+    its namespace exists (a host taken down: `ip -n NS link set eth0 down`, or its end at the
+    switch)."""
+    ends = ((cluster.namespace(host), HOST_IF), (cluster.switch, f"h{host}"))
+    for ns, dev in ends:
+        shown = _ip("-j", "-n", ns, "link", "show", "dev", dev, check=False)
+        if shown.returncode != 0 or "LOWER_UP" not in json.loads(shown.stdout or "[{}]")[0].get("flags", []):
+            return False
+    return True
+
+
 def link_settings(cluster: Cluster, host: int) -> dict:
     """What the kernel says of host's link: address, shaping both ways, bytes sent and received."""
     ns = cluster.namespace(host)

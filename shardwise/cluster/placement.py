@@ -27,25 +27,32 @@ DEFAULT_CLUSTER = "sw"
 @dataclass(frozen=True)
 class Placement:
     cluster: Cluster | None = None  # None: every rank on this machine, over loopback
+    hosts: tuple[int, ...] = ()  # the cluster's hosts in use, in order (): all (elastic.py leaves some out)
+
+    @property
+    def used(self) -> tuple[int, ...]:
+        if not self.cluster:
+            return (0,)
+        return self.hosts or tuple(range(self.cluster.hosts))
 
     @property
     def master_addr(self) -> str:
-        return self.cluster.address(0) if self.cluster else "127.0.0.1"
+        return self.cluster.address(self.used[0]) if self.cluster else "127.0.0.1"
 
     def host(self, rank: int) -> int:
-        return rank % self.cluster.hosts if self.cluster else 0
+        return self.used[rank % len(self.used)] if self.cluster else 0
 
     def env(self, rank: int, world: int, port: int) -> dict[str, str]:
-        hosts = self.cluster.hosts if self.cluster else 1
-        host = self.host(rank)
+        hosts = len(self.used)
+        node = rank % hosts  # the host's place among those in use
         env = {
             "MASTER_ADDR": self.master_addr,
             "MASTER_PORT": str(port),
             "RANK": str(rank),
             "WORLD_SIZE": str(world),
             "LOCAL_RANK": str(rank // hosts),
-            "LOCAL_WORLD_SIZE": str(len(range(host, world, hosts))),
-            "GROUP_RANK": str(host),
+            "LOCAL_WORLD_SIZE": str(len(range(node, world, hosts))),
+            "GROUP_RANK": str(node),
             "ROLE_RANK": str(rank),
             "ROLE_WORLD_SIZE": str(world),
             "ROLE_NAME": "default",
@@ -69,10 +76,12 @@ class Placement:
     def describe(self, world: int) -> str:
         if not self.cluster:
             return f"{world} processes on this machine (loopback)"
-        c = self.cluster
+        c, used = self.cluster, self.used
+        where = f"rank r in host r mod {c.hosts}" if not self.hosts else (
+            f"rank r in the (r mod {len(used)})th of hosts {', '.join(map(str, used))}")  # fmt: skip
         return (
-            f"emulated cluster {c.name!r}: {world} ranks on {min(world, c.hosts)} of {c.hosts} hosts "
-            f"(rank r in host r mod {c.hosts}), links {c.bandwidth} each way"
+            f"emulated cluster {c.name!r}: {world} ranks on {min(world, len(used))} of {c.hosts} hosts "
+            f"({where}), links {c.bandwidth} each way"
         )
 
 
