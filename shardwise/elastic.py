@@ -44,8 +44,10 @@ def parse_nproc(text: str) -> tuple[int, int]:
         least, most = int(low), int(high if sep else low)
     except ValueError:
         raise ShardwiseError("nproc", f"{text!r}: expected a number of ranks, N, or MIN:MAX") from None
-    if not 1 <= least <= most:
-        raise ShardwiseError("nproc", f"{text!r}: expected 1 <= MIN <= MAX")
+    if least < 1:
+        raise ShardwiseError("nproc", f"must be at least 1, got {text}")
+    if least > most:
+        raise ShardwiseError("nproc", f"{text!r}: MIN is more than MAX")
     return least, most
 
 

@@ -24,6 +24,7 @@ from shardwise.bench import (
     checkpointing,
     compression,
     ddp,
+    elastic,
     planner,
     pp,
     precision,
@@ -59,8 +60,9 @@ SCENARIOS: dict[str, tuple[Callable[[Bench], None], bool]] = {
     "planner": (planner.run, True),  # every layout run for real: an hour and more
     "sql": (sql.run, False),  # a database on this machine: loopback only
     "serve": (serve.run, False),  # one serving process under load: loopback
+    "elastic": (elastic.run, True),  # hosts lost and back on a schedule: the emulated cluster only, minutes
 }
-NAMED_ONLY = ("restarts", "planner", "compression", "checkpointing", "sql", "serve")
+NAMED_ONLY = ("restarts", "planner", "compression", "checkpointing", "sql", "serve", "elastic")
 DEFAULT = [name for name in SCENARIOS if name not in NAMED_ONLY]
 CLUSTER_NAME, HOSTS = "swb", 4
 

@@ -1,0 +1,151 @@
+"""`shardwise bench elastic`: an elastic job on the emulated cluster that loses a host on a
+seeded schedule and gets it back, against the same job with no failure.
+
+Every PERIOD_S seconds for DURATION_S, a host drawn from the seed is taken down (its link
+down and its ranks killed, as a machine that dies) and brought back HALF of a period later.
+The job (`--nproc 1:HOSTS`, one rank a host, float64) goes on with the hosts left and grows
+back at the first checkpoint after the host returns (elastic.py). From each rank-0 log line
+of every step (metrics.jsonl, its wall-clock time) and the launcher's lines it reports:
+
+- recovery: from the loss to the first step after it, median and 99th percentile (it includes
+  `train.rejoin_timeout_s`, the wait for the host before going on without it);
+- steps lost: steps done after the checkpoint the job went on from, done again;
+- samples skipped or repeated: the steps of the final trajectory whose loss differs from the
+  failure-free run's at the same step (a step's loss is a function of the samples it took),
+  or that are missing;
+- whether the final weights equal the failure-free run's (to 1e-9, float64).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from shardwise.bench.common import Bench
+
+PERIOD_S, DURATION_S, SEED, REJOIN_S = 30.0, 300.0, 7, 5.0
+JOB = ["--model.name", "mlp", "--model.hidden", "512,512", "--train.dtype", "float64", "--train.eval_every", "0",
+       "--run.progress", "false", "--train.log_every", "1", "--train.checkpoint_every", "25"]  # fmt: skip
+
+
+def _ranks_of(launcher: int) -> dict[int, int]:
+    """{rank: pid} of the training ranks the launcher runs now."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != launcher:
+                continue
+            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_text().split("\0") if "=" in kv)
+        except (OSError, ValueError, IndexError):
+            continue
+        if "TORCHELASTIC_RUN_ID" in env and "RANK" in env:
+            found[int(env["RANK"])] = int(proc.name)
+    return found
+
+
+def _take_down(cluster, host: int, launcher: int) -> float:
+    """The host's link down and its ranks killed; the time it happened."""
+    from shardwise.cluster.netns import HOST_IF
+
+    subprocess.run(["ip", "-n", cluster.namespace(host), "link", "set", HOST_IF, "down"], check=True)
+    theirs = subprocess.run(["ip", "netns", "pids", cluster.namespace(host)], capture_output=True, text=True).stdout
+    at = time.time()
+    for pid in map(int, theirs.split()):
+        if pid in _ranks_of(launcher).values():
+            os.kill(pid, signal.SIGKILL)
+    return at
+
+
+def _bring_up(cluster, host: int) -> None:
+    from shardwise.cluster.netns import HOST_IF
+
+    subprocess.run(["ip", "-n", cluster.namespace(host), "link", "set", HOST_IF, "up"], check=True)
+
+
+def _metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _job(b: Bench, out: Path, steps: int, nproc: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "shardwise", "train", *JOB, "--train.steps", str(steps), "--nproc", nproc]
+    cmd += ["--cluster", f"emulated:{b.placement.cluster.name}", "--out", str(out), "--max-restarts", "50"]
+    cmd += ["--train.rejoin_timeout_s", str(REJOIN_S)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def run(b: Bench) -> None:
+    cluster = b.placement.cluster
+    if cluster is None:
+        b.console.print("elastic: needs the emulated cluster (--links 1gbit or 10gbit); skipped on loopback")
+        return
+    hosts, rng = cluster.hosts, random.Random(SEED)
+    steps = _steps_for(b, hosts)
+    b.console.print(f"[bold]elastic[/]: {hosts} hosts, a seeded host down every {PERIOD_S:g} s for "
+                    f"{DURATION_S:g} s, back {PERIOD_S / 2:g} s later; {steps} steps ({b.link})")  # fmt: skip
+    reference = _job(b, b.work / "elastic-reference", steps, str(hosts))
+    if reference.wait() != 0:
+        raise RuntimeError(f"the run without failures failed: {reference.stderr.read()[-2000:]}")
+    out = b.work / "elastic"
+    job, lines = _job(b, out, steps, f"1:{hosts}"), []
+    reading = threading.Thread(target=lambda: lines.extend(job.stderr), daemon=True)
+    reading.start()
+    losses, started = [], time.monotonic()
+    while job.poll() is None and time.monotonic() - started < DURATION_S:
+        time.sleep(max(0.0, started + PERIOD_S * (len(losses) + 1) - time.monotonic()))
+        if job.poll() is not None or not _metrics(out):
+            continue
+        host = rng.randrange(hosts)
+        losses.append({"host": host, "at": _take_down(cluster, host, job.pid)})
+        time.sleep(PERIOD_S / 2)
+        _bring_up(cluster, host)
+    code = job.wait()
+    reading.join(timeout=10)
+    _report(b, out, b.work / "elastic-reference", losses, lines, code, steps)
+
+
+def _steps_for(b: Bench, hosts: int) -> int:
+    """Steps the full job takes in about DURATION_S here, from a short run of it."""
+    probe = _job(b, b.work / "elastic-probe", 60, str(hosts))
+    if probe.wait() != 0:
+        raise RuntimeError(f"the probe run failed: {probe.stderr.read()[-2000:]}")
+    records = _metrics(b.work / "elastic-probe")
+    per_step = (records[-1]["time_unix"] - records[9]["time_unix"]) / (len(records) - 10)
+    return int(1.2 * DURATION_S / per_step)
+
+
+def _report(b: Bench, out: Path, ref: Path, losses: list[dict], lines: list[str], code: int, steps: int) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    records, want = _metrics(out), {r["step"]: r["loss"] for r in _metrics(ref)}
+    resumed = [int(m.group(1)) for m in map(re.compile(r"going on with .* from step-0*(\d+)").search, lines) if m]
+    recoveries, lost = [], []
+    for loss, start in zip(losses, resumed, strict=False):
+        before = [r["step"] for r in records if r["time_unix"] < loss["at"]]
+        after = [r for r in records if r["time_unix"] > loss["at"]]
+        if after:
+            recoveries.append(after[0]["time_unix"] - loss["at"])
+        lost.append(max(before, default=start) - start)
+    final = {}
+    for r in records:  # the last word on each step: a step done again replaces its first try
+        final[r["step"]] = r["loss"]
+    wrong = sum(1 for s in range(1, steps + 1) if s not in final or abs(final[s] - want.get(s, float("nan"))) > 1e-9)
+    a, c = load_file(str(out / "model.safetensors")), load_file(str(ref / "model.safetensors"))
+    same = code == 0 and a.keys() == c.keys() and all(torch.allclose(a[k], c[k], rtol=1e-9, atol=1e-12) for k in a)
+    how = (f"{len(losses)} losses of a seeded host every {PERIOD_S:g} s on {b.placement.cluster.hosts} hosts, "
+           f"rejoin wait {REJOIN_S:g} s included")  # fmt: skip
+    if recoveries:
+        b.record("elastic", "recovery, s (loss to the first step after it)", recoveries, unit="s", how=how)
+    b.record("elastic", "steps lost (done again)", [sum(lost)], unit="count", how=how)
+    b.record("elastic", "steps whose samples differ from the failure-free run's", [wrong], unit="count", how=how)
+    b.record("elastic", "final weights equal the failure-free run's (1 = yes)", [float(same)], unit="count", how=how)
+    b.console.print("".join(lines[-40:]))
