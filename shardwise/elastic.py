@@ -60,8 +60,10 @@ def lost_hosts(placement: Placement) -> list[int]:
     return [h for h in placement.used if not link_up(placement.cluster, h)]
 
 
-def shrink(placement: Placement, nproc: int, elastic: Elastic) -> tuple[Placement, int, str]:
-    """After a failure: where the job goes on, on how many ranks, and a note saying why."""
+def shrink(placement: Placement, nproc: int, elastic: Elastic, fits) -> tuple[Placement, int, str]:
+    """After a failure: where the job goes on, on how many ranks, and a note saying why.
+    `fits(n)`: whether the layout and the batch can be cut for n ranks (the job goes on with
+    the most ranks the hosts left can hold that fit)."""
     lost = lost_hosts(placement)
     deadline = time.monotonic() + elastic.rejoin_timeout_s
     while lost and time.monotonic() < deadline:
@@ -70,13 +72,16 @@ def shrink(placement: Placement, nproc: int, elastic: Elastic) -> tuple[Placemen
     if not lost:
         return placement, nproc, ""
     kept = tuple(h for h in placement.used if h not in lost)
-    ranks = sum(1 for r in range(nproc) if placement.host(r) not in lost)
+    left = sum(1 for r in range(nproc) if placement.host(r) not in lost)
+    ranks = next((n for n in range(left, elastic.min_ranks - 1, -1) if fits(n)), 0)
     names = ", ".join(placement.cluster.hostname(h) for h in lost)
-    if ranks < elastic.min_ranks:
-        raise ShardwiseError("nproc", f"{names} lost: the {ranks} rank(s) left are fewer than the {elastic.min_ranks} "
-                             "--nproc MIN:MAX asks for")  # fmt: skip
+    if not ranks:
+        raise ShardwiseError("nproc", f"{names} lost: no world of {elastic.min_ranks} to {left} rank(s), the most the "
+                             "hosts left hold, fits the layout and the batch")  # fmt: skip
+    kept = kept[:ranks]
+    why = f" (of the {left} the hosts left hold: {left} do not fit the layout and batch)" if ranks < left else ""
     note = (f"{names} lost (unreachable for {elastic.rejoin_timeout_s:g} s): going on with {ranks} rank(s) on "
-            f"{len(kept)} host(s)")  # fmt: skip
+            f"{len(kept)} host(s){why}")  # fmt: skip
     return Placement(placement.cluster, kept), ranks, note
 
 

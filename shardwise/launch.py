@@ -294,11 +294,19 @@ def _go_on(cfg, out, failure, placement, full, nproc, elastic, launch_time, rest
         return full, nproc, preflight(cfg, nproc)
     note = ""
     if elastic:
-        placement, nproc, note = shrink(placement, nproc, elastic)
+        placement, nproc, note = shrink(placement, nproc, elastic, lambda n: _fits(cfg, n))
     what = "" if failure.exit_code == STALLED else f"failed (exit {failure.exit_code}): "
     again = f"{note + '; ' if note else ''}restart {restarts} of {max_restarts} from {origin}"
     print(f"shardwise: rank {failure.rank} {what}{failure.message}; {again}", file=sys.stderr)
     return placement, nproc, preflight(cfg, nproc)
+
+
+def _fits(cfg: Config, nproc: int) -> bool:
+    try:
+        preflight(cfg, nproc)
+    except ShardwiseError:
+        return False
+    return True
 
 
 def _run_once(

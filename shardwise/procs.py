@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -54,3 +55,19 @@ def job_kind(env: dict[str, str] | None) -> str:
 
 # what a rank's error record says of its error (worker.py writes it, launch.py reads it)
 USAGE, OWN, PEER_LOST, TIMED_OUT = "usage", "error", "peer-lost", "timed-out"
+
+
+def ranks_under(parent: int) -> dict[int, tuple[int, dict[str, str]]]:
+    """The training or serving ranks `parent` (a launcher) runs now: {RANK: (pid, environment
+    it started with)}, read from /proc (Linux; the link probe's processes are not ranks)."""
+    found: dict[int, tuple[int, dict[str, str]]] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != parent:
+                continue
+            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_text().split("\0") if "=" in kv)
+        except (OSError, ValueError, IndexError):
+            continue
+        if "TORCHELASTIC_RUN_ID" in env and "RANK" in env:
+            found[int(env["RANK"])] = (int(proc.name), env)
+    return found

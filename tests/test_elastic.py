@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from shardwise.cluster.placement import Placement
 from shardwise.elastic import parse_nproc
 from shardwise.errors import ShardwiseError
+from shardwise.procs import ranks_under
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,17 +42,21 @@ def test_a_placement_on_some_hosts_numbers_them_as_torchrun_would():
     assert Placement(cluster).env(4, 6, 29500)["GROUP_RANK"] == "0"  # all four: rank 4 on host 0
 
 
-def _rank_pid(launcher: int, rank: int) -> int:
-    for proc in Path("/proc").iterdir():
-        try:
-            if not proc.name.isdigit() or int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != launcher:
-                continue
-            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_text().split("\0") if "=" in kv)
-        except (OSError, ValueError, IndexError):
-            continue
-        if env.get("RANK") == str(rank) and "TORCHELASTIC_RUN_ID" in env:
-            return int(proc.name)
-    raise AssertionError(f"no rank {rank} under {launcher}")
+def test_the_job_goes_on_with_the_most_ranks_that_fit(monkeypatch):
+    """Host 1 of 4 lost: 3 ranks are left, but a batch of 64 does not split in 3, so the job
+    goes on with 2 on 2 hosts; a MIN above what fits is one line."""
+    from shardwise import elastic
+    from shardwise.cluster.netns import Cluster
+
+    monkeypatch.setattr(elastic, "lost_hosts", lambda placement: [1])
+    full = Placement(Cluster("swq", 4, "1gbit", 1e9, 1 << 20))
+    fits = lambda n: 64 % n == 0  # noqa: E731
+    placement, ranks, note = elastic.shrink(full, 4, elastic.Elastic(1, 4, 0.0), fits)
+    assert (ranks, placement.used) == (2, (0, 2))
+    assert note == ("swq-h1 lost (unreachable for 0 s): going on with 2 rank(s) on 2 host(s) (of the 3 the hosts "
+                    "left hold: 3 do not fit the layout and batch)")  # fmt: skip
+    with pytest.raises(ShardwiseError, match="no world of 3 to 3 rank"):
+        elastic.shrink(full, 4, elastic.Elastic(3, 4, 0.0), fits)
 
 
 @pytest.mark.skipif(
@@ -84,7 +89,7 @@ def test_a_lost_host_then_back_ends_with_the_failure_free_weights(tmp_path):
             assert job.poll() is None and time.monotonic() < deadline, "".join(lines)
             time.sleep(0.05)
         subprocess.run(["ip", "-n", cluster.namespace(1), "link", "set", netns.HOST_IF, "down"], check=True)
-        os.kill(_rank_pid(job.pid, 1), 9)
+        os.kill(ranks_under(job.pid)[1][0], 9)
         while not any("going on with 1 rank" in line for line in lines):
             assert job.poll() is None and time.monotonic() < deadline, "".join(lines)
             time.sleep(0.05)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from shardwise.procs import free_port
+from shardwise.procs import free_port, ranks_under
 from shardwise.rendezvous import SecretStore, StoreServer
 
 SECRET = bytes(range(32))
@@ -191,14 +191,7 @@ def test_another_host_without_the_secret_cannot_use_a_jobs_rendezvous(tmp_path):
 def _rank0_environ(launcher: int) -> dict[str, str]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        for proc in Path("/proc").iterdir():
-            try:
-                if not proc.name.isdigit() or f" {launcher} " not in (proc / "stat").read_text().rsplit(")", 1)[1][:40]:
-                    continue
-                env = dict(kv.split("=", 1) for kv in (proc / "environ").read_text().split("\0") if "=" in kv)
-            except OSError:
-                continue
-            if env.get("RANK") == "0" and "TORCHELASTIC_RUN_ID" in env:  # a training rank, not the link's probe
-                return env
+        if 0 in (ranks := ranks_under(launcher)):
+            return ranks[0][1]
         time.sleep(0.1)
     raise AssertionError("rank 0 never started")

@@ -17,6 +17,8 @@ import httpx
 import numpy as np
 import pytest
 
+from shardwise.procs import ranks_under
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,21 +71,6 @@ def test_every_layout_serves_one_processes_predictions(runs, model, layout):
     assert code == 0, proc.stderr.read()
 
 
-def _rank_pids(server_pid: int) -> dict[int, int]:
-    """The serving ranks' processes: {rank: pid}, from /proc (children of the server)."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            if not proc.name.isdigit() or int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != server_pid:
-                continue
-            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_text().split("\0") if "=" in kv)
-        except (OSError, ValueError):
-            continue
-        if "RANK" in env:
-            found[int(env["RANK"])] = int(proc.name)
-    return found
-
-
 def test_a_failed_rank_is_503_at_once_then_the_ranks_restart_and_serve_again(runs):
     """A rank stopped mid-batch, then killed: the batch in flight gets 503 within seconds;
     the front answers 503 (and /healthz says so) until the restarted ranks connect, then the
@@ -96,7 +83,7 @@ def test_a_failed_rank_is_503_at_once_then_the_ranks_restart_and_serve_again(run
         url = re.search(r"(http://127\.0\.0\.1:\d+)/", proc.stdout.readline()).group(1)
         with httpx.Client(base_url=url, timeout=60) as client:
             assert client.post("/v1/predict", json={"inputs": x.tolist()}).status_code == 200
-            ranks = _rank_pids(proc.pid)
+            ranks = {rank: pid for rank, (pid, _) in ranks_under(proc.pid).items()}
             assert sorted(ranks) == [0, 1], ranks
             os.kill(ranks[1], signal.SIGSTOP)  # rank 0's next broadcast waits on it
             answer, asking = {}, threading.Thread(target=lambda: answer.update(
@@ -122,7 +109,7 @@ def test_a_failed_rank_is_503_at_once_then_the_ranks_restart_and_serve_again(run
                 time.sleep(0.1)
             assert codes[-1] == 200, codes
             np.testing.assert_allclose(np.asarray(r.json()["probabilities"]), want["mlp"], rtol=1e-5, atol=1e-7)
-            again = _rank_pids(proc.pid)
+            again = {rank: pid for rank, (pid, _) in ranks_under(proc.pid).items()}
             assert sorted(again) == [0, 1] and set(again.values()).isdisjoint(ranks.values()), (ranks, again)
             os.kill(again[0], signal.SIGKILL)  # a second failure: over serve.max_restarts = 1
             code = proc.wait(timeout=30)

@@ -30,25 +30,11 @@ import time
 from pathlib import Path
 
 from shardwise.bench.common import Bench
+from shardwise.procs import ranks_under
 
 PERIOD_S, DURATION_S, SEED, REJOIN_S = 30.0, 300.0, 7, 5.0
 JOB = ["--model.name", "mlp", "--model.hidden", "512,512", "--train.dtype", "float64", "--train.eval_every", "0",
        "--run.progress", "false", "--train.log_every", "1", "--train.checkpoint_every", "25"]  # fmt: skip
-
-
-def _ranks_of(launcher: int) -> dict[int, int]:
-    """{rank: pid} of the training ranks the launcher runs now."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            if not proc.name.isdigit() or int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != launcher:
-                continue
-            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_text().split("\0") if "=" in kv)
-        except (OSError, ValueError, IndexError):
-            continue
-        if "TORCHELASTIC_RUN_ID" in env and "RANK" in env:
-            found[int(env["RANK"])] = int(proc.name)
-    return found
 
 
 def _take_down(cluster, host: int, launcher: int) -> float:
@@ -59,7 +45,7 @@ def _take_down(cluster, host: int, launcher: int) -> float:
     theirs = subprocess.run(["ip", "netns", "pids", cluster.namespace(host)], capture_output=True, text=True).stdout
     at = time.time()
     for pid in map(int, theirs.split()):
-        if pid in _ranks_of(launcher).values():
+        if pid in {pid for pid, _ in ranks_under(launcher).values()}:
             os.kill(pid, signal.SIGKILL)
     return at
 
@@ -139,8 +125,10 @@ def _report(b: Bench, out: Path, ref: Path, losses: list[dict], lines: list[str]
     for r in records:  # the last word on each step: a step done again replaces its first try
         final[r["step"]] = r["loss"]
     wrong = sum(1 for s in range(1, steps + 1) if s not in final or abs(final[s] - want.get(s, float("nan"))) > 1e-9)
-    a, c = load_file(str(out / "model.safetensors")), load_file(str(ref / "model.safetensors"))
-    same = code == 0 and a.keys() == c.keys() and all(torch.allclose(a[k], c[k], rtol=1e-9, atol=1e-12) for k in a)
+    same = code == 0
+    if same:
+        a, c = load_file(str(out / "model.safetensors")), load_file(str(ref / "model.safetensors"))
+        same = a.keys() == c.keys() and all(torch.allclose(a[k], c[k], rtol=1e-9, atol=1e-12) for k in a)
     how = (f"{len(losses)} losses of a seeded host every {PERIOD_S:g} s on {b.placement.cluster.hosts} hosts, "
            f"rejoin wait {REJOIN_S:g} s included")  # fmt: skip
     if recoveries:
@@ -148,4 +136,4 @@ def _report(b: Bench, out: Path, ref: Path, losses: list[dict], lines: list[str]
     b.record("elastic", "steps lost (done again)", [sum(lost)], unit="count", how=how)
     b.record("elastic", "steps whose samples differ from the failure-free run's", [wrong], unit="count", how=how)
     b.record("elastic", "final weights equal the failure-free run's (1 = yes)", [float(same)], unit="count", how=how)
-    b.console.print("".join(lines[-40:]))
+    b.console.print(f"the elastic job ended with exit {code}; its launcher's last lines:\n" + "".join(lines[-40:]))

@@ -25,6 +25,7 @@ from shardwise.bench import (
     compression,
     ddp,
     elastic,
+    hangs,
     planner,
     pp,
     precision,
@@ -61,8 +62,9 @@ SCENARIOS: dict[str, tuple[Callable[[Bench], None], bool]] = {
     "sql": (sql.run, False),  # a database on this machine: loopback only
     "serve": (serve.run, False),  # one serving process under load: loopback
     "elastic": (elastic.run, True),  # hosts lost and back on a schedule: the emulated cluster only, minutes
+    "hangs": (hangs.run, False),  # seeded broken collectives: is the culprit named?
 }
-NAMED_ONLY = ("restarts", "planner", "compression", "checkpointing", "sql", "serve", "elastic")
+NAMED_ONLY = ("restarts", "planner", "compression", "checkpointing", "sql", "serve", "elastic", "hangs")
 DEFAULT = [name for name in SCENARIOS if name not in NAMED_ONLY]
 CLUSTER_NAME, HOSTS = "swb", 4
 

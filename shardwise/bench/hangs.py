@@ -1,0 +1,84 @@
+"""`shardwise bench hangs`: seeded runs that each break one rank's collectives, and whether the
+job's last line names the culprit rank and what it did.
+
+Each trial draws from its seed a rank of 3, a step, and a fault (train/faults.py): `hang` (the
+process stops: it must be named as the rank that stopped answering), `skip` (it leaves out the
+step's agreement on finite gradients: named, with the collective it never called) or `shape`
+(its part of that agreement has another shape: named, with both calls). The job is fully
+sharded (FSDP2), so its ranks agree on finite steps by a collective each step, with
+`train.collective_timeout_s` = TIMEOUT_S. A trial counts when the job ends with exit 1 and its
+last line names the rank and the disagreement; the time from the fault's step to the job's end
+is measured against the timeout + 5 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.table import Table
+
+from shardwise.bench.common import Bench
+
+TRIALS, SEED, NPROC, STEPS, TIMEOUT_S = 20, 11, 3, 12, 3.0
+JOB = ["--model.name", "mlp", "--train.eval_every", "0", "--run.progress", "false", "--train.batch_size", "48",
+       "--parallel.shard", "full", "--train.collective_timeout_s", str(TIMEOUT_S), "--train.log_every", "1"]  # fmt: skip
+SAID = {  # how the last line begins, and what else it says of the rank's collectives
+    "hang": ("stopped answering (its process is stopped)", ""),
+    "skip": ("skipped a collective", "the first disagreement: rank {rank} never called"),
+    "shape": ("disagrees with the others' collectives", "rank {rank} called all_reduce"),
+}
+
+
+def _trial(out: Path, fault: str) -> tuple[subprocess.CompletedProcess, float]:
+    cmd = [sys.executable, "-m", "shardwise", "train", "--nproc", str(NPROC), *JOB, "--train.steps", str(STEPS)]
+    done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "SHARDWISE_FAULT": fault})  # fmt: skip
+    return done, time.time()
+
+
+def _fault_time(out: Path, step: int) -> float | None:
+    """When the step before the faulty one was logged (rank 0's metrics.jsonl)."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    times = [r["time_unix"] for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= step]
+    return max(times, default=None)
+
+
+def run(b: Bench) -> None:
+    b.console.print(f"[bold]hangs[/]: {TRIALS} seeded trials, a rank of {NPROC} that hangs, skips a collective or "
+                    f"calls it with another shape; FSDP2, collective timeout {TIMEOUT_S:g} s ({b.link})")  # fmt: skip
+    table = Table(title="trials")
+    for col in ("trial", "rank", "step", "fault", "exit", "named", "s after the fault"):
+        table.add_column(col, justify="right")
+    named, delays = 0, []
+    for trial in range(TRIALS):
+        rng = random.Random(SEED + trial)
+        rank, step, kind = rng.randrange(NPROC), rng.randrange(2, STEPS - 2), rng.choice(sorted(SAID))
+        out = b.work / f"hangs-{trial}"
+        done, ended = _trial(out, f"{rank}:{step}:{kind}")
+        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
+        begins, names = SAID[kind]
+        ok = done.returncode == 1 and last.startswith(f"shardwise: rank {rank} {begins}")
+        ok = ok and names.format(rank=rank) in last
+        named += ok
+        began = _fault_time(out, step)
+        delay = ended - began if began else float("nan")
+        delays += [delay] if began else []
+        table.add_row(*map(str, (trial, rank, step + 1, kind, done.returncode, ok, f"{delay:.1f}")))
+        if not ok:
+            b.console.print(f"trial {trial}: {last}")
+    b.console.print(table)
+    how = f"{TRIALS} seeded trials of hang, skip and shape faults on a rank of {NPROC}, timeout {TIMEOUT_S:g} s"
+    b.record("hangs", f"culprit rank and collective named (of {TRIALS})", [named], unit="count", how=how)
+    if delays:
+        b.record("hangs", "s from the fault's step to the job's end", delays, unit="s", how=how)
+        b.console.print(f"{named} of {TRIALS} named; {statistics.median(delays):.1f} s (median) from the fault to the "
+                        f"end, against a timeout of {TIMEOUT_S:g} s + 5")  # fmt: skip
