@@ -27,8 +27,8 @@ from rich.table import Table
 from shardwise.bench.common import Bench
 
 TRIALS, SEED, NPROC, STEPS, TIMEOUT_S = 20, 11, 3, 12, 3.0
-JOB = ["--model.name", "mlp", "--train.eval_every", "0", "--run.progress", "false", "--train.batch_size", "48",
-       "--parallel.shard", "full", "--train.collective_timeout_s", str(TIMEOUT_S), "--train.log_every", "1"]  # fmt: skip
+JOB = ["--model.name", "mlp", "--train.eval_every", "0", "--run.progress", "false", "--train.batch_size", "48"]
+JOB += ["--parallel.shard", "full", "--train.collective_timeout_s", str(TIMEOUT_S), "--train.log_every", "1"]
 SAID = {  # how the last line begins, and what else it says of the rank's collectives
     "hang": ("stopped answering (its process is stopped)", ""),
     "skip": ("skipped a collective", "the first disagreement: rank {rank} never called"),
