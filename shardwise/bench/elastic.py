@@ -9,7 +9,8 @@ of every step (metrics.jsonl, its wall-clock time) and the launcher's lines it r
 
 - recovery: from the loss to the first step after it, median and 99th percentile (it includes
   `train.rejoin_timeout_s`, the wait for the host before going on without it);
-- steps lost: steps done after the checkpoint the job went on from, done again;
+- steps done again: those done after the checkpoint the job went on from, before the loss
+  (fewer than `train.checkpoint_every`);
 - samples skipped or repeated: the steps of the final trajectory whose loss differs from the
   failure-free run's at the same step (a step's loss is a function of the samples it took),
   or that are missing;
@@ -90,7 +91,8 @@ def run(b: Bench) -> None:
         if job.poll() is not None or not _metrics(out):
             continue
         host = rng.randrange(hosts)
-        losses.append({"host": host, "at": _take_down(cluster, host, job.pid)})
+        last = _metrics(out)[-1]["step"]  # (a resumed run's metrics.jsonl is cut back to its checkpoint)
+        losses.append({"host": host, "at": _take_down(cluster, host, job.pid), "step": last})
         time.sleep(PERIOD_S / 2)
         _bring_up(cluster, host)
     code = job.wait()
@@ -116,11 +118,10 @@ def _report(b: Bench, out: Path, ref: Path, losses: list[dict], lines: list[str]
     resumed = [int(m.group(1)) for m in map(re.compile(r"going on with .* from step-0*(\d+)").search, lines) if m]
     recoveries, lost = [], []
     for loss, start in zip(losses, resumed, strict=False):
-        before = [r["step"] for r in records if r["time_unix"] < loss["at"]]
         after = [r for r in records if r["time_unix"] > loss["at"]]
         if after:
             recoveries.append(after[0]["time_unix"] - loss["at"])
-        lost.append(max(before, default=start) - start)
+        lost.append(max(0, loss["step"] - start))
     final = {}
     for r in records:  # the last word on each step: a step done again replaces its first try
         final[r["step"]] = r["loss"]
@@ -133,7 +134,7 @@ def _report(b: Bench, out: Path, ref: Path, losses: list[dict], lines: list[str]
            f"rejoin wait {REJOIN_S:g} s included")  # fmt: skip
     if recoveries:
         b.record("elastic", "recovery, s (loss to the first step after it)", recoveries, unit="s", how=how)
-    b.record("elastic", "steps lost (done again)", [sum(lost)], unit="count", how=how)
+    b.record("elastic", "steps done again, per loss", lost or [0], unit="count", how=how)
     b.record("elastic", "steps whose samples differ from the failure-free run's", [wrong], unit="count", how=how)
     b.record("elastic", "final weights equal the failure-free run's (1 = yes)", [float(same)], unit="count", how=how)
     b.console.print(f"the elastic job ended with exit {code}; its launcher's last lines:\n" + "".join(lines[-40:]))
