@@ -9,6 +9,9 @@ sharded (FSDP2), so its ranks agree on finite steps by a collective each step, w
 `train.collective_timeout_s` = TIMEOUT_S. A trial counts when the job ends with exit 1 and its
 last line names the rank and the disagreement; the time from the fault's step to the job's end
 is measured against the timeout + 5 s.
+
+What the rings cost: the digits convnet on 2 ranks with torch's flight recorder as every
+launched job has it, and with it off (TORCH_FR_BUFFER_SIZE=0), alternated; the step time ratio.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from shardwise.bench.common import Bench
+from shardwise.bench.common import Bench, alternate
 
 TRIALS, SEED, NPROC, STEPS, TIMEOUT_S = 20, 11, 3, 12, 3.0
 JOB = ["--model.name", "mlp", "--train.eval_every", "0", "--run.progress", "false", "--train.batch_size", "48"]
@@ -53,6 +56,11 @@ def _fault_time(out: Path, step: int) -> float | None:
 
 
 def run(b: Bench) -> None:
+    trials(b)
+    ring_cost(b)
+
+
+def trials(b: Bench) -> None:
     b.console.print(f"[bold]hangs[/]: {TRIALS} seeded trials, a rank of {NPROC} that hangs, skips a collective or "
                     f"calls it with another shape; FSDP2, collective timeout {TIMEOUT_S:g} s ({b.link})")  # fmt: skip
     table = Table(title="trials")
@@ -82,3 +90,19 @@ def run(b: Bench) -> None:
         b.record("hangs", "s from the fault's step to the job's end", delays, unit="s", how=how)
         b.console.print(f"{named} of {TRIALS} named; {statistics.median(delays):.1f} s (median) from the fault to the "
                         f"end, against a timeout of {TIMEOUT_S:g} s + 5")  # fmt: skip
+
+
+def ring_cost(b: Bench) -> None:
+    """Step time with the flight recorder's ring over without it, alternated `b.repeats` times."""
+    steps = 300
+
+    def job(size: str):
+        env = {**os.environ, "TORCH_FR_BUFFER_SIZE": size}
+        return lambda i: b.train(["--nproc", "2"], f"ring-{size}-{i}", steps=steps, env=env)["step_time_s"]
+
+    b.console.print(f"[bold]hangs[/]: the ring's cost, convnet on digits, 2 ranks, {steps} steps a run, "
+                    f"{b.repeats} alternated repetitions")  # fmt: skip
+    times = alternate({"ring": job("2000"), "no ring": job("0")}, b.repeats, b.console)
+    how = f"convnet, digits, 2 ranks, {steps} steps, median step time; TORCH_FR_BUFFER_SIZE 2000 against 0"
+    text = b.ratio("hangs", "step time: flight recorder on / off", times["ring"], times["no ring"], how=how)
+    b.console.print(f"step time with the ring / without: [bold]{text}[/] (target < 1.02)")
