@@ -37,7 +37,7 @@ HELLO = b"shardwise-rendezvous-1"
 SET, GET, ADD, CHECK, WAIT, COMPARE_SET, DELETE, NUM_KEYS, APPEND = range(1, 10)
 OK, FAILED = b"ok", b"failed"
 MAX_FRAME = 64 << 20
-_KEPT: list = []  # SecretStore.__init__
+_KEPT: list = []  # the stores (SecretStore.__init__) and rank 0's server (job_store): alive with the process
 PROOF_S = 5.0  # a peer that has not proven the secret by then is cut off
 
 
@@ -285,7 +285,7 @@ def job_store(host: str, port: int, rank: int, secret_hex: str, *, timeout: time
             server = StoreServer(host, port, secret)
         except OSError:
             server = StoreServer("::" if ":" in host else "0.0.0.0", port, secret)
-        job_store.server = server  # lives as long as the process
+        _KEPT.append(server)  # serves as long as the process lives
     return SecretStore(host, port, secret, timeout=timeout)
 
 

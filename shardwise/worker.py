@@ -79,25 +79,26 @@ def backend_for(device: torch.device) -> str:
 
 
 def init_process_group(backend: str, *, timeout: timedelta) -> None:
-    """torchrun's env:// rendezvous, except that a job whose MASTER_ADDR is a loopback
-    address (every rank on this machine) keeps every socket on loopback: torch's
-    TCPStore would listen on all interfaces, so rank 0 binds the store's socket to
-    MASTER_ADDR itself and hands it over, and gloo (NCCL) binds to the loopback interface."""
+    """The job's rendezvous. Started by shardwise's launcher (it hands the ranks a secret):
+    a store only the job's ranks may use (rendezvous.py). Otherwise torchrun's env://
+    rendezvous, except that a job whose MASTER_ADDR is a loopback address (every rank on this
+    machine) keeps every socket on loopback: torch's TCPStore would listen on all interfaces,
+    so rank 0 binds the store's socket to MASTER_ADDR itself and hands it over. Either way,
+    on loopback gloo (NCCL) binds to the loopback interface."""
     host = os.environ.get("MASTER_ADDR", "")
-    if os.environ.get(procs.SECRET_ENV):  # shardwise's launcher: a store only the job's ranks may use
-        from shardwise.rendezvous import init_from_env
-
-        if is_loopback(host):
-            os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = loopback_interface()
-            os.environ["MASTER_ADDR"] = "127.0.0.1" if host == "localhost" else host
-        init_from_env(backend, timeout=timeout)
-        return
-    if not is_loopback(host) or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+    ours = bool(os.environ.get(procs.SECRET_ENV))
+    if not ours and (not is_loopback(host) or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
         dist.init_process_group(backend, timeout=timeout)  # torchrun's agent hosts the store
         return
-    os.environ["GLOO_SOCKET_IFNAME"] = loopback_interface()  # even if the shell names another one
-    os.environ["NCCL_SOCKET_IFNAME"] = loopback_interface()
-    host = "127.0.0.1" if host == "localhost" else host
+    if is_loopback(host):
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback_interface()  # even if the shell names another one
+        os.environ["NCCL_SOCKET_IFNAME"] = loopback_interface()
+        host = os.environ["MASTER_ADDR"] = "127.0.0.1" if host == "localhost" else host
+    if ours:
+        from shardwise.rendezvous import init_from_env
+
+        init_from_env(backend, timeout=timeout)
+        return
     rank, world, port = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["MASTER_PORT"])
     if rank == 0:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

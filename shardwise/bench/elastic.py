@@ -7,7 +7,7 @@ The job (`--nproc 1:HOSTS`, one rank a host, float64) goes on with the hosts lef
 back at the first checkpoint after the host returns (elastic.py). From each rank-0 log line
 of every step (metrics.jsonl, its wall-clock time) and the launcher's lines it reports:
 
-- recovery: from the loss to the first step after it, median and 99th percentile (it includes
+- recovery: from the loss to the first step after it, median, least and most (it includes
   `train.rejoin_timeout_s`, the wait for the host before going on without it);
 - steps done again: those done after the checkpoint the job went on from, before the loss
   (fewer than `train.checkpoint_every`);

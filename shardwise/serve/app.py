@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from shardwise.serve.model import RequestError, ServedModel, answer, request_inputs
+from shardwise.serve.model import RESTARTING, RequestError, ServedModel, answer, request_inputs
 
 OPEN_PATHS = ("/", "/healthz")  # no token needed: the page (it asks for one) and the probe
 PAGE = Path(__file__).with_name("page.html")
@@ -122,7 +122,7 @@ def build_app(served: ServedModel, settings: Settings) -> Starlette:
 
     async def predict(request: Request) -> Response:
         if not served.ready():
-            raise RequestError(503, "the model's ranks are restarting after a failure; try again shortly")
+            raise RequestError(503, RESTARTING)
         body = await _read_body(request, settings.max_body_bytes)
         x = await asyncio.to_thread(_parsed, served, body)  # off the event loop: images decode slowly
         step = settings.max_batch  # a request over max_batch samples goes as several batches

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shardwise.serve.model import RequestError
+from shardwise.serve.model import RESTARTING, RequestError
 
 ADDRESS_ENV = "SHARDWISE_SERVE_LINK"  # the socket's path, for rank 0
 KEY_ENV = "SHARDWISE_SERVE_KEY"  # the key it proves, hex
@@ -91,7 +91,7 @@ class RankLink:
         with self.lock:
             conn = self.conn
             if conn is None:
-                raise RequestError(503, "the model's ranks are restarting after a failure; try again shortly")
+                raise RequestError(503, RESTARTING)
             try:
                 conn.send(x)
                 return conn.recv()

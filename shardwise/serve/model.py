@@ -28,6 +28,9 @@ from shardwise.errors import ShardwiseError
 MAX_IMAGE_PIXELS = 4096 * 4096  # an image file that says it is larger is refused (a decompression bomb)
 
 
+RESTARTING = "the model's ranks are restarting after a failure; try again shortly"  # (503)
+
+
 class RequestError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
