@@ -176,7 +176,7 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int) -> int
     from shardwise.scoring import open_run, preprocess_of
     from shardwise.serve.front import check_door, listen, listen_and_serve
     from shardwise.serve.link import RankLink
-    from shardwise.serve.model import ServedModel, describe
+    from shardwise.serve.model import ServedModel, check_memory, describe
     from shardwise.serve.ranks import serving_config
 
     folder, cfg = open_run(run, texts)
@@ -206,8 +206,11 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int) -> int
             sock.close()
             return link.ended
         record = preprocess_of(folder / "model.safetensors")
-        about = describe(folder, cfg, record, parameters=hello["parameters"], layout=hello["layout"])
-        served = ServedModel(cfg.model.name, link.forward, record, about, ready=link.ready)
+        about = describe(folder, cfg, record, parameters=hello["parameters"], held=hello["held_bytes"],
+                         layout=hello["layout"])  # fmt: skip
+        check_memory(cfg.serve.memory_per_rank, hello["held_bytes"], hello["layout"])
+        served = ServedModel(cfg.model.name, link.forward, record, about, ready=link.ready,
+                             in_flight=hello.get("in_flight", 1))  # fmt: skip
         listen_and_serve(served, cfg.serve, door=door, sock=sock, started=server.append)
     finally:
         link.close()  # rank 0 sees the link close, and stops the ranks

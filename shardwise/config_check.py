@@ -340,6 +340,8 @@ def _check_serve(s) -> None:
         raise ShardwiseError("serve.max_restarts", f"must be >= 0, got {s.max_restarts}")
     if s.max_body_bytes < 1:
         raise ShardwiseError("serve.max_body_bytes", f"must be positive, got {s.max_body_bytes}")
+    if s.memory_per_rank and parse_bytes(s.memory_per_rank, "serve.memory_per_rank") <= 0:
+        raise ShardwiseError("serve.memory_per_rank", f"must be positive, got {s.memory_per_rank!r}")
     if not 0 <= s.port <= 65535:
         raise ShardwiseError("serve.port", f"must be a port number 0-65535, got {s.port}")
     if bool(s.tls_cert) != bool(s.tls_key):

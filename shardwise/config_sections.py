@@ -113,3 +113,10 @@ class ServeConfig:
     max_restarts: int = 3
     """--nproc N: the times the ranks are started again after one fails (the front answers
     503 meanwhile); once more, and the server stops, exit 1."""
+    pipelined: bool = True
+    """--parallel.pp N alone: up to N batches in flight, one a stage (a stage takes the next
+    batch once it has passed the last one on); false: one batch through every stage at a time."""
+    memory_per_rank: str = ""
+    """The memory a rank may hold for the model's weights and buffers, e.g. 256MiB (empty: no
+    limit): a model whose largest rank holds more under the layout asked is refused in one
+    line, before it serves (cut it further: --nproc N --parallel.pp N)."""

@@ -71,13 +71,15 @@ def test_every_layout_serves_one_processes_predictions(runs, model, layout):
     assert code == 0, proc.stderr.read()
 
 
-def test_a_failed_rank_is_503_at_once_then_the_ranks_restart_and_serve_again(runs):
+@pytest.mark.parametrize("layout", [["--parallel.dp", "2"], ["--parallel.pp", "2"]], ids=["dp2", "pp2 pipelined"])
+def test_a_failed_rank_is_503_at_once_then_the_ranks_restart_and_serve_again(runs, layout):
     """A rank stopped mid-batch, then killed: the batch in flight gets 503 within seconds;
     the front answers 503 (and /healthz says so) until the restarted ranks connect, then the
-    same predictions; a failure beyond serve.max_restarts stops the server, exit 1."""
+    same predictions; a failure beyond serve.max_restarts stops the server, exit 1. Under a
+    pipeline the rank stopped is the last stage, which answers the front itself."""
     made, x, want = runs
-    proc = subprocess.Popen([sys.executable, "-m", "shardwise", "serve", str(made["mlp"]), "--nproc", "2",
-                             "--parallel.dp", "2", "--serve.port", "0", "--serve.max_restarts", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "shardwise", "serve", str(made["mlp"]), "--nproc", "2", *layout,
+                             "--serve.port", "0", "--serve.max_restarts", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
     try:
         url = re.search(r"(http://127\.0\.0\.1:\d+)/", proc.stdout.readline()).group(1)
@@ -121,3 +123,51 @@ def test_a_failed_rank_is_503_at_once_then_the_ranks_restart_and_serve_again(run
     assert code == 1, err
     assert "restart 1 of 1" in err and "the ranks are back; serving again" in err, err
     assert "rank 0 failed (exit -9)" in err and "after 1 restart" in err, err
+
+
+def test_a_pipeline_keeps_a_batch_a_stage_in_flight_within_a_memory_budget(runs):
+    """pp = 2 under a weight budget one process exceeds (refused in one line, exit 2): batches
+    of one sample from concurrent clients go through the stages a batch a stage, and each
+    answer is its own sample's (the answers come back in the order the batches went in)."""
+    made, x, want = runs
+    whole = sum(t.nbytes for t in __import__("safetensors.numpy").numpy.load_file(
+        str(made["convnet"] / "model.safetensors")).values())  # fmt: skip
+    budget = ["--serve.memory_per_rank", f"{0.9 * whole / 1024:.1f}KiB"]
+    alone = subprocess.run([sys.executable, "-m", "shardwise", "serve", str(made["convnet"]), "--serve.port", "0",
+                            *budget], capture_output=True, text=True, cwd=ROOT, timeout=60)  # fmt: skip
+    assert alone.returncode == 2 and alone.stderr.count("\n") == 1, alone.stderr
+    assert alone.stderr.startswith("shardwise: serve.memory_per_rank") and "one process" in alone.stderr, alone.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "shardwise", "serve", str(made["convnet"]), "--nproc", "2",
+                             "--parallel.pp", "2", "--serve.port", "0", "--serve.max_batch", "1",
+                             "--serve.max_wait_ms", "0", *budget], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert "serving" in line, proc.stderr.read()
+        url = re.search(r"(http://127\.0\.0\.1:\d+)/", line).group(1)
+        answers: dict[int, np.ndarray] = {}
+        with httpx.Client(base_url=url, timeout=60) as client:
+            about = client.get("/v1/model").json()
+            assert 0 < about["largest_rank_weight_bytes"] <= 0.9 * whole, (about, whole)
+
+            def ask(rows: range) -> None:
+                for i in rows:
+                    r = client.post("/v1/predict", json={"inputs": x[i : i + 1].tolist()})
+                    answers[i] = np.asarray(r.json()["probabilities"][0])
+
+            askers = [threading.Thread(target=ask, args=(range(k, len(x), 6),)) for k in range(6)]
+            for t in askers:
+                t.start()
+            for t in askers:
+                t.join(timeout=120)
+            metrics = client.get("/metrics").text
+        assert sorted(answers) == list(range(len(x))), sorted(answers)
+        alone = float(re.search(r'shardwise_batches_in_flight_bucket\{le="1.0"\} (\S+)', metrics).group(1))
+        batches = float(re.search(r"shardwise_batches_in_flight_count (\S+)", metrics).group(1))
+        assert batches == len(x) and alone < batches, metrics  # some batches were sent with another in the pipeline
+        np.testing.assert_allclose(np.stack([answers[i] for i in range(len(x))]), want["convnet"], rtol=1e-5,
+                                   atol=1e-7)  # fmt: skip
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0, proc.stderr.read()

@@ -8,6 +8,8 @@ first waiting request, then more until the batch holds `max_batch` samples or th
 waited `max_wait_ms`, and runs one forward pass on a thread of its own (torch leaves the
 event loop free meanwhile, so the next batch gathers while this one computes). A request
 that would overflow the batch waits for the next; one larger than `max_batch` goes alone.
+A pipelined model takes up to `in_flight` batches at once (serve/stages.py): the next batch
+is sent while the last ones are still in the pipeline.
 
 **At the door.** With tokens, every request but `GET /` and `GET /healthz` must carry
 `Authorization: Bearer TOKEN`, compared with each token in constant time (`hmac`). A body
@@ -50,7 +52,7 @@ class Settings:
 
 
 class Metrics:
-    def __init__(self, max_batch: int):
+    def __init__(self, max_batch: int, in_flight: int = 1):
         self.registry = CollectorRegistry()
         self.requests = Counter("shardwise_requests", "Requests answered, by path and status", ["path", "status"],
                                 registry=self.registry)  # fmt: skip
@@ -60,15 +62,19 @@ class Metrics:
         sizes = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, max_batch})
         self.batch = Histogram("shardwise_batch_samples", "Samples in each forward pass",
                                registry=self.registry, buckets=[s for s in sizes if s <= max_batch])  # fmt: skip
+        self.flying = Histogram("shardwise_batches_in_flight", "Batches in the model as each is sent, itself included",
+                                registry=self.registry, buckets=list(range(1, in_flight + 1)))  # fmt: skip
 
 
 class Batcher:
-    """Gathers requests' inputs into batches for one forward pass at a time."""
+    """Gathers requests' inputs into batches, one forward pass at a time (a pipeline's: `in_flight`)."""
 
     def __init__(self, served: ServedModel, settings: Settings, metrics: Metrics):
         self.served, self.settings, self.metrics = served, settings, metrics
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="shardwise-forward")
+        self.executor = ThreadPoolExecutor(served.in_flight, thread_name_prefix="shardwise-forward")
+        self.slots = asyncio.Semaphore(served.in_flight)  # batches in flight at once (a pipeline's stages)
+        self.flying: set[asyncio.Task] = set()
         self.task: asyncio.Task | None = None
 
     async def submit(self, x: np.ndarray) -> np.ndarray:
@@ -79,6 +85,7 @@ class Batcher:
     async def run(self) -> None:
         loop, held = asyncio.get_running_loop(), None
         while True:
+            await self.slots.acquire()  # (while every slot is busy, the queue grows into a larger batch)
             first = held or await self.queue.get()
             items, size, held = [first], len(first[0]), None
             deadline = loop.time() + self.settings.max_wait_ms / 1000.0
@@ -93,7 +100,14 @@ class Batcher:
                     break
                 items.append(item)
                 size += len(item[0])
-            await self._forward(loop, items, size)
+            flying = asyncio.create_task(self._forward(loop, items, size))
+            self.flying.add(flying)
+            self.metrics.flying.observe(len(self.flying))
+            flying.add_done_callback(self._landed)
+
+    def _landed(self, task: asyncio.Task) -> None:
+        self.flying.discard(task)
+        self.slots.release()
 
     async def _forward(self, loop, items, size: int) -> None:
         self.metrics.batch.observe(size)
@@ -117,7 +131,7 @@ def _error(status: int, message: str, **headers) -> JSONResponse:
 
 
 def build_app(served: ServedModel, settings: Settings) -> Starlette:
-    metrics = Metrics(settings.max_batch)
+    metrics = Metrics(settings.max_batch, served.in_flight)
     batcher = Batcher(served, settings, metrics)
 
     async def predict(request: Request) -> Response:

@@ -8,6 +8,12 @@ socket in a folder only this user can enter, proving a key made for this server
 (`multiprocessing.connection`'s HMAC challenge); it says what it serves (a hello), then
 answers each batch sent with the batch's class probabilities. The front closing the link
 is rank 0's signal to stop the ranks.
+
+A pipelined layout (serve/stages.py) links twice: the first stage takes the batches (the
+"in" end), the last stage sends their answers (the "out" end), and the front keeps up to a
+batch a stage in flight, matching the answers to the batches by their order. The ends of one
+start of the ranks are told from a stale one's by the launcher's name for that start; a
+failure on either end fails every batch in flight with 503.
 """
 
 from __future__ import annotations
@@ -31,18 +37,36 @@ ADDRESS_ENV = "SHARDWISE_SERVE_LINK"  # the socket's path, for rank 0
 KEY_ENV = "SHARDWISE_SERVE_KEY"  # the key it proves, hex
 
 
+class Ends:
+    """One start of the ranks, as the front sees it: its "in" and "out" connections (one
+    connection for both where rank 0 answers its own batches), and the batches in flight."""
+
+    def __init__(self, start: str):
+        self.start, self.inp, self.out, self.hello = start, None, None, None
+        self.sent = self.answered = 0  # batches sent; answers taken (in the same order)
+        self.failed = False
+
+    def ready(self) -> bool:
+        return not self.failed and self.inp is not None and self.out is not None
+
+    def close(self) -> None:
+        self.failed = True
+        for conn in {id(c): c for c in (self.inp, self.out) if c is not None}.values():
+            conn.close()
+
+
 class RankLink:
-    """The front's end: accepts rank 0 (again after each restart), sends it batches."""
+    """The front's end: accepts the ranks' ends (again after each restart), sends them batches."""
 
     def __init__(self):
         self.folder = Path(tempfile.mkdtemp(prefix="shardwise-link-"))  # mode 700
         self.key = secrets.token_bytes(32)
         self.listener = Listener(str(self.folder / "ranks"), "AF_UNIX", authkey=self.key)
-        self.conn: Connection | None = None
-        self.hello: dict | None = None
-        self.changed = threading.Condition()
+        self.ends = Ends("")
+        self.hello: dict | None = None  # the first start's
+        self.changed = threading.Condition()  # guards ends, hello, ended; wakes answer-takers and wait_ready
         self.ended: int | None = None  # the launcher's exit status, once it has returned
-        self.lock = threading.Lock()  # one batch on the link at a time
+        self.sending = threading.Lock()  # one batch onto the link at a time
         self.closing = False
         self.accepting = threading.Thread(target=self._accept, name="shardwise-serve-link", daemon=True)
         self.accepting.start()
@@ -51,7 +75,7 @@ class RankLink:
         return {ADDRESS_ENV: str(self.folder / "ranks"), KEY_ENV: self.key.hex()}
 
     def _accept(self) -> None:
-        connected = 0
+        starts = 0
         while True:
             try:
                 conn = self.listener.accept()
@@ -63,16 +87,24 @@ class RankLink:
             if self.closing:
                 conn.close()
                 return
-            connected += 1
-            if connected > 1:
-                print("shardwise serve: the ranks are back; serving again", file=sys.stderr, flush=True)
             with self.changed:
-                self._drop()
-                self.conn, self.hello = conn, hello
+                if hello["start"] != self.ends.start:  # a new start of the ranks: the old one's ends go
+                    self.ends.close()
+                    self.ends = Ends(hello["start"])
+                ends = self.ends
+                if hello["role"] in ("in", "both"):
+                    ends.inp, ends.hello = conn, hello
+                if hello["role"] in ("out", "both"):
+                    ends.out = conn
+                if ends.ready():
+                    starts += 1
+                    self.hello = self.hello or ends.hello
+                    if starts > 1:
+                        print("shardwise serve: the ranks are back; serving again", file=sys.stderr, flush=True)
                 self.changed.notify_all()
 
     def wait_ready(self) -> dict | None:
-        """The first hello; None if the launcher returned first (its status in `ended`)."""
+        """The first start's hello; None if the launcher returned first (its status in `ended`)."""
         with self.changed:
             self.changed.wait_for(lambda: self.hello is not None or self.ended is not None)
             return self.hello
@@ -80,38 +112,50 @@ class RankLink:
     def launcher_ended(self, status: int) -> None:
         with self.changed:
             self.ended = status
-            self._drop()
+            self.ends.close()
             self.changed.notify_all()
 
     def ready(self) -> bool:
-        return self.conn is not None
+        return self.ends.ready()
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """The batch's probabilities from the ranks; RequestError(503) while they are away."""
-        with self.lock:
-            conn = self.conn
-            if conn is None:
+        """The batch's probabilities from the ranks; RequestError(503) while they are away.
+        Batches may be sent from several threads: each takes its answer in its turn."""
+        with self.sending:
+            ends = self.ends
+            if not ends.ready():
                 raise RequestError(503, RESTARTING)
+            turn = ends.sent
+            ends.sent += 1
             try:
-                conn.send(x)
-                return conn.recv()
-            except (OSError, EOFError):
-                with self.changed:
-                    if self.conn is conn:
-                        self._drop()
-                failed = "a rank failed while this batch was in flight; the ranks are restarting"
-                raise RequestError(503, failed) from None
+                ends.inp.send(x)
+            except OSError:
+                self._fail(ends)
+        with self.changed:
+            self.changed.wait_for(lambda: ends.answered == turn or ends.failed)
+        if ends.failed:
+            self._fail(ends)
+        try:
+            return ends.out.recv()
+        except (OSError, EOFError):
+            self._fail(ends)
+        finally:
+            with self.changed:
+                ends.answered += 1
+                self.changed.notify_all()
 
-    def _drop(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-        self.conn = None
+    def _fail(self, ends: Ends):
+        with self.changed:
+            ends.close()
+            self.changed.notify_all()
+        raise RequestError(503, "a rank failed while this batch was in flight; the ranks are restarting")
 
     def close(self) -> None:
         """Stop accepting, and close the link: rank 0 stops the ranks."""
         self.closing = True
         with self.changed:
-            self._drop()
+            self.ends.close()
+            self.changed.notify_all()
         with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as waking:  # out of its accept()
             waking.connect(str(self.folder / "ranks"))
         self.accepting.join(timeout=5)
@@ -121,6 +165,9 @@ class RankLink:
         self.folder.rmdir()
 
 
-def connect_to_front() -> Connection:
-    """Rank 0's end, from the launcher's environment."""
-    return Client(os.environ[ADDRESS_ENV], "AF_UNIX", authkey=bytes.fromhex(os.environ[KEY_ENV]))
+def connect_to_front(hello: dict) -> Connection:
+    """A rank's end, from the launcher's environment, `hello` sent (its role, and what it
+    serves) with this start's name (the launcher's run id: port and attempt)."""
+    conn = Client(os.environ[ADDRESS_ENV], "AF_UNIX", authkey=bytes.fromhex(os.environ[KEY_ENV]))
+    conn.send({**hello, "start": os.environ.get("TORCHELASTIC_RUN_ID", "")})
+    return conn

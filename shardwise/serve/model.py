@@ -44,6 +44,7 @@ class ServedModel:
     record: dict  # the preprocessing record saved with the weights
     about: dict  # what GET /v1/model says
     ready: Callable[[], bool] = lambda: True  # False: predictions are refused at once (503), /healthz says so
+    in_flight: int = 1  # batches the forward may be given at once (from as many threads)
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -62,18 +63,31 @@ def load_served(run: str | Path, texts: dict[str, str]) -> ServedModel:
     if not record:
         raise ShardwiseError("run", f"{folder}/model.safetensors holds no preprocessing record: train it again")
     model = run_model(folder, cfg, tuple(record["in_shape"]), len(record["classes"]))
+    held = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+    check_memory(cfg.serve.memory_per_rank, held, "one process")
     dtype = getattr(torch, cfg.train.dtype)
 
     @torch.no_grad()
     def forward(x: np.ndarray) -> np.ndarray:
         return torch.softmax(model(torch.from_numpy(x).to(dtype)).double(), dim=1).numpy()
 
-    about = describe(folder, cfg, record, parameters=sum(p.numel() for p in model.parameters()))
+    about = describe(folder, cfg, record, parameters=sum(p.numel() for p in model.parameters()), held=held)
     return ServedModel(cfg.model.name, forward, record, about)
 
 
-def describe(folder: Path, cfg, record: dict, *, parameters: int, layout: str = "one process") -> dict:
-    """What GET /v1/model says of a run's model."""
+def check_memory(budget: str, held: float, layout: str) -> None:
+    """One line where the largest rank's weights (`held` bytes) exceed serve.memory_per_rank."""
+    from shardwise.config_check import parse_bytes
+
+    if budget and held > parse_bytes(budget, "serve.memory_per_rank"):
+        raise ShardwiseError("serve.memory_per_rank", f"={budget}: under {layout} the largest rank holds "
+                             f"{held / 2**10:,.1f} KiB of weights; cut the model further "
+                             "(--nproc N --parallel.pp N)")  # fmt: skip
+
+
+def describe(folder: Path, cfg, record: dict, *, parameters: int, held: float, layout: str = "one process") -> dict:
+    """What GET /v1/model says of a run's model (`held`: the bytes of weights and buffers its
+    largest rank holds)."""
     summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
     return {
         "name": cfg.model.name,
@@ -82,6 +96,7 @@ def describe(folder: Path, cfg, record: dict, *, parameters: int, layout: str = 
         "classes": list(record["classes"]),
         "layout": layout,
         "parameters": parameters,
+        "largest_rank_weight_bytes": held,
         "val_accuracy": summary.get("val_accuracy"),
         "data": cfg.data.name,
     }

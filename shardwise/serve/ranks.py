@@ -14,6 +14,10 @@ smaller than the data-parallel degree is padded with copies of its last sample, 
 answers dropped. While no batch comes, rank 0 broadcasts that it is still there, so the others'
 broadcasts never time out. When the front closes the link (it stops), rank 0 broadcasts the
 stop, and every rank leaves together. Ctrl-C is the front's to handle: the ranks ignore it.
+
+A pipeline and nothing else (`--parallel.pp N` on N ranks) is served a batch a stage instead
+(serve/stages.py: up to N batches in flight), unless serve.pipelined is false. Every rank
+tells rank 0 its weights' bytes: the largest is checked against serve.memory_per_rank.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch.distributed as dist
 from shardwise.config import Config
 from shardwise.data.loader import RankData
 from shardwise.data.sources import Dataset, take_features
+from shardwise.serve.stages import Stage, pipelined
 
 RUN, STOP, IDLE = 1, 0, 2
 IDLE_S = 20.0  # rank 0 says it is still there this often: the others' broadcasts never time out
@@ -54,6 +59,9 @@ class RankServer:
         self.device, self.dtype = device, getattr(torch, cfg.train.dtype)
         self.in_shape = tuple(self.setup.data.dataset.in_shape)
         self.classes = self.setup.data.dataset.num_classes
+        held = torch.tensor([_held_bytes(self.layout.local_model)], dtype=torch.float64)
+        dist.all_reduce(held, op=dist.ReduceOp.MAX)
+        self.hello = {"parameters": self.parameters, "layout": self.described, "held_bytes": float(held)}
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The whole batch's class probabilities (on rank 0 at least), every rank taking part."""
@@ -78,7 +86,6 @@ class RankServer:
 
     def lead(self, front) -> None:
         """Rank 0: the front's batches, each through every rank, until the front closes the link."""
-        front.send({"parameters": self.parameters, "layout": self.described})
         while True:
             if not front.poll(self.idle_s):
                 dist.broadcast(torch.tensor([IDLE, 0], dtype=torch.int64), 0)
@@ -121,11 +128,15 @@ def serve_rank(cfg: Config, *, device: torch.device) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the front answers what is in flight, then stops us
     server = RankServer(cfg, device=device)
     try:
+        if cfg.serve.pipelined and pipelined(server.dims):
+            stage = Stage(server.layout.runner, idle_s=server.idle_s)
+            stage.lead(server.hello) if stage.first else stage.follow()
+            return
         if dist.get_rank() != 0:
             server.follow()
             return
         try:
-            front = connect_to_front()
+            front = connect_to_front({**server.hello, "role": "both"})
         except (OSError, EOFError, AuthenticationError):  # the front has stopped already
             server.stop()
             return
@@ -134,6 +145,12 @@ def serve_rank(cfg: Config, *, device: torch.device) -> None:
         server.stop()  # (not after a failed batch: the launcher stops and restarts the ranks)
     finally:
         server.close()
+
+
+def _held_bytes(module: torch.nn.Module) -> int:
+    """The bytes of this rank's weights and buffers (its shards only, where they are cut)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors)
 
 
 def serving_config(cfg: Config, run_folder: Path) -> Config:
