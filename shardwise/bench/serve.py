@@ -40,11 +40,13 @@ SIDES = {
 def _start(run_folder, args: list[str]) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "shardwise", "serve", str(run_folder), "--serve.port", "0", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    line = proc.stdout.readline()
-    found = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+    line = found = None
+    while line != "" and not found:  # (ranks may print before the server says where it listens)
+        line = proc.stdout.readline()
+        found = re.search(r"serving .* on (http://127\.0\.0\.1:\d+)/", line)
     if not found:
         proc.kill()
-        raise RuntimeError(f"the server did not start: {line}{proc.stderr.read()[-2000:]}")
+        raise RuntimeError(f"the server did not start: {proc.stderr.read()[-2000:]}")
     return proc, found.group(1)
 
 

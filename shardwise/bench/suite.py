@@ -33,6 +33,7 @@ from shardwise.bench import (
     restarts,
     scaling,
     serve,
+    serve_pp,
     shard,
     spatial,
     sql,
@@ -61,10 +62,11 @@ SCENARIOS: dict[str, tuple[Callable[[Bench], None], bool]] = {
     "planner": (planner.run, True),  # every layout run for real: an hour and more
     "sql": (sql.run, False),  # a database on this machine: loopback only
     "serve": (serve.run, False),  # one serving process under load: loopback
+    "serve-pp": (serve_pp.run, False),  # a model over one rank's budget, served by a pipeline: loopback
     "elastic": (elastic.run, True),  # hosts lost and back on a schedule: the emulated cluster only, minutes
     "hangs": (hangs.run, False),  # seeded broken collectives: is the culprit named?
 }
-NAMED_ONLY = ("restarts", "planner", "compression", "checkpointing", "sql", "serve", "elastic", "hangs")
+NAMED_ONLY = ("restarts", "planner", "compression", "checkpointing", "sql", "serve", "serve-pp", "elastic", "hangs")
 DEFAULT = [name for name in SCENARIOS if name not in NAMED_ONLY]
 CLUSTER_NAME, HOSTS = "swb", 4
 
