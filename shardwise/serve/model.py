@@ -81,8 +81,12 @@ def check_memory(budget: str, held: float, layout: str) -> None:
 
     if budget and held > parse_bytes(budget, "serve.memory_per_rank"):
         raise ShardwiseError("serve.memory_per_rank", f"={budget}: under {layout} the largest rank holds "
-                             f"{held / 2**10:,.1f} KiB of weights; cut the model further "
+                             f"{_size(held)} of weights; cut the model further "
                              "(--nproc N --parallel.pp N)")  # fmt: skip
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
 
 
 def describe(folder: Path, cfg, record: dict, *, parameters: int, held: float, layout: str = "one process") -> dict:
