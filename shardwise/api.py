@@ -164,13 +164,14 @@ def count_words(cfg: Config, *, nproc: int, out: Path, top: int, overwrite: bool
     return launch(cfg, nproc=nproc, out=out, overwrite=overwrite, env={JOB_ENV: f"words:{top}"})
 
 
-def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int) -> int:
+def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int, cluster: str = "local") -> int:
     """`shardwise serve RUN --nproc N`: the run's model cut into the layout `texts` name across
-    `nproc` ranks on this machine (serve/ranks.py), behind an HTTP front in this process that
-    outlives them: a failed rank's job is restarted (serve.max_restarts) while the front
+    `nproc` ranks placed as `cluster` says (serve/ranks.py), behind an HTTP front in this
+    process that outlives them: a failed rank's job is restarted (serve.max_restarts) while the front
     answers 503 (serve/link.py); the exit status."""
     import threading
 
+    from shardwise.cluster.placement import placement_for
     from shardwise.launch import launch
     from shardwise.procs import JOB_ENV
     from shardwise.scoring import open_run, preprocess_of
@@ -184,6 +185,7 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int) -> int
         raise ShardwiseError("parallel.mode", "=ps trains through parameter servers: serve under an all-reduce "
                              "layout (dp, tp, pp, spatial, vertical)")  # fmt: skip
     cfg = serving_config(cfg, folder)
+    placement = placement_for(cluster)
     door = check_door(cfg.serve)
     sock = listen(cfg.serve.host, cfg.serve.port)  # taken now: a port in use is one line before any rank starts
     work, link, stop, server = Path(tempfile.mkdtemp(prefix="shardwise-serve-")), RankLink(), threading.Event(), []
@@ -192,7 +194,8 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int) -> int
         status = 1
         try:
             status = launch(cfg, nproc=nproc, out=work / "serve", max_restarts=cfg.serve.max_restarts,
-                            env={JOB_ENV: f"serve:{folder.resolve()}", **link.env()}, stop=stop)  # fmt: skip
+                            placement=placement, env={JOB_ENV: f"serve:{folder.resolve()}", **link.env()},
+                            stop=stop)  # fmt: skip
         finally:
             link.launcher_ended(status)
             if server and not stop.is_set():  # the ranks failed more often than they may restart: stop

@@ -8,8 +8,8 @@ latency runs from its scheduled arrival to its answer. Per rate: p50 and p99 lat
 answers a second, and the goodput (answers within the P99_TARGET_MS a second). The figure:
 the goodput at the highest rate whose p99 stays within the target, dynamic over batch-1.
 
-Plain HTTP on loopback, the generator (httpx, asyncio) in this process: on a small machine
-it shares the cores with the server, which the figures include.
+Plain HTTP on loopback, the generator (aiohttp's client, asyncio) in this process: on a
+small machine it shares the cores with the server, which the figures include.
 """
 
 from __future__ import annotations
@@ -51,29 +51,32 @@ def _start(run_folder, args: list[str]) -> tuple[subprocess.Popen, str]:
 
 
 async def _load(url: str, body: bytes, rate: float, seconds: float, seed: int) -> dict:
-    import httpx
+    import aiohttp
 
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, int(rate * seconds * 1.5) + 10))
     arrivals = arrivals[arrivals < seconds]
     latencies: list[float] = []
     failed = 0
-    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+    connector = aiohttp.TCPConnector(limit=1024)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as client:
 
         async def ask(at: float) -> None:
             nonlocal failed
             try:
-                r = await client.post("/v1/predict", content=body, headers={"Content-Type": "application/json"})
-                if r.status_code != 200:
-                    failed += 1
-                    return
-            except httpx.HTTPError:
+                async with client.post("/v1/predict", data=body, headers={"Content-Type": "application/json"}) as r:
+                    await r.read()
+                    if r.status != 200:
+                        failed += 1
+                        return
+            except (aiohttp.ClientError, TimeoutError):
                 failed += 1
                 return
             latencies.append(time.perf_counter() - (start + at))
 
-        await client.get("/healthz")
+        async with client.get("/healthz") as r:
+            await r.read()
         start = time.perf_counter()
         tasks = []
         for at in arrivals:

@@ -1,6 +1,7 @@
 """Serving a model too large for one rank's memory budget, cut in a pipeline of 2 stages:
 pipelined (a batch a stage in flight) against one batch at a time (serve.pipelined =
-false), alternated.
+false), alternated; on loopback, and on the emulated cluster (the stages on two hosts, the
+activations crossing the shaped link; the server and the load on this machine).
 
 The model: an MLP of 64 inputs and three hidden layers of 4096 (129 MiB of weights), served
 under serve.memory_per_rank = BUDGET (96 MiB): one process is refused (checked, exit 2),
@@ -49,8 +50,10 @@ def _single(url: str, body: bytes) -> float:
     return statistics.median(took)
 
 
-def _side(run_folder, args: list[str], body: bytes, rates: list[float] | None, seed: int) -> dict:
-    proc, url = _start(run_folder, args)
+def _side(bench: Bench, args: list[str], body: bytes, rates: list[float] | None, seed: int) -> dict:
+    """One server: its single-request latency, then the rates (`rates`, or LOADS of that latency)."""
+    cluster = ["--cluster", f"emulated:{bench.placement.cluster.name}"] if bench.placement.cluster else []
+    proc, url = _start(bench.work / "serve_pp_model", [*args, *cluster])
     try:
         single = _single(url, body)
         rates = rates or [k * 1e3 / single for k in LOADS]
@@ -84,7 +87,7 @@ def run(bench: Bench) -> None:
     for i in range(bench.repeats):
         names = list(KINDS)[i % 2 :] + list(KINDS)[: i % 2]
         for name in names if rates else list(KINDS):  # the pipelined side first, once: it sets the rates
-            side = _side(run_folder, KINDS[name], body.encode(), rates, seed=100 * i)
+            side = _side(bench, KINDS[name], body.encode(), rates, seed=100 * i)
             rates = side["rates"]
             found[name].append(side)
         shown = [f"{n} {s[-1]['single_ms']:.1f} ms alone, within 2x up to {_within(s[-1]):.0f} req/s"

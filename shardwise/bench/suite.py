@@ -62,7 +62,7 @@ SCENARIOS: dict[str, tuple[Callable[[Bench], None], bool]] = {
     "planner": (planner.run, True),  # every layout run for real: an hour and more
     "sql": (sql.run, False),  # a database on this machine: loopback only
     "serve": (serve.run, False),  # one serving process under load: loopback
-    "serve-pp": (serve_pp.run, False),  # a model over one rank's budget, served by a pipeline: loopback
+    "serve-pp": (serve_pp.run, True),  # a model over one rank's budget, served by a pipeline
     "elastic": (elastic.run, True),  # hosts lost and back on a schedule: the emulated cluster only, minutes
     "hangs": (hangs.run, False),  # seeded broken collectives: is the culprit named?
 }

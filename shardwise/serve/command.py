@@ -18,6 +18,8 @@ def add_parser(sub, add_config_options) -> None:
     )
     serve.add_argument("run", type=Path, help="a finished run folder (config.toml, model.safetensors)")
     serve.add_argument("--nproc", type=int, default=1, help="ranks the model is cut across (default: 1, this process)")
+    serve.add_argument("--cluster", default="local", help="where --nproc's ranks run: local, or emulated[:NAME] "
+                       "(the hosts of `shardwise cluster up`; the server stays here) (default: local)")  # fmt: skip
     add_config_options(serve)
 
 
@@ -31,4 +33,4 @@ def run(args: argparse.Namespace) -> int:
         return serve_one(args.run, texts)
     from shardwise.api import serve_on_ranks
 
-    return serve_on_ranks(args.run, texts, nproc=args.nproc)
+    return serve_on_ranks(args.run, texts, nproc=args.nproc, cluster=args.cluster)
