@@ -122,6 +122,37 @@ def test_train_on_the_cluster_ends_with_the_same_weights(cluster, tmp_path, caps
     assert emu.keys() == local.keys() and all((emu[k] == local[k]).all() for k in emu)
 
 
+def test_serve_a_pipeline_on_the_cluster_answers_as_one_process(cluster, tmp_path):
+    """`serve --nproc 2 --parallel.pp 2 --cluster`: the stages on two hosts, the activations
+    crossing the shaped link; the front here, its answers `shardwise predict`'s."""
+    import httpx
+    import numpy as np
+
+    run = tmp_path / "run"
+    args = ["--model.name", "mlp", "--train.steps", "5", "--train.eval_every", "0", "--run.progress", "false"]
+    assert main(["train", "--out", str(run), *args]) == 0
+    x = np.random.default_rng(0).standard_normal((9, 1, 8, 8)).round(3)
+    np.savez(tmp_path / "x.npz", x=x)
+    assert main(["predict", str(run), "--input", str(tmp_path / "x.npz"), "--out", str(tmp_path / "p.npz")]) == 0
+    before = netns.link_settings(cluster, 1)
+    proc = subprocess.Popen([sys.executable, "-m", "shardwise", "serve", str(run), "--nproc", "2", "--parallel.pp",
+                             "2", "--cluster", f"emulated:{NAME}", "--serve.port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert "serving" in line, proc.stderr.read()
+        url = line.split(" on ")[1].split()[0]
+        with httpx.Client(base_url=url, timeout=60) as client:
+            got = client.post("/v1/predict", json={"inputs": x.tolist()}).json()
+    finally:
+        proc.terminate()
+        code = proc.wait(timeout=60)
+    assert code == 0, proc.stderr.read()
+    np.testing.assert_allclose(np.asarray(got["probabilities"]), np.load(tmp_path / "p.npz")["probabilities"],
+                               rtol=1e-5, atol=1e-7)  # fmt: skip
+    assert netns.link_settings(cluster, 1)["rx_bytes"] > before["rx_bytes"]  # the second stage's host
+
+
 def _torchrun_on_each_host(cluster, config: Path, *, run_id: str, hostname: str | None, local_addr: bool):
     """The README's multi-host command, once per host namespace, all at once; their results."""
     procs = []

@@ -27,7 +27,7 @@ import numpy as np
 
 from shardwise.bench.common import Bench
 
-RATES = (100, 150, 200, 250, 300, 400, 500, 600, 800)
+RATES = (100, 150, 200, 250, 300, 400, 500, 600, 800, 1000, 1200, 1600, 2000)
 GIVE_UP = 4.0  # a side's rates stop rising once its p99 passes this many times the target
 SECONDS = 4.0
 P99_TARGET_MS = 100.0
