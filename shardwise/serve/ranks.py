@@ -23,6 +23,7 @@ tells rank 0 its weights' bytes: the largest is checked against serve.memory_per
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 from datetime import timedelta
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch.distributed as dist
 from shardwise.config import Config
 from shardwise.data.loader import RankData
 from shardwise.data.sources import Dataset, take_features
+from shardwise.procs import PLACEMENT_ENV
 from shardwise.serve.stages import Stage, pipelined
 
 RUN, STOP, IDLE = 1, 0, 2
@@ -54,7 +56,8 @@ class RankServer:
         self.setup = set_up(cfg, self.mesh, device=device)
         self.parameters = sum(p.numel() for p in self.setup.model.parameters())  # whole, before any cut
         self.idle_s = min(IDLE_S, cfg.train.collective_timeout_s / 3)
-        self.described = f"{self.dims.layout} on {dist.get_world_size()} ranks"
+        where = os.environ.get(PLACEMENT_ENV, "")  # the launcher's words, e.g. emulated cluster 'sw': 2 ranks on ...
+        self.described = f"{self.dims.layout} on {dist.get_world_size()} ranks" + (f" ({where})" if where else "")
         self.layout = build_layout(cfg, self.mesh, self.setup, device=device, faults=FaultPlan(dist.get_rank(), ""))
         self.device, self.dtype = device, getattr(torch, cfg.train.dtype)
         self.in_shape = tuple(self.setup.data.dataset.in_shape)
