@@ -184,11 +184,15 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int, cluste
     if cfg.parallel.mode == "ps":
         raise ShardwiseError("parallel.mode", "=ps trains through parameter servers: serve under an all-reduce "
                              "layout (dp, tp, pp, spatial, vertical)")  # fmt: skip
-    cfg = serving_config(cfg, folder)
+    record = preprocess_of(folder / "model.safetensors")
+    if not record:
+        raise ShardwiseError("run", f"{folder}/model.safetensors holds no preprocessing record: train it again")
     placement = placement_for(cluster)
     door = check_door(cfg.serve)
     sock = listen(cfg.serve.host, cfg.serve.port)  # taken now: a port in use is one line before any rank starts
     work, link, stop, server = Path(tempfile.mkdtemp(prefix="shardwise-serve-")), RankLink(), threading.Event(), []
+    refused: list[ShardwiseError] = []
+    cfg = serving_config(cfg, folder, record, work / "stand-in.npz")
 
     def ranks() -> None:
         status = 1
@@ -196,6 +200,8 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int, cluste
             status = launch(cfg, nproc=nproc, out=work / "serve", max_restarts=cfg.serve.max_restarts,
                             placement=placement, env={JOB_ENV: f"serve:{folder.resolve()}", **link.env()},
                             stop=stop)  # fmt: skip
+        except ShardwiseError as e:  # the launcher's checks, before any rank starts: said in one line, exit 2
+            refused.append(e)
         finally:
             link.launcher_ended(status)
             if server and not stop.is_set():  # the ranks failed more often than they may restart: stop
@@ -207,8 +213,9 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int, cluste
         hello = link.wait_ready()
         if hello is None:
             sock.close()
+            if refused:
+                raise refused[0]
             return link.ended
-        record = preprocess_of(folder / "model.safetensors")
         about = describe(folder, cfg, record, parameters=hello["parameters"], held=hello["held_bytes"],
                          layout=hello["layout"])  # fmt: skip
         check_memory(cfg.serve.memory_per_rank, hello["held_bytes"], hello["layout"])

@@ -24,14 +24,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """The MLP trained from a file of its own, removed before anything serves: serving needs
+    the run, not its training data."""
     folder = tmp_path_factory.mktemp("layouts")
+    digits = __import__("sklearn.datasets").datasets.load_digits()
+    np.savez(folder / "digits.npz", x=digits.data.reshape(-1, 1, 8, 8), y=digits.target)
     made = {}
-    for name, args in {"mlp": ["--model.name", "mlp", "--model.hidden", "32,16"], "convnet": []}.items():
+    mlp = ["--model.name", "mlp", "--model.hidden", "32,16", "--data.name", "npz", "--data.path",
+           str(folder / "digits.npz")]  # fmt: skip
+    for name, args in {"mlp": mlp, "convnet": []}.items():
         done = cli_fork.run(["train", "--nproc", "1", *args, "--train.steps", "30", "--run.progress", "false",
                              "--out", str(folder / name)])  # fmt: skip
         assert done.returncode == 0, done.stderr
         made[name] = folder / name
-    x = __import__("sklearn.datasets").datasets.load_digits().data[:37].reshape(-1, 1, 8, 8)
+    (folder / "digits.npz").unlink()
+    x = digits.data[:37].reshape(-1, 1, 8, 8)
     np.savez(folder / "x.npz", x=x)
     for name, run in made.items():
         out = folder / f"{name}.npz"

@@ -156,8 +156,21 @@ def _held_bytes(module: torch.nn.Module) -> int:
     return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors)
 
 
-def serving_config(cfg: Config, run_folder: Path) -> Config:
-    """The run's config as the serving ranks take it: its weights, no training."""
-    train = dataclasses.replace(cfg.train, steps=0)
-    return dataclasses.replace(cfg, train=train, model=dataclasses.replace(cfg.model, weights=str(
-        (run_folder / "model.safetensors").resolve())))  # fmt: skip
+def serving_config(cfg: Config, run_folder: Path, record: dict, stand_in: Path) -> Config:
+    """The run's config as the serving ranks take it: its weights, no training, and in place
+    of its data a stand-in written to `stand_in` (.npz): random samples of the recorded
+    shape, every class twice at least and a training batch in all, one a class for
+    validation. The ranks build the layout from it; the front prepares the requests' inputs
+    with the run's record. So serving needs neither the training files nor the database."""
+    from shardwise.config import DataConfig
+
+    classes, shape = len(record["classes"]), tuple(record["in_shape"])
+    rng = np.random.default_rng(0)
+    n = max(2 * classes, cfg.train.batch_size)  # (a training batch's worth: the layout is cut for one)
+    y = np.arange(n, dtype=np.int64) % classes
+    np.savez(stand_in, x=rng.standard_normal((n, *shape), dtype=np.float32), y=y,
+             x_val=rng.standard_normal((classes, *shape), dtype=np.float32), y_val=y[:classes])  # fmt: skip
+    train = dataclasses.replace(cfg.train, steps=0, grad_accum=1)
+    weights = str((run_folder / "model.safetensors").resolve())
+    return dataclasses.replace(cfg, train=train, data=DataConfig(name="npz", path=str(stand_in)),
+                               model=dataclasses.replace(cfg.model, weights=weights))  # fmt: skip
