@@ -170,7 +170,9 @@ def serving_config(cfg: Config, run_folder: Path, record: dict, stand_in: Path) 
     y = np.arange(n, dtype=np.int64) % classes
     np.savez(stand_in, x=rng.standard_normal((n, *shape), dtype=np.float32), y=y,
              x_val=rng.standard_normal((classes, *shape), dtype=np.float32), y_val=y[:classes])  # fmt: skip
-    train = dataclasses.replace(cfg.train, steps=0, grad_accum=1)
+    # a pipeline cut by its layers' sizes, not the clock: the same cut, and the same weights a
+    # rank, every start (serve.memory_per_rank is checked against it)
+    train = dataclasses.replace(cfg.train, steps=0, grad_accum=1, deterministic=True)
     weights = str((run_folder / "model.safetensors").resolve())
     return dataclasses.replace(cfg, train=train, data=DataConfig(name="npz", path=str(stand_in)),
                                model=dataclasses.replace(cfg.model, weights=weights))  # fmt: skip
