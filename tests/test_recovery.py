@@ -134,6 +134,8 @@ def test_signed_checkpoints_and_tampering(tmp_path):
 @pytest.mark.parametrize("kind, message, disagreement", [
     ("hang", "shardwise: rank 1 stopped answering (its process is stopped): ranks 0 and 2 timed out waiting for it",
      ""),
+    ("slow", "shardwise: rank 1 stopped answering (it never reached the collective): ranks 0 and 2 timed out "
+     "waiting for it", ""),  # a straggler: running, but later than the timeout
     ("skip", "shardwise: rank 1 skipped a collective: it was at step 5",
      "the first disagreement: rank 1 never called #4 on the agree group (its last there: #3) while ranks 0 and 2 "
      "called all_reduce #4 (scalar float32)"),

@@ -2,9 +2,10 @@
 job's last line names the culprit rank and what it did.
 
 Each trial draws from its seed a rank of 3, a step, and a fault (train/faults.py): `hang` (the
-process stops: it must be named as the rank that stopped answering), `skip` (it leaves out the
-step's agreement on finite gradients: named, with the collective it never called) or `shape`
-(its part of that agreement has another shape: named, with both calls). The job is fully
+process stops: it must be named as the rank that stopped answering), `slow` (a straggler: it
+sleeps 10 s, past the timeout, and must be named as the rank the others waited for), `skip`
+(it leaves out the step's agreement on finite gradients: named, with the collective it never
+called) or `shape` (its part of that agreement has another shape: named, with both calls). The job is fully
 sharded (FSDP2), so its ranks agree on finite steps by a collective each step, with
 `train.collective_timeout_s` = TIMEOUT_S. A trial counts when the job ends with exit 1 and its
 last line names the rank and the disagreement; the time from the fault's step to the job's end
@@ -34,6 +35,7 @@ JOB = ["--model.name", "mlp", "--train.eval_every", "0", "--run.progress", "fals
 JOB += ["--parallel.shard", "full", "--train.collective_timeout_s", str(TIMEOUT_S), "--train.log_every", "1"]
 SAID = {  # how the last line begins, and what else it says of the rank's collectives
     "hang": ("stopped answering (its process is stopped)", ""),
+    "slow": ("stopped answering (it never reached the collective)", ""),
     "skip": ("skipped a collective", "the first disagreement: rank {rank} never called"),
     "shape": ("disagrees with the others' collectives", "rank {rank} called all_reduce"),
 }
@@ -61,8 +63,9 @@ def run(b: Bench) -> None:
 
 
 def trials(b: Bench) -> None:
-    b.console.print(f"[bold]hangs[/]: {TRIALS} seeded trials, a rank of {NPROC} that hangs, skips a collective or "
-                    f"calls it with another shape; FSDP2, collective timeout {TIMEOUT_S:g} s ({b.link})")  # fmt: skip
+    b.console.print(f"[bold]hangs[/]: {TRIALS} seeded trials, a rank of {NPROC} that hangs, straggles, skips a "
+                    f"collective or calls it with another shape; FSDP2, collective timeout {TIMEOUT_S:g} s "
+                    f"({b.link})")  # fmt: skip
     table = Table(title="trials")
     for col in ("trial", "rank", "step", "fault", "exit", "named", "s after the fault"):
         table.add_column(col, justify="right")
@@ -84,7 +87,7 @@ def trials(b: Bench) -> None:
         if not ok:
             b.console.print(f"trial {trial}: {last}")
     b.console.print(table)
-    how = f"{TRIALS} seeded trials of hang, skip and shape faults on a rank of {NPROC}, timeout {TIMEOUT_S:g} s"
+    how = f"{TRIALS} seeded trials of hang, slow, skip and shape faults on a rank of {NPROC}, timeout {TIMEOUT_S:g} s"
     b.record("hangs", f"culprit rank and collective named (of {TRIALS})", [named], unit="count", how=how)
     if delays:
         b.record("hangs", "s from the fault's step to the job's end", delays, unit="s", how=how)

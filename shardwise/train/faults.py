@@ -7,6 +7,8 @@ step STEP (0-based, counted over the whole run). KIND is:
 - `exit`   the process exits with status 3 at the start of the step, no Python error
 - `kill`   the process sends itself SIGKILL at the start of the step
 - `hang`   the process stops itself (SIGSTOP) at the start of the step: it stops answering
+- `slow`   the process sleeps SLOW_S seconds at the start of the step: a straggler, running
+           but late, past a short `train.collective_timeout_s`
 - `skip`   the rank skips the step's agreement on finite gradients, a collective of every
            layout but plain data parallelism and ZeRO-1 (which have none to skip)
 - `shape`  the rank's part of that agreement has another shape than the others' (three
@@ -33,6 +35,9 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+
+SLOW_S = 10.0  # a `slow` rank's sleep
 
 
 class FaultPlan:
@@ -58,6 +63,8 @@ class FaultPlan:
             os.kill(os.getpid(), signal.SIGKILL)
         if kind == "hang":
             os.kill(os.getpid(), signal.SIGSTOP)
+        if kind == "slow":
+            time.sleep(SLOW_S)
         if kind == "raise":
             raise RuntimeError(f"injected fault at step {step}")
 
