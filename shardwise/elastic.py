@@ -97,4 +97,4 @@ class Regrow:
         if not self.smaller or time.monotonic() < self.next_look:
             return False
         self.next_look = time.monotonic() + LOOK_S
-        return not lost_hosts(self.full) and latest_checkpoint(self.checkpoints, since=self.since) is not None
+        return latest_checkpoint(self.checkpoints, since=self.since) is not None and not lost_hosts(self.full)

@@ -33,7 +33,14 @@ from shardwise.elastic import Elastic, Regrow, shrink
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 from shardwise.files import write_atomic
 from shardwise.forked import ForkedRank, can_fork
-from shardwise.preflight import expendable_ranks, preflight, prepare_out_dir, warn_oversubscribed, words_preflight
+from shardwise.preflight import (
+    expendable_ranks,
+    layout_fits,
+    preflight,
+    prepare_out_dir,
+    warn_oversubscribed,
+    words_preflight,
+)
 from shardwise.topology import ParallelDims
 
 STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this long
@@ -303,7 +310,7 @@ def _go_on(cfg, out, failure, placement, full, nproc, elastic, launch_time, rest
 
 def _fits(cfg: Config, nproc: int) -> bool:
     try:
-        preflight(cfg, nproc)
+        layout_fits(cfg, nproc)  # (the data, key and code were checked at the start: the same for any size)
     except ShardwiseError:
         return False
     return True

@@ -17,8 +17,9 @@ from shardwise.own_code import check_import_path
 from shardwise.topology import ParallelDims
 
 
-def preflight(cfg: Config, nproc: int) -> ParallelDims:
-    """Every check that needs no worker: layout, batch split, data paths."""
+def layout_fits(cfg: Config, nproc: int) -> ParallelDims:
+    """The checks that depend on the number of ranks: the layout, the batch split, the
+    parameter server's slow worker (what elastic.py asks of each smaller world)."""
     dims = ParallelDims.resolve(cfg.parallel, nproc)
     check_batch_layout(
         global_batch=cfg.train.batch_size,
@@ -27,6 +28,17 @@ def preflight(cfg: Config, nproc: int) -> ParallelDims:
         shards=cfg.data.shards,
         microbatches=dims.microbatches,
     )
+    ps = cfg.ps
+    if dims.servers and ps.slow_factor > 1.0 and not (ps.slow_worker == -1 or dims.servers <= ps.slow_worker < nproc):
+        raise ShardwiseError(
+            "ps.slow_worker", f"={ps.slow_worker}: not a worker, those are ranks {dims.servers} to {nproc - 1}"
+        )
+    return dims
+
+
+def preflight(cfg: Config, nproc: int) -> ParallelDims:
+    """Every check that needs no worker: layout, batch split, data paths."""
+    dims = layout_fits(cfg, nproc)
     check_source(cfg.data)
     if cfg.checkpoint.encrypt_key:  # before any step, not at the first checkpoint
         load_key(cfg.checkpoint.encrypt_key)
@@ -36,11 +48,6 @@ def preflight(cfg: Config, nproc: int) -> ParallelDims:
         raise ShardwiseError("model.weights", f"no such file {cfg.model.weights!r}")
     if ":" not in cfg.data.name:  # your own data's shape is known once a rank has loaded it
         vertical_parts(cfg.data, cfg.parallel)
-    ps = cfg.ps
-    if dims.servers and ps.slow_factor > 1.0 and not (ps.slow_worker == -1 or dims.servers <= ps.slow_worker < nproc):
-        raise ShardwiseError(
-            "ps.slow_worker", f"={ps.slow_worker}: not a worker, those are ranks {dims.servers} to {nproc - 1}"
-        )
     return dims
 
 

@@ -34,11 +34,11 @@ def test_a_placement_on_some_hosts_numbers_them_as_torchrun_would():
     from shardwise.cluster.netns import Cluster
 
     cluster = Cluster("swq", 4, "1gbit", 1e9, 1 << 20)
-    kept = Placement(cluster, (0, 2, 3))
-    assert [kept.host(r) for r in range(6)] == [0, 2, 3, 0, 2, 3]
+    kept = Placement(cluster, (1, 2, 3))  # host 0 lost: rank 0, and the rendezvous with it, move to host 1
+    assert [kept.host(r) for r in range(6)] == [1, 2, 3, 1, 2, 3]
     env = kept.env(4, 6, 29500)
     assert (env["GROUP_RANK"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("1", "1", "2")
-    assert env["MASTER_ADDR"] == cluster.address(0)
+    assert env["MASTER_ADDR"] == cluster.address(1)
     assert Placement(cluster).env(4, 6, 29500)["GROUP_RANK"] == "0"  # all four: rank 4 on host 0
 
 
@@ -88,12 +88,12 @@ def test_a_lost_host_then_back_ends_with_the_failure_free_weights(tmp_path):
         while not (out / "checkpoints" / "step-00000040" / "manifest.json").is_file():
             assert job.poll() is None and time.monotonic() < deadline, "".join(lines)
             time.sleep(0.05)
-        subprocess.run(["ip", "-n", cluster.namespace(1), "link", "set", netns.HOST_IF, "down"], check=True)
+        netns.set_link(cluster, 1, up=False)
         os.kill(ranks_under(job.pid)[1][0], 9)
         while not any("going on with 1 rank" in line for line in lines):
             assert job.poll() is None and time.monotonic() < deadline, "".join(lines)
             time.sleep(0.05)
-        subprocess.run(["ip", "-n", cluster.namespace(1), "link", "set", netns.HOST_IF, "up"], check=True)
+        netns.set_link(cluster, 1, up=True)
         code = job.wait(timeout=180)
         reading.join(timeout=10)
     finally:

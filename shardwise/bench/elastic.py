@@ -19,7 +19,6 @@ of every step (metrics.jsonl, its wall-clock time) and the launcher's lines it r
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -31,7 +30,9 @@ import time
 from pathlib import Path
 
 from shardwise.bench.common import Bench
+from shardwise.cluster.netns import set_link
 from shardwise.procs import ranks_under
+from shardwise.train.outputs import read_metrics
 
 PERIOD_S, DURATION_S, SEED, REJOIN_S = 30.0, 300.0, 7, 5.0
 JOB = ["--model.name", "mlp", "--model.hidden", "512,512", "--train.dtype", "float64", "--train.eval_every", "0",
@@ -40,26 +41,14 @@ JOB = ["--model.name", "mlp", "--model.hidden", "512,512", "--train.dtype", "flo
 
 def _take_down(cluster, host: int, launcher: int) -> float:
     """The host's link down and its ranks killed; the time it happened."""
-    from shardwise.cluster.netns import HOST_IF
-
-    subprocess.run(["ip", "-n", cluster.namespace(host), "link", "set", HOST_IF, "down"], check=True)
+    set_link(cluster, host, up=False)
     theirs = subprocess.run(["ip", "netns", "pids", cluster.namespace(host)], capture_output=True, text=True).stdout
     at = time.time()
+    ours = {pid for pid, _ in ranks_under(launcher).values()}
     for pid in map(int, theirs.split()):
-        if pid in {pid for pid, _ in ranks_under(launcher).values()}:
+        if pid in ours:
             os.kill(pid, signal.SIGKILL)
     return at
-
-
-def _bring_up(cluster, host: int) -> None:
-    from shardwise.cluster.netns import HOST_IF
-
-    subprocess.run(["ip", "-n", cluster.namespace(host), "link", "set", HOST_IF, "up"], check=True)
-
-
-def _metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _job(b: Bench, out: Path, steps: int, nproc: str) -> subprocess.Popen:
@@ -88,13 +77,14 @@ def run(b: Bench) -> None:
     losses, started = [], time.monotonic()
     while job.poll() is None and time.monotonic() - started < DURATION_S:
         time.sleep(max(0.0, started + PERIOD_S * (len(losses) + 1) - time.monotonic()))
-        if job.poll() is not None or not _metrics(out):
+        logged = read_metrics(out / "metrics.jsonl")
+        if job.poll() is not None or not logged:
             continue
         host = rng.randrange(hosts)
-        last = _metrics(out)[-1]["step"]  # (a resumed run's metrics.jsonl is cut back to its checkpoint)
+        last = logged[-1]["step"]  # (a resumed run's metrics.jsonl is cut back to its checkpoint)
         losses.append({"host": host, "at": _take_down(cluster, host, job.pid), "step": last})
         time.sleep(PERIOD_S / 2)
-        _bring_up(cluster, host)
+        set_link(cluster, host, up=True)
     code = job.wait()
     reading.join(timeout=10)
     _report(b, out, b.work / "elastic-reference", losses, lines, code, steps)
@@ -105,7 +95,7 @@ def _steps_for(b: Bench, hosts: int) -> int:
     probe = _job(b, b.work / "elastic-probe", 60, str(hosts))
     if probe.wait() != 0:
         raise RuntimeError(f"the probe run failed: {probe.stderr.read()[-2000:]}")
-    records = _metrics(b.work / "elastic-probe")
+    records = read_metrics(b.work / "elastic-probe" / "metrics.jsonl")
     per_step = (records[-1]["time_unix"] - records[9]["time_unix"]) / (len(records) - 10)
     return int(1.2 * DURATION_S / per_step)
 
@@ -114,7 +104,10 @@ def _report(b: Bench, out: Path, ref: Path, losses: list[dict], lines: list[str]
     import torch
     from safetensors.torch import load_file
 
-    records, want = _metrics(out), {r["step"]: r["loss"] for r in _metrics(ref)}
+    records, want = (
+        read_metrics(out / "metrics.jsonl"),
+        {r["step"]: r["loss"] for r in read_metrics(ref / "metrics.jsonl")},
+    )
     resumed = [int(m.group(1)) for m in map(re.compile(r"going on with .* from step-0*(\d+)").search, lines) if m]
     recoveries, lost = [], []
     for loss, start in zip(losses, resumed, strict=False):

@@ -17,7 +17,6 @@ launched job has it, and with it off (TORCH_FR_BUFFER_SIZE=0), alternated; the s
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import statistics
@@ -29,6 +28,7 @@ from pathlib import Path
 from rich.table import Table
 
 from shardwise.bench.common import Bench, alternate
+from shardwise.train.outputs import read_metrics
 
 TRIALS, SEED, NPROC, STEPS, TIMEOUT_S = 20, 11, 3, 12, 3.0
 JOB = ["--model.name", "mlp", "--train.eval_every", "0", "--run.progress", "false", "--train.batch_size", "48"]
@@ -50,10 +50,7 @@ def _trial(out: Path, fault: str) -> tuple[subprocess.CompletedProcess, float]:
 
 def _fault_time(out: Path, step: int) -> float | None:
     """When the step before the faulty one was logged (rank 0's metrics.jsonl)."""
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    times = [r["time_unix"] for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= step]
+    times = [r["time_unix"] for r in read_metrics(out / "metrics.jsonl") if r["step"] <= step]
     return max(times, default=None)
 
 

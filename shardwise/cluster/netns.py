@@ -174,6 +174,11 @@ def down(name: str) -> list[str]:
     return removed
 
 
+def set_link(cluster: Cluster, host: int, *, up: bool) -> None:
+    """Take host's link down (its own end: the host is cut off) or bring it up again."""
+    _ip("-n", cluster.namespace(host), "link", "set", HOST_IF, "up" if up else "down")
+
+
 def link_up(cluster: Cluster, host: int) -> bool:
     """Whether host's link carries traffic both ways: its own end and the switch's are up, and
     its namespace exists (a host taken down: `ip -n NS link set eth0 down`, or its end at the

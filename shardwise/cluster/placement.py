@@ -40,7 +40,7 @@ class Placement:
         return self.cluster.address(self.used[0]) if self.cluster else "127.0.0.1"
 
     def host(self, rank: int) -> int:
-        return self.used[rank % len(self.used)] if self.cluster else 0
+        return self.used[rank % len(self.used)]
 
     def env(self, rank: int, world: int, port: int) -> dict[str, str]:
         hosts = len(self.used)
