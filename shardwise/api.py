@@ -174,7 +174,7 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int, cluste
     from shardwise.cluster.placement import placement_for
     from shardwise.launch import launch
     from shardwise.procs import JOB_ENV
-    from shardwise.scoring import open_run, preprocess_of
+    from shardwise.scoring import open_run, run_record
     from shardwise.serve.front import check_door, listen, listen_and_serve
     from shardwise.serve.link import RankLink
     from shardwise.serve.model import ServedModel, check_memory, describe
@@ -184,9 +184,7 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int, cluste
     if cfg.parallel.mode == "ps":
         raise ShardwiseError("parallel.mode", "=ps trains through parameter servers: serve under an all-reduce "
                              "layout (dp, tp, pp, spatial, vertical)")  # fmt: skip
-    record = preprocess_of(folder / "model.safetensors")
-    if not record:
-        raise ShardwiseError("run", f"{folder}/model.safetensors holds no preprocessing record: train it again")
+    record = run_record(folder)
     placement = placement_for(cluster)
     door = check_door(cfg.serve)
     sock = listen(cfg.serve.host, cfg.serve.port)  # taken now: a port in use is one line before any rank starts

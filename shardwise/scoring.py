@@ -43,6 +43,15 @@ def preprocess_of(weights: Path) -> dict:
     return json.loads(text) if text else {}
 
 
+def run_record(folder: Path) -> dict:
+    """The run's preprocessing record; one line where its weights were saved without one."""
+    record = preprocess_of(folder / "model.safetensors")
+    if not record:
+        why = "holds no preprocessing record (saved before records were kept): train it again"
+        raise ShardwiseError("run", f"{folder}/model.safetensors {why}")
+    return record
+
+
 def run_model(folder: Path, cfg: Config, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The run's model with its final weights, in evaluation mode."""
     from shardwise.checkpoint.resume import load_model_file
@@ -90,10 +99,7 @@ def new_inputs(run: str | Path, inputs: str | Path, out: str | Path, texts: dict
     if out.suffix not in (".csv", ".npz"):
         raise ShardwiseError("out", f"{str(out)!r}: write predictions to a .csv or an .npz file")
     folder, cfg = open_run(run, texts)
-    record = preprocess_of(folder / "model.safetensors")
-    if not record:
-        why = "holds no preprocessing record (saved before records were kept): train it again to predict"
-        raise ShardwiseError("run", f"{folder}/model.safetensors {why}")
+    record = run_record(folder)
     names, raw = read_inputs(Path(inputs), tuple(record["in_shape"]))
     return NewInputs(folder, cfg, record, names, prepare(raw, record, from_images=Path(inputs).is_dir()), out)
 

@@ -94,7 +94,7 @@ def test_a_failed_rank_is_503_at_once_then_the_ranks_restart_and_serve_again(run
             assert client.post("/v1/predict", json={"inputs": x.tolist()}).status_code == 200
             ranks = {rank: pid for rank, (pid, _) in ranks_under(proc.pid).items()}
             assert sorted(ranks) == [0, 1], ranks
-            os.kill(ranks[1], signal.SIGSTOP)  # rank 0's next broadcast waits on it
+            os.kill(ranks[1], signal.SIGSTOP)  # the next batch waits on it (dp: rank 0's broadcast; pp: the last stage)
             answer, asking = {}, threading.Thread(target=lambda: answer.update(
                 r=client.post("/v1/predict", json={"inputs": x[:3].tolist()}), at=time.monotonic()))  # fmt: skip
             asking.start()
@@ -169,9 +169,9 @@ def test_a_pipeline_keeps_a_batch_a_stage_in_flight_within_a_memory_budget(runs)
                 t.join(timeout=120)
             metrics = client.get("/metrics").text
         assert sorted(answers) == list(range(len(x))), sorted(answers)
-        alone = float(re.search(r'shardwise_batches_in_flight_bucket\{le="1.0"\} (\S+)', metrics).group(1))
+        by_itself = float(re.search(r'shardwise_batches_in_flight_bucket\{le="1.0"\} (\S+)', metrics).group(1))
         batches = float(re.search(r"shardwise_batches_in_flight_count (\S+)", metrics).group(1))
-        assert batches == len(x) and alone < batches, metrics  # some batches were sent with another in the pipeline
+        assert batches == len(x) and by_itself < batches, metrics  # some batches were sent with another in the pipeline
         np.testing.assert_allclose(np.stack([answers[i] for i in range(len(x))]), want["convnet"], rtol=1e-5,
                                    atol=1e-7)  # fmt: skip
     finally:

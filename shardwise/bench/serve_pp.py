@@ -17,6 +17,7 @@ single-request latency at each rate, and the highest rate whose p99 stays within
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import statistics
 import subprocess
@@ -81,7 +82,7 @@ def run(bench: Bench) -> None:
                  "--data.shape", "64", "--data.samples", "256"], "serve pp model", steps=3, nproc=1)  # fmt: skip
     run_folder = bench.work / "serve_pp_model"
     bench.console.print(f"  one process: {_refused_alone(run_folder)}")
-    body = __import__("json").dumps({"inputs": np.random.default_rng(0).standard_normal((1, 64)).round(3).tolist()})
+    body = json.dumps({"inputs": np.random.default_rng(0).standard_normal((1, 64)).round(3).tolist()})
     found: dict[str, list[dict]] = {name: [] for name in KINDS}
     rates = None
     for i in range(bench.repeats):

@@ -50,8 +50,12 @@ class Ends:
         return not self.failed and self.inp is not None and self.out is not None
 
     def close(self) -> None:
+        """Fail this start's batches: its connections shut down first, which wakes a thread
+        blocked reading an answer (closing alone would not), then closed."""
         self.failed = True
         for conn in {id(c): c for c in (self.inp, self.out) if c is not None}.values():
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as end:
+                end.shutdown(socket.SHUT_RDWR)
             conn.close()
 
 

@@ -56,14 +56,13 @@ class ServedModel:
 
 
 def load_served(run: str | Path, texts: dict[str, str]) -> ServedModel:
-    from shardwise.scoring import open_run, preprocess_of, run_model
+    from shardwise.parallel.splits import local_bytes
+    from shardwise.scoring import open_run, run_model, run_record
 
     folder, cfg = open_run(run, texts)
-    record = preprocess_of(folder / "model.safetensors")
-    if not record:
-        raise ShardwiseError("run", f"{folder}/model.safetensors holds no preprocessing record: train it again")
+    record = run_record(folder)
     model = run_model(folder, cfg, tuple(record["in_shape"]), len(record["classes"]))
-    held = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+    held = local_bytes([*model.parameters(), *model.buffers()])
     check_memory(cfg.serve.memory_per_rank, held, "one process")
     dtype = getattr(torch, cfg.train.dtype)
 

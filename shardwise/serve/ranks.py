@@ -35,10 +35,10 @@ import torch.distributed as dist
 from shardwise.config import Config
 from shardwise.data.loader import RankData
 from shardwise.data.sources import Dataset, take_features
+from shardwise.parallel.splits import local_bytes
 from shardwise.procs import PLACEMENT_ENV
-from shardwise.serve.stages import Stage, pipelined
+from shardwise.serve.stages import IDLE, RUN, STOP, Stage, pipelined
 
-RUN, STOP, IDLE = 1, 0, 2
 IDLE_S = 20.0  # rank 0 says it is still there this often: the others' broadcasts never time out
 
 
@@ -62,7 +62,8 @@ class RankServer:
         self.device, self.dtype = device, getattr(torch, cfg.train.dtype)
         self.in_shape = tuple(self.setup.data.dataset.in_shape)
         self.classes = self.setup.data.dataset.num_classes
-        held = torch.tensor([_held_bytes(self.layout.local_model)], dtype=torch.float64)
+        module = self.layout.local_model  # its weights and buffers, its shards only where they are cut
+        held = torch.tensor([local_bytes([*module.parameters(), *module.buffers()])], dtype=torch.float64)
         dist.all_reduce(held, op=dist.ReduceOp.MAX)
         self.hello = {"parameters": self.parameters, "layout": self.described, "held_bytes": float(held)}
 
@@ -148,12 +149,6 @@ def serve_rank(cfg: Config, *, device: torch.device) -> None:
         server.stop()  # (not after a failed batch: the launcher stops and restarts the ranks)
     finally:
         server.close()
-
-
-def _held_bytes(module: torch.nn.Module) -> int:
-    """The bytes of this rank's weights and buffers (its shards only, where they are cut)."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors)
 
 
 def serving_config(cfg: Config, run_folder: Path, record: dict, stand_in: Path) -> Config:

@@ -13,6 +13,8 @@ there, stop) so that an idle pipeline never times out and a stop reaches every s
 
 from __future__ import annotations
 
+from multiprocessing import AuthenticationError
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -20,7 +22,7 @@ import torch.distributed as dist
 from shardwise.comm.collectives import recv_tensor, send_tensor
 from shardwise.serve.link import connect_to_front
 
-RUN, STOP, IDLE = 1, 0, 2
+RUN, STOP, IDLE = 1, 0, 2  # the commands a serving rank sends the next (ranks.py broadcasts the same)
 
 
 class Stage:
@@ -44,14 +46,20 @@ class Stage:
         """This stage's layers on `h`, the result sent on (to the front from the last stage)."""
         h = self.module(h)
         if self.last:
-            self.out.send(torch.softmax(h.double(), dim=1).cpu().numpy())
+            if self.out is not None:  # (none: the front stopped before this stage linked)
+                self.out.send(torch.softmax(h.double(), dim=1).cpu().numpy())
             return
         self._tell(RUN)
         send_tensor(h, self.next, self.group)
 
     def lead(self, hello: dict) -> None:
         """The first stage: the front's batches, until it closes the link; then stop every stage."""
-        with connect_to_front({**hello, "role": "in", "in_flight": self.stages}) as front:
+        try:
+            front = connect_to_front({**hello, "role": "in", "in_flight": self.stages})
+        except (OSError, EOFError, AuthenticationError):  # the front has stopped already
+            self._tell(STOP)
+            return
+        with front:
             while True:
                 if not front.poll(self.idle_s):
                     self._tell(IDLE)
@@ -65,7 +73,10 @@ class Stage:
 
     def follow(self) -> None:
         """A later stage: what the previous stage sends, until it says stop."""
-        self.out = connect_to_front({"role": "out"}) if self.last else None
+        try:
+            self.out = connect_to_front({"role": "out"}) if self.last else None
+        except (OSError, EOFError, AuthenticationError):  # the front has stopped: pass the stop on when it comes
+            self.out = None
         try:
             while True:
                 command = torch.zeros(1, dtype=torch.int64)
