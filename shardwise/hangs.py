@@ -1,7 +1,8 @@
 """What a stuck job's ranks were doing: torch's flight recorder (TORCH_FR_BUFFER_SIZE, which
 covers gloo and NCCL in this torch) keeps each rank's last collectives (process group,
 sequence number, operation, sizes, dtypes); a rank that fails dumps its ring beside its
-error record (worker.py), and the launcher compares the rings.
+error record (worker.py), as does a rank that gloo aborts in C++ (a peer's message of another
+size than its own call's), and the launcher compares the rings.
 
 The first disagreement, per process group in sequence order, names the culprit: the ranks
 that called one thing against the others, or the ranks that never called what the others
@@ -42,9 +43,25 @@ def _group(name: str, desc: str) -> str:
     return f"the {desc} group" if desc and desc != "undefined" else f"group {name}"
 
 
-def first_disagreement(dumps: dict[int, dict]) -> tuple[list[int], str] | None:
-    """The first collective the ranks' rings disagree on: the ranks that did the odd thing,
-    and it in words (None: they agree, or fewer than two rings share a group)."""
+@dataclasses.dataclass
+class _Odd:
+    """A group's first disagreement: the fewest ranks' call there ("" where they made none)
+    and the others' calls."""
+
+    seq: int
+    group: str
+    call: str
+    ranks: list[int]
+    others: list[tuple[str, list[int]]]
+    by_rank: dict[int, dict[int, str]]
+
+    @property
+    def extra(self) -> bool:
+        """The odd ranks made a call the others never made."""
+        return self.call != "" and all(call == "" for call, _ in self.others)
+
+
+def _odd_calls(dumps: dict[int, dict]) -> list[_Odd]:
     calls: dict[str, dict[int, dict[int, str]]] = {}
     names: dict[str, str] = {}
     for rank, dump in dumps.items():
@@ -65,32 +82,92 @@ def first_disagreement(dumps: dict[int, dict]) -> tuple[list[int], str] | None:
             for rank, seqs in by_rank.items():
                 what.setdefault(seqs.get(seq, ""), []).append(rank)
             if len(what) > 1:
-                found.append((seq, name, what, by_rank))
+                call, ranks = min(what.items(), key=lambda kv: (len(kv[1]), kv[0] == ""))  # the fewest ranks
+                others = [(c, r) for c, r in what.items() if c != call]
+                found.append(_Odd(seq, _group(name, names[name]), call, ranks, others, by_rank))
                 break
+    return found
+
+
+def first_disagreement(dumps: dict[int, dict]) -> tuple[list[int], str] | None:
+    """The first collective the ranks' rings disagree on: the ranks that did the odd thing,
+    and it in words (None: they agree, or fewer than two rings share a group). Where the
+    ranks that never made one group's call made another group's that the others never made,
+    both are said: they skipped the first, or called the two in another order."""
+    found = _odd_calls(dumps)
     if not found:
         return None
-    seq, name, what, by_rank = min(found, key=lambda f: f[0])
-    odd = min(what.items(), key=lambda kv: (len(kv[1]), kv[0] == ""))  # the fewest ranks did it
-    others = [(call, ranks) for call, ranks in what.items() if call != odd[0]]
-    call, ranks = odd
-    where = _group(name, names[name])
+    for odd in found:
+        instead = [e for e in found if e.extra and e.ranks == odd.ranks and e.group != odd.group]
+        if odd.call == "" and instead:
+            (other_call, other_ranks), extra = odd.others[0], instead[0]
+            op, _, shape = other_call.partition("|")
+            made, _, made_shape = extra.call.partition("|")
+            return odd.ranks, f"{_ranks(odd.ranks)} never called {op} #{odd.seq} on {odd.group} ({shape}), which " \
+                f"{_ranks(other_ranks)} called; {'it' if len(odd.ranks) == 1 else 'they'} called {made} " \
+                f"#{extra.seq} on {extra.group} ({made_shape}) instead"  # fmt: skip
+    odd = min(found, key=lambda f: f.seq)
+    seq, call, ranks, where = odd.seq, odd.call, odd.ranks, odd.group
     if call == "":
-        last = max(s for r in ranks for s in by_rank[r] if s < seq) if any(
-            s < seq for r in ranks for s in by_rank[r]) else None  # fmt: skip
-        before = f" (its last there: #{last})" if last is not None else ""
-        other_call, other_ranks = others[0]
+        earlier = [s for r in ranks for s in odd.by_rank[r] if s < seq]
+        before = f" (its last there: #{max(earlier)})" if earlier else ""
+        other_call, other_ranks = odd.others[0]
         op, _, shape = other_call.partition("|")
         return ranks, f"{_ranks(ranks)} never called #{seq} on {where}{before} while {_ranks(other_ranks)} " \
                       f"called {op} #{seq} ({shape})"  # fmt: skip
     op, _, shape = call.partition("|")
     said = []
-    for other_call, other_ranks in others:
+    for other_call, other_ranks in odd.others:
         if other_call == "":
             said.append(f"{_ranks(other_ranks)} never called it")
         else:
             other_op, _, other_shape = other_call.partition("|")
             said.append(f"{_ranks(other_ranks)} called {other_op} #{seq} ({other_shape})")
     return ranks, f"{_ranks(ranks)} called {op} #{seq} on {where} ({shape}) while {'; '.join(said)}"
+
+
+def _p2p(entry: dict) -> str:
+    shape = "x".join(str(d) for d in entry.get("size") or []) or "scalar"
+    return f"#{entry['seq']} (tag {entry['tag']}, {shape} {entry.get('dtype', '?')})"
+
+
+def _waiter(w: tuple) -> tuple:
+    """Receives on streams never sent on first, then the other receives, then sends; by rank."""
+    op, src, dst, _tag, _entry, other = w
+    return other is not None, op != "recv", dst if op == "recv" else src
+
+
+def p2p_knot(dumps: dict[int, dict]) -> tuple[list[int], str] | None:
+    """Sends and receives that were posted and never met (each rank's own record, p2p_ring.py):
+    a receive whose sender never posted it, and the send that waits on its receiver meanwhile.
+    The culprit is the rank waiting on a stream its sender never used (another tag or peer
+    than the schedule's), else every rank waiting to receive. None: every send met its receive."""
+    posted: dict[tuple, dict] = {}  # (op, src, dst, tag) -> the latest entry of that stream
+    for rank, dump in dumps.items():
+        for entry in dump.get("shardwise_p2p", []):
+            src, dst = (rank, entry["peer"]) if entry["op"] == "send" else (entry["peer"], rank)
+            posted[(entry["op"], src, dst, entry["tag"])] = entry
+    if not posted:
+        return None
+    # a stream is matched up to the smaller of its two sides' counts; what lies beyond waits
+    waiting = []
+    for (op, src, dst, tag), entry in posted.items():
+        other = posted.get(("recv" if op == "send" else "send", src, dst, tag))
+        if entry["seq"] > (other["seq"] if other else 0):
+            waiting.append((op, src, dst, tag, entry, other))
+    receives = [w for w in waiting if w[0] == "recv"]
+    if not receives:
+        return None
+    never = [w for w in receives if w[5] is None]  # on a stream its sender never used: the odd call
+    culprits = sorted({dst for _, _, dst, *_ in never or receives})
+    said = []
+    for op, src, dst, _tag, entry, other in sorted(waiting, key=_waiter):
+        if op == "recv":
+            never = "never sent on that tag" if other is None else f"sent only to #{other['seq']} there"
+            said.append(f"rank {dst} waits to receive {_p2p(entry)} from rank {src}, which rank {src} {never}")
+        else:
+            said.append(f"rank {src}'s send {_p2p(entry)} to rank {dst} waits for rank {dst} to receive it")
+    return culprits, "; ".join(said)
 
 
 def explain(failure, err_dir: Path, out: Path | None, *, stalled: int):
@@ -111,12 +188,21 @@ def explain(failure, err_dir: Path, out: Path | None, *, stalled: int):
         (out / "logs").mkdir(parents=True, exist_ok=True)
         for rank in dumps:
             shutil.copyfile(err_dir / f"rank{rank}.json{DUMP_SUFFIX}", out / "logs" / f"rank{rank}-collectives.json")
-    if failure.exit_code != stalled and not failure.fallout:  # a rank's own error, or a death: said already
+    aborted = failure.exit_code < 0 and failure.exit_code != stalled and not failure.kind  # a signal, no record
+    if failure.exit_code != stalled and not failure.fallout and not aborted:  # a rank's own error: said already
         return failure
     found = first_disagreement(dumps)
+    knot = p2p_knot(dumps) if found is None else None
+    if knot is not None:  # the collectives agree; sends and receives did not meet
+        said = f"deadlocked on point-to-point messages: {knot[1]}"
+        return dataclasses.replace(failure, rank=knot[0][0], exit_code=stalled, message=said, traceback="")
     if found is None:
         return failure
     culprits, line = found
+    if aborted:  # a death the rings explain: gloo ends a rank whose peer sent another size than it expected
+        died = "" if failure.rank in culprits else f"; rank {failure.rank} died of it (exit {failure.exit_code})"
+        said = f"disagrees with the others' collectives: {line}{died}"
+        return dataclasses.replace(failure, rank=culprits[0], exit_code=stalled, message=said, traceback="")
     if failure.rank in culprits and " never called " in line:  # a skipped collective: the launcher's
         return dataclasses.replace(failure, message=f"{failure.message}; the first disagreement: {line}")  # too
     # another call where the others made theirs (another shape, type or operation), or another rank

@@ -146,7 +146,8 @@ def _stalled(procs: list[subprocess.Popen], failures: list[RankFailure]) -> Rank
         others = sorted({pos for r, pos in positions.items() if r != culprit})
         step, phase = others[0]
         message = (
-            f"skipped a collective: it was at step {positions[culprit][0]} ({positions[culprit][1]}) "
+            "skipped a collective or called it out of order: "
+            f"it was at step {positions[culprit][0]} ({positions[culprit][1]}) "
             f"while the others waited in {phase} of step {step}"
         )
         return RankFailure(culprit, STALLED, message, "")

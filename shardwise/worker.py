@@ -15,6 +15,7 @@ TORCHELASTIC_ERROR_FILE; the launcher reads the record, never the text.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -134,14 +135,64 @@ def error_kind(exc: BaseException) -> str:
 
 def _record_error(exc: BaseException, rank: int) -> None:
     record_error(exc, rank, error_kind(exc))
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path and os.environ.get("TORCH_FR_BUFFER_SIZE", "0") != "0":  # this rank's last collectives (hangs.py)
-        try:
-            from torch._C._distributed_c10d import _dump_fr_trace_json
+    try:
+        _dump_ring()  # this rank's last collectives (hangs.py)
+    except Exception:  # noqa: S110 -- the record of the error matters more than the ring
+        pass
 
-            write_atomic(Path(path + DUMP_SUFFIX), _dump_fr_trace_json())
-        except Exception:  # the record of the error matters more than the ring
+
+def _fr_dump_path() -> Path | None:
+    """Where this rank's flight recorder ring goes (beside its error file), where it keeps one."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    return Path(path + DUMP_SUFFIX) if path and os.environ.get("TORCH_FR_BUFFER_SIZE", "0") != "0" else None
+
+
+def _dump_ring() -> None:
+    path = _fr_dump_path()
+    if path is not None:
+        from torch._C._distributed_c10d import _dump_fr_trace_json
+
+        from shardwise import p2p_ring
+
+        text = _dump_fr_trace_json()
+        if p2p_ring.RING:  # sends and receives, which the flight recorder leaves out for gloo
+            text = json.dumps({**json.loads(text), "shardwise_p2p": p2p_ring.entries()})
+        write_atomic(path, text)
+
+
+_ON_TERMINATE: list = []  # the handler and the C++ runtime's own, kept alive
+
+
+def dump_ring_on_terminate() -> None:
+    """Dump the ring too where C++ ends the process: gloo raises on a background thread when a
+    peer's message has another size than this rank's call (another dtype or shape), and the
+    C++ runtime aborts with no Python frame to catch it. The handler dumps the ring (the
+    launcher then sees this rank's call beside the culprit's), then runs the runtime's own
+    handler, which prints the error and aborts as before."""
+    if _fr_dump_path() is None or _ON_TERMINATE:
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        set_terminate = ctypes.CDLL(ctypes.util.find_library("stdc++") or "libstdc++.so.6")._ZSt13set_terminatePFvvE
+    except (OSError, AttributeError):  # another C++ runtime: the ring is only dumped on a Python error
+        return
+    set_terminate.restype, set_terminate.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    handler_type = ctypes.CFUNCTYPE(None)
+
+    def on_terminate() -> None:
+        try:
+            _dump_ring()
+        except Exception:  # noqa: S110 -- the runtime's own handler still says why
             pass
+        if _ON_TERMINATE[1]:
+            handler_type(_ON_TERMINATE[1])()
+        os.abort()
+
+    handler = handler_type(on_terminate)
+    _ON_TERMINATE.extend([handler, None])
+    _ON_TERMINATE[1] = set_terminate(ctypes.cast(handler, ctypes.c_void_p))
 
 
 def under_torchrun() -> bool:
@@ -168,6 +219,7 @@ def run_rank(cfg: Config) -> tuple[Path, RunResult]:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     check_master_reachable()
     init_process_group(backend_for(device), timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+    dump_ring_on_terminate()
     out_dir = Path(cfg.run.out) if cfg.run.out else new_run_dir(Path("runs"), cfg.model.name)
     if dist.get_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from shardwise.p2p_ring import record
+
 
 def _all_reduce(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     x = x.contiguous().clone()
@@ -114,14 +116,18 @@ def send_tensor(t: Tensor, dst: int, group: dist.ProcessGroup) -> None:
     shape = torch.zeros(MAX_DIMS + 1, dtype=torch.int64)
     shape[0] = t.dim()
     shape[1 : 1 + t.dim()] = torch.tensor(t.shape)
+    record("send", dst, 0, shape)
     dist.send(shape, dst, group=group)
+    record("send", dst, 0, t)
     dist.send(t.contiguous(), dst, group=group)
 
 
 def recv_tensor(src: int, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Receive what :func:`send_tensor` sent from global rank `src`."""
     shape = torch.empty(MAX_DIMS + 1, dtype=torch.int64)
+    record("recv", src, 0, shape)
     dist.recv(shape, src, group=group)
     t = torch.empty(shape[1 : 1 + int(shape[0])].tolist(), device=device, dtype=dtype)
+    record("recv", src, 0, t)
     dist.recv(t, src, group=group)
     return t

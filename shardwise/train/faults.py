@@ -13,6 +13,12 @@ step STEP (0-based, counted over the whole run). KIND is:
            layout but plain data parallelism and ZeRO-1 (which have none to skip)
 - `shape`  the rank's part of that agreement has another shape than the others' (three
            elements where they send one)
+- `dtype`  the rank's part of that agreement has another dtype (float64 where they send
+           float32): gloo aborts the rank that receives it
+- `order`  the rank measures the step's gradient norm before that agreement, the others
+           after it (give it a logged step, on a layout whose norm is a collective)
+- `deadlock` the pipeline stage receives from its neighbouring stage before the step's
+           schedule, a message that is never sent, while that stage waits on it in turn
 - `nan`    the rank's input batch becomes NaN in that step, as a corrupt sample would make
            it: its loss and every gradient it reaches turn NaN (on a pipeline, give it to
            a first-stage rank: the other stages read no input)
@@ -83,6 +89,19 @@ class FaultPlan:
     def misshapes(self, step: int) -> bool:
         """This rank's part of the step's agreement has another shape than the others'."""
         return self.faults.get(step) == "shape"
+
+    def mistypes(self, step: int) -> bool:
+        """This rank's part of the step's agreement has another dtype than the others'."""
+        return self.faults.get(step) == "dtype"
+
+    def reorders(self, step: int) -> bool:
+        """This rank measures the gradient norm (a collective) before the step's agreement on
+        finite gradients, where the others measure it after: the same calls in another order."""
+        return self.faults.get(step) == "order"
+
+    def deadlocks(self, step: int) -> bool:
+        """This pipeline stage waits on its neighbour before the step's schedule."""
+        return self.faults.get(step) == "deadlock"
 
     def maybe_fail_at(self, point: str) -> None:
         """Inside the checkpoint written after the current step."""

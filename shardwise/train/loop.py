@@ -109,7 +109,9 @@ def located(position: Position, rank: int):
 FUSED_CHECK_DTYPES = (torch.float32, torch.float16, torch.float64)
 
 
-def all_finite(loss: torch.Tensor, model: nn.Module, group: dist.ProcessGroup | None, *, misshape=False) -> bool:
+def all_finite(
+    loss: torch.Tensor, model: nn.Module, group: dist.ProcessGroup | None, *, misshape=False, mistype=False
+) -> bool:
     """Whether the loss and every gradient are finite. With `group`, on every rank of it
     (a collective), so all ranks skip a bad step together and their weights stay equal.
     Without, this rank's own answer: enough where the gradients were reduced whole and are
@@ -133,6 +135,8 @@ def all_finite(loss: torch.Tensor, model: nn.Module, group: dist.ProcessGroup | 
     if group is not None and dist.get_world_size(group) > 1:
         if misshape:  # an injected fault: this rank's part of the collective has another shape
             bad = bad.reshape(1).repeat(3)
+        if mistype:
+            bad = bad.double()
         dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
         if misshape:
             bad = bad[0]
@@ -256,6 +260,13 @@ class _Step:
     agree_group: dist.ProcessGroup | None
 
 
+def _norm(ctx: _Step, model: nn.Module, where: Position) -> float:
+    """The whole model's gradient norm, clipped to `clip_norm` where that is set."""
+    where.phase = "gradient norm (all-reduce)"
+    max_norm = ctx.settings.clip_norm if ctx.settings.clip_norm > 0 else math.inf
+    return clip_grad_norm(unwrap(model), max_norm, splits=ctx.splits, sum_groups=ctx.sum_groups)
+
+
 def _update(
     ctx: _Step, model: nn.Module, optimizer, scheduler, micro, step: int, where: Position, *, logged: bool
 ) -> tuple[torch.Tensor, bool, float | None]:
@@ -265,17 +276,19 @@ def _update(
     optimizer.zero_grad(set_to_none=True)
     if ctx.faults.corrupt(step):
         micro = [(torch.full_like(x, float("nan")), y) for x, y in micro]
+    if ctx.faults.deadlocks(step):
+        ctx.runner.receive_first()
     loss = ctx.runner.forward_backward(micro)
+    norm = None
+    if ctx.faults.reorders(step):
+        norm = _norm(ctx, model, where)
     where.phase = "agreeing on finite gradients"
     group = None if ctx.faults.skips(step) else ctx.agree_group
-    if not all_finite(loss, model, group, misshape=ctx.faults.misshapes(step)):
+    if not all_finite(loss, model, group, misshape=ctx.faults.misshapes(step), mistype=ctx.faults.mistypes(step)):
         optimizer.zero_grad(set_to_none=True)  # every rank skips it: the weights stay equal
         return loss, False, None
-    norm = None
-    if ctx.settings.clip_norm > 0 or logged:
-        where.phase = "gradient norm (all-reduce)"
-        max_norm = ctx.settings.clip_norm if ctx.settings.clip_norm > 0 else math.inf
-        norm = clip_grad_norm(unwrap(model), max_norm, splits=ctx.splits, sum_groups=ctx.sum_groups)
+    if (ctx.settings.clip_norm > 0 or logged) and norm is None:
+        norm = _norm(ctx, model, where)
     where.phase = "optimizer step"
     optimizer.step()
     scheduler.step()

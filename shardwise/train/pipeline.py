@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch import Tensor, nn
 
+from shardwise import p2p_ring
 from shardwise.comm.collectives import recv_tensor, send_tensor
 from shardwise.comm.flat import average_gradients
 from shardwise.data.loader import RankData
@@ -34,6 +35,9 @@ from shardwise.train.loop import mean_over
 
 if TYPE_CHECKING:  # imported where a pipeline is built: it pulls in torch._dynamo, a second per process
     from torch.distributed.pipelining import PipelineStage
+
+
+FAULT_TAG = 77  # the tag of a receive that an injected deadlock waits on
 
 
 class PipelineRunner:
@@ -63,6 +67,7 @@ class PipelineRunner:
         # activations between stages carry gradients back; the first stage's input is data
         inputs = torch.empty(shapes[0], device=device, dtype=dtype, requires_grad=not self.first)
         outputs = torch.empty(shapes[1], device=device, dtype=dtype, requires_grad=True)
+        p2p_ring.install()  # the schedules' sends and receives, for the launcher's reading of a hang
         self.stage = PipelineStage(module, stage, stages, device, input_args=inputs, output_args=outputs, group=group)
         kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
         self.schedule = kind(self.stage, n_microbatches=microbatches, loss_fn=F.cross_entropy, scale_grads=True)
@@ -94,6 +99,16 @@ class PipelineRunner:
         if self.last:
             return torch.stack([loss.detach() for loss in losses]).mean()
         return torch.zeros((), device=self.device)
+
+    def receive_first(self) -> None:
+        """An injected fault (train/faults.py `deadlock`): wait for a message from the next stage
+        (the last stage: the one before) under a tag no schedule sends with, as a stage whose
+        schedule put a receive before its send would; its neighbour waits on it in turn."""
+        peer = self.stage_index - 1 if self.last else self.stage_index + 1
+        source = dist.get_global_rank(self.group, peer)
+        buffer = torch.empty(1, device=self.device)
+        p2p_ring.record("recv", source, FAULT_TAG, buffer)
+        dist.recv(buffer, source, group=self.group, tag=FAULT_TAG)
 
     def mean_loss(self, value: Tensor) -> float:
         """The last stage's loss, shared with its pipeline, then averaged over data parallelism."""
