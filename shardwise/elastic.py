@@ -25,6 +25,7 @@ from pathlib import Path
 from shardwise.checkpoint.manifest import latest_checkpoint
 from shardwise.cluster.placement import Placement
 from shardwise.errors import ShardwiseError
+from shardwise.hangs import ranks_in_words
 
 POLL_S = 0.5  # how often a lost host is looked at while the launcher waits for it
 LOOK_S = 1.0  # how often, while the job runs smaller
@@ -58,6 +59,21 @@ def lost_hosts(placement: Placement) -> list[int]:
     from shardwise.cluster.netns import link_up
 
     return [h for h in placement.used if not link_up(placement.cluster, h)]
+
+
+def cut_off(placement: Placement, nproc: int) -> tuple[int, str] | None:
+    """Where a job failed while a host's link is down: the first of its ranks, and in words
+    that they were cut off and the others waited (None: every host is reachable)."""
+    lost = lost_hosts(placement)
+    ranks = [r for r in range(nproc) if placement.host(r) in lost]
+    if not ranks:
+        return None
+    c = placement.cluster
+    hosts = ", ".join(f"{c.namespace(h)} ({c.address(h)})" for h in lost)
+    others = [r for r in range(nproc) if r not in ranks]
+    waited = f" and {ranks_in_words(others)} timed out waiting for it" if others else ""
+    also = f" (with {ranks_in_words(ranks[1:])})" if len(ranks) > 1 else ""
+    return ranks[0], f"was cut off{also}: the link of host {hosts} is down{waited}"
 
 
 def shrink(placement: Placement, nproc: int, elastic: Elastic, fits) -> tuple[Placement, int, str]:

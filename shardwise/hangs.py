@@ -31,7 +31,7 @@ def _call(entry: dict) -> str:
     return f"{op}|{sizes} {dtypes}".strip()
 
 
-def _ranks(ranks: list[int]) -> str:
+def ranks_in_words(ranks: list[int]) -> str:
     names = [str(r) for r in sorted(ranks)]
     return f"rank {names[0]}" if len(names) == 1 else f"ranks {', '.join(names[:-1])} and {names[-1]}"
 
@@ -103,9 +103,10 @@ def first_disagreement(dumps: dict[int, dict]) -> tuple[list[int], str] | None:
             (other_call, other_ranks), extra = odd.others[0], instead[0]
             op, _, shape = other_call.partition("|")
             made, _, made_shape = extra.call.partition("|")
-            return odd.ranks, f"{_ranks(odd.ranks)} never called {op} #{odd.seq} on {odd.group} ({shape}), which " \
-                f"{_ranks(other_ranks)} called; {'it' if len(odd.ranks) == 1 else 'they'} called {made} " \
-                f"#{extra.seq} on {extra.group} ({made_shape}) instead"  # fmt: skip
+            who, them = ranks_in_words(odd.ranks), ranks_in_words(other_ranks)
+            return odd.ranks, f"{who} never called {op} #{odd.seq} on {odd.group} ({shape}), which {them} " \
+                f"called; {'it' if len(odd.ranks) == 1 else 'they'} called {made} #{extra.seq} on {extra.group} " \
+                f"({made_shape}) instead"  # fmt: skip
     odd = min(found, key=lambda f: f.seq)
     seq, call, ranks, where = odd.seq, odd.call, odd.ranks, odd.group
     if call == "":
@@ -113,17 +114,17 @@ def first_disagreement(dumps: dict[int, dict]) -> tuple[list[int], str] | None:
         before = f" (its last there: #{max(earlier)})" if earlier else ""
         other_call, other_ranks = odd.others[0]
         op, _, shape = other_call.partition("|")
-        return ranks, f"{_ranks(ranks)} never called #{seq} on {where}{before} while {_ranks(other_ranks)} " \
-                      f"called {op} #{seq} ({shape})"  # fmt: skip
+        who, them = ranks_in_words(ranks), ranks_in_words(other_ranks)
+        return ranks, f"{who} never called #{seq} on {where}{before} while {them} called {op} #{seq} ({shape})"
     op, _, shape = call.partition("|")
     said = []
     for other_call, other_ranks in odd.others:
         if other_call == "":
-            said.append(f"{_ranks(other_ranks)} never called it")
+            said.append(f"{ranks_in_words(other_ranks)} never called it")
         else:
             other_op, _, other_shape = other_call.partition("|")
-            said.append(f"{_ranks(other_ranks)} called {other_op} #{seq} ({other_shape})")
-    return ranks, f"{_ranks(ranks)} called {op} #{seq} on {where} ({shape}) while {'; '.join(said)}"
+            said.append(f"{ranks_in_words(other_ranks)} called {other_op} #{seq} ({other_shape})")
+    return ranks, f"{ranks_in_words(ranks)} called {op} #{seq} on {where} ({shape}) while {'; '.join(said)}"
 
 
 def _p2p(entry: dict) -> str:

@@ -29,7 +29,7 @@ from shardwise.checkpoint.manifest import latest_checkpoint
 from shardwise.cluster.placement import Placement
 from shardwise.config import Config
 from shardwise.config_toml import to_toml
-from shardwise.elastic import Elastic, Regrow, shrink
+from shardwise.elastic import Elastic, Regrow, cut_off, shrink
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 from shardwise.files import write_atomic
 from shardwise.forked import ForkedRank, can_fork
@@ -361,7 +361,11 @@ def _run_once(
             else:
                 procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL if quiet else None))
         failure = supervise(procs, error_files, expendable_ranks(cfg, dims), stop, regrow)
-        return hangs.explain(failure, err_dir, Path(cfg.run.out) if cfg.run.out else None, stalled=STALLED)
+        explained = hangs.explain(failure, err_dir, Path(cfg.run.out) if cfg.run.out else None, stalled=STALLED)
+        if explained is None or explained.exit_code == REGROW or explained.kind == contract.USAGE:
+            return explained
+        cut = cut_off(placement, nproc)  # the rings would show its ranks behind, as if they skipped a call
+        return RankFailure(cut[0], STALLED, cut[1], "") if cut else explained
     finally:
         gc.unfreeze()  # the ranks keep their copy frozen; this process collects its own again
         _stop(procs)

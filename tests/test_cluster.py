@@ -122,6 +122,35 @@ def test_train_on_the_cluster_ends_with_the_same_weights(cluster, tmp_path, caps
     assert emu.keys() == local.keys() and all((emu[k] == local[k]).all() for k in emu)
 
 
+def test_a_host_whose_link_goes_down_is_named_as_cut_off(cluster, tmp_path):
+    """Host 1's link goes down after step 5: the job ends within the timeout (+ 5 s) naming its
+    rank as cut off (its ring would show it behind the others, as a rank that skipped a call)."""
+    out = tmp_path / "cut"
+    args = ["train", "--cluster", f"emulated:{NAME}", "--nproc", "2", "--model.name", "mlp", "--train.steps", "100000",
+            "--train.eval_every", "0", "--run.progress", "false", "--train.log_every", "1",
+            "--train.collective_timeout_s", "3", "--out", str(out)]  # fmt: skip
+    job = subprocess.Popen([sys.executable, "-m", "shardwise", *args], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while '"step": 5,' not in ((out / "metrics.jsonl").read_text() if (out / "metrics.jsonl").exists() else ""):
+            assert job.poll() is None and time.monotonic() < deadline, job.stderr.read()
+            time.sleep(0.05)
+        netns.set_link(cluster, 1, up=False)
+        down = time.monotonic()
+        _, err = job.communicate(timeout=60)
+        ended = time.monotonic() - down
+    finally:
+        netns.set_link(cluster, 1, up=True)
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode == 1
+    said = f"the link of host {NAME}-h1 ({cluster.address(1)}) is down and rank 0 timed out waiting for it"
+    assert err.strip().splitlines()[-1] == f"shardwise: rank 1 was cut off: {said}"
+    assert ended < 3 + 5, ended
+
+
 def test_serve_a_pipeline_on_the_cluster_answers_as_one_process(cluster, tmp_path):
     """`serve --nproc 2 --parallel.pp 2 --cluster`: the stages on two hosts, the activations
     crossing the shaped link; the front here, its answers `shardwise predict`'s."""
