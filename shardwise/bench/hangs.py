@@ -1,15 +1,23 @@
 """`shardwise bench hangs`: seeded runs that each break one rank's collectives, and whether the
 job's last line names the culprit rank and what it did.
 
-Each trial draws from its seed a rank of 3, a step, and a fault (train/faults.py): `hang` (the
-process stops: it must be named as the rank that stopped answering), `slow` (a straggler: it
-sleeps 10 s, past the timeout, and must be named as the rank the others waited for), `skip`
-(it leaves out the step's agreement on finite gradients: named, with the collective it never
-called) or `shape` (its part of that agreement has another shape: named, with both calls). The job is fully
-sharded (FSDP2), so its ranks agree on finite steps by a collective each step, with
-`train.collective_timeout_s` = TIMEOUT_S. A trial counts when the job ends with exit 1 and its
-last line names the rank and the disagreement; the time from the fault's step to the job's end
-is measured against the timeout + 5 s.
+Each trial draws from its seed a rank of 3, a step, and a fault (train/faults.py) on a fully
+sharded (FSDP2) job, whose ranks agree on finite steps by a collective each step, with
+`train.collective_timeout_s` = TIMEOUT_S:
+- `hang`: the process stops; named as the rank that stopped answering;
+- `slow`: a straggler that sleeps 10 s, past the timeout; named as the rank the others waited for;
+- `skip`: it leaves out the step's agreement on finite gradients; `order`: it measures the
+  gradient norm before that agreement; both named with the call it never made and the one it
+  made instead;
+- `shape`, `dtype`: its part of the agreement has another shape, or float64 (gloo aborts the
+  rank that receives it); named with both calls;
+- `deadlock` (on a pipeline of 3 stages instead): the stage waits on a receive its neighbour
+  never sends; named with both waits;
+- `link` (on the emulated cluster only): its host's link goes down after the step; named as cut
+  off.
+A trial counts when the job ends with exit 1 and its last line names the rank and the
+disagreement; the time from the fault's step to the job's end is measured against the
+timeout + 5 s.
 
 What the rings cost: the digits convnet on 2 ranks with torch's flight recorder as every
 launched job has it, and with it off (TORCH_FR_BUFFER_SIZE=0), alternated; the step time ratio.
@@ -30,26 +38,53 @@ from rich.table import Table
 from shardwise.bench.common import Bench, alternate
 from shardwise.train.outputs import read_metrics
 
-TRIALS, SEED, NPROC, STEPS, TIMEOUT_S = 20, 11, 3, 12, 3.0
-JOB = ["--model.name", "mlp", "--train.eval_every", "0", "--run.progress", "false", "--train.batch_size", "48"]
-JOB += ["--parallel.shard", "full", "--train.collective_timeout_s", str(TIMEOUT_S), "--train.log_every", "1"]
+TRIALS, SEED, NPROC, STEPS, TIMEOUT_S = 24, 11, 3, 12, 3.0
+JOB = ["--model.name", "mlp", "--train.eval_every", "0", "--run.progress", "false", "--train.batch_size", "48",
+       "--train.collective_timeout_s", str(TIMEOUT_S), "--train.log_every", "1"]  # fmt: skip
+LAYOUT = {"deadlock": ["--parallel.pp", str(NPROC)]}  # the others: fully sharded
+SKIPPED = ("skipped a collective or called it out of order", "rank {rank} never called all_reduce")
+MISMATCHED = ("disagrees with the others' collectives", "rank {rank} called all_reduce")
 SAID = {  # how the last line begins, and what else it says of the rank's collectives
     "hang": ("stopped answering (its process is stopped)", ""),
     "slow": ("stopped answering (it never reached the collective)", ""),
-    "skip": ("skipped a collective", "the first disagreement: rank {rank} never called"),
-    "shape": ("disagrees with the others' collectives", "rank {rank} called all_reduce"),
+    "skip": SKIPPED,
+    "order": SKIPPED,
+    "shape": MISMATCHED,
+    "dtype": MISMATCHED,
+    "deadlock": ("deadlocked on point-to-point messages", "rank {rank} waits to receive #1 (tag 77"),
+    "link": ("was cut off", "the link of host"),
 }
 
 
-def _trial(out: Path, fault: str) -> tuple[subprocess.CompletedProcess, float]:
+def _trial(b: Bench, out: Path, rank: int, step: int, kind: str) -> tuple[subprocess.CompletedProcess, float]:
     cmd = [sys.executable, "-m", "shardwise", "train", "--nproc", str(NPROC), *JOB, "--train.steps", str(STEPS)]
-    done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "SHARDWISE_FAULT": fault})  # fmt: skip
-    return done, time.time()
+    cmd += LAYOUT.get(kind, ["--parallel.shard", "full"]) + ["--out", str(out)]
+    cluster = b.placement.cluster
+    if cluster:
+        cmd += ["--cluster", f"emulated:{cluster.name}"]
+    if kind != "link":
+        env = {**os.environ, "SHARDWISE_FAULT": f"{rank}:{step}:{kind}"}
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env), time.time()
+    from shardwise.cluster import netns
+
+    host = b.placement.host(rank)
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:  # the link goes down once the step before the fault's is logged
+        while job.poll() is None and _fault_time(out, step) is None:
+            time.sleep(0.05)
+        netns.set_link(cluster, host, up=False)
+        stdout, stderr = job.communicate(timeout=300)
+    finally:
+        netns.set_link(cluster, host, up=True)
+        if job.poll() is None:
+            job.kill()
+    return subprocess.CompletedProcess(cmd, job.returncode, stdout, stderr), time.time()
 
 
 def _fault_time(out: Path, step: int) -> float | None:
     """When the step before the faulty one was logged (rank 0's metrics.jsonl)."""
+    if not (out / "metrics.jsonl").exists():
+        return None
     times = [r["time_unix"] for r in read_metrics(out / "metrics.jsonl") if r["step"] <= step]
     return max(times, default=None)
 
@@ -60,18 +95,18 @@ def run(b: Bench) -> None:
 
 
 def trials(b: Bench) -> None:
-    b.console.print(f"[bold]hangs[/]: {TRIALS} seeded trials, a rank of {NPROC} that hangs, straggles, skips a "
-                    f"collective or calls it with another shape; FSDP2, collective timeout {TIMEOUT_S:g} s "
-                    f"({b.link})")  # fmt: skip
+    kinds = sorted(k for k in SAID if k != "link" or b.placement.cluster and b.placement.cluster.hosts >= NPROC)
+    b.console.print(f"[bold]hangs[/]: {TRIALS} seeded trials, a rank of {NPROC} with one fault of "
+                    f"{', '.join(kinds)}; collective timeout {TIMEOUT_S:g} s ({b.where})")  # fmt: skip
     table = Table(title="trials")
     for col in ("trial", "rank", "step", "fault", "exit", "named", "s after the fault"):
         table.add_column(col, justify="right")
     named, delays = 0, []
     for trial in range(TRIALS):
         rng = random.Random(SEED + trial)
-        rank, step, kind = rng.randrange(NPROC), rng.randrange(2, STEPS - 2), rng.choice(sorted(SAID))
+        rank, step, kind = rng.randrange(NPROC), rng.randrange(2, STEPS - 2), rng.choice(kinds)
         out = b.work / f"hangs-{trial}"
-        done, ended = _trial(out, f"{rank}:{step}:{kind}")
+        done, ended = _trial(b, out, rank, step, kind)
         last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
         begins, names = SAID[kind]
         ok = done.returncode == 1 and last.startswith(f"shardwise: rank {rank} {begins}")
@@ -84,7 +119,7 @@ def trials(b: Bench) -> None:
         if not ok:
             b.console.print(f"trial {trial}: {last}")
     b.console.print(table)
-    how = f"{TRIALS} seeded trials of hang, slow, skip and shape faults on a rank of {NPROC}, timeout {TIMEOUT_S:g} s"
+    how = f"{TRIALS} seeded trials of {', '.join(kinds)} faults on a rank of {NPROC}, timeout {TIMEOUT_S:g} s"
     b.record("hangs", f"culprit rank and collective named (of {TRIALS})", [named], unit="count", how=how)
     if delays:
         b.record("hangs", "s from the fault's step to the job's end", delays, unit="s", how=how)
