@@ -64,7 +64,7 @@ SCENARIOS: dict[str, tuple[Callable[[Bench], None], bool]] = {
     "serve": (serve.run, False),  # one serving process under load: loopback
     "serve-pp": (serve_pp.run, True),  # a model over one rank's budget, served by a pipeline
     "elastic": (elastic.run, True),  # hosts lost and back on a schedule: the emulated cluster only, minutes
-    "hangs": (hangs.run, False),  # seeded broken collectives: is the culprit named?
+    "hangs": (hangs.run, True),  # seeded broken collectives (and links taken down): is the culprit named?
 }
 NAMED_ONLY = ("restarts", "planner", "compression", "checkpointing", "sql", "serve", "serve-pp", "elastic", "hangs")
 DEFAULT = [name for name in SCENARIOS if name not in NAMED_ONLY]
