@@ -15,11 +15,13 @@ TORCHELASTIC_ERROR_FILE; the launcher reads the record, never the text.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import socket
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -38,6 +40,7 @@ if __name__ == "__main__":  # torchrun's entry: an unreachable MASTER_ADDR is sa
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from shardwise.checkpoint.manifest import latest_checkpoint  # noqa: E402
 from shardwise.config import Config, load_config  # noqa: E402
 from shardwise.config_toml import to_toml  # noqa: E402
 from shardwise.errors import EXIT_USAGE, ShardwiseError  # noqa: E402
@@ -195,6 +198,40 @@ def dump_ring_on_terminate() -> None:
     _ON_TERMINATE[1] = set_terminate(ctypes.cast(handler, ctypes.c_void_p))
 
 
+STARTS_KEY, STARTED_KEY = "shardwise/starts", "shardwise/started"  # in torchrun's agent store
+
+
+def _root_store() -> dist.Store:
+    store = dist.distributed_c10d._get_default_store()
+    while hasattr(store, "underlying_store"):  # the agent's prefixes, one per start of the workers
+        store = store.underlying_store
+    return store
+
+
+def torchrun_start(cfg: Config, out_dir: Path) -> int:
+    """Which start of this torchrun job's workers this is (0: the first), counted by rank 0 in
+    the rendezvous store that torchrun's agent keeps for the whole job. From the second on
+    (the agent started the workers again after a failure, or because nodes joined or left a
+    `--nnodes MIN:MAX` job), the job goes on from the newest checkpoint it wrote in `out_dir`,
+    with however many ranks it now has (checkpoints are resharded on load)."""
+    choice = [0, cfg.run.resume]
+    if dist.get_rank() == 0:
+        store = _root_store()
+        starts = store.add(STARTS_KEY, 1)
+        if starts == 1:
+            store.set(STARTED_KEY, repr(time.time()))
+        else:
+            since = float(store.get(STARTED_KEY).decode())
+            found = latest_checkpoint(out_dir / "checkpoints", since=since)
+            choice = [starts - 1, str(found) if found else cfg.run.resume]
+            origin = found.name if found else (cfg.run.resume or "the start")
+            print(f"shardwise: torchrun started the workers again ({dist.get_world_size()} ranks): going on from "
+                  f"{origin}", file=sys.stderr, flush=True)  # fmt: skip
+    dist.broadcast_object_list(choice, src=0)
+    cfg.run.resume = choice[1]
+    return choice[0]
+
+
 def under_torchrun() -> bool:
     """Whether this process is a rank torchrun started (its agent names the run)."""
     return "TORCHELASTIC_RUN_ID" in os.environ and not os.environ.get(procs.LAUNCHED_ENV)
@@ -237,7 +274,10 @@ def run_rank(cfg: Config) -> tuple[Path, RunResult]:
         serve_rank(cfg, device=device)
         result = RunResult({}, {})
     else:
-        result = run(cfg, out_dir=out_dir, device=device, context=context_from_environ())
+        context = context_from_environ()
+        if under_torchrun():
+            context = dataclasses.replace(context, attempt=torchrun_start(cfg, out_dir))
+        result = run(cfg, out_dir=out_dir, device=device, context=context)
     # leave together: ranks wait while rank 0 writes the outputs, so no rank
     # closes its connections under a peer that still expects it
     if result.leave_together:

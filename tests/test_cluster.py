@@ -235,6 +235,53 @@ def test_torchrun_across_hosts(cluster, tmp_path):
     assert across.keys() == local.keys() and all((across[k] == local[k]).all() for k in local)
 
 
+def test_torchrun_nnodes_min_max_goes_on_from_the_checkpoint_when_a_host_dies(cluster, tmp_path):
+    """`torchrun --nnodes 1:2`, one agent a host. Once step 200's checkpoint is written, every
+    process of host 1 is killed: torchrun's agent on host 0 starts its worker again as a world
+    of one, which goes on from that checkpoint (counted in the agent's store), and the run ends
+    with the weights of a failure-free run (float64: to the rounding of sums taken in another
+    order)."""
+    args = {"model.name": "mlp", "train.dtype": "float64", "train.steps": "600", "train.checkpoint_every": "100",
+            "train.eval_every": "0", "run.progress": "false", "train.collective_timeout_s": "5"}  # fmt: skip
+    from shardwise.config_toml import to_toml
+
+    out, config = tmp_path / "elastic", tmp_path / "elastic.toml"
+    config.write_text(to_toml(load_config(None, {**args, "run.out": str(out)})))
+    agents = []
+    for h in range(2):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1",
+                   "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{cluster.address(0)}:29500",
+                   "--rdzv-id", "shrink", "--rdzv-conf", f"is_host={'true' if h == 0 else 'false'},last_call_timeout=1",
+                   "--local-addr", cluster.address(h), "-m", "shardwise.worker", str(config)]  # fmt: skip
+        env = {**os.environ, "GLOO_SOCKET_IFNAME": netns.HOST_IF, "OMP_NUM_THREADS": "1"}
+        agents.append(subprocess.Popen(["ip", "netns", "exec", cluster.namespace(h), *command], env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "step-00000200" / "manifest.json").is_file():
+            assert agents[0].poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        pids = subprocess.run(["ip", "netns", "pids", cluster.namespace(1)], capture_output=True, text=True).stdout
+        for pid in pids.split():  # host 1 dies: its agent and its worker
+            os.kill(int(pid), 9)
+        output, _ = agents[0].communicate(timeout=180)
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+            agent.wait()
+    assert agents[0].returncode == 0, output
+    went_on = [line for line in output.splitlines() if line.startswith("shardwise: torchrun started the workers")]
+    assert went_on and went_on[0].startswith("shardwise: torchrun started the workers again (1 ranks): going on "
+                                             "from step-00000"), output  # fmt: skip
+    assert "resumed from " in output, output  # from the checkpoint, not from the first step
+    flags = [x for k, v in args.items() for x in (f"--{k}", v)]
+    assert main(["train", "--nproc", "2", "--out", str(tmp_path / "plain"), *flags]) == 0
+    elastic, plain = (load_file(d / "model.safetensors") for d in (out, tmp_path / "plain"))
+    for key in plain:
+        assert (elastic[key] - plain[key]).abs().max() < 1e-12, key
+
+
 def test_a_loopback_master_addr_across_hosts_is_one_line(cluster, tmp_path):
     """Every host named localhost and no --local-addr: torchrun hands the workers
     MASTER_ADDR=localhost, which no other host can reach. Each rank says so and stops,
