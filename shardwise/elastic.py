@@ -18,6 +18,7 @@ rounding of a sum taken in another order), no sample skipped or repeated.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,10 @@ def lost_hosts(placement: Placement) -> list[int]:
 def cut_off(placement: Placement, nproc: int) -> tuple[int, str] | None:
     """Where a job failed while a host's link is down: the first of its ranks, and in words
     that they were cut off and the others waited (None: every host is reachable)."""
-    lost = lost_hosts(placement)
+    try:
+        lost = lost_hosts(placement)
+    except (OSError, ValueError, subprocess.SubprocessError):  # `ip` could not say: the failure as it was
+        return None
     ranks = [r for r in range(nproc) if placement.host(r) in lost]
     if not ranks:
         return None

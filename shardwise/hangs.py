@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import signal
 from pathlib import Path
 
 RING_SIZE = "2000"  # collectives each rank's flight recorder keeps
@@ -98,7 +99,7 @@ def first_disagreement(dumps: dict[int, dict]) -> tuple[list[int], str] | None:
     if not found:
         return None
     for odd in found:
-        instead = [e for e in found if e.extra and e.ranks == odd.ranks and e.group != odd.group]
+        instead = [e for e in found if e.extra and set(e.ranks) == set(odd.ranks) and e.group != odd.group]
         if odd.call == "" and instead:
             (other_call, other_ranks), extra = odd.others[0], instead[0]
             op, _, shape = other_call.partition("|")
@@ -150,9 +151,13 @@ def p2p_knot(dumps: dict[int, dict]) -> tuple[list[int], str] | None:
             posted[(entry["op"], src, dst, entry["tag"])] = entry
     if not posted:
         return None
-    # a stream is matched up to the smaller of its two sides' counts; what lies beyond waits
+    # a stream is matched up to the smaller of its two sides' counts; what lies beyond waits.
+    # Only streams both of whose ends left a record: a rank that stopped, straggled or was
+    # killed left none, and a receive waiting on it is its fallout, not a deadlock
     waiting = []
     for (op, src, dst, tag), entry in posted.items():
+        if src not in dumps or dst not in dumps:
+            continue
         other = posted.get(("recv" if op == "send" else "send", src, dst, tag))
         if entry["seq"] > (other["seq"] if other else 0):
             waiting.append((op, src, dst, tag, entry, other))
@@ -180,20 +185,23 @@ def explain(failure, err_dir: Path, out: Path | None, *, stalled: int):
     if failure is None:
         return None
     dumps: dict[int, dict] = {}
-    for path in sorted(err_dir.glob(f"rank*.json{DUMP_SUFFIX}")):
+    paths = {int(p.name.removeprefix("rank").split(".")[0]): p for p in err_dir.glob(f"rank*.json{DUMP_SUFFIX}")}
+    for rank, path in sorted(paths.items()):
         try:
-            dumps[int(path.name.removeprefix("rank").split(".")[0])] = json.loads(path.read_text())
+            dumps[rank] = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
     if out is not None and dumps:
         (out / "logs").mkdir(parents=True, exist_ok=True)
         for rank in dumps:
             shutil.copyfile(err_dir / f"rank{rank}.json{DUMP_SUFFIX}", out / "logs" / f"rank{rank}-collectives.json")
-    aborted = failure.exit_code < 0 and failure.exit_code != stalled and not failure.kind  # a signal, no record
+    # gloo aborted the rank in C++ (another size than it expected), its ring dumped on the way
+    aborted = failure.exit_code == -signal.SIGABRT and not failure.kind and failure.rank in dumps
     if failure.exit_code != stalled and not failure.fallout and not aborted:  # a rank's own error: said already
         return failure
     found = first_disagreement(dumps)
-    knot = p2p_knot(dumps) if found is None else None
+    # a rank the launcher found stopped or late is named already: the others' waits are its fallout
+    knot = p2p_knot(dumps) if found is None and failure.exit_code != stalled else None
     if knot is not None:  # the collectives agree; sends and receives did not meet
         said = f"deadlocked on point-to-point messages: {knot[1]}"
         return dataclasses.replace(failure, rank=knot[0][0], exit_code=stalled, message=said, traceback="")

@@ -362,9 +362,12 @@ def _run_once(
                 procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL if quiet else None))
         failure = supervise(procs, error_files, expendable_ranks(cfg, dims), stop, regrow)
         explained = hangs.explain(failure, err_dir, Path(cfg.run.out) if cfg.run.out else None, stalled=STALLED)
-        if explained is None or explained.exit_code == REGROW or explained.kind == contract.USAGE:
+        # a host cut off: its ranks' rings would show them behind, as if they skipped a call. Only
+        # for a rank that waited, stalled or died without a word: its own error says why
+        waited = explained is not None and (explained.fallout or explained.exit_code == STALLED or not explained.kind)
+        if not waited or explained.exit_code in (REGROW, EXIT_USAGE):
             return explained
-        cut = cut_off(placement, nproc)  # the rings would show its ranks behind, as if they skipped a call
+        cut = cut_off(placement, nproc)
         return RankFailure(cut[0], STALLED, cut[1], "") if cut else explained
     finally:
         gc.unfreeze()  # the ranks keep their copy frozen; this process collects its own again

@@ -175,10 +175,9 @@ def dump_ring_on_terminate() -> None:
     if _fr_dump_path() is None or _ON_TERMINATE:
         return
     import ctypes
-    import ctypes.util
 
     try:
-        set_terminate = ctypes.CDLL(ctypes.util.find_library("stdc++") or "libstdc++.so.6")._ZSt13set_terminatePFvvE
+        set_terminate = ctypes.CDLL("libstdc++.so.6")._ZSt13set_terminatePFvvE
     except (OSError, AttributeError):  # another C++ runtime: the ring is only dumped on a Python error
         return
     set_terminate.restype, set_terminate.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
@@ -194,11 +193,21 @@ def dump_ring_on_terminate() -> None:
         os.abort()
 
     handler = handler_type(on_terminate)
-    _ON_TERMINATE.extend([handler, None])
+    _ON_TERMINATE.extend([handler, None, set_terminate])
     _ON_TERMINATE[1] = set_terminate(ctypes.cast(handler, ctypes.c_void_p))
 
 
+def restore_terminate() -> None:
+    """The C++ runtime's own handler again, before the process group is torn down or the
+    process leaves: a gloo thread ending then must not wait for the GIL to dump a ring."""
+    if _ON_TERMINATE:
+        handler, previous, set_terminate = _ON_TERMINATE
+        set_terminate(previous)
+        _ON_TERMINATE.clear()
+
+
 STARTS_KEY, STARTED_KEY = "shardwise/starts", "shardwise/started"  # in torchrun's agent store
+FIRST_START = ".torchrun-start.json"  # in run.out: the run id and when its first start began
 
 
 def _root_store() -> dist.Store:
@@ -208,25 +217,43 @@ def _root_store() -> dist.Store:
     return store
 
 
+def _first_start(cfg: Config, out_dir: Path, store: dist.Store, run_id: str) -> float | None:
+    """When this torchrun job first started: from the agent's store, else (a store started
+    anew, where another host took over rendezvous rank 0) from the note in run.out."""
+    if store.check([STARTED_KEY]):
+        return float(store.get(STARTED_KEY).decode())
+    try:
+        note = json.loads((out_dir / FIRST_START).read_text()) if cfg.run.out else {}
+    except (OSError, ValueError):
+        return None
+    return float(note["time"]) if note.get("run_id") == run_id else None
+
+
 def torchrun_start(cfg: Config, out_dir: Path) -> int:
     """Which start of this torchrun job's workers this is (0: the first), counted by rank 0 in
-    the rendezvous store that torchrun's agent keeps for the whole job. From the second on
-    (the agent started the workers again after a failure, or because nodes joined or left a
-    `--nnodes MIN:MAX` job), the job goes on from the newest checkpoint it wrote in `out_dir`,
-    with however many ranks it now has (checkpoints are resharded on load)."""
+    the rendezvous store that torchrun's agent keeps for the whole job (and told by the
+    agent's own restart count). From the second on (the agent started the workers again after
+    a failure, or because nodes left a `--nnodes MIN:MAX` job), the job goes on from the
+    newest checkpoint it wrote in `run.out`, with however many ranks it now has (checkpoints
+    are resharded on load)."""
     choice = [0, cfg.run.resume]
     if dist.get_rank() == 0:
-        store = _root_store()
+        store, run_id = _root_store(), os.environ.get("TORCHELASTIC_RUN_ID", "")
         starts = store.add(STARTS_KEY, 1)
-        if starts == 1:
-            store.set(STARTED_KEY, repr(time.time()))
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if starts == 1 and not restarted:
+            now = time.time()
+            if cfg.run.out:
+                write_atomic(out_dir / FIRST_START, json.dumps({"run_id": run_id, "time": now}))
+            store.set(STARTED_KEY, repr(now))
         else:
-            since = float(store.get(STARTED_KEY).decode())
-            found = latest_checkpoint(out_dir / "checkpoints", since=since)
-            choice = [starts - 1, str(found) if found else cfg.run.resume]
+            since = _first_start(cfg, out_dir, store, run_id)
+            found = latest_checkpoint(out_dir / "checkpoints", since=since) if since is not None else None
+            choice = [max(starts - 1, restarted), str(found) if found else cfg.run.resume]
             origin = found.name if found else (cfg.run.resume or "the start")
+            unset = "" if cfg.run.out else " (run.out is not set: each start writes a new run folder)"
             print(f"shardwise: torchrun started the workers again ({dist.get_world_size()} ranks): going on from "
-                  f"{origin}", file=sys.stderr, flush=True)  # fmt: skip
+                  f"{origin}{unset}", file=sys.stderr, flush=True)  # fmt: skip
     dist.broadcast_object_list(choice, src=0)
     cfg.run.resume = choice[1]
     return choice[0]
@@ -282,6 +309,7 @@ def run_rank(cfg: Config) -> tuple[Path, RunResult]:
     # closes its connections under a peer that still expects it
     if result.leave_together:
         dist.barrier()
+    restore_terminate()
     dist.destroy_process_group()
     return out_dir, result
 
@@ -310,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         _record_error(e, rank)
+        restore_terminate()
         if not launched:
             raise
         return 1

@@ -76,3 +76,13 @@ def test_two_stages_each_waiting_to_receive_from_the_other_are_both_named():
     ranks, said = p2p_knot(rings)
     assert ranks == [0, 1]
     assert said.startswith("rank 0 waits to receive #2 (tag 0, 8x4 float32) from rank 1, which rank 1 sent only to #1")
+
+
+def test_a_receive_from_a_rank_that_left_no_record_is_its_fallout_not_a_deadlock():
+    """Rank 2 was stopped or killed and dumped nothing: rank 1's receive from it waits on a
+    stream with no sender on record, which says nothing of a deadlock."""
+    rings = {0: {"shardwise_p2p": [_p2p("send", 1, n) for n in (1, 2)]},
+             1: {"shardwise_p2p": [_p2p("recv", 0, n) for n in (1, 2)] + [_p2p("recv", 2, 1)]}}  # fmt: skip
+    assert p2p_knot(rings) is None
+    rings[2] = {"shardwise_p2p": []}  # with its record: it never sent
+    assert p2p_knot(rings)[0] == [1]

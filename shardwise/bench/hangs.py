@@ -69,8 +69,9 @@ def _trial(b: Bench, out: Path, rank: int, step: int, kind: str) -> tuple[subpro
 
     host = b.placement.host(rank)
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:  # the link goes down once the step before the fault's is logged
-        while job.poll() is None and _fault_time(out, step) is None:
+    try:  # the link goes down once the fault's step is logged
+        deadline = time.monotonic() + 300
+        while job.poll() is None and not _logged(out, step) and time.monotonic() < deadline:
             time.sleep(0.05)
         netns.set_link(cluster, host, up=False)
         stdout, stderr = job.communicate(timeout=300)
@@ -81,12 +82,22 @@ def _trial(b: Bench, out: Path, rank: int, step: int, kind: str) -> tuple[subpro
     return subprocess.CompletedProcess(cmd, job.returncode, stdout, stderr), time.time()
 
 
+def _records(out: Path) -> list[dict]:
+    """Rank 0's metrics.jsonl so far (none while it is being created or a line written)."""
+    try:
+        return read_metrics(out / "metrics.jsonl")
+    except (OSError, ValueError):
+        return []
+
+
+def _logged(out: Path, step: int) -> bool:
+    """Whether the job has logged `step` (counted from 1, as metrics.jsonl counts)."""
+    return any(r["step"] >= step for r in _records(out))
+
+
 def _fault_time(out: Path, step: int) -> float | None:
     """When the step before the faulty one was logged (rank 0's metrics.jsonl)."""
-    if not (out / "metrics.jsonl").exists():
-        return None
-    times = [r["time_unix"] for r in read_metrics(out / "metrics.jsonl") if r["step"] <= step]
-    return max(times, default=None)
+    return max((r["time_unix"] for r in _records(out) if r["step"] <= step), default=None)
 
 
 def run(b: Bench) -> None:
