@@ -5,7 +5,9 @@ Each trial draws from its seed a rank of 3, a step, and a fault (train/faults.py
 sharded (FSDP2) job, whose ranks agree on finite steps by a collective each step, with
 `train.collective_timeout_s` = TIMEOUT_S:
 - `hang`: the process stops; named as the rank that stopped answering;
-- `slow`: a straggler that sleeps 10 s, past the timeout; named as the rank the others waited for;
+- `slow`: a straggler that sleeps 10 s, past the timeout; named as the rank the others waited for
+  (these two on a pipeline of 3 stages in half the trials: the stages waiting on it must not be
+  read as deadlocked);
 - `skip`: it leaves out the step's agreement on finite gradients; `order`: it measures the
   gradient norm before that agreement; both named with the call it never made and the one it
   made instead;
@@ -41,7 +43,8 @@ from shardwise.train.outputs import read_metrics
 TRIALS, SEED, NPROC, STEPS, TIMEOUT_S = 24, 11, 3, 12, 3.0
 JOB = ["--model.name", "mlp", "--train.eval_every", "0", "--run.progress", "false", "--train.batch_size", "48",
        "--train.collective_timeout_s", str(TIMEOUT_S), "--train.log_every", "1"]  # fmt: skip
-LAYOUT = {"deadlock": ["--parallel.pp", str(NPROC)]}  # the others: fully sharded
+PIPELINE, SHARDED = ["--parallel.pp", str(NPROC)], ["--parallel.shard", "full"]
+EITHER = ("hang", "slow")  # on either layout: a pipeline's waits on a stopped stage are no deadlock
 SKIPPED = ("skipped a collective or called it out of order", "rank {rank} never called all_reduce")
 MISMATCHED = ("disagrees with the others' collectives", "rank {rank} called all_reduce")
 SAID = {  # how the last line begins, and what else it says of the rank's collectives
@@ -56,9 +59,10 @@ SAID = {  # how the last line begins, and what else it says of the rank's collec
 }
 
 
-def _trial(b: Bench, out: Path, rank: int, step: int, kind: str) -> tuple[subprocess.CompletedProcess, float]:
+def _trial(b: Bench, out: Path, rank: int, step: int, kind: str, layout: list[str]):
+    """The job with the fault; its result and when it ended."""
     cmd = [sys.executable, "-m", "shardwise", "train", "--nproc", str(NPROC), *JOB, "--train.steps", str(STEPS)]
-    cmd += LAYOUT.get(kind, ["--parallel.shard", "full"]) + ["--out", str(out)]
+    cmd += layout + ["--out", str(out)]
     cluster = b.placement.cluster
     if cluster:
         cmd += ["--cluster", f"emulated:{cluster.name}"]
@@ -110,14 +114,15 @@ def trials(b: Bench) -> None:
     b.console.print(f"[bold]hangs[/]: {TRIALS} seeded trials, a rank of {NPROC} with one fault of "
                     f"{', '.join(kinds)}; collective timeout {TIMEOUT_S:g} s ({b.where})")  # fmt: skip
     table = Table(title="trials")
-    for col in ("trial", "rank", "step", "fault", "exit", "named", "s after the fault"):
+    for col in ("trial", "layout", "rank", "step", "fault", "exit", "named", "s after the fault"):
         table.add_column(col, justify="right")
     named, delays = 0, []
     for trial in range(TRIALS):
         rng = random.Random(SEED + trial)
         rank, step, kind = rng.randrange(NPROC), rng.randrange(2, STEPS - 2), rng.choice(kinds)
+        pipeline = kind == "deadlock" or kind in EITHER and rng.random() < 0.5
         out = b.work / f"hangs-{trial}"
-        done, ended = _trial(b, out, rank, step, kind)
+        done, ended = _trial(b, out, rank, step, kind, PIPELINE if pipeline else SHARDED)
         last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
         begins, names = SAID[kind]
         ok = done.returncode == 1 and last.startswith(f"shardwise: rank {rank} {begins}")
@@ -126,7 +131,8 @@ def trials(b: Bench) -> None:
         began = _fault_time(out, step)
         delay = ended - began if began else float("nan")
         delays += [delay] if began else []
-        table.add_row(*map(str, (trial, rank, step + 1, kind, done.returncode, ok, f"{delay:.1f}")))
+        where = f"pp={NPROC}" if pipeline else "FSDP"
+        table.add_row(*map(str, (trial, where, rank, step + 1, kind, done.returncode, ok, f"{delay:.1f}")))
         if not ok:
             b.console.print(f"trial {trial}: {last}")
     b.console.print(table)
