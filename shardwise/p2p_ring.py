@@ -20,18 +20,15 @@ import torch.distributed as dist
 
 RING_SIZE = 2000
 RING: collections.deque = collections.deque(maxlen=RING_SIZE)
-_streams: collections.Counter = collections.Counter()
+_latest: dict[tuple, dict] = {}  # each stream's last call (its count too), whatever the ring dropped
 _order = itertools.count()
-
-
-_latest: dict[tuple, dict] = {}  # each stream's last call: kept whole, whatever the ring dropped
 
 
 def record(op: str, peer: int, tag: int, tensor: torch.Tensor) -> None:
     """Note a send or receive (`op`) with global rank `peer` as it is posted."""
     key = (op, peer, tag)
-    _streams[key] += 1
-    entry = {"id": next(_order), "op": op, "peer": peer, "tag": tag, "seq": _streams[key],
+    seq = _latest[key]["seq"] + 1 if key in _latest else 1
+    entry = {"id": next(_order), "op": op, "peer": peer, "tag": tag, "seq": seq,
              "size": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}  # fmt: skip
     RING.append(entry)
     _latest[key] = entry
@@ -59,6 +56,9 @@ def install() -> None:
 
 
 def entries() -> list[dict]:
-    """The last RING_SIZE calls, then each stream's last call (again, where the ring still has
-    it): what hangs.p2p_knot matches, which a wrapped ring could have lost for a quiet stream."""
-    return list(RING) + sorted(_latest.values(), key=lambda e: e["id"])
+    """The last RING_SIZE calls, after the streams' last calls the ring has dropped (a quiet
+    stream's): in the order they were posted, each stream's last call among them, which is what
+    hangs.p2p_knot matches."""
+    oldest = RING[0]["id"] if RING else 0
+    dropped = sorted((e for e in _latest.values() if e["id"] < oldest), key=lambda e: e["id"])
+    return dropped + list(RING)

@@ -183,18 +183,20 @@ def dump_ring_on_terminate() -> None:
     set_terminate.restype, set_terminate.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
     handler_type = ctypes.CFUNCTYPE(None)
 
+    previous: list = []  # the runtime's own handler, set below
+
     def on_terminate() -> None:
         try:
             _dump_ring()
         except Exception:  # noqa: S110 -- the runtime's own handler still says why
             pass
-        if _ON_TERMINATE[1]:
-            handler_type(_ON_TERMINATE[1])()
+        if previous[0]:
+            handler_type(previous[0])()
         os.abort()
 
     handler = handler_type(on_terminate)
-    _ON_TERMINATE.extend([handler, None, set_terminate])
-    _ON_TERMINATE[1] = set_terminate(ctypes.cast(handler, ctypes.c_void_p))
+    previous.append(set_terminate(ctypes.cast(handler, ctypes.c_void_p)))
+    _ON_TERMINATE.extend([handler, previous[0], set_terminate])
 
 
 def restore_terminate() -> None:

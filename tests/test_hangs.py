@@ -86,3 +86,24 @@ def test_a_receive_from_a_rank_that_left_no_record_is_its_fallout_not_a_deadlock
     assert p2p_knot(rings) is None
     rings[2] = {"shardwise_p2p": []}  # with its record: it never sent
     assert p2p_knot(rings)[0] == [1]
+
+
+def test_a_quiet_streams_last_call_outlives_the_ring(monkeypatch):
+    """The ring keeps the last RING_SIZE calls; a stream quiet since keeps its last call (and
+    its count) in the dump, first, so its receive can still be matched."""
+    import collections
+
+    import torch
+
+    from shardwise import p2p_ring
+
+    monkeypatch.setattr(p2p_ring, "RING", collections.deque(maxlen=3))
+    monkeypatch.setattr(p2p_ring, "_latest", {})
+    for _ in range(2):
+        p2p_ring.record("recv", 2, 0, torch.empty(1))
+    for _ in range(5):
+        p2p_ring.record("send", 1, 0, torch.empty(4, 8))
+    dumped = p2p_ring.entries()
+    assert [(e["op"], e["peer"], e["seq"]) for e in dumped] == [("recv", 2, 2), ("send", 1, 3), ("send", 1, 4),
+                                                                ("send", 1, 5)]  # fmt: skip
+    assert dumped[-1]["size"] == [4, 8] and dumped[-1]["dtype"] == "float32"

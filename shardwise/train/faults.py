@@ -74,34 +74,14 @@ class FaultPlan:
         if kind == "raise":
             raise RuntimeError(f"injected fault at step {step}")
 
-    def corrupt(self, step: int) -> bool:
-        """The input of this step becomes NaN on this rank."""
-        return self.faults.get(step) == "nan"
+    def at(self, step: int) -> str:
+        """This rank's fault in `step` ("" where none): the kinds the step itself carries out
+        (nan, skip, shape, dtype, order, deadlock; see above) compare it with their name."""
+        return self.faults.get(step, "")
 
     def inflates_loss(self) -> bool:
         """This rank's loss of the current step becomes inf, its gradients untouched."""
         return self.faults.get(self.step) == "inf-loss"
-
-    def skips(self, step: int) -> bool:
-        """This rank skips the step's agreement on finite gradients."""
-        return self.faults.get(step) == "skip"
-
-    def misshapes(self, step: int) -> bool:
-        """This rank's part of the step's agreement has another shape than the others'."""
-        return self.faults.get(step) == "shape"
-
-    def mistypes(self, step: int) -> bool:
-        """This rank's part of the step's agreement has another dtype than the others'."""
-        return self.faults.get(step) == "dtype"
-
-    def reorders(self, step: int) -> bool:
-        """This rank measures the gradient norm (a collective) before the step's agreement on
-        finite gradients, where the others measure it after: the same calls in another order."""
-        return self.faults.get(step) == "order"
-
-    def deadlocks(self, step: int) -> bool:
-        """This pipeline stage waits on its neighbour before the step's schedule."""
-        return self.faults.get(step) == "deadlock"
 
     def maybe_fail_at(self, point: str) -> None:
         """Inside the checkpoint written after the current step."""

@@ -60,7 +60,7 @@ def work(
         started = time.perf_counter()
         model.zero_grad(set_to_none=True)
         micro = data.micro_batches(step)
-        if faults.corrupt(step):
+        if faults.at(step) == "nan":
             micro = [(torch.full_like(x, float("nan")), y) for x, y in micro]
         loss = runner.forward_backward(micro)
         factor = slowdown(rank, step)
