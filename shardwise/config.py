@@ -117,6 +117,11 @@ class TrainConfig:
     rejoin_timeout_s: float = 30.0
     """--nproc MIN:MAX: a host that cannot be reached after a failure is waited for this long;
     then the job goes on without it (elastic.py)."""
+    recovery: Literal["peer", "disk"] = "peer"
+    """After a failure (--max-restarts): peer: the new ranks take the state from the memory of
+    the ranks that survived, at the last step those completed, where every rank holds the
+    whole model and optimizer state (data parallel, no sharding, no error-feedback
+    compression, data from files); otherwise, and with disk, from the newest checkpoint."""
     max_bad_steps: int = 3
     """A step whose loss or gradients are not finite on any rank is skipped on all ranks; after
     this many such steps in a row the run stops."""

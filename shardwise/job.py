@@ -37,6 +37,7 @@ from shardwise.data import RankData, build_rank_data, load_source
 from shardwise.layout import DataCut, ServerSettings, apply_layout, data_cut, holds_whole_model
 from shardwise.models import build_model
 from shardwise.parallel.splits import local_bytes
+from shardwise.peer_state import PeerSettings, recover
 from shardwise.topology import ParallelDims, RankMesh
 from shardwise.train.faults import FaultPlan
 from shardwise.train.optim import lr_at, optimizer_for
@@ -53,6 +54,7 @@ class JobContext:
     placement: str | None = None  # the launcher's words for where the ranks run
     faults: str = ""  # faults to inject (train/faults.py), for tests and benchmarks
     attempt: int = 0  # 0, then one more on each restart
+    peer: PeerSettings | None = None  # recovery from the survivors' memory (peer_state.py)
 
 
 @dataclass
@@ -109,11 +111,21 @@ def run(
     rank = dist.get_rank(group)
     setup = None
     try:
-        setup = set_up(cfg, mesh, device=device)
+        setup = set_up(cfg, mesh, device=device, peer=context.peer)
         faults = FaultPlan(rank, context.faults, attempt=context.attempt)
         layout = build_layout(cfg, mesh, setup, device=device, faults=faults)
         job = roles.Job(
-            cfg, mesh, layout, setup.data, setup.checkpoint, faults, out_dir, rank, device, setup.whole_bytes
+            cfg,
+            mesh,
+            layout,
+            setup.data,
+            setup.checkpoint,
+            faults,
+            out_dir,
+            rank,
+            device,
+            setup.whole_bytes,
+            peer=context.peer,
         )
         console = _console() if rank == 0 and out_dir is not None else None
         outcome = roles.play(job, console)
@@ -146,14 +158,15 @@ def build_layout(cfg: Config, mesh: RankMesh, setup: SetUp, *, device: torch.dev
     return layout
 
 
-def set_up(cfg: Config, mesh: RankMesh, *, device: torch.device) -> SetUp:
-    """The seed, this rank's data, the whole model (the checkpoint's weights in it)."""
+def set_up(cfg: Config, mesh: RankMesh, *, device: torch.device, peer: PeerSettings | None = None) -> SetUp:
+    """The seed, this rank's data, the whole model (the checkpoint's weights in it: after a
+    failure, where it can, the survivors' state from their memory, peer_state.py)."""
     t = cfg.train
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
     dtype = getattr(torch, t.dtype)
     torch.manual_seed(t.seed)  # weights; data order and splits use their own seeded generators
-    checkpoint = read_resume(cfg)
+    checkpoint = recover(peer, cfg.run.resume, mesh.parent, rank=dist.get_rank(mesh.parent)) or read_resume(cfg)
     cut = data_cut(mesh, cfg.data, cfg.parallel)
     plan = sql_plan(cfg, mesh, checkpoint) if cfg.data.name == "sql" else None  # a collective: every rank
     if not holds_whole_model(mesh):  # a server's slice: the model's names and shapes will do

@@ -10,7 +10,6 @@ one line. Nothing here imports torch: a bad config fails in a blink.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import secrets
 import shutil
@@ -20,7 +19,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from shardwise import hangs
@@ -31,6 +29,7 @@ from shardwise.config import Config
 from shardwise.config_toml import to_toml
 from shardwise.elastic import Elastic, Regrow, cut_off, shrink
 from shardwise.errors import EXIT_USAGE, ShardwiseError
+from shardwise.failures import REGROW, STALLED, RankFailure, cause_of, recorded_failure, stalled_rank
 from shardwise.files import write_atomic
 from shardwise.forked import ForkedRank, can_fork
 from shardwise.preflight import (
@@ -41,143 +40,45 @@ from shardwise.preflight import (
     warn_oversubscribed,
     words_preflight,
 )
+from shardwise.survivors import Survivors, held
 from shardwise.topology import ParallelDims
 
-STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this long
 POLL_S = 0.05
 SETTLE_S = 0.25
 
 
-@dataclass
-class RankFailure:
-    rank: int
-    exit_code: int
-    message: str = ""
-    traceback: str = ""
-    kind: str = ""  # the rank's record: usage, error, peer-lost or timed-out ("": it left none)
-    step: int | None = None  # where the rank was, if it was in the loop
-    phase: str | None = None
-
-    @property
-    def fallout(self) -> bool:
-        """The rank failed because a peer vanished or stopped answering."""
-        return self.kind in (contract.PEER_LOST, contract.TIMED_OUT)
-
-
-def _failure(rank: int, exit_code: int, path: Path) -> RankFailure:
-    """What a failed rank recorded in its error file (worker.py: torchelastic's format,
-    our record beside it); a rank that died without a word recorded nothing."""
-    try:
-        data = json.loads(path.read_text())
-        record, callstack = data["shardwise"], data["message"]["extraInfo"]["py_callstack"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return RankFailure(rank, exit_code)
-    return RankFailure(
-        rank, exit_code, record["message"], callstack, record["kind"], record.get("step"), record.get("phase")
-    )
-
-
-def _stop(procs: list[subprocess.Popen], grace: float = STOP_GRACE_S) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-def _origin(failures: list[RankFailure]) -> RankFailure:
-    """Of ranks seen failing together, the one that caused it: a rank with its own
-    error first, then a rank that died without a word (killed, crashed, exited),
-    and only then a rank that merely lost its peers or timed out waiting for them."""
-
-    def rank_of(f: RankFailure) -> int:
-        if f.kind and not f.fallout:
-            return 0
-        return 1 if not f.kind else 2
-
-    origin = min(failures, key=rank_of)
-    if not origin.message:
-        origin.message = f"exited with status {origin.exit_code}"
-    return origin
-
-
-STALLED = -1000  # RankFailure.exit_code of a rank that stopped answering (it did not exit)
-REGROW = -1001  # ... of an elastic job stopped to grow back onto hosts that returned
-
-
-def _state(pid: int) -> str:
-    """The process state letter from /proc (T: stopped), or '' where unknown."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
-
-
-def _stalled(procs: list[subprocess.Popen], failures: list[RankFailure]) -> RankFailure | None:
-    """The rank that stopped answering, when every failure is a timeout or a lost peer.
-
-    A rank still alive while the others gave up (stopped, or stuck) is the one; if
-    every rank exited, the one whose position differs from the others' (it skipped
-    a collective and ran ahead)."""
-    if not failures or not all(f.fallout for f in failures):
-        return None
-    where = [f for f in failures if f.step is not None]
-    detail = f" in {where[0].phase} of step {where[0].step}" if where else ""
-    names = [str(f.rank) for f in failures]
-    waited = f"rank {names[0]}" if len(names) == 1 else f"ranks {', '.join(names[:-1])} and {names[-1]}"
-    alive = [r for r, p in enumerate(procs) if p.poll() is None]
-    stopped = [r for r in alive if _state(procs[r].pid) == "T"]
-    if stopped or alive:
-        how = "its process is stopped" if stopped else "it never reached the collective"
-        message = f"stopped answering ({how}): {waited} timed out waiting for it{detail}"
-        return RankFailure((stopped or alive)[0], STALLED, message, "")
-    positions = {f.rank: (f.step, f.phase) for f in where}
-    if len(set(positions.values())) > 1:
-        counts: dict = {}
-        for pos in positions.values():
-            counts[pos] = counts.get(pos, 0) + 1
-        odd = [r for r, pos in positions.items() if counts[pos] == 1]
-        culprit = max(odd, key=lambda r: positions[r][0])  # on a tie, the one that ran ahead
-        others = sorted({pos for r, pos in positions.items() if r != culprit})
-        step, phase = others[0]
-        message = (
-            "skipped a collective or called it out of order: "
-            f"it was at step {positions[culprit][0]} ({positions[culprit][1]}) "
-            f"while the others waited in {phase} of step {step}"
-        )
-        return RankFailure(culprit, STALLED, message, "")
-    return None
-
-
 def supervise(
-    procs: list, error_files: list[Path], expendable: set | None = None, stop=None, regrow=None
+    procs: list,
+    error_files: list[Path],
+    expendable: set | None = None,
+    stop=None,
+    regrow=None,
+    keep=None,
+    leftover=None,
 ) -> RankFailure | None:
     """Wait for all ranks; at the first failure stop the rest and return it. An
     `expendable` rank that fails is reported in a line and the others go on. `stop`, once
-    set: the ranks are stopped, and that is no failure."""
+    set: the ranks are stopped, and that is no failure. `keep(culprit)`: the ranks a failure
+    leaves alive to serve their state (survivors.py), put on the failure and not stopped;
+    `leftover`: those of the start before, stopped once these ranks have taken their state."""
     survived: set[int] = set()
     while True:
+        if leftover is not None and leftover.taken(error_files):
+            leftover.stop()
         if stop is not None and stop.is_set():
-            _stop(procs)
+            contract.stop_ranks(procs)
             return None
         if regrow is not None and regrow():
-            _stop(procs)
+            contract.stop_ranks(procs)
             return RankFailure(-1, REGROW, "every host is back")
-        codes = [p.poll() for p in procs]
-        failed = [r for r, c in enumerate(codes) if c not in (None, 0) and r not in survived]
+        failed = _failed(procs, error_files, survived)
         if failed:
             # the cause may have died a moment before its fallout: let both be seen
             time.sleep(SETTLE_S)
-            codes = [p.poll() for p in procs]
-            failed = [r for r, c in enumerate(codes) if c not in (None, 0) and r not in survived]
+            failed = _failed(procs, error_files, survived)
             if set(failed) <= (expendable or set()):
                 for r in failed:
-                    lost = _origin([_failure(r, codes[r], error_files[r])])
+                    lost = cause_of([recorded_failure(r, failed[r], error_files[r])])
                     print(
                         f"shardwise: rank {r} (a worker) failed (exit {lost.exit_code}): {lost.message}; "
                         "the servers carry on without it",
@@ -185,13 +86,23 @@ def supervise(
                     )
                 survived.update(failed)
                 continue
-            failures = [_failure(r, codes[r], error_files[r]) for r in failed]
-            stalled = _stalled(procs, failures)
-            _stop(procs)
-            return stalled or _origin(failures)
-        if all(c == 0 or r in survived for r, c in enumerate(codes)):
+            failures = [recorded_failure(r, code, error_files[r]) for r, code in failed.items()]
+            culprit = stalled_rank(procs, failures) or cause_of(failures)
+            culprit.survivors = keep(culprit.rank) if keep is not None else None
+            kept = culprit.survivors.procs.values() if culprit.survivors is not None else ()
+            contract.stop_ranks([p for p in procs if p not in kept])
+            return culprit
+        if all(p.poll() == 0 or r in survived for r, p in enumerate(procs)):
             return None
         time.sleep(POLL_S)
+
+
+def _failed(procs: list, error_files: list[Path], survived: set[int]) -> dict[int, int]:
+    """The ranks that failed and their exit status: those that exited with another than 0, and
+    those alive that recorded an error (they hold their state for the next start: 1)."""
+    codes = {r: p.poll() for r, p in enumerate(procs) if r not in survived}
+    out = {r: c for r, c in codes.items() if c not in (None, 0)}
+    return out | {r: 1 for r in held(procs, error_files) if r not in survived}
 
 
 def _interrupted(env: dict[str, str] | None, nproc: int) -> int:
@@ -242,7 +153,9 @@ def launch(
     cfg.run.out = str(out.resolve())
     write_atomic(out / "config.toml", to_toml(cfg, saved=True))
     err_dir = Path(tempfile.mkdtemp(prefix="shardwise-errors-"))
-    full, restarts, attempt = placement, 0, 0
+    full, restarts, attempt, survivors = placement, 0, 0, None
+    # ranks that lose a peer hold their state for the next start (survivors.py)
+    hold = cfg.train.recovery == "peer" and max_restarts > 0 and contract.job_kind(env) == "train"
     try:
         while True:
             config_path = err_dir / f"attempt-{attempt}.toml"
@@ -250,9 +163,10 @@ def launch(
             regrow = Regrow(full, placement, out / "checkpoints") if elastic else None
             failure = _run_once(
                 cfg, dims, nproc, config_path, err_dir / f"attempt-{attempt}", attempt, launch_time, placement, quiet,
-                env or {}, stop, regrow,
+                env or {}, stop, regrow, (hold, survivors),
             )  # fmt: skip
             attempt += 1
+            survivors = failure.survivors if failure is not None else None
             stopping = stop is not None and stop.is_set()
             if failure is None or failure.exit_code == EXIT_USAGE or stopping:
                 break
@@ -264,8 +178,15 @@ def launch(
     except KeyboardInterrupt:
         return _interrupted(env, nproc)
     finally:
+        if survivors is not None:
+            survivors.stop()
         shutil.rmtree(err_dir, ignore_errors=True)
 
+    return _ended(failure, out, created=created, restarts=restarts)
+
+
+def _ended(failure: RankFailure | None, out: Path, *, created: bool, restarts: int) -> int:
+    """The job's exit status, and its last line where a rank failed."""
     if failure is None:
         return 0
     if failure.exit_code == EXIT_USAGE:
@@ -295,7 +216,7 @@ def _go_on(cfg, out, failure, placement, full, nproc, elastic, launch_time, rest
     # restart from the newer checkpoints of the trajectory it left
     checkpoint = latest_checkpoint(out / "checkpoints", since=launch_time)
     cfg.run.resume = str(checkpoint) if checkpoint else cfg.run.resume
-    origin = checkpoint.name if checkpoint else (cfg.run.resume or "the start")
+    origin = checkpoint.name if checkpoint else (Path(cfg.run.resume).name if cfg.run.resume else "the start")
     if failure.exit_code == REGROW:
         nproc = elastic.max_ranks
         print(f"shardwise: every host is back: growing to {nproc} ranks from {origin}", file=sys.stderr)
@@ -303,6 +224,8 @@ def _go_on(cfg, out, failure, placement, full, nproc, elastic, launch_time, rest
     note = ""
     if elastic:
         placement, nproc, note = shrink(placement, nproc, elastic, lambda n: _fits(cfg, n))
+    if failure.survivors is not None and failure.survivors.on(placement).procs:
+        origin = f"{failure.survivors.words()}, else {origin}"
     what = "" if failure.exit_code == STALLED else f"failed (exit {failure.exit_code}): "
     again = f"{note + '; ' if note else ''}restart {restarts} of {max_restarts} from {origin}"
     print(f"shardwise: rank {failure.rank} {what}{failure.message}; {again}", file=sys.stderr)
@@ -330,12 +253,19 @@ def _run_once(
     extra_env: dict[str, str] | None = None,
     stop: threading.Event | None = None,
     regrow=None,
+    peer: tuple[bool, Survivors | None] = (False, None),
 ) -> RankFailure | None:
-    """Start every rank, supervise them, stop them all; the failure that ended it, if any."""
+    """Start every rank, supervise them, stop them all; the failure that ended it, if any.
+    `peer`: whether ranks that lose a peer hold their state for the next start (those alive
+    then are left running, on the failure), and the survivors of the start before, whose
+    state these ranks take."""
     err_dir.mkdir()
     error_files = [err_dir / f"rank{r}.json" for r in range(nproc)]
     port, secret = contract.free_port(), secrets.token_hex(32)
+    hold, survivors = peer
+    peer_env = {contract.PEER_ENV: "1", **(survivors.env() if survivors else {})} if hold else {}
     procs: list[subprocess.Popen | ForkedRank] = []
+    failure = None
     fork = can_fork()
     if fork:
         _before_forking(dims)
@@ -352,6 +282,8 @@ def _run_once(
                 contract.ATTEMPT_ENV: str(attempt),
                 contract.SECRET_ENV: secret,
                 contract.PLACEMENT_ENV: placement.describe(nproc),
+                contract.HOST_ADDR_ENV: placement.address(rank),
+                **peer_env,
                 "TORCH_FR_BUFFER_SIZE": os.environ.get("TORCH_FR_BUFFER_SIZE", hangs.RING_SIZE),  # hangs.py
             }
             fresh = [sys.executable, "-m", "shardwise.worker", str(config_path)]
@@ -360,7 +292,11 @@ def _run_once(
                 procs.append(ForkedRank(str(config_path), env, quiet=quiet))
             else:
                 procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL if quiet else None))
-        failure = supervise(procs, error_files, expendable_ranks(cfg, dims), stop, regrow)
+
+        def keep(culprit: int) -> Survivors | None:
+            return Survivors.keep(procs, error_files, placement, secret, culprit) if hold else None
+
+        failure = supervise(procs, error_files, expendable_ranks(cfg, dims), stop, regrow, keep, survivors)
         explained = hangs.explain(failure, err_dir, Path(cfg.run.out) if cfg.run.out else None, stalled=STALLED)
         # a host cut off: its ranks' rings would show them behind, as if they skipped a call. Only
         # for a rank that waited, stalled or died without a word: its own error says why
@@ -368,10 +304,13 @@ def _run_once(
         if not waited or explained.exit_code in (REGROW, EXIT_USAGE):
             return explained
         cut = cut_off(placement, nproc)
-        return RankFailure(cut[0], STALLED, cut[1], "") if cut else explained
+        return RankFailure(cut[0], STALLED, cut[1], "", survivors=explained.survivors) if cut else explained
     finally:
         gc.unfreeze()  # the ranks keep their copy frozen; this process collects its own again
-        _stop(procs)
+        if survivors is not None:  # those of the start before: their state is taken, or no longer wanted
+            survivors.stop()
+        kept = failure.survivors.procs.values() if failure is not None and failure.survivors is not None else ()
+        contract.stop_ranks([p for p in procs if p not in kept])
 
 
 def _before_forking(dims: ParallelDims) -> None:

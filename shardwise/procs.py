@@ -5,8 +5,11 @@ nothing here imports the launcher or the worker, so every layer may use it."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -45,6 +48,12 @@ PLACEMENT_ENV = "SHARDWISE_PLACEMENT"  # the launcher's words for where the rank
 FAULT_ENV = "SHARDWISE_FAULT"  # faults to inject (train/faults.py)
 ATTEMPT_ENV = "SHARDWISE_ATTEMPT"  # 0, then one more on each restart
 SECRET_ENV = "SHARDWISE_JOB_SECRET"  # the rendezvous's secret (rendezvous.py), fresh for every start of the ranks
+PEER_ENV = "SHARDWISE_PEER"  # 1: a rank that loses a peer holds its state for the restarted ranks (peer_state.py)
+HOST_ADDR_ENV = "SHARDWISE_HOST_ADDR"  # the address of the rank's host, where it serves its state
+SURVIVORS_ENV = "SHARDWISE_SURVIVORS"  # addr:port,... of the ranks a failure left alive, holding their state
+SURVIVORS_SECRET_ENV = "SHARDWISE_SURVIVORS_SECRET"  # the secret of the start those ranks belong to
+PEER_SUFFIX = ".peer"  # beside a rank's error file: where it serves its state
+HELD_SUFFIX = ".held"  # ... and there once it lost a peer and holds its state, its error recorded
 JOB_ENV = "SHARDWISE_JOB"  # words:TOP runs `shardwise words`, serve:RUN `serve --nproc`; unset, the ranks train
 
 
@@ -71,3 +80,28 @@ def ranks_under(parent: int) -> dict[int, tuple[int, dict[str, str]]]:
         if "TORCHELASTIC_RUN_ID" in env and "RANK" in env:
             found[int(env["RANK"])] = (int(proc.name), env)
     return found
+
+
+STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this long
+
+
+def stop_ranks(procs: list, grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM to every rank process still running, SIGKILL to those left after `grace`."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def process_state(pid: int) -> str:
+    """The process state letter from /proc (T: stopped), or '' where unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""

@@ -23,6 +23,7 @@ from shardwise.data.report import render_report
 from shardwise.errors import ShardwiseError
 from shardwise.files import atomic_path
 from shardwise.layout import Layout
+from shardwise.peer_state import Holder, PeerSettings, announce, holds_whole_state, serve_state
 from shardwise.topology import RankMesh
 from shardwise.train.faults import FaultPlan
 from shardwise.train.loop import LoopResult, LoopSettings, ModelRunner, Position, located, train_loop
@@ -48,6 +49,7 @@ class Job:
     device: torch.device
     whole_bytes: int = 0  # of the whole model's parameters, before the layout cut it
     position: Position = field(default_factory=Position)
+    peer: PeerSettings | None = None  # recovery from the survivors' memory (peer_state.py)
 
     @property
     def start_step(self) -> int:
@@ -106,6 +108,7 @@ def _train(job: Job, console) -> Outcome:
         return tensors, {"world_size": dims.world_size, "layout": dims.layout, "schedule_step": scheduler.last_epoch}
 
     checkpointer = build_checkpointer(cfg, job.out_dir, group, collect, job.faults)
+    holder = _peer_holder(job, optimizer, scheduler)
     if console is not None:
         title = f"layout {dims.layout}, shard={dims.shard}: parameters held by each rank at start"
         split = "key ranges" if cfg.data.name == "sql" else f"partition {cfg.data.partition}"
@@ -132,6 +135,7 @@ def _train(job: Job, console) -> Outcome:
             agree_group=mesh.groups["agree"],
             checkpointer=checkpointer,
             position=job.position,
+            holder=holder,
         )
     if cfg.run.predictions:
         job.position.phase = "predictions"
@@ -142,6 +146,24 @@ def _train(job: Job, console) -> Outcome:
     if layout.part.compressor is not None:
         extra["compression"] = layout.part.compressor.summary()
     return Outcome(result, skipped=result.skipped_steps, extra=extra, memory=(end_bytes, measured))
+
+
+def _peer_holder(job: Job, optimizer, scheduler) -> Holder | None:
+    """Where every rank holds the whole training state: a holder of it, served to the ranks
+    that start after a failure and announced to the launcher (None elsewhere)."""
+    dims, peer = job.mesh.dims, job.peer
+    if peer is None or not holds_whole_state(job.cfg, dims, job.layout.part.compressor):
+        return None
+    holder = Holder(job.start_step)
+    layout = job.layout
+
+    def provider() -> tuple[dict, dict]:  # the checkpoint's tensors of a replica: no collective
+        meta = {"world_size": dims.world_size, "layout": dims.layout, "schedule_step": scheduler.last_epoch}
+        return layout.logical_tensors(optimizer), meta
+
+    holder.provider = provider
+    announce(Path(peer.announce), *serve_state(holder, peer.secret, peer.addr))
+    return holder
 
 
 def write_predictions(path: Path, probs: torch.Tensor, rank: int) -> None:

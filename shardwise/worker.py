@@ -47,6 +47,7 @@ from shardwise.errors import EXIT_USAGE, ShardwiseError  # noqa: E402
 from shardwise.files import write_atomic  # noqa: E402
 from shardwise.hangs import DUMP_SUFFIX  # noqa: E402
 from shardwise.job import JobContext, RunResult, run  # noqa: E402
+from shardwise.peer_state import PeerSettings, hold, serving  # noqa: E402
 from shardwise.procs import exit_now  # noqa: E402
 from shardwise.train.outputs import new_run_dir  # noqa: E402
 
@@ -54,11 +55,21 @@ from shardwise.train.outputs import new_run_dir  # noqa: E402
 def context_from_environ() -> JobContext:
     """What the launcher passed in the environment: read here, and only here."""
     launch_time = os.environ.get(procs.LAUNCH_TIME_ENV)
+    error_file, peer = os.environ.get("TORCHELASTIC_ERROR_FILE"), None
+    if os.environ.get(procs.PEER_ENV) and error_file and os.environ.get(procs.SECRET_ENV):
+        peer = PeerSettings(
+            announce=error_file + procs.PEER_SUFFIX,
+            addr=os.environ.get(procs.HOST_ADDR_ENV, "127.0.0.1"),
+            secret=os.environ[procs.SECRET_ENV],
+            survivors=tuple(filter(None, os.environ.get(procs.SURVIVORS_ENV, "").split(","))),
+            survivors_secret=os.environ.pop(procs.SURVIVORS_SECRET_ENV, ""),
+        )
     return JobContext(
         launch_time=float(launch_time) if launch_time else None,
         placement=os.environ.get(procs.PLACEMENT_ENV) or None,
         faults=os.environ.get(procs.FAULT_ENV, ""),
         attempt=int(os.environ.get(procs.ATTEMPT_ENV, "0")),
+        peer=peer,
     )
 
 
@@ -278,6 +289,7 @@ def run_rank(cfg: Config) -> tuple[Path, RunResult]:
         if value == "auto":
             raise ShardwiseError(key, f"auto is chosen by shardwise's own launcher; under torchrun, {instead}")
     torch.set_num_threads(1)
+    context = context_from_environ()  # before the rendezvous takes the secret out of the environment
     device = rank_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -303,7 +315,6 @@ def run_rank(cfg: Config) -> tuple[Path, RunResult]:
         serve_rank(cfg, device=device)
         result = RunResult({}, {})
     else:
-        context = context_from_environ()
         if under_torchrun():
             context = dataclasses.replace(context, attempt=torchrun_start(cfg, out_dir))
         result = run(cfg, out_dir=out_dir, device=device, context=context)
@@ -343,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         restore_terminate()
         if not launched:
             raise
+        if serving() and error_kind(e) in (procs.PEER_LOST, procs.TIMED_OUT):
+            hold(Path(os.environ["TORCHELASTIC_ERROR_FILE"] + procs.HELD_SUFFIX))  # the next start takes its state
         return 1
 
 

@@ -417,7 +417,7 @@ def test_a_ranks_error_record_reads_in_torchrun_and_in_the_launcher(tmp_path, mo
     it) with ours beside it: where the rank was and what kind of error it was."""
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-    from shardwise.launch import _failure
+    from shardwise.failures import recorded_failure
     from shardwise.train.loop import RankError
     from shardwise.worker import _record_error
 
@@ -432,7 +432,7 @@ def test_a_ranks_error_record_reads_in_torchrun_and_in_the_launcher(tmp_path, mo
         _record_error(e, 1)
     failure = ProcessFailure(local_rank=1, pid=1, exitcode=1, error_file=str(path))
     assert "Connection closed by peer" in failure.message["message"] and failure.timestamp > 0
-    ours = _failure(1, 1, path)
+    ours = recorded_failure(1, 1, path)
     assert (ours.kind, ours.step, ours.phase, ours.fallout) == ("peer-lost", 7, "optimizer step", True)
     assert ours.message.startswith("RuntimeError: Connection closed by peer")
 

@@ -4,6 +4,7 @@ left and grows back when the host returns, and ends with the failure-free run's 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,9 +66,10 @@ def test_the_job_goes_on_with_the_most_ranks_that_fit(monkeypatch):
 )
 def test_a_lost_host_then_back_ends_with_the_failure_free_weights(tmp_path):
     """Two hosts, a rank each. Once step 40's checkpoint is written, host 1's link goes down
-    and its rank is killed: the job goes on with one rank from there; the link comes back,
-    and at the next checkpoint the job grows back to two ranks. Its weights equal those of a
-    run with no failure (float64: to the rounding of sums taken in another order)."""
+    and its rank is killed: the job goes on with one rank from the step rank 0 had completed,
+    its state taken from rank 0's memory; the link comes back, and at the next checkpoint the
+    job grows back to two ranks. Its weights equal those of a run with no failure (float64:
+    to the rounding of sums taken in another order)."""
     from shardwise.cluster import netns
 
     name = "swe"
@@ -77,9 +79,9 @@ def test_a_lost_host_then_back_ends_with_the_failure_free_weights(tmp_path):
             "--train.checkpoint_every", "20", "--train.eval_every", "0", "--run.progress", "false",
             "--train.rejoin_timeout_s", "1"]  # fmt: skip
     out = tmp_path / "elastic"
-    job = subprocess.Popen([sys.executable, "-m", "shardwise", "train", "--cluster", f"emulated:{name}", "--nproc",
-                            "1:2", "--max-restarts", "1", *args, "--out", str(out)], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
+    command = [sys.executable, "-m", "shardwise", "train", "--cluster", f"emulated:{name}", "--nproc", "1:2",
+               "--max-restarts", "1", *args, "--out", str(out)]  # fmt: skip
+    job = subprocess.Popen(command, stdout=(tmp_path / "stdout").open("w"), stderr=subprocess.PIPE, text=True, cwd=ROOT)
     lines: list[str] = []
     reading = threading.Thread(target=lambda: lines.extend(job.stderr), daemon=True)
     reading.start()
@@ -103,7 +105,11 @@ def test_a_lost_host_then_back_ends_with_the_failure_free_weights(tmp_path):
         netns.down(name)
     err = "".join(lines)
     assert code == 0, err
-    assert "swe-h1 lost (unreachable for 1 s): going on with 1 rank(s) on 1 host(s); restart 1 of 1 from step-" in err
+    lost = "swe-h1 lost (unreachable for 1 s): going on with 1 rank(s) on 1 host(s); restart 1 of 1 from "
+    assert lost + "the memory of rank 0, else step-" in err
+    taken = re.search(r"going on from step (\d+) in the survivors' memory \(step (\d+) on disk\)",
+                      (tmp_path / "stdout").read_text())  # fmt: skip
+    assert taken and int(taken[1]) >= int(taken[2]) >= 40, (tmp_path / "stdout").read_text()
     assert "every host is back: growing to 2 ranks from step-" in err, err
     done = subprocess.run([sys.executable, "-m", "shardwise", "train", "--nproc", "2", *args, "--out",
                            str(tmp_path / "plain")], capture_output=True, text=True, cwd=ROOT)  # fmt: skip

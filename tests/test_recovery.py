@@ -47,15 +47,20 @@ def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) ->
         assert torch.equal(got[key], want[key]), f"{key} differs from the run without failures"
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_killed_rank_restarts_from_the_newest_checkpoint(tmp_path, uninterrupted, seed):
+@pytest.mark.parametrize(("seed", "recovery"), [(1, "disk"), (2, "peer")])
+def test_killed_rank_restarts_from_the_newest_checkpoint_or_the_survivors_memory(
+    tmp_path, uninterrupted, seed, recovery
+):
     rng = random.Random(seed)
     rank, step = rng.randrange(2), rng.randrange(1, 12)
     done = shardwise("train", "--nproc", "2", *JOB, "--out", str(tmp_path / "run"), "--max-restarts", "2",
-                     fault=f"{rank}:{step}:kill")  # fmt: skip
+                     "--train.recovery", recovery, fault=f"{rank}:{step}:kill")  # fmt: skip
     assert done.returncode == 0, done.stderr
     newest = (step // 3) * 3
     origin = f"step-{newest:08d}" if newest else "the start"
+    if recovery == "peer":  # the survivor held the weights of every step it completed: none is done again
+        origin = f"the memory of rank {1 - rank}, else {origin}"
+        assert f"going on from step {step} in the survivors' memory" in done.stdout
     assert f"rank {rank} failed (exit -9): exited with status -9; restart 1 of 2 from {origin}" in done.stderr
     _assert_same(_weights(tmp_path / "run"), uninterrupted)
 
@@ -65,7 +70,7 @@ def test_kills_during_checkpoint_writes_never_leave_a_torn_checkpoint(tmp_path, 
     # after the manifest but before the rename: each restart takes the previous checkpoint
     faults = "1:5:exit@checkpoint-shards:0,0:8:exit@checkpoint-manifest:1,0:8:exit@checkpoint-rename:2"
     done = shardwise("train", "--nproc", "2", *JOB, "--out", str(tmp_path / "run"), "--max-restarts", "3",
-                     fault=faults)  # fmt: skip
+                     "--train.recovery", "disk", fault=faults)  # fmt: skip
     assert done.returncode == 0, done.stderr
     restarts = [line.rsplit(" from ", 1)[1] for line in done.stderr.splitlines() if "restart" in line]
     assert restarts == ["step-00000003", "step-00000006", "step-00000006"]

@@ -4,13 +4,16 @@ seeded schedule and gets it back, against the same job with no failure.
 Every PERIOD_S seconds for DURATION_S, a host drawn from the seed is taken down (its link
 down and its ranks killed, as a machine that dies) and brought back HALF of a period later.
 The job (`--nproc 1:HOSTS`, one rank a host, float64) goes on with the hosts left and grows
-back at the first checkpoint after the host returns (elastic.py). From each rank-0 log line
-of every step (metrics.jsonl, its wall-clock time) and the launcher's lines it reports:
+back at the first checkpoint after the host returns (elastic.py). It runs twice on the same
+schedule: going on from the survivors' memory (`train.recovery = "peer"`, peer_state.py) and
+from the newest checkpoint (`disk`). From each rank-0 log line of every step (metrics.jsonl,
+its wall-clock time), rank 0's and the launcher's lines it reports, for each:
 
 - recovery: from the loss to the first step after it, median, least and most (it includes
-  `train.rejoin_timeout_s`, the wait for the host before going on without it);
-- steps done again: those done after the checkpoint the job went on from, before the loss
-  (fewer than `train.checkpoint_every`);
+  `train.rejoin_timeout_s`, the wait for the host before going on without it), and the same
+  less that wait;
+- steps done again: those done after the step the job went on from, before the loss (from
+  disk, fewer than `train.checkpoint_every`; from memory, none);
 - samples skipped or repeated: the steps of the final trajectory whose loss differs from the
   failure-free run's at the same step (a step's loss is a function of the samples it took),
   or that are missing;
@@ -51,11 +54,12 @@ def _take_down(cluster, host: int, launcher: int) -> float:
     return at
 
 
-def _job(b: Bench, out: Path, steps: int, nproc: str) -> subprocess.Popen:
+def _job(b: Bench, out: Path, steps: int, nproc: str, recovery: str = "peer") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "shardwise", "train", *JOB, "--train.steps", str(steps), "--nproc", nproc]
     cmd += ["--cluster", f"emulated:{b.placement.cluster.name}", "--out", str(out), "--max-restarts", "50"]
-    cmd += ["--train.rejoin_timeout_s", str(REJOIN_S)]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd += ["--train.rejoin_timeout_s", str(REJOIN_S), "--train.recovery", recovery]
+    stdout = open(f"{out}.stdout", "w")  # noqa: SIM115 -- the child holds it; rank 0 says where it went on from
+    return subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True)
 
 
 def run(b: Bench) -> None:
@@ -63,15 +67,22 @@ def run(b: Bench) -> None:
     if cluster is None:
         b.console.print("elastic: needs the emulated cluster (--links 1gbit or 10gbit); skipped on loopback")
         return
-    hosts, rng = cluster.hosts, random.Random(SEED)
+    hosts = cluster.hosts
     steps = _steps_for(b, hosts)
     b.console.print(f"[bold]elastic[/]: {hosts} hosts, a seeded host down every {PERIOD_S:g} s for "
                     f"{DURATION_S:g} s, back {PERIOD_S / 2:g} s later; {steps} steps ({b.link})")  # fmt: skip
     reference = _job(b, b.work / "elastic-reference", steps, str(hosts))
     if reference.wait() != 0:
         raise RuntimeError(f"the run without failures failed: {reference.stderr.read()[-2000:]}")
-    out = b.work / "elastic"
-    job, lines = _job(b, out, steps, f"1:{hosts}"), []
+    for recovery in ("peer", "disk"):
+        _elastic(b, recovery, steps)
+
+
+def _elastic(b: Bench, recovery: str, steps: int) -> None:
+    """The job losing hosts on the seeded schedule, going on from memory or disk; reported."""
+    cluster, rng = b.placement.cluster, random.Random(SEED)
+    out = b.work / f"elastic-{recovery}"
+    job, lines = _job(b, out, steps, f"1:{cluster.hosts}", recovery), []
     reading = threading.Thread(target=lambda: lines.extend(job.stderr), daemon=True)
     reading.start()
     losses, started = [], time.monotonic()
@@ -80,14 +91,29 @@ def run(b: Bench) -> None:
         logged = read_metrics(out / "metrics.jsonl")
         if job.poll() is not None or not logged:
             continue
-        host = rng.randrange(hosts)
+        host = rng.randrange(cluster.hosts)
         last = logged[-1]["step"]  # (a resumed run's metrics.jsonl is cut back to its checkpoint)
         losses.append({"host": host, "at": _take_down(cluster, host, job.pid), "step": last})
         time.sleep(PERIOD_S / 2)
         set_link(cluster, host, up=True)
     code = job.wait()
     reading.join(timeout=10)
-    _report(b, out, b.work / "elastic-reference", losses, lines, code, steps)
+    _report(b, out, b.work / "elastic-reference", losses, lines, code, steps, recovery)
+
+
+def _went_on_from(lines: list[str], said: str) -> list[int]:
+    """The step the job went on from after each loss: the survivors' (rank 0 says it), else the
+    checkpoint the launcher names (its line says which, after a loss, not after growing back)."""
+    from_memory = iter(int(m.group(1)) for m in map(re.compile(r"going on from step (\d+) in the survivors").search,
+                                                     said.splitlines()) if m)  # fmt: skip
+    out = []
+    for line in lines:
+        if "going on with" not in line:
+            continue
+        disk = re.search(r"from (?:the memory of .*, else )?step-0*(\d+)", line)
+        memory = next(from_memory, None) if "the memory of" in line else None
+        out.append(memory if memory is not None else int(disk.group(1)) if disk else 0)
+    return out
 
 
 def _steps_for(b: Bench, hosts: int) -> int:
@@ -100,7 +126,8 @@ def _steps_for(b: Bench, hosts: int) -> int:
     return int(1.2 * DURATION_S / per_step)
 
 
-def _report(b: Bench, out: Path, ref: Path, losses: list[dict], lines: list[str], code: int, steps: int) -> None:
+def _report(b: Bench, out: Path, ref: Path, losses: list[dict], lines: list[str], code: int, steps: int,
+            recovery: str) -> None:  # fmt: skip
     import torch
     from safetensors.torch import load_file
 
@@ -108,7 +135,7 @@ def _report(b: Bench, out: Path, ref: Path, losses: list[dict], lines: list[str]
         read_metrics(out / "metrics.jsonl"),
         {r["step"]: r["loss"] for r in read_metrics(ref / "metrics.jsonl")},
     )
-    resumed = [int(m.group(1)) for m in map(re.compile(r"going on with .* from step-0*(\d+)").search, lines) if m]
+    resumed = _went_on_from(lines, Path(f"{out}.stdout").read_text())
     recoveries, lost = [], []
     for loss, start in zip(losses, resumed, strict=False):
         after = [r for r in records if r["time_unix"] > loss["at"]]
@@ -124,10 +151,14 @@ def _report(b: Bench, out: Path, ref: Path, losses: list[dict], lines: list[str]
         a, c = load_file(str(out / "model.safetensors")), load_file(str(ref / "model.safetensors"))
         same = a.keys() == c.keys() and all(torch.allclose(a[k], c[k], rtol=1e-9, atol=1e-12) for k in a)
     how = (f"{len(losses)} losses of a seeded host every {PERIOD_S:g} s on {b.placement.cluster.hosts} hosts, "
-           f"rejoin wait {REJOIN_S:g} s included")  # fmt: skip
+           f"going on from {'memory' if recovery == 'peer' else 'disk'}")  # fmt: skip
+    name = f"elastic, from {'memory' if recovery == 'peer' else 'disk'}"
     if recoveries:
-        b.record("elastic", "recovery, s (loss to the first step after it)", recoveries, unit="s", how=how)
-    b.record("elastic", "steps done again, per loss", lost or [0], unit="count", how=how)
-    b.record("elastic", "steps whose samples differ from the failure-free run's", [wrong], unit="count", how=how)
-    b.record("elastic", "final weights equal the failure-free run's (1 = yes)", [float(same)], unit="count", how=how)
-    b.console.print(f"the elastic job ended with exit {code}; its launcher's last lines:\n" + "".join(lines[-40:]))
+        b.record(name, "recovery, s (loss to the first step after it)", recoveries, unit="s", how=how)
+        less = [r - REJOIN_S for r in recoveries]
+        b.record(name, f"recovery less the {REJOIN_S:g} s rejoin wait, s", less, unit="s", how=how)
+    b.record(name, "steps done again, per loss", lost or [0], unit="count", how=how)
+    b.record(name, "steps whose samples differ from the failure-free run's", [wrong], unit="count", how=how)
+    b.record(name, "final weights equal the failure-free run's (1 = yes)", [float(same)], unit="count", how=how)
+    b.console.print(f"the elastic job ({recovery}) ended with exit {code}; its launcher's last lines:\n"
+                    + "".join(lines[-40:]))  # fmt: skip

@@ -42,6 +42,10 @@ class Placement:
     def host(self, rank: int) -> int:
         return self.used[rank % len(self.used)]
 
+    def address(self, rank: int) -> str:
+        """The address of `rank`'s host."""
+        return self.cluster.address(self.host(rank)) if self.cluster else "127.0.0.1"
+
     def env(self, rank: int, world: int, port: int) -> dict[str, str]:
         hosts = len(self.used)
         node = rank % hosts  # the host's place among those in use

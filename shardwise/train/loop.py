@@ -20,6 +20,7 @@ from shardwise.data.loader import RankData
 from shardwise.errors import ShardwiseError, TrainingDiverged
 from shardwise.parallel.data import maybe_no_sync, unwrap
 from shardwise.parallel.splits import Split, clip_grad_norm, local_tensor
+from shardwise.peer_state import Holder
 from shardwise.train.comm_share import StepProfile
 from shardwise.train.evaluate import evaluate, predict
 from shardwise.train.faults import FaultPlan
@@ -256,6 +257,11 @@ class _Step:
     splits: dict[str, Split]
     sum_groups: list[dist.ProcessGroup]
     agree_group: dist.ProcessGroup | None
+    holder: Holder | None = None  # the state served to the ranks that start after a failure
+
+    def updating(self, step: int):
+        """Where the weights and the schedule change: a snapshot is never half a step."""
+        return self.holder.updating(step + 1) if self.holder is not None else nullcontext()
 
 
 def _norm(ctx: _Step, model: nn.Module, where: Position) -> float:
@@ -283,12 +289,15 @@ def _update(
     group = None if fault == "skip" else ctx.agree_group
     if not all_finite(loss, model, group, fault=fault):
         optimizer.zero_grad(set_to_none=True)  # every rank skips it: the weights stay equal
+        with ctx.updating(step):
+            pass
         return loss, False, None
     if (ctx.settings.clip_norm > 0 or logged) and norm is None:
         norm = _norm(ctx, model, where)
     where.phase = "optimizer step"
-    optimizer.step()
-    scheduler.step()
+    with ctx.updating(step):
+        optimizer.step()
+        scheduler.step()
     return loss, True, norm
 
 
@@ -307,14 +316,16 @@ def train_loop(
     agree_group: dist.ProcessGroup | None = None,
     checkpointer: Checkpointer | None = None,
     position: Position | None = None,
+    holder: Holder | None = None,
 ) -> LoopResult:
     """Train from `settings.start_step` to `settings.steps`. `model` is this rank's part of
     the model; `splits` (parameters held in pieces) and `sum_groups` (groups whose ranks
     hold disjoint parameters: FSDP shards, pipeline stages) let clipping see the whole
     model's gradient. `agree_group` (every rank of the layout) agrees on skipping a step
-    whose loss or gradients are not finite."""
+    whose loss or gradients are not finite. `holder`: where a replica's state is served from
+    to the ranks that start after a failure (peer_state.py)."""
     result, where = LoopResult(), position or Position()
-    ctx = _Step(runner, settings, faults, splits or {}, sum_groups or [], agree_group)
+    ctx = _Step(runner, settings, faults, splits or {}, sum_groups or [], agree_group, holder)
     window = _Window(torch.zeros((), device=data.device))
     bad_in_row = 0
     model.train()

@@ -1,0 +1,281 @@
+"""Recovery from the survivors' memory: a data-parallel replica serves its training state to
+the ranks that start after a failure, so the job goes on from the last step the survivors
+completed, not from the last checkpoint on disk, and redoes no step.
+
+Every rank of a layout that holds the whole model and optimizer state (data parallel, no
+sharding, no residuals of lossy compression, data read from files) keeps a `Holder`: the
+loop updates the weights under its lock and says which step they are at. A thread serves
+the state on a TCP port of the rank's host (`serve_state`); the rank announces it in a file
+beside its error record. When a peer fails, the surviving ranks do not exit: they record
+their error and hold (worker.py), and the launcher keeps them alive while it starts the
+ranks again, handing them the survivors' addresses. Each new rank asks every survivor for
+its step, fetches the state from the most advanced (its own host's where that one is as
+far), and the new ranks agree to take it only if every one of them got the same step, no
+older than the checkpoint (`recover`); otherwise they read the checkpoint as before.
+
+The connection proves the job's secret both ways (HMAC-SHA256 over fresh nonces, and over
+the whole payload), and the state travels as safetensors and JSON: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+MAGIC = b"shardwise-peer-1\n"
+NONCE = 32
+ASK_STEP, ASK_STATE = b"S", b"F"
+CONNECT_S = 3.0  # a survivor that does not answer in this long is not asked again
+READ_S = 120.0  # the longest a transfer may pause
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    """What the launcher tells a rank about recovery from memory."""
+
+    announce: str  # the file where this rank announces the address it serves its state on
+    addr: str  # its host's address
+    secret: str  # this start's secret, which a client must prove
+    survivors: tuple[str, ...] = ()  # addr:port of the ranks a failure left alive, to take the state from
+    survivors_secret: str = ""  # the secret of the start they belong to
+
+
+@dataclass
+class PeerState:
+    """What a survivor sent: the step its weights are at, the checkpoint's meta, the tensors."""
+
+    step: int
+    meta: dict
+    tensors: dict[str, torch.Tensor]
+    source: str  # addr:port
+    nbytes: int
+    seconds: float
+
+
+class Holder:
+    """The training state of this rank, for the ranks that start after a failure: its step,
+    and `provider()`, which gives (tensors, meta) as a checkpoint would hold them. The loop
+    changes the weights only inside `updating`, so a snapshot is never half a step."""
+
+    def __init__(self, step: int):
+        self.lock = threading.Lock()
+        self.step = step
+        self.provider: Callable[[], tuple[dict, dict]] | None = None
+        self.broken = False  # an update that raised: the weights may be half-changed
+
+    @contextmanager
+    def updating(self, done: int):
+        with self.lock:
+            try:
+                yield
+            except BaseException:
+                self.broken = True
+                raise
+            self.step = done
+
+    def snapshot(self) -> tuple[int, dict, dict] | None:
+        with self.lock:
+            if self.broken or self.provider is None:
+                return None
+            tensors, meta = self.provider()
+            return self.step, tensors, meta
+
+
+def _mac(secret: bytes, *parts: bytes) -> bytes:
+    return hmac.new(secret, b"".join(parts), hashlib.sha256).digest()
+
+
+def _read(sock: socket.socket, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise ConnectionError("the peer closed the connection")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _answer(conn: socket.socket, holder: Holder, secret: bytes) -> None:
+    from safetensors.torch import save
+
+    conn.settimeout(READ_S)
+    nonce = secrets.token_bytes(NONCE)
+    conn.sendall(MAGIC + nonce)
+    ask, theirs, mac = (lambda b: (b[:1], b[1 : 1 + NONCE], b[1 + NONCE :]))(_read(conn, 1 + NONCE + 32))
+    if ask not in (ASK_STEP, ASK_STATE) or not hmac.compare_digest(mac, _mac(secret, b"client", nonce, ask)):
+        return  # not the job's: nothing is said
+    snap = holder.snapshot()
+    if snap is None:
+        header, payload = {"step": None}, b""
+    else:
+        step, tensors, meta = snap
+        payload = save({k: v.contiguous() for k, v in tensors.items()}) if ask == ASK_STATE else b""
+        header = {"step": step, "meta": meta}
+    head = json.dumps(header).encode()
+    conn.sendall(struct.pack(">IQ", len(head), len(payload)) + head)
+    conn.sendall(payload)
+    conn.sendall(_mac(secret, b"server", theirs, head, payload))
+
+
+def holds_whole_state(cfg, dims, compressor) -> bool:
+    """Whether every rank holds the whole training state (what a checkpoint of it holds):
+    data parallel only, no sharding, no error-feedback residuals, no database read positions."""
+    replicas = dims.dp == dims.world_size and dims.shard == "none" and not dims.servers
+    return replicas and cfg.train.recovery == "peer" and cfg.data.name != "sql" and not (compressor and compressor.owes)
+
+
+_SERVING: list[int] = []  # the process ids that serve a holder (a forked child inherits the list, not the thread)
+
+
+def serving() -> bool:
+    """Whether this process serves its state: a rank that loses a peer then holds."""
+    return os.getpid() in _SERVING
+
+
+def serve_state(holder: Holder, secret: str, host: str) -> tuple[str, int]:
+    """Serve `holder` on a free port of `host` from a daemon thread; its address."""
+    listener = socket.create_server((host, 0))
+    key = secret.encode()
+
+    def loop() -> None:
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                try:
+                    _answer(conn, holder, key)
+                except (OSError, ValueError):  # noqa: S112 -- a client that went away: the next one
+                    continue
+
+    threading.Thread(target=loop, name="shardwise-peer-state", daemon=True).start()
+    _SERVING.append(os.getpid())
+    return host, listener.getsockname()[1]
+
+
+def announce(path: Path, host: str, port: int) -> None:
+    from shardwise.files import write_atomic
+
+    write_atomic(path, json.dumps({"addr": host, "port": port}))
+
+
+def endpoint_of(path: Path) -> str | None:
+    """The `addr:port` a rank announced in `path`, or None."""
+    try:
+        record = json.loads(path.read_text())
+        return f"{record['addr']}:{int(record['port'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def ask(endpoint: str, secret: str, *, state: bool) -> PeerState | None:
+    """A survivor's step (`state=False`) or whole state; None where it has none to give."""
+    from safetensors.torch import load
+
+    addr, _, port = endpoint.rpartition(":")
+    key, what, started = secret.encode(), ASK_STATE if state else ASK_STEP, time.perf_counter()
+    with socket.create_connection((addr, int(port)), timeout=CONNECT_S) as sock:
+        sock.settimeout(READ_S)
+        if _read(sock, len(MAGIC)) != MAGIC:
+            raise ConnectionError(f"{endpoint} is not a shardwise rank")
+        theirs, mine = _read(sock, NONCE), secrets.token_bytes(NONCE)
+        sock.sendall(what + mine + _mac(key, b"client", theirs, what))
+        head_len, payload_len = struct.unpack(">IQ", _read(sock, 12))
+        head = _read(sock, head_len)
+        payload = _read(sock, payload_len)
+        if not hmac.compare_digest(_read(sock, 32), _mac(key, b"server", mine, head, payload)):
+            raise ConnectionError(f"{endpoint} does not hold the job's secret")
+    header = json.loads(head)
+    if header.get("step") is None:
+        return None
+    tensors = load(payload) if state else {}
+    return PeerState(header["step"], header["meta"], tensors, endpoint, len(payload), time.perf_counter() - started)
+
+
+def fetch_best(endpoints: list[str], secret: str, *, mine: str) -> PeerState | None:
+    """The state of the most advanced survivor (its own host's, `mine`, where that one is as
+    far along); None where no survivor answers with one."""
+    steps: dict[str, int] = {}
+    for endpoint in endpoints:
+        try:
+            got = ask(endpoint, secret, state=False)
+        except (OSError, ValueError):
+            continue
+        if got is not None:
+            steps[endpoint] = got.step
+    if not steps:
+        return None
+    best = max(steps.values())
+    chosen = sorted((e for e, s in steps.items() if s == best), key=lambda e: (e.rpartition(":")[0] != mine, e))
+    for endpoint in chosen:
+        try:
+            got = ask(endpoint, secret, state=True)
+        except (OSError, ValueError):
+            continue
+        if got is not None and got.step == best:
+            return got
+    return None
+
+
+def _disk_step(resume: str) -> int:
+    """The step of the checkpoint a run would otherwise resume from (-1: none)."""
+    from shardwise.checkpoint.manifest import ASIDE_DIR, STEP_DIR, find_checkpoint
+
+    if not resume:
+        return -1
+    try:
+        name = find_checkpoint(Path(resume)).name
+    except Exception:  # noqa: BLE001 -- the resume itself says what is wrong with it
+        return -1
+    match = STEP_DIR.match(name) or ASIDE_DIR.match(name)
+    return int(match.group(1)) if match else -1
+
+
+def recover(peer: PeerSettings | None, resume: str, group, *, rank: int):
+    """The checkpoint the ranks take from the survivors' memory (a collective of `group`), or
+    None: where there are no survivors, where any rank could not get the same step as the
+    others, or where that step is older than the checkpoint on disk."""
+    from shardwise.checkpoint.store import Checkpoint
+    from shardwise.comm.collectives import all_gather_json
+
+    if peer is None or not peer.survivors:  # the same on every rank: the launcher told them all
+        return None
+    try:
+        got = fetch_best(list(peer.survivors), peer.survivors_secret, mine=peer.addr)
+    except (OSError, ValueError):
+        got = None
+    steps = all_gather_json(got.step if got is not None else None, group)
+    on_disk = _disk_step(resume)
+    if got is None or len(set(steps)) != 1 or got.step < on_disk:
+        return None
+    if rank == 0:
+        disk = f"step {on_disk} on disk" if on_disk >= 0 else "no checkpoint"
+        print(f"shardwise: going on from step {got.step} in the survivors' memory ({disk}): rank 0 took "
+              f"{got.nbytes / 1e6:.1f} MB from {got.source} in {got.seconds:.2f} s", flush=True)  # fmt: skip
+    state = {**got.meta, "step": got.step, "index": {}}
+    return Checkpoint(Path(f"the memory of the rank at {got.source}"), got.step, state, got.tensors)
+
+
+HOLD_S = 600.0  # the longest a rank that lost a peer waits for the launcher to stop it
+
+
+def hold(marker: Path) -> None:
+    """After a peer failed (its error and ring recorded): say so in `marker`, and keep serving
+    this rank's state until the launcher stops the process (SIGTERM), once the ranks started
+    after the failure have taken it."""
+    marker.touch()
+    deadline = time.monotonic() + HOLD_S
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
