@@ -40,7 +40,7 @@ from shardwise.preflight import (
     warn_oversubscribed,
     words_preflight,
 )
-from shardwise.survivors import Survivors, held
+from shardwise.survivors import Survivors, could_serve, held
 from shardwise.topology import ParallelDims
 
 POLL_S = 0.05
@@ -53,14 +53,14 @@ def supervise(
     expendable: set | None = None,
     stop=None,
     regrow=None,
-    keep=None,
+    spare=False,
     leftover=None,
 ) -> RankFailure | None:
     """Wait for all ranks; at the first failure stop the rest and return it. An
     `expendable` rank that fails is reported in a line and the others go on. `stop`, once
-    set: the ranks are stopped, and that is no failure. `keep(culprit)`: the ranks a failure
-    leaves alive to serve their state (survivors.py), put on the failure and not stopped;
-    `leftover`: those of the start before, stopped once these ranks have taken their state."""
+    set: the ranks are stopped, and that is no failure. `spare`: the ranks that could serve
+    their state after a failure are left running (survivors.py picks among them once the cause
+    is known); `leftover`: those of the start before, stopped once these ranks took their state."""
     survived: set[int] = set()
     while True:
         if leftover is not None and leftover.taken(error_files):
@@ -88,9 +88,8 @@ def supervise(
                 continue
             failures = [recorded_failure(r, code, error_files[r]) for r, code in failed.items()]
             culprit = stalled_rank(procs, failures) or cause_of(failures)
-            culprit.survivors = keep(culprit.rank) if keep is not None else None
-            kept = culprit.survivors.procs.values() if culprit.survivors is not None else ()
-            contract.stop_ranks([p for p in procs if p not in kept])
+            spared = could_serve(procs, error_files) - {culprit.rank} if spare else set()
+            contract.stop_ranks([p for r, p in enumerate(procs) if r not in spared])
             return culprit
         if all(p.poll() == 0 or r in survived for r, p in enumerate(procs)):
             return None
@@ -216,7 +215,7 @@ def _go_on(cfg, out, failure, placement, full, nproc, elastic, launch_time, rest
     # restart from the newer checkpoints of the trajectory it left
     checkpoint = latest_checkpoint(out / "checkpoints", since=launch_time)
     cfg.run.resume = str(checkpoint) if checkpoint else cfg.run.resume
-    origin = checkpoint.name if checkpoint else (Path(cfg.run.resume).name if cfg.run.resume else "the start")
+    origin = checkpoint.name if checkpoint else (cfg.run.resume or "the start")
     if failure.exit_code == REGROW:
         nproc = elastic.max_ranks
         print(f"shardwise: every host is back: growing to {nproc} ranks from {origin}", file=sys.stderr)
@@ -293,24 +292,29 @@ def _run_once(
             else:
                 procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL if quiet else None))
 
-        def keep(culprit: int) -> Survivors | None:
-            return Survivors.keep(procs, error_files, placement, secret, culprit) if hold else None
-
-        failure = supervise(procs, error_files, expendable_ranks(cfg, dims), stop, regrow, keep, survivors)
-        explained = hangs.explain(failure, err_dir, Path(cfg.run.out) if cfg.run.out else None, stalled=STALLED)
-        # a host cut off: its ranks' rings would show them behind, as if they skipped a call. Only
-        # for a rank that waited, stalled or died without a word: its own error says why
-        waited = explained is not None and (explained.fallout or explained.exit_code == STALLED or not explained.kind)
-        if not waited or explained.exit_code in (REGROW, EXIT_USAGE):
-            return explained
-        cut = cut_off(placement, nproc)
-        return RankFailure(cut[0], STALLED, cut[1], "", survivors=explained.survivors) if cut else explained
+        failure = supervise(procs, error_files, expendable_ranks(cfg, dims), stop, regrow, hold, survivors)
+        failure = _named(failure, cfg, err_dir, placement, nproc)
+        if hold and failure is not None and failure.exit_code not in (REGROW, EXIT_USAGE):
+            failure.survivors = Survivors.keep(procs, error_files, placement, secret, failure.rank)
+        return failure
     finally:
         gc.unfreeze()  # the ranks keep their copy frozen; this process collects its own again
         if survivors is not None:  # those of the start before: their state is taken, or no longer wanted
             survivors.stop()
         kept = failure.survivors.procs.values() if failure is not None and failure.survivors is not None else ()
         contract.stop_ranks([p for p in procs if p not in kept])
+
+
+def _named(failure: RankFailure | None, cfg: Config, err_dir: Path, placement: Placement, nproc: int):
+    """The failure with its cause named: the rings' first disagreement (hangs.py), or a host
+    cut off. A host cut off: its ranks' rings would show them behind, as if they skipped a call;
+    only for a rank that waited, stalled or died without a word (its own error says why)."""
+    explained = hangs.explain(failure, err_dir, Path(cfg.run.out) if cfg.run.out else None, stalled=STALLED)
+    waited = explained is not None and (explained.fallout or explained.exit_code == STALLED or not explained.kind)
+    if not waited or explained.exit_code in (REGROW, EXIT_USAGE):
+        return explained
+    cut = cut_off(placement, nproc)
+    return RankFailure(cut[0], STALLED, cut[1], "") if cut else explained
 
 
 def _before_forking(dims: ParallelDims) -> None:

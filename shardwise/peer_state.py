@@ -39,7 +39,10 @@ MAGIC = b"shardwise-peer-1\n"
 NONCE = 32
 ASK_STEP, ASK_STATE = b"S", b"F"
 CONNECT_S = 3.0  # a survivor that does not answer in this long is not asked again
-READ_S = 120.0  # the longest a transfer may pause
+PROOF_S = 5.0  # the longest a client may take to prove the secret
+READ_S = 60.0  # the longest a transfer may pause
+WAIT_S = 2.0  # the longest a snapshot waits for the step under way
+MAX_HEAD = 1 << 20  # the longest header a client accepts
 
 
 @dataclass(frozen=True)
@@ -67,31 +70,63 @@ class PeerState:
 
 class Holder:
     """The training state of this rank, for the ranks that start after a failure: its step,
-    and `provider()`, which gives (tensors, meta) as a checkpoint would hold them. The loop
-    changes the weights only inside `updating`, so a snapshot is never half a step."""
+    and `provider()`, which gives (tensors, meta) as a checkpoint would hold them.
+
+    The loop holds the lock from its optimizer step to the end of that step's logging,
+    evaluation and checkpoint (`iteration`, `updating`), and only then says the weights are at
+    the next step: a snapshot is a whole step, its records and checkpoint written. A rank that
+    fails in between (a peer lost during that step's logging, say) serves nothing, and the
+    ranks after it go on from the checkpoint."""
 
     def __init__(self, step: int):
         self.lock = threading.Lock()
         self.step = step
         self.provider: Callable[[], tuple[dict, dict]] | None = None
-        self.broken = False  # an update that raised: the weights may be half-changed
+        self.broken = False  # a step that raised once the weights had changed
+        self._mine = False  # the loop holds the lock
 
     @contextmanager
-    def updating(self, done: int):
-        with self.lock:
-            try:
-                yield
-            except BaseException:
-                self.broken = True
-                raise
-            self.step = done
+    def iteration(self, step: int):
+        """One step of the loop; the weights are at `step + 1` once it ends."""
+        try:
+            yield
+        except BaseException:
+            self.broken = self.broken or self._mine  # the weights may have changed
+            self._release()
+            raise
+        self.updating()  # (every step takes the lock at its update: a skipped one too)
+        if not self.broken:
+            self.step = step + 1
+        self._release()
 
-    def snapshot(self) -> tuple[int, dict, dict] | None:
-        with self.lock:
+    def _release(self) -> None:
+        if self._mine:
+            self._mine = False
+            self.lock.release()
+
+    def updating(self) -> None:
+        """The weights change from here to the end of the step."""
+        if not self._mine:
+            self.lock.acquire()
+            self._mine = True
+
+    def snapshot(self, *, state: bool) -> tuple[int, bytes, dict] | None:
+        """(step, the tensors as safetensors, meta), or None: the loop is inside a step longer
+        than WAIT_S (blocked in its logging, say), or a step failed half done."""
+        from safetensors.torch import save
+
+        if not self.lock.acquire(timeout=WAIT_S):
+            return None
+        try:
             if self.broken or self.provider is None:
                 return None
+            if not state:
+                return self.step, b"", {}
             tensors, meta = self.provider()
-            return self.step, tensors, meta
+            cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+            return self.step, save(cpu), meta
+        finally:
+            self.lock.release()
 
 
 def _mac(secret: bytes, *parts: bytes) -> bytes:
@@ -110,23 +145,20 @@ def _read(sock: socket.socket, n: int) -> bytes:
 
 
 def _answer(conn: socket.socket, holder: Holder, secret: bytes) -> None:
-    from safetensors.torch import save
-
-    conn.settimeout(READ_S)
+    """One client: the proof of the secret within PROOF_S, then the step or the state; the
+    lengths and header, their MAC, the payload, and a MAC over all of it."""
+    conn.settimeout(PROOF_S)
     nonce = secrets.token_bytes(NONCE)
     conn.sendall(MAGIC + nonce)
     ask, theirs, mac = (lambda b: (b[:1], b[1 : 1 + NONCE], b[1 + NONCE :]))(_read(conn, 1 + NONCE + 32))
     if ask not in (ASK_STEP, ASK_STATE) or not hmac.compare_digest(mac, _mac(secret, b"client", nonce, ask)):
         return  # not the job's: nothing is said
-    snap = holder.snapshot()
-    if snap is None:
-        header, payload = {"step": None}, b""
-    else:
-        step, tensors, meta = snap
-        payload = save({k: v.contiguous() for k, v in tensors.items()}) if ask == ASK_STATE else b""
-        header = {"step": step, "meta": meta}
-    head = json.dumps(header).encode()
-    conn.sendall(struct.pack(">IQ", len(head), len(payload)) + head)
+    conn.settimeout(READ_S)
+    snap = holder.snapshot(state=ask == ASK_STATE)
+    step, payload, meta = snap if snap is not None else (None, b"", {})
+    head = json.dumps({"step": step, "meta": meta}).encode()
+    lengths = struct.pack(">IQ", len(head), len(payload))
+    conn.sendall(lengths + head + _mac(secret, b"server-head", theirs, lengths, head))
     conn.sendall(payload)
     conn.sendall(_mac(secret, b"server", theirs, head, payload))
 
@@ -151,14 +183,18 @@ def serve_state(holder: Holder, secret: str, host: str) -> tuple[str, int]:
     listener = socket.create_server((host, 0))
     key = secret.encode()
 
-    def loop() -> None:
-        while True:
-            conn, _ = listener.accept()
-            with conn:
-                try:
-                    _answer(conn, holder, key)
-                except (OSError, ValueError):  # noqa: S112 -- a client that went away: the next one
-                    continue
+    def one(conn: socket.socket) -> None:
+        with conn:
+            try:
+                _answer(conn, holder, key)
+            except Exception:  # noqa: S110 -- a client that went away, or a state it could not be given
+                pass
+
+    def loop() -> None:  # a thread a client: one that is slow to prove itself holds up no other
+        with listener:
+            while True:
+                conn, _ = listener.accept()
+                threading.Thread(target=one, args=(conn,), name="shardwise-peer-client", daemon=True).start()
 
     threading.Thread(target=loop, name="shardwise-peer-state", daemon=True).start()
     _SERVING.append(os.getpid())
@@ -192,8 +228,13 @@ def ask(endpoint: str, secret: str, *, state: bool) -> PeerState | None:
             raise ConnectionError(f"{endpoint} is not a shardwise rank")
         theirs, mine = _read(sock, NONCE), secrets.token_bytes(NONCE)
         sock.sendall(what + mine + _mac(key, b"client", theirs, what))
-        head_len, payload_len = struct.unpack(">IQ", _read(sock, 12))
-        head = _read(sock, head_len)
+        lengths = _read(sock, 12)
+        head_len, payload_len = struct.unpack(">IQ", lengths)
+        head = _read(sock, min(head_len, MAX_HEAD))
+        if head_len > MAX_HEAD or not hmac.compare_digest(
+            _read(sock, 32), _mac(key, b"server-head", mine, lengths, head)
+        ):
+            raise ConnectionError(f"{endpoint} does not hold the job's secret")  # before any payload is taken
         payload = _read(sock, payload_len)
         if not hmac.compare_digest(_read(sock, 32), _mac(key, b"server", mine, head, payload)):
             raise ConnectionError(f"{endpoint} does not hold the job's secret")
@@ -254,11 +295,11 @@ def recover(peer: PeerSettings | None, resume: str, group, *, rank: int):
         return None
     try:
         got = fetch_best(list(peer.survivors), peer.survivors_secret, mine=peer.addr)
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 -- whatever went wrong, the checkpoint instead, decided together
         got = None
-    steps = all_gather_json(got.step if got is not None else None, group)
     on_disk = _disk_step(resume)
-    if got is None or len(set(steps)) != 1 or got.step < on_disk:
+    said = all_gather_json([got.step if got is not None else None, on_disk], group)
+    if got is None or len({step for step, _ in said}) != 1 or got.step < max(disk for _, disk in said):
         return None
     if rank == 0:
         disk = f"step {on_disk} on disk" if on_disk >= 0 else "no checkpoint"

@@ -27,6 +27,15 @@ def held(procs: list, error_files: list[Path]) -> set[int]:
     }
 
 
+def could_serve(procs: list, error_files: list[Path]) -> set[int]:
+    """The ranks running (not stopped) that announced a state server."""
+    return {
+        r
+        for r, p in enumerate(procs)
+        if p.poll() is None and announced(error_files[r]).exists() and contract.process_state(p.pid) != "T"
+    }
+
+
 @dataclass
 class Survivors:
     """Ranks of a start that failed, still alive and serving their state: rank -> process,
@@ -39,14 +48,15 @@ class Survivors:
 
     @classmethod
     def keep(cls, procs: list, error_files: list[Path], placement, secret: str, culprit: int) -> Survivors:
-        """The ranks to keep alive: running (not stopped), announced, not the failure's culprit."""
+        """The ranks to keep alive: running (not stopped), announced, not the failure's culprit
+        as finally named (hangs.py may name another rank than the first to fail)."""
         from shardwise.peer_state import endpoint_of
 
         kept = cls(secret=secret)
-        for r, p in enumerate(procs):
+        for r in sorted(could_serve(procs, error_files) - {culprit}):
             endpoint = endpoint_of(announced(error_files[r]))
-            if r != culprit and endpoint and p.poll() is None and contract.process_state(p.pid) != "T":
-                kept.procs[r], kept.endpoints[r], kept.hosts[r] = p, endpoint, placement.host(r)
+            if endpoint:
+                kept.procs[r], kept.endpoints[r], kept.hosts[r] = procs[r], endpoint, placement.host(r)
         return kept
 
     def on(self, placement) -> Survivors:

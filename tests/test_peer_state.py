@@ -54,7 +54,8 @@ def test_a_snapshot_waits_for_the_step_under_way():
     inside, release = threading.Event(), threading.Event()
 
     def update() -> None:
-        with holder.updating(8):
+        with holder.iteration(7):  # the eighth step: its update, then its logging and checkpoint
+            holder.updating()
             inside.set()
             release.wait()
 
@@ -70,3 +71,14 @@ def test_a_snapshot_waits_for_the_step_under_way():
     thread.join()
     asking.join()
     assert got[0].step == 8  # the step that was under way, complete
+
+
+def test_a_step_that_fails_after_its_update_leaves_nothing_to_serve():
+    holder, endpoint, _ = _served(step=7)
+    with pytest.raises(RuntimeError), holder.iteration(7):  # a peer lost in the step's collectives
+        raise RuntimeError("before the update")
+    assert ask(endpoint, "s" * 64, state=True).step == 7  # the weights are still step 7's
+    with pytest.raises(RuntimeError), holder.iteration(7):
+        holder.updating()
+        raise RuntimeError("a peer lost while the step is logged")
+    assert ask(endpoint, "s" * 64, state=True) is None  # half a step: the checkpoint instead

@@ -152,13 +152,15 @@ def _report(b: Bench, out: Path, ref: Path, losses: list[dict], lines: list[str]
         same = a.keys() == c.keys() and all(torch.allclose(a[k], c[k], rtol=1e-9, atol=1e-12) for k in a)
     how = (f"{len(losses)} losses of a seeded host every {PERIOD_S:g} s on {b.placement.cluster.hosts} hosts, "
            f"going on from {'memory' if recovery == 'peer' else 'disk'}")  # fmt: skip
-    name = f"elastic, from {'memory' if recovery == 'peer' else 'disk'}"
+    tail = f", from {'memory' if recovery == 'peer' else 'disk'}"
     if recoveries:
-        b.record(name, "recovery, s (loss to the first step after it)", recoveries, unit="s", how=how)
+        b.record("elastic", "recovery, s (loss to the first step after it)" + tail, recoveries, unit="s", how=how)
         less = [r - REJOIN_S for r in recoveries]
-        b.record(name, f"recovery less the {REJOIN_S:g} s rejoin wait, s", less, unit="s", how=how)
-    b.record(name, "steps done again, per loss", lost or [0], unit="count", how=how)
-    b.record(name, "steps whose samples differ from the failure-free run's", [wrong], unit="count", how=how)
-    b.record(name, "final weights equal the failure-free run's (1 = yes)", [float(same)], unit="count", how=how)
+        b.record("elastic", f"recovery less the {REJOIN_S:g} s rejoin wait, s" + tail, less, unit="s", how=how)
+    b.record("elastic", "steps done again, per loss" + tail, lost or [0], unit="count", how=how)
+    b.record("elastic", "steps whose samples differ from the failure-free run's" + tail, [wrong], unit="count",
+             how=how)  # fmt: skip
+    b.record("elastic", "final weights equal the failure-free run's (1 = yes)" + tail, [float(same)], unit="count",
+             how=how)  # fmt: skip
     b.console.print(f"the elastic job ({recovery}) ended with exit {code}; its launcher's last lines:\n"
                     + "".join(lines[-40:]))  # fmt: skip

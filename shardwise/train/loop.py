@@ -259,9 +259,14 @@ class _Step:
     agree_group: dist.ProcessGroup | None
     holder: Holder | None = None  # the state served to the ranks that start after a failure
 
-    def updating(self, step: int):
-        """Where the weights and the schedule change: a snapshot is never half a step."""
-        return self.holder.updating(step + 1) if self.holder is not None else nullcontext()
+    def iteration(self, step: int):
+        return self.holder.iteration(step) if self.holder is not None else nullcontext()
+
+    def updating(self) -> None:
+        """The weights and the schedule change from here to the end of the step (its logging and
+        checkpoint): a snapshot of a holder is never half a step."""
+        if self.holder is not None:
+            self.holder.updating()
 
 
 def _norm(ctx: _Step, model: nn.Module, where: Position) -> float:
@@ -289,15 +294,14 @@ def _update(
     group = None if fault == "skip" else ctx.agree_group
     if not all_finite(loss, model, group, fault=fault):
         optimizer.zero_grad(set_to_none=True)  # every rank skips it: the weights stay equal
-        with ctx.updating(step):
-            pass
+        ctx.updating()
         return loss, False, None
     if (ctx.settings.clip_norm > 0 or logged) and norm is None:
         norm = _norm(ctx, model, where)
     where.phase = "optimizer step"
-    with ctx.updating(step):
-        optimizer.step()
-        scheduler.step()
+    ctx.updating()
+    optimizer.step()
+    scheduler.step()
     return loss, True, norm
 
 
@@ -330,46 +334,47 @@ def train_loop(
     bad_in_row = 0
     model.train()
     for step in range(settings.start_step, settings.steps):
-        started = time.perf_counter()
-        where.at(step, "forward/backward and gradient reduction")
-        faults.maybe_fail(step)
-        last = step == settings.steps - 1
-        eval_now = last or (settings.eval_every > 0 and (step + 1) % settings.eval_every == 0)
-        logged = eval_now or (step + 1) % settings.log_every == 0
-        lr = scheduler.get_last_lr()[0]
-        loading = time.perf_counter()
-        micro = data.micro_batches(step)
-        result.load_times.append(time.perf_counter() - loading)
-        with StepProfile() if logged and settings.measure_comm else nullcontext() as measured:
-            loss, applied, norm = _update(ctx, model, optimizer, scheduler, micro, step, where, logged=logged)
-        if applied:
-            bad_in_row = 0
-            window.add(loss)
-            window.grad_norm = norm
-        else:
-            result.skipped_steps.append(step + 1)
-            bad_in_row += 1
-            if bad_in_row >= settings.max_bad_steps:
-                raise TrainingDiverged(
-                    f"train.max_bad_steps: {bad_in_row} steps in a row with a non-finite loss or gradient "
-                    f"(steps {step + 2 - bad_in_row} to {step + 1}); lower train.lr or set train.clip_norm"
-                )
-        if measured is not None:
-            window.comm_share = measured.share
-        result.step_times.append(time.perf_counter() - started)
-        window.steps += 1
-        reporter.step_done(step)
-        if logged:
-            record = window.record(step, lr, runner, settings, skipped=len(result.skipped_steps), where=where)
-            if eval_now:
-                where.phase = "evaluation"
-                record.update(runner.evaluate(data))
-            result.records.append(record)
-            reporter.log(record)
-            window.start = time.perf_counter()  # the next window's time leaves out this evaluation
-        if checkpointer is not None:
-            where.phase = "writing a checkpoint"
-            checkpointer.maybe_save(step + 1)
+        with ctx.iteration(step):  # the weights served after a failure are a whole step's (peer_state.py)
+            started = time.perf_counter()
+            where.at(step, "forward/backward and gradient reduction")
+            faults.maybe_fail(step)
+            last = step == settings.steps - 1
+            eval_now = last or (settings.eval_every > 0 and (step + 1) % settings.eval_every == 0)
+            logged = eval_now or (step + 1) % settings.log_every == 0
+            lr = scheduler.get_last_lr()[0]
+            loading = time.perf_counter()
+            micro = data.micro_batches(step)
+            result.load_times.append(time.perf_counter() - loading)
+            with StepProfile() if logged and settings.measure_comm else nullcontext() as measured:
+                loss, applied, norm = _update(ctx, model, optimizer, scheduler, micro, step, where, logged=logged)
+            if applied:
+                bad_in_row = 0
+                window.add(loss)
+                window.grad_norm = norm
+            else:
+                result.skipped_steps.append(step + 1)
+                bad_in_row += 1
+                if bad_in_row >= settings.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"train.max_bad_steps: {bad_in_row} steps in a row with a non-finite loss or gradient "
+                        f"(steps {step + 2 - bad_in_row} to {step + 1}); lower train.lr or set train.clip_norm"
+                    )
+            if measured is not None:
+                window.comm_share = measured.share
+            result.step_times.append(time.perf_counter() - started)
+            window.steps += 1
+            reporter.step_done(step)
+            if logged:
+                record = window.record(step, lr, runner, settings, skipped=len(result.skipped_steps), where=where)
+                if eval_now:
+                    where.phase = "evaluation"
+                    record.update(runner.evaluate(data))
+                result.records.append(record)
+                reporter.log(record)
+                window.start = time.perf_counter()  # the next window's time leaves out this evaluation
+            if checkpointer is not None:
+                where.phase = "writing a checkpoint"
+                checkpointer.maybe_save(step + 1)
     if not result.records:  # resumed at the last step: score the weights as loaded
         where.phase = "evaluation"
         result.records.append(_score_as_loaded(runner, data, step=settings.steps, lr=scheduler.get_last_lr()[0]))
