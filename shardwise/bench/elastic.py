@@ -101,18 +101,20 @@ def _elastic(b: Bench, recovery: str, steps: int) -> None:
     _report(b, out, b.work / "elastic-reference", losses, lines, code, steps, recovery)
 
 
-def _went_on_from(lines: list[str], said: str) -> list[int]:
-    """The step the job went on from after each loss: the survivors' (rank 0 says it), else the
-    checkpoint the launcher names (its line says which, after a loss, not after growing back)."""
-    from_memory = iter(int(m.group(1)) for m in map(re.compile(r"going on from step (\d+) in the survivors").search,
-                                                     said.splitlines()) if m)  # fmt: skip
+def _went_on_from(lines: list[str], said: str) -> list[tuple[int, bool]]:
+    """The step the job went on from after each loss, and whether from the survivors' memory
+    (rank 0 says it), else the checkpoint the launcher names (its line says which, after a
+    loss, not after growing back)."""
+    said_re = re.compile(r"going on from step (\d+) in the survivors' memory \((?:step (\d+) on disk|no checkpoint)")
+    taken = {int(m.group(2) or -1): int(m.group(1)) for m in map(said_re.search, said.splitlines()) if m}
     out = []
     for line in lines:
         if "going on with" not in line:
             continue
         disk = re.search(r"from (?:the memory of .*, else )?step-0*(\d+)", line)
-        memory = next(from_memory, None) if "the memory of" in line else None
-        out.append(memory if memory is not None else int(disk.group(1)) if disk else 0)
+        on_disk = int(disk.group(1)) if disk else -1  # (matched to rank 0's line by the checkpoint it names)
+        memory = taken.get(on_disk) if "the memory of" in line else None
+        out.append((memory, True) if memory is not None else (max(on_disk, 0), False))
     return out
 
 
@@ -137,7 +139,7 @@ def _report(b: Bench, out: Path, ref: Path, losses: list[dict], lines: list[str]
     )
     resumed = _went_on_from(lines, Path(f"{out}.stdout").read_text())
     recoveries, lost = [], []
-    for loss, start in zip(losses, resumed, strict=False):
+    for loss, (start, _) in zip(losses, resumed, strict=False):
         after = [r for r in records if r["time_unix"] > loss["at"]]
         if after:
             recoveries.append(after[0]["time_unix"] - loss["at"])
@@ -158,6 +160,9 @@ def _report(b: Bench, out: Path, ref: Path, losses: list[dict], lines: list[str]
         less = [r - REJOIN_S for r in recoveries]
         b.record("elastic", f"recovery less the {REJOIN_S:g} s rejoin wait, s" + tail, less, unit="s", how=how)
     b.record("elastic", "steps done again, per loss" + tail, lost or [0], unit="count", how=how)
+    if recovery == "peer":
+        memory = [float(sum(m for _, m in resumed))]
+        b.record("elastic", "losses gone on from the survivors' memory" + tail, memory, unit="count", how=how)
     b.record("elastic", "steps whose samples differ from the failure-free run's" + tail, [wrong], unit="count",
              how=how)  # fmt: skip
     b.record("elastic", "final weights equal the failure-free run's (1 = yes)" + tail, [float(same)], unit="count",
