@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from shardwise.procs import read_exactly
+
 MAGIC = b"shardwise-peer-1\n"
 NONCE = 32
 ASK_STEP, ASK_STATE = b"S", b"F"
@@ -133,24 +135,13 @@ def _mac(secret: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, b"".join(parts), hashlib.sha256).digest()
 
 
-def _read(sock: socket.socket, n: int) -> bytes:
-    chunks, left = [], n
-    while left:
-        chunk = sock.recv(min(left, 1 << 20))
-        if not chunk:
-            raise ConnectionError("the peer closed the connection")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
 def _answer(conn: socket.socket, holder: Holder, secret: bytes) -> None:
     """One client: the proof of the secret within PROOF_S, then the step or the state; the
     lengths and header, their MAC, the payload, and a MAC over all of it."""
     conn.settimeout(PROOF_S)
     nonce = secrets.token_bytes(NONCE)
     conn.sendall(MAGIC + nonce)
-    ask, theirs, mac = (lambda b: (b[:1], b[1 : 1 + NONCE], b[1 + NONCE :]))(_read(conn, 1 + NONCE + 32))
+    ask, theirs, mac = (lambda b: (b[:1], b[1 : 1 + NONCE], b[1 + NONCE :]))(read_exactly(conn, 1 + NONCE + 32))
     if ask not in (ASK_STEP, ASK_STATE) or not hmac.compare_digest(mac, _mac(secret, b"client", nonce, ask)):
         return  # not the job's: nothing is said
     conn.settimeout(READ_S)
@@ -224,19 +215,19 @@ def ask(endpoint: str, secret: str, *, state: bool) -> PeerState | None:
     key, what, started = secret.encode(), ASK_STATE if state else ASK_STEP, time.perf_counter()
     with socket.create_connection((addr, int(port)), timeout=CONNECT_S) as sock:
         sock.settimeout(READ_S)
-        if _read(sock, len(MAGIC)) != MAGIC:
+        if read_exactly(sock, len(MAGIC)) != MAGIC:
             raise ConnectionError(f"{endpoint} is not a shardwise rank")
-        theirs, mine = _read(sock, NONCE), secrets.token_bytes(NONCE)
+        theirs, mine = read_exactly(sock, NONCE), secrets.token_bytes(NONCE)
         sock.sendall(what + mine + _mac(key, b"client", theirs, what))
-        lengths = _read(sock, 12)
+        lengths = read_exactly(sock, 12)
         head_len, payload_len = struct.unpack(">IQ", lengths)
-        head = _read(sock, min(head_len, MAX_HEAD))
+        head = read_exactly(sock, min(head_len, MAX_HEAD))
         if head_len > MAX_HEAD or not hmac.compare_digest(
-            _read(sock, 32), _mac(key, b"server-head", mine, lengths, head)
+            read_exactly(sock, 32), _mac(key, b"server-head", mine, lengths, head)
         ):
             raise ConnectionError(f"{endpoint} does not hold the job's secret")  # before any payload is taken
-        payload = _read(sock, payload_len)
-        if not hmac.compare_digest(_read(sock, 32), _mac(key, b"server", mine, head, payload)):
+        payload = read_exactly(sock, payload_len)
+        if not hmac.compare_digest(read_exactly(sock, 32), _mac(key, b"server", mine, head, payload)):
             raise ConnectionError(f"{endpoint} does not hold the job's secret")
     header = json.loads(head)
     if header.get("step") is None:

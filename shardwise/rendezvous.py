@@ -33,6 +33,8 @@ import torch.distributed as dist
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from shardwise.procs import read_exactly
+
 HELLO = b"shardwise-rendezvous-1"
 SET, GET, ADD, CHECK, WAIT, COMPARE_SET, DELETE, NUM_KEYS, APPEND = range(1, 10)
 OK, FAILED = b"ok", b"failed"
@@ -61,29 +63,18 @@ class Channel:
         self.sock.sendall(struct.pack(">I", len(sealed)) + sealed)
 
     def recv(self) -> list[bytes]:
-        (size,) = struct.unpack(">I", _exactly(self.sock, 4))
+        (size,) = struct.unpack(">I", read_exactly(self.sock, 4))
         if size > MAX_FRAME:
             raise ConnectionError(f"a frame of {size} bytes")
         nonce = struct.pack(">B3xQ", self.receiving, self.received)
         self.received += 1
-        body = self.aead.decrypt(nonce, _exactly(self.sock, size), None)  # InvalidTag: altered or out of order
+        body = self.aead.decrypt(nonce, read_exactly(self.sock, size), None)  # InvalidTag: altered or out of order
         fields, at = [], 0
         while at < len(body):
             (n,) = struct.unpack_from(">I", body, at)
             fields.append(body[at + 4 : at + 4 + n])
             at += 4 + n
         return fields
-
-
-def _exactly(sock: socket.socket, n: int) -> bytes:
-    chunks, left = [], n
-    while left:
-        chunk = sock.recv(min(left, 1 << 20))
-        if not chunk:
-            raise ConnectionError("the peer closed the connection")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
 
 
 def _proof(secret: bytes, who: bytes, ours: bytes, theirs: bytes) -> bytes:
@@ -97,7 +88,7 @@ def _session_key(secret: bytes, client: bytes, server: bytes) -> bytes:
 def client_handshake(sock: socket.socket, secret: bytes) -> Channel:
     mine = secrets.token_bytes(32)
     sock.sendall(HELLO + mine)
-    reply = _exactly(sock, len(HELLO) + 64)
+    reply = read_exactly(sock, len(HELLO) + 64)
     theirs, proof = reply[len(HELLO) : len(HELLO) + 32], reply[len(HELLO) + 32 :]
     if reply[: len(HELLO)] != HELLO or not hmac.compare_digest(proof, _proof(secret, b"server", mine, theirs)):
         raise Refused("it and this rank do not hold the same secret")
@@ -106,12 +97,12 @@ def client_handshake(sock: socket.socket, secret: bytes) -> Channel:
 
 
 def server_handshake(sock: socket.socket, secret: bytes) -> Channel:
-    hello = _exactly(sock, len(HELLO) + 32)
+    hello = read_exactly(sock, len(HELLO) + 32)
     if hello[: len(HELLO)] != HELLO:
         raise Refused("not the rendezvous's protocol")
     theirs, mine = hello[len(HELLO) :], secrets.token_bytes(32)
     sock.sendall(HELLO + mine + _proof(secret, b"server", theirs, mine))
-    if not hmac.compare_digest(_exactly(sock, 32), _proof(secret, b"client", theirs, mine)):
+    if not hmac.compare_digest(read_exactly(sock, 32), _proof(secret, b"client", theirs, mine)):
         raise Refused("a wrong proof")
     return Channel(sock, _session_key(secret, theirs, mine), sending=1)
 
