@@ -65,6 +65,7 @@ def supervise(
     while True:
         if leftover is not None and leftover.taken(error_files):
             leftover.stop()
+            leftover = None  # (no more looking for the files each poll)
         if stop is not None and stop.is_set():
             contract.stop_ranks(procs)
             return None

@@ -156,17 +156,18 @@ def _answer(conn: socket.socket, holder: Holder, secret: bytes) -> None:
 
 def holds_whole_state(cfg, dims, compressor) -> bool:
     """Whether every rank holds the whole training state (what a checkpoint of it holds):
-    data parallel only, no sharding, no error-feedback residuals, no database read positions."""
+    data parallel only, no sharding, no error-feedback residuals, no database read positions.
+    (Whether the job recovers from memory at all, `train.recovery`, the launcher decides.)"""
     replicas = dims.dp == dims.world_size and dims.shard == "none" and not dims.servers
-    return replicas and cfg.train.recovery == "peer" and cfg.data.name != "sql" and not (compressor and compressor.owes)
+    return replicas and cfg.data.name != "sql" and not (compressor and compressor.owes)
 
 
-_SERVING: list[int] = []  # the process ids that serve a holder (a forked child inherits the list, not the thread)
+_SERVER_PID = [0]  # the process that serves a holder (a forked child inherits this, not the thread)
 
 
 def serving() -> bool:
     """Whether this process serves its state: a rank that loses a peer then holds."""
-    return os.getpid() in _SERVING
+    return _SERVER_PID[0] == os.getpid()
 
 
 def serve_state(holder: Holder, secret: str, host: str) -> tuple[str, int]:
@@ -188,23 +189,8 @@ def serve_state(holder: Holder, secret: str, host: str) -> tuple[str, int]:
                 threading.Thread(target=one, args=(conn,), name="shardwise-peer-client", daemon=True).start()
 
     threading.Thread(target=loop, name="shardwise-peer-state", daemon=True).start()
-    _SERVING.append(os.getpid())
+    _SERVER_PID[0] = os.getpid()
     return host, listener.getsockname()[1]
-
-
-def announce(path: Path, host: str, port: int) -> None:
-    from shardwise.files import write_atomic
-
-    write_atomic(path, json.dumps({"addr": host, "port": port}))
-
-
-def endpoint_of(path: Path) -> str | None:
-    """The `addr:port` a rank announced in `path`, or None."""
-    try:
-        record = json.loads(path.read_text())
-        return f"{record['addr']}:{int(record['port'])}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def ask(endpoint: str, secret: str, *, state: bool) -> PeerState | None:
@@ -263,16 +249,15 @@ def fetch_best(endpoints: list[str], secret: str, *, mine: str) -> PeerState | N
 
 def _disk_step(resume: str) -> int:
     """The step of the checkpoint a run would otherwise resume from (-1: none)."""
-    from shardwise.checkpoint.manifest import ASIDE_DIR, STEP_DIR, find_checkpoint
+    from shardwise.checkpoint.manifest import find_checkpoint, folder_step
 
     if not resume:
         return -1
     try:
-        name = find_checkpoint(Path(resume)).name
+        step = folder_step(find_checkpoint(Path(resume)).name)
     except Exception:  # noqa: BLE001 -- the resume itself says what is wrong with it
         return -1
-    match = STEP_DIR.match(name) or ASIDE_DIR.match(name)
-    return int(match.group(1)) if match else -1
+    return step if step is not None else -1
 
 
 def recover(peer: PeerSettings | None, resume: str, group, *, rank: int):
@@ -308,6 +293,4 @@ def hold(marker: Path) -> None:
     this rank's state until the launcher stops the process (SIGTERM), once the ranks started
     after the failure have taken it."""
     marker.touch()
-    deadline = time.monotonic() + HOLD_S
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
+    time.sleep(HOLD_S)

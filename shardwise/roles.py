@@ -23,7 +23,8 @@ from shardwise.data.report import render_report
 from shardwise.errors import ShardwiseError
 from shardwise.files import atomic_path
 from shardwise.layout import Layout
-from shardwise.peer_state import Holder, PeerSettings, announce, holds_whole_state, serve_state
+from shardwise.peer_state import Holder, PeerSettings, holds_whole_state, serve_state
+from shardwise.survivors import announce
 from shardwise.topology import RankMesh
 from shardwise.train.faults import FaultPlan
 from shardwise.train.loop import LoopResult, LoopSettings, ModelRunner, Position, located, train_loop

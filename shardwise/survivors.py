@@ -9,15 +9,31 @@ once every new rank has taken the state (or the start ends). Nothing here import
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardwise import procs as contract
+from shardwise.files import write_atomic
 from shardwise.hangs import ranks_in_words
 
 
 def announced(error_file: Path) -> Path:
     return Path(str(error_file) + contract.PEER_SUFFIX)
+
+
+def announce(path: Path, host: str, port: int) -> None:
+    """A rank says where it serves its state (peer_state.py), in `announced(its error file)`."""
+    write_atomic(path, json.dumps({"addr": host, "port": port}))
+
+
+def endpoint_of(path: Path) -> str | None:
+    """The `addr:port` a rank announced in `path`, or None."""
+    try:
+        record = json.loads(path.read_text())
+        return f"{record['addr']}:{int(record['port'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def held(procs: list, error_files: list[Path]) -> set[int]:
@@ -50,8 +66,6 @@ class Survivors:
     def keep(cls, procs: list, error_files: list[Path], placement, secret: str, culprit: int) -> Survivors:
         """The ranks to keep alive: running (not stopped), announced, not the failure's culprit
         as finally named (hangs.py may name another rank than the first to fail)."""
-        from shardwise.peer_state import endpoint_of
-
         kept = cls(secret=secret)
         for r in sorted(could_serve(procs, error_files) - {culprit}):
             endpoint = endpoint_of(announced(error_files[r]))

@@ -88,8 +88,8 @@ def _checked_manifest(folder: Path, verify_key: str) -> dict:
     except (ValueError, KeyError, TypeError) as e:
         raise ShardwiseError(where, f"{manifest_path}: not a valid manifest ({e})") from None
     # the signature covers the step: a signed checkpoint copied to another step-N is refused
-    named = STEP_DIR.match(folder.name) or ASIDE_DIR.match(folder.name)
-    if named and int(named.group(1)) != manifest.get("step"):
+    named = folder_step(folder.name)
+    if named is not None and named != manifest.get("step"):
         raise ShardwiseError(where, f"{manifest_path}: holds step {manifest.get('step')}, the folder is {folder.name}")
     for path in sorted(folder.iterdir()):
         if path.name not in listed and path.name not in (MANIFEST, SIGNATURE):
@@ -192,6 +192,12 @@ def load_public_key(path: str):
     return key
 
 
+def folder_step(name: str) -> int | None:
+    """The step a checkpoint folder's name says (`step-N`, or `.old-step-N` set aside), or None."""
+    named = STEP_DIR.match(name) or ASIDE_DIR.match(name)
+    return int(named.group(1)) if named else None
+
+
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
 
@@ -204,10 +210,10 @@ def latest_checkpoint(root: Path, *, since: float | None = None) -> Path | None:
         return None
     found: dict[int, Path] = {}
     for p in sorted(root.iterdir(), key=lambda p: p.name.startswith(".")):  # step-N before its .old- twin
-        m = STEP_DIR.match(p.name) or ASIDE_DIR.match(p.name)
-        if m and (p / MANIFEST).is_file() and int(m.group(1)) not in found:
+        step = folder_step(p.name)
+        if step is not None and (p / MANIFEST).is_file() and step not in found:
             if since is None or (p / MANIFEST).stat().st_mtime >= since:
-                found[int(m.group(1))] = p
+                found[step] = p
     return found[max(found)] if found else None
 
 
