@@ -76,7 +76,7 @@ def test_each_layout_runs_as_it_was_predicted():
 
 def test_cases_are_chosen_by_name_and_ranks():
     assert parse_cases("mlp:2, wide:4") == [("mlp", 2), ("wide", 4)]
-    assert len(parse_cases(None)) == 8  # four models at 2 and 4 ranks
+    assert len(parse_cases(None)) == 10  # five models at 2 and 4 ranks
     with pytest.raises(ShardwiseError, match="cases: 'mlp:1': expected MODEL:RANKS, MODEL one of convnet, mlp"):
         parse_cases("mlp:2,mlp:1")
 

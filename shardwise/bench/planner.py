@@ -42,6 +42,12 @@ MODELS: dict[str, tuple[str, list[str]]] = {
         ["--model.name", "mlp", "--model.hidden", "4096,4096", "--data.name", "synthetic", "--data.shape", "1024"]
         + ["--train.batch_size", "16"],
     ),
+    "convhead": (
+        "convnet with a 1024-1024 head, 3x32x32 synthetic images, batch 128 (the link decides: 2026-12-04's plans "
+        "chose tp=2 at 1 Gbit/s, dp=2 at 10)",
+        ["--model.name", "convnet", "--model.hidden", "1024,1024", "--data.name", "synthetic"]
+        + ["--data.shape", "3,32,32", "--train.batch_size", "128"],
+    ),
     "resnet": (
         "ResNet 8-16-32 (group norm) on 3x128x128 synthetic images, batch 2",
         ["--model.name", "resnet", "--model.norm", "group", "--data.name", "synthetic", "--data.shape", "3,128,128"]
