@@ -283,7 +283,7 @@ def _finish(job: roles.Job, outcome: roles.Outcome, console, *, placement: dict,
         placement=placement,
     )
     summary |= {"skipped_steps": outcome.skipped, **outcome.extra, **extra, **roles.after_serving(job)}
-    summary |= model_check(summary)
+    summary |= model_check(summary, cfg.train.memory_per_rank)
     if console is not None:
         preprocess = job.data.preprocess if job.data is not None else {}
         write_run(job.out_dir, cfg, dims, state, outcome.result.records, summary, preprocess)

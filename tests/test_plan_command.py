@@ -154,5 +154,12 @@ def test_auto_checkpointing_within_the_memory_a_rank_may_use(tmp_path, cache):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["checkpointed_units"] == 4  # two convolution blocks, two hidden Linear + ReLU
     assert summary["model_check"]["predicted"]["peak_bytes"] == pytest.approx(checked["memory_bytes"])
+    # the run checks its measured peak against the budget it was planned within, and says so
+    check = summary["model_check"]
+    assert check["budget_bytes"] == parse_bytes(budget)
+    assert check["over_budget"] == (check["measured_peak_bytes"] > parse_bytes(budget))
+    over = "over" if check["over_budget"] else "within"
+    table = " ".join(done.stdout.replace("│", " ").split())  # the summary table's cell, unwrapped
+    assert f"{over} train.memory_per_rank ({parse_bytes(budget) / 2**20:,.1f} MiB)" in table
     saved = tomllib.loads((tmp_path / "run" / "config.toml").read_text())["train"]
     assert saved["activation_checkpointing"] == "layers"

@@ -93,6 +93,10 @@ def case_figures(rows: list[dict]) -> dict:
         "memory_error_max": memory[-1] if memory else float("nan"),
         "choice": rows[0]["name"],
         "best": best["name"],
+        # the layouts that would run out of the tightest budget the planner calls them feasible
+        # in (their own predicted peak): measured alive at once, and resident as the system counts it
+        "over_budget": [r["name"] for r in rows if (r.get("measured_peak") or 0) > r["predicted_peak"]],
+        "over_budget_resident": [r["name"] for r in rows if (r.get("resident_peak") or 0) > r["predicted_peak"]],
     }
 
 
@@ -155,11 +159,18 @@ def _case(b: Bench, model: str, world: int, cluster: str, rounds: int) -> None:
     how = f"{text}; {world} ranks, {len(rows)} layouts, {STEPS} steps a run, the median of {rounds} runs"
     for measure in ("error_median", "error_p90", "tau", "regret", "memory_error_median", "memory_error_max"):
         b.record("planner", f"{model} x{world}: {measure}", [figures[measure]], unit=measure, how=how)
+    for measure in ("over_budget", "over_budget_resident"):
+        b.record("planner", f"{model} x{world}: {measure}", [len(figures[measure])], unit="layouts", how=how)
     b.console.print(
         f"  error median {figures['error_median']:.1%}, p90 {figures['error_p90']:.1%}, tau "
         f"{figures['tau']:.2f}, regret {figures['regret']:.3f} (chose {figures['choice']}, best "
         f"{figures['best']}); peak memory error median {figures['memory_error_median']:.1%}, "
         f"largest {figures['memory_error_max']:.1%}"
+    )
+    b.console.print(
+        f"  over their predicted peak (out of a budget set there): {len(figures['over_budget'])} of {len(rows)} "
+        f"alive at once ({', '.join(figures['over_budget']) or 'none'}), {len(figures['over_budget_resident'])} "
+        "resident"
     )
 
 

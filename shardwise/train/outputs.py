@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from shardwise.config import Config
+from shardwise.config_check import parse_bytes
 from shardwise.files import atomic_path, write_atomic
 from shardwise.jsonsafe import dumps
 from shardwise.topology import ParallelDims
@@ -136,11 +137,13 @@ def run_summary(
 PREDICTED_ENV = "SHARDWISE_PREDICTED"  # the launcher's cost-model prediction for the ranks, JSON
 
 
-def model_check(summary: dict) -> dict:
+def model_check(summary: dict, budget: str = "") -> dict:
     """The cost model's predicted step time and peak memory beside the measured ones, and
     measured / predicted. The measured peak of a rank: the parameters it holds plus what
     its resident memory grew by while training (gradients, optimizer state, activations,
-    buffers); the largest rank's. None where the launcher made no prediction (torchrun)."""
+    buffers); the largest rank's. With a memory budget named (`budget`, train.memory_per_rank,
+    what the planner planned within), whether that peak went over it. None where the
+    launcher made no prediction (torchrun)."""
     text = os.environ.get(PREDICTED_ENV)
     if not text:
         return {"model_check": {"none": "started without shardwise's launcher: no prediction"}}
@@ -159,6 +162,9 @@ def model_check(summary: dict) -> dict:
     if peaks:
         check["measured_peak_bytes"] = max(peaks)
         check["memory_ratio"] = max(peaks) / predicted["peak_bytes"] if predicted["peak_bytes"] > 0 else None
+        if budget:
+            check["budget_bytes"] = parse_bytes(budget, "train.memory_per_rank")
+            check["over_budget"] = max(peaks) > check["budget_bytes"]
     return {"model_check": check}
 
 

@@ -169,6 +169,9 @@ def _model_check(check: dict) -> str:
         text += f"; peak {peak:,.1f} MiB predicted, {measured:,.1f} measured"
         if check.get("memory_ratio") is not None:
             text += f" ({check['memory_ratio']:.2f}x)"
+        if "budget_bytes" in check:
+            over = "over" if check["over_budget"] else "within"
+            text += f", {over} train.memory_per_rank ({check['budget_bytes'] / 2**20:,.1f} MiB)"
     return text
 
 
