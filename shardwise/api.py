@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -174,13 +175,13 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int, cluste
     from shardwise.cluster.placement import placement_for
     from shardwise.launch import launch
     from shardwise.procs import JOB_ENV
-    from shardwise.scoring import open_run, run_record
+    from shardwise.scoring import run_record
     from shardwise.serve.front import check_door, listen, listen_and_serve
     from shardwise.serve.link import RankLink
     from shardwise.serve.model import ServedModel, check_memory, describe
     from shardwise.serve.ranks import serving_config
 
-    folder, cfg = open_run(run, texts)
+    folder, cfg = _serving_run(run, texts)
     if cfg.parallel.mode == "ps":
         raise ShardwiseError("parallel.mode", "=ps trains through parameter servers: serve under an all-reduce "
                              "layout (dp, tp, pp, spatial, vertical)")  # fmt: skip
@@ -190,7 +191,6 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int, cluste
     sock = listen(cfg.serve.host, cfg.serve.port)  # taken now: a port in use is one line before any rank starts
     work, link, stop, server = Path(tempfile.mkdtemp(prefix="shardwise-serve-")), RankLink(), threading.Event(), []
     refused: list[ShardwiseError] = []
-    cfg = serving_config(cfg, folder, record, work / "stand-in.npz")
 
     def ranks() -> None:
         status = 1
@@ -206,7 +206,14 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int, cluste
                 server[0].should_exit = True
 
     supervising = threading.Thread(target=ranks, name="shardwise-serve-launcher")
+    if threading.current_thread() is threading.main_thread():  # until the front takes SIGTERM (and drains)
+        signal.signal(signal.SIGTERM, _stopped_starting)
     try:
+        cfg = serving_config(cfg, folder, record, work / "stand-in.npz")
+        if cfg.parallel.layout == "auto":
+            from shardwise.plan.serving import choose_serving_layout
+
+            choose_serving_layout(cfg, nproc=nproc, cluster=cluster, classes=len(record["classes"]))
         supervising.start()
         hello = link.wait_ready()
         if hello is None:
@@ -220,16 +227,49 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int, cluste
         served = ServedModel(cfg.model.name, link.forward, record, about, ready=link.ready,
                              in_flight=hello.get("in_flight", 1))  # fmt: skip
         listen_and_serve(served, cfg.serve, door=door, sock=sock, started=server.append)
+    except StoppedStarting:
+        print("shardwise serve: stopped before serving", file=sys.stderr)
+        return 0
     finally:
         link.close()  # rank 0 sees the link close, and stops the ranks
-        supervising.join(timeout=10)
+        started = supervising.ident is not None
+        if started:
+            supervising.join(timeout=10)
         stop.set()  # any left (rank 0 never connected, or would not stop)
-        supervising.join()
+        if started:
+            supervising.join()
+        sock.close()
         shutil.rmtree(work, ignore_errors=True)
     if link.ended:
         return link.ended
     print("shardwise serve: stopped", file=sys.stderr)
     return 0
+
+
+class StoppedStarting(Exception):
+    """SIGTERM before the serving front takes it over: the ranks started are stopped."""
+
+
+def _stopped_starting(signum, frame) -> None:
+    raise StoppedStarting
+
+
+def _serving_run(run: str | Path, texts: dict[str, str]) -> tuple[Path, Config]:
+    """The run folder and its config for serving; under --parallel.layout auto, with none of
+    the run's own layout (the planner chooses), and none named beside auto."""
+    from shardwise.config import ParallelConfig
+    from shardwise.scoring import open_run
+
+    if texts.get("parallel.layout") != "auto":
+        return open_run(run, texts)
+    named = next((k for k in texts if k.startswith("parallel.") and k != "parallel.layout"), None)
+    if named:
+        raise ShardwiseError(
+            named, f"={texts[named]} with parallel.layout=auto: the planner chooses the layout; name one or the other"
+        )
+    folder, cfg = open_run(run, {k: v for k, v in texts.items() if k != "parallel.layout"})
+    cfg.parallel = ParallelConfig(layout="auto")
+    return folder, cfg
 
 
 def _prediction(cfg: Config, nproc: int, cluster: str, chosen: dict | None = None) -> str:

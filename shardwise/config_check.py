@@ -336,6 +336,8 @@ def _check_serve(s) -> None:
         raise ShardwiseError("serve.max_batch", f"must be positive, got {s.max_batch}")
     if not 0 <= s.max_wait_ms <= 60_000:
         raise ShardwiseError("serve.max_wait_ms", f"must be between 0 and 60000, got {s.max_wait_ms}")
+    if not 0 <= s.p99_ms <= 3_600_000:
+        raise ShardwiseError("serve.p99_ms", f"must be between 0 (no target) and 3600000, got {s.p99_ms}")
     if s.max_restarts < 0:
         raise ShardwiseError("serve.max_restarts", f"must be >= 0, got {s.max_restarts}")
     if s.max_body_bytes < 1:

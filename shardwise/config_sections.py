@@ -116,6 +116,10 @@ class ServeConfig:
     pipelined: bool = True
     """--parallel.pp N alone: up to N batches in flight, one a stage (a stage takes the next
     batch once it has passed the last one on); false: one batch through every stage at a time."""
+    p99_ms: float = 0.0
+    """--parallel.layout auto: the latency target the serving layout is chosen for (the one
+    predicted to answer the most samples a second while a request waits at most this long at
+    full load); 0: no target, the highest rate."""
     memory_per_rank: str = ""
     """The memory a rank may hold for the model's weights and buffers, e.g. 256MiB (empty: no
     limit): a model whose largest rank holds more under the layout asked is refused in one

@@ -78,6 +78,65 @@ def test_every_layout_serves_one_processes_predictions(runs, model, layout):
     assert code == 0, proc.stderr.read()
 
 
+def test_auto_serves_the_layout_the_cost_model_chooses_for_a_latency_target(runs, tmp_path):
+    """--parallel.layout auto: the choice said in one line before serving, with the target it
+    was chosen for; the ranks serve that layout (GET /v1/model names it) with one process's
+    predictions. A degree named beside auto is one line, exit 2."""
+    made, x, want = runs
+    env = {**os.environ, "SHARDWISE_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "shardwise", "serve", str(made["mlp"]), "--nproc", "2",
+                             "--parallel.layout", "auto", "--serve.p99_ms", "1000", "--serve.port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)  # fmt: skip
+    try:
+        said = [proc.stdout.readline()]
+        while "http://127.0.0.1:" not in said[-1]:  # the line that says it serves
+            assert said[-1] or proc.poll() is None, proc.stderr.read()
+            said.append(proc.stdout.readline())
+        chosen = [line for line in said if line.startswith("parallel.layout auto: ")]
+        assert len(chosen) == 1 and "within serve.p99_ms = 1000; the highest rate of" in chosen[0], said
+        layout = chosen[0].removeprefix("parallel.layout auto: ").split(" (")[0]
+        url = re.search(r"(http://127\.0\.0\.1:\d+)/", said[-1]).group(1)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/v1/model").json()["layout"].startswith(f"{layout} on 2 ranks")
+            whole = client.post("/v1/predict", json={"inputs": x.tolist()}).json()
+        np.testing.assert_allclose(np.asarray(whole["probabilities"]), want["mlp"], rtol=1e-5, atol=1e-7)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0, proc.stderr.read()
+    refused = cli_fork.run(["serve", str(made["mlp"]), "--nproc", "2", "--parallel.layout", "auto",
+                            "--parallel.tp", "2"])  # fmt: skip
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        "shardwise: parallel.tp: =2 with parallel.layout=auto: the planner chooses the layout; name one or the other"
+    )
+
+
+def test_sigterm_while_the_ranks_start_stops_them(runs):
+    """SIGTERM after the ranks are started, before the front serves: the ranks are stopped
+    (none is left waiting for its peers), one line, exit 0."""
+    made, _, _ = runs
+    proc = subprocess.Popen([sys.executable, "-m", "shardwise", "serve", str(made["mlp"]), "--nproc", "2",
+                             "--parallel.dp", "2", "--serve.port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
+    try:
+        deadline, ranks = time.monotonic() + 60, {}
+        while len(ranks) < 2 and time.monotonic() < deadline:
+            ranks = {rank: pid for rank, (pid, _) in ranks_under(proc.pid).items()}
+            time.sleep(0.02)
+        assert len(ranks) == 2, proc.stderr.read() if proc.poll() is not None else "no ranks"
+        proc.send_signal(signal.SIGTERM)  # the ranks still import torch and meet: seconds before serving
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out, err = proc.stdout.read(), proc.stderr.read()
+    assert code == 0 and "serving" not in out and err.strip().endswith("shardwise serve: stopped before serving"), err
+    for pid in ranks.values():
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid
+
+
 @pytest.mark.parametrize("layout", [["--parallel.dp", "2"], ["--parallel.pp", "2"]], ids=["dp2", "pp2 pipelined"])
 def test_a_failed_rank_is_503_at_once_then_the_ranks_restart_and_serve_again(runs, layout):
     """A rank stopped mid-batch, then killed: the batch in flight gets 503 within seconds;

@@ -111,11 +111,20 @@ def checkpointed(profile: ModelProfile, cut: list[int] | None = None) -> list[bo
 
 def _recompute(profile: ModelProfile, dims: ParallelDims, link: Link, samples: float) -> tuple[float, float]:
     """What checkpointing adds to a pass of `samples`, (compute, communication): the
-    checkpointed layers' forward again, split as the layout splits it, with the forward's
-    communication of those layers (a tensor-parallel pair's row layer all-reduces its
-    output, an odd last layer gathers it; the first layer's partial sums under vertical;
-    the halos a band's convolution takes; a norm's sums)."""
-    layers, on = profile.layers, checkpointed(profile)
+    checkpointed layers' forward again (`forward_pass`)."""
+    return forward_pass(profile, dims, link, samples, checkpointed(profile))
+
+
+def forward_pass(
+    profile: ModelProfile, dims: ParallelDims, link: Link, samples: float, on: list[bool] | None = None
+) -> tuple[float, float]:
+    """A forward of `samples` through the layers `on` flags (None: all), split as the layout
+    splits them, (compute, communication): the forward's communication of those layers (a
+    tensor-parallel pair's row layer all-reduces its output, an odd last layer gathers it;
+    the first layer's partial sums under vertical; the halos a band's convolution takes; a
+    norm's sums). What activation checkpointing runs again, and what serving runs."""
+    layers = profile.layers
+    on = on if on is not None else [True] * len(layers)
     first = next((i for i, layer in enumerate(layers) if layer.kind in ("linear", "conv")), 0)
     compute = sum(x.forward_seconds(samples) / _share(x, dims, i == first) for i, x in enumerate(layers) if on[i])
     comm = 0.0

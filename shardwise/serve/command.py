@@ -30,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc == 1:
         from shardwise.serve.front import serve_one
 
+        if texts.pop("parallel.layout", None) == "auto":  # one process: nothing to choose
+            print("parallel.layout auto: one process (--nproc 1; more ranks: --nproc N)", flush=True)
         return serve_one(args.run, texts)
     from shardwise.api import serve_on_ranks
 

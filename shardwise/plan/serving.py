@@ -1,0 +1,179 @@
+"""`shardwise serve RUN --nproc N --parallel.layout auto`: the serving layout the cost model
+predicts answers the most samples a second within the latency target `serve.p99_ms`.
+
+A serving layout runs forward passes only, a batch of up to `serve.max_batch` samples at a
+time, from the profile's forward times (`plan/model.py` `forward_pass`: each layer's forward
+split as the layout splits it, with the forward's communication inside the layers). Its
+figures, for a full batch:
+
+- **a batch's time** (`batch_s`), from the front handing it to rank 0 to the answer: under
+  an all-reduce layout, rank 0 sends the batch to each other rank in turn (a broadcast of its
+  inputs), every rank runs the forward of its share (its 1/dp of the samples, its cut of the
+  layers), and the probabilities are gathered over the data-parallel ranks; under a pipeline
+  alone (`pp` = N, served a batch a stage, serve/stages.py), the stages' forwards in turn,
+  each handing its activations to the next;
+- **the interval** between batches at full load (`interval_s`): a batch's time, or a
+  pipeline's slowest stage with its send (the others work on the batches behind and ahead);
+- **the rate**, max_batch / interval samples a second;
+- **the worst wait** of a request at full load: the batching wait (`serve.max_wait_ms`),
+  the interval for the batch ahead of it to move on, then its own batch's time.
+
+Layouts are those `shardwise plan` enumerates for N ranks without what serving leaves out
+(no sharding of data-parallel replicas, no parameter server, a pipeline only alone, one
+micro-batch). A layout whose largest rank holds more weights than `serve.memory_per_rank` is
+dropped. The choice: the highest rate among the layouts whose worst wait is within
+`serve.p99_ms` (0: no target, the highest rate); where none is within it, the one with the
+least worst wait, said so. Not modelled: the front's own work per request (HTTP, JSON, the
+same for every layout) and the cores the front and its clients take from the ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+
+from shardwise.comm.cost import Link, all_gather
+from shardwise.config import Config, ParallelConfig
+from shardwise.parallel.pipeline import cut_units, units_of
+from shardwise.plan.memory import held_params
+from shardwise.plan.model import forward_pass
+from shardwise.plan.profile import ModelProfile
+from shardwise.plan.space import ModelShape, layouts
+from shardwise.topology import ParallelDims
+
+PROBABILITY_BYTES = 8  # a class's probability, as the ranks send it back (float64)
+
+
+@dataclass(frozen=True)
+class Served:
+    config: ParallelConfig
+    layout: str
+    batch_s: float  # a full batch through the layout
+    interval_s: float  # between full batches at full load
+    held_bytes: float  # the weights the largest rank holds
+    max_batch: int
+    max_wait_s: float
+
+    @property
+    def rate(self) -> float:
+        """Samples a second at full load."""
+        return self.max_batch / self.interval_s
+
+    @property
+    def worst_s(self) -> float:
+        """A request's longest time at full load: the batching wait, the batch ahead moving
+        on, its own batch."""
+        return self.max_wait_s + self.interval_s + self.batch_s
+
+
+def serving_layouts(nproc: int, shape: ModelShape) -> list[ParallelConfig]:
+    """The layouts of `nproc` ranks serving takes: `plan`'s, less sharding, parameter servers,
+    and pipelines with other axes or more than one micro-batch."""
+    found = []
+    for cfg in layouts(nproc, batch=nproc * nproc * 4, shape=shape):
+        dims = ParallelDims.resolve(cfg, nproc)
+        if cfg.mode != "allreduce" or cfg.shard != "none":
+            continue
+        if dims.pp > 1 and (dims.pp != nproc or dims.microbatches != dims.pp or cfg.schedule != "1f1b"):
+            continue
+        found.append(cfg)
+    return found
+
+
+def _stage_cut(profile: ModelProfile, stages: int, samples: float) -> list[int]:
+    """Each stage's first layer and the end, balancing the layers' forward times."""
+    times = [layer.forward_seconds(samples) for layer in profile.layers]
+    has_params = [layer.param_bytes > 0 for layer in profile.layers]
+    return cut_units(times, units_of(has_params), stages) + [len(times)]
+
+
+def served(
+    cfg: ParallelConfig, nproc: int, profile: ModelProfile, link: Link, *, cores: int, max_batch: int,
+    max_wait_s: float, classes: int,
+) -> Served:  # fmt: skip
+    """A serving layout's figures for full batches of `max_batch` samples."""
+    dims = ParallelDims.resolve(cfg, nproc)
+    stretch = max(1.0, nproc / cores)
+    if dims.pp > 1:  # a pipeline alone, a batch a stage
+        cut = _stage_cut(profile, dims.pp, max_batch)
+        stages = [range(a, b) for a, b in zip(cut, cut[1:], strict=False)]
+        times = [sum(profile.layers[i].forward_seconds(max_batch) for i in s) * stretch for s in stages]
+        sends = [link.send(profile.layers[s[-1]].out_bytes_per_sample * max_batch) for s in stages[:-1]] + [0.0]
+        hops = [t + x for t, x in zip(times, sends, strict=True)]
+        held = max(held_params(profile, dims, s) for s in stages)
+        return Served(cfg, dims.layout, sum(hops), max(hops), held, max_batch, max_wait_s)
+    samples = math.ceil(max_batch / dims.dp)  # a batch smaller than dp is padded to one a rank
+    compute, comm = forward_pass(profile, dims, link, samples)
+    in_bytes = profile.layers[0].in_bytes_per_sample * max_batch
+    spread = (nproc - 1) * link.send(in_bytes)  # rank 0 sends the batch to each rank
+    gather = all_gather(link, dims.dp, PROBABILITY_BYTES * classes * max_batch)
+    batch_s = spread + compute * stretch + comm + gather
+    return Served(cfg, dims.layout, batch_s, batch_s, held_params(profile, dims), max_batch, max_wait_s)
+
+
+def choose(options: list[Served], p99_s: float, budget: float | None) -> tuple[Served, str]:
+    """The layout to serve with, and the one line that says why."""
+    fitting = [o for o in options if budget is None or o.held_bytes <= budget]
+    if not fitting:
+        least = min(options, key=lambda o: o.held_bytes)
+        from shardwise.errors import ShardwiseError
+
+        raise ShardwiseError(
+            "serve.memory_per_rank",
+            f"no serving layout of these ranks holds under {budget / 2**20:,.1f} MiB a rank: the least is "
+            f"{least.layout}, {least.held_bytes / 2**20:,.1f} MiB (more ranks: --nproc)",
+        )
+    within = [o for o in fitting if not p99_s or o.worst_s <= p99_s]
+    pool = within or fitting
+    best = max(pool, key=lambda o: o.rate) if within else min(pool, key=lambda o: o.worst_s)
+    text = (
+        f"{best.layout} (predicted {1e3 * best.batch_s:.1f} ms a batch of {best.max_batch}, one every "
+        f"{1e3 * best.interval_s:.1f} ms: {best.rate:,.0f} samples a second; at full load a request waits at "
+        f"most {1e3 * best.worst_s:.1f} ms"
+    )
+    if not p99_s:
+        text += "; the highest rate"
+    elif within:
+        text += f", within serve.p99_ms = {1e3 * p99_s:g}; the highest rate of {len(within)} within it"
+    else:
+        text += f": no layout is within serve.p99_ms = {1e3 * p99_s:g}, this one waits least"
+    return best, text + f", of {len(fitting)} serving layouts)"
+
+
+def predicted_serving(cfg: Config, *, nproc: int, cluster: str, classes: int) -> list[Served]:
+    """Every serving layout of `nproc` ranks for the serving config `cfg` (serve/ranks.py
+    `serving_config`), predicted from the model's profile and the link, measured as `plan`
+    measures them (and cached alike); with `nproc` 1, one process."""
+    from shardwise.plan.command import measured_link, measured_profile
+
+    profile, shape, _, _ = measured_profile(cfg)
+    link = measured_link(cluster, max(2, nproc))
+    s = cfg.serve
+    return [
+        served(layout, nproc, profile, link, cores=len(os.sched_getaffinity(0)), max_batch=s.max_batch,
+               max_wait_s=s.max_wait_ms / 1e3, classes=classes)
+        for layout in (serving_layouts(nproc, shape) if nproc > 1 else [ParallelConfig()])
+    ]  # fmt: skip
+
+
+def choose_serving_layout(cfg: Config, *, nproc: int, cluster: str, classes: int) -> dict:
+    """parallel.layout = auto for serving: predict every serving layout (`predicted_serving`),
+    print the choice in one line and set it in `cfg`. The chosen layout's figures."""
+    from shardwise.config_check import parse_bytes
+
+    options = predicted_serving(cfg, nproc=nproc, cluster=cluster, classes=classes)
+    s = cfg.serve
+    budget = parse_bytes(s.memory_per_rank, "serve.memory_per_rank") if s.memory_per_rank else None
+    best, text = choose(options, s.p99_ms / 1e3, budget)
+    print(f"parallel.layout auto: {text}", flush=True)
+    cfg.parallel = dataclasses.replace(best.config, layout="manual")
+    return {
+        "layout": best.layout,
+        "batch_s": best.batch_s,
+        "interval_s": best.interval_s,
+        "rate": best.rate,
+        "worst_s": best.worst_s,
+        "held_bytes": best.held_bytes,
+    }

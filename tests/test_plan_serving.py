@@ -1,0 +1,112 @@
+"""The serving cost model (`--parallel.layout auto` for `shardwise serve`) on a profile
+written by hand: each layout's batch time, interval, rate and held weights computed here
+term by term, and the choice for a latency target and a memory budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from shardwise.comm.cost import Link
+from shardwise.config import ParallelConfig
+from shardwise.errors import ShardwiseError
+from shardwise.plan.profile import LayerProfile, ModelProfile
+from shardwise.plan.serving import Served, choose, served, serving_layouts
+from shardwise.plan.space import ModelShape
+
+
+def _layer(name: str, kind: str, params: int, out: int, inp: int, forward: float) -> LayerProfile:
+    return LayerProfile(name, kind, 0.0, 3 * forward, params, out, inp, forward_per_sample_s=forward)
+
+
+# an MLP head: Linear (256 bytes in, 400 out), ReLU, Linear (40 out); forwards 100 and 50 us a sample
+PROFILE = ModelProfile(
+    {},
+    (
+        _layer("head.0", "linear", 4000, 400, 256, 1e-4),
+        _layer("head.1", "other", 0, 400, 400, 0.0),
+        _layer("head.2", "linear", 800, 40, 400, 5e-5),
+    ),
+)
+LINK = Link(1e-4, 1e-9, overlap=0.0)  # 100 us a message, 1 ns a byte
+BATCH, WAIT, CLASSES = 32, 5e-3, 10
+
+
+def _served(world: int, **layout) -> Served:
+    return served(ParallelConfig(**layout), world, PROFILE, LINK, cores=8, max_batch=BATCH, max_wait_s=WAIT,
+                  classes=CLASSES)  # fmt: skip
+
+
+def send(n_bytes: float) -> float:
+    return 1e-4 + 1e-9 * n_bytes
+
+
+def test_each_layouts_batch_by_hand():
+    one = _served(1)
+    assert one.batch_s == pytest.approx(32 * 1.5e-4) and one.interval_s == one.batch_s and one.held_bytes == 4800
+    # dp=2: rank 0 sends the batch (256 bytes a sample) to the other; 16 samples each; the
+    # probabilities (10 float64 a sample) gathered: one ring step of half of them
+    dp = _served(2, dp=2)
+    assert dp.batch_s == pytest.approx(send(256 * 32) + 16 * 1.5e-4 + send(8 * 10 * 32 / 2))
+    assert dp.held_bytes == 4800 and dp.rate == pytest.approx(32 / dp.batch_s)
+    # tp=2: each Linear halved on all 32 samples; the row layer's output (40 bytes a sample)
+    # all-reduced: two ring steps of half of it; nothing to gather over one replica
+    tp = _served(2, tp=2)
+    assert tp.batch_s == pytest.approx(send(256 * 32) + 32 * 1.5e-4 / 2 + 2 * send(40 * 32 / 2))
+    assert tp.held_bytes == 2400
+    # pp=2: stages (Linear, ReLU) and (Linear), 3.2 and 1.6 ms a batch, the first sending its
+    # 400 bytes a sample on; a batch a stage in flight: one every slowest hop
+    pp = _served(2, pp=2, microbatches=2)
+    first = 32 * 1e-4 + send(400 * 32)
+    assert pp.batch_s == pytest.approx(first + 32 * 5e-5) and pp.interval_s == pytest.approx(first)
+    assert pp.held_bytes == 4000 and pp.rate == pytest.approx(32 / first)
+    assert pp.worst_s == pytest.approx(WAIT + pp.interval_s + pp.batch_s)
+    assert dp.worst_s == pytest.approx(WAIT + 2 * dp.batch_s)
+    # ranks beyond the cores wait their turn: the compute stretches
+    crowded = served(ParallelConfig(dp=2), 2, PROFILE, LINK, cores=1, max_batch=BATCH, max_wait_s=WAIT,
+                     classes=CLASSES)  # fmt: skip
+    assert crowded.batch_s - dp.batch_s == pytest.approx(16 * 1.5e-4)
+
+
+def _option(name: str, rate: float, worst: float, held: float = 1.0) -> Served:
+    interval = 32 / rate
+    return Served(ParallelConfig(), name, worst - 0.005 - interval, interval, held, 32, 0.005)
+
+
+def test_the_choice_is_the_highest_rate_within_the_target():
+    fast, quick = _option("dp=2", 2000, 0.050), _option("tp=2", 1000, 0.020)
+    assert choose([fast, quick], 0.0, None)[0] is fast  # no target
+    best, text = choose([fast, quick], 0.030, None)
+    assert best is quick and "within serve.p99_ms = 30; the highest rate of 1 within it, of 2 serving layouts" in text
+    assert choose([fast, quick], 0.060, None)[0] is fast
+    best, text = choose([fast, quick], 0.010, None)  # none within: the one that waits least, said so
+    assert best is quick and "no layout is within serve.p99_ms = 10, this one waits least" in text
+    assert text.startswith("tp=2 (predicted ") and "1,000 samples a second" in text
+
+
+def test_a_memory_budget_drops_layouts_and_none_fitting_is_one_line():
+    big, small = _option("dp=2", 2000, 0.050, held=3 * 2**20), _option("tp=2", 1000, 0.020, held=2**20)
+    assert choose([big, small], 0.0, 2 * 2**20)[0] is small
+    with pytest.raises(ShardwiseError) as e:
+        choose([big, small], 0.0, 0.5 * 2**20)
+    assert str(e.value) == (
+        "serve.memory_per_rank: no serving layout of these ranks holds under 0.5 MiB a rank: the least is tp=2, "
+        "1.0 MiB (more ranks: --nproc)"
+    )
+
+
+def test_serving_layouts_leave_out_sharding_servers_and_mixed_pipelines():
+    names = {(c.dp, c.tp, c.pp, c.spatial, c.vertical, c.microbatches) for c in serving_layouts(4, ModelShape())}
+    assert (None, 1, 4, 1, 1, 4) in names  # a pipeline alone, a batch a stage
+    assert all(pp in (1, 4) for _, _, pp, _, _, _ in names)  # no dp=2 x pp=2
+    assert (None, 2, 1, 1, 1, None) in names and (None, 1, 1, 1, 1, None) in names  # dp2 x tp2; dp=4
+    layouts = serving_layouts(4, ModelShape())
+    assert all(c.mode == "allreduce" and c.shard == "none" for c in layouts)
+    assert len(layouts) == len(names)  # each once (one schedule, one micro-batch count)
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_a_latency_target_out_of_range_is_one_line(value):
+    from shardwise.config import load_config
+
+    with pytest.raises(ShardwiseError, match=r"^serve.p99_ms: must be between 0 \(no target\) and 3600000, got "):
+        load_config(None, {"serve.p99_ms": value})
