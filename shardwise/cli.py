@@ -192,7 +192,7 @@ def build_parser() -> OneLineParser:
         nargs="*",
         metavar="SCENARIO",
         help="allreduce, ddp, scaling, tp, pp, spatial, shard, ps, precision, checkpointing, restarts, compression,"
-        " planner, sql, serve, serve-pp, elastic, hangs (default: the first 9)",
+        " planner, sql, serve, serve-pp, serve-auto, elastic, hangs (default: the first 9)",
     )
     bench.add_argument(
         "--links",

@@ -110,3 +110,16 @@ def test_a_latency_target_out_of_range_is_one_line(value):
 
     with pytest.raises(ShardwiseError, match=r"^serve.p99_ms: must be between 0 \(no target\) and 3600000, got "):
         load_config(None, {"serve.p99_ms": value})
+
+
+def test_bench_serve_auto_serves_each_layout_as_it_was_predicted():
+    """The --parallel.* flags `bench serve-auto` serves a predicted layout with load back to it."""
+    from shardwise.bench.serve_auto import layout_args
+    from shardwise.config import load_config
+
+    for world in (2, 4):
+        for layout in serving_layouts(world, ModelShape()):
+            args = layout_args(layout)
+            named = {args[i].removeprefix("--"): args[i + 1] for i in range(0, len(args), 2)}
+            cfg = load_config(None, {"model.name": "mlp", **named})
+            assert cfg.parallel == layout, (layout, args)

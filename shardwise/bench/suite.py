@@ -33,6 +33,7 @@ from shardwise.bench import (
     restarts,
     scaling,
     serve,
+    serve_auto,
     serve_pp,
     shard,
     spatial,
@@ -63,10 +64,22 @@ SCENARIOS: dict[str, tuple[Callable[[Bench], None], bool]] = {
     "sql": (sql.run, False),  # a database on this machine: loopback only
     "serve": (serve.run, False),  # one serving process under load: loopback
     "serve-pp": (serve_pp.run, True),  # a model over one rank's budget, served by a pipeline
+    "serve-auto": (serve_auto.run, True),  # every serving layout served, against the serving cost model
     "elastic": (elastic.run, True),  # hosts lost and back on a schedule: the emulated cluster only, minutes
     "hangs": (hangs.run, True),  # seeded broken collectives (and links taken down): is the culprit named?
 }
-NAMED_ONLY = ("restarts", "planner", "compression", "checkpointing", "sql", "serve", "serve-pp", "elastic", "hangs")
+NAMED_ONLY = (
+    "restarts",
+    "planner",
+    "compression",
+    "checkpointing",
+    "sql",
+    "serve",
+    "serve-pp",
+    "serve-auto",
+    "elastic",
+    "hangs",
+)
 DEFAULT = [name for name in SCENARIOS if name not in NAMED_ONLY]
 CLUSTER_NAME, HOSTS = "swb", 4
 
