@@ -43,15 +43,16 @@ def send(n_bytes: float) -> float:
 def test_each_layouts_batch_by_hand():
     one = _served(1)
     assert one.batch_s == pytest.approx(32 * 1.5e-4) and one.interval_s == one.batch_s and one.held_bytes == 4800
-    # dp=2: rank 0 sends the batch (256 bytes a sample) to the other; 16 samples each; the
-    # probabilities (10 float64 a sample) gathered: one ring step of half of them
+    # dp=2:
     dp = _served(2, dp=2)
-    assert dp.batch_s == pytest.approx(send(256 * 32) + 16 * 1.5e-4 + send(8 * 10 * 32 / 2))
+    # rank 0 sends a header (100 us: a message's latency) and the batch (256 bytes a sample);
+    # 16 samples each; the probabilities (10 float64 a sample) gathered: one ring step of half
+    assert dp.batch_s == pytest.approx(1e-4 + send(256 * 32) + 16 * 1.5e-4 + send(8 * 10 * 32 / 2))
     assert dp.held_bytes == 4800 and dp.rate == pytest.approx(32 / dp.batch_s)
     # tp=2: each Linear halved on all 32 samples; the row layer's output (40 bytes a sample)
     # all-reduced: two ring steps of half of it; nothing to gather over one replica
     tp = _served(2, tp=2)
-    assert tp.batch_s == pytest.approx(send(256 * 32) + 32 * 1.5e-4 / 2 + 2 * send(40 * 32 / 2))
+    assert tp.batch_s == pytest.approx(1e-4 + send(256 * 32) + 32 * 1.5e-4 / 2 + 2 * send(40 * 32 / 2))
     assert tp.held_bytes == 2400
     # pp=2: stages (Linear, ReLU) and (Linear), 3.2 and 1.6 ms a batch, the first sending its
     # 400 bytes a sample on; a batch a stage in flight: one every slowest hop

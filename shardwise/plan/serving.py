@@ -7,8 +7,8 @@ split as the layout splits it, with the forward's communication inside the layer
 figures, for a full batch:
 
 - **a batch's time** (`batch_s`), from the front handing it to rank 0 to the answer: under
-  an all-reduce layout, rank 0 sends the batch to each other rank in turn (a broadcast of its
-  inputs), every rank runs the forward of its share (its 1/dp of the samples, its cut of the
+  an all-reduce layout, rank 0 sends each other rank in turn a header and the batch (two
+  broadcasts), every rank runs the forward of its share (its 1/dp of the samples, its cut of the
   layers), and the probabilities are gathered over the data-parallel ranks; under a pipeline
   alone (`pp` = N, served a batch a stage, serve/stages.py), the stages' forwards in turn,
   each handing its activations to the next;
@@ -107,7 +107,7 @@ def served(
     samples = math.ceil(max_batch / dims.dp)  # a batch smaller than dp is padded to one a rank
     compute, comm = forward_pass(profile, dims, link, samples)
     in_bytes = profile.layers[0].in_bytes_per_sample * max_batch
-    spread = (nproc - 1) * link.send(in_bytes)  # rank 0 sends the batch to each rank
+    spread = (nproc - 1) * (link.alpha_s + link.send(in_bytes))  # rank 0 sends each rank a header, then the batch
     gather = all_gather(link, dims.dp, PROBABILITY_BYTES * classes * max_batch)
     batch_s = spread + compute * stretch + comm + gather
     return Served(cfg, dims.layout, batch_s, batch_s, held_params(profile, dims), max_batch, max_wait_s)
