@@ -179,7 +179,6 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int, cluste
     from shardwise.serve.front import check_door, listen, listen_and_serve
     from shardwise.serve.link import RankLink
     from shardwise.serve.model import ServedModel, check_memory, describe
-    from shardwise.serve.ranks import serving_config
 
     folder, cfg = _serving_run(run, texts)
     if cfg.parallel.mode == "ps":
@@ -206,14 +205,12 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int, cluste
                 server[0].should_exit = True
 
     supervising = threading.Thread(target=ranks, name="shardwise-serve-launcher")
-    if threading.current_thread() is threading.main_thread():  # until the front takes SIGTERM (and drains)
-        signal.signal(signal.SIGTERM, _stopped_starting)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stopped_starting) if main else None  # until the front takes it
+    launched = False
     try:
-        cfg = serving_config(cfg, folder, record, work / "stand-in.npz")
-        if cfg.parallel.layout == "auto":
-            from shardwise.plan.serving import choose_serving_layout
-
-            choose_serving_layout(cfg, nproc=nproc, cluster=cluster, classes=len(record["classes"]))
+        cfg = _serving_config(cfg, folder, record, work, nproc, cluster)
+        launched = True
         supervising.start()
         hello = link.wait_ready()
         if hello is None:
@@ -231,19 +228,33 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int, cluste
         print("shardwise serve: stopped before serving", file=sys.stderr)
         return 0
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # already stopping: nothing may cut the clean-up short
         link.close()  # rank 0 sees the link close, and stops the ranks
-        started = supervising.ident is not None
-        if started:
-            supervising.join(timeout=10)
+        _join(supervising, launched, timeout=10)
         stop.set()  # any left (rank 0 never connected, or would not stop)
-        if started:
-            supervising.join()
+        _join(supervising, launched)
         sock.close()
         shutil.rmtree(work, ignore_errors=True)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     if link.ended:
         return link.ended
     print("shardwise serve: stopped", file=sys.stderr)
     return 0
+
+
+def _serving_config(cfg: Config, folder: Path, record: dict, work: Path, nproc: int, cluster: str) -> Config:
+    """The run's config as the serving ranks take it (a stand-in for its data in `work`), its
+    layout chosen where parallel.layout is auto."""
+    from shardwise.serve.model import serving_config
+
+    cfg = serving_config(cfg, folder, record, work / "stand-in.npz")
+    if cfg.parallel.layout == "auto":
+        from shardwise.plan.serving import choose_serving_layout
+
+        choose_serving_layout(cfg, nproc=nproc, cluster=cluster, classes=len(record["classes"]))
+    return cfg
 
 
 class StoppedStarting(Exception):
@@ -252,6 +263,15 @@ class StoppedStarting(Exception):
 
 def _stopped_starting(signum, frame) -> None:
     raise StoppedStarting
+
+
+def _join(thread, launched: bool, timeout: float | None = None) -> None:
+    """Wait for `thread` where it was started (a SIGTERM may have cut its start short)."""
+    if launched:
+        try:
+            thread.join(timeout=timeout)
+        except RuntimeError:  # never started
+            pass
 
 
 def _serving_run(run: str | Path, texts: dict[str, str]) -> tuple[Path, Config]:

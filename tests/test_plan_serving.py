@@ -95,14 +95,54 @@ def test_a_memory_budget_drops_layouts_and_none_fitting_is_one_line():
     )
 
 
+def _cfg(**settings: str):
+    from shardwise.config import load_config
+
+    return load_config(None, {"model.name": "mlp", "train.batch_size": "32", **settings})
+
+
 def test_serving_layouts_leave_out_sharding_servers_and_mixed_pipelines():
-    names = {(c.dp, c.tp, c.pp, c.spatial, c.vertical, c.microbatches) for c in serving_layouts(4, ModelShape())}
-    assert (None, 1, 4, 1, 1, 4) in names  # a pipeline alone, a batch a stage
+    layouts = serving_layouts(_cfg(), 4, ModelShape())
+    names = {(c.dp, c.tp, c.pp, c.spatial, c.vertical, c.microbatches) for c in layouts}
+    assert (None, 1, 4, 1, 1, 4) in names  # a pipeline alone, a batch a stage, once
     assert all(pp in (1, 4) for _, _, pp, _, _, _ in names)  # no dp=2 x pp=2
     assert (None, 2, 1, 1, 1, None) in names and (None, 1, 1, 1, 1, None) in names  # dp2 x tp2; dp=4
-    layouts = serving_layouts(4, ModelShape())
     assert all(c.mode == "allreduce" and c.shard == "none" for c in layouts)
-    assert len(layouts) == len(names)  # each once (one schedule, one micro-batch count)
+    assert len(layouts) == len(names)
+    # only what a start accepts: a batch of 6 splits over neither 4 replicas nor 4 micro-batches
+    from shardwise.topology import ParallelDims
+
+    small = [ParallelDims.resolve(c, 4) for c in serving_layouts(_cfg(**{"train.batch_size": "6"}), 4, ModelShape())]
+    assert all(d.dp < 4 and d.pp == 1 for d in small) and "tp=4" in {d.layout for d in small}
+    # a convnet is cut by input columns only with parallel.vertical_unit = channel: none offered
+    convnet = serving_layouts(_cfg(**{"model.name": "convnet"}), 2, ModelShape())
+    assert all(c.vertical == 1 for c in convnet) and any(c.tp == 2 for c in convnet)
+
+
+def test_a_pipeline_served_one_batch_at_a_time_is_no_faster_than_its_stages_in_turn():
+    pipelined = _served(2, pp=2, microbatches=2)
+    alone = served(ParallelConfig(pp=2, microbatches=2), 2, PROFILE, LINK, cores=8, max_batch=BATCH,
+                   max_wait_s=WAIT, classes=CLASSES, pipelined=False)  # fmt: skip
+    spread = 1e-4 + send(256 * 32)  # broadcast to the other stage, as the other layouts are
+    assert alone.interval_s == alone.batch_s == pytest.approx(spread + pipelined.batch_s)
+    # cut where the serving ranks cut (each stage's first layer): everything in the first stage but the last layer
+    cut = served(ParallelConfig(pp=2, microbatches=2), 2, PROFILE, LINK, cores=8, max_batch=BATCH,
+                 max_wait_s=WAIT, classes=CLASSES, cut=[0, 2, 3])  # fmt: skip
+    assert cut.batch_s == pytest.approx(pipelined.batch_s) and cut.held_bytes == 4000
+    elsewhere = served(ParallelConfig(pp=2, microbatches=2), 2, PROFILE, LINK, cores=8, max_batch=BATCH,
+                       max_wait_s=WAIT, classes=CLASSES, cut=[0, 1, 3])  # fmt: skip
+    assert elsewhere.interval_s == pytest.approx(32 * 1e-4 + send(400 * 32))  # the ReLU moved: same hop here
+    assert elsewhere.held_bytes == 4000
+
+
+def test_the_serving_pipeline_is_cut_where_the_ranks_cut_it():
+    """size_cut by hand: a 64-4096-64-4096-10 MLP (Flatten, then Linear and ReLU in turn) has
+    three Linear layers of 1 MiB of weights, each used once a sample, and a last of 160 KiB:
+    two stages balance as the first two against the last two (2 MiB against 1.16)."""
+    from shardwise.plan.serving import size_cut
+
+    cfg = _cfg(**{"model.hidden": "4096,64,4096", "data.name": "synthetic", "data.shape": "64"})
+    assert size_cut(cfg, 2) == [0, 5, 8]  # Flatten, Linear, ReLU, Linear, ReLU | Linear, ReLU, Linear
 
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf"])
@@ -119,7 +159,7 @@ def test_bench_serve_auto_serves_each_layout_as_it_was_predicted():
     from shardwise.config import load_config
 
     for world in (2, 4):
-        for layout in serving_layouts(world, ModelShape()):
+        for layout in serving_layouts(_cfg(), world, ModelShape()):
             args = layout_args(layout)
             named = {args[i].removeprefix("--"): args[i + 1] for i in range(0, len(args), 2)}
             cfg = load_config(None, {"model.name": "mlp", **named})

@@ -99,7 +99,7 @@ def _predicted(bench: Bench, run_folder) -> dict:
     """Each serving layout's prediction (and one process's), by name, and auto's choice."""
     from shardwise.plan.serving import choose, predicted_serving
     from shardwise.scoring import open_run, run_record
-    from shardwise.serve.ranks import serving_config
+    from shardwise.serve.model import serving_config
 
     folder, cfg = open_run(run_folder, {"serve.max_batch": str(BATCH), "serve.max_wait_ms": "5"})
     record = run_record(folder)

@@ -19,12 +19,14 @@ figures, for a full batch:
   the interval for the batch ahead of it to move on, then its own batch's time.
 
 Layouts are those `shardwise plan` enumerates for N ranks without what serving leaves out
-(no sharding of data-parallel replicas, no parameter server, a pipeline only alone, one
-micro-batch). A layout whose largest rank holds more weights than `serve.memory_per_rank` is
-dropped. The choice: the highest rate among the layouts whose worst wait is within
-`serve.p99_ms` (0: no target, the highest rate); where none is within it, the one with the
-least worst wait, said so. Not modelled: the front's own work per request (HTTP, JSON, the
-same for every layout) and the cores the front and its clients take from the ranks.
+(no sharding of data-parallel replicas, no parameter server, a pipeline only alone), each
+accepted by the checks a start makes; a pipeline is cut as the serving ranks cut it (by the
+layers' multiply-adds), and with serve.pipelined false is one batch at a time. A layout
+whose largest rank holds more weights than `serve.memory_per_rank` is dropped. The choice:
+the highest rate among the layouts whose worst wait is within `serve.p99_ms` (0: no target,
+the highest rate); where none is within it, the one with the least worst wait, said so. Not
+modelled: the front's own work per request (HTTP, JSON, the same for every layout) and the
+cores the front and its clients take from the ranks.
 """
 
 from __future__ import annotations
@@ -68,46 +70,81 @@ class Served:
         return self.max_wait_s + self.interval_s + self.batch_s
 
 
-def serving_layouts(nproc: int, shape: ModelShape) -> list[ParallelConfig]:
-    """The layouts of `nproc` ranks serving takes: `plan`'s, less sharding, parameter servers,
-    and pipelines with other axes or more than one micro-batch."""
-    found = []
-    for cfg in layouts(nproc, batch=nproc * nproc * 4, shape=shape):
-        dims = ParallelDims.resolve(cfg, nproc)
-        if cfg.mode != "allreduce" or cfg.shard != "none":
+def serving_layouts(cfg: Config, nproc: int, shape: ModelShape) -> list[ParallelConfig]:
+    """The layouts of `nproc` ranks the serving config `cfg` can start with: `plan`'s for its
+    batch, less sharding, parameter servers and pipelines with other axes, each accepted by
+    the checks a start makes; a pipeline once (serving never splits a batch into its
+    micro-batches: the fewest the checks accept)."""
+    from shardwise.config_check import validate
+    from shardwise.errors import ShardwiseError
+    from shardwise.preflight import layout_fits
+
+    found, seen = [], set()
+    for layout in layouts(nproc, batch=cfg.train.batch_size, shape=shape):
+        dims = ParallelDims.resolve(layout, nproc)
+        if layout.mode != "allreduce" or layout.shard != "none":
             continue
-        if dims.pp > 1 and (dims.pp != nproc or dims.microbatches != dims.pp or cfg.schedule != "1f1b"):
+        if dims.pp > 1 and (dims.pp != nproc or layout.schedule != ParallelConfig().schedule):
             continue
-        found.append(cfg)
+        key = (dims.tp, dims.pp, dims.spatial, dims.vertical)
+        if key in seen:
+            continue
+        try:
+            candidate = dataclasses.replace(cfg, parallel=layout)
+            validate(candidate)
+            layout_fits(candidate, nproc)
+        except ShardwiseError:
+            continue
+        seen.add(key)
+        found.append(layout)
     return found
 
 
-def _stage_cut(profile: ModelProfile, stages: int, samples: float) -> list[int]:
+def _time_cut(profile: ModelProfile, stages: int, samples: float) -> list[int]:
     """Each stage's first layer and the end, balancing the layers' forward times."""
     times = [layer.forward_seconds(samples) for layer in profile.layers]
     has_params = [layer.param_bytes > 0 for layer in profile.layers]
     return cut_units(times, units_of(has_params), stages) + [len(times)]
 
 
+def size_cut(cfg: Config, stages: int) -> list[int]:
+    """Each stage's first layer and the end as the serving ranks cut a pipeline: balancing
+    the layers' multiply-adds (serving_config sets train.deterministic)."""
+    import torch
+
+    from shardwise.data import load_source
+    from shardwise.models import build_model
+    from shardwise.parallel.pipeline import layer_units, multiply_adds, profile_layers
+
+    dataset = load_source(cfg.data, seed=cfg.train.seed)
+    model = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
+    costs = profile_layers(model, torch.from_numpy(dataset.x_train[:1]).float(), repeats=1)
+    return cut_units([multiply_adds(c) for c in costs], layer_units(model), stages) + [len(costs)]
+
+
 def served(
     cfg: ParallelConfig, nproc: int, profile: ModelProfile, link: Link, *, cores: int, max_batch: int,
-    max_wait_s: float, classes: int,
+    max_wait_s: float, classes: int, cut: list[int] | None = None, pipelined: bool = True,
 ) -> Served:  # fmt: skip
-    """A serving layout's figures for full batches of `max_batch` samples."""
+    """A serving layout's figures for full batches of `max_batch` samples; a pipeline cut at
+    `cut` (each stage's first layer and the end; None: balancing the forward times), a batch a
+    stage in flight unless not `pipelined` (serve.pipelined)."""
     dims = ParallelDims.resolve(cfg, nproc)
     stretch = max(1.0, nproc / cores)
-    if dims.pp > 1:  # a pipeline alone, a batch a stage
-        cut = _stage_cut(profile, dims.pp, max_batch)
+    in_bytes = profile.layers[0].in_bytes_per_sample * max_batch
+    spread = (nproc - 1) * (link.alpha_s + link.send(in_bytes))  # rank 0 sends each rank a header, then the batch
+    if dims.pp > 1:  # a pipeline alone
+        cut = cut or _time_cut(profile, dims.pp, max_batch)
         stages = [range(a, b) for a, b in zip(cut, cut[1:], strict=False)]
         times = [sum(profile.layers[i].forward_seconds(max_batch) for i in s) * stretch for s in stages]
         sends = [link.send(profile.layers[s[-1]].out_bytes_per_sample * max_batch) for s in stages[:-1]] + [0.0]
         hops = [t + x for t, x in zip(times, sends, strict=True)]
         held = max(held_params(profile, dims, s) for s in stages)
+        if not pipelined:  # one batch through every stage at a time, broadcast as under the other layouts
+            return Served(cfg, dims.layout, spread + sum(hops), spread + sum(hops), held, max_batch, max_wait_s)
         return Served(cfg, dims.layout, sum(hops), max(hops), held, max_batch, max_wait_s)
     samples = math.ceil(max_batch / dims.dp)  # a batch smaller than dp is padded to one a rank
     compute, comm = forward_pass(profile, dims, link, samples)
-    in_bytes = profile.layers[0].in_bytes_per_sample * max_batch
-    spread = (nproc - 1) * (link.alpha_s + link.send(in_bytes))  # rank 0 sends each rank a header, then the batch
     gather = all_gather(link, dims.dp, PROBABILITY_BYTES * classes * max_batch)
     batch_s = spread + compute * stretch + comm + gather
     return Served(cfg, dims.layout, batch_s, batch_s, held_params(profile, dims), max_batch, max_wait_s)
@@ -143,7 +180,7 @@ def choose(options: list[Served], p99_s: float, budget: float | None) -> tuple[S
 
 
 def predicted_serving(cfg: Config, *, nproc: int, cluster: str, classes: int) -> list[Served]:
-    """Every serving layout of `nproc` ranks for the serving config `cfg` (serve/ranks.py
+    """Every serving layout of `nproc` ranks for the serving config `cfg` (serve/model.py
     `serving_config`), predicted from the model's profile and the link, measured as `plan`
     measures them (and cached alike); with `nproc` 1, one process."""
     from shardwise.plan.command import measured_link, measured_profile
@@ -151,11 +188,13 @@ def predicted_serving(cfg: Config, *, nproc: int, cluster: str, classes: int) ->
     profile, shape, _, _ = measured_profile(cfg)
     link = measured_link(cluster, max(2, nproc))
     s = cfg.serve
-    return [
-        served(layout, nproc, profile, link, cores=len(os.sched_getaffinity(0)), max_batch=s.max_batch,
-               max_wait_s=s.max_wait_ms / 1e3, classes=classes)
-        for layout in (serving_layouts(nproc, shape) if nproc > 1 else [ParallelConfig()])
-    ]  # fmt: skip
+    options = []
+    for layout in serving_layouts(cfg, nproc, shape) if nproc > 1 else [ParallelConfig()]:
+        cut = size_cut(cfg, layout.pp) if layout.pp > 1 else None
+        options.append(served(layout, nproc, profile, link, cores=len(os.sched_getaffinity(0)),
+                              max_batch=s.max_batch, max_wait_s=s.max_wait_ms / 1e3, classes=classes, cut=cut,
+                              pipelined=s.pipelined))  # fmt: skip
+    return options
 
 
 def choose_serving_layout(cfg: Config, *, nproc: int, cluster: str, classes: int) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import json
 import math
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shardwise.config import Config
 from shardwise.data.inputs import image_pixels, prepare
 from shardwise.errors import ShardwiseError
 
@@ -150,3 +152,25 @@ def answer(served: ServedModel, probs: np.ndarray) -> dict:
     classes = served.classes
     rows = [[p if math.isfinite(p) else None for p in row] for row in probs.tolist()]
     return {"labels": [classes[i] for i in probs.argmax(axis=1)], "probabilities": rows, "classes": classes}
+
+
+def serving_config(cfg: Config, run_folder: Path, record: dict, stand_in: Path) -> Config:
+    """The run's config as the serving ranks take it: its weights, no training, and in place
+    of its data a stand-in written to `stand_in` (.npz): random samples of the recorded
+    shape, every class twice at least and a training batch in all, one a class for
+    validation. The ranks build the layout from it; the front prepares the requests' inputs
+    with the run's record. So serving needs neither the training files nor the database."""
+    from shardwise.config import DataConfig
+
+    classes, shape = len(record["classes"]), tuple(record["in_shape"])
+    rng = np.random.default_rng(0)
+    n = max(2 * classes, cfg.train.batch_size)  # (a training batch's worth: the layout is cut for one)
+    y = np.arange(n, dtype=np.int64) % classes
+    np.savez(stand_in, x=rng.standard_normal((n, *shape), dtype=np.float32), y=y,
+             x_val=rng.standard_normal((classes, *shape), dtype=np.float32), y_val=y[:classes])  # fmt: skip
+    # a pipeline cut by its layers' sizes, not the clock: the same cut, and the same weights a
+    # rank, every start (serve.memory_per_rank is checked against it)
+    train = dataclasses.replace(cfg.train, steps=0, grad_accum=1, deterministic=True)
+    weights = str((run_folder / "model.safetensors").resolve())
+    return dataclasses.replace(cfg, train=train, data=DataConfig(name="npz", path=str(stand_in)),
+                               model=dataclasses.replace(cfg.model, weights=weights))  # fmt: skip

@@ -22,11 +22,9 @@ tells rank 0 its weights' bytes: the largest is checked against serve.memory_per
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -149,25 +147,3 @@ def serve_rank(cfg: Config, *, device: torch.device) -> None:
         server.stop()  # (not after a failed batch: the launcher stops and restarts the ranks)
     finally:
         server.close()
-
-
-def serving_config(cfg: Config, run_folder: Path, record: dict, stand_in: Path) -> Config:
-    """The run's config as the serving ranks take it: its weights, no training, and in place
-    of its data a stand-in written to `stand_in` (.npz): random samples of the recorded
-    shape, every class twice at least and a training batch in all, one a class for
-    validation. The ranks build the layout from it; the front prepares the requests' inputs
-    with the run's record. So serving needs neither the training files nor the database."""
-    from shardwise.config import DataConfig
-
-    classes, shape = len(record["classes"]), tuple(record["in_shape"])
-    rng = np.random.default_rng(0)
-    n = max(2 * classes, cfg.train.batch_size)  # (a training batch's worth: the layout is cut for one)
-    y = np.arange(n, dtype=np.int64) % classes
-    np.savez(stand_in, x=rng.standard_normal((n, *shape), dtype=np.float32), y=y,
-             x_val=rng.standard_normal((classes, *shape), dtype=np.float32), y_val=y[:classes])  # fmt: skip
-    # a pipeline cut by its layers' sizes, not the clock: the same cut, and the same weights a
-    # rank, every start (serve.memory_per_rank is checked against it)
-    train = dataclasses.replace(cfg.train, steps=0, grad_accum=1, deterministic=True)
-    weights = str((run_folder / "model.safetensors").resolve())
-    return dataclasses.replace(cfg, train=train, data=DataConfig(name="npz", path=str(stand_in)),
-                               model=dataclasses.replace(cfg.model, weights=weights))  # fmt: skip
