@@ -125,7 +125,8 @@ def run(bench: Bench) -> None:
         if cache is not None:
             os.environ["SHARDWISE_CACHE"] = cache
     bench.console.print(f"  auto would serve: {predicted['line']}")
-    sides = {ONE: [], **{name: layout_args(o.config) for name, o in predicted["options"].items()}}
+    ranks = ["--nproc", str(RANKS)]
+    sides = {ONE: [], **{name: [*ranks, *layout_args(o.config)] for name, o in predicted["options"].items()}}
     body = json.dumps({"inputs": np.random.default_rng(0).standard_normal((BATCH, 64)).round(3).tolist()}).encode()
     found: dict[str, list[dict]] = {name: [] for name in sides}
     names = list(sides)
