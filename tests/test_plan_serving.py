@@ -68,6 +68,21 @@ def test_each_layouts_batch_by_hand():
     assert crowded.batch_s - dp.batch_s == pytest.approx(16 * 1.5e-4)
 
 
+def test_each_exchange_costs_at_least_what_a_small_one_costs_computing_ranks():
+    """The link's sync_s (1 ms here) floors each exchange: the header's and the batch's
+    broadcast, the gather, a tensor-parallel pair's all-reduce (the MLP head: one pair, no odd
+    layer); a pipeline's sends, between a stage that waits and one that computes, do not."""
+    slow = Link(1e-4, 1e-9, overlap=0.0, sync_s=1e-3)
+
+    def on(world: int, **layout) -> Served:
+        return served(ParallelConfig(**layout), world, PROFILE, slow, cores=8, max_batch=BATCH, max_wait_s=WAIT,
+                      classes=CLASSES)  # fmt: skip
+
+    assert on(2, dp=2).batch_s == pytest.approx(2e-3 + 16 * 1.5e-4 + 1e-3)
+    assert on(2, tp=2).batch_s == pytest.approx(2e-3 + 32 * 1.5e-4 / 2 + 1e-3)
+    assert on(2, pp=2, microbatches=2).batch_s == pytest.approx(_served(2, pp=2, microbatches=2).batch_s)
+
+
 def _option(name: str, rate: float, worst: float, held: float = 1.0) -> Served:
     interval = 32 / rate
     return Served(ParallelConfig(), name, worst - 0.005 - interval, interval, held, 32, 0.005)

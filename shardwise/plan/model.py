@@ -129,7 +129,7 @@ def forward_pass(
     compute = sum(x.forward_seconds(samples) / _share(x, dims, i == first) for i, x in enumerate(layers) if on[i])
     comm = 0.0
     if dims.tp > 1:
-        linears = _head_linears(profile)
+        linears = head_linears(profile)
         rows = [i for i in linears[1::2] if on[i]]  # each pair's row layer
         comm += sum(all_reduce(link, dims.tp, layers[i].out_bytes_per_sample * samples) for i in rows)
         if len(linears) % 2 and on[linears[-1]]:
@@ -140,7 +140,7 @@ def forward_pass(
     return compute, comm + _band_comm(again, dims, link, samples) / 2  # halos, norms: forward and backward
 
 
-def _head_linears(profile: ModelProfile) -> list[int]:
+def head_linears(profile: ModelProfile) -> list[int]:
     """The head's Linear layers, which tensor parallelism pairs up (column then row) in order."""
     return [i for i, x in enumerate(profile.layers) if x.name.startswith("head.") and x.kind == "linear"]
 
@@ -148,7 +148,7 @@ def _head_linears(profile: ModelProfile) -> list[int]:
 def _tp_pairs(profile: ModelProfile, samples: float) -> tuple[list[tuple[float, float]], float]:
     """(input bytes, output bytes) of each column-then-row pair of the head, and the output
     bytes of an odd last layer (gathered)."""
-    linears = [profile.layers[i] for i in _head_linears(profile)]
+    linears = [profile.layers[i] for i in head_linears(profile)]
     pairs = [
         (linears[i].in_bytes_per_sample * samples, linears[i + 1].out_bytes_per_sample * samples)
         for i in range(0, len(linears) - 1, 2)

@@ -40,7 +40,7 @@ from shardwise.comm.cost import Link, all_gather
 from shardwise.config import Config, ParallelConfig
 from shardwise.parallel.pipeline import cut_units, units_of
 from shardwise.plan.memory import held_params
-from shardwise.plan.model import forward_pass
+from shardwise.plan.model import forward_pass, head_linears
 from shardwise.plan.profile import ModelProfile
 from shardwise.plan.space import ModelShape, layouts
 from shardwise.topology import ParallelDims
@@ -131,8 +131,11 @@ def served(
     stage in flight unless not `pipelined` (serve.pipelined)."""
     dims = ParallelDims.resolve(cfg, nproc)
     stretch = max(1.0, nproc / cores)
+    # each exchange between ranks that compute between exchanges costs at least the link's
+    # measured `sync_s` (what a small collective among such ranks costs; as a spatial cut's)
+    floor = max(link.alpha_s, link.sync_s)
     in_bytes = profile.layers[0].in_bytes_per_sample * max_batch
-    spread = (nproc - 1) * (link.alpha_s + link.send(in_bytes))  # rank 0 sends each rank a header, then the batch
+    spread = (nproc - 1) * (floor + max(floor, link.send(in_bytes)))  # rank 0 sends each rank a header, the batch
     if dims.pp > 1:  # a pipeline alone
         cut = cut or _time_cut(profile, dims.pp, max_batch)
         stages = [range(a, b) for a, b in zip(cut, cut[1:], strict=False)]
@@ -145,9 +148,18 @@ def served(
         return Served(cfg, dims.layout, sum(hops), max(hops), held, max_batch, max_wait_s)
     samples = math.ceil(max_batch / dims.dp)  # a batch smaller than dp is padded to one a rank
     compute, comm = forward_pass(profile, dims, link, samples)
-    gather = all_gather(link, dims.dp, PROBABILITY_BYTES * classes * max_batch)
+    comm = max(comm, _exchanges(profile, dims) * floor)
+    gather = max(floor, all_gather(link, dims.dp, PROBABILITY_BYTES * classes * max_batch)) if dims.dp > 1 else 0.0
     batch_s = spread + compute * stretch + comm + gather
     return Served(cfg, dims.layout, batch_s, batch_s, held_params(profile, dims), max_batch, max_wait_s)
+
+
+def _exchanges(profile: ModelProfile, dims: ParallelDims) -> int:
+    """The collectives inside a forward's layers: a tensor-parallel pair's all-reduce and an
+    odd last layer's gather; vertical partitioning's partial sums (a spatial cut's halos and
+    norms count their own, `halo_seconds`)."""
+    linears = len(head_linears(profile)) if dims.tp > 1 else 0
+    return linears // 2 + linears % 2 + (dims.vertical > 1)
 
 
 def choose(options: list[Served], p99_s: float, budget: float | None) -> tuple[Served, str]:
