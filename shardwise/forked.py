@@ -28,6 +28,8 @@ import threading
 import time
 import traceback
 
+from shardwise.procs import die_with_launcher
+
 START_ENV = "SHARDWISE_START"  # "spawn": every rank a fresh interpreter
 _ALLOWED = False  # set by the command line's own process (`allow`): not in a user's Python
 
@@ -80,9 +82,11 @@ class ForkedRank:
         # launcher's would run in the child (and its clean-up with them)
         every = set(signal.valid_signals())
         before = signal.pthread_sigmask(signal.SIG_BLOCK, every)
+        launcher = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:
             try:
+                die_with_launcher(launcher)
                 fresh_signals(before)
                 _run_rank(config_path, env, quiet)  # never returns
             finally:

@@ -9,6 +9,7 @@ one line. Nothing here imports torch: a bad config fails in a blink.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import secrets
@@ -291,7 +292,14 @@ def _run_once(
             if fork and argv == fresh:  # a local rank: forked, torch already imported (forked.py)
                 procs.append(ForkedRank(str(config_path), env, quiet=quiet))
             else:
-                procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL if quiet else None))
+                procs.append(
+                    subprocess.Popen(
+                        argv,
+                        env=env,
+                        stdout=subprocess.DEVNULL if quiet else None,
+                        preexec_fn=functools.partial(contract.die_with_launcher, os.getpid()),
+                    )
+                )
 
         failure = supervise(procs, error_files, expendable_ranks(cfg, dims), stop, regrow, hold, survivors)
         failure = _named(failure, cfg, err_dir, placement, nproc)

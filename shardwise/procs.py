@@ -66,6 +66,21 @@ def job_kind(env: dict[str, str] | None) -> str:
 USAGE, OWN, PEER_LOST, TIMED_OUT = "usage", "error", "peer-lost", "timed-out"
 
 
+def die_with_launcher(launcher: int) -> None:
+    """In a rank, before it runs: the kernel kills it (SIGKILL) when the launcher's thread that
+    started it ends, so no rank outlives a launcher that was killed (Linux's
+    PR_SET_PDEATHSIG; elsewhere nothing). `launcher`: its pid, checked after, in case it
+    ended before."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != launcher:
+        os._exit(1)
+
+
 def ranks_under(parent: int) -> dict[int, tuple[int, dict[str, str]]]:
     """The training or serving ranks `parent` (a launcher) runs now: {RANK: (pid, environment
     it started with)}, read from /proc (Linux; the link probe's processes are not ranks)."""

@@ -78,6 +78,51 @@ def test_kills_during_checkpoint_writes_never_leave_a_torn_checkpoint(tmp_path, 
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
 
 
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_no_rank_outlives_a_killed_launcher(tmp_path, start):
+    """The launcher killed (SIGKILL: no clean-up of its own) mid-run: its ranks, forked from it
+    or fresh interpreters, are ended by the kernel within seconds, not left training."""
+    import signal
+    import sys
+    import time
+
+    def ranks_of(launcher: int) -> list[int]:
+        """Its children that are ranks: forked (named shardwise-rankN) or `python -m shardwise.worker`."""
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == launcher:
+                    named = (proc / "comm").read_text().startswith("shardwise-rank")
+                    if named or b"shardwise.worker" in (proc / "cmdline").read_bytes():
+                        found.append(int(proc.name))
+            except (OSError, ValueError, IndexError):
+                continue
+        return found
+
+    env = {**os.environ, "SHARDWISE_START": start}
+    job = subprocess.Popen([sys.executable, "-m", "shardwise", "train", "--nproc", "2", "--model.name", "mlp",
+                            "--train.steps", "100000", "--train.eval_every", "0", "--run.progress", "false", "--out",
+                            str(tmp_path / "run")], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline, ranks = time.monotonic() + 60, []
+        while len(ranks) < 2 and time.monotonic() < deadline:
+            ranks = ranks_of(job.pid)
+            time.sleep(0.05)
+        assert len(ranks) == 2, ranks
+        time.sleep(1.0)  # training
+        job.send_signal(signal.SIGKILL)
+        job.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{pid}") for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in ranks if os.path.exists(f"/proc/{pid}")], ranks
+    finally:
+        for pid in ranks:
+            if os.path.exists(f"/proc/{pid}"):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_restarts_exhausted_name_the_rank(tmp_path):
     done = shardwise("train", "--nproc", "2", *JOB, "--out", str(tmp_path / "run"), "--max-restarts", "1",
                      fault="1:1:exit:*")  # fmt: skip
