@@ -127,4 +127,11 @@ def test_every_readme_command_runs_as_written(scratch):
             subprocess.run([str(BIN / "shardwise"), "cluster", "down"], cwd=scratch, capture_output=True)
     assert (scratch / "runs" / "watched" / "tensorboard").is_dir()
     assert (scratch / "predictions.csv").read_text().count("\n") == 21
-    assert len(ran) >= len(commands) - 5, sorted(set(commands) - set(ran))
+
+    def elsewhere(command: str) -> bool:
+        argv = shlex.split(command, comments=True)
+        return argv[:2] == ["make", "test"] or any(w in ELSEWHERE for w in argv[:3]) or argv[0].startswith("GLOO_")
+
+    # every command not run here is one another test runs (or the emulated cluster's, without it)
+    skipped = sorted(set(commands) - set(ran))
+    assert all(elsewhere(c) or not NETNS for c in skipped), skipped
