@@ -99,6 +99,17 @@ def test_the_choice_is_the_highest_rate_within_the_target():
     assert text.startswith("tp=2 (predicted ") and "1,000 samples a second" in text
 
 
+def test_the_line_says_where_one_process_would_serve_as_many():
+    from shardwise.plan.serving import alone_would
+
+    chosen = _option("dp=2", 2000, 0.050)
+    assert alone_would(_option("one", 2100, 0.03), chosen, None) == (
+        "; one process would serve 2,100 samples a second (--nproc 1)"
+    )
+    assert alone_would(_option("one", 1900, 0.03), chosen, None) == ""  # the ranks serve more
+    assert alone_would(_option("one", 2100, 0.03, held=2.0), chosen, 1.5) == ""  # its weights do not fit
+
+
 def test_a_memory_budget_drops_layouts_and_none_fitting_is_one_line():
     big, small = _option("dp=2", 2000, 0.050, held=3 * 2**20), _option("tp=2", 1000, 0.020, held=2**20)
     assert choose([big, small], 0.0, 2 * 2**20)[0] is small

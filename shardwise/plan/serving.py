@@ -209,6 +209,14 @@ def predicted_serving(cfg: Config, *, nproc: int, cluster: str, classes: int) ->
     return options
 
 
+def alone_would(alone: Served, best: Served, budget: float | None) -> str:
+    """What the line adds where one process (whose weights fit) is predicted to serve at least
+    as many samples a second as the layout chosen: the ranks would buy nothing."""
+    if alone.rate < best.rate or (budget is not None and alone.held_bytes > budget):
+        return ""
+    return f"; one process would serve {alone.rate:,.0f} samples a second (--nproc 1)"
+
+
 def choose_serving_layout(cfg: Config, *, nproc: int, cluster: str, classes: int) -> dict:
     """parallel.layout = auto for serving: predict every serving layout (`predicted_serving`),
     print the choice in one line and set it in `cfg`. The chosen layout's figures."""
@@ -218,7 +226,8 @@ def choose_serving_layout(cfg: Config, *, nproc: int, cluster: str, classes: int
     s = cfg.serve
     budget = parse_bytes(s.memory_per_rank, "serve.memory_per_rank") if s.memory_per_rank else None
     best, text = choose(options, s.p99_ms / 1e3, budget)
-    print(f"parallel.layout auto: {text}", flush=True)
+    alone = predicted_serving(cfg, nproc=1, cluster=cluster, classes=classes)[0]
+    print(f"parallel.layout auto: {text}{alone_would(alone, best, budget)}", flush=True)
     cfg.parallel = dataclasses.replace(best.config, layout="manual")
     return {
         "layout": best.layout,
