@@ -8,7 +8,11 @@ in turn (the order rotated each round; `--repeats` rounds), batches of up to 32 
 
 - a batch's time: one request at a time, the median of BATCHES (after WARM not counted);
 - the rate: CLIENTS clients sending full batches back to back for SECONDS, samples a second
-  (enough requests in flight to keep a pipeline's stages busy).
+  (enough requests in flight to keep a pipeline's stages busy);
+- under load: open-loop Poisson arrivals of one sample a request (dynamic batching forms the
+  batches) at LOADS of that rate, OPEN_S each: p50 and p99 latency, answers a second, and the
+  goodput (answers within `bench serve`'s P99_TARGET_MS a second) at the highest load whose
+  p99 stays within it.
 
 Beside each, the serving model's prediction (`predicted_serving`, its inputs measured afresh
 in the bench's folder). Figures per layout: the measured batch time and rate (the median of
@@ -30,7 +34,7 @@ import time
 import numpy as np
 
 from shardwise.bench.common import Bench, spread
-from shardwise.bench.serve import _start
+from shardwise.bench.serve import P99_TARGET_MS, _load, _start, capacity
 from shardwise.config import ParallelConfig
 
 RANKS = 2
@@ -38,6 +42,7 @@ BATCH = 32
 WARM, BATCHES = 3, 20
 CLIENTS, SECONDS = 3, 3.0
 SERVE = ["--serve.max_batch", str(BATCH), "--serve.max_wait_ms", "5"]
+LOADS, OPEN_S = (0.25, 0.5, 0.75, 1.0), 3.0  # open-loop arrivals, in fractions of the closed-loop rate
 ONE = "one process"
 
 
@@ -85,11 +90,17 @@ async def _rate(url: str, body: bytes) -> float:
         return answered / (time.perf_counter() - start)
 
 
-def _measure(bench: Bench, run_folder, args: list[str], body: bytes) -> dict:
+def _measure(bench: Bench, run_folder, args: list[str], body: bytes, seed: int) -> dict:
+    """A layout's batch time and rate (full batches, closed loop), then open-loop Poisson
+    arrivals of one sample a request at LOADS of that rate (dynamic batching forms the
+    batches): p50, p99, answers and goodput a second at each."""
     cluster = ["--cluster", f"emulated:{bench.placement.cluster.name}"] if bench.placement.cluster and args else []
     proc, url = _start(run_folder, [*SERVE, *args, *cluster])
     try:
-        return {"batch_ms": _batch_ms(url, body), "rate": asyncio.run(_rate(url, body))}
+        found = {"batch_ms": _batch_ms(url, body), "rate": asyncio.run(_rate(url, body))}
+        one = json.dumps({"inputs": json.loads(body)["inputs"][:1]}).encode()
+        found["open"] = [asyncio.run(_load(url, one, k * found["rate"], OPEN_S, seed + i)) for i, k in enumerate(LOADS)]
+        return found
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -132,8 +143,9 @@ def run(bench: Bench) -> None:
     names = list(sides)
     for i in range(bench.repeats):
         for name in names[i % len(names) :] + names[: i % len(names)]:
-            found[name].append(_measure(bench, run_folder, sides[name], body))
-        shown = ", ".join(f"{n} {r[-1]['batch_ms']:.1f} ms, {r[-1]['rate']:.0f}/s" for n, r in found.items())
+            found[name].append(_measure(bench, run_folder, sides[name], body, seed=100 * i))
+        shown = ", ".join(f"{n} {r[-1]['batch_ms']:.1f} ms, {r[-1]['rate']:.0f}/s (goodput "
+                          f"{capacity(r[-1]['open'])['goodput']:.0f} req/s)" for n, r in found.items())  # fmt: skip
         bench.console.print(f"  round {i + 1}: {shown}")
     _report(bench, predicted, found)
 
@@ -155,6 +167,14 @@ def _report(bench: Bench, predicted: dict, found: dict[str, list[dict]]) -> None
             f"  {name}: batch {spread(batch_ms, 1)} ms measured, {1e3 * p.batch_s:.1f} predicted; "
             f"{statistics.median(rate):,.0f} samples/s measured, {p.rate:,.0f} predicted"
         )
+    for name, rounds in found.items():  # under open-loop load: the goodput within the target, p50 and p99
+        bench.record("serve-auto", f"{name}: goodput at p99 <= {P99_TARGET_MS:g} ms (req/s)",
+                     [capacity(r["open"])["goodput"] for r in rounds], unit="req/s",
+                     how=f"Poisson arrivals of one sample a request at {LOADS} of the closed-loop rate")  # fmt: skip
+        for k, load in enumerate(LOADS):
+            for q in ("p50", "p99"):
+                at = [r["open"][k][f"{q}_ms"] for r in rounds]
+                bench.record("serve-auto", f"{name} at {load:g}x: {q} ms", at, unit="ms")
     layouts = [n for n in rates if n != ONE]
     best = max(layouts, key=rates.get)
     regret = rates[best] / rates[predicted["choice"]]
