@@ -277,18 +277,14 @@ def _join(thread, launched: bool, timeout: float | None = None) -> None:
 def _serving_run(run: str | Path, texts: dict[str, str]) -> tuple[Path, Config]:
     """The run folder and its config for serving; under --parallel.layout auto, with none of
     the run's own layout (the planner chooses), and none named beside auto."""
-    from shardwise.config import ParallelConfig
     from shardwise.scoring import open_run
 
     if texts.get("parallel.layout") != "auto":
         return open_run(run, texts)
-    named = next((k for k in texts if k.startswith("parallel.") and k != "parallel.layout"), None)
-    if named:
-        raise ShardwiseError(
-            named, f"={texts[named]} with parallel.layout=auto: the planner chooses the layout; name one or the other"
-        )
+    # the command line's own parallel.* alone, through the config's check of auto beside a degree
+    named = load_config(None, {k: v for k, v in texts.items() if k.startswith("parallel.")}).parallel
     folder, cfg = open_run(run, {k: v for k, v in texts.items() if k != "parallel.layout"})
-    cfg.parallel = ParallelConfig(layout="auto")
+    cfg.parallel = named
     return folder, cfg
 
 

@@ -7,7 +7,8 @@ import os
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,3 +142,18 @@ def ratio_spread(a: list[float], b: list[float]) -> tuple[float, str]:
 
 def mib(n: float) -> str:
     return f"{n / 2**20:,.2f}"
+
+
+@contextmanager
+def fresh_inputs(folder: Path) -> Iterator[None]:
+    """The cost model's inputs (profile, link, overheads) measured afresh into `folder`, now,
+    beside the runs they predict (not a cache of another hour, when the machine may have run
+    faster or slower); the caller's SHARDWISE_CACHE given back after."""
+    cache = os.environ.get("SHARDWISE_CACHE")
+    os.environ["SHARDWISE_CACHE"] = str(folder)
+    try:
+        yield
+    finally:
+        os.environ.pop("SHARDWISE_CACHE")
+        if cache is not None:
+            os.environ["SHARDWISE_CACHE"] = cache

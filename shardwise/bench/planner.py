@@ -19,10 +19,9 @@ whether the planner's choice differs the same way.
 
 from __future__ import annotations
 
-import os
 import statistics
 
-from shardwise.bench.common import GIVE_BACK, Bench, spread
+from shardwise.bench.common import GIVE_BACK, Bench, fresh_inputs, spread
 from shardwise.errors import ShardwiseError
 
 STEPS = 24  # the summary's step time is the median of the steps after the fifth: 19 of them
@@ -118,17 +117,9 @@ def parse_cases(text: str | None) -> list[tuple[str, int]]:
 def run(b: Bench) -> None:
     cluster = f"emulated:{b.placement.cluster.name}" if b.placement.cluster else "local"
     rounds = b.options.get("rounds", ROUNDS)
-    # the planner's inputs measured afresh, now, beside the runs they predict (not a cache
-    # of another hour, when the machine may have run faster or slower)
-    cache = os.environ.get("SHARDWISE_CACHE")
-    os.environ["SHARDWISE_CACHE"] = str(b.work / "planner-cache")
-    try:
+    with fresh_inputs(b.work / "planner-cache"):
         for model, world in b.options.get("cases") or parse_cases(None):
             _case(b, model, world, cluster, rounds)
-    finally:
-        os.environ.pop("SHARDWISE_CACHE")
-        if cache is not None:
-            os.environ["SHARDWISE_CACHE"] = cache
 
 
 def _case(b: Bench, model: str, world: int, cluster: str, rounds: int) -> None:

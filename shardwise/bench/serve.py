@@ -50,6 +50,20 @@ def _start(run_folder, args: list[str]) -> tuple[subprocess.Popen, str]:
     return proc, found.group(1)
 
 
+def one_at_a_time(url: str, body: bytes, count: int, warm: int = 5) -> float:
+    """The median ms of `count` requests sent one after another (after `warm` not counted)."""
+    import httpx
+
+    took = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for i in range(warm + count):
+            started = time.perf_counter()
+            client.post("/v1/predict", content=body, headers={"Content-Type": "application/json"}).raise_for_status()
+            if i >= warm:
+                took.append(1e3 * (time.perf_counter() - started))
+    return statistics.median(took)
+
+
 async def _load(url: str, body: bytes, rate: float, seconds: float, seed: int) -> dict:
     import aiohttp
 

@@ -26,15 +26,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import signal
 import statistics
 import time
 
 import numpy as np
 
-from shardwise.bench.common import Bench, spread
-from shardwise.bench.serve import P99_TARGET_MS, _load, _start, capacity
+from shardwise.bench.common import Bench, fresh_inputs, spread
+from shardwise.bench.serve import P99_TARGET_MS, _load, _start, capacity, one_at_a_time
 from shardwise.config import ParallelConfig
 
 RANKS = 2
@@ -55,19 +54,6 @@ def layout_args(cfg: ParallelConfig) -> list[str]:
         if getattr(cfg, f.name) != getattr(default, f.name)
         for a in (f"--parallel.{f.name}", str(getattr(cfg, f.name)))
     ]
-
-
-def _batch_ms(url: str, body: bytes) -> float:
-    import httpx
-
-    took = []
-    with httpx.Client(base_url=url, timeout=60) as client:
-        for i in range(WARM + BATCHES):
-            started = time.perf_counter()
-            client.post("/v1/predict", content=body, headers={"Content-Type": "application/json"}).raise_for_status()
-            if i >= WARM:
-                took.append(1e3 * (time.perf_counter() - started))
-    return statistics.median(took)
 
 
 async def _rate(url: str, body: bytes) -> float:
@@ -97,7 +83,7 @@ def _measure(bench: Bench, run_folder, args: list[str], body: bytes, seed: int) 
     cluster = ["--cluster", f"emulated:{bench.placement.cluster.name}"] if bench.placement.cluster and args else []
     proc, url = _start(run_folder, [*SERVE, *args, *cluster])
     try:
-        found = {"batch_ms": _batch_ms(url, body), "rate": asyncio.run(_rate(url, body))}
+        found = {"batch_ms": one_at_a_time(url, body, BATCHES, WARM), "rate": asyncio.run(_rate(url, body))}
         one = json.dumps({"inputs": json.loads(body)["inputs"][:1]}).encode()
         found["open"] = [asyncio.run(_load(url, one, k * found["rate"], OPEN_S, seed + i)) for i, k in enumerate(LOADS)]
         return found
@@ -127,14 +113,8 @@ def run(bench: Bench) -> None:
     bench.train(["--model.name", "mlp", "--model.hidden", "4096,4096", "--data.name", "synthetic",
                  "--data.shape", "64", "--data.samples", "256"], "serve auto model", steps=5, nproc=1)  # fmt: skip
     run_folder = bench.work / "serve_auto_model"
-    cache = os.environ.get("SHARDWISE_CACHE")
-    os.environ["SHARDWISE_CACHE"] = str(bench.work / "serve-auto-cache")  # the inputs measured now, beside the runs
-    try:
+    with fresh_inputs(bench.work / "serve-auto-cache"):
         predicted = _predicted(bench, run_folder)
-    finally:
-        os.environ.pop("SHARDWISE_CACHE")
-        if cache is not None:
-            os.environ["SHARDWISE_CACHE"] = cache
     bench.console.print(f"  auto would serve: {predicted['line']}")
     ranks = ["--nproc", str(RANKS)]
     sides = {ONE: [], **{name: [*ranks, *layout_args(o.config)] for name, o in predicted["options"].items()}}

@@ -22,13 +22,11 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 
-import httpx
 import numpy as np
 
 from shardwise.bench.common import Bench
-from shardwise.bench.serve import SIDES, _load, _start
+from shardwise.bench.serve import SIDES, _load, _start, one_at_a_time
 
 BUDGET = "96MiB"
 SINGLE = 40  # requests, one at a time, for the single-request latency
@@ -38,25 +36,12 @@ PP = ["--nproc", "2", "--parallel.pp", "2", "--serve.memory_per_rank", BUDGET, *
 KINDS = {"pipelined": PP, "one batch at a time": [*PP, "--serve.pipelined", "false"]}
 
 
-def _single(url: str, body: bytes) -> float:
-    """The median ms of SINGLE requests sent one after another (after 5 not counted)."""
-    took = []
-    with httpx.Client(base_url=url, timeout=30) as client:
-        for i in range(SINGLE + 5):
-            started = time.perf_counter()
-            r = client.post("/v1/predict", content=body, headers={"Content-Type": "application/json"})
-            r.raise_for_status()
-            if i >= 5:
-                took.append(1e3 * (time.perf_counter() - started))
-    return statistics.median(took)
-
-
 def _side(bench: Bench, args: list[str], body: bytes, rates: list[float] | None, seed: int) -> dict:
     """One server: its single-request latency, then the rates (`rates`, or LOADS of that latency)."""
     cluster = ["--cluster", f"emulated:{bench.placement.cluster.name}"] if bench.placement.cluster else []
     proc, url = _start(bench.work / "serve_pp_model", [*args, *cluster])
     try:
-        single = _single(url, body)
+        single = one_at_a_time(url, body, SINGLE)
         rates = rates or [k * 1e3 / single for k in LOADS]
         rows = []
         for k, rate in enumerate(rates):

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from shardwise.comm.cost import Link, all_gather
 from shardwise.config import Config, ParallelConfig
+from shardwise.errors import ShardwiseError
 from shardwise.parallel.pipeline import cut_units, units_of
 from shardwise.plan.memory import held_params
 from shardwise.plan.model import forward_pass, head_linears
@@ -76,7 +77,6 @@ def serving_layouts(cfg: Config, nproc: int, shape: ModelShape) -> list[Parallel
     the checks a start makes; a pipeline once (serving never splits a batch into its
     micro-batches: the fewest the checks accept)."""
     from shardwise.config_check import validate
-    from shardwise.errors import ShardwiseError
     from shardwise.preflight import layout_fits
 
     found, seen = [], set()
@@ -167,8 +167,6 @@ def choose(options: list[Served], p99_s: float, budget: float | None) -> tuple[S
     fitting = [o for o in options if budget is None or o.held_bytes <= budget]
     if not fitting:
         least = min(options, key=lambda o: o.held_bytes)
-        from shardwise.errors import ShardwiseError
-
         raise ShardwiseError(
             "serve.memory_per_rank",
             f"no serving layout of these ranks holds under {budget / 2**20:,.1f} MiB a rank: the least is "
