@@ -58,6 +58,10 @@ class ParallelConfig:
     servers: int = 1
     """Parameter server (parallel.mode=ps): the first this many ranks are servers, each owning
     an equal slice of the flattened parameters and its optimizer state; the rest are workers."""
+    colocate: bool = False
+    """Parameter server (parallel.mode=ps): every rank is a worker and also the server of one
+    slice (parallel.servers is then the number of ranks), so pushes and pulls spread over
+    every rank's link, as BytePS does, instead of crossing the few servers' links."""
     vertical: int = 1
     """Vertical partitioning: split the input features across this many ranks; each holds
     only its own columns and computes the first layer's partial product on them."""
@@ -265,6 +269,7 @@ MOVED = {
     "data.vertical_split": "parallel.vertical_split",
     "data.feature_cost": "parallel.feature_cost",
     "ps.servers": "parallel.servers",
+    "ps.colocate": "parallel.colocate",
 }
 
 

@@ -145,15 +145,7 @@ def validate(cfg: Config) -> None:
         raise ShardwiseError("train.keep_checkpoints", f"must be >= 0, got {t.keep_checkpoints}")
     if t.checkpoint_every < 0:
         raise ShardwiseError("train.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}")
-    ps = cfg.ps
-    if ps.staleness < 0:
-        raise ShardwiseError("ps.staleness", f"must be >= 0, got {ps.staleness}")
-    if ps.slow_factor < 1.0:
-        raise ShardwiseError("ps.slow_factor", f"must be >= 1 (a factor of slowness), got {ps.slow_factor}")
-    if ps.staleness > 0 and not ps.asynchronous:
-        raise ShardwiseError(
-            "ps.staleness", f"={ps.staleness} needs ps.asynchronous=true (synchronous workers are never ahead)"
-        )
+    _check_ps(cfg)
     if t.memory_per_rank and parse_bytes(t.memory_per_rank, "train.memory_per_rank") <= 0:
         raise ShardwiseError("train.memory_per_rank", f"must be positive, got {t.memory_per_rank!r}")
     _check_vertical(cfg)
@@ -286,6 +278,23 @@ def _check_sql(cfg: Config) -> None:
         )
     if cfg.parallel.spatial > 1:
         raise ShardwiseError("parallel.spatial", f"={cfg.parallel.spatial}: an SQL table's rows are flat features")
+
+
+def _check_ps(cfg: Config) -> None:
+    """The parameter server's settings."""
+    ps = cfg.ps
+    if ps.staleness < 0:
+        raise ShardwiseError("ps.staleness", f"must be >= 0, got {ps.staleness}")
+    if ps.slow_factor < 1.0:
+        raise ShardwiseError("ps.slow_factor", f"must be >= 1 (a factor of slowness), got {ps.slow_factor}")
+    if ps.staleness > 0 and not ps.asynchronous:
+        raise ShardwiseError(
+            "ps.staleness", f"={ps.staleness} needs ps.asynchronous=true (synchronous workers are never ahead)"
+        )
+    if cfg.parallel.colocate and cfg.parallel.mode != "ps":
+        raise ShardwiseError(
+            "parallel.colocate", f"=true needs parallel.mode=ps (a parameter server), got {cfg.parallel.mode}"
+        )
 
 
 def _check_vertical(cfg: Config) -> None:

@@ -200,7 +200,7 @@ def _rank_data(cfg: Config, mesh: RankMesh, cut: DataCut, checkpoint, plan, *, d
     and the shape and classes of a whole sample.
     A parameter server's first server keeps the whole validation set, to score the weights."""
     dims, t = mesh.dims, cfg.train
-    scorer = mesh.coords.get("server", -1) == 0
+    scorer = mesh.coords.get("server", -1) == 0 and not dims.colocated
     shared = {  # this rank's share of each batch, whatever the source
         "global_batch": t.batch_size, "grad_accum": t.grad_accum, "dp_rank": 0 if scorer else mesh.coords["dp"],
         "dp": 1 if scorer else dims.dp, "seed": t.seed, "device": device, "microbatches": dims.microbatches,

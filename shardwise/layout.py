@@ -39,9 +39,10 @@ from shardwise.data.features import vertical_parts
 from shardwise.data.sources import Dataset, take_rows
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.data import apply_data_parallel, unwrap
-from shardwise.parallel.param_server import ServerSettings, apply_parameter_server
+from shardwise.parallel.param_server import ServerSettings
 from shardwise.parallel.part import Part
 from shardwise.parallel.pipeline import apply_pipeline, gather_stages
+from shardwise.parallel.ps_layout import apply_parameter_server
 from shardwise.parallel.ps_protocol import load_flat
 from shardwise.parallel.recompute import apply_checkpointing
 from shardwise.parallel.spatial import apply_spatial
@@ -103,8 +104,8 @@ def _summer(group: dist.ProcessGroup | None):
 def holds_whole_model(mesh: RankMesh) -> bool:
     """Whether this rank needs the whole model's weights and the data: all but the
     parameter servers after the first, which hold only their slice (server 0 scores
-    the weights and hands the others their slices)."""
-    return mesh.coords.get("server", -1) <= 0
+    the weights and hands the others their slices); colocated, every rank is a worker too."""
+    return mesh.coords.get("server", -1) <= 0 or mesh.dims.colocated
 
 
 @dataclass
@@ -134,7 +135,10 @@ class Layout:
 
     @property
     def role(self) -> str:
-        """train (every all-reduce layout), server or worker (a parameter server)."""
+        """train (every all-reduce layout), server or worker (a parameter server), or
+        colocated (both: parallel.colocate)."""
+        if self.part.server is not None and self.part.client is not None:
+            return "colocated"
         return "server" if self.part.server else "worker" if self.part.client else "train"
 
     def build_optimizer(self, train: TrainConfig) -> torch.optim.Optimizer:

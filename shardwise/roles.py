@@ -3,12 +3,15 @@
 `train`: the optimizer, the schedule, the training loop of train/loop.py, and the
 memory table. A parameter server's `worker`: its share of every step, pushed and
 pulled until server 0 says stop; its `server`: serve the workers, log, score and
-checkpoint (train/ps_loop.py). Every role resumes from the same checkpoint and
+checkpoint (train/ps_loop.py); `colocated` (parallel.colocate): both at once, the
+server on a thread of its own. Every role resumes from the same checkpoint and
 writes checkpoints through the same checkpointer; job.py does the rest.
 """
 
 from __future__ import annotations
 
+import copy
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +86,8 @@ def play(job: Job, console) -> Outcome:
         return _work(job)
     if role == "server":
         return _serve(job, console)
+    if role == "colocated":
+        return _colocated(job, console)
     return _train(job, console)
 
 
@@ -200,15 +205,41 @@ def _workers(job: Job) -> list[int]:
     import torch.distributed as dist
 
     dims, ps = job.mesh.dims, job.cfg.ps
-    ranks = [dist.get_global_rank(job.mesh.parent, r) for r in range(dims.servers, dims.world_size)]
+    ranks = [dist.get_global_rank(job.mesh.parent, r) for r in range(dims.first_worker, dims.world_size)]
     if ps.slow_factor > 1.0 and ps.slow_worker >= 0 and ps.slow_worker not in ranks:
         raise ShardwiseError("ps.slow_worker", f"={ps.slow_worker}: not a worker, those are ranks {ranks}")
     return ranks
 
 
-def _serve(job: Job, console) -> Outcome:
+def _colocated(job: Job, console) -> Outcome:
+    """parallel.colocate: this rank's server loop on a thread of its own, its worker's steps
+    on this one. Should the server fail, its worker raises the server's error (LocalEnd)."""
+    local = job.layout.part.client.local
+    scorer = copy.deepcopy(job.layout.local_model)  # the worker's own model trains meanwhile
+    served: list[Outcome] = []
+
+    def serve_slice() -> None:
+        try:
+            served.append(_serve(job, console, scorer=scorer))
+            local.final = job.layout.part.server.final
+        except BaseException as e:  # handed to the worker, which raises it as this rank's error
+            local.fail(e)
+        finally:
+            local.done.set()
+
+    thread = threading.Thread(target=serve_slice, name="ps-server", daemon=True)
+    thread.start()
+    steps = _work(job).steps
+    thread.join()
+    if local.error is not None:
+        raise local.error
+    return Outcome(served[0].result, steps=steps, skipped=served[0].skipped)
+
+
+def _serve(job: Job, console, scorer=None) -> Outcome:
     """A server: serve until the run is done. Server 0 also logs the loss, scores the
-    weights and writes the outputs; the servers write checkpoints together."""
+    weights and writes the outputs; the servers write checkpoints together. Colocated,
+    every server scores its slice of the validation set on `scorer`, a copy of the model."""
     cfg, layout, dims, ps = job.cfg, job.layout, job.mesh.dims, job.cfg.ps
     server, workers = layout.part.server, _workers(job)
     checkpoint = job.checkpoint
@@ -221,9 +252,14 @@ def _serve(job: Job, console) -> Outcome:
 
     checkpointer = build_checkpointer(cfg, job.out_dir, job.mesh.groups["servers"], collect)
     evaluate = score_flat(layout.local_model, job.data) if job.rank == 0 else None  # on the whole validation set
+    if scorer is not None:
+        evaluate = score_flat(scorer, job.data, group=job.mesh.groups["servers"])
     if console is not None:
         mode = f"asynchronous, staleness <= {ps.staleness}" if ps.asynchronous else "synchronous"
-        console.print(f"layout {dims.layout} ({mode}): ranks {workers} push to ranks 0-{dims.servers - 1}")
+        roles = f"ranks {workers} push to ranks 0-{dims.servers - 1}"
+        if dims.colocated:
+            roles = f"each of ranks {workers} pushes its gradient's slices to the others and serves its own"
+        console.print(f"layout {dims.layout} ({mode}): {roles}")
     with job.reporter(console) as reporter:
         settings = LoopSettings.from_train(cfg.train, start_step=job.start_step)
         result = serve(server, settings, reporter=reporter, evaluate=evaluate, checkpointer=checkpointer)
@@ -236,7 +272,7 @@ def after_serving(job: Job) -> dict:
     server = job.layout.part.server
     if server is None:
         return {}
-    if job.rank == 0:
+    if job.rank == 0 and not job.mesh.dims.colocated:  # colocated: each worker has them from its server
         server.send_final(server.final)
     return {"ps": staleness_summary(server)}
 

@@ -13,6 +13,7 @@ which talk once per step, are the farthest.
 
 With a parameter server (parallel.mode=ps) the first `servers` ranks are the
 servers and the grid holds the workers only: worker i is rank servers + i.
+Colocated (parallel.colocate), every rank is both: worker i and server i are rank i.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class ParallelDims:
     microbatches: int = 1
     spatial: int = 1
     servers: int = 0  # parameter-server ranks, before the grid of workers
+    colocated: bool = False  # parameter server: every rank is a worker and a server (servers = dp = world)
     shard: str = "none"  # what data-parallel ranks shard: none, optimizer (ZeRO-1), full (FSDP2)
     schedule: str = "1f1b"  # the pipeline's schedule
 
@@ -128,6 +130,8 @@ class ParallelDims:
             raise ShardwiseError(
                 "parallel.shard", f"={cfg.shard} with parallel.mode=ps: the servers already shard weights and optimizer"
             )
+        if cfg.colocate:
+            return cls._resolve_colocated(cfg, world_size)
         workers = world_size - servers
         if workers < 1:
             raise ShardwiseError(
@@ -139,6 +143,23 @@ class ParallelDims:
             )
         return cls(dp=workers, world_size=world_size, servers=servers)
 
+    @classmethod
+    def _resolve_colocated(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
+        """Every rank a worker and the server of one slice."""
+        if world_size < 2:
+            raise ShardwiseError("parallel.colocate", f"=true needs at least 2 ranks (--nproc), got {world_size}")
+        for key, value, default in (("parallel.servers", cfg.servers, 1), ("parallel.dp", cfg.dp, None)):
+            if value not in (default, world_size):
+                raise ShardwiseError(
+                    key, f"={value} with parallel.colocate=true: every one of the {world_size} ranks is one"
+                )
+        return cls(dp=world_size, world_size=world_size, servers=world_size, colocated=True)
+
+    @property
+    def first_worker(self) -> int:
+        """The rank (in the layout's group) of a parameter server's worker 0."""
+        return 0 if self.colocated else self.servers
+
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(getattr(self, axis) for axis in AXES)
@@ -146,6 +167,8 @@ class ParallelDims:
     @property
     def layout(self) -> str:
         """A short name of the layout, e.g. `dp=2` or `dp=2 x tp=2`."""
+        if self.colocated:
+            return f"ps: {self.servers} colocated servers and workers"
         if self.servers:
             return f"ps: {self.servers} server{'s' * (self.servers > 1)} x {self.dp} worker{'s' * (self.dp > 1)}"
         parts = [f"{axis}={getattr(self, axis)}" for axis in AXES if getattr(self, axis) > 1]
@@ -269,13 +292,18 @@ class RankMesh:
     def _build_ps(cls, dims: ParallelDims, parent, ranks: list[int], me: int, timeout) -> RankMesh:
         """Servers and workers. Workers talk only to servers, point to point on the
         parent group; the servers, when several, get a group of their own (to add up
-        the gradient norm and gather the weights). Coordinates say which server or
-        worker this rank is (-1: not one)."""
+        the gradient norm and gather the weights). Colocated, the servers are the whole
+        layout and take the parent group. Coordinates say which server or worker this
+        rank is (-1: not one)."""
         import torch.distributed as dist
 
         groups: dict[str, dist.ProcessGroup | None] = {axis: None for axis in AXES}
         groups["servers"] = None
         created = []
+        if dims.colocated:
+            groups["servers"] = parent
+            coords = {axis: 0 for axis in AXES} | {"server": me, "dp": me}
+            return cls(dims, groups, coords, created, parent)
         if dims.servers > 1:
             assert len(ranks) == dist.get_world_size(), "several servers need the whole world"
             pg = dist.new_group(ranks[: dims.servers], timeout=timeout, group_desc="servers")

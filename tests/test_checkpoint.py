@@ -40,6 +40,7 @@ LAYOUTS = {
     "shard full": ({"parallel.shard": "full", "train.optimizer": "adamw", "train.lr": LR["adamw"]}, 2),
     "spatial 2": ({"model.name": "convnet", "model.channels": "8,16", "parallel.spatial": "2"}, 2),
     "parameter server 2 + 2": ({"parallel.mode": "ps", "parallel.servers": "2", "train.optimizer": "adamw"}, 4),
+    "parameter server colocated on 3": ({"parallel.mode": "ps", "parallel.colocate": "true"}, 3),
     # error feedback's residuals and PowerSGD's factors come back with the weights
     "dp 2 topk": ({"comm.compression": "topk", "comm.topk_ratio": "0.05"}, 2),
     "tp 2 x dp 2 powersgd": ({"parallel.tp": "2", "comm.compression": "powersgd", "comm.powersgd_rank": "2"}, 4),

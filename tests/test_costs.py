@@ -141,6 +141,9 @@ def test_model_parallel_formulas_by_hand():
     assert ps_seconds(NOLAT, 2, 3, 4e6, copy_s_per_byte=1e-10) == pytest.approx(12e-3 + (5 + 10 / 2) * 4e-4)
     # pushes in half precision: half the bytes one way, the weights whole the other
     assert ps_seconds(NOLAT, 2, 3, 4e6, push_half=True) == pytest.approx(3 * 1e-3 + 3 * 2e-3)
+    # colocated on 4 ranks: each keeps its own quarter, and sends and takes the other 3
+    # quarters (1 MB, 1 ms each) as pushes, then again as replies
+    assert ps_seconds(NOLAT, 4, 4, 4e6, colocated=True) == pytest.approx(2 * 3 * 1e-3)
     # pipeline: 2 stages of 1 and 3 ms, 4 micro-batches, 1 MB boundary (1 ms each way):
     # 4 slots of the slowest stage's 3 + 2 ms, and the bubble: the other stage's 1 ms and
     # its transfers

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -59,6 +61,25 @@ def test_topology_grid_and_refusals():
         ShardwiseError, match=r"dp=3 x pp=1 x spatial=1 x tp=2 x vertical=1 = 6 does not equal the world size 4"
     ):
         ParallelDims.resolve(_parallel(dp=3, tp=2), 4)
+
+
+def test_colocated_parameter_server_grid_and_refusals(tmp_path, capfd):
+    dims = ParallelDims.resolve(_parallel(mode="ps", colocate=True), 3)
+    assert (dims.dp, dims.servers, dims.first_worker, dims.colocated) == (3, 3, 0, True)
+    assert ParallelDims.resolve(_parallel(mode="ps", servers=2), 3).first_worker == 2
+    for kw, world, message in [
+        ({"servers": 2}, 3, "parallel.servers: =2 with parallel.colocate=true: every one of the 3 ranks is one"),
+        ({"dp": 2}, 3, "parallel.dp: =2 with parallel.colocate=true"),
+        ({}, 1, "parallel.colocate: =true needs at least 2 ranks (--nproc), got 1"),
+    ]:
+        with pytest.raises(ShardwiseError, match=f"^{re.escape(message)}"):
+            ParallelDims.resolve(_parallel(mode="ps", colocate=True, **kw), world)
+    from refusals import refused_in_one_line
+
+    refused_in_one_line(
+        tmp_path, capfd, {"parallel.colocate": "true"}, "parallel.colocate: =true needs parallel.mode=ps"
+    )
+    refused_in_one_line(tmp_path, capfd, {"ps.colocate": "true"}, "ps.colocate: moved to parallel.colocate")
 
 
 def _parallel(**kw):

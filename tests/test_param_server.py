@@ -51,6 +51,25 @@ def test_synchronous_ps_trains_like_one_process(pool, servers, model, optimizer)
     check_layout(pool, overrides, nproc=servers + 2)
 
 
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_colocated_ps_trains_like_one_process(pool, nproc):
+    """Every rank a worker and the server of one slice (3 ranks: slices of unequal length);
+    the servers clip the whole gradient together."""
+    overrides = {**PS, "parallel.colocate": "true", "model.name": "mlp", "train.optimizer": "adamw"}
+    overrides |= {"train.lr": LR["adamw"], "train.clip_norm": "0.5", "train.grad_accum": "2"}
+    check_layout(pool, overrides, nproc=nproc)
+
+
+def test_colocated_staleness_never_exceeds_the_bound(pool):
+    overrides = {**PS, "parallel.colocate": "true", "ps.asynchronous": "true", "ps.staleness": "2"}
+    overrides |= {"ps.slow_worker": "2", "ps.slow_factor": "3", "model.name": "mlp", "train.steps": "30"}
+    summary = pool.run(train_summary, overrides, ranks=[0, 1, 2])[0]["ps"]
+    seen = [int(k) for k, n in summary["staleness_histogram"].items() for _ in range(n)]
+    assert len(seen) == summary["updates"] >= 3 * 30 and max(seen) == 2
+    steps = summary["steps_by_worker"]
+    assert steps["0"] > steps["2"] and steps["1"] > steps["2"]
+
+
 def test_a_push_in_half_precision_packs_its_bytes_and_rounds_as_a_cast_does():
     from shardwise.parallel.ps_protocol import PushCodec
 
@@ -152,6 +171,15 @@ def test_asynchronous_servers_carry_on_without_a_dead_worker(tmp_path):
     assert [(x["rank"], x["step"]) for x in summary["ps"]["lost_workers"]] == [(2, 4)]
     assert summary["ps"]["updates"] >= 3 * 30  # the live workers made up the lost one's share
     assert summary["ps"]["steps_by_worker"]["2"] == 4
+
+
+@pytest.mark.parametrize("mode", ["false", "true"])
+def test_a_colocated_job_ends_naming_the_dead_rank(tmp_path, mode):
+    """A colocated rank that dies takes its slice of the weights with it: even asynchronous,
+    the job ends, naming it."""
+    done = _train(tmp_path, "--parallel.colocate", "true", "--ps.asynchronous", mode, fault="1:4:exit")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == "shardwise: rank 1 failed (exit 3): exited with status 3"
 
 
 def test_synchronous_job_ends_naming_the_dead_worker(tmp_path):

@@ -56,6 +56,7 @@ LAYOUTS = {
     "shard optimizer": ({"parallel.shard": "optimizer"}, 2),
     "shard full": ({"parallel.shard": "full"}, 2),
     "sync ps 1 + 2": ({"parallel.mode": "ps"}, 3),
+    "sync ps colocated 2": ({"parallel.mode": "ps", "parallel.colocate": "true"}, 2),
 }
 
 

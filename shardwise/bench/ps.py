@@ -2,8 +2,9 @@
 with a straggler, in one run.
 
 Part 1: the same MLP, data and global batch trained by W workers that all-reduce
-(W processes) and by W workers with one server (W + 1 processes), W = 2 and 4;
-median step time after warm-up, rotated repetitions.
+(W processes), by W workers with one server (W + 1 processes), and by W workers each
+the server of one slice (parallel.colocate, W processes), W = 2 and 4; median step
+time after warm-up, rotated repetitions.
 
 Part 2 (loopback only): W = 3 workers and one server, one worker SLOW_FACTOR
 times slower (`ps.slow_worker`, a test and benchmark aid: it sleeps after its
@@ -46,14 +47,19 @@ def run(b: Bench) -> None:
     for w in workers:
         sides[f"all-reduce {w} workers"] = job(f"ar{w}", ["--nproc", str(w)])
         sides[f"ps 1 server + {w} workers"] = job(f"ps{w}", ["--nproc", str(w + 1), "--parallel.mode", "ps"])
+        colocated = ["--nproc", str(w), "--parallel.mode", "ps", "--parallel.colocate", "true"]
+        sides[f"ps colocated on {w} workers"] = job(f"co{w}", colocated)
     times = alternate(sides, b.repeats, console)
     table = Table(title="seconds per step: median over repetitions (min - max)")
-    for col in ("workers", "all-reduce ms / step", "sync ps ms / step", "ps / all-reduce"):
+    columns = ("workers", "all-reduce ms / step", "sync ps ms / step", "ps / all-reduce")
+    for col in (*columns, "colocated ps ms / step", "colocated / all-reduce"):
         table.add_column(col, justify="right")
     for w in workers:
         ar, ps = times[f"all-reduce {w} workers"], times[f"ps 1 server + {w} workers"]
+        co = times[f"ps colocated on {w} workers"]
         text = b.ratio("ps", f"step time: sync ps (1 server) / all-reduce, {w} workers", ps, ar, how=how)
-        table.add_row(str(w), spread(ar), spread(ps), text)
+        text_co = b.ratio("ps", f"step time: sync ps colocated / all-reduce, {w} workers", co, ar, how=how)
+        table.add_row(str(w), spread(ar), spread(ps), text, spread(co), text_co)
     console.print(table)
     if b.placement.cluster:
         return  # the straggler part measures waiting, not the link: loopback only

@@ -45,6 +45,13 @@ Each server reads every worker on a thread of its own: a message is taken the
 moment it arrives, and a worker that dies is noticed at once (gloo reports the
 closed connection on that worker's pending receive). The main thread applies
 updates and answers in arrival order.
+
+Colocated (parallel.colocate), rank i is worker i and server i at once: the server's
+loop runs on a thread beside the worker's steps, and the two talk through memory
+(ps_protocol.LocalEnd). Each rank's link then carries W - 1 slices each way per step,
+pushes as a reduce-scatter would and replies as an all-gather would, where a separate
+server's link carries W whole slices. A rank that dies takes its slice with it, so a
+colocated job, asynchronous or not, ends when a rank is lost.
 """
 
 from __future__ import annotations
@@ -61,15 +68,14 @@ from torch import Tensor, nn
 
 from shardwise.comm.collectives import all_gather_uneven
 from shardwise.comm.flat import flatten, named_views
-from shardwise.errors import ShardwiseError, TrainingDiverged
+from shardwise.errors import TrainingDiverged
 from shardwise.parallel import ps_protocol as proto
-from shardwise.parallel.part import Part
-from shardwise.parallel.ps_protocol import Arrival, Lost, ServerStats, WorkerClient
+from shardwise.parallel.ps_protocol import Arrival, LocalEnd, Lost, ServerStats
 from shardwise.parallel.splits import optimizer_keys, sum_of_squares
 from shardwise.ranges import even_bounds
 
 if TYPE_CHECKING:
-    from shardwise.topology import RankMesh
+    pass
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,8 @@ class ParameterServer:
     device will do); `initial` is this server's slice of their flat values.
     `build_optimizer([param])` makes the optimizer, `lr_at(step)` the rate for global
     step `step` (both in `settings`). `servers_group` (several servers) adds up the
-    gradient norm for clipping in synchronous mode.
+    gradient norm for clipping in synchronous mode. `first_worker`: the rank of worker 0
+    in `group`; `local`: colocated, this rank's own worker, reached through memory.
     """
 
     def __init__(
@@ -107,8 +114,12 @@ class ParameterServer:
         group: dist.ProcessGroup,
         servers_group: dist.ProcessGroup | None,
         settings: ServerSettings,
+        first_worker: int | None = None,
+        local: LocalEnd | None = None,
     ):
         self.index, self.servers, self.workers, self.group = index, servers, workers, group
+        self.first_worker = servers if first_worker is None else first_worker
+        self.local = local
         self.servers_group = servers_group
         total = sum(p.numel() for p in model.parameters())
         self.bounds = even_bounds(total, servers)
@@ -137,19 +148,26 @@ class ParameterServer:
         self.stats = ServerStats(steps_by_worker=[0] * workers)
         self.final: Tensor | None = None  # all parameters, when the run is over
         self._arrivals: queue.Queue[Arrival] = queue.Queue()
+        if local is not None:
+            local.arrivals = self._arrivals
         for w in range(workers):
+            if self._mine(w):
+                continue
             threading.Thread(target=self._read, args=(w,), daemon=True, name=f"ps-read-{w}").start()
 
     # -- receiving ---------------------------------------------------------------
     def worker_rank(self, w: int) -> int:
-        return dist.get_global_rank(self.group, self.servers + w)
+        return dist.get_global_rank(self.group, self.first_worker + w)
+
+    def _mine(self, w: int) -> bool:
+        return self.local is not None and w == self.local.index
 
     def _read(self, w: int) -> None:
         size = proto.HEADER + self.codec.words(self.bounds[self.index][1] - self.bounds[self.index][0])
         try:
             while True:
                 buf = torch.empty(size, dtype=self.dtype)
-                dist.recv(buf, group=self.group, group_src=self.servers + w, tag=proto.TAG_PUSH)
+                dist.recv(buf, group=self.group, group_src=self.first_worker + w, tag=proto.TAG_PUSH)
                 self._arrivals.put(Arrival(w, buf))
                 if buf[0].item() == proto.DONE:
                     return
@@ -278,7 +296,10 @@ class ParameterServer:
             header = torch.tensor([float(stop), float(lowest), float(version), 0.0, 0.0], dtype=self.dtype)
             reply = torch.cat([header, self.param.detach()])
             try:
-                dist.send(reply, group=self.group, group_dst=self.servers + w, tag=proto.TAG_REPLY)
+                if self._mine(w):
+                    self.local.replies.put(reply)
+                else:
+                    dist.send(reply, group=self.group, group_dst=self.first_worker + w, tag=proto.TAG_REPLY)
             except Exception as e:  # the worker died while we answered
                 self._lose(w, proto.short_error(e))
                 return
@@ -361,37 +382,8 @@ class ParameterServer:
             if self.worker_rank(w) in lost:
                 continue
             try:
-                dist.send(flat, group=self.group, group_dst=self.servers + w, tag=proto.TAG_FINAL)
+                dist.send(flat, group=self.group, group_dst=self.first_worker + w, tag=proto.TAG_FINAL)
             except Exception as e:  # asynchronous: a worker may die after its last step, too
                 if not self.asynchronous:
                     raise
                 self.stats.lost.append(Lost(self.worker_rank(w), self.clocks[w], proto.short_error(e)))
-
-
-def apply_parameter_server(part: Part, mesh: RankMesh, *, settings: ServerSettings) -> Part:
-    """A worker gets the client that pushes its gradients and pulls fresh weights; a server
-    gets its slice of the flat parameters and the optimizer for it. Only server 0 holds the
-    whole model (it scores the weights): it hands every other server its slice, so those
-    build the model on the meta device, for names and shapes alone."""
-    dims = mesh.dims
-    if not dims.servers:
-        return part
-    if any(True for _ in part.model.buffers()):
-        raise ShardwiseError(
-            "parallel.mode",
-            "=ps: the model has buffers (running statistics), which the servers do not keep: use allreduce",
-        )
-    if mesh.coords["server"] < 0:
-        client = WorkerClient(part.model, servers=dims.servers, group=mesh.parent, method=settings.push)
-        return part.but(client=client)
-    server = ParameterServer(
-        part.model,
-        initial=proto.initial_slice(part.model, mesh),
-        index=mesh.coords["server"],
-        servers=dims.servers,
-        workers=dims.dp,
-        group=mesh.parent,
-        servers_group=mesh.groups["servers"],
-        settings=settings,
-    )
-    return part.but(server=server)

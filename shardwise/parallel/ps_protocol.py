@@ -11,7 +11,9 @@ links, rounded as DDP's bf16 hook rounds, nothing dropped (so no error feedback)
 from __future__ import annotations
 
 import math
+import queue
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -84,15 +86,61 @@ class PushCodec:
         return payload.view(torch.uint8)[: 2 * n].view(self.half).to(self.dtype)
 
 
-class WorkerClient:
-    """A worker's end: push this step's gradient slices, wait for fresh parameters."""
+class LocalEnd:
+    """A colocated rank's worker and server (parallel.colocate), which talk through memory:
+    gloo sends nothing to a rank's own self. The worker puts its pushes to its own server
+    on the server's queue of arrivals; the server's thread puts its replies here, and,
+    should it fail, its error, which the worker then raises as its own."""
 
-    def __init__(self, model: nn.Module, *, servers: int, group: dist.ProcessGroup, method: str = "none"):
-        self.model, self.servers, self.group = model, servers, group
+    def __init__(self, index: int):
+        self.index = index  # this rank's worker and server index
+        self.arrivals: queue.Queue[Arrival] | None = None  # the server's (set by the server)
+        self.replies: queue.Queue[Tensor | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.final: Tensor | None = None  # all parameters, once the server's loop is over
+        self.done = threading.Event()
+
+    def push(self, message: Tensor) -> None:
+        self.arrivals.put(Arrival(self.index, message))
+
+    def reply(self) -> Tensor:
+        message = self.replies.get()
+        if message is None:
+            raise self.error
+        return message
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.replies.put(None)
+
+    def final_weights(self) -> Tensor:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.final
+
+
+class WorkerClient:
+    """A worker's end: push this step's gradient slices, wait for fresh parameters.
+    `local`: colocated, the worker's own server is reached through memory."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        servers: int,
+        group: dist.ProcessGroup,
+        method: str = "none",
+        local: LocalEnd | None = None,
+    ):
+        self.model, self.servers, self.group, self.local = model, servers, group, local
         self.dtype = model_dtype(model)
         self.codec = PushCodec.for_method(self.dtype, method)
         self.bounds = even_bounds(sum(p.numel() for p in model.parameters()), servers)
         self.versions = [INITIAL] * servers  # of the weights each server last sent
+
+    def _mine(self, server: int) -> bool:
+        return self.local is not None and server == self.local.index
 
     def push_pull(self, step: int, loss: Tensor) -> bool:
         """Send this step's gradient, load the parameters for the next; True: stop."""
@@ -103,28 +151,44 @@ class WorkerClient:
         finite = bool(torch.isfinite(loss).all()) and all(bool(torch.isfinite(p).all()) for p in sent)
         replies = [torch.empty(HEADER + hi - lo, dtype=self.dtype) for lo, hi in self.bounds]
         # receives first, so that a server's answer never waits for us to be ready
-        waits = [dist.irecv(r, group=self.group, group_src=s, tag=TAG_REPLY) for s, r in enumerate(replies)]
+        waits = [
+            None if self._mine(s) else dist.irecv(r, group=self.group, group_src=s, tag=TAG_REPLY)
+            for s, r in enumerate(replies)
+        ]
         for s, payload in enumerate(payloads):
             fields = [PUSH, step, loss.item() if finite else 0.0, float(finite), self.versions[s]]
             header = torch.tensor(fields, dtype=self.dtype)
-            dist.send(torch.cat([header, payload]), group=self.group, group_dst=s, tag=TAG_PUSH)
-        for w in waits:
-            w.wait()
+            self._send(s, torch.cat([header, payload]))
+        for s, w in enumerate(waits):
+            if w is None:
+                replies[s] = self.local.reply()
+            else:
+                w.wait()
         flat = torch.cat([r[HEADER:] for r in replies])
         load_flat(self.model, flat)
         self.versions = [r[2].item() for r in replies]
         return bool(replies[0][0].item())
 
+    def _send(self, server: int, message: Tensor) -> None:
+        if self._mine(server):
+            self.local.push(message)
+        else:
+            dist.send(message, group=self.group, group_dst=server, tag=TAG_PUSH)
+
     def finish(self) -> None:
-        """Tell every server this worker is done, then take the final parameters from server 0."""
+        """Tell every server this worker is done, then take the final parameters from server 0
+        (colocated: from its own server, which gathered them with the others)."""
         total = self.bounds[-1][1]
         final = torch.empty(total, dtype=self.dtype)
-        wait = dist.irecv(final, group=self.group, group_src=0, tag=TAG_FINAL)
+        wait = None if self.local is not None else dist.irecv(final, group=self.group, group_src=0, tag=TAG_FINAL)
         for s, (lo, hi) in enumerate(self.bounds):
             done = torch.zeros(HEADER + self.codec.words(hi - lo), dtype=self.dtype)
             done[0] = DONE
-            dist.send(done, group=self.group, group_dst=s, tag=TAG_PUSH)
-        wait.wait()
+            self._send(s, done)
+        if wait is None:
+            final = self.local.final_weights()
+        else:
+            wait.wait()
         load_flat(self.model, final)
 
 
@@ -160,9 +224,13 @@ class ServerStats:
 
 def initial_slice(model: nn.Module, mesh: RankMesh) -> Tensor:
     """This server's slice of the starting weights: server 0 cuts them from its model and
-    sends each other server its own."""
+    sends each other server its own (colocated, every server holds the whole model and
+    cuts its own)."""
     index, group = mesh.coords["server"], mesh.groups["servers"]
     bounds = even_bounds(sum(p.numel() for p in model.parameters()), mesh.dims.servers)
+    if mesh.dims.colocated:
+        lo, hi = bounds[index]
+        return flat_parameters(model)[lo:hi].clone()
     if index == 0:
         flat = flat_parameters(model)
         for s, (lo, hi) in enumerate(bounds[1:], start=1):
@@ -175,7 +243,13 @@ def initial_slice(model: nn.Module, mesh: RankMesh) -> Tensor:
 
 
 def ps_seconds(
-    link: Link, servers: int, workers: int, param_bytes: float, copy_s_per_byte: float = 0.0, push_half: bool = False
+    link: Link,
+    servers: int,
+    workers: int,
+    param_bytes: float,
+    copy_s_per_byte: float = 0.0,
+    push_half: bool = False,
+    colocated: bool = False,
 ) -> float:
     """A synchronous parameter-server step's transfers (the planner's cost model): every
     worker pushes each server its slice of the gradient (in half precision: half its
@@ -185,7 +259,10 @@ def ps_seconds(
     gradient, puts a header before it, makes room for the replies, joins them and loads
     them into the model (5 of the model); a server takes each worker's message into a
     new buffer, sums them into a copy, divides, and puts a header before each reply
-    (3 x workers + 1 of its slice)."""
+    (3 x workers + 1 of its slice). Colocated, every rank is a worker and a server: its own
+    slice stays in memory, so each rank's link carries the other workers - 1 slices in and
+    out, pushes then replies, all links at once."""
     copies = (5 + (3 * workers + 1) / servers) * param_bytes * copy_s_per_byte
     push = link.send(param_bytes / servers / (2 if push_half else 1))
-    return workers * (push + link.send(param_bytes / servers)) + copies
+    messages = workers - 1 if colocated else workers
+    return messages * (push + link.send(param_bytes / servers)) + copies

@@ -262,10 +262,13 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
             profile.param_bytes,
             profile.copy_s_per_byte * stretch,
             push_half=setting.compression is not None and setting.compression.method in HALF,
+            colocated=dims.colocated,
         )
         held = profile.param_bytes * (2 + setting.optimizer_slots) / dims.servers
         compute += setting.step_overhead_s
-        peak = max(held + setting.rank_overhead_bytes, _peak(setting, dims, [(None, samples / setting.grad_accum)]))
+        worker = _peak(setting, dims, [(None, samples / setting.grad_accum)])
+        # colocated: a rank holds its worker's whole model and its server's slice at once
+        peak = worker + held if dims.colocated else max(held + setting.rank_overhead_bytes, worker)
         return Prediction(dims.layout, compute, comm, 0.0, peak, load)
     bubble = 0.0
     if dims.pp > 1:

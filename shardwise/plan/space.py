@@ -5,7 +5,7 @@ whose global batch the layout can split (`check_batch_layout`): the degrees of t
 pipeline, spatial and vertical parallelism (data parallelism takes the ranks left), the
 shard mode (where there are data-parallel replicas to shard over), and for a pipeline
 its schedule and micro-batches (one, two or four per stage); or a synchronous parameter
-server with 1 to world - 1 servers. Only the strategies the model's structure takes are
+server with 1 to world - 1 servers, or colocated on every rank. Only the strategies the model's structure takes are
 tried (`ModelShape`). Asynchronous parameter servers are left out: they do not compute
 what one process computes.
 """
@@ -113,8 +113,8 @@ def layouts(world: int, *, batch: int, shape: ModelShape = ModelShape(), grad_ac
                 candidate = replace(cfg, shard=shard)
                 if _valid(candidate, world, batch, grad_accum):
                     found.append(candidate)
-    for servers in range(1, world):
-        candidate = ParallelConfig(mode="ps", servers=servers)
+    servers = [ParallelConfig(mode="ps", servers=n) for n in range(1, world)]
+    for candidate in [*servers, ParallelConfig(mode="ps", colocate=True)]:
         if _valid(candidate, world, batch, grad_accum):
             found.append(candidate)
     return found

@@ -157,14 +157,15 @@ def staleness_summary(server: ParameterServer) -> dict:
     }
 
 
-def score_flat(model: nn.Module, data: RankData) -> Callable[[Tensor], dict[str, float]]:
-    """Server 0's scorer: load the flat parameters into its copy of the model, evaluate."""
+def score_flat(model: nn.Module, data: RankData, group=None) -> Callable[[Tensor], dict[str, float]]:
+    """Server 0's scorer: load the flat parameters into its copy of the model, evaluate
+    (colocated: every server its slice of the validation set, summed over `group`)."""
     from shardwise.parallel.ps_protocol import load_flat
     from shardwise.train.evaluate import evaluate
 
     def run(flat: Tensor) -> dict[str, float]:
         with torch.no_grad():
             load_flat(model, flat)
-        return evaluate(model, data, group=None)
+        return evaluate(model, data, group=group)
 
     return run
