@@ -137,8 +137,8 @@ def test_model_parallel_formulas_by_hand():
     assert halo_seconds(GBIT, 1, 1e6, 3, 1e3, 2) == 0.0
     # 3 workers through 2 servers: each server's link carries 3 x half the parameters, each way
     assert ps_seconds(NOLAT, 2, 3, 4e6) == pytest.approx(2 * 3 * 2e-3)
-    # and the copies: 5 passes over the model on a worker, 3 x 3 + 1 over each server's half
-    assert ps_seconds(NOLAT, 2, 3, 4e6, copy_s_per_byte=1e-10) == pytest.approx(12e-3 + (5 + 10 / 2) * 4e-4)
+    # and the copies: 2 passes over the model on a worker, 2 x 3 + 2 over each server's half
+    assert ps_seconds(NOLAT, 2, 3, 4e6, copy_s_per_byte=1e-10) == pytest.approx(12e-3 + (2 + 8 / 2) * 4e-4)
     # pushes in half precision: half the bytes one way, the weights whole the other
     assert ps_seconds(NOLAT, 2, 3, 4e6, push_half=True) == pytest.approx(3 * 1e-3 + 3 * 2e-3)
     # colocated on 4 ranks: each keeps its own quarter, and sends and takes the other 3

@@ -29,6 +29,37 @@ def copy_flat(flat: Tensor, tensors: list[Tensor]) -> None:
         offset += t.numel()
 
 
+def _pieces(tensors: list[Tensor], lo: int, hi: int):
+    """(index, start, end within the tensor, offset within [lo, hi)) of each of `tensors`
+    overlapping the range [lo, hi) of them laid end to end."""
+    start = 0
+    for i, t in enumerate(tensors):
+        end = start + t.numel()
+        if end > lo and start < hi:
+            a, b = max(lo, start), min(hi, end)
+            yield i, a - start, b - start, a - lo
+        start = end
+
+
+@torch.no_grad()
+def read_range(tensors: list[Tensor | None], like: list[Tensor], lo: int, hi: int, out: Tensor) -> None:
+    """Fill `out` with the range [lo, hi) of `tensors` laid end to end (a None counts as
+    zeros shaped like the matching entry of `like`): one pass, no flat copy of the whole."""
+    for i, a, b, at in _pieces(like, lo, hi):
+        piece = out[at : at + b - a]
+        if tensors[i] is None:
+            piece.zero_()
+        else:
+            piece.copy_(tensors[i].detach().reshape(-1)[a:b])
+
+
+@torch.no_grad()
+def write_range(piece: Tensor, lo: int, tensors: list[Tensor]) -> None:
+    """Copy `piece`, the range starting at `lo` of `tensors` laid end to end, into them."""
+    for i, a, b, at in _pieces(tensors, lo, lo + piece.numel()):
+        tensors[i].view(-1)[a:b].copy_(piece[at : at + b - a])
+
+
 def named_views(flat: Tensor, named: list[tuple[str, Tensor]], *, prefix: str = "") -> dict[str, Tensor]:
     """`prefix + NAME` for each tensor of `named`, cut (cloned) from `flat` in order."""
     out, offset = {}, 0

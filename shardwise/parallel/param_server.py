@@ -243,8 +243,8 @@ class ParameterServer:
         n = self.param.numel()
         total = self.codec.decode(arrived[0][1][proto.HEADER :], n)
         for _, m in arrived[1:]:
-            total += self.codec.decode(m[proto.HEADER :], n)
-        grad = total / self.workers
+            self.codec.add_to(total, m[proto.HEADER :])
+        grad = total.div_(self.workers)
         if not self.asynchronous and self.clip_norm > 0:
             grad = self._clipped(grad)
         for g in self.optimizer.param_groups:
@@ -284,6 +284,7 @@ class ParameterServer:
         """Answer every waiting worker whose next step the bound allows."""
         lowest = self._lowest_clock()
         stop = self.index == 0 and self.stats.updates >= self.workers * self.steps
+        reply = None  # the same for every worker answered now: made once
         for w, want in sorted(self.waiting.items()):
             if not stop and self.asynchronous and lowest < want - self.bound:
                 continue
@@ -293,8 +294,9 @@ class ParameterServer:
             version = self.stats.updates
             self.versions[version] = tuple(self.included)
             self.sent[w] = version
-            header = torch.tensor([float(stop), float(lowest), float(version), 0.0, 0.0], dtype=self.dtype)
-            reply = torch.cat([header, self.param.detach()])
+            if reply is None:
+                header = torch.tensor([float(stop), float(lowest), float(version), 0.0, 0.0], dtype=self.dtype)
+                reply = torch.cat([header, self.param.detach()])
             try:
                 if self._mine(w):
                     self.local.replies.put(reply)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from shardwise.comm.cost import Link
-from shardwise.comm.flat import copy_flat, flatten
+from shardwise.comm.flat import copy_flat, flatten, read_range, write_range
 from shardwise.ranges import even_bounds
 
 if TYPE_CHECKING:
@@ -42,11 +42,6 @@ def short_error(e: Exception) -> str:
 
 def flat_parameters(model: nn.Module) -> Tensor:
     return flatten(list(model.parameters()))
-
-
-def flat_gradients(model: nn.Module) -> Tensor:
-    params = list(model.parameters())
-    return flatten([p.grad for p in params], like=params)
 
 
 def load_flat(model: nn.Module, flat: Tensor) -> None:
@@ -78,6 +73,11 @@ class PushCodec:
         packed = torch.zeros(self.words(grad.numel()), dtype=self.dtype)
         packed.view(torch.uint8)[: raw.numel()] = raw
         return packed
+
+    def add_to(self, total: Tensor, payload: Tensor) -> None:
+        """total += the slice a payload holds (in the model's dtype), in place."""
+        n = total.numel()
+        total.add_(payload[:n] if self.half is None else payload.view(torch.uint8)[: 2 * n].view(self.half))
 
     def decode(self, payload: Tensor, n: int) -> Tensor:
         """The slice of `n` gradients a payload holds, in the model's dtype (a new tensor)."""
@@ -143,11 +143,23 @@ class WorkerClient:
         return self.local is not None and server == self.local.index
 
     def push_pull(self, step: int, loss: Tensor) -> bool:
-        """Send this step's gradient, load the parameters for the next; True: stop."""
-        grad = flat_gradients(self.model)
-        payloads = [self.codec.encode(grad[lo:hi]) for lo, hi in self.bounds]
+        """Send this step's gradient, load the parameters for the next; True: stop. Each
+        slice is read from the gradients straight into its message, and each reply's slice
+        written straight into the parameters (no flat copy of the whole model between)."""
+        params = list(self.model.parameters())
+        grads = [p.grad for p in params]
+        messages = []
+        for lo, hi in self.bounds:
+            message = torch.empty(HEADER + self.codec.words(hi - lo), dtype=self.dtype)
+            if self.codec.half is None:
+                read_range(grads, params, lo, hi, message[HEADER:])
+            else:
+                piece = torch.empty(hi - lo, dtype=self.dtype)
+                read_range(grads, params, lo, hi, piece)
+                message[HEADER:] = self.codec.encode(piece)
+            messages.append(message)
         # judged on what is sent: a gradient past fp16's range arrives as inf, and is skipped
-        sent = [p.view(self.codec.half) if self.codec.half is not None else p for p in payloads]
+        sent = [m[HEADER:].view(self.codec.half) if self.codec.half is not None else m[HEADER:] for m in messages]
         finite = bool(torch.isfinite(loss).all()) and all(bool(torch.isfinite(p).all()) for p in sent)
         replies = [torch.empty(HEADER + hi - lo, dtype=self.dtype) for lo, hi in self.bounds]
         # receives first, so that a server's answer never waits for us to be ready
@@ -155,17 +167,16 @@ class WorkerClient:
             None if self._mine(s) else dist.irecv(r, group=self.group, group_src=s, tag=TAG_REPLY)
             for s, r in enumerate(replies)
         ]
-        for s, payload in enumerate(payloads):
+        for s, message in enumerate(messages):
             fields = [PUSH, step, loss.item() if finite else 0.0, float(finite), self.versions[s]]
-            header = torch.tensor(fields, dtype=self.dtype)
-            self._send(s, torch.cat([header, payload]))
+            message[:HEADER] = torch.tensor(fields, dtype=self.dtype)
+            self._send(s, message)
         for s, w in enumerate(waits):
             if w is None:
                 replies[s] = self.local.reply()
             else:
                 w.wait()
-        flat = torch.cat([r[HEADER:] for r in replies])
-        load_flat(self.model, flat)
+            write_range(replies[s][HEADER:], self.bounds[s][0], params)
         self.versions = [r[2].item() for r in replies]
         return bool(replies[0][0].item())
 
@@ -255,14 +266,14 @@ def ps_seconds(
     worker pushes each server its slice of the gradient (in half precision: half its
     bytes) and pulls back the slice's new parameters, so each server's link carries
     workers x param_bytes / servers each way, one message after another. And the copies
-    on the way, each a pass over fresh memory at `copy_s_per_byte`: a worker flattens its
-    gradient, puts a header before it, makes room for the replies, joins them and loads
-    them into the model (5 of the model); a server takes each worker's message into a
-    new buffer, sums them into a copy, divides, and puts a header before each reply
-    (3 x workers + 1 of its slice). Colocated, every rank is a worker and a server: its own
+    on the way, each a pass over fresh memory at `copy_s_per_byte`: a worker reads each
+    slice of its gradient into its message and writes each reply's slice into its model (2
+    of the model); a server receives each worker's message into a new buffer, sums them
+    (a copy of the first, then adds), divides, and puts a header before the reply
+    (2 x workers + 2 of its slice). Colocated, every rank is a worker and a server: its own
     slice stays in memory, so each rank's link carries the other workers - 1 slices in and
     out, pushes then replies, all links at once."""
-    copies = (5 + (3 * workers + 1) / servers) * param_bytes * copy_s_per_byte
+    copies = (2 + (2 * workers + 2) / servers) * param_bytes * copy_s_per_byte
     push = link.send(param_bytes / servers / (2 if push_half else 1))
     messages = workers - 1 if colocated else workers
     return messages * (push + link.send(param_bytes / servers)) + copies
