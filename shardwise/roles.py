@@ -34,7 +34,7 @@ from shardwise.train.loop import LoopResult, LoopSettings, ModelRunner, Position
 from shardwise.train.memory import gather_rows, measured_bytes, memory_records, render_memory, start_measuring
 from shardwise.train.optim import build_scheduler
 from shardwise.train.progress import open_reporter
-from shardwise.train.ps_loop import score_flat, serve, staleness_summary, straggler, work
+from shardwise.train.ps_loop import held_by_servers, score_flat, serve, staleness_summary, straggler, work
 from shardwise.train.timeline import plot_timeline
 
 
@@ -272,9 +272,10 @@ def after_serving(job: Job) -> dict:
     server = job.layout.part.server
     if server is None:
         return {}
+    held = held_by_servers(server, job.mesh.groups["servers"])  # a collective of the servers
     if job.rank == 0 and not job.mesh.dims.colocated:  # colocated: each worker has them from its server
         server.send_final(server.final)
-    return {"ps": staleness_summary(server)}
+    return {"ps": staleness_summary(server) | held}
 
 
 def print_end(console, job: Job, summary: dict, timeline: list, outcome: Outcome) -> None:

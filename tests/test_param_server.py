@@ -211,6 +211,22 @@ def test_asynchronous_servers_drop_a_non_finite_gradient(pool):
     assert all(torch.isfinite(v).all() for v in results[0][1].values())
 
 
+@pytest.mark.parametrize("colocate, optimizer, slots", [("false", "sgd", 1), ("true", "adamw", 2)])
+def test_each_server_keeps_its_slice_and_its_state_only(pool, colocate, optimizer, slots):
+    """Between them the servers hold every parameter once, each with the optimizer's state
+    for it (SGD's momentum, AdamW's two moments and a step count), and nothing more."""
+    overrides = {**PS, "parallel.servers": "2", "model.name": "mlp", "train.optimizer": optimizer}
+    if colocate == "true":
+        overrides = {**PS, "parallel.colocate": "true", "model.name": "mlp", "train.optimizer": optimizer}
+    summary = pool.run(train_summary, overrides, ranks=[0, 1, 2, 3])[0]
+    params = sum(t.numel() for t in reference(overrides).values())
+    ps = summary["ps"]
+    assert sum(ps["slice_bytes"]) == 4 * params and len(ps["slice_bytes"]) == (4 if colocate == "true" else 2)
+    steps = 4 if optimizer == "adamw" else 0  # AdamW's step count: one float32 a server
+    extra = [held - (1 + slots) * piece for held, piece in zip(ps["server_bytes"], ps["slice_bytes"], strict=True)]
+    assert extra == [steps] * len(extra)
+
+
 def _set_up_by_role(overrides: dict[str, str], *, group):
     cfg = load_config(None, {**BASE, **overrides})
     mesh = RankMesh.build(ParallelDims.resolve(cfg.parallel, torch.distributed.get_world_size(group)), group)

@@ -139,6 +139,18 @@ def serve(
     return result
 
 
+def held_by_servers(server: ParameterServer, group) -> dict:
+    """What each server keeps for serving, in bytes, in server order: its slice of the
+    parameters, and that slice with the optimizer's state for it (a collective of the servers)."""
+    from shardwise.comm.collectives import all_gather_json
+    from shardwise.parallel.splits import local_bytes
+    from shardwise.train.optim import optimizer_state_tensors
+
+    mine = [local_bytes([server.param]), local_bytes([server.param, *optimizer_state_tensors(server.optimizer)])]
+    rows = all_gather_json(mine, group) if group is not None else [mine]
+    return {"slice_bytes": [r[0] for r in rows], "server_bytes": [r[1] for r in rows]}
+
+
 def staleness_summary(server: ParameterServer) -> dict:
     stats = server.stats
     histogram = Counter(stats.staleness)
