@@ -253,7 +253,7 @@ def _serving_config(cfg: Config, folder: Path, record: dict, work: Path, nproc: 
     if cfg.parallel.layout == "auto":
         from shardwise.plan.serving import choose_serving_layout
 
-        choose_serving_layout(cfg, nproc=nproc, cluster=cluster, classes=len(record["classes"]))
+        choose_serving_layout(cfg, nproc=nproc, cluster=cluster, record=record)
     return cfg
 
 

@@ -40,6 +40,10 @@ def send(n_bytes: float) -> float:
     return 1e-4 + 1e-9 * n_bytes
 
 
+# with ranks behind the front: the batch to rank 0 (256 bytes a sample) and the probabilities back
+HOP = send(256 * 32) + send(8 * 10 * 32)
+
+
 def test_each_layouts_batch_by_hand():
     one = _served(1)
     assert one.batch_s == pytest.approx(32 * 1.5e-4) and one.interval_s == one.batch_s and one.held_bytes == 4800
@@ -47,21 +51,21 @@ def test_each_layouts_batch_by_hand():
     dp = _served(2, dp=2)
     # rank 0 sends a header (100 us: a message's latency) and the batch (256 bytes a sample);
     # 16 samples each; the probabilities (10 float64 a sample) gathered: one ring step of half
-    assert dp.batch_s == pytest.approx(1e-4 + send(256 * 32) + 16 * 1.5e-4 + send(8 * 10 * 32 / 2))
-    assert dp.held_bytes == 4800 and dp.rate == pytest.approx(32 / dp.batch_s)
+    assert dp.batch_s == pytest.approx(HOP + 1e-4 + send(256 * 32) + 16 * 1.5e-4 + send(8 * 10 * 32 / 2))
+    assert dp.held_bytes == 4800 and dp.rate == pytest.approx(32 / dp.batch_s)  # one batch at a time
     # tp=2: each Linear halved on all 32 samples; the row layer's output (40 bytes a sample)
     # all-reduced: two ring steps of half of it; nothing to gather over one replica
     tp = _served(2, tp=2)
-    assert tp.batch_s == pytest.approx(1e-4 + send(256 * 32) + 32 * 1.5e-4 / 2 + 2 * send(40 * 32 / 2))
+    assert tp.batch_s == pytest.approx(HOP + 1e-4 + send(256 * 32) + 32 * 1.5e-4 / 2 + 2 * send(40 * 32 / 2))
     assert tp.held_bytes == 2400
     # pp=2: stages (Linear, ReLU) and (Linear), 3.2 and 1.6 ms a batch, the first sending its
     # 400 bytes a sample on; a batch a stage in flight: one every slowest hop
     pp = _served(2, pp=2, microbatches=2)
     first = 32 * 1e-4 + send(400 * 32)
-    assert pp.batch_s == pytest.approx(first + 32 * 5e-5) and pp.interval_s == pytest.approx(first)
-    assert pp.held_bytes == 4000 and pp.rate == pytest.approx(32 / first)
+    assert pp.batch_s == pytest.approx(HOP + first + 32 * 5e-5) and pp.interval_s == pytest.approx(HOP + first)
+    assert pp.held_bytes == 4000 and pp.rate == pytest.approx(32 / (HOP + first))
     assert pp.worst_s == pytest.approx(WAIT + pp.interval_s + pp.batch_s)
-    assert dp.worst_s == pytest.approx(WAIT + 2 * dp.batch_s)
+    assert dp.worst_s == pytest.approx(WAIT + dp.interval_s + dp.batch_s) and dp.interval_s == dp.batch_s
     # ranks beyond the cores wait their turn: the compute stretches
     crowded = served(ParallelConfig(dp=2), 2, PROFILE, LINK, cores=1, max_batch=BATCH, max_wait_s=WAIT,
                      classes=CLASSES)  # fmt: skip
@@ -78,9 +82,31 @@ def test_each_exchange_costs_at_least_what_a_small_one_costs_computing_ranks():
         return served(ParallelConfig(**layout), world, PROFILE, slow, cores=8, max_batch=BATCH, max_wait_s=WAIT,
                       classes=CLASSES)  # fmt: skip
 
-    assert on(2, dp=2).batch_s == pytest.approx(2e-3 + 16 * 1.5e-4 + 1e-3)
-    assert on(2, tp=2).batch_s == pytest.approx(2e-3 + 32 * 1.5e-4 / 2 + 1e-3)
+    assert on(2, dp=2).batch_s == pytest.approx(HOP + 2e-3 + 16 * 1.5e-4 + 1e-3)
+    assert on(2, tp=2).batch_s == pytest.approx(HOP + 2e-3 + 32 * 1.5e-4 / 2 + 1e-3)
     assert on(2, pp=2, microbatches=2).batch_s == pytest.approx(_served(2, pp=2, microbatches=2).batch_s)
+
+
+def test_the_front_adds_to_every_batch_and_takes_a_core_where_none_is_spare():
+    """The front's 2 ms a batch: on every batch's time; at full load beside ranks with a core
+    to spare (the interval at least the front's time), out of the ranks' time without."""
+    front = 2e-3
+
+    def at(world: int, cores: int, **layout) -> Served:
+        return served(ParallelConfig(**layout), world, PROFILE, LINK, cores=cores, max_batch=BATCH, max_wait_s=WAIT,
+                      classes=CLASSES, front_s=front)  # fmt: skip
+
+    one = at(1, 2)
+    assert one.batch_s == pytest.approx(32 * 1.5e-4 + front) and one.interval_s == pytest.approx(32 * 1.5e-4)
+    assert at(1, 1).interval_s == pytest.approx(32 * 1.5e-4 + front)
+    tiny = Link(1e-7, 1e-12, overlap=0.0)  # the ranks' exchanges and the front's hop all but free
+    alone = served(ParallelConfig(), 1, PROFILE, tiny, cores=2, max_batch=1, max_wait_s=WAIT, classes=CLASSES,
+                   front_s=front)  # fmt: skip
+    assert alone.interval_s == pytest.approx(front)  # a forward of 150 us: the front sets the pace
+    pp = at(2, 2, pp=2, microbatches=2)
+    first = 32 * 1e-4 + send(400 * 32)
+    assert pp.batch_s == pytest.approx(front + HOP + first + 32 * 5e-5)
+    assert pp.interval_s == pytest.approx(first + front + HOP)  # two ranks on two cores: none spare
 
 
 def _option(name: str, rate: float, worst: float, held: float = 1.0) -> Served:
@@ -157,7 +183,7 @@ def test_a_pipeline_served_one_batch_at_a_time_is_no_faster_than_its_stages_in_t
     assert cut.batch_s == pytest.approx(pipelined.batch_s) and cut.held_bytes == 4000
     elsewhere = served(ParallelConfig(pp=2, microbatches=2), 2, PROFILE, LINK, cores=8, max_batch=BATCH,
                        max_wait_s=WAIT, classes=CLASSES, cut=[0, 1, 3])  # fmt: skip
-    assert elsewhere.interval_s == pytest.approx(32 * 1e-4 + send(400 * 32))  # the ReLU moved: same hop here
+    assert elsewhere.interval_s == pytest.approx(HOP + 32 * 1e-4 + send(400 * 32))  # the ReLU moved: same hop here
     assert elsewhere.held_bytes == 4000
 
 

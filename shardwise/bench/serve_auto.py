@@ -94,6 +94,7 @@ def _measure(bench: Bench, run_folder, args: list[str], body: bytes, seed: int) 
 
 def _predicted(bench: Bench, run_folder) -> dict:
     """Each serving layout's prediction (and one process's), by name, and auto's choice."""
+    from shardwise.plan.front import front_seconds
     from shardwise.plan.serving import choose, predicted_serving
     from shardwise.scoring import open_run, run_record
     from shardwise.serve.model import serving_config
@@ -102,9 +103,9 @@ def _predicted(bench: Bench, run_folder) -> dict:
     record = run_record(folder)
     cfg = serving_config(cfg, folder, record, bench.work / "stand-in.npz")
     cluster = f"emulated:{bench.placement.cluster.name}" if bench.placement.cluster else "local"
-    classes = len(record["classes"])
-    options = predicted_serving(cfg, nproc=RANKS, cluster=cluster, classes=classes)
-    alone = predicted_serving(cfg, nproc=1, cluster=cluster, classes=classes)[0]
+    front_s = front_seconds(record, BATCH, 5.0)
+    options = predicted_serving(cfg, nproc=RANKS, cluster=cluster, record=record, front_s=front_s)
+    alone = predicted_serving(cfg, nproc=1, cluster=cluster, record=record, front_s=front_s)[0]
     chosen, line = choose(options, 0.0, None)
     return {"options": {o.layout: o for o in options}, ONE: alone, "choice": chosen.layout, "line": line}
 

@@ -16,7 +16,12 @@ figures, for a full batch:
   pipeline's slowest stage with its send (the others work on the batches behind and ahead);
 - **the rate**, max_batch / interval samples a second;
 - **the worst wait** of a request at full load: the batching wait (`serve.max_wait_ms`),
-  the interval for the batch ahead of it to move on, then its own batch's time.
+  the interval for the batch ahead of it to move on, then its own batch's time;
+- **the front**: what the HTTP front and its client add to every batch, measured on this
+  machine with no model behind it (`plan/front.py`), and, with ranks, the batch's hop to rank
+  0 and the probabilities' back. Both add to a batch's time; at full load the hop adds to
+  the interval, and the front works beside the ranks where a core is left over (the
+  interval is at least the front's time) and takes its time out of theirs where none is.
 
 Layouts are those `shardwise plan` enumerates for N ranks without what serving leaves out
 (no sharding of data-parallel replicas, no parameter server, a pipeline only alone), each
@@ -25,8 +30,7 @@ layers' multiply-adds), and with serve.pipelined false is one batch at a time. A
 whose largest rank holds more weights than `serve.memory_per_rank` is dropped. The choice:
 the highest rate among the layouts whose worst wait is within `serve.p99_ms` (0: no target,
 the highest rate); where none is within it, the one with the least worst wait, said so. Not
-modelled: the front's own work per request (HTTP, JSON, the same for every layout) and the
-cores the front and its clients take from the ranks.
+modelled: the cores the clients take, where they run on the same machine.
 """
 
 from __future__ import annotations
@@ -125,10 +129,30 @@ def size_cut(cfg: Config, stages: int) -> list[int]:
 def served(
     cfg: ParallelConfig, nproc: int, profile: ModelProfile, link: Link, *, cores: int, max_batch: int,
     max_wait_s: float, classes: int, cut: list[int] | None = None, pipelined: bool = True,
+    front_s: float = 0.0,
 ) -> Served:  # fmt: skip
     """A serving layout's figures for full batches of `max_batch` samples; a pipeline cut at
     `cut` (each stage's first layer and the end; None: balancing the forward times), a batch a
-    stage in flight unless not `pipelined` (serve.pipelined)."""
+    stage in flight unless not `pipelined` (serve.pipelined); `front_s`: the front's own time
+    a batch (`plan/front.py`)."""
+    ranks = _ranks(cfg, nproc, profile, link, cores=cores, max_batch=max_batch, max_wait_s=max_wait_s,
+                   classes=classes, cut=cut, pipelined=pipelined)  # fmt: skip
+    hop = 0.0
+    if nproc > 1:  # the batch to rank 0 and its probabilities back (at least a message each)
+        in_bytes = profile.layers[0].in_bytes_per_sample * max_batch
+        hop = link.send(in_bytes) + link.send(PROBABILITY_BYTES * classes * max_batch)
+    # the front parses the next batch while the ranks work where a core is spare; the hop is
+    # the ranks' own time (rank 0 takes a batch once it has answered the one before)
+    spare = cores > nproc
+    interval = max(ranks.interval_s + hop, front_s) if spare else ranks.interval_s + hop + front_s
+    return dataclasses.replace(ranks, batch_s=ranks.batch_s + hop + front_s, interval_s=interval)
+
+
+def _ranks(
+    cfg: ParallelConfig, nproc: int, profile: ModelProfile, link: Link, *, cores: int, max_batch: int,
+    max_wait_s: float, classes: int, cut: list[int] | None, pipelined: bool,
+) -> Served:  # fmt: skip
+    """`served`'s figures of the ranks alone: from rank 0 taking the batch to the answer."""
     dims = ParallelDims.resolve(cfg, nproc)
     stretch = max(1.0, nproc / cores)
     # each exchange between ranks that compute between exchanges costs at least the link's
@@ -189,21 +213,27 @@ def choose(options: list[Served], p99_s: float, budget: float | None) -> tuple[S
     return best, text + f", of {len(fitting)} serving layouts)"
 
 
-def predicted_serving(cfg: Config, *, nproc: int, cluster: str, classes: int) -> list[Served]:
+def predicted_serving(cfg: Config, *, nproc: int, cluster: str, record: dict,
+                      front_s: float | None = None) -> list[Served]:  # fmt: skip
     """Every serving layout of `nproc` ranks for the serving config `cfg` (serve/model.py
-    `serving_config`), predicted from the model's profile and the link, measured as `plan`
-    measures them (and cached alike); with `nproc` 1, one process."""
+    `serving_config`) of the run `record` describes, predicted from the model's profile and
+    the link, measured as `plan` measures them (and cached alike), and the front's time a
+    batch (`front_s`; None: measured now); with `nproc` 1, one process."""
     from shardwise.plan.command import measured_link, measured_profile
+    from shardwise.plan.front import front_seconds
 
     profile, shape, _, _ = measured_profile(cfg)
     link = measured_link(cluster, max(2, nproc))
     s = cfg.serve
+    if front_s is None:
+        front_s = front_seconds(record, s.max_batch, s.max_wait_ms)
+    classes = len(record["classes"])
     options = []
     for layout in serving_layouts(cfg, nproc, shape) if nproc > 1 else [ParallelConfig()]:
         cut = size_cut(cfg, layout.pp) if layout.pp > 1 else None
         options.append(served(layout, nproc, profile, link, cores=len(os.sched_getaffinity(0)),
                               max_batch=s.max_batch, max_wait_s=s.max_wait_ms / 1e3, classes=classes, cut=cut,
-                              pipelined=s.pipelined))  # fmt: skip
+                              pipelined=s.pipelined, front_s=front_s))  # fmt: skip
     return options
 
 
@@ -215,16 +245,18 @@ def alone_would(alone: Served, best: Served, budget: float | None) -> str:
     return f"; one process would serve {alone.rate:,.0f} samples a second (--nproc 1)"
 
 
-def choose_serving_layout(cfg: Config, *, nproc: int, cluster: str, classes: int) -> dict:
+def choose_serving_layout(cfg: Config, *, nproc: int, cluster: str, record: dict) -> dict:
     """parallel.layout = auto for serving: predict every serving layout (`predicted_serving`),
     print the choice in one line and set it in `cfg`. The chosen layout's figures."""
     from shardwise.config_check import parse_bytes
+    from shardwise.plan.front import front_seconds
 
-    options = predicted_serving(cfg, nproc=nproc, cluster=cluster, classes=classes)
     s = cfg.serve
+    front_s = front_seconds(record, s.max_batch, s.max_wait_ms)
+    options = predicted_serving(cfg, nproc=nproc, cluster=cluster, record=record, front_s=front_s)
     budget = parse_bytes(s.memory_per_rank, "serve.memory_per_rank") if s.memory_per_rank else None
     best, text = choose(options, s.p99_ms / 1e3, budget)
-    alone = predicted_serving(cfg, nproc=1, cluster=cluster, classes=classes)[0]
+    alone = predicted_serving(cfg, nproc=1, cluster=cluster, record=record, front_s=front_s)[0]
     print(f"parallel.layout auto: {text}{alone_would(alone, best, budget)}", flush=True)
     cfg.parallel = dataclasses.replace(best.config, layout="manual")
     return {
