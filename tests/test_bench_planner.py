@@ -94,10 +94,12 @@ def test_every_layout_runs_each_round_in_rotated_order_with_fresh_measurements(t
     ran, caches = [], []
     measured = {0: [30, 10, 20], 1: [5, 6, 7], 2: [9, 1, 8]}  # ms of each layout's runs, in order
 
-    def predicted(args, world, cluster):
+    def predicted(args, world, cluster):  # the machine drifts: round 2 measures inputs twice as slow
         caches.append(os.environ["SHARDWISE_CACHE"])
-        return [{"layout": f"L{i}", "settings": {"dp": i + 1}, "step_s": 0.01 * (i + 1), "memory_bytes": 1e6}
+        scale = [1, 2, 1][len(caches) - 1]
+        rows = [{"layout": f"L{i}", "settings": {"dp": i + 1}, "step_s": 0.01 * (i + 1) * scale, "memory_bytes": 1e6}
                 for i in range(3)]  # fmt: skip
+        return rows[len(caches) - 1 :] + rows[: len(caches) - 1]  # each round may rank them differently
 
     class FakeBench:
         work, options, link, where, details = tmp_path, {"cases": [("mlp", 2)], "rounds": 3}, "loopback", "here", []
@@ -118,9 +120,16 @@ def test_every_layout_runs_each_round_in_rotated_order_with_fresh_measurements(t
     monkeypatch.setenv("SHARDWISE_CACHE", "elsewhere")
     planner.run(FakeBench())
     assert ran == [0, 1, 2, 1, 2, 0, 2, 0, 1]  # each round starts one layout later
-    assert caches == [str(tmp_path / "planner-cache")] and os.environ["SHARDWISE_CACHE"] == "elsewhere"
+    assert caches == [str(tmp_path / f"planner-cache-mlp-2-{k}") for k in range(3)]  # each round's own inputs
+    assert os.environ["SHARDWISE_CACHE"] == "elsewhere"
     (case,) = FakeBench.details
     assert [r["measured_s"] for r in case["runs"]] == pytest.approx([0.020, 0.006, 0.008])  # the medians
+    assert [r["predicted_s"] for r in case["runs"]] == pytest.approx([0.010, 0.020, 0.030])
+    # each run against its own round's prediction: L0 predicted 10, 20, 10 ms and measured 30,
+    # 10, 20: ratios 1/3, 2, 1/2, median 1/2; L1 20, 40, 20 against 5, 6, 7: 4, 6.7, 2.9;
+    # L2 30, 60, 30 against 9, 1, 8: 3.3, 60, 3.75
+    assert [r["error"] for r in case["runs"]] == pytest.approx([0.5, 3.0, 2.75])
+    assert case["error_median"] == pytest.approx(2.75)
     # the peak compared is the live one; the resident high-water mark is kept beside it
     assert [(r["measured_peak"], r["resident_peak"]) for r in case["runs"]] == [(1e6 + i, 2e6) for i in range(3)]
     assert case["best"].startswith("L1") and case["rounds"] == 3

@@ -1,14 +1,19 @@
 """The cost model against the runs it predicts: every layout of 2 and 4 ranks, for models of
 different character, predicted by `shardwise plan` and then trained for real.
 
-For each model and world size the planner's inputs are measured as `plan` measures them
-(the layer profile, the link of this bench's placement, the engine's own overheads),
-afresh in the bench's own folder, every layout it enumerates is predicted, and each is
-then run for STEPS steps, ROUNDS times in rotated order (`--rounds`); a run's own summary
-holds its measured median step and peak (`model_check`), and a layout's figure is the
-median of its runs. Figures per case (model x world x link):
+For each model and world size, each of ROUNDS rounds (`--rounds`) first measures the
+planner's inputs as `plan` measures them (the layer profile, the link of this bench's
+placement, the engine's own overheads), afresh in a folder of its own, predicts every
+layout, then runs each for STEPS steps, in an order rotated from round to round. A run's
+own summary holds its measured median step and peak (`model_check`). Each run is paired
+with the prediction made from the inputs measured in its own round, minutes before it,
+so the machine's drift over the bench's hour (one profile measured 23% slower than the
+runs it predicted hours later) is not counted as the model's error. A layout's error is
+|the median over its rounds of predicted / measured - 1|; its predicted and measured steps
+are the medians over the rounds. The planner's choice is round 1's. Figures per case
+(model x world x link):
 
-- the median and 90th percentile of |predicted - measured| / measured step time;
+- the median and 90th percentile of the layouts' errors;
 - Kendall's tau between the predicted and the measured order (scipy's);
 - regret: the measured step of the planner's choice / the best measured step;
 - the median measured / predicted peak memory.
@@ -19,6 +24,7 @@ whether the planner's choice differs the same way.
 
 from __future__ import annotations
 
+import json
 import statistics
 
 from shardwise.bench.common import GIVE_BACK, Bench, fresh_inputs, spread
@@ -80,7 +86,7 @@ def kendall_tau(predicted: list[float], measured: list[float]) -> float:
 def case_figures(rows: list[dict]) -> dict:
     """A case's figures from its runs (each with `predicted_s`, `measured_s`, the peaks), in
     the planner's order (its choice first)."""
-    errors = sorted(abs(r["predicted_s"] - r["measured_s"]) / r["measured_s"] for r in rows)
+    errors = sorted(r.get("error", abs(r["predicted_s"] - r["measured_s"]) / r["measured_s"]) for r in rows)
     memory = sorted(abs(r["measured_peak"] / r["predicted_peak"] - 1) for r in rows if r.get("measured_peak"))
     best = min(rows, key=lambda r: r["measured_s"])
     return {
@@ -117,23 +123,32 @@ def parse_cases(text: str | None) -> list[tuple[str, int]]:
 def run(b: Bench) -> None:
     cluster = f"emulated:{b.placement.cluster.name}" if b.placement.cluster else "local"
     rounds = b.options.get("rounds", ROUNDS)
-    with fresh_inputs(b.work / "planner-cache"):
-        for model, world in b.options.get("cases") or parse_cases(None):
-            _case(b, model, world, cluster, rounds)
+    for model, world in b.options.get("cases") or parse_cases(None):
+        _case(b, model, world, cluster, rounds)
+
+
+def _key(row: dict) -> str:
+    return json.dumps(row["settings"], sort_keys=True)
 
 
 def _case(b: Bench, model: str, world: int, cluster: str, rounds: int) -> None:
     text, args = MODELS[model]
-    layouts = predicted_layouts(args, world, cluster)
-    b.console.print(
-        f"[bold]planner[/]: {text}, {world} ranks ({b.where}): {len(layouts)} layouts, each run {rounds}x, rotated"
-    )
-    summaries: list[list[dict]] = [[] for _ in layouts]
+    layouts: list[dict] = []
+    b.console.print(f"[bold]planner[/]: {text}, {world} ranks ({b.where}): each layout run {rounds}x, rotated")
+    summaries: list[list[dict]] = []
+    predicted: list[list[float]] = []  # each layout's prediction in each round
     for k in range(rounds):
+        with fresh_inputs(b.work / f"planner-cache-{model}-{world}-{k}"):  # this round's inputs, measured now
+            found = {_key(row): row for row in predicted_layouts(args, world, cluster)}
+        if not layouts:
+            layouts = list(found.values())  # round 1's order: its choice first
+            summaries, predicted = [[] for _ in layouts], [[] for _ in layouts]
+            b.console.print(f"  {len(layouts)} layouts")
         n = len(layouts)
         shift = k * max(1, n // rounds) % max(1, n)  # each round starts further on, fewer layouts than rounds too
         order = list(range(shift, n)) + list(range(shift))
         for i in order:
+            predicted[i].append(found[_key(layouts[i])]["step_s"])
             summaries[i].append(b.train([*args, *_args(layouts[i]["settings"])], f"plan-{model}-{world}-{i}-{k}",
                                         nproc=world, steps=STEPS)["model_check"])  # fmt: skip
     # the peaks: once more each, glibc handing every freed block of 64 KiB or more back, so the
@@ -144,7 +159,10 @@ def _case(b: Bench, model: str, world: int, cluster: str, rounds: int) -> None:
                 env=GIVE_BACK)["model_check"].get("measured_peak_bytes")
         for i, row in enumerate(layouts)
     ]  # fmt: skip
-    rows = [_row(b, row, checks, peak) for row, checks, peak in zip(layouts, summaries, live, strict=True)]
+    rows = [
+        _row(b, row, checks, peak, guesses)
+        for row, checks, peak, guesses in zip(layouts, summaries, live, predicted, strict=True)
+    ]
     figures = case_figures(rows)
     b.details.append({"model": model, "world": world, "link": b.link, "rounds": rounds, "runs": rows, **figures})
     how = f"{text}; {world} ranks, {len(rows)} layouts, {STEPS} steps a run, the median of {rounds} runs"
@@ -165,15 +183,17 @@ def _case(b: Bench, model: str, world: int, cluster: str, rounds: int) -> None:
     )
 
 
-def _row(b: Bench, row: dict, checks: list[dict], live: float | None) -> dict:
-    """One layout's predicted step and peak, the median of its runs' measured steps and
-    resident peaks, and its live peak (`live`: the run handing freed blocks back)."""
+def _row(b: Bench, row: dict, checks: list[dict], live: float | None, guesses: list[float]) -> dict:
+    """One layout's predicted step (the median of each round's) and peak, the median of its
+    runs' measured steps and resident peaks, its live peak (`live`: the run handing freed
+    blocks back), and its error: each run against its own round's prediction."""
     from shardwise.plan.command import options_text
 
     layout = f"{row['layout']} {options_text(row)}".strip()
     steps = [c["measured_step_s"] for c in checks]
     peaks = [c["measured_peak_bytes"] for c in checks if c.get("measured_peak_bytes")]
-    predicted, measured = row["step_s"], statistics.median(steps)
+    predicted, measured = statistics.median(guesses), statistics.median(steps)
+    error = abs(statistics.median(p / m for p, m in zip(guesses, steps, strict=True)) - 1)
     text = f"{row['memory_bytes'] / 2**20:.1f} MiB predicted"
     if live:
         text += f", {live / 2**20:.1f} alive at once"
@@ -186,6 +206,8 @@ def _row(b: Bench, row: dict, checks: list[dict], live: float | None) -> dict:
         "name": layout,
         "predicted_s": predicted,
         "measured_s": measured,
+        "error": error,
+        "predicted_runs_s": guesses,
         "measured_runs_s": steps,
         "predicted_peak": row["memory_bytes"],
         "measured_peak": live,
