@@ -87,7 +87,7 @@ def test_a_model_is_profiled_once_per_key(tmp_path):
 
 def _key(cfg) -> tuple:
     return (cfg.dp, cfg.tp, cfg.pp, cfg.spatial, cfg.vertical, cfg.shard, cfg.schedule, cfg.microbatches, cfg.mode,
-            cfg.servers)  # fmt: skip
+            cfg.servers, cfg.colocate)  # fmt: skip
 
 
 @pytest.mark.parametrize("world, batch", [(1, 64), (2, 64), (4, 64), (6, 60), (8, 64)])
@@ -111,7 +111,7 @@ def test_the_layouts_are_every_config_the_engine_accepts(world, batch):
         for schedule, micro in options:
             brute.append(ParallelConfig(tp=tp, pp=pp, spatial=spatial, vertical=vertical, shard=shard,
                                         schedule=schedule, microbatches=micro))  # fmt: skip
-    brute += [ParallelConfig(mode="ps", servers=s) for s in degrees]
+    brute += [ParallelConfig(mode="ps", servers=s) for s in degrees] + [ParallelConfig(mode="ps", colocate=True)]
     accepted = set()
     for cfg in brute:
         try:
@@ -128,6 +128,7 @@ def test_the_layouts_are_every_config_the_engine_accepts(world, batch):
     if world == 4:
         names = {ParallelDims.resolve(c, 4).layout for c in layouts(4, batch=64)}
         assert {"dp=4", "dp=2 x tp=2", "pp=4", "spatial=4", "ps: 2 servers x 2 workers"} <= names
+        assert "ps: 4 colocated servers and workers" in names
         assert "ps: 1 server x 3 workers" not in names  # 64 samples do not split 3 ways
 
 
