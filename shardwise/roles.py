@@ -229,7 +229,12 @@ def _colocated(job: Job, console) -> Outcome:
 
     thread = threading.Thread(target=serve_slice, name="ps-server", daemon=True)
     thread.start()
-    steps = _work(job).steps
+    try:
+        steps = _work(job).steps
+    except BaseException as e:  # the worker timed out on a peer held up by this rank's failed server: say why
+        if local.error is not None and local.error is not e:
+            raise local.error from e
+        raise
     thread.join()
     if local.error is not None:
         raise local.error

@@ -138,7 +138,7 @@ def error_kind(exc: BaseException) -> str:
     if isinstance(exc, ShardwiseError):
         return procs.USAGE
     causes, e = [], exc
-    while e is not None:
+    while e is not None and all(e is not c for c in causes):  # (a chain that loops ends where it loops)
         causes.append(e)
         e = e.__cause__
     text = " ".join(f"{type(c).__name__}: {c}" for c in causes)

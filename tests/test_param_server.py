@@ -182,6 +182,29 @@ def test_a_colocated_job_ends_naming_the_dead_rank(tmp_path, mode):
     assert done.stderr.strip().splitlines()[-1] == "shardwise: rank 1 failed (exit 3): exited with status 3"
 
 
+def test_a_colocated_servers_error_is_its_ranks_error(tmp_path):
+    """A server's own failure (here: a step whose gradient is not finite, with one allowed)
+    reaches its worker on the same rank, which ends the job with it, not a hang."""
+    done = _train(tmp_path, "--parallel.colocate", "true", "--train.max_bad_steps", "1", fault="1:3:nan")
+    assert done.returncode == 1
+    assert (
+        "train.max_bad_steps: 1 steps in a row with a non-finite loss or gradient (the last at step 4)" in done.stderr
+    )
+
+
+def test_ranges_of_many_tensors_read_and_write_in_one_pass():
+    from shardwise.comm.flat import read_range, write_range
+
+    tensors = [torch.arange(6.0).view(2, 3), torch.arange(6.0, 10.0), torch.arange(10.0, 16.0).view(3, 2).t()]
+    like = [torch.zeros_like(t) for t in tensors]
+    out = torch.empty(7)
+    read_range([tensors[0], None, tensors[2]], like, 4, 11, out)  # across all three, the middle one missing
+    assert out.tolist() == [4.0, 5.0, 0.0, 0.0, 0.0, 0.0, 10.0]
+    write_range(torch.arange(100.0, 107.0), 4, tensors)  # the last one strided: written all the same
+    assert tensors[0].flatten().tolist() == [0.0, 1.0, 2.0, 3.0, 100.0, 101.0]
+    assert tensors[1].tolist() == [102.0, 103.0, 104.0, 105.0] and tensors[2].reshape(-1)[0].item() == 106.0
+
+
 def test_synchronous_job_ends_naming_the_dead_worker(tmp_path):
     done = _train(tmp_path, fault="3:4:exit")
     assert done.returncode == 1

@@ -140,6 +140,9 @@ def _case(b: Bench, model: str, world: int, cluster: str, rounds: int) -> None:
     for k in range(rounds):
         with fresh_inputs(b.work / f"planner-cache-{model}-{world}-{k}"):  # this round's inputs, measured now
             found = {_key(row): row for row in predicted_layouts(args, world, cluster)}
+        missing = [row["layout"] for row in layouts if _key(row) not in found]
+        if missing:
+            raise ShardwiseError("planner", f"round {k + 1} predicted no {', '.join(missing)}, which round 1 did")
         if not layouts:
             layouts = list(found.values())  # round 1's order: its choice first
             summaries, predicted = [[] for _ in layouts], [[] for _ in layouts]

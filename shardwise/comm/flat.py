@@ -57,7 +57,13 @@ def read_range(tensors: list[Tensor | None], like: list[Tensor], lo: int, hi: in
 def write_range(piece: Tensor, lo: int, tensors: list[Tensor]) -> None:
     """Copy `piece`, the range starting at `lo` of `tensors` laid end to end, into them."""
     for i, a, b, at in _pieces(tensors, lo, lo + piece.numel()):
-        tensors[i].view(-1)[a:b].copy_(piece[at : at + b - a])
+        t = tensors[i]
+        if t.is_contiguous():
+            t.view(-1)[a:b].copy_(piece[at : at + b - a])
+        else:  # (a strided parameter: through a contiguous copy)
+            whole = t.reshape(-1).clone()
+            whole[a:b] = piece[at : at + b - a]
+            t.copy_(whole.view(t.shape))
 
 
 def named_views(flat: Tensor, named: list[tuple[str, Tensor]], *, prefix: str = "") -> dict[str, Tensor]:

@@ -171,10 +171,10 @@ class WorkerClient:
             fields = [PUSH, step, loss.item() if finite else 0.0, float(finite), self.versions[s]]
             message[:HEADER] = torch.tensor(fields, dtype=self.dtype)
             self._send(s, message)
+        if self.local is not None:  # its own server first: should that fail, it says so at once
+            replies[self.local.index] = self.local.reply()
         for s, w in enumerate(waits):
-            if w is None:
-                replies[s] = self.local.reply()
-            else:
+            if w is not None:
                 w.wait()
             write_range(replies[s][HEADER:], self.bounds[s][0], params)
         self.versions = [r[2].item() for r in replies]

@@ -40,28 +40,34 @@ def front_seconds(record: dict, max_batch: int, max_wait_ms: float) -> float:
         return np.full((len(x), classes), 1.0 / classes)
 
     served = ServedModel("front", forward, record, {"layout": "none"})
-    sock = listen("127.0.0.1", 0)
-    config = uvicorn.Config(build_app(served, Settings(max_batch, max_wait_ms)), log_level="warning")
+    inputs = np.random.default_rng(0).standard_normal((max_batch, *record["in_shape"])).round(4)
+    body = json.dumps({"inputs": inputs.tolist()}).encode()
+    settings = Settings(max_batch, max_wait_ms, max_body_bytes=max(len(body), Settings().max_body_bytes))
+    config = uvicorn.Config(build_app(served, settings), log_level="warning")
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # (not the main thread: no signal handlers)
+    sock = listen("127.0.0.1", 0)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="front-timing")
-    thread.start()
     try:
+        thread.start()
         deadline = time.monotonic() + START_S
         while not server.started and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.01)
-        inputs = np.random.default_rng(0).standard_normal((max_batch, *record["in_shape"])).round(4)
-        body = json.dumps({"inputs": inputs.tolist()}).encode()
+        if not server.started:
+            raise RuntimeError(f"the front to time did not start within {START_S:g} s")
         took = []
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         with httpx.Client(base_url=url, timeout=30) as client:
             for i in range(WARM + REQUESTS):
                 started = time.perf_counter()
-                client.post("/v1/predict", content=body, headers={"Content-Type": "application/json"})
+                client.post(
+                    "/v1/predict", content=body, headers={"Content-Type": "application/json"}
+                ).raise_for_status()
                 if i >= WARM:
                     took.append(time.perf_counter() - started)
         return statistics.median(took)
     finally:
         server.should_exit = True
-        thread.join(timeout=START_S)
+        if thread.is_alive():
+            thread.join(timeout=START_S)
         sock.close()
