@@ -5,7 +5,8 @@ whose global batch the layout can split (`check_batch_layout`): the degrees of t
 pipeline, spatial and vertical parallelism (data parallelism takes the ranks left), the
 shard mode (where there are data-parallel replicas to shard over), and for a pipeline
 its schedule and micro-batches (one, two or four per stage); or a synchronous parameter
-server with 1 to world - 1 servers, or colocated on every rank. Only the strategies the model's structure takes are
+server with 1 to world - 1 servers (colocated servers are not searched yet: their model
+underpredicts them, README). Only the strategies the model's structure takes are
 tried (`ModelShape`). Asynchronous parameter servers are left out: they do not compute
 what one process computes.
 """
@@ -113,8 +114,10 @@ def layouts(world: int, *, batch: int, shape: ModelShape = ModelShape(), grad_ac
                 candidate = replace(cfg, shard=shard)
                 if _valid(candidate, world, batch, grad_accum):
                     found.append(candidate)
-    servers = [ParallelConfig(mode="ps", servers=n) for n in range(1, world)]
-    for candidate in [*servers, ParallelConfig(mode="ps", colocate=True)]:
+    # colocated servers (parallel.colocate) are not searched: on 4 ranks of 2 cores their
+    # model predicted 172 ms a step where 258 were measured, and the planner chose them (README)
+    for servers in range(1, world):
+        candidate = ParallelConfig(mode="ps", servers=servers)
         if _valid(candidate, world, batch, grad_accum):
             found.append(candidate)
     return found
