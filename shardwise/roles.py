@@ -235,9 +235,7 @@ def _colocated(job: Job, console) -> Outcome:
         if local.error is not None and local.error is not e:
             raise local.error from e
         raise
-    thread.join()
-    if local.error is not None:
-        raise local.error
+    thread.join()  # (the worker's finish took the final weights: the server ended without error)
     return Outcome(served[0].result, steps=steps, skipped=served[0].skipped)
 
 
@@ -256,9 +254,10 @@ def _serve(job: Job, console, scorer=None) -> Outcome:
         return layout.logical_tensors(None), meta
 
     checkpointer = build_checkpointer(cfg, job.out_dir, job.mesh.groups["servers"], collect)
-    evaluate = score_flat(layout.local_model, job.data) if job.rank == 0 else None  # on the whole validation set
-    if scorer is not None:
+    if scorer is not None:  # colocated: each server its slice of the validation set
         evaluate = score_flat(scorer, job.data, group=job.mesh.groups["servers"])
+    else:  # server 0, on the whole validation set
+        evaluate = score_flat(layout.local_model, job.data) if job.rank == 0 else None
     if console is not None:
         mode = f"asynchronous, staleness <= {ps.staleness}" if ps.asynchronous else "synchronous"
         roles = f"ranks {workers} push to ranks 0-{dims.servers - 1}"

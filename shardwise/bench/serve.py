@@ -52,16 +52,9 @@ def _start(run_folder, args: list[str]) -> tuple[subprocess.Popen, str]:
 
 def one_at_a_time(url: str, body: bytes, count: int, warm: int = 5) -> float:
     """The median ms of `count` requests sent one after another (after `warm` not counted)."""
-    import httpx
+    from shardwise.plan.front import median_round_trip
 
-    took = []
-    with httpx.Client(base_url=url, timeout=60) as client:
-        for i in range(warm + count):
-            started = time.perf_counter()
-            client.post("/v1/predict", content=body, headers={"Content-Type": "application/json"}).raise_for_status()
-            if i >= warm:
-                took.append(1e3 * (time.perf_counter() - started))
-    return statistics.median(took)
+    return 1e3 * median_round_trip(url, body, count, warm)
 
 
 async def _load(url: str, body: bytes, rate: float, seconds: float, seed: int) -> dict:

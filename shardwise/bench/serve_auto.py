@@ -103,9 +103,10 @@ def _predicted(bench: Bench, run_folder) -> dict:
     record = run_record(folder)
     cfg = serving_config(cfg, folder, record, bench.work / "stand-in.npz")
     cluster = f"emulated:{bench.placement.cluster.name}" if bench.placement.cluster else "local"
-    front_s = front_seconds(record, BATCH, 5.0)
-    options = predicted_serving(cfg, nproc=RANKS, cluster=cluster, record=record, front_s=front_s)
-    alone = predicted_serving(cfg, nproc=1, cluster=cluster, record=record, front_s=front_s)[0]
+    front_s = front_seconds(record, cfg.serve.max_batch, cfg.serve.max_wait_ms)
+    classes = len(record["classes"])
+    options = predicted_serving(cfg, nproc=RANKS, cluster=cluster, classes=classes, front_s=front_s)
+    alone = predicted_serving(cfg, nproc=1, cluster=cluster, classes=classes, front_s=front_s)[0]
     chosen, line = choose(options, 0.0, None)
     return {"options": {o.layout: o for o in options}, ONE: alone, "choice": chosen.layout, "line": line}
 

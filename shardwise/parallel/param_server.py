@@ -60,7 +60,6 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -73,9 +72,6 @@ from shardwise.parallel import ps_protocol as proto
 from shardwise.parallel.ps_protocol import Arrival, LocalEnd, Lost, ServerStats
 from shardwise.parallel.splits import optimizer_keys, sum_of_squares
 from shardwise.ranges import even_bounds
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass(frozen=True)
@@ -114,12 +110,11 @@ class ParameterServer:
         group: dist.ProcessGroup,
         servers_group: dist.ProcessGroup | None,
         settings: ServerSettings,
-        first_worker: int | None = None,
+        first_worker: int,
         local: LocalEnd | None = None,
     ):
         self.index, self.servers, self.workers, self.group = index, servers, workers, group
-        self.first_worker = servers if first_worker is None else first_worker
-        self.local = local
+        self.first_worker, self.local = first_worker, local
         self.servers_group = servers_group
         total = sum(p.numel() for p in model.parameters())
         self.bounds = even_bounds(total, servers)

@@ -74,16 +74,17 @@ class PushCodec:
         packed.view(torch.uint8)[: raw.numel()] = raw
         return packed
 
+    def _view(self, payload: Tensor, n: int) -> Tensor:
+        """The slice of `n` gradients a payload holds, as sent (no copy)."""
+        return payload[:n] if self.half is None else payload.view(torch.uint8)[: 2 * n].view(self.half)
+
     def add_to(self, total: Tensor, payload: Tensor) -> None:
         """total += the slice a payload holds (in the model's dtype), in place."""
-        n = total.numel()
-        total.add_(payload[:n] if self.half is None else payload.view(torch.uint8)[: 2 * n].view(self.half))
+        total.add_(self._view(payload, total.numel()))
 
     def decode(self, payload: Tensor, n: int) -> Tensor:
         """The slice of `n` gradients a payload holds, in the model's dtype (a new tensor)."""
-        if self.half is None:
-            return payload.clone()
-        return payload.view(torch.uint8)[: 2 * n].view(self.half).to(self.dtype)
+        return self._view(payload, n).to(self.dtype, copy=True)
 
 
 class LocalEnd:

@@ -19,6 +19,22 @@ REQUESTS, WARM = 20, 3
 START_S = 10.0  # the longest the front may take to start listening
 
 
+def median_round_trip(url: str, body: bytes, count: int, warm: int) -> float:
+    """The median seconds of `count` requests of `body` to `url`/v1/predict sent one after
+    another on one keep-alive connection (after `warm` not counted), each answer checked."""
+    import httpx
+
+    took = []
+    headers = {"Content-Type": "application/json"}
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for i in range(warm + count):
+            started = time.perf_counter()
+            client.post("/v1/predict", content=body, headers=headers).raise_for_status()
+            if i >= warm:
+                took.append(time.perf_counter() - started)
+    return statistics.median(took)
+
+
 def front_seconds(record: dict, max_batch: int, max_wait_ms: float) -> float:
     """The median seconds a full batch of `max_batch` samples of the run `record` describes
     takes through the front and back, with no model behind it."""
@@ -26,7 +42,6 @@ def front_seconds(record: dict, max_batch: int, max_wait_ms: float) -> float:
     import json
     import threading
 
-    import httpx
     import numpy as np
     import uvicorn
 
@@ -55,17 +70,7 @@ def front_seconds(record: dict, max_batch: int, max_wait_ms: float) -> float:
             time.sleep(0.01)
         if not server.started:
             raise RuntimeError(f"the front to time did not start within {START_S:g} s")
-        took = []
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        with httpx.Client(base_url=url, timeout=30) as client:
-            for i in range(WARM + REQUESTS):
-                started = time.perf_counter()
-                client.post(
-                    "/v1/predict", content=body, headers={"Content-Type": "application/json"}
-                ).raise_for_status()
-                if i >= WARM:
-                    took.append(time.perf_counter() - started)
-        return statistics.median(took)
+        return median_round_trip(f"http://127.0.0.1:{sock.getsockname()[1]}", body, REQUESTS, WARM)
     finally:
         server.should_exit = True
         if thread.is_alive():

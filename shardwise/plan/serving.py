@@ -213,21 +213,16 @@ def choose(options: list[Served], p99_s: float, budget: float | None) -> tuple[S
     return best, text + f", of {len(fitting)} serving layouts)"
 
 
-def predicted_serving(cfg: Config, *, nproc: int, cluster: str, record: dict,
-                      front_s: float | None = None) -> list[Served]:  # fmt: skip
+def predicted_serving(cfg: Config, *, nproc: int, cluster: str, classes: int, front_s: float) -> list[Served]:
     """Every serving layout of `nproc` ranks for the serving config `cfg` (serve/model.py
-    `serving_config`) of the run `record` describes, predicted from the model's profile and
-    the link, measured as `plan` measures them (and cached alike), and the front's time a
-    batch (`front_s`; None: measured now); with `nproc` 1, one process."""
+    `serving_config`), predicted from the model's profile and the link, measured as `plan`
+    measures them (and cached alike), and the front's time a batch (`front_s`,
+    `plan/front.py`); with `nproc` 1, one process."""
     from shardwise.plan.command import measured_link, measured_profile
-    from shardwise.plan.front import front_seconds
 
     profile, shape, _, _ = measured_profile(cfg)
     link = measured_link(cluster, max(2, nproc))
     s = cfg.serve
-    if front_s is None:
-        front_s = front_seconds(record, s.max_batch, s.max_wait_ms)
-    classes = len(record["classes"])
     options = []
     for layout in serving_layouts(cfg, nproc, shape) if nproc > 1 else [ParallelConfig()]:
         cut = size_cut(cfg, layout.pp) if layout.pp > 1 else None
@@ -253,10 +248,11 @@ def choose_serving_layout(cfg: Config, *, nproc: int, cluster: str, record: dict
 
     s = cfg.serve
     front_s = front_seconds(record, s.max_batch, s.max_wait_ms)
-    options = predicted_serving(cfg, nproc=nproc, cluster=cluster, record=record, front_s=front_s)
+    classes = len(record["classes"])
+    options = predicted_serving(cfg, nproc=nproc, cluster=cluster, classes=classes, front_s=front_s)
     budget = parse_bytes(s.memory_per_rank, "serve.memory_per_rank") if s.memory_per_rank else None
     best, text = choose(options, s.p99_ms / 1e3, budget)
-    alone = predicted_serving(cfg, nproc=1, cluster=cluster, record=record, front_s=front_s)[0]
+    alone = predicted_serving(cfg, nproc=1, cluster=cluster, classes=classes, front_s=front_s)[0]
     print(f"parallel.layout auto: {text}{alone_would(alone, best, budget)}", flush=True)
     cfg.parallel = dataclasses.replace(best.config, layout="manual")
     return {
