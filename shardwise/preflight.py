@@ -29,9 +29,10 @@ def layout_fits(cfg: Config, nproc: int) -> ParallelDims:
         microbatches=dims.microbatches,
     )
     ps = cfg.ps
-    if dims.servers and ps.slow_factor > 1.0 and not (ps.slow_worker == -1 or dims.servers <= ps.slow_worker < nproc):
+    first = dims.first_worker
+    if dims.servers and ps.slow_factor > 1.0 and not (ps.slow_worker == -1 or first <= ps.slow_worker < nproc):
         raise ShardwiseError(
-            "ps.slow_worker", f"={ps.slow_worker}: not a worker, those are ranks {dims.servers} to {nproc - 1}"
+            "ps.slow_worker", f"={ps.slow_worker}: not a worker, those are ranks {first} to {nproc - 1}"
         )
     return dims
 

@@ -74,6 +74,18 @@ def test_colocated_parameter_server_grid_and_refusals(tmp_path, capfd):
     ]:
         with pytest.raises(ShardwiseError, match=f"^{re.escape(message)}"):
             ParallelDims.resolve(_parallel(mode="ps", colocate=True, **kw), world)
+    from shardwise.config import load_config
+    from shardwise.preflight import layout_fits
+
+    def slow(worker: int, **more: str):
+        keys = {"parallel.mode": "ps", "ps.slow_worker": str(worker), "ps.slow_factor": "2", **more}
+        return layout_fits(load_config(None, {"train.batch_size": "48", **keys}), 3)
+
+    assert slow(0, **{"parallel.colocate": "true"}).colocated  # rank 0 is a worker too
+    with pytest.raises(ShardwiseError, match=r"^ps.slow_worker: =3: not a worker, those are ranks 0 to 2"):
+        slow(3, **{"parallel.colocate": "true"})
+    with pytest.raises(ShardwiseError, match=r"^ps.slow_worker: =0: not a worker, those are ranks 1 to 2"):
+        slow(0)
     from refusals import refused_in_one_line
 
     refused_in_one_line(
