@@ -119,7 +119,6 @@ def test_compute_beside_a_collective_hides_its_measured_share():
 
 
 def test_model_parallel_formulas_by_hand():
-    from shardwise.parallel.pipeline import pipeline_seconds
     from shardwise.parallel.ps_protocol import ps_seconds
     from shardwise.parallel.spatial import halo_seconds
     from shardwise.parallel.tensor import tp_seconds
@@ -144,14 +143,34 @@ def test_model_parallel_formulas_by_hand():
     # colocated on 4 ranks: each keeps its own quarter, and sends and takes the other 3
     # quarters (1 MB, 1 ms each) as pushes, then again as replies
     assert ps_seconds(NOLAT, 4, 4, 4e6, colocated=True) == pytest.approx(2 * 3 * 1e-3)
-    # pipeline: 2 stages of 1 and 3 ms, 4 micro-batches, 1 MB boundary (1 ms each way):
-    # 4 slots of the slowest stage's 3 + 2 ms, and the bubble: the other stage's 1 ms and
-    # its transfers
-    step, bubble = pipeline_seconds([1e-3, 3e-3], 4, NOLAT, [1e6])
-    assert step == pytest.approx(4 * 5e-3 + 3e-3) and bubble == pytest.approx(3e-3)
-    # equal stages: the textbook (M + P - 1) slots, P - 1 of them idle
-    step, bubble = pipeline_seconds([2e-3] * 3, 4, NOLAT, [0.0, 0.0])
-    assert step == pytest.approx(6 * 2e-3) and bubble == pytest.approx(2 * 2e-3)
+
+
+def test_pipeline_schedules_played_out_by_hand():
+    from shardwise.parallel.pipeline_cost import BACKWARD, FORWARD, pipeline_seconds, schedule_order
+
+    # torch's 1F1B: stage 0 of 3 warms up with 3 forwards, the last stage with 1
+    f, b = FORWARD, BACKWARD
+    assert schedule_order("1f1b", 3, 0, 4) == [(f, 0), (f, 1), (f, 2), (b, 0), (f, 3), (b, 1), (b, 2), (b, 3)]
+    assert schedule_order("1f1b", 3, 2, 4) == [(f, 0), (b, 0), (f, 1), (b, 1), (f, 2), (b, 2), (f, 3), (b, 3)]
+    assert schedule_order("gpipe", 2, 1, 2) == [(f, 0), (f, 1), (b, 0), (b, 1)]
+    # equal stages of 1 + 1 ms, a core each: the textbook (M + P - 1) slots, P - 1 of them idle
+    for schedule in ("gpipe", "1f1b"):
+        step = pipeline_seconds([1e-3] * 3, [1e-3] * 3, 4, NOLAT, [0.0, 0.0], schedule)
+        assert (step.step_s, step.compute_s, step.bubble_s) == pytest.approx((12e-3, 8e-3, 4e-3))
+    # one micro-batch through 2 stages, 1 MB (1 ms) each way: 1 + 1 + 2 + 1 + 1 ms
+    step = pipeline_seconds([1e-3] * 2, [1e-3] * 2, 1, NOLAT, [1e6])
+    assert (step.step_s, step.compute_s, step.comm_s, step.bubble_s) == pytest.approx((6e-3, 2e-3, 2e-3, 2e-3))
+    # 2 stages (1 ms forward, 2 backward), 2 micro-batches, each stage on 2 ranks, 2 cores:
+    # where both stages compute, each goes at half speed; in the fill and the drain, full.
+    # GPipe: F0 on stage 0 [0, 1]; F1 | F0 [1, 3]; stage 1's F1 [3, 4], B0 [4, 6];
+    # B1 | B0 [6, 10]; stage 0's B1 [10, 12]
+    step = pipeline_seconds([1e-3] * 2, [2e-3] * 2, 2, NOLAT, [0.0], "gpipe", ranks_per_stage=2, cores=2)
+    assert (step.step_s, step.compute_s, step.bubble_s) == pytest.approx((12e-3, 9e-3, 3e-3))
+    # (one stretch of ranks / cores = 2 for every slot would say (M + P - 1) x 3 x 2 = 18 ms)
+    # 1F1B: F0 [0, 1]; F1 | F0 [1, 3]; stage 1's B0 [3, 5]; B0 | F1 [5, 7]; B0 | B1 [7, 9];
+    # stage 1's B1 [9, 10]; stage 0's B1 [10, 12]
+    step = pipeline_seconds([1e-3] * 2, [2e-3] * 2, 2, NOLAT, [0.0], "1f1b", ranks_per_stage=2, cores=2)
+    assert (step.step_s, step.compute_s) == pytest.approx((12e-3, 9e-3))
 
 
 def test_a_collective_costs_its_mean_without_the_slowest_tenth():

@@ -224,13 +224,20 @@ def test_a_pipeline_runs_the_slowest_stage_and_waits_out_the_bubble():
     # 16 samples a micro-batch: the features (1.6 ms) on one stage, the head (4.8 ms) on the other
     slowest, other, transfer = 16 * 3e-4, 16 * 1e-4, 16 * 400 * 1e-9
     assert p.compute_s == pytest.approx(4 * slowest)
-    assert p.bubble_s == pytest.approx(other + 2 * transfer)  # the features' stage fills and drains
-    assert p.comm_s == pytest.approx(4 * 2 * transfer)
+    assert p.bubble_s == pytest.approx(other)  # the features' stage fills and drains
+    # the head's stage computes while the later activations come: only the first
+    # activation's transfer and the last gradient's wait
+    assert p.comm_s == pytest.approx(2 * transfer)
 
 
 def test_more_ranks_than_cores_stretch_the_compute():
     assert predict(ParallelConfig(), 4, _setting(cores=2)).compute_s == pytest.approx(2 * 16 * 4e-4)
     assert predict(ParallelConfig(), 4, _setting(cores=4)).compute_s == pytest.approx(16 * 4e-4)
+    # 2 workers and 2 servers on 2 cores: the servers wait while the workers compute
+    assert predict(ParallelConfig(mode="ps", servers=2), 4, _setting(cores=2)).compute_s == pytest.approx(32 * 4e-4)
+    # colocated, each of the 4 ranks is a worker: 4 compute at once on 2 cores
+    colocated = ParallelConfig(mode="ps", colocate=True)
+    assert predict(colocated, 4, _setting(cores=2)).compute_s == pytest.approx(2 * 16 * 4e-4)
 
 
 def test_the_pipeline_is_cut_on_the_passes_as_the_engine_cuts_it():

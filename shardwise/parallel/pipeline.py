@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from shardwise.comm.cost import Link
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.part import Part
 
@@ -301,22 +300,3 @@ def owners(model: nn.Module, cut: list[int]) -> dict[str, int]:
             for name in layer.state_dict():
                 out[f"{layer_name}.{name}"] = stage
     return out
-
-
-def pipeline_seconds(
-    stage_s: list[float], microbatches: int, link: Link, boundary_bytes: list[float]
-) -> tuple[float, float]:
-    """A pipeline step (the planner's cost model): (the step's time, the bubble in it).
-    `stage_s`: each stage's forward + backward time for one micro-batch; `boundary_bytes`:
-    the activation each boundary hands on, one micro-batch. Under GPipe and 1F1B alike the
-    slowest stage runs its M micro-batches back to back, each slot also waiting for one
-    activation to arrive and one gradient to go back; before its first forward and after
-    its last backward, every other stage does one micro-batch's work and one transfer each
-    way (the fill and the drain: the bubble). With equal stages that is the textbook
-    (M + P - 1) slots, P - 1 of them idle; with unequal ones the bubble is the other
-    stages' time, not P - 1 slots of the slowest."""
-    stages = len(stage_s)
-    transfer = max((link.send(b) for b in boundary_bytes), default=0.0) if stages > 1 else 0.0
-    slowest = max(stage_s)
-    bubble = sum(stage_s) - slowest + (stages - 1) * 2 * transfer
-    return microbatches * (slowest + 2 * transfer) + bubble, bubble

@@ -10,9 +10,11 @@ its servers'); then the engine's own cost per step, measured (`plan/overhead.py`
 checkpointing, the checkpointed layers' forward once more, with their forward's
 communication. Each
 strategy's communication is its own module's formula (parallel/*: `sync_seconds`, `tp_seconds`, `pipeline_seconds`,
-`halo_seconds` and `band_sum_seconds`, `vertical_seconds`, `ps_seconds`). When there are more ranks than cores,
-compute stretches by ranks / cores. Loading (T_load) is each rank's data-parallel share of
-the batch at the source's measured seconds per sample (`plan/profile.py` `loading_fit`).
+`halo_seconds` and `band_sum_seconds`, `vertical_seconds`, `ps_seconds`). When there are more ranks
+than cores, the ranks computing at once share them: compute stretches by ranks / cores, but a pipeline's
+stages are played out in time (`parallel/pipeline_cost.py`: its fill and drain, where fewer
+stages compute, go faster), and separate parameter servers and their workers take turns. Loading (T_load) is each rank's
+data-parallel share of the batch at the source's measured seconds per sample (`plan/profile.py` `loading_fit`).
 
 Memory per rank: what it holds and the largest passing buffer its strategies allocate
 (`plan/memory.py`), for the pipeline stage that holds the most.
@@ -28,7 +30,8 @@ from shardwise.comm.compress import HALF, CompressionSettings, compressor_bytes
 from shardwise.comm.cost import Link, all_gather, all_reduce
 from shardwise.config import ParallelConfig
 from shardwise.parallel.data import DDP_BUCKET_BYTES, sync_seconds
-from shardwise.parallel.pipeline import cut_units, pipeline_seconds, units_of
+from shardwise.parallel.pipeline import cut_units, units_of
+from shardwise.parallel.pipeline_cost import pipeline_seconds
 from shardwise.parallel.ps_protocol import ps_seconds
 from shardwise.parallel.recompute import checkpointed_units
 from shardwise.parallel.spatial import band_sum_seconds, halo_seconds
@@ -219,28 +222,28 @@ def in_flight(dims: ParallelDims, stage: int) -> int:
     return dims.microbatches if dims.schedule == "gpipe" else min(dims.microbatches, dims.pp - stage)
 
 
-def _pipeline(setting: Setting, dims: ParallelDims, micro: float, stretch: float) -> tuple[float, ...]:
+def _pipeline(setting: Setting, dims: ParallelDims, micro: float, world: int) -> tuple[float, ...]:
     """(compute, comm, bubble) of a pipeline's step, and its stages with what each keeps."""
     profile, link = setting.profile, setting.link
     # each micro-batch after the first adds its gradients into the step's: on average
     # (M - 1) / M of a pass over the layer's parameters, a micro-batch
     adds = profile.accumulate_s_per_byte * (dims.microbatches - 1) / dims.microbatches
-    passes = [layer.seconds(micro) * stretch for layer in profile.layers]
+    passes = [layer.seconds(micro) for layer in profile.layers]
     # cut on the passes' times, as the engine cuts on the layers it profiles
     cut = cut_units(passes, units_of([layer.param_bytes > 0 for layer in profile.layers]), dims.pp) + [len(passes)]
-    times = [t + adds * layer.param_bytes * stretch for t, layer in zip(passes, profile.layers, strict=True)]
+    forward = [layer.forward_seconds(micro) for layer in profile.layers]
+    backward = [max(0.0, t - f) + adds * x.param_bytes for t, f, x in zip(passes, forward, profile.layers, strict=True)]
     if setting.checkpointing:  # the cut is made before, on the layers' own passes; the forwards run again
-        again = [
-            layer.forward_seconds(micro) * stretch * on
-            for layer, on in zip(profile.layers, checkpointed(profile, cut), strict=True)
-        ]
-        times = [t + a for t, a in zip(times, again, strict=True)]
-    stage_s = [sum(times[a:b]) for a, b in zip(cut, cut[1:], strict=False)]
+        on = checkpointed(profile, cut)
+        backward = [b + f * again for b, f, again in zip(backward, forward, on, strict=True)]
+    bounds = list(zip(cut, cut[1:], strict=False))
     boundary = [profile.layers[b - 1].out_bytes_per_sample * micro for b in cut[1:-1]]
-    step, bubble = pipeline_seconds(stage_s, dims.microbatches, link, boundary)
-    compute = dims.microbatches * max(stage_s)
-    stages = [(range(a, b), micro * in_flight(dims, k)) for k, (a, b) in enumerate(zip(cut, cut[1:], strict=False))]
-    return compute, step - bubble - compute, bubble, stages
+    step = pipeline_seconds(
+        [sum(forward[a:b]) for a, b in bounds], [sum(backward[a:b]) for a, b in bounds], dims.microbatches,
+        link, boundary, dims.schedule, ranks_per_stage=world // dims.pp, cores=setting.cores,
+    )  # fmt: skip
+    stages = [(range(a, b), micro * in_flight(dims, k)) for k, (a, b) in enumerate(bounds)]
+    return step.compute_s, step.comm_s, step.bubble_s, stages
 
 
 def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
@@ -254,13 +257,17 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         passes = setting.grad_accum * profile.seconds(samples / setting.grad_accum)
         if setting.checkpointing:  # the workers run their checkpointed forwards again
             passes += setting.grad_accum * _recompute(profile, dims, link, samples / setting.grad_accum)[0]
-        compute = (passes + profile.update_s_per_byte * profile.param_bytes / dims.servers) * stretch
+        # separate servers wait while their workers compute, and the workers while the servers sum
+        # and update: each phase shares the cores among its own ranks (colocated: every rank is both)
+        on_workers = stretch if dims.colocated else max(1.0, dims.dp / setting.cores)
+        on_servers = stretch if dims.colocated else max(1.0, dims.servers / setting.cores)
+        compute = passes * on_workers + profile.update_s_per_byte * profile.param_bytes / dims.servers * on_servers
         comm = ps_seconds(
             link,
             dims.servers,
             dims.dp,
             profile.param_bytes,
-            profile.copy_s_per_byte * stretch,
+            profile.copy_s_per_byte * max(on_workers, on_servers),
             push_half=setting.compression is not None and setting.compression.method in HALF,
             colocated=dims.colocated,
         )
@@ -272,7 +279,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         return Prediction(dims.layout, compute, comm, 0.0, peak, load)
     bubble = 0.0
     if dims.pp > 1:
-        compute, comm, bubble, stages = _pipeline(setting, dims, samples / dims.microbatches, stretch)
+        compute, comm, bubble, stages = _pipeline(setting, dims, samples / dims.microbatches, world)
         overlapped = compute  # the stage's whole schedule: its last micro-batch's backward ends it
     else:
         accum = setting.grad_accum  # micro-batches of samples / accum, their gradients summed
