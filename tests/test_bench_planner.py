@@ -30,8 +30,9 @@ def test_case_figures_by_hand():
     assert figures["regret"] == pytest.approx(1.0) and figures["choice"] == figures["best"] == "L0"
     # peaks measured 1.0, 1.1, 1.2, 1.3 times the prediction: off by 0, 10, 20, 30%
     assert figures["memory_error_median"] == pytest.approx(0.15) and figures["memory_error_max"] == pytest.approx(0.3)
-    # every layout but L0 measured over its predicted peak: out of a budget set at that peak
-    assert figures["over_budget"] == ["L1", "L2", "L3"] and figures["over_budget_resident"] == []
+    # out of the tightest budget the planner calls them feasible in, their predicted peak and
+    # its 10% headroom: L2 and L3 (L1, 10% over, just fits)
+    assert figures["over_budget"] == ["L2", "L3"] and figures["over_budget_resident"] == []
 
 
 def test_regret_is_the_choice_against_the_best_measured():

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from shardwise.config import Config
 from shardwise.config_check import parse_bytes
+from shardwise.plan.memory import fits
 from shardwise.plan.model import Prediction, Setting
 
 MiB = 2**20
@@ -52,7 +53,7 @@ def priced(predict_with: Callable[[Setting], Prediction], setting: Setting, mode
     """(checkpointed, prediction) of a layout under `mode`: the first option that fits
     `budget`, or, where none does, the one with the smaller peak."""
     tried = [(on, predict_with(dataclasses.replace(setting, checkpointing=on))) for on in options(mode)]
-    fitting = [t for t in tried if budget is None or t[1].memory_bytes <= budget]
+    fitting = [t for t in tried if fits(t[1].memory_bytes, budget)]
     return fitting[0] if fitting else min(tried, key=lambda t: t[1].memory_bytes)
 
 
@@ -63,13 +64,13 @@ def explain(on: bool, without: Prediction, chosen: Prediction, budget: float | N
         return f"none ({peak}; {source})"
     limit = f"{budget / MiB:,.1f} MiB ({source})"
     if not on:
-        if without.memory_bytes <= budget:
+        if fits(without.memory_bytes, budget):
             return f"none ({peak}, fits {limit})"
         return f"none ({peak}, is over {limit}, and checkpointing would not lower it)"
-    fits = "fits" if chosen.memory_bytes <= budget else "still does not fit"
+    verdict = "fits" if fits(chosen.memory_bytes, budget) else "still does not fit"
     return (
         f"layers (the predicted peak, {without.memory_bytes / MiB:,.1f} MiB a rank, is over {limit}; "
-        f"checkpointed: {chosen.memory_bytes / MiB:,.1f} MiB, which {fits}, and a step "
+        f"checkpointed: {chosen.memory_bytes / MiB:,.1f} MiB, which {verdict}, and a step "
         f"{chosen.step_s / without.step_s:.2f}x as long)"
     )
 

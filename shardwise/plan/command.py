@@ -32,6 +32,7 @@ from shardwise.files import cache_dir, write_atomic
 from shardwise.jsonsafe import dumps
 from shardwise.plan.checkpointing import priced
 from shardwise.plan.compression import named_settings, run_averaging
+from shardwise.plan.memory import HEADROOM, fits
 from shardwise.plan.model import Prediction, Setting, predict
 from shardwise.plan.profile import ModelProfile, batch_sizes, cached, loading_fit, profile_key, profile_model
 from shardwise.plan.space import ModelShape, layouts
@@ -124,8 +125,7 @@ def search(cfg: Config, nproc: int, setting: Setting, shape: ModelShape, budget:
         ):
             continue
         on, p = priced(functools.partial(predict, layout, nproc), setting, mode, budget)
-        fits = budget is None or p.memory_bytes <= budget
-        rows.append({"config": layout, "prediction": p, "fits": fits, "checkpointing": on})
+        rows.append({"config": layout, "prediction": p, "fits": fits(p.memory_bytes, budget), "checkpointing": on})
     rows.sort(key=lambda r: r["prediction"].step_s)
     return rows
 
@@ -185,7 +185,8 @@ def _feasible(rows: list[dict], budget: float | None, nproc: int, key: str) -> l
         raise ShardwiseError(
             key,
             f"no layout of {nproc} ranks fits {budget / 2**20:,.1f} MiB a rank: the smallest predicted peak is "
-            f"{least['prediction'].memory_bytes / 2**20:,.1f} MiB ({describe(summary_row(least, 1))})",
+            f"{least['prediction'].memory_bytes / 2**20:,.1f} MiB ({describe(summary_row(least, 1))}), and a layout "
+            f"fits with {HEADROOM:.0%} to spare",
         )
     return feasible
 
