@@ -213,6 +213,10 @@ class RunConfig:
     comm_share: bool = False
     """Profile each logged step (torch.profiler) for the share of its wall time this rank spent
     in communication that no computation overlapped (comm_share in metrics.jsonl)."""
+    profile: bool = False
+    """Profile each logged step on every rank (torch.profiler): where its time went (compute,
+    copies, exposed communication, the rest: Python and waits outside the communication
+    library) in OUT/profile/rank-R.json, and the last one's Chrome trace in rank-R.trace.json."""
     resume: str = ""
     """A checkpoint folder (or a run folder: its newest complete checkpoint) to continue from."""
 

@@ -29,6 +29,7 @@ from shardwise.layout import Layout
 from shardwise.peer_state import Holder, PeerSettings, holds_whole_state, serve_state
 from shardwise.survivors import announce
 from shardwise.topology import RankMesh
+from shardwise.train.comm_share import write_profile
 from shardwise.train.faults import FaultPlan
 from shardwise.train.loop import LoopResult, LoopSettings, ModelRunner, Position, located, train_loop
 from shardwise.train.memory import gather_rows, measured_bytes, memory_records, render_memory, start_measuring
@@ -125,6 +126,10 @@ def _train(job: Job, console) -> Outcome:
         if checkpoint is not None:
             saved = checkpoint.state["layout"]
             console.print(f"resumed from {checkpoint.folder} (step {job.start_step}, saved as {saved})")
+    profiled = job.out_dir / "profile" / f"rank-{job.rank}" if cfg.run.profile and job.out_dir else None
+    if profiled is not None:
+        profiled.parent.mkdir(parents=True, exist_ok=True)
+    trace_to = f"{profiled}.trace.json" if profiled is not None else None
     rss_start = start_measuring(job.device)  # what training adds: gradients, optimizer state, buffers, activations
     with job.reporter(console) as reporter:
         result = located(job.position, job.rank)(train_loop)(
@@ -133,7 +138,9 @@ def _train(job: Job, console) -> Outcome:
             optimizer,
             scheduler,
             job.data,
-            LoopSettings.from_train(t, start_step=job.start_step, measure_comm=cfg.run.comm_share),
+            LoopSettings.from_train(
+                t, start_step=job.start_step, measure_comm=cfg.run.comm_share or cfg.run.profile, trace_to=trace_to
+            ),
             reporter=reporter,
             faults=job.faults,
             splits=layout.splits,
@@ -143,6 +150,8 @@ def _train(job: Job, console) -> Outcome:
             position=job.position,
             holder=holder,
         )
+    if profiled is not None:
+        write_profile(profiled.with_suffix(".json"), job.rank, result.profiled)
     if cfg.run.predictions:
         job.position.phase = "predictions"
         write_predictions(Path(cfg.run.predictions), layout.runner.predict(job.data), job.rank)

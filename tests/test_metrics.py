@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 import shardwise
-from shardwise.train.comm_share import exposed_share
+from shardwise.train.comm_share import exposed_share, time_shares
 
 SETTINGS = {
     "model.name": "mlp",
@@ -29,7 +29,7 @@ def _records(run) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def board_run(tmp_path_factory):
-    settings = {**SETTINGS, "run.tensorboard": True, "run.comm_share": True}
+    settings = {**SETTINGS, "run.tensorboard": True, "run.comm_share": True, "run.profile": True}
     return shardwise.run(shardwise.build_config(settings), nproc=2, out=tmp_path_factory.mktemp("m") / "run")
 
 
@@ -55,6 +55,24 @@ def test_tensorboard_holds_what_metrics_jsonl_holds(board_run):
         assert all(math.isclose(v, w, rel_tol=1e-6) for (_, v), (_, w) in zip(events, logged, strict=True)), tag
     assert [e.step for e in board.Scalars("validation/accuracy")] == [10, 20]
     assert all(0 < r["comm_share"] < 1 for r in records)  # 2 data-parallel ranks: some waiting is exposed
+
+
+def test_every_rank_says_where_its_steps_went(board_run):
+    """run.profile: each rank's logged steps split into compute, copies, exposed
+    communication and the rest, and the last one's trace, which Chrome's format reads."""
+    for rank in (0, 1):
+        found = json.loads((board_run.out / "profile" / f"rank-{rank}.json").read_text())
+        assert found["rank"] == rank and [s["step"] for s in found["steps"]] == [5, 10, 15, 20]
+        for s in found["steps"]:
+            assert sum(s[k] for k in ("compute", "copies", "communication", "other")) == pytest.approx(1.0)
+            assert s["compute"] > 0.1 and s["communication"] > 0  # an MLP's step on 2 data-parallel ranks
+        middle = sorted(s["compute"] for s in found["steps"])[1:3]
+        assert found["median"]["compute"] == pytest.approx(sum(middle) / 2)
+        trace = json.loads((board_run.out / "profile" / f"rank-{rank}.trace.json").read_text())
+        assert any(e.get("name", "").startswith("gloo:") for e in trace["traceEvents"])
+    assert _records(board_run)[0]["comm_share"] == pytest.approx(
+        json.loads((board_run.out / "profile" / "rank-0.json").read_text())["steps"][0]["communication"]
+    )
 
 
 def test_every_line_is_stamped_in_order(board_run):
@@ -96,6 +114,14 @@ def test_exposed_communication_counts_only_what_no_computation_overlaps():
     ]
     assert exposed_share(events, 100.0) == pytest.approx((70 - 40 + 75 - 70 + 5) / 100)
     assert exposed_share([event("aten::mm", 0, 10)], 10.0) == 0.0
+    # the whole step: compute less its copies, the copies, the exposed communication, the rest
+    events.append(event("aten::copy_", 10, 20))  # inside the mm's span: a copy, not compute
+    events.append(event("aten::cat", 40, 45))  # the copy hides 40..45 of the all-reduce
+    shares = time_shares(events, 100.0)
+    assert shares["compute"] == pytest.approx((40 - 10 + 15) / 100)  # 0..40 and 75..90, less 10..20
+    assert shares["copies"] == pytest.approx(15 / 100)
+    assert shares["communication"] == pytest.approx((70 - 45 + 75 - 70 + 5) / 100)
+    assert shares["other"] == pytest.approx((95 - 90) / 100)  # 90..95: neither
 
 
 def test_one_process_spends_nothing_on_communication(tmp_path):

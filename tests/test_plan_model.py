@@ -276,10 +276,23 @@ def test_fsdp_gathers_for_every_accumulated_micro_batch_and_keeps_whole_gradient
     assert slow.comm_s == pytest.approx(expected) and 0 < expected
 
 
+def test_a_pipelines_stages_average_their_own_gradients_after_the_drain():
+    """dp x pp: each stage all-reduces its own gradients in one flat buffer (a copy in, a
+    copy out) once the pipeline drained; the stage holding the most (the head: 4800 of the
+    5800 bytes) ends the step, not a pp-th of the model."""
+    from shardwise.comm.cost import all_reduce
+
+    copying = dataclasses.replace(_setting(), profile=dataclasses.replace(PROFILE, copy_s_per_byte=1e-9))
+    averaged_free = dataclasses.replace(copying, averaging=lambda dims: 0.0)  # the same step, averaging nothing
+    layout = ParallelConfig(pp=2, dp=2, microbatches=2)
+    plain, free = predict(layout, 4, copying), predict(layout, 4, averaged_free)
+    assert plain.comm_s - free.comm_s == pytest.approx(all_reduce(NOLAT, 2, 4800) + 2 * 4800 * 1e-9)
+
+
 def test_a_named_compression_method_replaces_the_all_reduce_where_gradients_are_averaged():
     """With comm.compression named, a data-parallel layout pays the method's averaging time
     (its collectives and compute, measured per layout) instead of DDP's all-reduce; a
-    stage its share; FSDP2, a parameter server and dp = 1 average nothing through it."""
+    pipeline's stage its share; FSDP2, a parameter server and dp = 1 average nothing through it."""
     seen = []
 
     def averaging(dims):
@@ -293,7 +306,8 @@ def test_a_named_compression_method_replaces_the_all_reduce_where_gradients_are_
     plain_zero = predict(ParallelConfig(shard="optimizer"), 2, _setting())
     assert zero.comm_s == pytest.approx(1e-3 + plain_zero.comm_s - PARAMS * 1e-9)  # then its all-gather
     pipe, plain_pipe = (predict(ParallelConfig(pp=2, dp=2), 4, s) for s in (compressed, _setting()))
-    assert pipe.comm_s - plain_pipe.comm_s == pytest.approx(1e-3 / 2 - PARAMS / 2 * 1e-9)
+    # the stages average apart once the pipeline drained: the head's (4800 of the 5800 bytes) ends last
+    assert pipe.comm_s - plain_pipe.comm_s == pytest.approx(1e-3 * 4800 / PARAMS - 4800 * 1e-9)
     for cfg, world in ((ParallelConfig(shard="full"), 2), (ParallelConfig(mode="ps", servers=1), 2),
                        (ParallelConfig(tp=2), 2)):  # fmt: skip
         assert predict(cfg, world, compressed) == predict(cfg, world, _setting()), cfg

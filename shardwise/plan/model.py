@@ -280,7 +280,13 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
     bubble = 0.0
     if dims.pp > 1:
         compute, comm, bubble, stages = _pipeline(setting, dims, samples / dims.microbatches, world)
-        overlapped = compute  # the stage's whole schedule: its last micro-batch's backward ends it
+        # a stage averages its gradients over dp in one flat all-reduce once the pipeline drained
+        # (train/pipeline.py): nothing computes beside it, the stage holding the most pays the
+        # most, and the flat buffer is a copy in and a copy out
+        overlapped = 0.0
+        grad_bytes = max(held_params(profile, dims, stage) for stage, _ in stages)
+        if dims.dp > 1 and setting.averaging is None:
+            comm += 2 * grad_bytes * profile.copy_s_per_byte * stretch
     else:
         accum = setting.grad_accum  # micro-batches of samples / accum, their gradients summed
         again, again_comm = _recompute(profile, dims, link, samples / accum) if setting.checkpointing else (0, 0)
@@ -289,7 +295,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         compute += (accum - 1) * profile.accumulate_s_per_byte * held_params(profile, dims) * stretch
         comm = accum * (_split_comm(profile, dims, link, samples / accum) + again_comm)
         stages = [(None, samples / accum)]
-    grad_bytes = profile.param_bytes / (dims.tp * dims.pp)
+        grad_bytes = profile.param_bytes / dims.tp
     # compressed: the method's collectives and compute, for a stage's share of the gradients
     compressed = setting.averaging is not None and dims.dp > 1 and dims.shard != "full"
     comm += sync_seconds(
@@ -297,7 +303,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         copy_s_per_byte=profile.copy_s_per_byte * stretch,
         units=max(1, sum(1 for layer in profile.layers if layer.param_bytes)),
         passes=1 if dims.pp > 1 else setting.grad_accum,
-        averaged_s=setting.averaging(dims) / dims.pp if compressed else None,
+        averaged_s=setting.averaging(dims) * grad_bytes / (profile.param_bytes / dims.tp) if compressed else None,
     )  # fmt: skip
     banded = sum(layer.param_bytes for layer in profile.layers if layer.name.startswith("features."))
     comm += band_sum_seconds(link, dims.spatial, banded)  # the bands' shares of the features' gradients

@@ -1,21 +1,33 @@
-"""How much of a training step a rank spends waiting on communication, read from a
-torch.profiler trace of that step.
+"""Where a training step's time goes on a rank, read from a torch.profiler trace of that
+step.
 
 A collective or point-to-point transfer shows as an event of the backend (`gloo:`,
-`nccl:`) or of c10d; the rank's compute as `aten::` operators. Communication that runs
-while an operator computes (DDP's gradient buckets overlapping the backward) costs the
-step nothing, so the share counts only the time inside communication events where no
-operator computes: the exposed communication, as a fraction of the step's wall time.
+`nccl:`) or of c10d; the rank's compute as `aten::` operators, of which the copies
+(`aten::copy_`, `cat`, `clone`, ...) are told apart. Communication that runs while an
+operator computes (DDP's gradient buckets overlapping the backward) costs the step
+nothing, so it counts only the time inside communication events where no operator
+computes: the exposed communication. What no operator and no communication event
+covers is the rest: Python, the framework's own bookkeeping, and waits outside the
+communication library. Each as a fraction of the step's wall time (`time_shares`).
 """
 
 from __future__ import annotations
 
+import json
 import re
+import statistics
 import time
+from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
 
+from shardwise.files import write_atomic
+
 COMM = re.compile(r"^(gloo:|nccl:|c10d::|_c10d_functional::|record_param_comms|ProcessGroup)")
+COPIES = {
+    "aten::copy_", "aten::cat", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::stack",
+    "aten::constant_pad_nd", "aten::index_select", "aten::narrow_copy", "aten::flatten_dense_tensors",
+}  # fmt: skip
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -49,25 +61,45 @@ def _minus(keep: list[tuple[float, float]], cut: list[tuple[float, float]]) -> l
     return out
 
 
-def exposed_share(events, wall_us: float) -> float:
-    """Exposed communication (microseconds inside communication events and outside every
-    compute operator) over the step's wall time; `events`: the profiler's function events."""
-    comm, compute = [], []
+def time_shares(events, wall_us: float) -> dict[str, float]:
+    """The step's wall time split into compute (operators, less their copies), copies,
+    exposed communication and the rest; `events`: the profiler's function events."""
+    comm, ops, copies = [], [], []
     for e in events:
         span = (e.time_range.start, e.time_range.end)
         if COMM.match(e.name):
             comm.append(span)
         elif e.name.startswith("aten::"):
-            compute.append(span)
-    exposed = _minus(_union(comm), _union(compute))
-    return min(1.0, _length(exposed) / wall_us) if wall_us > 0 else 0.0
+            (copies if e.name in COPIES else ops).append(span)
+        # (other events: record_function ranges of Python code, which the rest covers)
+    copies, ops = _union(copies), _union(ops)
+    computing = _union(ops + copies)
+    if wall_us <= 0:
+        return {"compute": 0.0, "copies": 0.0, "communication": 0.0, "other": 0.0}
+    shares = {
+        "compute": _length(_minus(ops, copies)) / wall_us,
+        "copies": _length(copies) / wall_us,
+        "communication": _length(_minus(_union(comm), computing)) / wall_us,
+    }
+    shares = {k: min(1.0, v) for k, v in shares.items()}
+    shares["other"] = max(0.0, 1.0 - sum(shares.values()))
+    return shares
+
+
+def exposed_share(events, wall_us: float) -> float:
+    """Exposed communication (microseconds inside communication events and outside every
+    compute operator) over the step's wall time; `events`: the profiler's function events."""
+    return time_shares(events, wall_us)["communication"]
 
 
 class StepProfile:
-    """Profile one step (`with StepProfile() as p: ...`; then `p.share`)."""
+    """Profile one step (`with StepProfile() as p: ...`; then `p.share`, `p.shares`), and
+    write its Chrome trace to `trace_to`, if given."""
 
-    def __init__(self):
+    def __init__(self, trace_to: str | None = None):
         self.share = float("nan")
+        self.shares: dict[str, float] = {}
+        self.trace_to = trace_to
         self._profile = profile(activities=[ProfilerActivity.CPU])
 
     def __enter__(self) -> StepProfile:
@@ -79,4 +111,14 @@ class StepProfile:
         wall_us = 1e6 * (time.perf_counter() - self._started)
         self._profile.__exit__(*exc)
         if exc[0] is None:
-            self.share = exposed_share(self._profile.events(), wall_us)
+            self.shares = time_shares(self._profile.events(), wall_us)
+            self.share = self.shares["communication"]
+            if self.trace_to:
+                self._profile.export_chrome_trace(self.trace_to)
+
+
+def write_profile(path: Path, rank: int, steps: list[dict]) -> None:
+    """A rank's profiled steps and the median of each share over them (run.profile)."""
+    kinds = ("compute", "copies", "communication", "other")
+    median = {k: statistics.median(s[k] for s in steps) for k in kinds} if steps else {}
+    write_atomic(path, json.dumps({"rank": rank, "median": median, "steps": steps}, indent=1) + "\n")

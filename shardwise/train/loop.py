@@ -41,6 +41,7 @@ class LoopResult:
     final_eval: dict[str, float] = field(default_factory=dict)
     train_s: float = 0.0
     skipped_steps: list[int] = field(default_factory=list)  # 1-based steps skipped as non-finite
+    profiled: list[dict] = field(default_factory=list)  # each profiled step's time shares (comm_share.py)
 
 
 @dataclass
@@ -52,10 +53,13 @@ class LoopSettings:
     eval_every: int = 0
     start_step: int = 0  # a resumed run's first step
     max_bad_steps: int = 3
-    measure_comm: bool = False  # profile each logged step for its exposed communication share
+    measure_comm: bool = False  # profile each logged step for where its time goes
+    trace_to: str | None = None  # and write the last one's Chrome trace there
 
     @classmethod
-    def from_train(cls, t: TrainConfig, *, start_step: int = 0, measure_comm: bool = False) -> LoopSettings:
+    def from_train(
+        cls, t: TrainConfig, *, start_step: int = 0, measure_comm: bool = False, trace_to: str | None = None
+    ) -> LoopSettings:
         return cls(
             steps=t.steps,
             global_batch=t.batch_size,
@@ -65,6 +69,7 @@ class LoopSettings:
             start_step=start_step,
             max_bad_steps=t.max_bad_steps,
             measure_comm=measure_comm,
+            trace_to=trace_to,
         )
 
 
@@ -345,7 +350,7 @@ def train_loop(
             loading = time.perf_counter()
             micro = data.micro_batches(step)
             result.load_times.append(time.perf_counter() - loading)
-            with StepProfile() if logged and settings.measure_comm else nullcontext() as measured:
+            with StepProfile(settings.trace_to) if logged and settings.measure_comm else nullcontext() as measured:
                 loss, applied, norm = _update(ctx, model, optimizer, scheduler, micro, step, where, logged=logged)
             if applied:
                 bad_in_row = 0
@@ -361,6 +366,7 @@ def train_loop(
                     )
             if measured is not None:
                 window.comm_share = measured.share
+                result.profiled.append({"step": step + 1, **measured.shares})
             result.step_times.append(time.perf_counter() - started)
             window.steps += 1
             reporter.step_done(step)
