@@ -169,6 +169,8 @@ def validate(cfg: Config) -> None:
     _check_serve(cfg.serve)
     if cfg.run.predictions and cfg.parallel.mode == "ps":
         raise ShardwiseError("run.predictions", "are written under all-reduce layouts, not parallel.mode=ps")
+    if cfg.run.profile and cfg.parallel.mode == "ps":
+        raise ShardwiseError("run.profile", "profiles the all-reduce layouts' loop, not parallel.mode=ps")
     if t.precision == "bf16" and t.dtype != "float32":
         raise ShardwiseError(
             "train.precision", f"bf16 keeps float32 master weights: needs train.dtype=float32, not {t.dtype}"

@@ -127,9 +127,6 @@ def _train(job: Job, console) -> Outcome:
             saved = checkpoint.state["layout"]
             console.print(f"resumed from {checkpoint.folder} (step {job.start_step}, saved as {saved})")
     profiled = job.out_dir / "profile" / f"rank-{job.rank}" if cfg.run.profile and job.out_dir else None
-    if profiled is not None:
-        profiled.parent.mkdir(parents=True, exist_ok=True)
-    trace_to = f"{profiled}.trace.json" if profiled is not None else None
     rss_start = start_measuring(job.device)  # what training adds: gradients, optimizer state, buffers, activations
     with job.reporter(console) as reporter:
         result = located(job.position, job.rank)(train_loop)(
@@ -139,7 +136,7 @@ def _train(job: Job, console) -> Outcome:
             scheduler,
             job.data,
             LoopSettings.from_train(
-                t, start_step=job.start_step, measure_comm=cfg.run.comm_share or cfg.run.profile, trace_to=trace_to
+                t, start_step=job.start_step, measure_comm=cfg.run.comm_share or profiled is not None
             ),
             reporter=reporter,
             faults=job.faults,
@@ -151,7 +148,10 @@ def _train(job: Job, console) -> Outcome:
             holder=holder,
         )
     if profiled is not None:
+        profiled.parent.mkdir(parents=True, exist_ok=True)
         write_profile(profiled.with_suffix(".json"), job.rank, result.profiled)
+        if result.last_profile is not None:
+            result.last_profile.export(f"{profiled}.trace.json")
     if cfg.run.predictions:
         job.position.phase = "predictions"
         write_predictions(Path(cfg.run.predictions), layout.runner.predict(job.data), job.rank)

@@ -215,7 +215,8 @@ def test_auto_says_when_checkpointing_would_not_help():
     over = Prediction("dp=2", 0.01, 0.0, 0.0, 600 * 2**20)
     said = explain(False, over, over, 512 * 2**20, "train.memory_per_rank")
     assert said == (
-        "none (the predicted peak, 600.0 MiB a rank, is over 512.0 MiB (train.memory_per_rank), "
+        "none (the predicted peak, 600.0 MiB a rank, does not fit 512.0 MiB (train.memory_per_rank) with 10% to "
+        "spare, "
         "and checkpointing would not lower it)"
     )
     assert explain(False, over, over, 1024 * 2**20, "train.memory_per_rank").startswith(

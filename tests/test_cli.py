@@ -71,6 +71,10 @@ BAD_INPUT = {
         ["--train.precision", "bf16", "--train.dtype", "float64"],
         "train.precision: bf16 keeps float32 master weights: needs train.dtype=float32, not float64",
     ),
+    "profile under a parameter server": (
+        ["--nproc", "2", "--parallel.mode", "ps", "--run.profile", "true"],
+        "run.profile: profiles the all-reduce layouts' loop, not parallel.mode=ps",
+    ),
     "missing weights": (["--model.weights", "/nonexistent/m.safetensors"], "model.weights: no such file"),
     "missing data dir": (
         ["--data.name", "cifar10", "--data.path", "/nonexistent/cifar"],

@@ -160,12 +160,14 @@ def test_pipeline_schedules_played_out_by_hand():
     # one micro-batch through 2 stages, 1 MB (1 ms) each way: 1 + 1 + 2 + 1 + 1 ms
     step = pipeline_seconds([1e-3] * 2, [1e-3] * 2, 1, NOLAT, [1e6])
     assert (step.step_s, step.compute_s, step.comm_s, step.bubble_s) == pytest.approx((6e-3, 2e-3, 2e-3, 2e-3))
-    # a stage's link sends one message at a time: 2 stages (0.5 ms forward, 1 ms backward),
-    # 2 micro-batches of 1 MB (1 ms on the link). GPipe: F0 [0, 0.5], F1 [0.5, 1]; their
-    # sends [0.5, 1.5], [1.5, 2.5] (not [1, 2]); stage 1's F0 [1.5, 2], F1 [2.5, 3], B0 [3, 4],
-    # B1 [4, 5]; the gradients' sends [4, 5], [5, 6]; stage 0's B0 [5, 6], B1 [6, 7]
+    # a transfer starts once its receiver has posted the receive, just before the task that
+    # needs it: 2 stages (0.5 ms forward, 1 ms backward), 2 micro-batches of 1 MB (1 ms).
+    # GPipe: stage 0's F0 [0, 0.5], F1 [0.5, 1]; F0's transfer [0.5, 1.5]; stage 1's F0
+    # [1.5, 2]; F1's transfer [2, 3] (not [1, 2]: stage 1 was computing); F1 [3, 3.5], B0
+    # [3.5, 4.5], B1 [4.5, 5.5]; B0's transfer [4.5, 5.5], stage 0's B0 [5.5, 6.5]; B1's
+    # transfer [6.5, 7.5]; B1 [7.5, 8.5]
     step = pipeline_seconds([0.5e-3] * 2, [1e-3] * 2, 2, NOLAT, [1e6], "gpipe")
-    assert step.step_s == pytest.approx(7e-3)
+    assert (step.step_s, *step.ends_s) == pytest.approx((8.5e-3, 8.5e-3, 5.5e-3))
     # 2 stages (1 ms forward, 2 backward), 2 micro-batches, each stage on 2 ranks, 2 cores:
     # where both stages compute, each goes at half speed; in the fill and the drain, full.
     # GPipe: F0 on stage 0 [0, 1]; F1 | F0 [1, 3]; stage 1's F1 [3, 4], B0 [4, 6];

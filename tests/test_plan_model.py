@@ -225,9 +225,10 @@ def test_a_pipeline_runs_the_slowest_stage_and_waits_out_the_bubble():
     slowest, other, transfer = 16 * 3e-4, 16 * 1e-4, 16 * 400 * 1e-9
     assert p.compute_s == pytest.approx(4 * slowest)
     assert p.bubble_s == pytest.approx(other)  # the features' stage fills and drains
-    # the head's stage computes while the later activations come: only the first
-    # activation's transfer and the last gradient's wait
-    assert p.comm_s == pytest.approx(2 * transfer)
+    # the head's stage posts each activation's receive only after its last backward (gloo
+    # sends into a posted receive), so each of the 4 arrives while it waits, and the last
+    # gradient goes back: 4 + 1 transfers on the way
+    assert p.comm_s == pytest.approx(5 * transfer)
 
 
 def test_more_ranks_than_cores_stretch_the_compute():
@@ -278,15 +279,20 @@ def test_fsdp_gathers_for_every_accumulated_micro_batch_and_keeps_whole_gradient
 
 def test_a_pipelines_stages_average_their_own_gradients_after_the_drain():
     """dp x pp: each stage all-reduces its own gradients in one flat buffer (a copy in, a
-    copy out) once the pipeline drained; the stage holding the most (the head: 4800 of the
-    5800 bytes) ends the step, not a pp-th of the model."""
+    copy out) once its own last backward ends, beside no compute. 1F1B, 2 micro-batches of
+    16 (the features' stage: no forward, 1.6 ms backward; the head's: 4.8 ms; 6.4 us a
+    transfer): the head's stage ends at 9.6128 ms, stage 0 at 11.2192."""
     from shardwise.comm.cost import all_reduce
 
     copying = dataclasses.replace(_setting(), profile=dataclasses.replace(PROFILE, copy_s_per_byte=1e-9))
-    averaged_free = dataclasses.replace(copying, averaging=lambda dims: 0.0)  # the same step, averaging nothing
     layout = ParallelConfig(pp=2, dp=2, microbatches=2)
-    plain, free = predict(layout, 4, copying), predict(layout, 4, averaged_free)
-    assert plain.comm_s - free.comm_s == pytest.approx(all_reduce(NOLAT, 2, 4800) + 2 * 4800 * 1e-9)
+    free = predict(layout, 4, dataclasses.replace(copying, averaging=lambda dims: 0.0))  # averaging nothing
+    # the head's 4800 bytes are averaged during stage 0's last backward: stage 0's 1000 end the step
+    plain = predict(layout, 4, copying)
+    assert plain.comm_s - free.comm_s == pytest.approx(all_reduce(NOLAT, 2, 1000) + 2 * 1000 * 1e-9)
+    # a slow averaging (58 ms for the whole model, 48 for the head's share): the head's ends it
+    slow = predict(layout, 4, dataclasses.replace(copying, averaging=lambda dims: 58e-3))
+    assert slow.comm_s - free.comm_s == pytest.approx(9.6128e-3 + 48e-3 - 11.2192e-3)
 
 
 def test_a_named_compression_method_replaces_the_all_reduce_where_gradients_are_averaged():
@@ -306,8 +312,9 @@ def test_a_named_compression_method_replaces_the_all_reduce_where_gradients_are_
     plain_zero = predict(ParallelConfig(shard="optimizer"), 2, _setting())
     assert zero.comm_s == pytest.approx(1e-3 + plain_zero.comm_s - PARAMS * 1e-9)  # then its all-gather
     pipe, plain_pipe = (predict(ParallelConfig(pp=2, dp=2), 4, s) for s in (compressed, _setting()))
-    # the stages average apart once the pipeline drained: the head's (4800 of the 5800 bytes) ends last
-    assert pipe.comm_s - plain_pipe.comm_s == pytest.approx(1e-3 * 4800 / PARAMS - 4800 * 1e-9)
+    # each stage averages its share as its own schedule ends: the head's (4800 of the 5800
+    # bytes) is done before stage 0's last backward, so stage 0's (1000) adds to the step
+    assert pipe.comm_s - plain_pipe.comm_s == pytest.approx(1e-3 * 1000 / PARAMS - 1000 * 1e-9)
     for cfg, world in ((ParallelConfig(shard="full"), 2), (ParallelConfig(mode="ps", servers=1), 2),
                        (ParallelConfig(tp=2), 2)):  # fmt: skip
         assert predict(cfg, world, compressed) == predict(cfg, world, _setting()), cfg

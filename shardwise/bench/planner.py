@@ -183,7 +183,8 @@ def _case(b: Bench, model: str, world: int, cluster: str, rounds: int) -> None:
         f"largest {figures['memory_error_max']:.1%}"
     )
     b.console.print(
-        f"  over their predicted peak (out of a budget set there): {len(figures['over_budget'])} of {len(rows)} "
+        f"  over their predicted peak and its {HEADROOM:.0%} headroom (out of the tightest budget the planner "
+        f"calls them feasible in): {len(figures['over_budget'])} of {len(rows)} "
         f"alive at once ({', '.join(figures['over_budget']) or 'none'}), {len(figures['over_budget_resident'])} "
         "resident"
     )

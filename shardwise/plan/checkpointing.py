@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from shardwise.config import Config
 from shardwise.config_check import parse_bytes
-from shardwise.plan.memory import fits
+from shardwise.plan.memory import HEADROOM, fits
 from shardwise.plan.model import Prediction, Setting
 
 MiB = 2**20
@@ -65,11 +65,12 @@ def explain(on: bool, without: Prediction, chosen: Prediction, budget: float | N
     limit = f"{budget / MiB:,.1f} MiB ({source})"
     if not on:
         if fits(without.memory_bytes, budget):
-            return f"none ({peak}, fits {limit})"
-        return f"none ({peak}, is over {limit}, and checkpointing would not lower it)"
+            return f"none ({peak}, fits {limit} with {HEADROOM:.0%} to spare)"
+        return f"none ({peak}, does not fit {limit} with {HEADROOM:.0%} to spare, and checkpointing would not lower it)"
     verdict = "fits" if fits(chosen.memory_bytes, budget) else "still does not fit"
     return (
-        f"layers (the predicted peak, {without.memory_bytes / MiB:,.1f} MiB a rank, is over {limit}; "
+        f"layers (the predicted peak, {without.memory_bytes / MiB:,.1f} MiB a rank, does not fit {limit} with "
+        f"{HEADROOM:.0%} to spare; "
         f"checkpointed: {chosen.memory_bytes / MiB:,.1f} MiB, which {verdict}, and a step "
         f"{chosen.step_s / without.step_s:.2f}x as long)"
     )

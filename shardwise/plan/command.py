@@ -182,12 +182,10 @@ def _feasible(rows: list[dict], budget: float | None, nproc: int, key: str) -> l
     feasible = [r for r in rows if r["fits"]]
     if not feasible:
         least = min(rows, key=lambda r: r["prediction"].memory_bytes)
-        raise ShardwiseError(
-            key,
-            f"no layout of {nproc} ranks fits {budget / 2**20:,.1f} MiB a rank: the smallest predicted peak is "
-            f"{least['prediction'].memory_bytes / 2**20:,.1f} MiB ({describe(summary_row(least, 1))}), and a layout "
-            f"fits with {HEADROOM:.0%} to spare",
-        )
+        raise ShardwiseError(key, f"no layout of {nproc} ranks fits {budget / 2**20:,.1f} MiB a rank: the smallest "
+                             f"predicted peak is {least['prediction'].memory_bytes / 2**20:,.1f} MiB "
+                             f"({describe(summary_row(least, 1))}), and a layout fits with {HEADROOM:.0%} "
+                             "to spare")  # fmt: skip
     return feasible
 
 
@@ -271,7 +269,7 @@ def render(result: dict, top: int = 12):
     for col in ("#", "layout", "options", "ms / step", "load", "compute", "comm", "bubble", "samples/s", "MiB / rank"):
         table.add_column(col, justify="left" if col in ("layout", "options") else "right")
     for i, r in enumerate(result["layouts"][:top], start=1):
-        mark = "" if r["fits"] else " (over budget)"
+        mark = "" if r["fits"] else f" (over budget, {HEADROOM:.0%} kept)"
         table.add_row(
             str(i), r["layout"], options_text(r) + mark, f"{1e3 * r['step_s']:.2f}",
             f"{1e3 * r['load_s']:.3f}", f"{1e3 * r['compute_s']:.2f}", f"{1e3 * r['comm_s']:.2f}",
@@ -320,7 +318,8 @@ def choose_layout(cfg: Config, *, nproc: int, cluster: str) -> dict:
     if cfg.train.memory_per_rank:  # a budget the user named: none fits is one line
         rows = _feasible(rows, budget, nproc, "train.memory_per_rank")
     elif not any(r["fits"] for r in rows):  # this machine's memory, shared: the fastest, with a warning
-        print(f"parallel.layout auto: no layout's predicted peak fits {budget / 2**20:,.1f} MiB a rank ({source})")
+        mib, kept = budget / 2**20, f"{HEADROOM:.0%} kept"
+        print(f"parallel.layout auto: no layout's predicted peak fits {mib:,.1f} MiB a rank, {kept} ({source})")
     rows = [r for r in rows if r["fits"]] or rows
     best = summary_row(rows[0], cfg.train.batch_size)
     print(

@@ -42,7 +42,7 @@ from shardwise.topology import ParallelDims
 
 # a layout fits a budget when its predicted peak and this share more do: the allocator's
 # blocks and what the model leaves out (`shardwise bench planner`'s 4-rank run measured
-# peaks up to 4.6% over the predicted, but for two pipelines of many micro-batches)
+# peaks up to 4.7% over the predicted)
 HEADROOM = 0.10
 
 

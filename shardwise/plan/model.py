@@ -9,8 +9,9 @@ parameters a rank updates (the profile's seconds per byte; a parameter server's 
 its servers'); then the engine's own cost per step, measured (`plan/overhead.py`); with activation
 checkpointing, the checkpointed layers' forward once more, with their forward's
 communication. Each
-strategy's communication is its own module's formula (parallel/*: `sync_seconds`, `tp_seconds`, `pipeline_seconds`,
-`halo_seconds` and `band_sum_seconds`, `vertical_seconds`, `ps_seconds`). When there are more ranks
+strategy's communication is its own module's formula (parallel/*: `sync_seconds`, `tp_seconds`,
+`halo_seconds` and `band_sum_seconds`, `vertical_seconds`, `ps_seconds`; a pipeline's whole step is
+played out in `pipeline_cost.py`, its stages' averaging over dp here). When there are more ranks
 than cores, the ranks computing at once share them: compute stretches by ranks / cores, but a pipeline's
 stages are played out in time (`parallel/pipeline_cost.py`: its fill and drain, where fewer
 stages compute, go faster), and separate parameter servers and their workers take turns. Loading (T_load) is each rank's
@@ -243,7 +244,30 @@ def _pipeline(setting: Setting, dims: ParallelDims, micro: float, world: int) ->
         link, boundary, dims.schedule, ranks_per_stage=world // dims.pp, cores=setting.cores,
     )  # fmt: skip
     stages = [(range(a, b), micro * in_flight(dims, k)) for k, (a, b) in enumerate(bounds)]
-    return step.compute_s, step.comm_s, step.bubble_s, stages
+    averaging = _stages_averaging(setting, dims, [stage for stage, _ in stages], step.ends_s, world)
+    return step.compute_s, step.comm_s + averaging, step.bubble_s, stages
+
+
+def _stages_averaging(setting: Setting, dims: ParallelDims, stages: list[range], ends: tuple, world: int) -> float:
+    """What averaging over dp adds to a pipeline's step (train/pipeline.py): each stage
+    averages its own gradients once its last backward ends, in one flat all-reduce (a copy in
+    and a copy out; or through the run's compressor), beside no compute; the stage holding
+    the most may end after stage 0, which ends the schedule. ZeRO-1 then gathers the
+    updated slices of the largest stage."""
+    if dims.dp <= 1:
+        return 0.0
+    profile, link = setting.profile, setting.link
+    copy = profile.copy_s_per_byte * max(1.0, world / setting.cores)
+    held = [held_params(profile, dims, stage) for stage in stages]
+    if setting.averaging is not None:  # the method's time for the whole model, a stage its share
+        whole_s = setting.averaging(dims)
+        took = [whole_s * b / (profile.param_bytes / dims.tp) for b in held]
+    else:
+        took = [all_reduce(link, dims.dp, b) + 2 * b * copy for b in held]
+    extra = max(end + t for end, t in zip(ends, took, strict=True)) - max(ends)
+    if dims.shard == "optimizer":
+        extra += all_gather(link, dims.dp, max(held)) + (2 + 1 / dims.dp) * max(held) * copy
+    return extra
 
 
 def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
@@ -261,6 +285,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         # and update: each phase shares the cores among its own ranks (colocated: every rank is both)
         on_workers = stretch if dims.colocated else max(1.0, dims.dp / setting.cores)
         on_servers = stretch if dims.colocated else max(1.0, dims.servers / setting.cores)
+        load = load / stretch * on_workers  # the workers load their shares
         compute = passes * on_workers + profile.update_s_per_byte * profile.param_bytes / dims.servers * on_servers
         comm = ps_seconds(
             link,
@@ -278,15 +303,8 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         peak = worker + held if dims.colocated else max(held + setting.rank_overhead_bytes, worker)
         return Prediction(dims.layout, compute, comm, 0.0, peak, load)
     bubble = 0.0
-    if dims.pp > 1:
+    if dims.pp > 1:  # with each stage's averaging over dp
         compute, comm, bubble, stages = _pipeline(setting, dims, samples / dims.microbatches, world)
-        # a stage averages its gradients over dp in one flat all-reduce once the pipeline drained
-        # (train/pipeline.py): nothing computes beside it, the stage holding the most pays the
-        # most, and the flat buffer is a copy in and a copy out
-        overlapped = 0.0
-        grad_bytes = max(held_params(profile, dims, stage) for stage, _ in stages)
-        if dims.dp > 1 and setting.averaging is None:
-            comm += 2 * grad_bytes * profile.copy_s_per_byte * stretch
     else:
         accum = setting.grad_accum  # micro-batches of samples / accum, their gradients summed
         again, again_comm = _recompute(profile, dims, link, samples / accum) if setting.checkpointing else (0, 0)
@@ -295,16 +313,14 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         compute += (accum - 1) * profile.accumulate_s_per_byte * held_params(profile, dims) * stretch
         comm = accum * (_split_comm(profile, dims, link, samples / accum) + again_comm)
         stages = [(None, samples / accum)]
-        grad_bytes = profile.param_bytes / dims.tp
-    # compressed: the method's collectives and compute, for a stage's share of the gradients
-    compressed = setting.averaging is not None and dims.dp > 1 and dims.shard != "full"
-    comm += sync_seconds(
-        link, dims.dp, grad_bytes, backward_s=overlapped * 2 / 3, shard=dims.shard,
-        copy_s_per_byte=profile.copy_s_per_byte * stretch,
-        units=max(1, sum(1 for layer in profile.layers if layer.param_bytes)),
-        passes=1 if dims.pp > 1 else setting.grad_accum,
-        averaged_s=setting.averaging(dims) * grad_bytes / (profile.param_bytes / dims.tp) if compressed else None,
-    )  # fmt: skip
+        # compressed: the method's collectives and compute, in place of DDP's all-reduce
+        compressed = setting.averaging is not None and dims.dp > 1 and dims.shard != "full"
+        comm += sync_seconds(
+            link, dims.dp, profile.param_bytes / dims.tp, backward_s=overlapped * 2 / 3, shard=dims.shard,
+            copy_s_per_byte=profile.copy_s_per_byte * stretch,
+            units=max(1, sum(1 for layer in profile.layers if layer.param_bytes)),
+            passes=setting.grad_accum, averaged_s=setting.averaging(dims) if compressed else None,
+        )  # fmt: skip
     banded = sum(layer.param_bytes for layer in profile.layers if layer.name.startswith("features."))
     comm += band_sum_seconds(link, dims.spatial, banded)  # the bands' shares of the features' gradients
     compute += max(_update(profile, dims, stage) for stage, _ in stages) * stretch + setting.step_overhead_s

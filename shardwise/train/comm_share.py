@@ -93,14 +93,13 @@ def exposed_share(events, wall_us: float) -> float:
 
 
 class StepProfile:
-    """Profile one step (`with StepProfile() as p: ...`; then `p.share`, `p.shares`), and
-    write its Chrome trace to `trace_to`, if given."""
+    """Profile one step (`with StepProfile() as p: ...`; then `p.shares`, `p.share`,
+    computed once asked for, outside the step's time; `p.export(path)` writes its trace)."""
 
-    def __init__(self, trace_to: str | None = None):
-        self.share = float("nan")
-        self.shares: dict[str, float] = {}
-        self.trace_to = trace_to
+    def __init__(self):
         self._profile = profile(activities=[ProfilerActivity.CPU])
+        self._shares: dict[str, float] | None = None
+        self._ok = False
 
     def __enter__(self) -> StepProfile:
         self._profile.__enter__()
@@ -108,13 +107,23 @@ class StepProfile:
         return self
 
     def __exit__(self, *exc) -> None:
-        wall_us = 1e6 * (time.perf_counter() - self._started)
+        self._wall_us = 1e6 * (time.perf_counter() - self._started)
         self._profile.__exit__(*exc)
-        if exc[0] is None:
-            self.shares = time_shares(self._profile.events(), wall_us)
-            self.share = self.shares["communication"]
-            if self.trace_to:
-                self._profile.export_chrome_trace(self.trace_to)
+        self._ok = exc[0] is None
+
+    @property
+    def shares(self) -> dict[str, float]:
+        if self._shares is None:
+            self._shares = time_shares(self._profile.events(), self._wall_us) if self._ok else {}
+        return self._shares
+
+    @property
+    def share(self) -> float:
+        return self.shares.get("communication", float("nan"))
+
+    def export(self, path: str) -> None:
+        """The step's Chrome trace (chrome://tracing, Perfetto)."""
+        self._profile.export_chrome_trace(path)
 
 
 def write_profile(path: Path, rank: int, steps: list[dict]) -> None:

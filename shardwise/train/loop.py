@@ -42,6 +42,7 @@ class LoopResult:
     train_s: float = 0.0
     skipped_steps: list[int] = field(default_factory=list)  # 1-based steps skipped as non-finite
     profiled: list[dict] = field(default_factory=list)  # each profiled step's time shares (comm_share.py)
+    last_profile: StepProfile | None = None  # the last profiled step, whose trace run.profile writes
 
 
 @dataclass
@@ -54,12 +55,9 @@ class LoopSettings:
     start_step: int = 0  # a resumed run's first step
     max_bad_steps: int = 3
     measure_comm: bool = False  # profile each logged step for where its time goes
-    trace_to: str | None = None  # and write the last one's Chrome trace there
 
     @classmethod
-    def from_train(
-        cls, t: TrainConfig, *, start_step: int = 0, measure_comm: bool = False, trace_to: str | None = None
-    ) -> LoopSettings:
+    def from_train(cls, t: TrainConfig, *, start_step: int = 0, measure_comm: bool = False) -> LoopSettings:
         return cls(
             steps=t.steps,
             global_batch=t.batch_size,
@@ -69,7 +67,6 @@ class LoopSettings:
             start_step=start_step,
             max_bad_steps=t.max_bad_steps,
             measure_comm=measure_comm,
-            trace_to=trace_to,
         )
 
 
@@ -350,7 +347,7 @@ def train_loop(
             loading = time.perf_counter()
             micro = data.micro_batches(step)
             result.load_times.append(time.perf_counter() - loading)
-            with StepProfile(settings.trace_to) if logged and settings.measure_comm else nullcontext() as measured:
+            with StepProfile() if logged and settings.measure_comm else nullcontext() as measured:
                 loss, applied, norm = _update(ctx, model, optimizer, scheduler, micro, step, where, logged=logged)
             if applied:
                 bad_in_row = 0
@@ -364,10 +361,10 @@ def train_loop(
                         f"train.max_bad_steps: {bad_in_row} steps in a row with a non-finite loss or gradient "
                         f"(steps {step + 2 - bad_in_row} to {step + 1}); lower train.lr or set train.clip_norm"
                     )
-            if measured is not None:
-                window.comm_share = measured.share
-                result.profiled.append({"step": step + 1, **measured.shares})
             result.step_times.append(time.perf_counter() - started)
+            if measured is not None:  # read after the step's time is taken
+                window.comm_share, result.last_profile = measured.share, measured
+                result.profiled.append({"step": step + 1, **measured.shares})
             window.steps += 1
             reporter.step_done(step)
             if logged:
