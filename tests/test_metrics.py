@@ -65,7 +65,7 @@ def test_every_rank_says_where_its_steps_went(board_run):
         assert found["rank"] == rank and [s["step"] for s in found["steps"]] == [5, 10, 15, 20]
         for s in found["steps"]:
             assert sum(s[k] for k in ("compute", "copies", "communication", "other")) == pytest.approx(1.0)
-            assert s["compute"] > 0.1 and s["communication"] > 0  # an MLP's step on 2 data-parallel ranks
+            assert s["compute"] > 0 and s["communication"] > 0  # an MLP's step on 2 data-parallel ranks
         middle = sorted(s["compute"] for s in found["steps"])[1:3]
         assert found["median"]["compute"] == pytest.approx(sum(middle) / 2)
         trace = json.loads((board_run.out / "profile" / f"rank-{rank}.trace.json").read_text())
