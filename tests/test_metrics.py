@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 import shardwise
-from shardwise.train.comm_share import exposed_share, time_shares
+from shardwise.train.comm_share import time_shares
 
 SETTINGS = {
     "model.name": "mlp",
@@ -112,8 +112,8 @@ def test_exposed_communication_counts_only_what_no_computation_overlaps():
         event("DistributedDataParallel.forward", 0, 100),  # neither compute nor communication
         event("nccl:send", 95, 100),
     ]
-    assert exposed_share(events, 100.0) == pytest.approx((70 - 40 + 75 - 70 + 5) / 100)
-    assert exposed_share([event("aten::mm", 0, 10)], 10.0) == 0.0
+    assert time_shares(events, 100.0)["communication"] == pytest.approx((70 - 40 + 75 - 70 + 5) / 100)
+    assert time_shares([event("aten::mm", 0, 10)], 10.0)["communication"] == 0.0
     # the whole step: compute less its copies, the copies, the exposed communication, the rest
     events.append(event("aten::copy_", 10, 20))  # inside the mm's span: a copy, not compute
     events.append(event("aten::cat", 40, 45))  # the copy hides 40..45 of the all-reduce

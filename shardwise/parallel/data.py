@@ -151,5 +151,12 @@ def sync_seconds(
     reduced = each + beside(link, (buckets - 1) * each, backward_s * (buckets - 1) / buckets)
     reduced = reduced if averaged_s is None else averaged_s
     if shard == "optimizer":
-        return reduced + all_gather(link, dp, grad_bytes) + (2 + 1 / dp) * grad_bytes * copy_s_per_byte
+        return reduced + zero_gather_seconds(link, dp, grad_bytes, copy_s_per_byte)
     return reduced
+
+
+def zero_gather_seconds(link: Link, dp: int, param_bytes: float, copy_s_per_byte: float) -> float:
+    """ZeRO-1 after its step (parallel/zero.py): the updated slices all-gathered, with its
+    copies (its slice joined, 1/dp; the gathered parameters taken into a new buffer and
+    copied into the model, 2)."""
+    return all_gather(link, dp, param_bytes) + (2 + 1 / dp) * param_bytes * copy_s_per_byte

@@ -10,11 +10,11 @@ its servers'); then the engine's own cost per step, measured (`plan/overhead.py`
 checkpointing, the checkpointed layers' forward once more, with their forward's
 communication. Each
 strategy's communication is its own module's formula (parallel/*: `sync_seconds`, `tp_seconds`,
-`halo_seconds` and `band_sum_seconds`, `vertical_seconds`, `ps_seconds`; a pipeline's whole step is
-played out in `pipeline_cost.py`, its stages' averaging over dp here). When there are more ranks
-than cores, the ranks computing at once share them: compute stretches by ranks / cores, but a pipeline's
-stages are played out in time (`parallel/pipeline_cost.py`: its fill and drain, where fewer
-stages compute, go faster), and separate parameter servers and their workers take turns. Loading (T_load) is each rank's
+`halo_seconds` and `band_sum_seconds`, `vertical_seconds`, `ps_seconds`); a pipeline's whole step is
+played out in time in `parallel/pipeline_cost.py`, its stages' averaging over dp here. When there are
+more ranks than cores, the ranks computing at once share them: compute stretches by ranks / cores,
+but a pipeline's stages share them only while they compute (its fill and drain go faster), and
+separate parameter servers and their workers take turns. Loading (T_load) is each rank's
 data-parallel share of the batch at the source's measured seconds per sample (`plan/profile.py` `loading_fit`).
 
 Memory per rank: what it holds and the largest passing buffer its strategies allocate
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from shardwise.comm.compress import HALF, CompressionSettings, compressor_bytes
 from shardwise.comm.cost import Link, all_gather, all_reduce
 from shardwise.config import ParallelConfig
-from shardwise.parallel.data import DDP_BUCKET_BYTES, sync_seconds
+from shardwise.parallel.data import DDP_BUCKET_BYTES, sync_seconds, zero_gather_seconds
 from shardwise.parallel.pipeline import cut_units, units_of
 from shardwise.parallel.pipeline_cost import pipeline_seconds
 from shardwise.parallel.ps_protocol import ps_seconds
@@ -244,11 +244,12 @@ def _pipeline(setting: Setting, dims: ParallelDims, micro: float, world: int) ->
         link, boundary, dims.schedule, ranks_per_stage=world // dims.pp, cores=setting.cores,
     )  # fmt: skip
     stages = [(range(a, b), micro * in_flight(dims, k)) for k, (a, b) in enumerate(bounds)]
-    averaging = _stages_averaging(setting, dims, [stage for stage, _ in stages], step.ends_s, world)
+    stretch = max(1.0, world / setting.cores)  # (the ranks' copies when all of them copy at once)
+    averaging = _stages_averaging(setting, dims, [stage for stage, _ in stages], step.ends_s, stretch)
     return step.compute_s, step.comm_s + averaging, step.bubble_s, stages
 
 
-def _stages_averaging(setting: Setting, dims: ParallelDims, stages: list[range], ends: tuple, world: int) -> float:
+def _stages_averaging(setting: Setting, dims: ParallelDims, stages: list[range], ends: tuple, stretch: float) -> float:
     """What averaging over dp adds to a pipeline's step (train/pipeline.py): each stage
     averages its own gradients once its last backward ends, in one flat all-reduce (a copy in
     and a copy out; or through the run's compressor), beside no compute; the stage holding
@@ -257,7 +258,7 @@ def _stages_averaging(setting: Setting, dims: ParallelDims, stages: list[range],
     if dims.dp <= 1:
         return 0.0
     profile, link = setting.profile, setting.link
-    copy = profile.copy_s_per_byte * max(1.0, world / setting.cores)
+    copy = profile.copy_s_per_byte * stretch
     held = [held_params(profile, dims, stage) for stage in stages]
     if setting.averaging is not None:  # the method's time for the whole model, a stage its share
         whole_s = setting.averaging(dims)
@@ -266,7 +267,7 @@ def _stages_averaging(setting: Setting, dims: ParallelDims, stages: list[range],
         took = [all_reduce(link, dims.dp, b) + 2 * b * copy for b in held]
     extra = max(end + t for end, t in zip(ends, took, strict=True)) - max(ends)
     if dims.shard == "optimizer":
-        extra += all_gather(link, dims.dp, max(held)) + (2 + 1 / dims.dp) * max(held) * copy
+        extra += zero_gather_seconds(link, dims.dp, max(held), copy)
     return extra
 
 
@@ -276,7 +277,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
     profile, link = setting.profile, setting.link
     stretch = max(1.0, world / setting.cores)
     samples = setting.batch / dims.dp
-    load = (setting.load_fixed_s + setting.load_s_per_sample * samples) * stretch  # every rank loads its share
+    load = setting.load_fixed_s + setting.load_s_per_sample * samples  # every rank loads its share: stretched below
     if dims.servers:
         passes = setting.grad_accum * profile.seconds(samples / setting.grad_accum)
         if setting.checkpointing:  # the workers run their checkpointed forwards again
@@ -285,7 +286,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
         # and update: each phase shares the cores among its own ranks (colocated: every rank is both)
         on_workers = stretch if dims.colocated else max(1.0, dims.dp / setting.cores)
         on_servers = stretch if dims.colocated else max(1.0, dims.servers / setting.cores)
-        load = load / stretch * on_workers  # the workers load their shares
+        load *= on_workers  # the workers load their shares
         compute = passes * on_workers + profile.update_s_per_byte * profile.param_bytes / dims.servers * on_servers
         comm = ps_seconds(
             link,
@@ -324,4 +325,4 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
     banded = sum(layer.param_bytes for layer in profile.layers if layer.name.startswith("features."))
     comm += band_sum_seconds(link, dims.spatial, banded)  # the bands' shares of the features' gradients
     compute += max(_update(profile, dims, stage) for stage, _ in stages) * stretch + setting.step_overhead_s
-    return Prediction(dims.layout, compute, comm, bubble, _peak(setting, dims, stages), load)
+    return Prediction(dims.layout, compute, comm, bubble, _peak(setting, dims, stages), load * stretch)

@@ -86,12 +86,6 @@ def time_shares(events, wall_us: float) -> dict[str, float]:
     return shares
 
 
-def exposed_share(events, wall_us: float) -> float:
-    """Exposed communication (microseconds inside communication events and outside every
-    compute operator) over the step's wall time; `events`: the profiler's function events."""
-    return time_shares(events, wall_us)["communication"]
-
-
 class StepProfile:
     """Profile one step (`with StepProfile() as p: ...`; then `p.shares`, `p.share`,
     computed once asked for, outside the step's time; `p.export(path)` writes its trace)."""
