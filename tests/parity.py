@@ -84,8 +84,9 @@ def _standardized(x_train: np.ndarray, x_val: np.ndarray) -> tuple[np.ndarray, n
 @functools.cache
 def dataset(kind: str) -> str:
     """The path of an .npz file (x, y, x_val, y_val): `digits` (scikit-learn's 8x8 digits,
-    1 channel), `images3` (3 x 8 x 8 Gaussian classes) or `images32` (3 x 32 x 32, the size
-    of CIFAR-10, Gaussian classes with some spatial structure)."""
+    1 channel), `images3` (3 x 8 x 8 Gaussian classes), `classes82` (the same with 82
+    classes) or `images32` (3 x 32 x 32, the size of CIFAR-10, Gaussian classes with some
+    spatial structure)."""
     rng = np.random.default_rng(7)
     if kind == "digits":
         from sklearn.datasets import load_digits
@@ -95,12 +96,13 @@ def dataset(kind: str) -> str:
         x = (bunch.data / 16.0).reshape(-1, 1, 8, 8)
         x_tr, x_va, y_tr, y_va = train_test_split(x, bunch.target, test_size=0.2, random_state=0, stratify=bunch.target)
     else:
-        shape, n, n_val = ((3, 8, 8), 480, 120) if kind == "images3" else ((3, 32, 32), 384, 96)
-        prototypes = rng.standard_normal((10, *shape))
+        shape, n, n_val = ((3, 32, 32), 384, 96) if kind == "images32" else ((3, 8, 8), 480, 120)
+        classes = 82 if kind == "classes82" else 10
+        prototypes = rng.standard_normal((classes, *shape))
         if kind == "images32":  # smooth prototypes (neighbouring pixels agree, as in photographs), tinted
             prototypes = np.cumsum(np.cumsum(prototypes, axis=2), axis=3) / 8.0
             prototypes += rng.standard_normal((10, 3, 1, 1))
-        y = rng.integers(0, 10, n + n_val)
+        y = rng.integers(0, classes, n + n_val)
         x = prototypes[y] + rng.standard_normal((n + n_val, *shape))
         x_tr, x_va, y_tr, y_va = x[:n], x[n:], y[:n], y[n:]
     x_tr, x_va = _standardized(x_tr, x_va)

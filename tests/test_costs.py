@@ -124,9 +124,19 @@ def test_model_parallel_formulas_by_hand():
     from shardwise.parallel.tensor import tp_seconds
     from shardwise.parallel.vertical import vertical_seconds
 
-    # tp 2: per pair, an all-reduce of the input gradient (1 MB) and of the output (2 MB):
-    # on 2 ranks each sends 2 (n - 1) / n = all of each: 3 MB
-    assert tp_seconds(NOLAT, 2, [(1e6, 2e6)]) == pytest.approx(3e-3)
+    # tp 2: per pair, an all-reduce of the column layer's input gradient (1 MB) and of the
+    # row layer's output (2 MB): on 2 ranks each sends 2 (n - 1) / n = all of each: 3 MB
+    pair = [("column", 1e6, 4e6, 0.0), ("row", 4e6, 2e6, 0.0)]
+    assert tp_seconds(NOLAT, 2, pair) == pytest.approx(3e-3)
+    # the input gradient's 1 ms beside a 0.4 ms weight gradient: 0.6 ms waited for; beside
+    # 2 ms, none; the model's first layer (no input gradient) none either
+    assert tp_seconds(NOLAT, 2, [("column", 1e6, 4e6, 4e-4), pair[1]]) == pytest.approx(2.6e-3)
+    assert tp_seconds(NOLAT, 2, [("column", 1e6, 4e6, 2e-3), pair[1]]) == pytest.approx(2e-3)
+    assert tp_seconds(NOLAT, 2, [("column", 0.0, 4e6, 0.0), pair[1]]) == pytest.approx(2e-3)
+    # a wide odd last layer also gathers its 1 MB output (each rank receives the half it
+    # lacks: 0.5 ms); a narrow one, computed whole, has no collective
+    assert tp_seconds(NOLAT, 2, [("column+gather", 0.0, 1e6, 0.0)]) == pytest.approx(0.5e-3)
+    assert tp_seconds(NOLAT, 2, [("whole", 1e6, 1e6, 0.0)]) == 0.0
     assert vertical_seconds(NOLAT, 4, 4e6) == pytest.approx(2 * 3 * 1e-3)
     # spatial 2: 1 MB of halo rows in 3 windows and two norms' 1 KB, each exchanged forward
     # and backward, each exchange at least the link's latency, or what one costs computing ranks

@@ -7,47 +7,79 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from parity import train_summary
+from torch import nn
 
+from shardwise.comm.collectives import column_linear, copy_to_group
 from shardwise.config import DataConfig, ModelConfig
 from shardwise.data.features import split_features
 from shardwise.data.sources import load_source
 from shardwise.errors import ShardwiseError
 from shardwise.models import build_model
 from shardwise.parallel.part import Part
-from shardwise.parallel.tensor import apply_tensor_parallel, plan_tensor_parallel
+from shardwise.parallel.tensor import ColumnParallelLinear, apply_tensor_parallel, plan_tensor_parallel
 from shardwise.topology import ParallelDims, RankMesh
 
 
-def _split_shapes(hidden: list[int], *, group) -> dict[str, tuple]:
+def _split_shapes(hidden: list[int], classes: int, *, group) -> dict[str, tuple]:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="mlp", hidden=hidden), (1, 8, 8), 10)
+    model = build_model(ModelConfig(name="mlp", hidden=hidden), (1, 8, 8), classes)
     splits = apply_tensor_parallel(Part(model), RankMesh.single("tp", group)).splits
     return {name: (tuple(p.shape), name in splits) for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("tp, hidden", [(2, [128, 64]), (3, [30, 7]), (4, [30, 7])])
-def test_tensor_parallel_rank_holds_its_share_of_each_split_layer(pool, tp, hidden):
+@pytest.mark.parametrize("tp, hidden, classes", [(2, [128, 64], 10), (3, [30, 7], 100), (4, [30, 7], 100)])
+def test_tensor_parallel_rank_holds_its_share_of_each_split_layer(pool, tp, hidden, classes):
     full = {
         n: tuple(p.shape)
-        for n, p in build_model(ModelConfig(name="mlp", hidden=hidden), (1, 8, 8), 10).named_parameters()
+        for n, p in build_model(ModelConfig(name="mlp", hidden=hidden), (1, 8, 8), classes).named_parameters()
     }
-    per_rank = pool.run(_split_shapes, hidden, ranks=list(range(tp)))
+    per_rank = pool.run(_split_shapes, hidden, classes, ranks=list(range(tp)))
     for name, shape in full.items():
         shapes = [r[name][0] for r in per_rank]
         if per_rank[0][name][1]:  # split: the pieces tile the full tensor along one dim
             dim = next(d for d in range(len(shape)) if shapes[0][d] != shape[d] or tp == 1)
             assert sum(s[dim] for s in shapes) == shape[dim], name
             assert max(s[dim] for s in shapes) == -(-shape[dim] // tp), name  # 1/N, rounded up
-        else:  # the row layer's bias, added once after the sum, stays whole
+        else:  # the row layer's bias, added once after the sum, and a narrow last layer stay whole
             assert all(s == shape for s in shapes), name
-    assert sum(r[1] for r in per_rank[0].values()) == 5  # 3 weights, 2 column biases
+    # 3 weights and 2 column biases; 10 classes: the last layer whole, 2 weights and 1 bias
+    assert sum(r[1] for r in per_rank[0].values()) == (5 if classes > 64 else 3)
+
+
+def _column_both_ways(shape: tuple[int, ...], bf16: bool, *, group) -> list[bool]:
+    """A column layer's output and gradients (input, weight, bias) by `column_linear` and by
+    autograd's own F.linear after `copy_to_group`: equal, bit for bit?"""
+    torch.manual_seed(0)
+    layer = ColumnParallelLinear(nn.Linear(shape[-1], 6), group, gather_output=False)
+    x = torch.randn(shape)
+    results = []
+    for way in (column_linear, lambda x, w, b, g: F.linear(copy_to_group(x, g), w, b)):
+        x_, w, b = (t.detach().clone().requires_grad_() for t in (x, layer.weight, layer.bias))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = way(x_, w, b, group)
+        (y.float() * torch.linspace(-1, 2, y.numel()).reshape(y.shape)).sum().backward()
+        results.append((y, x_.grad, w.grad, b.grad))
+    return [torch.equal(a, b) for a, b in zip(*results, strict=True)]
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_column_layer_overlapped_backward_is_autograds_own(pool, bf16):
+    """The column layer's own backward, which all-reduces the input gradient beside the
+    weight gradient's product, computes what autograd computes, under autocast too, for a
+    batch of rows and of sequences."""
+    for shape in [(5, 12), (2, 3, 12)]:
+        for rank_result in pool.run(_column_both_ways, shape, bf16, ranks=[0, 1]):
+            assert rank_result == [True] * 4, (shape, rank_result)
 
 
 def test_tensor_parallel_plan_pairs_and_refusals():
-    head = build_model(ModelConfig(name="mlp", hidden=[16, 8]), (1, 8, 8), 10).head
+    head = build_model(ModelConfig(name="mlp", hidden=[16, 8]), (1, 8, 8), 65).head
     assert plan_tensor_parallel(head, 2) == {"0": "column", "2": "row", "4": "column+gather"}
     assert plan_tensor_parallel(head, 2, skip={"0"}) == {"2": "column", "4": "row"}
+    narrow = build_model(ModelConfig(name="mlp", hidden=[16, 8]), (1, 8, 8), 64).head
+    assert plan_tensor_parallel(narrow, 2) == {"0": "column", "2": "row"}  # 8 -> 64 computed whole
     with pytest.raises(ShardwiseError, match=r"layer head.2 \(Linear 16->8\) has 8 output features, fewer than tp=9"):
         plan_tensor_parallel(head, 9, skip={"0"})
 

@@ -25,9 +25,11 @@ def test_tensor_parallel_by_data_parallel(pool, optimizer):
 
 
 def test_tensor_parallel_uneven_widths_and_clipping(pool):
-    """Widths 30, 7 and 10 classes over 3 and 4 ranks: every split is uneven; clipping
-    needs the norm of the whole gradient, pieces counted once."""
-    overrides = {"model.name": "mlp", "model.hidden": "30,7", "train.clip_norm": "0.5"}
+    """Widths 31, 7 and 82 classes over 3 and 4 ranks: every split is uneven, and the last
+    layer (too wide to compute whole) is split and gathered; clipping needs the norm of
+    the whole gradient, pieces counted once."""
+    overrides = {"model.name": "mlp", "model.hidden": "31,7", "train.clip_norm": "0.5"}
+    overrides |= {"data.name": "npz", "data.path": dataset("classes82")}
     check_layout(pool, {**overrides, "parallel.tp": "3"}, nproc=3)
     check_layout(pool, {**overrides, "parallel.tp": "4"}, nproc=4)
 

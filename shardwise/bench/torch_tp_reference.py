@@ -1,9 +1,10 @@
 """The yardstick for tensor parallelism: torch's own DTensor `parallelize_module`.
 
 The same MLP (built by shardwise's registry, same seed) split the same way,
-column then row in pairs and the odd last layer column-wise with its output
-gathered, with plain SGD on random batches. Nothing of shardwise's loop. Run
-under torchrun:
+column then row in pairs, and the odd last layer whole on every rank where it has
+at most 64 outputs (the classifier; shardwise's `tp_roles` keeps it so), else
+column-wise with its output gathered; plain SGD on random batches. Nothing of
+shardwise's loop. Run under torchrun:
 
     torchrun --nproc-per-node 2 -m shardwise.bench.torch_tp_reference --hidden 4096,4096 --out t.json
 """
@@ -46,7 +47,7 @@ def main() -> None:
     plan = {}
     for k in range(0, len(names) - 1, 2):
         plan[names[k]], plan[names[k + 1]] = ColwiseParallel(), RowwiseParallel()
-    if len(names) % 2:
+    if len(names) % 2 and model.head.get_submodule(names[-1]).out_features > 64:
         plan[names[-1]] = ColwiseParallel(output_layouts=Replicate())
     parallelize_module(model.head, mesh, plan)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from shardwise.p2p_ring import record
@@ -50,16 +51,57 @@ class _CopyToGroup(torch.autograd.Function):
 
 
 class _ReduceFromGroup(torch.autograd.Function):
-    """Forward: all-reduce (sum) the members' partial results.
+    """Forward: all-reduce (sum) the members' partial results; in place when the partial
+    is fresh (a layer's own output, which nothing else holds), else on a copy.
     Backward: identity (every member's partial gets the same gradient)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup, fresh: bool = False) -> Tensor:
+        if fresh and x.is_contiguous():
+            ctx.mark_dirty(x)
+            dist.all_reduce(x, group=group)
+            return x
         return _all_reduce(x, group)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return grad, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad, None, None
+
+
+class _ColumnLinear(torch.autograd.Function):
+    """`F.linear` of an input every member holds whole, by a member's slice of the output
+    features. Its backward sums the input's gradient (each member's part) over the group
+    while it computes the weight's gradient: the all-reduce is started as soon as the
+    input gradient exists and waited for last, so it runs beside that product
+    (Megatron-LM's overlap of the tensor-parallel all-reduce with the weight-gradient
+    GEMM). The products are autograd's own for `F.linear` (input gradient grad @ W,
+    weight gradient grad^T @ x, on the rows flattened), under the autocast the forward ran in."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, group: dist.ProcessGroup) -> Tensor:
+        device = x.device.type
+        ctx.amp = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.group, ctx.has_bias, ctx.x_dtype = group, bias is not None, x.dtype
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, weight = ctx.saved_tensors
+        device, enabled, dtype = ctx.amp
+        grad_x = grad_w = grad_b = work = None
+        rows = grad.reshape(-1, grad.shape[-1])
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            if ctx.needs_input_grad[0]:
+                grad_x = grad.matmul(weight).to(ctx.x_dtype)
+                work = dist.all_reduce(grad_x, group=ctx.group, async_op=True)
+            if ctx.needs_input_grad[1]:
+                grad_w = rows.t().mm(x.reshape(-1, x.shape[-1]))
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = rows.sum(0)
+        if work is not None:
+            work.wait()
+        return grad_x, grad_w, grad_b, None
 
 
 class _GatherFromGroup(torch.autograd.Function):
@@ -82,8 +124,15 @@ def copy_to_group(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     return _CopyToGroup.apply(x, group)
 
 
-def reduce_from_group(x: Tensor, group: dist.ProcessGroup) -> Tensor:
-    return _ReduceFromGroup.apply(x, group)
+def reduce_from_group(x: Tensor, group: dist.ProcessGroup, *, fresh: bool = False) -> Tensor:
+    """The sum of the members' `x`; `fresh`: `x` is a layer's own new output, summed in place."""
+    return _ReduceFromGroup.apply(x, group, fresh)
+
+
+def column_linear(x: Tensor, weight: Tensor, bias: Tensor | None, group: dist.ProcessGroup) -> Tensor:
+    """`F.linear(copy_to_group(x, group), weight, bias)`, its backward's all-reduce beside the
+    weight gradient's product."""
+    return _ColumnLinear.apply(x, weight, bias, group)
 
 
 def gather_from_group(x: Tensor, sizes: list[int], group: dist.ProcessGroup, dim: int = -1) -> Tensor:

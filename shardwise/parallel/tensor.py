@@ -5,8 +5,12 @@ layers are paired, column-parallel then row-parallel (Shoeybi et al.,
 "Megatron-LM", 2019). The column layer keeps its slice of the output
 features, the elementwise activation between runs on that slice, and the row
 layer turns its slice of the input into a partial sum that one all-reduce
-completes: one all-reduce forward and one backward per pair. An odd last layer
-is column-parallel and gathers its outputs. Widths that do not divide the group
+completes: one all-reduce forward and one backward per pair. The backward's
+all-reduce runs beside the column layer's weight-gradient product
+(`comm.collectives.column_linear`); the forward's is summed in place. An odd last
+layer is column-parallel and gathers its outputs, unless it is narrow (at most
+`NARROW` outputs, a classifier): then every rank computes it whole, which costs
+less than the all-reduce of its input gradient and the gather it saves. Widths that do not divide the group
 size are split unevenly (the first ranks get one more), like `torch.chunk`'s
 balanced cousin `numpy.array_split`.
 
@@ -22,8 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shardwise.comm.collectives import copy_to_group, gather_from_group, reduce_from_group
-from shardwise.comm.cost import Link, all_reduce
+from shardwise.comm.collectives import column_linear, gather_from_group, reduce_from_group
+from shardwise.comm.cost import Link, all_gather, all_reduce
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.part import Part
 from shardwise.parallel.splits import Split
@@ -45,7 +49,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(self.split.local(full.bias.detach())) if full.bias is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(copy_to_group(x, self.group), self.weight, self.bias)
+        y = column_linear(x, self.weight, self.bias, self.group)
         return gather_from_group(y, self.sizes, self.group) if self.gather_output else y
 
 
@@ -60,22 +64,34 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = reduce_from_group(F.linear(x, self.weight), self.group)
+        y = reduce_from_group(F.linear(x, self.weight), self.group, fresh=True)
         return y + self.bias if self.bias is not None else y
 
 
+NARROW = 64  # an odd last layer with at most this many outputs is computed whole on every rank
+
+
+def tp_roles(widths: list[tuple[int, int]]) -> list[str]:
+    """Each of a head's Linear layers' part in tensor parallelism, from their (in, out)
+    features in order: "column" and "row" in pairs, an odd last layer "column+gather",
+    or "whole" when it has at most NARROW outputs."""
+    roles = ["column", "row"] * (len(widths) // 2)
+    if len(widths) % 2:
+        roles.append("whole" if widths[-1][1] <= NARROW else "column+gather")
+    return roles
+
+
 def plan_tensor_parallel(head: nn.Sequential, degree: int, *, skip: set[str] = frozenset()) -> dict[str, str]:
-    """Which head layers become which kind: {index: "column" | "column+gather" | "row"}.
+    """Which head layers become which kind: {index: "column" | "column+gather" | "row"}
+    (a "whole" layer is left out: it stays as it is).
 
     Only Linear layers separated by elementwise layers can pair; `skip` names
     head indices already taken by another strategy. Refuses a layer narrower
     than the degree, naming it."""
     linear = [name for name, m in head.named_children() if isinstance(m, nn.Linear) and name not in skip]
-    plan: dict[str, str] = {}
-    for k in range(0, len(linear) - 1, 2):
-        plan[linear[k]], plan[linear[k + 1]] = "column", "row"
-    if len(linear) % 2:
-        plan[linear[-1]] = "column+gather"
+    layers = [head.get_submodule(name) for name in linear]
+    roles = tp_roles([(x.in_features, x.out_features) for x in layers])
+    plan = {name: role for name, role in zip(linear, roles, strict=True) if role != "whole"}
     for name, kind in plan.items():
         layer = head.get_submodule(name)
         width = layer.in_features if kind == "row" else layer.out_features
@@ -119,10 +135,20 @@ def apply_tensor_parallel(part: Part, mesh: RankMesh) -> Part:
     return part.but(splits=part.splits | splits)
 
 
-def tp_seconds(link: Link, tp: int, pairs: list[tuple[float, float]]) -> float:
-    """The all-reduces of a tensor-parallel step (the planner's cost model): for each
-    column-then-row pair of Linear layers, one of the row layer's output in the forward
-    and one of the column layer's input gradient in the backward. `pairs`: each pair's
-    (input bytes, output bytes) for this rank's samples. Nothing overlaps: the next layer
-    waits for them."""
-    return sum(all_reduce(link, tp, into) + all_reduce(link, tp, out) for into, out in pairs)
+def tp_seconds(link: Link, tp: int, layers: list[tuple[str, float, float, float]]) -> float:
+    """The collectives of a tensor-parallel forward and backward that the step waits for
+    (the planner's cost model). `layers`: each split Linear layer's part (`tp_roles`),
+    the bytes of its input gradient (0: its input needs none), of its output (this rank's
+    samples), and the seconds of its weight gradient's product. A row layer all-reduces
+    its output in the forward, and the next layer waits for it. A column layer
+    all-reduces its input gradient in the backward beside its weight gradient's
+    product, so only what the product does not cover waits; gathered, it also
+    all-gathers its output in the forward. A layer computed whole has none."""
+    total = 0.0
+    for part, grad_in, out, beside in layers:
+        if part == "row":
+            total += all_reduce(link, tp, out)
+        elif part in ("column", "column+gather"):
+            total += max(0.0, all_reduce(link, tp, grad_in) - beside) if grad_in else 0.0
+            total += all_gather(link, tp, out) if part == "column+gather" else 0.0
+    return total

@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from shardwise.data.loader import largest_val_batch
-from shardwise.plan.profile import LayerProfile, ModelProfile
+from shardwise.plan.profile import LayerProfile, ModelProfile, tp_parts
 from shardwise.topology import ParallelDims
 
 # a layout fits a budget when its predicted peak and this share more do: the allocator's
@@ -55,9 +55,9 @@ def _first(layers: tuple[LayerProfile, ...]) -> int:
     return next((i for i, x in enumerate(layers) if x.kind in ("linear", "conv")), 0)
 
 
-def _held(layer: LayerProfile, dims: ParallelDims, first: bool) -> float:
-    """The bytes of `layer`'s parameters a rank holds."""
-    if layer.name.startswith("head.") and layer.kind == "linear":
+def _held(layer: LayerProfile, dims: ParallelDims, first: bool, part: str | None) -> float:
+    """The bytes of `layer`'s parameters a rank holds (`part`: its part in tensor parallelism)."""
+    if part is not None and part != "whole":
         return layer.param_bytes / dims.tp
     return layer.param_bytes / dims.vertical if first else float(layer.param_bytes)
 
@@ -65,9 +65,9 @@ def _held(layer: LayerProfile, dims: ParallelDims, first: bool) -> float:
 def held_params(profile: ModelProfile, dims: ParallelDims, stage: range | None = None) -> float:
     """The parameter bytes a rank holds, before any sharding of data-parallel replicas (of
     the layers in `stage`, a pipeline's)."""
-    first = _first(profile.layers)
+    first, parts = _first(profile.layers), tp_parts(profile, dims)
     idx = stage if stage is not None else range(len(profile.layers))
-    return sum(_held(profile.layers[i], dims, i == first) for i in idx)
+    return sum(_held(profile.layers[i], dims, i == first, parts.get(i)) for i in idx)
 
 
 def output_share(profile: ModelProfile, idx: range) -> float:
@@ -115,8 +115,8 @@ def rank_peak(
     """The peak bytes of a rank holding the layers in `stage` (all, outside a pipeline)
     with `samples_held` samples' activations kept for the backward."""
     idx = stage if stage is not None else range(len(profile.layers))
-    first = _first(profile.layers)
-    units = sorted((_held(profile.layers[i], dims, i == first) for i in idx), reverse=True) + [0.0, 0.0]
+    first, parts = _first(profile.layers), tp_parts(profile, dims)
+    units = sorted((_held(profile.layers[i], dims, i == first, parts.get(i)) for i in idx), reverse=True) + [0.0, 0.0]
     params = held_params(profile, dims, stage)
     grads, state = params, slots * params
     if dims.shard == "full":  # sharded, but accumulated gradients whole until the last micro-batch

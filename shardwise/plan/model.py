@@ -39,7 +39,7 @@ from shardwise.parallel.spatial import band_sum_seconds, halo_seconds
 from shardwise.parallel.tensor import tp_seconds
 from shardwise.parallel.vertical import vertical_seconds
 from shardwise.plan.memory import held_params, rank_peak
-from shardwise.plan.profile import LayerProfile, ModelProfile
+from shardwise.plan.profile import LayerProfile, ModelProfile, tp_parts
 from shardwise.topology import ParallelDims
 
 
@@ -84,10 +84,10 @@ class Prediction:
         return self.load_s + self.compute_s + self.comm_s + self.bubble_s
 
 
-def _share(layer: LayerProfile, dims: ParallelDims, first: bool) -> int:
-    """How many ranks split this layer's work."""
-    if layer.name.startswith("head.") and layer.kind == "linear":
-        return dims.tp
+def _share(layer: LayerProfile, dims: ParallelDims, first: bool, part: str | None) -> int:
+    """How many ranks split this layer's work (`part`: its part in tensor parallelism)."""
+    if part is not None:
+        return 1 if part == "whole" else dims.tp
     if layer.name.startswith("features.") and layer.kind != "linear":
         return dims.spatial
     return dims.vertical if first else 1
@@ -95,7 +95,8 @@ def _share(layer: LayerProfile, dims: ParallelDims, first: bool) -> int:
 
 def _compute(profile: ModelProfile, dims: ParallelDims, samples: float) -> float:
     first = next((i for i, layer in enumerate(profile.layers) if layer.kind in ("linear", "conv")), 0)
-    return sum(layer.seconds(samples) / _share(layer, dims, i == first) for i, layer in enumerate(profile.layers))
+    parts = tp_parts(profile, dims)
+    return sum(x.seconds(samples) / _share(x, dims, i == first, parts.get(i)) for i, x in enumerate(profile.layers))
 
 
 def checkpointed(profile: ModelProfile, cut: list[int] | None = None) -> list[bool]:
@@ -124,41 +125,42 @@ def forward_pass(
 ) -> tuple[float, float]:
     """A forward of `samples` through the layers `on` flags (None: all), split as the layout
     splits them, (compute, communication): the forward's communication of those layers (a
-    tensor-parallel pair's row layer all-reduces its output, an odd last layer gathers it;
+    tensor-parallel pair's row layer all-reduces its output, a wide odd last layer gathers it;
     the first layer's partial sums under vertical; the halos a band's convolution takes; a
     norm's sums). What activation checkpointing runs again, and what serving runs."""
     layers = profile.layers
     on = on if on is not None else [True] * len(layers)
     first = next((i for i, layer in enumerate(layers) if layer.kind in ("linear", "conv")), 0)
-    compute = sum(x.forward_seconds(samples) / _share(x, dims, i == first) for i, x in enumerate(layers) if on[i])
+    parts = tp_parts(profile, dims)
+    compute = sum(
+        x.forward_seconds(samples) / _share(x, dims, i == first, parts.get(i)) for i, x in enumerate(layers) if on[i]
+    )
     comm = 0.0
-    if dims.tp > 1:
-        linears = head_linears(profile)
-        rows = [i for i in linears[1::2] if on[i]]  # each pair's row layer
-        comm += sum(all_reduce(link, dims.tp, layers[i].out_bytes_per_sample * samples) for i in rows)
-        if len(linears) % 2 and on[linears[-1]]:
-            comm += all_gather(link, dims.tp, layers[linears[-1]].out_bytes_per_sample * samples)
+    for i, part in parts.items():
+        if on[i] and part == "row":
+            comm += all_reduce(link, dims.tp, layers[i].out_bytes_per_sample * samples)
+        elif on[i] and part == "column+gather":
+            comm += all_gather(link, dims.tp, layers[i].out_bytes_per_sample * samples)
     if dims.vertical > 1 and on[first]:
         comm += vertical_seconds(link, dims.vertical, layers[first].out_bytes_per_sample * samples)
     again = [x for i, x in enumerate(layers) if on[i]]
     return compute, comm + _band_comm(again, dims, link, samples) / 2  # halos, norms: forward and backward
 
 
-def head_linears(profile: ModelProfile) -> list[int]:
-    """The head's Linear layers, which tensor parallelism pairs up (column then row) in order."""
-    return [i for i, x in enumerate(profile.layers) if x.name.startswith("head.") and x.kind == "linear"]
-
-
-def _tp_pairs(profile: ModelProfile, samples: float) -> tuple[list[tuple[float, float]], float]:
-    """(input bytes, output bytes) of each column-then-row pair of the head, and the output
-    bytes of an odd last layer (gathered)."""
-    linears = [profile.layers[i] for i in head_linears(profile)]
-    pairs = [
-        (linears[i].in_bytes_per_sample * samples, linears[i + 1].out_bytes_per_sample * samples)
-        for i in range(0, len(linears) - 1, 2)
-    ]
-    odd = linears[-1].out_bytes_per_sample * samples if len(linears) % 2 else 0.0
-    return pairs, odd
+def _tp_layers(profile: ModelProfile, dims: ParallelDims, samples: float) -> list[tuple[str, float, float, float]]:
+    """What `tp_seconds` takes of each head Linear layer tensor parallelism splits: its part,
+    the bytes of its input gradient (0 where nothing before it learns: the input needs
+    none), of its output, and its weight gradient's seconds (a third of its forward and
+    backward, on its slice)."""
+    learns = [False]
+    for x in profile.layers:
+        learns.append(learns[-1] or x.param_bytes > 0)
+    out = []
+    for i, part in tp_parts(profile, dims).items():
+        x = profile.layers[i]
+        grad_in = x.in_bytes_per_sample * samples if learns[i] else 0.0
+        out.append((part, grad_in, x.out_bytes_per_sample * samples, x.seconds(samples) / (3 * dims.tp)))
+    return out
 
 
 def _split_comm(profile: ModelProfile, dims: ParallelDims, link: Link, samples: float) -> float:
@@ -166,8 +168,7 @@ def _split_comm(profile: ModelProfile, dims: ParallelDims, link: Link, samples: 
     parallelism's all-reduces, vertical partitioning's partial sums, spatial halos and norms."""
     comm = 0.0
     if dims.tp > 1:
-        pairs, odd = _tp_pairs(profile, samples)
-        comm += tp_seconds(link, dims.tp, pairs) + all_gather(link, dims.tp, odd)
+        comm += tp_seconds(link, dims.tp, _tp_layers(profile, dims, samples))
     first = next((layer for layer in profile.layers if layer.kind in ("linear", "conv")), None)
     if dims.vertical > 1 and first is not None:
         comm += vertical_seconds(link, dims.vertical, first.out_bytes_per_sample * samples)

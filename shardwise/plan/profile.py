@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,6 +29,10 @@ from torch import nn
 from shardwise.files import write_atomic
 from shardwise.parallel.pipeline import model_layers, profile_layers
 from shardwise.parallel.recompute import is_norm
+from shardwise.parallel.tensor import tp_roles
+
+if TYPE_CHECKING:
+    from shardwise.topology import ParallelDims
 
 VERSION = 12  # of what a profile measures: a profile of another version is measured again
 BATCH_SIZES = (8, 32, 64)  # samples per profiled pass by default: a line through these times
@@ -309,3 +314,24 @@ def cached(folder: Path, key: dict, measure: Callable[[], ModelProfile]) -> Mode
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(path, profile.to_json())
     return profile
+
+
+ELEMENT_BYTES = {"torch.float64": 8, "torch.float32": 4, "torch.bfloat16": 2, "torch.float16": 2}
+
+
+def tp_parts(profile: ModelProfile, dims: ParallelDims) -> dict[int, str]:
+    """The head's Linear layers tensor parallelism takes, by index, each with its part
+    (`parallel/tensor.py` `tp_roles`: column, row, column+gather or whole); none when
+    tp = 1. The model's first layer stays with vertical partitioning when that splits it."""
+    if dims.tp <= 1:
+        return {}
+    elem = ELEMENT_BYTES.get(str(profile.key.get("dtype", "torch.float32")), 4)
+    first = next((i for i, x in enumerate(profile.layers) if x.kind in ("linear", "conv")), -1)
+    idx = [
+        i
+        for i, x in enumerate(profile.layers)
+        if x.name.startswith("head.") and x.kind == "linear" and not (dims.vertical > 1 and i == first)
+    ]
+    layers = [profile.layers[i] for i in idx]
+    roles = tp_roles([(x.in_bytes_per_sample // elem, x.out_bytes_per_sample // elem) for x in layers])
+    return dict(zip(idx, roles, strict=True))

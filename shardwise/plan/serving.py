@@ -45,8 +45,8 @@ from shardwise.config import Config, ParallelConfig
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.pipeline import cut_units, units_of
 from shardwise.plan.memory import held_params
-from shardwise.plan.model import forward_pass, head_linears
-from shardwise.plan.profile import ModelProfile
+from shardwise.plan.model import forward_pass
+from shardwise.plan.profile import ModelProfile, tp_parts
 from shardwise.plan.space import ModelShape, layouts
 from shardwise.topology import ParallelDims
 
@@ -179,11 +179,11 @@ def _ranks(
 
 
 def _exchanges(profile: ModelProfile, dims: ParallelDims) -> int:
-    """The collectives inside a forward's layers: a tensor-parallel pair's all-reduce and an
-    odd last layer's gather; vertical partitioning's partial sums (a spatial cut's halos and
-    norms count their own, `halo_seconds`)."""
-    linears = len(head_linears(profile)) if dims.tp > 1 else 0
-    return linears // 2 + linears % 2 + (dims.vertical > 1)
+    """The collectives inside a forward's layers: a tensor-parallel pair's all-reduce and a
+    wide odd last layer's gather; vertical partitioning's partial sums (a spatial cut's halos
+    and norms count their own, `halo_seconds`)."""
+    parts = tp_parts(profile, dims).values()
+    return sum(part in ("row", "column+gather") for part in parts) + (dims.vertical > 1)
 
 
 def choose(options: list[Served], p99_s: float, budget: float | None) -> tuple[Served, str]:
