@@ -9,11 +9,14 @@ import datetime
 import io
 import ipaddress
 import json
+import os
 import re
+import shutil
 import signal
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -250,10 +253,14 @@ def test_the_page_in_a_headless_browser_predicts_a_chosen_image(server, run_fold
     label = want["classes"][int(want["probabilities"][0].argmax())]
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
+    # its profile and the sockets it leaves in TMPDIR, removed after (a short path: a socket's
+    # path must fit 107 bytes)
+    own = Path(tempfile.mkdtemp(prefix="sw-browser-"))
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--ignore-certificate-errors",
-                 "--disable-gpu"):  # fmt: skip
+                 "--disable-gpu", f"--user-data-dir={own / 'profile'}"):  # fmt: skip
         options.add_argument(flag)
-    browser = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    service = Service("/usr/bin/chromedriver", env={**os.environ, "TMPDIR": str(own)})
+    browser = webdriver.Chrome(options=options, service=service)
     try:
         wait = WebDriverWait(browser, 20)
         browser.get(f"{client.base_url}/")
@@ -268,6 +275,7 @@ def test_the_page_in_a_headless_browser_predicts_a_chosen_image(server, run_fold
         assert len(browser.find_elements(By.CSS_SELECTOR, "#probs tr")) == 10
     finally:
         browser.quit()
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def test_the_servers_connections_send_without_delay():
