@@ -75,17 +75,23 @@ class HaloPlan:
                 )
 
 
-def _exchange(pieces: dict[int, Tensor], wanted: dict[int, tuple], group: dist.ProcessGroup, like: Tensor):
-    """Send pieces[peer] to each peer and receive a tensor shaped wanted[peer] from each."""
+def post_exchange(pieces: dict[int, Tensor], wanted: dict[int, tuple], group: dist.ProcessGroup, like: Tensor):
+    """Start sending pieces[peer] to each peer and receiving a tensor shaped wanted[peer] from
+    each: (the works to wait for, the tensors they fill). The caller computes meanwhile."""
     ops, received = [], {}
     for peer, t in pieces.items():
         ops.append(dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, peer), group))
     for peer, shape in wanted.items():
         received[peer] = like.new_empty(shape)
         ops.append(dist.P2POp(dist.irecv, received[peer], dist.get_global_rank(group, peer), group))
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+    return (dist.batch_isend_irecv(ops) if ops else []), received
+
+
+def _exchange(pieces: dict[int, Tensor], wanted: dict[int, tuple], group: dist.ProcessGroup, like: Tensor):
+    """Send pieces[peer] to each peer and receive a tensor shaped wanted[peer] from each."""
+    works, received = post_exchange(pieces, wanted, group, like)
+    for work in works:
+        work.wait()
     return received
 
 

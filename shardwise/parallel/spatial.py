@@ -4,7 +4,8 @@ Each rank of the spatial group holds a band of rows of the input image and of
 every feature map after it (`ranges.even_bounds`: heights may differ by one).
 Before each convolution or pooling window the neighbours exchange exactly the
 halo rows the window needs (`comm.halo`), so each rank computes its band of
-the output as the whole layer would. Weights are the same on every rank; each
+the output as the whole layer would; a centred convolution exchanges them while it
+convolves its band (`parallel/spatial_conv.py`). Weights are the same on every rank; each
 band contributes its share of their gradient, and the shares of every banded
 layer are summed over the group in one all-reduce after the backward
 (`comm.flat.sum_gradients` over `Part.band_sum`, called by the runner: one all-reduce per parameter inside
@@ -30,9 +31,10 @@ from torch import Tensor, nn
 
 from shardwise.comm.collectives import gather_from_group, reduce_from_group
 from shardwise.comm.cost import Link, all_reduce
-from shardwise.comm.halo import HaloPlan, assemble, edge_padding, gather_halo, scatter_halo_grad, with_halo
+from shardwise.comm.halo import with_halo
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.part import Part
+from shardwise.parallel.spatial_conv import SpatialConv2d, pair, window_plan
 from shardwise.parallel.spatial_norm import BandGroupNorm
 from shardwise.ranges import even_sizes
 
@@ -40,91 +42,17 @@ if TYPE_CHECKING:
     from shardwise.topology import RankMesh
 
 
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
-def window_plan(height: int, kernel: int, stride: int, padding: int, group, layer: str) -> HaloPlan:
-    out_height = (height + 2 * padding - kernel) // stride + 1
-    plan = HaloPlan(height, out_height, kernel, stride, padding, dist.get_world_size(group), dist.get_rank(group))
-    plan.check(layer)
-    return plan
-
-
-class _HaloConv2d(torch.autograd.Function):
-    """A convolution of this rank's band with its halo rows, keeping for the backward
-    pass only the band (which the previous layer keeps anyway) and the few halo
-    rows, not a second copy of the band with the halo attached.
-
-    Forward: exchange the halo, convolve. Backward: rebuild the rows, take the
-    input and weight gradients (torch.nn.grad), send the halo rows' gradient back
-    to their owners."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, plan, group, stride, width_padding, groups):
-        rows, top, bottom = gather_halo(x, plan, group, pad_value=0.0)  # with the edge's zero rows
-        ctx.save_for_backward(x, weight, *(t for t in (top, bottom) if t is not None))
-        ctx.has = (top is not None, bottom is not None)
-        ctx.plan, ctx.group, ctx.conv = plan, group, (stride, (0, width_padding), 1, groups)
-        ctx.has_bias = bias is not None
-        return F.conv2d(rows, weight, bias, *ctx.conv)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, *halo = ctx.saved_tensors
-        top = halo.pop(0) if ctx.has[0] else None
-        bottom = halo.pop(0) if ctx.has[1] else None
-        padded = assemble(x, ctx.plan, top, bottom, pad_value=0.0)
-        above, below = edge_padding(ctx.plan)
-        # under autocast the forward ran in the gradient's precision (bf16): so does the
-        # backward, and each gradient comes back in its own tensor's dtype (float32 weights)
-        low = grad.dtype
-        stride, padding, _, groups = ctx.conv
-        # every rank of the group takes the same branch: the bands of one layer all need it or not
-        want_x = ctx.needs_input_grad[0]
-        # both gradients (and the bias's) in one call, as autograd's own convolution does
-        grad_rows, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad, padded.to(low), weight.to(low), [weight.shape[0]] if ctx.has_bias else None,
-            list(stride), list(padding), [1, 1], False, [0, 0], groups, [want_x, True, ctx.has_bias],
-        )  # fmt: skip
-        grad_weight = grad_weight.to(weight.dtype)
-        grad_bias = grad_bias.to(weight.dtype) if ctx.has_bias else None
-        if not want_x:  # the image itself (the first convolution): no gradient to make or send
-            return None, grad_weight, grad_bias, None, None, None, None, None
-        grad_rows = grad_rows.to(x.dtype)[:, :, above : grad_rows.shape[2] - below]
-        grad_x = scatter_halo_grad(grad_rows, ctx.plan, ctx.group, x.shape)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
-
-
-class SpatialConv2d(nn.Module):
-    def __init__(self, full: nn.Conv2d, height: int, group: dist.ProcessGroup, name: str):
-        super().__init__()
-        if _pair(full.dilation) != (1, 1) or full.padding_mode != "zeros" or isinstance(full.padding, str):
-            raise ShardwiseError("parallel.spatial", f"{name}: only zero padding given in pixels, dilation 1")
-        self.group, self.groups = group, full.groups
-        (kh, _), (sh, sw), (ph, pw) = _pair(full.kernel_size), _pair(full.stride), _pair(full.padding)
-        self.stride, self.width_padding = (sh, sw), pw
-        self.plan = window_plan(height, kh, sh, ph, group, name)
-        self.weight = nn.Parameter(full.weight.detach().clone())
-        self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        # the weight gradient is this band's share: the runner sums them (Part.band_sum)
-        w, b = self.weight, self.bias
-        return _HaloConv2d.apply(x, w, b, self.plan, self.group, self.stride, self.width_padding, self.groups)
-
-
 class SpatialPool2d(nn.Module):
     def __init__(self, full: nn.MaxPool2d | nn.AvgPool2d, height: int, group: dist.ProcessGroup, name: str):
         super().__init__()
         self.is_max = isinstance(full, nn.MaxPool2d)
-        if full.ceil_mode or (self.is_max and _pair(full.dilation) != (1, 1)):
+        if full.ceil_mode or (self.is_max and pair(full.dilation) != (1, 1)):
             raise ShardwiseError("parallel.spatial", f"{name}: pooling with ceil_mode or dilation is not supported")
         if not self.is_max and (not full.count_include_pad or full.divisor_override):
             raise ShardwiseError("parallel.spatial", f"{name}: average pooling must count the padding")
         self.group = group
-        self.kernel, self.stride = _pair(full.kernel_size), _pair(full.stride or full.kernel_size)
-        ph, self.width_padding = _pair(full.padding)
+        self.kernel, self.stride = pair(full.kernel_size), pair(full.stride or full.kernel_size)
+        ph, self.width_padding = pair(full.padding)
         self.plan = window_plan(height, self.kernel[0], self.stride[0], ph, group, name)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -294,7 +222,7 @@ def apply_spatial(part: Part, mesh: RankMesh, *, in_shape: tuple[int, ...], chec
         elif isinstance(m, nn.BatchNorm2d):
             replacements[name] = SpatialBatchNorm2d(m, h, group)
         elif isinstance(m, nn.AdaptiveAvgPool2d):
-            if _pair(m.output_size) != (1, 1):
+            if pair(m.output_size) != (1, 1):
                 raise ShardwiseError("parallel.spatial", f"{where}: only global average pooling (output 1)")
             replacements[name] = GlobalAvgPool(h, group)
         elif isinstance(m, nn.Flatten):
