@@ -34,7 +34,7 @@ from shardwise.parallel.tensor import tp_roles
 if TYPE_CHECKING:
     from shardwise.topology import ParallelDims
 
-VERSION = 12  # of what a profile measures: a profile of another version is measured again
+VERSION = 13  # of what a profile measures: a profile of another version is measured again
 BATCH_SIZES = (8, 32, 64)  # samples per profiled pass by default: a line through these times
 
 
@@ -119,9 +119,11 @@ def fit_line(samples: list[float], seconds: list[float]) -> tuple[float, float]:
 def loading_fit(dataset, sizes: tuple[int, ...], dtype: torch.dtype, rounds: int = 7) -> tuple[float, float]:
     """T_load: (fixed, per-sample) seconds a rank takes to load a step's samples from the
     data source, as the loop does (`data.loader.RankData.micro_batches`: the step's indices,
-    then `take`), over `rounds` steps of each size (median), each after other work has
-    filled the CPU's caches, as a step's compute does; measured on each call, as the data
-    may have changed."""
+    then `take`), the least of `rounds` steps of each size, each after other work has
+    filled the CPU's caches, as a step's compute does (the slower ones are the allocator
+    growing its heap to the batch, 5-8 times as slow for 16 MiB, for a varying number of
+    steps, or the machine's other work); measured on each call, as the data may have
+    changed."""
     from shardwise.data.loader import take
     from shardwise.data.sampler import BatchPlan
 
@@ -133,7 +135,7 @@ def loading_fit(dataset, sizes: tuple[int, ...], dtype: torch.dtype, rounds: int
             started = time.perf_counter()
             take(dataset, plan.local_indices(step, 0, 1), torch.device("cpu"), dtype)
             taken.append(time.perf_counter() - started)
-        times.append(statistics.median(taken[1:]))
+        times.append(min(taken[1:]))
     return fit_line(list(sizes), times)
 
 
@@ -154,9 +156,11 @@ NORMS = (nn.GroupNorm, nn.BatchNorm2d)
 def band_exchanges(model: nn.Module, sample: torch.Tensor) -> dict[str, tuple[int, int, int, int]]:
     """Per layer of the `features` stack, what a spatial cut exchanges inside it, counted over
     every window and norm it holds (a residual block's too), from one forward of `sample`:
-    (halo bytes a sample, windows that take rows from a neighbour, norm bytes, norms). A
+    (halo bytes a sample, windows that wait for rows from a neighbour, norm bytes, norms). A
     window takes kernel - 1 rows (a pooling window kernel - stride: none for 2 x 2 by 2); a
-    norm sums two numbers a channel."""
+    centred convolution (stride 1, kernel 2p + 1, padding p) takes them while it computes
+    (`parallel/spatial_conv.py`), so its bytes count and no wait; a norm sums two numbers a
+    channel."""
     found: dict[str, list[int]] = {}
     hooks = []
 
@@ -171,7 +175,9 @@ def band_exchanges(model: nn.Module, sample: torch.Tensor) -> dict[str, tuple[in
             rows = kernel - 1 if isinstance(module, nn.Conv2d) else max(0, kernel - stride)
             if rows > 0:
                 counts[0] += rows * c * w * args[0].element_size()
-                counts[1] += 1
+                padding = module.padding if isinstance(module.padding, (int, str)) else module.padding[0]
+                centred = isinstance(module, nn.Conv2d) and stride == 1 and kernel == 2 * padding + 1
+                counts[1] += not centred  # a centred convolution takes its halo while it computes
 
         return hook
 
