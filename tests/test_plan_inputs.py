@@ -206,15 +206,14 @@ def test_a_spatial_cut_counts_every_window_and_norm_inside_a_layer():
     stem's 3 x 3 window takes 2 rows of 3 channels x 16 columns x 4 bytes (384); each
     residual block's two 3 x 3 windows 2 rows of their input's channels and width (2 x 8 x 16
     x 4 twice; then 2 x 8 x 16 x 4 and 2 x 16 x 8 x 4); its 1 x 1 shortcut none; each group
-    norm 2 sums of 8 bytes a channel. Only the second block's first window, of stride 2,
-    waits for its rows: the others are centred and take theirs while they compute."""
+    norm 2 sums of 8 bytes a channel."""
     from shardwise.models.resnet import ResNet
     from shardwise.plan.profile import band_exchanges
 
     found = band_exchanges(ResNet((3, 16, 16), 10, widths=[8, 16], norm="group"), torch.randn(3, 16, 16))
     assert found == {
-        "features.0": (384, 0, 0, 0),
+        "features.0": (384, 1, 0, 0),
         "features.1": (0, 0, 2 * 8 * 8, 1),
-        "features.3": (1024 + 1024, 0, 2 * (2 * 8 * 8), 2),
-        "features.4": (1024 + 1024, 1, 3 * (2 * 16 * 8), 3),
+        "features.3": (1024 + 1024, 2, 2 * (2 * 8 * 8), 2),
+        "features.4": (1024 + 1024, 2, 3 * (2 * 16 * 8), 3),
     }

@@ -34,7 +34,7 @@ from shardwise.parallel.tensor import tp_roles
 if TYPE_CHECKING:
     from shardwise.topology import ParallelDims
 
-VERSION = 13  # of what a profile measures: a profile of another version is measured again
+VERSION = 12  # of what a profile measures: a profile of another version is measured again
 BATCH_SIZES = (8, 32, 64)  # samples per profiled pass by default: a line through these times
 
 
@@ -156,11 +156,11 @@ NORMS = (nn.GroupNorm, nn.BatchNorm2d)
 def band_exchanges(model: nn.Module, sample: torch.Tensor) -> dict[str, tuple[int, int, int, int]]:
     """Per layer of the `features` stack, what a spatial cut exchanges inside it, counted over
     every window and norm it holds (a residual block's too), from one forward of `sample`:
-    (halo bytes a sample, windows that wait for rows from a neighbour, norm bytes, norms). A
+    (halo bytes a sample, windows that take rows from a neighbour, norm bytes, norms). A
     window takes kernel - 1 rows (a pooling window kernel - stride: none for 2 x 2 by 2); a
-    centred convolution (stride 1, kernel 2p + 1, padding p) takes them while it computes
-    (`parallel/spatial_conv.py`), so its bytes count and no wait; a norm sums two numbers a
-    channel."""
+    norm sums two numbers a channel. A centred convolution takes its rows while it
+    computes (`parallel/spatial_conv.py`) and still counts as a wait: on small maps
+    (128 x 128) its band's convolution is too short to cover the exchange."""
     found: dict[str, list[int]] = {}
     hooks = []
 
@@ -175,9 +175,7 @@ def band_exchanges(model: nn.Module, sample: torch.Tensor) -> dict[str, tuple[in
             rows = kernel - 1 if isinstance(module, nn.Conv2d) else max(0, kernel - stride)
             if rows > 0:
                 counts[0] += rows * c * w * args[0].element_size()
-                padding = module.padding if isinstance(module.padding, (int, str)) else module.padding[0]
-                centred = isinstance(module, nn.Conv2d) and stride == 1 and kernel == 2 * padding + 1
-                counts[1] += not centred  # a centred convolution takes its halo while it computes
+                counts[1] += 1
 
         return hook
 
