@@ -2,7 +2,7 @@
 
 The same MLP (built by shardwise's registry, same seed) split the same way,
 column then row in pairs, and the odd last layer whole on every rank where it has
-at most 64 outputs (the classifier; shardwise's `tp_roles` keeps it so), else
+at most `NARROW` outputs (the classifier, as shardwise's `tp_roles` keeps it), else
 column-wise with its output gathered; plain SGD on random batches. Nothing of
 shardwise's loop. Run under torchrun:
 
@@ -25,6 +25,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from shardwise.config import ModelConfig
 from shardwise.models import build_model
+from shardwise.parallel.tensor import NARROW
 from shardwise.procs import exit_now
 
 
@@ -47,7 +48,7 @@ def main() -> None:
     plan = {}
     for k in range(0, len(names) - 1, 2):
         plan[names[k]], plan[names[k + 1]] = ColwiseParallel(), RowwiseParallel()
-    if len(names) % 2 and model.head.get_submodule(names[-1]).out_features > 64:
+    if len(names) % 2 and model.head.get_submodule(names[-1]).out_features > NARROW:
         plan[names[-1]] = ColwiseParallel(output_layouts=Replicate())
     parallelize_module(model.head, mesh, plan)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

@@ -1,9 +1,9 @@
 """Collectives as autograd Functions: what a split layer needs in forward and backward.
 
-The pair `copy_to_group` / `reduce_from_group` is Megatron-LM's f and g
-operators (Shoeybi et al., "Megatron-LM", 2019, section 3): a column-parallel
-layer followed by a row-parallel one costs one all-reduce in forward (g) and
-one in backward (f). `gather_from_group` joins pieces of uneven width, so a
+Megatron-LM's f and g operators (Shoeybi et al., "Megatron-LM", 2019, section 3): a
+column-parallel layer followed by a row-parallel one costs one all-reduce in forward
+(g, `reduce_from_group`) and one in backward (f, inside `column_linear`, which runs it
+beside the weight gradient). `gather_from_group` joins pieces of uneven width, so a
 layer whose width does not divide the group size still splits exactly.
 """
 
@@ -35,37 +35,22 @@ def all_gather_uneven(x: Tensor, sizes: list[int], *, dim: int, group: dist.Proc
     return [p.narrow(dim, 0, s) for p, s in zip(pieces, sizes, strict=True)]
 
 
-class _CopyToGroup(torch.autograd.Function):
-    """Forward: identity (the input is already the same on every member).
-    Backward: all-reduce (sum) the input gradient, whose parts come from each
-    member's slice of the layer."""
+class _ReduceFromGroup(torch.autograd.Function):
+    """Forward: all-reduce (sum) the members' partial results, in place: every caller
+    hands over a layer's own new output, which nothing else holds (a view is summed on a
+    copy). Backward: identity (every member's partial gets the same gradient)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
-        ctx.group = group
-        return x.view_as(x)
+        if not x.is_contiguous():
+            return _all_reduce(x, group)
+        ctx.mark_dirty(x)
+        dist.all_reduce(x, group=group)
+        return x
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _all_reduce(grad, ctx.group), None
-
-
-class _ReduceFromGroup(torch.autograd.Function):
-    """Forward: all-reduce (sum) the members' partial results; in place when the partial
-    is fresh (a layer's own output, which nothing else holds), else on a copy.
-    Backward: identity (every member's partial gets the same gradient)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup, fresh: bool = False) -> Tensor:
-        if fresh and x.is_contiguous():
-            ctx.mark_dirty(x)
-            dist.all_reduce(x, group=group)
-            return x
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        return grad, None, None
+        return grad, None
 
 
 class _ColumnLinear(torch.autograd.Function):
@@ -120,18 +105,14 @@ class _GatherFromGroup(torch.autograd.Function):
         return grad.narrow(ctx.dim, start, ctx.sizes[ctx.rank]).contiguous(), None, None, None
 
 
-def copy_to_group(x: Tensor, group: dist.ProcessGroup) -> Tensor:
-    return _CopyToGroup.apply(x, group)
-
-
-def reduce_from_group(x: Tensor, group: dist.ProcessGroup, *, fresh: bool = False) -> Tensor:
-    """The sum of the members' `x`; `fresh`: `x` is a layer's own new output, summed in place."""
-    return _ReduceFromGroup.apply(x, group, fresh)
+def reduce_from_group(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """The sum of the members' `x`, a layer's own new output (summed in place)."""
+    return _ReduceFromGroup.apply(x, group)
 
 
 def column_linear(x: Tensor, weight: Tensor, bias: Tensor | None, group: dist.ProcessGroup) -> Tensor:
-    """`F.linear(copy_to_group(x, group), weight, bias)`, its backward's all-reduce beside the
-    weight gradient's product."""
+    """`F.linear(x, weight, bias)` on a slice of the output features; its backward sums the
+    input gradient over `group` beside the weight gradient's product."""
     return _ColumnLinear.apply(x, weight, bias, group)
 
 

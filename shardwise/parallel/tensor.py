@@ -7,7 +7,7 @@ features, the elementwise activation between runs on that slice, and the row
 layer turns its slice of the input into a partial sum that one all-reduce
 completes: one all-reduce forward and one backward per pair. The backward's
 all-reduce runs beside the column layer's weight-gradient product
-(`comm.collectives.column_linear`); the forward's is summed in place. An odd last
+(`comm.collectives.column_linear`). An odd last
 layer is column-parallel and gathers its outputs, unless it is narrow (at most
 `NARROW` outputs, a classifier): then every rank computes it whole, which costs
 less than the all-reduce of its input gradient and the gather it saves. Widths that do not divide the group
@@ -64,7 +64,7 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = reduce_from_group(F.linear(x, self.weight), self.group, fresh=True)
+        y = reduce_from_group(F.linear(x, self.weight), self.group)
         return y + self.bias if self.bias is not None else y
 
 

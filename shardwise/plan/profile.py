@@ -320,16 +320,13 @@ def cached(folder: Path, key: dict, measure: Callable[[], ModelProfile]) -> Mode
     return profile
 
 
-ELEMENT_BYTES = {"torch.float64": 8, "torch.float32": 4, "torch.bfloat16": 2, "torch.float16": 2}
-
-
 def tp_parts(profile: ModelProfile, dims: ParallelDims) -> dict[int, str]:
     """The head's Linear layers tensor parallelism takes, by index, each with its part
     (`parallel/tensor.py` `tp_roles`: column, row, column+gather or whole); none when
     tp = 1. The model's first layer stays with vertical partitioning when that splits it."""
     if dims.tp <= 1:
         return {}
-    elem = ELEMENT_BYTES.get(str(profile.key.get("dtype", "torch.float32")), 4)
+    elem = getattr(torch, str(profile.key.get("dtype", "torch.float32")).removeprefix("torch.")).itemsize
     first = next((i for i, x in enumerate(profile.layers) if x.kind in ("linear", "conv")), -1)
     idx = [
         i
