@@ -200,7 +200,9 @@ def build_parser() -> OneLineParser:
         help="loopback and/or rates of an emulated cluster (root), comma-separated (default: loopback,1gbit,10gbit)",
     )
     bench.add_argument("--repeats", type=int, default=5, help="repetitions of each comparison, >= 5 (default: 5)")
-    bench.add_argument("--cases", help="planner: MODEL:RANKS cases, e.g. mlp:2,wide:4 (default: each model at 2 and 4)")
+    bench.add_argument(
+        "--cases", help="planner and compression: MODEL:RANKS cases, e.g. mlp:2,convnet:4 (default: each at 2 and 4)"
+    )
     bench.add_argument(
         "--rounds",
         type=int,

@@ -86,6 +86,19 @@ def test_cases_are_chosen_by_name_and_ranks():
         parse_cases("mlp:2,mlp:1")
 
 
+def test_each_scenario_that_takes_cases_checks_them_before_anything_runs(tmp_path):
+    from shardwise.bench import compression
+    from shardwise.bench.suite import run_suite
+
+    assert compression.parse_cases(None) == [("mlp", 2), ("mlp", 4), ("convnet", 2), ("convnet", 4)]
+    assert compression.parse_cases("convnet:4") == [("convnet", 4)]
+    with pytest.raises(ShardwiseError, match="cases: 'wide:2': expected MODEL:RANKS, MODEL one of mlp, convnet"):
+        run_suite(["compression"], ["loopback"], 5, tmp_path, plan_only=True, cases="mlp:2,wide:2")
+    with pytest.raises(ShardwiseError, match="cases: only planner and compression take cases, asked for tp"):
+        run_suite(["tp"], ["loopback"], 5, tmp_path, plan_only=True, cases="mlp:2")
+    assert run_suite(["planner", "compression"], ["loopback"], 5, tmp_path, plan_only=True, cases="mlp:2") == 0
+
+
 def test_every_layout_runs_each_round_in_rotated_order_with_fresh_measurements(tmp_path, monkeypatch):
     import io
     import os
@@ -105,7 +118,7 @@ def test_every_layout_runs_each_round_in_rotated_order_with_fresh_measurements(t
         return rows[len(caches) - 1 :] + rows[: len(caches) - 1]  # each round may rank them differently
 
     class FakeBench:
-        work, options, link, where, details = tmp_path, {"cases": [("mlp", 2)], "rounds": 3}, "loopback", "here", []
+        work, options, link, where, details = tmp_path, {"cases": "mlp:2", "rounds": 3}, "loopback", "here", []
         console = Console(file=io.StringIO())
         record = staticmethod(lambda *a, **k: "")
         placement = type("P", (), {"cluster": None})()

@@ -7,7 +7,7 @@ import os
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from shardwise.cluster.placement import Placement, run_ranks
+from shardwise.errors import ShardwiseError
 
 # glibc hands every freed block of 64 KiB or more straight back to the system (as the planner
 # measures a pass's memory, plan/activations.py): a run's peak is then the bytes alive at once
@@ -122,6 +123,23 @@ def alternate(
             times[name].append(sides[name](i))
         console.print(f"  repetition {i + 1}: " + ", ".join(f"{n} {unit * times[n][-1]:.2f} ms" for n in names))
     return times
+
+
+def parse_cases(text: str | None, models: Iterable[str], worlds: Iterable[int]) -> list[tuple[str, int]]:
+    """`mlp:2,wide:4` as (model, ranks) pairs, each model one of `models`; None: every model
+    at every one of `worlds`."""
+    models = list(models)
+    if not text:
+        return [(model, world) for model in models for world in worlds]
+    cases = []
+    for item in text.split(","):
+        model, _, ranks = item.strip().partition(":")
+        if model not in models or not ranks.isdigit() or int(ranks) < 2:
+            raise ShardwiseError(
+                "cases", f"{item.strip()!r}: expected MODEL:RANKS, MODEL one of {', '.join(models)}, RANKS >= 2"
+            )
+        cases.append((model, int(ranks)))
+    return cases
 
 
 def spread(values: list[float], scale: float = 1e3) -> str:

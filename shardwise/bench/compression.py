@@ -1,7 +1,8 @@
 """Gradient compression against none: time to a target validation accuracy, and the final
 accuracy, for each method.
 
-For each model, two phases on the bench's link, dp = 2:
+For each case (a model and a number of data-parallel ranks; the global batch is the same
+at every world size), two phases on the bench's link:
 
 1. accuracy: each method trains STEPS steps once, evaluated every EVAL_EVERY steps, the
    first WARMUP steps uncompressed (`comm.warmup_steps`); the steps to the target
@@ -15,23 +16,26 @@ the training time to the accuracy, without start-up and evaluations, which no me
 changes. A method that never reaches the target has no time to it. `auto` is the
 launcher's choice (plan/compression.py) among the others, with the same settings.
 
-torch's own `powerSGD_hook` is not a side here: in this torch (2.13) on gloo it hangs at
-its first compressed step (its future callbacks wait on a second gloo collective from
-inside gloo's completion of the first).
+torch's own `powerSGD_hook` is the yardstick of shardwise's PowerSGD in phase 2: a plain
+DDP script (torch_ddp_reference) with the hook registered, each bucket's chain waited for
+in the hook; unwaited, it deadlocks or mismatches collectives on gloo in this torch (2.13):
+see `torch_ddp_reference.powersgd_hook`. Its steps to the target are not measured.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.table import Table
 
+from shardwise.bench import common
 from shardwise.bench.common import Bench, alternate, spread
 
 STEPS, EVAL_EVERY, WARMUP, TIMED = 300, 20, 10, 40
-NPROC = 2
+WORLDS = (2, 4)
 METHODS: dict[str, list[str]] = {
     "none": [],
     "bf16": ["--comm.compression", "bf16"],
@@ -40,19 +44,32 @@ METHODS: dict[str, list[str]] = {
     "powersgd rank 4": ["--comm.compression", "powersgd", "--comm.powersgd_rank", "4"],
     "auto": ["--comm.compression", "auto", "--comm.topk_ratio", "0.01", "--comm.powersgd_rank", "4"],
 }
-MODELS: dict[str, tuple[str, list[str], float]] = {
-    # name: (description, the model and batch, the target accuracy)
-    "mlp": (
-        "communication-bound MLP 64-2048-2048-10 (4.3 M parameters) on digits, 8 samples per rank",
-        ["--model.name", "mlp", "--model.hidden", "2048,2048", "--train.batch_size", "16"],
-        0.95,
-    ),
-    "convnet": (
-        "compute-bound convnet (144 k parameters) on digits, 32 samples per rank",
-        ["--model.name", "convnet", "--train.batch_size", "64"],
-        0.95,
-    ),
+TORCH_POWERSGD = "torch PowerSGD hook rank 4"  # the yardstick of "powersgd rank 4": step time only
+
+
+@dataclass(frozen=True)
+class Model:
+    description: str
+    name: str
+    hidden: str  # widths, comma-separated ("": the model's own)
+    batch: int  # global: the same at every world size
+    target: float  # validation accuracy
+
+    @property
+    def args(self) -> list[str]:
+        hidden = ["--model.hidden", self.hidden] if self.hidden else []
+        return ["--model.name", self.name, *hidden, "--train.batch_size", str(self.batch)]
+
+
+MODELS: dict[str, Model] = {
+    "mlp": Model("communication-bound MLP 64-2048-2048-10 (4.3 M parameters) on digits", "mlp", "2048,2048", 16, 0.95),
+    "convnet": Model("compute-bound convnet (144 k parameters) on digits", "convnet", "", 64, 0.95),
 }
+
+
+def parse_cases(text: str | None) -> list[tuple[str, int]]:
+    """`mlp:2,convnet:4` as (model, data-parallel ranks) pairs; None: both models at 2 and 4."""
+    return common.parse_cases(text, MODELS, WORLDS)
 
 
 def steps_to(metrics: Path, target: float) -> tuple[int | None, float]:
@@ -70,21 +87,29 @@ def time_to_target(steps: int | None, step_s: float, none_step_s: float) -> floa
 
 
 def run(b: Bench) -> None:
+    cases = parse_cases(b.options.get("cases"))
     b.console.print(
-        f"[bold]compression[/]: {NPROC} data-parallel ranks ({b.where}); accuracy over {STEPS} steps "
-        f"(the first {WARMUP} uncompressed), step time over {TIMED} compressed steps, {b.repeats} rotated repetitions"
+        f"[bold]compression[/] ({b.where}): accuracy over {STEPS} steps (the first {WARMUP} uncompressed), "
+        f"step time over {TIMED} compressed steps, {b.repeats} rotated repetitions"
     )
-    for key, (description, args, target) in MODELS.items():
-        b.console.print(f"  {description}, target {target:.0%} validation accuracy")
-        reached = {m: _accuracy(b, f"{key}-{m}", [*args, *extra], target) for m, extra in METHODS.items()}
-        times = alternate(_timed_sides(b, key, args), b.repeats, b.console)
-        _report(b, key, target, reached, times)
+    for key, world in cases:
+        model = MODELS[key]
+        b.console.print(
+            f"  {model.description}, {world} data-parallel ranks, {model.batch // world} samples each, "
+            f"target {model.target:.0%} validation accuracy"
+        )
+        case = f"{key}-{world}"
+        reached = {
+            m: _accuracy(b, f"{case}-{m}", [*model.args, *extra], world, model.target) for m, extra in METHODS.items()
+        }
+        times = alternate(_timed_sides(b, case, model, world), b.repeats, b.console)
+        _report(b, f"{key}, {world} ranks", model.target, reached, times)
 
 
-def _accuracy(b: Bench, name: str, args: list[str], target: float) -> tuple[int | None, float]:
+def _accuracy(b: Bench, name: str, args: list[str], world: int, target: float) -> tuple[int | None, float]:
     """Phase 1 for one method: its steps to the target and its final accuracy."""
     out = f"compression-{name}-accuracy"
-    run_args = [*args, "--comm.warmup_steps", str(WARMUP), "--nproc", str(NPROC)]
+    run_args = [*args, "--comm.warmup_steps", str(WARMUP), "--nproc", str(world)]
     b.train(run_args, out, steps=STEPS, eval_every=EVAL_EVERY)
     folder = b.work / out.replace(" ", "_")
     if "auto" in args:  # what the launcher chose, as the run's saved config names it
@@ -93,25 +118,37 @@ def _accuracy(b: Bench, name: str, args: list[str], target: float) -> tuple[int 
     return steps_to(folder / "metrics.jsonl", target)
 
 
-def _timed_sides(b: Bench, key: str, args: list[str]) -> dict:
-    """Phase 2's sides: each method compressed from the first step."""
+def _timed_sides(b: Bench, case: str, model: Model, world: int) -> dict:
+    """Phase 2's sides: each method compressed from the first step, and torch's PowerSGD hook
+    on the same model, data, batch and optimizer (a plain DDP script)."""
 
     def side(extra: list[str], name: str):
-        run_args = [*args, *extra, "--nproc", str(NPROC)]
-        return lambda i: b.train(run_args, f"compression-{key}-{name}-{i}", steps=TIMED)["step_time_s"]
+        run_args = [*model.args, *extra, "--nproc", str(world)]
+        return lambda i: b.train(run_args, f"compression-{case}-{name}-{i}", steps=TIMED)["step_time_s"]
 
-    return {method: side(extra, method.replace(" ", "-")) for method, extra in METHODS.items()}
+    def torch_side(i: int) -> float:
+        args = ["--steps", str(TIMED), "--batch-size", str(model.batch), "--model", model.name, "--powersgd", "4"]
+        args += ["--hidden", model.hidden] if model.hidden else []
+        return b.reference("shardwise.bench.torch_ddp_reference", world, args, f"compression-{case}-torch-{i}")[
+            "step_time_s"
+        ]
+
+    sides = {method: side(extra, method.replace(" ", "-")) for method, extra in METHODS.items()}
+    return sides | {TORCH_POWERSGD: torch_side}
 
 
 def _report(b: Bench, key: str, target: float, reached: dict, times: dict[str, list[float]]) -> None:
     none_s = statistics.median(times["none"])
     base_steps, base_acc = reached["none"]
     base_time = time_to_target(base_steps, none_s, none_s)
-    how = f"{key}, {NPROC} ranks, target {target:.0%}: time = steps to it x median step, per repetition"
+    how = f"{key}, target {target:.0%}: time = steps to it x median step, per repetition"
     table = Table(title=f"{key}: to {target:.0%} validation accuracy, {b.link}")
     for col in ("method", "ms / step", "steps to target", "time to target (s)", "speed-up", "final acc.", "vs none"):
         table.add_column(col, justify="right")
     for method, values in times.items():
+        if method == TORCH_POWERSGD:
+            table.add_row(method, spread(values), "", "", "", "", "")
+            continue
         step_s = statistics.median(values)
         steps, acc = reached[method]
         t = time_to_target(steps, step_s, none_s)
@@ -134,3 +171,6 @@ def _report(b: Bench, key: str, target: float, reached: dict, times: dict[str, l
         gap = [100 * (acc - base_acc)]
         b.record("compression", f"{key} {method}: final accuracy - none's (points)", gap, unit="pt")
     b.console.print(table)
+    mine = times["powersgd rank 4"]
+    text = b.ratio("compression", f"{key} step time: powersgd / torch's hook", mine, times[TORCH_POWERSGD], how=how)
+    b.console.print(f"  step time shardwise PowerSGD / torch's PowerSGD hook: [bold]{text}[/] (target <= 1)")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import statistics
 
+from shardwise.bench import common
 from shardwise.bench.common import GIVE_BACK, Bench, fresh_inputs, spread
 from shardwise.errors import ShardwiseError
 from shardwise.plan.memory import HEADROOM
@@ -110,23 +111,13 @@ def case_figures(rows: list[dict]) -> dict:
 
 def parse_cases(text: str | None) -> list[tuple[str, int]]:
     """`mlp:2,wide:4` as (model, ranks) pairs; None: every model at every world size."""
-    if not text:
-        return [(model, world) for model in MODELS for world in WORLDS]
-    cases = []
-    for item in text.split(","):
-        model, _, ranks = item.strip().partition(":")
-        if model not in MODELS or not ranks.isdigit() or int(ranks) < 2:
-            raise ShardwiseError(
-                "cases", f"{item.strip()!r}: expected MODEL:RANKS, MODEL one of {', '.join(MODELS)}, RANKS >= 2"
-            )
-        cases.append((model, int(ranks)))
-    return cases
+    return common.parse_cases(text, MODELS, WORLDS)
 
 
 def run(b: Bench) -> None:
     cluster = f"emulated:{b.placement.cluster.name}" if b.placement.cluster else "local"
     rounds = b.options.get("rounds", ROUNDS)
-    for model, world in b.options.get("cases") or parse_cases(None):
+    for model, world in parse_cases(b.options.get("cases")):
         _case(b, model, world, cluster, rounds)
 
 

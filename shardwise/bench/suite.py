@@ -46,6 +46,12 @@ from shardwise.cluster.placement import Placement
 from shardwise.errors import ShardwiseError
 from shardwise.jsonsafe import dumps
 
+# the scenarios that take --cases: each parses them (MODEL:RANKS) against its own models
+CASES: dict[str, Callable[[str | None], list[tuple[str, int]]]] = {
+    "planner": planner.parse_cases,
+    "compression": compression.parse_cases,
+}
+
 # name -> (run, runs on shaped links too)
 SCENARIOS: dict[str, tuple[Callable[[Bench], None], bool]] = {
     "allreduce": (allreduce.run, True),
@@ -150,7 +156,11 @@ def run_suite(
     if not any(SCENARIOS[name][1] for name in scenarios):
         links = [link for link in links if link == "loopback"] or ["loopback"]  # the same on every link
     check_request(scenarios, links, repeats)
-    chosen = planner.parse_cases(cases)
+    takers = [name for name in scenarios if name in CASES]
+    if cases and not takers:
+        raise ShardwiseError("cases", f"only {' and '.join(CASES)} take cases, asked for {', '.join(scenarios)}")
+    for name in takers:
+        CASES[name](cases)  # a bad case stops the bench before anything runs
     if rounds < 1:
         raise ShardwiseError("rounds", f"must be >= 1 (runs of every layout), got {rounds}")
     if plan_only:
@@ -167,7 +177,7 @@ def run_suite(
     for link in links:
         console.rule(f"[bold]link: {link}")
         with link_placement(link) as placement, tempfile.TemporaryDirectory(prefix="shardwise-bench-") as tmp:
-            bench = Bench(link, placement, repeats, Path(tmp), console, options={"cases": chosen, "rounds": rounds})
+            bench = Bench(link, placement, repeats, Path(tmp), console, options={"cases": cases, "rounds": rounds})
             for name in scenarios:
                 run, shaped_too = SCENARIOS[name]
                 if link == "loopback" or shaped_too:
