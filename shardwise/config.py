@@ -182,6 +182,11 @@ class CommConfig:
     """powersgd: the rank of each weight matrix's factors."""
     warmup_steps: int = 0
     """Average exactly (no compression) for this many first steps."""
+    candidates: list[str] = field(default_factory=list)
+    """Methods the ranks time on the run itself, a few steps each right after the warm-up,
+    keeping the fastest for the rest of the run (comm.compression names one of them). auto
+    sets them: the methods the cost model predicts within a quarter of its choice. Empty:
+    comm.compression throughout."""
 
 
 @dataclass

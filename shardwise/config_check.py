@@ -11,6 +11,7 @@ import types
 import typing
 from typing import TYPE_CHECKING, Any, Literal
 
+from shardwise.comm.methods import METHODS
 from shardwise.config_sections import TEXT_DATA
 from shardwise.errors import ShardwiseError
 
@@ -231,6 +232,21 @@ def uncompressed_because(*, shard: str, ps: bool, method: str = "auto") -> tuple
     return "", ""
 
 
+def _check_candidates(cfg: Config) -> None:
+    """comm.candidates: methods a layout can average through, comm.compression among them."""
+    c = cfg.comm
+    if not c.candidates:
+        return
+    wrong = [m for m in c.candidates if m not in METHODS]
+    if wrong or len(set(c.candidates)) != len(c.candidates):
+        raise ShardwiseError("comm.candidates", f"{c.candidates}: each once, each one of {', '.join(METHODS)}")
+    if c.compression not in (*c.candidates, "auto"):
+        raise ShardwiseError("comm.candidates", f"{c.candidates} must include comm.compression={c.compression}")
+    setting, why = uncompressed_because(shard=cfg.parallel.shard, ps=cfg.parallel.mode == "ps")
+    if setting:  # (a parameter server's pushes are not timed method by method)
+        raise ShardwiseError("comm.candidates", f"with {setting}: {why}")
+
+
 def _check_comm(cfg: Config) -> None:
     c = cfg.comm
     if not 0 < c.topk_ratio <= 1:
@@ -239,6 +255,7 @@ def _check_comm(cfg: Config) -> None:
         raise ShardwiseError("comm.powersgd_rank", f"must be >= 1, got {c.powersgd_rank}")
     if c.warmup_steps < 0:
         raise ShardwiseError("comm.warmup_steps", f"must be >= 0, got {c.warmup_steps}")
+    _check_candidates(cfg)
     if c.compression in ("none", "auto"):  # auto picks none where no method applies
         return
     setting, why = uncompressed_because(shard=cfg.parallel.shard, ps=cfg.parallel.mode == "ps", method=c.compression)

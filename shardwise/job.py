@@ -150,7 +150,11 @@ def build_layout(cfg: Config, mesh: RankMesh, setup: SetUp, *, device: torch.dev
         deterministic=cfg.train.deterministic,
         checkpointing=cfg.train.activation_checkpointing,
         compression=CompressionSettings(
-            cfg.comm.compression, cfg.comm.topk_ratio, cfg.comm.powersgd_rank, cfg.comm.warmup_steps
+            cfg.comm.compression,
+            cfg.comm.topk_ratio,
+            cfg.comm.powersgd_rank,
+            cfg.comm.warmup_steps,
+            tuple(cfg.comm.candidates),
         ),
     )
     if cfg.train.precision == "bf16" and layout.role != "server":

@@ -242,6 +242,9 @@ def test_time_to_target_counts_the_warm_up_at_the_uncompressed_step(tmp_path):
     assert WARMUP == 10  # the bench's warm-up: 10 steps at none's 0.2 s, then 30 at the method's 0.05 s
     assert time_to_target(40, 0.05, 0.2) == pytest.approx(10 * 0.2 + 30 * 0.05)
     assert time_to_target(None, 0.05, 0.2) is None
+    # auto's trial: its steps after the warm-up at each candidate's time, then the kept method's
+    assert time_to_target(40, 0.05, 0.2, [0.1] * 10) == pytest.approx(10 * 0.2 + 10 * 0.1 + 20 * 0.05)
+    assert time_to_target(15, 0.05, 0.2, [0.1] * 10) == pytest.approx(10 * 0.2 + 5 * 0.1)
 
 
 def test_auto_weighs_the_bytes_saved_against_the_compute_spent():
@@ -249,7 +252,7 @@ def test_auto_weighs_the_bytes_saved_against_the_compute_spent():
     ranks sends half a tensor's bytes each way), and the choice: none where the link is
     fast, a compressor where it is slow."""
     from shardwise.comm.cost import Link
-    from shardwise.plan.compression import choose, collective_seconds, method_seconds
+    from shardwise.plan.compression import choose, collective_seconds, method_seconds, shortlist
 
     link, shapes = Link.from_rate(8e9), [(64, 32), (64,)]  # a byte a nanosecond; 2112 entries
     beta = link.beta_s_per_byte
@@ -286,7 +289,13 @@ def test_auto_weighs_the_bytes_saved_against_the_compute_spent():
     assert best == "bf16" and line.startswith(
         "bf16: 14.1 ms a step predicted (ms: topk 13.8, powersgd 14.5, none 16.2)"
     )
-    assert line.endswith("; topk is not under 67% of none's time, the least it must save to be worth its risk")
+    assert line.endswith("; topk is not under 67% of none's time, the least it must save to be worth it")
+    # the run times the methods within a quarter of the choice that save their margin too,
+    # the fastest half-precision one, and none, the baseline; nothing where none is best
+    assert shortlist(steps, best) == ["bf16", "none"]
+    close = {"none": 160e-3, "bf16": 90e-3, "topk": 38e-3, "powersgd": 36e-3, "int8": 85e-3}
+    assert shortlist(close, choose(averaging, close)[0]) == ["powersgd", "topk", "bf16", "none"]
+    assert shortlist({"none": 1.0, "bf16": 0.95, "topk": 0.9}, "none") == ["none"]
 
 
 def test_auto_is_chosen_by_the_launcher_in_one_line_and_saved_as_chosen(tmp_path):
@@ -367,3 +376,87 @@ def test_torchs_powersgd_hook_runs_on_gloo_as_the_bench_yardstick(tmp_path):
     cmd += ["--hidden", "1024,1024", "--powersgd", "2", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=60)
     assert json.loads(out.read_text())["step_time_s"] > 0
+
+
+def _trial(periods: dict[str, float], *, group) -> dict:
+    """Steps through a trial of top-k then none (one warm-up step first), this rank's clock
+    advancing by `periods[method]` a step; what ran, the decision, what was owed."""
+    import torch.distributed as dist
+
+    from shardwise.comm import trial
+
+    rank = dist.get_rank(group)
+    clock = {"now": 0.0}
+    real = trial.time.perf_counter
+    trial.time.perf_counter = lambda: clock["now"]
+    try:
+        comp = Compressor(CompressionSettings("topk", 0.05, 4, 1, ("topk", "none")), group)
+        ran, applied = [], []
+        for step in range(1 + 2 * trial.STEPS_EACH + 2):
+            ran.append(comp.method if step >= 1 else "warm-up")
+            applied.append(comp.average(_grad(rank, step).clone(), _entries()).clone())
+            clock["now"] += periods[rank][ran[-1]] if ran[-1] != "warm-up" else 1.0
+            comp.end_step()
+        again = trial.Trial(("topk", "none"), 1, None)
+        again.load(comp.trial.state())
+        return {"ran": ran, "applied": applied, "owed": dict(comp.residuals), "summary": comp.summary(), "again": again}
+    finally:
+        trial.time.perf_counter = real
+
+
+@pytest.mark.parametrize(
+    "periods, kept",
+    [
+        # rank 0 alone would keep top-k, rank 1 alone none, the least of all top-k
+        ({0: {"topk": 0.010, "none": 0.030}, 1: {"topk": 0.050, "none": 0.040}}, "none"),
+        # top-k faster, but not by the third of none's step a lossy method must save
+        ({0: {"topk": 0.030, "none": 0.040}, 1: {"topk": 0.030, "none": 0.040}}, "none"),
+        ({0: {"topk": 0.020, "none": 0.040}, 1: {"topk": 0.010, "none": 0.030}}, "topk"),
+    ],
+)
+def test_auto_trial_keeps_the_fastest_on_the_slowest_rank_that_saves_its_margin(pool, periods, kept):
+    """Each candidate runs STEPS_EACH steps after the warm-up, its first not counted; the
+    ranks keep the least of the slowest rank's medians among the methods that save their
+    margin of none's; what top-k's steps left owed is added to the first step of none, so
+    what was applied plus what is still owed sums to the exact averages."""
+    from shardwise.comm.trial import STEPS_EACH
+
+    out = pool.run(_trial, periods, ranks=[0, 1])
+    ran = out[0]["ran"]
+    assert ran == ["warm-up"] + ["topk"] * STEPS_EACH + ["none"] * STEPS_EACH + [kept] * 2
+    slowest = {m: max(periods[0][m], periods[1][m]) for m in ("topk", "none")}
+    trial = out[0]["summary"]["trial"]
+    assert trial["step_s"] == pytest.approx(slowest) and trial["chosen"] == kept
+    assert out[0]["summary"]["method"] == kept and out[1]["summary"]["trial"] == trial
+    assert out[0]["again"].chosen == kept and out[0]["again"].medians == trial["step_s"]  # as a checkpoint keeps it
+    assert bool(out[0]["owed"]) == (kept == "topk")  # none settled what top-k's steps owed
+    steps = range(len(ran))
+    exact = sum(_exact(s, 2) for s in steps)
+    for rank in (0, 1):
+        assert torch.equal(sum(out[0]["applied"]), sum(out[rank]["applied"]))
+    applied_and_owed = sum(out[0]["applied"]) + torch.cat(
+        [sum(o["owed"].get(e.name, torch.zeros(e.shape)) for o in out).reshape(-1) / 2 for e in _entries()]
+    )
+    assert torch.allclose(applied_and_owed, exact, atol=1e-5), (applied_and_owed - exact).abs().max()
+    assert not torch.allclose(sum(out[0]["applied"][: 1 + STEPS_EACH]), sum(_exact(s, 2) for s in range(6)), atol=1e-3)
+
+
+def test_auto_trial_runs_through_ddps_hook_and_the_summary_says_what_it_kept(pool):
+    """Under DDP (the hook hands each bucket to the method of the step): top-k, then DDP's
+    own all-reduce for none, 5 steps each after a warm-up of 2, then the faster for the
+    rest; the summary gives both medians and the method kept, and the run still trains."""
+    from shardwise.comm.methods import bar
+
+    o = {**MLP, "train.steps": "30", "comm.compression": "topk", "comm.candidates": "topk,none"}
+    o |= {"comm.warmup_steps": "2", "comm.topk_ratio": "0.05"}
+    summary = pool.run(train_summary, with_data(o), ranks=[0, 1])[0]
+    trial = summary["compression"]["trial"]
+    assert trial["candidates"] == ["topk", "none"] and set(trial["step_s"]) == {"topk", "none"}
+    times = trial["step_s"]
+    fair = {m: t for m, t in times.items() if t <= bar(m) * times["none"]}  # top-k must save a third
+    assert trial["chosen"] == min(fair, key=fair.get) == summary["compression"]["method"]
+    assert all(0 < t < 1 for t in trial["step_s"].values()) and summary["val_accuracy"] > 0.5
+    # the bytes follow the schedule: 2 + 5 steps whole (warm-up, none), 5 of top-k (5% of the
+    # entries, values and indices: a tenth of the bytes), then the kept method's 18
+    whole, topk = 7 + 18 * (trial["chosen"] == "none"), 5 + 18 * (trial["chosen"] == "topk")
+    assert summary["compression"]["ratio"] == pytest.approx((whole + 0.1 * topk) / 30, rel=0.02)

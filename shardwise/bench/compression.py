@@ -14,7 +14,10 @@ at every world size), two phases on the bench's link:
 Time to target = WARMUP x none's step + (steps to target - WARMUP) x the method's step:
 the training time to the accuracy, without start-up and evaluations, which no method
 changes. A method that never reaches the target has no time to it. `auto` is the
-launcher's choice (plan/compression.py) among the others, with the same settings.
+launcher's choice (plan/compression.py) among the others, with the same settings, and
+where it shortlists, the run's trial (comm/trial.py): its accuracy run says what it kept,
+phase 2 times that method, and its time to target counts the trial's steps after the
+warm-up at each candidate's median, as the accuracy run measured them.
 
 torch's own `powerSGD_hook` is the yardstick of shardwise's PowerSGD in phase 2: a plain
 DDP script (torch_ddp_reference) with the hook registered, each bucket's chain waited for
@@ -33,16 +36,18 @@ from rich.table import Table
 
 from shardwise.bench import common
 from shardwise.bench.common import Bench, alternate, spread
+from shardwise.comm.trial import STEPS_EACH
 
 STEPS, EVAL_EVERY, WARMUP, TIMED = 300, 20, 10, 40
 WORLDS = (2, 4)
+TUNING = ["--comm.topk_ratio", "0.01", "--comm.powersgd_rank", "4"]  # what auto's top-k and PowerSGD take
 METHODS: dict[str, list[str]] = {
     "none": [],
     "bf16": ["--comm.compression", "bf16"],
     "int8": ["--comm.compression", "int8"],
     "topk 1%": ["--comm.compression", "topk", "--comm.topk_ratio", "0.01"],
     "powersgd rank 4": ["--comm.compression", "powersgd", "--comm.powersgd_rank", "4"],
-    "auto": ["--comm.compression", "auto", "--comm.topk_ratio", "0.01", "--comm.powersgd_rank", "4"],
+    "auto": ["--comm.compression", "auto", *TUNING],
 }
 TORCH_POWERSGD = "torch PowerSGD hook rank 4"  # the yardstick of "powersgd rank 4": step time only
 
@@ -80,10 +85,14 @@ def steps_to(metrics: Path, target: float) -> tuple[int | None, float]:
     return first, scored[-1][1]
 
 
-def time_to_target(steps: int | None, step_s: float, none_step_s: float) -> float | None:
+def time_to_target(steps: int | None, step_s: float, none_s: float, trial: list[float] = ()) -> float | None:
+    """The training time to the target: WARMUP steps at none's step, then `trial`'s steps
+    (auto's: each candidate's seconds a step, in the order run), then the method's."""
     if steps is None:
         return None
-    return min(steps, WARMUP) * none_step_s + max(steps - WARMUP, 0) * step_s
+    after = max(steps - WARMUP, 0)
+    timed = list(trial)[:after]
+    return min(steps, WARMUP) * none_s + sum(timed) + (after - len(timed)) * step_s
 
 
 def run(b: Bench) -> None:
@@ -102,8 +111,9 @@ def run(b: Bench) -> None:
         reached = {
             m: _accuracy(b, f"{case}-{m}", [*model.args, *extra], world, model.target) for m, extra in METHODS.items()
         }
-        times = alternate(_timed_sides(b, case, model, world), b.repeats, b.console)
-        _report(b, f"{key}, {world} ranks", model.target, reached, times)
+        kept, trial = _auto(b, b.work / f"compression-{case}-auto-accuracy")
+        times = alternate(_timed_sides(b, case, model, world, kept), b.repeats, b.console)
+        _report(b, f"{key}, {world} ranks", model.target, reached, times, trial)
 
 
 def _accuracy(b: Bench, name: str, args: list[str], world: int, target: float) -> tuple[int | None, float]:
@@ -111,16 +121,29 @@ def _accuracy(b: Bench, name: str, args: list[str], world: int, target: float) -
     out = f"compression-{name}-accuracy"
     run_args = [*args, "--comm.warmup_steps", str(WARMUP), "--nproc", str(world)]
     b.train(run_args, out, steps=STEPS, eval_every=EVAL_EVERY)
-    folder = b.work / out.replace(" ", "_")
-    if "auto" in args:  # what the launcher chose, as the run's saved config names it
-        chosen = next(line for line in (folder / "config.toml").read_text().splitlines() if "compression =" in line)
-        b.console.print(f"    {name}: the launcher chose {chosen.split('=')[1].strip()}")
-    return steps_to(folder / "metrics.jsonl", target)
+    return steps_to(b.work / out.replace(" ", "_") / "metrics.jsonl", target)
 
 
-def _timed_sides(b: Bench, case: str, model: Model, world: int) -> dict:
-    """Phase 2's sides: each method compressed from the first step, and torch's PowerSGD hook
-    on the same model, data, batch and optimizer (a plain DDP script)."""
+def _auto(b: Bench, folder: Path) -> tuple[str, list[float]]:
+    """What auto's accuracy run ran after its warm-up: the method it kept (the launcher's,
+    or its trial's), and each trial step's seconds in order (each candidate's median)."""
+    summary = json.loads((folder / "summary.json").read_text())
+    c = summary.get("compression") or {"method": "none"}  # none: no compressor at all
+    trial = c.get("trial") or {}
+    times = trial.get("step_s") or {}
+    seconds = [times.get(m, 0.0) for m in trial.get("candidates", []) for _ in range(STEPS_EACH)]
+    if times:
+        timed = ", ".join(f"{m} {1e3 * t:.1f} ms" for m, t in times.items())
+        b.console.print(f"    auto: the launcher shortlisted, the run timed {timed} a step and kept {c['method']}")
+    else:
+        b.console.print(f"    auto: the launcher chose {c['method']}")
+    return c["method"], seconds
+
+
+def _timed_sides(b: Bench, case: str, model: Model, world: int, kept: str) -> dict:
+    """Phase 2's sides: each method compressed from the first step (auto: the method its
+    accuracy run kept, its trial's cost counted apart), and torch's PowerSGD hook on the
+    same model, data, batch and optimizer (a plain DDP script)."""
 
     def side(extra: list[str], name: str):
         run_args = [*model.args, *extra, "--nproc", str(world)]
@@ -133,15 +156,18 @@ def _timed_sides(b: Bench, case: str, model: Model, world: int) -> dict:
             "step_time_s"
         ]
 
-    sides = {method: side(extra, method.replace(" ", "-")) for method, extra in METHODS.items()}
+    named = METHODS | {"auto": ["--comm.compression", kept, *TUNING]}
+    sides = {method: side(extra, method.replace(" ", "-")) for method, extra in named.items()}
     return sides | {TORCH_POWERSGD: torch_side}
 
 
-def _report(b: Bench, key: str, target: float, reached: dict, times: dict[str, list[float]]) -> None:
+def _report(
+    b: Bench, key: str, target: float, reached: dict, times: dict[str, list[float]], trial: list[float]
+) -> None:
     none_s = statistics.median(times["none"])
     base_steps, base_acc = reached["none"]
     base_time = time_to_target(base_steps, none_s, none_s)
-    how = f"{key}, target {target:.0%}: time = steps to it x median step, per repetition"
+    how = f"{key}, target {target:.0%}: time = steps to it x median step (auto: its trial's too), per repetition"
     table = Table(title=f"{key}: to {target:.0%} validation accuracy, {b.link}")
     for col in ("method", "ms / step", "steps to target", "time to target (s)", "speed-up", "final acc.", "vs none"):
         table.add_column(col, justify="right")
@@ -151,7 +177,8 @@ def _report(b: Bench, key: str, target: float, reached: dict, times: dict[str, l
             continue
         step_s = statistics.median(values)
         steps, acc = reached[method]
-        t = time_to_target(steps, step_s, none_s)
+        spent = trial if method == "auto" else []  # auto's trial steps, at each candidate's time
+        t = time_to_target(steps, step_s, none_s, spent)
         speedup = base_time / t if t and base_time else None
         table.add_row(
             method,
@@ -164,7 +191,7 @@ def _report(b: Bench, key: str, target: float, reached: dict, times: dict[str, l
         )
         if speedup:  # each repetition's none and method side by side
             each = [
-                time_to_target(base_steps, n, n) / time_to_target(steps, m, n)
+                time_to_target(base_steps, n, n) / time_to_target(steps, m, n, spent)
                 for n, m in zip(times["none"], values, strict=True)
             ]
             b.record("compression", f"{key} {method}: time to target, none / method", each, how=how)

@@ -86,10 +86,14 @@ def compression_state(compressor, model: nn.Module, splits: dict[str, Split], ra
     and PowerSGD factors, `comm/rankR/residual/NAME` and `comm/rankR/q/NAME` (a resume on the
     same layout takes them back exactly), and `comm/residual/NAME`, the whole tensor of the
     mean residual over the data-parallel ranks (collective), which is what the average still
-    owes: a resume on another layout gives every rank its piece of it, so none is lost."""
-    if compressor is None or not compressor.owes:
+    owes: a resume on another layout gives every rank its piece of it, so none is lost. And
+    `comm/rankR/trial`, what auto's trial decided (comm/trial.py)."""
+    if compressor is None:
         return {}
-    out = {f"comm/rank{rank}/residual/{k}": v.clone() for k, v in compressor.residuals.items()}
+    out = {f"comm/rank{rank}/trial": compressor.trial.state()} if compressor.trial is not None else {}
+    if not compressor.owes:
+        return out
+    out |= {f"comm/rank{rank}/residual/{k}": v.clone() for k, v in compressor.residuals.items()}
     out |= {f"comm/rank{rank}/q/{k}": v.clone() for k, v in compressor.q.items()}
     named = list(model.named_parameters())  # model order: the same on every rank
     flat = flatten([compressor.residuals.get(name) for name, _ in named], like=[p for _, p in named])
@@ -109,13 +113,16 @@ def load_compression(
         return
     compressor.forget_buffers()
     own = f"comm/rank{rank}/"
+    trial = tensors.get(own + "trial")
+    if same and trial is not None and compressor.trial is not None:  # timed on this layout
+        compressor.trial.load(trial)
     mine = {key.removeprefix(own).partition("/")[::2]: v for key, v in tensors.items() if key.startswith(own)}
+    mine = {(kind, name): v for (kind, name), v in mine.items() if kind in ("residual", "q")}
     # the same layout holds the same parameters on each rank, unless a pipeline was cut
     # elsewhere (by the clock): then the mean residuals, by name
     if same and mine and {name for _, name in mine} <= {name for name, _ in model.named_parameters()}:
         for (kind, name), value in mine.items():
-            if kind in ("residual", "q"):
-                getattr(compressor, "residuals" if kind == "residual" else "q")[name] = value.clone()
+            getattr(compressor, "residuals" if kind == "residual" else "q")[name] = value.clone()
         return
     for name, _ in model.named_parameters():
         whole = tensors.get(f"comm/residual/{name}")

@@ -42,9 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-METHODS = ("none", "bf16", "fp16", "int8", "topk", "powersgd")
-LOSSY = ("int8", "topk", "powersgd")  # the methods with error feedback
-HALF = ("bf16", "fp16")  # rounded, not dropped: a parameter server's pushes take these too
+from shardwise.comm.methods import HALF, LOSSY
+from shardwise.comm.trial import Trial
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,7 @@ class CompressionSettings:
     topk_ratio: float = 0.01
     powersgd_rank: int = 4
     warmup_steps: int = 0
+    candidates: tuple[str, ...] = ()  # auto's shortlist, timed in the run (comm/trial.py)
 
 
 @dataclass(frozen=True)
@@ -92,23 +92,35 @@ class Compressor:
         self._flats: dict[tuple[str, ...], Tensor] = {}
         self._buffers: dict[str, Tensor] = {}
         self._device: torch.device | None = None  # the gradients' (the buffers follow them)
+        candidates = settings.candidates
+        self.trial = Trial(candidates, settings.warmup_steps, group) if len(candidates) > 1 else None
+
+    @property
+    def method(self) -> str:
+        """The method that averages this step: a candidate's in auto's trial, then the one
+        the trial chose; else the one named."""
+        if self.trial is None:
+            return self.settings.method
+        return self.trial.method(self.steps) or self.trial.chosen or self.settings.method
 
     @property
     def owes(self) -> bool:
-        """Whether the method keeps residuals (error feedback) that a checkpoint must hold."""
-        return self.settings.method in LOSSY
+        """Whether the run can keep residuals (error feedback) that a checkpoint must hold."""
+        return any(m in LOSSY for m in (self.settings.method, *self.settings.candidates))
 
     @property
     def compressing(self) -> bool:
-        return self.settings.method != "none" and self.steps >= self.settings.warmup_steps
+        return self.method != "none" and self.steps >= self.settings.warmup_steps
 
     def average(self, flat: Tensor, entries: list[Entry]) -> Tensor:
         """The group's average of `flat` as the method sends it (in place where it can),
         this rank's residuals updated."""
-        method = self.settings.method
+        method = self.method
         if self.world == 1:
             return flat
         self._device = flat.device
+        if method not in LOSSY:
+            self.settle(flat, entries)
         if not self.compressing:
             self.tally(flat, flat.numel() * flat.element_size())
             self._all_reduce(flat)
@@ -141,7 +153,20 @@ class Compressor:
         self._flats.clear()
 
     def end_step(self) -> None:
+        if self.trial is not None:
+            self.trial.step_ended(self.steps)
         self.steps += 1
+
+    def settle(self, flat: Tensor, entries: list[Entry]) -> None:
+        """Before a method without error feedback averages `flat`: add in what lossy steps of
+        auto's trial left owed for its parameters, once (nothing is lost)."""
+        if not any(e.name in self.residuals for e in entries):
+            return
+        key, owed = self._residual_flat(flat, entries)
+        flat.add_(owed)
+        del self._flats[key]
+        for e in entries:
+            self.residuals.pop(e.name, None)
 
     def tally(self, flat: Tensor, sent: int = 0) -> None:
         """Count a bucket averaged: its bytes whole, and `sent` of them on the link (each
@@ -153,13 +178,14 @@ class Compressor:
         """What the run's summary says of it: the method and the bytes this rank sent."""
         s, sent, whole = self.settings, self.bytes_sent, self.bytes_whole
         ratio = sent / max(whole, 1)
-        return {
-            "method": s.method,
+        out = {
+            "method": self.method,
             "warmup_steps": s.warmup_steps,
             "bytes_sent": sent,
             "bytes_whole": whole,
             "ratio": ratio,
         }
+        return out | ({"trial": self.trial.summary()} if self.trial is not None else {})
 
     # the lossy methods: each returns the group's average (this rank's residual written to
     # `residual`) and whether the average is finite
@@ -346,32 +372,3 @@ def largest(magnitudes: Tensor, k: int) -> Tensor:
 def _orthonormal(p: Tensor) -> Tensor:
     """P's columns made orthonormal (reduced QR): the projection PowerSGD applies."""
     return torch.linalg.qr(p, mode="reduced").Q
-
-
-def ddp_hook(compressor: Compressor, names: dict[int, str]):
-    """A DDP communication hook that averages each bucket through `compressor` (`names`:
-    id of each parameter -> its name). bf16 and fp16 outside the warm-up are torch's own
-    hooks; the rest run here, in the autograd thread, when DDP hands over a bucket."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-    torch_hooks = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
-
-    def hook(_state, bucket):  # unannotated: DDP checks annotations as objects, and these are strings here
-        flat = bucket.buffer()
-        if not compressor.compressing:  # the warm-up: DDP's own all-reduce, as without a hook
-            compressor.tally(flat, flat.numel() * flat.element_size())
-            fut = default_hooks.allreduce_hook(compressor.group, bucket)
-        elif compressor.settings.method in torch_hooks:
-            compressor.tally(flat, flat.numel() * 2)
-            fut = torch_hooks[compressor.settings.method](compressor.group, bucket)
-        else:  # Compressor.average tallies it
-            named = [(names[id(p)], p) for p in bucket.parameters()]
-            entries = entries_of(named)
-            assert sum(e.numel for e in entries) == flat.numel(), "a DDP bucket is its parameters back to back"
-            fut = torch.futures.Future()
-            fut.set_result(compressor.average(flat, entries))
-        if bucket.is_last():
-            compressor.end_step()
-        return fut
-
-    return hook

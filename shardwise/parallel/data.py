@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from shardwise.comm.compress import CompressionSettings, Compressor, ddp_hook
+from shardwise.comm.compress import CompressionSettings, Compressor, entries_of
 from shardwise.comm.cost import Link, all_gather, all_reduce, beside, reduce_scatter
+from shardwise.comm.methods import LOSSY
 from shardwise.parallel.part import Part
 from shardwise.topology import RankMesh
 
@@ -45,7 +46,8 @@ def apply_data_parallel(
     `compression` (comm/compress.py): DDP averages its buckets through a communication hook
     that compresses them, and a stage's average goes through the same compressor."""
     group, model = mesh.groups["dp"], part.model
-    compressing = group is not None and compression is not None and compression.method != "none"
+    methods = (compression.method, *compression.candidates) if compression is not None else ()
+    compressing = group is not None and any(m != "none" for m in methods)
     compressor = Compressor(compression, group) if compressing else None
     if group is None or part.stage is not None:
         return part.but(compressor=compressor)
@@ -160,3 +162,35 @@ def zero_gather_seconds(link: Link, dp: int, param_bytes: float, copy_s_per_byte
     copies (its slice joined, 1/dp; the gathered parameters taken into a new buffer and
     copied into the model, 2)."""
     return all_gather(link, dp, param_bytes) + (2 + 1 / dp) * param_bytes * copy_s_per_byte
+
+
+def ddp_hook(compressor: Compressor, names: dict[int, str]):
+    """A DDP communication hook that averages each bucket through `compressor` (`names`:
+    id of each parameter -> its name). bf16 and fp16 outside the warm-up are torch's own
+    hooks; the rest run here, in the autograd thread, when DDP hands over a bucket."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    torch_hooks = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
+
+    def hook(_state, bucket):  # unannotated: DDP checks annotations as objects, and these are strings here
+        flat = bucket.buffer()
+        named = [(names[id(p)], p) for p in bucket.parameters()]
+        entries = entries_of(named)
+        assert sum(e.numel for e in entries) == flat.numel(), "a DDP bucket is its parameters back to back"
+        method = compressor.method
+        if method not in LOSSY:
+            compressor.settle(flat, entries)
+        if not compressor.compressing:  # the warm-up: DDP's own all-reduce, as without a hook
+            compressor.tally(flat, flat.numel() * flat.element_size())
+            fut = default_hooks.allreduce_hook(compressor.group, bucket)
+        elif method in torch_hooks:
+            compressor.tally(flat, flat.numel() * 2)
+            fut = torch_hooks[method](compressor.group, bucket)
+        else:  # Compressor.average tallies it
+            fut = torch.futures.Future()
+            fut.set_result(compressor.average(flat, entries))
+        if bucket.is_last():
+            compressor.end_step()
+        return fut
+
+    return hook

@@ -333,13 +333,13 @@ def choose_layout(cfg: Config, *, nproc: int, cluster: str) -> dict:
 
 def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> dict | None:
     """comm.compression = auto: the method the cost model predicts fastest for a step of this
-    layout on this link, within its margins (plan/compression.py `choose`), printed in one
-    line and set in `cfg` (the run's saved config names it); none where no gradients are
-    averaged. The chosen method's prediction, as `predicted_step` gives it (None where none
-    was made)."""
+    layout on this link, within its margins (plan/compression.py `pick`), and the methods the
+    run times itself (comm.candidates), printed in one line and set in `cfg` (the run's
+    saved config names them); none where no gradients are averaged. The chosen method's
+    prediction, as `predicted_step` gives it (None where none was made)."""
     from shardwise.data import load_source
     from shardwise.models import build_model
-    from shardwise.plan.compression import choose, method_seconds, rank_shapes
+    from shardwise.plan.compression import method_seconds, pick, rank_shapes
 
     dims = ParallelDims.resolve(cfg.parallel, nproc)
     c = cfg.comm
@@ -355,10 +355,10 @@ def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> dict | None:
     elem = torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8
     averaging = method_seconds(shapes, settings, measured_link(cluster, nproc), dims.dp, elem)
     predicted = _method_steps(cfg, nproc, cluster, averaging)
-    best, line = choose(averaging, {m: p.step_s for m, p in predicted.items()} if predicted else None)
+    steps = {m: p.step_s for m, p in predicted.items()} if predicted else None
+    c.compression, c.candidates, line = pick(averaging, steps)
     print(f"comm.compression auto: {line}")
-    c.compression = best
-    return step_figures(predicted[best]) if predicted else None
+    return step_figures(predicted[c.compression]) if predicted else None
 
 
 def _method_steps(cfg: Config, nproc: int, cluster: str, averaging: dict[str, float]) -> dict[str, Prediction] | None:

@@ -37,19 +37,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from shardwise.comm.compress import LOSSY, METHODS, CompressionSettings, Compressor, entries_of
+from shardwise.comm.compress import CompressionSettings, Compressor, entries_of
 from shardwise.comm.cost import Link, all_gather, all_reduce
+from shardwise.comm.methods import HALF, METHODS, bar
+from shardwise.comm.trial import STEPS_EACH, TRIAL_BAND
 from shardwise.config import Config
 
 ROUNDS = 3
-# A method replaces none only where it is predicted at most this share of none's step: a
-# prediction is good to some tens of percent, less so between two methods of the same
-# step, and a method that wins by less may as well lose (Agarwal et al., MLSys 2022:
-# compression rarely pays). Lossless (bf16, fp16) ...
-LOSSLESS_MARGIN = 0.9
-# ... and lossy, which can also need more steps to the same accuracy (the bench measured
-# 1.5-2.2x on the digits convnet), and the cost model does not predict steps
-MARGIN = 2 / 3
 
 
 class DryCompressor(Compressor):
@@ -156,20 +150,41 @@ def choose(averaging: dict[str, float], steps: dict[str, float] | None = None) -
     under each method (its averaging in place of DDP's overlapped all-reduce), where it
     could price them; else the averaging times alone are compared. The fastest method
     that saves its margin of none's time: a lossless one (bf16, fp16) LOSSLESS_MARGIN, a
-    lossy one (error-fed) MARGIN, since it can also need more steps to the same accuracy,
+    lossy one (error-fed) MARGIN (comm/methods.py), since it can also need more steps to the same accuracy,
     which no prediction of a step's time sees."""
     times, what = (steps, "a step") if steps else (averaging, "a step to average the gradients")
-
-    def bar(m: str) -> float:
-        return 1.0 if m == "none" else MARGIN if m in LOSSY else LOSSLESS_MARGIN
-
     best = min((m for m in times if times[m] <= bar(m) * times["none"]), key=times.get)
     others = ", ".join(f"{m} {1e3 * t:.1f}" for m, t in sorted(times.items(), key=lambda kv: kv[1]) if m != best)
     line = f"{best}: {1e3 * times[best]:.1f} ms {what} predicted (ms: {others})"
     faster = min(times, key=times.get)
     if faster != best:
-        line += f"; {faster} is not under {bar(faster):.0%} of none's time, the least it must save to be worth its risk"
+        line += f"; {faster} is not under {bar(faster):.0%} of none's time, the least it must save to be worth it"
     return best, line
+
+
+def pick(averaging: dict[str, float], steps: dict[str, float] | None) -> tuple[str, list[str], str]:
+    """auto's choice (`choose`), the methods the run times itself (`shortlist`; none where
+    fewer than two), and the line that says both."""
+    best, line = choose(averaging, steps)
+    candidates = shortlist(steps or averaging, best)
+    if len(candidates) < 2:
+        return best, [], line
+    line += f"; the run times {', '.join(candidates)} for {STEPS_EACH} steps each and keeps the fastest"
+    return best, candidates, line
+
+
+def shortlist(times: dict[str, float], best: str) -> list[str]:
+    """The methods the run times itself (comm/trial.py), the fastest predicted first: where
+    compression is predicted to pay, those within TRIAL_BAND of `best`'s predicted time
+    that save their margin of none's, the fastest half-precision method (lossless: the
+    fallback where a lossy one saves less than predicted), and none, the baseline each
+    must beat by its margin in the run too. Where none is predicted best, no trial:
+    nothing is expected to pay."""
+    if best == "none":
+        return ["none"]
+    near = {m for m in times if times[m] <= (1 + TRIAL_BAND) * times[best] and times[m] <= bar(m) * times["none"]}
+    half = min((m for m in times if m in HALF), key=times.get, default=None)
+    return sorted(near | {half, "none"} - {None}, key=times.get)
 
 
 def run_averaging(cfg: Config, link: Link):

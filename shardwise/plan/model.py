@@ -27,8 +27,9 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shardwise.comm.compress import HALF, CompressionSettings, compressor_bytes
+from shardwise.comm.compress import CompressionSettings, compressor_bytes
 from shardwise.comm.cost import Link, all_gather, all_reduce
+from shardwise.comm.methods import HALF
 from shardwise.config import ParallelConfig
 from shardwise.parallel.data import DDP_BUCKET_BYTES, sync_seconds, zero_gather_seconds
 from shardwise.parallel.pipeline import cut_units, units_of

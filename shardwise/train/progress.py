@@ -147,6 +147,10 @@ def render_summary(summary: dict, out_dir: str) -> Table:
         c = summary["compression"]
         sent = f"{c['method']}: rank 0 sent {c['ratio']:.1%} of the float32 gradient bytes"
         rows.insert(-2, ("gradient compression", sent + f" (the first {c['warmup_steps']} steps whole)"))
+        trial = c.get("trial") or {}
+        if trial.get("step_s"):
+            timed = ", ".join(f"{m} {1e3 * t:.2f} ms" for m, t in trial["step_s"].items())
+            rows.insert(-2, ("compression trial", f"{timed} a step: kept {trial['chosen']}"))
     if "pipeline" in summary:
         p = summary["pipeline"]
         bubble = f"{p['bubble_measured']:.1%} measured, {p['bubble_theoretical']:.1%} in theory ((P-1)/(M+P-1))"
