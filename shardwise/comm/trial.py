@@ -10,10 +10,10 @@ that averages in place. The first step of each candidate is not counted: its per
 the previous method's tail, and its buffers are made then. Each rank takes the median of
 its own periods; the ranks agree on the slowest rank's median per candidate (one
 all-reduce, at the trial's last step) and keep the least of those that save their margin
-of none's step (comm/methods.py: the launcher's margins on its predictions, here on what
-was measured: a lossy method that saves less may also need more steps to the same
-accuracy). What the cost model predicted is the answer only where the run measured
-nothing (a resume on another layout).
+(comm/methods.py `fair`: the launcher's margins on its predictions, here on what was
+measured; a lossy method must save a third of the fastest lossless method's step, since
+it may also need more steps to the same accuracy). What the cost model predicted is the
+answer only where the run measured nothing (a resume on another layout).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from shardwise.comm.methods import bar
+from shardwise.comm.methods import fair
 
 STEPS_EACH = 5  # steps a candidate runs in the trial; the first is not counted
 TRIAL_BAND = 0.25  # the shortlist: methods predicted within this share of the best's step
@@ -71,10 +71,9 @@ class Trial:
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
         self.medians = {c: float(t) for c, t in zip(self.candidates, agreed, strict=True) if t >= 0}
         # a candidate no rank timed (a resume in its steps) is left out; none timed: the
-        # first. Against none, timed: only a method that saves its margin of none's step
-        base = self.medians.get("none")
-        fair = {m: t for m, t in self.medians.items() if base is None or t <= bar(m) * base}
-        self.chosen = min(fair, key=fair.get) if fair else self.candidates[0]
+        # first. Only a method that saves its margin of the step, as measured
+        kept = fair(self.medians)
+        self.chosen = min(kept, key=kept.get) if kept else self.candidates[0]
 
     def state(self) -> Tensor:
         """For a checkpoint: the agreed medians (-1 where none), then the chosen candidate's

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from shardwise.comm.compress import CompressionSettings, Compressor, entries_of
 from shardwise.comm.cost import Link, all_gather, all_reduce
-from shardwise.comm.methods import HALF, METHODS, bar
+from shardwise.comm.methods import LOSSY, METHODS, fair
 from shardwise.comm.trial import STEPS_EACH, TRIAL_BAND
 from shardwise.config import Config
 
@@ -149,17 +149,25 @@ def choose(averaging: dict[str, float], steps: dict[str, float] | None = None) -
     """The method to run, and one line saying why. `steps` are the cost model's whole steps
     under each method (its averaging in place of DDP's overlapped all-reduce), where it
     could price them; else the averaging times alone are compared. The fastest method
-    that saves its margin of none's time: a lossless one (bf16, fp16) LOSSLESS_MARGIN, a
-    lossy one (error-fed) MARGIN (comm/methods.py), since it can also need more steps to the same accuracy,
-    which no prediction of a step's time sees."""
+    that saves its margin (comm/methods.py `fair`): a lossless one (bf16, fp16) a tenth of
+    none's time, a lossy one (error-fed) a third of the fastest lossless method's, since it
+    can also need more steps to the same accuracy, which no prediction of a step sees."""
     times, what = (steps, "a step") if steps else (averaging, "a step to average the gradients")
-    best = min((m for m in times if times[m] <= bar(m) * times["none"]), key=times.get)
+    kept = fair(times)
+    best = min(kept, key=kept.get)
     others = ", ".join(f"{m} {1e3 * t:.1f}" for m, t in sorted(times.items(), key=lambda kv: kv[1]) if m != best)
     line = f"{best}: {1e3 * times[best]:.1f} ms {what} predicted (ms: {others})"
     faster = min(times, key=times.get)
     if faster != best:
-        line += f"; {faster} is not under {bar(faster):.0%} of none's time, the least it must save to be worth it"
+        line += f"; {faster} does not save its margin ({_margin(faster, times)}), the least to be worth it"
     return best, line
+
+
+def _margin(method: str, times: dict[str, float]) -> str:
+    if method in LOSSY:
+        base = min((m for m in times if m not in LOSSY), key=times.get)
+        return f"a third of {base}'s time"
+    return "a tenth of none's time"
 
 
 def pick(averaging: dict[str, float], steps: dict[str, float] | None) -> tuple[str, list[str], str]:
@@ -174,17 +182,15 @@ def pick(averaging: dict[str, float], steps: dict[str, float] | None) -> tuple[s
 
 
 def shortlist(times: dict[str, float], best: str) -> list[str]:
-    """The methods the run times itself (comm/trial.py), the fastest predicted first: where
-    compression is predicted to pay, those within TRIAL_BAND of `best`'s predicted time
-    that save their margin of none's, the fastest half-precision method (lossless: the
-    fallback where a lossy one saves less than predicted), and none, the baseline each
-    must beat by its margin in the run too. Where none is predicted best, no trial:
-    nothing is expected to pay."""
+    """The methods the run times itself (comm/trial.py), the fastest predicted first: those
+    predicted within TRIAL_BAND of `best`'s time that save their margin, and the fastest
+    lossless method predicted, against which a lossy one must save its margin in the run
+    too. Where none is predicted best, no trial: nothing is expected to pay."""
     if best == "none":
         return ["none"]
-    near = {m for m in times if times[m] <= (1 + TRIAL_BAND) * times[best] and times[m] <= bar(m) * times["none"]}
-    half = min((m for m in times if m in HALF), key=times.get, default=None)
-    return sorted(near | {half, "none"} - {None}, key=times.get)
+    near = {m for m, t in fair(times).items() if t <= (1 + TRIAL_BAND) * times[best]}
+    lossless = min((m for m in times if m not in LOSSY), key=times.get)
+    return sorted(near | {lossless}, key=times.get)
 
 
 def run_averaging(cfg: Config, link: Link):
