@@ -185,8 +185,8 @@ class CommConfig:
     candidates: list[str] = field(default_factory=list)
     """Methods the ranks time on the run itself, a few steps each right after the warm-up,
     keeping the fastest for the rest of the run (comm.compression names one of them). auto
-    sets them: the methods the cost model predicts within a quarter of its choice. Empty:
-    comm.compression throughout."""
+    sets them: the methods the cost model predicts within a quarter of its choice, and the
+    fastest lossless one. Empty: comm.compression throughout."""
 
 
 @dataclass

@@ -94,6 +94,8 @@ def test_each_scenario_that_takes_cases_checks_them_before_anything_runs(tmp_pat
     assert compression.parse_cases("convnet:4") == [("convnet", 4)]
     with pytest.raises(ShardwiseError, match="cases: 'wide:2': expected MODEL:RANKS, MODEL one of mlp, convnet"):
         run_suite(["compression"], ["loopback"], 5, tmp_path, plan_only=True, cases="mlp:2,wide:2")
+    with pytest.raises(ShardwiseError, match="cases: mlp:3: 3 ranks do not divide its global batch of 16"):
+        run_suite(["compression"], ["loopback"], 5, tmp_path, plan_only=True, cases="mlp:3")
     with pytest.raises(ShardwiseError, match="cases: only planner and compression take cases, asked for tp"):
         run_suite(["tp"], ["loopback"], 5, tmp_path, plan_only=True, cases="mlp:2")
     assert run_suite(["planner", "compression"], ["loopback"], 5, tmp_path, plan_only=True, cases="mlp:2") == 0

@@ -474,3 +474,27 @@ def test_a_method_is_kept_only_where_it_saves_its_margin():
     assert fair({"topk": 0.020, "fp16": 0.040, "none": 0.080}) == {"topk": 0.020, "fp16": 0.040, "none": 0.080}
     assert fair({"bf16": 0.095, "none": 0.100}) == {"none": 0.100}
     assert fair({"topk": 0.030, "powersgd": 0.020}) == {"topk": 0.030, "powersgd": 0.020}
+    # the base is a lossless method that saves its own margin: here none, not bf16
+    assert fair({"topk": 0.065, "bf16": 0.095, "none": 0.100}) == {"topk": 0.065, "none": 0.100}
+
+
+def test_a_trial_resumed_midway_keeps_what_it_had_timed(monkeypatch):
+    """A checkpoint mid-trial holds this rank's median of each candidate timed so far; the
+    resumed trial times the rest and decides on all of them."""
+    from shardwise.comm import trial
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(trial.time, "perf_counter", lambda: clock["now"])
+
+    def run(t: trial.Trial, steps: range, seconds: dict[str, float]) -> None:
+        for step in steps:
+            clock["now"] += seconds[t.method(step)]
+            t.step_ended(step)
+
+    first = trial.Trial(("topk", "none"), 0, None)
+    run(first, range(trial.STEPS_EACH + 1), {"topk": 0.02, "none": 0.05})  # top-k's steps, one of none's
+    again = trial.Trial(("topk", "none"), 0, None)
+    again.load(first.state())
+    assert again.chosen is None and again.periods["topk"] == [pytest.approx(0.02)]
+    run(again, range(trial.STEPS_EACH + 1, 2 * trial.STEPS_EACH), {"topk": 0.02, "none": 0.05})
+    assert again.chosen == "topk" and again.medians == pytest.approx({"topk": 0.02, "none": 0.05})

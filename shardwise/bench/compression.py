@@ -37,6 +37,7 @@ from rich.table import Table
 from shardwise.bench import common
 from shardwise.bench.common import Bench, alternate, spread
 from shardwise.comm.trial import STEPS_EACH
+from shardwise.errors import ShardwiseError
 
 STEPS, EVAL_EVERY, WARMUP, TIMED = 300, 20, 10, 40
 WORLDS = (2, 4)
@@ -73,8 +74,15 @@ MODELS: dict[str, Model] = {
 
 
 def parse_cases(text: str | None) -> list[tuple[str, int]]:
-    """`mlp:2,convnet:4` as (model, data-parallel ranks) pairs; None: both models at 2 and 4."""
-    return common.parse_cases(text, MODELS, WORLDS)
+    """`mlp:2,convnet:4` as (model, data-parallel ranks) pairs; None: both models at 2 and 4.
+    The ranks must divide the model's global batch."""
+    cases = common.parse_cases(text, MODELS, WORLDS)
+    for model, ranks in cases:
+        if MODELS[model].batch % ranks:
+            raise ShardwiseError(
+                "cases", f"{model}:{ranks}: {ranks} ranks do not divide its global batch of {MODELS[model].batch}"
+            )
+    return cases
 
 
 def steps_to(metrics: Path, target: float) -> tuple[int | None, float]:

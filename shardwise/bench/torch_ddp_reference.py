@@ -72,7 +72,8 @@ def main() -> None:
 
 
 def powersgd_hook(rank: int):
-    """torch's `powerSGD_hook`, compressing from the second step, each bucket's average
+    """torch's `powerSGD_hook`, compressing from the third step (its first two go whole:
+    start_powerSGD_iter = 2, the least torch takes with error feedback), each bucket's average
     waited for before autograd hands over the next. The wait is needed on gloo: the hook
     starts its second and third all-reduces from the callbacks of the first, on gloo's
     thread, while autograd starts the next bucket's from its own, so two ranks can issue

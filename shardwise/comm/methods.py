@@ -22,13 +22,13 @@ MARGIN = 2 / 3
 def fair(times: dict[str, float]) -> dict[str, float]:
     """The methods of `times` (seconds a step) that save their margin; none always. A
     lossless method is judged against none, a lossy one against the fastest lossless
-    method, where `times` has them."""
-    lossless = [t for m, t in times.items() if m not in LOSSY]
-    base, none = (min(lossless) if lossless else None), times.get("none")
-
-    def saves(method: str, t: float) -> bool:
-        if method in LOSSY:
-            return base is None or t <= MARGIN * base
-        return method == "none" or none is None or t <= LOSSLESS_MARGIN * none
-
-    return {m: t for m, t in times.items() if saves(m, t)}
+    method that saves its own, where `times` has them (a run's trial times none only
+    where the launcher shortlisted it)."""
+    none = times.get("none")
+    lossless = {
+        m: t
+        for m, t in times.items()
+        if m not in LOSSY and (m == "none" or none is None or t <= LOSSLESS_MARGIN * none)
+    }
+    base = min(lossless.values()) if lossless else None
+    return lossless | {m: t for m, t in times.items() if m in LOSSY and (base is None or t <= MARGIN * base)}

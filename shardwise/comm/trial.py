@@ -1,7 +1,8 @@
 """`comm.compression = auto`, settled by the run itself: the cost model names a shortlist
-(`comm.candidates`: the methods it predicts within TRIAL_BAND of its choice), and the
-data-parallel ranks time each for STEPS_EACH steps right after the warm-up, then keep the
-fastest for the rest of the run.
+(`comm.candidates`: the methods it predicts within TRIAL_BAND of its choice, and the
+fastest lossless one; plan/compression.py `shortlist`), and the data-parallel ranks time
+each for STEPS_EACH steps right after the warm-up, then keep the fastest for the rest of
+the run.
 
 A candidate's time is the period between the ends of two of its steps' averaging: a whole
 step (forward, backward, the average, the optimizer, the data), so that a method whose
@@ -76,19 +77,25 @@ class Trial:
         self.chosen = min(kept, key=kept.get) if kept else self.candidates[0]
 
     def state(self) -> Tensor:
-        """For a checkpoint: the agreed medians (-1 where none), then the chosen candidate's
-        index (-1: not decided)."""
-        medians = [self.medians.get(c, -1.0) for c in self.candidates]
+        """For a checkpoint: per candidate, the agreed median once decided, else this rank's
+        own so far (-1 where none), then the chosen candidate's index (-1: not decided)."""
+        if self.chosen is not None:
+            medians = [self.medians.get(c, -1.0) for c in self.candidates]
+        else:
+            medians = [statistics.median(self.periods[c]) if self.periods[c] else -1.0 for c in self.candidates]
         chosen = self.candidates.index(self.chosen) if self.chosen is not None else -1
         return torch.tensor([*medians, chosen], dtype=torch.float64)
 
     def load(self, state: Tensor) -> None:
-        """A checkpoint's decision, taken back (one taken mid-trial has none: the resumed run
-        times the candidates it has steps left for)."""
-        if state.numel() != len(self.candidates) + 1 or int(state[-1]) < 0:
+        """A checkpoint's trial, taken back: its decision, or, mid-trial, this rank's median
+        of each candidate it had timed (the resumed run times those it has steps left for)."""
+        if state.numel() != len(self.candidates) + 1:
             return
-        self.medians = {c: float(t) for c, t in zip(self.candidates, state[:-1], strict=True) if t >= 0}
-        self.chosen = self.candidates[int(state[-1])]
+        times = {c: float(t) for c, t in zip(self.candidates, state[:-1], strict=True) if t >= 0}
+        if int(state[-1]) >= 0:
+            self.medians, self.chosen = times, self.candidates[int(state[-1])]
+        else:
+            self.periods |= {c: [t] for c, t in times.items()}
 
     def summary(self) -> dict:
         return {

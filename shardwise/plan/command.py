@@ -346,7 +346,7 @@ def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> dict | None:
     why = uncompressed_because(shard=dims.shard, ps=bool(dims.servers))[1]
     why = "one data-parallel rank: no gradients to average" if dims.dp <= 1 else why
     if why:
-        c.compression = "none"
+        c.compression, c.candidates = "none", []
         print(f"comm.compression auto: none ({why})")
         return None
     dataset = load_source(cfg.data, seed=cfg.train.seed)

@@ -184,12 +184,13 @@ def pick(averaging: dict[str, float], steps: dict[str, float] | None) -> tuple[s
 def shortlist(times: dict[str, float], best: str) -> list[str]:
     """The methods the run times itself (comm/trial.py), the fastest predicted first: those
     predicted within TRIAL_BAND of `best`'s time that save their margin, and the fastest
-    lossless method predicted, against which a lossy one must save its margin in the run
-    too. Where none is predicted best, no trial: nothing is expected to pay."""
+    lossless method predicted to save its margin (none at least), against which a lossy
+    one must save its margin in the run too. Where none is predicted best, no trial: nothing is expected to pay."""
     if best == "none":
         return ["none"]
-    near = {m for m, t in fair(times).items() if t <= (1 + TRIAL_BAND) * times[best]}
-    lossless = min((m for m in times if m not in LOSSY), key=times.get)
+    kept = fair(times)
+    near = {m for m, t in kept.items() if t <= (1 + TRIAL_BAND) * times[best]}
+    lossless = min((m for m in kept if m not in LOSSY), key=times.get)  # none at least
     return sorted(near | {lossless}, key=times.get)
 
 
