@@ -364,19 +364,19 @@ def test_residuals_follow_their_parameters_from_bucket_to_bucket():
 
 def test_torchs_powersgd_hook_runs_on_gloo_as_the_bench_yardstick(tmp_path):
     """The compression bench's yardstick: torch's own hook, each bucket waited for, trains 2
-    gloo ranks past its first compressed steps. The model's 4 MiB of gradients make two DDP
-    buckets (the first is 1 MiB): unwaited, the hook hangs or mismatches collectives."""
+    gloo ranks past its first compressed steps, run as the bench runs it. The model's 4 MiB
+    of gradients make two DDP buckets (the first is 1 MiB): unwaited, the hook hangs or
+    mismatches collectives (and the ranks are stopped at the timeout)."""
     import json
-    import subprocess
     import sys
 
+    from shardwise.cluster.placement import placement_for, run_ranks
     from shardwise.procs import free_port
 
     out = tmp_path / "t.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
-    cmd += ["-m", "shardwise.bench.torch_ddp_reference", "--steps", "8", "--batch-size", "16", "--model", "mlp"]
-    cmd += ["--hidden", "1024,1024", "--powersgd", "2", "--out", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+    argv = [sys.executable, "-m", "shardwise.bench.torch_ddp_reference", "--steps", "8", "--batch-size", "16"]
+    argv += ["--model", "mlp", "--hidden", "1024,1024", "--powersgd", "2", "--out", str(out)]
+    run_ranks(argv, 2, placement_for("local"), free_port(), timeout_s=60)
     assert json.loads(out.read_text())["step_time_s"] > 0
 
 
