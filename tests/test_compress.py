@@ -401,7 +401,8 @@ def _trial(periods: dict[str, float], *, group) -> dict:
             comp.end_step()
         again = trial.Trial(("topk", "none"), 1, None)
         again.load(comp.trial.state())
-        return {"ran": ran, "applied": applied, "owed": dict(comp.residuals), "summary": comp.summary(), "again": again}
+        out = {"ran": ran, "applied": applied, "owed": dict(comp.residuals), "summary": comp.summary(), "again": again}
+        return out | {"owes": comp.owes, "buffers": sorted(comp._buffers)}
     finally:
         trial.time.perf_counter = real
 
@@ -432,6 +433,9 @@ def test_auto_trial_keeps_the_fastest_on_the_slowest_rank_that_saves_its_margin(
     assert out[0]["summary"]["method"] == kept and out[1]["summary"]["trial"] == trial
     assert out[0]["again"].chosen == kept and out[0]["again"].medians == trial["step_s"]  # as a checkpoint keeps it
     assert bool(out[0]["owed"]) == (kept == "topk")  # none settled what top-k's steps owed
+    # a checkpoint holds residuals only while some are owed; a kept none keeps no buffers
+    assert out[0]["owes"] == out[1]["owes"] == (kept == "topk")
+    assert out[0]["buffers"] == ([] if kept == "none" else ["spare residual", "work"])
     steps = range(len(ran))
     exact = sum(_exact(s, 2) for s in steps)
     for rank in (0, 1):

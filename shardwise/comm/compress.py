@@ -105,7 +105,11 @@ class Compressor:
 
     @property
     def owes(self) -> bool:
-        """Whether the run can keep residuals (error feedback) that a checkpoint must hold."""
+        """Whether the run can keep residuals (error feedback) that a checkpoint must hold:
+        once auto's trial has kept a lossless method, only until the next step settles them
+        (the same on every rank of the group: they average the same parameters alike)."""
+        if self.trial is not None and self.trial.chosen is not None:
+            return self.trial.chosen in LOSSY or bool(self.residuals)
         return any(m in LOSSY for m in (self.settings.method, *self.settings.candidates))
 
     @property
@@ -153,8 +157,12 @@ class Compressor:
         self._flats.clear()
 
     def end_step(self) -> None:
-        if self.trial is not None:
+        if self.trial is not None and self.trial.chosen is None:
             self.trial.step_ended(self.steps)
+            if self.trial.chosen is not None:  # decided: the other candidates' buffers go
+                self._buffers.clear()
+                if self.trial.chosen != "powersgd":
+                    self.q.clear()
         self.steps += 1
 
     def settle(self, flat: Tensor, entries: list[Entry]) -> None:
