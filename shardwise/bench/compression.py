@@ -41,16 +41,20 @@ from shardwise.errors import ShardwiseError
 
 STEPS, EVAL_EVERY, WARMUP, TIMED = 300, 20, 10, 40
 WORLDS = (2, 4)
-TUNING = ["--comm.topk_ratio", "0.01", "--comm.powersgd_rank", "4"]  # what auto's top-k and PowerSGD take
-METHODS: dict[str, list[str]] = {
-    "none": [],
-    "bf16": ["--comm.compression", "bf16"],
-    "int8": ["--comm.compression", "int8"],
-    "topk 1%": ["--comm.compression", "topk", "--comm.topk_ratio", "0.01"],
-    "powersgd rank 4": ["--comm.compression", "powersgd", "--comm.powersgd_rank", "4"],
-    "auto": ["--comm.compression", "auto", *TUNING],
+TOPK_RATIO, POWERSGD_RANK = 0.01, 4
+# every side runs with both (a method reads its own): top-k and PowerSGD, and auto's choice among them
+TUNING = ["--comm.topk_ratio", str(TOPK_RATIO), "--comm.powersgd_rank", str(POWERSGD_RANK)]
+# the table's name of each side -> its comm.compression
+METHODS: dict[str, str] = {
+    "none": "none",
+    "bf16": "bf16",
+    "int8": "int8",
+    f"topk {TOPK_RATIO:.0%}": "topk",
+    f"powersgd rank {POWERSGD_RANK}": "powersgd",
+    "auto": "auto",
 }
-TORCH_POWERSGD = "torch PowerSGD hook rank 4"  # the yardstick of "powersgd rank 4": step time only
+POWERSGD = f"powersgd rank {POWERSGD_RANK}"
+TORCH_POWERSGD = f"torch PowerSGD hook rank {POWERSGD_RANK}"  # the yardstick of POWERSGD: step time only
 
 
 @dataclass(frozen=True)
@@ -117,11 +121,15 @@ def run(b: Bench) -> None:
         )
         case = f"{key}-{world}"
         reached = {
-            m: _accuracy(b, f"{case}-{m}", [*model.args, *extra], world, model.target) for m, extra in METHODS.items()
+            m: _accuracy(b, f"{case}-{m}", model.args + _method(c), world, model.target) for m, c in METHODS.items()
         }
         kept, trial = _auto(b, b.work / f"compression-{case}-auto-accuracy")
         times = alternate(_timed_sides(b, case, model, world, kept), b.repeats, b.console)
         _report(b, f"{key}, {world} ranks", model.target, reached, times, trial)
+
+
+def _method(compression: str) -> list[str]:
+    return ["--comm.compression", compression, *TUNING]
 
 
 def _accuracy(b: Bench, name: str, args: list[str], world: int, target: float) -> tuple[int | None, float]:
@@ -158,14 +166,15 @@ def _timed_sides(b: Bench, case: str, model: Model, world: int, kept: str) -> di
         return lambda i: b.train(run_args, f"compression-{case}-{name}-{i}", steps=TIMED)["step_time_s"]
 
     def torch_side(i: int) -> float:
-        args = ["--steps", str(TIMED), "--batch-size", str(model.batch), "--model", model.name, "--powersgd", "4"]
+        args = ["--steps", str(TIMED), "--batch-size", str(model.batch), "--model", model.name]
+        args += ["--powersgd", str(POWERSGD_RANK)]
         args += ["--hidden", model.hidden] if model.hidden else []
         return b.reference("shardwise.bench.torch_ddp_reference", world, args, f"compression-{case}-torch-{i}")[
             "step_time_s"
         ]
 
-    named = METHODS | {"auto": ["--comm.compression", kept, *TUNING]}
-    sides = {method: side(extra, method.replace(" ", "-")) for method, extra in named.items()}
+    named = METHODS | {"auto": kept}
+    sides = {method: side(_method(c), method.replace(" ", "-")) for method, c in named.items()}
     return sides | {TORCH_POWERSGD: torch_side}
 
 
@@ -206,6 +215,6 @@ def _report(
         gap = [100 * (acc - base_acc)]
         b.record("compression", f"{key} {method}: final accuracy - none's (points)", gap, unit="pt")
     b.console.print(table)
-    mine = times["powersgd rank 4"]
+    mine = times[POWERSGD]
     text = b.ratio("compression", f"{key} step time: powersgd / torch's hook", mine, times[TORCH_POWERSGD], how=how)
     b.console.print(f"  step time shardwise PowerSGD / torch's PowerSGD hook: [bold]{text}[/] (target <= 1)")

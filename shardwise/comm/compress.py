@@ -123,7 +123,7 @@ class Compressor:
         if self.world == 1:
             return flat
         self._device = flat.device
-        if method not in LOSSY:
+        if self.unsettled:
             self.settle(flat, entries)
         if not self.compressing:
             self.tally(flat, flat.numel() * flat.element_size())
@@ -164,6 +164,12 @@ class Compressor:
                 if self.trial.chosen != "powersgd":
                     self.q.clear()
         self.steps += 1
+
+    @property
+    def unsettled(self) -> bool:
+        """Whether a method without error feedback averages this step while lossy steps of
+        auto's trial left residuals: the next average must `settle` them."""
+        return bool(self.residuals) and self.method not in LOSSY
 
     def settle(self, flat: Tensor, entries: list[Entry]) -> None:
         """Before a method without error feedback averages `flat`: add in what lossy steps of

@@ -1,6 +1,6 @@
-"""The gradient compression methods (comm/compress.py), and the margin each must save of
-none's step to be chosen: by the launcher on the cost model's prediction
-(plan/compression.py), and by the run on its own measurements (comm/trial.py)."""
+"""The gradient compression methods (comm/compress.py), and the margin of a step each must
+save to be chosen: by the launcher on the cost model's prediction (plan/compression.py),
+and by the run on its own measurements (comm/trial.py)."""
 
 from __future__ import annotations
 
@@ -19,16 +19,28 @@ LOSSLESS_MARGIN = 0.9
 MARGIN = 2 / 3
 
 
-def fair(times: dict[str, float]) -> dict[str, float]:
-    """The methods of `times` (seconds a step) that save their margin; none always. A
-    lossless method is judged against none, a lossy one against the fastest lossless
-    method that saves its own, where `times` has them (a run's trial times none only
-    where the launcher shortlisted it)."""
+def _lossless(times: dict[str, float]) -> dict[str, float]:
+    """The lossless methods of `times` that save their margin of none's step (none always;
+    every one where `times` has no none)."""
     none = times.get("none")
-    lossless = {
+    return {
         m: t
         for m, t in times.items()
         if m not in LOSSY and (m == "none" or none is None or t <= LOSSLESS_MARGIN * none)
     }
-    base = min(lossless.values()) if lossless else None
-    return lossless | {m: t for m, t in times.items() if m in LOSSY and (base is None or t <= MARGIN * base)}
+
+
+def lossless_base(times: dict[str, float]) -> str | None:
+    """The fastest lossless method of `times` that saves its own margin: the one a lossy
+    method is judged against (None where `times` has no lossless method)."""
+    lossless = _lossless(times)
+    return min(lossless, key=lossless.get) if lossless else None
+
+
+def fair(times: dict[str, float]) -> dict[str, float]:
+    """The methods of `times` (seconds a step) that save their margin; none always. A
+    lossless method is judged against none, a lossy one against `lossless_base`, where
+    `times` has them (a run's trial times none only where the launcher shortlisted it)."""
+    base = lossless_base(times)
+    lossy = {m: t for m, t in times.items() if m in LOSSY and (base is None or t <= MARGIN * times[base])}
+    return _lossless(times) | lossy

@@ -65,9 +65,12 @@ class Trial:
         if method is not None and step == self.end - 1:
             self._decide()
 
+    def _own(self) -> list[float]:
+        """This rank's median of each candidate's periods so far (-1: none yet)."""
+        return [statistics.median(self.periods[c]) if self.periods[c] else -1.0 for c in self.candidates]
+
     def _decide(self) -> None:
-        own = [statistics.median(self.periods[c]) if self.periods[c] else -1.0 for c in self.candidates]
-        agreed = torch.tensor(own, dtype=torch.float64)
+        agreed = torch.tensor(self._own(), dtype=torch.float64)
         if self.group is not None:
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
         self.medians = {c: float(t) for c, t in zip(self.candidates, agreed, strict=True) if t >= 0}
@@ -79,10 +82,8 @@ class Trial:
     def state(self) -> Tensor:
         """For a checkpoint: per candidate, the agreed median once decided, else this rank's
         own so far (-1 where none), then the chosen candidate's index (-1: not decided)."""
-        if self.chosen is not None:
-            medians = [self.medians.get(c, -1.0) for c in self.candidates]
-        else:
-            medians = [statistics.median(self.periods[c]) if self.periods[c] else -1.0 for c in self.candidates]
+        decided = self.chosen is not None
+        medians = [self.medians.get(c, -1.0) for c in self.candidates] if decided else self._own()
         chosen = self.candidates.index(self.chosen) if self.chosen is not None else -1
         return torch.tensor([*medians, chosen], dtype=torch.float64)
 

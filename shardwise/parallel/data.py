@@ -25,7 +25,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shardwise.comm.compress import CompressionSettings, Compressor, entries_of
 from shardwise.comm.cost import Link, all_gather, all_reduce, beside, reduce_scatter
-from shardwise.comm.methods import LOSSY
 from shardwise.parallel.part import Part
 from shardwise.topology import RankMesh
 
@@ -172,14 +171,15 @@ def ddp_hook(compressor: Compressor, names: dict[int, str]):
 
     torch_hooks = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
 
+    def entries(bucket) -> list:
+        out = entries_of([(names[id(p)], p) for p in bucket.parameters()])
+        assert sum(e.numel for e in out) == bucket.buffer().numel(), "a DDP bucket is its parameters back to back"
+        return out
+
     def hook(_state, bucket):  # unannotated: DDP checks annotations as objects, and these are strings here
-        flat = bucket.buffer()
-        named = [(names[id(p)], p) for p in bucket.parameters()]
-        entries = entries_of(named)
-        assert sum(e.numel for e in entries) == flat.numel(), "a DDP bucket is its parameters back to back"
-        method = compressor.method
-        if method not in LOSSY:
-            compressor.settle(flat, entries)
+        flat, method = bucket.buffer(), compressor.method
+        if compressor.unsettled:  # once, after auto's trial keeps a method without error feedback
+            compressor.settle(flat, entries(bucket))
         if not compressor.compressing:  # the warm-up: DDP's own all-reduce, as without a hook
             compressor.tally(flat, flat.numel() * flat.element_size())
             fut = default_hooks.allreduce_hook(compressor.group, bucket)
@@ -188,7 +188,7 @@ def ddp_hook(compressor: Compressor, names: dict[int, str]):
             fut = torch_hooks[method](compressor.group, bucket)
         else:  # Compressor.average tallies it
             fut = torch.futures.Future()
-            fut.set_result(compressor.average(flat, entries))
+            fut.set_result(compressor.average(flat, entries(bucket)))
         if bucket.is_last():
             compressor.end_step()
         return fut

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from shardwise.comm.compress import CompressionSettings, Compressor, entries_of
 from shardwise.comm.cost import Link, all_gather, all_reduce
-from shardwise.comm.methods import LOSSY, METHODS, fair
+from shardwise.comm.methods import LOSSY, METHODS, fair, lossless_base
 from shardwise.comm.trial import STEPS_EACH, TRIAL_BAND
 from shardwise.config import Config
 
@@ -164,10 +164,7 @@ def choose(averaging: dict[str, float], steps: dict[str, float] | None = None) -
 
 
 def _margin(method: str, times: dict[str, float]) -> str:
-    if method in LOSSY:
-        base = min((m for m in times if m not in LOSSY), key=times.get)
-        return f"a third of {base}'s time"
-    return "a tenth of none's time"
+    return f"a third of {lossless_base(times)}'s time" if method in LOSSY else "a tenth of none's time"
 
 
 def pick(averaging: dict[str, float], steps: dict[str, float] | None) -> tuple[str, list[str], str]:
@@ -185,13 +182,12 @@ def shortlist(times: dict[str, float], best: str) -> list[str]:
     """The methods the run times itself (comm/trial.py), the fastest predicted first: those
     predicted within TRIAL_BAND of `best`'s time that save their margin, and the fastest
     lossless method predicted to save its margin (none at least), against which a lossy
-    one must save its margin in the run too. Where none is predicted best, no trial: nothing is expected to pay."""
+    one must save its margin in the run too. Where none is predicted best, no trial:
+    nothing is expected to pay."""
     if best == "none":
         return ["none"]
-    kept = fair(times)
-    near = {m for m, t in kept.items() if t <= (1 + TRIAL_BAND) * times[best]}
-    lossless = min((m for m in kept if m not in LOSSY), key=times.get)  # none at least
-    return sorted(near | {lossless}, key=times.get)
+    near = {m for m, t in fair(times).items() if t <= (1 + TRIAL_BAND) * times[best]}
+    return sorted(near | {lossless_base(times)}, key=times.get)  # (none at least)
 
 
 def run_averaging(cfg: Config, link: Link):
