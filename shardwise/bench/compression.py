@@ -4,20 +4,22 @@ accuracy, for each method.
 For each case (a model and a number of data-parallel ranks; the global batch is the same
 at every world size), two phases on the bench's link:
 
-1. accuracy: each method trains STEPS steps once, evaluated every EVAL_EVERY steps, the
-   first WARMUP steps uncompressed (`comm.warmup_steps`); the steps to the target
-   accuracy and the final accuracy come from its metrics.jsonl (training is seeded:
-   these are the same run after run);
+1. accuracy: each method trains STEPS steps once per seed of SEEDS (the same seeds for
+   every method: the initial weights, the data's order and split), evaluated every
+   EVAL_EVERY steps, the first WARMUP steps uncompressed (`comm.warmup_steps`); the steps
+   to the target accuracy and the final accuracy come from its metrics.jsonl (training
+   is seeded: these are the same run after run);
 2. speed: every method runs TIMED steps compressed from the first, in rotated order,
    `repeats` times; a method's step time is the median of its runs' median steps.
 
 Time to target = WARMUP x none's step + (steps to target - WARMUP) x the method's step:
 the training time to the accuracy, without start-up and evaluations, which no method
-changes. A method that never reaches the target has no time to it. `auto` is the
+changes; per seed, and the median over the seeds is the method's (a seed that never
+reaches the target counts as slower than all that do; a median among those: never). `auto` is the
 launcher's choice (plan/compression.py) among the others, with the same settings, and
-where it shortlists, the run's trial (comm/trial.py): its accuracy run says what it kept,
-phase 2 times that method, and its time to target counts the trial's steps after the
-warm-up at each candidate's median, as the accuracy run measured them.
+where it shortlists, the run's trial (comm/trial.py): its accuracy runs say what each
+kept, phase 2 times the method most of them kept, and each seed's time to target counts
+its trial's steps after the warm-up at each candidate's median, as that run measured them.
 
 torch's own `powerSGD_hook` is the yardstick of shardwise's PowerSGD in phase 2: a plain
 DDP script (torch_ddp_reference) with the hook registered, each bucket's chain waited for
@@ -28,7 +30,9 @@ see `torch_ddp_reference.powersgd_hook`. Its steps to the target are not measure
 from __future__ import annotations
 
 import json
+import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +43,8 @@ from shardwise.bench.common import Bench, alternate, spread
 from shardwise.comm.trial import STEPS_EACH
 from shardwise.errors import ShardwiseError
 
-STEPS, EVAL_EVERY, WARMUP, TIMED = 300, 20, 10, 40
+STEPS, EVAL_EVERY, WARMUP, TIMED = 300, 5, 10, 40
+SEEDS = (0, 1, 2)  # a step count to a target moves by tens of percent with the seed alone
 WORLDS = (2, 4)
 TOPK_RATIO, POWERSGD_RANK = 0.01, 4
 # every side runs with both (a method reads its own): top-k and PowerSGD, and auto's choice among them
@@ -120,28 +125,30 @@ def run(b: Bench) -> None:
             f"target {model.target:.0%} validation accuracy"
         )
         case = f"{key}-{world}"
-        reached = {
-            m: _accuracy(b, f"{case}-{m}", model.args + _method(c), world, model.target) for m, c in METHODS.items()
-        }
-        kept, trial = _auto(b, b.work / f"compression-{case}-auto-accuracy")
+        reached = {m: [_accuracy(b, case, m, c, seed, model, world) for seed in SEEDS] for m, c in METHODS.items()}
+        autos = [_auto(b, b.work / f"compression-{case}-auto-seed{seed}-accuracy", seed) for seed in SEEDS]
+        kept = Counter(k for k, _ in autos).most_common(1)[0][0]  # (a tie: the first seed's)
         times = alternate(_timed_sides(b, case, model, world, kept), b.repeats, b.console)
-        _report(b, f"{key}, {world} ranks", model.target, reached, times, trial)
+        _report(b, f"{key}, {world} ranks", model.target, reached, times, [t for _, t in autos])
 
 
 def _method(compression: str) -> list[str]:
     return ["--comm.compression", compression, *TUNING]
 
 
-def _accuracy(b: Bench, name: str, args: list[str], world: int, target: float) -> tuple[int | None, float]:
-    """Phase 1 for one method: its steps to the target and its final accuracy."""
-    out = f"compression-{name}-accuracy"
-    run_args = [*args, "--comm.warmup_steps", str(WARMUP), "--nproc", str(world)]
+def _accuracy(
+    b: Bench, case: str, method: str, compression: str, seed: int, model: Model, world: int
+) -> tuple[int | None, float]:
+    """Phase 1 for one method and seed: its steps to the target and its final accuracy."""
+    out = f"compression-{case}-{method}-seed{seed}-accuracy"
+    run_args = [*model.args, *_method(compression), "--train.seed", str(seed)]
+    run_args += ["--comm.warmup_steps", str(WARMUP), "--nproc", str(world)]
     b.train(run_args, out, steps=STEPS, eval_every=EVAL_EVERY)
-    return steps_to(b.work / out.replace(" ", "_") / "metrics.jsonl", target)
+    return steps_to(b.work / out.replace(" ", "_") / "metrics.jsonl", model.target)
 
 
-def _auto(b: Bench, folder: Path) -> tuple[str, list[float]]:
-    """What auto's accuracy run ran after its warm-up: the method it kept (the launcher's,
+def _auto(b: Bench, folder: Path, seed: int) -> tuple[str, list[float]]:
+    """What auto's accuracy run of `seed` ran after its warm-up: the method it kept (the launcher's,
     or its trial's), and each trial step's seconds in order (each candidate's median)."""
     summary = json.loads((folder / "summary.json").read_text())
     c = summary.get("compression") or {"method": "none"}  # none: no compressor at all
@@ -150,9 +157,9 @@ def _auto(b: Bench, folder: Path) -> tuple[str, list[float]]:
     seconds = [times.get(m, 0.0) for m in trial.get("candidates", []) for _ in range(STEPS_EACH)]
     if times:
         timed = ", ".join(f"{m} {1e3 * t:.1f} ms" for m, t in times.items())
-        b.console.print(f"    auto: the launcher shortlisted, the run timed {timed} a step and kept {c['method']}")
+        b.console.print(f"    auto, seed {seed}: the run timed {timed} a step and kept {c['method']}")
     else:
-        b.console.print(f"    auto: the launcher chose {c['method']}")
+        b.console.print(f"    auto, seed {seed}: the launcher chose {c['method']}")
     return c["method"], seconds
 
 
@@ -178,14 +185,38 @@ def _timed_sides(b: Bench, case: str, model: Model, world: int, kept: str) -> di
     return sides | {TORCH_POWERSGD: torch_side}
 
 
+def median_time(runs: list[tuple[int | None, list[float]]], step_s: float, none_s: float) -> float | None:
+    """The median over seeds of the time to target (`runs`: each seed's steps to it, and its
+    trial's steps for auto); None where the median seed never reached it."""
+    times = [time_to_target(steps, step_s, none_s, trial) for steps, trial in runs]
+    middle = statistics.median([math.inf if t is None else t for t in times])
+    return None if math.isinf(middle) else middle
+
+
+def _steps_text(rows: list[tuple[int | None, float]]) -> str:
+    """The median steps to the target over the seeds, and their range."""
+    steps = sorted(math.inf if s is None else s for s, _ in rows)
+
+    def text(x: float) -> str:
+        return f"> {STEPS}" if math.isinf(x) else f"{x:g}"
+
+    return f"{text(statistics.median(steps))} ({text(steps[0])}-{text(steps[-1])})"
+
+
 def _report(
-    b: Bench, key: str, target: float, reached: dict, times: dict[str, list[float]], trial: list[float]
+    b: Bench, key: str, target: float, reached: dict, times: dict[str, list[float]], trials: list[list[float]]
 ) -> None:
     none_s = statistics.median(times["none"])
-    base_steps, base_acc = reached["none"]
-    base_time = time_to_target(base_steps, none_s, none_s)
-    how = f"{key}, target {target:.0%}: time = steps to it x median step (auto: its trial's too), per repetition"
-    table = Table(title=f"{key}: to {target:.0%} validation accuracy, {b.link}")
+
+    def runs(method: str) -> list[tuple[int | None, list[float]]]:
+        return [(steps, trials[i] if method == "auto" else []) for i, (steps, _) in enumerate(reached[method])]
+
+    base_time = median_time(runs("none"), none_s, none_s)
+    how = (
+        f"{key}, target {target:.0%}: time = the median over {len(SEEDS)} seeds of the steps to it x the median "
+        "step (auto: its trial's steps too), per repetition"
+    )
+    table = Table(title=f"{key}: to {target:.0%} validation accuracy, {b.link}, {len(SEEDS)} seeds")
     for col in ("method", "ms / step", "steps to target", "time to target (s)", "speed-up", "final acc.", "vs none"):
         table.add_column(col, justify="right")
     for method, values in times.items():
@@ -193,27 +224,26 @@ def _report(
             table.add_row(method, spread(values), "", "", "", "", "")
             continue
         step_s = statistics.median(values)
-        steps, acc = reached[method]
-        spent = trial if method == "auto" else []  # auto's trial steps, at each candidate's time
-        t = time_to_target(steps, step_s, none_s, spent)
+        t = median_time(runs(method), step_s, none_s)
         speedup = base_time / t if t and base_time else None
+        # the final accuracy's difference from none's, seed by seed (the same seed: the same start)
+        gaps = [100 * (acc - none) for (_, acc), (_, none) in zip(reached[method], reached["none"], strict=True)]
         table.add_row(
             method,
             spread(values),
-            str(steps) if steps is not None else f"> {STEPS}",
+            _steps_text(reached[method]),
             f"{t:.2f}" if t is not None else "never",
             f"{speedup:.2f}x" if speedup else "",
-            f"{acc:.2%}",
-            f"{100 * (acc - base_acc):+.1f} pt",
+            f"{statistics.median(acc for _, acc in reached[method]):.2%}",
+            f"{statistics.median(gaps):+.1f} pt",
         )
         if speedup:  # each repetition's none and method side by side
             each = [
-                time_to_target(base_steps, n, n) / time_to_target(steps, m, n, spent)
+                median_time(runs("none"), n, n) / median_time(runs(method), m, n)
                 for n, m in zip(times["none"], values, strict=True)
             ]
             b.record("compression", f"{key} {method}: time to target, none / method", each, how=how)
-        gap = [100 * (acc - base_acc)]
-        b.record("compression", f"{key} {method}: final accuracy - none's (points)", gap, unit="pt")
+        b.record("compression", f"{key} {method}: final accuracy - none's (points)", gaps, unit="pt", how="per seed")
     b.console.print(table)
     mine = times[POWERSGD]
     text = b.ratio("compression", f"{key} step time: powersgd / torch's hook", mine, times[TORCH_POWERSGD], how=how)
