@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -81,20 +82,25 @@ class Trial:
 
     def state(self) -> Tensor:
         """For a checkpoint: per candidate, the agreed median once decided, else this rank's
-        own so far (-1 where none), then the chosen candidate's index (-1: not decided)."""
+        own so far (-1 where none), then the chosen candidate's index (-1: not decided), then
+        a checksum of the candidates' names (a resume that names others starts afresh)."""
         decided = self.chosen is not None
         medians = [self.medians.get(c, -1.0) for c in self.candidates] if decided else self._own()
         chosen = self.candidates.index(self.chosen) if self.chosen is not None else -1
-        return torch.tensor([*medians, chosen], dtype=torch.float64)
+        return torch.tensor([*medians, chosen, self._names()], dtype=torch.float64)
+
+    def _names(self) -> int:
+        return zlib.crc32(",".join(self.candidates).encode())  # below 2^32: exact in a float64
 
     def load(self, state: Tensor) -> None:
-        """A checkpoint's trial, taken back: its decision, or, mid-trial, this rank's median
-        of each candidate it had timed (the resumed run times those it has steps left for)."""
-        if state.numel() != len(self.candidates) + 1:
+        """A checkpoint's trial, taken back if it timed the same candidates: its decision, or,
+        mid-trial, this rank's median of each candidate it had timed (the resumed run times
+        those it has steps left for)."""
+        if state.numel() != len(self.candidates) + 2 or int(state[-1]) != self._names():
             return
-        times = {c: float(t) for c, t in zip(self.candidates, state[:-1], strict=True) if t >= 0}
-        if int(state[-1]) >= 0:
-            self.medians, self.chosen = times, self.candidates[int(state[-1])]
+        times = {c: float(t) for c, t in zip(self.candidates, state[:-2], strict=True) if t >= 0}
+        if int(state[-2]) >= 0:
+            self.medians, self.chosen = times, self.candidates[int(state[-2])]
         else:
             self.periods |= {c: [t] for c, t in times.items()}
 

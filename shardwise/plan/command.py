@@ -336,7 +336,8 @@ def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> dict | None:
     layout on this link, within its margins (plan/compression.py `pick`), and the methods the
     run times itself (comm.candidates), printed in one line and set in `cfg` (the run's
     saved config names them); none where no gradients are averaged. The chosen method's
-    prediction, as `predicted_step` gives it (None where none was made)."""
+    prediction, as `predicted_step` gives it, with each candidate's under `by_method` (None
+    where none was made)."""
     from shardwise.data import load_source
     from shardwise.models import build_model
     from shardwise.plan.compression import method_seconds, pick, rank_shapes
@@ -358,7 +359,11 @@ def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> dict | None:
     steps = {m: p.step_s for m, p in predicted.items()} if predicted else None
     c.compression, c.candidates, line = pick(averaging, steps)
     print(f"comm.compression auto: {line}")
-    return step_figures(predicted[c.compression]) if predicted else None
+    if not predicted:
+        return None
+    # and each candidate's: the run's model check takes the one its trial keeps
+    by_method = {m: step_figures(predicted[m]) for m in c.candidates}
+    return step_figures(predicted[c.compression]) | ({"by_method": by_method} if by_method else {})
 
 
 def _method_steps(cfg: Config, nproc: int, cluster: str, averaging: dict[str, float]) -> dict[str, Prediction] | None:

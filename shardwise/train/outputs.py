@@ -150,6 +150,9 @@ def model_check(summary: dict, budget: str = "") -> dict:
     predicted = json.loads(text)
     if "none" in predicted:
         return {"model_check": predicted}
+    # comm.compression = auto: the prediction for the method its trial kept
+    kept = summary.get("compression", {}).get("method")
+    predicted = predicted.pop("by_method", {}).get(kept, predicted)
     check = {"predicted": predicted, "measured_step_s": summary["step_time_s"]}
     if "load_time_s" in summary:
         check["measured_load_s"] = summary["load_time_s"]
