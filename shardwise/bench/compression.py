@@ -194,13 +194,15 @@ def median_time(runs: list[tuple[int | None, list[float]]], step_s: float, none_
 
 
 def _steps_text(rows: list[tuple[int | None, float]]) -> str:
-    """The median steps to the target over the seeds, and their range."""
+    """The median steps to the target over the seeds, and their range where they differ
+    (never: not within STEPS steps)."""
     steps = sorted(math.inf if s is None else s for s, _ in rows)
 
     def text(x: float) -> str:
-        return f"> {STEPS}" if math.isinf(x) else f"{x:g}"
+        return "never" if math.isinf(x) else f"{x:g}"
 
-    return f"{text(statistics.median(steps))} ({text(steps[0])}-{text(steps[-1])})"
+    middle = text(statistics.median(steps))
+    return middle if steps[0] == steps[-1] else f"{middle} ({text(steps[0])}-{text(steps[-1])})"
 
 
 def _report(
