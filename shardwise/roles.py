@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from shardwise.checkpoint.resume import build_checkpointer
-from shardwise.checkpoint.state import compression_state, load_compression
+from shardwise.checkpoint.state import compression_state, decided_trial, load_compression
 from shardwise.checkpoint.store import Checkpoint, restore_rng, rng_tensors
 from shardwise.config import Config
 from shardwise.data import RankData
@@ -172,9 +172,9 @@ def _peer_holder(job: Job, optimizer, scheduler) -> Holder | None:
     holder = Holder(job.start_step)
     layout = job.layout
 
-    def provider() -> tuple[dict, dict]:  # the checkpoint's tensors of a replica: no collective
+    def provider() -> tuple[dict, dict]:  # a replica's checkpoint tensors, auto's decision: no collective
         meta = {"world_size": dims.world_size, "layout": dims.layout, "schedule_step": scheduler.last_epoch}
-        return layout.logical_tensors(optimizer), meta
+        return layout.logical_tensors(optimizer) | decided_trial(layout.part.compressor), meta
 
     holder.provider = provider
     announce(Path(peer.announce), *serve_state(holder, peer.secret, peer.addr))

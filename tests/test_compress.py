@@ -342,6 +342,30 @@ def test_the_model_check_predicts_the_method_the_trial_kept(monkeypatch):
     assert check["predicted"] == figures(0.040)
 
 
+def test_a_peer_recovery_takes_the_trials_decision_from_a_survivor(monkeypatch):
+    """The state a replica serves its peers holds auto's trial once decided (the agreed
+    medians, the same on every rank), and a rank that starts from it keeps that method
+    rather than the launcher's; mid-trial it holds none (each rank's medians are its own)."""
+    from torch import nn
+
+    from shardwise.checkpoint.state import decided_trial, load_compression
+    from shardwise.comm import trial
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(trial.time, "perf_counter", lambda: clock["now"])
+    settings = CompressionSettings("topk", 0.05, 4, 0, ("topk", "none"))
+    survivor = Compressor(settings, None)
+    for step in range(2 * trial.STEPS_EACH):
+        assert decided_trial(survivor) == {}
+        clock["now"] += {"topk": 0.05, "none": 0.02}[survivor.trial.method(step)]
+        survivor.end_step()
+    assert survivor.trial.chosen == "none" and set(decided_trial(survivor)) == {"comm/trial"}
+    started = Compressor(settings, None)
+    load_compression(started, nn.Linear(2, 2), {}, decided_trial(survivor), rank=1, same=True)
+    started.steps = 2 * trial.STEPS_EACH
+    assert started.method == "none" and started.trial.medians == survivor.trial.medians
+
+
 def test_another_layout_takes_its_piece_of_the_mean_residual():
     """Resumed on another layout, each rank's residual is its cut of the saved mean (here a
     split of a tensor's rows over two pieces, as tensor parallelism cuts a column-parallel

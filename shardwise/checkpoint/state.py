@@ -104,6 +104,14 @@ def compression_state(compressor, model: nn.Module, splits: dict[str, Split], ra
     return out
 
 
+def decided_trial(compressor) -> dict[str, Tensor]:
+    """`comm/trial`: auto's trial once decided, the same on every rank (the agreed medians and
+    the method kept), for the state a replica serves its peers (peer_state.py), which holds no
+    rank's own tensors."""
+    trial = compressor.trial if compressor is not None else None
+    return {"comm/trial": trial.state()} if trial is not None and trial.chosen is not None else {}
+
+
 def load_compression(
     compressor, model: nn.Module, splits: dict[str, Split], tensors: dict[str, Tensor], *, rank: int, same: bool
 ) -> None:
@@ -113,7 +121,7 @@ def load_compression(
         return
     compressor.forget_buffers()
     own = f"comm/rank{rank}/"
-    trial = tensors.get(own + "trial")
+    trial = tensors.get(own + "trial", tensors.get("comm/trial"))  # (a peer's state: the decided one)
     if same and trial is not None and compressor.trial is not None:  # timed on this layout
         compressor.trial.load(trial)
     mine = {key.removeprefix(own).partition("/")[::2]: v for key, v in tensors.items() if key.startswith(own)}
