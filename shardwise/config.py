@@ -186,7 +186,13 @@ class CommConfig:
     """Methods the ranks time on the run itself, a few steps each right after the warm-up,
     keeping the fastest for the rest of the run (comm.compression names one of them). auto
     sets them: the methods the cost model predicts within a quarter of its choice, and the
-    fastest lossless one. Empty: comm.compression throughout."""
+    fastest lossless one where a lossy candidate's margin over it is a close call. Empty:
+    comm.compression throughout."""
+    min_bucket_bytes: int = 0
+    """A bucket of gradients smaller than this many bytes is averaged whole (a plain
+    all-reduce) whatever the method: there a method's compute and extra collectives cost
+    more than the bytes it saves. auto sets it from the cost model's prediction for each of
+    DDP's buckets on this link. 0: every bucket goes through the method."""
 
 
 @dataclass

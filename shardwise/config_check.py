@@ -255,6 +255,8 @@ def _check_comm(cfg: Config) -> None:
         raise ShardwiseError("comm.powersgd_rank", f"must be >= 1, got {c.powersgd_rank}")
     if c.warmup_steps < 0:
         raise ShardwiseError("comm.warmup_steps", f"must be >= 0, got {c.warmup_steps}")
+    if c.min_bucket_bytes < 0:
+        raise ShardwiseError("comm.min_bucket_bytes", f"must be >= 0, got {c.min_bucket_bytes}")
     _check_candidates(cfg)
     if c.compression in ("none", "auto"):  # auto picks none where no method applies
         return

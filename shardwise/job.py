@@ -155,6 +155,7 @@ def build_layout(cfg: Config, mesh: RankMesh, setup: SetUp, *, device: torch.dev
             cfg.comm.powersgd_rank,
             cfg.comm.warmup_steps,
             tuple(cfg.comm.candidates),
+            cfg.comm.min_bucket_bytes,
         ),
     )
     if cfg.train.precision == "bf16" and layout.role != "server":

@@ -156,12 +156,13 @@ def test_half_precision_is_the_half_precision_sum(pool):
 MLP = {"model.name": "mlp", "model.hidden": "64", "train.steps": "60", "train.batch_size": "32"}
 
 
-def test_warm_up_steps_average_exactly_as_ddp_does(pool):
-    """While warming up the hook runs DDP's own all-reduce: bit-identical weights to no
-    compression at all."""
+@pytest.mark.parametrize("exact", [{"comm.warmup_steps": "8"}, {"comm.min_bucket_bytes": str(2**20)}])
+def test_warm_up_steps_and_small_buckets_average_exactly_as_ddp_does(pool, exact):
+    """While warming up, and on a bucket under comm.min_bucket_bytes (here the MLP's one
+    bucket), the hook runs DDP's own all-reduce: bit-identical weights to no compression."""
     plain = pool.run(train_weights, with_data({**MLP, "train.steps": "8"}), ranks=[0, 1])[0]
-    warm = {**MLP, "train.steps": "8", "comm.compression": "topk", "comm.warmup_steps": "8"}
-    held = pool.run(train_weights, with_data(warm), ranks=[0, 1])[0]
+    held = {**MLP, "train.steps": "8", "comm.compression": "topk"} | exact
+    held = pool.run(train_weights, with_data(held), ranks=[0, 1])[0]
     assert plain.keys() == held.keys()
     assert all(torch.equal(plain[k], held[k]) for k in plain)
 
@@ -308,6 +309,84 @@ def test_auto_weighs_the_bytes_saved_against_the_compute_spent():
     clear = close | {"topk": 40e-3, "powersgd": 38e-3}  # clear by far (the MLP at 1 Gbit/s): no bf16
     assert shortlist(clear, choose(averaging, clear)[0]) == ["powersgd", "topk"]
     assert shortlist({"none": 1.0, "bf16": 0.95, "topk": 0.9}, "none") == ["none"]
+
+
+def _ddp_bucket_sizes(cap_mb: float | None, *, group) -> list[int]:
+    """The entries of each bucket DDP hands its communication hook, on its third step (after
+    the rebuild that follows the first), for the MLP 64-1024-1024-10."""
+    from torch import nn
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    kw = {} if cap_mb is None else {"bucket_cap_mb": cap_mb}
+    ddp = DistributedDataParallel(model, process_group=group, **kw)
+    seen: list[tuple[int, int]] = []
+
+    def hook(_state, bucket):
+        seen.append((bucket.index(), bucket.buffer().numel()))
+        return default_hooks.allreduce_hook(group, bucket)
+
+    ddp.register_comm_hook(None, hook)
+    for _ in range(3):
+        seen.clear()
+        ddp(torch.randn(4, 64)).sum().backward()
+    return [n for _, n in sorted(seen)]
+
+
+@pytest.mark.parametrize("cap_mb", [None, 8])
+def test_the_cost_models_buckets_are_ddps_own(pool, cap_mb):
+    """The cost model prices each of DDP's buckets: the same buckets torch's DDP makes, by
+    default (a first bucket of 1 MiB, then 25 MiB) and with a cap named."""
+    from torch import nn
+
+    from shardwise.plan.compression import ddp_buckets, rank_shapes
+
+    model = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    caps = {} if cap_mb is None else {"first": int(cap_mb * 2**20), "cap": int(cap_mb * 2**20)}
+    predicted = [sum(math.prod(s) for s in b) for b in ddp_buckets(rank_shapes(model, 1), **caps)]
+    assert pool.run(_ddp_bucket_sizes, cap_mb, ranks=[0, 1])[0] == predicted
+    assert len(predicted) == (2 if cap_mb is None else 1)  # (by default, the first bucket is closed at 1 MiB)
+
+
+def test_a_bucket_where_the_method_costs_more_than_it_saves_goes_whole(monkeypatch):
+    """Per bucket, by hand, on a link of a byte a nanosecond with the method's compute set to
+    half a millisecond a bucket: top-k pays on the 1 MiB matrix's bucket (21 us of
+    all-gathers and its compute against 1.05 ms of all-reduce) and not on the vector's (256
+    ns whole), so buckets under 257 bytes go whole, and are priced whole."""
+    from shardwise.comm.cost import Link
+    from shardwise.plan import compression
+
+    monkeypatch.setattr(compression, "compute_seconds", lambda shapes, s, dp: 0.0 if s.method == "none" else 5e-4)
+    link, shapes = Link.from_rate(8e9), [(64,), (512, 512)]  # DDP's buckets: the matrix (1 MiB), the vector
+    beta = link.beta_s_per_byte
+    plan = compression.bucket_plan(shapes, CompressionSettings(topk_ratio=0.01), link, 2)
+    assert plan["none"] == (pytest.approx(4 * (512 * 512 + 64) * beta), 0)
+    k = math.ceil(0.01 * 512 * 512)  # values and indices, 4 bytes each, gathered from 2 ranks
+    assert plan["topk"] == (pytest.approx(8 * k * beta + 5e-4 + 4 * 64 * beta), 4 * 64 + 1)
+    least, why = compression.whole_below(plan, ["topk"], shapes)
+    assert least == 257 and why == (
+        "; 1 of DDP's 2 buckets go whole (those under 257 bytes): there topk would take longer than a plain all-reduce"
+    )
+    assert compression.whole_below(plan, ["topk", "none"], shapes)[0] == 257
+    assert compression.whole_below(plan, ["none"], shapes) == (0, "")
+
+
+def test_a_compressor_averages_a_bucket_under_its_least_size_whole():
+    """Under top-k with min_bucket_bytes above the vector's bucket: the matrix's bucket goes
+    through top-k, the vector's whole (its exact average), with what it owed added in."""
+    from shardwise.plan.compression import DryCompressor
+
+    comp = DryCompressor(CompressionSettings("topk", topk_ratio=0.05, min_bucket_bytes=4 * 64 * 32), world=2)
+    matrix, vector = Entry("w", 0, (64, 32)), Entry("b", 0, (7,))
+    g = _grad(0, 0)
+    sent = comp.average(g[: 64 * 32].clone(), [matrix])
+    assert not torch.equal(sent, g[: 64 * 32]) and "w" in comp.residuals  # compressed, its residual kept
+    comp.residuals["b"] = torch.full((7,), 0.5)  # owed by a bucket it was once in (DDP's rebuild, say)
+    small = g[64 * 32 :].clone()
+    assert torch.equal(comp.average(small.clone(), [vector]), small + 0.5)  # the dry run: its own average
+    assert "b" not in comp.residuals
 
 
 def test_auto_is_chosen_by_the_launcher_in_one_line_and_saved_as_chosen(tmp_path):

@@ -51,6 +51,7 @@ def test_resolved_toml_round_trips(tmp_path):
         ({"data.shards": "4"}, "data.shards: =4 needs a fixed data.partition, not shuffle"),
         ({"comm.topk_ratio": "0"}, "comm.topk_ratio: must be in (0, 1], got 0.0"),
         ({"comm.powersgd_rank": "0"}, "comm.powersgd_rank: must be >= 1, got 0"),
+        ({"comm.min_bucket_bytes": "-1"}, "comm.min_bucket_bytes: must be >= 0, got -1"),
         (
             {"comm.compression": "topk", "parallel.shard": "full"},
             "comm.compression: =topk with parallel.shard=full: FSDP2 reduce-scatters its gradients uncompressed;"

@@ -30,6 +30,9 @@ them by name.
 
 The first `warmup_steps` steps average exactly (a plain all-reduce): early gradients are
 large and change fast, and compressing them costs accuracy (Lin et al. 2018's warm-up).
+So does a bucket smaller than `min_bucket_bytes`, where a method's compute and extra
+collectives cost more than the bytes it saves (plan/compression.py `bucket_plan`); what
+its parameters owe is added in first.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class CompressionSettings:
     powersgd_rank: int = 4
     warmup_steps: int = 0
     candidates: tuple[str, ...] = ()  # auto's shortlist, timed in the run (comm/trial.py)
+    min_bucket_bytes: int = 0  # a smaller bucket is averaged whole, whatever the method
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,11 @@ class Compressor:
     def compressing(self) -> bool:
         return self.method != "none" and self.steps >= self.settings.warmup_steps
 
+    def whole(self, flat: Tensor) -> bool:
+        """Whether `flat` is averaged whole (a plain all-reduce): in the warm-up, under none,
+        and for a bucket under `min_bucket_bytes`, where the method costs more than it saves."""
+        return not self.compressing or flat.numel() * flat.element_size() < self.settings.min_bucket_bytes
+
     def average(self, flat: Tensor, entries: list[Entry]) -> Tensor:
         """The group's average of `flat` as the method sends it (in place where it can),
         this rank's residuals updated."""
@@ -123,9 +132,9 @@ class Compressor:
         if self.world == 1:
             return flat
         self._device = flat.device
-        if self.unsettled:
+        if self.unsettled(flat):
             self.settle(flat, entries)
-        if not self.compressing:
+        if self.whole(flat):
             self.tally(flat, flat.numel() * flat.element_size())
             self._all_reduce(flat)
             return flat.div_(self.world)
@@ -165,11 +174,11 @@ class Compressor:
                     self.q.clear()
         self.steps += 1
 
-    @property
-    def unsettled(self) -> bool:
-        """Whether a method without error feedback averages this step while lossy steps of
-        auto's trial left residuals: the next average must `settle` them."""
-        return bool(self.residuals) and self.method not in LOSSY
+    def unsettled(self, flat: Tensor) -> bool:
+        """Whether `flat` is averaged without error feedback (a method without it, after lossy
+        steps of auto's trial; a bucket averaged whole) while residuals are owed: the
+        average must `settle` those of its parameters."""
+        return bool(self.residuals) and (self.method not in LOSSY or self.whole(flat))
 
     def settle(self, flat: Tensor, entries: list[Entry]) -> None:
         """Before a method without error feedback averages `flat`: add in what lossy steps of

@@ -178,9 +178,9 @@ def ddp_hook(compressor: Compressor, names: dict[int, str]):
 
     def hook(_state, bucket):  # unannotated: DDP checks annotations as objects, and these are strings here
         flat, method = bucket.buffer(), compressor.method
-        if compressor.unsettled:  # once, after auto's trial keeps a method without error feedback
+        if compressor.unsettled(flat):  # after auto's trial keeps a method without error feedback, say
             compressor.settle(flat, entries(bucket))
-        if not compressor.compressing:  # the warm-up: DDP's own all-reduce, as without a hook
+        if compressor.whole(flat):  # the warm-up, a small bucket: DDP's own all-reduce, as without a hook
             compressor.tally(flat, flat.numel() * flat.element_size())
             fut = default_hooks.allreduce_hook(compressor.group, bucket)
         elif method in torch_hooks:

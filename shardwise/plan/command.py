@@ -340,7 +340,7 @@ def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> dict | None:
     where none was made)."""
     from shardwise.data import load_source
     from shardwise.models import build_model
-    from shardwise.plan.compression import method_seconds, pick, rank_shapes
+    from shardwise.plan.compression import bucket_plan, pick, rank_shapes, whole_below
 
     dims = ParallelDims.resolve(cfg.parallel, nproc)
     c = cfg.comm
@@ -354,11 +354,13 @@ def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> dict | None:
     shapes = rank_shapes(build_model(cfg.model, dataset.in_shape, dataset.num_classes), dims.tp)
     settings = CompressionSettings("none", c.topk_ratio, c.powersgd_rank, c.warmup_steps)
     elem = torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8
-    averaging = method_seconds(shapes, settings, measured_link(cluster, nproc), dims.dp, elem)
+    plan = bucket_plan(shapes, settings, measured_link(cluster, nproc), dims.dp, elem)
+    averaging = {m: seconds for m, (seconds, _) in plan.items()}
     predicted = _method_steps(cfg, nproc, cluster, averaging)
     steps = {m: p.step_s for m, p in predicted.items()} if predicted else None
     c.compression, c.candidates, line = pick(averaging, steps)
-    print(f"comm.compression auto: {line}")
+    c.min_bucket_bytes, why = whole_below(plan, c.candidates or [c.compression], shapes, elem)
+    print(f"comm.compression auto: {line}{why}")
     if not predicted:
         return None
     # and each candidate's: the run's model check takes the one its trial keeps

@@ -16,6 +16,12 @@ The gradient bytes of a rank's part are the whole model's over the layout's mode
 parallel degrees (tp x pp x vertical x spatial): the shapes are the whole model's.
 Collectives are taken as not overlapped with the backward, for every method alike.
 
+Per bucket (`bucket_plan`): DDP averages the gradients in buckets (`ddp_buckets`), each
+with its own collectives, so each method is priced bucket by bucket, and a bucket where
+it would take longer than a plain all-reduce (a small one, where the extra collectives'
+latency outweighs the bytes saved) is priced, and run, whole: the method's
+`comm.min_bucket_bytes` is the least size from which every bucket pays.
+
 The choice (`choose`) compares whole steps: the cost model's step of the run's layout
 with each method's averaging in place of DDP's all-reduce (overlapped with the backward,
 for none), so that a compute-bound model's small averaging is weighed as the small part
@@ -44,6 +50,8 @@ from shardwise.comm.trial import STEPS_EACH, TRIAL_BAND
 from shardwise.config import Config
 
 ROUNDS = 3
+FIRST_BUCKET_BYTES = 2**20  # torch DDP's first bucket (torch.distributed._DEFAULT_FIRST_BUCKET_BYTES)
+BUCKET_BYTES = 25 * 2**20  # and the rest (bucket_cap_mb's default)
 
 
 class DryCompressor(Compressor):
@@ -111,13 +119,70 @@ def collective_seconds(
     return all_reduce(link, dp, elem * first) + (all_reduce(link, dp, elem * second) if second else 0.0)
 
 
-def method_seconds(shapes, settings: CompressionSettings, link: Link, dp: int, elem: int = 4) -> dict[str, float]:
-    """Every method's averaging time for a step (its collectives and its compute)."""
-    out = {}
+def ddp_buckets(
+    shapes: list[tuple[int, ...]], elem: int = 4, *, first: int = FIRST_BUCKET_BYTES, cap: int = BUCKET_BYTES
+) -> list[list[tuple[int, ...]]]:
+    """The gradients of `shapes` (in the model's order) in DDP's buckets: filled in reverse
+    order, as the backward produces them, the first closed once it holds `first` bytes, the
+    others at `cap` (DDP's defaults; a bucket_cap_mb named sets both)."""
+    out: list[list[tuple[int, ...]]] = [[]]
+    size = 0
+    for s in reversed(shapes):
+        out[-1].append(s)
+        size += elem * math.prod(s)
+        if size >= (first if len(out) == 1 else cap):
+            out.append([])
+            size = 0
+    return [b for b in out if b]
+
+
+def bucket_bytes(bucket: list[tuple[int, ...]], elem: int = 4) -> int:
+    return elem * sum(math.prod(s) for s in bucket)
+
+
+def bucket_plan(
+    shapes, settings: CompressionSettings, link: Link, dp: int, elem: int = 4
+) -> dict[str, tuple[float, int]]:
+    """Per method: its averaging time for a step, bucket by bucket (`ddp_buckets`; its
+    collectives and its compute), with the buckets below its `min_bucket_bytes` averaged
+    whole, and that size: the least from which every bucket takes less time through the
+    method than through a plain all-reduce (0: all do, or none does: then the method is
+    priced through every bucket, as it would run)."""
+    buckets = ddp_buckets(shapes, elem)
+    sizes = [bucket_bytes(b, elem) for b in buckets]
+    each = {}
     for method in METHODS:
         s = CompressionSettings(method, settings.topk_ratio, settings.powersgd_rank)  # no warm-up: compressing
-        out[method] = collective_seconds(shapes, s, link, dp, elem) + compute_seconds(shapes, s, dp)
+        each[method] = [collective_seconds(b, s, link, dp, elem) + compute_seconds(b, s, dp) for b in buckets]
+    out = {}
+    for method, times in each.items():
+        losing = [size for size, t, whole in zip(sizes, times, each["none"], strict=True) if t >= whole]
+        least = max(losing) + 1 if method != "none" and losing else 0
+        if least > max(sizes):  # it pays on no bucket: priced as it is (the choice passes it by)
+            least = 0
+        seconds = sum(t if size >= least else whole for size, t, whole in zip(sizes, times, each["none"], strict=True))
+        out[method] = seconds, least
     return out
+
+
+def whole_below(plan: dict[str, tuple[float, int]], methods: list[str], shapes, elem: int = 4) -> tuple[int, str]:
+    """The run's `comm.min_bucket_bytes` for `methods` (the one chosen, or the trial's
+    candidates: the largest of theirs, one size for all), and the words that say it ("":
+    every bucket goes through the method)."""
+    least = max(plan[m][1] for m in methods)
+    if not least:
+        return 0, ""
+    sizes = [bucket_bytes(b, elem) for b in ddp_buckets(shapes, elem)]
+    slower = [m for m in methods if plan[m][1] == least]
+    return least, (
+        f"; {sum(size < least for size in sizes)} of DDP's {len(sizes)} buckets go whole (those under "
+        f"{least:,} bytes): there {' and '.join(slower)} would take longer than a plain all-reduce"
+    )
+
+
+def method_seconds(shapes, settings: CompressionSettings, link: Link, dp: int, elem: int = 4) -> dict[str, float]:
+    """Every method's averaging time for a step, bucket by bucket (`bucket_plan`)."""
+    return {method: seconds for method, (seconds, _) in bucket_plan(shapes, settings, link, dp, elem).items()}
 
 
 def rank_shapes(model: nn.Module, tp: int) -> list[tuple[int, ...]]:
@@ -129,18 +194,24 @@ def rank_shapes(model: nn.Module, tp: int) -> list[tuple[int, ...]]:
 
 def averaging(model: nn.Module, settings: CompressionSettings, link: Link, elem: int) -> Callable[..., float]:
     """A layout's time to average a step's gradients through `settings`' method on `link`
-    (collectives and compute), by its dims (`topology.ParallelDims`); the compute is
-    measured once per (tp, dp)."""
-    measured: dict[tuple[int, int], tuple[list, float]] = {}
+    (collectives and compute, bucket by bucket, those under its min_bucket_bytes whole), by
+    its dims (`topology.ParallelDims`); the compute is measured once per (tp, dp)."""
+    measured: dict[tuple[int, int], tuple[list, list[bool], float]] = {}
+    least = settings.min_bucket_bytes
     settings = CompressionSettings(settings.method, settings.topk_ratio, settings.powersgd_rank)  # compressing
 
     def seconds(dims) -> float:
         key = (dims.tp, dims.dp)
         if key not in measured:
-            shapes = rank_shapes(model, dims.tp)
-            measured[key] = shapes, compute_seconds(shapes, settings, dims.dp)
-        shapes, compute = measured[key]
-        return collective_seconds(shapes, settings, link, dims.dp, elem) + compute
+            buckets = ddp_buckets(rank_shapes(model, dims.tp), elem)
+            through = [bucket_bytes(b, elem) >= least for b in buckets]
+            compute = sum(compute_seconds(b, settings, dims.dp) for b, t in zip(buckets, through, strict=True) if t)
+            measured[key] = buckets, through, compute
+        buckets, through, compute = measured[key]
+        return compute + sum(
+            collective_seconds(b, settings if t else CompressionSettings(), link, dims.dp, elem)
+            for b, t in zip(buckets, through, strict=True)
+        )
 
     return seconds
 
@@ -216,4 +287,4 @@ def named_settings(cfg: Config) -> CompressionSettings | None:
     c = cfg.comm
     if c.compression in ("none", "auto"):
         return None
-    return CompressionSettings(c.compression, c.topk_ratio, c.powersgd_rank)
+    return CompressionSettings(c.compression, c.topk_ratio, c.powersgd_rank, min_bucket_bytes=c.min_bucket_bytes)
