@@ -139,7 +139,7 @@ def run_local(
 
         chosen = choose_checkpointing(cfg, nproc=nproc, cluster=cluster) or chosen
     if cfg.comm.compression == "auto":
-        from shardwise.plan.command import choose_compression
+        from shardwise.plan.auto_compression import choose_compression
 
         # the compressed step's prediction supersedes the layout's, made before the choice
         chosen = choose_compression(cfg, nproc=nproc, cluster=cluster) or chosen

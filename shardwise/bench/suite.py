@@ -65,7 +65,7 @@ SCENARIOS: dict[str, tuple[Callable[[Bench], None], bool]] = {
     "precision": (precision.run, False),  # compute: one link is enough
     "checkpointing": (checkpointing.run, False),  # compute and memory: one link is enough
     "restarts": (restarts.run, False),  # correctness trials, not timed
-    "compression": (compression.run, True),  # every method trained to a target: half an hour a link
+    "compression": (compression.run, True),  # every method trained to a target, 3 seeds: an hour a link
     "planner": (planner.run, True),  # every layout run for real: an hour and more
     "sql": (sql.run, False),  # a database on this machine: loopback only
     "serve": (serve.run, False),  # one serving process under load: loopback
