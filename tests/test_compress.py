@@ -8,7 +8,7 @@ import pytest
 import torch
 from parity import train_summary, train_weights, with_data
 
-from shardwise.bench.compression import WARMUP, median_time, steps_to, time_to_target
+from shardwise.bench.compression import WARMUP, auto_sides, median_time, steps_to, time_to_target
 from shardwise.comm.compress import CompressionSettings, Compressor, Entry, largest
 
 SHAPES = {"w": (64, 32), "b": (7,)}
@@ -248,10 +248,14 @@ def test_time_to_target_counts_the_warm_up_at_the_uncompressed_step(tmp_path):
     assert time_to_target(15, 0.05, 0.2, [0.1] * 10) == pytest.approx(10 * 0.2 + 5 * 0.1)
     # over seeds, the median time: a seed that never reaches the target is slower than any
     # that does, and where the median seed never does, the method never does
-    assert median_time([(40, []), (None, []), (60, [])], 0.05, 0.2) == pytest.approx(10 * 0.2 + 50 * 0.05)
-    assert median_time([(40, []), (None, []), (None, [])], 0.05, 0.2) is None
-    # auto: each seed with its own trial (3.0, 6.0 and 4.0 s)
-    assert median_time([(20, [0.1] * 10), (40, [0.3] * 10), (50, [])], 0.05, 0.2) == pytest.approx(2 + 40 * 0.05)
+    assert median_time([(40, [], 0.05), (None, [], 0.05), (60, [], 0.05)], 0.2) == pytest.approx(2 + 50 * 0.05)
+    assert median_time([(40, [], 0.05), (None, [], 0.05), (None, [], 0.05)], 0.2) is None
+    # auto: each seed with its own trial and the step of the method it kept (3.0, 6.0 and 3.0 s)
+    runs = [(20, [0.1] * 10, 0.05), (40, [0.3] * 10, 0.05), (50, [], 0.025)]
+    assert median_time(runs, 0.2) == pytest.approx(2 + 40 * 0.025)
+    # priced at the side of the method each run kept: auto's own where it is most runs'
+    assert auto_sides(["topk", "powersgd", "topk"]) == ["auto", "powersgd rank 4", "auto"]
+    assert auto_sides(["fp16", "bf16", "bf16"]) == ["auto", "auto", "auto"]  # no fp16 side: auto's
 
 
 def test_auto_weighs_the_bytes_saved_against_the_compute_spent():

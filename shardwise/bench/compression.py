@@ -127,9 +127,8 @@ def run(b: Bench) -> None:
         case = f"{key}-{world}"
         reached = {m: [_accuracy(b, case, m, c, seed, model, world) for seed in SEEDS] for m, c in METHODS.items()}
         autos = [_auto(b, b.work / f"compression-{case}-auto-seed{seed}-accuracy", seed) for seed in SEEDS]
-        kept = Counter(k for k, _ in autos).most_common(1)[0][0]  # (a tie: the first seed's)
-        times = alternate(_timed_sides(b, case, model, world, kept), b.repeats, b.console)
-        _report(b, f"{key}, {world} ranks", model.target, reached, times, [t for _, t in autos])
+        times = alternate(_timed_sides(b, case, model, world, majority([k for k, _ in autos])), b.repeats, b.console)
+        _report(b, f"{key}, {world} ranks", model.target, reached, times, autos)
 
 
 def _method(compression: str) -> list[str]:
@@ -185,12 +184,26 @@ def _timed_sides(b: Bench, case: str, model: Model, world: int, kept: str) -> di
     return sides | {TORCH_POWERSGD: torch_side}
 
 
-def median_time(runs: list[tuple[int | None, list[float]]], step_s: float, none_s: float) -> float | None:
-    """The median over seeds of the time to target (`runs`: each seed's steps to it, and its
-    trial's steps for auto); None where the median seed never reached it."""
-    times = [time_to_target(steps, step_s, none_s, trial) for steps, trial in runs]
+def median_time(runs: list[tuple[int | None, list[float], float]], none_s: float) -> float | None:
+    """The median over seeds of the time to target (`runs`: each seed's steps to it, auto's
+    trial steps, and the step of the method it ran); None where the median seed never
+    reached it."""
+    times = [time_to_target(steps, step_s, none_s, trial) for steps, trial, step_s in runs]
     middle = statistics.median([math.inf if t is None else t for t in times])
     return None if math.isinf(middle) else middle
+
+
+def majority(kept: list[str]) -> str:
+    """The method most of auto's runs kept (a tie: the first seed's): auto's timed side runs it."""
+    return Counter(kept).most_common(1)[0][0]
+
+
+def auto_sides(kept: list[str]) -> list[str]:
+    """For each seed's auto run, the timed side whose step prices its steps after the trial:
+    auto's own where it kept the `majority`; else that method's own side (auto's, for a
+    method the bench times no side of: fp16)."""
+    names = {c: name for name, c in METHODS.items()}
+    return ["auto" if k == majority(kept) or k not in names else names[k] for k in kept]
 
 
 def _steps_text(rows: list[tuple[int | None, float]]) -> str:
@@ -206,17 +219,23 @@ def _steps_text(rows: list[tuple[int | None, float]]) -> str:
 
 
 def _report(
-    b: Bench, key: str, target: float, reached: dict, times: dict[str, list[float]], trials: list[list[float]]
+    b: Bench, key: str, target: float, reached: dict, times: dict[str, list[float]], autos: list[tuple[str, list]]
 ) -> None:
     none_s = statistics.median(times["none"])
+    sides = auto_sides([k for k, _ in autos])
 
-    def runs(method: str) -> list[tuple[int | None, list[float]]]:
-        return [(steps, trials[i] if method == "auto" else []) for i, (steps, _) in enumerate(reached[method])]
+    def runs(method: str, step_of=statistics.median) -> list[tuple[int | None, list[float], float]]:
+        """Each seed's run of `method`, its step `step_of` its side's times (auto: each run's
+        trial, and the side of the method it kept)."""
+        return [
+            (steps, autos[i][1], step_of(times[sides[i]])) if method == "auto" else (steps, [], step_of(times[method]))
+            for i, (steps, _) in enumerate(reached[method])
+        ]
 
-    base_time = median_time(runs("none"), none_s, none_s)
+    base_time = median_time(runs("none"), none_s)
     how = (
         f"{key}, target {target:.0%}: time = the median over {len(SEEDS)} seeds of the steps to it x the median "
-        "step (auto: its trial's steps too), per repetition"
+        "step (auto: its trial's steps too, and the step of the method each run kept), per repetition"
     )
     table = Table(title=f"{key}: to {target:.0%} validation accuracy, {b.link}, {len(SEEDS)} seeds")
     for col in ("method", "ms / step", "steps to target", "time to target (s)", "speed-up", "final acc.", "vs none"):
@@ -225,8 +244,7 @@ def _report(
         if method == TORCH_POWERSGD:
             table.add_row(method, spread(values), "", "", "", "", "")
             continue
-        step_s = statistics.median(values)
-        t = median_time(runs(method), step_s, none_s)
+        t = median_time(runs(method), none_s)
         speedup = base_time / t if t and base_time else None
         # the final accuracy's difference from none's, seed by seed (the same seed: the same start)
         gaps = [100 * (acc - none) for (_, acc), (_, none) in zip(reached[method], reached["none"], strict=True)]
@@ -241,8 +259,8 @@ def _report(
         )
         if speedup:  # each repetition's none and method side by side
             each = [
-                median_time(runs("none"), n, n) / median_time(runs(method), m, n)
-                for n, m in zip(times["none"], values, strict=True)
+                median_time(runs("none", lambda v, r=r: v[r]), n) / median_time(runs(method, lambda v, r=r: v[r]), n)
+                for r, n in enumerate(times["none"])
             ]
             b.record("compression", f"{key} {method}: time to target, none / method", each, how=how)
         b.record("compression", f"{key} {method}: final accuracy - none's (points)", gaps, unit="pt", how="per seed")
