@@ -644,3 +644,56 @@ def test_a_trial_resumed_midway_keeps_what_it_had_timed(monkeypatch):
     same = trial.Trial(("topk", "none"), 0, None)
     same.load(again.state())
     assert same.chosen == "topk"
+
+
+def test_the_compression_bench_reports_and_keeps_what_its_figures_come_from(tmp_path):
+    """The bench's whole report on made-up runs (no processes): each method's time to the
+    target is the median over the seeds of its steps x its step; auto's runs are priced at
+    the side of the method each kept; bench.json's `runs` holds what the figures come from."""
+    import io
+    import json
+
+    from rich.console import Console
+
+    from shardwise.bench import compression
+    from shardwise.bench.common import Bench
+
+    reach_at = {"none": [90, 100, 90], "topk": [115, 165, 65], "auto": [100, 125, 85]}
+    step_s = {"none": 0.160, "topk": 0.035, "powersgd": 0.040}  # (auto's side runs the method most kept)
+    kept = {0: "powersgd", 1: "topk", 2: "topk"}
+
+    class Made(Bench):
+        def train(self, args, name, *, steps=0, env=None, nproc=None, eval_every=0):
+            method = args[args.index("--comm.compression") + 1]
+            if "accuracy" not in name:
+                return {"step_time_s": step_s.get(method, 0.1)}
+            seed = int(args[args.index("--train.seed") + 1])
+            reach = reach_at.get(method, [200, 200, 200])[seed]
+            out = self.work / name.replace(" ", "_")
+            out.mkdir(parents=True)
+            rows = [{"step": s, "val_accuracy": 0.96 if s >= reach else 0.5} for s in range(5, 301, 5)]
+            (out / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+            trial = {"candidates": ["topk", "powersgd"], "step_s": {"topk": 0.04, "powersgd": 0.05}}
+            summary = {"compression": {"method": kept[seed], "trial": trial}} if method == "auto" else {}
+            (out / "summary.json").write_text(json.dumps(summary))
+            return summary
+
+        def reference(self, module, nproc, args, name):
+            return {"step_time_s": 0.070}
+
+    b = Made("1gbit", None, 5, tmp_path, Console(file=io.StringIO()), options={"cases": "mlp:2"})
+    b.placement = type("P", (), {"cluster": None})()
+    compression.run(b)
+    got = {r["measure"]: r for r in b.results}
+    none_time = 10 * 0.160 + 80 * 0.160  # the median seed's 90 steps
+    topk = 10 * 0.160 + 105 * 0.035  # its median seed: 115 steps
+    assert got["mlp, 2 ranks topk 1%: time to target, none / method"]["median"] == pytest.approx(none_time / topk)
+    # auto's seeds: 100 steps, PowerSGD kept (its side's 40 ms: the median run); 125 and 85,
+    # top-k (auto's side, which runs top-k)
+    trial = 5 * 0.04 + 5 * 0.05
+    auto = got["mlp, 2 ranks auto: time to target, none / method"]["median"]
+    assert auto == pytest.approx(none_time / (10 * 0.16 + trial + 80 * 0.040))
+    (kept_runs,) = b.runs
+    assert [r["kept"] for r in kept_runs["auto"]] == ["powersgd", "topk", "topk"]
+    assert [r["steps"] for r in kept_runs["seeds"]["topk 1%"]] == [115, 165, 65]
+    assert kept_runs["step_s"]["none"] == [0.160] * 5

@@ -45,6 +45,7 @@ class Bench:
     console: Console
     results: list[dict] = field(default_factory=list)
     details: list[dict] = field(default_factory=list)  # a scenario's per-run rows, kept in bench.json
+    runs: list[dict] = field(default_factory=list)  # what a scenario's figures come from (bench.json "runs")
     options: dict = field(default_factory=dict)  # a scenario's own settings (the planner's cases)
 
     @property

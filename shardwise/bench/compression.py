@@ -129,6 +129,19 @@ def run(b: Bench) -> None:
         autos = [_auto(b, b.work / f"compression-{case}-auto-seed{seed}-accuracy", seed) for seed in SEEDS]
         times = alternate(_timed_sides(b, case, model, world, majority([k for k, _ in autos])), b.repeats, b.console)
         _report(b, f"{key}, {world} ranks", model.target, reached, times, autos)
+        b.runs.append(_runs(b.link, case, reached, times, autos))
+
+
+def _runs(link: str, case: str, reached: dict, times: dict[str, list[float]], autos: list[tuple[str, list]]) -> dict:
+    """What a case's figures come from, for bench.json: each seed's steps to the target and
+    final accuracy per method, each auto run's method kept and trial steps, and each side's
+    step time per repetition (so that the figures can be priced again another way)."""
+    seeds = {
+        m: [{"seed": s, "steps": st, "accuracy": acc} for s, (st, acc) in zip(SEEDS, rows, strict=True)]
+        for m, rows in reached.items()
+    }
+    kept = [{"seed": s, "kept": k, "trial_step_s": t} for s, (k, t) in zip(SEEDS, autos, strict=True)]
+    return {"scenario": "compression", "link": link, "case": case, "seeds": seeds, "auto": kept, "step_s": times}
 
 
 def _method(compression: str) -> list[str]:

@@ -173,6 +173,7 @@ def run_suite(
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     details: list[dict] = []
+    runs: list[dict] = []
     started = time.time()
     for link in links:
         console.rule(f"[bold]link: {link}")
@@ -184,6 +185,7 @@ def run_suite(
                     run(bench)
             results += bench.results
             details += bench.details
+            runs += bench.runs
     report = {
         "command": "shardwise bench " + " ".join(sys.argv[2:]),
         "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
@@ -193,6 +195,8 @@ def run_suite(
         "wall_s": time.time() - started,
         "results": results,
     }
+    if runs:
+        report |= {"runs": runs}
     if details:
         report |= {"planner": details, "flips": planner.flips(details)}
         planner.plot(out / "planner.png", details)
