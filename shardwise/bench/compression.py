@@ -215,8 +215,8 @@ def auto_sides(kept: list[str]) -> list[str]:
     """For each seed's auto run, the timed side whose step prices its steps after the trial:
     auto's own where it kept the `majority`; else that method's own side (auto's, for a
     method the bench times no side of: fp16)."""
-    names = {c: name for name, c in METHODS.items()}
-    return ["auto" if k == majority(kept) or k not in names else names[k] for k in kept]
+    names, most = {c: name for name, c in METHODS.items()}, majority(kept)
+    return ["auto" if k == most or k not in names else names[k] for k in kept]
 
 
 def _steps_text(rows: list[tuple[int | None, float]]) -> str:

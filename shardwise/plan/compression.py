@@ -2,7 +2,7 @@
 gradients takes least time on this link, compressing and all.
 
 Per method, the seconds a step spends averaging the gradients of the part a
-data-parallel rank holds (`method_seconds`):
+data-parallel rank holds (`bucket_plan`):
 
 - its collectives on the measured link (comm/cost.py): none and bf16/fp16 an all-reduce
   of 4 or 2 bytes per entry; int8 an all-gather of every rank's byte per entry and
@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from shardwise.comm.compress import CompressionSettings, Compressor, entries_of
@@ -48,10 +49,9 @@ from shardwise.comm.cost import Link, all_gather, all_reduce
 from shardwise.comm.methods import LOSSY, MARGIN, METHODS, fair, lossless_base
 from shardwise.comm.trial import STEPS_EACH, TRIAL_BAND
 from shardwise.config import Config
+from shardwise.parallel.data import DDP_BUCKET_BYTES
 
 ROUNDS = 3
-FIRST_BUCKET_BYTES = 2**20  # torch DDP's first bucket (torch.distributed._DEFAULT_FIRST_BUCKET_BYTES)
-BUCKET_BYTES = 25 * 2**20  # and the rest (bucket_cap_mb's default)
 
 
 class DryCompressor(Compressor):
@@ -120,7 +120,11 @@ def collective_seconds(
 
 
 def ddp_buckets(
-    shapes: list[tuple[int, ...]], elem: int = 4, *, first: int = FIRST_BUCKET_BYTES, cap: int = BUCKET_BYTES
+    shapes: list[tuple[int, ...]],
+    elem: int = 4,
+    *,
+    first: int = dist._DEFAULT_FIRST_BUCKET_BYTES,  # what DDP itself takes for its first bucket
+    cap: int = DDP_BUCKET_BYTES,
 ) -> list[list[tuple[int, ...]]]:
     """The gradients of `shapes` (in the model's order) in DDP's buckets: filled in reverse
     order, as the backward produces them, the first closed once it holds `first` bytes, the
@@ -178,11 +182,6 @@ def whole_below(plan: dict[str, tuple[float, int]], methods: list[str], shapes, 
         f"; {sum(size < least for size in sizes)} of DDP's {len(sizes)} buckets go whole (those under "
         f"{least:,} bytes): there {' and '.join(slower)} would take longer than a plain all-reduce"
     )
-
-
-def method_seconds(shapes, settings: CompressionSettings, link: Link, dp: int, elem: int = 4) -> dict[str, float]:
-    """Every method's averaging time for a step, bucket by bucket (`bucket_plan`)."""
-    return {method: seconds for method, (seconds, _) in bucket_plan(shapes, settings, link, dp, elem).items()}
 
 
 def rank_shapes(model: nn.Module, tp: int) -> list[tuple[int, ...]]:
