@@ -5,15 +5,16 @@ starts in milliseconds instead of the seconds a fresh interpreter spends importi
 Forking is safe only where the launcher is in a state a rank can start from: the
 `shardwise` command's own process (not a user's Python calling the API), on Linux, with a
 CPU-only torch (a CUDA driver does not survive a fork) and no other Python thread (a
-lock another thread held would stay held in the child). Elsewhere, on the emulated
-cluster (a rank is started inside its host's network namespace) and with
+lock another thread held would stay held in the child). Elsewhere, and with
 SHARDWISE_START=spawn, ranks are fresh interpreters (`python -m shardwise.worker`), as
-torchrun starts them. The forked rank sets itself up as a fresh one would be: its own
-environment, its name (`shardwise-rankN`, as `top` shows it), the signal dispositions a
-fresh Python has (signals are held from the fork until they are set), one compute
-thread, the working folder first on the import path; then it runs `shardwise.worker` as
-`python -m` would, which leaves by `os._exit`, so nothing of the launcher's runs at its
-exit.
+torchrun starts them. On the emulated cluster a forked rank first enters its host: the
+host's network namespace and a UTS namespace of its own with the host's name, as
+`ip netns exec NS unshare --uts` would have started it (`enter_host`). The forked rank
+sets itself up as a fresh one would be: its own environment, its name (as `top` shows it:
+`shardwise-rankN`, procs.forked_name), the signal dispositions a fresh Python has (signals
+are held from the fork until they are set), one compute thread, the working folder first
+on the import path; then it runs `shardwise.worker` as `python -m` would, which leaves by
+`os._exit`, so nothing of the launcher's runs at its exit.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import threading
 import time
 import traceback
 
-from shardwise.procs import die_with_launcher
+from shardwise.procs import die_with_launcher, forked_name
 
 START_ENV = "SHARDWISE_START"  # "spawn": every rank a fresh interpreter
 _ALLOWED = False  # set by the command line's own process (`allow`): not in a user's Python
@@ -74,7 +75,7 @@ class ForkedRank:
     """One rank forked from this process, with the part of `subprocess.Popen`'s interface
     the launcher uses (pid, returncode, poll, wait, send_signal, kill)."""
 
-    def __init__(self, config_path: str, env: dict[str, str], *, quiet: bool) -> None:
+    def __init__(self, config_path: str, env: dict[str, str], *, quiet: bool, host: tuple[str, str] | None = None):
         sys.stdout.flush()
         sys.stderr.flush()
         self.returncode: int | None = None
@@ -87,8 +88,12 @@ class ForkedRank:
         if self.pid == 0:
             try:
                 die_with_launcher(launcher)
+                if host is not None:
+                    enter_host(*host)
                 fresh_signals(before)
                 _run_rank(config_path, env, quiet)  # never returns
+            except OSError as e:
+                print(f"shardwise: rank {env.get('RANK', '')}: {e}", file=sys.stderr, flush=True)
             finally:
                 os._exit(1)
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
@@ -119,12 +124,35 @@ class ForkedRank:
         self.send_signal(signal.SIGKILL)
 
 
+CLONE_NEWUTS, CLONE_NEWNET = 0x04000000, 0x40000000
+
+
+def enter_host(namespace: str, hostname: str) -> None:
+    """In a forked rank, before anything else: the network namespace at the path `namespace`
+    (one of `ip netns`'s), then a UTS namespace of its own named `hostname` (root only, as
+    the emulated cluster is). A step that fails ends the rank with its reason."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(namespace, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        steps = [
+            ("setns", lambda: libc.setns(fd, CLONE_NEWNET)),
+            ("unshare", lambda: libc.unshare(CLONE_NEWUTS)),
+            ("sethostname", lambda: libc.sethostname(hostname.encode(), len(hostname.encode()))),
+        ]
+        for name, step in steps:
+            if step() != 0:
+                errno = ctypes.get_errno()
+                raise OSError(errno, f"{name} for host {hostname} ({namespace}): {os.strerror(errno)}")
+    finally:
+        os.close(fd)
+
+
 def _run_rank(config_path: str, env: dict[str, str], quiet: bool) -> None:
     code = 1
     try:
         os.environ.clear()
         os.environ.update(env)
-        _name(f"shardwise-rank{env.get('RANK', '')}")
+        _name(forked_name(int(env.get("RANK", "0"))))
         if quiet:
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, 1)

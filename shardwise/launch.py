@@ -287,14 +287,12 @@ def _run_once(
                 **peer_env,
                 "TORCH_FR_BUFFER_SIZE": os.environ.get("TORCH_FR_BUFFER_SIZE", hangs.RING_SIZE),  # hangs.py
             }
-            fresh = [sys.executable, "-m", "shardwise.worker", str(config_path)]
-            argv = placement.argv(rank, fresh)
-            if fork and argv == fresh:  # a local rank: forked, torch already imported (forked.py)
-                procs.append(ForkedRank(str(config_path), env, quiet=quiet))
+            if fork:  # forked, torch already imported; on the emulated cluster it enters its host (forked.py)
+                procs.append(ForkedRank(str(config_path), env, quiet=quiet, host=placement.enter(rank)))
             else:
                 procs.append(
                     subprocess.Popen(
-                        argv,
+                        placement.argv(rank, [sys.executable, "-m", "shardwise.worker", str(config_path)]),
                         env=env,
                         stdout=subprocess.DEVNULL if quiet else None,
                         preexec_fn=functools.partial(contract.die_with_launcher, os.getpid()),

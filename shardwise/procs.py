@@ -81,20 +81,38 @@ def die_with_launcher(launcher: int) -> None:
         os._exit(1)
 
 
-def ranks_under(parent: int) -> dict[int, tuple[int, dict[str, str]]]:
-    """The training or serving ranks `parent` (a launcher) runs now: {RANK: (pid, environment
-    it started with)}, read from /proc (Linux; the link probe's processes are not ranks)."""
-    found: dict[int, tuple[int, dict[str, str]]] = {}
+def ranks_under(parent: int) -> dict[int, int]:
+    """The training or serving ranks `parent` (a launcher) runs now: {RANK: pid}, read from
+    /proc (Linux): a fresh interpreter by the environment it started with (the link probe's
+    processes are not ranks), a forked one by its name (`forked_name`)."""
+    found: dict[int, int] = {}
     for proc in Path("/proc").iterdir():
         try:
             if not proc.name.isdigit() or int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != parent:
                 continue
             env = dict(kv.split("=", 1) for kv in (proc / "environ").read_text().split("\0") if "=" in kv)
+            name = (proc / "comm").read_text().strip()
         except (OSError, ValueError, IndexError):
             continue
         if "TORCHELASTIC_RUN_ID" in env and "RANK" in env:
-            found[int(env["RANK"])] = (int(proc.name), env)
+            found[int(env["RANK"])] = int(proc.name)
+        elif (rank := forked_rank(name)) is not None:
+            found[rank] = int(proc.name)
     return found
+
+
+def forked_name(rank: int) -> str:
+    """A forked rank's process name as `top` shows it (15 bytes at most): shardwise-rankN,
+    shardwise-rN from rank 10."""
+    return f"shardwise-rank{rank}" if rank < 10 else f"shardwise-r{rank}"
+
+
+def forked_rank(name: str) -> int | None:
+    """The rank a process named `name` by `forked_name` is (None: not such a name)."""
+    for prefix in ("shardwise-rank", "shardwise-r"):
+        if name.startswith(prefix) and name[len(prefix) :].isdigit():
+            return int(name[len(prefix) :])
+    return None
 
 
 STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this long

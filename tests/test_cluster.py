@@ -110,14 +110,19 @@ def test_probe_fits_the_configured_bandwidth(cluster, tmp_path, capsys):
 
 
 def test_train_on_the_cluster_ends_with_the_same_weights(cluster, tmp_path, capsys):
-    """Placement changes where ranks run, never what they compute."""
+    """Placement changes where ranks run, never what they compute. The command forks its ranks
+    (forked.py): each enters its host's network namespace and takes its name, so every byte
+    between them crosses the shaped link."""
     args = ["--model.name", "mlp", "--train.steps", "12", "--train.eval_every", "0", "--run.progress", "false"]
     before = netns.link_settings(cluster, 1)
-    assert main(["train", "--cluster", f"emulated:{NAME}", "--out", str(tmp_path / "emu"), *args]) == 0
+    emu = subprocess.run([sys.executable, "-m", "shardwise", "train", "--cluster", f"emulated:{NAME}", "--out",
+                          str(tmp_path / "emu"), *args], capture_output=True, text=True)  # fmt: skip
+    assert emu.returncode == 0, emu.stderr
     assert netns.link_settings(cluster, 1)["tx_bytes"] - before["tx_bytes"] > 12 * 4 * 10_000
     assert main(["train", "--out", str(tmp_path / "local"), *args]) == 0
     summary = json.loads((tmp_path / "emu" / "summary.json").read_text())
     assert summary["placement"].startswith(f"emulated cluster '{NAME}': 2 ranks on 2 of 2 hosts")
+    assert summary["hosts"] == {f"{NAME}-h0": [0], f"{NAME}-h1": [1]}
     emu, local = (load_file(tmp_path / run / "model.safetensors") for run in ("emu", "local"))
     assert emu.keys() == local.keys() and all((emu[k] == local[k]).all() for k in emu)
 

@@ -91,7 +91,7 @@ def test_a_lost_host_then_back_ends_with_the_failure_free_weights(tmp_path):
             assert job.poll() is None and time.monotonic() < deadline, "".join(lines)
             time.sleep(0.05)
         netns.set_link(cluster, 1, up=False)
-        os.kill(ranks_under(job.pid)[1][0], 9)
+        os.kill(ranks_under(job.pid)[1], 9)
         while not any("going on with 1 rank" in line for line in lines):
             assert job.poll() is None and time.monotonic() < deadline, "".join(lines)
             time.sleep(0.05)

@@ -18,6 +18,7 @@ from shardwise.checkpoint.manifest import keygen, verify
 from shardwise.config import load_config
 from shardwise.errors import ShardwiseError
 from shardwise.job import JobContext, run
+from shardwise.procs import ranks_under
 from shardwise.train.loop import poisoned
 
 JOB = ["--model.name", "mlp", "--train.steps", "12", "--train.eval_every", "0", "--run.progress", "false"]
@@ -86,19 +87,6 @@ def test_no_rank_outlives_a_killed_launcher(tmp_path, start):
     import sys
     import time
 
-    def ranks_of(launcher: int) -> list[int]:
-        """Its children that are ranks: forked (named shardwise-rankN) or `python -m shardwise.worker`."""
-        found = []
-        for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == launcher:
-                    named = (proc / "comm").read_text().startswith("shardwise-rank")
-                    if named or b"shardwise.worker" in (proc / "cmdline").read_bytes():
-                        found.append(int(proc.name))
-            except (OSError, ValueError, IndexError):
-                continue
-        return found
-
     env = {**os.environ, "SHARDWISE_START": start}
     job = subprocess.Popen([sys.executable, "-m", "shardwise", "train", "--nproc", "2", "--model.name", "mlp",
                             "--train.steps", "100000", "--train.eval_every", "0", "--run.progress", "false", "--out",
@@ -107,7 +95,7 @@ def test_no_rank_outlives_a_killed_launcher(tmp_path, start):
     try:
         deadline, ranks = time.monotonic() + 60, []
         while len(ranks) < 2 and time.monotonic() < deadline:
-            ranks = ranks_of(job.pid)
+            ranks = list(ranks_under(job.pid).values())
             time.sleep(0.05)
         assert len(ranks) == 2, ranks
         time.sleep(1.0)  # training

@@ -167,7 +167,8 @@ def test_another_host_without_the_secret_cannot_use_a_jobs_rendezvous(tmp_path):
         job = subprocess.Popen([sys.executable, "-m", "shardwise", "train", "--cluster", f"emulated:{name}", "--nproc",
                                 "2", "--model.name", "mlp", "--train.steps", "100000", "--train.eval_every", "0",
                                 "--run.progress", "false", "--out", str(tmp_path / "run")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "SHARDWISE_START": "spawn"})  # fmt: skip
         env = _rank0_environ(job.pid)
         assert env["MASTER_ADDR"] == cluster.address(0)
         done = subprocess.run(["ip", "netns", "exec", cluster.namespace(2), sys.executable, "-c", INTRUDER,
@@ -189,9 +190,12 @@ def test_another_host_without_the_secret_cannot_use_a_jobs_rendezvous(tmp_path):
 
 
 def _rank0_environ(launcher: int) -> dict[str, str]:
+    """The environment rank 0 (a fresh interpreter: a forked rank's /proc keeps its launcher's)
+    started with."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if 0 in (ranks := ranks_under(launcher)):
-            return ranks[0][1]
+            text = Path(f"/proc/{ranks[0]}/environ").read_text()
+            return dict(kv.split("=", 1) for kv in text.split("\0") if "=" in kv)
         time.sleep(0.1)
     raise AssertionError("rank 0 never started")

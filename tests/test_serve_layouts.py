@@ -122,7 +122,7 @@ def test_sigterm_while_the_ranks_start_stops_them(runs):
     try:
         deadline, ranks = time.monotonic() + 60, {}
         while len(ranks) < 2 and time.monotonic() < deadline:
-            ranks = {rank: pid for rank, (pid, _) in ranks_under(proc.pid).items()}
+            ranks = ranks_under(proc.pid)
             time.sleep(0.02)
         assert len(ranks) == 2, proc.stderr.read() if proc.poll() is not None else "no ranks"
         proc.send_signal(signal.SIGTERM)  # the ranks still import torch and meet: seconds before serving
@@ -151,7 +151,7 @@ def test_a_failed_rank_is_503_at_once_then_the_ranks_restart_and_serve_again(run
         url = re.search(r"(http://127\.0\.0\.1:\d+)/", proc.stdout.readline()).group(1)
         with httpx.Client(base_url=url, timeout=60) as client:
             assert client.post("/v1/predict", json={"inputs": x.tolist()}).status_code == 200
-            ranks = {rank: pid for rank, (pid, _) in ranks_under(proc.pid).items()}
+            ranks = ranks_under(proc.pid)
             assert sorted(ranks) == [0, 1], ranks
             os.kill(ranks[1], signal.SIGSTOP)  # the next batch waits on it (dp: rank 0's broadcast; pp: the last stage)
             answer, asking = {}, threading.Thread(target=lambda: answer.update(
@@ -177,7 +177,7 @@ def test_a_failed_rank_is_503_at_once_then_the_ranks_restart_and_serve_again(run
                 time.sleep(0.1)
             assert codes[-1] == 200, codes
             np.testing.assert_allclose(np.asarray(r.json()["probabilities"]), want["mlp"], rtol=1e-5, atol=1e-7)
-            again = {rank: pid for rank, (pid, _) in ranks_under(proc.pid).items()}
+            again = ranks_under(proc.pid)
             assert sorted(again) == [0, 1] and set(again.values()).isdisjoint(ranks.values()), (ranks, again)
             os.kill(again[0], signal.SIGKILL)  # a second failure: over serve.max_restarts = 1
             code = proc.wait(timeout=30)

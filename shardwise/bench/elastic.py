@@ -47,7 +47,7 @@ def _take_down(cluster, host: int, launcher: int) -> float:
     set_link(cluster, host, up=False)
     theirs = subprocess.run(["ip", "netns", "pids", cluster.namespace(host)], capture_output=True, text=True).stdout
     at = time.time()
-    ours = {pid for pid, _ in ranks_under(launcher).values()}
+    ours = set(ranks_under(launcher).values())
     for pid in map(int, theirs.split()):
         if pid in ours:
             os.kill(pid, signal.SIGKILL)

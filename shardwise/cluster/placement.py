@@ -22,6 +22,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.procs import SECRET_ENV
 
 DEFAULT_CLUSTER = "sw"
+NETNS_DIR = "/var/run/netns"  # where `ip netns add` keeps a namespace's file
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,14 @@ class Placement:
         name = self.cluster.hostname(host)
         inner = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', name, *argv]
         return ["ip", "netns", "exec", self.cluster.namespace(host), *inner]
+
+    def enter(self, rank: int) -> tuple[str, str] | None:
+        """For a rank forked from the launcher (forked.py): the network namespace it enters
+        (the file `ip netns` keeps) and the host name it takes; None on this machine."""
+        if not self.cluster:
+            return None
+        host = self.host(rank)
+        return f"{NETNS_DIR}/{self.cluster.namespace(host)}", self.cluster.hostname(host)
 
     def describe(self, world: int) -> str:
         if not self.cluster:
