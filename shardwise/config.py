@@ -171,7 +171,7 @@ class PsConfig:
 class CommConfig:
     compression: Literal["none", "bf16", "fp16", "int8", "topk", "powersgd", "auto"] = "none"
     """How data-parallel ranks send their gradients to be averaged: none (float32, exact),
-    bf16 or fp16 (half the bytes, rounded), int8 (a quarter, one scale per bucket), topk (the
+    bf16 or fp16 (half the bytes, rounded), int8 (a quarter, a scale per 1024 entries), topk (the
     comm.topk_ratio largest entries, values and indices) or powersgd (rank comm.powersgd_rank
     factors of each weight matrix). int8, topk and powersgd carry what they did not send into
     the next step (error feedback): the run no longer matches one process's. auto: the

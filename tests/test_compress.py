@@ -66,13 +66,17 @@ def test_error_feedback_loses_nothing_it_only_delays(pool, method):
 
 def test_int8_and_topk_send_what_plain_torch_computes(pool):
     """The first step (no residual yet) against the quantisation and the selection done by
-    hand: int8 with one scale per bucket, top-k by magnitude; and the bytes each sends."""
+    hand: int8 with one scale per block of 1024 entries (the last one short), top-k by
+    magnitude; and the bytes each sends."""
     n = sum(math.prod(s) for s in SHAPES.values())
     grads = [_grad(r, 0) for r in range(2)]
 
     def int8(g):
-        scale = g.abs().max() / 127
-        return torch.round(g / scale).clamp(-127, 127) * scale
+        out = []
+        for block in g.split(1024):
+            scale = block.abs().max() / 127
+            out.append(torch.round(block / scale).clamp(-127, 127) * scale)
+        return torch.cat(out)
 
     def topk(g, k):
         keep = torch.zeros_like(g)
@@ -82,7 +86,7 @@ def test_int8_and_topk_send_what_plain_torch_computes(pool):
 
     got = pool.run(_run, {"method": "int8"}, ranks=[0, 1])[0]
     assert torch.allclose(got["applied"][0], (int8(grads[0]) + int8(grads[1])) / 2, atol=1e-6)
-    assert got["bytes"] == STEPS * (n + 4)  # a byte per entry and the scale
+    assert n == 2055 and got["bytes"] == STEPS * (3 * 1024 + 3 * 4)  # a byte per entry of 3 blocks, 3 scales
     k = math.ceil(0.1 * n)
     got = pool.run(_run, {"method": "topk", "topk_ratio": 0.1}, ranks=[0, 1])[0]
     assert torch.allclose(got["applied"][0], (topk(grads[0], k) + topk(grads[1], k)) / 2, atol=1e-6)
@@ -276,7 +280,7 @@ def test_auto_weighs_the_bytes_saved_against_the_compute_spent():
 
     assert comm("none") == pytest.approx(4 * 2112 * beta)  # all-reduce: 2 (n - 1) / n of 4 bytes each
     assert comm("bf16") == pytest.approx(2 * 2112 * beta)
-    assert comm("int8") == pytest.approx((2112 + 4) * beta)  # the other rank's bytes and scale
+    assert comm("int8") == pytest.approx((3 * 1024 + 3 * 4) * beta)  # the other rank's 3 blocks and scales
     assert comm("topk", topk_ratio=0.01) == pytest.approx(2 * 22 * 4 * beta)  # k = 22 values, 22 indices
     # rank 4: P is 64 x 4 and Q 32 x 4 for the matrix; the vector goes whole with the Ps
     assert comm("powersgd", powersgd_rank=4) == pytest.approx(4 * (64 * 4 + 64) * beta + 4 * 32 * 4 * beta)

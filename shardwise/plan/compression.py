@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from shardwise.comm import quant
 from shardwise.comm.compress import CompressionSettings, Compressor, entries_of
 from shardwise.comm.cost import Link, all_gather, all_reduce
 from shardwise.comm.methods import LOSSY, MARGIN, METHODS, fair, lossless_base
@@ -103,7 +104,8 @@ def collective_seconds(
     if method in ("bf16", "fp16"):
         return all_reduce(link, dp, 2 * n)
     if method == "int8":
-        return all_gather(link, dp, dp * n) + all_gather(link, dp, dp * 4)
+        size = quant.blocks(n)
+        return all_gather(link, dp, dp * size * quant.BLOCK) + all_gather(link, dp, dp * 4 * size)
     if method == "topk":
         k = max(1, math.ceil(settings.topk_ratio * n))
         return all_gather(link, dp, dp * elem * k) + all_gather(link, dp, dp * 4 * k)
