@@ -43,7 +43,12 @@ ASK_STEP, ASK_STATE = b"S", b"F"
 CONNECT_S = 3.0  # a survivor that does not answer in this long is not asked again
 PROOF_S = 5.0  # the longest a client may take to prove the secret
 READ_S = 60.0  # the longest a transfer may pause
-WAIT_S = 2.0  # the longest a snapshot waits for the step under way
+# The longest a snapshot waits for the step under way. A survivor is asked only after a peer
+# was lost, so a step it is still inside (its lock held: from the optimizer step to the end
+# of its logging, evaluation and checkpoint) either ends at once (the lost peer had done its
+# part of every collective, or what is left is local) or never (it waits on the lost peer
+# until the collective timeout): waiting longer only delays the read of the checkpoint.
+WAIT_S = 0.5
 MAX_HEAD = 1 << 20  # the longest header a client accepts
 
 
