@@ -211,7 +211,8 @@ def plan_pipeline(
     balances the stages' time; returns each stage's first layer, the costs and what the
     cut balanced. `by_size` (train.deterministic) balances the layers' multiply-adds
     instead: a cut by the clock can differ between a run and its resume, and a bucket-wise
-    gradient compression (one int8 scale, one top-k per stage) then gives other numbers."""
+    gradient compression (int8's blocks and top-k's selection run over a stage's gradient) then
+    gives other numbers."""
     costs = profile_layers(model, example)
     if by_size:
         basis, weights = "multiply-adds", [multiply_adds(c) for c in costs]
