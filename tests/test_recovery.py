@@ -18,7 +18,7 @@ from shardwise.checkpoint.manifest import keygen, verify
 from shardwise.config import load_config
 from shardwise.errors import ShardwiseError
 from shardwise.job import JobContext, run
-from shardwise.procs import ranks_under
+from shardwise.procs import forked_name, forked_rank, ranks_under
 from shardwise.train.loop import poisoned
 
 JOB = ["--model.name", "mlp", "--train.steps", "12", "--train.eval_every", "0", "--run.progress", "false"]
@@ -77,6 +77,15 @@ def test_kills_during_checkpoint_writes_never_leave_a_torn_checkpoint(tmp_path, 
     assert restarts == ["step-00000003", "step-00000006", "step-00000006"]
     _assert_same(_weights(tmp_path / "run"), uninterrupted)
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_forked_ranks_name_fits_the_kernels_15_bytes_and_says_its_rank():
+    """/proc keeps 15 bytes of a name: shardwise-rank10 would read as rank 1, so ranks from
+    10 on are named shardwise-rN, and `ranks_under` reads every name back to its rank."""
+    for rank in (0, 9, 10, 99, 4095):
+        name = forked_name(rank)
+        assert len(name.encode()) <= 15 and forked_rank(name) == rank, name
+    assert forked_name(1) == "shardwise-rank1" and forked_rank("python3") is None
 
 
 @pytest.mark.parametrize("start", ["fork", "spawn"])

@@ -52,7 +52,7 @@ def sum_of(qs: Tensor, scales: Tensor, world: int, out: Tensor, work: Tensor) ->
     (`qs`, every rank's blocks back to back; `scales`, every rank's scales), in rank order, so
     every rank holds the same sum. `work`: float scratch of a rank's padded size."""
     n, size = out.numel(), work.numel()
-    per, full = size // BLOCK, out.numel() // BLOCK
+    per, full = size // BLOCK, n // BLOCK
     whole = out[: full * BLOCK].view(full, BLOCK)
     out.zero_()
     for r in range(world):
