@@ -146,6 +146,7 @@ def _train(job: Job, console) -> Outcome:
             checkpointer=checkpointer,
             position=job.position,
             holder=holder,
+            compressor=compressor,
         )
     if profiled is not None:
         profiled.parent.mkdir(parents=True, exist_ok=True)

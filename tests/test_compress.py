@@ -140,13 +140,68 @@ def test_a_non_finite_step_leaves_the_residuals_and_factors_as_they_were(pool, m
     error-feedback sum holds over the steps that counted."""
     out = pool.run(_run_nonfinite, method, ranks=[0, 1])
     assert out[0]["finite"] == [s != 2 for s in range(STEPS)] == out[1]["finite"]
+    _step_2_counts_for_nothing(out, method)
+
+
+def _step_2_counts_for_nothing(out: list[dict], method: str) -> torch.Tensor:
+    """PowerSGD's Q after step 2 is the one after step 1, and what was applied on the other
+    steps plus the ranks' mean residual is the sum of their exact averages; the mean residual."""
     if method == "powersgd":
         assert torch.equal(out[0]["qs"][2], out[0]["qs"][1])
     counted = [s for s in range(STEPS) if s != 2]
     applied = sum(out[0]["applied"][s] for s in counted)
     owed = (out[0]["residual"] + out[1]["residual"]) / 2
     exact = sum(_exact(s, 2) for s in counted)
-    assert torch.allclose(applied + owed, exact, atol=1e-5)
+    assert torch.allclose(applied + owed, exact, atol=1e-5), (applied + owed - exact).abs().max()
+    return owed
+
+
+def _run_skipped(method: str, then: str, *, group) -> dict:
+    """The matrix and the vector in two buckets, as DDP hands them over; at step 2 rank 1's
+    vector is NaN, so the loop skips the step and tells the compressor. From step 2 on the
+    method is `then` (auto's trial keeping another: a lossless one settles the residuals)."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    comp = Compressor(CompressionSettings(method, powersgd_rank=1, topk_ratio=0.05), group)
+    rank, applied, qs = dist.get_rank(group), [], []
+    buckets = [[e] for e in _entries()]
+    for step in range(STEPS):
+        if step == 2:
+            comp.settings = dataclasses.replace(comp.settings, method=then)
+        g = _grad(rank, step).clone()
+        if step == 2 and rank == 1:
+            g[-1] = float("nan")
+        out = []
+        for (e,) in buckets:
+            flat = g[e.offset : e.offset + e.numel].clone()
+            if comp.unsettled(flat):
+                comp.settle(flat, [Entry(e.name, 0, e.shape)])
+            out.append(comp.average(flat, [Entry(e.name, 0, e.shape)]).clone())
+        comp.end_step()
+        applied.append(torch.cat(out))
+        if not bool(torch.isfinite(applied[-1]).all()):
+            comp.skipped()
+        qs.append(comp.q["w"].clone() if "w" in comp.q else None)
+    residual = torch.cat([comp.residuals.get(e.name, torch.zeros(e.shape)).reshape(-1) for e in _entries()])
+    return {"applied": applied, "residual": residual, "qs": qs, "owes": sorted(comp.residuals)}
+
+
+@pytest.mark.parametrize("method, then", [("int8", "int8"), ("topk", "topk"), ("powersgd", "powersgd"),
+                                          ("topk", "none")])  # fmt: skip
+def test_a_skipped_step_takes_back_what_its_finite_buckets_did_to_the_residuals(pool, method, then):
+    """A step skipped for one bucket's NaN leaves every residual (and PowerSGD's Q) as it
+    was before the step, the finite bucket's too, so the error-feedback sum holds over the
+    steps applied; a residual settled into the skipped step is still owed and settled by
+    the next one."""
+    out = pool.run(_run_skipped, method, then, ranks=[0, 1])
+    finite = [bool(torch.isfinite(a).all()) for a in out[0]["applied"]]
+    assert finite == [s != 2 for s in range(STEPS)]
+    assert bool(torch.isfinite(out[0]["applied"][2][: 64 * 32]).all())  # the matrix's bucket was finite
+    owed = _step_2_counts_for_nothing(out, method)
+    if then == "none":
+        assert out[0]["owes"] == [] and owed.abs().max() == 0  # settled by step 3
 
 
 def test_half_precision_is_the_half_precision_sum(pool):
@@ -221,6 +276,37 @@ def test_a_checkpoint_owes_the_mean_residual_and_another_world_takes_it(pool, tm
     resumed = {**o, "train.steps": "9", "train.checkpoint_every": "3", "parallel.tp": "1", "run.resume": str(folder)}
     pool.run(_saved, resumed, str(tmp_path / "a"), ranks=[0, 1])
     assert (tmp_path / "a" / "checkpoints" / "step-00000009").is_dir()
+
+
+def _saved_with_fault(overrides: dict, out: str, faults: str, *, group) -> None:
+    from pathlib import Path
+
+    from parity import BASE
+
+    from shardwise.config import load_config
+    from shardwise.job import JobContext, run
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    run(load_config(None, {**BASE, **with_data(overrides)}), group=group, out_dir=Path(out),
+        context=JobContext(faults=faults))  # fmt: skip
+
+
+def test_the_loop_takes_back_the_residuals_of_a_step_it_skips(pool, tmp_path):
+    """tp 2 x dp 2 with top-k; rank 3's loss is inf at step 6 (its gradients NaN), so one
+    data-parallel pair averages NaN and the other finite gradients, and every rank skips
+    the step. Each rank's residuals saved after step 6 are those saved after step 5."""
+    from shardwise.checkpoint.store import read_checkpoint
+
+    o = {**MLP, "train.steps": "6", "train.checkpoint_every": "1", "parallel.tp": "2"}
+    o |= {"comm.compression": "topk", "comm.topk_ratio": "0.05"}
+    pool.run(_saved_with_fault, o, str(tmp_path), "3:5:inf-loss", ranks=[0, 1, 2, 3])
+    before, after = (read_checkpoint(tmp_path / "checkpoints" / f"step-{s:08d}").tensors for s in (5, 6))
+    owed = [k for k in before if "/residual/" in k and k.startswith("comm/rank")]
+    assert len(owed) >= 4 and owed == [k for k in after if "/residual/" in k and k.startswith("comm/rank")]
+    for key in owed:
+        assert torch.equal(before[key], after[key]), key
+    assert any(not torch.equal(before[k], read_checkpoint(tmp_path / "checkpoints" / "step-00000004").tensors[k])
+               for k in owed)  # fmt: skip
 
 
 @pytest.mark.parametrize("n, k", [(2**17, 1311), (2**20, 100), (2**18, 2000), (1000, 10)])  # the last: plain topk
@@ -544,7 +630,8 @@ def _trial(periods: dict[str, float], *, group) -> dict:
         again = trial.Trial(("topk", "none"), 1, None)
         again.load(comp.trial.state())
         out = {"ran": ran, "applied": applied, "owed": dict(comp.residuals), "summary": comp.summary(), "again": again}
-        return out | {"owes": comp.owes, "buffers": sorted(comp._buffers)}
+        spares = [f"spare of {'+'.join(key)}" for key in comp._res._spares]
+        return out | {"owes": comp.owes, "buffers": sorted(comp._buffers) + spares}
     finally:
         trial.time.perf_counter = real
 
@@ -577,7 +664,7 @@ def test_auto_trial_keeps_the_fastest_on_the_slowest_rank_that_saves_its_margin(
     assert bool(out[0]["owed"]) == (kept == "topk")  # none settled what top-k's steps owed
     # a checkpoint holds residuals only while some are owed; a kept none keeps no buffers
     assert out[0]["owes"] == out[1]["owes"] == (kept == "topk")
-    assert out[0]["buffers"] == ([] if kept == "none" else ["spare residual", "work"])
+    assert out[0]["buffers"] == ([] if kept == "none" else ["work", "spare of w+b"])
     steps = range(len(ran))
     exact = sum(_exact(s, 2) for s in steps)
     for rank in (0, 1):

@@ -63,10 +63,10 @@ def test_a_compressors_bytes_add_to_the_peak_where_it_averages():
         return compressor_bytes(CompressionSettings(method, **kw), 8 * mib, bucket, world) / mib
 
     assert held("none") == 0 and held("bf16") == 4  # a bucket's half-precision copy
-    assert held("powersgd") == 16  # the residuals and a spare bucket
+    assert held("powersgd") == 16  # the residuals and each bucket's spare (the last step's, kept a step)
     assert held("int8") == 16 + 8 + 2 + 2 * 2  # and a working copy, this rank's bytes, both ranks'
     assert held("topk", topk_ratio=0.01) == pytest.approx(16 + 8 + 2 * 0.01 * 8 * 2)
-    assert held("int8", bucket=2 * mib) == 8 + 2 + 2 + 0.5 + 2 * 0.5  # smaller buckets: smaller buffers
+    assert held("int8", bucket=2 * mib) == 16 + 2 + 0.5 + 2 * 0.5  # smaller buckets: smaller working buffers
     assert held("int8", world=1) == 0
     # the model's peak adds exactly that, for the gradient bytes the rank averages: DDP's
     # buckets on dp, a stage's whole gradient on a pipeline; nothing where nothing averages

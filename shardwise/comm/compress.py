@@ -38,6 +38,7 @@ its parameters owe is added in first.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from torch import Tensor
 
 from shardwise.comm import quant
 from shardwise.comm.methods import HALF, LOSSY
+from shardwise.comm.residuals import Residuals
 from shardwise.comm.trial import Trial
 
 
@@ -90,16 +92,20 @@ class Compressor:
     def __init__(self, settings: CompressionSettings, group: dist.ProcessGroup | None):
         self.settings, self.group = settings, group
         self.world = dist.get_world_size(group) if group is not None else 1
-        self.residuals: dict[str, Tensor] = {}
+        self._res = Residuals()
         self.q: dict[str, Tensor] = {}
         self.steps = 0
         self.bytes_sent = 0  # this rank's payload, summed over steps (what the link carried for it)
         self.bytes_whole = 0  # what it would have sent uncompressed (float32 gradients)
-        self._flats: dict[tuple[str, ...], Tensor] = {}
         self._buffers: dict[str, Tensor] = {}
         self._device: torch.device | None = None  # the gradients' (the buffers follow them)
         candidates = settings.candidates
         self.trial = Trial(candidates, settings.warmup_steps, group) if len(candidates) > 1 else None
+
+    @property
+    def residuals(self) -> dict[str, Tensor]:
+        """This rank's residual of every parameter, by name."""
+        return self._res.by_name
 
     @property
     def method(self) -> str:
@@ -143,15 +149,16 @@ class Compressor:
         self.tally(flat)  # the method adds what it sends
         if method in ("bf16", "fp16"):
             return self._half(flat, torch.bfloat16 if method == "bf16" else torch.float16)
-        key, owed = self._residual_flat(flat, entries)
+        key, owed = self._res.flat(flat, entries)
         flat.add_(owed)  # x + what earlier steps owe: what this rank means to send
-        # the new residual goes to a spare buffer, kept only if the average is finite: a step
-        # the loop skips for a non-finite gradient leaves the residuals (and PowerSGD's Qs)
-        # as they were, on every rank alike. Each method judges that from what it received
-        # (a few scales, k values, the factors), not by another pass over the bucket: a NaN
-        # or inf anywhere in a rank's x reaches them (int8's scale is max |x|; top-k sends
-        # the non-finite entries first; a factor is a product with all of x)
-        new = self._scratch("spare residual", flat.numel(), flat.dtype)
+        # the new residual goes to the bucket's spare buffer, kept only if the average is
+        # finite: a step the loop skips for a non-finite gradient leaves the residuals (and
+        # PowerSGD's Qs) as they were, on every rank alike. Each method judges that from what
+        # it received (a few scales, k values, the factors), not by another pass over the
+        # bucket: a NaN or inf anywhere in a rank's x reaches them (int8's scale is max |x|;
+        # top-k sends the non-finite entries first; a factor is a product with all of x). A
+        # finite bucket of a step the loop skips for another is taken back (`skipped`)
+        new = self._res.spare(key, flat)
         if method == "int8":
             applied, finite = self._int8(flat, new)
         elif method == "topk":
@@ -159,15 +166,16 @@ class Compressor:
         else:
             applied, finite = self._powersgd(flat, entries, new)
         if finite:
-            self._keep(key, entries, new, owed)
+            self._res.keep(self.steps, key, entries, new)
         return applied
 
     def forget_buffers(self) -> None:
         """After `residuals` were set from outside (a checkpoint): the next average builds
         its flat residuals from them."""
-        self._flats.clear()
+        self._res.forget()
 
     def end_step(self) -> None:
+        self._res.expire(self.steps)
         if self.trial is not None and self.trial.chosen is None:
             self.trial.step_ended(self.steps)
             if self.trial.chosen is not None:  # decided: the other candidates' buffers go
@@ -185,13 +193,13 @@ class Compressor:
     def settle(self, flat: Tensor, entries: list[Entry]) -> None:
         """Before a method without error feedback averages `flat`: add in what lossy steps of
         auto's trial left owed for its parameters, once (nothing is lost)."""
-        if not any(e.name in self.residuals for e in entries):
-            return
-        key, owed = self._residual_flat(flat, entries)
-        flat.add_(owed)
-        del self._flats[key]
-        for e in entries:
-            self.residuals.pop(e.name, None)
+        self._res.settle(self.steps, flat, entries)
+
+    def skipped(self) -> None:
+        """The loop skipped the step just averaged (a non-finite loss or gradient anywhere):
+        every residual and Q goes back to what it was before it, as if it had never been
+        averaged, on every rank alike (each skips the same steps)."""
+        self._res.take_back(self.steps - 1)
 
     def tally(self, flat: Tensor, sent: int = 0) -> None:
         """Count a bucket averaged: its bytes whole, and `sent` of them on the link (each
@@ -290,8 +298,9 @@ class Compressor:
         for (e, rows, cols, r), m, p in zip(matrices, views, ps, strict=True):
             q = second[offset : offset + r * cols].view(r, cols).t().contiguous()
             offset += r * cols
-            if finite:
-                self.q[e.name] = q  # warm start: the next step's iteration begins from it
+            if finite:  # warm start: the next step's iteration begins from it
+                self._res.log(self.steps, functools.partial(self._put_q, e.name, self.q.get(e.name)))
+                self.q[e.name] = q
             # residual = M - P Q^T in one pass over M, then M = P Q^T written over it
             torch.addmm(m, p, q.t(), alpha=-1, out=residual[e.offset : e.offset + e.numel].view(rows, cols))
             torch.mm(p, q.t(), out=m)
@@ -314,36 +323,13 @@ class Compressor:
     def _all_gather(self, out: Tensor, t: Tensor) -> None:
         dist.all_gather_single(out, t, group=self.group)
 
-    # residuals, by parameter name, and buffers kept from step to step (fresh ones of a
-    # bucket's size cost page faults every step)
+    def _put_q(self, name: str, q: Tensor | None) -> None:
+        if q is None:
+            self.q.pop(name, None)
+        else:
+            self.q[name] = q
 
-    def _residual_flat(self, flat: Tensor, entries: list[Entry]) -> tuple[tuple[str, ...], Tensor]:
-        """The residuals of a bucket's parameters as one flat tensor whose runs are the
-        `residuals` entries (views), and its key: kept per set of parameters, so a bucket
-        DDP rebuilds takes its parameters' residuals along (and the buffers that held them
-        before go)."""
-        key = tuple(e.name for e in entries)
-        buf = self._flats.get(key)
-        if buf is None or buf.numel() != flat.numel():
-            buf = torch.zeros_like(flat)
-            for e in entries:
-                if e.name in self.residuals:
-                    buf[e.offset : e.offset + e.numel].copy_(self.residuals[e.name].reshape(-1))
-            names = set(key)
-            for other in [k for k in self._flats if names.intersection(k)]:
-                del self._flats[other]
-            self._point(key, entries, buf)
-        return key, buf
-
-    def _point(self, key: tuple[str, ...], entries: list[Entry], buf: Tensor) -> None:
-        self._flats[key] = buf
-        for e in entries:
-            self.residuals[e.name] = buf[e.offset : e.offset + e.numel].view(e.shape)
-
-    def _keep(self, key: tuple[str, ...], entries: list[Entry], new: Tensor, old: Tensor) -> None:
-        """`new` becomes the residuals' buffer and `old` the spare: a swap, no copy."""
-        self._point(key, entries, new)
-        self._buffers["spare residual"] = old
+    # buffers kept from step to step (fresh ones of a bucket's size cost page faults every step)
 
     def _scratch(self, name: str, n: int, dtype: torch.dtype) -> Tensor:
         buf = self._buffers.get(name)
@@ -361,7 +347,7 @@ def compressor_bytes(settings: CompressionSettings, grad_bytes: float, bucket_by
         return b / 2  # a bucket's half-precision copy, while it is averaged
     if settings.method not in LOSSY or world <= 1:
         return 0.0
-    kept = grad_bytes + b  # the residuals, and a spare of a bucket's size (swapped in each step)
+    kept = 2 * grad_bytes  # the residuals, and a spare of each bucket's (kept a step: comm/residuals.py)
     if settings.method == "int8":
         return kept + b + b / 4 + world * b / 4  # a working copy, this rank's bytes, every rank's
     if settings.method == "topk":

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardwise.checkpoint.store import Checkpointer
+from shardwise.comm.compress import Compressor
 from shardwise.comm.flat import sum_gradients
 from shardwise.config import TrainConfig
 from shardwise.data.loader import RankData
@@ -260,6 +261,7 @@ class _Step:
     sum_groups: list[dist.ProcessGroup]
     agree_group: dist.ProcessGroup | None
     holder: Holder | None = None  # the state served to the ranks that start after a failure
+    compressor: Compressor | None = None  # comm/compress.py: its residuals are taken back on a skipped step
 
     def iteration(self, step: int):
         return self.holder.iteration(step) if self.holder is not None else nullcontext()
@@ -296,6 +298,8 @@ def _update(
     group = None if fault == "skip" else ctx.agree_group
     if not all_finite(loss, model, group, fault=fault):
         optimizer.zero_grad(set_to_none=True)  # every rank skips it: the weights stay equal
+        if ctx.compressor is not None:
+            ctx.compressor.skipped()
         ctx.updating()
         return loss, False, None
     if (ctx.settings.clip_norm > 0 or logged) and norm is None:
@@ -323,15 +327,17 @@ def train_loop(
     checkpointer: Checkpointer | None = None,
     position: Position | None = None,
     holder: Holder | None = None,
+    compressor: Compressor | None = None,
 ) -> LoopResult:
     """Train from `settings.start_step` to `settings.steps`. `model` is this rank's part of
     the model; `splits` (parameters held in pieces) and `sum_groups` (groups whose ranks
     hold disjoint parameters: FSDP shards, pipeline stages) let clipping see the whole
     model's gradient. `agree_group` (every rank of the layout) agrees on skipping a step
     whose loss or gradients are not finite. `holder`: where a replica's state is served from
-    to the ranks that start after a failure (peer_state.py)."""
+    to the ranks that start after a failure (peer_state.py). `compressor`: the one averaging
+    the gradients, if they are compressed: a skipped step takes back what it did."""
     result, where = LoopResult(), position or Position()
-    ctx = _Step(runner, settings, faults, splits or {}, sum_groups or [], agree_group, holder)
+    ctx = _Step(runner, settings, faults, splits or {}, sum_groups or [], agree_group, holder, compressor)
     window = _Window(torch.zeros((), device=data.device))
     bad_in_row = 0
     model.train()
