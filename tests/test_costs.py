@@ -54,6 +54,12 @@ def test_data_parallel_sync_by_hand():
     assert sync_seconds(NOLAT, 2, grad, backward_s=10.0, shard="none") == pytest.approx(DDP_BUCKET_BYTES * 1e-9)
     # no backward to hide behind: all of it
     assert sync_seconds(NOLAT, 2, grad, backward_s=0.0, shard="none") == pytest.approx(grad * 1e-9)
+    # DDP's own buckets, in the order it launches them: 2 MB of the last layers first, then
+    # 6 MB; the first runs beside the backward of the layers left (3/4 of it): 2 ms of it
+    # beside 1.5 ms, then the last bucket's 6 ms
+    uneven = {"shard": "none", "buckets": [1.0, 3.0]}
+    assert sync_seconds(NOLAT, 2, 8 * mb, backward_s=2e-3, **uneven) == pytest.approx(6e-3 + 0.5e-3)
+    assert sync_seconds(NOLAT, 2, 8 * mb, backward_s=1.0, **uneven) == pytest.approx(6e-3)
     # ZeRO-1 (parallel/zero.py): DDP's all-reduce, then an all-gather of the stepped slices
     assert sync_seconds(NOLAT, 4, 8 * mb, backward_s=1.0, shard="optimizer") == pytest.approx(3 * 0.75 * 8e-3)
     # FSDP2: two all-gathers and a reduce-scatter of the parameters, beside 1.5 x the backward

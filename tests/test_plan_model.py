@@ -370,3 +370,19 @@ def test_checkpointing_adds_the_checkpointed_forwards_and_prices_its_memory():
     ps = ParallelConfig(mode="ps", servers=1)  # one worker takes the whole batch, and runs its forwards again
     ps1, ps2 = predict(ps, 2, plain), predict(ps, 2, checked)
     assert ps2.compute_s - ps1.compute_s == pytest.approx(64 * (4e-5 + 1e-6 + 8e-5 + 1e-6 + 6e-5 + 1e-6))
+
+
+def test_the_data_parallel_all_reduce_is_priced_in_ddps_buckets():
+    """The profile's layers in DDP's buckets, as DDP launches them (the last layers first,
+    that bucket closed at 1 MiB, the next at 25 MiB), and the exposed all-reduce is the
+    last bucket's where the backward hides the rest."""
+    from shardwise.plan.model import _ddp_bucket_bytes
+
+    mib = 2**20
+    sizes = [2 * mib, 0, 20 * mib, mib // 2]  # an input layer, an activation, a wide layer, the head
+    layers = tuple(LayerProfile(f"l{i}", "linear", 0.0, 1.0, s, 40, 40) for i, s in enumerate(sizes))
+    profile = ModelProfile({}, layers)
+    assert _ddp_bucket_bytes(profile) == [20.5 * mib, 2 * mib]
+    hides = Link(0.0, 1e-9, overlap=1.0)
+    step = predict(ParallelConfig(dp=2), 2, Setting(profile, hides, batch=64, cores=8, optimizer_slots=1))
+    assert step.comm_s == pytest.approx(2 * mib * 1e-9)  # 2 (n - 1) / n = 1 x the last bucket's bytes

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -104,6 +105,28 @@ def is_fully_sharded(model: nn.Module) -> bool:
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
 
 
+def ddp_buckets(
+    items: list,
+    size: Callable[[object], float],
+    *,
+    first: int = torch.distributed._DEFAULT_FIRST_BUCKET_BYTES,  # what DDP itself takes for its first bucket
+    cap: int = DDP_BUCKET_BYTES,
+) -> list[list]:
+    """`items` (a model's parameters or layers in its order, `size(item)` bytes of gradient
+    each) in DDP's buckets, in the order DDP launches them: filled in reverse order, as the
+    backward produces the gradients, the first closed once it holds `first` bytes, the
+    others at `cap` (DDP's defaults; a bucket_cap_mb named sets both)."""
+    out: list[list] = [[]]
+    held = 0.0
+    for item in reversed(items):
+        out[-1].append(item)
+        held += size(item)
+        if held >= (first if len(out) == 1 else cap):
+            out.append([])
+            held = 0.0
+    return [b for b in out if b]
+
+
 def sync_seconds(
     link: Link,
     dp: int,
@@ -114,15 +137,18 @@ def sync_seconds(
     units: int = 1,
     passes: int = 1,
     averaged_s: float | None = None,
+    buckets: list[float] | None = None,
 ) -> float:
     """The communication a step of data parallelism leaves exposed (the planner's cost model).
     `averaged_s`: where a compressor averages the gradients (comm/compress.py), its time,
     which replaces DDP's overlapped all-reduce (the hook runs beside nothing).
 
-    none (DDP): a ring all-reduce of the gradient in buckets of 25 MiB, each launched when
-    its gradients are ready, so all but the last run beside what is left of the backward
-    (hidden as far as the link's measured overlap says: on a CPU whose cores the ranks
-    fill, they slow each other down). optimizer (ZeRO-1, parallel/zero.py): the same
+    none (DDP): a ring all-reduce of the gradient in DDP's buckets (`buckets`: their bytes in
+    the order DDP launches them, `ddp_buckets`, scaled to `grad_bytes`; else equal buckets
+    of 25 MiB), each launched when its gradients are ready, so all but the last run beside
+    what is left of the backward after the first is launched (its share of the bytes not
+    in the first), hidden as far as the link's measured overlap says: on a CPU whose cores
+    the ranks fill, they slow each other down. optimizer (ZeRO-1, parallel/zero.py): the same
     all-reduce, then an all-gather of the updated slices after the step, which nothing
     overlaps. full (FSDP2): each unit's parameters are all-gathered before its forward and
     again before its backward, its gradient reduce-scattered after: three passes over the
@@ -147,9 +173,13 @@ def sync_seconds(
         calls = units * (2 * passes * all_gather(link, dp, each) + reduce_scatter(link, dp, each))
         copies = (2 * passes * (2 + 1 / dp) + 1 + 2 / dp) * grad_bytes * copy_s_per_byte
         return beside(link, calls, 1.5 * passes * backward_s) + copies
-    buckets = max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES))
-    each = all_reduce(link, dp, grad_bytes / buckets)
-    reduced = each + beside(link, (buckets - 1) * each, backward_s * (buckets - 1) / buckets)
+    if buckets:
+        sizes = [grad_bytes * b / sum(buckets) for b in buckets]
+    else:
+        n = max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES))
+        sizes = [grad_bytes / n] * n
+    before_last = sum(all_reduce(link, dp, b) for b in sizes[:-1])
+    reduced = all_reduce(link, dp, sizes[-1]) + beside(link, before_last, backward_s * (1 - sizes[0] / grad_bytes))
     reduced = reduced if averaged_s is None else averaged_s
     if shard == "optimizer":
         return reduced + zero_gather_seconds(link, dp, grad_bytes, copy_s_per_byte)

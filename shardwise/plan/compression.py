@@ -41,7 +41,6 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from shardwise.comm import quant
@@ -51,6 +50,7 @@ from shardwise.comm.methods import LOSSY, MARGIN, METHODS, fair, lossless_base
 from shardwise.comm.trial import STEPS_EACH, TRIAL_BAND
 from shardwise.config import Config
 from shardwise.parallel.data import DDP_BUCKET_BYTES
+from shardwise.parallel.data import ddp_buckets as bucketed
 
 ROUNDS = 3
 
@@ -122,24 +122,12 @@ def collective_seconds(
 
 
 def ddp_buckets(
-    shapes: list[tuple[int, ...]],
-    elem: int = 4,
-    *,
-    first: int = dist._DEFAULT_FIRST_BUCKET_BYTES,  # what DDP itself takes for its first bucket
-    cap: int = DDP_BUCKET_BYTES,
+    shapes: list[tuple[int, ...]], elem: int = 4, *, first: int | None = None, cap: int = DDP_BUCKET_BYTES
 ) -> list[list[tuple[int, ...]]]:
-    """The gradients of `shapes` (in the model's order) in DDP's buckets: filled in reverse
-    order, as the backward produces them, the first closed once it holds `first` bytes, the
-    others at `cap` (DDP's defaults; a bucket_cap_mb named sets both)."""
-    out: list[list[tuple[int, ...]]] = [[]]
-    size = 0
-    for s in reversed(shapes):
-        out[-1].append(s)
-        size += elem * math.prod(s)
-        if size >= (first if len(out) == 1 else cap):
-            out.append([])
-            size = 0
-    return [b for b in out if b]
+    """The gradients of `shapes` (in the model's order) in DDP's buckets (parallel/data.py
+    `ddp_buckets`), in the order DDP launches them."""
+    sizes = {"first": first} if first is not None else {}
+    return bucketed(shapes, lambda s: elem * math.prod(s), cap=cap, **sizes)
 
 
 def bucket_bytes(bucket: list[tuple[int, ...]], elem: int = 4) -> int:

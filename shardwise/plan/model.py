@@ -31,7 +31,7 @@ from shardwise.comm.compress import CompressionSettings, compressor_bytes
 from shardwise.comm.cost import Link, all_gather, all_reduce
 from shardwise.comm.methods import HALF
 from shardwise.config import ParallelConfig
-from shardwise.parallel.data import DDP_BUCKET_BYTES, sync_seconds, zero_gather_seconds
+from shardwise.parallel.data import DDP_BUCKET_BYTES, ddp_buckets, sync_seconds, zero_gather_seconds
 from shardwise.parallel.pipeline import cut_units, units_of
 from shardwise.parallel.pipeline_cost import pipeline_seconds
 from shardwise.parallel.ps_protocol import ps_seconds
@@ -190,6 +190,13 @@ def _update(profile: ModelProfile, dims: ParallelDims, stage: range | None) -> f
     return profile.update_s_per_byte * held
 
 
+def _ddp_bucket_bytes(profile: ModelProfile) -> list[float]:
+    """The gradient bytes of DDP's buckets over the profile's layers (a layer's parameters
+    taken together), in the order DDP launches them; the layout scales them."""
+    held = [layer for layer in profile.layers if layer.param_bytes]
+    return [sum(layer.param_bytes for layer in b) for b in ddp_buckets(held, lambda layer: layer.param_bytes)]
+
+
 def _compressor_bytes(settings: CompressionSettings, dims: ParallelDims, grad_bytes: float) -> float:
     """What the compressor holds for a rank averaging `grad_bytes`: in DDP's buckets, or a
     pipeline stage's whole gradient in one."""
@@ -323,6 +330,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
             copy_s_per_byte=profile.copy_s_per_byte * stretch,
             units=max(1, sum(1 for layer in profile.layers if layer.param_bytes)),
             passes=setting.grad_accum, averaged_s=setting.averaging(dims) if compressed else None,
+            buckets=_ddp_bucket_bytes(profile),
         )  # fmt: skip
     banded = sum(layer.param_bytes for layer in profile.layers if layer.name.startswith("features."))
     comm += band_sum_seconds(link, dims.spatial, banded)  # the bands' shares of the features' gradients
