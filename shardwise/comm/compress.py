@@ -43,6 +43,7 @@ import math
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -255,7 +256,7 @@ class Compressor:
         self._all_gather(values_all, values)
         self._all_gather(index_all, index.to(torch.int32))
         finite = bool(torch.isfinite(values_all).all())  # NaN and inf are the largest: sent if present
-        return flat.zero_().index_add_(0, index_all.long(), values_all).div_(self.world), finite
+        return flat.zero_().index_add_(0, index_all.long(), values_all.div_(self.world)), finite
 
     def _powersgd(self, flat: Tensor, entries: list[Entry], residual: Tensor) -> tuple[Tensor, bool]:
         """One power-iteration step per matrix, the Ps of a bucket (and its vectors, whole) in
@@ -355,6 +356,9 @@ def compressor_bytes(settings: CompressionSettings, grad_bytes: float, bucket_by
     return kept  # powersgd: its factors are small beside the gradients
 
 
+NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
 def largest(magnitudes: Tensor, k: int) -> Tensor:
     """The indices of the k largest of `magnitudes` (exactly torch.topk's set, without
     sorting all of them): a strided sample sets a threshold that about 2k entries pass,
@@ -367,7 +371,13 @@ def largest(magnitudes: Tensor, k: int) -> Tensor:
     threshold = sample.topk(keep, sorted=False).values.min()
     # not "< threshold": NaN is a candidate too (topk ranks it first), so a non-finite entry
     # is always sent and the average says so
-    candidates = (magnitudes < threshold).logical_not_().nonzero().squeeze(1)
+    if magnitudes.device.type == "cpu" and magnitudes.dtype in NUMPY_DTYPES:
+        # numpy's comparison and flatnonzero on the same memory: on one CPU thread torch's
+        # take 2.6 + 9.7 ms over 4.2 M entries, numpy's 3.2 in all (torch 2.13, this machine)
+        kept = np.less(magnitudes.numpy(), threshold.item())
+        candidates = torch.from_numpy(np.flatnonzero(np.logical_not(kept, out=kept)))
+    else:
+        candidates = (magnitudes < threshold).logical_not_().nonzero().squeeze(1)
     if candidates.numel() < k:
         return magnitudes.topk(k, sorted=False).indices
     return candidates[magnitudes[candidates].topk(k, sorted=False).indices]
