@@ -252,7 +252,8 @@ def _colocated(job: Job, console) -> Outcome:
 def _serve(job: Job, console, scorer=None) -> Outcome:
     """A server: serve until the run is done. Server 0 also logs the loss, scores the
     weights and writes the outputs; the servers write checkpoints together. Colocated,
-    every server scores its slice of the validation set on `scorer`, a copy of the model."""
+    every server scores its slice of the validation set on `scorer`, a copy of the model
+    (weights only while it scores)."""
     cfg, layout, dims, ps = job.cfg, job.layout, job.mesh.dims, job.cfg.ps
     server, workers = layout.part.server, _workers(job)
     checkpoint = job.checkpoint

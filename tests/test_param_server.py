@@ -266,3 +266,28 @@ def test_only_the_first_server_holds_the_whole_model_and_data(pool):
     and shapes); server 0 scores the weights, the workers train: they hold both."""
     roles = pool.run(_set_up_by_role, {**PS, "parallel.servers": "2", "model.name": "mlp"}, ranks=[0, 1, 2, 3])
     assert roles == [(True, ["cpu"]), (False, ["meta"]), (True, ["cpu"]), (True, ["cpu"])]
+
+
+def test_a_servers_scorer_holds_no_weights_between_evaluations():
+    """The model a server scores with lives on the meta device but while it scores, so a
+    server keeps its slice alone; its scores are a plain forward's of the weights it was
+    handed."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from shardwise.train.ps_loop import score_flat
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    data = SimpleNamespace(device=torch.device("cpu"), val_batches=lambda: [(x[:12], y[:12]), (x[12:], y[12:])])
+    run = score_flat(model, data)
+    assert all(p.is_meta for p in model.parameters())
+    weights = torch.randn(sum(p.numel() for p in model.parameters()))
+    got = run(weights)
+    assert all(p.is_meta for p in model.parameters())
+    w1, b1, w2, b2 = weights.split([30, 5, 15, 3])
+    logits = F.linear(F.relu(F.linear(x, w1.view(5, 6), b1)), w2.view(3, 5), b2)
+    assert got["val_accuracy"] == pytest.approx((logits.argmax(1) == y).double().mean().item())
+    assert got["val_loss"] == pytest.approx(F.cross_entropy(logits.double(), y).item(), rel=1e-5)

@@ -17,10 +17,11 @@ if TYPE_CHECKING:
 
 def apply_parameter_server(part: Part, mesh: RankMesh, *, settings: ServerSettings) -> Part:
     """A worker gets the client that pushes its gradients and pulls fresh weights; a server
-    gets its slice of the flat parameters and the optimizer for it. Only server 0 holds the
-    whole model (it scores the weights): it hands every other server its slice, so those
-    build the model on the meta device, for names and shapes alone. Colocated, every rank
-    gets both, holds the whole model and cuts its own slice."""
+    gets its slice of the flat parameters and the optimizer for it. Only server 0 builds the
+    whole model: it hands every other server its slice, so those build the model on the
+    meta device, for names and shapes alone (server 0's goes there too once its slice is
+    cut, holding weights only while it scores: train/ps_loop.py score_flat). Colocated,
+    every rank gets both, holds the whole model as its worker and cuts its own slice."""
     dims = mesh.dims
     if not dims.servers:
         return part

@@ -170,14 +170,23 @@ def staleness_summary(server: ParameterServer) -> dict:
 
 
 def score_flat(model: nn.Module, data: RankData, group=None) -> Callable[[Tensor], dict[str, float]]:
-    """Server 0's scorer: load the flat parameters into its copy of the model, evaluate
-    (colocated: every server its slice of the validation set, summed over `group`)."""
+    """A server's scorer: load the flat parameters into `model`, evaluate (colocated: every
+    server its slice of the validation set, summed over `group`). The model holds storage
+    only while it scores: from here on it lives on the meta device between evaluations, so
+    a server keeps its slice of the parameters and nothing of the whole model (a worker's
+    own model is the worker's)."""
     from shardwise.parallel.ps_protocol import load_flat
     from shardwise.train.evaluate import evaluate
 
+    model.to("meta")
+
     def run(flat: Tensor) -> dict[str, float]:
-        with torch.no_grad():
-            load_flat(model, flat)
-        return evaluate(model, data, group=group)
+        model.to_empty(device=data.device)
+        try:
+            with torch.no_grad():
+                load_flat(model, flat)
+            return evaluate(model, data, group=group)
+        finally:
+            model.to("meta")
 
     return run
