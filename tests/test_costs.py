@@ -60,6 +60,7 @@ def test_data_parallel_sync_by_hand():
     uneven = {"shard": "none", "buckets": [1.0, 3.0]}
     assert sync_seconds(NOLAT, 2, 8 * mb, backward_s=2e-3, **uneven) == pytest.approx(6e-3 + 0.5e-3)
     assert sync_seconds(NOLAT, 2, 8 * mb, backward_s=1.0, **uneven) == pytest.approx(6e-3)
+    assert sync_seconds(NOLAT, 2, 0.0, backward_s=1.0, shard="none") == 0.0  # a model without weights
     # ZeRO-1 (parallel/zero.py): DDP's all-reduce, then an all-gather of the stepped slices
     assert sync_seconds(NOLAT, 4, 8 * mb, backward_s=1.0, shard="optimizer") == pytest.approx(3 * 0.75 * 8e-3)
     # FSDP2: two all-gathers and a reduce-scatter of the parameters, beside 1.5 x the backward

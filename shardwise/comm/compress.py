@@ -242,7 +242,9 @@ class Compressor:
         self._all_gather(scales, scale)
         if not bool(torch.isfinite(scales).all()):  # a non-finite x has a non-finite max
             return flat.fill_(float("nan")), False
-        return quant.sum_of(qs, scales, self.world, flat, work).div_(self.world), True
+        # the average: each rank's bytes times its scales over the ranks (the scales divided,
+        # a few floats a block, not the bucket after)
+        return quant.sum_of(qs, scales.div_(self.world), self.world, flat, work), True
 
     def _topk(self, flat: Tensor, residual: Tensor) -> tuple[Tensor, bool]:
         k = max(1, math.ceil(self.settings.topk_ratio * flat.numel()))

@@ -179,7 +179,8 @@ def sync_seconds(
         n = max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES))
         sizes = [grad_bytes / n] * n
     before_last = sum(all_reduce(link, dp, b) for b in sizes[:-1])
-    reduced = all_reduce(link, dp, sizes[-1]) + beside(link, before_last, backward_s * (1 - sizes[0] / grad_bytes))
+    after_first = 1 - sizes[0] / grad_bytes if grad_bytes > 0 else 0.0  # the backward still to go
+    reduced = all_reduce(link, dp, sizes[-1]) + beside(link, before_last, backward_s * after_first)
     reduced = reduced if averaged_s is None else averaged_s
     if shard == "optimizer":
         return reduced + zero_gather_seconds(link, dp, grad_bytes, copy_s_per_byte)

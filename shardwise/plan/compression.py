@@ -49,7 +49,6 @@ from shardwise.comm.cost import Link, all_gather, all_reduce
 from shardwise.comm.methods import LOSSY, MARGIN, METHODS, fair, lossless_base
 from shardwise.comm.trial import STEPS_EACH, TRIAL_BAND
 from shardwise.config import Config
-from shardwise.parallel.data import DDP_BUCKET_BYTES
 from shardwise.parallel.data import ddp_buckets as bucketed
 
 ROUNDS = 3
@@ -121,13 +120,10 @@ def collective_seconds(
     return all_reduce(link, dp, elem * first) + (all_reduce(link, dp, elem * second) if second else 0.0)
 
 
-def ddp_buckets(
-    shapes: list[tuple[int, ...]], elem: int = 4, *, first: int | None = None, cap: int = DDP_BUCKET_BYTES
-) -> list[list[tuple[int, ...]]]:
+def ddp_buckets(shapes: list[tuple[int, ...]], elem: int = 4, **caps: int) -> list[list[tuple[int, ...]]]:
     """The gradients of `shapes` (in the model's order) in DDP's buckets (parallel/data.py
-    `ddp_buckets`), in the order DDP launches them."""
-    sizes = {"first": first} if first is not None else {}
-    return bucketed(shapes, lambda s: elem * math.prod(s), cap=cap, **sizes)
+    `ddp_buckets`, whose `first` and `cap` `caps` may name), in the order DDP launches them."""
+    return bucketed(shapes, lambda s: elem * math.prod(s), **caps)
 
 
 def bucket_bytes(bucket: list[tuple[int, ...]], elem: int = 4) -> int:
