@@ -19,11 +19,11 @@ import shutil
 import signal
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from shardwise.config import Config, load_config
+from shardwise.config import Config, ParallelConfig, load_config
 from shardwise.errors import EXIT_USAGE, ShardwiseError
 from shardwise.train.outputs import PREDICTED_ENV
 
@@ -181,9 +181,7 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int, cluste
     from shardwise.serve.model import ServedModel, check_memory, describe
 
     folder, cfg = _serving_run(run, texts)
-    if cfg.parallel.mode == "ps":
-        raise ShardwiseError("parallel.mode", "=ps trains through parameter servers: serve under an all-reduce "
-                             "layout (dp, tp, pp, spatial, vertical)")  # fmt: skip
+    _check_serving_layout(cfg, texts)
     record = run_record(folder)
     placement = placement_for(cluster)
     door = check_door(cfg.serve)
@@ -272,6 +270,18 @@ def _join(thread, launched: bool, timeout: float | None = None) -> None:
             thread.join(timeout=timeout)
         except RuntimeError:  # never started
             pass
+
+
+def _check_serving_layout(cfg: Config, texts: dict[str, str]) -> None:
+    """One line for a layout serving cannot take; a run trained under a pipeline schedule of
+    several stages a rank is served one stage a rank (a batch a stage)."""
+    if cfg.parallel.mode == "ps":
+        raise ShardwiseError("parallel.mode", "=ps trains through parameter servers: serve under an all-reduce "
+                             "layout (dp, tp, pp, spatial, vertical)")  # fmt: skip
+    if "parallel.schedule" in texts or "parallel.virtual_stages" in texts:
+        raise ShardwiseError("parallel.schedule", "is a training schedule: a served pipeline runs a batch a stage, "
+                             "one stage a rank (leave parallel.schedule and parallel.virtual_stages out)")  # fmt: skip
+    cfg.parallel = replace(cfg.parallel, schedule=ParallelConfig().schedule, virtual_stages=None)
 
 
 def _serving_run(run: str | Path, texts: dict[str, str]) -> tuple[Path, Config]:

@@ -45,9 +45,17 @@ class ParallelConfig:
     at boundaries chosen by each layer's measured cost (its size under train.deterministic)."""
     microbatches: int | None = None
     """Micro-batches per step flowing through the pipeline (default: 2 x parallel.pp)."""
-    schedule: Literal["gpipe", "1f1b"] = "1f1b"
-    """Pipeline schedule: gpipe (all forwards, then all backwards) or 1f1b (one forward, one
-    backward in turn: at most pp micro-batches of activations held per stage)."""
+    schedule: Literal["gpipe", "1f1b", "interleaved", "zero-bubble", "zbv"] = "1f1b"
+    """Pipeline schedule, torch's own: gpipe (all forwards, then all backwards), 1f1b (one
+    forward, one backward in turn: at most pp micro-batches of activations held per stage);
+    with several stages a rank (parallel.virtual_stages): interleaved (Megatron's interleaved
+    1F1B), zero-bubble (interleaved, each backward split into the input's gradient and the
+    weights', the latter filling the bubble) or zbv (zero bubble on two stages a rank placed
+    in a V: rank r holds stages r and 2 x pp - 1 - r)."""
+    virtual_stages: int | None = None
+    """Pipeline stages each rank holds (the model is cut into pp x this many): 1 for gpipe and
+    1f1b, 2 by default for interleaved and zero-bubble (rank r holds stages r, r + pp, ...),
+    exactly 2 for zbv."""
     shard: Literal["none", "optimizer", "full"] = "none"
     """Sharding across data-parallel ranks: none (DDP), optimizer (optimizer state only,
     ZeRO-1) or full (parameters, gradients and optimizer state, FSDP2)."""

@@ -199,7 +199,7 @@ class Layout:
         if stage is None or self.runner is None:
             return own, []
         timeline = gather_events(self.runner.events, stage.group)
-        pipeline = {"cut": stage.rows, "cut_by": stage.cut_by, **bubble_summary(timeline, self.dims.microbatches)}
+        pipeline = {"cut": stage.rows, "cut_by": stage.cut_by, **bubble_summary(timeline, self.dims)}
         return {"pipeline": pipeline, **own}, timeline
 
 
@@ -247,14 +247,11 @@ def _runner(part: Part, mesh: RankMesh, *, device: torch.device, faults: FaultPl
         return ModelRunner(part.model, dp_group=mesh.groups["dp"], faults=faults, band_sum=part.band_sum)
     return PipelineRunner(
         part.model,
-        stage=stage.index,
-        stages=stage.stages,
-        group=stage.group,
+        stage=stage,
         dp_group=mesh.groups["dp"],
         microbatches=mesh.dims.microbatches,
         schedule=mesh.dims.schedule,
         device=device,
-        shapes=stage.shapes,
         dtype=next(part.model.parameters()).dtype,
         compressor=part.compressor,
     )

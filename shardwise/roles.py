@@ -297,7 +297,8 @@ def print_end(console, job: Job, summary: dict, timeline: list, outcome: Outcome
     """Rank 0's report after training: the pipeline's timeline, the memory table, lost workers."""
     dims = job.mesh.dims
     if timeline and job.cfg.run.timeline:
-        title = f"{dims.layout}, {dims.microbatches} micro-batches, {dims.schedule}: the last step"
+        stages = f", {dims.virtual} stages a rank" if dims.virtual > 1 else ""
+        title = f"{dims.layout}, {dims.microbatches} micro-batches, {dims.schedule}{stages}: the last step"
         plot_timeline(job.out_dir / "timeline.png", timeline, title)
     if outcome.memory:
         end_bytes, measured = outcome.memory

@@ -33,6 +33,47 @@ if TYPE_CHECKING:
 AXES = ("dp", "pp", "spatial", "vertical", "tp")  # slowest to fastest varying
 
 
+MULTI_STAGE = ("interleaved", "zero-bubble", "zbv")  # schedules of several stages a rank
+
+
+def _pipeline_schedule(cfg: ParallelConfig) -> tuple[int, int]:
+    """(micro-batches, stages a rank) of a pipeline's schedule, or one line saying why not."""
+    microbatches = cfg.microbatches or 2 * cfg.pp
+    if cfg.schedule == "1f1b" and microbatches < cfg.pp:
+        raise ShardwiseError(
+            "parallel.microbatches",
+            f"1f1b needs at least one micro-batch per stage: {microbatches} < parallel.pp={cfg.pp} "
+            "(use more micro-batches or parallel.schedule=gpipe)",
+        )
+    virtual = cfg.virtual_stages
+    if cfg.schedule not in MULTI_STAGE:
+        if virtual not in (None, 1):
+            raise ShardwiseError(
+                "parallel.virtual_stages",
+                f"={virtual} with parallel.schedule={cfg.schedule}: one stage a rank; several need "
+                "parallel.schedule=interleaved, zero-bubble or zbv",
+            )
+        return microbatches, 1
+    virtual = 2 if virtual is None else virtual
+    if cfg.schedule == "zbv" and virtual != 2:
+        raise ShardwiseError("parallel.virtual_stages", f"={virtual}: zbv places exactly 2 stages on each rank")
+    if virtual < 1:
+        raise ShardwiseError("parallel.virtual_stages", f"must be at least 1, got {virtual}")
+    rounds = max(1, microbatches // cfg.pp)  # torch's interleaved schedules go in rounds of about pp micro-batches
+    if cfg.schedule != "zbv" and microbatches % rounds:
+        raise ShardwiseError(
+            "parallel.microbatches",
+            f"={microbatches}: {cfg.schedule} takes the micro-batches in rounds of parallel.pp={cfg.pp}, so they must "
+            f"be a multiple of {rounds} (e.g. {rounds * cfg.pp})",
+        )
+    if cfg.schedule == "zbv" and microbatches < cfg.pp:
+        raise ShardwiseError(
+            "parallel.microbatches",
+            f"zbv needs at least one micro-batch per rank: {microbatches} < parallel.pp={cfg.pp}",
+        )
+    return microbatches, virtual
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     """Degrees of each parallel axis; their product is the world size."""
@@ -48,6 +89,7 @@ class ParallelDims:
     colocated: bool = False  # parameter server: every rank is a worker and a server (servers = dp = world)
     shard: str = "none"  # what data-parallel ranks shard: none, optimizer (ZeRO-1), full (FSDP2)
     schedule: str = "1f1b"  # the pipeline's schedule
+    virtual: int = 1  # pipeline stages a rank holds (the model is cut into pp x virtual)
 
     @classmethod
     def resolve(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
@@ -98,15 +140,7 @@ class ParallelDims:
                 f"= {dp * model_ranks} "
                 f"does not equal the world size {world_size} (--nproc)",
             )
-        microbatches = 1
-        if cfg.pp > 1:
-            microbatches = cfg.microbatches or 2 * cfg.pp
-            if cfg.schedule == "1f1b" and microbatches < cfg.pp:
-                raise ShardwiseError(
-                    "parallel.microbatches",
-                    f"1f1b needs at least one micro-batch per stage: {microbatches} < parallel.pp={cfg.pp} "
-                    "(use more micro-batches or parallel.schedule=gpipe)",
-                )
+        microbatches, virtual = _pipeline_schedule(cfg) if cfg.pp > 1 else (1, 1)
         return cls(
             dp=dp,
             world_size=world_size,
@@ -117,6 +151,7 @@ class ParallelDims:
             spatial=cfg.spatial,
             shard=cfg.shard,
             schedule=cfg.schedule,
+            virtual=virtual,
         )
 
     @classmethod

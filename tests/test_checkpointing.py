@@ -19,8 +19,9 @@ from shardwise.job import run
 from shardwise.models.convnet import ConvNet
 from shardwise.models.mlp import MLP
 from shardwise.models.resnet import ResNet
-from shardwise.parallel.pipeline import StageModule, layer_units, model_layers
-from shardwise.parallel.recompute import checkpoint_layers, stack_units
+from shardwise.parallel.part import Part
+from shardwise.parallel.pipeline import StageCut, StageModule, layer_units, model_layers
+from shardwise.parallel.recompute import apply_checkpointing, checkpoint_layers, stack_units
 from shardwise.plan.checkpointing import explain
 from shardwise.plan.model import Prediction, checkpointed
 from shardwise.plan.profile import LayerProfile, ModelProfile, profile_model
@@ -153,6 +154,26 @@ def test_the_cost_model_prices_what_the_engine_checkpoints(name, build, shape, u
     assert sum(on for _, on in stack_units(model.features) + stack_units(model.head)) == units
 
 
+def test_a_rank_of_several_pipeline_stages_checkpoints_each_stage():
+    """Under the interleaved schedules a rank runs its stages apart (each a module over its
+    part's layers), so each stage's stacks are checkpointed, not the part's; the units
+    counted are the stages' own, and a stage's forward gives what it gave before."""
+    model = MLP((64,), 10, hidden=[32, 32, 32])
+    layers = model_layers(model)  # a Flatten, three Linear + ReLU, then the classifier
+    chunks = [(0, StageModule(layers[0:5]), ((2, 64), (2, 32))), (2, StageModule(layers[5:8]), ((2, 32), (2, 32)))]
+    part = Part(StageModule(layers[0:8]))
+    stage = StageCut(index=0, stages=2, group=None, owner={}, rows=[], chunks=chunks, ranks=[0, 1, 0, 1])
+    x, h = torch.randn(2, 64), torch.randn(2, 32)
+    before = [chunks[0][1](x), chunks[1][1](h)]
+    done = apply_checkpointing(part.but(stage=stage), "layers")
+    units = [on for _, c, _ in chunks for stack in (c.features, c.head) for _, on in stack_units(stack)]
+    assert done.checkpointed == sum(units) == 3  # two Linear + ReLU units in the first stage, one in the third
+    for (_, chunk, _), (inp, out) in zip(chunks, [(x, before[0]), (h, before[1])], strict=True):
+        assert "forward" in vars(chunk.head)  # its own stack runs checkpointed
+        torch.testing.assert_close(chunk(inp), out)
+    assert "forward" not in vars(part.model.head)
+
+
 def _weights_and_units(overrides: dict[str, str], *, group) -> tuple[dict, int]:
     result = run(load_config(None, {**BASE, **overrides}), group=group)
     return result.state_dict, result.summary.get("checkpointed_units", 0)
@@ -167,6 +188,11 @@ LAYOUTS = {
         2,
     ),
     "spatial": ({"model.name": "convnet", "model.channels": "8,16", "parallel.spatial": "2"}, 2),
+    # two stages a rank: each stage's own stacks checkpointed, the units counted over them
+    "pp-interleaved": (
+        {"model.name": "convnet", "model.channels": "8,16", "parallel.pp": "2", "parallel.schedule": "interleaved"},
+        2,
+    ),
 }
 
 

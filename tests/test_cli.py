@@ -132,6 +132,20 @@ BAD_INPUT = {
         ["--parallel.pp", "2", "--parallel.microbatches", "1"],
         "parallel.microbatches: 1f1b needs at least one micro-batch per stage: 1 < parallel.pp=2",
     ),
+    "several stages a rank under 1f1b": (
+        ["--parallel.pp", "2", "--parallel.virtual_stages", "2"],
+        "parallel.virtual_stages: =2 with parallel.schedule=1f1b: one stage a rank; several need "
+        "parallel.schedule=interleaved, zero-bubble or zbv",
+    ),
+    "interleaved micro-batches not in rounds": (
+        ["--parallel.pp", "2", "--parallel.schedule", "interleaved", "--parallel.microbatches", "5"],
+        "parallel.microbatches: =5: interleaved takes the micro-batches in rounds of parallel.pp=2, so they must be "
+        "a multiple of 2 (e.g. 4)",
+    ),
+    "more stages than layers": (
+        ["--parallel.pp", "2", "--parallel.schedule", "zbv", "--model.name", "mlp", "--model.hidden", "16"],
+        "parallel.virtual_stages: =2: parallel.pp=2 x 2 = 4 stages, but the model has only 2 layers with parameters",
+    ),
     "micro-batches do not divide the batch": (
         ["--parallel.pp", "2", "--parallel.microbatches", "5"],
         "train.batch_size: 64 is not divisible by parallel.dp=1 x parallel.microbatches=5 "

@@ -198,6 +198,37 @@ def test_pipeline_schedules_played_out_by_hand():
     assert (step.step_s, step.compute_s) == pytest.approx((12e-3, 9e-3))
 
 
+def test_schedules_of_several_stages_a_rank_played_out():
+    from shardwise.parallel.pipeline_cost import FORWARD, held_peak, ideal_bubble, pipeline_seconds, rank_orders
+
+    # torch's interleaved 1F1B, 2 ranks x 2 stages, 4 micro-batches: rank 0's order as torch's
+    # schedule object lists it (0F0 0F1 2F0 2F1 0F2 2B0 0F3 2B1 2F2 0B0 2F3 0B1 2B2 2B3 0B2 0B3)
+    listed = "0F0 0F1 2F0 2F1 0F2 2B0 0F3 2B1 2F2 0B0 2F3 0B1 2B2 2B3 0B2 0B3".split()
+    assert rank_orders("interleaved", 2, 2, 4)[0] == tuple((int(a[1] == "B"), int(a[0]), int(a[2])) for a in listed)
+    # each schedule's own bubble: the textbook formulas, P ranks, V stages a rank, M micro-batches
+    for schedule in ("gpipe", "1f1b"):
+        for p, m in ((2, 4), (3, 4), (4, 8)):
+            assert ideal_bubble(schedule, p, 1, m) == pytest.approx((p - 1) / (m + p - 1))
+    for p, v, m in ((2, 2, 4), (2, 2, 8), (4, 2, 8), (2, 3, 4)):
+        assert ideal_bubble("interleaved", p, v, m) == pytest.approx((p - 1) / (v * m + p - 1))
+    # the weights' gradients fill the zero-bubble schedules' bubble: well under interleaved 1F1B's
+    for schedule in ("zero-bubble", "zbv"):
+        assert ideal_bubble(schedule, 2, 2, 4) < 0.5 * ideal_bubble("interleaved", 2, 2, 4)
+    # activations kept: 1F1B's warm-up (P - r micro-batches), GPipe's all; interleaved rank 0
+    # holds 5 stage-micro-batches of half its layers at once (F0 F1 of both stages, then F2)
+    assert [held_peak(rank_orders("1f1b", 3, 1, 6)[r], {r: 1.0}) for r in range(3)] == [3, 2, 1]
+    assert held_peak(rank_orders("gpipe", 2, 1, 4)[1], {1: 1.0}) == 4
+    assert held_peak(rank_orders("interleaved", 2, 2, 4)[0], {0: 0.5, 2: 0.5}) == 2.5
+    assert held_peak(rank_orders("zbv", 2, 2, 4)[0], {0: 0.5, 3: 0.5}) >= 2  # freed only after the weights'
+    assert all(k == FORWARD for k, _, _ in rank_orders("zbv", 2, 2, 4)[0][:3])
+    # zbv's V: stages 1 and 2 are both rank 1's, so what passes between them costs nothing
+    free = pipeline_seconds([1e-3] * 4, [2e-3] * 4, 4, NOLAT, [0.0, 0.0, 0.0], "zbv", virtual=2)
+    costly = pipeline_seconds([1e-3] * 4, [2e-3] * 4, 4, NOLAT, [0.0, 1e7, 0.0], "zbv", virtual=2)
+    assert costly.step_s == pytest.approx(free.step_s) and costly.comm_s == 0.0
+    looped = pipeline_seconds([1e-3] * 4, [2e-3] * 4, 4, NOLAT, [0.0, 1e7, 0.0], "interleaved", virtual=2)
+    assert looped.comm_s > 0.0  # interleaved's stage 1 is rank 1's, stage 2 rank 0's
+
+
 def test_a_collective_costs_its_mean_without_the_slowest_tenth():
     from shardwise.cluster.probe import expected
 

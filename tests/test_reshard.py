@@ -52,6 +52,7 @@ LAYOUTS = {
     "vertical 2": ({"parallel.vertical": "2", "parallel.vertical_unit": "channel"}, 2),
     "pp 2": ({"parallel.pp": "2"}, 2),
     "pp 2 x dp 2": ({"parallel.pp": "2", "parallel.dp": "2"}, 4),
+    "pp 2 zero-bubble": ({"parallel.pp": "2", "parallel.schedule": "zero-bubble"}, 2),  # 2 stages a rank
     "spatial 2": ({"parallel.spatial": "2"}, 2),
     "shard optimizer": ({"parallel.shard": "optimizer"}, 2),
     "shard full": ({"parallel.shard": "full"}, 2),

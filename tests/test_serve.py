@@ -212,6 +212,15 @@ def test_listening_beyond_loopback_without_tls_and_tokens_is_refused(run_folder)
                                    "needs serve.tls_cert, serve.tls_key and serve.token_file")  # fmt: skip
 
 
+def test_a_training_schedule_named_for_serving_is_refused(run_folder):
+    args = ["serve", str(run_folder), "--nproc", "2", "--parallel.pp", "2", "--parallel.schedule", "zbv"]
+    done = cli_fork.run([*args, "--serve.port", "0"])
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("shardwise: parallel.schedule: is a training schedule: a served pipeline runs a "
+                                   "batch a stage, one stage a rank (leave parallel.schedule and "
+                                   "parallel.virtual_stages out)")  # fmt: skip
+
+
 def test_sigterm_answers_the_requests_in_flight_then_exits(run_folder, digits):
     """Plain HTTP on loopback (no TLS, no token); a request waits in a batch for up to 1.5 s
     when SIGTERM comes: it is answered, then the server exits 0."""

@@ -28,6 +28,7 @@ from shardwise.bench import (
     hangs,
     planner,
     pp,
+    pp_schedules,
     precision,
     ps,
     restarts,
@@ -59,6 +60,7 @@ SCENARIOS: dict[str, tuple[Callable[[Bench], None], bool]] = {
     "scaling": (scaling.run, True),
     "tp": (tp.run, True),
     "pp": (pp.run, True),
+    "pp-schedules": (pp_schedules.run, True),  # torch's five schedules side by side: minutes a link
     "spatial": (spatial.run, True),
     "shard": (shard.run, False),  # bytes held: the same on every link
     "ps": (ps.run, True),
@@ -75,6 +77,7 @@ SCENARIOS: dict[str, tuple[Callable[[Bench], None], bool]] = {
     "hangs": (hangs.run, True),  # seeded broken collectives (and links taken down): is the culprit named?
 }
 NAMED_ONLY = (
+    "pp-schedules",
     "restarts",
     "planner",
     "compression",

@@ -62,7 +62,10 @@ class StageModule(nn.Module):
             self.add_module(stack, nn.Sequential(OrderedDict(own)))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+        out = self.head(self.features(x))
+        # a stage's output a view (a flatten at the cut) is copied: the zero-bubble schedules
+        # detach each stage's output in place after its input's gradient, which a view refuses
+        return out.clone() if out._base is not None else out
 
 
 @torch.no_grad()
@@ -140,6 +143,15 @@ def agree_on_cut(cut: list[int], group: dist.ProcessGroup) -> list[int]:
     t = torch.tensor(cut, dtype=torch.int64)
     dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
     return t.tolist()
+
+
+def stage_ranks(schedule: str, ranks: int, virtual: int) -> list[int]:
+    """The pipeline rank of each of the `ranks` x `virtual` stages: looped (stage s on rank
+    s mod ranks), or zbv's V (rank r holds stages r and 2 x ranks - 1 - r), as torch places them."""
+    stages = ranks * virtual
+    if schedule == "zbv":
+        return [s if s < ranks else stages - 1 - s for s in range(stages)]
+    return [s % ranks for s in range(stages)]
 
 
 def stage_layers(model: nn.Module, cut: list[int], stage: int) -> list[tuple[str, nn.Module]]:
@@ -243,39 +255,60 @@ def stage_shapes(
 
 @dataclass
 class StageCut:
-    """This rank's stage of a pipeline and how the model was cut."""
+    """This rank's stages of a pipeline and how the model was cut."""
 
-    index: int
-    stages: int
-    group: dist.ProcessGroup  # the stages of this pipeline
-    owner: dict[str, int]  # the stage holding each entry of the whole model's state dict
+    index: int  # this rank's place in the pipeline
+    stages: int  # the pipeline's ranks (parallel.pp)
+    group: dist.ProcessGroup  # the ranks of this pipeline
+    owner: dict[str, int]  # the pipeline rank holding each entry of the whole model's state dict
     rows: list[dict]  # the cut, for the report (describe_cut)
-    shapes: tuple[tuple[int, ...], tuple[int, ...]]  # one micro-batch entering and leaving this stage
+    # this rank's stages: (stage index, its layers (the part's own modules), one micro-batch
+    # entering and leaving it)
+    chunks: list[tuple[int, StageModule, tuple[tuple[int, ...], tuple[int, ...]]]]
+    ranks: list[int]  # the pipeline rank of every stage (stage_ranks)
     cut_by: str = "measured cost"  # what the cut balanced (plan_pipeline)
 
 
 def apply_pipeline(part: Part, mesh: RankMesh, *, example: Tensor, by_size: bool = False) -> Part:
-    """Keep this rank's stage of the model: a run of consecutive layers under the model's
+    """Keep this rank's stages of the model, each a run of consecutive layers under the model's
     own names, cut where the measured cost of `example` (one micro-batch) balances the
-    stages. The pipeline's group joins the groups a gradient norm adds up over."""
+    stages: one stage a rank, or parallel.virtual_stages of them under the interleaved
+    schedules. The rank's part is all its stages' layers in one module (its state dict a piece
+    of the whole model's). The pipeline's group joins the groups a gradient norm adds up over."""
     group = mesh.groups["pp"]
     if group is None:
         return part
-    model, index = part.model, mesh.coords["pp"]
+    dims, model, index = mesh.dims, part.model, mesh.coords["pp"]
     # every rank of the layout takes the same cut (its first rank's), so that the stages of
     # different data-parallel replicas hold the same layers and average the same gradients
-    cut, costs, basis = plan_pipeline(model, example, stages=mesh.size("pp"), group=mesh.parent, by_size=by_size)
+    count, units = dims.pp * dims.virtual, len(layer_units(model))
+    if dims.virtual > 1 and count > units:
+        raise ShardwiseError(
+            "parallel.virtual_stages",
+            f"={dims.virtual}: parallel.pp={dims.pp} x {dims.virtual} = {count} stages, but the model has only "
+            f"{units} layers with parameters",
+        )
+    cut, costs, basis = plan_pipeline(model, example, stages=count, group=mesh.parent, by_size=by_size)
+    ranks = stage_ranks(dims.schedule, dims.pp, dims.virtual)
+    mine = [s for s in range(count) if ranks[s] == index]
+    shape = tuple(example.shape)
+    chunks = [(s, StageModule(stage_layers(model, cut, s)), stage_shapes(costs, cut, s, shape)) for s in mine]
+    rows = describe_cut(costs, cut)
+    for row in rows:
+        row["rank"] = ranks[row["stage"]]
     stage = StageCut(
         index=index,
-        stages=mesh.size("pp"),
+        stages=dims.pp,
         group=group,
-        owner=owners(model, cut),
-        rows=describe_cut(costs, cut),
+        owner={name: ranks[s] for name, s in owners(model, cut).items()},
+        rows=rows,
+        chunks=chunks,
+        ranks=ranks,
         cut_by=basis,
-        shapes=stage_shapes(costs, cut, index, tuple(example.shape)),
     )
-    stage_module = StageModule(stage_layers(model, cut, index))
-    return part.but(model=stage_module, stage=stage, sum_groups=[*part.sum_groups, group])
+    order = [name for name, _ in model_layers(model)]
+    held = sorted((layer for s in mine for layer in stage_layers(model, cut, s)), key=lambda x: order.index(x[0]))
+    return part.but(model=StageModule(held), stage=stage, sum_groups=[*part.sum_groups, group])
 
 
 def gather_stages(

@@ -118,9 +118,13 @@ def checkpoint_layers(model: nn.Module) -> int:
 
 
 def apply_checkpointing(part: Part, mode: str) -> Part:
-    """`layers`: this rank's part checkpointed unit by unit; `none` leaves it as it came."""
+    """`layers`: this rank's part checkpointed unit by unit (each of its pipeline stages'
+    stacks, where it holds several); `none` leaves it as it came."""
     if mode == "none":
         return part
     if mode != "layers":  # auto reaches a rank resolved (the launcher's), or not at all
         raise ShardwiseError("train.activation_checkpointing", f"{mode!r} must be resolved to none or layers")
+    stage = part.stage
+    if stage is not None and len(stage.chunks) > 1:  # several stages a rank: each stage runs its own stacks
+        return part.but(checkpointed=sum(checkpoint_layers(chunk) for _, chunk, _ in stage.chunks))
     return part.but(checkpointed=checkpoint_layers(part.model))

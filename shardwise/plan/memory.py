@@ -34,7 +34,7 @@ Passing, the largest of:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from shardwise.data.loader import largest_val_batch
 from shardwise.plan.profile import LayerProfile, ModelProfile, tp_parts
@@ -62,7 +62,7 @@ def _held(layer: LayerProfile, dims: ParallelDims, first: bool, part: str | None
     return layer.param_bytes / dims.vertical if first else float(layer.param_bytes)
 
 
-def held_params(profile: ModelProfile, dims: ParallelDims, stage: range | None = None) -> float:
+def held_params(profile: ModelProfile, dims: ParallelDims, stage: Sequence[int] | None = None) -> float:
     """The parameter bytes a rank holds, before any sharding of data-parallel replicas (of
     the layers in `stage`, a pipeline's)."""
     first, parts = _first(profile.layers), tp_parts(profile, dims)
@@ -70,13 +70,13 @@ def held_params(profile: ModelProfile, dims: ParallelDims, stage: range | None =
     return sum(_held(profile.layers[i], dims, i == first, parts.get(i)) for i in idx)
 
 
-def output_share(profile: ModelProfile, idx: range) -> float:
+def output_share(profile: ModelProfile, idx: Sequence[int]) -> float:
     """The layers `idx`'s share of the whole model's layer outputs, a sample."""
     counted = sum(profile.layers[i].out_bytes_per_sample for i in idx)
     return counted / max(1, sum(layer.out_bytes_per_sample for layer in profile.layers))
 
 
-def evaluated(profile: ModelProfile, idx: range, spread: int) -> float:
+def evaluated(profile: ModelProfile, idx: Sequence[int], spread: int) -> float:
     """The bytes per sample of a rank's evaluation forward over the layers `idx`, each of
     `spread` bands: the largest of its layers' measured peaks (the model's input alive: a
     stage holds its own input instead), a band's share, plus where a layer takes rows from
@@ -104,7 +104,7 @@ def rank_peak(
     *,
     slots: int,
     samples_held: float,
-    stage: range | None = None,
+    stage: Sequence[int] | None = None,
     accumulate: bool = False,
     full_grads: bool = False,
     val_samples: int = 0,

@@ -24,7 +24,7 @@ Memory per rank: what it holds and the largest passing buffer its strategies all
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from shardwise.comm.compress import CompressionSettings, compressor_bytes
@@ -32,8 +32,8 @@ from shardwise.comm.cost import Link, all_gather, all_reduce
 from shardwise.comm.methods import HALF
 from shardwise.config import ParallelConfig
 from shardwise.parallel.data import DDP_BUCKET_BYTES, ddp_buckets, sync_seconds, zero_gather_seconds
-from shardwise.parallel.pipeline import cut_units, units_of
-from shardwise.parallel.pipeline_cost import pipeline_seconds
+from shardwise.parallel.pipeline import cut_units, stage_ranks, units_of
+from shardwise.parallel.pipeline_cost import held_peak, pipeline_seconds, rank_orders
 from shardwise.parallel.ps_protocol import ps_seconds
 from shardwise.parallel.recompute import checkpointed_units
 from shardwise.parallel.spatial import band_sum_seconds, halo_seconds
@@ -184,7 +184,7 @@ def _band_comm(layers, dims: ParallelDims, link: Link, samples: float) -> float:
     return halo_seconds(link, dims.spatial, halos, windows, norm_bytes, norms)
 
 
-def _update(profile: ModelProfile, dims: ParallelDims, stage: range | None) -> float:
+def _update(profile: ModelProfile, dims: ParallelDims, stage: Sequence[int] | None) -> float:
     """The optimizer's step on the parameters a rank updates (its 1/dp slice when sharded)."""
     held = held_params(profile, dims, stage) / (dims.dp if dims.shard in ("optimizer", "full") else 1)
     return profile.update_s_per_byte * held
@@ -203,7 +203,7 @@ def _compressor_bytes(settings: CompressionSettings, dims: ParallelDims, grad_by
     return compressor_bytes(settings, grad_bytes, grad_bytes if dims.pp > 1 else DDP_BUCKET_BYTES, dims.dp)
 
 
-def _peak(setting: Setting, dims: ParallelDims, stages: list[tuple[range | None, float]]) -> float:
+def _peak(setting: Setting, dims: ParallelDims, stages: list[tuple[Sequence[int] | None, float]]) -> float:
     """The largest rank's peak bytes (`plan/memory.py`), over the pipeline's stages, each
     given with the samples whose activations it keeps for the backward."""
     accumulate = dims.microbatches > 1 or setting.grad_accum > 1
@@ -225,22 +225,18 @@ def _peak(setting: Setting, dims: ParallelDims, stages: list[tuple[range | None,
     )
 
 
-def in_flight(dims: ParallelDims, stage: int) -> int:
-    """The micro-batches whose activations pipeline stage `stage` keeps at once: all of
-    them under GPipe; under 1F1B, the forwards a stage runs before its first backward
-    (one per stage from it to the last), never more than there are."""
-    return dims.microbatches if dims.schedule == "gpipe" else min(dims.microbatches, dims.pp - stage)
-
-
 def _pipeline(setting: Setting, dims: ParallelDims, micro: float, world: int) -> tuple[float, ...]:
-    """(compute, comm, bubble) of a pipeline's step, and its stages with what each keeps."""
+    """(compute, comm, bubble) of a pipeline's step, and its ranks with what each keeps: the
+    layers of its stages (pp x virtual of them, placed as the schedule places them) and the
+    samples whose activations it keeps at most (its schedule's order played out)."""
     profile, link = setting.profile, setting.link
     # each micro-batch after the first adds its gradients into the step's: on average
     # (M - 1) / M of a pass over the layer's parameters, a micro-batch
     adds = profile.accumulate_s_per_byte * (dims.microbatches - 1) / dims.microbatches
     passes = [layer.seconds(micro) for layer in profile.layers]
+    count = dims.pp * dims.virtual
     # cut on the passes' times, as the engine cuts on the layers it profiles
-    cut = cut_units(passes, units_of([layer.param_bytes > 0 for layer in profile.layers]), dims.pp) + [len(passes)]
+    cut = cut_units(passes, units_of([layer.param_bytes > 0 for layer in profile.layers]), count) + [len(passes)]
     forward = [layer.forward_seconds(micro) for layer in profile.layers]
     backward = [max(0.0, t - f) + adds * x.param_bytes for t, f, x in zip(passes, forward, profile.layers, strict=True)]
     if setting.checkpointing:  # the cut is made before, on the layers' own passes; the forwards run again
@@ -250,15 +246,25 @@ def _pipeline(setting: Setting, dims: ParallelDims, micro: float, world: int) ->
     boundary = [profile.layers[b - 1].out_bytes_per_sample * micro for b in cut[1:-1]]
     step = pipeline_seconds(
         [sum(forward[a:b]) for a, b in bounds], [sum(backward[a:b]) for a, b in bounds], dims.microbatches,
-        link, boundary, dims.schedule, ranks_per_stage=world // dims.pp, cores=setting.cores,
+        link, boundary, dims.schedule, ranks_per_stage=world // dims.pp, cores=setting.cores, virtual=dims.virtual,
     )  # fmt: skip
-    stages = [(range(a, b), micro * in_flight(dims, k)) for k, (a, b) in enumerate(bounds)]
+    placed = stage_ranks(dims.schedule, dims.pp, dims.virtual)
+    orders = rank_orders(dims.schedule, dims.pp, dims.virtual, dims.microbatches)
+    stages = []
+    for r in range(dims.pp):
+        mine = [k for k in range(count) if placed[k] == r]
+        layers = [i for k in mine for i in range(*bounds[k])]
+        outputs = {k: sum(profile.layers[i].out_bytes_per_sample for i in range(*bounds[k])) for k in mine}
+        whole = sum(outputs.values()) or 1.0  # a stage's activations in proportion to its layers' outputs
+        stages.append((layers, micro * held_peak(orders[r], {k: v / whole for k, v in outputs.items()})))
     stretch = max(1.0, world / setting.cores)  # (the ranks' copies when all of them copy at once)
     averaging = _stages_averaging(setting, dims, [stage for stage, _ in stages], step.ends_s, stretch)
     return step.compute_s, step.comm_s + averaging, step.bubble_s, stages
 
 
-def _stages_averaging(setting: Setting, dims: ParallelDims, stages: list[range], ends: tuple, stretch: float) -> float:
+def _stages_averaging(
+    setting: Setting, dims: ParallelDims, stages: list[list[int]], ends: tuple, stretch: float
+) -> float:
     """What averaging over dp adds to a pipeline's step (train/pipeline.py): each stage
     averages its own gradients once its last backward ends, in one flat all-reduce (a copy in
     and a copy out; or through the run's compressor), beside no compute; the stage holding

@@ -4,7 +4,8 @@ A layout is a `ParallelConfig` that `ParallelDims.resolve` accepts for the world
 whose global batch the layout can split (`check_batch_layout`): the degrees of tensor,
 pipeline, spatial and vertical parallelism (data parallelism takes the ranks left), the
 shard mode (where there are data-parallel replicas to shard over), and for a pipeline
-its schedule and micro-batches (one, two or four per stage); or a synchronous parameter
+its schedule (torch's five: GPipe, 1F1B, and with two stages a rank interleaved 1F1B,
+zero-bubble and zbv) and micro-batches (one, two or four per rank); or a synchronous parameter
 server with 1 to world - 1 servers (colocated servers are not searched yet: their model
 underpredicts them, README). Only the strategies the model's structure takes are
 tried (`ModelShape`). Asynchronous parameter servers are left out: they do not compute
@@ -26,7 +27,7 @@ from shardwise.parallel.pipeline import layer_units
 from shardwise.topology import ParallelDims
 
 SHARDS = ("none", "optimizer", "full")
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero-bubble", "zbv")  # the last three: 2 stages a rank
 MICROBATCHES_PER_STAGE = (1, 2, 4)
 
 
@@ -107,6 +108,7 @@ def layouts(world: int, *, batch: int, shape: ModelShape = ModelShape(), grad_ac
             replace(base, schedule=s, microbatches=k * pp)
             for s in SCHEDULES
             for k in MICROBATCHES_PER_STAGE
+            if s in ("gpipe", "1f1b") or 2 * pp <= shape.pp  # two stages a rank: twice the layers with weights
         ] if pp > 1 else [base]  # fmt: skip
         dp = world // (tp * pp * spatial * vertical)
         for cfg in pipeline:

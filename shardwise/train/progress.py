@@ -153,7 +153,8 @@ def render_summary(summary: dict, out_dir: str) -> Table:
             rows.insert(-2, ("compression trial", f"{timed} a step: kept {trial['chosen']}"))
     if "pipeline" in summary:
         p = summary["pipeline"]
-        bubble = f"{p['bubble_measured']:.1%} measured, {p['bubble_theoretical']:.1%} in theory ((P-1)/(M+P-1))"
+        theory = f"{p['bubble_theoretical']:.1%} in theory ({p.get('schedule', '1f1b')}'s order, equal stages)"
+        bubble = f"{p['bubble_measured']:.1%} measured, {theory}"
         rows.insert(-2, ("pipeline bubble", bubble))
     for k, v in rows:
         table.add_row(k, v)

@@ -1,11 +1,13 @@
-"""Pipeline timelines: when each stage ran each micro-batch, and the bubble.
+"""Pipeline timelines: when each rank ran each stage's micro-batch, and the bubble.
 
-An event is (step, kind, micro-batch, start, end) with kind 0 = forward and
-1 = backward, times in wall-clock seconds. In one step the pipeline spans from
-the first start to the last end over all stages; the bubble fraction is the
-part of P x that span in which stages sat idle (waiting on a neighbour, or on
-communication). The ideal schedule's bubble is (P - 1) / (M + P - 1) for
-equal stages (Huang et al., "GPipe", 2019).
+An event is (step, kind, micro-batch, start, end, stage) with kind 0 = forward,
+1 = backward (whole, or the input's gradient alone) and 2 = the weights' gradient,
+times in wall-clock seconds. In one step the pipeline spans from the first start to
+the last end over all ranks; the bubble fraction is the part of P x that span in which
+ranks sat idle (waiting on a neighbour, or on communication). Each schedule's own bubble
+in theory is its order played out with equal stages (`parallel/pipeline_cost.py
+ideal_bubble`): (P - 1) / (M + P - 1) for GPipe and 1F1B (Huang et al., "GPipe", 2019),
+(P - 1) / (V M + P - 1) for interleaved 1F1B with V stages a rank (Narayanan et al., 2021).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import torch
 import torch.distributed as dist
 
 from shardwise.files import atomic_path
+from shardwise.parallel.pipeline_cost import ideal_bubble
+from shardwise.topology import ParallelDims
 
-FIELDS = 5  # step, kind, micro-batch, start, end
+FIELDS = 6  # step, kind, micro-batch, start, end, stage
 
 
 def theoretical_bubble(stages: int, microbatches: int) -> float:
@@ -48,17 +52,20 @@ def bubble_fractions(stages: list[torch.Tensor]) -> list[float]:
     return out
 
 
-def bubble_summary(stages: list[torch.Tensor], microbatches: int, warmup: int = 5) -> dict[str, float]:
+def bubble_summary(stages: list[torch.Tensor], dims: ParallelDims, warmup: int = 5) -> dict[str, float]:
     measured = bubble_fractions(stages)
     steady = measured[warmup:] or measured or [float("nan")]  # no step: nothing measured (null in JSON)
     return {
+        "schedule": dims.schedule,
+        "stages_per_rank": dims.virtual,
         "bubble_measured": statistics.median(steady),
-        "bubble_theoretical": theoretical_bubble(len(stages), microbatches),
+        "bubble_theoretical": ideal_bubble(dims.schedule, dims.pp, dims.virtual, dims.microbatches),
     }
 
 
 def plot_timeline(path: Path, stages: list[torch.Tensor], title: str) -> None:
-    """A Gantt chart of the last step: one row per stage, forward and backward of each micro-batch."""
+    """A Gantt chart of the last step: one row per rank, forward and backward of each
+    micro-batch (labelled stage:micro-batch where a rank holds several stages)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,14 +75,18 @@ def plot_timeline(path: Path, stages: list[torch.Tensor], title: str) -> None:
     rows = [e[e[:, 0] == last] for e in stages]
     t0 = min(r[:, 3].min().item() for r in rows)
     fig, ax = plt.subplots(figsize=(10, 1 + 0.6 * len(rows)))
-    colors = {0: "tab:blue", 1: "tab:orange"}
+    colors = {0: "tab:blue", 1: "tab:orange", 2: "tab:green"}
+    several = any(len(set(r[:, 5].tolist())) > 1 for r in rows)
     for k, r in enumerate(rows):
-        for _, kind, mb, start, end in r.tolist():
+        for _, kind, mb, start, end, stage in r.tolist():
             ax.broken_barh([(1e3 * (start - t0), 1e3 * (end - start))], (k - 0.4, 0.8), color=colors[int(kind)])
-            ax.text(1e3 * ((start + end) / 2 - t0), k, str(int(mb)), ha="center", va="center", fontsize=7)
-    ax.set(yticks=range(len(rows)), yticklabels=[f"stage {k}" for k in range(len(rows))], xlabel="ms")
+            label = f"{int(stage)}:{int(mb)}" if several else str(int(mb))
+            ax.text(1e3 * ((start + end) / 2 - t0), k, label, ha="center", va="center", fontsize=7)
+    ax.set(yticks=range(len(rows)), yticklabels=[f"rank {k}" for k in range(len(rows))], xlabel="ms")
     ax.invert_yaxis()
-    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()], labels=["forward", "backward"])
+    kinds = sorted({int(x) for r in rows for x in r[:, 1].tolist()})
+    names = ["forward", "backward (input)" if 2 in kinds else "backward", "backward (weights)"]
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colors[k]) for k in kinds], labels=[names[k] for k in kinds])
     ax.set_title(title)
     fig.tight_layout()
     with atomic_path(path) as tmp:
