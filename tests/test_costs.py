@@ -227,6 +227,12 @@ def test_schedules_of_several_stages_a_rank_played_out():
     assert costly.step_s == pytest.approx(free.step_s) and costly.comm_s == 0.0
     looped = pipeline_seconds([1e-3] * 4, [2e-3] * 4, 4, NOLAT, [0.0, 1e7, 0.0], "interleaved", virtual=2)
     assert looped.comm_s > 0.0  # interleaved's stage 1 is rank 1's, stage 2 rank 0's
+    # the runtime's cost per action lies on each rank's path: one micro-batch through 2 stages
+    # runs F0, F1, B1, B0 one after the other, 4 actions of 0.5 ms more
+    plain = pipeline_seconds([1e-3] * 2, [1e-3] * 2, 1, NOLAT, [0.0])
+    assert pipeline_seconds([1e-3] * 2, [1e-3] * 2, 1, NOLAT, [0.0], action_s=0.5e-3).step_s == pytest.approx(
+        plain.step_s + 4 * 0.5e-3
+    )
 
 
 def test_a_collective_costs_its_mean_without_the_slowest_tenth():

@@ -53,8 +53,15 @@ def test_plan_ranks_every_layout_and_caches_what_it_measured(tmp_path, cache):
     assert 0 < tiny["predicted_s"] and 0 < tiny["predicted_peak_bytes"] < tiny["peak_bytes"] < 2**30
     assert result["step_overhead_s"] == pytest.approx(max(0.0, tiny["step_s"] - tiny["predicted_s"]))
     assert result["rank_overhead_bytes"] == pytest.approx(tiny["peak_bytes"] - tiny["predicted_peak_bytes"])
-    # the link, the loop's cost, the two models' profiles, the validation rows
-    assert sorted({n.split("-")[0] for n in kept}) == ["link", "loop", "profile", "split"]
+    # a pipeline's cost per action: the tiny pipeline's measured step less its prediction and
+    # the loop's cost, over the 16 forwards and backwards a rank runs
+    (pipe,) = cache.glob("pipeline-*.json")
+    tiny = json.loads(pipe.read_text())
+    assert tiny["loop_s"] == result["step_overhead_s"] and 0 < tiny["predicted_s"] < tiny["step_s"]
+    beyond = max(0.0, tiny["step_s"] - tiny["predicted_s"] - tiny["loop_s"])
+    assert result["pipeline_action_s"] == tiny["action_s"] == pytest.approx(beyond / 16)
+    # the link, the loop's cost, the pipeline's, the two models' profiles, the validation rows
+    assert sorted({n.split("-")[0] for n in kept}) == ["link", "loop", "pipeline", "profile", "split"]
     again = _plan(tmp_path, cache, "--nproc", "2", "--memory-per-rank", "1GiB", "--out", "q")
     assert again.returncode == 0 and sorted(p.name for p in cache.iterdir()) == kept
     # a named lossy compression method: only the layouts that can average through it

@@ -199,6 +199,7 @@ def test_the_tiny_run_that_measures_the_loop_adds_no_loop_of_its_own(tmp_path, m
     monkeypatch.setenv(overhead.MEASURING_ENV, "1")
     monkeypatch.setattr(overhead, "_run_tiny", lambda *a: pytest.fail("the tiny run measured itself"))
     assert overhead.loop_overhead("local", 2) == (0.0, 0.0) and not list(tmp_path.iterdir())
+    assert overhead.pipeline_action("local") == 0.0 and not list(tmp_path.iterdir())
 
 
 def test_a_spatial_cut_counts_every_window_and_norm_inside_a_layer():

@@ -163,6 +163,7 @@ def _played(
     links: list[tuple[float, float]],
     ranks_per_stage: int,
     cores: int | None,
+    action_s: float = 0.0,
 ) -> tuple[float, list[float], list[float]]:
     """(the step's end, each rank's time computing, each rank's end): every rank's tasks played
     out in time, the ranks computing at once sharing the cores. A transfer starts once its
@@ -185,7 +186,7 @@ def _played(
                 if when <= now:
                     kind, stage, _ = at.orders[r][at.nxt[r]]
                     times, part = work[kind]
-                    at.left[r] = times[stage] * part
+                    at.left[r] = times[stage] * part + action_s
         running = [r for r in range(ranks) if at.left[r] is not None]
         speed = min(1.0, (cores or ranks * ranks_per_stage) / (len(running) * ranks_per_stage)) if running else 1.0
         waits = [when - now for when in starts.values() if when > now]
@@ -211,6 +212,7 @@ def pipeline_seconds(
     ranks_per_stage: int = 1,
     cores: int | None = None,
     virtual: int = 1,
+    action_s: float = 0.0,
 ) -> PipelineStep:
     """One step of the schedule: `forward_s`/`backward_s` each stage's time for one
     micro-batch on a core of its own (pp x `virtual` stages, placed on the ranks as the
@@ -219,13 +221,16 @@ def pipeline_seconds(
     many as ranks. The step splits into the busiest rank's compute, what the transfers add
     (the same schedule played without them ends that much sooner), and the bubble. A
     transfer takes the link's latency and its bytes' time, once its receiver is ready for it;
-    between two stages of one rank it is free."""
+    between two stages of one rank it is free. Each task costs `action_s` more on its rank
+    (the schedule runtime's own cost per action, measured: `plan/overhead.py`)."""
     from shardwise.parallel.pipeline import stage_ranks
 
     ranks = len(forward_s) // virtual
     orders = rank_orders(schedule, ranks, virtual, microbatches)
     placed = stage_ranks(schedule, ranks, virtual)
-    played = functools.partial(_played, forward_s, backward_s, orders, ranks_per_stage=ranks_per_stage, cores=cores)
+    played = functools.partial(
+        _played, forward_s, backward_s, orders, ranks_per_stage=ranks_per_stage, cores=cores, action_s=action_s
+    )
     costs = [
         (0.0, 0.0) if placed[b] == placed[b + 1] else (link.alpha_s, link.beta_s_per_byte * x)
         for b, x in enumerate(boundary_bytes)

@@ -99,7 +99,7 @@ def measured_setting(cfg: Config, cluster: str, nproc: int) -> tuple[Setting, Mo
     the batch, this machine's cores, the optimizer's state per parameter and the engine's
     own cost per step on these ranks (`plan/overhead.py`); and the model's structure, which
     bounds the layouts."""
-    from shardwise.plan.overhead import loop_overhead
+    from shardwise.plan.overhead import loop_overhead, pipeline_action
 
     profile, shape, val_samples, (load_fixed, load_per_sample) = measured_profile(cfg)
     cores, link = len(os.sched_getaffinity(0)), measured_link(cluster, nproc)
@@ -109,6 +109,8 @@ def measured_setting(cfg: Config, cluster: str, nproc: int) -> tuple[Setting, Mo
     setting = dataclasses.replace(setting, load_fixed_s=load_fixed, load_s_per_sample=load_per_sample)
     setting = dataclasses.replace(setting, grad_accum=t.grad_accum, averaging=run_averaging(cfg, link))
     setting = dataclasses.replace(setting, checkpointing=t.activation_checkpointing == "layers")
+    action = functools.cache(functools.partial(pipeline_action, cluster))  # measured where a pipeline is predicted
+    setting = dataclasses.replace(setting, pipeline_action_s=action)
     return dataclasses.replace(setting, compression=named_settings(cfg)), shape
 
 
@@ -147,6 +149,7 @@ def plan(cfg: Config, *, nproc: int, cluster: str, budget: float | None, out: Pa
     started = time.perf_counter()
     setting, shape = measured_setting(cfg, cluster, nproc)
     link = setting.link
+    action_s = setting.pipeline_action_s() if nproc > 1 and shape.pp > 1 else None  # measured before the search
     searched = time.perf_counter()
     rows = search(cfg, nproc, setting, shape, budget)
     search_s = time.perf_counter() - searched
@@ -163,6 +166,7 @@ def plan(cfg: Config, *, nproc: int, cluster: str, budget: float | None, out: Pa
         },
         "step_overhead_s": setting.step_overhead_s,
         "rank_overhead_bytes": setting.rank_overhead_bytes,
+        "pipeline_action_s": action_s,
         "budget_bytes": budget,
         "search_s": search_s,
         "measure_s": searched - started,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shardwise.comm.compress import CompressionSettings, compressor_bytes
 from shardwise.comm.cost import Link, all_gather, all_reduce
@@ -69,6 +69,9 @@ class Setting:
     # train.activation_checkpointing = layers: each unit's forward runs again in the backward,
     # and the backward keeps only the units' inputs
     checkpointing: bool = False
+    # a pipeline's cost per forward or backward of a rank beyond its arithmetic (`plan/overhead.py
+    # pipeline_action`), asked for only where a pipeline is predicted
+    pipeline_action_s: Callable[[], float] = field(default=lambda: 0.0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -247,6 +250,7 @@ def _pipeline(setting: Setting, dims: ParallelDims, micro: float, world: int) ->
     step = pipeline_seconds(
         [sum(forward[a:b]) for a, b in bounds], [sum(backward[a:b]) for a, b in bounds], dims.microbatches,
         link, boundary, dims.schedule, ranks_per_stage=world // dims.pp, cores=setting.cores, virtual=dims.virtual,
+        action_s=setting.pipeline_action_s(),
     )  # fmt: skip
     placed = stage_ranks(dims.schedule, dims.pp, dims.virtual)
     orders = rank_orders(dims.schedule, dims.pp, dims.virtual, dims.microbatches)

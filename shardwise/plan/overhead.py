@@ -63,6 +63,38 @@ def loop_overhead(cluster: str, nproc: int) -> tuple[float, float]:
     return found["overhead_s"], found["overhead_bytes"]
 
 
+def pipeline_action(cluster: str) -> float:
+    """Seconds each forward or backward a pipeline rank runs costs beyond its arithmetic and
+    the transfers the model prices: torch's schedule runtime, a send or receive posted and
+    waited on, the stage's bookkeeping. Measured as the loop's cost is: a tiny model (four
+    Linear layers of 8 units) on pp = 2 under 1F1B with 8 micro-batches of 2 samples, whose
+    measured step less its predicted step and the loop's own cost on 2 ranks is spread over
+    the 2 x 8 forwards and backwards each rank runs. Cached beside the loop's."""
+    from shardwise.cluster.placement import placement_for
+    from shardwise.cluster.probe import LINK_VERSION
+    from shardwise.plan.profile import VERSION as PROFILE_VERSION
+
+    if os.environ.get(MEASURING_ENV):
+        return 0.0
+    name = re.sub(r"[^A-Za-z0-9]+", "-", placement_for(cluster).describe(2))
+    path = cache_dir() / f"pipeline-{name}.json"
+    found = json.loads(path.read_text()) if path.is_file() else {}
+    version = [VERSION, PROFILE_VERSION, LINK_VERSION]
+    if found.get("version") != version:
+        settings = {**TINY, "model.hidden": "8,8,8", "parallel.pp": "2", "parallel.microbatches": str(MICROBATCHES)}
+        check = _run_tiny(2, cluster, {**_settings(2), **settings, "train.batch_size": str(2 * MICROBATCHES)})
+        loop_s, _ = loop_overhead(cluster, 2)
+        found = {"version": version, "step_s": check["measured_step_s"], "predicted_s": check["predicted"]["step_s"]}
+        found["loop_s"] = loop_s
+        found["action_s"] = max(0.0, found["step_s"] - found["predicted_s"] - loop_s) / (2 * MICROBATCHES)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(found))
+    return found["action_s"]
+
+
+MICROBATCHES = 8  # the tiny pipeline's
+
+
 def _settings(nproc: int) -> dict[str, str]:
     steps = str(STEPS)
     return {**TINY, "train.batch_size": str(2 * nproc), "train.steps": steps, "train.eval_every": "0"} | {
@@ -71,14 +103,14 @@ def _settings(nproc: int) -> dict[str, str]:
     }
 
 
-def _run_tiny(nproc: int, cluster: str) -> dict:
+def _run_tiny(nproc: int, cluster: str, settings: dict[str, str] | None = None) -> dict:
     """The tiny run's measured and predicted step and peak (its summary's `model_check`),
     trained by `shardwise train` as any job is."""
     from shardwise.errors import ShardwiseError
 
     with tempfile.TemporaryDirectory(prefix="shardwise-loop-") as tmp:
         out = Path(tmp) / "run"
-        flags = [f"--{key}={value}" for key, value in _settings(nproc).items()]
+        flags = [f"--{key}={value}" for key, value in (settings or _settings(nproc)).items()]
         command = [sys.executable, "-m", "shardwise", "train", f"--nproc={nproc}", f"--cluster={cluster}"]
         # a session of its own, so that a run over time is stopped with its ranks
         proc = subprocess.Popen(

@@ -28,8 +28,8 @@ from shardwise.topology import ParallelDims
 
 SHARDS = ("none", "optimizer", "full")
 # the schedules of several stages a rank (interleaved, zero-bubble, zbv) are not searched: the
-# model, which does not price the pipeline runtime's cost per action, predicted them 4-8% faster
-# than 1F1B where they measured 11-23% slower on this machine (README, Pipeline)
+# model predicts them 1-2% faster than 1F1B where they measured 11-23% slower on this machine
+# (the small micro-batches' compute and the backward in two passes; README, Pipeline)
 SCHEDULES = ("gpipe", "1f1b")
 MICROBATCHES_PER_STAGE = (1, 2, 4)
 
