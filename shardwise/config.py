@@ -56,6 +56,10 @@ class ParallelConfig:
     """Pipeline stages each rank holds (the model is cut into pp x this many): 1 for gpipe and
     1f1b, 2 by default for interleaved and zero-bubble (rank r holds stages r, r + pp, ...),
     exactly 2 for zbv."""
+    bucket_mb: float | None = None
+    """Data parallelism through DDP (shard none or optimizer): the size of its gradient buckets in
+    MiB, the first one's too (torch's bucket_cap_mb). Unset: torch's own, the first bucket 1 MiB
+    and the others 25 (bench buckets measures others on each link)."""
     shard: Literal["none", "optimizer", "full"] = "none"
     """Sharding across data-parallel ranks: none (DDP), optimizer (optimizer state only,
     ZeRO-1) or full (parameters, gradients and optimizer state, FSDP2)."""

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from shardwise.checkpoint.state import load_optimizer, logical_model, logical_optimizer
 from shardwise.comm.compress import CompressionSettings
@@ -196,6 +197,10 @@ class Layout:
         stage = self.part.stage
         # activation checkpointing: the units of this rank's part (rank 0's, in the summary)
         own = {"checkpointed_units": self.part.checkpointed} if self.part.checkpointed else {}
+        if isinstance(self.part.model, DistributedDataParallel):  # the buckets DDP made (parallel.bucket_mb)
+            info = self.part.model._get_ddp_logging_data()  # rebuilt after the first step, in its order
+            sizes = str(info.get("rebuilt_bucket_sizes" if info.get("has_rebuilt_buckets") else "bucket_sizes", ""))
+            own["ddp_bucket_bytes"] = [int(x) for x in sizes.split(",") if x.strip()]
         if stage is None or self.runner is None:
             return own, []
         timeline = gather_events(self.runner.events, stage.group)

@@ -90,6 +90,7 @@ class ParallelDims:
     shard: str = "none"  # what data-parallel ranks shard: none, optimizer (ZeRO-1), full (FSDP2)
     schedule: str = "1f1b"  # the pipeline's schedule
     virtual: int = 1  # pipeline stages a rank holds (the model is cut into pp x virtual)
+    bucket_bytes: int | None = None  # DDP's gradient buckets (parallel.bucket_mb); None: torch's own
 
     @classmethod
     def resolve(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
@@ -141,6 +142,8 @@ class ParallelDims:
                 f"does not equal the world size {world_size} (--nproc)",
             )
         microbatches, virtual = _pipeline_schedule(cfg) if cfg.pp > 1 else (1, 1)
+        if cfg.bucket_mb is not None and not cfg.bucket_mb > 0:
+            raise ShardwiseError("parallel.bucket_mb", f"must be > 0, got {cfg.bucket_mb}")
         return cls(
             dp=dp,
             world_size=world_size,
@@ -152,6 +155,7 @@ class ParallelDims:
             shard=cfg.shard,
             schedule=cfg.schedule,
             virtual=virtual,
+            bucket_bytes=None if cfg.bucket_mb is None else int(cfg.bucket_mb * 2**20),
         )
 
     @classmethod

@@ -146,6 +146,10 @@ BAD_INPUT = {
         ["--parallel.pp", "2", "--parallel.schedule", "zbv", "--model.name", "mlp", "--model.hidden", "16"],
         "parallel.virtual_stages: =2: parallel.pp=2 x 2 = 4 stages, but the model has only 2 layers with parameters",
     ),
+    "DDP buckets of no size": (
+        ["--parallel.bucket_mb", "0"],
+        "parallel.bucket_mb: must be > 0, got 0.0",
+    ),
     "micro-batches do not divide the batch": (
         ["--parallel.pp", "2", "--parallel.microbatches", "5"],
         "train.batch_size: 64 is not divisible by parallel.dp=1 x parallel.microbatches=5 "

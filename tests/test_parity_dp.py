@@ -81,3 +81,27 @@ def test_one_process_equals_the_plain_loop(pool, model, optimizer):
         "train.weight_decay": "0.01",
     }
     check_layout(pool, overrides, nproc=1)
+
+
+def _weights_and_buckets(overrides: dict[str, str], *, group) -> tuple[dict, list[int]]:
+    from parity import BASE
+
+    from shardwise.config import load_config
+    from shardwise.job import run
+
+    result = run(load_config(None, {**BASE, **overrides}), group=group)
+    return result.state_dict, result.summary["ddp_bucket_bytes"]
+
+
+def test_small_ddp_buckets_keep_the_invariant(pool):
+    """parallel.bucket_mb cuts the gradient into DDP buckets of that size (the first too; a
+    bucket closes once a tensor takes it past the size): at 1 KiB each of the MLP's three
+    layers is a bucket of its own, reduced as the backward makes it, and the weights are the
+    plain loop's."""
+    overrides = with_data({"model.name": "mlp", "parallel.bucket_mb": "0.001"})
+    results = pool.run(_weights_and_buckets, overrides, ranks=[0, 1])
+    assert_all_ranks_match(reference(overrides), [state for state, _ in results])
+    for _, sizes in results:  # the last layer first: 64 x 10, 128 x 64, 64 x 128, with their biases
+        assert sizes == [4 * (64 * 10 + 10), 4 * (128 * 64 + 64), 4 * (64 * 128 + 128)], sizes
+    default = pool.run(_weights_and_buckets, with_data({"model.name": "mlp"}), ranks=[0, 1])
+    assert [len(sizes) for _, sizes in default] == [1, 1]  # DDP's own: all of it in its first bucket

@@ -386,3 +386,10 @@ def test_the_data_parallel_all_reduce_is_priced_in_ddps_buckets():
     hides = Link(0.0, 1e-9, overlap=1.0)
     step = predict(ParallelConfig(dp=2), 2, Setting(profile, hides, batch=64, cores=8, optimizer_slots=1))
     assert step.comm_s == pytest.approx(2 * mib * 1e-9)  # 2 (n - 1) / n = 1 x the last bucket's bytes
+    # parallel.bucket_mb = 1: every bucket, the first too, closes once it holds 1 MiB
+    assert _ddp_bucket_bytes(profile, mib) == [mib // 2 + 20 * mib, 2 * mib]
+    assert _ddp_bucket_bytes(profile, mib // 4) == [mib // 2, 20 * mib, 2 * mib]
+    small = predict(
+        ParallelConfig(dp=2, bucket_mb=0.25), 2, Setting(profile, hides, batch=64, cores=8, optimizer_slots=1)
+    )
+    assert small.comm_s == pytest.approx(2 * mib * 1e-9)  # the last bucket is the input layer's still

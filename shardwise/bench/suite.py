@@ -21,6 +21,7 @@ from pathlib import Path
 
 from shardwise.bench import (
     allreduce,
+    buckets,
     checkpointing,
     compression,
     ddp,
@@ -58,6 +59,7 @@ SCENARIOS: dict[str, tuple[Callable[[Bench], None], bool]] = {
     "allreduce": (allreduce.run, True),
     "ddp": (ddp.run, True),
     "scaling": (scaling.run, True),
+    "buckets": (buckets.run, True),  # DDP's bucket size against its own, per link
     "tp": (tp.run, True),
     "pp": (pp.run, True),
     "pp-schedules": (pp_schedules.run, True),  # torch's five schedules side by side: minutes a link
@@ -77,6 +79,7 @@ SCENARIOS: dict[str, tuple[Callable[[Bench], None], bool]] = {
     "hangs": (hangs.run, True),  # seeded broken collectives (and links taken down): is the culprit named?
 }
 NAMED_ONLY = (
+    "buckets",
     "pp-schedules",
     "restarts",
     "planner",

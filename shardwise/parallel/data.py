@@ -68,7 +68,14 @@ def apply_data_parallel(
     device_ids = [device.index] if device.type == "cuda" else None
     # DDP broadcasts rank 0's parameters and buffers at construction, so ranks start equal
     # gradients as views into the buckets: one copy of the gradient, not two (torch DDP notes)
-    ddp = DistributedDataParallel(model, device_ids=device_ids, process_group=group, gradient_as_bucket_view=True)
+    cap = mesh.dims.bucket_bytes
+    ddp = DistributedDataParallel(
+        model,
+        device_ids=device_ids,
+        process_group=group,
+        gradient_as_bucket_view=True,
+        bucket_cap_mb=None if cap is None else cap / 2**20,  # named: the first bucket's size too
+    )
     if compressor is not None:
         ddp.register_comm_hook(None, ddp_hook(compressor, {id(p): n for n, p in model.named_parameters()}))
     return part.but(model=ddp, compressor=compressor)

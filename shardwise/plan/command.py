@@ -120,6 +120,7 @@ def search(cfg: Config, nproc: int, setting: Setting, shape: ModelShape, budget:
     train.activation_checkpointing says (auto: only where it would not fit unchecked)."""
     rows, method, mode = [], cfg.comm.compression, cfg.train.activation_checkpointing
     for layout in layouts(nproc, batch=cfg.train.batch_size, shape=shape, grad_accum=cfg.train.grad_accum):
+        layout = dataclasses.replace(layout, bucket_mb=cfg.parallel.bucket_mb)  # DDP's buckets, as named
         if (
             method not in ("none", "auto")
             and uncompressed_because(shard=layout.shard, ps=layout.mode == "ps", method=method)[0]

@@ -193,11 +193,13 @@ def _update(profile: ModelProfile, dims: ParallelDims, stage: Sequence[int] | No
     return profile.update_s_per_byte * held
 
 
-def _ddp_bucket_bytes(profile: ModelProfile) -> list[float]:
+def _ddp_bucket_bytes(profile: ModelProfile, cap: int | None = None) -> list[float]:
     """The gradient bytes of DDP's buckets over the profile's layers (a layer's parameters
-    taken together), in the order DDP launches them; the layout scales them."""
+    taken together), in the order DDP launches them (`cap`: parallel.bucket_mb's, the first
+    bucket's too; None: DDP's own); the layout scales them."""
     held = [layer for layer in profile.layers if layer.param_bytes]
-    return [sum(layer.param_bytes for layer in b) for b in ddp_buckets(held, lambda layer: layer.param_bytes)]
+    caps = {} if cap is None else {"first": cap, "cap": cap}
+    return [sum(layer.param_bytes for layer in b) for b in ddp_buckets(held, lambda layer: layer.param_bytes, **caps)]
 
 
 def _compressor_bytes(settings: CompressionSettings, dims: ParallelDims, grad_bytes: float) -> float:
@@ -340,7 +342,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
             copy_s_per_byte=profile.copy_s_per_byte * stretch,
             units=max(1, sum(1 for layer in profile.layers if layer.param_bytes)),
             passes=setting.grad_accum, averaged_s=setting.averaging(dims) if compressed else None,
-            buckets=_ddp_bucket_bytes(profile),
+            buckets=_ddp_bucket_bytes(profile, dims.bucket_bytes),
         )  # fmt: skip
     banded = sum(layer.param_bytes for layer in profile.layers if layer.name.startswith("features."))
     comm += band_sum_seconds(link, dims.spatial, banded)  # the bands' shares of the features' gradients
