@@ -181,7 +181,7 @@ def serve_on_ranks(run: str | Path, texts: dict[str, str], *, nproc: int, cluste
     from shardwise.serve.model import ServedModel, check_memory, describe
 
     folder, cfg = _serving_run(run, texts)
-    _check_serving_layout(cfg, texts)
+    cfg.parallel = _serving_layout(cfg, texts)
     record = run_record(folder)
     placement = placement_for(cluster)
     door = check_door(cfg.serve)
@@ -272,16 +272,17 @@ def _join(thread, launched: bool, timeout: float | None = None) -> None:
             pass
 
 
-def _check_serving_layout(cfg: Config, texts: dict[str, str]) -> None:
-    """One line for a layout serving cannot take; a run trained under a pipeline schedule of
-    several stages a rank is served one stage a rank (a batch a stage)."""
+def _serving_layout(cfg: Config, texts: dict[str, str]) -> ParallelConfig:
+    """The layout `cfg` is served under, or one line for one serving cannot take: a run
+    trained under a pipeline schedule of several stages a rank is served one stage a rank
+    (a batch a stage)."""
     if cfg.parallel.mode == "ps":
         raise ShardwiseError("parallel.mode", "=ps trains through parameter servers: serve under an all-reduce "
                              "layout (dp, tp, pp, spatial, vertical)")  # fmt: skip
     if "parallel.schedule" in texts or "parallel.virtual_stages" in texts:
         raise ShardwiseError("parallel.schedule", "is a training schedule: a served pipeline runs a batch a stage, "
                              "one stage a rank (leave parallel.schedule and parallel.virtual_stages out)")  # fmt: skip
-    cfg.parallel = replace(cfg.parallel, schedule=ParallelConfig().schedule, virtual_stages=None)
+    return replace(cfg.parallel, schedule=ParallelConfig().schedule, virtual_stages=None)
 
 
 def _serving_run(run: str | Path, texts: dict[str, str]) -> tuple[Path, Config]:

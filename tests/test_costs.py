@@ -199,7 +199,15 @@ def test_pipeline_schedules_played_out_by_hand():
 
 
 def test_schedules_of_several_stages_a_rank_played_out():
-    from shardwise.parallel.pipeline_cost import FORWARD, held_peak, ideal_bubble, pipeline_seconds, rank_orders
+    from shardwise.parallel.pipeline_cost import (
+        BACKWARD,
+        FORWARD,
+        WEIGHT,
+        held_peak,
+        ideal_bubble,
+        pipeline_seconds,
+        rank_orders,
+    )
 
     # torch's interleaved 1F1B, 2 ranks x 2 stages, 4 micro-batches: rank 0's order as torch's
     # schedule object lists it (0F0 0F1 2F0 2F1 0F2 2B0 0F3 2B1 2F2 0B0 2F3 0B1 2B2 2B3 0B2 0B3)
@@ -219,7 +227,11 @@ def test_schedules_of_several_stages_a_rank_played_out():
     assert [held_peak(rank_orders("1f1b", 3, 1, 6)[r], {r: 1.0}) for r in range(3)] == [3, 2, 1]
     assert held_peak(rank_orders("gpipe", 2, 1, 4)[1], {1: 1.0}) == 4
     assert held_peak(rank_orders("interleaved", 2, 2, 4)[0], {0: 0.5, 2: 0.5}) == 2.5
-    assert held_peak(rank_orders("zbv", 2, 2, 4)[0], {0: 0.5, 3: 0.5}) >= 2  # freed only after the weights'
+    assert held_peak(rank_orders("zbv", 2, 2, 4)[0], {0: 0.5, 3: 0.5}) == 2
+    # where the backward is split, a micro-batch's activations go only with its weights' gradient
+    f, b, w = FORWARD, BACKWARD, WEIGHT
+    assert held_peak(((f, 0, 0), (b, 0, 0), (f, 0, 1), (w, 0, 0), (b, 0, 1), (w, 0, 1)), {0: 1.0}) == 2
+    assert held_peak(((f, 0, 0), (b, 0, 0), (f, 0, 1), (b, 0, 1)), {0: 1.0}) == 1
     assert all(k == FORWARD for k, _, _ in rank_orders("zbv", 2, 2, 4)[0][:3])
     # zbv's V: stages 1 and 2 are both rank 1's, so what passes between them costs nothing
     free = pipeline_seconds([1e-3] * 4, [2e-3] * 4, 4, NOLAT, [0.0, 0.0, 0.0], "zbv", virtual=2)

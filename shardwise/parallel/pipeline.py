@@ -53,19 +53,21 @@ def model_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 class StageModule(nn.Module):
     """A run of consecutive layers, kept under the model's own names so that the
-    stage's state dict is a piece of the whole model's."""
+    stage's state dict is a piece of the whole model's. `own_output`: an output that is a
+    view (a flatten at the cut) is handed on as a copy, which the schedules that split the
+    backward need: they detach each stage's output in place after its input's gradient, and
+    torch refuses that on a view."""
 
-    def __init__(self, layers: list[tuple[str, nn.Module]]):
+    def __init__(self, layers: list[tuple[str, nn.Module]], own_output: bool = False):
         super().__init__()
+        self.own_output = own_output
         for stack in STACKS:
             own = [(name.split(".", 1)[1], m) for name, m in layers if name.startswith(f"{stack}.")]
             self.add_module(stack, nn.Sequential(OrderedDict(own)))
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.head(self.features(x))
-        # a stage's output a view (a flatten at the cut) is copied: the zero-bubble schedules
-        # detach each stage's output in place after its input's gradient, which a view refuses
-        return out.clone() if out._base is not None else out
+        return out.clone() if self.own_output and out._base is not None else out
 
 
 @torch.no_grad()
@@ -143,6 +145,16 @@ def agree_on_cut(cut: list[int], group: dist.ProcessGroup) -> list[int]:
     t = torch.tensor(cut, dtype=torch.int64)
     dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
     return t.tolist()
+
+
+SCHEDULES = {  # parallel.schedule: torch's class (torch.distributed.pipelining.schedules)
+    "gpipe": "ScheduleGPipe",
+    "1f1b": "Schedule1F1B",
+    "interleaved": "ScheduleInterleaved1F1B",
+    "zero-bubble": "ScheduleInterleavedZeroBubble",
+    "zbv": "ScheduleZBVZeroBubble",
+}
+SPLIT_BACKWARD = ("zero-bubble", "zbv")  # a backward in two passes: the input's gradient, then the weights'
 
 
 def stage_ranks(schedule: str, ranks: int, virtual: int) -> list[int]:
@@ -291,8 +303,8 @@ def apply_pipeline(part: Part, mesh: RankMesh, *, example: Tensor, by_size: bool
     cut, costs, basis = plan_pipeline(model, example, stages=count, group=mesh.parent, by_size=by_size)
     ranks = stage_ranks(dims.schedule, dims.pp, dims.virtual)
     mine = [s for s in range(count) if ranks[s] == index]
-    shape = tuple(example.shape)
-    chunks = [(s, StageModule(stage_layers(model, cut, s)), stage_shapes(costs, cut, s, shape)) for s in mine]
+    shape, own = tuple(example.shape), dims.schedule in SPLIT_BACKWARD
+    chunks = [(s, StageModule(stage_layers(model, cut, s), own), stage_shapes(costs, cut, s, shape)) for s in mine]
     rows = describe_cut(costs, cut)
     for row in rows:
         row["rank"] = ranks[row["stage"]]
@@ -306,9 +318,9 @@ def apply_pipeline(part: Part, mesh: RankMesh, *, example: Tensor, by_size: bool
         ranks=ranks,
         cut_by=basis,
     )
-    order = [name for name, _ in model_layers(model)]
-    held = sorted((layer for s in mine for layer in stage_layers(model, cut, s)), key=lambda x: order.index(x[0]))
-    return part.but(model=StageModule(held), stage=stage, sum_groups=[*part.sum_groups, group])
+    names = {name for s in mine for name, _ in stage_layers(model, cut, s)}
+    held = [(name, layer) for name, layer in model_layers(model) if name in names]
+    return part.but(model=StageModule(held, own), stage=stage, sum_groups=[*part.sum_groups, group])
 
 
 def gather_stages(

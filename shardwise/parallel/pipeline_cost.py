@@ -21,14 +21,11 @@ import functools
 from dataclasses import dataclass, field
 
 from shardwise.comm.cost import Link
+from shardwise.parallel.pipeline import SCHEDULES, stage_ranks
+from shardwise.topology import MULTI_STAGE
 
 FORWARD, BACKWARD, WEIGHT = 0, 1, 2  # a backward: whole, or the input's gradient alone where WEIGHT follows
 INPUT_SHARE = 0.5  # of a backward, the input's gradient (a linear layer's two products of the same size)
-MULTI = {  # the schedules of several stages a rank: torch's class (their orders are torch's own)
-    "interleaved": "ScheduleInterleaved1F1B",
-    "zero-bubble": "ScheduleInterleavedZeroBubble",
-    "zbv": "ScheduleZBVZeroBubble",
-}
 _KINDS = {"F": FORWARD, "B": BACKWARD, "I": BACKWARD, "W": WEIGHT}
 
 
@@ -55,12 +52,12 @@ def rank_orders(schedule: str, ranks: int, virtual: int, microbatches: int) -> t
     """Each pipeline rank's tasks (kind, stage, micro-batch) in the order it runs them. The
     interleaved schedules' orders are the ones torch computes for them (each rank's list of
     actions, which its runtime follows), without building a pipeline."""
-    if schedule not in MULTI:
+    if schedule not in MULTI_STAGE:  # those of several stages a rank: torch's own orders
         orders = [schedule_order(schedule, ranks, r, microbatches) for r in range(ranks)]
         return tuple(tuple((k, r, m) for k, m in order) for r, order in enumerate(orders))
     from torch.distributed.pipelining import schedules
 
-    kind = getattr(schedules, MULTI[schedule])
+    kind = getattr(schedules, SCHEDULES[schedule])
     bare = kind.__new__(kind)  # the order needs only these counts, not the stages
     bare.pp_group_size, bare.n_local_stages, bare._n_microbatches = ranks, virtual, microbatches
     bare.number_of_rounds = max(1, microbatches // ranks)
@@ -223,8 +220,6 @@ def pipeline_seconds(
     transfer takes the link's latency and its bytes' time, once its receiver is ready for it;
     between two stages of one rank it is free. Each task costs `action_s` more on its rank
     (the schedule runtime's own cost per action, measured: `plan/overhead.py`)."""
-    from shardwise.parallel.pipeline import stage_ranks
-
     ranks = len(forward_s) // virtual
     orders = rank_orders(schedule, ranks, virtual, microbatches)
     placed = stage_ranks(schedule, ranks, virtual)

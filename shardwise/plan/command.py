@@ -35,7 +35,6 @@ from shardwise.plan.memory import HEADROOM, fits
 from shardwise.plan.model import Prediction, Setting, predict
 from shardwise.plan.profile import ModelProfile, batch_sizes, cached, loading_fit, profile_key, profile_model
 from shardwise.plan.space import ModelShape, layouts
-from shardwise.topology import MULTI_STAGE
 
 
 def optimizer_slots(cfg: Config) -> int:
@@ -255,9 +254,7 @@ def options_text(row: dict) -> str:
     settings = row["settings"]
     bits = [f"shard={settings['shard']}"] if settings.get("shard", "none") != "none" else []
     if settings.get("pp", 1) > 1:
-        virtual = settings.get("virtual_stages") or (2 if settings["schedule"] in MULTI_STAGE else 1)
-        stages = f" V={virtual}" if virtual > 1 else ""
-        bits.append(f"{settings['schedule']} M={settings.get('microbatches')}{stages}")
+        bits.append(f"{settings['schedule']} M={settings.get('microbatches')}")
     if row.get("activation_checkpointing") == "layers":
         bits.append("checkpointed")
     return ", ".join(bits)

@@ -31,6 +31,7 @@ STEPS = 30
 TIMEOUT_S = 300
 TINY = {"model.name": "mlp", "model.hidden": "8", "data.name": "digits"}
 MEASURING_ENV = "SHARDWISE_MEASURING_LOOP"  # set in the tiny run: its prediction adds no overhead
+MICROBATCHES = 8  # the tiny pipeline's (`pipeline_action`)
 
 
 def loop_overhead(cluster: str, nproc: int) -> tuple[float, float]:
@@ -90,9 +91,6 @@ def pipeline_action(cluster: str) -> float:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(found))
     return found["action_s"]
-
-
-MICROBATCHES = 8  # the tiny pipeline's
 
 
 def _settings(nproc: int) -> dict[str, str]:

@@ -29,7 +29,8 @@ from shardwise import p2p_ring
 from shardwise.comm.collectives import recv_tensor, send_tensor
 from shardwise.comm.flat import average_gradients
 from shardwise.data.loader import RankData
-from shardwise.parallel.pipeline import StageCut
+from shardwise.parallel.pipeline import SCHEDULES, StageCut
+from shardwise.parallel.pipeline_cost import BACKWARD, FORWARD, WEIGHT  # an event's kind
 from shardwise.train.evaluate import gather_rows, score, summarize
 from shardwise.train.loop import mean_over
 
@@ -38,17 +39,6 @@ if TYPE_CHECKING:  # imported where a pipeline is built: it pulls in torch._dyna
 
 
 FAULT_TAG = 77  # the tag of a receive that an injected deadlock waits on
-
-
-SCHEDULES = {  # parallel.schedule: torch's class
-    "gpipe": "ScheduleGPipe",
-    "1f1b": "Schedule1F1B",
-    "interleaved": "ScheduleInterleaved1F1B",
-    "zero-bubble": "ScheduleInterleavedZeroBubble",
-    "zbv": "ScheduleZBVZeroBubble",
-}
-# what an event's kind is: a forward, a whole backward or the input's gradient alone, the weights' gradient
-FORWARD, BACKWARD, WEIGHT = 0, 1, 2
 
 
 class PipelineRunner:

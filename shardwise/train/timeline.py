@@ -25,10 +25,6 @@ from shardwise.topology import ParallelDims
 FIELDS = 6  # step, kind, micro-batch, start, end, stage
 
 
-def theoretical_bubble(stages: int, microbatches: int) -> float:
-    return (stages - 1) / (microbatches + stages - 1)
-
-
 def gather_events(events: list[tuple], group: dist.ProcessGroup) -> list[torch.Tensor]:
     """Every stage's events, in stage order (a collective over the pipeline group)."""
     mine = torch.tensor(events, dtype=torch.float64).reshape(-1, FIELDS)
