@@ -33,8 +33,9 @@ def _mlp() -> tuple[torch.nn.Module, dict]:
 def test_loading_is_timed_on_the_source_and_grows_with_the_samples():
     """T_load of a source whose samples are 1 MiB (uint8 images, converted to float32 as the
     loop does): the fit's time for 16 samples is within a factor of 3 of the same loading
-    timed here by hand, with numpy and torch, and 16 samples cost more than 2."""
-    import statistics
+    timed here by hand, with numpy and torch, and 16 samples cost more than 2. Both keep the
+    fastest of their rounds: a median here read 4 ms against the fit's 1.1 ms when the
+    machine was busy."""
     import time
 
     import numpy as np
@@ -47,13 +48,13 @@ def test_loading_is_timed_on_the_source_and_grows_with_the_samples():
     dataset = Dataset(x, y, x[:2], y[:2], 2, (1, 512, 512))
     fixed, per_sample = loading_fit(dataset, (2, 8, 16), torch.float32)
     by_hand, other_work = [], torch.empty(8 * 2**20)
-    for i in range(7):
+    for i in range(8):
         idx = np.random.default_rng(i).choice(64, size=16, replace=False)
         other_work.fill_(i)  # as the fit does: the step's other work has the caches
         started = time.perf_counter()
         torch.from_numpy(x[idx]).to(torch.float32), torch.from_numpy(y[idx])
         by_hand.append(time.perf_counter() - started)
-    predicted, measured = fixed + 16 * per_sample, statistics.median(by_hand)
+    predicted, measured = fixed + 16 * per_sample, min(by_hand[1:])
     assert measured / 3 < predicted < 3 * measured, (predicted, measured)
     assert fixed + 16 * per_sample > fixed + 2 * per_sample
 
