@@ -447,6 +447,29 @@ def test_the_cost_models_buckets_are_ddps_own(pool, cap_mb):
     assert len(predicted) == (2 if cap_mb is None else 1)  # (by default, the first bucket is closed at 1 MiB)
 
 
+@pytest.mark.parametrize("methods", [["powersgd"], ["topk", "powersgd"], ["none"], ["bf16", "powersgd"]])
+def test_a_method_that_averages_in_the_hook_runs_in_buckets_as_large_as_the_rest(pool, methods):
+    """DDP's small first bucket starts an all-reduce early, beside the rest of the backward;
+    a method that averages in the hook (the lossy ones) overlaps nothing there, so its run's
+    first bucket is as large as the rest: the MLP 64-1024-1024-10 (4.2 MB of gradients) in
+    one bucket, not two, as the cost model's buckets say. A run whose trial holds a lossless
+    method, or none, keeps DDP's own."""
+    from torch import nn
+
+    from shardwise.parallel.data import bucket_caps
+    from shardwise.plan.compression import ddp_buckets, rank_shapes
+
+    o = {**MLP, "model.hidden": "1024,1024", "train.steps": "3", "comm.compression": methods[0]}  # rebuilt at 2
+    o |= {"comm.candidates": ",".join(methods)} if len(methods) > 1 else {}
+    sizes = pool.run(train_summary, with_data(o), ranks=[0, 1])[0]["ddp_bucket_bytes"]
+    model = nn.Sequential(nn.Linear(64, 1024), nn.Linear(1024, 1024), nn.Linear(1024, 10))
+    predicted = [
+        4 * sum(math.prod(s) for s in b) for b in ddp_buckets(rank_shapes(model, 1), **bucket_caps(methods, None))
+    ]
+    assert sizes == predicted
+    assert len(sizes) == (1 if methods[0] != "none" and "bf16" not in methods else 2), sizes
+
+
 def test_a_bucket_where_the_method_costs_more_than_it_saves_goes_whole(monkeypatch):
     """Per bucket, by hand, on a link of a byte a nanosecond with the method's compute set to
     half a millisecond a bucket: top-k pays on the 1 MiB matrix's bucket (21 us of
@@ -458,16 +481,18 @@ def test_a_bucket_where_the_method_costs_more_than_it_saves_goes_whole(monkeypat
     monkeypatch.setattr(compression, "compute_seconds", lambda shapes, s, dp: 0.0 if s.method == "none" else 5e-4)
     link, shapes = Link.from_rate(8e9), [(64,), (512, 512)]  # DDP's buckets: the matrix (1 MiB), the vector
     beta = link.beta_s_per_byte
-    plan = compression.bucket_plan(shapes, CompressionSettings(topk_ratio=0.01), link, 2)
+    mib = 2**20  # parallel.bucket_mb = 1: DDP's own buckets, which top-k would otherwise take in one
+    plan = compression.bucket_plan(shapes, CompressionSettings(topk_ratio=0.01), link, 2, named=mib)
     assert plan["none"] == (pytest.approx(4 * (512 * 512 + 64) * beta), 0)
     k = math.ceil(0.01 * 512 * 512)  # values and indices, 4 bytes each, gathered from 2 ranks
     assert plan["topk"] == (pytest.approx(8 * k * beta + 5e-4 + 4 * 64 * beta), 4 * 64 + 1)
-    least, why = compression.whole_below(plan, ["topk"], shapes)
+    least, why = compression.whole_below(plan, ["topk"], shapes, named=mib)
     assert least == 257 and why == (
         "; 1 of DDP's 2 buckets go whole (those under 257 bytes): there topk would take longer than a plain all-reduce"
     )
-    assert compression.whole_below(plan, ["topk", "none"], shapes)[0] == 257
-    assert compression.whole_below(plan, ["none"], shapes) == (0, "")
+    assert compression.whole_below(plan, ["topk", "none"], shapes, named=mib)[0] == 257
+    assert compression.whole_below(plan, ["none"], shapes, named=mib) == (0, "")
+    assert compression.bucket_plan(shapes, CompressionSettings(topk_ratio=0.01), link, 2)["topk"][1] == 0  # one bucket
 
 
 def test_a_compressor_averages_a_bucket_under_its_least_size_whole():

@@ -109,6 +109,11 @@ class Compressor:
         return self._res.by_name
 
     @property
+    def methods(self) -> tuple[str, ...]:
+        """Every method this run may average with: the trial's candidates, else the one named."""
+        return self.settings.candidates or (self.settings.method,)
+
+    @property
     def method(self) -> str:
         """The method that averages this step: a candidate's in auto's trial, then the one
         the trial chose; else the one named."""

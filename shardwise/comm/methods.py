@@ -8,6 +8,16 @@ METHODS = ("none", "bf16", "fp16", "int8", "topk", "powersgd")
 LOSSY = ("int8", "topk", "powersgd")  # the methods with error feedback
 HALF = ("bf16", "fp16")  # rounded, not dropped: a parameter server's pushes take these too
 
+
+def in_hook(methods) -> bool:
+    """Whether every one of `methods` (a run's method, or its trial's candidates) averages a
+    bucket where DDP hands it over, in the autograd thread, before the backward goes on (the
+    lossy ones, comm/compress.py): then DDP's small first bucket, made so that an
+    all-reduce starts early beside the rest of the backward, overlaps nothing and only adds
+    a round of collectives (parallel/data.py `bucket_caps`)."""
+    return bool(methods) and all(m in LOSSY for m in methods)
+
+
 # A method is chosen only where it saves this share of a step, predicted (the launcher's
 # choice) and measured (the run's trial): a prediction is good to some tens of percent,
 # and a method that wins by less may as well lose (Agarwal et al., MLSys 2022: compression

@@ -40,12 +40,12 @@ def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> dict | None:
     shapes = rank_shapes(build_model(cfg.model, dataset.in_shape, dataset.num_classes), dims.tp)
     settings = CompressionSettings("none", c.topk_ratio, c.powersgd_rank, c.warmup_steps)
     elem = torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8
-    plan = bucket_plan(shapes, settings, measured_link(cluster, nproc), dims.dp, elem)
+    plan = bucket_plan(shapes, settings, measured_link(cluster, nproc), dims.dp, elem, dims.bucket_bytes)
     averaging = {m: seconds for m, (seconds, _) in plan.items()}
     predicted = _method_steps(cfg, nproc, cluster, averaging)
     steps = {m: p.step_s for m, p in predicted.items()} if predicted else None
     c.compression, c.candidates, line = pick(averaging, steps)
-    c.min_bucket_bytes, why = whole_below(plan, c.candidates or [c.compression], shapes, elem)
+    c.min_bucket_bytes, why = whole_below(plan, c.candidates or [c.compression], shapes, elem, dims.bucket_bytes)
     print(f"comm.compression auto: {line}{why}")
     if not predicted:
         return None

@@ -16,7 +16,8 @@ The gradient bytes of a rank's part are the whole model's over the layout's mode
 parallel degrees (tp x pp x vertical x spatial): the shapes are the whole model's.
 Collectives are taken as not overlapped with the backward, for every method alike.
 
-Per bucket (`bucket_plan`): DDP averages the gradients in buckets (`ddp_buckets`), each
+Per bucket (`bucket_plan`): DDP averages the gradients in buckets (`ddp_buckets`; a
+lossy method's first bucket as large as the rest, parallel/data.py `bucket_caps`), each
 with its own collectives, so each method is priced bucket by bucket, and a bucket where
 it would take longer than a plain all-reduce (a small one, where the extra collectives'
 latency outweighs the bytes saved) is priced, and run, whole: the method's
@@ -49,6 +50,7 @@ from shardwise.comm.cost import Link, all_gather, all_reduce
 from shardwise.comm.methods import LOSSY, MARGIN, METHODS, fair, lossless_base
 from shardwise.comm.trial import STEPS_EACH, TRIAL_BAND
 from shardwise.config import Config
+from shardwise.parallel.data import bucket_caps
 from shardwise.parallel.data import ddp_buckets as bucketed
 
 ROUNDS = 3
@@ -131,38 +133,40 @@ def bucket_bytes(bucket: list[tuple[int, ...]], elem: int = 4) -> int:
 
 
 def bucket_plan(
-    shapes, settings: CompressionSettings, link: Link, dp: int, elem: int = 4
+    shapes, settings: CompressionSettings, link: Link, dp: int, elem: int = 4, named: int | None = None
 ) -> dict[str, tuple[float, int]]:
-    """Per method: its averaging time for a step, bucket by bucket (`ddp_buckets`; its
-    collectives and its compute), with the buckets below its `min_bucket_bytes` averaged
-    whole, and that size: the least from which every bucket takes less time through the
-    method than through a plain all-reduce (0: all do, or none does: then the method is
-    priced through every bucket, as it would run)."""
-    buckets = ddp_buckets(shapes, elem)
-    sizes = [bucket_bytes(b, elem) for b in buckets]
-    each = {}
-    for method in METHODS:
-        s = CompressionSettings(method, settings.topk_ratio, settings.powersgd_rank)  # no warm-up: compressing
-        each[method] = [collective_seconds(b, s, link, dp, elem) + compute_seconds(b, s, dp) for b in buckets]
+    """Per method: its averaging time for a step, bucket by bucket (`ddp_buckets`: the
+    buckets the method would run in, `bucket_caps`, with `named` parallel.bucket_mb's
+    bytes; its collectives and its compute), with the buckets below its `min_bucket_bytes`
+    averaged whole, and that size: the least from which every bucket takes less time
+    through the method than through a plain all-reduce (0: all do, or none does: then the
+    method is priced through every bucket, as it would run)."""
     out = {}
-    for method, times in each.items():
-        losing = [size for size, t, whole in zip(sizes, times, each["none"], strict=True) if t >= whole]
+    for method in METHODS:
+        buckets = ddp_buckets(shapes, elem, **bucket_caps([method], named))
+        sizes = [bucket_bytes(b, elem) for b in buckets]
+        s = CompressionSettings(method, settings.topk_ratio, settings.powersgd_rank)  # no warm-up: compressing
+        times = [collective_seconds(b, s, link, dp, elem) + compute_seconds(b, s, dp) for b in buckets]
+        whole = [collective_seconds(b, CompressionSettings(), link, dp, elem) for b in buckets]
+        losing = [size for size, t, w in zip(sizes, times, whole, strict=True) if t >= w]
         least = max(losing) + 1 if method != "none" and losing else 0
         if least > max(sizes):  # it pays on no bucket: priced as it is (the choice passes it by)
             least = 0
-        seconds = sum(t if size >= least else whole for size, t, whole in zip(sizes, times, each["none"], strict=True))
+        seconds = sum(t if size >= least else w for size, t, w in zip(sizes, times, whole, strict=True))
         out[method] = seconds, least
     return out
 
 
-def whole_below(plan: dict[str, tuple[float, int]], methods: list[str], shapes, elem: int = 4) -> tuple[int, str]:
+def whole_below(
+    plan: dict[str, tuple[float, int]], methods: list[str], shapes, elem: int = 4, named: int | None = None
+) -> tuple[int, str]:
     """The run's `comm.min_bucket_bytes` for `methods` (the one chosen, or the trial's
     candidates: the largest of theirs, one size for all), and the words that say it ("":
     every bucket goes through the method)."""
     least = max(plan[m][1] for m in methods)
     if not least:
         return 0, ""
-    sizes = [bucket_bytes(b, elem) for b in ddp_buckets(shapes, elem)]
+    sizes = [bucket_bytes(b, elem) for b in ddp_buckets(shapes, elem, **bucket_caps(methods, named))]
     slower = [m for m in methods if plan[m][1] == least]
     return least, (
         f"; {sum(size < least for size in sizes)} of DDP's {len(sizes)} buckets go whole (those under "
@@ -180,15 +184,16 @@ def rank_shapes(model: nn.Module, tp: int) -> list[tuple[int, ...]]:
 def averaging(model: nn.Module, settings: CompressionSettings, link: Link, elem: int) -> Callable[..., float]:
     """A layout's time to average a step's gradients through `settings`' method on `link`
     (collectives and compute, bucket by bucket, those under its min_bucket_bytes whole), by
-    its dims (`topology.ParallelDims`); the compute is measured once per (tp, dp)."""
-    measured: dict[tuple[int, int], tuple[list, list[bool], float]] = {}
+    its dims (`topology.ParallelDims`); the compute is measured once per (tp, dp, DDP's buckets)."""
+    measured: dict[tuple[int, int, int | None], tuple[list, list[bool], float]] = {}
     least = settings.min_bucket_bytes
     settings = CompressionSettings(settings.method, settings.topk_ratio, settings.powersgd_rank)  # compressing
 
     def seconds(dims) -> float:
-        key = (dims.tp, dims.dp)
+        key = (dims.tp, dims.dp, dims.bucket_bytes)
         if key not in measured:
-            buckets = ddp_buckets(rank_shapes(model, dims.tp), elem)
+            caps = bucket_caps([settings.method], dims.bucket_bytes)
+            buckets = ddp_buckets(rank_shapes(model, dims.tp), elem, **caps)
             through = [bucket_bytes(b, elem) >= least for b in buckets]
             compute = sum(compute_seconds(b, settings, dims.dp) for b, t in zip(buckets, through, strict=True) if t)
             measured[key] = buckets, through, compute
