@@ -9,7 +9,8 @@ import torch
 from parity import train_summary, train_weights, with_data
 
 from shardwise.bench.compression import WARMUP, auto_sides, median_time, steps_to, time_to_target
-from shardwise.comm.compress import CompressionSettings, Compressor, Entry, largest
+from shardwise.comm.compress import CompressionSettings, Compressor, Entry
+from shardwise.comm.topk import largest
 
 SHAPES = {"w": (64, 32), "b": (7,)}
 STEPS = 6
@@ -119,7 +120,7 @@ def _run_nonfinite(method: str, *, group) -> dict:
     import torch.distributed as dist
 
     comp = Compressor(CompressionSettings(method, powersgd_rank=1, topk_ratio=0.05), group)
-    rank, applied, finite, qs = dist.get_rank(group), [], [], []
+    rank, applied, finite, qs, verdicts = dist.get_rank(group), [], [], [], []
     for step in range(STEPS):
         g = _grad(rank, step).clone()
         if step == 2 and rank == 1:
@@ -129,8 +130,10 @@ def _run_nonfinite(method: str, *, group) -> dict:
         finite.append(bool(torch.isfinite(out).all()))
         qs.append(comp.q["w"].clone() if method == "powersgd" else None)
         comp.end_step()
+        verdicts.append(comp.take_verdict())
+        assert comp.take_verdict() is None  # taken once: a later step without one looks again
     residual = torch.cat([comp.residuals[e.name].reshape(-1) for e in _entries()])
-    return {"applied": applied, "finite": finite, "residual": residual, "qs": qs}
+    return {"applied": applied, "finite": finite, "residual": residual, "qs": qs, "verdicts": verdicts}
 
 
 @pytest.mark.parametrize("method", ["int8", "topk", "powersgd"])
@@ -140,6 +143,8 @@ def test_a_non_finite_step_leaves_the_residuals_and_factors_as_they_were(pool, m
     error-feedback sum holds over the steps that counted."""
     out = pool.run(_run_nonfinite, method, ranks=[0, 1])
     assert out[0]["finite"] == [s != 2 for s in range(STEPS)] == out[1]["finite"]
+    # the compressor's word, which spares the loop its own pass over the gradients: the same
+    assert out[0]["verdicts"] == out[0]["finite"] == out[1]["verdicts"]
     _step_2_counts_for_nothing(out, method)
 
 
@@ -289,6 +294,28 @@ def _saved_with_fault(overrides: dict, out: str, faults: str, *, group) -> None:
     Path(out).mkdir(parents=True, exist_ok=True)
     run(load_config(None, {**BASE, **with_data(overrides)}), group=group, out_dir=Path(out),
         context=JobContext(faults=faults))  # fmt: skip
+
+
+def _weights_with_fault(overrides: dict, faults: str, *, group) -> dict:
+    from parity import BASE
+
+    from shardwise.config import load_config
+    from shardwise.job import JobContext, run
+
+    return run(
+        load_config(None, {**BASE, **with_data(overrides)}), group=group, context=JobContext(faults=faults)
+    ).state_dict
+
+
+@pytest.mark.parametrize("method", ["powersgd", "int8"])
+def test_the_loop_skips_a_step_on_the_compressors_word(pool, method):
+    """dp 2: rank 1's loss is inf at step 3, so its gradients are NaN and rank 0's loss is
+    finite. Rank 0 does not look at its averaged gradients (the compressor judged every
+    bucket) and must still skip the step: both ranks end with the same finite weights."""
+    o = {**MLP, "train.steps": "5", "comm.compression": method}
+    weights = pool.run(_weights_with_fault, o, "1:3:inf-loss", ranks=[0, 1])
+    for key, t in weights[0].items():
+        assert bool(torch.isfinite(t).all()) and torch.equal(t, weights[1][key]), key
 
 
 def test_the_loop_takes_back_the_residuals_of_a_step_it_skips(pool, tmp_path):

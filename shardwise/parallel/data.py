@@ -233,9 +233,11 @@ def ddp_hook(compressor: Compressor, names: dict[int, str]):
             compressor.settle(flat, entries(bucket))
         if compressor.whole(flat):  # the warm-up, a small bucket: DDP's own all-reduce, as without a hook
             compressor.tally(flat, flat.numel() * flat.element_size())
+            compressor.vouch(None)
             fut = default_hooks.allreduce_hook(compressor.group, bucket)
         elif method in torch_hooks:
             compressor.tally(flat, flat.numel() * 2)
+            compressor.vouch(None)
             fut = torch_hooks[method](compressor.group, bucket)
         else:  # Compressor.average tallies it
             fut = torch.futures.Future()

@@ -113,24 +113,26 @@ def located(position: Position, rank: int):
 FUSED_CHECK_DTYPES = (torch.float32, torch.float16, torch.float64)
 
 
-def all_finite(loss: torch.Tensor, model: nn.Module, group: dist.ProcessGroup | None, *, fault: str = "") -> bool:
+def all_finite(
+    loss: torch.Tensor, model: nn.Module, group: dist.ProcessGroup | None, *, fault: str = "", known: bool | None = None
+) -> bool:
     """Whether the loss and every gradient are finite. With `group`, on every rank of it
     (a collective), so all ranks skip a bad step together and their weights stay equal.
     Without, this rank's own answer: enough where the gradients were reduced whole and are
-    equal on every rank, since a rank's non-finite loss reaches them (see `poisoned`)."""
+    equal on every rank, since a rank's non-finite loss reaches them (see `poisoned`).
+    `known`: the gradients' answer where a compressor judged every bucket (comm/compress.py
+    `take_verdict`), which saves a pass over them."""
     bad = torch.isfinite(loss.detach()).logical_not().to(torch.float32).reshape(())
-    one = torch.ones((), device=loss.device)
+    bad = bad if known is None else torch.maximum(bad, torch.tensor(float(not known), device=bad.device))
     grads: dict[tuple, list[torch.Tensor]] = {}
-    for p in model.parameters():
-        if p.grad is not None:
-            g = local_tensor(p.grad)
-            grads.setdefault((g.device, g.dtype), []).append(g)
+    for g in (local_tensor(p.grad) for p in model.parameters() if p.grad is not None and known is None):
+        grads.setdefault((g.device, g.dtype), []).append(g)
     for (device, dtype), same in grads.items():
         if dtype in FUSED_CHECK_DTYPES:
             # the fused check of torch's GradScaler: one pass over all gradients, setting
             # `found` on a NaN or inf; scaling by one leaves every value as it is
             found = torch.zeros((), device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(same, found, one.to(device))
+            torch._amp_foreach_non_finite_check_and_unscale_(same, found, torch.ones((), device=device))
         else:  # bfloat16 on a GPU, say: one check per gradient
             found = torch.stack([torch.isfinite(g).all() for g in same]).all().logical_not().to(torch.float32)
         bad = torch.maximum(bad, found.to(bad.device))
@@ -296,7 +298,8 @@ def _update(
     norm = _norm(ctx, model, where) if fault == "order" else None  # the norm's collective before the agreement
     where.phase = "agreeing on finite gradients"
     group = None if fault == "skip" else ctx.agree_group
-    if not all_finite(loss, model, group, fault=fault):
+    known = ctx.compressor.take_verdict() if ctx.compressor is not None else None
+    if not all_finite(loss, model, group, fault=fault, known=known):
         optimizer.zero_grad(set_to_none=True)  # every rank skips it: the weights stay equal
         if ctx.compressor is not None:
             ctx.compressor.skipped()
