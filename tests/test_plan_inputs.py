@@ -34,8 +34,10 @@ def test_loading_is_timed_on_the_source_and_grows_with_the_samples():
     """T_load of a source whose samples are 1 MiB (uint8 images, converted to float32 as the
     loop does): the fit's time for 16 samples is within a factor of 3 of the same loading
     timed here by hand, with numpy and torch, and 16 samples cost more than 2. Both keep the
-    fastest of their rounds: a median here read 4 ms against the fit's 1.1 ms when the
-    machine was busy."""
+    fastest of their rounds. A busy machine still slowed all of one side's rounds now and
+    then (in CI: a median read 4.1 ms against the fit's 1.1; once the fit's 8.7 against 2.5
+    by hand), so the pair is measured up to three times and one must agree: a fit that
+    missed the loading, or timed something else, is off by far more, every time."""
     import time
 
     import numpy as np
@@ -46,17 +48,21 @@ def test_loading_is_timed_on_the_source_and_grows_with_the_samples():
     x = np.random.default_rng(0).integers(0, 255, size=(64, 1, 512, 512), dtype=np.uint8)
     y = np.zeros(64, dtype=np.int64)
     dataset = Dataset(x, y, x[:2], y[:2], 2, (1, 512, 512))
-    fixed, per_sample = loading_fit(dataset, (2, 8, 16), torch.float32)
-    by_hand, other_work = [], torch.empty(8 * 2**20)
-    for i in range(8):
-        idx = np.random.default_rng(i).choice(64, size=16, replace=False)
-        other_work.fill_(i)  # as the fit does: the step's other work has the caches
-        started = time.perf_counter()
-        torch.from_numpy(x[idx]).to(torch.float32), torch.from_numpy(y[idx])
-        by_hand.append(time.perf_counter() - started)
-    predicted, measured = fixed + 16 * per_sample, min(by_hand[1:])
-    assert measured / 3 < predicted < 3 * measured, (predicted, measured)
-    assert fixed + 16 * per_sample > fixed + 2 * per_sample
+    pairs, other_work = [], torch.empty(8 * 2**20)
+    for _ in range(3):
+        fixed, per_sample = loading_fit(dataset, (2, 8, 16), torch.float32)
+        assert fixed + 16 * per_sample > fixed + 2 * per_sample
+        by_hand = []
+        for i in range(8):
+            idx = np.random.default_rng(i).choice(64, size=16, replace=False)
+            other_work.fill_(i)  # as the fit does: the step's other work has the caches
+            started = time.perf_counter()
+            torch.from_numpy(x[idx]).to(torch.float32), torch.from_numpy(y[idx])
+            by_hand.append(time.perf_counter() - started)
+        pairs.append((fixed + 16 * per_sample, min(by_hand[1:])))
+        if pairs[-1][1] / 3 < pairs[-1][0] < 3 * pairs[-1][1]:
+            return
+    raise AssertionError(f"the fit's 16 samples against the same timed by hand, (predicted, measured) s: {pairs}")
 
 
 def test_a_profile_counts_bytes_exactly():
