@@ -130,7 +130,7 @@ class Compressor:
         (the same on every rank of the group: they average the same parameters alike)."""
         if self.trial is not None and self.trial.chosen is not None:
             return self.trial.chosen in LOSSY or bool(self.residuals)
-        return any(m in LOSSY for m in (self.settings.method, *self.settings.candidates))
+        return any(m in LOSSY for m in self.methods)
 
     @property
     def compressing(self) -> bool:
@@ -151,14 +151,14 @@ class Compressor:
         self._device = flat.device
         if self.unsettled(flat):
             self.settle(flat, entries)
-        if self.whole(flat) or method in ("bf16", "fp16"):
-            self.vouch(None)
         if self.whole(flat):
+            self.vouch(None)
             self.tally(flat, flat.numel() * flat.element_size())
             self._all_reduce(flat)
             return flat.div_(self.world)
         self.tally(flat)  # the method adds what it sends
-        if method in ("bf16", "fp16"):
+        if method in HALF:
+            self.vouch(None)
             return self._half(flat, torch.bfloat16 if method == "bf16" else torch.float16)
         key, owed = self._res.flat(flat, entries)
         # the new residual goes to the bucket's spare buffer, kept only if the average is

@@ -125,7 +125,7 @@ def all_finite(
     bad = torch.isfinite(loss.detach()).logical_not().to(torch.float32).reshape(())
     bad = bad if known is None else torch.maximum(bad, torch.tensor(float(not known), device=bad.device))
     grads: dict[tuple, list[torch.Tensor]] = {}
-    for g in (local_tensor(p.grad) for p in model.parameters() if p.grad is not None and known is None):
+    for g in (local_tensor(p.grad) for p in (model.parameters() if known is None else ()) if p.grad is not None):
         grads.setdefault((g.device, g.dtype), []).append(g)
     for (device, dtype), same in grads.items():
         if dtype in FUSED_CHECK_DTYPES:
