@@ -1,6 +1,7 @@
 """Gradient compression: each method against plain torch arithmetic written here, error
 feedback carrying exactly what was not sent, and training under it."""
 
+import dataclasses
 import json
 import math
 
@@ -393,6 +394,10 @@ def test_auto_weighs_the_bytes_saved_against_the_compute_spent():
 
     assert comm("none") == pytest.approx(4 * 2112 * beta)  # all-reduce: 2 (n - 1) / n of 4 bytes each
     assert comm("bf16") == pytest.approx(2 * 2112 * beta)
+    # a link measured to sum fp16 at 3x float32's cost a byte prices fp16 so (bf16: not measured)
+    link = dataclasses.replace(link, collectives={"all_reduce_fp16": (0.0, 3.0)})
+    assert comm("fp16") == pytest.approx(3 * 2 * 2112 * beta) and comm("bf16") == pytest.approx(2 * 2112 * beta)
+    link = Link.from_rate(8e9)
     assert comm("int8") == pytest.approx((3 * 1024 + 3 * 4) * beta)  # the other rank's 3 blocks and scales
     assert comm("topk", topk_ratio=0.01) == pytest.approx(2 * 22 * 4 * beta)  # k = 22 values, 22 indices
     # rank 4: P is 64 x 4 and Q 32 x 4 for the matrix; the vector goes whole with the Ps

@@ -95,6 +95,11 @@ def test_a_calibrated_collective_is_its_per_call_cost_plus_a_factor_on_the_ring(
     assert all_gather(link, 2, 8e6) == pytest.approx(1e-3 + 3 * 4e-3)
     assert all_reduce(link, 2, 8e6) == pytest.approx(8e-3)  # not calibrated: the ring
     assert all_gather(link, 1, 8e6) == 0.0
+    # half-precision entries: their own calibration where measured (gloo sums fp16 at several
+    # times float32's cost per byte on a CPU), else float32's
+    half = Link(0.0, 1e-9, {"all_reduce": (1e-3, 2.0), "all_reduce_fp16": (1e-3, 6.0)})
+    assert all_reduce(half, 2, 8e6, "fp16") == pytest.approx(1e-3 + 6 * 8e-3)
+    assert all_reduce(half, 2, 8e6, "bf16") == all_reduce(half, 2, 8e6) == pytest.approx(1e-3 + 2 * 8e-3)
 
 
 def test_calibration_recovers_the_cost_it_was_measured_from():
@@ -108,11 +113,13 @@ def test_calibration_recovers_the_cost_it_was_measured_from():
         "all_reduce": measured(2e-3, 2.5, 2 * 3 / 4),  # 4 ranks: 2 (n - 1) / n of the bytes
         "all_gather": measured(0.5e-3, 4.0, 3 / 4),
         "reduce_scatter": measured(0.0, 6.0, 3 / 4),
+        "all_reduce_fp16": measured(1e-3, 7.0, 2 * 3 / 4),  # an all-reduce's bytes, fp16's rate
     }
     link = calibrate(base, 4, timed, overlap=-0.25)
     assert link.collectives["all_reduce"] == pytest.approx((2e-3, 2.5))
     assert link.collectives["all_gather"] == pytest.approx((0.5e-3, 4.0))
     assert link.collectives["reduce_scatter"] == pytest.approx((0.0, 6.0), abs=1e-12)
+    assert link.collectives["all_reduce_fp16"] == pytest.approx((1e-3, 7.0))
     assert link.overlap == -0.25 and (link.alpha_s, link.beta_s_per_byte) == (50e-6, 1e-9)
     # the factor comes from the two largest sizes: a cheap small size does not bend it
     timed["all_reduce"][0] = (2**16, 1e-6)

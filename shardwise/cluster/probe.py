@@ -56,9 +56,15 @@ def measure(
         return json.loads(out.read_text())
 
 
-LINK_VERSION = 4  # of what calibrate_link measures: a cached link of another version is measured again
+LINK_VERSION = 5  # of what calibrate_link measures: a cached link of another version is measured again
 COLLECTIVE_SIZES = [2**16, 2**24, 2**26]  # 64 KiB: the per-call cost; 16 and 64 MiB: the factor on the ring
-PATTERN_KIND = {"allreduce": "all_reduce", "allgather": "all_gather", "reducescatter": "reduce_scatter"}
+PATTERN_KIND = {
+    "allreduce": "all_reduce",
+    "allgather": "all_gather",
+    "reducescatter": "reduce_scatter",
+    "allreduce_bf16": "all_reduce_bf16",  # of half-precision entries (bf16 and fp16 compression)
+    "allreduce_fp16": "all_reduce_fp16",
+}
 
 
 def expected(seconds: list[float]) -> float:

@@ -6,7 +6,8 @@ Run as ranks placed by `shardwise.cluster.placement` (torchrun's environment):
 
 pingpong: rank 0 sends n bytes to rank 1, which sends them back; the one-way time
 is half the round trip. Other ranks, if any, wait at the final barrier.
-allreduce: every rank all-reduces (sum) a float32 tensor of n bytes; allgather and
+allreduce: every rank all-reduces (sum) a float32 tensor of n bytes (allreduce_bf16,
+allreduce_fp16: of that type, whose sums gloo computes at its own rate); allgather and
 reducescatter: every rank gathers (reduces and scatters) a flat tensor of n bytes, as
 FSDP and ZeRO do. overlap: an all-reduce of 16 MiB issued beside compute (a
 memory-bound matrix product, as small-batch training is on a CPU), each round timed three
@@ -19,6 +20,7 @@ writes every timed round, the hostnames and addresses of the ranks as JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
@@ -74,8 +76,8 @@ def _timed(run, rounds: int, warmup: int = WARMUP) -> list[float]:
     return times
 
 
-def allreduce(size: int, rounds: int) -> list[float]:
-    buf = torch.ones(max(size // 4, 1), dtype=torch.float32)
+def allreduce(size: int, rounds: int, dtype: torch.dtype = torch.float32) -> list[float]:
+    buf = torch.ones(max(size // dtype.itemsize, 1), dtype=dtype)
     return _timed(lambda: dist.all_reduce(buf), rounds)
 
 
@@ -156,6 +158,8 @@ def sync(size: int, rounds: int) -> list[float]:
 PATTERNS = {
     "pingpong": pingpong,
     "allreduce": allreduce,
+    "allreduce_bf16": functools.partial(allreduce, dtype=torch.bfloat16),
+    "allreduce_fp16": functools.partial(allreduce, dtype=torch.float16),
     "allgather": allgather,
     "reducescatter": reducescatter,
     "overlap": overlap,

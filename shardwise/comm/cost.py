@@ -13,7 +13,9 @@ A backend runs each collective at its own efficiency: gloo's all-reduce comes cl
 ring, its all-gather and reduce-scatter into one flat tensor take several times the ring's
 time on a CPU. So a link can carry, per collective, a measured calibration (`calibrate`
 fits it from timed collectives): a fixed cost per call and a factor on the ring's time.
-And `overlap`: the measured share of a collective's time that compute running beside it
+An all-reduce of half-precision entries (bf16, fp16) is calibrated apart: gloo sums them
+on the CPU at its own rate, fp16's several times float32's per byte, so that halving the
+bytes does not halve the time. And `overlap`: the measured share of a collective's time that compute running beside it
 hides (1: all of it; 0: none; below 0: the two slow each other down, as on a CPU whose
 cores and memory bandwidth the ranks already fill).
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-KINDS = ("all_reduce", "all_gather", "reduce_scatter")
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_reduce_bf16", "all_reduce_fp16")
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ def _ring_half(link: Link, ranks: int, n_bytes: float) -> float:
 def _ring_bytes(kind: str, ranks: int, n_bytes: float) -> float:
     """The bytes each rank sends in the ring algorithm of `kind` on an `n_bytes` tensor."""
     half = (ranks - 1) * n_bytes / ranks
-    return 2 * half if kind == "all_reduce" else half
+    return 2 * half if kind.startswith("all_reduce") else half
 
 
 def _cost(link: Link, kind: str, ranks: int, n_bytes: float) -> float:
@@ -68,7 +70,7 @@ def _cost(link: Link, kind: str, ranks: int, n_bytes: float) -> float:
     if kind in link.collectives:
         per_call, factor = link.collectives[kind]
         return per_call + factor * _ring_bytes(kind, ranks, n_bytes) * link.beta_s_per_byte
-    return (2 if kind == "all_reduce" else 1) * _ring_half(link, ranks, n_bytes)
+    return (2 if kind.startswith("all_reduce") else 1) * _ring_half(link, ranks, n_bytes)
 
 
 def reduce_scatter(link: Link, ranks: int, n_bytes: float) -> float:
@@ -81,9 +83,11 @@ def all_gather(link: Link, ranks: int, n_bytes: float) -> float:
     return _cost(link, "all_gather", ranks, n_bytes)
 
 
-def all_reduce(link: Link, ranks: int, n_bytes: float) -> float:
-    """Ring all-reduce: a reduce-scatter, then an all-gather (2 (n - 1) / n of the bytes sent)."""
-    return _cost(link, "all_reduce", ranks, n_bytes)
+def all_reduce(link: Link, ranks: int, n_bytes: float, half: str = "") -> float:
+    """Ring all-reduce: a reduce-scatter, then an all-gather (2 (n - 1) / n of the bytes sent);
+    of `half` (bf16, fp16) entries: that type's calibration, where the link has one."""
+    kind = f"all_reduce_{half}" if half else "all_reduce"
+    return _cost(link, kind if kind in link.collectives else "all_reduce", ranks, n_bytes)
 
 
 def bytes_sent_all_reduce(ranks: int, n_bytes: float) -> float:

@@ -5,9 +5,10 @@ Per method, the seconds a step spends averaging the gradients of the part a
 data-parallel rank holds (`bucket_plan`):
 
 - its collectives on the measured link (comm/cost.py): none and bf16/fp16 an all-reduce
-  of 4 or 2 bytes per entry; int8 an all-gather of every rank's byte per entry and
-  scale; top-k two all-gathers of every rank's k values and indices; PowerSGD two
-  all-reduces, of the Ps (and vectors) and of the Qs;
+  of 4 or 2 bytes per entry (the latter at the half type's measured rate); int8 an
+  all-gather of every rank's byte per entry and scale; top-k two all-gathers of every
+  rank's k values and indices; PowerSGD two all-reduces, of the Ps (and vectors) and of
+  the Qs;
 - its own compute, measured here on gradients of the model's shapes by a dry run of
   the very code that compresses (comm/compress.py), its collectives replaced by local
   copies.
@@ -103,7 +104,7 @@ def collective_seconds(
     if method == "none":
         return all_reduce(link, dp, elem * n)
     if method in ("bf16", "fp16"):
-        return all_reduce(link, dp, 2 * n)
+        return all_reduce(link, dp, 2 * n, method)  # summed at that type's own rate
     if method == "int8":
         size = quant.blocks(n)
         return all_gather(link, dp, dp * size * quant.BLOCK) + all_gather(link, dp, dp * 4 * size)
