@@ -96,7 +96,9 @@ def test_no_rank_outlives_a_killed_launcher(tmp_path, start):
     import sys
     import time
 
-    env = {**os.environ, "SHARDWISE_START": start}
+    # the killed launcher cannot remove its temporary folder: it goes under the test's own
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "SHARDWISE_START": start, "TMPDIR": str(tmp_path / "tmp")}
     job = subprocess.Popen([sys.executable, "-m", "shardwise", "train", "--nproc", "2", "--model.name", "mlp",
                             "--train.steps", "100000", "--train.eval_every", "0", "--run.progress", "false", "--out",
                             str(tmp_path / "run")], env=env, stdout=subprocess.DEVNULL,
