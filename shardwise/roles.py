@@ -160,7 +160,7 @@ def _train(job: Job, console) -> Outcome:
     end_bytes = gather_rows(layout.memory(optimizer), group)
     extra = {"shard": dims.shard, "memory": memory_records(end_bytes, dims, measured), "partition": job.data.report}
     if layout.part.compressor is not None:
-        extra["compression"] = layout.part.compressor.summary()
+        extra["compression"] = layout.part.compressor.summary(result.step_times, first_step=job.start_step)
     return Outcome(result, skipped=result.skipped_steps, extra=extra, memory=(end_bytes, measured))
 
 

@@ -371,9 +371,10 @@ def test_time_to_target_counts_the_warm_up_at_the_uncompressed_step(tmp_path):
     # auto: each seed with its own trial and the step of the method it kept (3.0, 6.0 and 3.0 s)
     runs = [(20, [0.1] * 10, 0.05), (40, [0.3] * 10, 0.05), (50, [], 0.025)]
     assert median_time(runs, 0.2) == pytest.approx(2 + 40 * 0.025)
-    # priced at the side of the method each run kept: auto's own where it is most runs'
-    assert auto_sides(["topk", "powersgd", "topk"]) == ["auto", "powersgd rank 4", "auto"]
-    assert auto_sides(["fp16", "bf16", "bf16"]) == ["auto", "auto", "auto"]  # no fp16 side: auto's
+    # priced at the side of the method each run kept: auto's own where its timed runs kept it
+    assert auto_sides(["topk", "powersgd", "topk"], "topk") == ["auto", "powersgd rank 4", "auto"]
+    assert auto_sides(["topk", "powersgd", "topk"], "powersgd") == ["topk 1%", "auto", "topk 1%"]
+    assert auto_sides(["fp16", "bf16", "bf16"], "bf16") == ["auto", "auto", "auto"]  # no fp16 side: auto's
 
 
 def test_auto_weighs_the_bytes_saved_against_the_compute_spent():
@@ -687,6 +688,10 @@ def _trial(periods: dict[str, float], *, group) -> dict:
         again = trial.Trial(("topk", "none"), 1, None)
         again.load(comp.trial.state())
         out = {"ran": ran, "applied": applied, "owed": dict(comp.residuals), "summary": comp.summary(), "again": again}
+        # each step's seconds its number: the kept method's steps (11 and 12) have the median 11.5,
+        # whether the times start at step 0 or, resumed, at step 5
+        times = [float(s) for s in range(len(ran))]
+        out["kept_step_s"] = [comp.summary(times[first:], first)["trial"]["kept_step_s"] for first in (0, 5)]
         spares = [f"spare of {'+'.join(key)}" for key in comp._res._spares]
         return out | {"owes": comp.owes, "buffers": sorted(comp._buffers) + spares}
     finally:
@@ -718,6 +723,7 @@ def test_auto_trial_keeps_the_fastest_on_the_slowest_rank_that_saves_its_margin(
     assert trial["step_s"] == pytest.approx(slowest) and trial["chosen"] == kept
     assert out[0]["summary"]["method"] == kept and out[1]["summary"]["trial"] == trial
     assert out[0]["again"].chosen == kept and out[0]["again"].medians == trial["step_s"]  # as a checkpoint keeps it
+    assert out[0]["kept_step_s"] == [11.5, 11.5] and trial["kept_step_s"] is None  # (no times given)
     assert bool(out[0]["owed"]) == (kept == "topk")  # none settled what top-k's steps owed
     # a checkpoint holds residuals only while some are owed; a kept none keeps no buffers
     assert out[0]["owes"] == out[1]["owes"] == (kept == "topk")
@@ -800,7 +806,9 @@ def test_a_trial_resumed_midway_keeps_what_it_had_timed(monkeypatch):
 def test_the_compression_bench_reports_and_keeps_what_its_figures_come_from(tmp_path):
     """The bench's whole report on made-up runs (no processes): each method's time to the
     target is the median over the seeds of its steps x its step; auto's runs are priced at
-    the side of the method each kept; bench.json's `runs` holds what the figures come from."""
+    its timed runs' step after their trial where they kept the same method, else at the
+    side of the method each kept; none runs twice; bench.json's `runs` holds what the
+    figures come from."""
     import io
     import json
 
@@ -810,13 +818,17 @@ def test_the_compression_bench_reports_and_keeps_what_its_figures_come_from(tmp_
     from shardwise.bench.common import Bench
 
     reach_at = {"none": [90, 100, 90], "topk": [115, 165, 65], "auto": [100, 125, 85]}
-    step_s = {"none": 0.160, "topk": 0.035, "powersgd": 0.040}  # (auto's side runs the method most kept)
-    kept = {0: "powersgd", 1: "topk", 2: "topk"}
+    step_s = {"none": 0.160, "topk": 0.035, "powersgd": 0.040}
+    kept, timed = {0: "powersgd", 1: "topk", 2: "topk"}, []
 
     class Made(Bench):
         def train(self, args, name, *, steps=0, env=None, nproc=None, eval_every=0):
             method = args[args.index("--comm.compression") + 1]
+            if "accuracy" not in name and method == "auto":  # its trial's steps in the median too
+                timed.append((name, steps))
+                return {"step_time_s": 0.5, "compression": {"method": "topk", "trial": {"kept_step_s": 0.030}}}
             if "accuracy" not in name:
+                timed.append((name, steps))
                 return {"step_time_s": step_s.get(method, 0.1)}
             seed = int(args[args.index("--train.seed") + 1])
             reach = reach_at.get(method, [200, 200, 200])[seed]
@@ -839,12 +851,18 @@ def test_the_compression_bench_reports_and_keeps_what_its_figures_come_from(tmp_
     none_time = 10 * 0.160 + 80 * 0.160  # the median seed's 90 steps
     topk = 10 * 0.160 + 105 * 0.035  # its median seed: 115 steps
     assert got["mlp, 2 ranks topk 1%: time to target, none / method"]["median"] == pytest.approx(none_time / topk)
-    # auto's seeds: 100 steps, PowerSGD kept (its side's 40 ms: the median run); 125 and 85,
-    # top-k (auto's side, which runs top-k)
+    # auto's seeds: 100 steps, PowerSGD kept (its side's 40 ms); 125 (the median run) and 85,
+    # top-k, as auto's timed runs kept: at their 30 ms a step after the trial
     trial = 5 * 0.04 + 5 * 0.05
     auto = got["mlp, 2 ranks auto: time to target, none / method"]["median"]
-    assert auto == pytest.approx(none_time / (10 * 0.16 + trial + 80 * 0.040))
+    assert auto == pytest.approx(none_time / (10 * 0.16 + trial + 105 * 0.030))
+    assert got["mlp, 2 ranks none again: time to target, none / method"]["median"] == pytest.approx(1.0)
+    # each side 5 times, 40 steps; auto's 10 more, for the trial its accuracy runs made
+    assert sorted({steps for name, steps in timed if "-auto-" in name}) == [compression.TIMED + 10]
+    again = sum("-none-again-" in name for name, _ in timed)
+    assert again == sum("-none-" in name and "again" not in name for name, _ in timed) == 5
     (kept_runs,) = b.runs
+    assert kept_runs["auto_timed_kept"] == ["topk"] * 5
     assert [r["kept"] for r in kept_runs["auto"]] == ["powersgd", "topk", "topk"]
     assert [r["steps"] for r in kept_runs["seeds"]["topk 1%"]] == [115, 165, 65]
     assert kept_runs["step_s"]["none"] == [0.160] * 5

@@ -10,7 +10,9 @@ at every world size), two phases on the bench's link:
    to the target accuracy and the final accuracy come from its metrics.jsonl (training
    is seeded: these are the same run after run);
 2. speed: every method runs TIMED steps compressed from the first, in rotated order,
-   `repeats` times; a method's step time is the median of its runs' median steps.
+   `repeats` times; a method's step time is the median of its runs' median steps. none
+   runs twice in each repetition (the second: "none again"), so that the table shows how
+   far apart two identical jobs time on this machine.
 
 Time to target = WARMUP x none's step + (steps to target - WARMUP) x the method's step:
 the training time to the accuracy, without start-up and evaluations, which no method
@@ -18,8 +20,11 @@ changes; per seed, and the median over the seeds is the method's (a seed that ne
 reaches the target counts as slower than all that do; a median among those: never). `auto` is the
 launcher's choice (plan/compression.py) among the others, with the same settings, and
 where it shortlists, the run's trial (comm/trial.py): its accuracy runs say what each
-kept, phase 2 times the method most of them kept, and each seed's time to target counts
-its trial's steps after the warm-up at each candidate's median, as that run measured them.
+kept, and each seed's time to target counts its trial's steps after the warm-up at each
+candidate's median, as that run measured them; phase 2 runs auto as a user does (the
+launcher's choice, the trial from the first step), its step the median of the steps after
+the trial. A seed that kept another method than most timed runs of auto is priced at that
+method's side.
 
 torch's own `powerSGD_hook` is the yardstick of shardwise's PowerSGD in phase 2: a plain
 DDP script (torch_ddp_reference) with the hook registered, each bucket's chain waited for
@@ -59,6 +64,9 @@ METHODS: dict[str, str] = {
     "auto": "auto",
 }
 POWERSGD = f"powersgd rank {POWERSGD_RANK}"
+# none's own command, timed again in each repetition: how far apart two identical jobs time
+# here (auto's side, where it keeps none, is that job too), priced with none's steps
+AGAIN = "none again"
 TORCH_POWERSGD = f"torch PowerSGD hook rank {POWERSGD_RANK}"  # the yardstick of POWERSGD: step time only
 
 
@@ -127,9 +135,11 @@ def run(b: Bench) -> None:
         case = f"{key}-{world}"
         reached = {m: [_accuracy(b, case, m, c, seed, model, world) for seed in SEEDS] for m, c in METHODS.items()}
         autos = [_auto(b, b.work / f"compression-{case}-auto-seed{seed}-accuracy", seed) for seed in SEEDS]
-        times = alternate(_timed_sides(b, case, model, world, majority([k for k, _ in autos])), b.repeats, b.console)
-        _report(b, f"{key}, {world} ranks", model.target, reached, times, autos)
-        b.runs.append(_runs(b.link, case, reached, times, autos))
+        timed_kept: list[str] = []  # what each timed run of auto kept
+        sides = _timed_sides(b, case, model, world, max(len(t) for _, t in autos), timed_kept)
+        times = alternate(sides, b.repeats, b.console)
+        _report(b, f"{key}, {world} ranks", model.target, reached, times, autos, majority(timed_kept))
+        b.runs.append(_runs(b.link, case, reached, times, autos) | {"auto_timed_kept": timed_kept})
 
 
 def _runs(link: str, case: str, reached: dict, times: dict[str, list[float]], autos: list[tuple[str, list]]) -> dict:
@@ -175,14 +185,23 @@ def _auto(b: Bench, folder: Path, seed: int) -> tuple[str, list[float]]:
     return c["method"], seconds
 
 
-def _timed_sides(b: Bench, case: str, model: Model, world: int, kept: str) -> dict:
-    """Phase 2's sides: each method compressed from the first step (auto: the method its
-    accuracy run kept, its trial's cost counted apart), and torch's PowerSGD hook on the
-    same model, data, batch and optimizer (a plain DDP script)."""
+def _timed_sides(b: Bench, case: str, model: Model, world: int, trial_steps: int, kept: list[str]) -> dict:
+    """Phase 2's sides: each method compressed from the first step; none again (`AGAIN`);
+    auto as the user runs it, the launcher's choice and the run's trial (`trial_steps` more
+    steps, as its accuracy runs took), its step the median of those after the trial (the
+    method it kept, appended to `kept`); and torch's PowerSGD hook on the same model, data,
+    batch and optimizer (a plain DDP script)."""
 
     def side(extra: list[str], name: str):
         run_args = [*model.args, *extra, "--nproc", str(world)]
         return lambda i: b.train(run_args, f"compression-{case}-{name}-{i}", steps=TIMED)["step_time_s"]
+
+    def auto_side(i: int) -> float:
+        run_args = [*model.args, *_method("auto"), "--nproc", str(world)]
+        summary = b.train(run_args, f"compression-{case}-auto-{i}", steps=TIMED + trial_steps)
+        c = summary.get("compression") or {"method": "none"}
+        kept.append(c["method"])
+        return (c.get("trial") or {}).get("kept_step_s") or summary["step_time_s"]
 
     def torch_side(i: int) -> float:
         args = ["--steps", str(TIMED), "--batch-size", str(model.batch), "--model", model.name]
@@ -192,9 +211,15 @@ def _timed_sides(b: Bench, case: str, model: Model, world: int, kept: str) -> di
             "step_time_s"
         ]
 
-    named = METHODS | {"auto": kept}
-    sides = {method: side(_method(c), method.replace(" ", "-")) for method, c in named.items()}
-    return sides | {TORCH_POWERSGD: torch_side}
+    sides = {method: side(_method(c), method.replace(" ", "-")) for method, c in METHODS.items() if method != "auto"}
+    return (
+        {"none": sides.pop("none"), AGAIN: side(_method("none"), "none-again")}
+        | sides
+        | {
+            "auto": auto_side,
+            TORCH_POWERSGD: torch_side,
+        }
+    )
 
 
 def median_time(runs: list[tuple[int | None, list[float], float]], none_s: float) -> float | None:
@@ -207,16 +232,16 @@ def median_time(runs: list[tuple[int | None, list[float], float]], none_s: float
 
 
 def majority(kept: list[str]) -> str:
-    """The method most of auto's runs kept (a tie: the first seed's): auto's timed side runs it."""
+    """The method most of auto's runs kept (a tie: the first's)."""
     return Counter(kept).most_common(1)[0][0]
 
 
-def auto_sides(kept: list[str]) -> list[str]:
+def auto_sides(kept: list[str], timed: str) -> list[str]:
     """For each seed's auto run, the timed side whose step prices its steps after the trial:
-    auto's own where it kept the `majority`; else that method's own side (auto's, for a
-    method the bench times no side of: fp16)."""
-    names, most = {c: name for name, c in METHODS.items()}, majority(kept)
-    return ["auto" if k == most or k not in names else names[k] for k in kept]
+    auto's own where it kept what the timed runs of auto mostly kept (`timed`); else that
+    method's own side (auto's, for a method the bench times no side of: fp16)."""
+    names = {c: name for name, c in METHODS.items()}
+    return ["auto" if k == timed or k not in names else names[k] for k in kept]
 
 
 def _steps_text(rows: list[tuple[int | None, float]]) -> str:
@@ -232,10 +257,17 @@ def _steps_text(rows: list[tuple[int | None, float]]) -> str:
 
 
 def _report(
-    b: Bench, key: str, target: float, reached: dict, times: dict[str, list[float]], autos: list[tuple[str, list]]
+    b: Bench,
+    key: str,
+    target: float,
+    reached: dict,
+    times: dict[str, list[float]],
+    autos: list[tuple[str, list]],
+    timed_kept: str,
 ) -> None:
     none_s = statistics.median(times["none"])
-    sides = auto_sides([k for k, _ in autos])
+    sides = auto_sides([k for k, _ in autos], timed_kept)
+    reached = reached | {AGAIN: reached["none"]}  # the same job: the same steps
 
     def runs(method: str, step_of=statistics.median) -> list[tuple[int | None, list[float], float]]:
         """Each seed's run of `method`, its step `step_of` its side's times (auto: each run's

@@ -234,8 +234,9 @@ class Compressor:
         self.bytes_whole += flat.numel() * flat.element_size()
         self.bytes_sent += sent
 
-    def summary(self) -> dict:
-        """What the run's summary says of it: the method and the bytes this rank sent."""
+    def summary(self, step_times: list[float] = (), first_step: int = 0) -> dict:
+        """What the run's summary says of it: the method and the bytes this rank sent; and of
+        a trial, the median of this rank's `step_times` (from step `first_step`) after it."""
         s, sent, whole = self.settings, self.bytes_sent, self.bytes_whole
         ratio = sent / max(whole, 1)
         out = {
@@ -245,7 +246,9 @@ class Compressor:
             "bytes_whole": whole,
             "ratio": ratio,
         }
-        return out | ({"trial": self.trial.summary()} if self.trial is not None else {})
+        if self.trial is None:
+            return out
+        return out | {"trial": self.trial.summary(step_times[max(0, self.trial.end - first_step) :])}
 
     # the lossy methods: each returns the group's average (this rank's residual written to
     # `residual`) and whether the average is finite

@@ -104,10 +104,13 @@ class Trial:
         else:
             self.periods |= {c: [t] for c, t in times.items()}
 
-    def summary(self) -> dict:
+    def summary(self, after: list[float] = ()) -> dict:
+        """The candidates, each one's agreed step, the one kept, and the median of the steps
+        `after` the trial (the kept method's, as the run measured them; None without any)."""
         return {
             "candidates": list(self.candidates),
             "steps_each": STEPS_EACH,
             "step_s": self.medians,
             "chosen": self.chosen,
+            "kept_step_s": statistics.median(after) if after else None,
         }

@@ -153,10 +153,12 @@ def model_check(summary: dict, budget: str = "") -> dict:
     # comm.compression = auto: the prediction for the method its trial kept
     kept = summary.get("compression", {}).get("method")
     predicted = predicted.pop("by_method", {}).get(kept, predicted)
-    check = {"predicted": predicted, "measured_step_s": summary["step_time_s"]}
+    # and the steps that method ran: those after the trial, where there was one
+    measured = summary.get("compression", {}).get("trial", {}).get("kept_step_s") or summary["step_time_s"]
+    check = {"predicted": predicted, "measured_step_s": measured}
     if "load_time_s" in summary:
         check["measured_load_s"] = summary["load_time_s"]
-    check["step_ratio"] = summary["step_time_s"] / predicted["step_s"] if predicted["step_s"] > 0 else None
+    check["step_ratio"] = measured / predicted["step_s"] if predicted["step_s"] > 0 else None
     peaks = [
         r["parameters_bytes"] + r["rss_peak_bytes"] - r["rss_start_bytes"]
         for r in summary.get("memory", [])

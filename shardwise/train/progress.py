@@ -150,7 +150,8 @@ def render_summary(summary: dict, out_dir: str) -> Table:
         trial = c.get("trial") or {}
         if trial.get("step_s"):
             timed = ", ".join(f"{m} {1e3 * t:.2f} ms" for m, t in trial["step_s"].items())
-            rows.insert(-2, ("compression trial", f"{timed} a step: kept {trial['chosen']}"))
+            after = f" ({1e3 * trial['kept_step_s']:.2f} ms a step after)" if trial.get("kept_step_s") else ""
+            rows.insert(-2, ("compression trial", f"{timed} a step: kept {trial['chosen']}{after}"))
     if "pipeline" in summary:
         p = summary["pipeline"]
         theory = f"{p['bubble_theoretical']:.1%} in theory ({p.get('schedule', '1f1b')}'s order, equal stages)"
