@@ -35,6 +35,9 @@ from shardwise.procs import exit_now
 from shardwise.rendezvous import init_from_env
 
 WARMUP = 2
+# the half-precision all-reduces' largest size: their rate is fitted from two sizes (a slow
+# link takes seconds over the largest, and every run's link is probed once per placement)
+HALF_MAX_BYTES = 2**24
 OVERLAP_BYTES = 2**24  # the overlap's all-reduce: of a DDP bucket's order (torch's default cap is 25 MiB)
 
 
@@ -182,6 +185,7 @@ def main() -> None:
     sizes = [int(n) for n in args.sizes.split(",")]
     collective = [int(n) for n in args.collective_sizes.split(",")] if args.collective_sizes else sizes
     at = {"pingpong": sizes, "overlap": [OVERLAP_BYTES], "sync": [SYNC_BYTES]}
+    at |= {name: [n for n in collective if n <= HALF_MAX_BYTES] for name in ("allreduce_bf16", "allreduce_fp16")}
     by_pattern = {
         name: [
             {"bytes": n, "seconds": PATTERNS[name](n, rounds_for(n, args.repeats))} for n in at.get(name, collective)
