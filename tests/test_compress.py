@@ -12,6 +12,8 @@ from parity import train_summary, train_weights, with_data
 from shardwise.bench.compression import WARMUP, auto_sides, median_time, steps_to, time_to_target
 from shardwise.comm.compress import CompressionSettings, Compressor, Entry
 from shardwise.comm.topk import largest
+from shardwise.config import ParallelConfig
+from shardwise.topology import ParallelDims
 
 SHAPES = {"w": (64, 32), "b": (7,)}
 STEPS = 6
@@ -526,6 +528,13 @@ def test_a_bucket_where_the_method_costs_more_than_it_saves_goes_whole(monkeypat
     assert compression.whole_below(plan, ["topk", "none"], shapes, named=mib)[0] == 257
     assert compression.whole_below(plan, ["none"], shapes, named=mib) == (0, "")
     assert compression.bucket_plan(shapes, CompressionSettings(topk_ratio=0.01), link, 2)["topk"][1] == 0  # one bucket
+    # 4 ranks on 2 cores compress at once: each bucket's compute takes twice as long, as the
+    # model's own passes do there (for the planner's step: world / cores of the layout's dims)
+    shared = compression.bucket_plan(shapes, CompressionSettings(topk_ratio=0.01), link, 2, named=mib, stretch=2.0)
+    assert shared["topk"][0] == pytest.approx(plan["topk"][0] + 5e-4) and shared["none"] == plan["none"]
+    model, dims = torch.nn.Linear(512, 512, bias=False), ParallelDims.resolve(ParallelConfig(), 4)
+    shared, alone = (compression.averaging(model, CompressionSettings("topk", 0.01), link, 4, c) for c in (2, 4))
+    assert shared(dims) == pytest.approx(alone(dims) + 5e-4)
 
 
 def test_a_compressor_averages_a_bucket_under_its_least_size_whole():

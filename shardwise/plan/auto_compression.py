@@ -5,6 +5,7 @@ a step of the run's layout on its link, each of DDP's buckets priced apart
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -40,7 +41,8 @@ def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> dict | None:
     shapes = rank_shapes(build_model(cfg.model, dataset.in_shape, dataset.num_classes), dims.tp)
     settings = CompressionSettings("none", c.topk_ratio, c.powersgd_rank, c.warmup_steps)
     elem = torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8
-    plan = bucket_plan(shapes, settings, measured_link(cluster, nproc), dims.dp, elem, dims.bucket_bytes)
+    stretch = max(1.0, nproc / len(os.sched_getaffinity(0)))  # ranks sharing cores compress at once
+    plan = bucket_plan(shapes, settings, measured_link(cluster, nproc), dims.dp, elem, dims.bucket_bytes, stretch)
     averaging = {m: seconds for m, (seconds, _) in plan.items()}
     predicted = _method_steps(cfg, nproc, cluster, averaging)
     steps = {m: p.step_s for m, p in predicted.items()} if predicted else None

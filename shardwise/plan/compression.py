@@ -11,7 +11,9 @@ data-parallel rank holds (`bucket_plan`):
   the Qs;
 - its own compute, measured here on gradients of the model's shapes by a dry run of
   the very code that compresses (comm/compress.py), its collectives replaced by local
-  copies.
+  copies, on one thread as a rank computes; where more ranks than cores share this
+  machine, every rank compresses at once, and that compute takes world / cores as long,
+  as the model's own passes do (plan/model.py's stretch).
 
 The gradient bytes of a rank's part are the whole model's over the layout's model-
 parallel degrees (tp x pp x vertical x spatial): the shapes are the whole model's.
@@ -38,6 +40,7 @@ averages through that method instead of DDP's overlapped all-reduce (plan/model.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -134,20 +137,27 @@ def bucket_bytes(bucket: list[tuple[int, ...]], elem: int = 4) -> int:
 
 
 def bucket_plan(
-    shapes, settings: CompressionSettings, link: Link, dp: int, elem: int = 4, named: int | None = None
+    shapes,
+    settings: CompressionSettings,
+    link: Link,
+    dp: int,
+    elem: int = 4,
+    named: int | None = None,
+    stretch: float = 1.0,
 ) -> dict[str, tuple[float, int]]:
     """Per method: its averaging time for a step, bucket by bucket (`ddp_buckets`: the
     buckets the method would run in, `bucket_caps`, with `named` parallel.bucket_mb's
-    bytes; its collectives and its compute), with the buckets below its `min_bucket_bytes`
-    averaged whole, and that size: the least from which every bucket takes less time
-    through the method than through a plain all-reduce (0: all do, or none does: then the
-    method is priced through every bucket, as it would run)."""
+    bytes; its collectives, and its compute x `stretch`, the cores' sharing), with the
+    buckets below its `min_bucket_bytes` averaged whole, and that size: the least from
+    which every bucket takes less time through the method than through a plain all-reduce
+    (0: all do, or none does: then the method is priced through every bucket, as it
+    would run)."""
     out = {}
     for method in METHODS:
         buckets = ddp_buckets(shapes, elem, **bucket_caps([method], named))
         sizes = [bucket_bytes(b, elem) for b in buckets]
         s = CompressionSettings(method, settings.topk_ratio, settings.powersgd_rank)  # no warm-up: compressing
-        times = [collective_seconds(b, s, link, dp, elem) + compute_seconds(b, s, dp) for b in buckets]
+        times = [collective_seconds(b, s, link, dp, elem) + stretch * compute_seconds(b, s, dp) for b in buckets]
         whole = [collective_seconds(b, CompressionSettings(), link, dp, elem) for b in buckets]
         losing = [size for size, t, w in zip(sizes, times, whole, strict=True) if t >= w]
         least = max(losing) + 1 if method != "none" and losing else 0
@@ -182,10 +192,13 @@ def rank_shapes(model: nn.Module, tp: int) -> list[tuple[int, ...]]:
     return [(max(1, p.shape[0] // tp), *p.shape[1:]) if p.dim() else () for p in model.parameters()]
 
 
-def averaging(model: nn.Module, settings: CompressionSettings, link: Link, elem: int) -> Callable[..., float]:
+def averaging(
+    model: nn.Module, settings: CompressionSettings, link: Link, elem: int, cores: int
+) -> Callable[..., float]:
     """A layout's time to average a step's gradients through `settings`' method on `link`
     (collectives and compute, bucket by bucket, those under its min_bucket_bytes whole), by
-    its dims (`topology.ParallelDims`); the compute is measured once per (tp, dp, DDP's buckets)."""
+    its dims (`topology.ParallelDims`); the compute is measured once per (tp, dp, DDP's
+    buckets), and takes world / `cores` as long where the ranks share cores."""
     measured: dict[tuple[int, int, int | None], tuple[list, list[bool], float]] = {}
     least = settings.min_bucket_bytes
     settings = CompressionSettings(settings.method, settings.topk_ratio, settings.powersgd_rank)  # compressing
@@ -199,7 +212,7 @@ def averaging(model: nn.Module, settings: CompressionSettings, link: Link, elem:
             compute = sum(compute_seconds(b, settings, dims.dp) for b, t in zip(buckets, through, strict=True) if t)
             measured[key] = buckets, through, compute
         buckets, through, compute = measured[key]
-        return compute + sum(
+        return compute * max(1.0, dims.world_size / cores) + sum(
             collective_seconds(b, settings if t else CompressionSettings(), link, dims.dp, elem)
             for b, t in zip(buckets, through, strict=True)
         )
@@ -269,7 +282,8 @@ def run_averaging(cfg: Config, link: Link):
         return None
     dataset = load_source(cfg.data, seed=cfg.train.seed)
     model = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
-    return averaging(model, settings, link, torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8)
+    elem = torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8
+    return averaging(model, settings, link, elem, len(os.sched_getaffinity(0)))
 
 
 def named_settings(cfg: Config) -> CompressionSettings | None:
