@@ -533,8 +533,8 @@ def test_a_bucket_where_the_method_costs_more_than_it_saves_goes_whole(monkeypat
     shared = compression.bucket_plan(shapes, CompressionSettings(topk_ratio=0.01), link, 2, named=mib, stretch=2.0)
     assert shared["topk"][0] == pytest.approx(plan["topk"][0] + 5e-4) and shared["none"] == plan["none"]
     model, dims = torch.nn.Linear(512, 512, bias=False), ParallelDims.resolve(ParallelConfig(), 4)
-    shared, alone = (compression.averaging(model, CompressionSettings("topk", 0.01), link, 4, c) for c in (2, 4))
-    assert shared(dims) == pytest.approx(alone(dims) + 5e-4)
+    priced = compression.averaging(model, CompressionSettings("topk", 0.01), link, 4)
+    assert priced(dims, 2.0) == pytest.approx(priced(dims, 1.0) + 5e-4)
 
 
 def test_a_compressor_averages_a_bucket_under_its_least_size_whole():

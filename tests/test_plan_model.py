@@ -292,12 +292,12 @@ def test_a_pipelines_stages_average_their_own_gradients_after_the_drain():
 
     copying = dataclasses.replace(_setting(), profile=dataclasses.replace(PROFILE, copy_s_per_byte=1e-9))
     layout = ParallelConfig(pp=2, dp=2, microbatches=2)
-    free = predict(layout, 4, dataclasses.replace(copying, averaging=lambda dims: 0.0))  # averaging nothing
+    free = predict(layout, 4, dataclasses.replace(copying, averaging=lambda dims, stretch: 0.0))  # averaging nothing
     # the head's 4800 bytes are averaged during stage 0's last backward: stage 0's 1000 end the step
     plain = predict(layout, 4, copying)
     assert plain.comm_s - free.comm_s == pytest.approx(all_reduce(NOLAT, 2, 1000) + 2 * 1000 * 1e-9)
     # a slow averaging (58 ms for the whole model, 48 for the head's share): the head's ends it
-    slow = predict(layout, 4, dataclasses.replace(copying, averaging=lambda dims: 58e-3))
+    slow = predict(layout, 4, dataclasses.replace(copying, averaging=lambda dims, stretch: 58e-3))
     assert slow.comm_s - free.comm_s == pytest.approx(9.6128e-3 + 48e-3 - 11.2192e-3)
 
 
@@ -307,7 +307,7 @@ def test_a_named_compression_method_replaces_the_all_reduce_where_gradients_are_
     pipeline's stage its share; FSDP2, a parameter server and dp = 1 average nothing through it."""
     seen = []
 
-    def averaging(dims):
+    def averaging(dims, stretch):
         seen.append((dims.dp, dims.tp))
         return 1e-3
 
@@ -325,6 +325,12 @@ def test_a_named_compression_method_replaces_the_all_reduce_where_gradients_are_
                        (ParallelConfig(tp=2), 2)):  # fmt: skip
         assert predict(cfg, world, compressed) == predict(cfg, world, _setting()), cfg
     assert seen == [(2, 1), (2, 1), (2, 1)]
+    # its compute shares the cores as the passes do: 4 ranks on 2 cores take it twice as long
+    stretches = []
+    shared = dataclasses.replace(_setting(cores=2), averaging=lambda dims, stretch: stretches.append(stretch) or 1e-3)
+    for world in (4, 2):
+        predict(ParallelConfig(), world, shared)
+    assert stretches == [2.0, 1.0]
 
 
 def test_a_spatial_cut_sums_the_bands_weight_gradients_once_a_step():

@@ -161,13 +161,13 @@ def sync(size: int, rounds: int) -> list[float]:
 PATTERNS = {
     "pingpong": pingpong,
     "allreduce": allreduce,
-    "allreduce_bf16": functools.partial(allreduce, dtype=torch.bfloat16),
-    "allreduce_fp16": functools.partial(allreduce, dtype=torch.float16),
     "allgather": allgather,
     "reducescatter": reducescatter,
     "overlap": overlap,
     "sync": sync,
 }
+HALF = {"allreduce_bf16": torch.bfloat16, "allreduce_fp16": torch.float16}  # all-reduces of half-precision entries
+PATTERNS |= {name: functools.partial(allreduce, dtype=dtype) for name, dtype in HALF.items()}
 
 
 def main() -> None:
@@ -185,7 +185,7 @@ def main() -> None:
     sizes = [int(n) for n in args.sizes.split(",")]
     collective = [int(n) for n in args.collective_sizes.split(",")] if args.collective_sizes else sizes
     at = {"pingpong": sizes, "overlap": [OVERLAP_BYTES], "sync": [SYNC_BYTES]}
-    at |= {name: [n for n in collective if n <= HALF_MAX_BYTES] for name in ("allreduce_bf16", "allreduce_fp16")}
+    at |= {name: [n for n in collective if n <= HALF_MAX_BYTES] for name in HALF}
     by_pattern = {
         name: [
             {"bytes": n, "seconds": PATTERNS[name](n, rounds_for(n, args.repeats))} for n in at.get(name, collective)

@@ -14,7 +14,7 @@ from shardwise.config import Config
 from shardwise.config_check import uncompressed_because
 from shardwise.errors import ShardwiseError
 from shardwise.plan.command import measured_link, measured_setting, step_figures
-from shardwise.plan.model import Prediction, predict
+from shardwise.plan.model import Prediction, core_stretch, predict
 from shardwise.topology import ParallelDims
 
 
@@ -41,7 +41,7 @@ def choose_compression(cfg: Config, *, nproc: int, cluster: str) -> dict | None:
     shapes = rank_shapes(build_model(cfg.model, dataset.in_shape, dataset.num_classes), dims.tp)
     settings = CompressionSettings("none", c.topk_ratio, c.powersgd_rank, c.warmup_steps)
     elem = torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8
-    stretch = max(1.0, nproc / len(os.sched_getaffinity(0)))  # ranks sharing cores compress at once
+    stretch = core_stretch(nproc, len(os.sched_getaffinity(0)))  # ranks sharing cores compress at once
     plan = bucket_plan(shapes, settings, measured_link(cluster, nproc), dims.dp, elem, dims.bucket_bytes, stretch)
     averaging = {m: seconds for m, (seconds, _) in plan.items()}
     predicted = _method_steps(cfg, nproc, cluster, averaging)
@@ -71,6 +71,7 @@ def _method_steps(cfg: Config, nproc: int, cluster: str, averaging: dict[str, fl
         priced = setting
         if method != "none":
             named = CompressionSettings(method, c.topk_ratio, c.powersgd_rank)
-            priced = dataclasses.replace(setting, averaging=lambda dims, s=seconds: s, compression=named)
+            # (the plan's seconds: its compute already stretched for these ranks)
+            priced = dataclasses.replace(setting, averaging=lambda dims, stretch, s=seconds: s, compression=named)
         out[method] = predict(cfg.parallel, nproc, priced)
     return out

@@ -13,7 +13,7 @@ data-parallel rank holds (`bucket_plan`):
   the very code that compresses (comm/compress.py), its collectives replaced by local
   copies, on one thread as a rank computes; where more ranks than cores share this
   machine, every rank compresses at once, and that compute takes world / cores as long,
-  as the model's own passes do (plan/model.py's stretch).
+  as the model's own passes do (plan/model.py `core_stretch`).
 
 The gradient bytes of a rank's part are the whole model's over the layout's model-
 parallel degrees (tp x pp x vertical x spatial): the shapes are the whole model's.
@@ -40,7 +40,6 @@ averages through that method instead of DDP's overlapped all-reduce (plan/model.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -192,18 +191,16 @@ def rank_shapes(model: nn.Module, tp: int) -> list[tuple[int, ...]]:
     return [(max(1, p.shape[0] // tp), *p.shape[1:]) if p.dim() else () for p in model.parameters()]
 
 
-def averaging(
-    model: nn.Module, settings: CompressionSettings, link: Link, elem: int, cores: int
-) -> Callable[..., float]:
+def averaging(model: nn.Module, settings: CompressionSettings, link: Link, elem: int) -> Callable[..., float]:
     """A layout's time to average a step's gradients through `settings`' method on `link`
     (collectives and compute, bucket by bucket, those under its min_bucket_bytes whole), by
-    its dims (`topology.ParallelDims`); the compute is measured once per (tp, dp, DDP's
-    buckets), and takes world / `cores` as long where the ranks share cores."""
+    its dims (`topology.ParallelDims`) and the cores' sharing (`stretch`, by which the
+    compute takes longer); the compute is measured once per (tp, dp, DDP's buckets)."""
     measured: dict[tuple[int, int, int | None], tuple[list, list[bool], float]] = {}
     least = settings.min_bucket_bytes
     settings = CompressionSettings(settings.method, settings.topk_ratio, settings.powersgd_rank)  # compressing
 
-    def seconds(dims) -> float:
+    def seconds(dims, stretch: float = 1.0) -> float:
         key = (dims.tp, dims.dp, dims.bucket_bytes)
         if key not in measured:
             caps = bucket_caps([settings.method], dims.bucket_bytes)
@@ -212,7 +209,7 @@ def averaging(
             compute = sum(compute_seconds(b, settings, dims.dp) for b, t in zip(buckets, through, strict=True) if t)
             measured[key] = buckets, through, compute
         buckets, through, compute = measured[key]
-        return compute * max(1.0, dims.world_size / cores) + sum(
+        return compute * stretch + sum(
             collective_seconds(b, settings if t else CompressionSettings(), link, dims.dp, elem)
             for b, t in zip(buckets, through, strict=True)
         )
@@ -282,8 +279,7 @@ def run_averaging(cfg: Config, link: Link):
         return None
     dataset = load_source(cfg.data, seed=cfg.train.seed)
     model = build_model(cfg.model, dataset.in_shape, dataset.num_classes)
-    elem = torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8
-    return averaging(model, settings, link, elem, len(os.sched_getaffinity(0)))
+    return averaging(model, settings, link, torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8)
 
 
 def named_settings(cfg: Config) -> CompressionSettings | None:

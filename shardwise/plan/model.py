@@ -58,8 +58,9 @@ class Setting:
     val_samples: int = 0  # the validation set, evaluated at the end of the run
     grad_accum: int = 1  # micro-batches per step on each rank
     # the run's gradient compression (plan/compression.py `averaging`): a layout's seconds
-    # to average a step's gradients through it; None: DDP's all-reduce
-    averaging: Callable[[ParallelDims], float] | None = None
+    # to average a step's gradients through it, its compute x the cores' sharing
+    # (`core_stretch`); None: DDP's all-reduce
+    averaging: Callable[[ParallelDims, float], float] | None = None
     # the run's named method (None: none or auto): its buffers (comm/compress.py
     # `compressor_bytes`) and, on a parameter server, half-precision pushes
     compression: CompressionSettings | None = None
@@ -86,6 +87,12 @@ class Prediction:
     @property
     def step_s(self) -> float:
         return self.load_s + self.compute_s + self.comm_s + self.bubble_s
+
+
+def core_stretch(world: int, cores: int) -> float:
+    """How much longer compute takes when `world` ranks share `cores` cores, each computing
+    at once (1: a core each)."""
+    return max(1.0, world / cores)
 
 
 def _share(layer: LayerProfile, dims: ParallelDims, first: bool, part: str | None) -> int:
@@ -263,7 +270,7 @@ def _pipeline(setting: Setting, dims: ParallelDims, micro: float, world: int) ->
         outputs = {k: sum(profile.layers[i].out_bytes_per_sample for i in range(*bounds[k])) for k in mine}
         whole = sum(outputs.values()) or 1.0  # a stage's activations in proportion to its layers' outputs
         stages.append((layers, micro * held_peak(orders[r], {k: v / whole for k, v in outputs.items()})))
-    stretch = max(1.0, world / setting.cores)  # (the ranks' copies when all of them copy at once)
+    stretch = core_stretch(world, setting.cores)  # (the ranks' copies when all of them copy at once)
     averaging = _stages_averaging(setting, dims, [stage for stage, _ in stages], step.ends_s, stretch)
     return step.compute_s, step.comm_s + averaging, step.bubble_s, stages
 
@@ -282,7 +289,7 @@ def _stages_averaging(
     copy = profile.copy_s_per_byte * stretch
     held = [held_params(profile, dims, stage) for stage in stages]
     if setting.averaging is not None:  # the method's time for the whole model, a stage its share
-        whole_s = setting.averaging(dims)
+        whole_s = setting.averaging(dims, stretch)
         took = [whole_s * b / (profile.param_bytes / dims.tp) for b in held]
     else:
         took = [all_reduce(link, dims.dp, b) + 2 * b * copy for b in held]
@@ -296,7 +303,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
     """The predicted step of layout `cfg` on `world` ranks."""
     dims = ParallelDims.resolve(cfg, world)
     profile, link = setting.profile, setting.link
-    stretch = max(1.0, world / setting.cores)
+    stretch = core_stretch(world, setting.cores)
     samples = setting.batch / dims.dp
     load = setting.load_fixed_s + setting.load_s_per_sample * samples  # every rank loads its share: stretched below
     if dims.servers:
@@ -341,7 +348,7 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
             link, dims.dp, profile.param_bytes / dims.tp, backward_s=overlapped * 2 / 3, shard=dims.shard,
             copy_s_per_byte=profile.copy_s_per_byte * stretch,
             units=max(1, sum(1 for layer in profile.layers if layer.param_bytes)),
-            passes=setting.grad_accum, averaged_s=setting.averaging(dims) if compressed else None,
+            passes=setting.grad_accum, averaged_s=setting.averaging(dims, stretch) if compressed else None,
             buckets=_ddp_bucket_bytes(profile, dims.bucket_bytes),
         )  # fmt: skip
     banded = sum(layer.param_bytes for layer in profile.layers if layer.name.startswith("features."))
