@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+import time
 
 import pytest
 import torch
@@ -76,6 +77,30 @@ def test_a_profile_counts_bytes_exactly():
     assert profile.param_bytes == 4 * sum(p.numel() for p in model.parameters())
     assert all(layer.fixed_s >= 0 and layer.per_sample_s >= 0 for layer in profile.layers)
     assert ModelProfile.from_json(profile.to_json()) == profile
+
+
+class _ColdFirst(torch.nn.Module):
+    """A layer whose first call in the process takes 0.2 s longer, as a pass that maps fresh memory does."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.calls = torch.nn.Parameter(torch.ones(4)), 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(0.2)
+        return x * self.weight
+
+
+def test_a_layer_is_timed_after_a_pass_that_warms_it():
+    from shardwise.parallel.pipeline import profile_layers
+
+    model = torch.nn.Module()
+    model.features, model.head = torch.nn.Sequential(_ColdFirst()), torch.nn.Sequential(torch.nn.Linear(4, 2))
+    (cost, _) = profile_layers(model, torch.randn(3, 4), repeats=1)
+    assert model.features[0].calls == 2  # one pass warms, one is timed
+    assert cost.time_s < 0.1 and cost.forward_s < 0.1
 
 
 def test_a_model_is_profiled_once_per_key(tmp_path):

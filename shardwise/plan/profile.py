@@ -34,7 +34,7 @@ from shardwise.parallel.tensor import tp_roles
 if TYPE_CHECKING:
     from shardwise.topology import ParallelDims
 
-VERSION = 13  # of what a profile measures: a profile of another version is measured again
+VERSION = 14  # of what a profile measures: a profile of another version is measured again
 BATCH_SIZES = (8, 32, 64)  # samples per profiled pass by default: a line through these times
 
 
