@@ -81,6 +81,12 @@ def test_data_parallel_sync_by_hand():
     one = sync_seconds(per_call, 4, 8 * mb, backward_s=1.0, shard="full")
     assert one == pytest.approx(3 * 1e-3 + 3 * 0.75 * 8e-3)
     assert sync_seconds(per_call, 4, 8 * mb, backward_s=1.0, shard="full", units=5) == pytest.approx(one + 12e-3)
+    # the bytes hide beside the backward where the link says so, each call's own cost does
+    # not, and a call costs at least what a small exchange between computing ranks does (sync_s)
+    hides_all = dataclasses.replace(per_call, overlap=1.0)
+    assert sync_seconds(hides_all, 4, 8 * mb, backward_s=1.0, shard="full") == pytest.approx(3e-3)
+    waits = dataclasses.replace(hides_all, sync_s=2e-3)
+    assert sync_seconds(waits, 4, 8 * mb, backward_s=1.0, shard="full", units=5) == pytest.approx(5 * 3 * 2e-3)
     assert sync_seconds(NOLAT, 4, 8 * mb, backward_s=1.0, shard="none", **copy) == pytest.approx(12e-3)  # DDP: none
     # a link where compute beside a collective slows it by half again (measured overlap -0.5):
     # the three buckets issued during a long backward cost 1.5 x their time

@@ -78,6 +78,12 @@ def reduce_scatter(link: Link, ranks: int, n_bytes: float) -> float:
     return _cost(link, "reduce_scatter", ranks, n_bytes)
 
 
+def per_call(link: Link, kind: str, ranks: int) -> float:
+    """The measured cost per call of `kind` on `ranks` ranks (0 where the link has no
+    calibration of it: its ring's time is all transfer)."""
+    return link.collectives[kind][0] if ranks > 1 and kind in link.collectives else 0.0
+
+
 def all_gather(link: Link, ranks: int, n_bytes: float) -> float:
     """Ring all-gather of pieces that make an `n_bytes` tensor: n - 1 steps of n_bytes / n."""
     return _cost(link, "all_gather", ranks, n_bytes)

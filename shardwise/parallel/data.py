@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from shardwise.comm.compress import CompressionSettings, Compressor, entries_of
-from shardwise.comm.cost import Link, all_gather, all_reduce, beside, reduce_scatter
+from shardwise.comm.cost import Link, all_gather, all_reduce, beside, per_call, reduce_scatter
 from shardwise.comm.methods import in_hook
 from shardwise.parallel.part import Part
 from shardwise.topology import RankMesh
@@ -173,8 +173,12 @@ def sync_seconds(
     overlaps. full (FSDP2): each unit's parameters are all-gathered before its forward and
     again before its backward, its gradient reduce-scattered after: three passes over the
     parameters' bytes, in three collectives per unit (`units`: one per layer that holds
-    parameters, each paying a collective's cost per call), beside the compute as FSDP2
-    prefetches and reduces asynchronously. Over `passes` accumulated micro-batches FSDP2
+    parameters). Their bytes move beside the compute, as FSDP2 prefetches and reduces
+    asynchronously, as far as the link's overlap says; each call's own cost does not: issued
+    between a unit's compute and the next, a call pays at least what a small exchange costs
+    ranks that compute between exchanges (the link's `sync_s`), as a spatial band's
+    exchanges do (the convnet of the planner's bench, 13 units on 2 loopback ranks: 69.6 ms
+    predicted with every call's cost beside the backward, 86.0 measured). Over `passes` accumulated micro-batches FSDP2
     gathers for every forward and backward and reduce-scatters after the last
     (`set_requires_gradient_sync`), its collectives beside all the passes' compute
     (`backward_s` is one pass's backward); DDP and ZeRO-1 reduce once, beside the last
@@ -190,9 +194,11 @@ def sync_seconds(
         return 0.0
     if shard == "full":
         each = grad_bytes / units
-        calls = units * (2 * passes * all_gather(link, dp, each) + reduce_scatter(link, dp, each))
+        gather, scatter = per_call(link, "all_gather", dp), per_call(link, "reduce_scatter", dp)
+        transfer = 2 * passes * (all_gather(link, dp, each) - gather) + reduce_scatter(link, dp, each) - scatter
+        waits = 2 * passes * max(gather, link.sync_s) + max(scatter, link.sync_s)
         copies = (2 * passes * (2 + 1 / dp) + 1 + 2 / dp) * grad_bytes * copy_s_per_byte
-        return beside(link, calls, 1.5 * passes * backward_s) + copies
+        return units * waits + beside(link, units * transfer, 1.5 * passes * backward_s) + copies
     if buckets:
         sizes = [grad_bytes * b / sum(buckets) for b in buckets]
     else:
