@@ -96,6 +96,13 @@ def all_reduce(link: Link, ranks: int, n_bytes: float, half: str = "") -> float:
     return _cost(link, kind if kind in link.collectives else "all_reduce", ranks, n_bytes)
 
 
+def small_exchange(link: Link, ranks: int, n_bytes: float = 4.0) -> float:
+    """An all-reduce of a few bytes between ranks that compute before and after it (a flag
+    every rank must agree on): at least what such an exchange measured (`sync_s`), where
+    each rank waits on the others' scheduling and compute."""
+    return max(all_reduce(link, ranks, n_bytes), link.sync_s) if ranks > 1 else 0.0
+
+
 def bytes_sent_all_reduce(ranks: int, n_bytes: float) -> float:
     """What each rank sends in a ring all-reduce (its "bus" traffic, as nccl-tests count it)."""
     return 2.0 * (ranks - 1) / ranks * n_bytes if ranks > 1 else 0.0

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from shardwise.comm.compress import CompressionSettings, compressor_bytes
-from shardwise.comm.cost import Link, all_gather, all_reduce
+from shardwise.comm.cost import Link, all_gather, all_reduce, small_exchange
 from shardwise.comm.methods import HALF
 from shardwise.config import ParallelConfig
 from shardwise.parallel.data import DDP_BUCKET_BYTES, ddp_buckets, sync_seconds, zero_gather_seconds
@@ -351,6 +351,8 @@ def predict(cfg: ParallelConfig, world: int, setting: Setting) -> Prediction:
             passes=setting.grad_accum, averaged_s=setting.averaging(dims, stretch) if compressed else None,
             buckets=_ddp_bucket_bytes(profile, dims.bucket_bytes),
         )  # fmt: skip
+    if not dims.replicated_gradients:  # the loop's agreement on finite gradients (train/loop.py all_finite)
+        comm += small_exchange(link, world)
     banded = sum(layer.param_bytes for layer in profile.layers if layer.name.startswith("features."))
     comm += band_sum_seconds(link, dims.spatial, banded)  # the bands' shares of the features' gradients
     compute += max(_update(profile, dims, stage) for stage, _ in stages) * stretch + setting.step_overhead_s
