@@ -16,6 +16,7 @@ from shardwise.comm.cost import KINDS
 from shardwise.config_check import parse_bytes
 from shardwise.errors import ShardwiseError
 from shardwise.plan.memory import HEADROOM
+from shardwise.plan.overhead import PIPELINE_RUNS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +61,8 @@ def test_plan_ranks_every_layout_and_caches_what_it_measured(tmp_path, cache):
     (pipe,) = cache.glob("pipeline-*.json")
     tiny = json.loads(pipe.read_text())
     assert tiny["loop_s"] == result["step_overhead_s"] and 0 < tiny["predicted_s"] < tiny["step_s"]
-    assert len(tiny["steps_s"]) == 3 and tiny["step_s"] == statistics.median(tiny["steps_s"])  # its runs' median
+    assert len(tiny["steps_s"]) == PIPELINE_RUNS == 3  # the median of its runs
+    assert tiny["step_s"] == statistics.median(tiny["steps_s"])
     beyond = max(0.0, tiny["step_s"] - tiny["predicted_s"] - tiny["loop_s"])
     assert result["pipeline_action_s"] == tiny["action_s"] == pytest.approx(beyond / 16)
     # the link, the loop's cost, the pipeline's, the two models' profiles, the validation rows

@@ -80,7 +80,7 @@ def reduce_scatter(link: Link, ranks: int, n_bytes: float) -> float:
 
 def per_call(link: Link, kind: str, ranks: int) -> float:
     """The measured cost per call of `kind` on `ranks` ranks (0 where the link has no
-    calibration of it: its ring's time is all transfer)."""
+    calibration of it: the ring's latency per step then counts with its bytes)."""
     return link.collectives[kind][0] if ranks > 1 and kind in link.collectives else 0.0
 
 

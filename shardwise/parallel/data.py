@@ -190,7 +190,7 @@ def sync_seconds(
     in (1/dp), the whole into fresh memory and out into the parameters (2), and per
     reduce-scatter the gradient in (1) and its shard out and into the sharded gradient
     (2/dp)."""
-    if dp <= 1:
+    if dp <= 1 or grad_bytes <= 0:  # (a model without weights: nothing to average)
         return 0.0
     if shard == "full":
         each = grad_bytes / units

@@ -1,6 +1,7 @@
 """What a training step costs on N ranks beyond its model's work and its collectives: the
-engine's own loop (Python, the per-step agreement on finite gradients, the optimizer and
-scheduler calls, the small collectives' wake-ups); and the memory a rank takes beyond its
+engine's own loop (Python, the optimizer and scheduler calls, the small collectives'
+wake-ups; not the agreement on finite gradients, which its data-parallel tiny run does not
+make and the model prices where a layout does: `plan/model.py`); and the memory a rank takes beyond its
 model's (the communication library's buffers, code first run while training).
 
 Measured once per placement and rank count by running the engine itself: a tiny model (an
