@@ -67,21 +67,35 @@ def _cost(link: Link, kind: str, ranks: int, n_bytes: float) -> float:
     factor on the ring's transfer time."""
     if ranks <= 1 or n_bytes <= 0:
         return 0.0
-    if kind in link.collectives:
-        per_call, factor = link.collectives[kind]
-        return per_call + factor * _ring_bytes(kind, ranks, n_bytes) * link.beta_s_per_byte
-    return (2 if kind.startswith("all_reduce") else 1) * _ring_half(link, ranks, n_bytes)
-
-
-def reduce_scatter(link: Link, ranks: int, n_bytes: float) -> float:
-    """Ring reduce-scatter of an `n_bytes` tensor over `ranks`: n - 1 steps of n_bytes / n."""
-    return _cost(link, "reduce_scatter", ranks, n_bytes)
+    return per_call(link, kind, ranks) + transfer(link, kind, ranks, n_bytes)
 
 
 def per_call(link: Link, kind: str, ranks: int) -> float:
     """The measured cost per call of `kind` on `ranks` ranks (0 where the link has no
     calibration of it: the ring's latency per step then counts with its bytes)."""
     return link.collectives[kind][0] if ranks > 1 and kind in link.collectives else 0.0
+
+
+def transfer(link: Link, kind: str, ranks: int, n_bytes: float) -> float:
+    """What `kind` of an `n_bytes` tensor costs beyond its cost per call: the measured factor
+    on the ring's transfer time, or, uncalibrated, the ring's whole time."""
+    if ranks <= 1 or n_bytes <= 0:
+        return 0.0
+    if kind in link.collectives:
+        return link.collectives[kind][1] * _ring_bytes(kind, ranks, n_bytes) * link.beta_s_per_byte
+    return (2 if kind.startswith("all_reduce") else 1) * _ring_half(link, ranks, n_bytes)
+
+
+def between_compute(link: Link, seconds: float) -> float:
+    """What an exchange of `seconds` costs ranks that compute before and after it: at least
+    what a small exchange among such ranks measured (`sync_s`), each waiting on the others'
+    scheduling and compute (a band's halos and norms, FSDP2's calls, the loop's agreement)."""
+    return max(seconds, link.sync_s)
+
+
+def reduce_scatter(link: Link, ranks: int, n_bytes: float) -> float:
+    """Ring reduce-scatter of an `n_bytes` tensor over `ranks`: n - 1 steps of n_bytes / n."""
+    return _cost(link, "reduce_scatter", ranks, n_bytes)
 
 
 def all_gather(link: Link, ranks: int, n_bytes: float) -> float:
@@ -98,9 +112,8 @@ def all_reduce(link: Link, ranks: int, n_bytes: float, half: str = "") -> float:
 
 def small_exchange(link: Link, ranks: int, n_bytes: float = 4.0) -> float:
     """An all-reduce of a few bytes between ranks that compute before and after it (a flag
-    every rank must agree on): at least what such an exchange measured (`sync_s`), where
-    each rank waits on the others' scheduling and compute."""
-    return max(all_reduce(link, ranks, n_bytes), link.sync_s) if ranks > 1 else 0.0
+    every rank must agree on), `between_compute`."""
+    return between_compute(link, all_reduce(link, ranks, n_bytes)) if ranks > 1 else 0.0
 
 
 def bytes_sent_all_reduce(ranks: int, n_bytes: float) -> float:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from shardwise.comm.compress import CompressionSettings, Compressor, entries_of
-from shardwise.comm.cost import Link, all_gather, all_reduce, beside, per_call, reduce_scatter
+from shardwise.comm.cost import Link, all_gather, all_reduce, beside, between_compute, per_call, transfer
 from shardwise.comm.methods import in_hook
 from shardwise.parallel.part import Part
 from shardwise.topology import RankMesh
@@ -194,11 +194,10 @@ def sync_seconds(
         return 0.0
     if shard == "full":
         each = grad_bytes / units
-        gather, scatter = per_call(link, "all_gather", dp), per_call(link, "reduce_scatter", dp)
-        transfer = 2 * passes * (all_gather(link, dp, each) - gather) + reduce_scatter(link, dp, each) - scatter
-        waits = 2 * passes * max(gather, link.sync_s) + max(scatter, link.sync_s)
+        gather, scatter = (between_compute(link, per_call(link, k, dp)) for k in ("all_gather", "reduce_scatter"))
+        moved = 2 * passes * transfer(link, "all_gather", dp, each) + transfer(link, "reduce_scatter", dp, each)
         copies = (2 * passes * (2 + 1 / dp) + 1 + 2 / dp) * grad_bytes * copy_s_per_byte
-        return units * waits + beside(link, units * transfer, 1.5 * passes * backward_s) + copies
+        return units * (2 * passes * gather + scatter) + beside(link, units * moved, 1.5 * passes * backward_s) + copies
     if buckets:
         sizes = [grad_bytes * b / sum(buckets) for b in buckets]
     else:

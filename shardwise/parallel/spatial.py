@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shardwise.comm.collectives import gather_from_group, reduce_from_group
-from shardwise.comm.cost import Link, all_reduce
+from shardwise.comm.cost import Link, all_reduce, between_compute
 from shardwise.comm.halo import with_halo
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.part import Part
@@ -252,5 +252,5 @@ def halo_seconds(link: Link, spatial: int, halo_bytes: float, windows: int, norm
     `sync_s`: a band waits there for its neighbour, which computes beside it."""
     if spatial <= 1:
         return 0.0
-    each = max(link.alpha_s, link.sync_s)
+    each = between_compute(link, link.alpha_s)
     return 2 * (windows + norms) * each + 2 * link.beta_s_per_byte * (halo_bytes + norm_bytes)

@@ -200,7 +200,7 @@ def averaging(model: nn.Module, settings: CompressionSettings, link: Link, elem:
     least = settings.min_bucket_bytes
     settings = CompressionSettings(settings.method, settings.topk_ratio, settings.powersgd_rank)  # compressing
 
-    def seconds(dims, stretch: float = 1.0) -> float:
+    def seconds(dims, stretch: float) -> float:
         key = (dims.tp, dims.dp, dims.bucket_bytes)
         if key not in measured:
             caps = bucket_caps([settings.method], dims.bucket_bytes)

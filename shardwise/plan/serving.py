@@ -40,12 +40,12 @@ import math
 import os
 from dataclasses import dataclass
 
-from shardwise.comm.cost import Link, all_gather
+from shardwise.comm.cost import Link, all_gather, between_compute
 from shardwise.config import Config, ParallelConfig
 from shardwise.errors import ShardwiseError
 from shardwise.parallel.pipeline import cut_units, units_of
 from shardwise.plan.memory import held_params
-from shardwise.plan.model import forward_pass
+from shardwise.plan.model import core_stretch, forward_pass
 from shardwise.plan.profile import ModelProfile, tp_parts
 from shardwise.plan.space import ModelShape, layouts
 from shardwise.topology import ParallelDims
@@ -154,10 +154,9 @@ def _ranks(
 ) -> Served:  # fmt: skip
     """`served`'s figures of the ranks alone: from rank 0 taking the batch to the answer."""
     dims = ParallelDims.resolve(cfg, nproc)
-    stretch = max(1.0, nproc / cores)
-    # each exchange between ranks that compute between exchanges costs at least the link's
-    # measured `sync_s` (what a small collective among such ranks costs; as a spatial cut's)
-    floor = max(link.alpha_s, link.sync_s)
+    stretch = core_stretch(nproc, cores)
+    # each exchange between ranks that compute between exchanges: as a spatial cut's
+    floor = between_compute(link, link.alpha_s)
     in_bytes = profile.layers[0].in_bytes_per_sample * max_batch
     spread = (nproc - 1) * (floor + max(floor, link.send(in_bytes)))  # rank 0 sends each rank a header, the batch
     if dims.pp > 1:  # a pipeline alone
